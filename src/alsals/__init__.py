@@ -1,0 +1,11 @@
+"""alsals: Armijo line-search optimizers for PyTorch that pick the step size every step.
+
+``ALSALS`` (Kenneweg, Kenneweg & Hammer, ACDSA 2024) searches along Adam's momentum
+direction; ``AdamSLS`` and ``SLS`` are the baselines it improves on.
+"""
+
+from alsals.line_search import LineSearchOptimizer, StepInfo
+from alsals.optimizers import ALSALS, SLS, AdamSLS
+
+__all__ = ["ALSALS", "SLS", "AdamSLS", "LineSearchOptimizer", "StepInfo"]
+__version__ = "0.1.0"

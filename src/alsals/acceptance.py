@@ -1,0 +1,44 @@
+"""The sufficient-decrease test of the line search.
+
+Armijo's condition (Eq. 1) accepts a step size ``eta`` when the loss decreases by at least a
+fraction ``c`` of what the slope predicts: ``f(w) - f(w + eta d) >= c * eta * s``. ALSALS
+(Sec. III-B, Eqs. 7-9) generalises it in two ways, both expressed here:
+
+* the slope ``s`` may be negative along a momentum direction; then the factor becomes
+  ``c_h = 1/c``, which still allows a step whose loss increase is at most ``1/c`` times the
+  first-order prediction instead of driving ``eta`` to zero (Eq. 8);
+* both sides are smoothed with an exponential moving average (factor ``smoothing``) to damp
+  mini-batch noise: ``D' = b D + (1 - b) (f(w) - f(w + eta d))`` and
+  ``G = b G + (1 - b) s``, and the test is ``D' >= c_h * eta * G``. With ``smoothing = 0``
+  this is the plain Armijo test of SLS and Adam + SLS.
+
+The averages start at zero without bias correction: both sides carry the same factor
+``1 - b^k``, so the test is unaffected by it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArmijoTest:
+    c: float
+    smoothing: float
+
+    def average(self, previous: float, value: float) -> float:
+        """One step of the exponential moving average used on both sides."""
+        if self.smoothing == 0.0:
+            return value
+        return self.smoothing * previous + (1.0 - self.smoothing) * value
+
+    def factor(self, slope_average: float) -> float:
+        """``c_h`` of Eq. 8: ``c`` where the (smoothed) slope predicts a decrease, else ``1/c``."""
+        return self.c if slope_average > 0.0 else 1.0 / self.c
+
+    def accepts(self, decrease_average: float, eta: float, slope_average: float) -> bool:
+        """Eq. 9 on the smoothed quantities; a non-finite value never passes."""
+        if not (math.isfinite(decrease_average) and math.isfinite(slope_average)):
+            return False
+        return decrease_average >= self.factor(slope_average) * eta * slope_average

@@ -1,0 +1,38 @@
+"""Making every rank take the same line-search decision.
+
+Under data parallelism each rank sees its own mini-batch, so each evaluates a different loss.
+DDP already averages the gradients; the line search must also compare the *same* numbers on
+every rank, or ranks accept different step sizes and their weights drift apart. All scalars
+a decision depends on are averaged across ranks in one collective before they reach the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size(group: dist.ProcessGroup | None) -> int:
+    """Number of ranks that share decisions; 1 when torch.distributed is not in use."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def mean_to_host(values: list[Tensor], group: dist.ProcessGroup | None) -> list[float]:
+    """Average scalar tensors across ranks and bring them to the host in one synchronisation.
+
+    The values are stacked in float64 so that the acceptance test sees the loss at float32
+    precision or better, whatever precision the closure computed it in.
+    """
+    device = values[0].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    stacked = torch.stack([v.detach().reshape(()).to(device=device, dtype=dtype) for v in values])
+    ranks = world_size(group)
+    if ranks > 1:
+        if dist.get_backend(group) == dist.Backend.NCCL and not stacked.is_cuda:
+            stacked = stacked.cuda()
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        stacked /= ranks
+    return stacked.tolist()

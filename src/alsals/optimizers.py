@@ -1,0 +1,278 @@
+"""SLS, Adam + SLS and ALSALS: three configurations of one line search.
+
+Every default below is the paper's (Kenneweg, Kenneweg & Hammer, ACDSA 2024; section and
+equation given beside it) unless the docstring says otherwise.
+
+=========================  =============  ===================  ===========================
+choice                     SLS            AdamSLS              ALSALS
+=========================  =============  ===================  ===========================
+search direction           -g             -g/(sqrt(v)+eps)     -m/(sqrt(v)+eps)
+update direction           -g             -m/(sqrt(v)+eps)     -m/(sqrt(v)+eps)
+slope (right-hand side)    ||g||^2        g^2/(sqrt(v)+eps)    f_a, finite difference
+c / smoothing              0.1 / none     0.1 / none           0.6 / EMA 0.99, c_h switch
+=========================  =============  ===================  ===========================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+from alsals.directions import Direction
+from alsals.line_search import LineSearchOptimizer
+
+Params = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+class SLS(LineSearchOptimizer):
+    r"""Stochastic Armijo line search along the negative gradient (Vaswani et al. 2019;
+    the paper's Sec. II-A).
+
+    Accepts ``eta`` when ``f(w - eta g) <= f(w) - c * eta * ||g||^2`` (Eq. 1), backtracking
+    ``eta <- backtrack * eta``; before each search ``eta`` grows by ``2^(1/growth_interval)``
+    (Eq. 2).
+
+    Args:
+        params: parameters or parameter groups. Per-group: ``weight_decay``, ``lr_scale``.
+        lr: initial step size (default 1.0, Vaswani et al.'s initial step size).
+        c: sufficient-decrease constant (0.1, Sec. II-A).
+        backtrack: backtracking factor (0.9, REFERENCE: Vaswani et al.).
+        growth_interval: ``b`` of Eq. 2: the step size may double every ``b`` steps (500).
+        max_trials: trials per search (100); if none passes, the weights are left unchanged
+            and the next search starts from the smallest step size tried.
+        smoothing: EMA factor on both sides of the test (0: the plain test).
+        slope: ``"analytic"`` (``||g||^2``) or ``"finite_difference"``.
+        fd_step: step of the finite-difference slope (5e-8, Eq. 6).
+        warmup_steps: linear warm-up of the step size from 0 to ``lr`` over this many steps,
+            without searching (0).
+        search_interval: search every k steps and reuse the step size in between, or
+            ``"adaptive"`` for SaLSa's cadence (1: every step).
+        weight_decay: decoupled weight decay, ``w <- w - eta * weight_decay * w`` (0).
+        lr_scale: per-group multiplier of the line-searched step size (1).
+        buffers: module buffers to protect from trial evaluations, usually
+            ``model.buffers()`` (BatchNorm running statistics).
+        process_group: the group whose ranks must agree on decisions (default group).
+    """
+
+    search_direction = Direction.GRADIENT
+    update_direction = Direction.GRADIENT
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1.0,
+        *,
+        c: float = 0.1,
+        backtrack: float = 0.9,
+        growth_interval: float = 500,
+        max_trials: int = 100,
+        smoothing: float = 0.0,
+        slope: str = "analytic",
+        fd_step: float = 5e-8,
+        warmup_steps: int = 0,
+        search_interval: int | str = 1,
+        weight_decay: float = 0.0,
+        lr_scale: float = 1.0,
+        buffers: Iterable[Tensor] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            c=c,
+            smoothing=smoothing,
+            backtrack=backtrack,
+            growth_interval=growth_interval,
+            max_trials=max_trials,
+            slope=slope,
+            fd_step=fd_step,
+            warmup_steps=warmup_steps,
+            search_interval=search_interval,
+            weight_decay=weight_decay,
+            lr_scale=lr_scale,
+        )
+        super().__init__(params, defaults, buffers=buffers, process_group=process_group)
+
+
+class _AdamLineSearch(LineSearchOptimizer):
+    """Shared constructor of the two Adam-based searches."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float,
+        *,
+        c: float,
+        smoothing: float,
+        slope: str,
+        betas: tuple[float, float],
+        eps: float,
+        backtrack: float,
+        growth_interval: float,
+        max_trials: int,
+        fd_step: float,
+        warmup_steps: int,
+        search_interval: int | str,
+        weight_decay: float,
+        lr_scale: float,
+        buffers: Iterable[Tensor] | None,
+        process_group: dist.ProcessGroup | None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            c=c,
+            smoothing=smoothing,
+            backtrack=backtrack,
+            growth_interval=growth_interval,
+            max_trials=max_trials,
+            slope=slope,
+            fd_step=fd_step,
+            warmup_steps=warmup_steps,
+            search_interval=search_interval,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            lr_scale=lr_scale,
+        )
+        super().__init__(params, defaults, buffers=buffers, process_group=process_group)
+
+
+class AdamSLS(_AdamLineSearch):
+    r"""Armijo line search with Adam's preconditioner (Vaswani et al. 2021; the paper's
+    Sec. II-B).
+
+    Searches along Adam's direction with ``beta1 = 0``, ``d_s = -g / (sqrt(v_hat) + eps)``,
+    accepting ``eta`` when ``f(w + eta d_s) <= f(w) - c * eta * sum(g^2 / (sqrt(v_hat) + eps))``
+    (Eq. 5), then applies the accepted ``eta`` along the momentum direction
+    ``-m_hat / (sqrt(v_hat) + eps)``.
+
+    Args: as :class:`ALSALS`, with defaults ``lr=0.1``, ``c=0.1`` (the Armijo constant of
+    the original criterion, Sec. III-C), ``smoothing=0`` and ``slope="analytic"``.
+    """
+
+    search_direction = Direction.PRECONDITIONED
+    update_direction = Direction.MOMENTUM
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 0.1,
+        *,
+        c: float = 0.1,
+        smoothing: float = 0.0,
+        slope: str = "analytic",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        backtrack: float = 0.9,
+        growth_interval: float = 500,
+        max_trials: int = 100,
+        fd_step: float = 5e-8,
+        warmup_steps: int = 0,
+        search_interval: int | str = 1,
+        weight_decay: float = 0.0,
+        lr_scale: float = 1.0,
+        buffers: Iterable[Tensor] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            c=c,
+            smoothing=smoothing,
+            slope=slope,
+            betas=betas,
+            eps=eps,
+            backtrack=backtrack,
+            growth_interval=growth_interval,
+            max_trials=max_trials,
+            fd_step=fd_step,
+            warmup_steps=warmup_steps,
+            search_interval=search_interval,
+            weight_decay=weight_decay,
+            lr_scale=lr_scale,
+            buffers=buffers,
+            process_group=process_group,
+        )
+
+
+class ALSALS(_AdamLineSearch):
+    r"""Automated Large Scale Adam Line Search (the paper's Sec. III).
+
+    Searches and steps along Adam's momentum direction ``d = -m_hat / (sqrt(v_hat) + eps)``.
+    Because ``d`` is not the negative gradient, ``||g||^2`` no longer predicts the decrease;
+    the slope is estimated by the finite difference ``f_a = (f(w) - f(w + fd_step d)) /
+    fd_step`` (Eq. 6) and the test, smoothed on both sides by an EMA, is
+    ``D' >= c_h * eta * G`` with ``c_h = c`` if ``G > 0`` else ``1/c`` (Eqs. 7-9).
+
+    Args:
+        params: parameters or parameter groups. Per-group: ``betas``, ``eps``,
+            ``weight_decay``, ``lr_scale``.
+        lr: initial step size (0.1, the authors' code); the search adapts it from there.
+        c: sufficient-decrease constant (0.6, Sec. III-C; 0.3-0.7 work).
+        smoothing: EMA factor on both sides of the test (0.99).
+        slope: ``"finite_difference"`` (Eq. 6, one extra forward pass per search) or
+            ``"analytic"`` (``-g.d`` from the gradient already computed: no extra pass).
+        betas, eps: Adam's (0.9, 0.999), 1e-8 (Eq. 3).
+        backtrack: backtracking factor (0.9).
+        growth_interval: ``b`` of Eq. 2 (500).
+        max_trials: trials per search (100); if none passes, the weights are left unchanged
+            and the next search starts from the smallest step size tried.
+        fd_step: finite-difference step (5e-8, Eq. 6; the authors' code used 5e-9).
+        warmup_steps: linear warm-up of the step size from 0 to ``lr`` over this many steps
+            before the search takes over (0; the paper's GPT-2 runs used 2000, Sec. IV-A).
+        search_interval: search every k steps and reuse the step size in between, or
+            ``"adaptive"`` (SaLSa: search at least every 10 steps, more often while the
+            step size changes) (1).
+        weight_decay: decoupled weight decay ``w <- w - eta * lr_scale * weight_decay * w``
+            applied after the search (0).
+        lr_scale: per-group multiplier of the line-searched step size (1).
+        buffers: module buffers to protect from trial evaluations, usually
+            ``model.buffers()`` (BatchNorm running statistics).
+        process_group: the group whose ranks must agree on decisions (default group).
+    """
+
+    search_direction = Direction.MOMENTUM
+    update_direction = Direction.MOMENTUM
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 0.1,
+        *,
+        c: float = 0.6,
+        smoothing: float = 0.99,
+        slope: str = "finite_difference",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        backtrack: float = 0.9,
+        growth_interval: float = 500,
+        max_trials: int = 100,
+        fd_step: float = 5e-8,
+        warmup_steps: int = 0,
+        search_interval: int | str = 1,
+        weight_decay: float = 0.0,
+        lr_scale: float = 1.0,
+        buffers: Iterable[Tensor] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            c=c,
+            smoothing=smoothing,
+            slope=slope,
+            betas=betas,
+            eps=eps,
+            backtrack=backtrack,
+            growth_interval=growth_interval,
+            max_trials=max_trials,
+            fd_step=fd_step,
+            warmup_steps=warmup_steps,
+            search_interval=search_interval,
+            weight_decay=weight_decay,
+            lr_scale=lr_scale,
+            buffers=buffers,
+            process_group=process_group,
+        )
