@@ -1,0 +1,47 @@
+"""Shared fixtures: the optimizer table and small deterministic problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from alsals import ALSALS, SLS, AdamSLS
+
+OPTIMIZERS = [SLS, AdamSLS, ALSALS]
+OPTIMIZER_IDS = [cls.__name__ for cls in OPTIMIZERS]
+
+
+@pytest.fixture(params=OPTIMIZERS, ids=OPTIMIZER_IDS)
+def optimizer_class(request):
+    return request.param
+
+
+def make_classification(n: int = 128, features: int = 8, seed: int = 0):
+    """A fixed, linearly separable-ish binary classification set."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen)
+    w = torch.randn(features, generator=gen)
+    y = (x @ w + 0.3 * torch.randn(n, generator=gen) > 0).float()
+    return x, y
+
+
+class SmallNet(nn.Module):
+    """An MLP with dropout and BatchNorm: randomness and buffers in one forward pass."""
+
+    def __init__(self, features: int = 8, hidden: int = 16, dropout: float = 0.3):
+        super().__init__()
+        self.fc1 = nn.Linear(features, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x))))).squeeze(-1)
+
+
+def bce_closure(model, x, y):
+    def closure():
+        return nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    return closure

@@ -1,0 +1,183 @@
+"""The closure protocol: randomness replay, no side effects, both closure forms."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import SmallNet, bce_closure, make_classification
+from torch import nn
+
+
+def make_setup(cls, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = SmallNet()
+    x, y = make_classification()
+    # A large initial step size makes the search backtrack, so a step has several trials.
+    opt = cls(model.parameters(), lr=kwargs.pop("lr", 50.0), buffers=model.buffers(), **kwargs)
+    return model, opt, x, y
+
+
+def test_step_without_closure_says_a_closure_is_needed(optimizer_class):
+    model, opt, _, _ = make_setup(optimizer_class)
+    with pytest.raises(TypeError, match="needs a closure"):
+        opt.step()
+
+
+def test_step_returns_loss_at_the_starting_point(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    model.eval()  # deterministic forward
+    closure = bce_closure(model, x, y)
+    with torch.no_grad():
+        expected = closure()
+    loss = opt.step(closure)
+    assert torch.equal(loss, expected)
+    assert opt.last_step.trials > 1  # the weights moved through several trial points
+    assert opt.last_step.loss == pytest.approx(float(expected))
+
+
+def test_every_evaluation_in_a_step_sees_the_same_dropout_mask(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    masks: list[torch.Tensor] = []
+
+    def closure():
+        masks.append(nn.functional.dropout(torch.ones(32), p=0.5, training=True))
+        return nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    opt.step(closure)
+    first_step = len(masks)
+    assert first_step == opt.last_step.forwards > 2
+    assert all(torch.equal(m, masks[0]) for m in masks)
+    opt.step(closure)
+    assert not torch.equal(masks[first_step], masks[0]), "a new step draws new randomness"
+    assert all(torch.equal(m, masks[first_step]) for m in masks[first_step:])
+
+
+def test_random_state_after_step_equals_one_plain_training_evaluation(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    closure = bce_closure(model, x, y)
+    plain = SmallNet()
+    plain.load_state_dict(model.state_dict())
+    torch.manual_seed(123)
+    nn.functional.binary_cross_entropy_with_logits(plain(x), y).backward()
+    expected = torch.get_rng_state()
+
+    torch.manual_seed(123)
+    opt.step(closure)
+    assert opt.last_step.forwards > 2
+    assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_numpy_and_python_random_states_are_untouched(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    for _ in range(3):
+        opt.step(bce_closure(model, x, y))
+    after = np.random.get_state()  # noqa: NPY002
+    assert np_state[0] == after[0] and np.array_equal(np_state[1], after[1])
+    assert random.getstate() == py_state
+
+
+def test_runs_are_reproducible_under_manual_seed(optimizer_class):
+    def run():
+        model, opt, x, y = make_setup(optimizer_class, seed=7)
+        for _ in range(5):
+            idx = torch.randint(0, len(x), (32,))
+            opt.step(bce_closure(model, x[idx], y[idx]))
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_batchnorm_statistics_equal_one_training_forward_at_the_start(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    reference = SmallNet()
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    with torch.no_grad():
+        reference(x)
+
+    opt.step(bce_closure(model, x, y))
+    assert opt.last_step.forwards > 2
+    assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+    assert torch.equal(model.bn.running_var, reference.bn.running_var)
+    assert model.bn.num_batches_tracked.item() == 1
+
+
+def test_without_buffers_trials_would_corrupt_batchnorm_statistics(optimizer_class):
+    """Shows what `buffers=` protects against (and that the previous test can fail)."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=50.0)
+    opt.step(bce_closure(model, x, y))
+    assert model.bn.num_batches_tracked.item() == opt.last_step.forwards > 1
+
+
+def test_closure_with_backward_argument_runs_backward_itself(optimizer_class):
+    """Gradient accumulation over two micro-batches through closure(backward=...)."""
+    torch.manual_seed(0)
+    x, y = make_classification()
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    twin = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    twin.load_state_dict(net.state_dict())
+    calls = []
+
+    def accumulating(backward: bool):
+        calls.append((backward, torch.is_grad_enabled()))
+        if backward:
+            opt.zero_grad()
+        total = 0.0
+        for xb, yb in ((x[:64], y[:64]), (x[64:], y[64:])):
+            loss = nn.functional.binary_cross_entropy_with_logits(net(xb).squeeze(-1), yb) / 2
+            if backward:
+                loss.backward()
+            total = total + loss.detach()
+        return total
+
+    opt = optimizer_class(net.parameters(), lr=50.0)
+    opt_twin = optimizer_class(twin.parameters(), lr=50.0)
+    opt.step(accumulating)
+    opt_twin.step(lambda: nn.functional.binary_cross_entropy_with_logits(twin(x).squeeze(-1), y))
+    assert calls[0] == (True, True)
+    assert calls[1:] and all(call == (False, False) for call in calls[1:])
+    assert opt.last_step.trials == opt_twin.last_step.trials > 1
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_closure_returning_a_detached_loss_is_a_clear_error(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        opt.step(lambda: bce_closure(model, x, y)().detach())
+
+
+def test_closure_returning_a_non_scalar_is_a_clear_error(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(lambda: model(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_random_state_is_replayed_and_restored(optimizer_class):
+    torch.manual_seed(0)
+    model = SmallNet().cuda()
+    x, y = (t.cuda() for t in make_classification())
+    opt = optimizer_class(model.parameters(), lr=50.0, buffers=model.buffers())
+    masks = []
+
+    def closure():
+        masks.append(torch.rand(16, device="cuda"))
+        return nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    torch.cuda.manual_seed(5)
+    closure()
+    expected = torch.cuda.get_rng_state()
+    masks.clear()
+    torch.cuda.manual_seed(5)
+    opt.step(closure)
+    assert len(masks) > 2 and all(torch.equal(m, masks[0]) for m in masks)
+    assert torch.equal(torch.cuda.get_rng_state(), expected)
