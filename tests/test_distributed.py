@@ -1,0 +1,45 @@
+"""Under torch.distributed every rank takes the same decisions and keeps the same weights."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import _distributed_worker
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("dist")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    mp.start_processes(
+        _distributed_worker.run, args=(2, init, str(out)), nprocs=2, start_method="spawn"
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "ALSALS"])
+def test_ranks_take_identical_decisions_and_keep_identical_weights(rank_results, name):
+    rank0, rank1 = rank_results[0][name], rank_results[1][name]
+    assert rank0["local"] != rank1["local"], "each rank must see its own data"
+    assert rank0["decisions"] == rank1["decisions"]
+    assert any(trials > 1 for _, trials, _, _ in rank0["decisions"]), "decisions must matter"
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    # the loss the decisions use is the mean over ranks, not either rank's own
+    for (_, _, _, mean_loss), a, b in zip(
+        rank0["decisions"], rank0["local"], rank1["local"], strict=True
+    ):
+        assert mean_loss == pytest.approx((a + b) / 2, rel=1e-6)

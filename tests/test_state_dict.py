@@ -1,0 +1,94 @@
+"""Everything that shapes the trajectory is in state_dict: a resumed run is bit-identical."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from alsals import ALSALS
+from conftest import SmallNet, bce_closure, make_classification
+
+TOTAL_STEPS, SAVE_AT = 12, 5
+
+
+def batches():
+    x, y = make_classification(n=256)
+    gen = torch.Generator().manual_seed(3)
+    return [(x[idx], y[idx]) for idx in torch.randint(0, 256, (TOTAL_STEPS, 32), generator=gen)]
+
+
+def fresh(cls, kwargs):
+    torch.manual_seed(0)
+    model = SmallNet()
+    return model, cls(
+        model.parameters(), lr=kwargs.pop("lr", 5.0), buffers=model.buffers(), **kwargs
+    )
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.step(bce_closure(model, x, y))
+
+
+def run_with_resume(cls, kwargs):
+    data = batches()
+    model, opt = fresh(cls, dict(kwargs))
+    torch.manual_seed(11)
+    train(model, opt, data[:SAVE_AT])
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()},
+        buffer,
+    )
+    del model, opt
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model, opt = fresh(cls, dict(kwargs))
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    torch.set_rng_state(saved["rng"])
+    train(model, opt, data[SAVE_AT:])
+    return model, opt
+
+
+def run_straight(cls, kwargs):
+    model, opt = fresh(cls, dict(kwargs))
+    torch.manual_seed(11)
+    train(model, opt, batches())
+    return model, opt
+
+
+CONFIGS = [
+    {},
+    {"search_interval": "adaptive"},
+    {"warmup_steps": 3, "search_interval": 2, "weight_decay": 0.01},
+]
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=["defaults", "adaptive", "warmup-interval-wd"])
+def test_resumed_run_is_bit_identical(optimizer_class, kwargs):
+    resumed_model, resumed_opt = run_with_resume(optimizer_class, kwargs)
+    straight_model, straight_opt = run_straight(optimizer_class, kwargs)
+    for (name, a), b in zip(
+        resumed_model.state_dict().items(), straight_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert resumed_opt.param_groups[0]["lr"] == straight_opt.param_groups[0]["lr"]
+    first = next(straight_model.parameters())
+    resumed_search = resumed_opt.state[next(resumed_model.parameters())]["line_search"]
+    assert resumed_search == straight_opt.state[first]["line_search"]
+    assert straight_opt.state[first]["line_search"]["searches"] > 0
+
+
+def test_state_dict_carries_the_search_state_and_step_size():
+    model, opt = fresh(ALSALS, {})
+    x, y = make_classification()
+    for _ in range(3):
+        opt.step(bce_closure(model, x, y))
+    saved = opt.state_dict()
+    search = saved["state"][0]["line_search"]
+    assert search["step"] == 3 and search["step_size"] == opt.param_groups[0]["lr"]
+    assert saved["param_groups"][0]["lr"] == search["step_size"]
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(saved["state"][0])
