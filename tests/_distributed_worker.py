@@ -26,7 +26,7 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
                 x = torch.randn(32, 6, generator=data_gen)
                 y = (x.sum(dim=1) > 0).float()
 
-                def closure(x=x, y=y):
+                def closure(x=x, y=y, ddp=ddp):
                     out = ddp(x).squeeze(-1)
                     return nn.functional.binary_cross_entropy_with_logits(out, y)
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import OPTIMIZER_IDS, OPTIMIZERS, make_classification
 
 from alsals import ALSALS, SLS, AdamSLS
+from conftest import OPTIMIZER_IDS, OPTIMIZERS, make_classification
 
 
 def logistic_problem():

@@ -7,8 +7,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import SmallNet, bce_closure, make_classification
 from torch import nn
+
+from conftest import SmallNet, bce_closure, make_classification
 
 
 def make_setup(cls, seed=0, **kwargs):

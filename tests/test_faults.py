@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import OPTIMIZER_IDS, OPTIMIZERS, SmallNet, bce_closure, make_classification
 from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS
+from conftest import OPTIMIZER_IDS, OPTIMIZERS, SmallNet, bce_closure, make_classification
 
 
 def snapshot(model_or_params):

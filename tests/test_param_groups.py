@@ -34,7 +34,9 @@ def test_lr_scale_scales_the_update_of_its_group():
     opt.step(closure_for(a, b))
     eta = opt.last_step.step_size
     torch.testing.assert_close(a.detach(), 1.0 - eta * 2 * (1.0 - 3.0) * torch.ones(3).double())
-    torch.testing.assert_close(b.detach(), 1.0 - 0.5 * eta * 2 * (1.0 + 2.0) * torch.ones(3).double())
+    torch.testing.assert_close(
+        b.detach(), 1.0 - 0.5 * eta * 2 * (1.0 + 2.0) * torch.ones(3).double()
+    )
 
 
 def test_weight_decay_applies_per_group_in_decoupled_form():

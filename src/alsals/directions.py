@@ -87,17 +87,16 @@ def descent_slope(views: list[GroupTensors], direction: Direction) -> Tensor:
         if direction is Direction.GRADIENT:
             norms = torch._foreach_norm(view.grads)
             terms += [n.square() * view.scale for n in norms]
-        elif direction is Direction.PRECONDITIONED:
-            terms += [
-                torch.sum(g * (g / d)) * view.scale
-                for g, d in zip(view.grads, view.denoms, strict=True)
-            ]
+            continue
+        if direction is Direction.PRECONDITIONED:
+            numerators, scalars = view.grads, [view.scale] * len(view.grads)
         else:
-            scalars = _momentum_scalars(view, view.scale)
-            terms += [
-                torch.sum(g * (m / d)) * k
-                for g, m, d, k in zip(view.grads, view.exp_avgs, view.denoms, scalars, strict=True)
-            ]
+            numerators, scalars = view.exp_avgs, _momentum_scalars(view, view.scale)
+        # One temporary the size of a single tensor at a time: g . (n / d) via a dot product.
+        terms += [
+            torch.dot(g.reshape(-1), (n / d).reshape(-1)) * k
+            for g, n, d, k in zip(view.grads, numerators, view.denoms, scalars, strict=True)
+        ]
     device = terms[0].device
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
     return torch.stack([t.to(device=device, dtype=dtype) for t in terms]).sum()

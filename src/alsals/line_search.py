@@ -341,10 +341,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search["steps_since_search"] += 1
             return loss0, (mode, eta, 0, nan, nan)
 
+        # The analytic slope needs temporaries: compute it before the weights are saved.
+        analytic = None
+        if self._hyper["slope"] == "analytic":
+            analytic = descent_slope(views, self.search_direction)
         origin = [torch.empty_like(p) for view in views for p in view.params]
         torch._foreach_copy_(origin, [p for view in views for p in view.params])
         try:
-            outcome = self._search(search, views, loss0, origin, evaluator)
+            outcome = self._search(search, views, loss0, origin, evaluator, analytic)
         except BaseException:
             self._restore(views, origin)
             raise
@@ -397,16 +401,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         loss0: float,
         origin: list[Tensor],
         evaluator: ClosureEvaluator,
+        analytic_slope: Tensor | None,
     ) -> tuple[str, float, int, float, float]:
         h = self._hyper
         test = ArmijoTest(c=h["c"], smoothing=h["smoothing"])
         nan = float("nan")
 
-        if h["slope"] == "finite_difference":
+        if analytic_slope is None:
             self._place(views, origin, h["fd_step"], moved=False)
             slope_input = evaluator.evaluate()  # f(w + lambda d), turned into f_a below
         else:
-            slope_input = descent_slope(views, self.search_direction)
+            slope_input = analytic_slope
 
         eta = search["step_size"] * 2.0 ** (1.0 / h["growth_interval"])
         slope_avg = search["slope_avg"]
