@@ -107,6 +107,7 @@ class SearchState:
     initial_step_size: float  # eta_init
     decrease_avg: float = 0.0  # D
     slope_avg: float = 0.0  # G
+    averaged: int = 0  # n: samples in D and G since their last reset
     step: int = 0  # k, updates taken
     searches: int = 0
     steps_since_search: int = 0
@@ -128,7 +129,9 @@ class StepRecord:
     backwards: int = 0
     slope: float = math.nan
     loss_decrease: float = math.nan
+    slope_avg: float = math.nan  # G after this step's smoothing (searches only)
     tried: list[float] = field(default_factory=list)  # every eta_try evaluated
+    trial_losses: list[float] = field(default_factory=list)  # f(w + eta_try d) for each
 
 
 # --------------------------------------------------------------------------------------
@@ -247,9 +250,10 @@ def warmup_step_size(initial_step_size: float, k: int, warmup_steps: int) -> flo
     return initial_step_size * (k + 1) / warmup_steps
 
 
-def adaptive_interval(eta_fast: float, eta_slow: float) -> float:
-    """Step 3, adaptive: ``K = min(10, 1 / (max(r, 1/r) - 1))`` (10 if ``r = 1``)."""
-    r = eta_fast / eta_slow
+def adaptive_interval(eta_fast: float, eta_slow: float, searches: int) -> float:
+    """Step 3, adaptive: ``K = min(10, 1 / (max(r, 1/r) - 1))`` (10 if ``r = 1``), with ``r``
+    the ratio of the bias-corrected averages."""
+    r = (eta_fast / (1 - 0.9**searches)) / (eta_slow / (1 - 0.99**searches))
     spread = max(r, 1 / r) - 1
     if spread == 0:
         return 10.0
@@ -258,10 +262,13 @@ def adaptive_interval(eta_fast: float, eta_slow: float) -> float:
 
 def search_due(state: SearchState, search_interval: int | str) -> bool:
     """Step 3: whether this step searches (outside warm-up)."""
+    if state.searches == 0:
+        return True
     if search_interval == "adaptive":
-        if state.searches < 10 or state.eta_slow == 0:
+        if state.searches < 10:
             return True
-        return state.steps_since_search + 1 >= adaptive_interval(state.eta_fast, state.eta_slow)
+        interval = adaptive_interval(state.eta_fast, state.eta_slow, state.searches)
+        return state.steps_since_search + 1 >= interval
     return state.steps_since_search + 1 >= search_interval
 
 
@@ -330,14 +337,27 @@ class ReferenceOptimizer:
 
     # -- step ---------------------------------------------------------------------------
     def step(self, f: LossFn) -> float:
-        cfg, st = self.config, self.state
+        """One step: 0, then 1-5 (which may stop early), then 6 in every case.
+
+        The page says a skipped step (``zero_grad``, ``nonfinite``) changes nothing; we
+        read that as "no update and no search state", while steps 0 and 6 still keep every
+        group's ``lr`` equal to ``eta * lr_scale``.
+        """
         self._adopt_written_lr()
+        loss0 = self._steps_1_to_5(f)
+        self._set_group_lrs()
+        return loss0
+
+    def _steps_1_to_5(self, f: LossFn) -> float:
+        cfg, st = self.config, self.state
 
         # 1. L0 and g.
         loss0, grads = loss_and_gradients(f, self.weights)
         active = [i for i, g in enumerate(grads) if g is not None]
         record = StepRecord(kind="", step_size=st.step_size, loss=loss0, forwards=1, backwards=1)
         self.last_step = record
+        # The page lists both skip rules without an order; a NaN loss with all-zero
+        # gradients is "zero_grad" here and "nonfinite" in the fast code (not tested).
         if not active or all(bool((grads[i] == 0).all()) for i in active):
             record.kind = "zero_grad"
             return loss0
@@ -389,7 +409,6 @@ class ReferenceOptimizer:
                 st.failed_searches += 1
                 record.kind = "failed"
                 record.step_size = st.step_size
-                self._set_group_lrs()
                 return loss0
 
         # 5. Update.
@@ -406,9 +425,6 @@ class ReferenceOptimizer:
         if plan != "search":
             st.steps_since_search += 1
         record.step_size = eta
-
-        # 6. Group lrs.
-        self._set_group_lrs()
         return loss0
 
     def _search(
@@ -424,6 +440,10 @@ class ReferenceOptimizer:
         cfg, st = self.config, self.state
         b = cfg.smoothing
 
+        # 4.2 Growth (needed first: the first trial is evaluated together with the slope).
+        eta_start = st.step_size
+        eta_try = grown_step_size(eta_start, cfg.growth_interval)
+
         # 4.1 Slope.
         if cfg.slope == "analytic":
             s = analytic_slope(grads, list(d_search.values()))
@@ -435,13 +455,13 @@ class ReferenceOptimizer:
             raise ValueError(cfg.slope)
         record.slope = s
         if not is_finite(s):
+            # The first trial was evaluated in the same synchronisation as the slope.
+            loss_only(f, displaced(w0, d_search, eta_try))
+            record.forwards += 1
+            record.trials += 1
             return "nonfinite"
-        st.slope_avg = smooth(st.slope_avg, s, b)
-        G = st.slope_avg
+        G = record.slope_avg = smooth(st.slope_avg, s, b)  # G', stored only on acceptance
         c_h = armijo_constant(cfg.c, G)
-
-        # 4.2 Growth.
-        eta_try = grown_step_size(st.step_size, cfg.growth_interval)
 
         # 4.3 Trials.
         for _ in range(cfg.max_trials):
@@ -449,15 +469,24 @@ class ReferenceOptimizer:
             record.forwards += 1
             record.trials += 1
             record.tried.append(eta_try)
+            record.trial_losses.append(loss)
             delta = loss0 - loss
             decrease = smooth(st.decrease_avg, delta, b)
             if armijo_accepts(loss, decrease, c_h, eta_try, G):
                 st.decrease_avg = decrease
+                st.slope_avg = G
+                st.averaged += 1
                 st.step_size = eta_try
                 record.loss_decrease = delta
                 return "accepted"
             eta_try = cfg.backtrack * eta_try
 
-        # 4.4 No trial accepted: eta is the last step size tried.
-        st.step_size = record.tried[-1]
+        # 4.4 No trial accepted: with smoothing history, forget it and keep eta; without,
+        # eta is the last step size tried.
+        if b > 0 and st.averaged > 0:
+            st.decrease_avg = st.slope_avg = 0.0
+            st.averaged = 0
+            st.step_size = eta_start
+        else:
+            st.step_size = record.tried[-1]
         return "failed"

@@ -204,6 +204,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "initial_step_size": float(self.defaults["lr"]),
                 "decrease_avg": 0.0,
                 "slope_avg": 0.0,
+                "averaged": 0,
                 "step_size_fast": 0.0,
                 "step_size_slow": 0.0,
                 "searches": 0,
@@ -366,11 +367,18 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if search["step"] < self._hyper["warmup_steps"]:
             return "warmup"
         interval = self._hyper["search_interval"]
+        searches = search["searches"]
+        if searches == 0:
+            return "search"  # the initial step size is a guess: always search first
         if interval == "adaptive":
-            if search["searches"] < ADAPTIVE_MIN_SEARCHES or search["step_size_slow"] <= 0.0:
+            if searches < ADAPTIVE_MIN_SEARCHES:
                 return "search"
-            ratio = search["step_size_fast"] / search["step_size_slow"]
-            change = max(ratio, 1.0 / ratio) - 1.0
+            # Bias-corrected fast and slow averages of the step size (SaLSa's cadence).
+            fast = search["step_size_fast"] / (1.0 - 0.9**searches)
+            slow = search["step_size_slow"] / (1.0 - 0.99**searches)
+            if not (fast > 0.0 and slow > 0.0):
+                return "search"
+            change = max(fast / slow, slow / fast) - 1.0
             interval = (
                 ADAPTIVE_MAX_INTERVAL if change <= 0 else min(ADAPTIVE_MAX_INTERVAL, 1 / change)
             )
@@ -413,15 +421,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         else:
             slope_input = analytic_slope
 
-        eta = search["step_size"] * 2.0 ** (1.0 / h["growth_interval"])
-        slope_avg = search["slope_avg"]
+        start_eta = search["step_size"]
+        eta = start_eta * 2.0 ** (1.0 / h["growth_interval"])
         moved = h["slope"] == "finite_difference"
-        slope = nan
+        slope = slope_avg = nan
         for trial in range(1, h["max_trials"] + 1):
             self._place(views, origin, eta, moved)
             moved = True
             trial_loss = evaluator.evaluate()
-            if trial == 1:
+            if trial == 1:  # the slope comes to the host with the first trial's loss
                 probe, value = mean_to_host([slope_input, trial_loss], self._process_group)
                 slope = (
                     (loss0 - probe) / h["fd_step"] if h["slope"] == "finite_difference" else probe
@@ -431,19 +439,30 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     self._skip_nonfinite(search, "the slope estimate")
                     return "nonfinite", 0.0, trial, slope, nan
                 slope_avg = test.average(search["slope_avg"], slope)
-                search["slope_avg"] = slope_avg
             else:
                 (value,) = mean_to_host([trial_loss], self._process_group)
             decrease = loss0 - value
             decrease_avg = test.average(search["decrease_avg"], decrease)
             if math.isfinite(value) and test.accepts(decrease_avg, eta, slope_avg):
+                # Both averages take one sample per accepted search, so their bias cancels.
                 search["decrease_avg"] = decrease_avg
+                search["slope_avg"] = slope_avg
+                search["averaged"] += 1
                 self._accept(search, views, origin, eta)
                 return "search", eta, trial, slope, decrease
+            last_tried = eta
             eta *= h["backtrack"]
 
         self._restore(views, origin)
-        search["step_size"] = eta / h["backtrack"]  # the smallest step size tried
+        if h["smoothing"] > 0.0 and search["averaged"] > 0:
+            # The smoothed history can make the test unsatisfiable at every step size (a
+            # negative average decrease with a positive average slope): forget it and keep
+            # the step size, so that the next search runs a fresh test from there.
+            search["decrease_avg"] = search["slope_avg"] = 0.0
+            search["averaged"] = 0
+            search["step_size"] = start_eta
+        else:
+            search["step_size"] = last_tried  # no history to blame: the step is too large
         search["failed_searches"] += 1
         self._finish_search(search)
         return "failed", 0.0, h["max_trials"], slope, nan

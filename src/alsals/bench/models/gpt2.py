@@ -14,6 +14,7 @@ from typing import Any
 
 GPT2_SIZES: dict[str, dict[str, int]] = {
     "124M": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384},
     "mini": {"n_layer": 2, "n_head": 4, "n_embd": 128},
     "tiny": {"n_layer": 1, "n_head": 2, "n_embd": 32},
 }

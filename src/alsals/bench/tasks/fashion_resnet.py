@@ -70,8 +70,6 @@ class FashionResNet(Task):
 
         def evaluate(model):
             with eval_mode(model):
-                return classification_metrics(
-                    model, x_test, y_test, 1000, lambda m, x, s: m(x[s])
-                )
+                return classification_metrics(model, x_test, y_test, 1000, lambda m, x, s: m(x[s]))
 
         return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
