@@ -51,9 +51,22 @@ def update_moments(view: GroupTensors) -> None:
     torch._foreach_lerp_(view.exp_avgs, view.grads, 1.0 - beta1)
     torch._foreach_mul_(view.exp_avg_sqs, beta2)
     torch._foreach_addcmul_(view.exp_avg_sqs, view.grads, view.grads, 1.0 - beta2)
+    compute_denominators(view)
+
+
+def compute_denominators(view: GroupTensors) -> None:
+    """``sqrt(v_hat) + eps`` from the current second moments (Eq. 3)."""
+    beta2 = view.group["betas"][1]
     view.denoms = torch._foreach_sqrt(view.exp_avg_sqs)
     torch._foreach_div_(view.denoms, [math.sqrt(1.0 - beta2**s) for s in view.steps])
     torch._foreach_add_(view.denoms, view.group["eps"])
+
+
+def direction_tensors(view: GroupTensors, direction: Direction) -> list[Tensor]:
+    """The direction ``d`` (``lr_scale`` included) as new tensors, one per parameter."""
+    d = [torch.zeros_like(p) for p in view.params]
+    add_direction(GroupTensors(**{**view.__dict__, "params": d}), direction, 1.0)
+    return d
 
 
 def _momentum_scalars(view: GroupTensors, alpha: float) -> list[float]:

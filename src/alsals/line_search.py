@@ -41,7 +41,9 @@ from alsals.directions import (
     Direction,
     GroupTensors,
     add_direction,
+    compute_denominators,
     descent_slope,
+    direction_tensors,
     update_moments,
 )
 from alsals.distributed import mean_to_host
@@ -253,6 +255,19 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if view.params:
                 views.append(view)
         return views
+
+    def _search_direction_now(self) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, d) for the search direction given the current gradients and state.
+
+        Right after a step this is the direction that step searched along (the trials do not
+        touch ``.grad``); :mod:`alsals.diagnostics` uses it to scan the loss along it.
+        """
+        pairs: list[tuple[Tensor, Tensor]] = []
+        for view in self._gather():
+            if self.uses_moments:
+                compute_denominators(view)
+            pairs += zip(view.params, direction_tensors(view, self.search_direction), strict=True)
+        return pairs
 
     def _adopt_external_step_size(self, search: dict[str, Any]) -> None:
         """A step size written into ``param_groups[i]["lr"]`` since the last step wins."""

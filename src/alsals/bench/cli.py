@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="do not rebuild the report")
     report = sub.add_parser("report", help="tables and figures from finished runs")
     _add_run_arguments(report)
+    sub.add_parser("landscape", help="loss along the search direction (Figs. 2-4)", add_help=False)
     return parser
 
 
@@ -92,6 +93,11 @@ def _list() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["landscape"]:  # its own options: alsals bench landscape -h
+        from alsals.bench.landscape import main as landscape_main
+
+        return landscape_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "list":
         _list()

@@ -1,0 +1,144 @@
+"""The paper's landscape figures from scans (matplotlib, optional extra ``bench``).
+
+* ``plot_single``: Fig. 2, loss decrease against step size for one batch, with the step the
+  line search chose (red), the best step on the batch (green) and the acceptance boundary
+  (black line; the region above it passes the test).
+* ``plot_consecutive``: Fig. 3, the same for consecutive batches, older ones fading.
+* ``plot_heatmap``: Fig. 4, loss decrease as colour over steps x step sizes, with the chosen
+  step sizes as a green line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from alsals.diagnostics.scan import LandscapeScan
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mark(ax, scan: LandscapeScan, alpha: float = 1.0) -> None:
+    pairs = dict(zip(scan.step_sizes, scan.decreases, strict=True))
+    if scan.chosen_step_size is not None:
+        nearest = min(scan.step_sizes, key=lambda e: abs(math.log(e / scan.chosen_step_size)))
+        ax.scatter(
+            [scan.chosen_step_size], [pairs[nearest]], color="red", zorder=3, alpha=alpha, s=25
+        )
+    if math.isfinite(scan.best_step_size):
+        ax.scatter(
+            [scan.best_step_size],
+            [pairs[scan.best_step_size]],
+            color="green",
+            zorder=3,
+            alpha=alpha,
+            s=25,
+        )
+
+
+def _decorate(ax, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel("step size")
+    ax.set_ylabel("loss decrease f(w) - f(w + step d)")
+    ax.axhline(0.0, color="grey", linewidth=0.6)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def _ylim(ax, scans: Sequence[LandscapeScan]) -> None:
+    """Keep the interesting part: the decreases, not the blow-up at huge steps."""
+    values = [d for s in scans for d in s.decreases if math.isfinite(d)]
+    if values:
+        top = max(values)
+        ax.set_ylim(-1.5 * abs(top) - 1e-12, 1.3 * abs(top) + 1e-12)
+
+
+def plot_single(scan: LandscapeScan, path: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(scan.step_sizes, scan.decreases, color="tab:blue", label="loss decrease")
+    ax.plot(scan.step_sizes, scan.boundary, color="black", linewidth=1, label="acceptance boundary")
+    ax.fill_between(
+        scan.step_sizes,
+        scan.boundary,
+        [max(scan.boundary + scan.decreases)] * len(scan.step_sizes),
+        color="grey",
+        alpha=0.08,
+        linewidth=0,
+    )
+    _mark(ax, scan)
+    ax.scatter([], [], color="red", label="chosen step size")
+    ax.scatter([], [], color="green", label="best step on this batch")
+    _decorate(ax, title or f"step {scan.step}: one batch")
+    _ylim(ax, [scan])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_consecutive(scans: Sequence[LandscapeScan], path: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, scan in enumerate(scans):
+        alpha = 0.15 + 0.85 * (i + 1) / len(scans)
+        ax.plot(scan.step_sizes, scan.decreases, color="tab:blue", alpha=alpha)
+        _mark(ax, scan, alpha)
+    _decorate(ax, title or f"{len(scans)} consecutive batches (older fading)")
+    _ylim(ax, scans)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") -> Path:
+    import numpy as np
+    from matplotlib.colors import SymLogNorm
+
+    plt = _pyplot()
+    grid = np.array(scans[0].step_sizes)
+    values = np.array([s.decreases for s in scans], dtype=float)
+    finite = values[np.isfinite(values)]
+    # Scale the colours to the decreases; increases beyond that saturate (red).
+    positive = finite[finite > 0]
+    scale = float(positive.max()) if positive.size else float(np.abs(finite).max(initial=1.0))
+    values = np.clip(np.nan_to_num(values, nan=-scale, neginf=-scale), -scale, scale)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = [s.step for s in scans]
+    mesh = ax.pcolormesh(
+        grid,
+        steps,
+        values,
+        shading="nearest",
+        cmap="RdBu",
+        norm=SymLogNorm(linthresh=max(scale * 1e-2, 1e-12), vmin=-scale, vmax=scale),
+    )
+    chosen = [(s.chosen_step_size, s.step) for s in scans if s.chosen_step_size is not None]
+    if chosen:
+        ax.plot(
+            [c[0] for c in chosen],
+            [c[1] for c in chosen],
+            color="green",
+            linewidth=1.5,
+            label="chosen",
+        )
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_xscale("log")
+    ax.set_xlabel("step size")
+    ax.set_ylabel("training step")
+    ax.set_title(title or "loss decrease over steps and step sizes")
+    fig.colorbar(mesh, ax=ax, label="loss decrease (symlog)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,123 @@
+"""The landscape scan: exact, side-effect free, and consistent with the step it explains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alsals import ALSALS, SLS
+from alsals.diagnostics import LandscapeRecorder, scan_direction
+from alsals.diagnostics.scan import log_grid
+from conftest import SmallNet, bce_closure, make_classification
+
+A = torch.tensor([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=torch.float64)
+W_STAR = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+
+def quadratic(w):
+    return lambda: 0.5 * (w - W_STAR) @ A @ (w - W_STAR)
+
+
+def trained_net(cls, steps=3):
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = cls(model.parameters(), lr=5.0, buffers=model.buffers())
+    for _ in range(steps):
+        opt.step(bce_closure(model, x, y))
+    return model, opt, bce_closure(model, x, y)
+
+
+def test_scan_changes_nothing(optimizer_class):
+    model, opt, closure = trained_net(optimizer_class)
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    state = opt.state_dict()
+    state_copy = {
+        k: {
+            n: (v.clone() if torch.is_tensor(v) else (dict(v) if isinstance(v, dict) else v))
+            for n, v in s.items()
+        }
+        for k, s in state["state"].items()
+    }
+    lrs = [g["lr"] for g in opt.param_groups]
+    last = opt.last_step
+    torch.manual_seed(42)
+    rng = torch.get_rng_state()
+
+    scan = scan_direction(opt, closure, log_grid(1e-6, 1.0, 12))
+
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert [g["lr"] for g in opt.param_groups] == lrs and opt.last_step == last
+    after = opt.state_dict()["state"]
+    for k, entries in state_copy.items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, after[k][name]), name
+            else:
+                assert value == after[k][name], name
+    assert len(scan.decreases) == 12 and scan.kind == "search"
+
+
+@pytest.mark.parametrize("cls", [SLS, ALSALS], ids=["SLS", "ALSALS"])
+def test_scanned_curve_matches_the_closed_form_on_a_quadratic(cls):
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = cls([w], lr=1.0)
+    grid = log_grid(1e-4, 10.0, 25)
+    scan = scan_direction(opt, quadratic(w), grid)
+    g = A @ (w.detach() - W_STAR)
+    d = -g if cls is SLS else -g / (g.abs() + 1e-8)  # first Adam step: m_hat = g, v_hat = g^2
+    expected = [float(-e * (g @ d) - 0.5 * e**2 * (d @ A @ d)) for e in grid]
+    assert scan.decreases == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert scan.loss == pytest.approx(float(quadratic(w.detach())()))
+    assert scan.best_step_size == grid[max(range(len(grid)), key=lambda i: expected[i])]
+    if cls is SLS:  # Armijo boundary with c = 0.1 and no smoothing: 0.1 * eta * ||g||^2
+        assert scan.boundary == pytest.approx([0.1 * e * float(g @ g) for e in grid])
+
+
+def test_chosen_step_size_is_the_one_the_optimizer_then_uses(optimizer_class):
+    model, opt, closure = trained_net(optimizer_class, steps=1)
+    x, y = make_classification(seed=4)
+    for k in range(4):
+        closure = bce_closure(model, x[k * 32 : (k + 1) * 32], y[k * 32 : (k + 1) * 32])
+        torch.manual_seed(100 + k)
+        scan = scan_direction(opt, closure, log_grid(1e-5, 10.0, 10))
+        torch.manual_seed(100 + k)
+        opt.step(closure)
+        assert opt.last_step.kind == "search"
+        assert scan.chosen_step_size == opt.last_step.step_size
+        assert scan.slope == pytest.approx(opt.last_step.slope)
+
+
+def test_acceptance_flags_agree_with_the_search(optimizer_class):
+    model, opt, closure = trained_net(optimizer_class, steps=2)
+    for group in opt.param_groups:
+        group["lr"] = 1e3  # the next search backtracks
+    torch.manual_seed(5)
+    first = scan_direction(opt, closure, [1.0])
+    eta = first.chosen_step_size
+    torch.manual_seed(5)
+    scan = scan_direction(opt, closure, [eta, eta / opt.defaults["backtrack"]])
+    assert scan.accepted == [True, False]  # accepted, and the trial before it was not
+
+
+def test_recorder_scans_every_k_steps():
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=0.01)
+    recorder = LandscapeRecorder(opt, every=3, step_sizes=log_grid(1e-4, 1.0, 5))
+    for _ in range(7):
+        recorder.maybe_scan(quadratic(w))
+        opt.step(quadratic(w))
+    assert [s.step for s in recorder.scans] == [0, 3, 6]
+    with pytest.raises(ValueError, match="every"):
+        LandscapeRecorder(opt, every=0)
+
+
+def test_scan_rejects_other_optimizers_and_bad_grids():
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(TypeError, match="alsals optimizer"):
+        scan_direction(torch.optim.Adam([w]), lambda: w.sum())
+    with pytest.raises(ValueError, match="positive"):
+        scan_direction(SLS([w]), lambda: w.sum(), [0.0, 1.0])
