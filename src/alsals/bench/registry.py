@@ -94,7 +94,7 @@ class LineSearchStepper(Stepper):
 
     def details(self) -> dict[str, Any]:
         info = self.optimizer.last_step
-        return {"kind": info.kind, "trials": info.trials}
+        return {"kind": info.kind, "trials": info.trials, "slope": info.slope}
 
 
 class ScheduleFreeStepper(Stepper):
