@@ -9,5 +9,5 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench,peers]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench,peers,hf,lightning]"
 .venv/bin/alsals bench fetch

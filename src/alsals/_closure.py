@@ -101,7 +101,9 @@ class ClosureEvaluator:
         if closure is None or not callable(closure):
             raise TypeError(
                 "this optimizer needs a closure: call optimizer.step(closure) with a function "
-                "that computes and returns the loss (see the alsals README, 'The closure')"
+                "that computes and returns the loss (see the alsals README, 'The closure'); "
+                "trainers that call step() without one (Hugging Face Trainer, Lightning, "
+                "GradScaler) have adapters in alsals.integrations (docs/integrations.md)"
             )
         self.closure = closure
         self.params = list(params)

@@ -38,6 +38,8 @@ class GroupTensors:
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     denoms: list[Tensor] = field(default_factory=list)
+    keys: list[Tensor] = field(default_factory=list)  # the parameters (state keys)
+    shards: list[int] = field(default_factory=list)  # ranks a parameter is sharded over
 
     @property
     def scale(self) -> float:
@@ -99,7 +101,7 @@ def descent_slope(views: list[GroupTensors], direction: Direction) -> Tensor:
     for view in views:
         if direction is Direction.GRADIENT:
             norms = torch._foreach_norm(view.grads)
-            terms += [n.square() * view.scale for n in norms]
+            terms += [n.square() * view.scale * f for n, f in zip(norms, view.shards, strict=True)]
             continue
         if direction is Direction.PRECONDITIONED:
             numerators, scalars = view.grads, [view.scale] * len(view.grads)
@@ -107,8 +109,10 @@ def descent_slope(views: list[GroupTensors], direction: Direction) -> Tensor:
             numerators, scalars = view.exp_avgs, _momentum_scalars(view, view.scale)
         # One temporary the size of a single tensor at a time: g . (n / d) via a dot product.
         terms += [
-            torch.dot(g.reshape(-1), (n / d).reshape(-1)) * k
-            for g, n, d, k in zip(view.grads, numerators, view.denoms, scalars, strict=True)
+            torch.dot(g.reshape(-1), (n / d).reshape(-1)) * (k * f)
+            for g, n, d, k, f in zip(
+                view.grads, numerators, view.denoms, scalars, view.shards, strict=True
+            )
         ]
     device = terms[0].device
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32

@@ -50,6 +50,28 @@ from alsals.distributed import mean_to_host
 
 SLOPES = ("analytic", "finite_difference")
 
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch < 2.4
+    DTensor = Shard = None
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2 parameters, gradients, state); else ``t``."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _shard_count(p: Tensor) -> int:
+    """Over how many ranks ``p`` is split: its local slope terms sum, not average."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return 1
+    count = 1
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            count *= p.device_mesh.size(dim)
+    return count
+
+
 # Hyperparameters of the search itself: one value for the whole optimizer.
 SEARCH_KEYS = (
     "c",
@@ -239,8 +261,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients "
                         "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                     )
-                view.params.append(p)
-                view.grads.append(p.grad)
+                view.keys.append(p)
+                view.params.append(_local(p))
+                view.grads.append(_local(p.grad))
+                view.shards.append(_shard_count(p))
                 if self.uses_moments:
                     state = self.state[p]
                     if "exp_avg" not in state:
@@ -249,8 +273,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         state["exp_avg_sq"] = torch.zeros_like(
                             p, memory_format=torch.preserve_format
                         )
-                    view.exp_avgs.append(state["exp_avg"])
-                    view.exp_avg_sqs.append(state["exp_avg_sq"])
+                    view.exp_avgs.append(_local(state["exp_avg"]))
+                    view.exp_avg_sqs.append(_local(state["exp_avg_sq"]))
                     view.steps.append(state["step"])
             if view.params:
                 views.append(view)
@@ -330,7 +354,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
         grads = [g for view in views for g in view.grads]
         device = loss.device
-        largest = torch.stack([n.to(device) for n in torch._foreach_norm(grads, math.inf)]).max()
+        nonempty = [g for g in grads if g.numel()]  # FSDP2: a rank may hold an empty shard
+        norms = torch._foreach_norm(nonempty, math.inf) if nonempty else []
+        largest = torch.stack([n.to(device) for n in norms] or [loss.new_zeros(())]).max()
         loss0, grad_max = mean_to_host([loss, largest], self._process_group)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
             self._skip_nonfinite(search, "the loss or the gradient")
@@ -342,7 +368,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self.uses_moments:
             for view in views:
                 update_moments(view)
-                for p, s in zip(view.params, view.steps, strict=True):
+                for p, s in zip(view.keys, view.steps, strict=True):
                     self.state[p]["step"] = s
 
         mode = self._plan(search)

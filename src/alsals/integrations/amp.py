@@ -1,0 +1,170 @@
+"""Mixed precision with the line-search optimizers (torch only).
+
+**bf16 (or fp16 without a scaler) autocast** works inside any closure. What matters is the
+loss value the line search compares: its Armijo test looks at differences between losses,
+and a loss rounded to bfloat16 (8 significant bits, about 0.4 % steps) hides the small
+decreases a good step makes. Compute the loss in float32: ``F.cross_entropy`` and
+``F.mse_loss`` already run in float32 under autocast; a hand-written reduction should use
+``logits.float()``. :func:`autocast_closure` runs a closure under autocast and warns when the
+loss comes back in half precision.
+
+**fp16 with** ``torch.amp.GradScaler``: ``scaler.step(optimizer)`` cannot drive a line search
+(it refuses closures, and it unscales the gradients before the step while a line search
+computes them inside the step). :func:`step_with_scaler` replaces
+``scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()``: the step's
+gradient evaluation runs ``scaler.scale(loss).backward()`` and ``scaler.unscale_``, the
+optimizer skips the step when the unscaled gradients hold an inf or NaN (``kind ==
+"nonfinite"``, weights and state untouched, exactly like ``scaler.step``), and
+``scaler.update()`` then lowers or grows the scale.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from alsals._closure import _accepts_backward
+from alsals.line_search import LineSearchOptimizer
+
+__all__ = ["autocast_closure", "step_with_scaler"]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_LOW_PRECISION_MESSAGE = (
+    "the closure returned the loss in {dtype}: the line search then compares loss values "
+    "rounded to {dtype} and misses the small decreases its test looks for. Compute the "
+    "loss in float32 (F.cross_entropy and F.mse_loss do so under autocast; otherwise reduce "
+    "logits.float())."
+)
+
+
+def _check_loss_precision(loss: object, where: str) -> None:
+    if isinstance(loss, Tensor) and loss.dtype in HALF_DTYPES:
+        warnings.warn(
+            f"{where}: " + _LOW_PRECISION_MESSAGE.format(dtype=loss.dtype),
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def autocast_closure(
+    closure: Callable[..., Tensor],
+    device_type: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> Callable[..., Tensor]:
+    """Run ``closure`` under ``torch.autocast(device_type, dtype)`` and return a float32 loss.
+
+    The returned closure has the same form as ``closure`` (``closure()`` or
+    ``closure(backward)``), so the optimizer treats it the same way. A loss that comes back
+    in float16/bfloat16 triggers a ``RuntimeWarning`` (see the module docstring): upcasting
+    it afterwards cannot restore the digits the comparison needs.
+    """
+
+    def run(*args: object) -> Tensor:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            loss = closure(*args)
+        _check_loss_precision(loss, "autocast_closure")
+        return loss.float() if isinstance(loss, Tensor) else loss
+
+    if _accepts_backward(closure):
+
+        def with_backward(backward: bool) -> Tensor:
+            return run(backward)
+
+        return with_backward
+
+    def plain() -> Tensor:
+        return run()
+
+    return plain
+
+
+# Re-emitted warnings go through one registry, so each distinct one shows once per process
+# under Python's default filter (as it would have without the capture).
+_REGISTRY: dict = {}
+
+
+def _reemit(caught: list[warnings.WarningMessage], *, drop_overflow_skip: bool) -> None:
+    """Re-emit captured warnings, minus the optimizer's "not finite" one after an overflow.
+
+    Skipping steps whose scaled gradients overflowed is GradScaler's normal operation; a
+    non-finite *loss* is not, and its warning is re-emitted, as is every other warning.
+    """
+    for w in caught:
+        if drop_overflow_skip and w.category is RuntimeWarning and "not finite" in str(w.message):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_REGISTRY)
+
+
+def step_with_scaler(
+    optimizer: LineSearchOptimizer,
+    closure: Callable[..., Tensor],
+    scaler: torch.amp.GradScaler,
+    *,
+    update: bool = True,
+) -> Tensor:
+    """One line-search step with fp16 gradients scaled by ``scaler``; returns the loss.
+
+    ``closure`` takes one of the optimizer's two forms:
+
+    * ``closure()`` returns the loss (compute it under ``torch.autocast``); this function
+      sets the gradients to ``None`` and runs ``scaler.scale(loss).backward()`` itself.
+    * ``closure(backward)`` runs backward itself when ``backward=True`` and must then call
+      ``scaler.scale(loss).backward()`` (not ``loss.backward()``), e.g. per micro-batch for
+      gradient accumulation or under DDP's ``no_sync``.
+
+    Either way ``scaler.unscale_(optimizer)`` follows the backward pass, so the line search
+    sees true gradients; with an inf/NaN among them the optimizer skips the step
+    (``optimizer.last_step.kind == "nonfinite"``). With ``update=True`` (default)
+    ``scaler.update()`` runs afterwards; pass ``update=False`` to call it yourself (several
+    optimizers sharing one scaler). Do not call ``scaler.step(optimizer)``.
+    """
+    if not isinstance(optimizer, LineSearchOptimizer):
+        raise TypeError(
+            "step_with_scaler drives an alsals line-search optimizer; for other optimizers "
+            "use scaler.step(optimizer) as usual"
+        )
+    if not callable(closure):
+        raise TypeError("step_with_scaler needs the closure that computes the loss")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    unscaled = False
+
+    def scaled(backward: bool) -> Tensor:
+        nonlocal unscaled
+        if backward:
+            if _accepts_backward(closure):
+                loss = closure(backward=True)
+            else:
+                for p in params:
+                    p.grad = None
+                loss = closure()
+                if not (isinstance(loss, Tensor) and loss.requires_grad):
+                    raise RuntimeError(
+                        "step_with_scaler: closure() must return a loss that requires grad "
+                        "(it runs scaler.scale(loss).backward() on it); a closure that runs "
+                        "backward itself must take a `backward` argument"
+                    )
+                scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            unscaled = True
+        else:
+            loss = closure(backward=False) if _accepts_backward(closure) else closure()
+        _check_loss_precision(loss, "step_with_scaler")
+        return loss.detach() if isinstance(loss, Tensor) else loss
+
+    caught: list[warnings.WarningMessage] = []
+    overflow = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = optimizer.step(scaled)
+        info = optimizer.last_step
+        overflow = info is not None and info.kind == "nonfinite" and math.isfinite(info.loss)
+    finally:
+        _reemit(caught, drop_overflow_skip=overflow)
+    if update and unscaled:
+        scaler.update()
+    return loss

@@ -1,0 +1,272 @@
+"""Hugging Face ``transformers``: a ``Trainer`` whose optimizer step runs the line search.
+
+``Trainer`` computes the gradients micro-batch by micro-batch in ``training_step`` (under
+``no_sync`` for all but the last micro-batch of a gradient-accumulation window), clips
+them, and then calls ``optimizer.step()`` without a closure. ``LineSearchTrainer`` keeps
+that loop as it is and adds what the line search needs:
+
+* ``training_step`` records each micro-batch of the window (its inputs and the torch random
+  state before its forward pass) and runs the usual forward and backward.
+* ``optimizer.step()`` gets a closure built from the window. Its gradient evaluation
+  (``closure(backward=True)``) returns the window's loss: the gradients are already there,
+  accumulated (and clipped) by the Trainer. Each trial (``backward=False``) re-evaluates
+  every micro-batch of the window under ``torch.no_grad()`` with the random state that
+  micro-batch saw, so it sees the same dropout masks, and scales it exactly as
+  ``training_step`` does. So the line search tests the same objective whose gradient it
+  steps along, whatever ``gradient_accumulation_steps`` is.
+* The learning-rate scheduler is replaced by :class:`FollowStepSize`, which leaves
+  ``param_groups[i]["lr"]`` to the line search and reports it: the ``learning_rate`` the
+  Trainer logs is the step size in use. ``learning_rate``, ``lr_scheduler_type`` and the
+  ``warmup_*`` arguments of ``TrainingArguments`` do not apply (use the optimizer's
+  ``lr`` and ``warmup_steps``).
+* Checkpoints hold the optimizer's ``state_dict`` (the whole line-search state) and the
+  Trainer's random states, so ``train(resume_from_checkpoint=...)`` continues exactly.
+
+Usage::
+
+    from alsals import ALSALS
+    from alsals.integrations.hf import LineSearchTrainer
+
+    trainer = LineSearchTrainer(
+        model=model, args=TrainingArguments(..., gradient_accumulation_steps=2),
+        train_dataset=train, optimizer_cls_and_kwargs=(ALSALS, {"slope": "analytic"}),
+    )
+    trainer.train()
+
+Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults.
+``optimizers=(ALSALS(model.parameters()), None)`` works too. ``LineSearchTrainerMixin``
+adds the same behaviour to another ``Trainer`` subclass (put it first in the bases).
+``bf16=True`` works as is. ``fp16=True`` goes through accelerate's GradScaler: the
+gradients are unscaled before clipping and the step, a step whose gradients overflowed is
+skipped by the scaler (the line search never runs) and the scale backs off. Not supported:
+DeepSpeed (its engine owns the optimizer step), sequence/context parallelism and SageMaker
+model parallelism.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+
+from alsals._closure import RandomState
+from alsals.line_search import LineSearchOptimizer
+from alsals.optimizers import ALSALS
+
+__all__ = ["FollowStepSize", "LineSearchTrainer", "LineSearchTrainerMixin"]
+
+
+class FollowStepSize(torch.optim.lr_scheduler.LRScheduler):
+    """A learning-rate "scheduler" that leaves the lr to the line search and reports it.
+
+    ``get_last_lr()`` returns the current ``param_groups[i]["lr"]``: the step size the line
+    search is using, which the Trainer logs as ``learning_rate``.
+    """
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:  # type: ignore[override]
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+
+@dataclass
+class _MicroBatch:
+    model: nn.Module
+    inputs: dict[str, Any]
+    num_items_in_batch: Tensor | int | None
+    accumulation_steps: int
+    random_state: RandomState
+    loss: Tensor
+
+
+def _step_with_trainer_closure(trainer_ref: weakref.ref) -> Callable[..., Tensor]:
+    """An instance-level ``step`` that supplies the Trainer's closure when none is given."""
+
+    def step(self: LineSearchOptimizer, closure: Callable[..., Tensor] | None = None) -> Tensor:
+        if closure is None:
+            trainer = trainer_ref()
+            if trainer is None:
+                raise RuntimeError("the LineSearchTrainer that drove this optimizer is gone")
+            closure = trainer._line_search_closure()
+        return type(self).step(self, closure)
+
+    return step
+
+
+class LineSearchTrainerMixin:
+    """Makes a ``transformers.Trainer`` (subclass) drive an alsals line-search optimizer.
+
+    See the module docstring. Put it before ``Trainer`` in the bases:
+    ``class MyTrainer(LineSearchTrainerMixin, Trainer)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._line_search_window: list[_MicroBatch] = []
+        self._line_search_window_closed = False
+        args_ = self.args
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "LineSearchTrainer does not support DeepSpeed: DeepSpeed's engine runs the "
+                "optimizer step itself, without the closure a line search needs"
+            )
+        if getattr(args_, "warmup_steps", 0) or getattr(args_, "warmup_ratio", 0):
+            warnings.warn(
+                "LineSearchTrainer ignores TrainingArguments.warmup_steps/warmup_ratio (and "
+                "learning_rate, lr_scheduler_type): the line search sets the step size. Use "
+                "the optimizer's warmup_steps=... in optimizer_cls_and_kwargs instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.optimizer is not None:
+            self._check_optimizer(self.optimizer)
+        if self.lr_scheduler is not None and not isinstance(self.lr_scheduler, FollowStepSize):
+            warnings.warn(
+                f"LineSearchTrainer got a {type(self.lr_scheduler).__name__}: every lr it "
+                "writes replaces the step size the line search would start its next search "
+                "from. Pass optimizers=(optimizer, None) to let the line search alone set it.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ optimizer set-up
+
+    @staticmethod
+    def _check_optimizer(optimizer: Any) -> None:
+        if not isinstance(optimizer, LineSearchOptimizer):
+            raise TypeError(
+                "LineSearchTrainer drives an alsals line-search optimizer (ALSALS, AdamSLS, "
+                f"SLS), got {type(optimizer).__name__}; use transformers.Trainer for others"
+            )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The line-search optimizer, with weight decay grouped as the Trainer groups it."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            if self.optimizer_cls_and_kwargs is not None:
+                cls, kwargs = self.optimizer_cls_and_kwargs
+            else:
+                cls, kwargs = ALSALS, {}
+            if not (isinstance(cls, type) and issubclass(cls, LineSearchOptimizer)):
+                self._check_optimizer(cls)
+            decay = set(self.get_decay_parameter_names(opt_model))
+            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            groups = [
+                {
+                    "params": [p for n, p in named if n in decay],
+                    "weight_decay": self.args.weight_decay,
+                },
+                {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+            ]
+            groups = [g for g in groups if g["params"]]
+            kwargs = dict(kwargs)
+            # Trials must not move running statistics (BatchNorm and the like).
+            kwargs.setdefault(
+                "buffers", [b for b in opt_model.buffers() if torch.is_floating_point(b)]
+            )
+            self.optimizer = cls(groups, **kwargs)
+        self._check_optimizer(self.optimizer)
+        # The Trainer (through accelerate) calls optimizer.step() without a closure.
+        self.optimizer.step = types.MethodType(  # type: ignore[method-assign]
+            _step_with_trainer_closure(weakref.ref(self)), self.optimizer
+        )
+        return self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """:class:`FollowStepSize`: the line search, not a schedule, sets the lr."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = FollowStepSize(self.optimizer if optimizer is None else optimizer)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # --------------------------------------------------------------------- training step
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        """The Trainer's forward and backward, recording the micro-batch for the trials."""
+        if self._line_search_window_closed:
+            self._line_search_window.clear()
+            self._line_search_window_closed = False
+        inputs = self._prepare_inputs(inputs)  # on the device once, reused by every trial
+        random_state = RandomState()
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        self._line_search_window.append(
+            _MicroBatch(
+                model=model,
+                inputs=inputs,
+                num_items_in_batch=num_items_in_batch,
+                accumulation_steps=self.current_gradient_accumulation_steps,
+                random_state=random_state,
+                loss=loss.detach(),
+            )
+        )
+        if self.accelerator.sync_gradients:  # the last micro-batch before optimizer.step()
+            self._line_search_window_closed = True
+        return loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Tensor | int | None) -> bool:
+        """``training_step``'s rule: is the loss already normalised over the whole window?"""
+        declared = getattr(self, "loss_is_scaled_for_ga", None)
+        if declared is not None:
+            return bool(declared)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or self.compute_loss_func is not None
+        )
+
+    def _trial_loss(self, micro: _MicroBatch) -> Tensor:
+        """The loss ``training_step`` backpropagates for ``micro``, without autograd."""
+        model = micro.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # no gradients to reduce: skip DDP's hooks and buffer sync
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(
+                model, dict(micro.inputs), num_items_in_batch=micro.num_items_in_batch
+            )
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        if not self._loss_is_scaled_for_ga(micro.num_items_in_batch):
+            loss = loss / micro.accumulation_steps
+        return loss.detach()
+
+    def _line_search_closure(self) -> Callable[[bool], Tensor]:
+        """The closure for the step that ends the current gradient-accumulation window."""
+        window = list(self._line_search_window)
+        if not window:
+            raise RuntimeError(
+                "LineSearchTrainer: optimizer.step() was called with no micro-batch since the "
+                "last step; the Trainer calls it after training_step"
+            )
+        self._line_search_window_closed = True
+        device = window[0].loss.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # sum as precisely
+        window_loss = sum(micro.loss.to(device, dtype) for micro in window)  # as the trials
+
+        def closure(backward: bool) -> Tensor:
+            if backward:  # training_step already ran forward and backward on every micro-batch
+                return window_loss
+            total = torch.zeros((), dtype=dtype, device=device)
+            for micro in window:
+                micro.random_state.restore()  # the dropout masks of its training forward
+                total += self._trial_loss(micro).to(device, dtype)
+            return total
+
+        return closure
+
+
+class LineSearchTrainer(LineSearchTrainerMixin, Trainer):
+    """``transformers.Trainer`` driving ALSALS (or another alsals optimizer); see the module."""

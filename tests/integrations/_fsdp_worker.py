@@ -1,0 +1,94 @@
+"""Worker for test_fsdp: one rank of a 2-process FSDP2 (``fully_shard``) job on CPU/gloo.
+
+    python -m torch.distributed.run --nproc_per_node 2 _fsdp_worker.py OUT_DIR
+
+Trains the same sharded model with ``torch.optim.AdamW`` (the control: FSDP2 itself works
+here) and with each optimizer of ``OPTIMIZERS``, and saves per rank the full weights, the
+decisions, and the error an optimizer raised, if any. Each rank draws its own data.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from alsals import ALSALS, SLS
+
+STEPS = 4
+# the analytic slope sums over all shards: the part a sharded run must get right
+OPTIMIZERS = {
+    "ALSALS": lambda params: ALSALS(params, slope="analytic"),
+    "SLS": lambda params: SLS(params),
+}
+
+
+def build(mesh) -> nn.Module:
+    torch.manual_seed(0)  # same initial weights on every rank
+    # The last bias has one element: with 2 ranks, one of them holds an empty shard.
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def batch(rank: int, step: int):
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(32, 8, generator=gen)
+    return x, x[:, :3].sum(dim=1, keepdim=True)
+
+
+def full_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.full_tensor().detach().flatten() for p in model.parameters()])
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    results: dict = {"world": world}
+
+    model = build(mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    results["adamw"] = full_weights(model)
+
+    for name, make in OPTIMIZERS.items():
+        model = build(mesh)
+        results["sharded"] = [type(p).__name__ for p in model.parameters()]
+        optimizer = make(model.parameters())
+        decisions = []
+        try:
+            for step in range(STEPS):
+                x, y = batch(rank, step)
+
+                def closure(x=x, y=y, model=model):
+                    return nn.functional.mse_loss(model(x), y)
+
+                optimizer.step(closure)
+                info = optimizer.last_step
+                decisions.append((info.kind, info.trials, info.step_size))
+            results[name] = {"weights": full_weights(model), "decisions": decisions}
+        except Exception as error:  # noqa: BLE001 - recorded for the test to report
+            results[name] = {
+                "error": f"{type(error).__name__}: {error}".splitlines()[0],
+                "traceback": traceback.format_exc(),
+                "decisions": decisions,
+            }
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

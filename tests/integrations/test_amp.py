@@ -1,0 +1,217 @@
+"""Mixed precision: bf16 autocast inside the closure, fp16 with torch.amp.GradScaler (CPU)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from alsals import ALSALS, SLS, AdamSLS
+from alsals.integrations.amp import autocast_closure, step_with_scaler
+
+
+def make_problem(seed: int = 0, dropout: float = 0.1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 12, generator=gen)
+    y = (x[:, :4].sum(dim=1) > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 2))
+    return model, x, y
+
+
+def weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# ------------------------------------------------------------------------------ bf16
+
+
+def test_bf16_autocast_trains_and_decisions_see_float32_losses():
+    model, x, y = make_problem()
+    optimizer = ALSALS(model.parameters(), slope="analytic")
+    seen = []  # (grad enabled, dtype of the value returned to the optimizer, matmul dtype)
+
+    def loss_fn():
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)  # autocast runs it in float32
+        seen.append((torch.is_grad_enabled(), logits.dtype))
+        return loss
+
+    closure = autocast_closure(loss_fn, device_type="cpu", dtype=torch.bfloat16)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no low-precision warning for a float32 loss
+        for _ in range(12):
+            loss = optimizer.step(closure)
+            assert loss.dtype == torch.float32
+            # the decisions use this float32 value (as float64), not a bf16-rounded one
+            assert optimizer.last_step.loss == loss.item()
+            losses.append(loss.item())
+    assert all(dtype == torch.bfloat16 for _, dtype in seen), "the model must run in bf16"
+    assert any(not grad for grad, _ in seen), "trial evaluations must have run"
+    assert losses[-1] < 0.8 * losses[0]
+    kinds = {optimizer.last_step.kind}
+    assert kinds <= {"search", "failed"}
+
+
+def test_autocast_closure_keeps_the_backward_form():
+    model, x, y = make_problem(dropout=0.0)
+    optimizer = AdamSLS(model.parameters())
+    calls = []
+
+    def loss_fn(backward: bool):
+        calls.append(backward)
+        if backward:
+            optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if backward:
+            loss.backward()
+        return loss.detach()
+
+    optimizer.step(autocast_closure(loss_fn, "cpu", torch.bfloat16))
+    assert calls[0] is True and calls[1:] and not any(calls[1:])
+    assert optimizer.last_step.backwards == 1
+
+
+def test_a_bf16_loss_is_flagged():
+    model, x, y = make_problem()
+    optimizer = SLS(model.parameters())
+    target = nn.functional.one_hot(y, 2).to(torch.bfloat16)
+
+    def loss_fn():  # a hand-written reduction of bf16 tensors stays in bf16
+        return ((model(x) - target) ** 2).mean()
+
+    with pytest.warns(RuntimeWarning, match="bfloat16"):
+        optimizer.step(autocast_closure(loss_fn, "cpu", torch.bfloat16))
+
+
+# ----------------------------------------------------------------------- fp16 + scaler
+
+
+def fp16_loss(model, x, y):
+    def closure():
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.functional.cross_entropy(model(x), y)
+
+    return closure
+
+
+def grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=lambda c: c.__name__)
+def test_scaler_unscales_the_gradient_the_search_uses(cls):
+    """The search sees the unscaled gradient: it matches the gradient of a run without the
+    scaler (up to the fp16 underflow the scale avoids), where a forgotten unscale_ would be
+    256x off, and the search takes the same decision."""
+    runs = []
+    for use_scaler in (True, False):
+        model, x, y = make_problem(dropout=0.0)
+        optimizer = cls(model.parameters(), slope="analytic")
+        closure = fp16_loss(model, x, y)
+        if use_scaler:
+            step_with_scaler(optimizer, closure, torch.amp.GradScaler("cpu", init_scale=2.0**8))
+        else:
+            optimizer.step(closure)
+        assert optimizer.last_step.kind == "search"
+        runs.append((grads(model), optimizer.last_step))
+    (scaled, info_scaled), (plain, info_plain) = runs
+    torch.testing.assert_close(scaled, plain, rtol=1e-2, atol=1e-3 * plain.abs().max().item())
+    assert (info_scaled.trials, info_scaled.step_size) == (info_plain.trials, info_plain.step_size)
+
+
+def test_sls_through_the_scaler_follows_the_unscaled_trajectory():
+    results = []
+    for use_scaler in (True, False):
+        model, x, y = make_problem(dropout=0.0)
+        optimizer = SLS(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        closure = fp16_loss(model, x, y)
+        for _ in range(4):
+            if use_scaler:
+                step_with_scaler(optimizer, closure, scaler)
+            else:
+                optimizer.step(closure)
+        results.append(weights(model))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-3, atol=1e-5)
+
+
+def test_scaler_skips_overflow_steps_and_lowers_the_scale():
+    model, x, y = make_problem()
+    optimizer = ALSALS(model.parameters(), slope="analytic")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=3)
+    closure = fp16_loss(model, x, y)
+    kinds, scales, losses = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # overflow skips are silent
+        for _ in range(40):
+            before = weights(model)
+            scale = scaler.get_scale()
+            loss = step_with_scaler(optimizer, closure, scaler)
+            kinds.append(optimizer.last_step.kind)
+            scales.append((scale, scaler.get_scale()))
+            losses.append(loss.item())
+            if kinds[-1] == "nonfinite":
+                assert torch.equal(weights(model), before), "a skipped step changes nothing"
+                assert scaler.get_scale() == scale * 0.5  # backoff
+            else:
+                assert not torch.equal(weights(model), before)
+    assert kinds[0] == "nonfinite" and "search" in kinds
+    first_ok = kinds.index("search")
+    assert all(k == "nonfinite" for k in kinds[:first_ok])
+    # three clean steps in a row grow the scale again (growth_interval=3)
+    assert any(after == before * 2.0 for before, after in scales[first_ok:])
+    state = optimizer.state[next(iter(model.parameters()))]
+    assert state["line_search"]["skipped_nonfinite"] == kinds.count("nonfinite")
+    assert losses[-1] < losses[first_ok]
+
+
+def test_scaler_still_warns_about_a_nonfinite_loss():
+    model, x, y = make_problem()
+    optimizer = SLS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+    x = x.clone()
+    x[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        step_with_scaler(optimizer, fp16_loss(model, x, y), scaler)
+    assert optimizer.last_step.kind == "nonfinite"
+
+
+def test_scaler_with_a_closure_that_accumulates_micro_batches():
+    """closure(backward) form: scaler.scale(loss).backward() per micro-batch."""
+    results = []
+    for accumulate in (True, False):
+        model, x, y = make_problem(dropout=0.0)
+        optimizer = SLS(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        halves = [(x[:32], y[:32]), (x[32:], y[32:])]
+
+        def closure(backward, model=model, optimizer=optimizer, halves=halves, scaler=scaler):
+            if backward:
+                optimizer.zero_grad()
+            total = torch.zeros(())
+            for xb, yb in halves:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = nn.functional.cross_entropy(model(xb), yb) / len(halves)
+                if backward:
+                    scaler.scale(loss).backward()
+                total = total + loss.detach()
+            return total
+
+        for _ in range(3):
+            step_with_scaler(optimizer, closure if accumulate else fp16_loss(model, x, y), scaler)
+        results.append(weights(model))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-3, atol=1e-4)
+
+
+def test_step_with_scaler_rejects_other_optimizers():
+    model, x, y = make_problem()
+    with pytest.raises(TypeError, match="alsals line-search optimizer"):
+        step_with_scaler(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            fp16_loss(model, x, y),
+            torch.amp.GradScaler("cpu"),
+        )

@@ -1,0 +1,92 @@
+"""FSDP2 (``fully_shard``) on CPU with gloo, 2 processes.
+
+torch supports FSDP2 on CPU here: the control run (AdamW) trains a sharded model and the
+ranks agree. FSDP2 parameters, gradients and optimizer state are DTensors; the core works on
+their local shards (``to_local``), leaves empty shards out of the gradient check, and sums
+the analytic slope over shards. The line search on the sharded model must match one
+process training the unsharded model on the union of the ranks' batches.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).resolve().parent / "_fsdp_worker.py"
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out = tmp_path_factory.mktemp("fsdp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(WORKER), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def reference(name: str) -> tuple[torch.Tensor, list]:
+    """One process, unsharded, on the union of the ranks' batches (the mean of their losses)."""
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _fsdp_worker as worker
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = worker.OPTIMIZERS[name](model.parameters())
+    decisions = []
+    for step in range(worker.STEPS):
+        xs, ys = zip(*(worker.batch(r, step) for r in range(WORLD)), strict=True)
+        x, y = torch.cat(xs), torch.cat(ys)
+        optimizer.step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
+        info = optimizer.last_step
+        decisions.append((info.kind, info.trials, info.step_size))
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), decisions
+
+
+def test_fsdp2_itself_trains_on_cpu_with_gloo(ranks):
+    rank0, rank1 = ranks
+    assert rank0["world"] == WORLD
+    assert set(rank0["sharded"]) == {"DTensor"}, "fully_shard must have sharded every parameter"
+    assert torch.equal(rank0["adamw"], rank1["adamw"])
+
+
+@pytest.mark.parametrize("name", ["ALSALS", "SLS"])
+def test_line_search_on_fsdp2_matches_the_unsharded_run(ranks, name):
+    rank0, rank1 = (rank[name] for rank in ranks)
+    assert "error" not in rank0 and "error" not in rank1, (
+        rank0.get("error"),
+        rank1.get("error"),
+    )
+    assert rank0["decisions"] == rank1["decisions"]
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    weights, decisions = reference(name)
+    assert [d[:2] for d in rank0["decisions"]] == [d[:2] for d in decisions]
+    torch.testing.assert_close(rank0["weights"], weights, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,326 @@
+"""Hugging Face Trainer: fine-tune the pretrained MiniLM (offline) with LineSearchTrainer.
+
+The model is the real all-MiniLM-L6-v2 checkpoint, cut to its first 2 layers and with the
+word embeddings frozen to keep the test to seconds on a CPU (every trial moves all trained
+weights). Checks: a resumed run ends on exactly the weights of an uninterrupted one;
+trial evaluations reproduce the gradient evaluation's loss at the starting weights
+(same dropout masks, same gradient-accumulation scaling); gradient accumulation over 2
+micro-batches takes the steps one batch of twice the size takes; the logged
+``learning_rate`` is the step size.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from alsals import ALSALS, AdamSLS  # noqa: E402
+from alsals.integrations.hf import FollowStepSize, LineSearchTrainer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+POSITIVE = [
+    "a wonderful film", "I loved every minute of it", "great acting and a clever plot",
+    "truly delightful", "the best movie this year", "warm, funny and moving",
+    "an excellent cast", "beautifully shot and scored",
+]  # fmt: skip
+NEGATIVE = [
+    "a boring mess", "I hated every minute of it", "terrible acting and a silly plot",
+    "truly awful", "the worst movie this year", "cold, dull and slow",
+    "a wasted cast", "badly shot and scored",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    try:
+        from alsals.bench.data.offline import minilm_path
+
+        return minilm_path()
+    except (ImportError, FileNotFoundError) as error:
+        pytest.skip(
+            "the offline MiniLM checkpoint is not available "
+            f"(python -m alsals.bench.data.fetch --only minilm): {error}"
+        )
+
+
+@pytest.fixture(scope="module")
+def dataset(model_path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    texts = POSITIVE + NEGATIVE
+    labels = [1] * len(POSITIVE) + [0] * len(NEGATIVE)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=16)
+    return [
+        {
+            "input_ids": torch.tensor(enc["input_ids"][i]),
+            "attention_mask": torch.tensor(enc["attention_mask"][i]),
+            "labels": torch.tensor(labels[i]),
+        }
+        for i in range(len(texts))
+    ]
+
+
+def make_model(path, dropout: bool = True):
+    transformers.set_seed(0)  # the classification head is new: same init every time
+    extra = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, num_hidden_layers=2, **extra
+    )
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    return model
+
+
+def make_args(out, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+class Record(TrainerCallback):
+    """Per step: step size, and the closure's trial value at the starting weights."""
+
+    def __init__(self, check_replay: bool = False) -> None:
+        self.trainer = None
+        self.check_replay = check_replay
+        self.step_sizes: list[float] = []
+        self.replays: list[tuple[float, float]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.check_replay:
+            closure = self.trainer._line_search_closure()
+            with torch.no_grad():
+                trial = closure(backward=False).item()
+            self.replays.append((closure(backward=True).item(), trial))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.step_sizes.append(self.trainer.optimizer.param_groups[0]["lr"])
+
+
+def train(
+    model_path, dataset, out, *, dropout=True, mean_loss=False, check_replay=False, resume=None,
+    **args,
+):  # fmt: skip
+    model = make_model(model_path, dropout=dropout)
+    if mean_loss:
+        # BertForSequenceClassification takes **kwargs but its loss ignores
+        # num_items_in_batch, so by default the Trainer does not divide by the accumulation
+        # steps and the objective is their sum. The line search follows whichever objective
+        # the Trainer backpropagates (the other test covers that default); here it is the
+        # mean, so both runs minimise the same numbers.
+        model.accepts_loss_kwargs = False
+    record = Record(check_replay=check_replay)
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(out, **args),
+        train_dataset=dataset,
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3, "slope": "analytic"}),
+        callbacks=[record],
+    )
+    record.trainer = trainer
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, record
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(model_path, dataset, tmp_path):
+    straight, record = train(
+        model_path,
+        dataset,
+        tmp_path / "straight",
+        check_replay=True,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "scheduler.pt").exists()
+    assert isinstance(straight.lr_scheduler, FollowStepSize)
+    optimizer = straight.optimizer.optimizer  # inside accelerate's wrapper
+    assert isinstance(optimizer, ALSALS) and optimizer.last_step.kind == "search"
+    assert optimizer.state[optimizer.param_groups[0]["params"][0]]["line_search"]["step"] == 3
+
+    # each trial re-evaluates the window with its dropout masks and its 1/2 scaling: at the
+    # starting weights it reproduces the loss the gradients came from, to the last bit
+    assert len(record.replays) == 3
+    for window_loss, trial in record.replays:
+        assert trial == window_loss
+
+    # the logged learning_rate is the step size the line search ended each step with
+    logged = [h["learning_rate"] for h in straight.state.log_history if "learning_rate" in h]
+    assert logged == record.step_sizes and len(set(logged)) == 3
+
+    resumed, _ = train(model_path, dataset, tmp_path / "resumed", resume=str(checkpoint))
+    assert resumed.state.global_step == 3
+    final, again = weights(straight.model), weights(resumed.model)
+    assert final.keys() == again.keys()
+    for name in final:
+        assert torch.equal(final[name], again[name]), name
+    # the optimizer's state (moments and line-search state) continued from the checkpoint
+    ours, theirs = resumed.optimizer.optimizer.state_dict(), optimizer.state_dict()
+    assert ours["state"].keys() == theirs["state"].keys()
+    for index, entry in theirs["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(ours["state"][index][key], value), (index, key)
+            else:
+                assert ours["state"][index][key] == value, (index, key)
+
+
+def test_gradient_accumulation_matches_one_batch_of_twice_the_size(model_path, dataset, tmp_path):
+    runs = {}
+    for name, batch, accumulate in (("accumulated", 4, 2), ("whole", 8, 1)):
+        trainer, record = train(
+            model_path,
+            dataset,
+            tmp_path / name,
+            dropout=False,
+            mean_loss=True,
+            max_steps=2,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulate,
+        )
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert trainer.optimizer.optimizer.last_step.kind == "search"
+        runs[name] = (weights(trainer.model), record.step_sizes, losses)
+    (w_acc, steps_acc, loss_acc), (w_one, steps_one, loss_one) = runs.values()
+    # same decisions and losses; the weights agree to rounding (summing 2 x 4 examples or
+    # 8 differs in the last bits, which Adam's normalisation lifts for near-zero gradients;
+    # atol is 1 % of one step of size 1e-3)
+    assert steps_acc == pytest.approx(steps_one, rel=1e-6)
+    assert loss_acc == pytest.approx(loss_one, rel=1e-5)
+    for name in w_one:
+        torch.testing.assert_close(w_acc[name], w_one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_path):
+    model = make_model(model_path, dropout=False)
+    with pytest.raises(TypeError, match="alsals line-search optimizer"):
+        LineSearchTrainer(
+            model=model,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=dataset,
+        optimizers=(AdamSLS(trainable, lr=1e-3), None),
+    )
+    before = weights(model)
+    trainer.train()
+    assert trainer.optimizer.optimizer.last_step.kind == "search"
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):
+    """The fp16 path accelerate takes on CUDA: scaled backward, unscale before clipping,
+    scaler.step(optimizer) skipping steps whose gradients overflowed, scaler.update().
+    accelerate disables fp16 on CPU, so the test hands its accelerator a CPU GradScaler and
+    turns its native AMP on: everything else is the library's own code path. A small random
+    BERT is enough here (no checkpoint needed)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    transformers.set_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config)
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(0, 100, (8,), generator=gen), "labels": torch.tensor(i % 2)}
+        for i in range(64)
+    ]
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            info = trainer.optimizer.optimizer.last_step
+            skipped = trainer.accelerator.optimizer_step_was_skipped
+            seen.append((trainer.accelerator.scaler.get_scale(), skipped, info))
+
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=10, fp16=True),
+        train_dataset=data,
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-2, "slope": "analytic"}),
+        callbacks=[Watch()],
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
+    trainer.accelerator.native_amp = True  # fp16 autocast in the forward, unscale_ on clip
+    trainer.train()
+
+    scales = [scale for scale, _, _ in seen]
+    skipped = [was_skipped for _, was_skipped, _ in seen]
+    assert skipped[0] and not all(skipped), "overflow first, then steps"
+    for i in range(1, len(seen)):
+        if skipped[i]:
+            assert scales[i] == scales[i - 1] / 2  # backoff after an overflow
+            assert seen[i][2] is seen[i - 1][2]  # the optimizer did not run
+        else:
+            assert seen[i][2].kind == "search"
+    optimizer = trainer.optimizer.optimizer
+    search = optimizer.state[optimizer.param_groups[0]["params"][0]]["line_search"]
+    assert search["searches"] == skipped.count(False)
+    assert search["skipped_nonfinite"] == 0  # the scaler skipped those steps before us
+    # the line search saw unscaled gradients: a scaled (x 65536 and more) slope would have
+    # made every trial fail
+    assert search["failed_searches"] == 0 and 0 < search["slope_avg"] < 1e3
+
+
+@pytest.mark.distributed
+def test_trainer_under_torchrun_keeps_ranks_identical(tmp_path):
+    """Two processes: the Trainer wraps the model in DDP, the trials use the plain module,
+    the optimizer averages the losses it compares, and the ranks stay identical."""
+    worker = Path(__file__).resolve().parent / "_hf_ddp_worker.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port), str(worker), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert rank0["wrapped"] == "DistributedDataParallel"
+    assert not torch.equal(rank0["first_batch"], rank1["first_batch"]), "one shard per rank"
+    assert len(rank0["decisions"]) == 6 and rank0["decisions"] == rank1["decisions"]
+    assert all(kind == "search" for kind, *_ in rank0["decisions"])
+    assert any(trials > 1 for _, trials, *_ in rank0["decisions"]), "backtracking happened"
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    assert not torch.equal(rank0["weights"], rank0["initial"])

@@ -1,0 +1,185 @@
+"""Lightning: the manual-optimization pattern, LearningRateMonitor, resume, DDP (2 processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
+from lightning.pytorch.loggers.logger import Logger  # noqa: E402
+
+from alsals import ALSALS, AdamSLS  # noqa: E402
+from alsals.integrations.lightning import LineSearchCallback, line_search_step  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_train.py"
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(step, float(m[key])) for step, m in self.records if key in m]
+
+
+class Module(pl.LightningModule):
+    def __init__(self, optimizer_cls=ALSALS, dropout: float = 0.1, automatic: bool = False):
+        super().__init__()
+        self.automatic_optimization = automatic
+        self.optimizer_cls = optimizer_cls
+        self.net = nn.Sequential(
+            nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 2)
+        )
+        self.step_sizes: list[float] = []  # the step size after each optimizer step
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.automatic_optimization:
+            return nn.functional.cross_entropy(self.net(x), y)
+        loss = line_search_step(self, lambda: nn.functional.cross_entropy(self.net(x), y))
+        self.step_sizes.append(self.optimizers().param_groups[0]["lr"])
+        self.losses.append(loss.item())
+        self.log("train_loss", loss)
+
+    def configure_optimizers(self):
+        return self.optimizer_cls(self.parameters(), buffers=self.buffers(), slope="analytic")
+
+
+def data(n: int = 256, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=gen)
+    return TensorDataset(x, (x[:, :3].sum(dim=1) > 0).long())
+
+
+def trainer(tmp_path, max_epochs: int = 2, callbacks=(), **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=[LineSearchCallback(), *callbacks],
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def test_learning_rate_monitor_logs_the_line_search_step_size(tmp_path):
+    pl.seed_everything(0)
+    module = Module()
+    logger = MemoryLogger()
+    fit = trainer(
+        tmp_path,
+        callbacks=[LearningRateMonitor(logging_interval="step")],
+        logger=logger,
+        enable_checkpointing=False,
+    )
+    fit.fit(module, DataLoader(data(), batch_size=32, shuffle=True))
+
+    steps = len(module.step_sizes)
+    assert steps == fit.global_step == 2 * 256 // 32  # every step counted by Lightning
+    logged = logger.series("lr-ALSALS")
+    # the monitor logs at the start of each batch: the initial lr, then the step size the
+    # previous step ended with
+    assert [step for step, _ in logged] == list(range(steps))
+    assert [lr for _, lr in logged] == [0.1, *module.step_sizes[:-1]]
+    assert len(set(module.step_sizes)) > 3, "the step size must come from the search"
+    trials = logger.series("line_search/trials")
+    assert len(trials) == steps and trials[0][1] > 1  # the first search backtracked
+    assert module.losses[-1] < 0.5 * module.losses[0]
+
+
+def test_resume_from_a_lightning_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    def run(epochs: int, ckpt_path=None, root=tmp_path / "run"):
+        pl.seed_everything(0)
+        module = Module(optimizer_cls=AdamSLS, dropout=0.0)
+        fit = trainer(root, max_epochs=epochs, logger=False)
+        fit.fit(module, DataLoader(data(), batch_size=32), ckpt_path=ckpt_path)
+        return module, fit
+
+    straight, _ = run(2, root=tmp_path / "straight")
+    _, first = run(1, root=tmp_path / "first")
+    checkpoint = tmp_path / "epoch1.ckpt"
+    first.save_checkpoint(checkpoint)
+    resumed, fit = run(2, ckpt_path=checkpoint, root=tmp_path / "resumed")
+    assert fit.global_step == 16
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.buffers(), resumed.buffers(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.step_sizes == straight.step_sizes[8:]
+
+
+def test_automatic_optimization_is_refused_with_the_fix(tmp_path):
+    fit = trainer(tmp_path, logger=False, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="automatic_optimization = False"):
+        fit.fit(Module(automatic=True), DataLoader(data(), batch_size=32))
+
+
+def test_fp16_mixed_is_refused_with_the_fix(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # On CPU Lightning turns precision="16-mixed" into bf16; its fp16 plugin with a CPU
+    # GradScaler is the set-up a GPU run gets.
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    fit = trainer(tmp_path, logger=False, enable_checkpointing=False, plugins=[plugin])
+    assert fit.precision == "16-mixed"
+    with pytest.raises(RuntimeError, match="bf16-mixed"):
+        fit.fit(Module(), DataLoader(data(), batch_size=32))
+
+
+def test_bf16_mixed_trains(tmp_path):
+    pl.seed_everything(0)
+    module = Module()
+    fit = trainer(tmp_path, logger=False, enable_checkpointing=False, precision="bf16-mixed")
+    fit.fit(module, DataLoader(data(), batch_size=32, shuffle=True))
+    assert fit.global_step == 16 and len(module.losses) == 16
+    assert module.losses[-1] < 0.5 * module.losses[0]
+
+
+@pytest.mark.distributed
+def test_ddp_example_keeps_ranks_identical(tmp_path):
+    """Two processes (Lightning's ddp strategy on CPU): each rank its own shard, one weight."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, str(EXAMPLE), "--devices", "2", "--strategy", "ddp",
+        "--epochs", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    # 512 samples, 2 ranks, batch 32: 8 steps each
+    assert rank0["global_step"] == rank1["global_step"] == 8
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    lr = [line.split(",") for line in (tmp_path / "metrics.csv").read_text().splitlines()]
+    column = lr[0].index("lr-ALSALS")
+    logged = [float(row[column]) for row in lr[1:] if row[column]]
+    assert len(logged) == 8 and len(set(logged)) > 2
