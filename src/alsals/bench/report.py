@@ -165,18 +165,21 @@ def build_tables(runs: list[Run], notes: dict[str, str]) -> str:
     for run in runs:
         group[(run.task, run.optimizer)].append(run)
 
+    seeds_of = {t: len({r.seed for r in runs if r.task == t}) for t in tasks}
+
     def rows(key: str, only: set[str] | None = None) -> dict[str, dict[str, list[float]]]:
         return {
-            t: {c: [r.end.get(key) for r in group.get((t, c), [])] for c in columns}
+            f"{t} (n={seeds_of[t]})": {
+                c: [r.end.get(key) for r in group.get((t, c), [])] for c in columns
+            }
             for t in tasks
             if only is None or t in only
         }
 
     classification = {r.task for r in runs if "accuracy" in r.start.get("metrics", [])}
     language = {r.task for r in runs if "perplexity" in r.start.get("metrics", [])}
-    seeds = sorted({r.seed for r in runs})
     parts = [
-        f"Runs: {len(runs)} finished, seeds {seeds}; mean ± standard error over seeds.\n",
+        f"Runs: {len(runs)} finished; mean ± standard error over the n seeds of each task.\n",
     ]
     if classification:
         parts.append(
