@@ -41,6 +41,24 @@ class Run:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
+def consistent(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Keep, per task, the runs of the most common (steps, batch size); return (kept, dropped).
+
+    A task's budget may change between code versions; runs of different sizes must not be
+    averaged into one cell.
+    """
+    by_task: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_task[run.task].append(run)
+    kept, dropped = [], []
+    for task_runs in by_task.values():
+        sizes = [(r.start.get("steps"), r.start.get("batch_size")) for r in task_runs]
+        common = max(set(sizes), key=sizes.count)
+        for run, size in zip(task_runs, sizes, strict=True):
+            (kept if size == common else dropped).append(run)
+    return kept, dropped
+
+
 def load_runs(out: Path, budget: str) -> list[Run]:
     """Every finished run of ``budget`` under ``out`` (partial runs are not counted)."""
     runs = []
@@ -339,12 +357,18 @@ def build_figures(runs: list[Run], out_dir: Path) -> list[Path]:
 
 def write_report(out: Path, budget: str, destination: Path | None = None) -> Path:
     """Write ``report.md`` and one PNG per task; returns the markdown path."""
-    runs, notes = fold_tuned_adam(load_runs(out, budget))
+    runs, dropped = consistent(load_runs(out, budget))
+    runs, notes = fold_tuned_adam(runs)
     if not runs:
         raise FileNotFoundError(f"no finished runs of budget {budget!r} under {out}")
     destination = Path(destination or Path(out) / budget / "report")
     figures = build_figures(runs, destination)
     text = [f"# alsals benchmark report: budget `{budget}`", "", build_tables(runs, notes)]
+    if dropped:
+        names = ", ".join(f"{r.task}/{r.optimizer}/seed {r.seed}" for r in dropped)
+        text.append(
+            f"Left out (a different budget size than the other runs of the task): {names}\n"
+        )
     text += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     path = destination / "report.md"
     path.write_text("\n".join(text) + "\n")
