@@ -181,13 +181,15 @@ def _adam(lr: float | None) -> Callable[[nn.Module, Task, Budget], Stepper]:
 
 
 def _line_search(cls: type, **kwargs: Any) -> Callable[[nn.Module, Task, Budget], Stepper]:
+    """Where a task warms up (the paper's GPT-2 runs, Sec. IV-A: "a warm-starting period of
+    2000 steps for all algorithms"), the line search warms up to the task's peak learning
+    rate like Adam does, then takes over; elsewhere it starts from its own initial step."""
+
     def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
-        optimizer = cls(
-            model.parameters(),
-            buffers=model.buffers(),
-            warmup_steps=budget.warmup_steps,
-            **kwargs,
-        )
+        warm = {"warmup_steps": budget.warmup_steps}
+        if budget.warmup_steps:
+            warm["lr"] = task.adam_lr
+        optimizer = cls(model.parameters(), buffers=model.buffers(), **warm, **kwargs)
         return LineSearchStepper(optimizer)
 
     return build

@@ -34,6 +34,18 @@ Passes are counted by the closure wrapper (calls with and without backward); for
 optimizers they are checked against ``optimizer.last_step``. Our optimizers get the
 ``closure(backward)`` form so that the backward pass runs inside the closure and is timed as
 part of it, as it is for Adam and SaLSa.
+
+Every time is taken twice: wall clock (``time.perf_counter``) and the process's CPU time
+(``time.process_time``). On a machine shared with other jobs the CPU time is the steadier of
+the two (it does not count the time the process waits for a core); on CUDA only wall time
+means anything, and the closure synchronises the device on entry and exit. The CPU run uses
+one torch thread by default (``--threads``): two threads on two busy cores stall each other.
+Before the warm-up, the cost of the passes themselves is measured (a training forward and
+backward, and a forward under ``no_grad`` as the trials run it), which gives each
+configuration's lower bound from its pass counts alone.
+
+``--profile NAME,...`` prints a cProfile of those configurations' timed steps, sorted by own
+time: the evidence for where an optimizer spends its time.
 """
 
 from __future__ import annotations
@@ -220,14 +232,14 @@ MODELS: dict[str, Callable[[torch.Generator], Workload]] = {
     "cnn-tiny": lambda g: _cnn([4, 8], 8, 4, 3, g),
     "gpt2-tiny": lambda g: _gpt2(1, 2, 16, 64, 8, 2, 3, g),
 }
-# Default (timed steps, warm-up steps) per model: a full default run of the three CPU models
-# takes about 7 minutes on one core. Timed steps are a multiple of 10 so that a window holds
-# whole periods of the adaptive cadence (at most 10 steps).
-RUN_LENGTHS: dict[str, tuple[int, int]] = {
-    "mlp": (20, 60),
-    "cnn": (20, 40),
-    "gpt2": (10, 40),
-    "gpt2-124m": (20, 60),
+# Defaults per model: (timed steps per repeat, warm-up steps, repeats). A full default run of
+# the three CPU models takes about 10 minutes on one core of a busy 2-core machine. Timed steps
+# are a multiple of 10 so that every window holds whole periods of the adaptive cadence.
+RUN_LENGTHS: dict[str, tuple[int, int, int]] = {
+    "mlp": (10, 60, 10),
+    "cnn": (10, 40, 8),
+    "gpt2": (10, 30, 5),
+    "gpt2-124m": (10, 60, 7),
 }
 DEFAULT_MODELS = ("mlp", "cnn", "gpt2")
 
@@ -314,7 +326,10 @@ class Config:
     description: str
     build: Callable[[nn.Module], torch.optim.Optimizer]
     driver: type[Driver]
-    salsa: str | None = None  # the SaLSa configuration it is compared with
+    # The SaLSa configuration that does the same work: SaLSa's slope is analytic-style
+    # (g.g/sqrt(v), no probe pass), so only our analytic-slope ALSALS runs compare with it,
+    # every step with speed_up=False and adaptive with speed_up=True.
+    salsa: str | None = None
 
 
 def _ours(cls: type, **kwargs: Any) -> Callable[[nn.Module], torch.optim.Optimizer]:
@@ -345,14 +360,12 @@ CONFIGS: dict[str, Config] = {
             "AdamSLS (analytic slope, every step)",
             _ours(AdamSLS),
             LineSearchDriver,
-            "salsa-every",
         ),
         Config(
             "alsals",
             "ALSALS, paper defaults (finite-difference slope, every step)",
             _ours(ALSALS),
             LineSearchDriver,
-            "salsa-every",
         ),
         Config(
             "alsals-analytic",
@@ -366,7 +379,6 @@ CONFIGS: dict[str, Config] = {
             "ALSALS, finite-difference slope, adaptive cadence",
             _ours(ALSALS, search_interval="adaptive"),
             LineSearchDriver,
-            "salsa",
         ),
         Config(
             "alsals-fast",
@@ -400,21 +412,46 @@ MEMORY_TARGET = 1.0  # peak beyond Adam's, in parameter-sized buffers
 
 
 class LiveStorage(TorchDispatchMode):
-    """Bytes of tensor storages allocated by operators and still alive, and their peak.
+    """Bytes of tensor storages alive, and their peak: those allocated by operators while the
+    mode is active, plus those ``adopt``-ed (weights, optimizer state) until they are freed.
 
     Storages, not tensors, are tracked: a gradient is stored through a detached alias of the
-    backward's output, which outlives the output tensor itself.
+    backward's output, which outlives the output tensor itself. Adopting the state counts an
+    optimizer that replaces its state tensors each step (SaLSa) once, not twice.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.peak_op = ""  # the operator whose output set the peak
         self._alive: set[int] = set()
 
     def _free(self, ptr: int, nbytes: int) -> None:
         self._alive.discard(ptr)
         self.live -= nbytes
+
+    def _track(self, storage: torch.UntypedStorage) -> bool:
+        ptr = storage.data_ptr()
+        if ptr == 0 or ptr in self._alive:
+            return False
+        nbytes = storage.nbytes()
+        self._alive.add(ptr)
+        self.live += nbytes
+        weakref.finalize(storage, self._free, ptr, nbytes)
+        return True
+
+    def adopt(self, obj: Any) -> None:
+        """Count the tensors in ``obj`` (nested dicts, lists, tuples) as alive until freed."""
+        if isinstance(obj, Tensor):
+            self._track(obj.untyped_storage())
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                self.adopt(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                self.adopt(value)
+        self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
@@ -427,14 +464,11 @@ class LiveStorage(TorchDispatchMode):
             if not isinstance(t, Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr == 0 or ptr in inputs or ptr in self._alive:
+            if storage.data_ptr() in inputs or not self._track(storage):
                 continue
-            nbytes = storage.nbytes()
-            self._alive.add(ptr)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, ptr, nbytes)
+            if self.live > self.peak:
+                self.peak = self.live
+                self.peak_op = func._schema.name
         return out
 
 
@@ -474,6 +508,7 @@ class Measurement:
     backwards: float = 0.0
     peak_bytes: int = 0
     state_bytes: int = 0
+    peak_op: str = ""  # CPU: the operator at the peak
     cancellations: int = 0
 
     @property
@@ -493,6 +528,14 @@ class ModelResult:
     param_bytes: int
     buffer_bytes: int
     measurements: dict[str, Measurement]
+    # CPU seconds (device seconds on CUDA) of one pass, medians: "fwd_bwd" (a training
+    # forward and backward), "fwd" (its forward part), "trial" (a forward under no_grad).
+    pass_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def trial_share(self) -> float:
+        """A no-grad forward pass as a fraction of a training forward and backward."""
+        return self.pass_s["trial"] / self.pass_s["fwd_bwd"] if self.pass_s else math.nan
 
 
 @dataclass
@@ -609,7 +652,6 @@ class Bench:
     def memory(self, steps: int, out: dict[str, Measurement]) -> None:
         for config in self.configs:
             driver, start = self._restore(config)
-            persistent = state_bytes(driver.optimizer)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -617,13 +659,46 @@ class Bench:
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated(self.device)
             else:
-                fixed = sum(_tensor_bytes(t, set()) for t in (self.params, self.buffers))
                 tracker = LiveStorage()
+                tracker.adopt([self.params, self.buffers, dict(driver.optimizer.state)])
                 with tracker:
                     self._run(driver, start, steps)
-                peak = fixed + persistent + tracker.peak
+                peak = tracker.peak
+                out[config.name].peak_op = tracker.peak_op
             out[config.name].peak_bytes = peak
             out[config.name].state_bytes = state_bytes(driver.optimizer)
+
+    def pass_costs(self, repeats: int = 7) -> dict[str, float]:
+        """Median cost of the passes themselves, from the initial weights (CPU time on CPU,
+        synchronised wall time on CUDA)."""
+        self._load(*self.initial)
+        torch.manual_seed(self.seed)
+        cuda = self.device.type == "cuda"
+        clock = time.perf_counter if cuda else time.process_time
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        costs: dict[str, list[float]] = {"fwd_bwd": [], "fwd": [], "trial": []}
+        model, loss_fn = self.work.model, self.work.loss
+        for i in range(repeats + 1):
+            batch = self.work.batches[i % len(self.work.batches)]
+            sync()
+            t0 = clock()
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            sync()
+            t1 = clock()
+            loss.backward()
+            sync()
+            t2 = clock()
+            with torch.no_grad():
+                loss_fn(model, batch)
+            sync()
+            t3 = clock()
+            if i:  # the first round warms up
+                costs["fwd_bwd"].append(t2 - t0)
+                costs["fwd"].append(t1 - t0)
+                costs["trial"].append(t3 - t2)
+        self._load(*self.initial)
+        return {k: statistics.median(v) for k, v in costs.items()}
 
     def profile(self, name: str, steps: int, top: int = 30) -> str:
         config = CONFIGS[name]
@@ -658,6 +733,13 @@ def measure_model(
     work.batches = [tuple(t.to(device) for t in b) for b in work.batches]
     log(f"{name}: {work.description}; {work.num_params:,} parameters")
     bench = Bench(work, configs, device, seed=seed, log=log)
+    pass_s = bench.pass_costs()
+    fwd, bwd = pass_s["fwd"], pass_s["fwd_bwd"] - pass_s["fwd"]
+    log(
+        f"    passes: forward+backward {1e3 * pass_s['fwd_bwd']:.1f} ms, backward = "
+        f"{bwd / fwd:.2f} forwards, no-grad forward {1e3 * pass_s['trial']:.1f} ms "
+        f"= {pass_s['trial'] / pass_s['fwd_bwd']:.2f} of forward+backward"
+    )
     t0 = time.perf_counter()
     bench.warm_up(warmup)
     log(f"    warm-up ({warmup} steps each): {time.perf_counter() - t0:.0f} s")
@@ -676,6 +758,7 @@ def measure_model(
         param_bytes=work.param_bytes,
         buffer_bytes=sum(b.numel() * b.element_size() for b in work.model.buffers()),
         measurements=results,
+        pass_s=pass_s,
     )
 
 
@@ -714,9 +797,12 @@ def summarize(result: ModelResult) -> list[dict[str, Any]]:
                 "passes_x_adam": _ratio(_median(m.closure_s), adam_step),
                 # The floor: this configuration's passes plus Adam's own time.
                 "floor_x_adam": _ratio(_median(m.closure_s) + adam_own, adam_step),
+                "cpu_floor_x_adam": _ratio(_median(m.cpu_closure_s) + adam_cpu_own, adam_cpu),
                 "forwards": m.forwards,
                 "backwards": m.backwards,
                 "nominal": (m.forwards + 2 * m.backwards) / 3,
+                # The issue's limit with this model's measured pass costs.
+                "pass_limit": m.backwards + (m.forwards - m.backwards) * result.trial_share,
                 "own_ms": 1e3 * _median(m.own_s),
                 "own_x_adam": _ratio(_median(m.own_s), adam_own),
                 "cpu_own_x_adam": _ratio(_median(m.cpu_own_s), adam_cpu_own),
@@ -725,6 +811,7 @@ def summarize(result: ModelResult) -> list[dict[str, Any]]:
                 "extra_params": (m.peak_bytes - adam.peak_bytes) / result.param_bytes,
                 "state_mib": m.state_bytes / 2**20,
                 "state_params": m.state_bytes / result.param_bytes,
+                "peak_op": m.peak_op,
                 "salsa": counterpart or "",
                 "x_salsa": _ratio(step, _median(other.step_s)) if other else math.nan,
                 "cpu_x_salsa": _ratio(cpu, _median(other.cpu_step_s)) if other else math.nan,
@@ -738,50 +825,79 @@ def _fmt(x: float, spec: str = ".2f") -> str:
     return "–" if math.isnan(x) else format(x, spec)
 
 
+def _has_memory(result: ModelResult) -> bool:
+    return any(m.peak_bytes for m in result.measurements.values())
+
+
+def _pass_line(result: ModelResult) -> str:
+    p = result.pass_s
+    if not p:
+        return ""
+    return (
+        f" Passes: forward+backward {1e3 * p['fwd_bwd']:.1f} ms, a backward = "
+        f"{(p['fwd_bwd'] - p['fwd']) / p['fwd']:.2f} forwards, a no-grad (trial) forward = "
+        f"{result.trial_share:.2f} of a forward+backward (nominal: 0.33)."
+    )
+
+
 def markdown(results: Sequence[ModelResult]) -> str:
     """Per model: a time table and a memory table."""
-    lines = []
+    lines = [
+        "Time ratios read *wall time / CPU time* (the process's CPU time, which other jobs on a "
+        "shared machine do not inflate), medians over the repeats; (min–max) is the spread of "
+        "the wall-time ratio over repeats. *nominal*: the issue's pass count, a backward = 2 "
+        "forwards; *pass limit*: the same with this model's measured pass costs. *floor*: this "
+        "configuration's measured passes plus Adam's own time, as timed in the run. *own*: "
+        "step time minus the time inside the closure (for Adam: `optimizer.step()`). "
+        "P: the parameters' size.",
+        "",
+    ]
     for result in results:
         rows = summarize(result)
         lines += [
             f"### {result.model}",
             "",
             f"{result.description}; {result.params:,} parameters "
-            f"(P = {result.param_bytes / 2**20:.1f} MiB).",
+            f"(P = {result.param_bytes / 2**20:.1f} MiB).{_pass_line(result)}",
             "",
-            "| configuration | ms/step (min–max) | × Adam (min–max) | × Adam, CPU time "
-            "| fwd / bwd per step | nominal (F+2B)/3 | floor | own ms "
-            "| own × Adam `step()` (CPU) | × SaLSa (CPU) |",
+            "| configuration | ms/step (min–max) | **× Adam** (min–max) | fwd / bwd per step "
+            "| nominal (F+2B)/3 | pass limit | floor | own ms | own × Adam `step()` | × SaLSa |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             salsa = (
-                f"{_fmt(r['x_salsa'])} ({_fmt(r['cpu_x_salsa'])}) vs {r['salsa']}"
+                f"{_fmt(r['x_salsa'])} / {_fmt(r['cpu_x_salsa'])} ({r['salsa']})"
                 if r["salsa"]
                 else ""
             )
             lines.append(
                 f"| {r['config']} "
                 f"| {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) "
-                f"| **{_fmt(r['x_adam'])}** ({_fmt(r['x_adam_min'])}–{_fmt(r['x_adam_max'])}) "
-                f"| {_fmt(r['cpu_x_adam'])} "
+                f"| **{_fmt(r['x_adam'])}** / **{_fmt(r['cpu_x_adam'])}** "
+                f"({_fmt(r['x_adam_min'])}–{_fmt(r['x_adam_max'])}) "
                 f"| {r['forwards']:.2f} / {r['backwards']:.2f} "
                 f"| {r['nominal']:.2f} "
-                f"| {_fmt(r['floor_x_adam'])} "
+                f"| {_fmt(r['pass_limit'])} "
+                f"| {_fmt(r['floor_x_adam'])} / {_fmt(r['cpu_floor_x_adam'])} "
                 f"| {r['own_ms']:.2f} "
-                f"| {_fmt(r['own_x_adam'])} ({_fmt(r['cpu_own_x_adam'])}) "
+                f"| {_fmt(r['own_x_adam'])} / {_fmt(r['cpu_own_x_adam'])} "
                 f"| {salsa} |"
             )
+        if not _has_memory(result):
+            lines.append("")
+            continue
         lines += [
             "",
-            "| configuration | peak MiB | × Adam | beyond Adam (× P) | optimizer state MiB (× P) |",
-            "|---|---|---|---|---|",
+            "| configuration | peak MiB | × Adam | beyond Adam (× P) | optimizer state MiB (× P) "
+            "| peak reached in |",
+            "|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['config']} | {r['peak_mib']:.1f} | {_fmt(r['peak_x_adam'])} "
                 f"| {_fmt(r['extra_params'], '+.2f')} "
-                f"| {r['state_mib']:.1f} ({r['state_params']:.2f}) |"
+                f"| {r['state_mib']:.1f} ({r['state_params']:.2f}) "
+                f"| {r['peak_op'].replace('aten::', '') or '–'} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -810,7 +926,7 @@ def target_rows(result: ModelResult) -> list[dict[str, Any]]:
             r["cpu_own_x_adam"],
             OWN_TARGET,
         )
-    for name in ours:
+    for name in ours if _has_memory(result) else ():
         r = rows[name]
         add(
             f"{name}: peak ≤ Adam + {MEMORY_TARGET:g} P (× P beyond Adam)",
@@ -917,11 +1033,18 @@ def plot(results: Sequence[ModelResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: Sequence[ModelResult], out: Path, command: str, plot_chart: bool) -> str:
+def write(
+    results: Sequence[ModelResult],
+    out: Path,
+    command: str,
+    plot_chart: bool,
+    host: dict[str, Any] | None = None,
+) -> str:
+    """``speed.json`` (every measurement), ``speed.md`` (the tables) and ``speed.png``."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": command,
-        "machine": machine(),
+        "machine": host or machine(),
         "results": [
             {
                 **{k: v for k, v in asdict(r).items() if k != "measurements"},
@@ -951,6 +1074,30 @@ def write(results: Sequence[ModelResult], out: Path, command: str, plot_chart: b
     return text
 
 
+def load(path: Path) -> tuple[str, dict[str, Any], list[ModelResult]]:
+    """The command, machine and results of a ``speed.json``."""
+    payload = json.loads(path.read_text())
+    fields = {f for f in Measurement.__dataclass_fields__}
+    results = []
+    for r in payload["results"]:
+        measurements = {
+            k: Measurement(**{f: v for f, v in m.items() if f in fields})
+            for k, m in r["measurements"].items()
+        }
+        results.append(
+            ModelResult(
+                model=r["model"],
+                description=r["description"],
+                params=r["params"],
+                param_bytes=r["param_bytes"],
+                buffer_bytes=r["buffer_bytes"],
+                measurements=measurements,
+                pass_s=r.get("pass_s", {}),
+            )
+        )
+    return payload["command"], payload["machine"], results
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -964,7 +1111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int, default=None, help="timed steps per repeat (default: per model)"
     )
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repeats (default: per model)"
+    )
     p.add_argument(
         "--warmup",
         type=int,
@@ -985,6 +1134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/speed"), help="output folder")
     p.add_argument("--no-plot", action="store_true", help="skip the bar chart")
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rebuild speed.md and speed.png from OUT/speed.json",
+    )
+    p.add_argument(
         "--profile",
         default="",
         help="after measuring, cProfile these configurations' timed steps (comma-separated)",
@@ -995,6 +1149,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.report_only:
+        command, host, loaded = load(args.out / "speed.json")
+        print(write(loaded, args.out, command, not args.no_plot, host))
+        return 0
     models = [m for m in args.models.split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
     for m in models:
@@ -1015,7 +1173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if (
         (args.steps is not None and args.steps < 1)
-        or args.repeats < 1
+        or (args.repeats is not None and args.repeats < 1)
         or (args.warmup is not None and args.warmup < 0)
         or args.memory_steps < 0
     ):
@@ -1030,13 +1188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     start = time.perf_counter()
     for name in models:
-        steps, warmup = RUN_LENGTHS.get(name, (10, 10))
+        steps, warmup, repeats = RUN_LENGTHS.get(name, (10, 10, 3))
         results.append(
             measure_model(
                 name,
                 configs,
                 steps=steps if args.steps is None else args.steps,
-                repeats=args.repeats,
+                repeats=repeats if args.repeats is None else args.repeats,
                 warmup=warmup if args.warmup is None else args.warmup,
                 memory_steps=args.memory_steps,
                 device=device,

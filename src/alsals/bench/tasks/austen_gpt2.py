@@ -105,12 +105,13 @@ class AustenGPT2(Task):
             warmup_steps=1,
             options={"size": "tiny", "block_size": 16, "eval_windows": 4},
         ),
+        # Sized so that one ALSALS run takes about two minutes on 2 CPU cores.
         "quick": Budget(
-            steps=120,
+            steps=160,
             batch_size=16,
             eval_every=40,
-            warmup_steps=12,
-            options={"size": "mini", "block_size": 128, "eval_windows": 48},
+            warmup_steps=16,
+            options={"size": "mini", "block_size": 64, "eval_windows": 64},
         ),
         # A bigger model and context for GPU runs: 6 layers, width 384, context 256,
         # 10k steps of 32 windows (about 80 passes over the training text).

@@ -172,6 +172,7 @@ class BertGlue(SequenceClassificationTask):
         )
 
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
+        self._glue_root(budget)  # the data's whereabouts first: that check is local
         path = self.model_path(budget)
         try:  # fail early and clearly when the model is not where we were told
             from transformers import AutoConfig
@@ -185,7 +186,12 @@ class BertGlue(SequenceClassificationTask):
             ) from err
         return super().setup(seed, budget, device)
 
-    def load_data(self, budget: Budget) -> dict[str, Any]:
+    def data_key(self, budget: Budget) -> tuple:
+        return (self.glue_task, *self._glue_root(budget))
+
+    def _glue_root(self, budget: Budget) -> tuple[Path | None, str]:
+        """The task folder and source (``"tsv"``, or ``"hf"`` with the budget option
+        ``glue_source="hf"``: Hugging Face ``datasets``)."""
         if budget.options.get("glue_source") == "hf":
             root, source = None, "hf"
         else:
@@ -199,10 +205,13 @@ class BertGlue(SequenceClassificationTask):
                 if candidate.is_dir():
                     root = candidate
                     break
+        return root, source
+
+    def load_data(self, budget: Budget) -> dict[str, Any]:
+        root, source = self._glue_root(budget)
         train = load_glue(self.glue_task, root, "train", source=source)
         dev = load_glue(self.glue_task, root, "dev", source=source)
         return {
-            "key": (self.glue_task, str(root), source),
             "train_a": train["text_a"],
             "train_b": train["text_b"],
             "train_labels": train["labels"],
@@ -237,7 +246,13 @@ class ResNetCifar(Task):
             "batch 128, pad-crop-flip augmentation"
         )
         self.budgets = {
-            "smoke": Budget(steps=2, batch_size=4, eval_every=2, options={"eval_size": 4}),
+            # The ImageNet stem shrinks 32x32 inputs to 8x8 at once: a cheap ResNet-34.
+            "smoke": Budget(
+                steps=2,
+                batch_size=4,
+                eval_every=2,
+                options={"eval_size": 4, "stem": "imagenet"},
+            ),
             # Sec. IV-C: batch 128, 100 epochs (50000 // 128 = 390 steps each).
             "paper": Budget(steps=39_000, batch_size=128, eval_every=390),
         }

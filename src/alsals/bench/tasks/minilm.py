@@ -4,8 +4,9 @@
 (stand-ins for BERT on GLUE) and the full-scale BERT/GLUE tasks in ``fullscale.py``: it
 loads ``AutoModelForSequenceClassification`` with a fresh ``K``-way head on BERT's pooled
 [CLS] token (as the paper does), tokenizes the texts once per process (cached in memory),
-and trims every batch to its longest sequence (dynamic padding: the same numbers as
-padding to the maximum length, much less compute on short texts).
+and trims every batch to its longest sequence (dynamic padding: padding is masked, so the
+outputs are those of padding to the maximum length up to rounding, for much less compute
+on short texts).
 
 The offline tasks fine-tune the pretrained all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT,
 22.7M parameters) from ``minilm_path()``:
@@ -17,7 +18,6 @@ The offline tasks fine-tune the pretrained all-MiniLM-L6-v2 (a 6-layer, 384-wide
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,7 +29,7 @@ from alsals.bench.data.offline import load_bbc_news, load_fine_food, load_tweets
 from alsals.bench.tasks._util import eval_mode, fixed_subset
 from alsals.bench.tasks.base import Budget, Task, TaskRun, batch_stream, classification_metrics
 
-_ENCODED: dict[tuple, dict[str, Tensor]] = {}  # (model, dataset, split, max_length) -> ids
+_ENCODED: dict[tuple, tuple] = {}  # (model, data, max_length) -> encoded splits and labels
 _TOKENIZERS: dict[str, Any] = {}
 
 BERT_ADAM_GRID = (1e-5, 2e-5, 5e-5, 1e-4)
@@ -37,23 +37,29 @@ BERT_ADAM_GRID = (1e-5, 2e-5, 5e-5, 1e-4)
 
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (it lists the new head's weights) for a moment."""
+    """Silence transformers' load report (it lists the new head's weights) and its
+    progress bar for a moment."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bar:
+            logging.enable_progress_bar()
 
 
-def load_tokenizer(model_path: str):
+def load_tokenizer(model_path: str, local_files_only: bool = False):
     """``AutoTokenizer`` for ``model_path``, loaded once per process."""
     if model_path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        _TOKENIZERS[model_path] = AutoTokenizer.from_pretrained(model_path)
+        _TOKENIZERS[model_path] = AutoTokenizer.from_pretrained(
+            model_path, local_files_only=local_files_only
+        )
     return _TOKENIZERS[model_path]
 
 
@@ -105,10 +111,16 @@ class SequenceClassificationTask(Task):
     metrics = ("accuracy", "val_loss")
     num_labels: int
 
+    local_files_only = False  # True: never ask the Hugging Face hub (offline stand-ins)
+
     def load_data(self, budget: Budget) -> dict[str, Any]:
         """``train_a``, ``train_b`` (or None), ``train_labels``, ``test_a``, ``test_b``,
-        ``test_labels``, and a ``key`` naming the data for the tokenization cache."""
+        ``test_labels``."""
         raise NotImplementedError
+
+    def data_key(self, budget: Budget) -> tuple:
+        """What identifies the data ``load_data`` returns (for the tokenization cache)."""
+        return (self.name,)
 
     def model_path(self, budget: Budget) -> str:
         raise NotImplementedError
@@ -118,25 +130,27 @@ class SequenceClassificationTask(Task):
 
         with _quiet_transformers():
             return AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=self.num_labels
+                path, num_labels=self.num_labels, local_files_only=self.local_files_only
             )
 
     def encoded(
         self, budget: Budget
     ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
-        """Tokenized train and test sets (cached per process) with their labels."""
+        """Tokenized train and test sets with their labels, cached per process."""
         path, max_length = self.model_path(budget), budget.options.get("max_length", 128)
-        data = self.load_data(budget)
-        out = []
-        for split in ("train", "test"):
-            key = (path, data["key"], split, max_length)
-            if key not in _ENCODED:
-                tokenizer = load_tokenizer(path)
-                _ENCODED[key] = encode_texts(
-                    tokenizer, data[f"{split}_a"], data[f"{split}_b"], max_length
+        key = (path, self.data_key(budget), max_length)
+        if key not in _ENCODED:
+            data = self.load_data(budget)
+            tokenizer = load_tokenizer(path, self.local_files_only)
+            _ENCODED[key] = tuple(
+                item
+                for split in ("train", "test")
+                for item in (
+                    encode_texts(tokenizer, data[f"{split}_a"], data[f"{split}_b"], max_length),
+                    data[f"{split}_labels"],
                 )
-            out += [_ENCODED[key], data[f"{split}_labels"]]
-        return tuple(out)  # type: ignore[return-value]
+            )
+        return _ENCODED[key]
 
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         opts = budget.options
@@ -177,16 +191,15 @@ class MiniLMTask(SequenceClassificationTask):
     """Shared budgets and model of the offline MiniLM tasks; subclasses name the dataset."""
 
     requires = ("minilm",)
+    local_files_only = True  # the fetched folder; the hub is never asked (HF_HUB_OFFLINE)
     loader: Callable[[], dict[str, Any]]
 
     def model_path(self, budget: Budget) -> str:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never ask the hub
         return str(minilm_path())
 
     def load_data(self, budget: Budget) -> dict[str, Any]:
         data = type(self).loader()
         return {
-            "key": self.name,
             "train_a": data["train_texts"],
             "train_b": None,
             "train_labels": data["train_labels"],
@@ -196,30 +209,23 @@ class MiniLMTask(SequenceClassificationTask):
         }
 
 
-def _minilm_budgets(quick_steps: int, eval_every: int, eval_size: int) -> dict[str, Budget]:
+# Sized so that one ALSALS run takes about two minutes on 2 CPU cores (docs/tasks.md).
+QUICK = Budget(steps=40, batch_size=16, eval_every=20, options={"max_length": 64, "eval_size": 256})
+
+
+def minilm_budgets(n_train: int, quick: Budget) -> dict[str, Budget]:
+    """Smoke, the given quick budget, and the paper's GLUE protocol on the stand-in data:
+    batch 32, sequences up to 256 tokens, 5 epochs, evaluated after each epoch."""
+    epoch = n_train // 32
     return {
         "smoke": Budget(
             steps=3, batch_size=4, eval_every=3, options={"max_length": 16, "eval_size": 8}
         ),
-        "quick": Budget(
-            steps=quick_steps,
-            batch_size=32,
-            eval_every=eval_every,
-            options={"max_length": 64, "eval_size": eval_size},
+        "quick": quick,
+        "paper": Budget(
+            steps=5 * epoch, batch_size=32, eval_every=epoch, options={"max_length": 256}
         ),
-        # The paper's GLUE protocol (batch 32, sequences up to 256 tokens, 5 epochs) on
-        # the stand-in data; steps are 5 epochs of each training set.
-        "paper": Budget(steps=0, batch_size=32, eval_every=0, options={"max_length": 256}),
     }
-
-
-def _paper(budgets: dict[str, Budget], n_train: int) -> dict[str, Budget]:
-    epoch = n_train // 32
-    paper = budgets["paper"]
-    budgets["paper"] = Budget(
-        steps=5 * epoch, batch_size=32, eval_every=epoch, options=dict(paper.options)
-    )
-    return budgets
 
 
 class MiniLMFineFood(MiniLMTask):
@@ -231,7 +237,7 @@ class MiniLMFineFood(MiniLMTask):
     num_labels = 2
     requires = ("minilm", "fine-food")
     loader = staticmethod(load_fine_food)
-    budgets = _paper(_minilm_budgets(60, 20, 500), 4000)
+    budgets = minilm_budgets(4000, QUICK)
 
 
 class MiniLMBBC(MiniLMTask):
@@ -243,7 +249,7 @@ class MiniLMBBC(MiniLMTask):
     num_labels = 5
     requires = ("minilm", "bbc-news")
     loader = staticmethod(load_bbc_news)
-    budgets = _paper(_minilm_budgets(60, 20, None), 1781)
+    budgets = minilm_budgets(1781, QUICK)
 
 
 class MiniLMTweets(MiniLMTask):
@@ -255,4 +261,4 @@ class MiniLMTweets(MiniLMTask):
     num_labels = 3
     requires = ("minilm", "tweets")
     loader = staticmethod(load_tweets)
-    budgets = _paper(_minilm_budgets(60, 20, 1000), 16314)
+    budgets = minilm_budgets(16314, QUICK)
