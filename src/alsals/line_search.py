@@ -126,6 +126,18 @@ def _check_positive_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
 
 
+def _largest_magnitudes(grads: list[Tensor]) -> list[Tensor]:
+    """``max |g|`` of each tensor (NaN if it holds a NaN), as device scalars: no host sync.
+
+    On CPU the infinity-norm kernel behind ``torch._foreach_norm(..., inf)`` is not
+    vectorised and takes about 20 times as long as ``aminmax``, which also reads each tensor
+    once; on other devices the fused multi-tensor norm is the fastest.
+    """
+    if all(g.device.type == "cpu" for g in grads):
+        return [torch.stack(torch.aminmax(g)).abs().max() for g in grads]
+    return list(torch._foreach_norm(grads, math.inf))
+
+
 class LineSearchOptimizer(torch.optim.Optimizer):
     """Base class: an Armijo line search along a configurable direction.
 
@@ -355,7 +367,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         grads = [g for view in views for g in view.grads]
         device = loss.device
         nonempty = [g for g in grads if g.numel()]  # FSDP2: a rank may hold an empty shard
-        norms = torch._foreach_norm(nonempty, math.inf) if nonempty else []
+        norms = _largest_magnitudes(nonempty) if nonempty else []
         largest = torch.stack([n.to(device) for n in norms] or [loss.new_zeros(())]).max()
         loss0, grad_max = mean_to_host([loss, largest], self._process_group)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables and figures from finished runs")
     _add_run_arguments(report)
     sub.add_parser("landscape", help="loss along the search direction (Figs. 2-4)", add_help=False)
+    sub.add_parser("speed", help="step time and memory against Adam and SaLSa", add_help=False)
     return parser
 
 
@@ -98,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from alsals.bench.landscape import main as landscape_main
 
         return landscape_main(argv[1:])
+    if argv[:1] == ["speed"]:  # its own options: alsals bench speed -h
+        from alsals.bench.speed import main as speed_main
+
+        return speed_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "list":
         _list()

@@ -528,6 +528,7 @@ class ModelResult:
     param_bytes: int
     buffer_bytes: int
     measurements: dict[str, Measurement]
+    device: str = "cpu"
     # CPU seconds (device seconds on CUDA) of one pass, medians: "fwd_bwd" (a training
     # forward and backward), "fwd" (its forward part), "trial" (a forward under no_grad).
     pass_s: dict[str, float] = field(default_factory=dict)
@@ -758,6 +759,7 @@ def measure_model(
         param_bytes=work.param_bytes,
         buffer_bytes=sum(b.numel() * b.element_size() for b in work.model.buffers()),
         measurements=results,
+        device=device.type,
         pass_s=pass_s,
     )
 
@@ -794,7 +796,10 @@ def summarize(result: ModelResult) -> list[dict[str, Any]]:
                 "x_adam_min": _ratio(min(m.step_s), adam_step),
                 "x_adam_max": _ratio(max(m.step_s), adam_step),
                 "cpu_x_adam": _ratio(cpu, adam_cpu),
+                "cpu_x_adam_min": _ratio(min(m.cpu_step_s), adam_cpu),
+                "cpu_x_adam_max": _ratio(max(m.cpu_step_s), adam_cpu),
                 "passes_x_adam": _ratio(_median(m.closure_s), adam_step),
+                "cpu_passes_x_adam": _ratio(_median(m.cpu_closure_s), adam_cpu),
                 # The floor: this configuration's passes plus Adam's own time.
                 "floor_x_adam": _ratio(_median(m.closure_s) + adam_own, adam_step),
                 "cpu_floor_x_adam": _ratio(_median(m.cpu_closure_s) + adam_cpu_own, adam_cpu),
@@ -981,53 +986,55 @@ def machine() -> dict[str, Any]:
 
 
 def plot(results: Sequence[ModelResult], path: Path) -> None:
-    """Bar chart: step time as a multiple of Adam's, split into passes and optimizer time."""
+    """Bar chart: step time as a multiple of Adam's, split into passes and optimizer time; a
+    row for wall time and, for CPU runs, one for CPU time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    clocks = ["wall"] + (["cpu"] if all(r.device == "cpu" for r in results) else [])
     fig, axes = plt.subplots(
-        1, len(results), figsize=(4.2 * len(results), 4.2), sharey=True, squeeze=False
+        len(clocks),
+        len(results),
+        figsize=(4.2 * len(results), 3.6 * len(clocks)),
+        sharey=True,
+        squeeze=False,
     )
-    for ax, result in zip(axes[0], results, strict=True):
-        rows = summarize(result)
-        names = [r["config"] for r in rows]
-        passes = [r["passes_x_adam"] for r in rows]
-        own = [r["x_adam"] - r["passes_x_adam"] for r in rows]
-        lo = [r["x_adam"] - r["x_adam_min"] for r in rows]
-        hi = [r["x_adam_max"] - r["x_adam"] for r in rows]
-        y = range(len(rows))
-        ax.barh(y, passes, color="#8fb3d9", label="forward/backward passes")
-        ax.barh(y, own, left=passes, color="#d9822b", label="optimizer's own time")
-        ax.errorbar(
-            [r["x_adam"] for r in rows],
-            list(y),
-            xerr=[lo, hi],
-            fmt="none",
-            ecolor="black",
-            capsize=2,
-            lw=0.8,
-        )
-        ax.plot(
-            [r["floor_x_adam"] for r in rows],
-            list(y),
-            "k|",
-            ms=9,
-            label="floor: its passes + Adam's own time",
-        )
-        for name, limit in TIME_TARGETS.items():
-            if name in names:
-                i = names.index(name)
-                ax.plot([limit, limit], [i - 0.4, i + 0.4], color="green", lw=2)
-        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_yticks(list(y), names)
-        ax.invert_yaxis()
-        ax.set_title(result.model)
-        ax.set_xlabel("step time / Adam's")
-    axes[0][0].legend(loc="lower right", fontsize=7)
+    for row, clock in enumerate(clocks):
+        pre = "" if clock == "wall" else "cpu_"
+        for ax, result in zip(axes[row], results, strict=True):
+            rows = summarize(result)
+            names = [r["config"] for r in rows]
+            total = [r[f"{pre}x_adam"] for r in rows]
+            passes = [r[f"{pre}passes_x_adam"] for r in rows]
+            own = [t - p for t, p in zip(total, passes, strict=True)]
+            lo = [t - r[f"{pre}x_adam_min"] for t, r in zip(total, rows, strict=True)]
+            hi = [r[f"{pre}x_adam_max"] - t for t, r in zip(total, rows, strict=True)]
+            y = list(range(len(rows)))
+            ax.barh(y, passes, color="#8fb3d9", label="forward/backward passes")
+            ax.barh(y, own, left=passes, color="#d9822b", label="optimizer's own time")
+            ax.errorbar(total, y, xerr=[lo, hi], fmt="none", ecolor="black", capsize=2, lw=0.8)
+            ax.plot(
+                [r[f"{pre}floor_x_adam"] for r in rows],
+                y,
+                "k|",
+                ms=9,
+                label="floor: its passes + Adam's own time",
+            )
+            for name, limit in TIME_TARGETS.items():
+                if name in names:
+                    i = names.index(name)
+                    ax.plot([limit, limit], [i - 0.4, i + 0.4], color="green", lw=2)
+            ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_yticks(y, names)
+            ax.set_title(f"{result.model}: {'wall' if clock == 'wall' else 'CPU'} time")
+            ax.set_xlabel("step time / Adam's")
+    axes[0][0].invert_yaxis()  # shared by all panels: the first configuration on top
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("Step time relative to Adam (median of repeats, min–max bars; green: target)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1092,6 +1099,7 @@ def load(path: Path) -> tuple[str, dict[str, Any], list[ModelResult]]:
                 param_bytes=r["param_bytes"],
                 buffer_bytes=r["buffer_bytes"],
                 measurements=measurements,
+                device=r.get("device", "cpu"),
                 pass_s=r.get("pass_s", {}),
             )
         )
