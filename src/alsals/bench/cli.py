@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, help="names or groups")
     run.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,4")
     run.add_argument("--no-report", action="store_true", help="do not rebuild the report")
+    run.add_argument(
+        "--landscape-every",
+        type=int,
+        default=0,
+        help="log the loss along the search direction every k steps (line searches only)",
+    )
     report = sub.add_parser("report", help="tables and figures from finished runs")
     _add_run_arguments(report)
     sub.add_parser("landscape", help="loss along the search direction (Figs. 2-4)", add_help=False)
@@ -122,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = _tasks(getattr(args, "tasks", DEFAULT_TASKS))
         optimizers = _split(getattr(args, "optimizers", DEFAULT_OPTIMIZERS))
         seeds = _seeds(getattr(args, "seeds", "3"))
-        sweep(tasks, optimizers, seeds, args.budget, out, args.device, not args.no_progress)
+        every = getattr(args, "landscape_every", 0)
+        sweep(tasks, optimizers, seeds, args.budget, out, args.device, not args.no_progress, every)
         if getattr(args, "no_report", False):
             return 0
     path = write_report(out, args.budget)

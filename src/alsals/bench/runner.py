@@ -76,7 +76,11 @@ def _progress(total: int, description: str, enabled: bool):
 
 
 def run_one(
-    key: RunKey, out: Path, device: torch.device | str = "cpu", progress: bool = True
+    key: RunKey,
+    out: Path,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    landscape_every: int = 0,
 ) -> Path:
     """Train one run to completion (or divergence) and return its log path."""
     path = key.path(out)
@@ -84,11 +88,13 @@ def run_one(
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as log:  # a previous partial log of this run is discarded
-        _train(key, torch.device(device), log, progress)
+        _train(key, torch.device(device), log, progress, landscape_every)
     return path
 
 
-def _train(key: RunKey, device: torch.device, log: IO[str], progress: bool) -> None:
+def _train(
+    key: RunKey, device: torch.device, log: IO[str], progress: bool, landscape_every: int
+) -> None:
     task = get_task(key.task)
     budget = task.budget(key.budget)
     spec = get_optimizer(key.optimizer)
@@ -133,6 +139,8 @@ def _train(key: RunKey, device: torch.device, log: IO[str], progress: bool) -> N
         stepper.train()
         for step in range(1, budget.steps + 1):
             batch = run.next_batch()
+            if landscape_every and (step - 1) % landscape_every == 0:
+                _record_landscape(log, stepper, lambda batch=batch: run.loss(model, batch), step)
             start = time.perf_counter()
             value = float(stepper.step(lambda batch=batch: run.loss(model, batch)))
             _sync(device)
@@ -184,6 +192,17 @@ def _train(key: RunKey, device: torch.device, log: IO[str], progress: bool) -> N
     )
 
 
+def _record_landscape(log: IO[str], stepper: Any, closure: Any, step: int) -> None:
+    """A ``landscape`` record: the loss along the search direction before this step (the
+    paper's Figs. 2-4); only line-search optimizers have one. Not counted in train time."""
+    from alsals.diagnostics import scan_direction
+    from alsals.line_search import LineSearchOptimizer
+
+    if isinstance(stepper.optimizer, LineSearchOptimizer):
+        scan = scan_direction(stepper.optimizer, closure)
+        _append(log, {"type": "landscape", **scan.to_dict(), "step": step})
+
+
 def _summary(
     metrics: Iterable[str],
     evaluations: list[dict[str, float]],
@@ -214,6 +233,7 @@ def sweep(
     out: Path,
     device: str = "cpu",
     progress: bool = True,
+    landscape_every: int = 0,
 ) -> list[Path]:
     """Every (task, optimizer, seed): finished runs are skipped, partial ones repeated."""
     from alsals.bench.registry import expand
@@ -229,7 +249,7 @@ def sweep(
                 if progress:
                     state = "done, skipped" if finished else "running"
                     print(f"[{task_name} | {name} | seed {seed} | {budget}] {state}", flush=True)
-                paths.append(run_one(key, out, device, progress))
+                paths.append(run_one(key, out, device, progress, landscape_every))
     return paths
 
 
