@@ -22,9 +22,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alsals.directions import Direction
-from alsals.line_search import LineSearchOptimizer
+from alsals.line_search import GROUP_KEYS, SEARCH_KEYS, LineSearchOptimizer
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+def hyperparameters(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The ``defaults`` of an optimizer: its constructor's hyperparameter arguments."""
+    keys = ("lr", *SEARCH_KEYS, *GROUP_KEYS)
+    return {key: arguments[key] for key in keys if key in arguments}
 
 
 class SLS(LineSearchOptimizer):
@@ -79,67 +85,12 @@ class SLS(LineSearchOptimizer):
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            c=c,
-            smoothing=smoothing,
-            backtrack=backtrack,
-            growth_interval=growth_interval,
-            max_trials=max_trials,
-            slope=slope,
-            fd_step=fd_step,
-            warmup_steps=warmup_steps,
-            search_interval=search_interval,
-            weight_decay=weight_decay,
-            lr_scale=lr_scale,
+        super().__init__(
+            params, hyperparameters(locals()), buffers=buffers, process_group=process_group
         )
-        super().__init__(params, defaults, buffers=buffers, process_group=process_group)
 
 
-class _AdamLineSearch(LineSearchOptimizer):
-    """Shared constructor of the two Adam-based searches."""
-
-    def __init__(
-        self,
-        params: Params,
-        lr: float,
-        *,
-        c: float,
-        smoothing: float,
-        slope: str,
-        betas: tuple[float, float],
-        eps: float,
-        backtrack: float,
-        growth_interval: float,
-        max_trials: int,
-        fd_step: float,
-        warmup_steps: int,
-        search_interval: int | str,
-        weight_decay: float,
-        lr_scale: float,
-        buffers: Iterable[Tensor] | None,
-        process_group: dist.ProcessGroup | None,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            c=c,
-            smoothing=smoothing,
-            backtrack=backtrack,
-            growth_interval=growth_interval,
-            max_trials=max_trials,
-            slope=slope,
-            fd_step=fd_step,
-            warmup_steps=warmup_steps,
-            search_interval=search_interval,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            lr_scale=lr_scale,
-        )
-        super().__init__(params, defaults, buffers=buffers, process_group=process_group)
-
-
-class AdamSLS(_AdamLineSearch):
+class AdamSLS(LineSearchOptimizer):
     r"""Armijo line search with Adam's preconditioner (Vaswani et al. 2021; the paper's
     Sec. II-B).
 
@@ -177,27 +128,11 @@ class AdamSLS(_AdamLineSearch):
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(
-            params,
-            lr,
-            c=c,
-            smoothing=smoothing,
-            slope=slope,
-            betas=betas,
-            eps=eps,
-            backtrack=backtrack,
-            growth_interval=growth_interval,
-            max_trials=max_trials,
-            fd_step=fd_step,
-            warmup_steps=warmup_steps,
-            search_interval=search_interval,
-            weight_decay=weight_decay,
-            lr_scale=lr_scale,
-            buffers=buffers,
-            process_group=process_group,
+            params, hyperparameters(locals()), buffers=buffers, process_group=process_group
         )
 
 
-class ALSALS(_AdamLineSearch):
+class ALSALS(LineSearchOptimizer):
     r"""Automated Large Scale Adam Line Search (the paper's Sec. III).
 
     Searches and steps along Adam's momentum direction ``d = -m_hat / (sqrt(v_hat) + eps)``.
@@ -258,21 +193,5 @@ class ALSALS(_AdamLineSearch):
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(
-            params,
-            lr,
-            c=c,
-            smoothing=smoothing,
-            slope=slope,
-            betas=betas,
-            eps=eps,
-            backtrack=backtrack,
-            growth_interval=growth_interval,
-            max_trials=max_trials,
-            fd_step=fd_step,
-            warmup_steps=warmup_steps,
-            search_interval=search_interval,
-            weight_decay=weight_decay,
-            lr_scale=lr_scale,
-            buffers=buffers,
-            process_group=process_group,
+            params, hyperparameters(locals()), buffers=buffers, process_group=process_group
         )
