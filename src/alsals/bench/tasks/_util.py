@@ -61,3 +61,46 @@ def fixed_subset(n: int, size: int | None) -> Tensor | None:
     if size is None or size >= n:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size]
+
+
+def image_classification_run(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]],
+    batch_size: int,
+    seed: int,
+    augment_pad: int | None,
+    eval_batch: int,
+    device: torch.device,
+):
+    """The training stream, loss and evaluation shared by the image classification tasks.
+
+    ``data`` is (uint8 train images, train labels, normalised test images, test labels) on
+    ``device``; batches are shuffled with ``batch_stream(seed)`` and, when ``augment_pad`` is
+    set, padded, randomly cropped and flipped with a generator seeded ``seed + 1``.
+    """
+    from alsals.bench.tasks.base import TaskRun, batch_stream, classification_metrics
+
+    x_train, y_train, x_test, y_test = data
+    mean, std = normalisation
+    indices = batch_stream(len(y_train), batch_size, seed)
+    augment = torch.Generator().manual_seed(seed + 1) if augment_pad is not None else None
+
+    def next_batch():
+        idx = indices().to(device)
+        x = normalize_uint8(x_train[idx], mean, std)
+        if augment is not None:
+            x = crop_flip(x, augment, pad=augment_pad)
+        return x, y_train[idx]
+
+    def loss(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+
+    def evaluate(model):
+        with eval_mode(model):
+            return classification_metrics(
+                model, x_test, y_test, eval_batch, lambda m, x, s: m(x[s])
+            )
+
+    return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)

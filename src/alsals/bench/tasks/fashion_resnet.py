@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from alsals.bench.data.offline import load_fashion_mnist
 from alsals.bench.models.resnet import cifar_resnet
-from alsals.bench.tasks._util import crop_flip, eval_mode, fixed_subset, normalize_uint8
-from alsals.bench.tasks.base import Budget, Task, TaskRun, batch_stream, classification_metrics
+from alsals.bench.tasks._util import fixed_subset, image_classification_run, normalize_uint8
+from alsals.bench.tasks.base import Budget, Task, TaskRun
 
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
 
@@ -54,22 +53,13 @@ class FashionResNet(Task):
 
         torch.manual_seed(seed)
         model = cifar_resnet(opts.get("depth", 8), num_classes=10, in_channels=1).to(device)
-        indices = batch_stream(len(y_train), budget.batch_size, seed)
-        augment = torch.Generator().manual_seed(seed + 1) if opts.get("augment") else None
-
-        def next_batch():
-            idx = indices().to(device)
-            x = normalize_uint8(x_train[idx], FASHION_MEAN, FASHION_STD)
-            if augment is not None:
-                x = crop_flip(x, augment, pad=2)
-            return x, y_train[idx]
-
-        def loss(model, batch):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y)
-
-        def evaluate(model):
-            with eval_mode(model):
-                return classification_metrics(model, x_test, y_test, 1000, lambda m, x, s: m(x[s]))
-
-        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+        return image_classification_run(
+            model,
+            (x_train, y_train, x_test, y_test),
+            (FASHION_MEAN, FASHION_STD),
+            budget.batch_size,
+            seed,
+            2 if opts.get("augment") else None,
+            1000,
+            device,
+        )

@@ -39,9 +39,15 @@ from alsals.bench.data.fullscale import (
 )
 from alsals.bench.models.gpt2 import gpt2_lm
 from alsals.bench.models.resnet import resnet34, resnet50
-from alsals.bench.tasks._util import crop_flip, eval_mode, fixed_subset, normalize_uint8
+from alsals.bench.tasks._util import (
+    crop_flip,
+    eval_mode,
+    fixed_subset,
+    image_classification_run,
+    normalize_uint8,
+)
 from alsals.bench.tasks.austen_gpt2 import lm_loss, lm_metrics
-from alsals.bench.tasks.base import Budget, Task, TaskRun, batch_stream, classification_metrics
+from alsals.bench.tasks.base import Budget, Task, TaskRun, batch_stream
 from alsals.bench.tasks.minilm import BERT_ADAM_GRID, SequenceClassificationTask
 
 
@@ -275,25 +281,16 @@ class ResNetCifar(Task):
 
         torch.manual_seed(seed)
         model = resnet34(self.num_classes, stem=opts.get("stem", "cifar")).to(device)
-        indices = batch_stream(len(y_train), budget.batch_size, seed)
-        augment = torch.Generator().manual_seed(seed + 1) if opts.get("augment", True) else None
-
-        def next_batch():
-            idx = indices().to(device)
-            x = normalize_uint8(x_train[idx], mean, std)
-            if augment is not None:
-                x = crop_flip(x, augment, pad=4)
-            return x, y_train[idx]
-
-        def loss(model, batch):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y)
-
-        def evaluate(model):
-            with eval_mode(model):
-                return classification_metrics(model, x_test, y_test, 500, lambda m, x, s: m(x[s]))
-
-        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+        return image_classification_run(
+            model,
+            (x_train, y_train, x_test, y_test),
+            (mean, std),
+            budget.batch_size,
+            seed,
+            4 if opts.get("augment", True) else None,
+            500,
+            device,
+        )
 
 
 # --------------------------------------------------------------------------- ImageNet
