@@ -61,7 +61,11 @@ def test_sweep_skips_finished_runs_and_repeats_partial_ones(tmp_path):
 def test_registry_groups_and_names():
     task = get_task(TASK)
     assert expand(["paper"], task) == ["alsals", "adam-sls", "adam"]
-    assert expand(["adam-tuned"], task) == [f"adam@{lr:g}" for lr in task.adam_grid]
+    assert task.adam_lr in task.adam_grid
+    assert expand(["adam-tuned"], task) == [
+        "adam" if lr == task.adam_lr else f"adam@{lr:g}" for lr in task.adam_grid
+    ]
+    assert expand(["paper", "adam-tuned"], task).count("adam") == 1
     assert set(GROUPS["paper"]) <= set(REGISTRY)
     assert get_optimizer("adam@0.003").name == "adam@0.003"
     with pytest.raises(ValueError, match="unknown optimizer 'adamw'"):
@@ -167,6 +171,19 @@ def test_report_tables_mean_se_bold_best_log_average_and_tuned_adam(tmp_path):
     # log average of final losses: alsals exp(mean(log(0.1), log(1.0))) = 0.3162
     assert "| *log average* | 0.3162 | 0.06325 | – |" in text
     assert (tmp_path / "fake" / "report" / "t1.png").exists()
+
+
+def test_tuned_adam_counts_the_adam_run_as_its_grid_point_at_the_paper_lr(tmp_path):
+    # The fake runs log lr 1e-3, so ``adam`` is the grid point adam@0.001.
+    for seed in range(2):
+        _fake_run(tmp_path, "t1", "adam", seed, 0.90, 0.1)
+        _fake_run(tmp_path, "t1", "adam@0.01", seed, 0.85, 0.2)
+    _fake_run(tmp_path, "t1", "adam@0.001", 1, 0.95, 0.1)  # an explicit run wins its seed
+    runs, notes = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    assert notes == {"t1": "0.001"}
+    tuned = sorted((r.seed, r.end["peak_accuracy"]) for r in runs if r.optimizer == "adam-tuned")
+    assert tuned == [(0, 0.90), (1, 0.95)]
+    assert sum(r.optimizer == "adam" for r in runs) == 2  # still reported as the baseline
 
 
 def test_cli_list_and_default_run(tmp_path, capsys):

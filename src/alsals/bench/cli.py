@@ -95,7 +95,9 @@ def _list() -> None:
         mark = "" if spec.available() else f"  (needs: pip install {spec.package})"
         print(f"  {spec.name:<18} {spec.description}{mark}")
     print("  adam@LR            Adam with the paper's schedule at peak learning rate LR")
-    print("  adam-tuned         adam@LR for each LR of the task's grid; the report keeps the best")
+    print(
+        "  adam-tuned         adam@LR for each LR of the task's grid (adam at the paper's LR); best kept"
+    )
     print("groups: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in GROUPS.items()))
 
 

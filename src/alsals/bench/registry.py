@@ -12,7 +12,8 @@ Names:
 * ALSALS variants for the cost trade-off: ``alsals-analytic`` (slope ``-g.d``, no probe
   pass), ``alsals-adaptive`` (SaLSa's search cadence), ``alsals-fast`` (both);
 * ``adam@LR``: the baseline with another peak learning rate; ``adam-tuned`` expands to
-  ``adam@LR`` for every LR of the task's grid and the report keeps the best;
+  ``adam@LR`` for every LR of the task's grid (``adam`` itself at the paper's LR, which every
+  grid holds) and the report keeps the best;
 * peers from PyPI (extra ``peers``): ``prodigy``, ``dadapt-adam``, ``schedulefree``,
   ``dog``, ``salsa`` (the authors' follow-up), each with its documented defaults.
 """
@@ -300,7 +301,8 @@ def expand(names: list[str], task: Task) -> list[str]:
         if name in GROUPS:
             out += expand(list(GROUPS[name]), task)
         elif name == "adam-tuned":
-            out += [f"adam@{lr:g}" for lr in task.adam_grid]
+            # The grid point at the paper's peak LR is the ``adam`` run itself.
+            out += ["adam" if lr == task.adam_lr else f"adam@{lr:g}" for lr in task.adam_grid]
         else:
             out.append(name)
     return list(dict.fromkeys(out))

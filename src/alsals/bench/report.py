@@ -10,8 +10,9 @@
 * Figures: training loss and the validation metric over steps with standard-error bands
   (Figs. 5-7), and the step size over steps (Fig. 1).
 
-``adam@LR`` runs of one task are folded into one ``adam-tuned`` column: the learning rate
-whose mean primary metric (peak accuracy, else final training loss) is best, named in a note.
+``adam@LR`` runs of one task, and its ``adam`` runs as the grid point at the paper's peak LR,
+are folded into one ``adam-tuned`` column: the learning rate whose mean primary metric (peak
+accuracy, else final training loss) is best, named in a note.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def fold_tuned_adam(runs: list[Run]) -> tuple[list[Run], dict[str, str]]:
             by_task[run.task][run.optimizer].append(run)
         else:
             kept.append(run)
+    for run in kept:
+        # ``adam`` is the grid point at the paper's peak LR (its largest logged LR); it
+        # fills the seeds that an explicit ``adam@LR`` run of the same LR lacks.
+        if run.optimizer == "adam" and run.task in by_task and len(run.steps.get("lr", ())):
+            group = by_task[run.task][f"adam@{float(np.max(run.steps['lr'])):g}"]
+            if run.seed not in {r.seed for r in group}:
+                group.append(run)
     notes = {}
     for task, groups in by_task.items():
         scored = []
