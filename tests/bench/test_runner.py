@@ -161,8 +161,8 @@ def test_report_tables_mean_se_bold_best_log_average_and_tuned_adam(tmp_path):
         _fake_run(tmp_path, "t1", "adam@0.001", seed, 0.70, 0.01)
         _fake_run(tmp_path, "t2", "alsals", seed, 0.5, 1.0)
         _fake_run(tmp_path, "t2", "adam", seed, 0.6, 0.01)
-    runs, notes = fold_tuned_adam(load_runs(tmp_path, "fake"))
-    assert notes == {"t1": "0.01"}  # best peak accuracy of the grid
+    runs, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    assert {t: g.best for t, g in grids.items()} == {"t1": 0.01}  # best peak accuracy
     text = write_report(tmp_path, "fake").read_text()
     assert "| task | alsals | adam | adam-tuned |" in text
     assert "| t1 (n=2) | 0.91 ± 0.01 | 0.82 ± 0.02 | **0.95 ± 0** |" in text
@@ -170,6 +170,9 @@ def test_report_tables_mean_se_bold_best_log_average_and_tuned_adam(tmp_path):
     assert "| *average* | 0.705 | 0.71 | – |" in text
     # log average of final losses: alsals exp(mean(log(0.1), log(1.0))) = 0.3162
     assert "| *log average* | 0.3162 | 0.06325 | – |" in text
+    assert "Runs: 12 finished" in text  # the grid's runs count, though one column shows them
+    assert "- t1 (peak accuracy) (best at the edge of the grid): " in text
+    assert "0.001: 0.7 ± 0, **0.01: 0.95 ± 0**" in text
     assert (tmp_path / "fake" / "report" / "t1.png").exists()
 
 
@@ -179,11 +182,31 @@ def test_tuned_adam_counts_the_adam_run_as_its_grid_point_at_the_paper_lr(tmp_pa
         _fake_run(tmp_path, "t1", "adam", seed, 0.90, 0.1)
         _fake_run(tmp_path, "t1", "adam@0.01", seed, 0.85, 0.2)
     _fake_run(tmp_path, "t1", "adam@0.001", 1, 0.95, 0.1)  # an explicit run wins its seed
-    runs, notes = fold_tuned_adam(load_runs(tmp_path, "fake"))
-    assert notes == {"t1": "0.001"}
+    runs, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    assert grids["t1"].best == 0.001 and grids["t1"].values == {
+        0.001: [0.90, 0.95],
+        0.01: [0.85] * 2,
+    }
     tuned = sorted((r.seed, r.end["peak_accuracy"]) for r in runs if r.optimizer == "adam-tuned")
     assert tuned == [(0, 0.90), (1, 0.95)]
     assert sum(r.optimizer == "adam" for r in runs) == 2  # still reported as the baseline
+
+
+def test_tuned_adam_never_picks_a_rate_that_diverged_and_breaks_ties_by_loss(tmp_path):
+    for seed in range(2):
+        # The highest accuracy, but one seed diverged: disqualified.
+        _fake_run(tmp_path, "t1", "adam@0.1", seed, 0.99, 0.01)
+        # Equal accuracy; the lower final training loss wins the tie.
+        _fake_run(tmp_path, "t1", "adam@0.01", seed, 0.90, 0.2)
+        _fake_run(tmp_path, "t1", "adam@0.001", seed, 0.90, 0.3)
+    path = RunKey("t1", "adam@0.1", 1, "fake").path(tmp_path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[-1].update(status="diverged", final_train_loss=None)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    grid = grids["t1"]
+    assert grid.best == 0.01 and not grid.at_edge
+    assert "0.1: diverged in 1 of 2 seeds" in grid.describe("t1")
 
 
 def test_cli_list_and_default_run(tmp_path, capsys):

@@ -82,7 +82,10 @@ def test_registry():
     for name, task in TASKS.items():
         assert task.name == name and get_task(name) is task
         assert task.domain in ("nlp", "image")
-        assert task.adam_lr in task.adam_grid and 3 <= len(task.adam_grid) <= 4
+        # A small, sorted grid that brackets the paper's rate on both sides.
+        grid = task.adam_grid
+        assert list(grid) == sorted(set(grid)) and 3 <= len(grid) <= 6
+        assert task.adam_lr in grid and grid[0] < task.adam_lr < grid[-1]
         assert "smoke" in task.budgets and "paper" in task.budgets
         if task.offline:
             assert "quick" in task.budgets

@@ -12,7 +12,8 @@
 
 ``adam@LR`` runs of one task, and its ``adam`` runs as the grid point at the paper's peak LR,
 are folded into one ``adam-tuned`` column: the learning rate whose mean primary metric (peak
-accuracy, else final training loss) is best, named in a note.
+accuracy, else final training loss) is best. The whole grid is listed, and a best rate at
+the grid's edge is flagged.
 """
 
 from __future__ import annotations
@@ -96,45 +97,95 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return float(np.mean(finite)), float(np.std(finite, ddof=1) / math.sqrt(len(finite)))
 
 
-def _primary(runs: list[Run]) -> tuple[float, bool]:
-    """(value, higher_is_better) of a group of runs: peak accuracy, else final train loss."""
+def _primary(runs: list[Run]) -> tuple[str, bool]:
+    """(end-record key, higher_is_better) that ranks a group of runs: peak accuracy, else
+    final training loss."""
     if any("peak_accuracy" in r.end for r in runs):
-        return _mean_se([r.end.get("peak_accuracy") for r in runs])[0], True
-    return _mean_se([r.end.get("final_train_loss") for r in runs])[0], False
+        return "peak_accuracy", True
+    return "final_train_loss", False
 
 
-def fold_tuned_adam(runs: list[Run]) -> tuple[list[Run], dict[str, str]]:
-    """Replace each task's ``adam@LR`` runs by those of its best LR, renamed ``adam-tuned``."""
-    by_task: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+@dataclass
+class TunedGrid:
+    """One task's ``adam-tuned`` grid: the primary metric per seed at each learning rate."""
+
+    metric: str
+    higher_is_better: bool
+    values: dict[float, list[float]]
+    best: float
+
+    @property
+    def at_edge(self) -> bool:
+        """The best rate is the smallest or largest tried: the grid should be widened."""
+        return len(self.values) > 1 and self.best in (min(self.values), max(self.values))
+
+    def describe(self, task: str) -> str:
+        cells = []
+        for lr in sorted(self.values):
+            values = self.values[lr]
+            finite = [v for v in values if math.isfinite(v)]
+            if len(finite) < len(values):
+                text = f"{lr:g}: diverged in {len(values) - len(finite)} of {len(values)} seeds"
+            else:
+                m, se = _mean_se(finite)
+                text = f"{lr:g}: {m:.4g}" + (f" ± {se:.2g}" if math.isfinite(se) else "")
+            cells.append(f"**{text}**" if lr == self.best else text)
+        edge = " (best at the edge of the grid)" if self.at_edge else ""
+        label = {"peak_accuracy": "peak accuracy", "final_train_loss": "final training loss"}
+        return f"- {task} ({label[self.metric]}){edge}: " + ", ".join(cells)
+
+
+def fold_tuned_adam(runs: list[Run]) -> tuple[list[Run], dict[str, TunedGrid]]:
+    """Replace each task's ``adam@LR`` runs by those of its best LR, renamed ``adam-tuned``.
+
+    The best LR has the best mean primary metric (ties: the lower final training loss); a
+    rate where any seed diverged only wins if every rate did.
+    """
+    by_task: dict[str, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
     kept = []
     for run in runs:
         if run.optimizer.startswith("adam@"):
-            by_task[run.task][run.optimizer].append(run)
+            by_task[run.task][float(run.optimizer.split("@", 1)[1])].append(run)
         else:
             kept.append(run)
     for run in kept:
         # ``adam`` is the grid point at the paper's peak LR (its largest logged LR); it
         # fills the seeds that an explicit ``adam@LR`` run of the same LR lacks.
         if run.optimizer == "adam" and run.task in by_task and len(run.steps.get("lr", ())):
-            group = by_task[run.task][f"adam@{float(np.max(run.steps['lr'])):g}"]
+            group = by_task[run.task][float(f"{np.max(run.steps['lr']):g}")]
             if run.seed not in {r.seed for r in group}:
                 group.append(run)
-    notes = {}
+    grids = {}
     for task, groups in by_task.items():
-        scored = []
-        for name, group in groups.items():
-            value, higher = _primary(group)
-            if math.isfinite(value):
-                scored.append((value if higher else -value, name))
-        if not scored:
-            continue
-        _, best = max(scored)
-        notes[task] = best.split("@", 1)[1]
+        key, higher = _primary([r for group in groups.values() for r in group])
+        values = {
+            lr: [
+                _finite(r.end.get(key)) if r.end.get("status") == "ok" else math.nan
+                for r in sorted(group, key=lambda r: r.seed)
+            ]
+            for lr, group in groups.items()
+        }
+
+        best = max(values, key=lambda lr: _grid_score(values[lr], groups[lr], higher))
+        grids[task] = TunedGrid(key, higher, values, best)
         for run in groups[best]:
             kept.append(
                 Run(run.task, "adam-tuned", run.seed, run.start, run.end, run.steps, run.evals)
             )
-    return kept, notes
+    return kept, grids
+
+
+def _grid_score(values: list[float], runs: list[Run], higher: bool) -> tuple[bool, float, float]:
+    """Rank of one grid point: no seed diverged, then the primary metric, then the loss."""
+    if not all(math.isfinite(v) for v in values):
+        return False, -math.inf, -math.inf
+    primary = float(np.mean(values))
+    loss = _mean_se([r.end.get("final_train_loss") for r in runs])[0]
+    return True, primary if higher else -primary, -loss if math.isfinite(loss) else -math.inf
+
+
+def _finite(value: Any) -> float:
+    return float(value) if value is not None and math.isfinite(value) else math.nan
 
 
 def _optimizer_order(names: set[str]) -> list[str]:
@@ -184,7 +235,7 @@ def _table(
     return "\n".join(lines) + "\n"
 
 
-def build_tables(runs: list[Run], notes: dict[str, str]) -> str:
+def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) -> str:
     columns = _optimizer_order({r.optimizer for r in runs})
     tasks = sorted({r.task for r in runs})
     group: dict[tuple[str, str], list[Run]] = defaultdict(list)
@@ -205,7 +256,7 @@ def build_tables(runs: list[Run], notes: dict[str, str]) -> str:
     classification = {r.task for r in runs if "accuracy" in r.start.get("metrics", [])}
     language = {r.task for r in runs if "perplexity" in r.start.get("metrics", [])}
     parts = [
-        f"Runs: {len(runs)} finished; mean ± standard error over the n seeds of each task.\n",
+        f"Runs: {finished} finished; mean ± standard error over the n seeds of each task.\n",
     ]
     if classification:
         parts.append(
@@ -250,9 +301,14 @@ def build_tables(runs: list[Run], notes: dict[str, str]) -> str:
             )
         )
     parts.append(_cost_table(group, tasks, columns))
-    if notes:
-        chosen = ", ".join(f"{t}: {lr}" for t, lr in sorted(notes.items()))
-        parts.append(f"adam-tuned: best peak learning rate of the grid per task ({chosen}).\n")
+    if grids:
+        parts.append(
+            "### adam-tuned: the learning-rate grid\n\n"
+            "Mean ± standard error over seeds of the metric that picks the best peak learning "
+            "rate (bold); `adam` is the grid point at the paper's rate.\n\n"
+            + "\n".join(grids[t].describe(t) for t in sorted(grids))
+            + "\n"
+        )
     diverged = [
         f"{r.task}/{r.optimizer}/seed {r.seed}" for r in runs if r.end.get("status") != "ok"
     ]
@@ -366,12 +422,17 @@ def build_figures(runs: list[Run], out_dir: Path) -> list[Path]:
 def write_report(out: Path, budget: str, destination: Path | None = None) -> Path:
     """Write ``report.md`` and one PNG per task; returns the markdown path."""
     runs, dropped = consistent(load_runs(out, budget))
-    runs, notes = fold_tuned_adam(runs)
+    finished = len(runs)
+    runs, grids = fold_tuned_adam(runs)
     if not runs:
         raise FileNotFoundError(f"no finished runs of budget {budget!r} under {out}")
     destination = Path(destination or Path(out) / budget / "report")
     figures = build_figures(runs, destination)
-    text = [f"# alsals benchmark report: budget `{budget}`", "", build_tables(runs, notes)]
+    text = [
+        f"# alsals benchmark report: budget `{budget}`",
+        "",
+        build_tables(runs, grids, finished),
+    ]
     if dropped:
         names = ", ".join(f"{r.task}/{r.optimizer}/seed {r.seed}" for r in dropped)
         text.append(

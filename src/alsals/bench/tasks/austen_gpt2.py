@@ -94,7 +94,7 @@ class AustenGPT2(Task):
     )
     domain = "nlp"
     adam_lr = 6e-4
-    adam_grid = (2e-4, 6e-4, 2e-3, 6e-3)
+    adam_grid = (2e-4, 6e-4, 2e-3, 6e-3, 2e-2)
     metrics = ("val_loss", "perplexity")
     requires = ("austen", "gpt2-bpe")
     budgets = {

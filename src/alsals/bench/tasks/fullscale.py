@@ -48,7 +48,7 @@ from alsals.bench.tasks._util import (
 )
 from alsals.bench.tasks.austen_gpt2 import lm_loss, lm_metrics
 from alsals.bench.tasks.base import Budget, Task, TaskRun, batch_stream
-from alsals.bench.tasks.minilm import BERT_ADAM_GRID, SequenceClassificationTask
+from alsals.bench.tasks.minilm import SequenceClassificationTask
 
 
 class DataLocationError(FileNotFoundError):
@@ -153,7 +153,7 @@ class BertGlue(SequenceClassificationTask):
     """BERT-base fine-tuned on a GLUE task: [CLS] pooling, sequences up to 256, batch 32."""
 
     offline = False
-    adam_grid = BERT_ADAM_GRID
+    adam_grid = (1e-5, 2e-5, 5e-5, 1e-4)
 
     def __init__(self, glue_task: str) -> None:
         folder, n_train, num_labels = _GLUE[glue_task]

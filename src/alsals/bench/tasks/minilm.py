@@ -32,8 +32,6 @@ from alsals.bench.tasks.base import Budget, Task, TaskRun, batch_stream, classif
 _ENCODED: dict[tuple, tuple] = {}  # (model, data, max_length) -> encoded splits and labels
 _TOKENIZERS: dict[str, Any] = {}
 
-BERT_ADAM_GRID = (1e-5, 2e-5, 5e-5, 1e-4)
-
 
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
@@ -107,7 +105,7 @@ class SequenceClassificationTask(Task):
 
     domain = "nlp"
     adam_lr = 2e-5
-    adam_grid = BERT_ADAM_GRID
+    adam_grid = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4)  # small model, few steps: wide
     metrics = ("accuracy", "val_loss")
     num_labels: int
 
