@@ -84,7 +84,7 @@ def test_registry():
         assert task.domain in ("nlp", "image")
         # A small, sorted grid that brackets the paper's rate on both sides.
         grid = task.adam_grid
-        assert list(grid) == sorted(set(grid)) and 3 <= len(grid) <= 6
+        assert list(grid) == sorted(set(grid)) and 3 <= len(grid) <= 7
         assert task.adam_lr in grid and grid[0] < task.adam_lr < grid[-1]
         assert "smoke" in task.budgets and "paper" in task.budgets
         if task.offline:

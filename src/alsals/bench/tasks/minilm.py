@@ -105,7 +105,7 @@ class SequenceClassificationTask(Task):
 
     domain = "nlp"
     adam_lr = 2e-5
-    adam_grid = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4)  # small model, few steps: wide
+    adam_grid = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3)  # small model, few steps: wide
     metrics = ("accuracy", "val_loss")
     num_labels: int
 
