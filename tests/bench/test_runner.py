@@ -95,6 +95,20 @@ def test_every_registered_optimizer_takes_a_step(name):
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
 
 
+def test_dog_logs_the_step_size_it_took_not_its_multiplier():
+    spec = REGISTRY["dog"]
+    if not spec.available():
+        pytest.skip(f"needs {spec.package}")
+    task = get_task(TASK)
+    budget = task.budget("smoke")
+    run = task.setup(0, budget, torch.device("cpu"))
+    stepper = spec.build(run.model, task, budget)
+    batch = run.next_batch()
+    stepper.step(lambda: run.loss(run.model, batch))
+    eta = float(stepper.optimizer.param_groups[0]["eta"][0])
+    assert stepper.lr == eta and stepper.lr != stepper.optimizer.param_groups[0]["lr"]
+
+
 def test_paper_adam_schedule_is_cosine_with_ten_percent_warmup_for_nlp():
     class Nlp:
         domain = "nlp"

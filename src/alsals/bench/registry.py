@@ -106,6 +106,15 @@ class ScheduleFreeStepper(Stepper):
         self.optimizer.eval()
 
 
+class DoGStepper(Stepper):
+    """DoG's ``lr`` is a multiplier (1 by default); the step size it took is ``eta``."""
+
+    @property
+    def lr(self) -> float:
+        eta = self.optimizer.param_groups[0].get("eta")
+        return float(eta[0]) if eta else math.nan
+
+
 class SalsaStepper(Stepper):
     """SaLSa's closure protocol: ``closure(backwards=...)`` runs backward when asked."""
 
@@ -266,7 +275,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _peer(_schedulefree, ScheduleFreeStepper),
             "schedulefree",
         ),
-        OptimizerSpec("dog", "DoG (defaults)", _peer(_dog), "dog-optimizer"),
+        OptimizerSpec("dog", "DoG (defaults)", _peer(_dog, DoGStepper), "dog-optimizer"),
         OptimizerSpec(
             "salsa", "SaLSa, the authors' follow-up", _peer(_salsa, SalsaStepper), "salsa-optimizer"
         ),
