@@ -74,15 +74,20 @@ def test_registry_groups_and_names():
         get_optimizer("adam@fast")
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_registered_optimizer_takes_a_step(name):
+def _stepper_on_smoke_task(name):
+    """(task run, stepper) of a registered optimizer on the smoke budget; skips a missing peer."""
     spec = REGISTRY[name]
     if not spec.available():
         pytest.skip(f"needs {spec.package}")
     task = get_task(TASK)
     budget = task.budget("smoke")
     run = task.setup(0, budget, torch.device("cpu"))
-    stepper = spec.build(run.model, task, budget)
+    return run, spec.build(run.model, task, budget)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_optimizer_takes_a_step(name):
+    run, stepper = _stepper_on_smoke_task(name)
     before = [p.detach().clone() for p in run.model.parameters()]
     stepper.train()
     for _ in range(2):
@@ -96,13 +101,7 @@ def test_every_registered_optimizer_takes_a_step(name):
 
 
 def test_dog_logs_the_step_size_it_took_not_its_multiplier():
-    spec = REGISTRY["dog"]
-    if not spec.available():
-        pytest.skip(f"needs {spec.package}")
-    task = get_task(TASK)
-    budget = task.budget("smoke")
-    run = task.setup(0, budget, torch.device("cpu"))
-    stepper = spec.build(run.model, task, budget)
+    run, stepper = _stepper_on_smoke_task("dog")
     batch = run.next_batch()
     stepper.step(lambda: run.loss(run.model, batch))
     eta = float(stepper.optimizer.param_groups[0]["eta"][0])
