@@ -1,6 +1,6 @@
 """Fine-tune a pretrained BERT-style model with ALSALS through the Hugging Face Trainer.
 
-    python -m alsals.bench.data.fetch --only minilm     # once: the offline MiniLM checkpoint
+    python -m alsals_bench.data.fetch --only minilm     # once: the offline MiniLM checkpoint
     HF_HUB_OFFLINE=1 python examples/hf_trainer.py [--model PATH] [--out DIR]
 
 ``LineSearchTrainer`` is a ``transformers.Trainer``: same arguments, same loop, same
@@ -46,7 +46,7 @@ def toy_sentiment(tokenizer, n: int = 96, seed: int = 0) -> list[dict]:
 
 
 def default_model_path() -> str:
-    from alsals.bench.data.offline import minilm_path
+    from alsals_bench.data.offline import minilm_path
 
     return str(minilm_path())
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the main job: the benchmark's embedded default (a small
 # CNN on scikit-learn digits; ALSALS, Adam + SLS and Adam; 3 seeds; quick budget) and its
-# report. Extra arguments go to `alsals bench`.
+# report. Extra arguments go to `alsals-bench`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/alsals bench "$@"
+.venv/bin/alsals-bench "$@"

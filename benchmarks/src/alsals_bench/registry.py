@@ -1,0 +1,317 @@
+"""Optimizers by name, each wrapped so that the runner can drive any of them the same way.
+
+A line search needs a closure; Adam wants ``backward(); step()`` and a schedule;
+Schedule-Free wants ``train()``/``eval()`` around evaluation. ``Stepper`` hides those
+differences behind ``step(closure) -> loss`` and counts forward and backward passes.
+
+Names:
+
+* the paper's candidates (Sec. IV-A): ``alsals``, ``adam-sls``, ``adam`` (the paper's
+  baseline: cosine decay with 10% warm-up on NLP tasks, a flat rate on images, peak learning
+  rate from the task), and ``sls``;
+* ALSALS variants for the cost trade-off: ``alsals-analytic`` (slope ``-g.d``, no probe
+  pass), ``alsals-adaptive`` (SaLSa's search cadence), ``alsals-fast`` (both);
+* ``adam@LR``: the baseline with another peak learning rate; ``adam-tuned`` expands to
+  ``adam@LR`` for every LR of the task's grid (``adam`` itself at the paper's LR, which every
+  grid holds) and the report keeps the best;
+* peers from PyPI (extra ``peers``): ``prodigy``, ``dadapt-adam``, ``schedulefree``,
+  ``dog``, ``salsa`` (the authors' follow-up), each with its documented defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alsals import ALSALS, SLS, AdamSLS
+from alsals_bench.tasks.base import Budget, Task
+
+PAPER = ("alsals", "adam-sls", "adam")
+VARIANTS = ("sls", "alsals-analytic", "alsals-adaptive", "alsals-fast")
+PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa")
+GROUPS = {
+    "paper": PAPER,
+    "variants": VARIANTS,
+    "peers": PEERS,
+    "all": PAPER + ("adam-tuned",) + VARIANTS + PEERS,
+}
+
+
+class Stepper:
+    """Drives a torch-style optimizer (backward, step, schedule) through a closure."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.forwards = 0
+        self.backwards = 0
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = closure()
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.forwards += 1
+        self.backwards += 1
+        return loss.detach()
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the last step used (scaled by the estimate where there is one)."""
+        group = self.optimizer.param_groups[0]
+        return float(group["lr"]) * float(group.get("d", 1.0))
+
+    def details(self) -> dict[str, Any]:
+        return {}
+
+    def train(self) -> None:
+        """Called before training steps (Schedule-Free swaps its weights here)."""
+
+    def eval(self) -> None:
+        """Called before evaluation."""
+
+
+class LineSearchStepper(Stepper):
+    """Drives our line searches: the closure goes straight to ``step``."""
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        loss = self.optimizer.step(closure)
+        info = self.optimizer.last_step
+        self.forwards += info.forwards
+        self.backwards += info.backwards
+        return loss
+
+    def details(self) -> dict[str, Any]:
+        info = self.optimizer.last_step
+        return {"kind": info.kind, "trials": info.trials, "slope": info.slope}
+
+
+class ScheduleFreeStepper(Stepper):
+    def train(self) -> None:
+        self.optimizer.train()
+
+    def eval(self) -> None:
+        self.optimizer.eval()
+
+
+class DoGStepper(Stepper):
+    """DoG's ``lr`` is a multiplier (1 by default); the step size it took is ``eta``."""
+
+    @property
+    def lr(self) -> float:
+        eta = self.optimizer.param_groups[0].get("eta")
+        return float(eta[0]) if eta else math.nan
+
+
+class SalsaStepper(Stepper):
+    """SaLSa's closure protocol: ``closure(backwards=...)`` runs backward when asked."""
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        def salsa_closure(backwards: bool = False) -> Tensor:
+            if backwards:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = closure()
+                loss.backward()
+                self.backwards += 1
+            else:
+                with torch.no_grad():
+                    loss = closure()
+            self.forwards += 1
+            return loss
+
+        return self.optimizer.step(salsa_closure).detach()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.step_size)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    description: str
+    build: Callable[[nn.Module, Task, Budget], Stepper]
+    package: str | None = None  # the PyPI distribution a peer comes from
+
+    def available(self) -> bool:
+        if self.package is None:
+            return True
+        try:
+            importlib.import_module(_MODULES[self.package])
+        except ImportError:
+            return False
+        return True
+
+
+_MODULES = {
+    "prodigyopt": "prodigyopt",
+    "dadaptation": "dadaptation",
+    "schedulefree": "schedulefree",
+    "dog-optimizer": "dog",
+    "salsa-optimizer": "salsa.SaLSA",
+}
+
+
+def paper_adam_schedule(
+    optimizer: torch.optim.Optimizer, task: Task, budget: Budget
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Sec. IV-A: cosine decay after a 10% linear warm-up for NLP, a flat rate for images."""
+    if task.domain != "nlp":
+        return None
+    warmup = max(budget.warmup_steps, math.ceil(0.1 * budget.steps))
+    total = budget.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _adam(lr: float | None) -> Callable[[nn.Module, Task, Budget], Stepper]:
+    def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr or task.adam_lr)
+        return Stepper(optimizer, paper_adam_schedule(optimizer, task, budget))
+
+    return build
+
+
+def _line_search(cls: type, **kwargs: Any) -> Callable[[nn.Module, Task, Budget], Stepper]:
+    """Where a task warms up (the paper's GPT-2 runs, Sec. IV-A: "a warm-starting period of
+    2000 steps for all algorithms"), the line search warms up to the task's peak learning
+    rate like Adam does, then takes over; elsewhere it starts from its own initial step."""
+
+    def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+        warm = {"warmup_steps": budget.warmup_steps}
+        if budget.warmup_steps:
+            warm["lr"] = task.adam_lr
+        optimizer = cls(model.parameters(), buffers=model.buffers(), **warm, **kwargs)
+        return LineSearchStepper(optimizer)
+
+    return build
+
+
+def _peer(factory: Callable[..., torch.optim.Optimizer], stepper: type = Stepper):
+    def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+        return stepper(factory(model, task, budget))
+
+    return build
+
+
+def _prodigy(model: nn.Module, task: Task, budget: Budget) -> torch.optim.Optimizer:
+    from prodigyopt import Prodigy
+
+    return Prodigy(model.parameters(), lr=1.0)
+
+
+def _dadapt(model: nn.Module, task: Task, budget: Budget) -> torch.optim.Optimizer:
+    from dadaptation import DAdaptAdam
+
+    return DAdaptAdam(model.parameters(), lr=1.0)
+
+
+def _schedulefree(model: nn.Module, task: Task, budget: Budget) -> torch.optim.Optimizer:
+    from schedulefree import AdamWScheduleFree
+
+    # The authors' recommended defaults: lr 0.0025 and a warm-up (we use 5% of the run).
+    return AdamWScheduleFree(
+        model.parameters(), lr=0.0025, warmup_steps=max(1, int(0.05 * budget.steps))
+    )
+
+
+def _dog(model: nn.Module, task: Task, budget: Budget) -> torch.optim.Optimizer:
+    from dog import DoG
+
+    return DoG(model.parameters())
+
+
+def _salsa(model: nn.Module, task: Task, budget: Budget) -> torch.optim.Optimizer:
+    from salsa.SaLSA import SaLSA
+
+    return SaLSA(model.parameters())
+
+
+REGISTRY: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec("alsals", "ALSALS, the paper's defaults", _line_search(ALSALS)),
+        OptimizerSpec("adam-sls", "Adam + SLS (Sec. II-B)", _line_search(AdamSLS)),
+        OptimizerSpec("adam", "Adam, the paper's baseline schedule and peak LR", _adam(None)),
+        OptimizerSpec("sls", "SLS along the gradient (Sec. II-A)", _line_search(SLS)),
+        OptimizerSpec(
+            "alsals-analytic",
+            "ALSALS with the analytic slope -g.d (no probe pass)",
+            _line_search(ALSALS, slope="analytic"),
+        ),
+        OptimizerSpec(
+            "alsals-adaptive",
+            "ALSALS with SaLSa's adaptive search cadence",
+            _line_search(ALSALS, search_interval="adaptive"),
+        ),
+        OptimizerSpec(
+            "alsals-fast",
+            "ALSALS, analytic slope and adaptive cadence",
+            _line_search(ALSALS, slope="analytic", search_interval="adaptive"),
+        ),
+        OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
+        OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
+        OptimizerSpec(
+            "schedulefree",
+            "Schedule-Free AdamW (lr 0.0025, 5% warm-up)",
+            _peer(_schedulefree, ScheduleFreeStepper),
+            "schedulefree",
+        ),
+        OptimizerSpec("dog", "DoG (defaults)", _peer(_dog, DoGStepper), "dog-optimizer"),
+        OptimizerSpec(
+            "salsa", "SaLSa, the authors' follow-up", _peer(_salsa, SalsaStepper), "salsa-optimizer"
+        ),
+    )
+}
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """The spec for ``name``; ``adam@LR`` gives the baseline at peak learning rate LR."""
+    if name.startswith("adam@"):
+        try:
+            lr = float(name.split("@", 1)[1])
+        except ValueError:
+            raise ValueError(f"invalid learning rate in optimizer name {name!r}") from None
+        return OptimizerSpec(name, f"Adam, the paper's schedule, peak LR {lr:g}", _adam(lr))
+    if name not in REGISTRY:
+        known = ", ".join([*REGISTRY, "adam@LR", "adam-tuned", *GROUPS])
+        raise ValueError(f"unknown optimizer {name!r}; known: {known}")
+    spec = REGISTRY[name]
+    if not spec.available():
+        raise ValueError(
+            f"optimizer {name!r} needs the PyPI package {spec.package!r}: "
+            f"pip install {spec.package} (or pip install 'alsals-bench[peers]')"
+        )
+    return spec
+
+
+def expand(names: list[str], task: Task) -> list[str]:
+    """Resolve groups (``paper``, ``peers``, ...) and ``adam-tuned`` into run names."""
+    out: list[str] = []
+    for name in names:
+        if name in GROUPS:
+            out += expand(list(GROUPS[name]), task)
+        elif name == "adam-tuned":
+            # The grid point at the paper's peak LR is the ``adam`` run itself.
+            out += ["adam" if lr == task.adam_lr else f"adam@{lr:g}" for lr in task.adam_grid]
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))

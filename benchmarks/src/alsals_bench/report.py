@@ -1,0 +1,444 @@
+"""Turn finished run logs into the paper's tables and figures.
+
+* Table I: peak validation accuracy per classification task (mean ± standard error over
+  seeds), the best mean per row in bold, and the average over tasks.
+* Table II: final training loss (an EMA of the per-step loss, as the paper smooths it) per
+  task, and the logarithmic average over tasks (the geometric mean, as in the paper).
+* Language modelling: best validation loss and perplexity.
+* Cost: training time per step (and its ratio to Adam's), forward and backward passes per
+  step.
+* Figures: training loss and the validation metric over steps with standard-error bands
+  (Figs. 5-7), and the step size over steps (Fig. 1).
+
+``adam@LR`` runs of one task, and its ``adam`` runs as the grid point at the paper's peak LR,
+are folded into one ``adam-tuned`` column: the learning rate whose mean primary metric (peak
+accuracy, else final training loss) is best. The whole grid is listed, and a best rate at
+the grid's edge is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alsals_bench.runner import is_finished, read_log
+
+ORDER = ["alsals", "adam-sls", "adam", "adam-tuned", "sls"]
+CURVE_SMOOTHING = 0.95
+
+
+@dataclass
+class Run:
+    task: str
+    optimizer: str
+    seed: int
+    start: dict[str, Any]
+    end: dict[str, Any]
+    steps: dict[str, np.ndarray] = field(default_factory=dict)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def consistent(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Keep, per task, the runs of the most common (steps, batch size); return (kept, dropped).
+
+    A task's budget may change between code versions; runs of different sizes must not be
+    averaged into one cell.
+    """
+    by_task: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_task[run.task].append(run)
+    kept, dropped = [], []
+    for task_runs in by_task.values():
+        sizes = [(r.start.get("steps"), r.start.get("batch_size")) for r in task_runs]
+        common = max(set(sizes), key=sizes.count)
+        for run, size in zip(task_runs, sizes, strict=True):
+            (kept if size == common else dropped).append(run)
+    return kept, dropped
+
+
+def load_runs(out: Path, budget: str) -> list[Run]:
+    """Every finished run of ``budget`` under ``out`` (partial runs are not counted)."""
+    runs = []
+    for path in sorted((Path(out) / budget).glob("*/*.jsonl")):
+        if not is_finished(path):
+            continue
+        records = read_log(path)
+        start, end = records[0], records[-1]
+        step_records = [r for r in records if r["type"] == "step"]
+        steps = {
+            key: np.array([r.get(key, np.nan) for r in step_records], dtype=float)
+            for key in ("step", "loss", "lr", "time", "forwards", "backwards")
+        }
+        runs.append(
+            Run(
+                task=start["task"],
+                optimizer=start["optimizer"],
+                seed=start["seed"],
+                start=start,
+                end=end,
+                steps=steps,
+                evals=[r for r in records if r["type"] == "eval"],
+            )
+        )
+    return runs
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    if len(finite) == 1:
+        return finite[0], math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1) / math.sqrt(len(finite)))
+
+
+def _primary(runs: list[Run]) -> tuple[str, bool]:
+    """(end-record key, higher_is_better) that ranks a group of runs: peak accuracy, else
+    final training loss."""
+    if any("peak_accuracy" in r.end for r in runs):
+        return "peak_accuracy", True
+    return "final_train_loss", False
+
+
+@dataclass
+class TunedGrid:
+    """One task's ``adam-tuned`` grid: the primary metric per seed at each learning rate."""
+
+    metric: str
+    higher_is_better: bool
+    values: dict[float, list[float]]
+    best: float
+
+    @property
+    def at_edge(self) -> bool:
+        """The best rate is the smallest or largest tried: the grid should be widened."""
+        return len(self.values) > 1 and self.best in (min(self.values), max(self.values))
+
+    def describe(self, task: str) -> str:
+        cells = []
+        for lr in sorted(self.values):
+            values = self.values[lr]
+            finite = [v for v in values if math.isfinite(v)]
+            if len(finite) < len(values):
+                text = f"{lr:g}: diverged in {len(values) - len(finite)} of {len(values)} seeds"
+            else:
+                m, se = _mean_se(finite)
+                text = f"{lr:g}: {m:.4g}" + (f" ± {se:.2g}" if math.isfinite(se) else "")
+            cells.append(f"**{text}**" if lr == self.best else text)
+        edge = " (best at the edge of the grid)" if self.at_edge else ""
+        label = {"peak_accuracy": "peak accuracy", "final_train_loss": "final training loss"}
+        return f"- {task} ({label[self.metric]}){edge}: " + ", ".join(cells)
+
+
+def fold_tuned_adam(runs: list[Run]) -> tuple[list[Run], dict[str, TunedGrid]]:
+    """Replace each task's ``adam@LR`` runs by those of its best LR, renamed ``adam-tuned``.
+
+    The best LR has the best mean primary metric (ties: the lower final training loss); a
+    rate where any seed diverged only wins if every rate did.
+    """
+    by_task: dict[str, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    kept = []
+    for run in runs:
+        if run.optimizer.startswith("adam@"):
+            by_task[run.task][float(run.optimizer.split("@", 1)[1])].append(run)
+        else:
+            kept.append(run)
+    for run in kept:
+        # ``adam`` is the grid point at the paper's peak LR (its largest logged LR); it
+        # fills the seeds that an explicit ``adam@LR`` run of the same LR lacks.
+        if run.optimizer == "adam" and run.task in by_task and len(run.steps.get("lr", ())):
+            group = by_task[run.task][float(f"{np.max(run.steps['lr']):g}")]
+            if run.seed not in {r.seed for r in group}:
+                group.append(run)
+    grids = {}
+    for task, groups in by_task.items():
+        key, higher = _primary([r for group in groups.values() for r in group])
+        values = {
+            lr: [
+                _finite(r.end.get(key)) if r.end.get("status") == "ok" else math.nan
+                for r in sorted(group, key=lambda r: r.seed)
+            ]
+            for lr, group in groups.items()
+        }
+
+        best = max(values, key=lambda lr: _grid_score(values[lr], groups[lr], higher))
+        grids[task] = TunedGrid(key, higher, values, best)
+        for run in groups[best]:
+            kept.append(
+                Run(run.task, "adam-tuned", run.seed, run.start, run.end, run.steps, run.evals)
+            )
+    return kept, grids
+
+
+def _grid_score(values: list[float], runs: list[Run], higher: bool) -> tuple[bool, float, float]:
+    """Rank of one grid point: no seed diverged, then the primary metric, then the loss."""
+    if not all(math.isfinite(v) for v in values):
+        return False, -math.inf, -math.inf
+    primary = float(np.mean(values))
+    loss = _mean_se([r.end.get("final_train_loss") for r in runs])[0]
+    return True, primary if higher else -primary, -loss if math.isfinite(loss) else -math.inf
+
+
+def _finite(value: Any) -> float:
+    return float(value) if value is not None and math.isfinite(value) else math.nan
+
+
+def _optimizer_order(names: set[str]) -> list[str]:
+    return [n for n in ORDER if n in names] + sorted(names - set(ORDER))
+
+
+def _table(
+    title: str,
+    rows: dict[str, dict[str, list[float]]],
+    columns: list[str],
+    higher_is_better: bool,
+    digits: int,
+    summary: tuple[str, str] | None,
+) -> str:
+    """A markdown table of mean ± s.e., best mean per row in bold; summary = (label, how)."""
+    lines = [f"### {title}", "", "| task | " + " | ".join(columns) + " |"]
+    lines.append("|---|" + "---|" * len(columns))
+    means: dict[str, list[float]] = defaultdict(list)
+    for task, cells in rows.items():
+        stats = {c: _mean_se(cells.get(c, [])) for c in columns}
+        finite = [m for m, _ in stats.values() if math.isfinite(m)]
+        best = (max(finite) if higher_is_better else min(finite)) if finite else None
+        rendered = []
+        for c in columns:
+            m, se = stats[c]
+            means[c].append(m)
+            if not math.isfinite(m):
+                rendered.append("–")
+                continue
+            text = f"{m:.{digits}g}" + (f" ± {se:.2g}" if math.isfinite(se) else "")
+            rendered.append(f"**{text}**" if m == best else text)
+        lines.append(f"| {task} | " + " | ".join(rendered) + " |")
+    if summary is not None and rows:
+        label, how = summary
+        cells = []
+        for c in columns:
+            values = means[c]
+            if len(values) != len(rows) or not all(
+                math.isfinite(v) and (how != "log" or v > 0) for v in values
+            ):
+                cells.append("–")
+            elif how == "log":
+                cells.append(f"{math.exp(np.mean(np.log(values))):.{digits}g}")
+            else:
+                cells.append(f"{np.mean(values):.{digits}g}")
+        lines.append(f"| *{label}* | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) -> str:
+    columns = _optimizer_order({r.optimizer for r in runs})
+    tasks = sorted({r.task for r in runs})
+    group: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        group[(run.task, run.optimizer)].append(run)
+
+    seeds_of = {t: len({r.seed for r in runs if r.task == t}) for t in tasks}
+
+    def rows(key: str, only: set[str] | None = None) -> dict[str, dict[str, list[float]]]:
+        return {
+            f"{t} (n={seeds_of[t]})": {
+                c: [r.end.get(key) for r in group.get((t, c), [])] for c in columns
+            }
+            for t in tasks
+            if only is None or t in only
+        }
+
+    classification = {r.task for r in runs if "accuracy" in r.start.get("metrics", [])}
+    language = {r.task for r in runs if "perplexity" in r.start.get("metrics", [])}
+    parts = [
+        f"Runs: {finished} finished; mean ± standard error over the n seeds of each task.\n",
+    ]
+    if classification:
+        parts.append(
+            _table(
+                "Table I: peak validation accuracy",
+                rows("peak_accuracy", classification),
+                columns,
+                True,
+                4,
+                ("average", "mean"),
+            )
+        )
+    parts.append(
+        _table(
+            "Table II: final training loss (EMA of the per-step loss)",
+            rows("final_train_loss"),
+            columns,
+            False,
+            4,
+            ("log average", "log"),
+        )
+    )
+    if language:
+        parts.append(
+            _table(
+                "Language modelling: best validation loss",
+                rows("best_val_loss", language),
+                columns,
+                False,
+                4,
+                None,
+            )
+        )
+        parts.append(
+            _table(
+                "Language modelling: best validation perplexity",
+                rows("best_perplexity", language),
+                columns,
+                False,
+                4,
+                None,
+            )
+        )
+    parts.append(_cost_table(group, tasks, columns))
+    if grids:
+        parts.append(
+            "### adam-tuned: the learning-rate grid\n\n"
+            "Mean ± standard error over seeds of the metric that picks the best peak learning "
+            "rate (bold); `adam` is the grid point at the paper's rate.\n\n"
+            + "\n".join(grids[t].describe(t) for t in sorted(grids))
+            + "\n"
+        )
+    diverged = [
+        f"{r.task}/{r.optimizer}/seed {r.seed}" for r in runs if r.end.get("status") != "ok"
+    ]
+    if diverged:
+        parts.append("Diverged runs (excluded from the loss table): " + ", ".join(diverged) + "\n")
+    return "\n".join(parts)
+
+
+def _cost_table(
+    group: dict[tuple[str, str], list[Run]], tasks: list[str], columns: list[str]
+) -> str:
+    lines = [
+        "### Cost per training step (median over seeds)",
+        "",
+        "Time in ms (ratio to `adam` on the same task), forward / backward passes per step.",
+        "",
+        "| task | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for task in tasks:
+        adam = group.get((task, "adam"), [])
+        base = float(np.median([r.end["time_per_step"] for r in adam])) if adam else math.nan
+        cells = []
+        for c in columns:
+            runs = group.get((task, c), [])
+            if not runs:
+                cells.append("–")
+                continue
+            t = float(np.median([r.end["time_per_step"] for r in runs]))
+            f = float(np.median([r.end["forwards_per_step"] for r in runs]))
+            b = float(np.median([r.end["backwards_per_step"] for r in runs]))
+            ratio = f" ({t / base:.2f}×)" if math.isfinite(base) and base > 0 else ""
+            cells.append(f"{1000 * t:.0f}{ratio}, {f:.2f} / {b:.2f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ema(values: np.ndarray, beta: float) -> np.ndarray:
+    out = np.empty_like(values)
+    acc = math.nan
+    for i, v in enumerate(values):
+        if math.isfinite(v):
+            acc = v if not math.isfinite(acc) else beta * acc + (1 - beta) * v
+        out[i] = acc
+    return out
+
+
+def _band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color) -> None:
+    """Mean ± standard error over seeds of curves sampled at the same x."""
+    length = min(len(x) for x, _ in curves)
+    if length == 0:
+        return
+    x = curves[0][0][:length]
+    ys = np.stack([y[:length] for _, y in curves])
+    mean = np.nanmean(ys, axis=0)
+    ax.plot(x, mean, label=label, color=color, linewidth=1.3)
+    if len(curves) > 1:
+        se = np.nanstd(ys, axis=0, ddof=1) / math.sqrt(len(curves))
+        ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
+
+
+def build_figures(runs: list[Run], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _optimizer_order({r.optimizer for r in runs})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    written = []
+    for task in sorted({r.task for r in runs}):
+        task_runs = [r for r in runs if r.task == task]
+        metric = "accuracy" if "accuracy" in task_runs[0].start.get("metrics", []) else "val_loss"
+        fig, (ax_loss, ax_metric, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+        for name in names:
+            group = [r for r in task_runs if r.optimizer == name]
+            if not group:
+                continue
+            _band(
+                ax_loss,
+                [(r.steps["step"], _ema(r.steps["loss"], CURVE_SMOOTHING)) for r in group],
+                name,
+                colors[name],
+            )
+            evals = [
+                (
+                    np.array([e["step"] for e in r.evals], float),
+                    np.array([e.get(metric, np.nan) for e in r.evals], float),
+                )
+                for r in group
+            ]
+            _band(ax_metric, evals, name, colors[name])
+            _band(ax_lr, [(r.steps["step"], r.steps["lr"]) for r in group], name, colors[name])
+        ax_loss.set(
+            title=f"{task}: training loss (EMA {CURVE_SMOOTHING})", xlabel="step", yscale="log"
+        )
+        ax_metric.set(title=f"{task}: validation {metric}", xlabel="step")
+        ax_lr.set(title=f"{task}: step size / learning rate", xlabel="step", yscale="log")
+        for ax in (ax_loss, ax_metric, ax_lr):
+            ax.grid(alpha=0.3)
+        ax_loss.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(out: Path, budget: str, destination: Path | None = None) -> Path:
+    """Write ``report.md`` and one PNG per task; returns the markdown path."""
+    runs, dropped = consistent(load_runs(out, budget))
+    finished = len(runs)
+    runs, grids = fold_tuned_adam(runs)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs of budget {budget!r} under {out}")
+    destination = Path(destination or Path(out) / budget / "report")
+    figures = build_figures(runs, destination)
+    text = [
+        f"# alsals-benchmark report: budget `{budget}`",
+        "",
+        build_tables(runs, grids, finished),
+    ]
+    if dropped:
+        names = ", ".join(f"{r.task}/{r.optimizer}/seed {r.seed}" for r in dropped)
+        text.append(
+            f"Left out (a different budget size than the other runs of the task): {names}\n"
+        )
+    text += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    path = destination / "report.md"
+    path.write_text("\n".join(text) + "\n")
+    return path

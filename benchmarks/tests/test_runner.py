@@ -1,0 +1,246 @@
+"""The runner's log, resume rules, the optimizer registry, the report and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from alsals_bench import cli
+from alsals_bench.registry import GROUPS, REGISTRY, expand, get_optimizer, paper_adam_schedule
+from alsals_bench.report import fold_tuned_adam, load_runs, write_report
+from alsals_bench.runner import RunKey, is_finished, read_log, run_one, sweep
+from alsals_bench.tasks import get_task
+
+TASK = "digits-cnn"
+
+
+def test_a_run_logs_start_steps_evals_and_end(tmp_path):
+    path = run_one(RunKey(TASK, "alsals", 0, "smoke"), tmp_path, progress=False)
+    records = read_log(path)
+    kinds = [r["type"] for r in records]
+    steps = get_task(TASK).budget("smoke").steps
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("step") == steps and kinds.count("eval") >= 1
+    step_records = [r for r in records if r["type"] == "step"]
+    assert [r["step"] for r in step_records] == list(range(1, steps + 1))
+    assert all(r["forwards"] >= 2 * r["step"] for r in step_records)  # a line search
+    assert all(r["lr"] > 0 and math.isfinite(r["loss"]) for r in step_records)
+    end = records[-1]
+    assert end["status"] == "ok" and 0 <= end["peak_accuracy"] <= 1
+    assert end["forwards_per_step"] > end["backwards_per_step"] == 1
+
+
+def test_same_seed_same_run_different_seed_different_run(tmp_path):
+    def losses(seed, out):
+        path = run_one(RunKey(TASK, "adam", seed, "smoke"), out, progress=False)
+        return [r["loss"] for r in read_log(path) if r["type"] == "step"]
+
+    assert losses(0, tmp_path / "a") == losses(0, tmp_path / "b")
+    assert losses(0, tmp_path / "a") != losses(1, tmp_path / "c")
+
+
+def test_sweep_skips_finished_runs_and_repeats_partial_ones(tmp_path):
+    sweep([TASK], ["adam"], [0, 1], "smoke", tmp_path, progress=False)
+    done = RunKey(TASK, "adam", 0, "smoke").path(tmp_path)
+    partial = RunKey(TASK, "adam", 1, "smoke").path(tmp_path)
+    done_before = done.read_text()
+    # Simulate a kill in the middle of seed 1: the end record and half a line are missing.
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join(lines[:3]) + '\n{"type": "st')
+    assert is_finished(done) and not is_finished(partial)
+    assert len(load_runs(tmp_path, "smoke")) == 1  # a partial run is never counted
+    sweep([TASK], ["adam"], [0, 1], "smoke", tmp_path, progress=False)
+    assert done.read_text() == done_before  # skipped, not rerun
+    assert is_finished(partial)
+    assert len(load_runs(tmp_path, "smoke")) == 2
+
+
+def test_registry_groups_and_names():
+    task = get_task(TASK)
+    assert expand(["paper"], task) == ["alsals", "adam-sls", "adam"]
+    assert task.adam_lr in task.adam_grid
+    assert expand(["adam-tuned"], task) == [
+        "adam" if lr == task.adam_lr else f"adam@{lr:g}" for lr in task.adam_grid
+    ]
+    assert expand(["paper", "adam-tuned"], task).count("adam") == 1
+    assert set(GROUPS["paper"]) <= set(REGISTRY)
+    assert get_optimizer("adam@0.003").name == "adam@0.003"
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw'"):
+        get_optimizer("adamw")
+    with pytest.raises(ValueError, match="invalid learning rate"):
+        get_optimizer("adam@fast")
+
+
+def _stepper_on_smoke_task(name):
+    """(task run, stepper) of a registered optimizer on the smoke budget; skips a missing peer."""
+    spec = REGISTRY[name]
+    if not spec.available():
+        pytest.skip(f"needs {spec.package}")
+    task = get_task(TASK)
+    budget = task.budget("smoke")
+    run = task.setup(0, budget, torch.device("cpu"))
+    return run, spec.build(run.model, task, budget)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_optimizer_takes_a_step(name):
+    run, stepper = _stepper_on_smoke_task(name)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    stepper.train()
+    for _ in range(2):
+        batch = run.next_batch()
+        loss = stepper.step(lambda batch=batch: run.loss(run.model, batch))
+        assert math.isfinite(float(loss))
+    stepper.eval()
+    assert stepper.forwards >= 2 and stepper.backwards == 2
+    assert stepper.lr > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
+
+
+def test_dog_logs_the_step_size_it_took_not_its_multiplier():
+    run, stepper = _stepper_on_smoke_task("dog")
+    batch = run.next_batch()
+    stepper.step(lambda: run.loss(run.model, batch))
+    eta = float(stepper.optimizer.param_groups[0]["eta"][0])
+    assert stepper.lr == eta and stepper.lr != stepper.optimizer.param_groups[0]["lr"]
+
+
+def test_paper_adam_schedule_is_cosine_with_ten_percent_warmup_for_nlp():
+    class Nlp:
+        domain = "nlp"
+
+    budget = get_task(TASK).budget("quick")
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=1.0)
+    schedule = paper_adam_schedule(opt, Nlp(), budget)
+    lrs = []
+    for _ in range(budget.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    warmup = math.ceil(0.1 * budget.steps)
+    assert lrs[0] == pytest.approx(1 / warmup)
+    assert lrs[warmup - 1] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
+    assert lrs[warmup] == pytest.approx(1.0)
+    assert lrs[-1] < 0.01
+    assert paper_adam_schedule(opt, get_task(TASK), budget) is None  # images: flat
+
+
+def _fake_run(out, task, optimizer, seed, accuracy, loss, metrics=("accuracy", "val_loss")):
+    path = RunKey(task, optimizer, seed, "fake").path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [
+        {
+            "type": "start",
+            "task": task,
+            "optimizer": optimizer,
+            "seed": seed,
+            "metrics": list(metrics),
+        },
+        *[
+            {
+                "type": "step",
+                "step": s,
+                "loss": loss * (2 - s / 4),
+                "lr": 1e-3,
+                "time": 0.1 * s,
+                "forwards": s,
+                "backwards": s,
+            }
+            for s in range(1, 5)
+        ],
+        {"type": "eval", "step": 4, "accuracy": accuracy, "val_loss": loss},
+        {
+            "type": "end",
+            "status": "ok",
+            "time_per_step": 0.1,
+            "forwards_per_step": 1.0,
+            "backwards_per_step": 1.0,
+            "final_train_loss": loss,
+            "peak_accuracy": accuracy,
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_tables_mean_se_bold_best_log_average_and_tuned_adam(tmp_path):
+    for seed, (a, b) in enumerate([(0.90, 0.80), (0.92, 0.84)]):
+        _fake_run(tmp_path, "t1", "alsals", seed, a, 0.1)
+        _fake_run(tmp_path, "t1", "adam", seed, b, 0.4)
+        _fake_run(tmp_path, "t1", "adam@0.01", seed, 0.95, 1.0)
+        _fake_run(tmp_path, "t1", "adam@0.001", seed, 0.70, 0.01)
+        _fake_run(tmp_path, "t2", "alsals", seed, 0.5, 1.0)
+        _fake_run(tmp_path, "t2", "adam", seed, 0.6, 0.01)
+    runs, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    assert {t: g.best for t, g in grids.items()} == {"t1": 0.01}  # best peak accuracy
+    text = write_report(tmp_path, "fake").read_text()
+    assert "| task | alsals | adam | adam-tuned |" in text
+    assert "| t1 (n=2) | 0.91 ± 0.01 | 0.82 ± 0.02 | **0.95 ± 0** |" in text
+    assert "| t2 (n=2) | 0.5 ± 0 | **0.6 ± 0** | – |" in text
+    assert "| *average* | 0.705 | 0.71 | – |" in text
+    # log average of final losses: alsals exp(mean(log(0.1), log(1.0))) = 0.3162
+    assert "| *log average* | 0.3162 | 0.06325 | – |" in text
+    assert "Runs: 12 finished" in text  # the grid's runs count, though one column shows them
+    assert "- t1 (peak accuracy) (best at the edge of the grid): " in text
+    assert "0.001: 0.7 ± 0, **0.01: 0.95 ± 0**" in text
+    assert (tmp_path / "fake" / "report" / "t1.png").exists()
+
+
+def test_tuned_adam_counts_the_adam_run_as_its_grid_point_at_the_paper_lr(tmp_path):
+    # The fake runs log lr 1e-3, so ``adam`` is the grid point adam@0.001.
+    for seed in range(2):
+        _fake_run(tmp_path, "t1", "adam", seed, 0.90, 0.1)
+        _fake_run(tmp_path, "t1", "adam@0.01", seed, 0.85, 0.2)
+    _fake_run(tmp_path, "t1", "adam@0.001", 1, 0.95, 0.1)  # an explicit run wins its seed
+    runs, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    assert grids["t1"].best == 0.001 and grids["t1"].values == {
+        0.001: [0.90, 0.95],
+        0.01: [0.85] * 2,
+    }
+    tuned = sorted((r.seed, r.end["peak_accuracy"]) for r in runs if r.optimizer == "adam-tuned")
+    assert tuned == [(0, 0.90), (1, 0.95)]
+    assert sum(r.optimizer == "adam" for r in runs) == 2  # still reported as the baseline
+
+
+def test_tuned_adam_never_picks_a_rate_that_diverged_and_breaks_ties_by_loss(tmp_path):
+    for seed in range(2):
+        # The highest accuracy, but one seed diverged: disqualified.
+        _fake_run(tmp_path, "t1", "adam@0.1", seed, 0.99, 0.01)
+        # Equal accuracy; the lower final training loss wins the tie.
+        _fake_run(tmp_path, "t1", "adam@0.01", seed, 0.90, 0.2)
+        _fake_run(tmp_path, "t1", "adam@0.001", seed, 0.90, 0.3)
+    path = RunKey("t1", "adam@0.1", 1, "fake").path(tmp_path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[-1].update(status="diverged", final_train_loss=None)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    grid = grids["t1"]
+    assert grid.best == 0.01 and not grid.at_edge
+    assert "0.1: diverged in 1 of 2 seeds" in grid.describe("t1")
+
+
+def test_cli_list_and_default_run(tmp_path, capsys):
+    assert cli.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "digits-cnn" in listed and "alsals" in listed and "adam-tuned" in listed
+    code = cli.main(
+        [
+            "run",
+            "--budget",
+            "smoke",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--optimizers",
+            "alsals,adam",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Table I" in printed and "digits-cnn" in printed
+    assert (tmp_path / "smoke" / "report" / "report.md").exists()
