@@ -3,73 +3,15 @@
 from __future__ import annotations
 
 import copy
-import weakref
-from contextlib import contextmanager
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import alsals.line_search
 from alsals import ALSALS, SLS, AdamSLS
+from alsals_bench.memory import LiveStorage
 
 SIZES = [(300, 200), (200,), (500, 100)]
-
-
-class LiveAllocations(TorchDispatchMode):
-    """Counts bytes of tensors allocated by traced ops that are still alive, and their peak.
-
-    Also records every op that forces a host synchronisation (``.item()``, ``bool(t)``).
-    """
-
-    SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.tracking = True
-        self.syncs: list[str] = []
-        self.ops: list[str] = []
-        self._alive: set[int] = set()
-
-    def _free(self, ptr: int, nbytes: int) -> None:
-        self._alive.discard(ptr)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.tracking:
-            return out
-        name = func._schema.name
-        self.ops.append(name)
-        if name in self.SYNC_OPS:
-            self.syncs.append(name)
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in inputs or ptr in self._alive or ptr == 0:
-                continue
-            nbytes = t.untyped_storage().nbytes()
-            self._alive.add(ptr)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._free, ptr, nbytes)
-        return out
-
-    @contextmanager
-    def paused(self):
-        self.tracking = False
-        try:
-            yield
-        finally:
-            self.tracking = True
 
 
 def make_params():
@@ -99,7 +41,7 @@ def quadratic_closure(params, mode):
 def adam_step_peak() -> int:
     params = make_params()
     adam = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    mode = LiveAllocations()
+    mode = LiveStorage()
     for _ in range(2):  # the second step runs with its state already allocated
         quadratic_closure(params, mode)(True)
         mode.live = mode.peak = 0
@@ -121,7 +63,7 @@ def adam_step_peak() -> int:
 def test_extra_memory_is_at_most_one_parameter_sized_buffer_beyond_adam(cls, kwargs):
     params = make_params()
     opt = cls(params, lr=10.0, **kwargs)  # backtracks: several trials in the measured step
-    mode = LiveAllocations()
+    mode = LiveStorage()
     closure = quadratic_closure(params, mode)
     opt.step(closure)
     for group in opt.param_groups:
@@ -148,7 +90,7 @@ def test_one_host_sync_per_trial_plus_one_for_the_start(cls, slope, monkeypatch)
         return original(values, group)
 
     monkeypatch.setattr(alsals.line_search, "mean_to_host", counting)
-    mode = LiveAllocations()
+    mode = LiveStorage()
     with mode:
         opt.step(quadratic_closure(params, mode))
     info = opt.last_step
@@ -161,7 +103,7 @@ def test_step_uses_multi_tensor_kernels_and_no_deepcopy(monkeypatch):
     params = make_params()
     opt = ALSALS(params, lr=10.0)
     monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("deepcopy in step"))
-    mode = LiveAllocations()
+    mode = LiveStorage()
     with mode:
         opt.step(quadratic_closure(params, mode))
     foreach = [op for op in mode.ops if op.startswith("aten::_foreach_")]
@@ -175,7 +117,7 @@ def test_step_uses_multi_tensor_kernels_and_no_deepcopy(monkeypatch):
 def test_last_step_reports_diagnostics_for_logging():
     params = make_params()
     opt = ALSALS(params, lr=10.0)
-    mode = LiveAllocations()
+    mode = LiveStorage()
     opt.step(quadratic_closure(params, mode))
     info = opt.last_step
     assert info.kind == "search"

@@ -10,15 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from alsals_bench.data import (
-    ImageFolderDataset,
-    load_cifar10,
-    load_cifar100,
-    load_glue,
-    load_openwebtext,
-    load_token_bin,
-    random_lm_batch,
-)
+from alsals_bench.data import fullscale
 
 # --------------------------------------------------------------------------- CIFAR
 
@@ -53,7 +45,7 @@ def cifar10_root(tmp_path):
 
 def test_cifar10(cifar10_root):
     for root in (cifar10_root, cifar10_root / "cifar-10-batches-py"):
-        data = load_cifar10(root)
+        data = fullscale.load_cifar10(root)
         assert data["x_train"].shape == (20, 3, 32, 32) and data["x_test"].shape == (3, 3, 32, 32)
         assert data["x_train"].dtype == torch.uint8 and data["y_train"].dtype == torch.int64
         assert data["y_train"][:4].tolist() == [0, 3, 9, 1]
@@ -67,7 +59,7 @@ def test_cifar10(cifar10_root):
 def test_cifar10_missing_batch(cifar10_root):
     (cifar10_root / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
-        load_cifar10(cifar10_root)
+        fullscale.load_cifar10(cifar10_root)
 
 
 @pytest.mark.parametrize("garble", [lambda raw: raw[: len(raw) // 2], lambda raw: b"<html>" + raw])
@@ -75,14 +67,14 @@ def test_cifar10_garbled_batch(cifar10_root, garble):
     path = cifar10_root / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(garble(path.read_bytes()))  # truncated download / error page
     with pytest.raises(ValueError, match="test_batch is not a CIFAR python batch"):
-        load_cifar10(cifar10_root)
+        fullscale.load_cifar10(cifar10_root)
 
 
 def test_cifar10_wrong_shape(cifar10_root):
     path = cifar10_root / "cifar-10-batches-py" / "test_batch"
     write_cifar_batch(path, np.zeros((3, 100), np.uint8), {b"labels": [0, 0, 0]})
     with pytest.raises(ValueError, match=r"expected uint8 \[N, 3072\]"):
-        load_cifar10(cifar10_root)
+        fullscale.load_cifar10(cifar10_root)
 
 
 class _Exploit:
@@ -94,7 +86,7 @@ def test_cifar_refuses_code_in_pickles(cifar10_root):
     path = cifar10_root / "cifar-10-batches-py" / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": _Exploit(), b"labels": []}, protocol=2))
     with pytest.raises(ValueError, match="refusing to load global"):
-        load_cifar10(cifar10_root)
+        fullscale.load_cifar10(cifar10_root)
 
 
 @pytest.fixture
@@ -113,12 +105,18 @@ def cifar100_root(tmp_path):
 
 
 def test_cifar100(cifar100_root):
-    data = load_cifar100(cifar100_root)
+    data = fullscale.load_cifar100(cifar100_root)
     assert data["x_train"].shape == (5, 3, 32, 32) and data["x_test"].shape == (2, 3, 32, 32)
     assert data["y_train"].tolist() == [0, 99, 50, 7, 7] and data["y_test"].tolist() == [42, 3]
-    assert load_cifar100(cifar100_root, labels="coarse")["y_train"].tolist() == [0, 19, 10, 1, 1]
+    assert fullscale.load_cifar100(cifar100_root, labels="coarse")["y_train"].tolist() == [
+        0,
+        19,
+        10,
+        1,
+        1,
+    ]
     with pytest.raises(ValueError, match="'fine' or 'coarse'"):
-        load_cifar100(cifar100_root, labels="medium")
+        fullscale.load_cifar100(cifar100_root, labels="medium")
 
 
 def test_cifar100_label_out_of_range(cifar100_root):
@@ -128,13 +126,13 @@ def test_cifar100_label_out_of_range(cifar100_root):
         {b"fine_labels": [100], b"coarse_labels": [0]},
     )
     with pytest.raises(ValueError, match=r"outside \[0, 100\)"):
-        load_cifar100(cifar100_root)
+        fullscale.load_cifar100(cifar100_root)
 
 
 def test_cifar100_missing_key(cifar100_root):
     write_cifar_batch(cifar100_root / "cifar-100-python" / "test", images(1, 0), {})
     with pytest.raises(ValueError, match="fine_labels"):
-        load_cifar100(cifar100_root)
+        fullscale.load_cifar100(cifar100_root)
 
 
 # --------------------------------------------------------------------------- image folder
@@ -153,27 +151,27 @@ def image_root(tmp_path):
 
 
 def test_image_folder_lists_deterministically(image_root):
-    ds = ImageFolderDataset(image_root, "train", size=8)
+    ds = fullscale.ImageFolderDataset(image_root, "train", size=8)
     assert ds.classes == ["n01", "n02"] and ds.class_to_idx == {"n01": 0, "n02": 1}
     assert [(p.name, y) for p, y in ds.samples] == [("z.jpg", 0), ("a.JPEG", 1), ("b.JPEG", 1)]
     assert len(ds) == 3
-    val = ImageFolderDataset(image_root, "val", size=8, classes=ds.classes)
+    val = fullscale.ImageFolderDataset(image_root, "val", size=8, classes=ds.classes)
     assert [y for _, y in val.samples] == [1]  # n02 keeps the training index
-    assert ImageFolderDataset(image_root, "val", size=8).samples[0][1] == 0
+    assert fullscale.ImageFolderDataset(image_root, "val", size=8).samples[0][1] == 0
 
 
 def test_image_folder_errors(image_root):
     with pytest.raises(FileNotFoundError, match="expected .*<class>/<image>"):
-        ImageFolderDataset(image_root, "test")
+        fullscale.ImageFolderDataset(image_root, "test")
     with pytest.raises(ValueError, match="not in `classes`"):
-        ImageFolderDataset(image_root, "train", classes=["n01"])
+        fullscale.ImageFolderDataset(image_root, "train", classes=["n01"])
     with pytest.raises(ValueError, match="smaller than the crop"):
-        ImageFolderDataset(image_root, "train", size=8, resize=4)
+        fullscale.ImageFolderDataset(image_root, "train", size=8, resize=4)
 
 
 def test_image_folder_without_pillow(image_root, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
-    ds = ImageFolderDataset(image_root, "train", size=8)
+    ds = fullscale.ImageFolderDataset(image_root, "train", size=8)
     with pytest.raises(ImportError, match="pip install pillow"):
         ds[0]
 
@@ -189,14 +187,14 @@ def test_image_folder_decodes(image_root):
         image_root / "train" / "n02" / "a.JPEG", format="JPEG", quality=95
     )
     (image_root / "train" / "n02" / "b.JPEG").write_bytes(b"not an image")
-    ds = ImageFolderDataset(image_root, "train", size=8, resize=8, mean=None, std=None)
+    ds = fullscale.ImageFolderDataset(image_root, "train", size=8, resize=8, mean=None, std=None)
     x, y = ds[0]
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and y == 0
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert x[0, :, 0].mean() > 0.9 and x[2, :, -1].mean() > 0.9  # red left, blue right
     x1, y1 = ds[1]
     assert x1.shape == (3, 8, 8) and y1 == 1 and x1[2, :, 0].mean() > 0.8
-    normalized, _ = ImageFolderDataset(image_root, "train", size=8)[0]
+    normalized, _ = fullscale.ImageFolderDataset(image_root, "train", size=8)[0]
     assert normalized.min() < 0.0
     with pytest.raises(ValueError, match="cannot decode image"):
         ds[2]
@@ -247,19 +245,19 @@ def test_glue_mrpc(tmp_path):
         bom=True,
     )
     write_tsv(tmp_path / "MRPC" / "dev.tsv", [header, ["1", "1", "2", "a", "b"]], bom=True)
-    data = load_glue("mrpc", tmp_path / "MRPC")
+    data = fullscale.load_glue("mrpc", tmp_path / "MRPC")
     assert data["text_a"] == ['He said "yes".', "Shares rose."]
     assert data["text_b"] == ["He agreed.", 'Shares "fell" sharply.']
     assert data["labels"].tolist() == [1, 0] and data["labels"].dtype == torch.int64
     assert data["classes"] == ["0", "1"]
-    assert load_glue("MRPC", tmp_path / "MRPC", split="dev")["labels"].tolist() == [1]
+    assert fullscale.load_glue("MRPC", tmp_path / "MRPC", split="dev")["labels"].tolist() == [1]
 
 
 def test_glue_sst2(tmp_path):
     write_tsv(
         tmp_path / "train.tsv", [["sentence", "label"], ["a gorgeous film ", "1"], ["dull", "0"]]
     )
-    data = load_glue("sst-2", tmp_path)
+    data = fullscale.load_glue("sst-2", tmp_path)
     assert data["text_a"] == ["a gorgeous film ", "dull"] and data["text_b"] is None
     assert data["labels"].tolist() == [1, 0]
 
@@ -273,7 +271,7 @@ def test_glue_qnli(tmp_path):
             ["1", "Why?", "Because.", "not_entailment"],
         ],
     )
-    data = load_glue("qnli", tmp_path, split="dev")
+    data = fullscale.load_glue("qnli", tmp_path, split="dev")
     assert data["text_a"] == ["What is it?", "Why?"]
     assert data["text_b"] == ["It is a test.", "Because."]
     assert data["labels"].tolist() == [0, 1]
@@ -296,40 +294,40 @@ def test_glue_mnli(tmp_path):
         tmp_path / "dev_mismatched.tsv",
         [MNLI_DEV_HEADER, mnli_row(8, "p", "q", "contradiction", dev=True)],
     )
-    train = load_glue("mnli", tmp_path)
+    train = fullscale.load_glue("mnli", tmp_path)
     assert train["labels"].tolist() == [0, 2, 1]
     assert train["text_a"][1] == "A cat." and train["text_b"][1] == "A dog."
     assert train["classes"] == ["entailment", "neutral", "contradiction"]
-    assert load_glue("mnli", tmp_path, split="dev")["text_a"] == ["x"]
-    assert load_glue("mnli", tmp_path, split="dev_mismatched")["labels"].tolist() == [2]
+    assert fullscale.load_glue("mnli", tmp_path, split="dev")["text_a"] == ["x"]
+    assert fullscale.load_glue("mnli", tmp_path, split="dev_mismatched")["labels"].tolist() == [2]
 
 
 def test_glue_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="dev_matched.tsv"):
-        load_glue("mnli", tmp_path, split="dev")
+        fullscale.load_glue("mnli", tmp_path, split="dev")
     with pytest.raises(ValueError, match="unsupported GLUE task 'cola'"):
-        load_glue("cola", tmp_path)
+        fullscale.load_glue("cola", tmp_path)
     with pytest.raises(ValueError, match="unknown split 'dev_mismatched'"):
-        load_glue("sst2", tmp_path, split="dev_mismatched")
+        fullscale.load_glue("sst2", tmp_path, split="dev_mismatched")
     with pytest.raises(ValueError, match="needs root"):
-        load_glue("sst2")
+        fullscale.load_glue("sst2")
     write_tsv(tmp_path / "train.tsv", [["text", "label"], ["x", "1"]])
     with pytest.raises(ValueError, match="lacks the columns"):
-        load_glue("sst2", tmp_path)
+        fullscale.load_glue("sst2", tmp_path)
     write_tsv(tmp_path / "train.tsv", [["sentence", "label"], ["x", "positive"]])
     with pytest.raises(ValueError, match=r"train.tsv:2: unknown label 'positive'"):
-        load_glue("sst2", tmp_path)
+        fullscale.load_glue("sst2", tmp_path)
     write_tsv(tmp_path / "train.tsv", [["index", "question", "sentence", "label"], ["0", "q"]])
     with pytest.raises(ValueError, match=r"train.tsv:2: 2 fields, expected 4"):
-        load_glue("qnli", tmp_path)
+        fullscale.load_glue("qnli", tmp_path)
 
 
 def test_glue_hf_source_is_lazy(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="pip install datasets"):
-        load_glue("sst2", source="hf")
+        fullscale.load_glue("sst2", source="hf")
     with pytest.raises(ValueError, match="'tsv' or 'hf'"):
-        load_glue("sst2", source="csv")
+        fullscale.load_glue("sst2", source="csv")
 
 
 # --------------------------------------------------------------------------- OpenWebText
@@ -343,35 +341,35 @@ def owt_root(tmp_path):
 
 
 def test_openwebtext_memmaps(owt_root):
-    data = load_openwebtext(owt_root)
+    data = fullscale.load_openwebtext(owt_root)
     assert isinstance(data["train"], np.memmap) and data["train"].dtype == np.uint16
     assert len(data["train"]) == 1000 and len(data["val"]) == 100
     assert int(data["val"][-1]) == 50099
 
 
 def test_random_lm_batch(owt_root):
-    tokens = load_openwebtext(owt_root)["train"]
+    tokens = fullscale.load_openwebtext(owt_root)["train"]
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1]  # noqa: NPY002
-    x, y = random_lm_batch(tokens, 4, 16, torch.Generator().manual_seed(0))
+    x, y = fullscale.random_lm_batch(tokens, 4, 16, torch.Generator().manual_seed(0))
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], np_state)  # noqa: NPY002
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(y, x + 1)  # tokens are 0..999: targets are the next ids
     assert torch.equal(x[:, 1:], x[:, :-1] + 1)
     assert int(x.max()) + 1 <= 999
-    x2, _ = random_lm_batch(tokens, 4, 16, torch.Generator().manual_seed(0))
+    x2, _ = fullscale.random_lm_batch(tokens, 4, 16, torch.Generator().manual_seed(0))
     assert torch.equal(x, x2)
-    x3, _ = random_lm_batch(tokens, 4, 16, torch.Generator().manual_seed(1))
+    x3, _ = fullscale.random_lm_batch(tokens, 4, 16, torch.Generator().manual_seed(1))
     assert not torch.equal(x, x3)
-    xt, yt = random_lm_batch(torch.arange(50), 2, 49, torch.Generator().manual_seed(0))
+    xt, yt = fullscale.random_lm_batch(torch.arange(50), 2, 49, torch.Generator().manual_seed(0))
     assert xt[0].tolist() == list(range(49)) and yt[0].tolist() == list(range(1, 50))
     with pytest.raises(ValueError, match="too few"):
-        random_lm_batch(tokens[:16], 1, 16, torch.Generator())
+        fullscale.random_lm_batch(tokens[:16], 1, 16, torch.Generator())
 
 
 def test_token_bin_errors(owt_root):
     (owt_root / "val.bin").write_bytes(b"\x01\x02\x03")
     with pytest.raises(ValueError, match="3 bytes"):
-        load_openwebtext(owt_root)
+        fullscale.load_openwebtext(owt_root)
     with pytest.raises(FileNotFoundError, match="missing token file"):
-        load_token_bin(owt_root / "nope.bin")
+        fullscale.load_token_bin(owt_root / "nope.bin")

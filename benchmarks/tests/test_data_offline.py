@@ -22,21 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from alsals_bench.data import (
-    AUSTEN_BOOKS,
-    DataNotFoundError,
-    data_dir,
-    gpt2_tokenizer,
-    load_austen_texts,
-    load_bbc_news,
-    load_digits_dataset,
-    load_fashion_mnist,
-    load_fine_food,
-    load_tweets,
-    minilm_path,
-    offline,
-    stratified_split,
-)
+from alsals_bench.data import DataNotFoundError, data_dir, offline
 from alsals_bench.data import fetch as fetch_mod
 from alsals_bench.data._store import read_manifest
 
@@ -80,28 +66,28 @@ def assert_text_split(data: dict, n_classes: int, overlap: int = 0) -> None:
 def test_stratified_split_is_exact_stratified_and_deterministic():
     labels = np.repeat(np.arange(3), [50, 30, 20])
     before = rng_state()
-    train, test = stratified_split(labels, 20, seed=0)
+    train, test = offline.stratified_split(labels, 20, seed=0)
     assert_rng_unchanged(before)
     assert len(test) == 20 and len(train) == 80
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(100))
     assert np.bincount(labels[test]).tolist() == [10, 6, 4]
-    again = stratified_split(labels, 20, seed=0)
+    again = offline.stratified_split(labels, 20, seed=0)
     assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
-    assert not np.array_equal(test, stratified_split(labels, 20, seed=1)[1])
+    assert not np.array_equal(test, offline.stratified_split(labels, 20, seed=1)[1])
 
 
 def test_stratified_split_keeps_groups_together():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     groups = np.array(["a", "a", "b", "c", "d", "d", "e", "f"])
     for seed in range(5):
-        train, test = stratified_split(labels, 2, seed, groups=groups)
+        train, test = offline.stratified_split(labels, 2, seed, groups=groups)
         assert not set(groups[train]) & set(groups[test])
         assert len(set(groups[test])) == 2
 
 
 def test_stratified_split_rejects_bad_sizes():
     with pytest.raises(ValueError, match="n_test"):
-        stratified_split(np.zeros(5), 5, seed=0)
+        offline.stratified_split(np.zeros(5), 5, seed=0)
 
 
 # --------------------------------------------------------------------------- digits (always)
@@ -109,13 +95,13 @@ def test_stratified_split_rejects_bad_sizes():
 
 def test_digits_dataset():
     before = rng_state()
-    data = load_digits_dataset()
+    data = offline.load_digits_dataset()
     assert_rng_unchanged(before)
     assert data["x_train"].shape == (1437, 1, 8, 8) and data["x_test"].shape == (360, 1, 8, 8)
     assert data["x_train"].dtype == torch.float32 and data["y_train"].dtype == torch.int64
     assert float(data["x_train"].min()) >= 0.0 and float(data["x_train"].max()) == 1.0
     assert torch.bincount(data["y_test"], minlength=10).min() >= 35  # stratified: ~36 each
-    again = load_digits_dataset()
+    again = offline.load_digits_dataset()
     assert torch.equal(data["y_test"], again["y_test"])
     assert torch.equal(data["x_train"], again["x_train"])
 
@@ -126,13 +112,13 @@ def test_digits_dataset():
 @pytest.mark.parametrize(
     ("loader", "name"),
     [
-        (load_fashion_mnist, "fashion-mnist"),
-        (load_austen_texts, "austen"),
-        (gpt2_tokenizer, "gpt2-bpe"),
-        (load_fine_food, "fine-food"),
-        (load_bbc_news, "bbc-news"),
-        (load_tweets, "tweets"),
-        (minilm_path, "minilm"),
+        (offline.load_fashion_mnist, "fashion-mnist"),
+        (offline.load_austen_texts, "austen"),
+        (offline.gpt2_tokenizer, "gpt2-bpe"),
+        (offline.load_fine_food, "fine-food"),
+        (offline.load_bbc_news, "bbc-news"),
+        (offline.load_tweets, "tweets"),
+        (offline.minilm_path, "minilm"),
     ],
 )
 def test_missing_data_says_how_to_fetch(tmp_path, loader, name):
@@ -145,7 +131,7 @@ def test_missing_file_after_fetch_suggests_force(tmp_path):
     folder.mkdir()
     (folder / "MANIFEST.json").write_text(json.dumps({"files": {}}))
     with pytest.raises(DataNotFoundError, match="--force"):
-        gpt2_tokenizer(root=tmp_path)
+        offline.gpt2_tokenizer(root=tmp_path)
 
 
 def test_data_dir_honours_env(monkeypatch, tmp_path):
@@ -173,7 +159,7 @@ def test_idx_parser_checks_magic_and_size(tmp_path):
 
 def test_fashion_mnist():
     require("fashion-mnist")
-    data = load_fashion_mnist()
+    data = offline.load_fashion_mnist()
     assert data["x_train"].shape == (60000, 28, 28) and data["x_test"].shape == (10000, 28, 28)
     assert data["x_train"].dtype == torch.uint8 and data["y_train"].dtype == torch.int64
     assert torch.bincount(data["y_train"]).tolist() == [6000] * 10
@@ -184,8 +170,8 @@ def test_fashion_mnist():
 def test_austen_texts():
     require("austen")
     pytest.importorskip("rdata")
-    books = load_austen_texts()
-    assert len(books) == len(AUSTEN_BOOKS) == 6
+    books = offline.load_austen_texts()
+    assert len(books) == len(offline.AUSTEN_BOOKS) == 6
     assert 3.9e6 < sum(map(len, books)) < 4.1e6
     assert books[1].startswith("PRIDE AND PREJUDICE")
     assert books[3].startswith("EMMA")
@@ -195,7 +181,7 @@ def test_austen_texts():
 def test_gpt2_tokenizer():
     require("gpt2-bpe")
     pytest.importorskip("tokenizers")
-    tokenizer = gpt2_tokenizer()
+    tokenizer = offline.gpt2_tokenizer()
     assert tokenizer.encode("Hello world!").ids == [15496, 995, 0]
     assert tokenizer.get_vocab_size() == 50257
     text = "Emma Woodhouse, handsome, clever, and rich — naïve?"
@@ -205,7 +191,7 @@ def test_gpt2_tokenizer():
 def test_fine_food():
     require("fine-food")
     pytest.importorskip("rdata")
-    data = load_fine_food()
+    data = offline.load_fine_food()
     assert len(data["train_texts"]) == 4000 and len(data["test_texts"]) == 1000
     assert_text_split(data, 2, overlap=7)  # modeldata's own split repeats 7 test reviews
     assert int(data["train_labels"].sum()) == 2600 and int(data["test_labels"].sum()) == 658
@@ -215,7 +201,7 @@ def test_fine_food():
 def test_bbc_news():
     require("bbc-news")
     before = rng_state()
-    data = load_bbc_news()
+    data = offline.load_bbc_news()
     assert_rng_unchanged(before)
     assert data["classes"] == ["business", "entertainment", "politics", "sports", "tech"]
     labels = torch.cat([data["train_labels"], data["test_labels"]])
@@ -223,28 +209,30 @@ def test_bbc_news():
     assert torch.bincount(labels).tolist() == [510, 386, 417, 511, 401]
     assert_text_split(data, 5)
     assert 0.18 < len(data["test_texts"]) / 2225 < 0.22
-    again = load_bbc_news()
+    again = offline.load_bbc_news()
     assert data["test_texts"] == again["test_texts"]
     assert torch.equal(data["train_labels"], again["train_labels"])
-    assert data["test_texts"] != load_bbc_news(seed=1)["test_texts"]
+    assert data["test_texts"] != offline.load_bbc_news(seed=1)["test_texts"]
 
 
 def test_tweets():
     require("tweets")
     before = rng_state()
-    data = load_tweets()
+    data = offline.load_tweets()
     assert_rng_unchanged(before)
     assert data["classes"] == ["negative", "neutral", "positive"]
     assert_text_split(data, 3)
     n = len(data["train_texts"]) + len(data["test_texts"])
     assert 19000 < n < 22000
-    assert n < sum(len(load_tweets(min_confidence=0.5)[k]) for k in ("train_texts", "test_texts"))
-    assert data["test_texts"] == load_tweets()["test_texts"]
+    assert n < sum(
+        len(offline.load_tweets(min_confidence=0.5)[k]) for k in ("train_texts", "test_texts")
+    )
+    assert data["test_texts"] == offline.load_tweets()["test_texts"]
 
 
 def test_minilm_loads_offline(monkeypatch):
     require("minilm")
-    path = minilm_path()
+    path = offline.minilm_path()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")

@@ -100,6 +100,32 @@ def test_every_registered_optimizer_takes_a_step(name):
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
 
 
+class _CountingClock:
+    """Stands in for the step-cost benchmark's clock: counts the passes run inside it."""
+
+    entered = 0
+
+    def __enter__(self) -> None:
+        self.entered += 1
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("name", ["alsals", "alsals-fast", "sls"])
+def test_line_search_stepper_counts_the_passes_the_optimizer_reports(name):
+    run, stepper = _stepper_on_smoke_task(name)
+    stepper.pass_clock = clock = _CountingClock()
+    for _ in range(3):
+        before = (stepper.forwards, stepper.backwards)
+        batch = run.next_batch()
+        stepper.step(lambda batch=batch: run.loss(run.model, batch))
+        info = stepper.optimizer.last_step
+        counted = (stepper.forwards - before[0], stepper.backwards - before[1])
+        assert counted == (info.forwards, info.backwards)
+    assert clock.entered == stepper.forwards  # every pass runs inside the clock
+
+
 def test_dog_logs_the_step_size_it_took_not_its_multiplier():
     run, stepper = _stepper_on_smoke_task("dog")
     batch = run.next_batch()
@@ -244,3 +270,22 @@ def test_cli_list_and_default_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Table I" in printed and "digits-cnn" in printed
     assert (tmp_path / "smoke" / "report" / "report.md").exists()
+
+
+def test_fetch_landscape_and_speed_are_subcommands_with_their_own_options(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["fetch", "--only", "austen", "--only", "gpt2-bpe", "--data-dir", "d"])
+    assert (args.command, args.only, str(args.data_dir)) == ("fetch", ["austen", "gpt2-bpe"], "d")
+    args = parser.parse_args(["speed", "--models", "mlp-tiny", "--steps", "3"])
+    assert (args.command, args.steps, str(args.out)) == ("speed", 3, "runs/speed")
+    args = parser.parse_args(["landscape", "--scans", "2"])
+    assert (args.command, args.scans, str(args.out)) == ("landscape", 2, "runs/landscape")
+    for command, option in (
+        ("fetch", "--data-dir"),
+        ("landscape", "--points"),
+        ("speed", "--profile"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([command, "-h"])
+        assert exit_.value.code == 0 and option in capsys.readouterr().out
+    assert cli.main(["landscape", "--steps", "2", "--scans", "3"]) == 2

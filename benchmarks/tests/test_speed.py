@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from alsals import ALSALS
-from alsals_bench import speed
+from alsals_bench import cli
+from alsals_bench.speed.configs import CONFIGS
+from alsals_bench.speed.measure import Bench, clone_optimizer
+from alsals_bench.speed.workloads import MODELS
 
 pytest.importorskip("transformers")
 pytest.importorskip("salsa.SaLSA")
@@ -20,6 +21,7 @@ pytest.importorskip("salsa.SaLSA")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     argv = [
+        "speed",
         "--models",
         "mlp-tiny,cnn-tiny,gpt2-tiny",
         "--steps",
@@ -34,7 +36,7 @@ def run(tmp_path_factory):
         str(out),
         "--no-plot",
     ]
-    assert speed.main(argv) == 0
+    assert cli.main(argv) == 0
     return out, json.loads((out / "speed.json").read_text())
 
 
@@ -42,10 +44,10 @@ def test_every_configuration_on_every_model(run):
     out, payload = run
     assert [r["model"] for r in payload["results"]] == ["mlp-tiny", "cnn-tiny", "gpt2-tiny"]
     for result in payload["results"]:
-        assert [row["config"] for row in result["summary"]] == list(speed.CONFIGS)
+        assert [row["config"] for row in result["summary"]] == list(CONFIGS)
         assert all(len(m["step_s"]) == 2 for m in result["measurements"].values())
     text = (out / "speed.md").read_text()
-    for name in speed.CONFIGS:
+    for name in CONFIGS:
         assert f"| {name} |" in text
     assert "### Targets" in text
     assert payload["machine"]["torch"] == torch.__version__
@@ -94,52 +96,24 @@ def test_snapshot_restores_the_optimizer_exactly():
     """The timed repeats start from a deep copy of the warmed-up optimizer: same trajectory."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    work = speed.MODELS["mlp-tiny"](gen)
-    bench = speed.Bench(
-        work, ["adam", "alsals-fast", "salsa"], torch.device("cpu"), log=lambda s: None
-    )
+    work = MODELS["mlp-tiny"](gen)
+    bench = Bench(work, ["adam", "alsals-fast", "salsa"], torch.device("cpu"), log=lambda s: None)
     bench.warm_up(4)
     params = list(work.model.parameters())
     trajectories = []
     for _ in range(2):
-        driver, start = bench._restore(speed.CONFIGS["alsals-fast"])
+        driver, start = bench._restore(CONFIGS["alsals-fast"])
         bench._run(driver, start, 3)
         trajectories.append([p.detach().clone() for p in params])
     for a, b in zip(*trajectories, strict=True):
         assert torch.equal(a, b)
     snap = bench.snapshots["salsa"].optimizer
-    clone = speed.clone_optimizer(snap, params)
+    clone = clone_optimizer(snap, params)
     assert clone.step_size == snap.step_size and clone.params[0] is params[0]
     assert clone.state["gv"][0] is not snap.state["gv"][0]
 
 
-def test_memory_tracker_counts_gradients_and_temporaries():
-    model = nn.Linear(64, 32)
-    x = torch.randn(16, 64)
-    tracker = speed.LiveStorage()
-    with tracker:
-        model(x).square().sum().backward()
-    grad_bytes = sum(p.numel() * 4 for p in model.parameters())
-    assert tracker.live >= grad_bytes  # the gradients are still alive after backward
-    assert tracker.peak >= grad_bytes + 16 * 32 * 4
-
-    # State replaced by a new tensor each step (as SaLSa does) is counted once.
-    state = {"v": torch.zeros(1000)}
-    tracker = speed.LiveStorage()
-    tracker.adopt(state)
-    with tracker:
-        for _ in range(3):
-            state["v"] = state["v"] * 0.9 + 1.0
-    assert tracker.live == 4000
-    assert tracker.peak <= 3 * 4000  # old, temporary and new at most
-
-    optimizer = ALSALS(model.parameters())
-    assert speed.state_bytes(optimizer) == 0
-    optimizer.step(lambda: model(x).square().mean())
-    assert speed.state_bytes(optimizer) == 2 * grad_bytes  # exp_avg and exp_avg_sq
-
-
 def test_unknown_names_are_rejected(capsys):
-    assert speed.main(["--models", "nope"]) == 2
-    assert speed.main(["--configs", "nope"]) == 2
+    assert cli.main(["speed", "--models", "nope"]) == 2
+    assert cli.main(["speed", "--configs", "nope"]) == 2
     assert "known" in capsys.readouterr().err

