@@ -107,15 +107,17 @@ def test_step_uses_multi_tensor_kernels_and_no_deepcopy(monkeypatch):
     with mode:
         opt.step(quadratic_closure(params, mode))
     foreach = [op for op in mode.ops if op.startswith("aten::_foreach_")]
-    assert {"aten::_foreach_copy_", "aten::_foreach_addcdiv_", "aten::_foreach_lerp_"} <= set(
-        foreach
-    )
-    # per-tensor elementwise updates of the weights would show up as aten::add_/addcdiv_
-    assert "aten::addcdiv_" not in mode.ops
+    # saving/restoring the weights, trial points, and the moments (committed in place)
+    assert {"aten::_foreach_copy_", "aten::_foreach_add_", "aten::_foreach_lerp_"} <= set(foreach)
+    # per-tensor elementwise updates would show up as aten::add_/addcdiv_/lerp_/mul_
+    per_tensor = {"aten::add_", "aten::addcdiv_", "aten::lerp_", "aten::mul_"}
+    assert not per_tensor & set(mode.ops)
 
 
 def test_last_step_reports_diagnostics_for_logging():
-    params = make_params()
+    # float64: the finite-difference slope at fd_step=5e-8 is well resolved on every CPU (in
+    # float32 it is at the rounding limit, which differs between machines).
+    params = [p.detach().double().requires_grad_() for p in make_params()]
     opt = ALSALS(params, lr=10.0)
     mode = LiveStorage()
     opt.step(quadratic_closure(params, mode))

@@ -1,4 +1,4 @@
-"""Search and update directions, and the slope of the loss along them.
+"""Search and update directions, Adam's moments, and the slope of the loss along a direction.
 
 The paper's three optimizers move the weights along one of three directions (Sec. II-III):
 
@@ -6,8 +6,13 @@ The paper's three optimizers move the weights along one of three directions (Sec
 * ``PRECONDITIONED``   d = -g / (sqrt(v_hat) + eps)        (Adam with beta1 = 0; Adam + SLS, Eq. 5)
 * ``MOMENTUM``         d = -m_hat / (sqrt(v_hat) + eps)    (Adam, Eq. 3; ALSALS)
 
-Each group may scale its direction by ``lr_scale``, so that one line-searched step size
-``eta`` moves group ``i`` by ``eta * lr_scale_i * d_i``. All updates are multi-tensor
+Each group scales its direction by ``lr_scale``, so that one line-searched step size ``eta``
+moves group ``i`` by ``eta * lr_scale_i * d_i``.
+
+Adam's moments are not changed while a step is in progress: the direction is built from the
+moments this step *would* have (``m' = beta1 m + (1 - beta1) g``, ``v' = beta2 v + (1 - beta2)
+g^2``), and :func:`commit_moments` writes them once the step is taken. An exception or a
+skipped step therefore leaves the moments as they were. All updates are multi-tensor
 (``torch._foreach_*``) and never leave the device.
 """
 
@@ -26,94 +31,146 @@ class Direction(enum.Enum):
     PRECONDITIONED = "preconditioned"
     MOMENTUM = "momentum"
 
+    @property
+    def uses_moments(self) -> bool:
+        return self is not Direction.GRADIENT
+
 
 @dataclass
-class GroupTensors:
-    """The tensors of one parameter group that take part in this step (grad is not None)."""
+class GroupStep:
+    """The tensors of one parameter group that take part in this step (``grad`` is set).
+
+    ``weights``, ``grads`` and the moments are the local shards (FSDP2) that the update
+    writes; ``params`` are the parameters themselves (the keys of ``optimizer.state``).
+    ``steps`` holds Adam's ``t`` after this step.
+    """
 
     group: dict
-    params: list[Tensor]
-    grads: list[Tensor]
+    params: list[Tensor] = field(default_factory=list)
+    weights: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
-    denoms: list[Tensor] = field(default_factory=list)
-    keys: list[Tensor] = field(default_factory=list)  # the parameters (state keys)
-    shards: list[int] = field(default_factory=list)  # ranks a parameter is sharded over
+    shard_counts: list[int] = field(default_factory=list)
 
     @property
-    def scale(self) -> float:
+    def lr_scale(self) -> float:
         return self.group["lr_scale"]
 
-
-def update_moments(view: GroupTensors) -> None:
-    """Adam's moment updates (Eq. 3) and the bias-corrected denominator sqrt(v_hat) + eps."""
-    beta1, beta2 = view.group["betas"]
-    view.steps = [s + 1 for s in view.steps]
-    torch._foreach_lerp_(view.exp_avgs, view.grads, 1.0 - beta1)
-    torch._foreach_mul_(view.exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(view.exp_avg_sqs, view.grads, view.grads, 1.0 - beta2)
-    compute_denominators(view)
+    def bias_corrections(self) -> tuple[list[float], list[float]]:
+        """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` for each tensor, at this step's ``t``."""
+        beta1, beta2 = self.group["betas"]
+        return [1.0 - beta1**t for t in self.steps], [math.sqrt(1.0 - beta2**t) for t in self.steps]
 
 
-def compute_denominators(view: GroupTensors) -> None:
-    """``sqrt(v_hat) + eps`` from the current second moments (Eq. 3)."""
-    beta2 = view.group["betas"][1]
-    view.denoms = torch._foreach_sqrt(view.exp_avg_sqs)
-    torch._foreach_div_(view.denoms, [math.sqrt(1.0 - beta2**s) for s in view.steps])
-    torch._foreach_add_(view.denoms, view.group["eps"])
+@dataclass
+class StepDirection:
+    """``d`` of one group as ``d_i = scales_i * tensors_i [/ divisors_i]``.
+
+    Without divisors all tensors share one scale (``scales[0]``).
+    """
+
+    tensors: list[Tensor]
+    divisors: list[Tensor] | None
+    scales: list[float]
+
+    def add_to(self, weights: list[Tensor], eta: float) -> None:
+        """``weights += eta * d`` in place."""
+        if self.divisors is None:
+            torch._foreach_add_(weights, self.tensors, alpha=eta * self.scales[0])
+        else:
+            torch._foreach_addcdiv_(
+                weights, self.tensors, self.divisors, [eta * s for s in self.scales]
+            )
+
+    def materialize(self) -> list[Tensor]:
+        """``d`` as new tensors, one per parameter."""
+        d = [torch.zeros_like(t) for t in self.tensors]
+        self.add_to(d, 1.0)
+        return d
 
 
-def direction_tensors(view: GroupTensors, direction: Direction) -> list[Tensor]:
-    """The direction ``d`` (``lr_scale`` included) as new tensors, one per parameter."""
-    d = [torch.zeros_like(p) for p in view.params]
-    add_direction(GroupTensors(**{**view.__dict__, "params": d}), direction, 1.0)
-    return d
+def second_moments_after(step: GroupStep) -> list[Tensor]:
+    """``v' = beta2 v + (1 - beta2) g^2`` as new tensors (the same operations as the commit)."""
+    beta2 = step.group["betas"][1]
+    v_new = torch._foreach_mul(step.exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(v_new, step.grads, step.grads, 1.0 - beta2)
+    return v_new
 
 
-def _momentum_scalars(view: GroupTensors, alpha: float) -> list[float]:
-    beta1 = view.group["betas"][0]
-    return [alpha / (1.0 - beta1**s) for s in view.steps]
+def denominators_after(step: GroupStep) -> list[Tensor]:
+    """``sqrt(v_hat') + eps`` of this step, as new tensors (Eq. 3)."""
+    denominators = second_moments_after(step)
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_div_(denominators, step.bias_corrections()[1])
+    torch._foreach_add_(denominators, step.group["eps"])
+    return denominators
 
 
-def add_direction(view: GroupTensors, direction: Direction, eta: float) -> None:
-    """``params += eta * lr_scale * d`` in place."""
-    alpha = -eta * view.scale
+def build_direction(
+    step: GroupStep, direction: Direction, denominators: list[Tensor] | None
+) -> StepDirection:
+    """The direction ``direction`` of this step, from the moments the step would commit.
+
+    ``denominators`` (``sqrt(v_hat') + eps``) are needed by the Adam directions. The momentum
+    direction is written into one new parameter-sized buffer; the others reuse the gradients
+    and the denominators.
+    """
+    scale = -step.lr_scale
     if direction is Direction.GRADIENT:
-        torch._foreach_add_(view.params, view.grads, alpha=alpha)
-    elif direction is Direction.PRECONDITIONED:
-        torch._foreach_addcdiv_(view.params, view.grads, view.denoms, value=alpha)
-    else:
-        torch._foreach_addcdiv_(
-            view.params, view.exp_avgs, view.denoms, _momentum_scalars(view, alpha)
-        )
+        return StepDirection(step.grads, None, [scale])
+    assert denominators is not None
+    if direction is Direction.PRECONDITIONED:
+        return StepDirection(step.grads, denominators, [scale] * len(step.grads))
+    beta1 = step.group["betas"][0]
+    d = torch._foreach_lerp(step.exp_avgs, step.grads, 1.0 - beta1)  # m'
+    torch._foreach_div_(d, denominators)
+    torch._foreach_mul_(d, [scale / b for b in step.bias_corrections()[0]])
+    return StepDirection(d, None, [1.0])
 
 
-def descent_slope(views: list[GroupTensors], direction: Direction) -> Tensor:
-    """The analytic slope ``-g . d`` summed over all groups (a device scalar, no host sync).
+def committed_momentum_direction(step: GroupStep, denominators: list[Tensor]) -> StepDirection:
+    """The momentum direction from moments already committed (Adam + SLS's update)."""
+    return StepDirection(
+        step.exp_avgs,
+        denominators,
+        [-step.lr_scale / b for b in step.bias_corrections()[0]],
+    )
+
+
+def commit_moments(step: GroupStep, state: dict) -> None:
+    """Write this step's Adam moments (Eq. 3) and ``t`` into the optimizer state."""
+    beta1, beta2 = step.group["betas"]
+    torch._foreach_lerp_(step.exp_avgs, step.grads, 1.0 - beta1)
+    torch._foreach_mul_(step.exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(step.exp_avg_sqs, step.grads, step.grads, 1.0 - beta2)
+    for p, t in zip(step.params, step.steps, strict=True):
+        state[p]["step"] = t
+
+
+def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> list[Tensor]:
+    """The terms of the analytic slope ``-g . d`` (device scalars, no host sync).
 
     For the gradient direction this is ``||g||^2`` (Eq. 1), for the preconditioned one
     ``sum g^2 / (sqrt(v_hat) + eps)`` (Eq. 5); along the momentum direction it is the
     first-order prediction of the loss decrease per unit step that ALSALS otherwise
-    estimates by a finite difference (Eq. 6).
+    estimates by a finite difference (Eq. 6). A parameter sharded over ``k`` ranks counts
+    ``k`` times, so that the mean over ranks is the sum over shards.
     """
     terms: list[Tensor] = []
-    for view in views:
-        if direction is Direction.GRADIENT:
-            norms = torch._foreach_norm(view.grads)
-            terms += [n.square() * view.scale * f for n, f in zip(norms, view.shards, strict=True)]
-            continue
-        if direction is Direction.PRECONDITIONED:
-            numerators, scalars = view.grads, [view.scale] * len(view.grads)
+    for step, d in zip(steps, directions, strict=True):
+        if d.divisors is None:
+            # One dot product per tensor: no temporary the size of the parameters.
+            terms += [
+                torch.dot(g.reshape(-1), t.reshape(-1)) * (-d.scales[0] * k)
+                for g, t, k in zip(step.grads, d.tensors, step.shard_counts, strict=True)
+            ]
         else:
-            numerators, scalars = view.exp_avgs, _momentum_scalars(view, view.scale)
-        # One temporary the size of a single tensor at a time: g . (n / d) via a dot product.
-        terms += [
-            torch.dot(g.reshape(-1), (n / d).reshape(-1)) * (k * f)
-            for g, n, d, k, f in zip(
-                view.grads, numerators, view.denoms, scalars, view.shards, strict=True
-            )
-        ]
-    device = terms[0].device
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
-    return torch.stack([t.to(device=device, dtype=dtype) for t in terms]).sum()
+            terms += [
+                torch.dot(g.reshape(-1), (t / q).reshape(-1)) * (-s * k)
+                for g, t, q, s, k in zip(
+                    step.grads, d.tensors, d.divisors, d.scales, step.shard_counts, strict=True
+                )
+            ]
+    return terms

@@ -2,30 +2,35 @@
 
 The three optimizers of the paper differ in four choices only: the direction searched along,
 the direction the accepted step is applied along, how the slope on the right-hand side of
-the Armijo test is obtained, and the test itself (``c``, smoothing). ``LineSearchOptimizer``
-runs the shared procedure; the public classes in :mod:`alsals.optimizers` pick the choices.
+the Armijo test is obtained, and the test itself (``c``, smoothing).
+``LineSearchOptimizer`` runs the shared procedure; the public classes in
+:mod:`alsals.optimizers` pick the choices.
 
-One step (see ``step``):
+``step`` runs the phases of ``docs/algorithms.md`` in order, one method each, under the same
+names as ``tests/reference.py``:
 
-1. Evaluate the closure with gradients at the starting weights ``w``; average the loss
-   across ranks. A non-finite loss or gradient skips the step; an all-zero gradient is a
-   no-op.
-2. Update Adam's moments (if the directions use them).
-3. Decide whether to search this step (warm-up and search cadence) or to reuse ``eta``.
-4. Search: grow ``eta`` by ``2^(1/b)`` (Eq. 2), then try ``w + eta d`` in place and
-   backtrack ``eta <- backtrack * eta`` until the test holds, at most ``max_trials`` times.
-   The slope comes either from ``-g.d`` or from a finite-difference probe (Eq. 6).
-5. Apply the accepted ``eta`` along the update direction, then decoupled weight decay.
+0. ``_adopt_written_lr``  a step size written into ``param_groups[i]["lr"]`` since the
+   last step sets where the search starts (0: this step takes no update).
+1. ``_evaluate``          the loss and the gradients at the starting weights ``w0``.
+2. ``_check``             skip the step (a non-finite loss, gradient or moment; an all-zero
+   gradient), with the same collectives on every rank.
+3. ``_plan``              warm-up, search, reuse of the step size, or no update.
+4. ``_directions``        the search direction of this step (Adam's moments are not
+   touched yet).
+5. ``_search``            the slope, then trials at ``w0 + eta d``: grow, backtrack, accept.
+6. ``_commit``            Adam's moments, the update with decoupled weight decay, the
+   search state and every group's ``lr``.
 
-Every trial evaluation replays the first evaluation's random state and restores the module
-buffers afterwards. The starting weights are kept in one parameter-sized buffer during the
-search so that a failed search, a non-finite trial, or an exception raised by the closure
-leaves the weights bit-for-bit as they were.
+Nothing is written before phase 6: an exception raised anywhere in a step (by the closure
+included) leaves the weights, the moments, the counters and the search state exactly as they
+were, and the random state and protected buffers as they were before the step.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,28 +40,116 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alsals._closure import Closure, ClosureEvaluator
 from alsals.acceptance import ArmijoTest
+from alsals.closure import Closure, ClosureEvaluator, checked_buffers
 from alsals.directions import (
     Direction,
-    GroupTensors,
-    add_direction,
-    compute_denominators,
-    descent_slope,
-    direction_tensors,
-    update_moments,
+    GroupStep,
+    StepDirection,
+    analytic_slope,
+    build_direction,
+    commit_moments,
+    committed_momentum_direction,
+    denominators_after,
+    second_moments_after,
 )
 from alsals.distributed import mean_to_host
-
-SLOPES = ("analytic", "finite_difference")
+from alsals.hyperparameters import (
+    GROUP_KEYS,
+    SEARCH_KEYS,
+    TORCH_GROUP_KEYS,
+    check_group,
+    checked_search,
+    in_range,
+    real,
+)
+from alsals.search_state import SearchState
 
 try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch < 2.4
     DTensor = Shard = None
 
+#: A trial whose loss change and predicted change both lie within this many units in the
+#: last place of the loss (or whose loss did not change at all) is below the resolution of
+#: the weights or the loss: it says nothing about whether the step is too large.
+RESOLUTION_ULPS = 4
+#: An unresolved trial is followed by one this many times larger (while nothing larger in
+#: the search was rejected).
+UPWARD_FACTOR = 2.0
+#: The step size never falls below the smallest normal float.
+MIN_STEP_SIZE = sys.float_info.min
+ADAPTIVE_MIN_SEARCHES = 10  # SaLSa: always search during the first 10 steps
+ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards
+#: A learning rate written before this many consecutive steps is a schedule left in the loop.
+SCHEDULE_WARNING_STEPS = 3
+#: Keys of other torch.optim optimizers' groups, and what to do instead of each.
+FOREIGN_GROUP_KEYS = {
+    "maximize": "negate the loss instead",
+    "amsgrad": "not supported",
+    "foreach": "alsals always uses multi-tensor kernels",
+    "fused": "alsals always uses multi-tensor kernels",
+    "capturable": "not supported",
+    "differentiable": "not supported",
+    "decoupled_weight_decay": "weight_decay is always decoupled (AdamW's form)",
+    "momentum": "ALSALS and AdamSLS use betas",
+    "dampening": "not supported",
+    "nesterov": "not supported",
+}
 
-def _local(t: Tensor) -> Tensor:
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the last call to ``step`` did, for logging.
+
+    ``kind`` is ``"search"`` (a trial was accepted), ``"reuse"`` (cadence: the previous
+    step size was reused), ``"warmup"``, ``"zero_lr"`` (``lr`` 0 was written: no update),
+    ``"failed"`` (no trial passed: weights unchanged), ``"unresolved"`` (the trials that
+    passed were below the resolution of the weights or the loss: weights unchanged),
+    ``"nonfinite"`` (loss, gradient, moment or slope not finite: step skipped) or
+    ``"zero_grad"`` (no gradient, or all zero). ``step_size`` is the ``eta`` applied (0 when
+    the weights did not move), ``slope`` the slope estimate (``nan`` when none was computed)
+    and ``loss_decrease`` is ``f(w0) - f(w0 + eta d)`` at the accepted trial (``nan`` if
+    none).
+    """
+
+    kind: str
+    step_size: float
+    loss: float
+    trials: int
+    forwards: int
+    backwards: int
+    slope: float
+    loss_decrease: float
+
+
+@dataclass
+class Outcome:
+    """What phases 2-5 decided; phase 6 writes it."""
+
+    kind: str
+    step_size: float = 0.0
+    trials: int = 0
+    slope: float = math.nan
+    loss_decrease: float = math.nan
+    next_step_size: float | None = None  # eta for the next search, where it changes
+    decrease_avg: float | None = None  # D and G to store (accepted searches)
+    slope_avg: float | None = None
+    reset_averages: bool = False
+    warning: str | None = None
+
+
+@dataclass
+class StepPreview:
+    """The step ``optimizer.preview(closure)`` would take, without taking it."""
+
+    info: StepInfo
+    params: list[Tensor]  # the parameters that take part (grad set)
+    direction: list[Tensor]  # the search direction d, one tensor per parameter
+    state: SearchState  # the search state before the step
+
+
+def local_shard(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2 parameters, gradients, state); else ``t``."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
@@ -72,60 +165,6 @@ def _shard_count(p: Tensor) -> int:
     return count
 
 
-# Hyperparameters of the search itself: one value for the whole optimizer.
-SEARCH_KEYS = (
-    "c",
-    "smoothing",
-    "backtrack",
-    "growth_interval",
-    "max_trials",
-    "slope",
-    "fd_step",
-    "warmup_steps",
-    "search_interval",
-)
-# Hyperparameters that may differ between parameter groups.
-GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
-
-ADAPTIVE_MIN_SEARCHES = 10  # SaLSa: always search during the first 10 steps
-ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What the last call to ``step`` did, for logging.
-
-    ``kind`` is ``"search"``, ``"reuse"`` (cadence: the previous step size was reused),
-    ``"warmup"``, ``"failed"`` (no trial passed: weights unchanged), ``"nonfinite"``
-    (loss, gradient or slope not finite: step skipped) or ``"zero_grad"``.
-    ``slope`` is the slope estimate of this step (``nan`` when none was computed) and
-    ``loss_decrease`` is ``f(w) - f(w + eta d)`` at the accepted trial (``nan`` if none).
-    """
-
-    kind: str
-    step_size: float
-    loss: float
-    trials: int
-    forwards: int
-    backwards: int
-    slope: float
-    loss_decrease: float
-
-
-def _check_range(name: str, value: Any, low: float, high: float, *, closed_low: bool) -> None:
-    ok_low = value >= low if closed_low else value > low
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok_low and value < high):
-        bracket = "[" if closed_low else "("
-        raise ValueError(
-            f"invalid {name}: {value!r} (expected a number in {bracket}{low}, {high}))"
-        )
-
-
-def _check_positive_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
-
-
 def _largest_magnitudes(grads: list[Tensor]) -> list[Tensor]:
     """``max |g|`` of each tensor (NaN if it holds a NaN), as device scalars: no host sync.
 
@@ -138,13 +177,46 @@ def _largest_magnitudes(grads: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_norm(grads, math.inf))
 
 
+class _TrialPoint:
+    """The weights during a search: ``w0`` kept in one buffer, trial points set in place.
+
+    The buffer is allocated at the first trial, after the analytic slope's temporaries are
+    gone, so the search never holds more than it.
+    """
+
+    def __init__(self, steps: list[GroupStep], directions: list[StepDirection]) -> None:
+        self.steps = steps
+        self.directions = directions
+        self.origins: list[list[Tensor]] = []
+        self.at_origin = True
+
+    def place(self, eta: float) -> None:
+        """Set the weights to ``w0 + eta d``."""
+        if not self.origins:
+            for step in self.steps:
+                origin = [torch.empty_like(w) for w in step.weights]
+                torch._foreach_copy_(origin, step.weights)
+                self.origins.append(origin)
+        if not self.at_origin:
+            self.restore()
+        for step, d in zip(self.steps, self.directions, strict=True):
+            d.add_to(step.weights, eta)
+        self.at_origin = False
+
+    def restore(self) -> None:
+        """Set the weights back to ``w0`` exactly."""
+        for step, origin in zip(self.steps, self.origins, strict=False):
+            torch._foreach_copy_(step.weights, origin)
+        self.at_origin = True
+
+
 class LineSearchOptimizer(torch.optim.Optimizer):
     """Base class: an Armijo line search along a configurable direction.
 
     Subclasses set ``search_direction`` and ``update_direction``. See :mod:`alsals.optimizers`
-    for the parameters; ``param_groups[i]["lr"]`` always shows the step size in use for group
-    ``i`` (``eta * lr_scale``), and writing to it between steps sets the step size the next
-    search starts from.
+    for the parameters. ``param_groups[i]["lr"]`` always shows the step size in use for group
+    ``i`` (``eta * lr_scale``); writing to it between steps sets the step size the next
+    search starts from, and writing 0 makes the next step take no update.
     """
 
     search_direction: Direction
@@ -158,54 +230,42 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        self._validate_search(defaults)
-        self._buffers = [b for b in (buffers or ()) if b is not None]
+        self._buffers = checked_buffers(buffers)
         self._process_group = process_group
-        self._warned_nonfinite = False
+        self._warned: set[str] = set()
+        self._written_lr_steps = 0
+        self._buffers_checked = False
         self.last_step: StepInfo | None = None
-        super().__init__(params, defaults)
+        super().__init__(params, checked_search(defaults))
 
-    # ----------------------------------------------------------------------------- set-up
+    # ------------------------------------------------------------------ torch.optim protocol
 
-    @staticmethod
-    def _validate_search(h: dict[str, Any]) -> None:
-        _check_range("lr", h["lr"], 0.0, math.inf, closed_low=False)
-        _check_range("c", h["c"], 0.0, 1.0, closed_low=False)
-        _check_range("smoothing", h["smoothing"], 0.0, 1.0, closed_low=True)
-        _check_range("backtrack", h["backtrack"], 0.0, 1.0, closed_low=False)
-        if not (isinstance(h["growth_interval"], (int, float)) and h["growth_interval"] > 0):
-            raise ValueError(
-                f"invalid growth_interval: {h['growth_interval']!r} (expected a number > 0; "
-                "math.inf disables growth)"
-            )
-        _check_positive_int("max_trials", h["max_trials"], 1)
-        if h["slope"] not in SLOPES:
-            raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")
-        _check_range("fd_step", h["fd_step"], 0.0, math.inf, closed_low=False)
-        _check_positive_int("warmup_steps", h["warmup_steps"], 0)
-        if h["search_interval"] != "adaptive":
-            try:
-                _check_positive_int("search_interval", h["search_interval"], 1)
-            except ValueError:
-                raise ValueError(
-                    f"invalid search_interval: {h['search_interval']!r} "
-                    "(expected an integer >= 1 or 'adaptive')"
-                ) from None
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups; a copy must also keep the
+        # protected buffers, the process group, the one-time warnings and last_step.
+        return dict(self.__dict__)
 
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        if "betas" in group:
-            betas = group["betas"]
-            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-                raise ValueError(f"invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-            _check_range("betas[0]", betas[0], 0.0, 1.0, closed_low=True)
-            _check_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
-        if "eps" in group:
-            _check_range("eps", group["eps"], 0.0, math.inf, closed_low=False)
-        _check_range("weight_decay", group["weight_decay"], 0.0, math.inf, closed_low=True)
-        _check_range("lr_scale", group["lr_scale"], 0.0, math.inf, closed_low=False)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_buffers", [])
+        self.__dict__.setdefault("_process_group", None)
+        self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_written_lr_steps", 0)
+        self.__dict__.setdefault("_buffers_checked", False)
+        self.__dict__.setdefault("last_step", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        params = param_group.get("params", [])
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError(
+                "a parameter appears twice in one parameter group: it would be updated twice"
+            )
+        param_group["params"] = params
+        self._drop_foreign_keys(param_group)
         for key in SEARCH_KEYS:
             if key in param_group and param_group[key] != self.defaults[key]:
                 raise ValueError(
@@ -213,58 +273,243 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     "decision for all parameters (per-group settings: "
                     f"{', '.join(GROUP_KEYS)})"
                 )
-        if "lr" in param_group and param_group["lr"] != self.defaults["lr"]:
-            raise ValueError(
-                "a per-group 'lr' is not supported: the line search picks one step size for all "
-                "parameters; scale it per group with 'lr_scale' instead"
-            )
+        if "lr" in param_group:
+            lr = real("lr", param_group["lr"])
+            if lr != self.defaults["lr"]:
+                raise ValueError(
+                    f"a per-group 'lr' ({lr!r}, the optimizer's is {self.defaults['lr']!r}) is not "
+                    "supported: the line search picks one step size for all parameters; give "
+                    "the group lr_scale = its lr / the optimizer's lr instead"
+                )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
-        for p in group["params"]:
-            if torch.is_complex(p):
+        try:
+            check_group(group)
+            if any(torch.is_complex(p) for p in group["params"]):
                 raise ValueError("complex parameters are not supported")
-        first_state = self.state.get(self.param_groups[0]["params"][0], {})
-        step_size = first_state.get("line_search", {}).get("step_size", self.defaults["lr"])
-        group["lr"] = step_size * group["lr_scale"]
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
 
-    def _search_state(self) -> dict[str, Any]:
-        """The optimizer-wide state of the search, kept in the first parameter's state so
-        that ``state_dict`` carries it (the convention of ``torch.optim.LBFGS``)."""
-        first = self.param_groups[0]["params"][0]
-        state = self.state[first]
-        if "line_search" not in state:
-            state["line_search"] = {
-                "step": 0,
-                "step_size": float(self.defaults["lr"]),
-                "initial_step_size": float(self.defaults["lr"]),
-                "decrease_avg": 0.0,
-                "slope_avg": 0.0,
-                "averaged": 0,
-                "step_size_fast": 0.0,
-                "step_size_slow": 0.0,
-                "searches": 0,
-                "steps_since_search": 0,
-                "forwards": 0,
-                "backwards": 0,
-                "trials": 0,
-                "failed_searches": 0,
-                "skipped_nonfinite": 0,
-                "skipped_zero_grad": 0,
-            }
-        return state["line_search"]
+    def _drop_foreign_keys(self, param_group: dict[str, Any]) -> None:
+        known = {*SEARCH_KEYS, *GROUP_KEYS, *TORCH_GROUP_KEYS, "param_names"}
+        foreign = {k: FOREIGN_GROUP_KEYS[k] for k in param_group if k in FOREIGN_GROUP_KEYS}
+        for key in foreign:
+            del param_group[key]
+        if foreign:
+            advice = "; ".join(f"{k}: {why}" for k, why in foreign.items())
+            warnings.warn(
+                f"{type(self).__name__} ignores the parameter-group settings of another "
+                f"optimizer ({advice})",
+                UserWarning,
+                stacklevel=4,
+            )
+        unknown = [k for k in param_group if k not in known]
+        if unknown:
+            warnings.warn(
+                f"{type(self).__name__} does not use the parameter-group keys {unknown}; they "
+                f"are kept as they are (its per-group settings: {', '.join(GROUP_KEYS)})",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by ``state_dict()``, validated first: a ``ValueError`` names the
+        first bad entry and nothing is loaded. A state saved by another optimizer class
+        warns (its search settings replace this optimizer's, as in ``torch.optim``)."""
+        groups = state_dict.get("param_groups", [])
+        for index, saved in enumerate(groups):
+            try:
+                settings = self._checked_settings(saved)
+                first = self._checked_settings(groups[0])
+                differing = [k for k in SEARCH_KEYS if settings[k] != first[k]]
+                if differing:
+                    raise ValueError(f"{differing[0]!r} differs from the first group's")
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"invalid state_dict: param_groups[{index}]: {error}") from None
+        for index, entries in state_dict.get("state", {}).items():
+            if "line_search" not in entries:
+                continue
+            try:
+                saved_search = SearchState.from_dict(entries["line_search"])
+            except ValueError as error:
+                raise ValueError(f"invalid state_dict: state[{index}]: {error}") from None
+            if saved_search.optimizer and saved_search.optimizer != type(self).__name__:
+                warnings.warn(
+                    f"loading a state saved by {saved_search.optimizer} into "
+                    f"{type(self).__name__}: the saved search settings (c, smoothing, slope, "
+                    "...) replace this optimizer's, and its moments may not fit",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update(self._checked_settings(group))
+
+    def _checked_settings(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The hyperparameters of a (saved) group, validated, missing ones from ``defaults``."""
+        merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}}
+        lr = in_range("lr", merged["lr"], 0.0, closed_low=True)
+        settings = checked_search({**merged, "lr": lr or self.defaults["lr"]})
+        check_group(merged)
+        out = {key: settings[key] for key in SEARCH_KEYS}
+        out.update({key: merged[key] for key in GROUP_KEYS if key in merged})
+        out["lr"] = lr
+        return out
+
+    # ------------------------------------------------------------------------ public surface
 
     @property
     def uses_moments(self) -> bool:
-        return Direction.MOMENTUM in (self.search_direction, self.update_direction) or (
-            Direction.PRECONDITIONED in (self.search_direction, self.update_direction)
-        )
+        """Whether the directions need Adam's moments (AdamSLS, ALSALS)."""
+        return self.search_direction.uses_moments or self.update_direction.uses_moments
 
-    def _gather(self) -> list[GroupTensors]:
-        """The tensors taking part in this step, with lazily initialised per-parameter state."""
-        views = []
+    @property
+    def _settings(self) -> dict[str, Any]:
+        """The search hyperparameters: equal in every group, read from the first."""
+        return self.param_groups[0]
+
+    @property
+    def search_state(self) -> SearchState:
+        """A copy of the search state (step size, averages, counters); read-only."""
+        return self._stored_search_state()
+
+    @property
+    def protected_buffers(self) -> list[Tensor]:
+        """The module buffers trial evaluations leave untouched (``buffers=``)."""
+        return list(self._buffers)
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        return self._process_group
+
+    def params(self) -> list[Tensor]:
+        """Every parameter of every group, in group order."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, *, closure_runs_backward: bool | None = None
+    ) -> Tensor:
+        """Take one step; returns the loss at the starting weights (from the first evaluation).
+
+        ``closure`` is required: see :mod:`alsals.closure` for the two forms it may take. The
+        form is read from its signature; ``closure_runs_backward=True`` declares a closure
+        without arguments that runs backward itself while autograd is enabled (for wrappers
+        that hide the signature).
+        """
+        return self._step(closure, commit=True, runs_backward=closure_runs_backward)[0]
+
+    @torch.no_grad()
+    def preview(self, closure: Closure) -> StepPreview:
+        """The step ``step(closure)`` would take now, without taking it.
+
+        Evaluates the closure and runs the search as ``step`` would, then puts everything
+        back: weights, gradients, optimizer state, buffers and the random state. Calling
+        ``step(closure)`` afterwards takes exactly the step previewed.
+        """
+        params = self.params()
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        before = self.search_state
+        try:
+            _, info, steps, directions = self._step(closure, commit=False)
+            direction = [t for d in directions for t in d.materialize()]
+            taking_part = [p for step in steps for p in step.params]
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        return StepPreview(info=info, params=taking_part, direction=direction, state=before)
+
+    # ------------------------------------------------------------------------------ the step
+
+    def _step(
+        self, closure: Closure | None, commit: bool, runs_backward: bool | None = None
+    ) -> tuple[Tensor, StepInfo, list[GroupStep], list[StepDirection]]:
+        evaluator = ClosureEvaluator(
+            closure,  # type: ignore[arg-type]
+            self.params(),
+            self._buffers,
+            runs_backward=runs_backward,
+        )
+        search = self._stored_search_state()
+        written = self._adopt_written_lr(search)
+        steps: list[GroupStep] = []
+        directions: list[StepDirection] = []
+        trial: _TrialPoint | None = None
+        try:
+            loss = self._evaluate(evaluator)
+            steps = self._gather()
+            loss0, outcome = self._check(steps, loss, evaluator)
+            if outcome is None:
+                plan = self._plan(search, written == "zero")
+                directions, denominators = self._directions(steps, plan)
+                if plan == "search":
+                    trial = _TrialPoint(steps, directions)
+                    outcome = self._search(search, steps, directions, trial, loss0, evaluator)
+                else:
+                    outcome = Outcome(kind=plan, step_size=self._planned_step_size(search, plan))
+                if not commit:
+                    if trial is not None:
+                        trial.restore()
+                else:
+                    self._commit(search, steps, directions, denominators, trial, outcome)
+        except BaseException:
+            if trial is not None:
+                trial.restore()
+            evaluator.abort()
+            raise
+        if not commit:
+            evaluator.abort()
+        else:
+            evaluator.finish()
+            self._record(search, outcome, evaluator)
+            self._warn_about(outcome, evaluator, written)
+        info = StepInfo(
+            kind=outcome.kind,
+            step_size=outcome.step_size,
+            loss=loss0,
+            trials=outcome.trials,
+            forwards=evaluator.forwards,
+            backwards=evaluator.backwards,
+            slope=outcome.slope,
+            loss_decrease=outcome.loss_decrease,
+        )
+        if commit:
+            self.last_step = info
+        return loss, info, steps, directions
+
+    # -- 0 -----------------------------------------------------------------------------------
+
+    def _adopt_written_lr(self, search: SearchState) -> str | None:
+        """Phase 0: a group ``lr`` that differs from ``eta * lr_scale`` sets ``eta`` (the first
+        such group): returns ``"set"``, or ``"zero"`` for a written 0 (this step takes no
+        update and ``eta`` is kept), or ``None`` when nothing was written."""
         for group in self.param_groups:
-            view = GroupTensors(group=group, params=[], grads=[])
+            if group["lr"] == search.step_size * group["lr_scale"]:
+                continue
+            lr = in_range("param_groups[...]['lr']", group["lr"], 0.0, closed_low=True)
+            if lr == 0.0:
+                return "zero"
+            search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
+            return "set"
+        return None
+
+    # -- 1 -----------------------------------------------------------------------------------
+
+    def _evaluate(self, evaluator: ClosureEvaluator) -> Tensor:
+        """Phase 1: ``L0 = f(w0)`` and the gradients ``g`` (one forward, one backward)."""
+        return evaluator.evaluate_with_grad()
+
+    def _gather(self) -> list[GroupStep]:
+        """The tensors taking part in this step (``grad`` set), group by group.
+
+        Parameters without Adam state get fresh zero moments here; they are stored in
+        ``state`` only when the step commits.
+        """
+        steps = []
+        for group in self.param_groups:
+            step = GroupStep(group=group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -273,286 +518,361 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients "
                         "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                     )
-                view.keys.append(p)
-                view.params.append(_local(p))
-                view.grads.append(_local(p.grad))
-                view.shards.append(_shard_count(p))
+                step.params.append(p)
+                step.weights.append(local_shard(p))
+                step.grads.append(local_shard(p.grad))
+                step.shard_counts.append(_shard_count(p))
                 if self.uses_moments:
-                    state = self.state[p]
-                    if "exp_avg" not in state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
-                    view.exp_avgs.append(_local(state["exp_avg"]))
-                    view.exp_avg_sqs.append(_local(state["exp_avg_sq"]))
-                    view.steps.append(state["step"])
-            if view.params:
-                views.append(view)
-        return views
+                    state = self.state.get(p, {})
+                    if "exp_avg" in state:
+                        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                    else:
+                        m = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        v = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        t = 0
+                    step.exp_avgs.append(local_shard(m))
+                    step.exp_avg_sqs.append(local_shard(v))
+                    step.steps.append(int(t) + 1)
+            if step.params:
+                steps.append(step)
+        return steps
 
-    def _search_direction_now(self) -> list[tuple[Tensor, Tensor]]:
-        """(parameter, d) for the search direction given the current gradients and state.
+    # -- 2 -----------------------------------------------------------------------------------
 
-        Right after a step this is the direction that step searched along (the trials do not
-        touch ``.grad``); :mod:`alsals.diagnostics` uses it to scan the loss along it.
+    def _check(
+        self, steps: list[GroupStep], loss: Tensor, evaluator: ClosureEvaluator
+    ) -> tuple[float, Outcome | None]:
+        """Phase 2: the loss at ``w0`` (mean over ranks) and whether to skip the step.
+
+        Every rank issues the same collectives whatever its local state: one with the loss,
+        the largest gradient entry and whether Adam's second moment could overflow here, and,
+        only where one rank says it could, a second one with the exact verdict.
         """
-        pairs: list[tuple[Tensor, Tensor]] = []
-        for view in self._gather():
-            if self.uses_moments:
-                compute_denominators(view)
-            pairs += zip(view.params, direction_tensors(view, self.search_direction), strict=True)
-        return pairs
-
-    def _adopt_external_step_size(self, search: dict[str, Any]) -> None:
-        """A step size written into ``param_groups[i]["lr"]`` since the last step wins."""
-        for group in self.param_groups:
-            if group["lr"] != search["step_size"] * group["lr_scale"]:
-                _check_range(
-                    "param_groups[...]['lr']", group["lr"], 0.0, math.inf, closed_low=False
-                )
-                search["step_size"] = group["lr"] / group["lr_scale"]
-                return
-
-    # ------------------------------------------------------------------------------- step
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """Take one step; returns the loss at the starting weights (from the first evaluation).
-
-        ``closure`` is required: see :class:`alsals._closure.ClosureEvaluator` for the two
-        forms it may take.
-        """
-        params = [p for group in self.param_groups for p in group["params"]]
-        evaluator = ClosureEvaluator(closure, params, self._buffers)  # type: ignore[arg-type]
-        search = self._search_state()
-        self._adopt_external_step_size(search)
-
-        loss = evaluator.evaluate_with_grad()
-        views = self._gather()
-        loss0, (kind, eta, trials, slope, decrease) = self._run(search, views, loss, evaluator)
-
-        search["forwards"] += evaluator.forwards
-        search["backwards"] += evaluator.backwards
-        search["trials"] += trials
-        for group in self.param_groups:
-            group["lr"] = search["step_size"] * group["lr_scale"]
-        self.last_step = StepInfo(
-            kind=kind,
-            step_size=eta,
-            loss=loss0,
-            trials=trials,
-            forwards=evaluator.forwards,
-            backwards=evaluator.backwards,
-            slope=slope,
-            loss_decrease=decrease,
-        )
-        return loss
-
-    def _run(
-        self,
-        search: dict[str, Any],
-        views: list[GroupTensors],
-        loss: Tensor,
-        evaluator: ClosureEvaluator,
-    ) -> tuple[float, tuple[str, float, int, float, float]]:
-        """Steps 1-5 of the module docstring; returns the starting loss and the outcome."""
-        nan = float("nan")
-        if not views:  # no parameter has a gradient: nothing to do
-            (loss0,) = mean_to_host([loss], self._process_group)
-            search["skipped_zero_grad"] += 1
-            return loss0, ("zero_grad", 0.0, 0, nan, nan)
-
-        grads = [g for view in views for g in view.grads]
+        grads = [g for step in steps for g in step.grads if g.numel()]
         device = loss.device
-        nonempty = [g for g in grads if g.numel()]  # FSDP2: a rank may hold an empty shard
-        norms = _largest_magnitudes(nonempty) if nonempty else []
-        largest = torch.stack([n.to(device) for n in norms] or [loss.new_zeros(())]).max()
-        loss0, grad_max = mean_to_host([loss, largest], self._process_group)
+        largest = torch.stack(
+            [m.to(device, torch.float64) for m in _largest_magnitudes(grads)]
+            or [torch.zeros((), device=device, dtype=torch.float64)]
+        ).max()
+        risk = torch.zeros((), device=device, dtype=torch.float64)
+        if self.uses_moments and grads:
+            threshold = min(math.sqrt(torch.finfo(g.dtype).max) for g in grads)
+            risk = (largest > threshold / 2).to(torch.float64)
+        loss0, grad_max, overflow_risk = mean_to_host([loss, largest, risk], self._process_group)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
-            self._skip_nonfinite(search, "the loss or the gradient")
-            return loss0, ("nonfinite", 0.0, 0, nan, nan)
+            return loss0, Outcome(kind="nonfinite", warning="the loss or the gradient")
         if grad_max == 0.0:
-            search["skipped_zero_grad"] += 1
-            return loss0, ("zero_grad", 0.0, 0, nan, nan)
+            return loss0, Outcome(kind="zero_grad")
+        if overflow_risk > 0.0 and self._second_moments_overflow(steps, device):
+            return loss0, Outcome(kind="nonfinite", warning="Adam's second moment (g*g overflows)")
+        return loss0, None
 
-        if self.uses_moments:
-            for view in views:
-                update_moments(view)
-                for p, s in zip(view.keys, view.steps, strict=True):
-                    self.state[p]["step"] = s
+    def _second_moments_overflow(self, steps: list[GroupStep], device: torch.device) -> bool:
+        """Whether ``v' = beta2 v + (1 - beta2) g^2`` has an inf on any rank (a rare check)."""
+        flags = [torch.zeros((), device=device, dtype=torch.float64)]
+        for step in steps:
+            v_new = second_moments_after(step)
+            flags += [(~torch.isfinite(v).all()).to(device, torch.float64) for v in v_new]
+        (any_inf,) = mean_to_host([torch.stack(flags).sum()], self._process_group)
+        return any_inf > 0.0
 
-        mode = self._plan(search)
-        if mode != "search":
-            eta = self._reuse_or_warmup_step_size(search, mode)
-            for view in views:
-                decay = 1.0 - eta * view.scale * view.group["weight_decay"]
-                if decay != 1.0:
-                    torch._foreach_mul_(view.params, decay)
-                add_direction(view, self.update_direction, eta)
-            search["step"] += 1
-            search["steps_since_search"] += 1
-            return loss0, (mode, eta, 0, nan, nan)
+    # -- 3 -----------------------------------------------------------------------------------
 
-        # The analytic slope needs temporaries: compute it before the weights are saved.
-        analytic = None
-        if self._hyper["slope"] == "analytic":
-            analytic = descent_slope(views, self.search_direction)
-        origin = [torch.empty_like(p) for view in views for p in view.params]
-        torch._foreach_copy_(origin, [p for view in views for p in view.params])
-        try:
-            outcome = self._search(search, views, loss0, origin, evaluator, analytic)
-        except BaseException:
-            self._restore(views, origin)
-            raise
-        finally:
-            evaluator.finish()
-        return loss0, outcome
-
-    @property
-    def _hyper(self) -> dict[str, Any]:
-        """Search-level hyperparameters: equal in every group, read from the first."""
-        return self.param_groups[0]
-
-    def _plan(self, search: dict[str, Any]) -> str:
-        """``"warmup"``, ``"search"`` or ``"reuse"`` for this step."""
-        if search["step"] < self._hyper["warmup_steps"]:
+    def _plan(self, search: SearchState, zero_lr: bool) -> str:
+        """Phase 3: ``"zero_lr"``, ``"warmup"``, ``"search"`` or ``"reuse"`` for this step."""
+        h = self._settings
+        if zero_lr:
+            return "zero_lr"
+        if search.step < h["warmup_steps"]:
             return "warmup"
-        interval = self._hyper["search_interval"]
-        searches = search["searches"]
-        if searches == 0:
+        interval = h["search_interval"]
+        if search.searches == 0:
             return "search"  # the initial step size is a guess: always search first
         if interval == "adaptive":
-            if searches < ADAPTIVE_MIN_SEARCHES:
+            if search.searches < ADAPTIVE_MIN_SEARCHES:
                 return "search"
             # Bias-corrected fast and slow averages of the step size (SaLSa's cadence).
-            fast = search["step_size_fast"] / (1.0 - 0.9**searches)
-            slow = search["step_size_slow"] / (1.0 - 0.99**searches)
+            fast = search.step_size_fast / (1.0 - 0.9**search.searches)
+            slow = search.step_size_slow / (1.0 - 0.99**search.searches)
             if not (fast > 0.0 and slow > 0.0):
                 return "search"
             change = max(fast / slow, slow / fast) - 1.0
             interval = (
                 ADAPTIVE_MAX_INTERVAL if change <= 0 else min(ADAPTIVE_MAX_INTERVAL, 1 / change)
             )
-        return "search" if search["steps_since_search"] + 1 >= interval else "reuse"
+        return "search" if search.steps_since_search + 1 >= interval else "reuse"
 
-    def _reuse_or_warmup_step_size(self, search: dict[str, Any], mode: str) -> float:
-        if mode == "warmup":
-            warmup = self._hyper["warmup_steps"]
-            search["step_size"] = search["initial_step_size"] * (search["step"] + 1) / warmup
-        return search["step_size"]
+    def _planned_step_size(self, search: SearchState, plan: str) -> float:
+        """The step size of a step that does not search."""
+        if plan == "zero_lr":
+            return 0.0
+        if plan == "warmup":
+            warmup = self._settings["warmup_steps"]
+            search.step_size = search.initial_step_size * (search.step + 1) / warmup
+        return search.step_size
 
-    def _restore(self, views: list[GroupTensors], origin: list[Tensor]) -> None:
-        torch._foreach_copy_([p for view in views for p in view.params], origin)
+    # -- 4 -----------------------------------------------------------------------------------
 
-    def _place(
-        self, views: list[GroupTensors], origin: list[Tensor], eta: float, moved: bool
-    ) -> None:
-        """Set the weights to ``origin + eta * d`` along the search direction."""
-        if moved:
-            self._restore(views, origin)
-        for view in views:
-            add_direction(view, self.search_direction, eta)
+    def _directions(
+        self, steps: list[GroupStep], plan: str
+    ) -> tuple[list[StepDirection], list[list[Tensor] | None]]:
+        """Phase 4: the direction each group searches along (or, without a search, moves
+        along), and the denominators ``sqrt(v_hat') + eps`` where the update still needs
+        them. Built from the moments this step would commit; nothing is written."""
+        if plan == "zero_lr":
+            return [], []
+        kind = self.search_direction if plan == "search" else self.update_direction
+        directions, kept = [], []
+        for step in steps:
+            denominators = denominators_after(step) if kind.uses_moments else None
+            directions.append(build_direction(step, kind, denominators))
+            needs_later = plan == "search" and self.update_direction is not kind
+            kept.append(denominators if needs_later else None)
+        return directions, kept
+
+    # -- 5 -----------------------------------------------------------------------------------
 
     def _search(
         self,
-        search: dict[str, Any],
-        views: list[GroupTensors],
+        search: SearchState,
+        steps: list[GroupStep],
+        directions: list[StepDirection],
+        trial: _TrialPoint,
         loss0: float,
-        origin: list[Tensor],
         evaluator: ClosureEvaluator,
-        analytic_slope: Tensor | None,
-    ) -> tuple[str, float, int, float, float]:
-        h = self._hyper
+    ) -> Outcome:
+        """Phase 5: the slope, then trials from ``eta * 2^(1/b)`` down by ``backtrack`` until
+        the test accepts one, at most ``max_trials``.
+
+        A trial whose loss change and predicted change lie within the rounding of the loss
+        is *unresolved*: it is followed by a larger one while nothing larger was rejected,
+        and ends the search otherwise (the loss cannot be decreased measurably).
+        """
+        h = self._settings
         test = ArmijoTest(c=h["c"], smoothing=h["smoothing"])
-        nan = float("nan")
-
-        if analytic_slope is None:
-            self._place(views, origin, h["fd_step"], moved=False)
-            slope_input = evaluator.evaluate()  # f(w + lambda d), turned into f_a below
+        finite_difference = h["slope"] == "finite_difference"
+        if finite_difference:
+            trial.place(h["fd_step"])
+            slope_input = evaluator.evaluate()  # f(w0 + lambda d), turned into f_a below
         else:
-            slope_input = analytic_slope
+            terms = analytic_slope(steps, directions)
+            slope_input = (
+                torch.stack([t.to(torch.float64) for t in terms]).sum()
+                if terms
+                else torch.zeros((), dtype=torch.float64)
+            )
+        resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
+        watch = not self._buffers_checked
 
-        start_eta = search["step_size"]
-        eta = start_eta * 2.0 ** (1.0 / h["growth_interval"])
-        moved = h["slope"] == "finite_difference"
-        slope = slope_avg = nan
-        for trial in range(1, h["max_trials"] + 1):
-            self._place(views, origin, eta, moved)
-            moved = True
-            trial_loss = evaluator.evaluate()
-            if trial == 1:  # the slope comes to the host with the first trial's loss
+        eta_start = search.step_size
+        eta = max(eta_start * 2.0 ** (1.0 / h["growth_interval"]), MIN_STEP_SIZE)
+        slope = slope_avg = math.nan
+        rejected = False  # a resolved, finite trial failed the test in this search
+        largest_unresolved = 0.0
+        for tried in range(1, h["max_trials"] + 1):
+            trial.place(eta)
+            trial_loss = evaluator.evaluate(watch_buffers=watch and tried == 1)
+            if tried == 1:  # the slope comes to the host with the first trial's loss
                 probe, value = mean_to_host([slope_input, trial_loss], self._process_group)
-                slope = (
-                    (loss0 - probe) / h["fd_step"] if h["slope"] == "finite_difference" else probe
-                )
+                slope = (loss0 - probe) / h["fd_step"] if finite_difference else probe
                 if not math.isfinite(slope):
-                    self._restore(views, origin)
-                    self._skip_nonfinite(search, "the slope estimate")
-                    return "nonfinite", 0.0, trial, slope, nan
-                slope_avg = test.average(search["slope_avg"], slope)
+                    trial.restore()
+                    return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
+                slope_avg = test.average(search.slope_avg, slope)
             else:
                 (value,) = mean_to_host([trial_loss], self._process_group)
             decrease = loss0 - value
-            decrease_avg = test.average(search["decrease_avg"], decrease)
+            decrease_avg = test.average(search.decrease_avg, decrease)
+            predicted = test.factor(slope_avg) * eta * abs(slope)
+            if math.isfinite(value) and (
+                decrease == 0.0 or max(abs(decrease), predicted) <= resolution
+            ):
+                if rejected:
+                    trial.restore()
+                    return Outcome(
+                        "unresolved",
+                        trials=tried,
+                        slope=slope,
+                        next_step_size=max(eta_start, largest_unresolved),
+                    )
+                largest_unresolved = eta
+                eta *= UPWARD_FACTOR
+                continue
             if math.isfinite(value) and test.accepts(decrease_avg, eta, slope_avg):
-                # Both averages take one sample per accepted search, so their bias cancels.
-                search["decrease_avg"] = decrease_avg
-                search["slope_avg"] = slope_avg
-                search["averaged"] += 1
-                self._accept(search, views, origin, eta)
-                return "search", eta, trial, slope, decrease
+                return Outcome(
+                    "search",
+                    step_size=eta,
+                    trials=tried,
+                    slope=slope,
+                    loss_decrease=decrease,
+                    next_step_size=eta,
+                    decrease_avg=decrease_avg,
+                    slope_avg=slope_avg,
+                )
+            rejected = rejected or math.isfinite(value)
             last_tried = eta
-            eta *= h["backtrack"]
+            eta = max(eta * h["backtrack"], MIN_STEP_SIZE)
 
-        self._restore(views, origin)
-        if h["smoothing"] > 0.0 and search["averaged"] > 0:
+        trial.restore()
+        failed = Outcome("failed", trials=h["max_trials"], slope=slope)
+        if h["smoothing"] > 0.0 and search.averaged > 0:
             # The smoothed history can make the test unsatisfiable at every step size (a
             # negative average decrease with a positive average slope): forget it and keep
             # the step size, so that the next search runs a fresh test from there.
-            search["decrease_avg"] = search["slope_avg"] = 0.0
-            search["averaged"] = 0
-            search["step_size"] = start_eta
-        else:
-            search["step_size"] = last_tried  # no history to blame: the step is too large
-        search["failed_searches"] += 1
-        self._finish_search(search)
-        return "failed", 0.0, h["max_trials"], slope, nan
+            failed.reset_averages = True
+            failed.next_step_size = eta_start
+        elif rejected:
+            failed.next_step_size = last_tried  # the step is too large: go on from here
+        else:  # no finite trial (or none resolved): no evidence against the step size
+            failed.next_step_size = max(eta_start, largest_unresolved)
+        return failed
 
-    def _accept(
-        self, search: dict[str, Any], views: list[GroupTensors], origin: list[Tensor], eta: float
+    # -- 6 -----------------------------------------------------------------------------------
+
+    def _commit(
+        self,
+        search: SearchState,
+        steps: list[GroupStep],
+        directions: list[StepDirection],
+        denominators: list[list[Tensor] | None],
+        trial: _TrialPoint | None,
+        outcome: Outcome,
     ) -> None:
-        if self.update_direction is not self.search_direction:
-            self._restore(views, origin)
-            for view in views:
-                add_direction(view, self.update_direction, eta)
-        start = 0
-        for view in views:
-            n = len(view.params)
-            decay = eta * view.scale * view.group["weight_decay"]
-            if decay:
-                torch._foreach_add_(view.params, origin[start : start + n], alpha=-decay)
-            start += n
-        search["step_size"] = eta
-        search["step"] += 1
-        self._finish_search(search)
+        """Phase 6: write Adam's moments, move the weights, decay them, update the search
+        state. A skipped step (``nonfinite``, ``zero_grad``) writes nothing but counters."""
+        if outcome.kind in ("nonfinite", "zero_grad"):
+            return
+        if self.uses_moments:
+            for step in steps:
+                self._store_moments(step)
+                commit_moments(step, self.state)
+        eta = outcome.step_size
+        if outcome.kind in ("failed", "unresolved", "zero_lr"):
+            eta = 0.0  # the weights stay at w0 (the trial point was restored)
+        elif trial is not None and self.update_direction is not self.search_direction:
+            trial.restore()
+            directions = [
+                committed_momentum_direction(step, q)
+                for step, q in zip(steps, denominators, strict=True)
+                if q is not None
+            ]
+        moved = trial is not None and not trial.at_origin
+        if eta:
+            for index, (step, d) in enumerate(zip(steps, directions, strict=True)):
+                decay = eta * step.lr_scale * step.group["weight_decay"]
+                if decay:
+                    w0 = trial.origins[index] if moved else step.weights
+                    torch._foreach_add_(step.weights, w0, alpha=-decay)
+                if not moved:
+                    d.add_to(step.weights, eta)
+        self._advance(search, outcome)
 
-    def _finish_search(self, search: dict[str, Any]) -> None:
-        search["searches"] += 1
-        search["steps_since_search"] = 0
-        eta = search["step_size"]
-        search["step_size_fast"] = 0.9 * search["step_size_fast"] + 0.1 * eta
-        search["step_size_slow"] = 0.99 * search["step_size_slow"] + 0.01 * eta
+    def _store_moments(self, step: GroupStep) -> None:
+        """Store the moments of parameters that had none (created by ``_gather``)."""
+        for p, m, v in zip(step.params, step.exp_avgs, step.exp_avg_sqs, strict=True):
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["step"] = 0
+                state["exp_avg"] = m
+                state["exp_avg_sq"] = v
 
-    def _skip_nonfinite(self, search: dict[str, Any], what: str) -> None:
-        search["skipped_nonfinite"] += 1
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{type(self).__name__}: {what} is not finite (NaN or inf); the step was skipped "
-                "and the weights left unchanged. Further skips are counted in "
-                "optimizer.last_step / the state's 'skipped_nonfinite' without warning.",
-                RuntimeWarning,
-                stacklevel=4,
+    def _advance(self, search: SearchState, outcome: Outcome) -> None:
+        """The search state after a step that was taken (not skipped)."""
+        if outcome.kind in ("search", "failed", "unresolved"):
+            if outcome.kind == "search":
+                search.decrease_avg = outcome.decrease_avg
+                search.slope_avg = outcome.slope_avg
+                search.averaged += 1
+                search.step += 1
+            if outcome.reset_averages:
+                search.decrease_avg = search.slope_avg = 0.0
+                search.averaged = 0
+            search.step_size = max(outcome.next_step_size, MIN_STEP_SIZE)
+            search.failed_searches += outcome.kind == "failed"
+            search.unresolved_searches += outcome.kind == "unresolved"
+            search.searches += 1
+            search.steps_since_search = 0
+            search.step_size_fast = 0.9 * search.step_size_fast + 0.1 * search.step_size
+            search.step_size_slow = 0.99 * search.step_size_slow + 0.01 * search.step_size
+        elif outcome.kind in ("warmup", "reuse"):
+            search.step += 1
+            search.steps_since_search += 1
+
+    def _record(self, search: SearchState, outcome: Outcome, evaluator: ClosureEvaluator) -> None:
+        """Counters and the stored state, then every group's ``lr <- eta * lr_scale``."""
+        search.forwards += evaluator.forwards
+        search.backwards += evaluator.backwards
+        search.trials += outcome.trials
+        search.skipped_nonfinite += outcome.kind == "nonfinite"
+        search.skipped_zero_grad += outcome.kind == "zero_grad"
+        search.optimizer = type(self).__name__
+        anchor = self._anchor()
+        if anchor is not None:
+            self.state[anchor]["line_search"] = search.to_dict()
+        for group in self.param_groups:
+            group["lr"] = search.step_size * group["lr_scale"]
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _anchor(self) -> Tensor | None:
+        """The parameter whose state holds the search state: the first of all groups."""
+        for group in self.param_groups:
+            if group["params"]:
+                return group["params"][0]
+        return None
+
+    def _stored_search_state(self) -> SearchState:
+        anchor = self._anchor()
+        stored = self.state[anchor].get("line_search") if anchor is not None else None
+        if stored is None:
+            lr = self.defaults["lr"]
+            return SearchState(step_size=lr, initial_step_size=lr, optimizer=type(self).__name__)
+        return SearchState.from_dict(stored)
+
+    def _warn_once(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, category, stacklevel=4)
+
+    def _warn_about(
+        self, outcome: Outcome, evaluator: ClosureEvaluator, written: str | None
+    ) -> None:
+        name = type(self).__name__
+        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+        if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
+            self._warn_once(
+                "schedule",
+                f"{name}: param_groups[...]['lr'] was overwritten before "
+                f"{self._written_lr_steps} consecutive steps (a learning-rate schedule left "
+                "in the loop?). Each write restarts the search from the written value, so it "
+                "backtracks every step and the schedule fights the search: delete the "
+                "schedule (the line search picks the step size), or write lr only to set "
+                "where the next search starts.",
+                UserWarning,
             )
+        if outcome.warning is not None:
+            self._warn_once(
+                "nonfinite",
+                f"{name}: {outcome.warning} is not finite (NaN or inf); the step was skipped "
+                "and the weights and optimizer state left unchanged. Further skips are counted "
+                "in optimizer.last_step / the state's 'skipped_nonfinite' without warning.",
+            )
+        if evaluator.unprotected_modules is not None:
+            self._buffers_checked = True
+            if evaluator.unprotected_modules:
+                modules = ", ".join(evaluator.unprotected_modules)
+                self._warn_once(
+                    "buffers",
+                    f"{name}: {modules} updated its buffers (running statistics) during a trial "
+                    "evaluation, at weights the search then rejected: pass "
+                    f"buffers=model.buffers() to {name} so that trials leave them alone",
+                    UserWarning,
+                )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LineSearchOptimizer:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        state = {k: v for k, v in self.__dict__.items() if k != "_process_group"}
+        clone.__setstate__(copy.deepcopy(state, memo))
+        clone._process_group = self._process_group  # a communicator is shared, not copied
+        return clone

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alsals.directions import Direction
-from alsals.line_search import GROUP_KEYS, SEARCH_KEYS, LineSearchOptimizer
+from alsals.hyperparameters import ARGUMENTS, GROUP_KEYS, SEARCH_KEYS
+from alsals.line_search import LineSearchOptimizer
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -35,34 +36,24 @@ def hyperparameters(arguments: dict[str, Any]) -> dict[str, Any]:
 
 class SLS(LineSearchOptimizer):
     r"""Stochastic Armijo line search along the negative gradient (Vaswani et al. 2019;
-    the paper's Sec. II-A).
+        the paper's Sec. II-A).
 
-    Accepts ``eta`` when ``f(w - eta g) <= f(w) - c * eta * ||g||^2`` (Eq. 1), backtracking
-    ``eta <- backtrack * eta``; before each search ``eta`` grows by ``2^(1/growth_interval)``
-    (Eq. 2).
+        Accepts ``eta`` when ``f(w - eta g) <= f(w) - c * eta * ||g||^2`` (Eq. 1), backtracking
+        ``eta <- backtrack * eta``; before each search ``eta`` grows by ``2^(1/growth_interval)``
+        (Eq. 2).
 
-    Args:
-        params: parameters or parameter groups. Per-group: ``weight_decay``, ``lr_scale``.
-        lr: initial step size (default 1.0, Vaswani et al.'s initial step size).
-        c: sufficient-decrease constant (0.1, Sec. II-A).
-        backtrack: backtracking factor (0.9, REFERENCE: Vaswani et al.).
-        growth_interval: ``b`` of Eq. 2: the step size may double every ``b`` steps (500).
-        max_trials: trials per search (100); if none passes, the weights are left unchanged
-            and the next search starts from the smallest step size tried.
-        smoothing: EMA factor on both sides of the test (0: the plain test).
-        slope: ``"analytic"`` (``||g||^2``) or ``"finite_difference"``.
-        fd_step: step of the finite-difference slope (5e-8, Eq. 6).
-        warmup_steps: linear warm-up of the step size from 0 to ``lr`` over this many steps,
-            without searching (0).
-        search_interval: search every k steps and reuse the step size in between, or
-            ``"adaptive"`` for SaLSa's cadence (1: every step).
-        weight_decay: decoupled weight decay, ``w <- w - eta * weight_decay * w`` (0).
-        lr_scale: per-group multiplier of the line-searched step size (1).
-        buffers: module buffers to protect from trial evaluations, usually
-            ``model.buffers()`` (BatchNorm running statistics).
-        process_group: the group whose ranks must agree on decisions (default group).
-    """
+        Args:
+    {}"""
 
+    __doc__ = __doc__.format(
+        ARGUMENTS.format(
+            group="``weight_decay``, ``lr_scale``",
+            lr="1.0, Vaswani et al.",
+            c="0.1, Sec. II-A",
+            smoothing=0,
+            slope='``"analytic"``: ``||g||^2``',
+        )
+    )
     search_direction = Direction.GRADIENT
     update_direction = Direction.GRADIENT
 
@@ -72,11 +63,11 @@ class SLS(LineSearchOptimizer):
         lr: float = 1.0,
         *,
         c: float = 0.1,
+        smoothing: float = 0.0,
+        slope: str = "analytic",
         backtrack: float = 0.9,
         growth_interval: float = 500,
         max_trials: int = 100,
-        smoothing: float = 0.0,
-        slope: str = "analytic",
         fd_step: float = 5e-8,
         warmup_steps: int = 0,
         search_interval: int | str = 1,
@@ -92,17 +83,25 @@ class SLS(LineSearchOptimizer):
 
 class AdamSLS(LineSearchOptimizer):
     r"""Armijo line search with Adam's preconditioner (Vaswani et al. 2021; the paper's
-    Sec. II-B).
+        Sec. II-B).
 
-    Searches along Adam's direction with ``beta1 = 0``, ``d_s = -g / (sqrt(v_hat) + eps)``,
-    accepting ``eta`` when ``f(w + eta d_s) <= f(w) - c * eta * sum(g^2 / (sqrt(v_hat) + eps))``
-    (Eq. 5), then applies the accepted ``eta`` along the momentum direction
-    ``-m_hat / (sqrt(v_hat) + eps)``.
+        Searches along Adam's direction with ``beta1 = 0``, ``d_s = -g / (sqrt(v_hat) + eps)``,
+        accepting ``eta`` when ``f(w + eta d_s) <= f(w) - c * eta * sum(g^2 / (sqrt(v_hat) + eps))``
+        (Eq. 5), then applies the accepted ``eta`` along the momentum direction
+        ``-m_hat / (sqrt(v_hat) + eps)``.
 
-    Args: as :class:`ALSALS`, with defaults ``lr=0.1``, ``c=0.1`` (the Armijo constant of
-    the original criterion, Sec. III-C), ``smoothing=0`` and ``slope="analytic"``.
-    """
+        Args:
+    {}"""
 
+    __doc__ = __doc__.format(
+        ARGUMENTS.format(
+            group="``betas``, ``eps``, ``weight_decay``, ``lr_scale``",
+            lr="0.1",
+            c="0.1, the Armijo constant of the original criterion, Sec. III-C",
+            smoothing=0,
+            slope='``"analytic"``: ``sum g^2 / (sqrt(v_hat) + eps)``',
+        )
+    )
     search_direction = Direction.PRECONDITIONED
     update_direction = Direction.MOMENTUM
 
@@ -135,39 +134,24 @@ class AdamSLS(LineSearchOptimizer):
 class ALSALS(LineSearchOptimizer):
     r"""Automated Large Scale Adam Line Search (the paper's Sec. III).
 
-    Searches and steps along Adam's momentum direction ``d = -m_hat / (sqrt(v_hat) + eps)``.
-    Because ``d`` is not the negative gradient, ``||g||^2`` no longer predicts the decrease;
-    the slope is estimated by the finite difference ``f_a = (f(w) - f(w + fd_step d)) /
-    fd_step`` (Eq. 6) and the test, smoothed on both sides by an EMA, is
-    ``D' >= c_h * eta * G`` with ``c_h = c`` if ``G > 0`` else ``1/c`` (Eqs. 7-9).
+        Searches and steps along Adam's momentum direction ``d = -m_hat / (sqrt(v_hat) + eps)``.
+        Because ``d`` is not the negative gradient, ``||g||^2`` no longer predicts the decrease;
+        the slope is estimated by the finite difference ``f_a = (f(w) - f(w + fd_step d)) /
+        fd_step`` (Eq. 6) and the test, smoothed on both sides by an EMA, is
+        ``D' >= c_h * eta * G`` with ``c_h = c`` if ``G > 0`` else ``1/c`` (Eqs. 7-9).
 
-    Args:
-        params: parameters or parameter groups. Per-group: ``betas``, ``eps``,
-            ``weight_decay``, ``lr_scale``.
-        lr: initial step size (0.1, the authors' code); the search adapts it from there.
-        c: sufficient-decrease constant (0.6, Sec. III-C; 0.3-0.7 work).
-        smoothing: EMA factor on both sides of the test (0.99).
-        slope: ``"finite_difference"`` (Eq. 6, one extra forward pass per search) or
-            ``"analytic"`` (``-g.d`` from the gradient already computed: no extra pass).
-        betas, eps: Adam's (0.9, 0.999), 1e-8 (Eq. 3).
-        backtrack: backtracking factor (0.9).
-        growth_interval: ``b`` of Eq. 2 (500).
-        max_trials: trials per search (100); if none passes, the weights are left unchanged
-            and the next search starts from the smallest step size tried.
-        fd_step: finite-difference step (5e-8, Eq. 6; the authors' code used 5e-9).
-        warmup_steps: linear warm-up of the step size from 0 to ``lr`` over this many steps
-            before the search takes over (0; the paper's GPT-2 runs used 2000, Sec. IV-A).
-        search_interval: search every k steps and reuse the step size in between, or
-            ``"adaptive"`` (SaLSa: search at least every 10 steps, more often while the
-            step size changes) (1).
-        weight_decay: decoupled weight decay ``w <- w - eta * lr_scale * weight_decay * w``
-            applied after the search (0).
-        lr_scale: per-group multiplier of the line-searched step size (1).
-        buffers: module buffers to protect from trial evaluations, usually
-            ``model.buffers()`` (BatchNorm running statistics).
-        process_group: the group whose ranks must agree on decisions (default group).
-    """
+        Args:
+    {}"""
 
+    __doc__ = __doc__.format(
+        ARGUMENTS.format(
+            group="``betas``, ``eps``, ``weight_decay``, ``lr_scale``",
+            lr="0.1, the authors' code",
+            c="0.6, Sec. III-C; 0.3-0.7 work",
+            smoothing=0.99,
+            slope='``"finite_difference"``, Eq. 6',
+        )
+    )
     search_direction = Direction.MOMENTUM
     update_direction = Direction.MOMENTUM
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
 
-from alsals._closure import BufferGuard, Closure, RandomState, _accepts_backward, _as_loss_tensor
 from alsals.acceptance import ArmijoTest
-from alsals.line_search import LineSearchOptimizer
+from alsals.closure import Closure, ClosureEvaluator
+from alsals.line_search import LineSearchOptimizer, StepPreview, local_shard
 
 
 @dataclass
@@ -52,33 +50,6 @@ def log_grid(low: float = 1e-8, high: float = 10.0, num: int = 50) -> list[float
     return [low * ratio**i for i in range(num)]
 
 
-class _Snapshot:
-    """Everything a step changes, to put back afterwards."""
-
-    def __init__(self, optimizer: LineSearchOptimizer) -> None:
-        self.optimizer = optimizer
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.values = [p.detach().clone() for p in self.params]
-        self.grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
-        self.state = copy.deepcopy(optimizer.state_dict())
-        self.last_step = optimizer.last_step
-        self.warned = optimizer._warned_nonfinite
-        self.buffers = BufferGuard(optimizer._buffers)
-        self.buffers.capture()
-        self.rng = RandomState()
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for p, value, grad in zip(self.params, self.values, self.grads, strict=True):
-            p.copy_(value)
-            p.grad = grad
-        self.optimizer.load_state_dict(self.state)
-        self.optimizer.last_step = self.last_step
-        self.optimizer._warned_nonfinite = self.warned
-        self.buffers.restore()
-        self.rng.restore()
-
-
 def scan_direction(
     optimizer: LineSearchOptimizer,
     closure: Closure,
@@ -86,11 +57,11 @@ def scan_direction(
 ) -> LandscapeScan:
     """Scan the loss along the direction ``optimizer`` would search on this batch now.
 
-    Runs the optimizer's step on ``closure`` to learn the direction and the step size it
-    would choose, puts the weights, gradients, optimizer state, module buffers and the random
-    state back exactly, then evaluates the closure at ``w + eta d`` for every ``eta`` of the
-    grid with the same randomness the step saw. Calling ``optimizer.step(closure)`` afterwards
-    takes exactly the step that the scan reports.
+    Previews the optimizer's step on ``closure`` (:meth:`LineSearchOptimizer.preview`: the
+    direction and the step size it would choose, with nothing changed), then evaluates the
+    closure at ``w + eta d`` for every ``eta`` of the grid with the same randomness the step
+    sees, and puts the weights, buffers and random state back. Calling
+    ``optimizer.step(closure)`` afterwards takes exactly the step that the scan reports.
     """
     if not isinstance(optimizer, LineSearchOptimizer):
         raise TypeError(f"scan_direction needs an alsals optimizer, got {type(optimizer).__name__}")
@@ -98,32 +69,20 @@ def scan_direction(
     if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
         raise ValueError("step_sizes must be positive and finite")
 
-    snapshot = _Snapshot(optimizer)
-    search_before = dict(optimizer._search_state())
-    try:
-        optimizer.step(closure)
-        info = optimizer.last_step
-        direction = optimizer._search_direction_now()
-        loss0 = info.loss
-    finally:
-        snapshot.restore()
-
-    h = optimizer.param_groups[0]
-    test = ArmijoTest(c=h["c"], smoothing=h["smoothing"])
+    preview = optimizer.preview(closure)
+    info, before = preview.info, preview.state
+    settings = optimizer.param_groups[0]
+    test = ArmijoTest(c=settings["c"], smoothing=settings["smoothing"])
     slope_average = (
-        test.average(search_before["slope_avg"], info.slope)
-        if math.isfinite(info.slope)
-        else math.nan
+        test.average(before.slope_avg, info.slope) if math.isfinite(info.slope) else math.nan
     )
-    decreases = _losses_along(optimizer, closure, direction, grid, loss0, snapshot.rng)
-    boundary = [
-        _minimum_decrease(test, search_before["decrease_avg"], e, slope_average) for e in grid
-    ]
+    decreases = _decreases_along(optimizer, closure, preview, grid)
+    boundary = [_minimum_decrease(test, before.decrease_avg, e, slope_average) for e in grid]
     finite = [(d, e) for d, e in zip(decreases, grid, strict=True) if math.isfinite(d)]
     chosen = info.step_size if info.kind == "search" else None
     return LandscapeScan(
-        step=int(search_before["step"]),
-        loss=loss0,
+        step=before.step,
+        loss=info.loss,
         step_sizes=grid,
         decreases=decreases,
         boundary=boundary,
@@ -146,34 +105,26 @@ def _minimum_decrease(test: ArmijoTest, decrease_avg: float, eta: float, slope_a
 
 
 @torch.no_grad()
-def _losses_along(
+def _decreases_along(
     optimizer: LineSearchOptimizer,
     closure: Closure,
-    direction: list[tuple[Tensor, Tensor]],
+    preview: StepPreview,
     grid: list[float],
-    loss0: float,
-    rng_at_start: RandomState,
 ) -> list[float]:
-    params = [p for p, _ in direction]
-    steps = [d for _, d in direction]
+    """``f(w) - f(w + eta d)`` for every ``eta`` of the grid, everything put back after."""
+    params = [local_shard(p) for p in preview.params]
     origin = [p.detach().clone() for p in params]
-    buffers = BufferGuard(optimizer._buffers)
-    buffers.capture()
-    takes_backward = _accepts_backward(closure)
+    evaluator = ClosureEvaluator(closure, optimizer.params(), optimizer.protected_buffers)
+    evaluator.start_without_grad()
     decreases = []
     try:
         for eta in grid:
             torch._foreach_copy_(params, origin)
-            torch._foreach_add_(params, steps, alpha=eta)
-            rng_at_start.restore()
-            value = closure(backward=False) if takes_backward else closure()
-            loss = float(_as_loss_tensor(value, "closure()"))
-            buffers.restore()
-            decreases.append(loss0 - loss)
+            torch._foreach_add_(params, preview.direction, alpha=eta)
+            decreases.append(preview.info.loss - float(evaluator.evaluate()))
     finally:
         torch._foreach_copy_(params, origin)
-        buffers.restore()
-        rng_at_start.restore()
+        evaluator.abort()
     return decreases
 
 

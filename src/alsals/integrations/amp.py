@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from alsals._closure import _accepts_backward
+from alsals.closure import ClosureForm
 from alsals.line_search import LineSearchOptimizer
 
 __all__ = ["autocast_closure", "step_with_scaler"]
@@ -69,7 +69,7 @@ def autocast_closure(
         _check_loss_precision(loss, "autocast_closure")
         return loss.float() if isinstance(loss, Tensor) else loss
 
-    if _accepts_backward(closure):
+    if ClosureForm(closure).takes_backward:
 
         def with_backward(backward: bool) -> Tensor:
             return run(backward)
@@ -129,14 +129,15 @@ def step_with_scaler(
         )
     if not callable(closure):
         raise TypeError("step_with_scaler needs the closure that computes the loss")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = optimizer.params()
+    form = ClosureForm(closure)
     unscaled = False
 
     def scaled(backward: bool) -> Tensor:
         nonlocal unscaled
         if backward:
-            if _accepts_backward(closure):
-                loss = closure(backward=True)
+            if form.takes_backward:
+                loss = form(True)
             else:
                 for p in params:
                     p.grad = None
@@ -151,7 +152,7 @@ def step_with_scaler(
             scaler.unscale_(optimizer)
             unscaled = True
         else:
-            loss = closure(backward=False) if _accepts_backward(closure) else closure()
+            loss = form(False)
         _check_loss_precision(loss, "step_with_scaler")
         return loss.detach() if isinstance(loss, Tensor) else loss
 

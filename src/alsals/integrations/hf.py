@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from alsals._closure import RandomState
+from alsals.closure import RandomState
 from alsals.line_search import LineSearchOptimizer
 from alsals.optimizers import ALSALS
 

@@ -77,16 +77,13 @@ def line_search_step(
 
     def closure() -> Tensor:
         loss = loss_fn()
-        if not torch.is_grad_enabled():  # a trial evaluation
-            return loss.detach()
-        module.manual_backward(loss)
-        # Lightning hides the closure's signature from the optimizer (it wraps it in a
-        # functools.partial), so the optimizer takes this for the closure() form and runs
-        # backward on what it returns: a fresh leaf, for which that backward is a no-op.
-        # The gradients are those manual_backward computed. (See docs/integrations.md.)
-        return loss.detach().requires_grad_()
+        if torch.is_grad_enabled():  # the first evaluation; trials run under no_grad
+            module.manual_backward(loss)
+        return loss.detach()
 
-    return opt.step(closure=closure)
+    # Lightning wraps the closure in a functools.partial, which hides its signature: say
+    # that it runs backward itself (the keyword passes through LightningOptimizer.step).
+    return opt.step(closure=closure, closure_runs_backward=True)
 
 
 class LineSearchCallback(pl.Callback):

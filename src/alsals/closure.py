@@ -1,0 +1,349 @@
+"""The closure protocol: how a line search evaluates the user's loss inside one step.
+
+A line search evaluates the same mini-batch loss at several points. For those values to be
+comparable, every evaluation in one step must see the same randomness (dropout masks, noise
+drawn inside the closure) and must leave nothing behind in the model (BatchNorm running
+statistics updated at trial weights, gradients zeroed by a trial). After the step, the random
+stream and the buffers must be where one plain training step would have left them; after an
+exception, where they were before the step. This module owns exactly that, and it is the one
+place that calls a closure: the optimizers, :mod:`alsals.diagnostics` and
+:mod:`alsals.integrations` all go through it.
+
+A closure takes one of two forms:
+
+* ``closure()`` returns the loss and does **not** call backward. The optimizer sets the
+  gradients to ``None``, calls it with autograd on and runs ``loss.backward()``; trials run
+  under ``torch.no_grad()``.
+* ``closure(backward)`` (one parameter, whatever its name) runs backward itself when called
+  with ``True`` (gradient accumulation, DDP ``no_sync``, clipping, loss scaling) and returns
+  the loss; it is called with ``False`` under ``torch.no_grad()`` for trials.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BufferGuard",
+    "Closure",
+    "ClosureEvaluator",
+    "ClosureForm",
+    "RandomState",
+    "as_loss_tensor",
+    "call_closure",
+    "closure_takes_backward",
+]
+
+Closure = Callable[..., Tensor | float]
+
+_FORMS = (
+    "a closure takes no argument (closure(): returns the loss, the optimizer runs backward) "
+    "or one (closure(backward): runs backward itself when backward is True)"
+)
+
+
+def closure_takes_backward(closure: Closure) -> bool:
+    """Whether ``closure`` is of the ``closure(backward)`` form.
+
+    A parameter named ``backward``, or exactly one parameter without a default, makes it
+    that form; more required parameters are a ``TypeError`` that names both forms.
+    """
+    return ClosureForm(closure).takes_backward
+
+
+class ClosureForm:
+    """A closure with its form detected once: ``form(backward)`` calls it either way.
+
+    For the plain form ``form(True)`` calls ``closure()``: running backward is then the
+    caller's job. ``runs_backward=True`` declares a closure that takes no argument but runs
+    backward itself whenever autograd is enabled (its first call) and not under
+    ``torch.no_grad()`` (trials): for wrappers that hide the signature, such as Lightning's
+    ``functools.partial``. The optimizer sets the gradients to ``None`` before that first
+    call.
+    """
+
+    def __init__(self, closure: Closure, runs_backward: bool | None = None) -> None:
+        self.closure = closure
+        self.takes_backward = False
+        self.by_keyword = False
+        self.by_grad_mode = False
+        self._detect()
+        if runs_backward is not None and runs_backward != self.takes_backward:
+            if not runs_backward:
+                raise TypeError(
+                    "closure_runs_backward=False, but the closure takes a backward argument"
+                )
+            self.takes_backward = self.by_grad_mode = True
+
+    def _detect(self) -> None:
+        closure = self.closure
+        try:
+            parameters = list(inspect.signature(closure).parameters.values())
+        except (TypeError, ValueError):  # builtins and some C-implemented callables
+            return
+        if any(p.name == "backward" for p in parameters):
+            self.takes_backward = self.by_keyword = True
+            return
+        required = [
+            p
+            for p in parameters
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
+        if len(required) == 1 and required[0].kind != inspect.Parameter.KEYWORD_ONLY:
+            self.takes_backward = True
+        elif required:
+            names = ", ".join(p.name for p in required)
+            raise TypeError(f"the closure requires the arguments ({names}); {_FORMS}")
+
+    def __call__(self, backward: bool) -> Tensor | float:
+        if not self.takes_backward or self.by_grad_mode:
+            return self.closure()
+        if self.by_keyword:
+            return self.closure(backward=backward)
+        return self.closure(backward)
+
+
+def call_closure(closure: Closure, backward: bool) -> Tensor | float:
+    """Call ``closure`` once in its form (see :class:`ClosureForm`)."""
+    return ClosureForm(closure)(backward)
+
+
+def as_loss_tensor(value: object, role: str) -> Tensor:
+    """The closure's return value as a 0-dim tensor, or an error that says what came back."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"closure must return the loss as a scalar tensor; {role} returned a tensor "
+                f"of shape {tuple(value.shape)}"
+            )
+        return value.reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    raise TypeError(
+        f"closure must return the loss (a scalar tensor); {role} returned {type(value).__name__}"
+    )
+
+
+class RandomState:
+    """A snapshot of torch's global generators: the CPU one and every initialised CUDA device.
+
+    Numpy's and Python's generators are deliberately not touched: replaying them would change
+    the user's program in ways they cannot see. Randomness inside a closure should come from
+    torch (dropout, ``torch.rand``) to be replayed across the evaluations of one step.
+    """
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        cuda_ready = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda = torch.cuda.get_rng_state_all() if cuda_ready else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def checked_buffers(buffers: Iterable[Tensor] | None) -> list[Tensor]:
+    """The ``buffers=`` argument as a list of tensors, or a ``TypeError`` saying what to pass."""
+    if buffers is None:
+        return []
+    if isinstance(buffers, nn.Module):
+        raise TypeError("buffers= takes tensors, not a module: pass model.buffers()")
+    if isinstance(buffers, Tensor):
+        return [buffers]
+    out = []
+    for item in buffers:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
+            raise TypeError(
+                "buffers= got (name, tensor) pairs: pass model.buffers(), not model.named_buffers()"
+            )
+        if item is None:
+            continue
+        if not isinstance(item, Tensor):
+            raise TypeError(
+                f"buffers= must hold tensors (model.buffers()); got {type(item).__name__}"
+            )
+        out.append(item)
+    return out
+
+
+class BufferGuard:
+    """Keeps trial evaluations from changing module buffers (BatchNorm running statistics).
+
+    ``capture`` records the buffers; ``restore`` puts the recorded values back.
+    """
+
+    def __init__(self, buffers: Sequence[Tensor]) -> None:
+        self.buffers = list(buffers)
+        self.saved: list[Tensor] = []
+
+    def capture(self) -> None:
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    def restore(self) -> None:
+        if self.buffers and self.saved:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
+
+
+class _UnprotectedBufferWatch:
+    """Records modules that run in training mode during a trial and hold buffers that are not
+    protected (typically BatchNorm created without ``buffers=model.buffers()``)."""
+
+    def __init__(self, protected: Sequence[Tensor]) -> None:
+        self.protected = {id(b) for b in protected}
+        self.found: list[str] = []
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> None:
+        if not module.training:
+            return
+        own = [b for b in module.buffers(recurse=False) if id(b) not in self.protected]
+        if own and len(self.found) < 3:
+            self.found.append(type(module).__name__)
+
+
+def _compiled_anything() -> bool:
+    """Whether torch.compile has compiled a frame in this process: a global module hook
+    would then make compiled models recompile, so the buffer watch stays off."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return dynamo is not None and dynamo.counters["frames"]["total"] > 0
+
+
+class ClosureEvaluator:
+    """Evaluates a closure once with gradients, then any number of times without.
+
+    Every trial replays the random state captured before the first evaluation, restores the
+    buffers to their values after it, and hides the gradients from the closure (so a
+    ``zero_grad()`` inside it cannot change the direction being searched). ``finish`` leaves
+    the random stream as one plain evaluation would; ``abort`` (after an exception) puts the
+    random stream and the buffers back to where they were before the step.
+    """
+
+    def __init__(
+        self,
+        closure: Closure,
+        params: Iterable[Tensor],
+        buffers: Sequence[Tensor],
+        runs_backward: bool | None = None,
+    ) -> None:
+        if closure is None or not callable(closure):
+            raise TypeError(
+                "this optimizer needs a closure: call optimizer.step(closure) with a function "
+                "that computes and returns the loss (see the alsals README, 'The closure'); "
+                "trainers that call step() without one (Hugging Face Trainer, Lightning, "
+                "GradScaler) have adapters in alsals.integrations (docs/integrations.md)"
+            )
+        self.closure = ClosureForm(closure, runs_backward)
+        self.params = list(params)
+        self.runs_backward_itself = self.closure.takes_backward
+        self.before = BufferGuard(buffers)
+        self.after_first = BufferGuard(buffers)
+        self.rng_before: RandomState | None = None
+        self.rng_after: RandomState | None = None
+        self.loss_dtype = torch.float32
+        self.forwards = 0
+        self.backwards = 0
+        self.unprotected_modules: list[str] | None = None
+        self._buffers_after_first = False
+
+    def evaluate_with_grad(self) -> Tensor:
+        """First evaluation of the step: loss and gradients at the starting point.
+
+        With no trainable parameter the plain form returns the loss without a backward pass
+        (the step is then a no-op, as in ``torch.optim``).
+        """
+        self.rng_before = RandomState()
+        self.before.capture()
+        with torch.enable_grad():
+            if self.runs_backward_itself:
+                if self.closure.by_grad_mode:
+                    for p in self.params:
+                        p.grad = None
+                value = self.closure(True)
+                loss = as_loss_tensor(value, "closure(backward=True)")
+            else:
+                for p in self.params:
+                    p.grad = None
+                loss = as_loss_tensor(self.closure(True), "closure()")
+                self._check_plain_closure(loss)
+                if loss.requires_grad:
+                    loss.backward()
+                    self.backwards += 1
+        if self.runs_backward_itself:
+            self.backwards += 1
+        self.forwards += 1
+        self.loss_dtype = loss.dtype
+        self.rng_after = RandomState()
+        return loss.detach()
+
+    def _check_plain_closure(self, loss: Tensor) -> None:
+        if any(p.grad is not None for p in self.params):
+            raise RuntimeError(
+                "closure() set the gradients itself (it called backward), and the optimizer "
+                "would run backward a second time: a closure that runs backward itself must "
+                "take one argument, closure(backward), and call backward only when it is True"
+            )
+        if not loss.requires_grad and any(p.requires_grad for p in self.params):
+            raise RuntimeError(
+                "the loss returned by closure() does not require grad, so the optimizer "
+                "cannot run backward on it: return the loss without .detach() or "
+                ".item(), and do not compute it under torch.no_grad(); a closure that "
+                "runs backward itself must take one argument, closure(backward)"
+            )
+
+    def evaluate(self, watch_buffers: bool = False) -> Tensor:
+        """A trial evaluation: same randomness as the first one, no autograd, no side effects.
+
+        With ``watch_buffers``, modules whose unprotected buffers a training-mode forward
+        would update are recorded in ``unprotected_modules``.
+        """
+        assert self.rng_before is not None, "evaluate_with_grad must run first"
+        if not self._buffers_after_first:  # as the first evaluation left them
+            self.after_first.capture()
+            self._buffers_after_first = True
+        self.rng_before.restore()
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        watch_buffers = watch_buffers and not _compiled_anything()
+        watch = _UnprotectedBufferWatch(self.before.buffers) if watch_buffers else None
+        handle = nn.modules.module.register_module_forward_hook(watch) if watch else None
+        try:
+            with torch.no_grad():
+                value = self.closure(False)
+                loss = as_loss_tensor(value, "the closure in a trial")
+        finally:
+            if handle is not None:
+                handle.remove()
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
+            self.after_first.restore()
+        if watch is not None:
+            self.unprotected_modules = watch.found
+        self.forwards += 1
+        return loss.detach()
+
+    def start_without_grad(self) -> None:
+        """Evaluate trials only (no first evaluation): each replays the random state and
+        restores the buffers as they are now (:mod:`alsals.diagnostics` scans this way)."""
+        self.rng_before = RandomState()
+        self.before.capture()
+        self.after_first.capture()
+        self._buffers_after_first = True
+
+    def finish(self) -> None:
+        """Leave the random stream where one plain training evaluation would have left it."""
+        if self.rng_after is not None and self.forwards > 1:
+            self.rng_after.restore()
+
+    def abort(self) -> None:
+        """After an exception: the random stream and buffers as they were before the step."""
+        if self.rng_before is not None:
+            self.rng_before.restore()
+        self.before.restore()

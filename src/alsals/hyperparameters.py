@@ -1,0 +1,146 @@
+"""Hyperparameters of the line search: their names, validation, and one shared documentation.
+
+Every value is checked where it enters (constructor, ``add_param_group``,
+``load_state_dict``) and stored as a plain Python ``float``/``int``/``str``/``tuple``, so
+that any real number type works as input (``numpy.float32(0.05)``, ``numpy.int64(100)``, a
+0-dim tensor) while ``state_dict()`` stays loadable with ``torch.load(weights_only=True)``.
+A bad value is a ``TypeError`` (wrong kind) or ``ValueError`` (out of range) naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+#: Hyperparameters of the search itself: one value for the whole optimizer.
+SEARCH_KEYS = (
+    "c",
+    "smoothing",
+    "backtrack",
+    "growth_interval",
+    "max_trials",
+    "slope",
+    "fd_step",
+    "warmup_steps",
+    "search_interval",
+)
+#: Hyperparameters that may differ between parameter groups.
+GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
+#: Keys torch.optim manages in every group; anything else in a group is an error.
+TORCH_GROUP_KEYS = ("params", "lr", "initial_lr", "name")
+SLOPES = ("analytic", "finite_difference")
+
+#: Shared argument documentation of the three constructors (``{}`` holds the defaults).
+ARGUMENTS = """\
+        params: parameters or parameter groups (dicts). Per-group settings: {group}.
+        lr: initial step size; the search adapts it from there ({lr}).
+        c: sufficient-decrease constant of the Armijo test ({c}).
+        smoothing: EMA factor on both sides of the test; 0 is the plain test ({smoothing}).
+        slope: ``"analytic"`` (``-g . d`` from the gradient already computed: no extra
+            forward pass) or ``"finite_difference"`` (Eq. 6, one extra forward pass per
+            search) ({slope}).
+        betas, eps: Adam's moment factors and denominator term (Eq. 3; Adam variants only).
+        backtrack: ``eta <- backtrack * eta`` after a failed trial (0.9).
+        growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)`` (500;
+            ``math.inf`` disables growth).
+        max_trials: trials per search (100); if none passes, the weights are left unchanged.
+        fd_step: step of the finite-difference slope (5e-8, Eq. 6).
+        warmup_steps: linear warm-up of the step size from 0 to ``lr`` over this many steps,
+            without searching (0; the paper's GPT-2 runs used 2000 with ``lr`` the peak
+            step size).
+        search_interval: search every k steps and reuse the step size in between, or
+            ``"adaptive"`` (SaLSa's cadence: search at least every 10 steps, more often
+            while the step size changes) (1).
+        weight_decay: decoupled weight decay ``w <- w - eta * lr_scale * weight_decay * w0``
+            (0).
+        lr_scale: per-group multiplier of the one searched step size (1).
+        buffers: module buffers to protect from trial evaluations: ``model.buffers()``
+            whenever the model has BatchNorm or other buffers a training forward updates.
+        process_group: the ranks that must take the same decisions (default group).
+"""
+
+
+def real(name: str, value: Any) -> float:
+    """``value`` as a ``float`` if it is a real number (not a bool), else a ``TypeError``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+            return float(value.item())
+    elif not isinstance(value, bool) and isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"invalid {name}: {value!r} (expected a real number)")
+
+
+def integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an ``int >= minimum`` if it is an integer (not a bool)."""
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Integral):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            raise ValueError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
+        raise TypeError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
+    if value < minimum:
+        raise ValueError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
+    return int(value)
+
+
+def in_range(
+    name: str, value: Any, low: float, high: float = math.inf, *, closed_low: bool
+) -> float:
+    """A real number in ``(low, high)`` or ``[low, high)``, finite."""
+    number = real(name, value)
+    ok_low = number >= low if closed_low else number > low
+    if not (math.isfinite(number) and ok_low and number < high):
+        bracket = "[" if closed_low else "("
+        raise ValueError(
+            f"invalid {name}: {value!r} (expected a number in {bracket}{low}, {high}))"
+        )
+    return number
+
+
+def checked_search(h: dict[str, Any]) -> dict[str, Any]:
+    """The search hyperparameters of ``h`` (and ``lr``), validated, as plain Python values."""
+    out = dict(h)
+    out["lr"] = in_range("lr", h["lr"], 0.0, closed_low=False)
+    out["c"] = in_range("c", h["c"], 0.0, 1.0, closed_low=False)
+    out["smoothing"] = in_range("smoothing", h["smoothing"], 0.0, 1.0, closed_low=True)
+    out["backtrack"] = in_range("backtrack", h["backtrack"], 0.0, 1.0, closed_low=False)
+    growth = real("growth_interval", h["growth_interval"])
+    if not growth > 0:
+        raise ValueError(
+            f"invalid growth_interval: {h['growth_interval']!r} (expected a number > 0; "
+            "math.inf disables growth)"
+        )
+    out["growth_interval"] = growth
+    out["max_trials"] = integer("max_trials", h["max_trials"], 1)
+    if h["slope"] not in SLOPES:
+        raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")
+    out["fd_step"] = in_range("fd_step", h["fd_step"], 0.0, closed_low=False)
+    out["warmup_steps"] = integer("warmup_steps", h["warmup_steps"], 0)
+    interval = h["search_interval"]
+    if interval != "adaptive":
+        try:
+            out["search_interval"] = integer("search_interval", interval, 1)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"invalid search_interval: {interval!r} (expected an integer >= 1 or 'adaptive')"
+            ) from None
+    return out
+
+
+def check_group(group: dict[str, Any]) -> None:
+    """Validate and normalise the per-group hyperparameters of ``group`` in place."""
+    if "betas" in group:
+        betas = group["betas"]
+        if isinstance(betas, torch.Tensor) or not (
+            isinstance(betas, (tuple, list)) and len(betas) == 2
+        ):
+            raise ValueError(f"invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+        group["betas"] = (
+            in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=True),
+            in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True),
+        )
+    if "eps" in group:
+        group["eps"] = in_range("eps", group["eps"], 0.0, closed_low=False)
+    group["weight_decay"] = in_range("weight_decay", group["weight_decay"], 0.0, closed_low=True)
+    group["lr_scale"] = in_range("lr_scale", group["lr_scale"], 0.0, closed_low=False)

@@ -1,0 +1,104 @@
+"""The optimizer-wide state of a line search: the step size, the averages of the test, counters.
+
+It lives in ``optimizer.state[first parameter]["line_search"]`` as a plain dict of numbers
+(the convention of ``torch.optim.LBFGS``), so that ``state_dict()`` carries it and
+``torch.load(weights_only=True)`` reads it back. Inside a step it is a :class:`SearchState`:
+typed, validated when read, and written back only when the step completes, so that an
+exception leaves the stored state as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+COUNTERS = (
+    "step",
+    "averaged",
+    "searches",
+    "steps_since_search",
+    "forwards",
+    "backwards",
+    "trials",
+    "failed_searches",
+    "unresolved_searches",
+    "skipped_nonfinite",
+    "skipped_zero_grad",
+)
+
+
+@dataclass
+class SearchState:
+    """What one step hands to the next (``docs/algorithms.md``, "Notation").
+
+    ``step_size`` is ``eta``, the step size the next search starts from (before growth);
+    ``decrease_avg`` and ``slope_avg`` are ``D`` and ``G`` of the smoothed test, ``averaged``
+    the number of samples in them since their last reset; ``step`` counts updates taken.
+    The remaining counters are totals for logging. ``optimizer`` names the class that
+    wrote the state, so that loading it into another configuration can warn.
+    """
+
+    step_size: float
+    initial_step_size: float
+    decrease_avg: float = 0.0
+    slope_avg: float = 0.0
+    step_size_fast: float = 0.0
+    step_size_slow: float = 0.0
+    step: int = 0
+    averaged: int = 0
+    searches: int = 0
+    steps_since_search: int = 0
+    forwards: int = 0
+    backwards: int = 0
+    trials: int = 0
+    failed_searches: int = 0
+    unresolved_searches: int = 0
+    skipped_nonfinite: int = 0
+    skipped_zero_grad: int = 0
+    optimizer: str = ""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchState:
+        """Read and validate a stored state; a ``ValueError`` names the first bad entry.
+
+        Entries missing from older checkpoints take their start values.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown entries in the line_search state: {unknown}")
+        for name in ("step_size", "initial_step_size"):
+            if name not in values:
+                raise ValueError(f"the line_search state has no {name!r}")
+            _check_step_size(name, values[name])
+        for name in ("decrease_avg", "slope_avg", "step_size_fast", "step_size_slow"):
+            value = values.get(name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"invalid line_search state {name!r}: {value!r} (not a number)")
+            if not math.isfinite(value):
+                raise ValueError(f"invalid line_search state {name!r}: {value!r} (not finite)")
+        for name in COUNTERS:
+            value = values.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"invalid line_search state {name!r}: {value!r} (expected an integer >= 0)"
+                )
+        optimizer = values.get("optimizer", "")
+        if not isinstance(optimizer, str):
+            raise ValueError(f"invalid line_search state 'optimizer': {optimizer!r}")
+        state = cls(step_size=float(values["step_size"]), initial_step_size=0.0)
+        return replace(state, **{k: v for k, v in values.items() if k != "step_size"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of numbers (and the class name), as stored in ``state_dict``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_step_size(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"invalid line_search state {name!r}: {value!r} (not a number)")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"invalid line_search state {name!r}: {value!r} (a step size must be finite and > 0)"
+        )
