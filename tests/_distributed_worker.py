@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -11,8 +13,46 @@ from alsals import ALSALS, SLS, AdamSLS
 OPTIMIZERS = {"SLS": SLS, "AdamSLS": AdamSLS, "ALSALS": ALSALS}
 
 
+# What rank 1 sees at each step of the "divergent" run while rank 0 trains normally.
+RANK1_EVENTS = ["normal", "no_grad", "nan_loss", "zero_grad", "normal", "no_grad", "normal"]
+
+
+def divergent_run(rank: int, cls: type) -> list[tuple[str, int]]:
+    """Each rank with its own local state at every step: no gradient, a NaN, a zero
+    gradient on rank 1 only. Every rank must issue the same collectives (gloo would fail
+    on a mismatch, NCCL would hang)."""
+    torch.manual_seed(0)
+    w = torch.randn(5, requires_grad=True)
+    opt = cls([w], lr=1.0)
+    kinds = []
+    for event in RANK1_EVENTS:
+        mine = event if rank == 1 else "normal"
+
+        def closure(backward: bool, mine=mine):
+            loss = ((w - 1.0) ** 2).sum()
+            if mine == "nan_loss":
+                loss = loss * float("nan")
+            if mine == "zero_grad":
+                loss = loss * 0.0 + 1.0
+            if backward:
+                opt.zero_grad()
+                if mine != "no_grad":
+                    loss.backward()
+            return loss.detach()
+
+        opt.step(closure)
+        kinds.append((opt.last_step.kind, opt.last_step.trials))
+    return kinds
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         results = {}
         for name, cls in OPTIMIZERS.items():
@@ -34,7 +74,12 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
                 info = opt.last_step
                 decisions.append((info.kind, info.trials, info.step_size, info.loss))
             weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-            results[name] = {"decisions": decisions, "weights": weights, "local": local_losses}
+            results[name] = {
+                "decisions": decisions,
+                "weights": weights,
+                "local": local_losses,
+                "divergent": divergent_run(rank, cls),
+            }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

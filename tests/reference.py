@@ -14,6 +14,7 @@ all groups, in group order). Gradients come from ``torch.autograd`` in float64.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ import torch
 from torch import Tensor
 
 LossFn = Callable[[Sequence[Tensor]], Tensor]
+
+RESOLUTION_ULPS = 4  # units in the last place of the loss (phase 5.3)
+UPWARD_FACTOR = 2.0  # after an unresolved trial (phase 5.3)
+MIN_STEP_SIZE = sys.float_info.min  # the smallest normal float (phases 0, 5, 6)
 
 VARIANTS = ("SLS", "AdamSLS", "ALSALS")
 
@@ -114,6 +119,7 @@ class SearchState:
     eta_fast: float = 0.0
     eta_slow: float = 0.0
     failed_searches: int = 0
+    unresolved_searches: int = 0
     skipped_nonfinite: int = 0
 
 
@@ -140,7 +146,7 @@ class StepRecord:
 
 
 def loss_and_gradients(f: LossFn, weights: Sequence[Tensor]) -> tuple[float, list[Tensor | None]]:
-    """Step 1: ``L0 = f(w)`` and ``g`` (``None`` for weights the loss does not touch)."""
+    """Phase 1: ``L0 = f(w)`` and ``g`` (``None`` for weights the loss does not touch)."""
     leaves = [w.detach().clone().requires_grad_(True) for w in weights]
     loss = f(leaves)
     if loss.requires_grad:
@@ -170,7 +176,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
 
 
 def adam_moments(state: ParamState, g: Tensor, betas: tuple[float, float]) -> None:
-    """Eq. 3 (step 2): ``t += 1``, ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``."""
+    """Eq. 3 (phase 4, on copies; phase 6 commits them): ``t += 1``, ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``."""
     beta1, beta2 = betas
     state.t += 1
     state.m = beta1 * state.m + (1 - beta1) * g
@@ -211,12 +217,12 @@ def direction(name: str, g: Tensor, state: ParamState | None, group: GroupConfig
 
 
 def analytic_slope(grads: Sequence[Tensor], d_search: Sequence[Tensor]) -> float:
-    """Step 4.1, Eqs. 1 and 5: ``s = -g . d_search`` summed over all parameters."""
+    """Phase 5.1, Eqs. 1 and 5: ``s = -g . d_search`` summed over all parameters."""
     return -sum(float((g * d).sum()) for g, d in zip(grads, d_search, strict=True))
 
 
 def finite_difference_slope(loss0: float, loss_probe: float, fd_step: float) -> float:
-    """Step 4.1, Eq. 6: ``s = (L0 - f(w + lambda d_search)) / lambda``."""
+    """Phase 5.1, Eq. 6: ``s = (L0 - f(w + lambda d_search)) / lambda``."""
     return (loss0 - loss_probe) / fd_step
 
 
@@ -231,7 +237,7 @@ def smooth(average: float, value: float, b: float) -> float:
 
 
 def grown_step_size(eta: float, growth_interval: float) -> float:
-    """Step 4.2, Eq. 2: ``eta_try <- eta * 2^(1 / b_g)``."""
+    """Phase 5.2, Eq. 2: ``eta_try <- eta * 2^(1 / b_g)``."""
     return eta * 2 ** (1 / growth_interval)
 
 
@@ -241,17 +247,28 @@ def armijo_constant(c: float, slope_avg: float) -> float:
 
 
 def armijo_accepts(loss: float, decrease: float, c_h: float, eta: float, slope_avg: float) -> bool:
-    """Eq. 9 (step 4.3): accept if ``L`` is finite and ``D' >= c_h * eta_try * G``."""
+    """Eq. 9 (phase 5.3): accept if ``L`` is finite and ``D' >= c_h * eta_try * G``."""
     return is_finite(loss) and decrease >= c_h * eta * slope_avg
 
 
+def resolution(loss0: float) -> float:
+    """Phase 5.3: the rounding of the loss, ``4 * eps(float64) * |L0|``."""
+    return RESOLUTION_ULPS * torch.finfo(torch.float64).eps * abs(loss0)
+
+
+def unresolved(loss: float, delta: float, predicted: float, tol: float) -> bool:
+    """Phase 5.3: a finite trial whose loss did not change, or whose change and predicted
+    change ``c_h * eta * |s|`` both lie within ``tol``."""
+    return is_finite(loss) and (delta == 0 or max(abs(delta), predicted) <= tol)
+
+
 def warmup_step_size(initial_step_size: float, k: int, warmup_steps: int) -> float:
-    """Step 3, warm-up: ``eta <- eta_init * (k + 1) / warmup_steps``."""
+    """Phase 3, warm-up: ``eta <- eta_init * (k + 1) / warmup_steps``."""
     return initial_step_size * (k + 1) / warmup_steps
 
 
 def adaptive_interval(eta_fast: float, eta_slow: float, searches: int) -> float:
-    """Step 3, adaptive: ``K = min(10, 1 / (max(r, 1/r) - 1))`` (10 if ``r = 1``), with ``r``
+    """Phase 3, adaptive: ``K = min(10, 1 / (max(r, 1/r) - 1))`` (10 if ``r = 1``), with ``r``
     the ratio of the bias-corrected averages."""
     r = (eta_fast / (1 - 0.9**searches)) / (eta_slow / (1 - 0.99**searches))
     spread = max(r, 1 / r) - 1
@@ -261,7 +278,7 @@ def adaptive_interval(eta_fast: float, eta_slow: float, searches: int) -> float:
 
 
 def search_due(state: SearchState, search_interval: int | str) -> bool:
-    """Step 3: whether this step searches (outside warm-up)."""
+    """Phase 3: whether this step searches (outside warm-up)."""
     if state.searches == 0:
         return True
     if search_interval == "adaptive":
@@ -273,7 +290,7 @@ def search_due(state: SearchState, search_interval: int | str) -> bool:
 
 
 def track_step_sizes(state: SearchState) -> None:
-    """Step 4.5: bookkeeping after any search, accepted or failed."""
+    """Phase 6: bookkeeping after any search (accepted, failed or unresolved)."""
     state.searches += 1
     state.steps_since_search = 0
     state.eta_fast = 0.9 * state.eta_fast + 0.1 * state.step_size
@@ -283,7 +300,7 @@ def track_step_sizes(state: SearchState) -> None:
 def decoupled_update(
     w0: Tensor, d_update: Tensor, eta: float, lr_scale: float, weight_decay: float
 ) -> Tensor:
-    """Step 5: ``w <- w0 + eta d_update - eta lr_scale weight_decay w0`` (AdamW's form)."""
+    """Phase 6: ``w <- w0 + eta d_update - eta lr_scale weight_decay w0`` (AdamW's form)."""
     return w0 + eta * d_update - eta * lr_scale * weight_decay * w0
 
 
@@ -301,7 +318,8 @@ class ReferenceOptimizer:
     """One ``step`` of SLS / AdamSLS / ALSALS, exactly as ``docs/algorithms.md`` states.
 
     ``groups`` is a list of ``(weights, GroupConfig)``; the reference keeps float64 copies
-    of the weights in ``self.weights`` (a flat list, groups in order).
+    of the weights in ``self.weights`` (a flat list, groups in order). ``step`` runs the
+    phases of the page in order, one method each, under the page's names.
     """
 
     def __init__(
@@ -320,131 +338,136 @@ class ReferenceOptimizer:
         self.lr = [config.lr * group.lr_scale for group in self.groups]
         self.last_step: StepRecord | None = None
 
-    # -- step 0 -------------------------------------------------------------------------
-    def _adopt_written_lr(self) -> None:
-        """Step 0: a group ``lr`` that differs from ``eta * lr_scale`` sets ``eta``."""
-        for lr, group in zip(self.lr, self.groups, strict=True):
-            if lr != self.state.step_size * group.lr_scale:
-                self.state.step_size = lr / group.lr_scale
-                return
-
-    def _set_group_lrs(self) -> None:
-        """Step 6: every group's ``lr <- eta * lr_scale``."""
-        self.lr = [self.state.step_size * group.lr_scale for group in self.groups]
-
     def _group(self, i: int) -> GroupConfig:
         return self.groups[self.group_of[i]]
 
-    # -- step ---------------------------------------------------------------------------
     def step(self, f: LossFn) -> float:
-        """One step: 0, then 1-5 (which may stop early), then 6 in every case.
-
-        The page says a skipped step (``zero_grad``, ``nonfinite``) changes nothing; we
-        read that as "no update and no search state", while steps 0 and 6 still keep every
-        group's ``lr`` equal to ``eta * lr_scale``.
-        """
-        self._adopt_written_lr()
-        loss0 = self._steps_1_to_5(f)
-        self._set_group_lrs()
+        """Phases 0-6. A skipped step (phase 2) still runs 0 and the ``lr`` part of 6."""
+        zero_lr = self.adopt_written_lr()  # 0
+        loss0, grads = self.evaluate(f)  # 1
+        record = StepRecord(kind="", step_size=0.0, loss=loss0, forwards=1, backwards=1)
+        self.last_step = record
+        active = [i for i, g in enumerate(grads) if g is not None]
+        skip = self.check(loss0, grads, active)  # 2
+        if skip is not None:
+            record.kind = skip
+            self.count_skip(skip)
+            self.set_group_lrs()
+            return loss0
+        moments = self.moments_after(grads, active)
+        plan = self.plan(zero_lr)  # 3
+        d_search, d_update = self.directions(grads, active, moments)  # 4
+        outcome = "taken"
+        if plan == "search":
+            outcome = self.search(f, loss0, [grads[i] for i in active], d_search, record)  # 5
+        if outcome == "nonfinite":
+            record.kind = "nonfinite"
+            self.count_skip("nonfinite")
+        else:
+            self.commit(plan, outcome, moments, d_update, record)  # 6
+        self.set_group_lrs()
         return loss0
 
-    def _steps_1_to_5(self, f: LossFn) -> float:
-        cfg, st = self.config, self.state
+    # -- 0 -------------------------------------------------------------------------------
+    def adopt_written_lr(self) -> bool:
+        """Phase 0: the first group ``lr`` that differs from ``eta * lr_scale`` sets ``eta``;
+        a written 0 means no update this step (``eta`` is kept)."""
+        for lr, group in zip(self.lr, self.groups, strict=True):
+            if lr != self.state.step_size * group.lr_scale:
+                if lr == 0:
+                    return True
+                self.state.step_size = max(lr / group.lr_scale, MIN_STEP_SIZE)
+                return False
+        return False
 
-        # 1. L0 and g.
-        loss0, grads = loss_and_gradients(f, self.weights)
-        active = [i for i, g in enumerate(grads) if g is not None]
-        record = StepRecord(kind="", step_size=st.step_size, loss=loss0, forwards=1, backwards=1)
-        self.last_step = record
-        # The page lists both skip rules without an order; a NaN loss with all-zero
-        # gradients is "zero_grad" here and "nonfinite" in the fast code (not tested).
-        if not active or all(bool((grads[i] == 0).all()) for i in active):
-            record.kind = "zero_grad"
-            return loss0
+    # -- 1 -------------------------------------------------------------------------------
+    def evaluate(self, f: LossFn) -> tuple[float, list[Tensor | None]]:
+        """Phase 1: ``L0 = f(w0)`` and ``g``."""
+        return loss_and_gradients(f, self.weights)
+
+    # -- 2 -------------------------------------------------------------------------------
+    def check(self, loss0: float, grads: list[Tensor | None], active: list[int]) -> str | None:
+        """Phase 2: ``"nonfinite"``, ``"zero_grad"`` or ``None`` (the step goes on)."""
+        # The page lists the skip rules in this order: a NaN loss is non-finite first.
         if not is_finite(loss0) or not all_finite([grads[i] for i in active]):
-            st.skipped_nonfinite += 1
-            record.kind = "nonfinite"
-            return loss0
-
-        # 2. Adam moments (Eq. 3).
-        if cfg.adam:
+            return "nonfinite"
+        if not active or all(bool((grads[i] == 0).all()) for i in active):
+            return "zero_grad"
+        if self.config.adam:
             for i in active:
-                if i not in self.param_state:
-                    zeros = torch.zeros_like(self.weights[i])
-                    self.param_state[i] = ParamState(m=zeros.clone(), v=zeros.clone())
-                adam_moments(self.param_state[i], grads[i], self._group(i).betas)
+                state = self.param_state.get(i)
+                v = state.v if state is not None else torch.zeros_like(grads[i])
+                _, beta2 = self._group(i).betas
+                if not all_finite([beta2 * v + (1 - beta2) * grads[i] * grads[i]]):
+                    return "nonfinite"
+        return None
 
+    def count_skip(self, kind: str) -> None:
+        if kind == "nonfinite":
+            self.state.skipped_nonfinite += 1
+
+    def moments_after(self, grads: list[Tensor | None], active: list[int]) -> dict[int, ParamState]:
+        """Eq. 3 on copies: the moments this step commits in phase 6 (Adam variants)."""
+        if not self.config.adam:
+            return {}
+        out = {}
+        for i in active:
+            state = self.param_state.get(i)
+            if state is None:
+                zeros = torch.zeros_like(self.weights[i])
+                state = ParamState(m=zeros.clone(), v=zeros.clone())
+            new = ParamState(m=state.m.clone(), v=state.v.clone(), t=state.t)
+            adam_moments(new, grads[i], self._group(i).betas)
+            out[i] = new
+        return out
+
+    # -- 3 -------------------------------------------------------------------------------
+    def plan(self, zero_lr: bool) -> str:
+        """Phase 3: ``"zero_lr"``, ``"warmup"``, ``"search"`` or ``"reuse"``."""
+        cfg, st = self.config, self.state
+        if zero_lr:
+            return "zero_lr"
+        if st.step < cfg.warmup_steps:
+            st.step_size = warmup_step_size(st.initial_step_size, st.step, cfg.warmup_steps)
+            return "warmup"
+        return "search" if search_due(st, cfg.search_interval) else "reuse"
+
+    # -- 4 -------------------------------------------------------------------------------
+    def directions(
+        self, grads: list[Tensor | None], active: list[int], moments: dict[int, ParamState]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Phase 4: ``d_search`` and ``d_update`` from the moments of this step."""
+        cfg = self.config
         d_search = {
-            i: direction(cfg.search_direction, grads[i], self.param_state.get(i), self._group(i))
+            i: direction(cfg.search_direction, grads[i], moments.get(i), self._group(i))
             for i in active
         }
         d_update = {
-            i: direction(cfg.update_direction, grads[i], self.param_state.get(i), self._group(i))
+            i: direction(cfg.update_direction, grads[i], moments.get(i), self._group(i))
             for i in active
         }
-        w0 = [w.clone() for w in self.weights]
+        return d_search, d_update
 
-        # 3. Plan.
-        if st.step < cfg.warmup_steps:
-            plan = "warmup"
-            st.step_size = warmup_step_size(st.initial_step_size, st.step, cfg.warmup_steps)
-        elif search_due(st, cfg.search_interval):
-            plan = "search"
-        else:
-            plan = "reuse"
-        record.kind = plan
-
-        # 4. Search.
-        if plan == "search":
-            outcome = self._search(f, loss0, [grads[i] for i in active], d_search, w0, record)
-            if outcome == "nonfinite":
-                self.weights = w0
-                st.skipped_nonfinite += 1
-                record.kind = "nonfinite"
-                record.step_size = st.step_size
-                return loss0
-            track_step_sizes(st)  # 4.5
-            if outcome == "failed":
-                self.weights = w0  # restored exactly
-                st.failed_searches += 1
-                record.kind = "failed"
-                record.step_size = st.step_size
-                return loss0
-
-        # 5. Update.
-        eta = st.step_size
-        self.weights = [
-            decoupled_update(
-                w0[i], d_update[i], eta, self._group(i).lr_scale, self._group(i).weight_decay
-            )
-            if i in d_update
-            else w0[i]
-            for i in range(len(w0))
-        ]
-        st.step += 1
-        if plan != "search":
-            st.steps_since_search += 1
-        record.step_size = eta
-        return loss0
-
-    def _search(
+    # -- 5 -------------------------------------------------------------------------------
+    def search(
         self,
         f: LossFn,
         loss0: float,
         grads: list[Tensor],
         d_search: dict[int, Tensor],
-        w0: list[Tensor],
         record: StepRecord,
     ) -> str:
-        """Step 4: returns ``"accepted"``, ``"failed"`` or ``"nonfinite"``."""
+        """Phase 5: returns ``"accepted"``, ``"failed"``, ``"unresolved"`` or ``"nonfinite"``;
+        sets ``record.step_size`` (accepted) and ``self.next_step_size``."""
         cfg, st = self.config, self.state
         b = cfg.smoothing
+        w0 = self.weights
 
-        # 4.2 Growth (needed first: the first trial is evaluated together with the slope).
+        # 5.2 Growth (needed first: the first trial is evaluated together with the slope).
         eta_start = st.step_size
-        eta_try = grown_step_size(eta_start, cfg.growth_interval)
+        eta_try = max(grown_step_size(eta_start, cfg.growth_interval), MIN_STEP_SIZE)
 
-        # 4.1 Slope.
+        # 5.1 Slope.
         if cfg.slope == "analytic":
             s = analytic_slope(grads, list(d_search.values()))
         elif cfg.slope == "finite_difference":
@@ -462,8 +485,11 @@ class ReferenceOptimizer:
             return "nonfinite"
         G = record.slope_avg = smooth(st.slope_avg, s, b)  # G', stored only on acceptance
         c_h = armijo_constant(cfg.c, G)
+        tol = resolution(loss0)
 
-        # 4.3 Trials.
+        # 5.3 Trials.
+        rejected = False
+        largest_unresolved = 0.0
         for _ in range(cfg.max_trials):
             loss = loss_only(f, displaced(w0, d_search, eta_try))
             record.forwards += 1
@@ -472,21 +498,70 @@ class ReferenceOptimizer:
             record.trial_losses.append(loss)
             delta = loss0 - loss
             decrease = smooth(st.decrease_avg, delta, b)
+            if unresolved(loss, delta, c_h * eta_try * abs(s), tol):
+                if rejected:  # 5.5 the loss cannot be decreased measurably
+                    self.next_step_size = max(eta_start, largest_unresolved)
+                    return "unresolved"
+                largest_unresolved = eta_try
+                eta_try = UPWARD_FACTOR * eta_try
+                continue
             if armijo_accepts(loss, decrease, c_h, eta_try, G):
                 st.decrease_avg = decrease
                 st.slope_avg = G
                 st.averaged += 1
-                st.step_size = eta_try
+                record.step_size = self.next_step_size = eta_try
                 record.loss_decrease = delta
                 return "accepted"
-            eta_try = cfg.backtrack * eta_try
+            rejected = rejected or is_finite(loss)
+            eta_try = max(cfg.backtrack * eta_try, MIN_STEP_SIZE)
 
-        # 4.4 No trial accepted: with smoothing history, forget it and keep eta; without,
-        # eta is the last step size tried.
+        # 5.4 No trial accepted.
         if b > 0 and st.averaged > 0:
             st.decrease_avg = st.slope_avg = 0.0
             st.averaged = 0
-            st.step_size = eta_start
+            self.next_step_size = eta_start
+        elif rejected:
+            self.next_step_size = record.tried[-1]
         else:
-            st.step_size = record.tried[-1]
+            self.next_step_size = max(eta_start, largest_unresolved)
         return "failed"
+
+    # -- 6 -------------------------------------------------------------------------------
+    def commit(
+        self,
+        plan: str,
+        outcome: str,
+        moments: dict[int, ParamState],
+        d_update: dict[int, Tensor],
+        record: StepRecord,
+    ) -> None:
+        """Phase 6: moments, update, search state."""
+        st = self.state
+        self.param_state.update(moments)
+        moved = plan in ("warmup", "reuse") or outcome == "accepted"
+        if moved:
+            eta = st.step_size if plan != "search" else self.next_step_size
+            self.weights = [
+                decoupled_update(
+                    w, d_update[i], eta, self._group(i).lr_scale, self._group(i).weight_decay
+                )
+                if i in d_update
+                else w
+                for i, w in enumerate(self.weights)
+            ]
+            st.step += 1
+            record.step_size = eta
+        if plan == "search":
+            st.step_size = max(self.next_step_size, MIN_STEP_SIZE)
+            st.failed_searches += outcome == "failed"
+            st.unresolved_searches += outcome == "unresolved"
+            track_step_sizes(st)
+            record.kind = "search" if outcome == "accepted" else outcome
+        else:
+            if plan != "zero_lr":
+                st.steps_since_search += 1
+            record.kind = plan
+
+    def set_group_lrs(self) -> None:
+        """Phase 6, last: every group's ``lr <- eta * lr_scale``."""
+        self.lr = [self.state.step_size * group.lr_scale for group in self.groups]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -76,8 +77,45 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_warns_once(optimizer_clas
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), name
 
 
+def full_state(opt):
+    """Everything the optimizer carries from step to step, cloned."""
+    state = {
+        id(k): {n: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for n, v in s.items()}
+        for k, s in opt.state.items()
+    }
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return state, groups
+
+
+COUNTERS = {"forwards", "backwards", "trials", "skipped_nonfinite", "skipped_zero_grad"}
+
+
+def assert_same_state(a, b, *, counters=True):
+    """Equal optimizer states; ``counters=False`` ignores the evaluation/skip counters."""
+    (state_a, groups_a), (state_b, groups_b) = a, b
+    if not counters:
+        for state in (state_a, state_b):
+            for entries in state.values():
+                if "line_search" in entries:
+                    entries["line_search"] = {
+                        k: v for k, v in entries["line_search"].items() if k not in COUNTERS
+                    }
+    assert groups_a == groups_b
+    assert state_a.keys() == state_b.keys()
+    for key, entries in state_a.items():
+        assert entries.keys() == state_b[key].keys()
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, state_b[key][name]), name
+            else:
+                assert value == state_b[key][name], name
+
+
 @pytest.mark.parametrize("failing_call", [1, 2, 3])
-def test_exception_in_closure_leaves_weights_exactly_as_before(optimizer_class, failing_call):
+def test_exception_in_closure_leaves_everything_as_before_the_step(optimizer_class, failing_call):
+    """Weights, moments, step counters, search state, group lr, buffers and the random state
+    are as before the step, whichever evaluation raised; retrying takes the same step as
+    an uninterrupted run."""
     torch.manual_seed(0)
     model = SmallNet()
     x, y = make_classification()
@@ -85,8 +123,13 @@ def test_exception_in_closure_leaves_weights_exactly_as_before(optimizer_class, 
     opt.step(bce_closure(model, x, y))
     for group in opt.param_groups:  # a step size this large needs several trials
         group["lr"] = 1e4
+    twin_model = copy.deepcopy(model)
+    twin = optimizer_class(twin_model.parameters(), lr=50.0, buffers=twin_model.buffers())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # no tensor shared with opt
     before = snapshot(model)
     buffers_before = [b.clone() for b in model.buffers()]
+    state_before = full_state(opt)
+    last_before = opt.last_step
     calls = 0
 
     class Interrupted(Exception):
@@ -95,19 +138,114 @@ def test_exception_in_closure_leaves_weights_exactly_as_before(optimizer_class, 
     def closure():
         nonlocal calls
         calls += 1
+        torch.rand(3)  # the closure draws random numbers before it fails
         if calls == failing_call:
             raise Interrupted
         return bce_closure(model, x, y)()
 
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
     with pytest.raises(Interrupted):
         opt.step(closure)
+    assert torch.equal(torch.get_rng_state(), rng_before)
     assert_unchanged(before, model.parameters())
-    if failing_call > 1:  # trials ran: the buffers are as the first evaluation left them
-        assert model.bn.num_batches_tracked.item() == buffers_before[-1].item() + 1
-    for group in opt.param_groups:
-        group["lr"] = 0.01
-    opt.step(bce_closure(model, x, y))  # and the optimizer keeps working
+    for a, b in zip(buffers_before, model.buffers(), strict=True):
+        assert torch.equal(a, b)
+    assert_same_state(state_before, full_state(opt))
+    assert opt.last_step is last_before
+
+    calls = -(10**6)  # the retry succeeds, and equals the twin's uninterrupted step
+    opt.step(closure)
+    rng_after_retry = torch.get_rng_state()
+    torch.manual_seed(123)
+    twin_calls = 0
+
+    def twin_closure():
+        nonlocal twin_calls
+        twin_calls += 1
+        torch.rand(3)
+        return bce_closure(twin_model, x, y)()
+
+    twin.step(twin_closure)
+    for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.last_step == twin.last_step
+    assert torch.equal(rng_after_retry, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("cls", [AdamSLS, ALSALS], ids=["AdamSLS", "ALSALS"])
+def test_a_gradient_whose_square_overflows_skips_the_step_and_spares_the_moments(cls):
+    """g = 1e30 in float32: g*g overflows Adam's second moment. The step is skipped like a
+    non-finite gradient, the state untouched, and training goes on."""
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = cls([w], lr=0.01)
+    opt.step(lambda: (w**2).sum())
+    before, state_before = w.detach().clone(), full_state(opt)
+    with pytest.warns(RuntimeWarning, match="second moment"):
+        opt.step(lambda: (w**2).sum() * 1e30)
+    assert opt.last_step.kind == "nonfinite"
+    assert torch.equal(w.detach(), before)
+    assert_same_state(state_before, full_state(opt), counters=False)
+    for _ in range(20):
+        opt.step(lambda: (w**2).sum())
+        assert opt.last_step.kind == "search"
+    assert torch.isfinite(opt.state[w]["exp_avg_sq"]).all()
+    assert (w**2).sum().item() < 5.0
+
+
+def test_a_large_fp16_gradient_that_does_not_overflow_the_moment_is_not_skipped():
+    """The overflow rule is exact: |g| = 300 in float16 exceeds sqrt(max) = 256, but
+    (1 - beta2) g^2 does not overflow in the order the moment update computes it."""
+    w = torch.tensor([1.0, -2.0], dtype=torch.float16, requires_grad=True)
+    opt = ALSALS([w], lr=1e-3, slope="analytic")
+    opt.step(lambda: (w * torch.tensor([300.0, 1.0], dtype=torch.float16)).sum())
     assert opt.last_step.kind == "search"
+    assert torch.isfinite(opt.state[w]["exp_avg_sq"]).all()
+
+
+def test_zero_grad_inside_a_closure_cannot_change_the_searched_direction(optimizer_class):
+    """optimizer.zero_grad(set_to_none=False) inside closure() zeroes .grad in place; a trial
+    must not be able to change the direction (it used to make SLS search along 0)."""
+    torch.manual_seed(0)
+    x, y = make_classification()
+    runs = []
+    for zeroing in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = optimizer_class(model.parameters(), lr=50.0)
+
+        def closure(model=model, opt=opt, zeroing=zeroing):
+            if zeroing:
+                opt.zero_grad(set_to_none=False)
+            logits = model(x).squeeze(-1)
+            return nn.functional.binary_cross_entropy_with_logits(logits, y)
+
+        for _ in range(3):
+            opt.step(closure)
+        runs.append((snapshot(model), opt.last_step))
+    (plain_weights, plain_info), (zeroing_weights, zeroing_info) = runs
+    assert zeroing_info == plain_info and plain_info.kind == "search"
+    for a, b in zip(plain_weights, zeroing_weights, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_a_plain_closure_that_runs_backward_itself_is_a_clear_error(optimizer_class, warmup):
+    """The LBFGS style (zero_grad; loss.backward(); return loss) without a backward argument:
+    a clear error naming closure(backward), never a doubled gradient (as in warm-up)."""
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = optimizer_class([w], warmup_steps=warmup)
+
+    def lbfgs_style():
+        opt.zero_grad()
+        loss = (w * w.detach()).sum()  # a graph that saves no tensor: backward twice works
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"closure\(backward\)"):
+        opt.step(lbfgs_style)
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
+    assert "line_search" not in opt.state[w]
 
 
 def test_failed_search_leaves_weights_unchanged_and_keeps_the_smallest_step():

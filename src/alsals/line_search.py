@@ -316,8 +316,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``, validated first: a ``ValueError`` names the
-        first bad entry and nothing is loaded. A state saved by another optimizer class
-        warns (its search settings replace this optimizer's, as in ``torch.optim``)."""
+        first bad entry and nothing is loaded. A state saved with other search settings (by
+        another class, or another configuration) warns: as in ``torch.optim``, the saved
+        settings replace this optimizer's."""
         groups = state_dict.get("param_groups", [])
         for index, saved in enumerate(groups):
             try:
@@ -329,17 +330,22 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             except (TypeError, ValueError) as error:
                 raise ValueError(f"invalid state_dict: param_groups[{index}]: {error}") from None
         for index, entries in state_dict.get("state", {}).items():
-            if "line_search" not in entries:
-                continue
-            try:
-                saved_search = SearchState.from_dict(entries["line_search"])
-            except ValueError as error:
-                raise ValueError(f"invalid state_dict: state[{index}]: {error}") from None
-            if saved_search.optimizer and saved_search.optimizer != type(self).__name__:
+            if "line_search" in entries:
+                try:
+                    SearchState.from_dict(entries["line_search"])
+                except ValueError as error:
+                    raise ValueError(f"invalid state_dict: state[{index}]: {error}") from None
+        if groups:
+            saved = self._checked_settings(groups[0])
+            differing = {
+                k: (saved[k], self.defaults[k]) for k in SEARCH_KEYS if saved[k] != self.defaults[k]
+            }
+            if differing:
+                listed = ", ".join(f"{k}={a!r} (here {b!r})" for k, (a, b) in differing.items())
                 warnings.warn(
-                    f"loading a state saved by {saved_search.optimizer} into "
-                    f"{type(self).__name__}: the saved search settings (c, smoothing, slope, "
-                    "...) replace this optimizer's, and its moments may not fit",
+                    f"the state loaded into {type(self).__name__} was saved with other search "
+                    f"settings: {listed}; the saved ones are used. Was it saved by another "
+                    "optimizer class or configuration?",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -805,7 +811,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search.trials += outcome.trials
         search.skipped_nonfinite += outcome.kind == "nonfinite"
         search.skipped_zero_grad += outcome.kind == "zero_grad"
-        search.optimizer = type(self).__name__
         anchor = self._anchor()
         if anchor is not None:
             self.state[anchor]["line_search"] = search.to_dict()
@@ -826,7 +831,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         stored = self.state[anchor].get("line_search") if anchor is not None else None
         if stored is None:
             lr = self.defaults["lr"]
-            return SearchState(step_size=lr, initial_step_size=lr, optimizer=type(self).__name__)
+            return SearchState(step_size=lr, initial_step_size=lr)
         return SearchState.from_dict(stored)
 
     def _warn_once(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:

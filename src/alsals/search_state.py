@@ -35,8 +35,8 @@ class SearchState:
     ``step_size`` is ``eta``, the step size the next search starts from (before growth);
     ``decrease_avg`` and ``slope_avg`` are ``D`` and ``G`` of the smoothed test, ``averaged``
     the number of samples in them since their last reset; ``step`` counts updates taken.
-    The remaining counters are totals for logging. ``optimizer`` names the class that
-    wrote the state, so that loading it into another configuration can warn.
+    The remaining counters are totals for logging. Only numbers: ``torch.optim``'s
+    ``load_state_dict`` would mangle a string here.
     """
 
     step_size: float
@@ -56,7 +56,6 @@ class SearchState:
     unresolved_searches: int = 0
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
-    optimizer: str = ""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchState:
@@ -84,14 +83,11 @@ class SearchState:
                 raise ValueError(
                     f"invalid line_search state {name!r}: {value!r} (expected an integer >= 0)"
                 )
-        optimizer = values.get("optimizer", "")
-        if not isinstance(optimizer, str):
-            raise ValueError(f"invalid line_search state 'optimizer': {optimizer!r}")
         state = cls(step_size=float(values["step_size"]), initial_step_size=0.0)
         return replace(state, **{k: v for k, v in values.items() if k != "step_size"})
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of numbers (and the class name), as stored in ``state_dict``."""
+        """A plain dict of numbers, as stored in ``state_dict``."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 

@@ -1,0 +1,128 @@
+"""The step size stays a meaningful number: no collapse at the resolution of the weights or the
+loss, no collapse after bad batches, and training resumes when the landscape changes."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from alsals import ALSALS, SLS, AdamSLS
+
+# The analytic slope is exact; the paper's finite difference at fd_step=5e-8 is rounding noise
+# in float32 (docs/algorithms.md), which is a separate hazard.
+ANALYTIC = [
+    (SLS, {}),
+    (AdamSLS, {}),
+    (ALSALS, {"slope": "analytic"}),
+]
+IDS = ["SLS", "AdamSLS", "ALSALS-analytic"]
+
+
+def spd_quadratic(dim: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=gen)
+    return a @ a.T / dim + 0.1 * torch.eye(dim)
+
+
+def is_normal(x: float) -> bool:
+    return math.isfinite(x) and x >= sys.float_info.min
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ANALYTIC, ids=IDS)
+def test_step_size_stays_normal_at_the_precision_floor_and_training_resumes(cls, kwargs):
+    """A deterministic float32 quadratic converges to its rounding floor within 250 steps;
+    there, every trial is below the resolution of the weights or the loss. The step size
+    must stay where it was (today's bug: ~1e-317), and when the target moves the optimizer
+    must reach the new optimum."""
+    a = spd_quadratic()
+    w = torch.zeros(8, requires_grad=True)
+    target = torch.ones(8)
+    opt = cls([w], **kwargs)
+
+    def loss():
+        e = w - target
+        return e @ a @ e
+
+    for _ in range(250):
+        opt.step(loss)
+    floor_lr = opt.param_groups[0]["lr"]
+    assert loss().item() < 1e-8  # at the floor
+    assert is_normal(floor_lr) and floor_lr > 1e-3, floor_lr
+    assert opt.search_state.unresolved_searches + opt.search_state.searches > 0
+
+    target = -2.0 * torch.ones(8)
+    start = loss().item()
+    for _ in range(250):
+        opt.step(loss)
+    assert loss().item() < 1e-6 * start, (start, loss().item())
+    assert is_normal(opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ANALYTIC, ids=IDS)
+def test_an_unresolved_search_is_recognised_and_keeps_the_step_size(cls, kwargs):
+    """At the optimum of a float32 quadratic the loss cannot decrease measurably: the search
+    reports it (kind 'unresolved'), moves nothing, and keeps the step size."""
+    w = torch.tensor([0.0, 0.0], requires_grad=True)
+    target = torch.tensor([1.3, -2.7])
+
+    def loss():
+        return ((w - target) ** 2).sum()
+
+    opt = cls([w], **kwargs)
+    for _ in range(1000):
+        opt.step(loss)
+        if opt.last_step.kind == "unresolved":
+            break
+    assert opt.last_step.kind == "unresolved"
+    before = w.detach().clone()
+    eta = opt.search_state.step_size
+    opt.step(loss)
+    if opt.last_step.kind == "unresolved":
+        assert torch.equal(w.detach(), before)
+        assert opt.search_state.step_size >= eta
+    assert opt.last_step.trials < 100
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ANALYTIC, ids=IDS)
+def test_bad_batches_whose_trials_are_all_infinite_do_not_collapse_the_step_size(cls, kwargs):
+    """Two batches whose every trial is inf say nothing about the step size: afterwards
+    training goes on from where it was (the issue's example: lr 2.5e-323, loss still 5)."""
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = cls([w], **kwargs)
+
+    def bad():
+        return (w**2).sum() * (1.0 if torch.is_grad_enabled() else float("inf"))
+
+    for _ in range(2):
+        opt.step(bad)
+        assert opt.last_step.kind == "failed"
+    assert opt.param_groups[0]["lr"] == pytest.approx(opt.defaults["lr"])
+    for _ in range(300):
+        opt.step(lambda: (w**2).sum())
+    assert (w**2).sum().item() < 1e-6
+    assert is_normal(opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ANALYTIC, ids=IDS)
+def test_a_step_size_far_below_resolution_climbs_back(cls, kwargs):
+    """A search that starts where no trial can be resolved tries larger steps instead of
+    shrinking further (from 1e-30 to a measurable step within one search)."""
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = cls([w], lr=1e-30, **kwargs)
+    opt.step(lambda: (w**2).sum())
+    assert opt.last_step.kind == "search"
+    assert opt.last_step.step_size > 1e-9
+    assert (w**2).sum().item() < 5.0
+
+
+def test_float64_losses_use_float64_resolution():
+    """The resolution follows the loss's dtype: in float64 a step that changes the loss by
+    1e-12 (relative) is resolved and accepted, not called unresolved."""
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = SLS([w], lr=1e-13)
+    opt.step(lambda: (w**2).sum())
+    assert opt.last_step.kind == "search"
+    assert opt.last_step.step_size == pytest.approx(1e-13 * 2 ** (1 / 500))

@@ -1,0 +1,295 @@
+"""Where torch.optim users go: copies, pickles, odd groups, schedulers, argument types,
+state_dict round trips and tampered checkpoints. Every property holds for all three
+optimizers."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from alsals import ALSALS, SLS, AdamSLS
+from conftest import SmallNet, bce_closure, make_classification
+
+
+def quadratic(w):
+    return lambda: ((w - 3.0) ** 2).sum()
+
+
+def trained(optimizer_class, steps: int = 3, **kwargs):
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=0.05, buffers=model.buffers(), **kwargs)
+    for _ in range(steps):
+        opt.step(bce_closure(model, x, y))
+    return model, opt, x, y
+
+
+# ----------------------------------------------------------------------- copies and pickles
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_steps_like_the_original(optimizer_class, how):
+    model, opt, x, y = trained(optimizer_class)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))  # one memo: the copy steps the copied model
+    elif how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        model2, opt2 = torch.load(buffer, weights_only=False)
+    assert opt2.last_step == opt.last_step
+    assert opt2.protected_buffers and all(
+        any(b is c for c in model2.buffers()) for b in opt2.protected_buffers
+    )
+    torch.manual_seed(1)
+    opt.step(bce_closure(model, x, y))
+    torch.manual_seed(1)
+    opt2.step(bce_closure(model2, x, y))
+    assert opt2.last_step == opt.last_step
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model.buffers(), model2.buffers(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- odd groups
+
+
+def test_an_empty_first_group_is_accepted_as_torch_adam_accepts_it(optimizer_class):
+    w = torch.zeros(3, requires_grad=True)
+    torch.optim.Adam([{"params": []}, {"params": [w]}])  # the convention
+    opt = optimizer_class([{"params": []}, {"params": [w], "weight_decay": 0.1}], lr=0.01)
+    for _ in range(3):
+        opt.step(quadratic(w))
+    assert opt.last_step.kind == "search"
+    assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == opt.last_step.step_size
+    state = opt.state_dict()
+    fresh = optimizer_class([{"params": []}, {"params": [w], "weight_decay": 0.1}], lr=0.01)
+    fresh.load_state_dict(state)
+    assert fresh.search_state == opt.search_state
+
+
+def test_no_trainable_parameter_makes_step_a_no_op(optimizer_class):
+    model = nn.Linear(3, 1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = optimizer_class(model.parameters())
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randn(4, 3)
+    loss = opt.step(lambda: model(x).pow(2).mean())
+    assert loss.item() == pytest.approx(model(x).pow(2).mean().item())
+    assert opt.last_step.kind == "zero_grad"
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_add_param_group_leaves_the_groups_as_they_were(optimizer_class):
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = optimizer_class([a])
+    for bad in ({"params": [b], "lr_scale": -1.0}, {"params": [b], "weight_decay": "x"}):
+        with pytest.raises((ValueError, TypeError)):
+            opt.add_param_group(bad)
+        assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b]})  # b was not left behind in a rejected group
+    assert len(opt.param_groups) == 2
+
+
+def test_the_same_parameter_twice_in_a_group_is_rejected(optimizer_class):
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="twice"):
+        optimizer_class([w, w])
+    opt = optimizer_class([torch.zeros(1, requires_grad=True)])
+    with pytest.raises(ValueError, match="twice"):
+        opt.add_param_group({"params": [w, w]})
+    assert len(opt.param_groups) == 1
+
+
+def test_groups_built_for_adamw_warn_about_the_keys_alsals_does_not_use(optimizer_class):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    adamw = torch.optim.AdamW(
+        [
+            {"params": model[0].parameters(), "weight_decay": 0.1},
+            {"params": model[1].parameters(), "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    with pytest.warns(UserWarning, match="amsgrad") as caught:
+        opt = optimizer_class(adamw.param_groups, lr=1e-3)
+    assert "maximize" in str(caught[0].message)
+    assert all("amsgrad" not in g and "fused" not in g for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    with pytest.raises(ValueError, match="lr_scale"):
+        optimizer_class(
+            [{"params": model[0].parameters(), "lr": 1e-3}, {"params": model[1].parameters()}],
+            lr=1e-2,
+        )
+
+
+# ------------------------------------------------------------------------------ lr = 0
+
+
+def test_a_cosine_schedule_down_to_zero_never_crashes_and_lr_zero_means_no_update(
+    optimizer_class,
+):
+    w = torch.zeros(3, requires_grad=True)
+    opt = optimizer_class([w], lr=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)  # eta_min=0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the schedule warning, tested elsewhere
+        for _ in range(4):
+            opt.step(quadratic(w))
+            scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.0  # the scheduler wrote 0
+    before = w.detach().clone()
+    eta = opt.search_state.step_size
+    steps = {k: v for k, v in opt.state[w].items() if k == "step"}
+    opt.step(quadratic(w))
+    assert opt.last_step.kind == "zero_lr"
+    assert torch.equal(w.detach(), before)
+    assert opt.search_state.step_size == eta  # the search's step size is kept
+    assert opt.param_groups[0]["lr"] == eta
+    if steps:  # the moments advance as torch.optim.Adam's do with lr=0
+        assert opt.state[w]["step"] == steps["step"] + 1
+    opt.step(quadratic(w))
+    assert opt.last_step.kind == "search"
+
+
+def test_a_negative_written_lr_is_a_clear_error(optimizer_class):
+    w = torch.zeros(3, requires_grad=True)
+    opt = optimizer_class([w])
+    opt.param_groups[0]["lr"] = -0.1
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(quadratic(w))
+    assert torch.equal(w.detach(), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "error"),
+    [
+        ({"lr": "0.1"}, "lr", TypeError),
+        ({"lr": None}, "lr", TypeError),
+        ({"lr": True}, "lr", TypeError),
+        ({"c": "0.5"}, "c", TypeError),
+        ({"smoothing": None}, "smoothing", TypeError),
+        ({"backtrack": [0.9]}, "backtrack", TypeError),
+        ({"growth_interval": "500"}, "growth_interval", TypeError),
+        ({"max_trials": "100"}, "max_trials", TypeError),
+        ({"max_trials": True}, "max_trials", TypeError),
+        ({"fd_step": None}, "fd_step", TypeError),
+        ({"warmup_steps": 2.0}, "warmup_steps", ValueError),
+        ({"weight_decay": "0"}, "weight_decay", TypeError),
+        ({"lr_scale": None}, "lr_scale", TypeError),
+    ],
+)
+def test_bad_arguments_raise_an_error_naming_them(optimizer_class, kwargs, name, error):
+    with pytest.raises(error, match=f"invalid {name}"):
+        optimizer_class([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_any_real_number_type_works_and_the_state_dict_stays_plain(optimizer_class, tmp_path):
+    w = torch.zeros(3, requires_grad=True)
+    extra = {"betas": (np.float32(0.9), np.float64(0.99))} if optimizer_class is not SLS else {}
+    opt = optimizer_class(
+        [w],
+        lr=np.float32(0.05),
+        c=np.float64(0.5),
+        max_trials=np.int64(100),
+        growth_interval=torch.tensor(250.0),
+        weight_decay=np.float32(0.01),
+        **extra,
+    )
+    opt.step(quadratic(w))
+    assert type(opt.param_groups[0]["c"]) is float
+    assert type(opt.param_groups[0]["max_trials"]) is int
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    state = torch.load(tmp_path / "opt.pt", weights_only=True)
+    fresh = optimizer_class([w])
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["c"] == 0.5
+
+
+def test_named_buffers_or_a_module_as_buffers_is_a_clear_error(optimizer_class):
+    model = SmallNet()
+    with pytest.raises(TypeError, match="named_buffers"):
+        optimizer_class(model.parameters(), buffers=model.named_buffers())
+    with pytest.raises(TypeError, match=r"model\.buffers\(\)"):
+        optimizer_class(model.parameters(), buffers=model)
+
+
+# ----------------------------------------------------------------- the two closure forms
+
+
+def test_a_one_argument_closure_under_any_name_is_the_backward_form(optimizer_class):
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = optimizer_class([w])
+    calls = []
+
+    def closure(do_backward):
+        calls.append(do_backward)
+        loss = (w**2).sum()
+        if do_backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss.detach()
+
+    opt.step(closure)
+    assert calls[0] is True and calls[1:] and not any(calls[1:])
+    assert opt.last_step.kind == "search"
+
+
+def test_a_closure_with_two_required_arguments_is_a_clear_error(optimizer_class):
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = optimizer_class([w])
+    with pytest.raises(TypeError, match=r"closure\(backward\)"):
+        opt.step(lambda a, b: (w**2).sum())
+
+
+# ------------------------------------------------------------- tampered and foreign state
+
+
+@pytest.mark.parametrize("bad", [-0.5, 0.0, float("inf"), float("nan"), "0.1"])
+def test_a_tampered_step_size_is_rejected_on_load_and_nothing_is_loaded(optimizer_class, bad):
+    model, opt, x, y = trained(optimizer_class)
+    state = copy.deepcopy(opt.state_dict())
+    state["state"][0]["line_search"]["step_size"] = bad
+    fresh_model, fresh, *_ = trained(optimizer_class, steps=1)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match="step_size"):
+        fresh.load_state_dict(state)
+    after = fresh.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"][0]["line_search"] == before["state"][0]["line_search"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("c", 2.0), ("smoothing", -1.0), ("max_trials", 0), ("lr_scale", 0.0)]
+)
+def test_tampered_hyperparameters_are_rejected_on_load(optimizer_class, key, value):
+    _, opt, *_ = trained(optimizer_class)
+    state = copy.deepcopy(opt.state_dict())
+    state["param_groups"][0][key] = value
+    with pytest.raises(ValueError, match=key):
+        trained(optimizer_class, steps=1)[1].load_state_dict(state)
+
+
+def test_a_state_from_another_optimizer_class_warns():
+    _, alsals_opt, *_ = trained(ALSALS)
+    _, adam_sls, *_ = trained(AdamSLS, steps=1)
+    with pytest.warns(UserWarning, match="other search settings: c=0.6"):
+        adam_sls.load_state_dict(alsals_opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained(ALSALS, steps=1)[1].load_state_dict(alsals_opt.state_dict())
