@@ -77,6 +77,19 @@ def test_extra_memory_is_at_most_one_parameter_sized_buffer_beyond_adam(cls, kwa
     assert mode.peak >= param_bytes(params)  # the tracker sees at least the saved weights
 
 
+@pytest.mark.parametrize("cls", [AdamSLS, ALSALS], ids=["AdamSLS", "ALSALS"])
+def test_a_step_without_search_needs_no_more_memory_than_adam(cls):
+    params = make_params()
+    opt = cls(params, lr=1e-3, search_interval=2)
+    mode = LiveStorage()
+    closure = quadratic_closure(params, mode)
+    opt.step(closure)  # searches
+    with mode:
+        opt.step(closure)  # reuses the step size
+    assert opt.last_step.kind == "reuse"
+    assert mode.peak <= adam_step_peak() + 4096, (mode.peak, adam_step_peak())
+
+
 @pytest.mark.parametrize("slope", ["analytic", "finite_difference"])
 @pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=["SLS", "AdamSLS", "ALSALS"])
 def test_one_host_sync_per_trial_plus_one_for_the_start(cls, slope, monkeypatch):

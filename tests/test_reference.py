@@ -146,7 +146,19 @@ def two_group_problem(unused_first: bool = False, intermittent: bool = False) ->
     return Problem("two_group", groups, loss_at)
 
 
-PROBLEMS = {"quadratic": quadratic_problem, "logistic": logistic_problem}
+def offset_quadratic_problem() -> Problem:
+    """The quadratic plus 1: near its minimum the loss is ~1, so float64 rounding of the
+    loss (~2e-16) hides the remaining decrease after a few dozen steps (phase 5.3)."""
+    base = quadratic_problem()
+    f = base.loss_at(0)
+    return Problem("offset_quadratic", base.groups, lambda k: lambda ws: f(ws) + 1.0)
+
+
+PROBLEMS = {
+    "quadratic": quadratic_problem,
+    "logistic": logistic_problem,
+    "offset_quadratic": offset_quadratic_problem,
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -299,6 +311,7 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
         "accepted": "search" in kinds,
         # G <= 0 at a search: the c_h = 1 / c branch of Eq. 8 decided it.
         "c_h_switch": any(r.kind in ("search", "failed") and r.slope_avg <= 0 for r in records),
+        "unresolved": "unresolved" in kinds,
     }
     missing = {e for e in expect if not checks[e]}
     assert not missing, f"never happened: {missing}; kinds={kinds}"
@@ -309,6 +322,16 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 CASES = [
+    # at the float64 rounding floor of a quadratic every trial is unresolved (phase 5.5)
+    ("sls-floor", "SLS", "offset_quadratic", {}, 260, {"unresolved", "accepted"}),
+    (
+        "alsals-floor",
+        "ALSALS",
+        "offset_quadratic",
+        {"slope": "analytic", "smoothing": 0.0},
+        400,
+        {"unresolved", "accepted"},
+    ),
     # id, variant, problem, options, steps, behaviours that must occur
     ("sls-quadratic", "SLS", "quadratic", {"growth_interval": 5}, 30, {"backtracked"}),
     (
@@ -610,6 +633,21 @@ def test_nonfinite_and_zero_gradient_steps(variant, kind):
         assert any(issubclass(w.category, RuntimeWarning) for w in caught)
         assert run.ref.state.skipped_nonfinite == 1
     assert run.ref.state.step == 11
+
+
+@pytest.mark.parametrize("variant", list(CLASSES))
+def test_written_lr_zero_takes_no_update(variant):
+    """Phase 0/3/6: a written lr of 0 takes no update, keeps eta, advances the moments."""
+    problem = logistic_problem()
+    run = SideBySide(variant, problem, {"lr": 0.5})
+    run.run(3)
+    for group in run.opt.param_groups:
+        group["lr"] = 0.0
+    run.ref.lr = [0.0 for _ in run.ref.lr]
+    run.step(problem.loss_at(3))
+    assert run.records[-1].kind == "zero_lr"
+    run.run(3, loss_at=lambda k: problem.loss_at(k + 4))
+    assert run.kinds()[-3:] == ["search"] * 3
 
 
 @pytest.mark.parametrize("skipped", ["zero_grad", "nan_loss"])

@@ -622,18 +622,21 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _directions(
         self, steps: list[GroupStep], plan: str
     ) -> tuple[list[StepDirection], list[list[Tensor] | None]]:
-        """Phase 4: the direction each group searches along (or, without a search, moves
-        along), and the denominators ``sqrt(v_hat') + eps`` where the update still needs
-        them. Built from the moments this step would commit; nothing is written."""
+        """Phase 4: the direction each group searches along, and the denominators
+        ``sqrt(v_hat') + eps`` that the update of phase 6 still needs (a step without a
+        search builds its update there, from the committed moments, with no second buffer).
+        Built from the moments this step would commit; nothing is written."""
         if plan == "zero_lr":
             return [], []
-        kind = self.search_direction if plan == "search" else self.update_direction
+        searching = plan == "search"
+        kind = self.search_direction if searching else self.update_direction
         directions, kept = [], []
         for step in steps:
             denominators = denominators_after(step) if kind.uses_moments else None
-            directions.append(build_direction(step, kind, denominators))
-            needs_later = plan == "search" and self.update_direction is not kind
-            kept.append(denominators if needs_later else None)
+            if searching:
+                directions.append(build_direction(step, kind, denominators))
+            update_later = not searching or self.update_direction is not kind
+            kept.append(denominators if update_later else None)
         return directions, kept
 
     # -- 5 -----------------------------------------------------------------------------------
@@ -755,12 +758,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         eta = outcome.step_size
         if outcome.kind in ("failed", "unresolved", "zero_lr"):
             eta = 0.0  # the weights stay at w0 (the trial point was restored)
-        elif trial is not None and self.update_direction is not self.search_direction:
-            trial.restore()
+        elif trial is None or self.update_direction is not self.search_direction:
+            if trial is not None:
+                trial.restore()
             directions = [
                 committed_momentum_direction(step, q)
-                for step, q in zip(steps, denominators, strict=True)
                 if q is not None
+                else build_direction(step, self.update_direction, None)
+                for step, q in zip(steps, denominators, strict=True)
             ]
         moved = trial is not None and not trial.at_origin
         if eta:
