@@ -178,7 +178,7 @@ def test_a_gradient_whose_square_overflows_skips_the_step_and_spares_the_moments
     """g = 1e30 in float32: g*g overflows Adam's second moment. The step is skipped like a
     non-finite gradient, the state untouched, and training goes on."""
     w = torch.tensor([1.0, -2.0], requires_grad=True)
-    opt = cls([w], lr=0.01)
+    opt = cls([w], lr=0.01, slope="analytic")  # float32 (to overflow); no rounding hazard
     opt.step(lambda: (w**2).sum())
     before, state_before = w.detach().clone(), full_state(opt)
     with pytest.warns(RuntimeWarning, match="second moment"):
@@ -211,13 +211,13 @@ def test_zero_grad_inside_a_closure_cannot_change_the_searched_direction(optimiz
     runs = []
     for zeroing in (False, True):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).double()
         opt = optimizer_class(model.parameters(), lr=50.0)
 
         def closure(model=model, opt=opt, zeroing=zeroing):
             if zeroing:
                 opt.zero_grad(set_to_none=False)
-            logits = model(x).squeeze(-1)
+            logits = model(x.double()).squeeze(-1).float()
             return nn.functional.binary_cross_entropy_with_logits(logits, y)
 
         for _ in range(3):

@@ -66,7 +66,7 @@ def test_a_copied_optimizer_steps_like_the_original(optimizer_class, how):
 
 
 def test_an_empty_first_group_is_accepted_as_torch_adam_accepts_it(optimizer_class):
-    w = torch.zeros(3, requires_grad=True)
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     torch.optim.Adam([{"params": []}, {"params": [w]}])  # the convention
     opt = optimizer_class([{"params": []}, {"params": [w], "weight_decay": 0.1}], lr=0.01)
     for _ in range(3):
@@ -141,7 +141,7 @@ def test_groups_built_for_adamw_warn_about_the_keys_alsals_does_not_use(optimize
 def test_a_cosine_schedule_down_to_zero_never_crashes_and_lr_zero_means_no_update(
     optimizer_class,
 ):
-    w = torch.zeros(3, requires_grad=True)
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     opt = optimizer_class([w], lr=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)  # eta_min=0
     with warnings.catch_warnings():
@@ -233,7 +233,7 @@ def test_named_buffers_or_a_module_as_buffers_is_a_clear_error(optimizer_class):
 
 
 def test_a_one_argument_closure_under_any_name_is_the_backward_form(optimizer_class):
-    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
     opt = optimizer_class([w])
     calls = []
 
