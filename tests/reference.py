@@ -64,6 +64,7 @@ class SearchConfig:
     fd_step: float = 5e-8
     warmup_steps: int = 0
     search_interval: int | str = 1
+    max_grad_norm: float | None = None
 
     @property
     def adam(self) -> bool:
@@ -136,6 +137,9 @@ class StepRecord:
     slope: float = math.nan
     loss_decrease: float = math.nan
     slope_avg: float = math.nan  # G after this step's smoothing (searches only)
+    grad_norm: float = math.nan  # ||g|| before clipping (max_grad_norm only)
+    clipped: bool = False
+    capped: bool = False  # a search during warm-up (started at the ramp's value)
     tried: list[float] = field(default_factory=list)  # every eta_try evaluated
     trial_losses: list[float] = field(default_factory=list)  # f(w + eta_try d) for each
 
@@ -262,8 +266,11 @@ def unresolved(loss: float, delta: float, predicted: float, tol: float) -> bool:
     return is_finite(loss) and (delta == 0 or max(abs(delta), predicted) <= tol)
 
 
-def warmup_step_size(initial_step_size: float, k: int, warmup_steps: int) -> float:
-    """Phase 3, warm-up: ``eta <- eta_init * (k + 1) / warmup_steps``."""
+def warmup_cap(initial_step_size: float, k: int, warmup_steps: int) -> float:
+    """Phase 5.2, warm-up: while ``k < warmup_steps`` a search starts at
+    ``eta_init * (k + 1) / warmup_steps`` and tries nothing larger; no cap afterwards."""
+    if k >= warmup_steps:
+        return math.inf
     return initial_step_size * (k + 1) / warmup_steps
 
 
@@ -354,6 +361,7 @@ class ReferenceOptimizer:
             self.count_skip(skip)
             self.set_group_lrs()
             return loss0
+        grads = self.clip(grads, active)
         moments = self.moments_after(grads, active)
         plan = self.plan(zero_lr)  # 3
         d_search, d_update = self.directions(grads, active, moments)  # 4
@@ -402,6 +410,19 @@ class ReferenceOptimizer:
                     return "nonfinite"
         return None
 
+    def clip(self, grads: list[Tensor | None], active: list[int]) -> list[Tensor | None]:
+        """Phase 2: with ``max_grad_norm``, ``g <- g * max_grad_norm / (||g|| + 1e-6)`` where
+        ``||g||`` (over all parameters) exceeds it (``torch.nn.utils.clip_grad_norm_``)."""
+        limit = self.config.max_grad_norm
+        if limit is None:
+            return grads
+        norm = math.sqrt(sum(float((grads[i] * grads[i]).sum()) for i in active))
+        self.last_step.grad_norm = norm
+        if norm <= limit:
+            return grads
+        self.last_step.clipped = True
+        return [None if g is None else g * (limit / (norm + 1e-6)) for g in grads]
+
     def count_skip(self, kind: str) -> None:
         if kind == "nonfinite":
             self.state.skipped_nonfinite += 1
@@ -423,13 +444,12 @@ class ReferenceOptimizer:
 
     # -- 3 -------------------------------------------------------------------------------
     def plan(self, zero_lr: bool) -> str:
-        """Phase 3: ``"zero_lr"``, ``"warmup"``, ``"search"`` or ``"reuse"``."""
+        """Phase 3: ``"zero_lr"``, ``"search"`` or ``"reuse"``."""
         cfg, st = self.config, self.state
         if zero_lr:
             return "zero_lr"
         if st.step < cfg.warmup_steps:
-            st.step_size = warmup_step_size(st.initial_step_size, st.step, cfg.warmup_steps)
-            return "warmup"
+            return "search"  # with the warm-up cap of phase 5.2
         return "search" if search_due(st, cfg.search_interval) else "reuse"
 
     # -- 4 -------------------------------------------------------------------------------
@@ -462,10 +482,19 @@ class ReferenceOptimizer:
         cfg, st = self.config, self.state
         b = cfg.smoothing
         w0 = self.weights
+        if st.searches == 0:  # 5.1, at the first search of a run: f(w0) again
+            loss_only(f, w0)
+            record.forwards += 1
 
-        # 5.2 Growth (needed first: the first trial is evaluated together with the slope).
-        eta_start = st.step_size
-        eta_try = max(grown_step_size(eta_start, cfg.growth_interval), MIN_STEP_SIZE)
+        # 5.2 Growth, under the warm-up cap (needed first: the first trial is evaluated
+        # together with the slope).
+        cap = warmup_cap(st.initial_step_size, st.step, cfg.warmup_steps)
+        if cap < math.inf:  # warm-up: start at the ramp, never above it
+            eta_start = eta_try = cap
+        else:
+            eta_start = st.step_size
+            eta_try = max(grown_step_size(eta_start, cfg.growth_interval), MIN_STEP_SIZE)
+        record.capped = cap < math.inf
 
         # 5.1 Slope.
         if cfg.slope == "analytic":
@@ -499,11 +528,12 @@ class ReferenceOptimizer:
             delta = loss0 - loss
             decrease = smooth(st.decrease_avg, delta, b)
             if unresolved(loss, delta, c_h * eta_try * abs(s), tol):
-                if rejected:  # 5.5 the loss cannot be decreased measurably
+                largest_unresolved = max(largest_unresolved, eta_try)
+                larger = min(UPWARD_FACTOR * eta_try, cap)
+                if rejected or larger <= eta_try:  # 5.5 no measurable decrease to be had
                     self.next_step_size = max(eta_start, largest_unresolved)
                     return "unresolved"
-                largest_unresolved = eta_try
-                eta_try = UPWARD_FACTOR * eta_try
+                eta_try = larger
                 continue
             if armijo_accepts(loss, decrease, c_h, eta_try, G):
                 st.decrease_avg = decrease
@@ -538,7 +568,7 @@ class ReferenceOptimizer:
         """Phase 6: moments, update, search state."""
         st = self.state
         self.param_state.update(moments)
-        moved = plan in ("warmup", "reuse") or outcome == "accepted"
+        moved = plan == "reuse" or outcome == "accepted"
         if moved:
             eta = st.step_size if plan != "search" else self.next_step_size
             self.weights = [

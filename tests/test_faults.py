@@ -169,7 +169,7 @@ def test_exception_in_closure_leaves_everything_as_before_the_step(optimizer_cla
     twin.step(twin_closure)
     for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert opt.last_step == twin.last_step
+    assert repr(opt.last_step) == repr(twin.last_step)  # nan fields compare by repr
     assert torch.equal(rng_after_retry, torch.get_rng_state())
 
 
@@ -224,7 +224,7 @@ def test_zero_grad_inside_a_closure_cannot_change_the_searched_direction(optimiz
             opt.step(closure)
         runs.append((snapshot(model), opt.last_step))
     (plain_weights, plain_info), (zeroing_weights, zeroing_info) = runs
-    assert zeroing_info == plain_info and plain_info.kind == "search"
+    assert repr(zeroing_info) == repr(plain_info) and plain_info.kind == "search"
     for a, b in zip(plain_weights, zeroing_weights, strict=True):
         assert torch.equal(a, b)
 

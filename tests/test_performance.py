@@ -136,7 +136,7 @@ def test_last_step_reports_diagnostics_for_logging():
     opt.step(quadratic_closure(params, mode))
     info = opt.last_step
     assert info.kind == "search"
-    assert info.forwards == info.trials + 2  # start, probe, trials
+    assert info.forwards == info.trials + 3  # start, replay check (first step), probe, trials
     assert info.backwards == 1
     assert info.step_size == opt.param_groups[0]["lr"] > 0
     assert info.loss_decrease > 0 and info.slope > 0

@@ -26,6 +26,7 @@ SEARCH_KEYS = (
     "fd_step",
     "warmup_steps",
     "search_interval",
+    "max_grad_norm",
 )
 #: Hyperparameters that may differ between parameter groups.
 GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
@@ -48,12 +49,16 @@ ARGUMENTS = """\
             ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
         fd_step: step of the finite-difference slope (5e-8, Eq. 6).
-        warmup_steps: linear warm-up of the step size from 0 to ``lr`` over this many steps,
-            without searching (0; the paper's GPT-2 runs used 2000 with ``lr`` the peak
-            step size).
+        warmup_steps: during the first ``warmup_steps`` updates each search starts at
+            ``lr * (k + 1) / warmup_steps`` and tries nothing larger: a linear ramp to
+            ``lr`` that the search may only shorten (0; the paper's GPT-2 runs ramped over
+            2000 steps, with ``lr`` the peak step size).
         search_interval: search every k steps and reuse the step size in between, or
             ``"adaptive"`` (SaLSa's cadence: search at least every 10 steps, more often
             while the step size changes) (1).
+        max_grad_norm: clip the gradient to this norm (over all parameters, all ranks and
+            shards) before the step, as ``torch.nn.utils.clip_grad_norm_`` does; ``None``
+            does not clip (``None``).
         weight_decay: decoupled weight decay ``w <- w - eta * lr_scale * weight_decay * w0``
             (0).
         lr_scale: per-group multiplier of the one searched step size (1).
@@ -117,6 +122,9 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")
     out["fd_step"] = in_range("fd_step", h["fd_step"], 0.0, closed_low=False)
     out["warmup_steps"] = integer("warmup_steps", h["warmup_steps"], 0)
+    clip = h.get("max_grad_norm")
+    if clip is not None:
+        out["max_grad_norm"] = in_range("max_grad_norm", clip, 0.0, closed_low=False)
     interval = h["search_interval"]
     if interval != "adaptive":
         try:

@@ -29,6 +29,7 @@ were, and the random state and protected buffers as they were before the step.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 import warnings
@@ -81,6 +82,13 @@ UPWARD_FACTOR = 2.0
 MIN_STEP_SIZE = sys.float_info.min
 ADAPTIVE_MIN_SEARCHES = 10  # SaLSa: always search during the first 10 steps
 ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards
+#: The first search of an optimizer is reported at WARNING level from this many trials.
+FIRST_SEARCH_WARNING_TRIALS = 20
+#: A closure whose loss at the same weights differs by more than this (relative) does not
+#: replay its randomness.
+REPLAY_TOLERANCE = 1e-4
+SEARCH_KINDS = ("search", "failed", "unresolved")
+LOGGER = logging.getLogger("alsals")
 #: A learning rate written before this many consecutive steps is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
@@ -103,14 +111,15 @@ class StepInfo:
     """What the last call to ``step`` did, for logging.
 
     ``kind`` is ``"search"`` (a trial was accepted), ``"reuse"`` (cadence: the previous
-    step size was reused), ``"warmup"``, ``"zero_lr"`` (``lr`` 0 was written: no update),
+    step size was reused), ``"zero_lr"`` (``lr`` 0 was written: no update),
     ``"failed"`` (no trial passed: weights unchanged), ``"unresolved"`` (the trials that
     passed were below the resolution of the weights or the loss: weights unchanged),
     ``"nonfinite"`` (loss, gradient, moment or slope not finite: step skipped) or
     ``"zero_grad"`` (no gradient, or all zero). ``step_size`` is the ``eta`` applied (0 when
     the weights did not move), ``slope`` the slope estimate (``nan`` when none was computed)
     and ``loss_decrease`` is ``f(w0) - f(w0 + eta d)`` at the accepted trial (``nan`` if
-    none).
+    none). ``grad_norm`` is the gradient norm before clipping (with ``max_grad_norm``; else
+    ``nan``).
     """
 
     kind: str
@@ -121,6 +130,7 @@ class StepInfo:
     backwards: int
     slope: float
     loss_decrease: float
+    grad_norm: float = math.nan
 
 
 @dataclass
@@ -235,6 +245,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._written_lr_steps = 0
         self._buffers_checked = False
+        self._grad_norm = math.nan
+        self._replay_loss: float | None = None
         self.last_step: StepInfo | None = None
         super().__init__(params, checked_search(defaults))
 
@@ -252,6 +264,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_buffers_checked", False)
+        self.__dict__.setdefault("_grad_norm", math.nan)
+        self.__dict__.setdefault("_replay_loss", None)
         self.__dict__.setdefault("last_step", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -443,6 +457,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         steps: list[GroupStep] = []
         directions: list[StepDirection] = []
         trial: _TrialPoint | None = None
+        self._grad_norm = math.nan
+        self._replay_loss = None
         try:
             loss = self._evaluate(evaluator)
             steps = self._gather()
@@ -469,8 +485,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             evaluator.abort()
         else:
             evaluator.finish()
+            first_search = search.searches == 0 and outcome.kind in SEARCH_KINDS
             self._record(search, outcome, evaluator)
-            self._warn_about(outcome, evaluator, written)
+            self._warn_about(outcome, evaluator, written, loss0)
+            if first_search:
+                self._report_first_search(outcome, evaluator)
         info = StepInfo(
             kind=outcome.kind,
             step_size=outcome.step_size,
@@ -480,6 +499,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             backwards=evaluator.backwards,
             slope=outcome.slope,
             loss_decrease=outcome.loss_decrease,
+            grad_norm=self._grad_norm,
         )
         if commit:
             self.last_step = info
@@ -548,30 +568,51 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _check(
         self, steps: list[GroupStep], loss: Tensor, evaluator: ClosureEvaluator
     ) -> tuple[float, Outcome | None]:
-        """Phase 2: the loss at ``w0`` (mean over ranks) and whether to skip the step.
+        """Phase 2: the loss at ``w0`` (mean over ranks), whether to skip the step, and
+        gradient clipping (``max_grad_norm``).
 
         Every rank issues the same collectives whatever its local state: one with the loss,
-        the largest gradient entry and whether Adam's second moment could overflow here, and,
-        only where one rank says it could, a second one with the exact verdict.
+        the largest gradient entry, whether Adam's second moment could overflow here and the
+        squared gradient norm, and, only where one rank says the moment could overflow, a
+        second one with the exact verdict.
         """
         grads = [g for step in steps for g in step.grads if g.numel()]
         device = loss.device
+        zero = torch.zeros((), device=device, dtype=torch.float64)
         largest = torch.stack(
-            [m.to(device, torch.float64) for m in _largest_magnitudes(grads)]
-            or [torch.zeros((), device=device, dtype=torch.float64)]
+            [m.to(device, torch.float64) for m in _largest_magnitudes(grads)] or [zero]
         ).max()
-        risk = torch.zeros((), device=device, dtype=torch.float64)
+        risk = zero
         if self.uses_moments and grads:
             threshold = min(math.sqrt(torch.finfo(g.dtype).max) for g in grads)
             risk = (largest > threshold / 2).to(torch.float64)
-        loss0, grad_max, overflow_risk = mean_to_host([loss, largest, risk], self._process_group)
+        clip = self._settings["max_grad_norm"]
+        squared_norm = self._squared_grad_norm(steps, device) if clip is not None else zero
+        loss0, grad_max, overflow_risk, squared = mean_to_host(
+            [loss, largest, risk, squared_norm], self._process_group
+        )
+        self._grad_norm = math.sqrt(squared) if clip is not None else math.nan
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
             return loss0, Outcome(kind="nonfinite", warning="the loss or the gradient")
         if grad_max == 0.0:
             return loss0, Outcome(kind="zero_grad")
+        if clip is not None and self._grad_norm > clip:
+            # torch.nn.utils.clip_grad_norm_'s rule, in place on the gradients
+            torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))
         if overflow_risk > 0.0 and self._second_moments_overflow(steps, device):
             return loss0, Outcome(kind="nonfinite", warning="Adam's second moment (g*g overflows)")
         return loss0, None
+
+    @staticmethod
+    def _squared_grad_norm(steps: list[GroupStep], device: torch.device) -> Tensor:
+        """``||g||^2`` over all parameters; a shard counts once per rank it is split over,
+        so that the mean over ranks is the total (FSDP2)."""
+        terms = [
+            n.to(device, torch.float64).square() * k
+            for step in steps
+            for n, k in zip(torch._foreach_norm(step.grads), step.shard_counts, strict=True)
+        ]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
 
     def _second_moments_overflow(self, steps: list[GroupStep], device: torch.device) -> bool:
         """Whether ``v' = beta2 v + (1 - beta2) g^2`` has an inf on any rank (a rare check)."""
@@ -585,12 +626,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     # -- 3 -----------------------------------------------------------------------------------
 
     def _plan(self, search: SearchState, zero_lr: bool) -> str:
-        """Phase 3: ``"zero_lr"``, ``"warmup"``, ``"search"`` or ``"reuse"`` for this step."""
+        """Phase 3: ``"zero_lr"``, ``"search"`` or ``"reuse"`` for this step."""
         h = self._settings
         if zero_lr:
             return "zero_lr"
         if search.step < h["warmup_steps"]:
-            return "warmup"
+            return "search"  # warm-up caps the step size; the search still decides
         interval = h["search_interval"]
         if search.searches == 0:
             return "search"  # the initial step size is a guess: always search first
@@ -610,12 +651,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _planned_step_size(self, search: SearchState, plan: str) -> float:
         """The step size of a step that does not search."""
-        if plan == "zero_lr":
-            return 0.0
-        if plan == "warmup":
-            warmup = self._settings["warmup_steps"]
-            search.step_size = search.initial_step_size * (search.step + 1) / warmup
-        return search.step_size
+        return 0.0 if plan == "zero_lr" else search.step_size
+
+    def _step_size_cap(self, search: SearchState) -> float:
+        """Warm-up: during the first ``warmup_steps`` updates each search starts at
+        ``lr * (k + 1) / warmup_steps`` and tries nothing larger; afterwards no cap."""
+        warmup = self._settings["warmup_steps"]
+        if search.step >= warmup:
+            return math.inf
+        return search.initial_step_size * (search.step + 1) / warmup
 
     # -- 4 -----------------------------------------------------------------------------------
 
@@ -660,6 +704,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         h = self._settings
         test = ArmijoTest(c=h["c"], smoothing=h["smoothing"])
         finite_difference = h["slope"] == "finite_difference"
+        # At the first search of a run: the closure evaluated again at w0 must give L0 again.
+        replay = [evaluator.evaluate()] if search.searches == 0 else []
         if finite_difference:
             trial.place(h["fd_step"])
             slope_input = evaluator.evaluate()  # f(w0 + lambda d), turned into f_a below
@@ -673,8 +719,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
         watch = not self._buffers_checked
 
-        eta_start = search.step_size
-        eta = max(eta_start * 2.0 ** (1.0 / h["growth_interval"]), MIN_STEP_SIZE)
+        cap = self._step_size_cap(search)
+        if cap < math.inf:  # warm-up: start at the ramp, never above it
+            eta_start = eta = cap
+        else:
+            eta_start = search.step_size
+            eta = max(eta_start * 2.0 ** (1.0 / h["growth_interval"]), MIN_STEP_SIZE)
         slope = slope_avg = math.nan
         rejected = False  # a resolved, finite trial failed the test in this search
         largest_unresolved = 0.0
@@ -682,7 +732,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             trial.place(eta)
             trial_loss = evaluator.evaluate(watch_buffers=watch and tried == 1)
             if tried == 1:  # the slope comes to the host with the first trial's loss
-                probe, value = mean_to_host([slope_input, trial_loss], self._process_group)
+                probe, value, *again = mean_to_host(
+                    [slope_input, trial_loss, *replay], self._process_group
+                )
+                self._replay_loss = again[0] if again else None
                 slope = (loss0 - probe) / h["fd_step"] if finite_difference else probe
                 if not math.isfinite(slope):
                     trial.restore()
@@ -696,7 +749,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if math.isfinite(value) and (
                 decrease == 0.0 or max(abs(decrease), predicted) <= resolution
             ):
-                if rejected:
+                largest_unresolved = max(largest_unresolved, eta)
+                larger = min(eta * UPWARD_FACTOR, cap)
+                if rejected or larger <= eta:  # nothing larger to learn from
                     trial.restore()
                     return Outcome(
                         "unresolved",
@@ -704,8 +759,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         slope=slope,
                         next_step_size=max(eta_start, largest_unresolved),
                     )
-                largest_unresolved = eta
-                eta *= UPWARD_FACTOR
+                eta = larger
                 continue
             if math.isfinite(value) and test.accepts(decrease_avg, eta, slope_avg):
                 return Outcome(
@@ -805,7 +859,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.steps_since_search = 0
             search.step_size_fast = 0.9 * search.step_size_fast + 0.1 * search.step_size
             search.step_size_slow = 0.99 * search.step_size_slow + 0.01 * search.step_size
-        elif outcome.kind in ("warmup", "reuse"):
+        elif outcome.kind == "reuse":
             search.step += 1
             search.steps_since_search += 1
 
@@ -844,10 +898,41 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._warned.add(key)
             warnings.warn(message, category, stacklevel=4)
 
+    def _report_first_search(self, outcome: Outcome, evaluator: ClosureEvaluator) -> None:
+        """Say in the log what the first search cost: a poor initial ``lr`` costs trials."""
+        name = type(self).__name__
+        lr = self.defaults["lr"]
+        eta = self.search_state.step_size
+        level = logging.WARNING if outcome.trials >= FIRST_SEARCH_WARNING_TRIALS else logging.INFO
+        LOGGER.log(
+            level,
+            "%s: the first search took %d trials (%d forward passes), from lr=%.3g to a "
+            "step size of %.3g (%s)%s",
+            name,
+            outcome.trials,
+            evaluator.forwards,
+            lr,
+            eta,
+            outcome.kind,
+            f"; pass lr={eta:.2g} to start there" if level == logging.WARNING else "",
+        )
+
     def _warn_about(
-        self, outcome: Outcome, evaluator: ClosureEvaluator, written: str | None
+        self, outcome: Outcome, evaluator: ClosureEvaluator, written: str | None, loss0: float
     ) -> None:
         name = type(self).__name__
+        if self._replay_loss is not None:
+            again = self._replay_loss
+            if abs(again - loss0) > REPLAY_TOLERANCE * max(abs(loss0), 1e-12):
+                self._warn_once(
+                    "replay",
+                    f"{name}: the closure gave {again:.6g} at the same weights where it had "
+                    f"given {loss0:.6g}: it does not replay its randomness, so the line search "
+                    "compares losses of different batches or augmentations. Draw data and "
+                    "numpy/random augmentation before building the closure; inside it, use "
+                    "torch's random generator only (replayed for every evaluation).",
+                    UserWarning,
+                )
         self._written_lr_steps = self._written_lr_steps + 1 if written else 0
         if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
             self._warn_once(

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from alsals.diagnostics import LandscapeRecorder
+from alsals.diagnostics import LandscapeRecorder, log_grid
 from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
-from alsals.diagnostics.scan import log_grid
 from alsals_bench.registry import get_optimizer
 from alsals_bench.tasks import get_task
 

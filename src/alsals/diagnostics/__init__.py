@@ -7,6 +7,6 @@ stream; ``LandscapeRecorder`` records scans every k steps during training; the p
 :mod:`alsals.diagnostics.plots` (matplotlib, optional).
 """
 
-from alsals.diagnostics.scan import LandscapeRecorder, LandscapeScan, scan_direction
+from alsals.diagnostics.scan import LandscapeRecorder, LandscapeScan, log_grid, scan_direction
 
-__all__ = ["LandscapeRecorder", "LandscapeScan", "scan_direction"]
+__all__ = ["LandscapeRecorder", "LandscapeScan", "log_grid", "scan_direction"]
