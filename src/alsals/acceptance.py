@@ -42,3 +42,27 @@ class ArmijoTest:
         if not (math.isfinite(decrease_average) and math.isfinite(slope_average)):
             return False
         return decrease_average >= self.factor(slope_average) * eta * slope_average
+
+    def verdict(
+        self,
+        loss: float,
+        decrease: float,
+        decrease_average: float,
+        eta: float,
+        slope: float,
+        slope_average: float,
+        resolution: float,
+    ) -> str:
+        """``"accepted"``, ``"rejected"`` or ``"unresolved"`` for one trial.
+
+        A finite trial is *unresolved* when the loss did not change at all, or when both the
+        change ``decrease`` and the predicted change ``c_h * eta * |slope|`` lie within
+        ``resolution`` (the rounding of the loss): it is below the resolution of the weights
+        or the loss and says nothing about whether the step is too large.
+        """
+        if not math.isfinite(loss):
+            return "rejected"
+        predicted = self.factor(slope_average) * eta * abs(slope)
+        if decrease == 0.0 or max(abs(decrease), predicted) <= resolution:
+            return "unresolved"
+        return "accepted" if self.accepts(decrease_average, eta, slope_average) else "rejected"

@@ -31,10 +31,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alsals.acceptance import ArmijoTest
+from alsals.backtracking import MIN_STEP_SIZE, Backtracking
 from alsals.closure import Closure, ClosureEvaluator, checked_buffers
 from alsals.directions import (
     Direction,
@@ -75,11 +75,6 @@ except ImportError:  # torch < 2.4
 #: last place of the loss (or whose loss did not change at all) is below the resolution of
 #: the weights or the loss: it says nothing about whether the step is too large.
 RESOLUTION_ULPS = 4
-#: An unresolved trial is followed by one this many times larger (while nothing larger in
-#: the search was rejected).
-UPWARD_FACTOR = 2.0
-#: The step size never falls below the smallest normal float.
-MIN_STEP_SIZE = sys.float_info.min
 ADAPTIVE_MIN_SEARCHES = 10  # SaLSa: always search during the first 10 steps
 ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards
 #: The first search of an optimizer is reported at WARNING level from this many trials.
@@ -89,6 +84,18 @@ FIRST_SEARCH_WARNING_TRIALS = 20
 REPLAY_TOLERANCE = 1e-4
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
+SCHEDULE_WARNING = (
+    "{name}: param_groups[...]['lr'] was overwritten before several consecutive steps (a "
+    "learning-rate schedule left in the loop?). Each write restarts the search from the "
+    "written value, so it backtracks every step and the schedule fights the search: delete "
+    "the schedule (the line search picks the step size), or write lr only to set where the "
+    "next search starts."
+)
+BUFFERS_WARNING = (
+    "{name}: {modules} updated its buffers (running statistics) during a trial evaluation, "
+    "at weights the search may reject: pass buffers=model.buffers() to {name} so that "
+    "trials leave them alone"
+)
 #: A learning rate written before this many consecutive steps is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
@@ -218,6 +225,16 @@ class _TrialPoint:
         for step, origin in zip(self.steps, self.origins, strict=False):
             torch._foreach_copy_(step.weights, origin)
         self.at_origin = True
+
+
+@dataclass
+class _Run:
+    """What phases 1-5 of one step built, for phase 6 (and ``preview``)."""
+
+    steps: list[GroupStep] = field(default_factory=list)
+    directions: list[StepDirection] = field(default_factory=list)
+    denominators: list[list[Tensor] | None] = field(default_factory=list)
+    trial: _TrialPoint | None = None
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -433,9 +450,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
         before = self.search_state
         try:
-            _, info, steps, directions = self._step(closure, commit=False)
-            direction = [t for d in directions for t in d.materialize()]
-            taking_part = [p for step in steps for p in step.params]
+            _, info, run = self._step(closure, commit=False)
+            direction = [t for d in run.directions for t in d.materialize()]
+            taking_part = [p for step in run.steps for p in step.params]
         finally:
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
@@ -445,7 +462,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _step(
         self, closure: Closure | None, commit: bool, runs_backward: bool | None = None
-    ) -> tuple[Tensor, StepInfo, list[GroupStep], list[StepDirection]]:
+    ) -> tuple[Tensor, StepInfo, _Run]:
+        """Phases 0-6 (6 only with ``commit``); an exception undoes everything."""
         evaluator = ClosureEvaluator(
             closure,  # type: ignore[arg-type]
             self.params(),
@@ -454,42 +472,19 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         )
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
-        steps: list[GroupStep] = []
-        directions: list[StepDirection] = []
-        trial: _TrialPoint | None = None
-        self._grad_norm = math.nan
-        self._replay_loss = None
+        self._grad_norm, self._replay_loss = math.nan, None
+        run = _Run()
         try:
-            loss = self._evaluate(evaluator)
-            steps = self._gather()
-            loss0, outcome = self._check(steps, loss, evaluator)
-            if outcome is None:
-                plan = self._plan(search, written == "zero")
-                directions, denominators = self._directions(steps, plan)
-                if plan == "search":
-                    trial = _TrialPoint(steps, directions)
-                    outcome = self._search(search, steps, directions, trial, loss0, evaluator)
-                else:
-                    outcome = Outcome(kind=plan, step_size=self._planned_step_size(search, plan))
-                if not commit:
-                    if trial is not None:
-                        trial.restore()
-                else:
-                    self._commit(search, steps, directions, denominators, trial, outcome)
+            loss, loss0, outcome = self._phases_1_to_5(search, written, evaluator, run)
+            if commit:
+                self._commit(search, run, outcome)
+            elif run.trial is not None:
+                run.trial.restore()
         except BaseException:
-            if trial is not None:
-                trial.restore()
+            if run.trial is not None:
+                run.trial.restore()
             evaluator.abort()
             raise
-        if not commit:
-            evaluator.abort()
-        else:
-            evaluator.finish()
-            first_search = search.searches == 0 and outcome.kind in SEARCH_KINDS
-            self._record(search, outcome, evaluator)
-            self._warn_about(outcome, evaluator, written, loss0)
-            if first_search:
-                self._report_first_search(outcome, evaluator)
         info = StepInfo(
             kind=outcome.kind,
             step_size=outcome.step_size,
@@ -502,8 +497,42 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             grad_norm=self._grad_norm,
         )
         if commit:
-            self.last_step = info
-        return loss, info, steps, directions
+            self._finish(search, outcome, evaluator, written, info)
+        else:
+            evaluator.abort()
+        return loss, info, run
+
+    def _phases_1_to_5(
+        self, search: SearchState, written: str | None, evaluator: ClosureEvaluator, run: _Run
+    ) -> tuple[Tensor, float, Outcome]:
+        loss = self._evaluate(evaluator)
+        run.steps = self._gather()
+        loss0, outcome = self._check(run.steps, loss, evaluator)
+        if outcome is not None:
+            return loss, loss0, outcome
+        plan = self._plan(search, written == "zero")
+        run.directions, run.denominators = self._directions(run.steps, plan)
+        if plan != "search":
+            return loss, loss0, Outcome(plan, step_size=self._planned_step_size(search, plan))
+        run.trial = _TrialPoint(run.steps, run.directions)
+        return loss, loss0, self._search(search, run, loss0, evaluator)
+
+    def _finish(
+        self,
+        search: SearchState,
+        outcome: Outcome,
+        evaluator: ClosureEvaluator,
+        written: str | None,
+        info: StepInfo,
+    ) -> None:
+        """After a committed step: the random stream, the stored state, warnings, logs."""
+        evaluator.finish()
+        first_search = search.searches == 0 and outcome.kind in SEARCH_KINDS
+        self._record(search, outcome, evaluator)
+        self._warn_about(outcome, evaluator, written, info.loss)
+        if first_search:
+            self._report_first_search(outcome, evaluator)
+        self.last_step = info
 
     # -- 0 -----------------------------------------------------------------------------------
 
@@ -686,57 +715,27 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     # -- 5 -----------------------------------------------------------------------------------
 
     def _search(
-        self,
-        search: SearchState,
-        steps: list[GroupStep],
-        directions: list[StepDirection],
-        trial: _TrialPoint,
-        loss0: float,
-        evaluator: ClosureEvaluator,
+        self, search: SearchState, run: _Run, loss0: float, evaluator: ClosureEvaluator
     ) -> Outcome:
-        """Phase 5: the slope, then trials from ``eta * 2^(1/b)`` down by ``backtrack`` until
-        the test accepts one, at most ``max_trials``.
-
-        A trial whose loss change and predicted change lie within the rounding of the loss
-        is *unresolved*: it is followed by a larger one while nothing larger was rejected,
-        and ends the search otherwise (the loss cannot be decreased measurably).
-        """
+        """Phase 5: the slope (5.1), then trials from where :class:`Backtracking` starts
+        (5.2), judged by the Armijo test (5.3), until one is accepted, the search ends
+        unresolved (5.5), or ``max_trials`` fail (5.4)."""
         h = self._settings
         test = ArmijoTest(c=h["c"], smoothing=h["smoothing"])
-        finite_difference = h["slope"] == "finite_difference"
         # At the first search of a run: the closure evaluated again at w0 must give L0 again.
         replay = [evaluator.evaluate()] if search.searches == 0 else []
-        if finite_difference:
-            trial.place(h["fd_step"])
-            slope_input = evaluator.evaluate()  # f(w0 + lambda d), turned into f_a below
-        else:
-            terms = analytic_slope(steps, directions)
-            slope_input = (
-                torch.stack([t.to(torch.float64) for t in terms]).sum()
-                if terms
-                else torch.zeros((), dtype=torch.float64)
-            )
+        trial = run.trial
+        slope_input = self._slope_input(run.steps, run.directions, trial, evaluator)
         resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
-        watch = not self._buffers_checked
-
-        cap = self._step_size_cap(search)
-        if cap < math.inf:  # warm-up: start at the ramp, never above it
-            eta_start = eta = cap
-        else:
-            eta_start = search.step_size
-            eta = max(eta_start * 2.0 ** (1.0 / h["growth_interval"]), MIN_STEP_SIZE)
+        walk = Backtracking.start(
+            search.step_size, self._step_size_cap(search), h["growth_interval"], h["backtrack"]
+        )
         slope = slope_avg = math.nan
-        rejected = False  # a resolved, finite trial failed the test in this search
-        largest_unresolved = 0.0
         for tried in range(1, h["max_trials"] + 1):
-            trial.place(eta)
-            trial_loss = evaluator.evaluate(watch_buffers=watch and tried == 1)
+            trial.place(walk.eta)
+            trial_loss = evaluator.evaluate(watch_buffers=tried == 1 and not self._buffers_checked)
             if tried == 1:  # the slope comes to the host with the first trial's loss
-                probe, value, *again = mean_to_host(
-                    [slope_input, trial_loss, *replay], self._process_group
-                )
-                self._replay_loss = again[0] if again else None
-                slope = (loss0 - probe) / h["fd_step"] if finite_difference else probe
+                value, slope = self._first_trial_to_host(trial_loss, slope_input, replay, loss0)
                 if not math.isfinite(slope):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
@@ -745,66 +744,77 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 (value,) = mean_to_host([trial_loss], self._process_group)
             decrease = loss0 - value
             decrease_avg = test.average(search.decrease_avg, decrease)
-            predicted = test.factor(slope_avg) * eta * abs(slope)
-            if math.isfinite(value) and (
-                decrease == 0.0 or max(abs(decrease), predicted) <= resolution
-            ):
-                largest_unresolved = max(largest_unresolved, eta)
-                larger = min(eta * UPWARD_FACTOR, cap)
-                if rejected or larger <= eta:  # nothing larger to learn from
-                    trial.restore()
-                    return Outcome(
-                        "unresolved",
-                        trials=tried,
-                        slope=slope,
-                        next_step_size=max(eta_start, largest_unresolved),
-                    )
-                eta = larger
-                continue
-            if math.isfinite(value) and test.accepts(decrease_avg, eta, slope_avg):
+            verdict = test.verdict(
+                value, decrease, decrease_avg, walk.eta, slope, slope_avg, resolution
+            )
+            if verdict == "accepted":
                 return Outcome(
                     "search",
-                    step_size=eta,
+                    step_size=walk.eta,
                     trials=tried,
                     slope=slope,
                     loss_decrease=decrease,
-                    next_step_size=eta,
+                    next_step_size=walk.eta,
                     decrease_avg=decrease_avg,
                     slope_avg=slope_avg,
                 )
-            rejected = rejected or math.isfinite(value)
-            last_tried = eta
-            eta = max(eta * h["backtrack"], MIN_STEP_SIZE)
-
+            if verdict == "unresolved" and not walk.climb():
+                trial.restore()
+                return Outcome(
+                    "unresolved",
+                    trials=tried,
+                    slope=slope,
+                    next_step_size=walk.unresolved_step_size(),
+                )
+            if verdict == "rejected":
+                walk.reject(finite=math.isfinite(value))
         trial.restore()
-        failed = Outcome("failed", trials=h["max_trials"], slope=slope)
-        if h["smoothing"] > 0.0 and search.averaged > 0:
-            # The smoothed history can make the test unsatisfiable at every step size (a
-            # negative average decrease with a positive average slope): forget it and keep
-            # the step size, so that the next search runs a fresh test from there.
-            failed.reset_averages = True
-            failed.next_step_size = eta_start
-        elif rejected:
-            failed.next_step_size = last_tried  # the step is too large: go on from here
-        else:  # no finite trial (or none resolved): no evidence against the step size
-            failed.next_step_size = max(eta_start, largest_unresolved)
-        return failed
+        history = h["smoothing"] > 0.0 and search.averaged > 0
+        return Outcome(
+            "failed",
+            trials=h["max_trials"],
+            slope=slope,
+            next_step_size=walk.failed_step_size(history),
+            reset_averages=history,
+        )
+
+    def _first_trial_to_host(
+        self, trial_loss: Tensor, slope_input: Tensor, replay: list[Tensor], loss0: float
+    ) -> tuple[float, float]:
+        """The first trial's loss and the slope (5.1) in one synchronisation, with the
+        replay check's loss at the first search of a run."""
+        probe, value, *again = mean_to_host([slope_input, trial_loss, *replay], self._process_group)
+        self._replay_loss = again[0] if again else None
+        if self._settings["slope"] == "analytic":
+            return value, probe
+        return value, (loss0 - probe) / self._settings["fd_step"]
+
+    def _slope_input(
+        self,
+        steps: list[GroupStep],
+        directions: list[StepDirection],
+        trial: _TrialPoint,
+        evaluator: ClosureEvaluator,
+    ) -> Tensor:
+        """Phase 5.1 on the device: the analytic slope ``-g . d``, or the probe's loss
+        ``f(w0 + lambda d)`` that becomes the finite difference ``f_a`` on the host."""
+        h = self._settings
+        if h["slope"] == "finite_difference":
+            trial.place(h["fd_step"])
+            return evaluator.evaluate()
+        terms = analytic_slope(steps, directions)
+        if not terms:  # no local gradient on this rank: it still joins the collectives
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([t.to(torch.float64) for t in terms]).sum()
 
     # -- 6 -----------------------------------------------------------------------------------
 
-    def _commit(
-        self,
-        search: SearchState,
-        steps: list[GroupStep],
-        directions: list[StepDirection],
-        denominators: list[list[Tensor] | None],
-        trial: _TrialPoint | None,
-        outcome: Outcome,
-    ) -> None:
+    def _commit(self, search: SearchState, run: _Run, outcome: Outcome) -> None:
         """Phase 6: write Adam's moments, move the weights, decay them, update the search
         state. A skipped step (``nonfinite``, ``zero_grad``) writes nothing but counters."""
         if outcome.kind in ("nonfinite", "zero_grad"):
             return
+        steps, directions, trial = run.steps, run.directions, run.trial
         if self.uses_moments:
             for step in steps:
                 self._store_moments(step)
@@ -819,7 +829,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 committed_momentum_direction(step, q)
                 if q is not None
                 else build_direction(step, self.update_direction, None)
-                for step, q in zip(steps, denominators, strict=True)
+                for step, q in zip(steps, run.denominators, strict=True)
             ]
         moved = trial is not None and not trial.at_origin
         if eta:
@@ -920,31 +930,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _warn_about(
         self, outcome: Outcome, evaluator: ClosureEvaluator, written: str | None, loss0: float
     ) -> None:
+        """The one-time warnings, each with its fix: a skipped step, a closure that does not
+        replay its randomness, a schedule left in the loop, unprotected buffers."""
         name = type(self).__name__
-        if self._replay_loss is not None:
-            again = self._replay_loss
-            if abs(again - loss0) > REPLAY_TOLERANCE * max(abs(loss0), 1e-12):
-                self._warn_once(
-                    "replay",
-                    f"{name}: the closure gave {again:.6g} at the same weights where it had "
-                    f"given {loss0:.6g}: it does not replay its randomness, so the line search "
-                    "compares losses of different batches or augmentations. Draw data and "
-                    "numpy/random augmentation before building the closure; inside it, use "
-                    "torch's random generator only (replayed for every evaluation).",
-                    UserWarning,
-                )
-        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
-        if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
-            self._warn_once(
-                "schedule",
-                f"{name}: param_groups[...]['lr'] was overwritten before "
-                f"{self._written_lr_steps} consecutive steps (a learning-rate schedule left "
-                "in the loop?). Each write restarts the search from the written value, so it "
-                "backtracks every step and the schedule fights the search: delete the "
-                "schedule (the line search picks the step size), or write lr only to set "
-                "where the next search starts.",
-                UserWarning,
-            )
         if outcome.warning is not None:
             self._warn_once(
                 "nonfinite",
@@ -952,17 +940,29 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "and the weights and optimizer state left unchanged. Further skips are counted "
                 "in optimizer.last_step / the state's 'skipped_nonfinite' without warning.",
             )
+        if self._replay_loss is not None:
+            self._warn_if_not_replayed(loss0, self._replay_loss)
+        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+        if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
+            self._warn_once("schedule", SCHEDULE_WARNING.format(name=name), UserWarning)
         if evaluator.unprotected_modules is not None:
             self._buffers_checked = True
             if evaluator.unprotected_modules:
                 modules = ", ".join(evaluator.unprotected_modules)
-                self._warn_once(
-                    "buffers",
-                    f"{name}: {modules} updated its buffers (running statistics) during a trial "
-                    "evaluation, at weights the search then rejected: pass "
-                    f"buffers=model.buffers() to {name} so that trials leave them alone",
-                    UserWarning,
-                )
+                message = BUFFERS_WARNING.format(name=name, modules=modules)
+                self._warn_once("buffers", message, UserWarning)
+
+    def _warn_if_not_replayed(self, loss0: float, again: float) -> None:
+        if abs(again - loss0) > REPLAY_TOLERANCE * max(abs(loss0), 1e-12):
+            self._warn_once(
+                "replay",
+                f"{type(self).__name__}: the closure gave {again:.6g} at the same weights where "
+                f"it had given {loss0:.6g}: it does not replay its randomness, so the line "
+                "search compares losses of different batches or augmentations. Draw data and "
+                "numpy/random augmentation before building the closure; inside it, use "
+                "torch's random generator only (replayed for every evaluation).",
+                UserWarning,
+            )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LineSearchOptimizer:
         clone = type(self).__new__(type(self))

@@ -1,0 +1,75 @@
+"""Where the next trial of a search goes, and what the trials so far say (phases 5.2-5.5).
+
+A search starts at ``eta * 2^(1/b)`` (Eq. 2), or during warm-up at the ramp's value, and
+walks from there: down by ``backtrack`` after a rejected trial, up by ``UPWARD_FACTOR`` after
+an unresolved one while nothing larger was rejected (and never above the warm-up cap). When
+the search ends without an accepted trial, the walk says where the next search starts.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+#: An unresolved trial is followed by one this many times larger.
+UPWARD_FACTOR = 2.0
+#: The step size never falls below the smallest normal float.
+MIN_STEP_SIZE = sys.float_info.min
+
+
+@dataclass
+class Backtracking:
+    """The step sizes of one search."""
+
+    eta_start: float  # where the search started (before growth)
+    eta: float  # the step size of the next trial
+    cap: float  # warm-up: no trial above it (inf otherwise)
+    backtrack: float
+    rejected: bool = False  # a finite, resolved trial failed the test
+    largest_unresolved: float = 0.0
+    last_tried: float = math.nan
+
+    @classmethod
+    def start(
+        cls, step_size: float, cap: float, growth_interval: float, backtrack: float
+    ) -> Backtracking:
+        """Phase 5.2: grow ``eta`` by ``2^(1/b)``; during warm-up start at the cap."""
+        if cap < math.inf:
+            return cls(eta_start=cap, eta=cap, cap=cap, backtrack=backtrack)
+        eta = max(step_size * 2.0 ** (1.0 / growth_interval), MIN_STEP_SIZE)
+        return cls(eta_start=step_size, eta=eta, cap=cap, backtrack=backtrack)
+
+    def reject(self, finite: bool) -> None:
+        """A rejected trial: the next one is ``backtrack`` times smaller."""
+        self.rejected = self.rejected or finite
+        self.last_tried = self.eta
+        self.eta = max(self.eta * self.backtrack, MIN_STEP_SIZE)
+
+    def climb(self) -> bool:
+        """An unresolved trial: go up if nothing larger was rejected and the cap allows;
+        returns ``False`` when the search must end unresolved instead."""
+        self.largest_unresolved = max(self.largest_unresolved, self.eta)
+        larger = min(self.eta * UPWARD_FACTOR, self.cap)
+        if self.rejected or larger <= self.eta:
+            return False
+        self.eta = larger
+        return True
+
+    def unresolved_step_size(self) -> float:
+        """Phase 5.5: keep the step size, or the largest unresolved one if that is larger."""
+        return max(self.eta_start, self.largest_unresolved)
+
+    def failed_step_size(self, history: bool) -> float:
+        """Phase 5.4: where the next search starts after ``max_trials`` without acceptance.
+
+        With smoothing history the test itself may be unsatisfiable (the averages are then
+        reset): keep the step size. Without it, a finite rejection means the step is too
+        large: go on from the last one tried. No finite, resolved trial says nothing
+        against the step size: keep it.
+        """
+        if history:
+            return self.eta_start
+        if self.rejected:
+            return self.last_tried
+        return self.unresolved_step_size()
