@@ -66,3 +66,41 @@ class ArmijoTest:
         if decrease == 0.0 or max(abs(decrease), predicted) <= resolution:
             return "unresolved"
         return "accepted" if self.accepts(decrease_average, eta, slope_average) else "rejected"
+
+
+@dataclass
+class SearchTest:
+    """The test of one search: the slope, the averages it would store, the last trial's
+    decrease. ``decrease_average`` and ``slope_average`` are the stored ``D`` and ``G``."""
+
+    test: ArmijoTest
+    loss0: float
+    resolution: float
+    decrease_average: float
+    slope_average: float
+    slope: float = math.nan
+    slope_now: float = math.nan  # G' of this search
+    decrease: float = math.nan  # of the last trial
+    decrease_now: float = math.nan  # D' of the last trial
+
+    def set_slope(self, slope: float) -> bool:
+        """Phase 5.1: record the slope; ``False`` if it is not finite (skip the step)."""
+        self.slope = slope
+        if not math.isfinite(slope):
+            return False
+        self.slope_now = self.test.average(self.slope_average, slope)
+        return True
+
+    def judge(self, loss: float, eta: float) -> str:
+        """Phase 5.3 for the trial ``f(w0 + eta d) = loss``."""
+        self.decrease = self.loss0 - loss
+        self.decrease_now = self.test.average(self.decrease_average, self.decrease)
+        return self.test.verdict(
+            loss,
+            self.decrease,
+            self.decrease_now,
+            eta,
+            self.slope,
+            self.slope_now,
+            self.resolution,
+        )

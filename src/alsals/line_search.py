@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alsals.acceptance import ArmijoTest
+from alsals.acceptance import ArmijoTest, SearchTest
 from alsals.backtracking import MIN_STEP_SIZE, Backtracking
 from alsals.closure import Closure, ClosureEvaluator, checked_buffers
 from alsals.directions import (
@@ -154,6 +154,20 @@ class Outcome:
     slope_avg: float | None = None
     reset_averages: bool = False
     warning: str | None = None
+
+    @classmethod
+    def accepted(cls, test: SearchTest, eta: float, trials: int) -> Outcome:
+        """A search whose trial at ``eta`` passed: ``D'`` and ``G'`` are to be stored."""
+        return cls(
+            "search",
+            step_size=eta,
+            trials=trials,
+            slope=test.slope,
+            loss_decrease=test.decrease,
+            next_step_size=eta,
+            decrease_avg=test.decrease_now,
+            slope_avg=test.slope_now,
+        )
 
 
 @dataclass
@@ -720,63 +734,46 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """Phase 5: the slope (5.1), then trials from where :class:`Backtracking` starts
         (5.2), judged by the Armijo test (5.3), until one is accepted, the search ends
         unresolved (5.5), or ``max_trials`` fail (5.4)."""
-        h = self._settings
-        test = ArmijoTest(c=h["c"], smoothing=h["smoothing"])
+        h, trial = self._settings, run.trial
         # At the first search of a run: the closure evaluated again at w0 must give L0 again.
         replay = [evaluator.evaluate()] if search.searches == 0 else []
-        trial = run.trial
         slope_input = self._slope_input(run.steps, run.directions, trial, evaluator)
         resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
+        test = SearchTest(
+            ArmijoTest(c=h["c"], smoothing=h["smoothing"]),
+            loss0,
+            resolution,
+            search.decrease_avg,
+            search.slope_avg,
+        )
         walk = Backtracking.start(
             search.step_size, self._step_size_cap(search), h["growth_interval"], h["backtrack"]
         )
-        slope = slope_avg = math.nan
         for tried in range(1, h["max_trials"] + 1):
             trial.place(walk.eta)
             trial_loss = evaluator.evaluate(watch_buffers=tried == 1 and not self._buffers_checked)
-            if tried == 1:  # the slope comes to the host with the first trial's loss
+            if tried > 1:
+                (value,) = mean_to_host([trial_loss], self._process_group)
+            else:  # the slope comes to the host with the first trial's loss
                 value, slope = self._first_trial_to_host(trial_loss, slope_input, replay, loss0)
-                if not math.isfinite(slope):
+                if not test.set_slope(slope):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
-                slope_avg = test.average(search.slope_avg, slope)
-            else:
-                (value,) = mean_to_host([trial_loss], self._process_group)
-            decrease = loss0 - value
-            decrease_avg = test.average(search.decrease_avg, decrease)
-            verdict = test.verdict(
-                value, decrease, decrease_avg, walk.eta, slope, slope_avg, resolution
-            )
+            verdict = test.judge(value, walk.eta)
             if verdict == "accepted":
-                return Outcome(
-                    "search",
-                    step_size=walk.eta,
-                    trials=tried,
-                    slope=slope,
-                    loss_decrease=decrease,
-                    next_step_size=walk.eta,
-                    decrease_avg=decrease_avg,
-                    slope_avg=slope_avg,
-                )
+                return Outcome.accepted(test, walk.eta, tried)
             if verdict == "unresolved" and not walk.climb():
                 trial.restore()
                 return Outcome(
-                    "unresolved",
-                    trials=tried,
-                    slope=slope,
-                    next_step_size=walk.unresolved_step_size(),
+                    "unresolved", 0.0, tried, test.slope, math.nan, walk.unresolved_step_size()
                 )
             if verdict == "rejected":
                 walk.reject(finite=math.isfinite(value))
         trial.restore()
         history = h["smoothing"] > 0.0 and search.averaged > 0
-        return Outcome(
-            "failed",
-            trials=h["max_trials"],
-            slope=slope,
-            next_step_size=walk.failed_step_size(history),
-            reset_averages=history,
-        )
+        failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
+        failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
+        return failed
 
     def _first_trial_to_host(
         self, trial_loss: Tensor, slope_input: Tensor, replay: list[Tensor], loss0: float

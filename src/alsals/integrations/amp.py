@@ -118,9 +118,11 @@ def step_with_scaler(
 
     Either way ``scaler.unscale_(optimizer)`` follows the backward pass, so the line search
     sees true gradients; with an inf/NaN among them the optimizer skips the step
-    (``optimizer.last_step.kind == "nonfinite"``). With ``update=True`` (default)
-    ``scaler.update()`` runs afterwards; pass ``update=False`` to call it yourself (several
-    optimizers sharing one scaler). Do not call ``scaler.step(optimizer)``.
+    (``optimizer.last_step.kind == "nonfinite"``). Clip with the optimizer's
+    ``max_grad_norm``: it clips the unscaled gradients (do not call ``unscale_`` or
+    ``clip_grad_norm_`` in the closure). With ``update=True`` (default) ``scaler.update()``
+    runs afterwards; pass ``update=False`` to call it yourself (several optimizers sharing
+    one scaler). Do not call ``scaler.step(optimizer)``.
     """
     if not isinstance(optimizer, LineSearchOptimizer):
         raise TypeError(
@@ -129,33 +131,7 @@ def step_with_scaler(
         )
     if not callable(closure):
         raise TypeError("step_with_scaler needs the closure that computes the loss")
-    params = optimizer.params()
-    form = ClosureForm(closure)
-    unscaled = False
-
-    def scaled(backward: bool) -> Tensor:
-        nonlocal unscaled
-        if backward:
-            if form.takes_backward:
-                loss = form(True)
-            else:
-                for p in params:
-                    p.grad = None
-                loss = closure()
-                if not (isinstance(loss, Tensor) and loss.requires_grad):
-                    raise RuntimeError(
-                        "step_with_scaler: closure() must return a loss that requires grad "
-                        "(it runs scaler.scale(loss).backward() on it); a closure that runs "
-                        "backward itself must take a `backward` argument"
-                    )
-                scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            unscaled = True
-        else:
-            loss = form(False)
-        _check_loss_precision(loss, "step_with_scaler")
-        return loss.detach() if isinstance(loss, Tensor) else loss
-
+    scaled = _ScaledClosure(optimizer, closure, scaler)
     caught: list[warnings.WarningMessage] = []
     overflow = False
     try:
@@ -166,6 +142,44 @@ def step_with_scaler(
         overflow = info is not None and info.kind == "nonfinite" and math.isfinite(info.loss)
     finally:
         _reemit(caught, drop_overflow_skip=overflow)
-    if update and unscaled:
+    if update and scaled.unscaled:
         scaler.update()
     return loss
+
+
+class _ScaledClosure:
+    """The user's closure in the ``closure(backward)`` form, with the scaler's backward
+    and ``unscale_`` in the first evaluation."""
+
+    def __init__(
+        self,
+        optimizer: LineSearchOptimizer,
+        closure: Callable[..., Tensor],
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        self.optimizer, self.scaler = optimizer, scaler
+        self.form = ClosureForm(closure)
+        self.unscaled = False
+
+    def __call__(self, backward: bool) -> Tensor:
+        if backward:
+            loss = self.form(True) if self.form.takes_backward else self._scaled_backward()
+            self.scaler.unscale_(self.optimizer)
+            self.unscaled = True
+        else:
+            loss = self.form(False)
+        _check_loss_precision(loss, "step_with_scaler")
+        return loss.detach() if isinstance(loss, Tensor) else loss
+
+    def _scaled_backward(self) -> Tensor:
+        for p in self.optimizer.params():
+            p.grad = None
+        loss = self.form(True)
+        if not (isinstance(loss, Tensor) and loss.requires_grad):
+            raise RuntimeError(
+                "step_with_scaler: closure() must return a loss that requires grad "
+                "(it runs scaler.scale(loss).backward() on it); a closure that runs "
+                "backward itself must take a `backward` argument"
+            )
+        self.scaler.scale(loss).backward()
+        return loss
