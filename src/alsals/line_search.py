@@ -249,6 +249,7 @@ class _Run:
     directions: list[StepDirection] = field(default_factory=list)
     denominators: list[list[Tensor] | None] = field(default_factory=list)
     trial: _TrialPoint | None = None
+    first_search: bool = False  # no search has run before this step
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -487,7 +488,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
         self._grad_norm, self._replay_loss = math.nan, None
-        run = _Run()
+        run = _Run(first_search=search.searches == 0)
         try:
             loss, loss0, outcome = self._phases_1_to_5(search, written, evaluator, run)
             if commit:
@@ -512,6 +513,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         )
         if commit:
             self._finish(search, outcome, evaluator, written, info)
+            if run.first_search and outcome.kind in SEARCH_KINDS:
+                self._report_first_search(outcome, evaluator)
         else:
             evaluator.abort()
         return loss, info, run
@@ -541,11 +544,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     ) -> None:
         """After a committed step: the random stream, the stored state, warnings, logs."""
         evaluator.finish()
-        first_search = search.searches == 0 and outcome.kind in SEARCH_KINDS
         self._record(search, outcome, evaluator)
         self._warn_about(outcome, evaluator, written, info.loss)
-        if first_search:
-            self._report_first_search(outcome, evaluator)
         self.last_step = info
 
     # -- 0 -----------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ STEPS = 4
 OPTIMIZERS = {
     "ALSALS": lambda params: ALSALS(params, slope="analytic"),
     "SLS": lambda params: SLS(params),
+    # clipping needs the gradient norm over all shards of all ranks
+    "ALSALS-clipped": lambda params: ALSALS(params, slope="analytic", max_grad_norm=0.05),
 }
 
 

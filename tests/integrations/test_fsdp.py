@@ -68,6 +68,8 @@ def reference(name: str) -> tuple[torch.Tensor, list]:
         optimizer.step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
         info = optimizer.last_step
         decisions.append((info.kind, info.trials, info.step_size))
+        if name.endswith("clipped"):
+            assert info.grad_norm > optimizer.defaults["max_grad_norm"], "clipping must act"
     return torch.cat([p.detach().flatten() for p in model.parameters()]), decisions
 
 
@@ -78,7 +80,7 @@ def test_fsdp2_itself_trains_on_cpu_with_gloo(ranks):
     assert torch.equal(rank0["adamw"], rank1["adamw"])
 
 
-@pytest.mark.parametrize("name", ["ALSALS", "SLS"])
+@pytest.mark.parametrize("name", ["ALSALS", "SLS", "ALSALS-clipped"])
 def test_line_search_on_fsdp2_matches_the_unsharded_run(ranks, name):
     rank0, rank1 = (rank[name] for rank in ranks)
     assert "error" not in rank0 and "error" not in rank1, (

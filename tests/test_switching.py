@@ -1,0 +1,236 @@
+"""What a user switching from AdamW runs into: a schedule left in the loop, clipping,
+warm-up, the cost of the first search, closures that do not replay their randomness,
+BatchNorm without ``buffers=``. Each mistake is either made harmless or said once, with the
+fix."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from alsals import ALSALS, SLS, AdamSLS
+from alsals.integrations.amp import step_with_scaler
+from conftest import SmallNet, make_classification
+
+
+def regression(seed: int = 0, n: int = 64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    y = torch.sin(x @ torch.randn(6, generator=gen, dtype=torch.float64))
+    return x, y
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+
+def mse_closure(model, x, y):
+    return lambda: nn.functional.mse_loss(model(x).squeeze(-1), y)
+
+
+# ------------------------------------------------------------ a schedule left in the loop
+
+
+def test_a_schedule_overwriting_lr_every_step_warns_once_with_the_fix(optimizer_class):
+    model = mlp()
+    x, y = regression()
+    opt = optimizer_class(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="schedule") as caught:
+        for k in range(6):
+            for group in opt.param_groups:
+                group["lr"] = 0.01 * (1 - k / 10)
+            opt.step(mse_closure(model, x, y))
+    assert sum("schedule" in str(w.message) for w in caught) == 1
+    assert "delete the schedule" in str(caught[0].message)
+
+
+def test_writing_lr_once_does_not_warn(optimizer_class):
+    model = mlp()
+    x, y = regression()
+    opt = optimizer_class(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(6):
+            if k == 2:
+                opt.param_groups[0]["lr"] = 1e-3
+            opt.step(mse_closure(model, x, y))
+
+
+# -------------------------------------------------------------------------- clipping
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])
+def test_clipping_matches_clip_grad_norm_before_a_step(optimizer_class, max_norm):
+    """max_grad_norm clips the gradient the step uses exactly as clip_grad_norm_ would: the
+    optimizer with max_grad_norm equals one without it whose closure clips."""
+    x, y = regression()
+    models = [mlp(), mlp()]
+    clipped = optimizer_class(models[0].parameters(), lr=0.5, max_grad_norm=max_norm)
+    manual = optimizer_class(models[1].parameters(), lr=0.5)
+
+    def clipping_closure(backward: bool):
+        loss = nn.functional.mse_loss(models[1](x).squeeze(-1), y)
+        if backward:
+            manual.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm)
+        return loss.detach()
+
+    for _ in range(4):
+        clipped.step(mse_closure(models[0], x, y))
+        manual.step(clipping_closure)
+        norm = clipped.last_step.grad_norm
+        assert math.isfinite(norm) and norm > 0
+    assert (norm > max_norm) == (max_norm < 1)  # the small limit clipped, the large did not
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_clipping_applies_to_the_accumulated_gradient(optimizer_class):
+    """Accumulating 4 micro-batches in closure(backward) and clipping in the optimizer is
+    one clipped step on the whole batch (clipping per micro-batch would not be)."""
+    x, y = regression(n=64)
+    models = [mlp(), mlp()]
+    accumulated = optimizer_class(models[0].parameters(), lr=0.5, max_grad_norm=0.05)
+    whole = optimizer_class(models[1].parameters(), lr=0.5, max_grad_norm=0.05)
+
+    def micro_batches(backward: bool):
+        if backward:
+            accumulated.zero_grad()
+        total = 0.0
+        for xb, yb in zip(x.split(16), y.split(16), strict=True):
+            loss = nn.functional.mse_loss(models[0](xb).squeeze(-1), yb) / 4
+            if backward:
+                loss.backward()
+            total = total + loss.detach()
+        return total
+
+    for _ in range(3):
+        accumulated.step(micro_batches)
+        whole.step(mse_closure(models[1], x, y))
+    assert accumulated.last_step.grad_norm > 0.05
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler")
+def test_clipping_with_gradscaler_clips_the_unscaled_gradient():
+    """With fp16-style loss scaling the optimizer clips after the scaler's unscale_: the
+    clipped step equals the unscaled one (the scale is 2^10 here, far above the limit)."""
+    x, y = regression()
+    models = [mlp(), mlp()]
+    scaled_opt = ALSALS(models[0].parameters(), lr=0.05, max_grad_norm=0.1, slope="analytic")
+    plain_opt = ALSALS(models[1].parameters(), lr=0.05, max_grad_norm=0.1, slope="analytic")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(3):
+        step_with_scaler(scaled_opt, mse_closure(models[0], x, y), scaler)
+        plain_opt.step(mse_closure(models[1], x, y))
+    assert scaled_opt.last_step.grad_norm == pytest.approx(plain_opt.last_step.grad_norm)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_max_grad_norm_is_validated(optimizer_class):
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="invalid max_grad_norm"):
+        optimizer_class([w], max_grad_norm=0.0)
+    with pytest.raises(TypeError, match="invalid max_grad_norm"):
+        optimizer_class([w], max_grad_norm="1.0")
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def test_warmup_ramps_to_lr_and_the_search_can_only_shorten_it(optimizer_class):
+    """warmup_steps with a far too large lr (nanoGPT's warmup_iters mapped onto it) can no
+    longer stall training: the search decides below the ramp."""
+    model = mlp()
+    x, y = regression()
+    opt = optimizer_class(model.parameters(), lr=10.0, warmup_steps=10)
+    first = nn.functional.mse_loss(model(x).squeeze(-1), y).item()
+    for k in range(10):
+        opt.step(mse_closure(model, x, y))
+        info = opt.last_step
+        assert info.kind == "search"
+        assert info.step_size <= 10.0 * (k + 1) / 10 * (1 + 1e-12)
+    assert nn.functional.mse_loss(model(x).squeeze(-1), y).item() < first
+
+
+# ---------------------------------------------------------------------- the first search
+
+
+def test_the_first_search_reports_its_cost_in_the_log(caplog):
+    model = mlp()
+    x, y = regression()
+    opt = ALSALS(model.parameters(), lr=1e4, slope="analytic")  # far too large: many trials
+    with caplog.at_level(logging.INFO, logger="alsals"):
+        opt.step(mse_closure(model, x, y))
+        opt.step(mse_closure(model, x, y))
+    records = [r for r in caplog.records if r.name == "alsals"]
+    assert len(records) == 1  # the first search only
+    assert records[0].levelno == logging.WARNING
+    message = records[0].getMessage()
+    assert "first search took" in message and "pass lr=" in message
+
+
+# ------------------------------------------------------------- randomness and buffers
+
+
+def test_a_closure_that_draws_new_data_each_call_is_reported_once(optimizer_class):
+    x, y = regression(n=256)
+    model = mlp()
+    opt = optimizer_class(model.parameters(), lr=0.01)
+    rng = random.Random(0)
+
+    def closure():  # draws its batch from Python's random: not replayed by the optimizer
+        idx = torch.tensor(rng.sample(range(256), 16))
+        return nn.functional.mse_loss(model(x[idx]).squeeze(-1), y[idx])
+
+    with pytest.warns(UserWarning, match="does not replay its randomness"):
+        opt.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)  # once only
+
+
+def test_a_closure_with_dropout_from_torch_is_not_reported(optimizer_class):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    x, y = regression()
+    opt = optimizer_class(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(mse_closure(model, x, y))
+
+
+def test_batchnorm_without_buffers_is_reported_once_with_the_fix(optimizer_class):
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=0.05)
+
+    def closure():
+        return nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    with pytest.warns(UserWarning, match=r"BatchNorm1d.*buffers=model\.buffers\(\)"):
+        opt.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    protected = optimizer_class(model.parameters(), lr=0.05, buffers=model.buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        protected.step(closure)
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS])
+def test_max_grad_norm_is_a_constructor_argument_of_every_optimizer(cls):
+    assert "max_grad_norm" in cls.__init__.__code__.co_varnames
+    assert "max_grad_norm" in cls.__doc__
