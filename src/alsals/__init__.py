@@ -5,7 +5,7 @@ direction; ``AdamSLS`` and ``SLS`` are the baselines it improves on.
 """
 
 from alsals.line_search import LineSearchOptimizer, StepInfo
-from alsals.optimizers import ALSALS, SLS, AdamSLS
+from alsals.optimizers import ALSALS, PAPER_ALSALS, SLS, AdamSLS
 
-__all__ = ["ALSALS", "SLS", "AdamSLS", "LineSearchOptimizer", "StepInfo"]
+__all__ = ["ALSALS", "PAPER_ALSALS", "SLS", "AdamSLS", "LineSearchOptimizer", "StepInfo"]
 __version__ = "0.1.0"

@@ -27,6 +27,22 @@ from alsals.line_search import LineSearchOptimizer
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 
+#: The paper's ALSALS, every search setting spelled out (Sec. III-C, Eq. 2 and 6; ``lr``
+#: from the authors' code): ``ALSALS.paper(params)`` builds it whatever the defaults are.
+PAPER_ALSALS: dict[str, Any] = {
+    "lr": 0.1,
+    "c": 0.6,
+    "smoothing": 0.99,
+    "slope": "finite_difference",
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "backtrack": 0.9,
+    "growth_interval": 500,
+    "max_trials": 100,
+    "fd_step": 5e-8,
+    "search_interval": 1,
+}
+
 
 def hyperparameters(arguments: dict[str, Any]) -> dict[str, Any]:
     """The ``defaults`` of an optimizer: its constructor's hyperparameter arguments."""
@@ -182,3 +198,8 @@ class ALSALS(LineSearchOptimizer):
         super().__init__(
             params, hyperparameters(locals()), buffers=buffers, process_group=process_group
         )
+
+    @classmethod
+    def paper(cls, params: Params, **overrides: Any) -> ALSALS:
+        """The paper's exact configuration (``PAPER_ALSALS``), with ``overrides`` on top."""
+        return cls(params, **{**PAPER_ALSALS, **overrides})

@@ -32,16 +32,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS, LineSearchOptimizer
 from alsals_bench.tasks.base import Budget, Task
 
 PAPER = ("alsals", "adam-sls", "adam")
+#: growth_interval b with 2^(1/b) = 1.1: SaLSa's growth of 10% per search
+GROWTH_10_PERCENT = math.log(2.0) / math.log(1.1)
 VARIANTS = ("sls", "alsals-analytic", "alsals-adaptive", "alsals-fast")
+ABLATION = (
+    "alsals",
+    "alsals-analytic",
+    "alsals-adaptive",
+    "alsals-growth",
+    "alsals-smooth",
+    "alsals-backtrack",
+    "alsals-c",
+    "alsals-candidate",
+)
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa")
 GROUPS = {
     "paper": PAPER,
     "variants": VARIANTS,
     "peers": PEERS,
+    "ablation": ABLATION,
     "all": PAPER + ("adam-tuned",) + VARIANTS + PEERS,
 }
 
@@ -198,14 +211,32 @@ def _adam(lr: float | None) -> Callable[[nn.Module, Task, Budget], Stepper]:
     return build
 
 
-# Our line searches by name: the class and the settings that differ from its defaults.
+# Our line searches by name: the class and its settings. ``alsals`` and its variants are
+# the paper's configuration (PAPER_ALSALS) with one change each, whatever ALSALS's defaults.
 LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
-    "alsals": (ALSALS, {}),
+    "alsals": (ALSALS, PAPER_ALSALS),
     "adam-sls": (AdamSLS, {}),
     "sls": (SLS, {}),
-    "alsals-analytic": (ALSALS, {"slope": "analytic"}),
-    "alsals-adaptive": (ALSALS, {"search_interval": "adaptive"}),
-    "alsals-fast": (ALSALS, {"slope": "analytic", "search_interval": "adaptive"}),
+    "alsals-analytic": (ALSALS, {**PAPER_ALSALS, "slope": "analytic"}),
+    "alsals-adaptive": (ALSALS, {**PAPER_ALSALS, "search_interval": "adaptive"}),
+    "alsals-fast": (ALSALS, {**PAPER_ALSALS, "slope": "analytic", "search_interval": "adaptive"}),
+    # ablation (#11): one change each from the paper's configuration
+    "alsals-growth": (ALSALS, {**PAPER_ALSALS, "growth_interval": GROWTH_10_PERCENT}),
+    "alsals-smooth": (ALSALS, {**PAPER_ALSALS, "smoothing": 0.9}),
+    "alsals-backtrack": (ALSALS, {**PAPER_ALSALS, "backtrack": 0.8}),
+    "alsals-c": (ALSALS, {**PAPER_ALSALS, "c": 0.3}),
+    # all of the above that SaLSa also does, on our engine: a candidate configuration
+    "alsals-candidate": (
+        ALSALS,
+        {
+            **PAPER_ALSALS,
+            "slope": "analytic",
+            "search_interval": "adaptive",
+            "growth_interval": GROWTH_10_PERCENT,
+            "smoothing": 0.9,
+            "backtrack": 0.8,
+        },
+    ),
 }
 
 
@@ -296,6 +327,21 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-fast",
             "ALSALS, analytic slope and adaptive cadence",
             _line_search("alsals-fast"),
+        ),
+        OptimizerSpec(
+            "alsals-growth",
+            "ALSALS growing the step size 10% per search (SaLSa's)",
+            _line_search("alsals-growth"),
+        ),
+        OptimizerSpec("alsals-smooth", "ALSALS with smoothing 0.9", _line_search("alsals-smooth")),
+        OptimizerSpec(
+            "alsals-backtrack", "ALSALS backtracking by 0.8", _line_search("alsals-backtrack")
+        ),
+        OptimizerSpec("alsals-c", "ALSALS with c = 0.3", _line_search("alsals-c")),
+        OptimizerSpec(
+            "alsals-candidate",
+            "ALSALS: analytic slope, adaptive cadence, growth 10%, smoothing 0.9, backtrack 0.8",
+            _line_search("alsals-candidate"),
         ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
