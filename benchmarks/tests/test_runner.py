@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from alsals_bench import cli
-from alsals_bench.registry import GROUPS, REGISTRY, expand, get_optimizer, paper_adam_schedule
+from alsals_bench.registry import (
+    GROUPS,
+    PEERS,
+    REGISTRY,
+    expand,
+    get_optimizer,
+    paper_adam_schedule,
+)
 from alsals_bench.report import fold_tuned_adam, load_runs, write_report
 from alsals_bench.runner import RunKey, is_finished, read_log, run_one, sweep
 from alsals_bench.tasks import get_task
@@ -132,6 +139,81 @@ def test_dog_logs_the_step_size_it_took_not_its_multiplier():
     stepper.step(lambda: run.loss(run.model, batch))
     eta = float(stepper.optimizer.param_groups[0]["eta"][0])
     assert stepper.lr == eta and stepper.lr != stepper.optimizer.param_groups[0]["lr"]
+
+
+def test_new_peers_and_the_untuned_baseline_are_registered_and_grouped():
+    assert {"momo-adam", "prodigy-sf"} <= set(PEERS) <= set(REGISTRY)
+    assert REGISTRY["momo-adam"].package == "momo-opt"
+    assert REGISTRY["prodigy-sf"].package == "prodigy-plus-schedule-free"
+    assert GROUPS["baselines"] == ("adamw-cosine",)
+    assert "adamw-cosine" in GROUPS["all"] and "adamw-cosine" not in GROUPS["paper"]
+    assert REGISTRY["adamw-cosine"].package is None  # torch only: always available
+
+
+def test_momo_adam_gets_the_loss_and_logs_the_step_size_it_took():
+    run, stepper = _stepper_on_smoke_task("momo-adam")
+    optimizer = stepper.optimizer
+    lr, (beta1, beta2) = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"]
+    assert lr == 1e-2  # the authors' default
+    for k in range(1, 4):
+        before = [p.detach().double().clone() for p in run.model.parameters()]
+        batch = run.next_batch()
+        stepper.step(lambda batch=batch: run.loss(run.model, batch))
+        assert optimizer._number_steps == k  # one optimizer step per training step
+        tau = stepper.lr
+        assert 0 < tau <= lr / (1 - beta1**k) * (1 + 1e-6)  # capped by lr / (1 - beta1^k)
+        # Every parameter moved by -tau * m / D: the measured tau is the step it took.
+        for p, b in zip(run.model.parameters(), before, strict=True):
+            state = optimizer.state[p]
+            d = state["grad_avg_sq"].double().div(1 - beta2 ** state["step"]).sqrt().add(1e-8)
+            expected = -tau * state["grad_avg"].double() / d
+            moved = p.detach().double() - b
+            assert torch.linalg.vector_norm(moved - expected) <= 1e-3 * torch.linalg.vector_norm(
+                expected
+            )
+
+
+def test_prodigy_sf_swaps_to_its_average_for_evaluation_and_back():
+    run, stepper = _stepper_on_smoke_task("prodigy-sf")
+    assert stepper.optimizer.param_groups[0]["lr"] == 1.0  # its default
+    stepper.train()
+    for _ in range(3):
+        batch = run.next_batch()
+        stepper.step(lambda batch=batch: run.loss(run.model, batch))
+    training = [p.detach().clone() for p in run.model.parameters()]
+    stepper.eval()
+    assert not stepper.optimizer.param_groups[0]["train_mode"]
+    assert any(not torch.equal(a, p) for a, p in zip(training, run.model.parameters(), strict=True))
+    stepper.train()
+    assert stepper.optimizer.param_groups[0]["train_mode"]
+    for a, p in zip(training, run.model.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), a)
+
+
+def test_adamw_cosine_is_one_rate_for_every_task_five_percent_warmup_cosine_to_zero():
+    for name in ("digits-cnn", "minilm-bbc"):
+        task = get_task(name)
+        budget = task.budget("quick")
+        model = torch.nn.Linear(2, 1)
+        stepper = get_optimizer("adamw-cosine").build(model, task, budget)
+        optimizer = stepper.optimizer
+        assert type(optimizer) is torch.optim.AdamW
+        assert optimizer.param_groups[0]["weight_decay"] == 0.01
+        lrs = []
+        for _ in range(budget.steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            stepper.scheduler.step()
+        warmup = math.ceil(0.05 * budget.steps)
+        assert lrs[0] == pytest.approx(1e-3 / warmup)
+        assert lrs[warmup - 1] == pytest.approx(1e-3) == max(lrs)
+        assert lrs[warmup] == pytest.approx(1e-3)
+        # cosine: halfway through the decay, half the peak; then towards 0
+        half = warmup + (budget.steps - warmup) // 2
+        assert lrs[half] == pytest.approx(
+            1e-3 * 0.5 * (1 + math.cos(math.pi * (half - warmup) / (budget.steps - warmup)))
+        )
+        assert lrs[-1] < 1e-3 * 0.01
 
 
 def test_paper_adam_schedule_is_cosine_with_ten_percent_warmup_for_nlp():

@@ -16,14 +16,20 @@ Names:
 * ``adam@LR``: the baseline with another peak learning rate; ``adam-tuned`` expands to
   ``adam@LR`` for every LR of the task's grid (``adam`` itself at the paper's LR, which every
   grid holds) and the report keeps the best;
+* the untuned baseline ``adamw-cosine``: AdamW at one fixed peak rate (1e-3) on every
+  task, linear warm-up over 5% of the steps then cosine decay to 0, torch's weight decay
+  0.01: what a user does without a sweep (group ``baselines``);
 * peers from PyPI (extra ``peers``): ``prodigy``, ``dadapt-adam``, ``schedulefree``,
-  ``dog``, ``salsa`` (the authors' follow-up), each with its documented defaults.
+  ``dog``, ``salsa`` (the authors' follow-up), ``momo-adam`` (MoMo-Adam, a Polyak-type
+  step from the batch loss) and ``prodigy-sf`` (Prodigy + Schedule-Free), each with its
+  documented defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,13 +55,21 @@ ABLATION = (
     "alsals-c",
     "alsals-candidate",
 )
-PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa")
+PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
+#: untuned baselines: one configuration for every task, no sweep
+BASELINES = ("adamw-cosine",)
+#: the untuned baseline's settings: one peak rate for every task, warm-up over this fraction
+#: of the steps, then cosine decay to 0; torch's default weight decay
+ADAMW_COSINE_LR = 1e-3
+ADAMW_COSINE_WARMUP = 0.05
+ADAMW_COSINE_WEIGHT_DECAY = 0.01
 GROUPS = {
     "paper": PAPER,
     "variants": VARIANTS,
     "peers": PEERS,
+    "baselines": BASELINES,
     "ablation": ABLATION,
-    "all": PAPER + ("adam-tuned",) + VARIANTS + PEERS,
+    "all": PAPER + ("adam-tuned",) + BASELINES + VARIANTS + PEERS,
 }
 
 
@@ -136,6 +150,49 @@ class ScheduleFreeStepper(Stepper):
         self.optimizer.eval()
 
 
+class MomoStepper(Stepper):
+    """MoMo-Adam needs the batch loss: its documented use is ``backward()`` then
+    ``step(loss=loss)``.
+
+    Its step size ``tau = min(lr / (1 - beta1^k), t1)`` (``t1`` the Polyak-type step from the
+    loss) is a local of ``step``; ``lr`` reports it as measured on one small parameter:
+    the update is ``-tau * m / D``, so ``tau = -<delta, m / D> / |m / D|^2`` (in float64, from
+    the optimizer's state after the step; exact up to the rounding of ``delta``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        # Smallest first, but skip tiny tensors (a lone scale) whose update rounds coarsely.
+        self._probes = sorted(params, key=lambda p: (p.numel() < 32, p.numel()))
+        self._tau = math.nan
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        loss = self.forward_backward(closure)
+        probe = next((p for p in self._probes if p.grad is not None), None)
+        before = None if probe is None else probe.detach().clone()
+        self.optimizer.step(loss=loss.detach())
+        self._tau = math.nan if probe is None else self._measure(probe, before)
+        return loss.detach()
+
+    def _measure(self, probe: Tensor, before: Tensor) -> float:
+        state = self.optimizer.state[probe]
+        group = next(g for g in self.optimizer.param_groups if any(p is probe for p in g["params"]))
+        beta2, eps = group["betas"][1], group["eps"]
+        correction = 1 - beta2 ** state["step"]
+        m, v = state["grad_avg"].double(), state["grad_avg_sq"].double()
+        direction = m / ((v / correction).sqrt() + eps)
+        norm = float((direction * direction).sum())
+        if norm == 0:
+            return math.nan
+        delta = probe.detach().double() - before.double()
+        return -float((delta * direction).sum()) / norm
+
+    @property
+    def lr(self) -> float:
+        return self._tau
+
+
 class DoGStepper(Stepper):
     """DoG's ``lr`` is a multiplier (1 by default); the step size it took is ``eta``."""
 
@@ -182,17 +239,16 @@ _MODULES = {
     "schedulefree": "schedulefree",
     "dog-optimizer": "dog",
     "salsa-optimizer": "salsa.SaLSA",
+    "momo-opt": "momo",
+    "prodigy-plus-schedule-free": "prodigyplus",
 }
 
 
-def paper_adam_schedule(
-    optimizer: torch.optim.Optimizer, task: Task, budget: Budget
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Sec. IV-A: cosine decay after a 10% linear warm-up for NLP, a flat rate for images."""
-    if task.domain != "nlp":
-        return None
-    warmup = max(budget.warmup_steps, math.ceil(0.1 * budget.steps))
-    total = budget.steps
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A linear warm-up to the peak rate over ``warmup`` steps, then cosine decay to 0 at
+    step ``total``."""
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -203,12 +259,32 @@ def paper_adam_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def paper_adam_schedule(
+    optimizer: torch.optim.Optimizer, task: Task, budget: Budget
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Sec. IV-A: cosine decay after a 10% linear warm-up for NLP, a flat rate for images."""
+    if task.domain != "nlp":
+        return None
+    warmup = max(budget.warmup_steps, math.ceil(0.1 * budget.steps))
+    return warmup_cosine(optimizer, warmup, budget.steps)
+
+
 def _adam(lr: float | None) -> Callable[[nn.Module, Task, Budget], Stepper]:
     def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr or task.adam_lr)
         return Stepper(optimizer, paper_adam_schedule(optimizer, task, budget))
 
     return build
+
+
+def _adamw_cosine(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+    """The untuned baseline: one rate for every task, 5% warm-up (at least the task's shared
+    warm-up), cosine decay to 0."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=ADAMW_COSINE_LR, weight_decay=ADAMW_COSINE_WEIGHT_DECAY
+    )
+    warmup = max(1, budget.warmup_steps, math.ceil(ADAMW_COSINE_WARMUP * budget.steps))
+    return Stepper(optimizer, warmup_cosine(optimizer, warmup, budget.steps))
 
 
 # Our line searches by name: the class and its settings. ``alsals`` and its variants are
@@ -295,6 +371,22 @@ def _dog(model: nn.Module, task: Task, budget: Budget) -> torch.optim.Optimizer:
     return DoG(model.parameters())
 
 
+def _momo_adam(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+    from momo import MomoAdam
+
+    # The authors' documented setting for MoMo-Adam: lr 1e-2 (their default), lower bound 0.
+    return MomoStepper(MomoAdam(model.parameters(), lr=1e-2))
+
+
+def _prodigy_sf(model: nn.Module, task: Task, budget: Budget) -> torch.optim.Optimizer:
+    from prodigyplus import ProdigyPlusScheduleFree
+
+    # Its defaults (lr 1, no schedule: "a constant scheduler should be used"); it prints a
+    # note on construction about our single parameter group, which is silenced.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return ProdigyPlusScheduleFree(model.parameters(), lr=1.0)
+
+
 def salsa_stepper(model: nn.Module, **settings: Any) -> SalsaStepper:
     """The authors' SaLSa (``salsa-optimizer``) on ``model``, its defaults but ``settings``."""
     from salsa.SaLSA import SaLSA
@@ -312,6 +404,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("alsals", "ALSALS, the paper's defaults", _line_search("alsals")),
         OptimizerSpec("adam-sls", "Adam + SLS (Sec. II-B)", _line_search("adam-sls")),
         OptimizerSpec("adam", "Adam, the paper's baseline schedule and peak LR", _adam(None)),
+        OptimizerSpec(
+            "adamw-cosine",
+            "AdamW at lr 1e-3 on every task, 5% warm-up, cosine to 0, weight decay 0.01",
+            _adamw_cosine,
+        ),
         OptimizerSpec("sls", "SLS along the gradient (Sec. II-A)", _line_search("sls")),
         OptimizerSpec(
             "alsals-analytic",
@@ -353,6 +450,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec("dog", "DoG (defaults)", _peer(_dog, DoGStepper), "dog-optimizer"),
         OptimizerSpec("salsa", "SaLSa, the authors' follow-up", _salsa, "salsa-optimizer"),
+        OptimizerSpec("momo-adam", "MoMo-Adam (lr 1e-2, step(loss=...))", _momo_adam, "momo-opt"),
+        OptimizerSpec(
+            "prodigy-sf",
+            "Prodigy + Schedule-Free (lr 1, defaults)",
+            _peer(_prodigy_sf, ScheduleFreeStepper),
+            "prodigy-plus-schedule-free",
+        ),
     )
 }
 
