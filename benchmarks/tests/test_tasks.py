@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alsals_bench.data import DataNotFoundError
-from alsals_bench.tasks import OFFLINE_TASKS, TASKS, Budget, Task, TaskRun, get_task
+from alsals_bench.tasks import LONG_FACTOR, OFFLINE_TASKS, TASKS, Budget, Task, TaskRun, get_task
 from alsals_bench.tasks.fullscale import DataLocationError
 
 CPU = torch.device("cpu")
@@ -176,6 +176,57 @@ def test_quick_budgets_are_small():
     for name in OFFLINE:
         quick = TASKS[name].budget("quick")
         assert quick.steps <= 400 and quick.eval_every <= quick.steps
+
+
+def test_long_budgets_are_quick_five_times_as_long_with_schedules_scaled():
+    from alsals_bench.registry import get_optimizer, paper_adam_schedule
+
+    assert LONG_FACTOR == 5
+    for name in OFFLINE:
+        task = TASKS[name]
+        quick, long = task.budget("quick"), task.budget("long")
+        assert long.steps == 5 * quick.steps
+        assert long.warmup_steps == 5 * quick.warmup_steps
+        assert long.eval_every == 5 * quick.eval_every  # as many evaluations
+        assert (long.batch_size, long.options) == (quick.batch_size, quick.options)
+        assert long.options is not quick.options
+        # Every schedule that follows the step count keeps its shape: the rate at step
+        # 5k of the long run is the rate at step k of the quick run (past the warm-up).
+        for optimizer in ("adam", "adamw-cosine"):
+            spec = get_optimizer(optimizer)
+            rates = {}
+            for budget in (quick, long):
+                stepper = spec.build(torch.nn.Linear(2, 1), task, budget)
+                lrs = []
+                for _ in range(budget.steps):
+                    lrs.append(stepper.optimizer.param_groups[0]["lr"])
+                    stepper.optimizer.step()  # no gradients: nothing moves
+                    if stepper.scheduler is not None:
+                        stepper.scheduler.step()
+                rates[budget.steps] = lrs
+            for k in range(quick.steps // 5, quick.steps, quick.steps // 5):
+                assert rates[long.steps][5 * k] == pytest.approx(rates[quick.steps][k], abs=1e-12)
+        if get_optimizer("schedulefree").available():  # its warm-up: 5% of the steps
+            warmups = [
+                get_optimizer("schedulefree").build(torch.nn.Linear(2, 1), task, budget)
+                for budget in (quick, long)
+            ]
+            quick_warmup, long_warmup = (
+                w.optimizer.param_groups[0]["warmup_steps"] for w in warmups
+            )
+            assert long_warmup == pytest.approx(5 * quick_warmup, abs=5)
+    assert all("long" not in TASKS[n].budgets for n in TASKS if n not in OFFLINE)
+    # the Adam schedule's warm-up scales with the task's (GPT-2: 16 -> 80 steps)
+    gpt2 = TASKS["austen-gpt2"]
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=1.0)
+    schedule = paper_adam_schedule(opt, gpt2, gpt2.budget("long"))
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[79] == pytest.approx(1.0) and lrs[39] == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------- full scale

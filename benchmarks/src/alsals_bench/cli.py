@@ -51,7 +51,9 @@ def _seeds(text: str) -> list[int]:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", default="quick", help="budget preset: smoke, quick, paper")
+    parser.add_argument(
+        "--budget", default="quick", help="budget preset: smoke, quick, long (5x quick), paper"
+    )
     parser.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,7 +7,15 @@ Offline tasks (``task.offline``) run here on fetched stand-in data; the full-sca
 from __future__ import annotations
 
 from alsals_bench.tasks.austen_gpt2 import AustenGPT2
-from alsals_bench.tasks.base import Budget, Task, TaskRun, batch_stream, classification_metrics
+from alsals_bench.tasks.base import (
+    LONG_FACTOR,
+    Budget,
+    Task,
+    TaskRun,
+    batch_stream,
+    classification_metrics,
+    long_budget,
+)
 from alsals_bench.tasks.digits import DigitsCNN
 from alsals_bench.tasks.fashion_resnet import FashionResNet
 from alsals_bench.tasks.fullscale import FULLSCALE_TASKS
@@ -41,6 +49,7 @@ def get_task(name: str) -> Task:
 
 
 __all__ = [
+    "LONG_FACTOR",
     "OFFLINE_TASKS",
     "TASKS",
     "Budget",
@@ -49,4 +58,5 @@ __all__ = [
     "batch_stream",
     "classification_metrics",
     "get_task",
+    "long_budget",
 ]

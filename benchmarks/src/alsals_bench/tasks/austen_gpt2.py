@@ -22,7 +22,7 @@ from alsals_bench.data.fullscale import random_lm_batch
 from alsals_bench.data.offline import gpt2_tokenizer, load_austen_texts
 from alsals_bench.models.gpt2 import GPT2_EOT, gpt2_lm
 from alsals_bench.tasks._util import eval_mode
-from alsals_bench.tasks.base import Budget, Task, TaskRun
+from alsals_bench.tasks.base import Budget, Task, TaskRun, long_budget
 
 VAL_FRACTION = 0.05
 _CORPUS: dict[str, Any] = {}  # tokenized once per process: it takes a few seconds
@@ -85,6 +85,16 @@ def lm_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict[
     return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
 
 
+# Sized so that one ALSALS run takes about two minutes on 2 CPU cores.
+QUICK = Budget(
+    steps=160,
+    batch_size=16,
+    eval_every=40,
+    warmup_steps=16,
+    options={"size": "mini", "block_size": 64, "eval_windows": 64},
+)
+
+
 class AustenGPT2(Task):
     name = "austen-gpt2"
     description = (
@@ -105,14 +115,8 @@ class AustenGPT2(Task):
             warmup_steps=1,
             options={"size": "tiny", "block_size": 16, "eval_windows": 4},
         ),
-        # Sized so that one ALSALS run takes about two minutes on 2 CPU cores.
-        "quick": Budget(
-            steps=160,
-            batch_size=16,
-            eval_every=40,
-            warmup_steps=16,
-            options={"size": "mini", "block_size": 64, "eval_windows": 64},
-        ),
+        "quick": QUICK,
+        "long": long_budget(QUICK),
         # A bigger model and context for GPU runs: 6 layers, width 384, context 256,
         # 10k steps of 32 windows (about 80 passes over the training text).
         "paper": Budget(

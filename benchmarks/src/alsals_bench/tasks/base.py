@@ -9,6 +9,7 @@ model on held-out data. The runner only loops.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,24 @@ class Budget:
     eval_every: int
     warmup_steps: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+
+
+#: the ``long`` budget of every offline task is its ``quick`` budget run this many times as long
+LONG_FACTOR = 5
+
+
+def long_budget(quick: Budget, factor: int = LONG_FACTOR) -> Budget:
+    """``quick`` run ``factor`` times as long: the steps, the shared warm-up and the interval
+    between evaluations scaled by ``factor``, so that every schedule that follows the step
+    count (Adam's warm-up and cosine decay, Schedule-Free's 5% warm-up) keeps its shape and a
+    run is evaluated as many times; batch size, model and data sizes unchanged."""
+    return dataclasses.replace(
+        quick,
+        steps=factor * quick.steps,
+        eval_every=factor * quick.eval_every,
+        warmup_steps=factor * quick.warmup_steps,
+        options=dict(quick.options),
+    )
 
 
 @dataclass

@@ -6,7 +6,16 @@ import torch
 from torch import nn
 
 from alsals_bench.data.offline import load_digits_dataset
-from alsals_bench.tasks.base import Budget, Task, TaskRun, batch_stream, classification_metrics
+from alsals_bench.tasks.base import (
+    Budget,
+    Task,
+    TaskRun,
+    batch_stream,
+    classification_metrics,
+    long_budget,
+)
+
+QUICK = Budget(steps=300, batch_size=64, eval_every=25)
 
 
 def digits_cnn(width: int = 16, num_classes: int = 10) -> nn.Module:
@@ -34,7 +43,8 @@ class DigitsCNN(Task):
     metrics = ("accuracy", "val_loss")
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
-        "quick": Budget(steps=300, batch_size=64, eval_every=25),
+        "quick": QUICK,
+        "long": long_budget(QUICK),
         "paper": Budget(steps=2300, batch_size=64, eval_every=100),  # 100 epochs
     }
 

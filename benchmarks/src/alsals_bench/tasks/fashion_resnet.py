@@ -7,9 +7,10 @@ import torch
 from alsals_bench.data.offline import load_fashion_mnist
 from alsals_bench.models.resnet import cifar_resnet
 from alsals_bench.tasks._util import fixed_subset, image_classification_run, normalize_uint8
-from alsals_bench.tasks.base import Budget, Task, TaskRun
+from alsals_bench.tasks.base import Budget, Task, TaskRun, long_budget
 
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+QUICK = Budget(steps=400, batch_size=128, eval_every=100, options={"depth": 8, "eval_size": 2000})
 
 
 class FashionResNet(Task):
@@ -27,9 +28,8 @@ class FashionResNet(Task):
         "smoke": Budget(
             steps=4, batch_size=16, eval_every=2, options={"depth": 8, "eval_size": 64}
         ),
-        "quick": Budget(
-            steps=400, batch_size=128, eval_every=100, options={"depth": 8, "eval_size": 2000}
-        ),
+        "quick": QUICK,
+        "long": long_budget(QUICK),
         # The paper's CIFAR protocol: batch 128, 100 epochs (60000 // 128 = 468 steps
         # each), the ResNet paper's augmentation, the whole test set.
         "paper": Budget(

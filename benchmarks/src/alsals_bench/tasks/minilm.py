@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from alsals_bench.data.offline import load_bbc_news, load_fine_food, load_tweets, minilm_path
 from alsals_bench.tasks._util import eval_mode, fixed_subset
-from alsals_bench.tasks.base import Budget, Task, TaskRun, batch_stream, classification_metrics
+from alsals_bench.tasks.base import (
+    Budget,
+    Task,
+    TaskRun,
+    batch_stream,
+    classification_metrics,
+    long_budget,
+)
 
 _ENCODED: dict[tuple, tuple] = {}  # (model, data, max_length) -> encoded splits and labels
 _TOKENIZERS: dict[str, Any] = {}
@@ -212,14 +219,16 @@ QUICK = Budget(steps=40, batch_size=16, eval_every=20, options={"max_length": 64
 
 
 def minilm_budgets(n_train: int, quick: Budget) -> dict[str, Budget]:
-    """Smoke, the given quick budget, and the paper's GLUE protocol on the stand-in data:
-    batch 32, sequences up to 256 tokens, 5 epochs, evaluated after each epoch."""
+    """Smoke, the given quick budget, ``long`` (quick 5x as long), and the paper's GLUE
+    protocol on the stand-in data: batch 32, sequences up to 256 tokens, 5 epochs, evaluated
+    after each epoch."""
     epoch = n_train // 32
     return {
         "smoke": Budget(
             steps=3, batch_size=4, eval_every=3, options={"max_length": 16, "eval_size": 8}
         ),
         "quick": quick,
+        "long": long_budget(quick),
         "paper": Budget(
             steps=5 * epoch, batch_size=32, eval_every=epoch, options={"max_length": 256}
         ),
