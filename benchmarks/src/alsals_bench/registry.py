@@ -320,7 +320,9 @@ def line_search_stepper(name: str, model: nn.Module, **settings: Any) -> LineSea
     """The line search ``name`` of ``LINE_SEARCHES`` on ``model`` (its buffers protected from
     the trial evaluations), with ``settings`` added to its own."""
     cls, own = LINE_SEARCHES[name]
-    return LineSearchStepper(cls(model.parameters(), buffers=model.buffers(), **settings, **own))
+    return LineSearchStepper(
+        cls(model.parameters(), buffers=model.buffers(), **{**own, **settings})
+    )
 
 
 def _line_search(name: str) -> Callable[[nn.Module, Task, Budget], Stepper]:
