@@ -59,6 +59,15 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model is tiny: one thread is faster, most of all for fp16 on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Both loops as configured in the example (fp16 + GradScaler, dropout, 4 micro-batches,
@@ -67,7 +76,11 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
     out = {}
     for name, train in (("adamw", ex.train_adamw), ("alsals", ex.train_alsals)):
-        cfg = config(checkpoint=str(folder / (name + "_{step}.pt")), checkpoint_every=STEPS // 2)
+        cfg = config(
+            warmup=STEPS // 4,  # AdamW's schedule: warm-up and decay within the run
+            checkpoint=str(folder / (name + "_{step}.pt")),
+            checkpoint_every=STEPS // 2,
+        )
         handler = Records()
         logging.getLogger("alsals").addHandler(handler)
         try:
@@ -98,7 +111,9 @@ def test_adamw_loop_trains(runs):
     assert held_out_loss(run.model) < held_out_loss(ex.make_model(cfg)) - 0.2
     lrs = [lr for lr, _ in run.log]
     assert lrs[: cfg.warmup] == sorted(lrs[: cfg.warmup])  # warm-up ...
+    assert lrs[cfg.warmup - 1] == cfg.lr
     assert lrs[cfg.warmup :] == sorted(lrs[cfg.warmup :], reverse=True)  # ... then decay
+    assert lrs[-1] < cfg.lr / 2
 
 
 def test_both_loops_start_from_the_same_model_and_batch(runs):
