@@ -65,6 +65,7 @@ class SearchConfig:
     warmup_steps: int = 0
     search_interval: int | str = 1
     max_grad_norm: float | None = None
+    start: str = "grown"
 
     @property
     def adam(self) -> bool:
@@ -140,6 +141,7 @@ class StepRecord:
     grad_norm: float = math.nan  # ||g|| before clipping (max_grad_norm only)
     clipped: bool = False
     capped: bool = False  # a search during warm-up (started at the ramp's value)
+    grown: float = math.nan  # where the search would start without the Polyak limit
     tried: list[float] = field(default_factory=list)  # every eta_try evaluated
     trial_losses: list[float] = field(default_factory=list)  # f(w + eta_try d) for each
 
@@ -507,11 +509,16 @@ class ReferenceOptimizer:
             raise ValueError(cfg.slope)
         record.slope = s
         if not is_finite(s):
+            if cfg.start == "polyak":  # the slope was checked before any trial
+                return "nonfinite"
             # The first trial was evaluated in the same synchronisation as the slope.
             loss_only(f, displaced(w0, d_search, eta_try))
             record.forwards += 1
             record.trials += 1
             return "nonfinite"
+        record.grown = eta_try
+        if cfg.start == "polyak" and loss0 > 0 and s > 0:  # 5.2: at most the Polyak step
+            eta_try = max(min(eta_try, loss0 / s), MIN_STEP_SIZE)
         G = record.slope_avg = smooth(st.slope_avg, s, b)  # G', stored only on acceptance
         c_h = armijo_constant(cfg.c, G)
         tol = resolution(loss0)

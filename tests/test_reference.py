@@ -315,6 +315,8 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
         "c_h_switch": any(r.kind in ("search", "failed") and r.slope_avg <= 0 for r in records),
         "unresolved": "unresolved" in kinds,
         "clipped": any(r.clipped for r in records),
+        # a search whose first trial was the Polyak step L0 / s, below the grown eta
+        "polyak": any(r.tried and r.tried[0] < r.grown for r in records),
     }
     missing = {e for e in expect if not checks[e]}
     assert not missing, f"never happened: {missing}; kinds={kinds}"
@@ -325,6 +327,22 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 CASES = [
+    (
+        "alsals-logistic-polyak",
+        "ALSALS",
+        "logistic",
+        {"lr": 50.0, "start": "polyak", "slope": "analytic", "growth_interval": 7.0},
+        20,
+        {"accepted", "polyak"},
+    ),
+    (
+        "sls-quadratic-polyak-fd",
+        "SLS",
+        "quadratic",
+        {"lr": 50.0, "start": "polyak", "slope": "finite_difference"},
+        20,
+        {"accepted", "polyak"},
+    ),
     (
         "alsals-logistic-clipped",
         "ALSALS",

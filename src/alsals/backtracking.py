@@ -40,6 +40,10 @@ class Backtracking:
         eta = max(step_size * 2.0 ** (1.0 / growth_interval), MIN_STEP_SIZE)
         return cls(eta_start=step_size, eta=eta, cap=cap, backtrack=backtrack)
 
+    def limit(self, largest: float) -> None:
+        """Start no higher than ``largest`` (the Polyak step ``L0 / s``)."""
+        self.eta = max(min(self.eta, largest), MIN_STEP_SIZE)
+
     def reject(self, finite: bool) -> None:
         """A rejected trial: the next one is ``backtrack`` times smaller."""
         self.rejected = self.rejected or finite

@@ -27,12 +27,14 @@ SEARCH_KEYS = (
     "warmup_steps",
     "search_interval",
     "max_grad_norm",
+    "start",
 )
 #: Hyperparameters that may differ between parameter groups.
 GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
 #: Keys torch.optim manages in every group; anything else in a group is an error.
 TORCH_GROUP_KEYS = ("params", "lr", "initial_lr", "name")
 SLOPES = ("analytic", "finite_difference")
+STARTS = ("grown", "polyak")
 
 #: Shared argument documentation of the three constructors (``{}`` holds the defaults).
 ARGUMENTS = """\
@@ -44,6 +46,10 @@ ARGUMENTS = """\
             forward pass) or ``"finite_difference"`` (Eq. 6, one extra forward pass per
             search) ({slope}).
         betas, eps: Adam's moment factors and denominator term (Eq. 3; Adam variants only).
+        start: where a search starts: ``"grown"``, ``eta * 2^(1/growth_interval)`` (Eq. 2),
+            or ``"polyak"``, no higher than the Polyak step ``L0 / s`` (the step that would
+            bring the loss to 0 if the slope held; one more synchronisation per search)
+            ({start}).
         backtrack: ``eta <- backtrack * eta`` after a failed trial (0.9).
         growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)`` (500;
             ``math.inf`` disables growth).
@@ -122,6 +128,8 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")
     out["fd_step"] = in_range("fd_step", h["fd_step"], 0.0, closed_low=False)
     out["warmup_steps"] = integer("warmup_steps", h["warmup_steps"], 0)
+    if h.get("start", "grown") not in STARTS:
+        raise ValueError(f"invalid start: {h['start']!r} (expected one of {STARTS})")
     clip = h.get("max_grad_norm")
     if clip is not None:
         out["max_grad_norm"] = in_range("max_grad_norm", clip, 0.0, closed_low=False)

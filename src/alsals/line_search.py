@@ -749,10 +749,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         walk = Backtracking.start(
             search.step_size, self._step_size_cap(search), h["growth_interval"], h["backtrack"]
         )
+        polyak = h["start"] == "polyak"
+        if polyak:  # 5.2: no first trial above L0 / s (one more synchronisation)
+            slope = self._slope_to_host(slope_input, replay, loss0)
+            if not test.set_slope(slope):
+                return Outcome("nonfinite", trials=0, slope=slope, warning="the slope estimate")
+            walk.limit(loss0 / slope if loss0 > 0.0 and slope > 0.0 else math.inf)
         for tried in range(1, h["max_trials"] + 1):
             trial.place(walk.eta)
             trial_loss = evaluator.evaluate(watch_buffers=tried == 1 and not self._buffers_checked)
-            if tried > 1:
+            if tried > 1 or polyak:
                 (value,) = mean_to_host([trial_loss], self._process_group)
             else:  # the slope comes to the host with the first trial's loss
                 value, slope = self._first_trial_to_host(trial_loss, slope_input, replay, loss0)
@@ -782,9 +788,19 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         replay check's loss at the first search of a run."""
         probe, value, *again = mean_to_host([slope_input, trial_loss, *replay], self._process_group)
         self._replay_loss = again[0] if again else None
+        return value, self._slope_from(probe, loss0)
+
+    def _slope_to_host(self, slope_input: Tensor, replay: list[Tensor], loss0: float) -> float:
+        """The slope (5.1) alone, before the first trial (``start="polyak"``)."""
+        probe, *again = mean_to_host([slope_input, *replay], self._process_group)
+        self._replay_loss = again[0] if again else None
+        return self._slope_from(probe, loss0)
+
+    def _slope_from(self, probe: float, loss0: float) -> float:
+        """``s`` from the analytic slope, or ``f_a = (L0 - f(w0 + lambda d)) / lambda``."""
         if self._settings["slope"] == "analytic":
-            return value, probe
-        return value, (loss0 - probe) / self._settings["fd_step"]
+            return probe
+        return (loss0 - probe) / self._settings["fd_step"]
 
     def _slope_input(
         self,

@@ -41,6 +41,7 @@ PAPER_ALSALS: dict[str, Any] = {
     "max_trials": 100,
     "fd_step": 5e-8,
     "search_interval": 1,
+    "start": "grown",
 }
 
 
@@ -68,6 +69,7 @@ class SLS(LineSearchOptimizer):
             c="0.1, Sec. II-A",
             smoothing=0,
             slope='``"analytic"``: ``||g||^2``',
+            start='``"grown"``',
         )
     )
     search_direction = Direction.GRADIENT
@@ -88,6 +90,7 @@ class SLS(LineSearchOptimizer):
         warmup_steps: int = 0,
         search_interval: int | str = 1,
         max_grad_norm: float | None = None,
+        start: str = "grown",
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
@@ -117,6 +120,7 @@ class AdamSLS(LineSearchOptimizer):
             c="0.1, the Armijo constant of the original criterion, Sec. III-C",
             smoothing=0,
             slope='``"analytic"``: ``sum g^2 / (sqrt(v_hat) + eps)``',
+            start='``"grown"``',
         )
     )
     search_direction = Direction.PRECONDITIONED
@@ -139,6 +143,7 @@ class AdamSLS(LineSearchOptimizer):
         warmup_steps: int = 0,
         search_interval: int | str = 1,
         max_grad_norm: float | None = None,
+        start: str = "grown",
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
@@ -168,6 +173,7 @@ class ALSALS(LineSearchOptimizer):
             c="0.6, Sec. III-C; 0.3-0.7 work",
             smoothing=0.99,
             slope='``"finite_difference"``, Eq. 6',
+            start='``"grown"``',
         )
     )
     search_direction = Direction.MOMENTUM
@@ -190,6 +196,7 @@ class ALSALS(LineSearchOptimizer):
         warmup_steps: int = 0,
         search_interval: int | str = 1,
         max_grad_norm: float | None = None,
+        start: str = "grown",
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,

@@ -53,7 +53,9 @@ ABLATION = (
     "alsals-smooth",
     "alsals-backtrack",
     "alsals-c",
+    "alsals-polyak",
     "alsals-candidate",
+    "alsals-recommended",
 )
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
 #: untuned baselines: one configuration for every task, no sweep
@@ -301,6 +303,7 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-smooth": (ALSALS, {**PAPER_ALSALS, "smoothing": 0.9}),
     "alsals-backtrack": (ALSALS, {**PAPER_ALSALS, "backtrack": 0.8}),
     "alsals-c": (ALSALS, {**PAPER_ALSALS, "c": 0.3}),
+    "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
     # all of the above that SaLSa also does, on our engine: a candidate configuration
     "alsals-candidate": (
         ALSALS,
@@ -311,6 +314,19 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
             "growth_interval": GROWTH_10_PERCENT,
             "smoothing": 0.9,
             "backtrack": 0.8,
+        },
+    ),
+    # the candidate, each search started no higher than the Polyak step
+    "alsals-recommended": (
+        ALSALS,
+        {
+            **PAPER_ALSALS,
+            "slope": "analytic",
+            "search_interval": "adaptive",
+            "growth_interval": GROWTH_10_PERCENT,
+            "smoothing": 0.9,
+            "backtrack": 0.8,
+            "start": "polyak",
         },
     ),
 }
@@ -437,6 +453,16 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-backtrack", "ALSALS backtracking by 0.8", _line_search("alsals-backtrack")
         ),
         OptimizerSpec("alsals-c", "ALSALS with c = 0.3", _line_search("alsals-c")),
+        OptimizerSpec(
+            "alsals-polyak",
+            "ALSALS starting each search no higher than the Polyak step L0/s",
+            _line_search("alsals-polyak"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended",
+            "the candidate with Polyak-limited starts",
+            _line_search("alsals-recommended"),
+        ),
         OptimizerSpec(
             "alsals-candidate",
             "ALSALS: analytic slope, adaptive cadence, growth 10%, smoothing 0.9, backtrack 0.8",
