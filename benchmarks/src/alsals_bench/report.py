@@ -5,15 +5,19 @@
 * Table II: final training loss (an EMA of the per-step loss, as the paper smooths it) per
   task, and the logarithmic average over tasks (the geometric mean, as in the paper).
 * Language modelling: best validation loss and perplexity.
+* Equal compute: each optimizer's training loss (the EMA of Table II) at the compute Adam
+  used, in pass-equivalents (forward + 2 x backward passes, a backward pass costing about
+  two forward ones), so that a line search's extra forward passes are paid for.
 * Cost: training time per step (and its ratio to Adam's), forward and backward passes per
   step.
-* Figures: training loss and the validation metric over steps with standard-error bands
-  (Figs. 5-7), and the step size over steps (Fig. 1).
+* Figures: training loss against steps (Figs. 5-7), against pass-equivalents and against
+  wall-clock training time, the validation metric over steps, all with standard-error bands
+  over seeds; the step size over steps (Fig. 1) and the pass-equivalents spent per step.
 
 ``adam@LR`` runs of one task, and its ``adam`` runs as the grid point at the paper's peak LR,
 are folded into one ``adam-tuned`` column: the learning rate whose mean primary metric (peak
 accuracy, else final training loss) is best. The whole grid is listed, and a best rate at
-the grid's edge is flagged.
+the grid's edge is flagged, in the grid's list and on the ``adam-tuned`` cells of every table.
 """
 
 from __future__ import annotations
@@ -26,10 +30,24 @@ from typing import Any
 
 import numpy as np
 
-from alsals_bench.runner import is_finished, read_log
+from alsals_bench.runner import SMOOTHING, is_finished, read_log
 
-ORDER = ["alsals", "adam-sls", "adam", "adam-tuned", "sls"]
+ORDER = ["alsals", "adam-sls", "adam", "adam-tuned", "adamw-cosine", "sls"]
 CURVE_SMOOTHING = 0.95
+#: the cost of a backward pass in forward passes: it computes the gradients with respect to
+#: both the activations and the weights, two products of a forward pass's size
+BACKWARD_COST = 2
+#: marks on table cells, each explained under the table where it appears
+EDGE_MARK = "‡"
+SHORT_MARK = "†"
+EDGE_NOTE = (
+    f"{EDGE_MARK} `adam-tuned`: the best rate is at the edge of the task's grid (see the grid "
+    "below); the grid should be widened."
+)
+SHORT_NOTE = (
+    f"{SHORT_MARK} used less compute in total than Adam on the task (in at least one seed): "
+    "its loss at the end of its run."
+)
 
 
 @dataclass
@@ -86,6 +104,39 @@ def load_runs(out: Path, budget: str) -> list[Run]:
             )
         )
     return runs
+
+
+def pass_equivalents(run: Run) -> np.ndarray:
+    """Cumulative compute after each step of ``run``: forward + 2 x backward passes."""
+    return run.steps["forwards"] + BACKWARD_COST * run.steps["backwards"]
+
+
+def adam_compute(runs: list[Run]) -> dict[str, float]:
+    """Per task, the compute Adam used: the total pass-equivalents of its ``adam`` run over
+    its budget (the largest over seeds, should one have stopped early)."""
+    totals: dict[str, float] = {}
+    for run in runs:
+        if run.optimizer != "adam" or not len(run.steps.get("forwards", ())):
+            continue
+        total = float(pass_equivalents(run)[-1])
+        if math.isfinite(total):
+            totals[run.task] = max(total, totals.get(run.task, -math.inf))
+    return totals
+
+
+def loss_at_compute(run: Run, compute: float) -> tuple[float, bool]:
+    """(training loss, short): the EMA of Table II at the last step of ``run`` whose
+    cumulative pass-equivalents do not exceed ``compute``, and whether the whole run used less
+    than ``compute`` (then that step is its last). NaN where even its first step cost more,
+    and for a run that diverged (as in Table II)."""
+    cost = pass_equivalents(run)
+    if run.end.get("status") != "ok" or not len(cost) or not np.all(np.isfinite(cost)):
+        return math.nan, False
+    within = np.flatnonzero(cost <= compute)
+    if not len(within):
+        return math.nan, False
+    loss = _ema(run.steps["loss"], SMOOTHING)[within[-1]]
+    return float(loss), bool(cost[-1] < compute)
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -199,9 +250,19 @@ def _table(
     higher_is_better: bool,
     digits: int,
     summary: tuple[str, str] | None,
+    marks: dict[tuple[str, str], str] | None = None,
+    notes: dict[str, str] | None = None,
+    intro: str = "",
 ) -> str:
-    """A markdown table of mean ± s.e., best mean per row in bold; summary = (label, how)."""
-    lines = [f"### {title}", "", "| task | " + " | ".join(columns) + " |"]
+    """A markdown table of mean ± s.e., best mean per row in bold; summary = (label, how).
+
+    ``marks`` appends a mark to the cell (row label, column); ``notes`` explains each mark
+    under the table, where the table uses it."""
+    marks = marks or {}
+    lines = [f"### {title}", ""]
+    if intro:
+        lines += [intro, ""]
+    lines.append("| task | " + " | ".join(columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
     means: dict[str, list[float]] = defaultdict(list)
     for task, cells in rows.items():
@@ -216,7 +277,8 @@ def _table(
                 rendered.append("–")
                 continue
             text = f"{m:.{digits}g}" + (f" ± {se:.2g}" if math.isfinite(se) else "")
-            rendered.append(f"**{text}**" if m == best else text)
+            text = f"**{text}**" if m == best else text
+            rendered.append(text + marks.get((task, c), ""))
         lines.append(f"| {task} | " + " | ".join(rendered) + " |")
     if summary is not None and rows:
         label, how = summary
@@ -232,6 +294,9 @@ def _table(
             else:
                 cells.append(f"{np.mean(values):.{digits}g}")
         lines.append(f"| *{label}* | " + " | ".join(cells) + " |")
+    used = [note for mark, note in (notes or {}).items() if any(mark in m for m in marks.values())]
+    if used:
+        lines += [""] + [f"{note}  " for note in used[:-1]] + used[-1:]
     return "\n".join(lines) + "\n"
 
 
@@ -244,62 +309,69 @@ def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) ->
 
     seeds_of = {t: len({r.seed for r in runs if r.task == t}) for t in tasks}
 
+    def label(t: str) -> str:
+        return f"{t} (n={seeds_of[t]})"
+
     def rows(key: str, only: set[str] | None = None) -> dict[str, dict[str, list[float]]]:
         return {
-            f"{t} (n={seeds_of[t]})": {
-                c: [r.end.get(key) for r in group.get((t, c), [])] for c in columns
-            }
+            label(t): {c: [r.end.get(key) for r in group.get((t, c), [])] for c in columns}
             for t in tasks
             if only is None or t in only
         }
+
+    # A best Adam rate at the grid's edge is marked on every adam-tuned cell of the task.
+    edges = sorted(t for t, grid in grids.items() if grid.at_edge and t in seeds_of)
+    edge_marks = {(label(t), "adam-tuned"): EDGE_MARK for t in edges}
+    edge_notes = {EDGE_MARK: EDGE_NOTE}
+
+    def table(title, rows, higher, summary) -> str:
+        return _table(title, rows, columns, higher, 4, summary, edge_marks, edge_notes)
 
     classification = {r.task for r in runs if "accuracy" in r.start.get("metrics", [])}
     language = {r.task for r in runs if "perplexity" in r.start.get("metrics", [])}
     parts = [
         f"Runs: {finished} finished; mean ± standard error over the n seeds of each task.\n",
     ]
+    if edges:
+        parts.append(
+            f"**Adam's best rate is at the edge of its grid** on {', '.join(edges)} "
+            f"({EDGE_MARK} on its cells): widen the grid there (`adam@LR` runs).\n"
+        )
     if classification:
         parts.append(
-            _table(
+            table(
                 "Table I: peak validation accuracy",
                 rows("peak_accuracy", classification),
-                columns,
                 True,
-                4,
                 ("average", "mean"),
             )
         )
     parts.append(
-        _table(
+        table(
             "Table II: final training loss (EMA of the per-step loss)",
             rows("final_train_loss"),
-            columns,
             False,
-            4,
             ("log average", "log"),
         )
     )
     if language:
         parts.append(
-            _table(
+            table(
                 "Language modelling: best validation loss",
                 rows("best_val_loss", language),
-                columns,
                 False,
-                4,
                 None,
             )
         )
         parts.append(
-            _table(
+            table(
                 "Language modelling: best validation perplexity",
                 rows("best_perplexity", language),
-                columns,
                 False,
-                4,
                 None,
             )
         )
+    parts.append(_equal_compute_table(runs, group, tasks, columns, seeds_of, edges))
     parts.append(_cost_table(group, tasks, columns))
     if grids:
         parts.append(
@@ -315,6 +387,43 @@ def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) ->
     if diverged:
         parts.append("Diverged runs (excluded from the loss table): " + ", ".join(diverged) + "\n")
     return "\n".join(parts)
+
+
+def _equal_compute_table(
+    runs: list[Run],
+    group: dict[tuple[str, str], list[Run]],
+    tasks: list[str],
+    columns: list[str],
+    seeds_of: dict[str, int],
+    edges: list[str],
+) -> str:
+    """Each optimizer's training loss at the compute Adam used on the task."""
+    title = "Equal compute: training loss at the compute Adam used"
+    budgets = adam_compute(runs)
+    rows: dict[str, dict[str, list[float]]] = {}
+    marks: dict[tuple[str, str], str] = {}
+    for task in (t for t in tasks if t in budgets):
+        row = f"{task} (n={seeds_of[task]}, Adam {budgets[task]:.0f})"
+        rows[row] = {}
+        for c in columns:
+            at = [loss_at_compute(r, budgets[task]) for r in group.get((task, c), [])]
+            rows[row][c] = [loss for loss, _ in at]
+            short = any(short and math.isfinite(loss) for loss, short in at)
+            edge = c == "adam-tuned" and task in edges
+            if short or edge:
+                marks[(row, c)] = SHORT_MARK * short + EDGE_MARK * edge
+    if not rows:
+        return f"### {title}\n\nNo `adam` run with pass counts: no compute to compare at.\n"
+    intro = (
+        "Compute in pass-equivalents: forward passes + 2 × backward passes (a backward pass "
+        "costs about two forward passes). Per task, Adam's compute is the total of its `adam` "
+        "run over the budget (in the row's label); each optimizer's training loss (the EMA "
+        "of Table II) is taken at its last step within that compute (– where its first step "
+        "alone cost more). Diverged runs are left out, as in Table II."
+    )
+    notes = {SHORT_MARK: SHORT_NOTE, EDGE_MARK: EDGE_NOTE}
+    summary = ("log average", "log")
+    return _table(title, rows, columns, False, 4, summary, marks, notes, intro)
 
 
 def _cost_table(
@@ -356,21 +465,47 @@ def _ema(values: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
-def _band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color) -> None:
-    """Mean ± standard error over seeds of curves sampled at the same x."""
+def on_common_x(
+    curves: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Seeds' curves (x, y) as (x, ys) on one x, to average over seeds.
+
+    Where the seeds share their x (steps: up to the shortest run), that x; where they do not
+    (pass-equivalents of a line search, wall-clock time), as many points evenly spaced over
+    the range that every seed covers, each seed's y interpolated linearly there (never
+    extrapolated). None if there is nothing to plot."""
+    curves = [(x, y) for x, y in curves if len(x) and np.all(np.isfinite(x))]
+    if not curves:
+        return None
     length = min(len(x) for x, _ in curves)
-    if length == 0:
+    first = curves[0][0][:length]
+    if all(np.array_equal(x[:length], first) for x, _ in curves):
+        return first, np.stack([y[:length] for _, y in curves])
+    low = max(float(x[0]) for x, _ in curves)
+    high = min(float(x[-1]) for x, _ in curves)
+    if not low <= high:
+        return None
+    grid = np.linspace(low, high, max(len(x) for x, _ in curves))
+    return grid, np.stack([np.interp(grid, x, y) for x, y in curves])
+
+
+def _band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color) -> None:
+    """Mean ± standard error over seeds of curves (on a common x, see ``on_common_x``)."""
+    common = on_common_x(curves)
+    if common is None:
         return
-    x = curves[0][0][:length]
-    ys = np.stack([y[:length] for _, y in curves])
+    x, ys = common
     mean = np.nanmean(ys, axis=0)
     ax.plot(x, mean, label=label, color=color, linewidth=1.3)
-    if len(curves) > 1:
-        se = np.nanstd(ys, axis=0, ddof=1) / math.sqrt(len(curves))
+    if len(ys) > 1:
+        se = np.nanstd(ys, axis=0, ddof=1) / math.sqrt(len(ys))
         ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
 
 
 def build_figures(runs: list[Run], out_dir: Path) -> list[Path]:
+    """One PNG per task: the training loss against steps, pass-equivalents and wall-clock
+    training time (top row); the validation metric, the step size and the pass-equivalents
+    spent, against steps (bottom row)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,17 +518,19 @@ def build_figures(runs: list[Run], out_dir: Path) -> list[Path]:
     for task in sorted({r.task for r in runs}):
         task_runs = [r for r in runs if r.task == task]
         metric = "accuracy" if "accuracy" in task_runs[0].start.get("metrics", []) else "val_loss"
-        fig, (ax_loss, ax_metric, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+        (ax_loss, ax_compute, ax_time), (ax_metric, ax_lr, ax_cost) = axes
         for name in names:
             group = [r for r in task_runs if r.optimizer == name]
             if not group:
                 continue
-            _band(
-                ax_loss,
-                [(r.steps["step"], _ema(r.steps["loss"], CURVE_SMOOTHING)) for r in group],
-                name,
-                colors[name],
-            )
+            color = colors[name]
+            loss = {id(r): _ema(r.steps["loss"], CURVE_SMOOTHING) for r in group}
+            compute = {id(r): pass_equivalents(r) for r in group}
+            _band(ax_loss, [(r.steps["step"], loss[id(r)]) for r in group], name, color)
+            _band(ax_compute, [(compute[id(r)], loss[id(r)]) for r in group], name, color)
+            _band(ax_time, [(r.steps["time"], loss[id(r)]) for r in group], name, color)
+            _band(ax_cost, [(r.steps["step"], compute[id(r)]) for r in group], name, color)
             evals = [
                 (
                     np.array([e["step"] for e in r.evals], float),
@@ -403,12 +540,22 @@ def build_figures(runs: list[Run], out_dir: Path) -> list[Path]:
             ]
             _band(ax_metric, evals, name, colors[name])
             _band(ax_lr, [(r.steps["step"], r.steps["lr"]) for r in group], name, colors[name])
-        ax_loss.set(
-            title=f"{task}: training loss (EMA {CURVE_SMOOTHING})", xlabel="step", yscale="log"
+        title = f"{task}: training loss (EMA {CURVE_SMOOTHING})"
+        ax_loss.set(title=title, xlabel="step", yscale="log")
+        ax_compute.set(
+            title=f"{task}: training loss at equal compute",
+            xlabel="pass-equivalents (forward + 2 x backward)",
+            yscale="log",
+        )
+        ax_time.set(
+            title=f"{task}: training loss at equal time",
+            xlabel="training wall-clock time (s)",
+            yscale="log",
         )
         ax_metric.set(title=f"{task}: validation {metric}", xlabel="step")
         ax_lr.set(title=f"{task}: step size / learning rate", xlabel="step", yscale="log")
-        for ax in (ax_loss, ax_metric, ax_lr):
+        ax_cost.set(title=f"{task}: compute spent", xlabel="step", ylabel="pass-equivalents")
+        for ax in axes.flat:
             ax.grid(alpha=0.3)
         ax_loss.legend(fontsize=8)
         fig.tight_layout()

@@ -1,0 +1,177 @@
+"""The report's equal-compute table and figures, its grid-edge marks and its budgets, on
+small synthetic logs whose answers are computed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from alsals_bench import cli
+from alsals_bench.report import (
+    adam_compute,
+    load_runs,
+    loss_at_compute,
+    on_common_x,
+    pass_equivalents,
+    write_report,
+)
+from alsals_bench.runner import RunKey
+
+
+def _log(out, task, optimizer, seed, losses, forwards, backwards, budget="fake", size=4, **end):
+    """A finished run's log: one step record per loss, cumulative pass counts as given;
+    ``size`` is the budget's steps in its start record (runs of one size are averaged)."""
+    path = RunKey(task, optimizer, seed, budget).path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(losses)
+    start = {"type": "start", "task": task, "optimizer": optimizer, "seed": seed}
+    start |= {"budget": budget, "steps": size, "batch_size": 8, "metrics": ["accuracy"]}
+    records = [start]
+    for s, (loss, f, b) in enumerate(zip(losses, forwards, backwards, strict=True), 1):
+        records.append(
+            {"type": "step", "step": s, "loss": loss, "lr": 1e-3, "time": 0.5 * s}
+            | {"forwards": f, "backwards": b}
+        )
+    records.append({"type": "eval", "step": n, "accuracy": 0.5})
+    summary = {"time_per_step": 0.5, "forwards_per_step": forwards[-1] / n}
+    summary |= {"backwards_per_step": backwards[-1] / n, "peak_accuracy": 0.5}
+    summary |= {"final_train_loss": losses[-1], "status": "ok"} | end
+    records.append({"type": "end", **summary})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _adam_like(steps):
+    """Cumulative passes of one forward and one backward per step: 3 pass-equivalents each."""
+    return list(range(1, steps + 1)), list(range(1, steps + 1))
+
+
+def test_loss_at_the_compute_adam_used_by_hand(tmp_path):
+    for seed, scale in ((0, 1.0), (1, 2.0)):
+        # Adam: 4 steps of 1 forward + 1 backward = 3 pass-equivalents: 12 in all.
+        _log(tmp_path, "t1", "adam", seed, [2 * scale, scale, scale, scale], *_adam_like(4))
+        # A line search: 3 forwards + 1 backward a step = 5, 10, 15, 20 pass-equivalents;
+        # at Adam's 12, its step 2: the EMA (0.98) of its first two losses.
+        losses = [1.0, 0.5, 0.5, 0.5] if seed == 0 else [3.0, 1.5, 1.5, 1.5]
+        _log(tmp_path, "t1", "alsals", seed, losses, [3, 6, 9, 12], [1, 2, 3, 4])
+        # Used less than Adam in total (9): reported at its end and marked.
+        _log(tmp_path, "t1", "cheap", seed, [1.0, 1.0, 1.0], *_adam_like(3))
+        # Its first step alone costs 13 > 12: no loss at Adam's compute.
+        _log(tmp_path, "t1", "costly", seed, [1.0, 1.0], [11, 22], [1, 2])
+    runs = load_runs(tmp_path, "fake")
+    assert [list(pass_equivalents(r)) for r in runs if r.optimizer == "alsals"][0] == [
+        5,
+        10,
+        15,
+        20,
+    ]
+    assert adam_compute(runs) == {"t1": 12}
+    at = {(r.optimizer, r.seed): loss_at_compute(r, 12) for r in runs}
+    # Adam at its own end: EMA of 2, 1, 1, 1 = 2; 1.98; 1.9604; 1.941192 (x2 for seed 1).
+    assert at["adam", 0] == (pytest.approx(1.941192), False)
+    assert at["adam", 1] == (pytest.approx(3.882384), False)
+    assert at["alsals", 0] == (pytest.approx(0.98 * 1.0 + 0.02 * 0.5), False)  # 0.99
+    assert at["alsals", 1] == (pytest.approx(0.98 * 3.0 + 0.02 * 1.5), False)  # 2.97
+    assert at["cheap", 0] == (pytest.approx(1.0), True)
+    assert math.isnan(at["costly", 0][0])
+
+    text = write_report(tmp_path, "fake").read_text()
+    assert "### Equal compute: training loss at the compute Adam used" in text
+    assert "| task | alsals | adam | cheap | costly |" in text
+    # alsals: mean of 0.99 and 2.97, s.e. |2.97 - 0.99| / 2; adam: 2.911788 ± 0.970596
+    assert "| t1 (n=2, Adam 12) | 1.98 ± 0.99 | 2.912 ± 0.97 | **1 ± 0**† | – |" in text
+    assert "| *log average* | 1.98 | 2.912 | 1 | – |" in text
+    assert "† used less compute in total than Adam" in text
+    assert "forward passes + 2 × backward passes" in text
+    assert (tmp_path / "fake" / "report" / "t1.png").exists()  # loss against passes, time
+
+
+def test_a_diverged_run_and_old_logs_without_pass_counts_have_no_equal_compute_loss(tmp_path):
+    _log(tmp_path, "t1", "adam", 0, [1.0, 1.0], *_adam_like(2), status="diverged")
+    run = load_runs(tmp_path, "fake")[0]
+    assert math.isnan(loss_at_compute(run, 100)[0])  # left out, as in Table II
+    run.end["status"] = "ok"
+    assert loss_at_compute(run, 100) == (1.0, True)
+    run.steps["forwards"] = np.full(2, np.nan)  # a log from before pass counts
+    assert math.isnan(loss_at_compute(run, 100)[0]) and adam_compute([run]) == {}
+
+
+def test_curves_of_seeds_share_their_steps_or_are_interpolated_on_a_common_x():
+    # Same steps (one seed ran shorter): the shared prefix, as the step plots always did.
+    x, ys = on_common_x(
+        [(np.array([1.0, 2, 3]), np.array([5.0, 6, 7])), (np.array([1.0, 2]), np.array([1.0, 2]))]
+    )
+    assert list(x) == [1, 2] and ys.tolist() == [[5, 6], [1, 2]]
+    # Different x (pass-equivalents, time): the range both cover, [4, 9], at 3 points,
+    # each seed interpolated linearly: seed 1 at 4, 6.5, 9 = 1 + 1/3, 2 + 1/6, 3.
+    x, ys = on_common_x(
+        [
+            (np.array([3.0, 6, 9]), np.array([1.0, 2, 3])),
+            (np.array([4.0, 8, 12]), np.array([2.0, 4, 6])),
+        ]
+    )
+    assert x.tolist() == [4, 6.5, 9]
+    assert ys[0] == pytest.approx([1 + 1 / 3, 2 + 1 / 6, 3])
+    assert ys[1] == pytest.approx([2, 3.25, 4.5])
+    # No overlap, or nothing finite: nothing to plot.
+    assert on_common_x([(np.array([1.0, 2]), np.ones(2)), (np.array([3.0, 4]), np.ones(2))]) is None
+    assert on_common_x([(np.array([np.nan]), np.ones(1))]) is None
+
+
+def _grid(out, best_at_edge):
+    """Adam's grid on t1: 1e-3 (the ``adam`` run, logged lr 1e-3), 1e-2 and 1e-4; the best
+    peak accuracy at 1e-2 (the edge) or at 1e-3 (inside)."""
+    for seed in range(2):
+        for name, accuracy in (
+            ("adam", 0.8),
+            ("adam@0.01", 0.9 if best_at_edge else 0.7),
+            ("adam@0.0001", 0.6),
+            ("alsals", 0.85),
+        ):
+            _log(out, "t1", name, seed, [1.0, 1.0], *_adam_like(2), peak_accuracy=accuracy)
+
+
+def test_a_best_adam_rate_at_the_grid_edge_is_marked_in_the_markdown_tables(tmp_path, capsys):
+    _grid(tmp_path / "edge", best_at_edge=True)
+    text = write_report(tmp_path / "edge", "fake").read_text()
+    assert "**Adam's best rate is at the edge of its grid** on t1" in text
+    tables = text.split("### ")
+    for title in ("Table I:", "Table II:", "Equal compute:"):
+        (table,) = [t for t in tables if t.startswith(title)]
+        header, row = [
+            [cell.strip() for cell in line.strip("|").split("|")]
+            for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")
+        ][:2]
+        cells = dict(zip(header, row, strict=True))
+        assert cells["adam-tuned"].endswith("‡") and not cells["alsals"].endswith("‡")
+        assert "‡ `adam-tuned`: the best rate is at the edge of the task's grid" in table
+    assert "- t1 (peak accuracy) (best at the edge of the grid)" in text
+    # The terminal shows the same tables.
+    assert cli.main(["report", "--budget", "fake", "--out", str(tmp_path / "edge")]) == 0
+    assert "0.9 ± 0**‡" in capsys.readouterr().out
+
+    _grid(tmp_path / "inside", best_at_edge=False)
+    text = write_report(tmp_path / "inside", "fake").read_text()
+    assert "‡" not in text and "edge of the grid" not in text
+
+
+def test_the_report_never_averages_runs_of_different_budgets(tmp_path):
+    for seed in range(2):
+        _log(tmp_path, "t1", "adam", seed, [4.0] * 4, *_adam_like(4), budget="quick")
+        _log(tmp_path, "t1", "adam", seed, [1.0] * 20, *_adam_like(20), budget="long", size=20)
+    # A long run from another version of the budget (10 steps): left out, not averaged.
+    _log(tmp_path, "t1", "adam", 2, [9.0] * 10, *_adam_like(10), budget="long", size=10)
+    long = write_report(tmp_path, "long").read_text()
+    assert "Runs: 2 finished" in long
+    assert "| t1 (n=2) | **1 ± 0** |" in long  # Table II: the long runs only
+    assert "| t1 (n=2, Adam 60) | **1 ± 0** |" in long  # 20 steps x 3 pass-equivalents
+    assert (
+        "Left out (a different budget size than the other runs of the task): t1/adam/seed 2" in long
+    )
+    quick = write_report(tmp_path, "quick").read_text()
+    assert "| t1 (n=2) | **4 ± 0** |" in quick and "Adam 12)" in quick
+    assert (tmp_path / "long" / "report" / "report.md").exists()
+    assert (tmp_path / "quick" / "report" / "report.md").exists()
