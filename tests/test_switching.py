@@ -234,3 +234,25 @@ def test_batchnorm_without_buffers_is_reported_once_with_the_fix(optimizer_class
 def test_max_grad_norm_is_a_constructor_argument_of_every_optimizer(cls):
     assert "max_grad_norm" in cls.__init__.__code__.co_varnames
     assert "max_grad_norm" in cls.__doc__
+
+
+def test_the_first_search_log_names_the_step_size_it_started_from(caplog):
+    model = mlp()
+    x, y = regression()
+    opt = ALSALS(model.parameters(), lr=1e-3, slope="analytic")
+    for group in opt.param_groups:
+        group["lr"] = 1e4  # written before the first step: the search starts here
+    with caplog.at_level(logging.INFO, logger="alsals"):
+        opt.step(mse_closure(model, x, y))
+    assert "from lr=1e+04" in caplog.records[0].getMessage()
+
+
+def test_one_time_warnings_point_at_the_users_line(optimizer_class):
+    model = mlp()
+    x, y = regression()
+    opt = optimizer_class(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="schedule") as caught:
+        for _ in range(4):
+            opt.param_groups[0]["lr"] = 0.01 * (1 + _)
+            opt.step(mse_closure(model, x, y))
+    assert caught[0].filename == __file__

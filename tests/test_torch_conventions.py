@@ -293,3 +293,16 @@ def test_a_state_from_another_optimizer_class_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trained(ALSALS, steps=1)[1].load_state_dict(alsals_opt.state_dict())
+
+
+def test_an_adamw_state_dict_warns_and_keeps_no_adamw_setting(optimizer_class):
+    model = nn.Linear(4, 2)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
+    model(torch.randn(3, 4)).sum().backward()
+    adamw.step()
+    opt = optimizer_class(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="not saved by an alsals optimizer") as caught:
+        opt.load_state_dict(adamw.state_dict())
+    assert caught[0].filename == __file__  # the warning points at the user's line
+    assert not {"amsgrad", "fused", "maximize"} & set(opt.param_groups[0])
+    assert opt.param_groups[0]["lr"] == 1e-3  # where the search starts

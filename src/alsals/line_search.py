@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -180,6 +181,18 @@ class StepPreview:
     state: SearchState  # the search state before the step
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line calling ``step``:
+    the first frame outside alsals and torch (torch.optim wraps ``step``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if "/alsals/" not in name and "/torch/" not in name:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def local_shard(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2 parameters, gradients, state); else ``t``."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
@@ -250,6 +263,7 @@ class _Run:
     denominators: list[list[Tensor] | None] = field(default_factory=list)
     trial: _TrialPoint | None = None
     first_search: bool = False  # no search has run before this step
+    start_step_size: float = math.nan  # eta after phase 0
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -366,6 +380,23 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         another class, or another configuration) warns: as in ``torch.optim``, the saved
         settings replace this optimizer's."""
         groups = state_dict.get("param_groups", [])
+        foreign = sorted({k for g in groups for k in g if k in FOREIGN_GROUP_KEYS})
+        if groups and (foreign or not any(k in groups[0] for k in SEARCH_KEYS)):
+            warnings.warn(
+                f"the state loaded into {type(self).__name__} was not saved by an alsals "
+                f"optimizer (its groups hold {foreign or 'no search settings'}): only its "
+                "moments and lr are used, as the start of the search; the other optimizer's "
+                "settings are dropped",
+                UserWarning,
+                stacklevel=2,
+            )
+            state_dict = {
+                **state_dict,
+                "param_groups": [
+                    {k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups
+                ],
+            }
+            groups = state_dict["param_groups"]
         for index, saved in enumerate(groups):
             try:
                 settings = self._checked_settings(saved)
@@ -488,7 +519,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
         self._grad_norm, self._replay_loss = math.nan, None
-        run = _Run(first_search=search.searches == 0)
+        run = _Run(first_search=search.searches == 0, start_step_size=search.step_size)
         try:
             loss, loss0, outcome = self._phases_1_to_5(search, written, evaluator, run)
             if commit:
@@ -514,7 +545,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if commit:
             self._finish(search, outcome, evaluator, written, info)
             if run.first_search and outcome.kind in SEARCH_KINDS:
-                self._report_first_search(outcome, evaluator)
+                self._report_first_search(outcome, evaluator, run.start_step_size)
         else:
             evaluator.abort()
         return loss, info, run
@@ -919,12 +950,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _warn_once(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, category, stacklevel=4)
+            warnings.warn(message, category, stacklevel=_caller_stacklevel())
 
-    def _report_first_search(self, outcome: Outcome, evaluator: ClosureEvaluator) -> None:
+    def _report_first_search(
+        self, outcome: Outcome, evaluator: ClosureEvaluator, lr: float
+    ) -> None:
         """Say in the log what the first search cost: a poor initial ``lr`` costs trials."""
         name = type(self).__name__
-        lr = self.defaults["lr"]
         eta = self.search_state.step_size
         level = logging.WARNING if outcome.trials >= FIRST_SEARCH_WARNING_TRIALS else logging.INFO
         LOGGER.log(
