@@ -216,6 +216,20 @@ def test_adamw_cosine_is_one_rate_for_every_task_five_percent_warmup_cosine_to_z
         assert lrs[-1] < 1e-3 * 0.01
 
 
+def test_a_scheduled_optimizer_logs_the_rate_each_step_used():
+    run, stepper = _stepper_on_smoke_task("adamw-cosine")
+    steps = get_task(TASK).budget("smoke").steps  # 6: warm-up 1 step, then cosine to 0
+    logged = []
+    for _ in range(steps):
+        batch = run.next_batch()
+        stepper.step(lambda batch=batch: run.loss(run.model, batch))
+        logged.append(stepper.lr)
+    # step 1 warms up to the peak; steps 2..6 decay over 5 steps: cos(pi * (k - 1) / 5)
+    cosine = [0.5 * (1 + math.cos(math.pi * (k - 1) / (steps - 1))) for k in range(1, steps)]
+    assert logged == pytest.approx([1e-3] + [1e-3 * c for c in cosine])
+    assert logged[-1] > 0  # the rate of the last step, not the 0 that would follow it
+
+
 def test_paper_adam_schedule_is_cosine_with_ten_percent_warmup_for_nlp():
     class Nlp:
         domain = "nlp"

@@ -87,6 +87,7 @@ class Stepper:
         self.scheduler = scheduler
         self.forwards = 0
         self.backwards = 0
+        self._scheduled_lr: float | None = None  # the rate a scheduled step used
         # Entered around every pass: a timer in the step-cost benchmark, nothing elsewhere.
         self.pass_clock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
@@ -111,14 +112,21 @@ class Stepper:
         loss = self.forward_backward(closure)
         self.optimizer.step()
         if self.scheduler is not None:
+            # Read before the schedule moves the rate on to the next step's.
+            self._scheduled_lr = self._group_lr()
             self.scheduler.step()
         return loss.detach()
+
+    def _group_lr(self) -> float:
+        group = self.optimizer.param_groups[0]
+        return float(group["lr"]) * float(group.get("d", 1.0))
 
     @property
     def lr(self) -> float:
         """The learning rate the last step used (scaled by the estimate where there is one)."""
-        group = self.optimizer.param_groups[0]
-        return float(group["lr"]) * float(group.get("d", 1.0))
+        if self._scheduled_lr is not None:
+            return self._scheduled_lr
+        return self._group_lr()
 
     def details(self) -> dict[str, Any]:
         return {}
