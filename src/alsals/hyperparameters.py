@@ -38,7 +38,7 @@ STARTS = ("grown", "polyak")
 
 #: Shared argument documentation of the three constructors (``{}`` holds the defaults).
 ARGUMENTS = """\
-        params: parameters or parameter groups (dicts). Per-group settings: {group}.
+params: parameters or parameter groups (dicts). Per-group settings: {group}.
         lr: initial step size; the search adapts it from there ({lr}).
         c: sufficient-decrease constant of the Armijo test ({c}).
         smoothing: EMA factor on both sides of the test; 0 is the plain test ({smoothing}).

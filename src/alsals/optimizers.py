@@ -53,14 +53,15 @@ def hyperparameters(arguments: dict[str, Any]) -> dict[str, Any]:
 
 class SLS(LineSearchOptimizer):
     r"""Stochastic Armijo line search along the negative gradient (Vaswani et al. 2019;
-        the paper's Sec. II-A).
+    the paper's Sec. II-A).
 
-        Accepts ``eta`` when ``f(w - eta g) <= f(w) - c * eta * ||g||^2`` (Eq. 1), backtracking
-        ``eta <- backtrack * eta``; before each search ``eta`` grows by ``2^(1/growth_interval)``
-        (Eq. 2).
+    Accepts ``eta`` when ``f(w - eta g) <= f(w) - c * eta * ||g||^2`` (Eq. 1), backtracking
+    ``eta <- backtrack * eta``; before each search ``eta`` grows by ``2^(1/growth_interval)``
+    (Eq. 2).
 
-        Args:
-    {}"""
+    Args:
+        {}
+    """
 
     __doc__ = __doc__.format(
         ARGUMENTS.format(
@@ -103,15 +104,16 @@ class SLS(LineSearchOptimizer):
 
 class AdamSLS(LineSearchOptimizer):
     r"""Armijo line search with Adam's preconditioner (Vaswani et al. 2021; the paper's
-        Sec. II-B).
+    Sec. II-B).
 
-        Searches along Adam's direction with ``beta1 = 0``, ``d_s = -g / (sqrt(v_hat) + eps)``,
-        accepting ``eta`` when ``f(w + eta d_s) <= f(w) - c * eta * sum(g^2 / (sqrt(v_hat) + eps))``
-        (Eq. 5), then applies the accepted ``eta`` along the momentum direction
-        ``-m_hat / (sqrt(v_hat) + eps)``.
+    Searches along Adam's direction with ``beta1 = 0``, ``d_s = -g / (sqrt(v_hat) + eps)``,
+    accepting ``eta`` when ``f(w + eta d_s) <= f(w) - c * eta * sum(g^2 / (sqrt(v_hat) + eps))``
+    (Eq. 5), then applies the accepted ``eta`` along the momentum direction
+    ``-m_hat / (sqrt(v_hat) + eps)``.
 
-        Args:
-    {}"""
+    Args:
+        {}
+    """
 
     __doc__ = __doc__.format(
         ARGUMENTS.format(
@@ -157,14 +159,15 @@ class AdamSLS(LineSearchOptimizer):
 class ALSALS(LineSearchOptimizer):
     r"""Automated Large Scale Adam Line Search (the paper's Sec. III).
 
-        Searches and steps along Adam's momentum direction ``d = -m_hat / (sqrt(v_hat) + eps)``.
-        Because ``d`` is not the negative gradient, ``||g||^2`` no longer predicts the decrease;
-        the slope is estimated by the finite difference ``f_a = (f(w) - f(w + fd_step d)) /
-        fd_step`` (Eq. 6) and the test, smoothed on both sides by an EMA, is
-        ``D' >= c_h * eta * G`` with ``c_h = c`` if ``G > 0`` else ``1/c`` (Eqs. 7-9).
+    Searches and steps along Adam's momentum direction ``d = -m_hat / (sqrt(v_hat) + eps)``.
+    Because ``d`` is not the negative gradient, ``||g||^2`` no longer predicts the decrease;
+    the slope is estimated by the finite difference ``f_a = (f(w) - f(w + fd_step d)) /
+    fd_step`` (Eq. 6) and the test, smoothed on both sides by an EMA, is
+    ``D' >= c_h * eta * G`` with ``c_h = c`` if ``G > 0`` else ``1/c`` (Eqs. 7-9).
 
-        Args:
-    {}"""
+    Args:
+        {}
+    """
 
     __doc__ = __doc__.format(
         ARGUMENTS.format(
