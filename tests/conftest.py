@@ -6,14 +6,33 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS
 
-OPTIMIZERS = [SLS, AdamSLS, ALSALS]
-OPTIMIZER_IDS = [cls.__name__ for cls in OPTIMIZERS]
+
+class PaperALSALS(ALSALS):
+    """ALSALS in the paper's exact configuration (``ALSALS.paper``), as a class."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **{**PAPER_ALSALS, **kwargs})
+
+
+#: Every configuration a property must hold for: the paper's three and ALSALS's defaults.
+OPTIMIZERS = [SLS, AdamSLS, PaperALSALS, ALSALS]
+OPTIMIZER_IDS = ["SLS", "AdamSLS", "ALSALS-paper", "ALSALS"]
+#: The paper's configurations: a search every step, starting at eta 2^(1/b) (the tests of
+#: those mechanics).
+PAPER = [SLS, AdamSLS, PaperALSALS]
+PAPER_IDS = ["SLS", "AdamSLS", "ALSALS-paper"]
 
 
 @pytest.fixture(params=OPTIMIZERS, ids=OPTIMIZER_IDS)
 def optimizer_class(request):
+    return request.param
+
+
+@pytest.fixture(params=PAPER, ids=PAPER_IDS)
+def paper_class(request):
+    """The paper's three configurations: for the mechanics of a search every step."""
     return request.param
 
 

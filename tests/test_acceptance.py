@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alsals import ALSALS, SLS, AdamSLS
-from conftest import OPTIMIZER_IDS, OPTIMIZERS, make_classification
+from conftest import PAPER, PAPER_IDS, make_classification
 
 
 def logistic_problem():
@@ -34,7 +34,7 @@ def search_direction(opt, w0: torch.Tensor, g: torch.Tensor, w: torch.Tensor) ->
     return -(state["exp_avg"] / (1 - beta1**t)) / denom
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=OPTIMIZER_IDS)
+@pytest.mark.parametrize("cls", PAPER, ids=PAPER_IDS)
 @pytest.mark.parametrize("slope", ["analytic", "finite_difference"])
 def test_accepted_step_passes_and_previous_trial_fails(cls, slope):
     loss_at = logistic_problem()
@@ -82,7 +82,7 @@ def test_accepted_step_passes_and_previous_trial_fails(cls, slope):
     assert backtracked > 0, "the problem must make the search backtrack at least once"
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=OPTIMIZER_IDS)
+@pytest.mark.parametrize("cls", PAPER, ids=PAPER_IDS)
 def test_step_size_grows_by_two_to_one_over_b_when_first_trial_passes(cls):
     loss_at = logistic_problem()
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
@@ -99,7 +99,7 @@ def test_step_size_grows_by_two_to_one_over_b_when_first_trial_passes(cls):
     assert opt.param_groups[0]["lr"] == etas[-1]
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=OPTIMIZER_IDS)
+@pytest.mark.parametrize("cls", PAPER, ids=PAPER_IDS)
 def test_backtracks_from_a_step_size_that_is_too_large(cls):
     # f(w) = 0.5 * 4 * ||w - 1||^2 from w = 0: SLS accepts eta <= 2 (1 - c) / 4 only.
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)

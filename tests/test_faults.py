@@ -32,9 +32,9 @@ def moment_snapshot(opt):
     }
 
 
-def test_nonfinite_trial_loss_is_a_failed_trial(optimizer_class):
+def test_nonfinite_trial_loss_is_a_failed_trial(paper_class):
     w = torch.zeros(4, requires_grad=True)
-    opt = optimizer_class([w], lr=100.0)
+    opt = paper_class([w], lr=100.0)
 
     def closure():
         loss = ((w - 1.0) ** 2).sum()
@@ -188,7 +188,7 @@ def test_a_gradient_whose_square_overflows_skips_the_step_and_spares_the_moments
     assert_same_state(state_before, full_state(opt), counters=False)
     for _ in range(20):
         opt.step(lambda: (w**2).sum())
-        assert opt.last_step.kind == "search"
+        assert opt.last_step.kind in ("search", "reuse")
     assert torch.isfinite(opt.state[w]["exp_avg_sq"]).all()
     assert (w**2).sum().item() < 5.0
 

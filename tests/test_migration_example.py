@@ -98,7 +98,9 @@ def runs(tmp_path_factory):
 
 def test_alsals_loop_trains_without_warnings(runs):
     _, cfg, run, records = runs["alsals"]
-    assert [info.kind for info in run.log] == ["search"] * STEPS  # no skipped step
+    # no skipped step: every step searched, or reused the step size (adaptive cadence)
+    assert {info.kind for info in run.log} <= {"search", "reuse"}
+    assert run.log[0].kind == "search"
     assert held_out_loss(run.model) < held_out_loss(ex.make_model(cfg)) - 0.2
     # the first search's cost is logged at WARNING level from 20 trials: lr is a good start
     assert records == [], [r.getMessage() for r in records]

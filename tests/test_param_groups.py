@@ -49,8 +49,8 @@ def test_weight_decay_applies_per_group_in_decoupled_form():
     )
 
 
-def test_writing_lr_sets_where_the_next_search_starts(optimizer_class):
-    a, b, opt = two_group_problem(optimizer_class)
+def test_writing_lr_sets_where_the_next_search_starts(paper_class):
+    a, b, opt = two_group_problem(paper_class)
     opt.step(closure_for(a, b))
     for group in opt.param_groups:
         group["lr"] = 1e-5
@@ -59,8 +59,8 @@ def test_writing_lr_sets_where_the_next_search_starts(optimizer_class):
     assert opt.last_step.step_size == pytest.approx(1e-5 * 2 ** (1 / 500), rel=1e-12)
 
 
-def test_a_torch_scheduler_can_drive_the_step_size_and_monitors_read_it(optimizer_class):
-    a, b, opt = two_group_problem(optimizer_class)
+def test_a_torch_scheduler_can_drive_the_step_size_and_monitors_read_it(paper_class):
+    a, b, opt = two_group_problem(paper_class)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 * (k + 1))
     for k in range(1, 4):
         opt.step(closure_for(a, b))
@@ -84,9 +84,9 @@ def test_groups_may_use_different_adam_settings():
     assert opt.state[b]["step"] == 1
 
 
-def test_adding_a_group_later_keeps_the_current_step_size(optimizer_class):
+def test_adding_a_group_later_keeps_the_current_step_size(paper_class):
     a = torch.ones(3, requires_grad=True)
-    opt = optimizer_class([a], lr=1e-3)
+    opt = paper_class([a], lr=1e-3)
     opt.step(lambda: ((a - 3.0) ** 2).sum())
     eta = opt.param_groups[0]["lr"]
     b = torch.ones(2, requires_grad=True)

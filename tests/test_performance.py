@@ -55,10 +55,11 @@ def adam_step_peak() -> int:
     [
         (SLS, {}),
         (AdamSLS, {}),
-        (ALSALS, {}),
-        (ALSALS, {"slope": "analytic"}),
+        (ALSALS.paper, {}),
+        (ALSALS.paper, {"slope": "analytic"}),
+        (ALSALS, {"search_interval": 1, "start": "grown"}),  # backtracks from lr=10
     ],
-    ids=["SLS", "AdamSLS", "ALSALS", "ALSALS-analytic"],
+    ids=["SLS", "AdamSLS", "ALSALS-paper", "ALSALS-paper-analytic", "ALSALS"],
 )
 def test_extra_memory_is_at_most_one_parameter_sized_buffer_beyond_adam(cls, kwargs):
     params = make_params()
@@ -91,7 +92,9 @@ def test_a_step_without_search_needs_no_more_memory_than_adam(cls):
 
 
 @pytest.mark.parametrize("slope", ["analytic", "finite_difference"])
-@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=["SLS", "AdamSLS", "ALSALS"])
+@pytest.mark.parametrize(
+    "cls", [SLS, AdamSLS, ALSALS.paper], ids=["SLS", "AdamSLS", "ALSALS-paper"]
+)
 def test_one_host_sync_per_trial_plus_one_for_the_start(cls, slope, monkeypatch):
     params = make_params()
     opt = cls(params, lr=10.0, slope=slope)
@@ -131,7 +134,7 @@ def test_last_step_reports_diagnostics_for_logging():
     # float64: the finite-difference slope at fd_step=5e-8 is well resolved on every CPU (in
     # float32 it is at the rounding limit, which differs between machines).
     params = [p.detach().double().requires_grad_() for p in make_params()]
-    opt = ALSALS(params, lr=10.0)
+    opt = ALSALS.paper(params, lr=10.0)
     mode = LiveStorage()
     opt.step(quadratic_closure(params, mode))
     info = opt.last_step

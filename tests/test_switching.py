@@ -170,7 +170,7 @@ def test_warmup_ramps_to_lr_and_the_search_can_only_shorten_it(optimizer_class):
 def test_the_first_search_reports_its_cost_in_the_log(caplog):
     model = mlp()
     x, y = regression()
-    opt = ALSALS(model.parameters(), lr=1e4, slope="analytic")  # far too large: many trials
+    opt = ALSALS.paper(model.parameters(), lr=1e4, slope="analytic")  # too large: many trials
     with caplog.at_level(logging.INFO, logger="alsals"):
         opt.step(mse_closure(model, x, y))
         opt.step(mse_closure(model, x, y))
@@ -243,7 +243,7 @@ def test_max_grad_norm_is_a_constructor_argument_of_every_optimizer(cls):
 def test_the_first_search_log_names_the_step_size_it_started_from(caplog):
     model = mlp()
     x, y = regression()
-    opt = ALSALS(model.parameters(), lr=1e-3, slope="analytic")
+    opt = ALSALS.paper(model.parameters(), lr=1e-3, slope="analytic")
     for group in opt.param_groups:
         group["lr"] = 1e4  # written before the first step: the search starts here
     with caplog.at_level(logging.INFO, logger="alsals"):

@@ -53,7 +53,7 @@ def test_bf16_autocast_trains_and_decisions_see_float32_losses():
     assert any(not grad for grad, _ in seen), "trial evaluations must have run"
     assert losses[-1] < 0.8 * losses[0]
     kinds = {optimizer.last_step.kind}
-    assert kinds <= {"search", "failed"}
+    assert kinds <= {"search", "reuse", "failed"}
 
 
 def test_autocast_closure_keeps_the_backward_form():
@@ -120,7 +120,9 @@ def test_scaler_unscales_the_gradient_the_search_uses(cls):
         runs.append((grads(model), optimizer.last_step))
     (scaled, info_scaled), (plain, info_plain) = runs
     torch.testing.assert_close(scaled, plain, rtol=1e-2, atol=1e-3 * plain.abs().max().item())
-    assert (info_scaled.trials, info_scaled.step_size) == (info_plain.trials, info_plain.step_size)
+    assert info_scaled.trials == info_plain.trials
+    # the Polyak start L0 / s sees the fp16-rounded gradient: equal up to that rounding
+    assert info_scaled.step_size == pytest.approx(info_plain.step_size, rel=1e-4)
 
 
 def test_sls_through_the_scaler_follows_the_unscaled_trajectory():
