@@ -378,40 +378,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """Load a state saved by ``state_dict()``, validated first: a ``ValueError`` names the
         first bad entry and nothing is loaded. A state saved with other search settings (by
         another class, or another configuration) warns: as in ``torch.optim``, the saved
-        settings replace this optimizer's."""
+        settings replace this optimizer's. A state of another optimizer (AdamW) warns and
+        lends only its moments and ``lr``."""
+        state_dict = self._without_foreign_settings(state_dict)
+        self._validate_state(state_dict)
         groups = state_dict.get("param_groups", [])
-        foreign = sorted({k for g in groups for k in g if k in FOREIGN_GROUP_KEYS})
-        if groups and (foreign or not any(k in groups[0] for k in SEARCH_KEYS)):
-            warnings.warn(
-                f"the state loaded into {type(self).__name__} was not saved by an alsals "
-                f"optimizer (its groups hold {foreign or 'no search settings'}): only its "
-                "moments and lr are used, as the start of the search; the other optimizer's "
-                "settings are dropped",
-                UserWarning,
-                stacklevel=2,
-            )
-            state_dict = {
-                **state_dict,
-                "param_groups": [
-                    {k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups
-                ],
-            }
-            groups = state_dict["param_groups"]
-        for index, saved in enumerate(groups):
-            try:
-                settings = self._checked_settings(saved)
-                first = self._checked_settings(groups[0])
-                differing = [k for k in SEARCH_KEYS if settings[k] != first[k]]
-                if differing:
-                    raise ValueError(f"{differing[0]!r} differs from the first group's")
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"invalid state_dict: param_groups[{index}]: {error}") from None
-        for index, entries in state_dict.get("state", {}).items():
-            if "line_search" in entries:
-                try:
-                    SearchState.from_dict(entries["line_search"])
-                except ValueError as error:
-                    raise ValueError(f"invalid state_dict: state[{index}]: {error}") from None
         if groups:
             saved = self._checked_settings(groups[0])
             differing = {
@@ -429,6 +400,42 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(self._checked_settings(group))
+
+    def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state of another optimizer, minus that optimizer's settings (with a warning)."""
+        groups = state_dict.get("param_groups", [])
+        foreign = sorted({k for g in groups for k in g if k in FOREIGN_GROUP_KEYS})
+        if not groups or (not foreign and any(k in groups[0] for k in SEARCH_KEYS)):
+            return state_dict
+        warnings.warn(
+            f"the state loaded into {type(self).__name__} was not saved by an alsals "
+            f"optimizer (its groups hold {foreign or 'no search settings'}): only its "
+            "moments and lr are used, as the start of the search; the other optimizer's "
+            "settings are dropped",
+            UserWarning,
+            stacklevel=3,
+        )
+        kept = [{k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups]
+        return {**state_dict, "param_groups": kept}
+
+    def _validate_state(self, state_dict: dict[str, Any]) -> None:
+        """Raise a ``ValueError`` naming the first bad entry of ``state_dict``."""
+        groups = state_dict.get("param_groups", [])
+        for index, saved in enumerate(groups):
+            try:
+                settings = self._checked_settings(saved)
+                first = self._checked_settings(groups[0])
+                differing = [k for k in SEARCH_KEYS if settings[k] != first[k]]
+                if differing:
+                    raise ValueError(f"{differing[0]!r} differs from the first group's")
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"invalid state_dict: param_groups[{index}]: {error}") from None
+        for index, entries in state_dict.get("state", {}).items():
+            if "line_search" in entries:
+                try:
+                    SearchState.from_dict(entries["line_search"])
+                except ValueError as error:
+                    raise ValueError(f"invalid state_dict: state[{index}]: {error}") from None
 
     def _checked_settings(self, group: dict[str, Any]) -> dict[str, Any]:
         """The hyperparameters of a (saved) group, validated, missing ones from ``defaults``."""
