@@ -111,7 +111,7 @@ def markdown(results: Sequence[ModelResult]) -> str:
     lines = [
         "Time ratios read *wall time / CPU time* (the process's CPU time, which other jobs on a "
         "shared machine do not inflate), medians over the repeats; (min–max) is the spread of "
-        "the wall-time ratio over repeats. *nominal*: the issue's pass count, a backward = 2 "
+        "the wall-time ratio over repeats. *nominal*: the pass count with a backward costing 2 "
         "forwards; *pass limit*: the same with this model's measured pass costs. *floor*: this "
         "configuration's measured passes plus Adam's own time, as timed in the run. *own*: "
         "step time minus the time inside the closure (for Adam: `optimizer.step()`). "
