@@ -534,6 +534,14 @@ class ReferenceOptimizer:
             record.trial_losses.append(loss)
             delta = loss0 - loss
             decrease = smooth(st.decrease_avg, delta, b)
+            if cap < math.inf:  # 5.3 during warm-up: no measurable increase, D and G kept
+                if is_finite(loss) and delta >= -tol:
+                    record.step_size = self.next_step_size = eta_try
+                    record.loss_decrease = delta
+                    return "accepted"
+                rejected = rejected or is_finite(loss)
+                eta_try = max(cfg.backtrack * eta_try, MIN_STEP_SIZE)
+                continue
             if unresolved(loss, delta, c_h * eta_try * abs(s), tol):
                 largest_unresolved = max(largest_unresolved, eta_try)
                 larger = min(UPWARD_FACTOR * eta_try, cap)

@@ -91,10 +91,15 @@ class SearchTest:
         self.slope_now = self.test.average(self.slope_average, slope)
         return True
 
-    def judge(self, loss: float, eta: float) -> str:
-        """Phase 5.3 for the trial ``f(w0 + eta d) = loss``."""
+    def judge(self, loss: float, eta: float, warmup: bool = False) -> str:
+        """Phase 5.3 for the trial ``f(w0 + eta d) = loss``. During warm-up (5.2) a trial
+        passes unless its loss is non-finite or measurably above ``L0``."""
         self.decrease = self.loss0 - loss
         self.decrease_now = self.test.average(self.decrease_average, self.decrease)
+        if warmup:
+            if not math.isfinite(loss):
+                return "rejected"
+            return "rejected" if self.decrease < -self.resolution else "accepted"
         return self.test.verdict(
             loss,
             self.decrease,

@@ -55,10 +55,11 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
         fd_step: step of the finite-difference slope (5e-8, Eq. 6).
-        warmup_steps: during the first ``warmup_steps`` updates each search starts at
-            ``lr * (k + 1) / warmup_steps`` and tries nothing larger: a linear ramp to
-            ``lr`` that the search may only shorten (0; the paper's GPT-2 runs ramped over
-            2000 steps, with ``lr`` the peak step size).
+        warmup_steps: during the first ``warmup_steps`` updates the step is
+            ``lr * (k + 1) / warmup_steps`` unless it increases the batch loss, in which
+            case the search backtracks below it: a linear ramp to ``lr`` that cannot make
+            things worse (0; the paper's GPT-2 runs ramped over 2000 steps, with ``lr``
+            the peak step size).
         search_interval: search every k steps and reuse the step size in between, or
             ``"adaptive"`` (SaLSa's cadence: search at least every 10 steps, more often
             while the step size changes) (1).

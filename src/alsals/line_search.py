@@ -157,8 +157,9 @@ class Outcome:
     warning: str | None = None
 
     @classmethod
-    def accepted(cls, test: SearchTest, eta: float, trials: int) -> Outcome:
-        """A search whose trial at ``eta`` passed: ``D'`` and ``G'`` are to be stored."""
+    def accepted(cls, test: SearchTest, eta: float, trials: int, averaged: bool) -> Outcome:
+        """A search whose trial at ``eta`` passed: ``D'`` and ``G'`` are to be stored
+        (``averaged``; not during warm-up)."""
         return cls(
             "search",
             step_size=eta,
@@ -166,8 +167,8 @@ class Outcome:
             slope=test.slope,
             loss_decrease=test.decrease,
             next_step_size=eta,
-            decrease_avg=test.decrease_now,
-            slope_avg=test.slope_now,
+            decrease_avg=test.decrease_now if averaged else None,
+            slope_avg=test.slope_now if averaged else None,
         )
 
 
@@ -803,9 +804,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if not test.set_slope(slope):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
-            verdict = test.judge(value, walk.eta)
+            verdict = test.judge(value, walk.eta, warmup=walk.cap < math.inf)
             if verdict == "accepted":
-                return Outcome.accepted(test, walk.eta, tried)
+                return Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
             if verdict == "unresolved" and not walk.climb():
                 trial.restore()
                 return Outcome(
@@ -906,9 +907,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """The search state after a step that was taken (not skipped)."""
         if outcome.kind in ("search", "failed", "unresolved"):
             if outcome.kind == "search":
-                search.decrease_avg = outcome.decrease_avg
-                search.slope_avg = outcome.slope_avg
-                search.averaged += 1
+                if outcome.decrease_avg is not None:  # not during warm-up
+                    search.decrease_avg = outcome.decrease_avg
+                    search.slope_avg = outcome.slope_avg
+                    search.averaged += 1
                 search.step += 1
             if outcome.reset_averages:
                 search.decrease_avg = search.slope_avg = 0.0
