@@ -915,8 +915,9 @@ def test_reference_weight_decay_and_lr_scale_closed_form():
 
 
 def test_reference_warmup_closed_form():
-    """Phase 5.2: during warm-up every step searches, starting at eta_init (k + 1) / W and
-    never above it. After warm-up the search starts from the last eta times 2^(1/b_g)."""
+    """Phase 5.2/5.3: during warm-up every step tries eta_init (k + 1) / W first and takes it
+    unless the loss rises; D and G stay untouched. After warm-up the search starts from the
+    last eta times 2^(1/b_g)."""
     problem = logistic_problem()
     ref = ReferenceOptimizer(
         [(problem.groups[0], GroupConfig())], make_config("ALSALS", lr=0.2, warmup_steps=4)
@@ -927,7 +928,9 @@ def test_reference_warmup_closed_form():
         assert ref.last_step.kind == "search"
         assert max(ref.last_step.tried) <= cap * (1 + 1e-15)
         assert ref.last_step.tried[0] == pytest.approx(cap, rel=1e-15)
-        assert ref.state.step_size == ref.last_step.tried[-1]  # accepted
+        # the ramp's step lowers the loss here: it is taken, exactly the paper's ramp
+        assert ref.state.step_size == pytest.approx(cap, rel=1e-15)
+        assert (ref.state.decrease_avg, ref.state.slope_avg, ref.state.averaged) == (0, 0, 0)
     eta = ref.state.step_size
     ref.step(problem.loss_at(4))
     assert ref.last_step.tried[0] == pytest.approx(eta * 2 ** (1 / 500), rel=1e-15)
