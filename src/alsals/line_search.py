@@ -978,7 +978,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             lr,
             eta,
             outcome.kind,
-            f"; pass lr={eta:.2g} to start there" if level == logging.WARNING else "",
+            f"; pass lr={eta:.2g} to start there"
+            if level == logging.WARNING and outcome.kind == "search"
+            else "",
         )
 
     def _warn_about(
