@@ -170,7 +170,7 @@ def test_warmup_ramps_to_lr_and_the_search_can_only_shorten_it(optimizer_class):
 def test_the_first_search_reports_its_cost_in_the_log(caplog):
     model = mlp()
     x, y = regression()
-    opt = ALSALS.paper(model.parameters(), lr=1e4, slope="analytic")  # too large: many trials
+    opt = ALSALS.paper(model.parameters(), lr=100.0, slope="analytic")  # too large: many trials
     with caplog.at_level(logging.INFO, logger="alsals"):
         opt.step(mse_closure(model, x, y))
         opt.step(mse_closure(model, x, y))
