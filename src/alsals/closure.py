@@ -35,8 +35,6 @@ __all__ = [
     "ClosureForm",
     "RandomState",
     "as_loss_tensor",
-    "call_closure",
-    "closure_takes_backward",
 ]
 
 Closure = Callable[..., Tensor | float]
@@ -45,15 +43,6 @@ _FORMS = (
     "a closure takes no argument (closure(): returns the loss, the optimizer runs backward) "
     "or one (closure(backward): runs backward itself when backward is True)"
 )
-
-
-def closure_takes_backward(closure: Closure) -> bool:
-    """Whether ``closure`` is of the ``closure(backward)`` form.
-
-    A parameter named ``backward``, or exactly one parameter without a default, makes it
-    that form; more required parameters are a ``TypeError`` that names both forms.
-    """
-    return ClosureForm(closure).takes_backward
 
 
 class ClosureForm:
@@ -107,11 +96,6 @@ class ClosureForm:
         if self.by_keyword:
             return self.closure(backward=backward)
         return self.closure(backward)
-
-
-def call_closure(closure: Closure, backward: bool) -> Tensor | float:
-    """Call ``closure`` once in its form (see :class:`ClosureForm`)."""
-    return ClosureForm(closure)(backward)
 
 
 def as_loss_tensor(value: object, role: str) -> Tensor:

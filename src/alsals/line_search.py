@@ -666,7 +666,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         ).max()
         risk = zero
         if self.uses_moments and grads:
-            threshold = min(math.sqrt(torch.finfo(g.dtype).max) for g in grads)
+            threshold = min(math.sqrt(torch.finfo(t).max) for t in {g.dtype for g in grads})
             risk = (largest > threshold / 2).to(torch.float64)
         clip = self._settings["max_grad_norm"]
         squared_norm = self._squared_grad_norm(steps, device) if clip is not None else zero

@@ -39,11 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals.optimizers import GROWTH_10_PERCENT
 from alsals_bench.tasks.base import Budget, Task
 
 PAPER = ("alsals", "adam-sls", "adam")
-#: growth_interval b with 2^(1/b) = 1.1: SaLSa's growth of 10% per search
-GROWTH_10_PERCENT = math.log(2.0) / math.log(1.1)
 VARIANTS = ("sls", "alsals-analytic", "alsals-adaptive", "alsals-fast")
 ABLATION = (
     "alsals",
@@ -297,6 +296,16 @@ def _adamw_cosine(model: nn.Module, task: Task, budget: Budget) -> Stepper:
     return Stepper(optimizer, warmup_cosine(optimizer, warmup, budget.steps))
 
 
+# All of the ablation's changes that SaLSa also makes, on our engine: a candidate configuration.
+CANDIDATE: dict[str, Any] = {
+    **PAPER_ALSALS,
+    "slope": "analytic",
+    "search_interval": "adaptive",
+    "growth_interval": GROWTH_10_PERCENT,
+    "smoothing": 0.9,
+    "backtrack": 0.8,
+}
+
 # Our line searches by name: the class and its settings. ``alsals`` and its variants are
 # the paper's configuration (PAPER_ALSALS) with one change each, whatever ALSALS's defaults.
 LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
@@ -312,31 +321,9 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-backtrack": (ALSALS, {**PAPER_ALSALS, "backtrack": 0.8}),
     "alsals-c": (ALSALS, {**PAPER_ALSALS, "c": 0.3}),
     "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
-    # all of the above that SaLSa also does, on our engine: a candidate configuration
-    "alsals-candidate": (
-        ALSALS,
-        {
-            **PAPER_ALSALS,
-            "slope": "analytic",
-            "search_interval": "adaptive",
-            "growth_interval": GROWTH_10_PERCENT,
-            "smoothing": 0.9,
-            "backtrack": 0.8,
-        },
-    ),
+    "alsals-candidate": (ALSALS, CANDIDATE),
     # the candidate, each search started no higher than the Polyak step
-    "alsals-recommended": (
-        ALSALS,
-        {
-            **PAPER_ALSALS,
-            "slope": "analytic",
-            "search_interval": "adaptive",
-            "growth_interval": GROWTH_10_PERCENT,
-            "smoothing": 0.9,
-            "backtrack": 0.8,
-            "start": "polyak",
-        },
-    ),
+    "alsals-recommended": (ALSALS, {**CANDIDATE, "start": "polyak"}),
 }
 
 
