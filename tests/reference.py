@@ -66,14 +66,16 @@ class SearchConfig:
     search_interval: int | str = 1
     max_grad_norm: float | None = None
     start: str = "grown"
+    smoothed: str = "decrease"  # or "rate": the decrease per unit step is averaged
+    search_direction: str | None = None  # ALSALS: "momentum" (None) or "preconditioned"
 
     @property
     def adam(self) -> bool:
         return self.variant != "SLS"
 
     @property
-    def search_direction(self) -> str:
-        return DIRECTIONS[self.variant][0]
+    def searched_along(self) -> str:
+        return self.search_direction or DIRECTIONS[self.variant][0]
 
     @property
     def update_direction(self) -> str:
@@ -461,7 +463,7 @@ class ReferenceOptimizer:
         """Phase 4: ``d_search`` and ``d_update`` from the moments of this step."""
         cfg = self.config
         d_search = {
-            i: direction(cfg.search_direction, grads[i], moments.get(i), self._group(i))
+            i: direction(cfg.searched_along, grads[i], moments.get(i), self._group(i))
             for i in active
         }
         d_update = {
@@ -533,7 +535,8 @@ class ReferenceOptimizer:
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
             delta = loss0 - loss
-            decrease = smooth(st.decrease_avg, delta, b)
+            rate = cfg.smoothed == "rate"  # D averages decreases per unit step: D' >= c_h G
+            decrease = smooth(st.decrease_avg, delta / eta_try if rate else delta, b)
             if cap < math.inf:  # 5.3 during warm-up: no measurable increase, D and G kept
                 if is_finite(loss) and delta >= -tol:
                     record.step_size = self.next_step_size = eta_try
@@ -550,7 +553,7 @@ class ReferenceOptimizer:
                     return "unresolved"
                 eta_try = larger
                 continue
-            if armijo_accepts(loss, decrease, c_h, eta_try, G):
+            if armijo_accepts(loss, decrease, c_h, 1.0 if rate else eta_try, G):
                 st.decrease_avg = decrease
                 st.slope_avg = G
                 st.averaged += 1

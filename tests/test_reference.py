@@ -370,6 +370,30 @@ CASES = [
         400,
         {"unresolved", "accepted"},
     ),
+    (
+        "alsals-logistic-preconditioned-search",
+        "ALSALS",
+        "logistic",
+        {"lr": 20.0, "search_direction": "preconditioned", "slope": "analytic", "smoothing": 0.9},
+        30,
+        {"backtracked", "accepted"},
+    ),
+    (
+        "alsals-quadratic-rate-smoothed",
+        "ALSALS",
+        "quadratic",
+        {"lr": 2.0, "smoothed": "rate", "smoothing": 0.9, "growth_interval": 5},
+        40,
+        {"backtracked", "accepted"},
+    ),
+    (
+        "sls-logistic-rate-smoothed-adaptive",
+        "SLS",
+        "logistic",
+        {"lr": 20.0, "smoothed": "rate", "smoothing": 0.5, "search_interval": "adaptive"},
+        60,
+        {"backtracked", "reuse"},
+    ),
     # id, variant, problem, options, steps, behaviours that must occur
     ("sls-quadratic", "SLS", "quadratic", {"growth_interval": 5}, 30, {"backtracked"}),
     (

@@ -16,9 +16,11 @@ from alsals import ALSALS, SLS, AdamSLS
 ANALYTIC = [
     (SLS, {}),
     (AdamSLS, {}),
-    (ALSALS, {"slope": "analytic"}),
+    # the momentum search (ALSALS's default searches along the preconditioned gradient, as
+    # AdamSLS does)
+    (ALSALS, {"slope": "analytic", "search_direction": "momentum"}),
 ]
-IDS = ["SLS", "AdamSLS", "ALSALS-analytic"]
+IDS = ["SLS", "AdamSLS", "ALSALS-momentum-analytic"]
 
 
 def spd_quadratic(dim: int = 8, seed: int = 0):

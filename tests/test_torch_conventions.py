@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS
-from conftest import SmallNet, bce_closure, make_classification
+from conftest import PaperALSALS, SmallNet, bce_closure, make_classification
 
 
 def quadratic(w):
@@ -293,6 +293,17 @@ def test_a_state_from_another_optimizer_class_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trained(ALSALS, steps=1)[1].load_state_dict(alsals_opt.state_dict())
+
+
+def test_a_state_searching_along_a_direction_the_class_cannot_is_rejected():
+    """AdamSLS searches along the preconditioned gradient only: the paper's ALSALS state
+    (momentum search) does not load into it, and nothing is loaded."""
+    _, paper, *_ = trained(PaperALSALS)
+    _, adam_sls, *_ = trained(AdamSLS, steps=1)
+    before = copy.deepcopy(adam_sls.state_dict())
+    with pytest.raises(ValueError, match="cannot search along 'momentum'"):
+        adam_sls.load_state_dict(paper.state_dict())
+    assert adam_sls.state_dict()["param_groups"] == before["param_groups"]
 
 
 def test_an_adamw_state_dict_warns_and_keeps_no_adamw_setting(optimizer_class):

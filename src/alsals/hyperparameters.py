@@ -28,6 +28,8 @@ SEARCH_KEYS = (
     "search_interval",
     "max_grad_norm",
     "start",
+    "smoothed",
+    "search_direction",
 )
 #: Hyperparameters that may differ between parameter groups.
 GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
@@ -35,6 +37,8 @@ GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
 TORCH_GROUP_KEYS = ("params", "lr", "initial_lr", "name")
 SLOPES = ("analytic", "finite_difference")
 STARTS = ("grown", "polyak")
+SMOOTHED = ("decrease", "rate")
+DIRECTIONS = ("gradient", "preconditioned", "momentum")
 
 #: Shared argument documentation of the three constructors (``{}`` holds the defaults).
 ARGUMENTS = """\
@@ -42,6 +46,10 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
         lr: initial step size; the search adapts it from there ({lr}).
         c: sufficient-decrease constant of the Armijo test ({c}).
         smoothing: EMA factor on both sides of the test; 0 is the plain test ({smoothing}).
+        smoothed: what the left-hand side averages: ``"decrease"``, the loss decrease
+            (Eq. 7), or ``"rate"``, the decrease per unit step ``(f(w) - f(w + eta d)) / eta``,
+            tested against ``c_h * G``: an average of decreases at past step sizes no longer
+            holds ``eta`` down after an outlier batch ({smoothed}).
         slope: ``"analytic"`` (``-g . d`` from the gradient already computed: no extra
             forward pass) or ``"finite_difference"`` (Eq. 6, one extra forward pass per
             search) ({slope}).
@@ -129,6 +137,11 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")
     out["fd_step"] = in_range("fd_step", h["fd_step"], 0.0, closed_low=False)
     out["warmup_steps"] = integer("warmup_steps", h["warmup_steps"], 0)
+    direction = h.get("search_direction")
+    if direction is not None and direction not in DIRECTIONS:
+        raise ValueError(f"invalid search_direction: {direction!r} (expected one of {DIRECTIONS})")
+    if h.get("smoothed", "decrease") not in SMOOTHED:
+        raise ValueError(f"invalid smoothed: {h['smoothed']!r} (expected one of {SMOOTHED})")
     if h.get("start", "grown") not in STARTS:
         raise ValueError(f"invalid start: {h['start']!r} (expected one of {STARTS})")
     clip = h.get("max_grad_norm")

@@ -270,13 +270,15 @@ class _Run:
 class LineSearchOptimizer(torch.optim.Optimizer):
     """Base class: an Armijo line search along a configurable direction.
 
-    Subclasses set ``search_direction`` and ``update_direction``. See :mod:`alsals.optimizers`
+    Subclasses set ``search_directions`` (the directions they may search along, the first
+    their default; the ``search_direction`` setting picks one) and ``update_direction``. See
+    :mod:`alsals.optimizers`
     for the parameters. ``param_groups[i]["lr"]`` always shows the step size in use for group
     ``i`` (``eta * lr_scale``); writing to it between steps sets the step size the next
     search starts from, and writing 0 makes the next step take no update.
     """
 
-    search_direction: Direction
+    search_directions: tuple[Direction, ...]
     update_direction: Direction
 
     def __init__(
@@ -295,7 +297,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._grad_norm = math.nan
         self._replay_loss: float | None = None
         self.last_step: StepInfo | None = None
-        super().__init__(params, checked_search(defaults))
+        defaults = {"search_direction": self.search_directions[0].value, **defaults}
+        super().__init__(params, self._checked_direction(checked_search(defaults)))
 
     # ------------------------------------------------------------------ torch.optim protocol
 
@@ -447,9 +450,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         out = {key: settings[key] for key in SEARCH_KEYS}
         out.update({key: merged[key] for key in GROUP_KEYS if key in merged})
         out["lr"] = lr
-        return out
+        return self._checked_direction(out)
+
+    def _checked_direction(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """``settings``, after checking that this class can search along its direction."""
+        allowed = [d.value for d in self.search_directions]
+        if settings["search_direction"] not in allowed:
+            raise ValueError(
+                f"{type(self).__name__} cannot search along {settings['search_direction']!r} "
+                f"(search_direction: one of {allowed})"
+            )
+        return settings
 
     # ------------------------------------------------------------------------ public surface
+
+    @property
+    def search_direction(self) -> Direction:
+        """The direction the search evaluates its trials along."""
+        return Direction(self._settings["search_direction"])
 
     @property
     def uses_moments(self) -> bool:
@@ -779,7 +797,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         slope_input = self._slope_input(run.steps, run.directions, trial, evaluator)
         resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
         test = SearchTest(
-            ArmijoTest(c=h["c"], smoothing=h["smoothing"]),
+            ArmijoTest(c=h["c"], smoothing=h["smoothing"], rate=h["smoothed"] == "rate"),
             loss0,
             resolution,
             search.decrease_avg,

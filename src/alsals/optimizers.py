@@ -39,6 +39,7 @@ PAPER_ALSALS: dict[str, Any] = {
     "lr": 0.1,
     "c": 0.6,
     "smoothing": 0.99,
+    "smoothed": "decrease",
     "slope": "finite_difference",
     "betas": (0.9, 0.999),
     "eps": 1e-8,
@@ -48,6 +49,7 @@ PAPER_ALSALS: dict[str, Any] = {
     "fd_step": 5e-8,
     "search_interval": 1,
     "start": "grown",
+    "search_direction": "momentum",
 }
 
 
@@ -77,9 +79,10 @@ class SLS(LineSearchOptimizer):
             smoothing=0,
             slope='``"analytic"``: ``||g||^2``',
             start='``"grown"``',
+            smoothed='``"decrease"``',
         )
     )
-    search_direction = Direction.GRADIENT
+    search_directions = (Direction.GRADIENT,)
     update_direction = Direction.GRADIENT
 
     def __init__(
@@ -89,6 +92,7 @@ class SLS(LineSearchOptimizer):
         *,
         c: float = 0.1,
         smoothing: float = 0.0,
+        smoothed: str = "decrease",
         slope: str = "analytic",
         backtrack: float = 0.9,
         growth_interval: float = 500,
@@ -129,9 +133,10 @@ class AdamSLS(LineSearchOptimizer):
             smoothing=0,
             slope='``"analytic"``: ``sum g^2 / (sqrt(v_hat) + eps)``',
             start='``"grown"``',
+            smoothed='``"decrease"``',
         )
     )
-    search_direction = Direction.PRECONDITIONED
+    search_directions = (Direction.PRECONDITIONED,)
     update_direction = Direction.MOMENTUM
 
     def __init__(
@@ -141,6 +146,7 @@ class AdamSLS(LineSearchOptimizer):
         *,
         c: float = 0.1,
         smoothing: float = 0.0,
+        smoothed: str = "decrease",
         slope: str = "analytic",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -190,9 +196,10 @@ class ALSALS(LineSearchOptimizer):
             smoothing=0.9,
             slope='``"analytic"``',
             start='``"polyak"``',
+            smoothed='``"decrease"``',
         )
     )
-    search_direction = Direction.MOMENTUM
+    search_directions = (Direction.MOMENTUM, Direction.PRECONDITIONED)
     update_direction = Direction.MOMENTUM
 
     def __init__(
@@ -202,6 +209,7 @@ class ALSALS(LineSearchOptimizer):
         *,
         c: float = 0.6,
         smoothing: float = 0.9,
+        smoothed: str = "decrease",
         slope: str = "analytic",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -213,6 +221,7 @@ class ALSALS(LineSearchOptimizer):
         search_interval: int | str = "adaptive",
         max_grad_norm: float | None = None,
         start: str = "polyak",
+        search_direction: str = "preconditioned",
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,

@@ -53,7 +53,10 @@ ABLATION = (
     "alsals-backtrack",
     "alsals-c",
     "alsals-polyak",
+    "alsals-preconditioned",
+    "alsals-rate",
     "alsals-candidate",
+    "alsals-candidate-polyak",
     "alsals-recommended",
 )
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
@@ -148,7 +151,11 @@ class LineSearchStepper(Stepper):
 
     def details(self) -> dict[str, Any]:
         info = self.optimizer.last_step
-        return {"kind": info.kind, "trials": info.trials, "slope": info.slope}
+        return {
+            "kind": info.kind,
+            "trials": info.trials,
+            "slope": info.slope,
+        }
 
 
 class ScheduleFreeStepper(Stepper):
@@ -321,9 +328,16 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-backtrack": (ALSALS, {**PAPER_ALSALS, "backtrack": 0.8}),
     "alsals-c": (ALSALS, {**PAPER_ALSALS, "c": 0.3}),
     "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
+    "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
+    "alsals-rate": (ALSALS, {**CANDIDATE, "start": "polyak", "smoothed": "rate"}),
     "alsals-candidate": (ALSALS, CANDIDATE),
     # the candidate, each search started no higher than the Polyak step
-    "alsals-recommended": (ALSALS, {**CANDIDATE, "start": "polyak"}),
+    "alsals-candidate-polyak": (ALSALS, {**CANDIDATE, "start": "polyak"}),
+    # ... searching along the preconditioned gradient: ALSALS's defaults, spelled out
+    "alsals-recommended": (
+        ALSALS,
+        {**CANDIDATE, "start": "polyak", "search_direction": "preconditioned"},
+    ),
 }
 
 
@@ -454,8 +468,24 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _line_search("alsals-polyak"),
         ),
         OptimizerSpec(
-            "alsals-recommended",
+            "alsals-preconditioned",
+            "ALSALS searching along the preconditioned gradient (Adam + SLS's and SaLSa's)",
+            _line_search("alsals-preconditioned"),
+        ),
+        OptimizerSpec(
+            "alsals-rate",
+            "alsals-candidate-polyak averaging the decrease per unit step",
+            _line_search("alsals-rate"),
+        ),
+        OptimizerSpec(
+            "alsals-candidate-polyak",
             "the candidate with Polyak-limited starts",
+            _line_search("alsals-candidate-polyak"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended",
+            "ALSALS's defaults: the candidate with Polyak starts, searching along the "
+            "preconditioned gradient",
             _line_search("alsals-recommended"),
         ),
         OptimizerSpec(
