@@ -273,6 +273,8 @@ class SideBySide:
             "failed_searches": st.failed_searches,
             "skipped_nonfinite": st.skipped_nonfinite,
             "averaged": st.averaged,
+            "drift_samples": st.drift_samples,
+            "interval": st.interval,
             **(self.totals if self.compare_counters else {}),
         }
         assert {k: ls[k] for k in exact} == exact
@@ -281,6 +283,7 @@ class SideBySide:
             ("initial_step_size", st.initial_step_size),
             ("step_size_fast", st.eta_fast),
             ("step_size_slow", st.eta_slow),
+            ("log_drift", st.log_drift),
         ):
             assert ls[key] == pytest.approx(value, rel=SCALAR_RTOL), key
         assert ls["decrease_avg"] == pytest.approx(st.decrease_avg, rel=1e-8, abs=1e-13)
@@ -393,6 +396,32 @@ CASES = [
         {"lr": 20.0, "smoothed": "rate", "smoothing": 0.5, "search_interval": "adaptive"},
         60,
         {"backtracked", "reuse"},
+    ),
+    (
+        "sls-logistic-drift",
+        "SLS",
+        "logistic",
+        {"lr": 20.0, "search_interval": "drift", "growth_interval": 10},
+        150,
+        {"backtracked", "reuse"},
+    ),
+    (
+        "alsals-logistic-drift-warmup-smoothed",
+        "ALSALS",
+        "logistic",
+        {
+            "lr": 5.0,
+            "search_interval": "drift",
+            "search_direction": "preconditioned",
+            "slope": "analytic",
+            "smoothing": 0.9,
+            "backtrack": 0.8,
+            "growth_interval": 7.0,
+            "warmup_steps": 4,
+            "start": "polyak",
+        },
+        120,
+        {"backtracked", "reuse", "warmup", "accepted"},
     ),
     # id, variant, problem, options, steps, behaviours that must occur
     ("sls-quadratic", "SLS", "quadratic", {"growth_interval": 5}, 30, {"backtracked"}),

@@ -39,6 +39,7 @@ SLOPES = ("analytic", "finite_difference")
 STARTS = ("grown", "polyak")
 SMOOTHED = ("decrease", "rate")
 DIRECTIONS = ("gradient", "preconditioned", "momentum")
+CADENCES = ("adaptive", "drift")
 
 #: Shared argument documentation of the three constructors (``{}`` holds the defaults).
 ARGUMENTS = """\
@@ -58,9 +59,9 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             or ``"polyak"``, no higher than the Polyak step ``L0 / s`` (the step that would
             bring the loss to 0 if the slope held; one more synchronisation per search)
             ({start}).
-        backtrack: ``eta <- backtrack * eta`` after a failed trial (0.9).
-        growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)`` (500;
-            ``math.inf`` disables growth).
+        backtrack: ``eta <- backtrack * eta`` after a failed trial ({backtrack}).
+        growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)``
+            ({growth}; ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
         fd_step: step of the finite-difference slope (5e-8, Eq. 6).
         warmup_steps: during the first ``warmup_steps`` updates the step is
@@ -69,8 +70,12 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             things worse (0; the paper's GPT-2 runs ramped over 2000 steps, with ``lr``
             the peak step size).
         search_interval: search every k steps and reuse the step size in between, or
+            ``"drift"``: search again once the step size may have drifted by one growth
+            (or backtracking) factor since the last search, judged from the trend of the
+            searched step sizes (an average of their log-change per step; at most every
+            10 steps, the interval at most doubling from one search to the next), or
             ``"adaptive"`` (SaLSa's cadence: search at least every 10 steps, more often
-            while the step size changes) (1).
+            while the step size changes) ({interval}).
         max_grad_norm: clip the gradient to this norm (over all parameters, all ranks and
             shards) before the step, as ``torch.nn.utils.clip_grad_norm_`` does; ``None``
             does not clip (``None``).
@@ -79,7 +84,7 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
         lr_scale: per-group multiplier of the one searched step size (1).
         buffers: module buffers to protect from trial evaluations: ``model.buffers()``
             whenever the model has BatchNorm or other buffers a training forward updates.
-        process_group: the ranks that must take the same decisions (default group).
+        process_group: the ranks that must take the same decisions (default group).{extra}
 """
 
 
@@ -148,12 +153,13 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
     if clip is not None:
         out["max_grad_norm"] = in_range("max_grad_norm", clip, 0.0, closed_low=False)
     interval = h["search_interval"]
-    if interval != "adaptive":
+    if interval not in CADENCES:
         try:
             out["search_interval"] = integer("search_interval", interval, 1)
         except (TypeError, ValueError):
             raise ValueError(
-                f"invalid search_interval: {interval!r} (expected an integer >= 1 or 'adaptive')"
+                f"invalid search_interval: {interval!r} (expected an integer >= 1, 'adaptive' "
+                "or 'drift')"
             ) from None
     return out
 

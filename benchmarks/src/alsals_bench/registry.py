@@ -330,6 +330,15 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
     "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
     "alsals-rate": (ALSALS, {**CANDIDATE, "start": "polyak", "smoothed": "rate"}),
+    "alsals-drift": (
+        ALSALS,
+        {
+            **CANDIDATE,
+            "start": "polyak",
+            "search_direction": "preconditioned",
+            "search_interval": "drift",
+        },
+    ),
     "alsals-candidate": (ALSALS, CANDIDATE),
     # the candidate, each search started no higher than the Polyak step
     "alsals-candidate-polyak": (ALSALS, {**CANDIDATE, "start": "polyak"}),
@@ -471,6 +480,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-preconditioned",
             "ALSALS searching along the preconditioned gradient (Adam + SLS's and SaLSa's)",
             _line_search("alsals-preconditioned"),
+        ),
+        OptimizerSpec(
+            "alsals-drift",
+            "alsals-recommended searching at the drift cadence",
+            _line_search("alsals-drift"),
         ),
         OptimizerSpec(
             "alsals-rate",
