@@ -66,7 +66,6 @@ class SearchConfig:
     search_interval: int | str = 1
     max_grad_norm: float | None = None
     start: str = "grown"
-    smoothed: str = "decrease"  # or "rate": the decrease per unit step is averaged
     search_direction: str | None = None  # ALSALS: "momentum" (None) or "preconditioned"
 
     @property
@@ -122,9 +121,6 @@ class SearchState:
     steps_since_search: int = 0
     eta_fast: float = 0.0
     eta_slow: float = 0.0
-    log_drift: float = 0.0  # "drift" cadence: EMA (0.9) of log(eta_new / eta_old) per step
-    drift_samples: int = 0
-    interval: int = 1  # steps from one search to the next ("drift")
     failed_searches: int = 0
     unresolved_searches: int = 0
     skipped_nonfinite: int = 0
@@ -295,32 +291,12 @@ def search_due(state: SearchState, search_interval: int | str) -> bool:
     """Phase 3: whether this step searches (outside warm-up)."""
     if state.searches == 0:
         return True
-    if search_interval == "drift":
-        return state.steps_since_search + 1 >= state.interval
     if search_interval == "adaptive":
         if state.searches < 10:
             return True
         interval = adaptive_interval(state.eta_fast, state.eta_slow, state.searches)
         return state.steps_since_search + 1 >= interval
     return state.steps_since_search + 1 >= search_interval
-
-
-def drift_interval(
-    state: SearchState, previous: float, growth_interval: float, backtrack: float
-) -> None:
-    """Phase 6, "drift" cadence (after a search, outside warm-up, not the first): average
-    ``x = log(eta / eta_before) / (steps since the last search)``; the next interval is
-    ``floor(tol / |bias-corrected average|)``, ``tol`` the finest factor the search moves by
-    (``log 2 / b_g`` or ``-log backtrack``), within ``[1, min(10, 2 * interval)]``."""
-    x = math.log(state.step_size / previous) / (state.steps_since_search + 1)
-    state.log_drift = 0.9 * state.log_drift + 0.1 * x
-    state.drift_samples += 1
-    drift = abs(state.log_drift) / (1 - 0.9**state.drift_samples)
-    tol = -math.log(backtrack)
-    if math.isfinite(growth_interval):
-        tol = min(tol, math.log(2) / growth_interval)
-    limit = min(10, 2 * state.interval)
-    state.interval = max(1, math.floor(min(limit, tol / drift if drift > 0 else limit)))
 
 
 def track_step_sizes(state: SearchState) -> None:
@@ -558,8 +534,7 @@ class ReferenceOptimizer:
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
             delta = loss0 - loss
-            rate = cfg.smoothed == "rate"  # D averages decreases per unit step: D' >= c_h G
-            decrease = smooth(st.decrease_avg, delta / eta_try if rate else delta, b)
+            decrease = smooth(st.decrease_avg, delta, b)
             if cap < math.inf:  # 5.3 during warm-up: no measurable increase, D and G kept
                 if is_finite(loss) and delta >= -tol:
                     record.step_size = self.next_step_size = eta_try
@@ -576,7 +551,7 @@ class ReferenceOptimizer:
                     return "unresolved"
                 eta_try = larger
                 continue
-            if armijo_accepts(loss, decrease, c_h, 1.0 if rate else eta_try, G):
+            if armijo_accepts(loss, decrease, c_h, eta_try, G):
                 st.decrease_avg = decrease
                 st.slope_avg = G
                 st.averaged += 1
@@ -623,11 +598,7 @@ class ReferenceOptimizer:
             st.step += 1
             record.step_size = eta
         if plan == "search":
-            previous = st.step_size
             st.step_size = max(self.next_step_size, MIN_STEP_SIZE)
-            cfg = self.config
-            if cfg.search_interval == "drift" and st.searches > 0 and not record.capped:
-                drift_interval(st, previous, cfg.growth_interval, cfg.backtrack)
             st.failed_searches += outcome == "failed"
             st.unresolved_searches += outcome == "unresolved"
             track_step_sizes(st)

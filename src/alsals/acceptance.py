@@ -14,14 +14,6 @@ fraction ``c`` of what the slope predicts: ``f(w) - f(w + eta d) >= c * eta * s`
 
 The averages start at zero without bias correction: both sides carry the same factor
 ``1 - b^k``, so the test is unaffected by it.
-
-With ``rate=True`` (``smoothed="rate"``) the left-hand side averages the decrease *per unit
-step*, ``R' = b R + (1 - b) (f(w) - f(w + eta d)) / eta``, and the test is ``R' >= c_h * G``.
-The paper's form compares an average of decreases achieved at past step sizes with
-``eta`` times the slope at this one, so a step size 10% above the last accepted one must
-lift the average decrease by 10% at once: after one outlier batch has cut ``eta``, the
-test holds it down for as long as the average remembers the smaller decreases. The rate
-form compares like with like and lets ``eta`` return.
 """
 
 from __future__ import annotations
@@ -34,7 +26,6 @@ from dataclasses import dataclass
 class ArmijoTest:
     c: float
     smoothing: float
-    rate: bool = False
 
     def average(self, previous: float, value: float) -> float:
         """One step of the exponential moving average used on both sides."""
@@ -50,8 +41,7 @@ class ArmijoTest:
         """Eq. 9 on the smoothed quantities; a non-finite value never passes."""
         if not (math.isfinite(decrease_average) and math.isfinite(slope_average)):
             return False
-        scale = 1.0 if self.rate else eta
-        return decrease_average >= self.factor(slope_average) * scale * slope_average
+        return decrease_average >= self.factor(slope_average) * eta * slope_average
 
     def verdict(
         self,
@@ -105,8 +95,7 @@ class SearchTest:
         """Phase 5.3 for the trial ``f(w0 + eta d) = loss``. During warm-up (5.2) a trial
         passes unless its loss is non-finite or measurably above ``L0``."""
         self.decrease = self.loss0 - loss
-        sample = self.decrease / eta if self.test.rate else self.decrease
-        self.decrease_now = self.test.average(self.decrease_average, sample)
+        self.decrease_now = self.test.average(self.decrease_average, self.decrease)
         if warmup:
             if not math.isfinite(loss):
                 return "rejected"

@@ -28,7 +28,6 @@ SEARCH_KEYS = (
     "search_interval",
     "max_grad_norm",
     "start",
-    "smoothed",
     "search_direction",
 )
 #: Hyperparameters that may differ between parameter groups.
@@ -37,9 +36,7 @@ GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
 TORCH_GROUP_KEYS = ("params", "lr", "initial_lr", "name")
 SLOPES = ("analytic", "finite_difference")
 STARTS = ("grown", "polyak")
-SMOOTHED = ("decrease", "rate")
 DIRECTIONS = ("gradient", "preconditioned", "momentum")
-CADENCES = ("adaptive", "drift")
 
 #: Shared argument documentation of the three constructors (``{}`` holds the defaults).
 ARGUMENTS = """\
@@ -47,10 +44,6 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
         lr: initial step size; the search adapts it from there ({lr}).
         c: sufficient-decrease constant of the Armijo test ({c}).
         smoothing: EMA factor on both sides of the test; 0 is the plain test ({smoothing}).
-        smoothed: what the left-hand side averages: ``"decrease"``, the loss decrease
-            (Eq. 7), or ``"rate"``, the decrease per unit step ``(f(w) - f(w + eta d)) / eta``,
-            tested against ``c_h * G``: an average of decreases at past step sizes no longer
-            holds ``eta`` down after an outlier batch ({smoothed}).
         slope: ``"analytic"`` (``-g . d`` from the gradient already computed: no extra
             forward pass) or ``"finite_difference"`` (Eq. 6, one extra forward pass per
             search) ({slope}).
@@ -70,10 +63,6 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             things worse (0; the paper's GPT-2 runs ramped over 2000 steps, with ``lr``
             the peak step size).
         search_interval: search every k steps and reuse the step size in between, or
-            ``"drift"``: search again once the step size may have drifted by one growth
-            (or backtracking) factor since the last search, judged from the trend of the
-            searched step sizes (an average of their log-change per step; at most every
-            10 steps, the interval at most doubling from one search to the next), or
             ``"adaptive"`` (SaLSa's cadence: search at least every 10 steps, more often
             while the step size changes) ({interval}).
         max_grad_norm: clip the gradient to this norm (over all parameters, all ranks and
@@ -145,21 +134,18 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
     direction = h.get("search_direction")
     if direction is not None and direction not in DIRECTIONS:
         raise ValueError(f"invalid search_direction: {direction!r} (expected one of {DIRECTIONS})")
-    if h.get("smoothed", "decrease") not in SMOOTHED:
-        raise ValueError(f"invalid smoothed: {h['smoothed']!r} (expected one of {SMOOTHED})")
     if h.get("start", "grown") not in STARTS:
         raise ValueError(f"invalid start: {h['start']!r} (expected one of {STARTS})")
     clip = h.get("max_grad_norm")
     if clip is not None:
         out["max_grad_norm"] = in_range("max_grad_norm", clip, 0.0, closed_low=False)
     interval = h["search_interval"]
-    if interval not in CADENCES:
+    if interval != "adaptive":
         try:
             out["search_interval"] = integer("search_interval", interval, 1)
         except (TypeError, ValueError):
             raise ValueError(
-                f"invalid search_interval: {interval!r} (expected an integer >= 1, 'adaptive' "
-                "or 'drift')"
+                f"invalid search_interval: {interval!r} (expected an integer >= 1 or 'adaptive')"
             ) from None
     return out
 

@@ -77,8 +77,7 @@ except ImportError:  # torch < 2.4
 #: the weights or the loss: it says nothing about whether the step is too large.
 RESOLUTION_ULPS = 4
 ADAPTIVE_MIN_SEARCHES = 10  # SaLSa: always search during the first 10 steps
-ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards (also "drift")
-DRIFT_SMOOTHING = 0.9  # EMA factor of the step size's log-change per step ("drift")
+ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards
 #: The first search of an optimizer is reported at WARNING level from this many trials.
 FIRST_SEARCH_WARNING_TRIALS = 20
 #: A closure whose loss at the same weights differs by more than this (relative) does not
@@ -736,9 +735,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         interval = h["search_interval"]
         if search.searches == 0:
             return "search"  # the initial step size is a guess: always search first
-        if interval == "drift":
-            interval = search.interval
-        elif interval == "adaptive":
+        if interval == "adaptive":
             if search.searches < ADAPTIVE_MIN_SEARCHES:
                 return "search"
             # Bias-corrected fast and slow averages of the step size (SaLSa's cadence).
@@ -800,7 +797,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         slope_input = self._slope_input(run.steps, run.directions, trial, evaluator)
         resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
         test = SearchTest(
-            ArmijoTest(c=h["c"], smoothing=h["smoothing"], rate=h["smoothed"] == "rate"),
+            ArmijoTest(c=h["c"], smoothing=h["smoothing"]),
             loss0,
             resolution,
             search.decrease_avg,
@@ -927,7 +924,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _advance(self, search: SearchState, outcome: Outcome) -> None:
         """The search state after a step that was taken (not skipped)."""
         if outcome.kind in ("search", "failed", "unresolved"):
-            previous, warmup = search.step_size, search.step < self._settings["warmup_steps"]
             if outcome.kind == "search":
                 if outcome.decrease_avg is not None:  # not during warm-up
                     search.decrease_avg = outcome.decrease_avg
@@ -940,8 +936,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.step_size = max(outcome.next_step_size, MIN_STEP_SIZE)
             search.failed_searches += outcome.kind == "failed"
             search.unresolved_searches += outcome.kind == "unresolved"
-            if self._settings["search_interval"] == "drift" and search.searches and not warmup:
-                self._plan_drift_interval(search, previous)
             search.searches += 1
             search.steps_since_search = 0
             search.step_size_fast = 0.9 * search.step_size_fast + 0.1 * search.step_size
@@ -949,21 +943,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         elif outcome.kind == "reuse":
             search.step += 1
             search.steps_since_search += 1
-
-    def _plan_drift_interval(self, search: SearchState, previous: float) -> None:
-        """The ``"drift"`` cadence after a search: the average log-change of the step size
-        per step takes this search's sample; the next search comes when the step size may
-        have drifted by the search's finest factor, ``min(log 2 / growth_interval,
-        -log backtrack)``, but at most 10 steps and twice the last interval later."""
-        h, b = self._settings, DRIFT_SMOOTHING
-        sample = math.log(search.step_size / previous) / (search.steps_since_search + 1)
-        search.log_drift = b * search.log_drift + (1.0 - b) * sample
-        search.drift_samples += 1
-        drift = abs(search.log_drift) / (1.0 - b**search.drift_samples)
-        factors = [-math.log(h["backtrack"]), math.log(2.0) / h["growth_interval"]]
-        tolerance = min(f for f in factors if f > 0.0)  # growth_interval = inf: no growth
-        limit = min(ADAPTIVE_MAX_INTERVAL, 2 * search.interval)
-        search.interval = max(1, math.floor(min(limit, tolerance / drift if drift else limit)))
 
     def _record(self, search: SearchState, outcome: Outcome, evaluator: ClosureEvaluator) -> None:
         """Counters and the stored state, then every group's ``lr <- eta * lr_scale``."""

@@ -25,8 +25,6 @@ COUNTERS = (
     "unresolved_searches",
     "skipped_nonfinite",
     "skipped_zero_grad",
-    "drift_samples",
-    "interval",
 )
 
 
@@ -37,9 +35,6 @@ class SearchState:
     ``step_size`` is ``eta``, the step size the next search starts from (before growth);
     ``decrease_avg`` and ``slope_avg`` are ``D`` and ``G`` of the smoothed test, ``averaged``
     the number of samples in them since their last reset; ``step`` counts updates taken.
-    ``log_drift`` is the average log-change of the searched step size per step
-    (``drift_samples`` samples) and ``interval`` the steps between searches that the
-    ``"drift"`` cadence plans.
     The remaining counters are totals for logging. Only numbers: ``torch.optim``'s
     ``load_state_dict`` would mangle a string here.
     """
@@ -50,7 +45,6 @@ class SearchState:
     slope_avg: float = 0.0
     step_size_fast: float = 0.0
     step_size_slow: float = 0.0
-    log_drift: float = 0.0
     step: int = 0
     averaged: int = 0
     searches: int = 0
@@ -62,8 +56,6 @@ class SearchState:
     unresolved_searches: int = 0
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
-    drift_samples: int = 0
-    interval: int = 1
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchState:
@@ -79,7 +71,7 @@ class SearchState:
             if name not in values:
                 raise ValueError(f"the line_search state has no {name!r}")
             _check_step_size(name, values[name])
-        for name in ("decrease_avg", "slope_avg", "step_size_fast", "step_size_slow", "log_drift"):
+        for name in ("decrease_avg", "slope_avg", "step_size_fast", "step_size_slow"):
             value = values.get(name, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not a number)")

@@ -54,7 +54,6 @@ ABLATION = (
     "alsals-c",
     "alsals-polyak",
     "alsals-preconditioned",
-    "alsals-rate",
     "alsals-candidate",
     "alsals-candidate-polyak",
     "alsals-recommended",
@@ -329,16 +328,6 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-c": (ALSALS, {**PAPER_ALSALS, "c": 0.3}),
     "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
     "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
-    "alsals-rate": (ALSALS, {**CANDIDATE, "start": "polyak", "smoothed": "rate"}),
-    "alsals-drift": (
-        ALSALS,
-        {
-            **CANDIDATE,
-            "start": "polyak",
-            "search_direction": "preconditioned",
-            "search_interval": "drift",
-        },
-    ),
     "alsals-candidate": (ALSALS, CANDIDATE),
     # the candidate, each search started no higher than the Polyak step
     "alsals-candidate-polyak": (ALSALS, {**CANDIDATE, "start": "polyak"}),
@@ -480,16 +469,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-preconditioned",
             "ALSALS searching along the preconditioned gradient (Adam + SLS's and SaLSa's)",
             _line_search("alsals-preconditioned"),
-        ),
-        OptimizerSpec(
-            "alsals-drift",
-            "alsals-recommended searching at the drift cadence",
-            _line_search("alsals-drift"),
-        ),
-        OptimizerSpec(
-            "alsals-rate",
-            "alsals-candidate-polyak averaging the decrease per unit step",
-            _line_search("alsals-rate"),
         ),
         OptimizerSpec(
             "alsals-candidate-polyak",

@@ -72,9 +72,7 @@ def scan_direction(
     preview = optimizer.preview(closure)
     info, before = preview.info, preview.state
     settings = optimizer.param_groups[0]
-    test = ArmijoTest(
-        c=settings["c"], smoothing=settings["smoothing"], rate=settings["smoothed"] == "rate"
-    )
+    test = ArmijoTest(c=settings["c"], smoothing=settings["smoothing"])
     slope_average = (
         test.average(before.slope_avg, info.slope) if math.isfinite(info.slope) else math.nan
     )
@@ -98,13 +96,10 @@ def scan_direction(
 
 
 def _minimum_decrease(test: ArmijoTest, decrease_avg: float, eta: float, slope_avg: float) -> float:
-    """Solve ``b D + (1 - b) Delta >= c_h eta G`` (or, averaging rates,
-    ``b R + (1 - b) Delta / eta >= c_h G``) for the smallest accepted ``Delta``."""
+    """Solve ``b D + (1 - b) Delta >= c_h eta G`` for the smallest accepted ``Delta``."""
     if not math.isfinite(slope_avg):
         return math.nan
     b = test.smoothing
-    if test.rate:
-        return eta * (test.factor(slope_avg) * slope_avg - b * decrease_avg) / (1.0 - b)
     needed = test.factor(slope_avg) * eta * slope_avg
     return (needed - b * decrease_avg) / (1.0 - b)
 
