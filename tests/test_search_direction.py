@@ -26,7 +26,7 @@ def noisy_regression_run(direction: str, seed: int) -> tuple[float, float]:
     for _ in range(300):
         index = torch.randint(0, 2048, (8,), generator=gen)
 
-        def closure(backward: bool = False) -> torch.Tensor:
+        def closure(backward: bool = False, index: torch.Tensor = index) -> torch.Tensor:
             loss = ((model(x[index]) - y[index]) ** 2).mean()
             if backward:
                 opt.zero_grad()
@@ -64,12 +64,11 @@ def test_the_trial_moves_along_the_chosen_direction():
     for "preconditioned", ``-m' / (sqrt(v') + eps)`` for "momentum" (the same at t = 1 up to
     eps), and the preview reports that direction."""
     target = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    curvature = torch.tensor([1.0, 4.0, 9.0], dtype=F64)
     for direction in ("preconditioned", "momentum"):
         w = torch.zeros(3, dtype=F64, requires_grad=True)
         opt = ALSALS([w], search_direction=direction, betas=(0.5, 0.9))
-
-        def closure() -> torch.Tensor:
-            return ((w - target) ** 2 * torch.tensor([1.0, 4.0, 9.0], dtype=F64)).sum()
+        closure = quadratic(w, target, curvature)
 
         opt.step(closure)
         opt.step(closure)  # t = 2: the two directions differ
@@ -82,6 +81,15 @@ def test_the_trial_moves_along_the_chosen_direction():
         expected = -(g if direction == "preconditioned" else m / (1 - beta1**3)) / denominator
         preview = opt.preview(closure)
         torch.testing.assert_close(preview.direction[0], expected, rtol=1e-12, atol=1e-15)
+
+
+def quadratic(w: torch.Tensor, target: torch.Tensor, curvature: torch.Tensor):
+    """The closure ``sum(curvature * (w - target)^2)`` (no arguments: ``step`` runs backward)."""
+
+    def closure() -> torch.Tensor:
+        return (curvature * (w - target) ** 2).sum()
+
+    return closure
 
 
 @pytest.mark.parametrize("direction", ["gradient", "sideways", 3])
