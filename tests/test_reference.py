@@ -333,7 +333,7 @@ RECOMMENDED = {
     "slope": "analytic",
     "search_interval": "adaptive",
     "start": "polyak",
-    "search_direction": "preconditioned",
+    "search_direction": "momentum",
     "growth_interval": math.log(2) / math.log(1.1),
     "backtrack": 0.8,
     "smoothing": 0.9,

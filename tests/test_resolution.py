@@ -16,8 +16,6 @@ from alsals import ALSALS, SLS, AdamSLS
 ANALYTIC = [
     (SLS, {}),
     (AdamSLS, {}),
-    # the momentum search (ALSALS's default searches along the preconditioned gradient, as
-    # AdamSLS does)
     (ALSALS, {"slope": "analytic", "search_direction": "momentum"}),
 ]
 IDS = ["SLS", "AdamSLS", "ALSALS-momentum-analytic"]

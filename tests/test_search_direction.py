@@ -1,5 +1,5 @@
 """ALSALS's ``search_direction``: what the trials move along, and what it does to the step
-size on a noisy problem (the reason it is the default, ``benchmarks/docs/method.md``)."""
+size on a noisy problem (``benchmarks/docs/method.md``)."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def test_the_preconditioned_search_lowers_the_step_size_where_noise_dominates(se
     assert loss_preconditioned < loss_momentum
 
 
-def test_the_default_searches_along_the_preconditioned_gradient_and_the_paper_along_momentum():
+def test_alsals_searches_along_momentum_unless_told_and_adam_sls_along_the_preconditioned():
     w = [torch.zeros(3, requires_grad=True)]
-    assert ALSALS(w).defaults["search_direction"] == "preconditioned"
+    assert ALSALS(w).defaults["search_direction"] == "momentum"
     assert ALSALS.paper(w).defaults["search_direction"] == "momentum"
     assert PAPER_ALSALS["search_direction"] == "momentum"
     assert SLS(w).defaults["search_direction"] == "gradient"

@@ -55,8 +55,8 @@ ABLATION = (
     "alsals-polyak",
     "alsals-preconditioned",
     "alsals-candidate",
-    "alsals-candidate-polyak",
     "alsals-recommended",
+    "alsals-recommended-preconditioned",
 )
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
 #: untuned baselines: one configuration for every task, no sweep
@@ -329,10 +329,11 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
     "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
     "alsals-candidate": (ALSALS, CANDIDATE),
-    # the candidate, each search started no higher than the Polyak step
-    "alsals-candidate-polyak": (ALSALS, {**CANDIDATE, "start": "polyak"}),
-    # ... searching along the preconditioned gradient: ALSALS's defaults, spelled out
-    "alsals-recommended": (
+    # the candidate, each search started no higher than the Polyak step: ALSALS's defaults,
+    # spelled out so that the row does not move if the defaults do
+    "alsals-recommended": (ALSALS, {**CANDIDATE, "start": "polyak"}),
+    # ... searching along the preconditioned gradient instead
+    "alsals-recommended-preconditioned": (
         ALSALS,
         {**CANDIDATE, "start": "polyak", "search_direction": "preconditioned"},
     ),
@@ -471,15 +472,14 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _line_search("alsals-preconditioned"),
         ),
         OptimizerSpec(
-            "alsals-candidate-polyak",
-            "the candidate with Polyak-limited starts",
-            _line_search("alsals-candidate-polyak"),
+            "alsals-recommended",
+            "ALSALS's defaults: the candidate with Polyak-limited starts",
+            _line_search("alsals-recommended"),
         ),
         OptimizerSpec(
-            "alsals-recommended",
-            "ALSALS's defaults: the candidate with Polyak starts, searching along the "
-            "preconditioned gradient",
-            _line_search("alsals-recommended"),
+            "alsals-recommended-preconditioned",
+            "alsals-recommended searching along the preconditioned gradient",
+            _line_search("alsals-recommended-preconditioned"),
         ),
         OptimizerSpec(
             "alsals-candidate",
