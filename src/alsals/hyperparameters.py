@@ -36,7 +36,6 @@ GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
 TORCH_GROUP_KEYS = ("params", "lr", "initial_lr", "name")
 SLOPES = ("analytic", "finite_difference")
 STARTS = ("grown", "polyak")
-DIRECTIONS = ("gradient", "preconditioned", "momentum")
 
 #: Shared argument documentation of the three constructors (``{}`` holds the defaults).
 ARGUMENTS = """\
@@ -131,9 +130,6 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")
     out["fd_step"] = in_range("fd_step", h["fd_step"], 0.0, closed_low=False)
     out["warmup_steps"] = integer("warmup_steps", h["warmup_steps"], 0)
-    direction = h.get("search_direction")
-    if direction is not None and direction not in DIRECTIONS:
-        raise ValueError(f"invalid search_direction: {direction!r} (expected one of {DIRECTIONS})")
     if h.get("start", "grown") not in STARTS:
         raise ValueError(f"invalid start: {h['start']!r} (expected one of {STARTS})")
     clip = h.get("max_grad_norm")

@@ -150,11 +150,7 @@ class LineSearchStepper(Stepper):
 
     def details(self) -> dict[str, Any]:
         info = self.optimizer.last_step
-        return {
-            "kind": info.kind,
-            "trials": info.trials,
-            "slope": info.slope,
-        }
+        return {"kind": info.kind, "trials": info.trials, "slope": info.slope}
 
 
 class ScheduleFreeStepper(Stepper):
