@@ -16,7 +16,16 @@ import pytest
 import torch
 
 from alsals_bench.data import DataNotFoundError
-from alsals_bench.tasks import LONG_FACTOR, OFFLINE_TASKS, TASKS, Budget, Task, TaskRun, get_task
+from alsals_bench.tasks import (
+    CHECK_TASKS,
+    LONG_FACTOR,
+    OFFLINE_TASKS,
+    TASKS,
+    Budget,
+    Task,
+    TaskRun,
+    get_task,
+)
 from alsals_bench.tasks.fullscale import DataLocationError
 
 CPU = torch.device("cpu")
@@ -24,6 +33,7 @@ OFFLINE = ("digits-cnn", "fashion-resnet", "austen-gpt2", "minilm-finefood", "mi
 OFFLINE += ("minilm-tweets",)
 FULLSCALE = ("gpt2-owt", "bert-mrpc", "bert-sst2", "bert-qnli", "bert-mnli")
 FULLSCALE += ("resnet34-cifar10", "resnet34-cifar100", "resnet50-imagenet")
+CHECKS = ("tabular-mlp", "regression-mlp", "char-transformer")
 
 
 def setup_or_skip(task: Task, seed: int, budget: Budget | None = None) -> TaskRun:
@@ -77,23 +87,25 @@ def check_run(task: Task, run: TaskRun) -> None:
 
 
 def test_registry():
-    assert set(TASKS) == set(OFFLINE) | set(FULLSCALE)
-    assert OFFLINE_TASKS == OFFLINE
+    assert set(TASKS) == set(OFFLINE) | set(FULLSCALE) | set(CHECKS)
+    assert OFFLINE_TASKS == OFFLINE and CHECK_TASKS == CHECKS
     for name, task in TASKS.items():
         assert task.name == name and get_task(name) is task
-        assert task.domain in ("nlp", "image")
+        assert task.suite == ("check" if name in CHECKS else "paper")
+        assert task.domain in (("nlp", "image", "tabular") if name in CHECKS else ("nlp", "image"))
         # A small, sorted grid that brackets the paper's rate on both sides.
         grid = task.adam_grid
         assert list(grid) == sorted(set(grid)) and 3 <= len(grid) <= 7
         assert task.adam_lr in grid and grid[0] < task.adam_lr < grid[-1]
-        assert "smoke" in task.budgets and "paper" in task.budgets
+        assert "smoke" in task.budgets
+        assert ("paper" in task.budgets) == (task.suite == "paper")
         if task.offline:
             assert "quick" in task.budgets
         for budget in task.budgets.values():
             assert budget.steps > 0 and budget.batch_size > 0 and budget.eval_every > 0
         is_gpt2 = "gpt2" in name
         assert all((b.warmup_steps > 0) == is_gpt2 for b in task.budgets.values()), name
-        assert task.offline == (name in OFFLINE)
+        assert task.offline == (name in OFFLINE + CHECKS)
     assert TASKS["gpt2-owt"].budget("paper").warmup_steps == 2000
     quick = TASKS["austen-gpt2"].budget("quick")
     assert quick.warmup_steps == round(0.1 * quick.steps)
@@ -122,7 +134,8 @@ def test_paper_budgets():
 
 
 def test_get_task_unknown_lists_names():
-    with pytest.raises(KeyError, match="digits-cnn.*minilm-tweets.*gpt2-owt") as info:
+    match = "digits-cnn.*minilm-tweets.*gpt2-owt.*tabular-mlp.*char-transformer"
+    with pytest.raises(KeyError, match=match) as info:
         get_task("cifar")
     assert "unknown task 'cifar'" in str(info.value)
 
@@ -130,7 +143,7 @@ def test_get_task_unknown_lists_names():
 # --------------------------------------------------------------------------- offline tasks
 
 
-@pytest.mark.parametrize("name", OFFLINE)
+@pytest.mark.parametrize("name", OFFLINE + CHECKS)
 def test_offline_task_smoke(name):
     task = TASKS[name]
     run = setup_or_skip(task, seed=0)
@@ -172,6 +185,45 @@ def test_austen_vocabulary_and_split():
     assert int((train == corpus["eot"]).sum()) == 5  # between the six books
 
 
+def test_check_tasks_data_are_fixed_and_adam_decays_on_them():
+    """The generated data do not depend on the run's seed (only the model and the batch
+    order do), and Adam's baseline on a check task is the warm-up + cosine a user tunes."""
+    from alsals_bench.registry import paper_adam_schedule
+
+    for name in ("tabular-mlp", "regression-mlp"):
+        task = TASKS[name]
+        a, b = setup_or_skip(task, seed=0), setup_or_skip(task, seed=5)
+        # The evaluation on the same model is the evaluation on the same test set.
+        b.model.load_state_dict(a.model.state_dict())
+        assert a.evaluate(a.model) == b.evaluate(b.model)
+        opt = torch.optim.Adam(a.model.parameters(), lr=1e-3)
+        schedule = paper_adam_schedule(opt, task, task.budget("quick"))
+        assert schedule is not None
+        rates = []
+        for _ in range(task.budget("quick").steps):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step()
+        peak = rates.index(max(rates))
+        assert peak == round(0.1 * len(rates)) - 1 and rates[-1] < 1e-3 * max(rates)
+
+
+def test_char_transformer_vocabulary_and_split():
+    from alsals_bench.tasks.checks import austen_characters
+
+    run = setup_or_skip(TASKS["char-transformer"], seed=0)
+    chars = austen_characters()
+    assert 60 < len(chars["vocab"]) < 120 and "\n" in chars["vocab"]
+    train, val = chars["train"], chars["val"]
+    n_val = sum(len(v) for v in val)
+    assert len(val) == 6 and 0.04 < n_val / (n_val + len(train)) < 0.06
+    assert int(train.max()) < len(chars["vocab"]) and all(
+        int(v.max()) < len(chars["vocab"]) for v in val
+    )
+    x, y = run.next_batch()
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+
+
 def test_quick_budgets_are_small():
     for name in OFFLINE:
         quick = TASKS[name].budget("quick")
@@ -182,7 +234,7 @@ def test_long_budgets_are_quick_five_times_as_long_with_schedules_scaled():
     from alsals_bench.registry import get_optimizer, paper_adam_schedule
 
     assert LONG_FACTOR == 5
-    for name in OFFLINE:
+    for name in OFFLINE + CHECKS:
         task = TASKS[name]
         quick, long = task.budget("quick"), task.budget("long")
         assert long.steps == 5 * quick.steps
@@ -215,7 +267,7 @@ def test_long_budgets_are_quick_five_times_as_long_with_schedules_scaled():
                 w.optimizer.param_groups[0]["warmup_steps"] for w in warmups
             )
             assert long_warmup == pytest.approx(5 * quick_warmup, abs=5)
-    assert all("long" not in TASKS[n].budgets for n in TASKS if n not in OFFLINE)
+    assert all("long" not in TASKS[n].budgets for n in TASKS if n not in OFFLINE + CHECKS)
     # the Adam schedule's warm-up scales with the task's (GPT-2: 16 -> 80 steps)
     gpt2 = TASKS["austen-gpt2"]
     param = torch.nn.Parameter(torch.zeros(1))
@@ -429,3 +481,16 @@ def test_resnet50_imagenet(tmp_path, monkeypatch):
     x, y = run.next_batch()
     assert x.shape == (2, 3, 32, 32) and y.dtype == torch.int64
     assert run.model.fc.out_features == 2
+
+
+def test_task_groups_on_the_command_line():
+    """``offline`` is the paper's six (the tables of #11 are over them), ``checks`` the check
+    tasks, ``fullscale`` the GPU experiments; names and groups mix, duplicates dropped."""
+    from alsals_bench.cli import _tasks
+
+    assert _tasks(["offline"]) == list(OFFLINE)
+    assert _tasks(["checks"]) == list(CHECKS)
+    assert _tasks(["fullscale"]) == list(FULLSCALE)
+    assert _tasks(["digits-cnn,checks", "tabular-mlp"]) == ["digits-cnn", *CHECKS]
+    with pytest.raises(KeyError, match="check tasks: tabular-mlp"):
+        _tasks(["tabular"])

@@ -30,14 +30,13 @@ def _split(values: list[str]) -> list[str]:
 
 
 def _tasks(names: list[str]) -> list[str]:
-    from alsals_bench.tasks import TASKS, get_task
+    from alsals_bench.tasks import CHECK_TASKS, FULLSCALE_NAMES, OFFLINE_TASKS, get_task
 
+    groups = {"offline": OFFLINE_TASKS, "fullscale": FULLSCALE_NAMES, "checks": CHECK_TASKS}
     out: list[str] = []
     for name in _split(names):
-        if name == "offline":
-            out += [t.name for t in TASKS.values() if t.offline]
-        elif name == "fullscale":
-            out += [t.name for t in TASKS.values() if not t.offline]
+        if name in groups:
+            out += groups[name]
         else:
             out.append(get_task(name).name)
     return list(dict.fromkeys(out))
@@ -76,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a sweep: tasks x optimizers x seeds")
     _add_run_arguments(run)
     run.add_argument(
-        "--tasks", nargs="+", default=DEFAULT_TASKS, help="names, 'offline', 'fullscale'"
+        "--tasks",
+        nargs="+",
+        default=DEFAULT_TASKS,
+        help="names, 'offline' (the paper's six), 'fullscale', 'checks'",
     )
     run.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, help="names or groups")
     run.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,4")
@@ -112,7 +114,7 @@ def _list() -> None:
 
     print("tasks:")
     for task in TASKS.values():
-        where = "offline" if task.offline else "full scale"
+        where = "check" if task.suite == "check" else "offline" if task.offline else "full scale"
         budgets = ", ".join(f"{k}={b.steps} steps" for k, b in task.budgets.items())
         print(f"  {task.name:<18} [{where}] {task.description} ({budgets})")
     print("optimizers:")

@@ -1,7 +1,8 @@
 """Benchmark tasks: ``TASKS`` maps each name users type to a ``Task`` instance.
 
-Offline tasks (``task.offline``) run here on fetched stand-in data; the full-scale ones
-(the paper's own experiments) need a GPU and the user's copies of the datasets.
+Offline tasks (``OFFLINE_TASKS``: the paper's six, on fetched stand-in data) run here; the
+full-scale ones (the paper's own experiments) need a GPU and the user's copies of the
+datasets; the check tasks (``CHECK_TASKS``) test a method on problems it was not chosen on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from alsals_bench.tasks.base import (
     classification_metrics,
     long_budget,
 )
+from alsals_bench.tasks.checks import CHECK_TASKS as _CHECKS
 from alsals_bench.tasks.digits import DigitsCNN
 from alsals_bench.tasks.fashion_resnet import FashionResNet
 from alsals_bench.tasks.fullscale import FULLSCALE_TASKS
@@ -31,9 +33,14 @@ TASKS: dict[str, Task] = {
         MiniLMBBC(),
         MiniLMTweets(),
         *FULLSCALE_TASKS,
+        *_CHECKS,
     )
 }
-OFFLINE_TASKS: tuple[str, ...] = tuple(name for name, task in TASKS.items() if task.offline)
+OFFLINE_TASKS: tuple[str, ...] = tuple(
+    name for name, task in TASKS.items() if task.offline and task.suite == "paper"
+)
+FULLSCALE_NAMES: tuple[str, ...] = tuple(name for name, task in TASKS.items() if not task.offline)
+CHECK_TASKS: tuple[str, ...] = tuple(name for name, task in TASKS.items() if task.suite == "check")
 
 
 def get_task(name: str) -> Task:
@@ -41,14 +48,15 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        offline = ", ".join(OFFLINE_TASKS)
-        full = ", ".join(n for n in TASKS if n not in OFFLINE_TASKS)
         raise KeyError(
-            f"unknown task {name!r}; offline tasks: {offline}; full-scale tasks: {full}"
+            f"unknown task {name!r}; offline tasks: {', '.join(OFFLINE_TASKS)}; "
+            f"full-scale tasks: {', '.join(FULLSCALE_NAMES)}; check tasks: {', '.join(CHECK_TASKS)}"
         ) from None
 
 
 __all__ = [
+    "CHECK_TASKS",
+    "FULLSCALE_NAMES",
     "LONG_FACTOR",
     "OFFLINE_TASKS",
     "TASKS",

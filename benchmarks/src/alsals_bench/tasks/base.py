@@ -65,23 +65,26 @@ class TaskRun:
 class Task(abc.ABC):
     """A benchmark task. Subclasses set the class attributes and implement ``setup``.
 
-    ``domain`` selects the paper's Adam baseline (Sec. IV-A): ``"nlp"`` gets cosine decay
-    with 10% linear warm-up, ``"image"`` a flat learning rate; ``adam_lr`` is the paper's
+    ``domain`` selects the paper's Adam baseline (Sec. IV-A): ``"image"`` gets a flat
+    learning rate, ``"nlp"`` (and ``"tabular"``) cosine decay with 10% linear warm-up; ``adam_lr`` is the paper's
     peak learning rate for the task's family and ``adam_grid`` the learning rates that
     ``adam-tuned`` tries. ``metrics`` lists what ``evaluate`` returns; ``"accuracy"`` feeds
     Table I (peak accuracy), and every task reports its final training loss (Table II).
     ``requires`` names the data sources (``alsals-bench fetch --only NAME``) it reads.
+    ``suite`` is ``"paper"`` for the paper's experiments and their stand-ins, ``"check"``
+    for the tasks that check a method on problems it was not chosen on (``checks.py``).
     """
 
     name: str
     description: str
-    domain: Literal["nlp", "image"]
+    domain: Literal["nlp", "image", "tabular"]
     adam_lr: float
     adam_grid: tuple[float, ...]
     metrics: tuple[str, ...]
     budgets: dict[str, Budget]
     requires: tuple[str, ...] = ()
     offline: bool = True
+    suite: Literal["paper", "check"] = "paper"
 
     def budget(self, preset: str) -> Budget:
         if preset not in self.budgets:
