@@ -121,3 +121,32 @@ def test_scan_rejects_other_optimizers_and_bad_grids():
         scan_direction(torch.optim.Adam([w]), lambda: w.sum())
     with pytest.raises(ValueError, match="positive"):
         scan_direction(SLS([w]), lambda: w.sum(), [0.0, 1.0])
+
+
+def test_scan_of_a_step_that_reuses_its_step_size_follows_the_update():
+    """With the adaptive cadence most steps search nothing; the scan of such a step runs
+    along the direction the step moves (so a recorder works with the defaults): at the step
+    size the step reuses, the scanned decrease is the decrease the step then makes."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=0.1)  # the defaults: adaptive cadence
+    reused = 0
+    for _ in range(30):
+        eta = opt.param_groups[0]["lr"]
+        scan = scan_direction(opt, quadratic(w), [eta])
+        loss = float(quadratic(w.detach())())
+        opt.step(quadratic(w))
+        assert scan.kind == opt.last_step.kind
+        if opt.last_step.kind == "reuse":
+            reused += 1
+            assert scan.chosen_step_size is None and opt.last_step.step_size == eta
+            made = loss - float(quadratic(w.detach())())
+            assert scan.decreases[0] == pytest.approx(made, rel=1e-9, abs=1e-15)
+    assert reused >= 5
+
+
+def test_scan_of_a_skipped_step_has_no_decreases():
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=0.1)
+    scan = scan_direction(opt, lambda: (w * float("nan")).sum(), [1e-3, 1e-2])
+    assert scan.kind == "nonfinite" and all(d != d for d in scan.decreases)
+    assert torch.equal(w.detach(), torch.zeros(3, dtype=torch.float64))

@@ -178,7 +178,9 @@ class StepPreview:
 
     info: StepInfo
     params: list[Tensor]  # the parameters that take part (grad set)
-    direction: list[Tensor]  # the search direction d, one tensor per parameter
+    # the direction d the step searches along (a step that reuses its step size: the one it
+    # moves along), one tensor per parameter; empty if the step takes no update
+    direction: list[Tensor]
     state: SearchState  # the search state before the step
 
 
@@ -523,7 +525,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         before = self.search_state
         try:
             _, info, run = self._step(closure, commit=False)
-            direction = [t for d in run.directions for t in d.materialize()]
+            directions = run.directions
+            if not directions and run.denominators:
+                # A step that reuses its step size searches nothing: its update direction.
+                directions = [
+                    build_direction(step, self.update_direction, q)
+                    for step, q in zip(run.steps, run.denominators, strict=True)
+                ]
+            direction = [t for d in directions for t in d.materialize()]
             taking_part = [p for step in run.steps for p in step.params]
         finally:
             for p, g in zip(params, grads, strict=True):
