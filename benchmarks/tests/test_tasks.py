@@ -75,7 +75,13 @@ def check_run(task: Task, run: TaskRun) -> None:
     assert loss.dim() == 0 and loss.requires_grad and math.isfinite(loss.item())
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in run.model.parameters())
-    metrics = run.evaluate(run.model)
+    modes = []  # the model's mode in every forward pass of the evaluation
+    hook = run.model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    try:
+        metrics = run.evaluate(run.model)
+    finally:
+        hook.remove()
+    assert modes and not any(modes)  # evaluated in eval mode (BatchNorm statistics, no dropout)
     assert set(metrics) == set(task.metrics)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     assert run.model.training  # evaluate restores training mode

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from alsals_bench.data.fullscale import random_lm_batch
 from alsals_bench.data.offline import load_austen_texts
+from alsals_bench.tasks._util import eval_mode
 from alsals_bench.tasks.austen_gpt2 import VAL_FRACTION, lm_windows
 from alsals_bench.tasks.base import (
     Budget,
@@ -99,7 +100,8 @@ class TabularMLP(Task):
             return nn.functional.cross_entropy(model(x), y)
 
         def evaluate(model):
-            return classification_metrics(model, x_test, y_test, 1000, lambda m, x, s: m(x[s]))
+            with eval_mode(model):
+                return classification_metrics(model, x_test, y_test, 1000, lambda m, x, s: m(x[s]))
 
         return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
 
@@ -145,7 +147,8 @@ class RegressionMLP(Task):
 
         @torch.no_grad()
         def evaluate(model):
-            return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
+            with eval_mode(model):
+                return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
 
         return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
 
@@ -242,8 +245,9 @@ class CharTransformerTask(Task):
 
         @torch.no_grad()
         def evaluate(model):
-            logits = model(x_val).flatten(0, 1)
-            return {"val_loss": nn.functional.cross_entropy(logits, y_val.flatten()).item()}
+            with eval_mode(model):
+                logits = model(x_val).flatten(0, 1)
+                return {"val_loss": nn.functional.cross_entropy(logits, y_val.flatten()).item()}
 
         return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
 

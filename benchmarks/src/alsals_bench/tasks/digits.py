@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from alsals_bench.data.offline import load_digits_dataset
+from alsals_bench.tasks._util import eval_mode
 from alsals_bench.tasks.base import (
     Budget,
     Task,
@@ -65,6 +66,7 @@ class DigitsCNN(Task):
             return nn.functional.cross_entropy(model(x), y)
 
         def evaluate(model):
-            return classification_metrics(model, x_test, y_test, 512, lambda m, x, s: m(x[s]))
+            with eval_mode(model):
+                return classification_metrics(model, x_test, y_test, 512, lambda m, x, s: m(x[s]))
 
         return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
