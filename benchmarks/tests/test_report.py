@@ -21,14 +21,26 @@ from alsals_bench.report import (
 from alsals_bench.runner import RunKey
 
 
-def _log(out, task, optimizer, seed, losses, forwards, backwards, budget="fake", size=4, **end):
+def _log(
+    out,
+    task,
+    optimizer,
+    seed,
+    losses,
+    forwards,
+    backwards,
+    budget="fake",
+    size=4,
+    metrics=("accuracy",),
+    **end,
+):
     """A finished run's log: one step record per loss, cumulative pass counts as given;
     ``size`` is the budget's steps in its start record (runs of one size are averaged)."""
     path = RunKey(task, optimizer, seed, budget).path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(losses)
     start = {"type": "start", "task": task, "optimizer": optimizer, "seed": seed}
-    start |= {"budget": budget, "steps": size, "batch_size": 8, "metrics": ["accuracy"]}
+    start |= {"budget": budget, "steps": size, "batch_size": 8, "metrics": list(metrics)}
     records = [start]
     for s, (loss, f, b) in enumerate(zip(losses, forwards, backwards, strict=True), 1):
         records.append(
@@ -175,3 +187,28 @@ def test_the_report_never_averages_runs_of_different_budgets(tmp_path):
     assert "| t1 (n=2) | **4 ± 0** |" in quick and "Adam 12)" in quick
     assert (tmp_path / "long" / "report" / "report.md").exists()
     assert (tmp_path / "quick" / "report" / "report.md").exists()
+
+
+def test_tasks_judged_by_a_validation_loss_alone_get_its_table(tmp_path):
+    """A regression task (``val_loss`` only) has a best-validation-loss table with its log
+    average; the classification task beside it is not in that table."""
+    for seed, (a, b) in enumerate(((0.02, 0.04), (0.08, 0.01))):
+        for optimizer, best in (("adam", a), ("alsals", b)):
+            _log(
+                tmp_path,
+                "reg",
+                optimizer,
+                seed,
+                [1.0, 1.0],
+                *_adam_like(2),
+                metrics=("val_loss",),
+                best_val_loss=best,
+            )
+        _log(tmp_path, "cls", "adam", seed, [1.0, 1.0], *_adam_like(2))
+    text = write_report(tmp_path, "fake").read_text()
+    table = text.split("### Best validation loss")[1].split("###")[0]
+    assert "| task | alsals | adam |" in table
+    assert "| reg (n=2) | **0.025 ± 0.015** | 0.05 ± 0.03 |" in table
+    assert "cls" not in table
+    # log average over the one task: the geometric mean of the task's means
+    assert "| *log average* | 0.025 | 0.05 |" in table

@@ -5,6 +5,7 @@
 * Table II: final training loss (an EMA of the per-step loss, as the paper smooths it) per
   task, and the logarithmic average over tasks (the geometric mean, as in the paper).
 * Language modelling: best validation loss and perplexity.
+* Best validation loss of the tasks judged by it alone (no accuracy, no perplexity).
 * Equal compute: each optimizer's training loss (the EMA of Table II) at the compute Adam
   used, in pass-equivalents (forward + 2 x backward passes, a backward pass costing about
   two forward ones), so that a line search's extra forward passes are paid for.
@@ -329,6 +330,10 @@ def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) ->
 
     classification = {r.task for r in runs if "accuracy" in r.start.get("metrics", [])}
     language = {r.task for r in runs if "perplexity" in r.start.get("metrics", [])}
+    # regression and other tasks judged by a validation loss alone
+    loss_only = {r.task for r in runs if "val_loss" in r.start.get("metrics", [])} - (
+        classification | language
+    )
     parts = [
         f"Runs: {finished} finished; mean ± standard error over the n seeds of each task.\n",
     ]
@@ -369,6 +374,15 @@ def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) ->
                 rows("best_perplexity", language),
                 False,
                 None,
+            )
+        )
+    if loss_only:
+        parts.append(
+            table(
+                "Best validation loss",
+                rows("best_val_loss", loss_only),
+                False,
+                ("log average", "log"),
             )
         )
     parts.append(_equal_compute_table(runs, group, tasks, columns, seeds_of, edges))

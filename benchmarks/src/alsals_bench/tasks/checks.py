@@ -212,7 +212,7 @@ class CharTransformerTask(Task):
     domain = "nlp"
     suite = "check"
     adam_lr = 1e-3
-    adam_grid = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    adam_grid = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     metrics = ("val_loss",)
     requires = ("austen",)
     budgets = {
