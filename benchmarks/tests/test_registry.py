@@ -6,7 +6,8 @@ import pytest
 from torch import nn
 
 from alsals import ALSALS
-from alsals_bench.registry import ABLATION, LINE_SEARCHES, line_search_stepper
+from alsals_bench.registry import ABLATION, LINE_SEARCHES, get_optimizer, line_search_stepper
+from alsals_bench.tasks import get_task
 
 
 def defaults_of(name: str) -> dict:
@@ -32,3 +33,22 @@ def test_the_preconditioned_row_differs_from_the_recommended_in_the_search_direc
 @pytest.mark.parametrize("name", [n for n in ABLATION if n in LINE_SEARCHES])
 def test_every_ablation_row_builds(name):
     assert isinstance(line_search_stepper(name, nn.Linear(3, 2)).optimizer, ALSALS)
+
+
+def test_the_default_rows_run_as_users_run_them_and_the_paper_rows_under_its_protocol():
+    """On a task whose optimizers share a warm-up (the GPT-2 stand-in), the paper's rows warm
+    up to Adam's peak rate (Sec. IV-A); ``ALSALS(params)``'s rows take neither the warm-up
+    nor the rate: exactly ``ALSALS(params)``'s defaults."""
+    task = get_task("austen-gpt2")
+    budget = task.budget("quick")
+    assert budget.warmup_steps > 0
+
+    def built(name):
+        return get_optimizer(name).build(nn.Linear(3, 2), task, budget).optimizer.defaults
+
+    for name in ("alsals-recommended", "alsals-recommended-preconditioned"):
+        assert built(name) == defaults_of(name)
+    assert built("alsals-recommended") == ALSALS(nn.Linear(3, 2).parameters()).defaults
+    for name in ("alsals", "alsals-analytic", "alsals-candidate"):
+        paper = built(name)
+        assert paper["warmup_steps"] == budget.warmup_steps and paper["lr"] == task.adam_lr

@@ -346,12 +346,21 @@ def line_search_stepper(name: str, model: nn.Module, **settings: Any) -> LineSea
     )
 
 
+#: rows that run ``ALSALS(params)`` as a user does: its defaults, on every task as they are
+#: (no shared warm-up to Adam's rate), like the peers at their documented defaults
+AS_USERS_RUN_THEM = ("alsals-recommended", "alsals-recommended-preconditioned")
+
+
 def _line_search(name: str) -> Callable[[nn.Module, Task, Budget], Stepper]:
-    """Where a task warms up (the paper's GPT-2 runs, Sec. IV-A: "a warm-starting period of
-    2000 steps for all algorithms"), the line search warms up to the task's peak learning
-    rate like Adam does, then takes over; elsewhere it starts from its own initial step."""
+    """The paper's protocol: where a task warms up (the paper's GPT-2 runs, Sec. IV-A: "a
+    warm-starting period of 2000 steps for all algorithms"), the line search warms up to the
+    task's peak learning rate like Adam does, then takes over; elsewhere it starts from its
+    own initial step. The rows of ``AS_USERS_RUN_THEM`` take no warm-up and no rate from the
+    task anywhere: a tuned peak rate is what ``ALSALS(params)`` exists to do without."""
 
     def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+        if name in AS_USERS_RUN_THEM:
+            return line_search_stepper(name, model)
         warm = {"warmup_steps": budget.warmup_steps}
         if budget.warmup_steps:
             warm["lr"] = task.adam_lr
