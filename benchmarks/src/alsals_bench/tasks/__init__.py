@@ -17,7 +17,7 @@ from alsals_bench.tasks.base import (
     classification_metrics,
     long_budget,
 )
-from alsals_bench.tasks.checks import CHECK_TASKS as _CHECKS
+from alsals_bench.tasks.checks import CHECK_SUITE
 from alsals_bench.tasks.digits import DigitsCNN
 from alsals_bench.tasks.fashion_resnet import FashionResNet
 from alsals_bench.tasks.fullscale import FULLSCALE_TASKS
@@ -33,7 +33,7 @@ TASKS: dict[str, Task] = {
         MiniLMBBC(),
         MiniLMTweets(),
         *FULLSCALE_TASKS,
-        *_CHECKS,
+        *CHECK_SUITE,
     )
 }
 OFFLINE_TASKS: tuple[str, ...] = tuple(

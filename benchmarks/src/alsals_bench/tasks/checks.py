@@ -252,4 +252,4 @@ class CharTransformerTask(Task):
         return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
 
 
-CHECK_TASKS: tuple[Task, ...] = (TabularMLP(), RegressionMLP(), CharTransformerTask())
+CHECK_SUITE: tuple[Task, ...] = (TabularMLP(), RegressionMLP(), CharTransformerTask())
