@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -61,6 +61,37 @@ def fixed_subset(n: int, size: int | None) -> Tensor | None:
     if size is None or size >= n:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size]
+
+
+def tensor_dataset_run(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    batch_size: int,
+    seed: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    evaluate: Callable[[nn.Module], dict[str, float]],
+):
+    """A task run on in-memory tensors: batches of ``train`` (inputs, targets) shuffled with
+    ``batch_stream(seed)``, the loss ``loss_fn(model(x), y)``, and ``evaluate`` run in eval
+    mode (the model's mode restored after)."""
+    from alsals_bench.tasks.base import TaskRun, batch_stream
+
+    x_train, y_train = train
+    indices = batch_stream(len(x_train), batch_size, seed)
+
+    def next_batch():
+        idx = indices().to(x_train.device)
+        return x_train[idx], y_train[idx]
+
+    def loss(model, batch):
+        x, y = batch
+        return loss_fn(model(x), y)
+
+    def evaluate_in_eval_mode(model):
+        with eval_mode(model):
+            return evaluate(model)
+
+    return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate_in_eval_mode)
 
 
 def image_classification_run(

@@ -22,13 +22,12 @@ from torch import Tensor, nn
 
 from alsals_bench.data.fullscale import random_lm_batch
 from alsals_bench.data.offline import load_austen_texts
-from alsals_bench.tasks._util import eval_mode
+from alsals_bench.tasks._util import eval_mode, tensor_dataset_run
 from alsals_bench.tasks.austen_gpt2 import VAL_FRACTION, lm_windows
 from alsals_bench.tasks.base import (
     Budget,
     Task,
     TaskRun,
-    batch_stream,
     classification_metrics,
     long_budget,
 )
@@ -89,21 +88,14 @@ class TabularMLP(Task):
         y_train, y_test = y[:5000].to(device), y[5000:].to(device)
         torch.manual_seed(seed)
         model = _mlp((40, 256, 256, 5), nn.ReLU).to(device)
-        indices = batch_stream(len(x_train), budget.batch_size, seed)
-
-        def next_batch():
-            idx = indices().to(device)
-            return x_train[idx], y_train[idx]
-
-        def loss(model, batch):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y)
-
-        def evaluate(model):
-            with eval_mode(model):
-                return classification_metrics(model, x_test, y_test, 1000, lambda m, x, s: m(x[s]))
-
-        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+        return tensor_dataset_run(
+            model,
+            (x_train, y_train),
+            budget.batch_size,
+            seed,
+            nn.functional.cross_entropy,
+            lambda m: classification_metrics(m, x_test, y_test, 1000, lambda m, x, s: m(x[s])),
+        )
 
 
 class RegressionMLP(Task):
@@ -135,22 +127,14 @@ class RegressionMLP(Task):
         y_train, y_test = y_train.to(device), y_test.to(device)
         torch.manual_seed(seed)
         model = _mlp((10, 128, 128, 1), nn.Tanh).to(device)
-        indices = batch_stream(len(x_train), budget.batch_size, seed)
-
-        def next_batch():
-            idx = indices().to(device)
-            return x_train[idx], y_train[idx]
-
-        def loss(model, batch):
-            x, y = batch
-            return nn.functional.mse_loss(model(x), y)
 
         @torch.no_grad()
         def evaluate(model):
-            with eval_mode(model):
-                return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
+            return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
 
-        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+        return tensor_dataset_run(
+            model, (x_train, y_train), budget.batch_size, seed, nn.functional.mse_loss, evaluate
+        )
 
 
 class CharTransformer(nn.Module):

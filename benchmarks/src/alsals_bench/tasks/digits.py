@@ -6,12 +6,11 @@ import torch
 from torch import nn
 
 from alsals_bench.data.offline import load_digits_dataset
-from alsals_bench.tasks._util import eval_mode
+from alsals_bench.tasks._util import tensor_dataset_run
 from alsals_bench.tasks.base import (
     Budget,
     Task,
     TaskRun,
-    batch_stream,
     classification_metrics,
     long_budget,
 )
@@ -55,18 +54,11 @@ class DigitsCNN(Task):
         x_test, y_test = data["x_test"].to(device), data["y_test"].to(device)
         torch.manual_seed(seed)
         model = digits_cnn().to(device)
-        indices = batch_stream(len(x_train), budget.batch_size, seed)
-
-        def next_batch():
-            idx = indices().to(device)
-            return x_train[idx], y_train[idx]
-
-        def loss(model, batch):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y)
-
-        def evaluate(model):
-            with eval_mode(model):
-                return classification_metrics(model, x_test, y_test, 512, lambda m, x, s: m(x[s]))
-
-        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+        return tensor_dataset_run(
+            model,
+            (x_train, y_train),
+            budget.batch_size,
+            seed,
+            nn.functional.cross_entropy,
+            lambda m: classification_metrics(m, x_test, y_test, 512, lambda m, x, s: m(x[s])),
+        )
