@@ -21,10 +21,10 @@ class LandscapeScan:
     the step did not search: warm-up, cadence, failure, skipped); ``best_step_size`` the grid
     point with the largest decrease. A step that reuses its step size (``kind == "reuse"``)
     is scanned along the direction it moves; it has no slope, so no boundary. A step that
-    takes no update has no direction: its decreases are NaN. ``boundary[i]`` is the smallest decrease the
-    acceptance test of this step would accept at ``step_sizes[i]`` (Eq. 9 with the smoothed
-    averages solved for the raw decrease), and ``accepted[i]`` whether the scanned decrease
-    reaches it. ``slope`` is this step's slope estimate and ``slope_average`` the smoothed
+    takes no update has no direction: its decreases are NaN. ``boundary[i]`` is the
+    smallest decrease the acceptance test of this step would accept at ``step_sizes[i]``
+    (Eq. 9 with the smoothed averages solved for the raw decrease), and ``accepted[i]``
+    whether the scanned decrease reaches it. ``slope`` is this step's slope estimate and ``slope_average`` the smoothed
     value the test used.
     """
 
@@ -114,12 +114,12 @@ def _decreases_along(
     grid: list[float],
 ) -> list[float]:
     """``f(w) - f(w + eta d)`` for every ``eta`` of the grid, everything put back after."""
+    if not preview.direction:  # the step takes no update (skipped, or lr 0): nothing to scan
+        return [math.nan] * len(grid)
     params = [local_shard(p) for p in preview.params]
     origin = [p.detach().clone() for p in params]
     evaluator = ClosureEvaluator(closure, optimizer.params(), optimizer.protected_buffers)
     evaluator.start_without_grad()
-    if not preview.direction:  # the step takes no update (skipped, or lr 0): nothing to scan
-        return [math.nan] * len(grid)
     decreases = []
     try:
         for eta in grid:

@@ -66,9 +66,9 @@ class Task(abc.ABC):
     """A benchmark task. Subclasses set the class attributes and implement ``setup``.
 
     ``domain`` selects the paper's Adam baseline (Sec. IV-A): ``"image"`` gets a flat
-    learning rate, ``"nlp"`` (and ``"tabular"``) cosine decay with 10% linear warm-up; ``adam_lr`` is the paper's
-    peak learning rate for the task's family and ``adam_grid`` the learning rates that
-    ``adam-tuned`` tries. ``metrics`` lists what ``evaluate`` returns; ``"accuracy"`` feeds
+    learning rate, ``"nlp"`` (and ``"tabular"``) cosine decay with 10% linear warm-up;
+    ``adam_lr`` is the paper's peak learning rate for the task's family and ``adam_grid``
+    the learning rates that ``adam-tuned`` tries. ``metrics`` lists what ``evaluate`` returns; ``"accuracy"`` feeds
     Table I (peak accuracy), and every task reports its final training loss (Table II).
     ``requires`` names the data sources (``alsals-bench fetch --only NAME``) it reads.
     ``suite`` is ``"paper"`` for the paper's experiments and their stand-ins, ``"check"``

@@ -15,6 +15,7 @@ stores for the GPT-2 stand-in.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,6 +44,16 @@ def _standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     return (train - mean) / std, (test - mean) / std
 
 
+def _budgets(smoke: Budget, quick: Budget) -> dict[str, Budget]:
+    """A check task's budgets: ``smoke``, ``quick`` and ``long`` (quick x5)."""
+    return {"smoke": smoke, "quick": quick, "long": long_budget(quick)}
+
+
+#: both MLP tasks: 800 steps of 64 examples, evaluated every 100
+MLP_QUICK = Budget(steps=800, batch_size=64, eval_every=100)
+MLP_SMOKE = Budget(steps=6, batch_size=32, eval_every=3)
+
+
 def _mlp(sizes: tuple[int, ...], activation: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
@@ -63,11 +74,7 @@ class TabularMLP(Task):
     adam_lr = 1e-3
     adam_grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     metrics = ("accuracy", "val_loss")
-    budgets = {
-        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
-        "quick": Budget(steps=800, batch_size=64, eval_every=100),
-    }
-    budgets["long"] = long_budget(budgets["quick"])
+    budgets = _budgets(MLP_SMOKE, MLP_QUICK)
 
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         from sklearn.datasets import make_classification
@@ -109,11 +116,7 @@ class RegressionMLP(Task):
     adam_lr = 1e-3
     adam_grid = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     metrics = ("val_loss",)
-    budgets = {
-        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
-        "quick": Budget(steps=800, batch_size=64, eval_every=100),
-    }
-    budgets["long"] = long_budget(budgets["quick"])
+    budgets = _budgets(MLP_SMOKE, MLP_QUICK)
 
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         from sklearn.datasets import make_friedman1
@@ -171,7 +174,7 @@ def austen_characters() -> dict[str, Any]:
     characters of the training text; a held-out character outside it maps to id 0)."""
     if not _CHARS:
         books = load_austen_texts()
-        cuts = [len(b) - int(VAL_FRACTION * len(b) + 0.999999) for b in books]
+        cuts = [len(b) - math.ceil(VAL_FRACTION * len(b)) for b in books]
         train_text = "\n".join(b[:c] for b, c in zip(books, cuts, strict=True))
         vocab = sorted(set(train_text))
         index = {ch: i for i, ch in enumerate(vocab)}
@@ -199,15 +202,12 @@ class CharTransformerTask(Task):
     adam_grid = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     metrics = ("val_loss",)
     requires = ("austen",)
-    budgets = {
-        "smoke": Budget(
-            steps=4, batch_size=4, eval_every=2, options={"context": 16, "eval_windows": 8}
-        ),
-        "quick": Budget(
+    budgets = _budgets(
+        Budget(steps=4, batch_size=4, eval_every=2, options={"context": 16, "eval_windows": 8}),
+        Budget(
             steps=400, batch_size=32, eval_every=100, options={"context": 64, "eval_windows": 256}
         ),
-    }
-    budgets["long"] = long_budget(budgets["quick"])
+    )
 
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         context = budget.options["context"]
