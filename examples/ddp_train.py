@@ -119,6 +119,7 @@ def main() -> None:
             os.path.join(args.out, f"rank{rank}.pt"),
         )
     if distributed:
+        dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
         dist.destroy_process_group()
 
 

@@ -81,5 +81,6 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
                 "divergent": divergent_run(rank, cls),
             }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
     finally:
         dist.destroy_process_group()

@@ -89,6 +89,7 @@ def main(out: str) -> None:
                 "decisions": decisions,
             }
     torch.save(results, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
     dist.destroy_process_group()
 
 
