@@ -182,3 +182,149 @@ def test_cuda_random_state_is_replayed_and_restored(optimizer_class):
     opt.step(closure)
     assert len(masks) > 2 and all(torch.equal(m, masks[0]) for m in masks)
     assert torch.equal(torch.cuda.get_rng_state(), expected)
+
+
+def _net_and_batches(seed: int = 0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = make_classification(n=96)
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 96, 32)]
+    return net, batches
+
+
+def _bce(net, xb, yb):
+    return nn.functional.binary_cross_entropy_with_logits(net(xb).squeeze(-1), yb)
+
+
+def _twin(net):
+    twin = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    twin.load_state_dict(net.state_dict())
+    return twin
+
+
+def test_closure_with_backward_that_never_zeroes_takes_the_steps_of_one_that_does(
+    optimizer_class,
+):
+    """The gradients a step leaves in .grad are not added to the next step's: a closure that
+    forgets zero_grad() trains exactly like one that calls it."""
+    net, batches = _net_and_batches()
+    twin = _twin(net)
+    opt = optimizer_class(net.parameters(), lr=1.0)
+    opt_twin = optimizer_class(twin.parameters(), lr=1.0)
+    for xb, yb in batches:
+
+        def forgetful(backward: bool, xb=xb, yb=yb):
+            loss = _bce(net, xb, yb)
+            if backward:
+                loss.backward()
+            return loss
+
+        def zeroing(backward: bool, xb=xb, yb=yb):
+            if backward:
+                opt_twin.zero_grad()
+            loss = _bce(twin, xb, yb)
+            if backward:
+                loss.backward()
+            return loss
+
+        opt.step(forgetful)
+        opt_twin.step(zeroing)
+        for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["to-none", "in-place"])
+def test_gradients_accumulated_outside_the_closure_since_the_last_step_are_kept(
+    optimizer_class, set_to_none
+):
+    """A micro-batch whose backward ran before step() counts: only gradients untouched since
+    the previous step are dropped."""
+    net, batches = _net_and_batches()
+    twin = _twin(net)
+    opt = optimizer_class(net.parameters(), lr=1.0)
+    opt_twin = optimizer_class(twin.parameters(), lr=1.0)
+    for xb, yb in batches:
+        first, last = (xb[:16], yb[:16]), (xb[16:], yb[16:])
+        opt.zero_grad(set_to_none=set_to_none)
+        (_bce(net, *first) / 2).backward()
+
+        def last_micro_batch(backward: bool, first=first, last=last):
+            loss = _bce(net, *last) / 2
+            if backward:
+                loss.backward()
+            return loss + _bce(net, *first).detach() / 2
+
+        def both(backward: bool, first=first, last=last):
+            if backward:
+                opt_twin.zero_grad()
+            total = 0.0
+            for mb in (first, last):
+                loss = _bce(twin, *mb) / 2
+                if backward:
+                    loss.backward()
+                total = total + loss.detach()
+            return total
+
+        opt.step(last_micro_batch)
+        opt_twin.step(both)
+        for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_retry_of_a_failed_step_with_a_closure_that_never_zeroes(optimizer_class):
+    """An exception in a trial, then the same step again: the failed attempt's gradients are
+    not added to the retry's, which takes the step of a run without the failure."""
+    net, batches = _net_and_batches()
+    twin = _twin(net)
+    opt = optimizer_class(net.parameters(), lr=50.0)  # backtracks: several trials
+    opt_twin = optimizer_class(twin.parameters(), lr=50.0)
+    fail = {"armed": False}
+
+    def forgetful(model, xb, yb):
+        def closure(backward: bool):
+            if not backward and fail["armed"]:
+                fail["armed"] = False
+                raise RuntimeError("trial failed")
+            loss = _bce(model, xb, yb)
+            if backward:
+                loss.backward()
+            return loss
+
+        return closure
+
+    for index, (xb, yb) in enumerate(batches):
+        if index == 1:
+            fail["armed"] = True
+            with pytest.raises(RuntimeError, match="trial failed"):
+                opt.step(forgetful(net, xb, yb))
+        opt.step(forgetful(net, xb, yb))
+        opt_twin.step(forgetful(twin, xb, yb))
+        for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
+def test_preview_then_step_with_a_closure_that_never_zeroes(optimizer_class):
+    """preview() puts the gradients back as copies; the step after it still drops them."""
+    net, batches = _net_and_batches()
+    twin = _twin(net)
+    opt = optimizer_class(net.parameters(), lr=1.0)
+    opt_twin = optimizer_class(twin.parameters(), lr=1.0)
+
+    def forgetful(model, xb, yb):
+        def closure(backward: bool):
+            loss = _bce(model, xb, yb)
+            if backward:
+                loss.backward()
+            return loss
+
+        return closure
+
+    for xb, yb in batches:
+        preview = opt.preview(forgetful(net, xb, yb))
+        opt.step(forgetful(net, xb, yb))
+        opt_twin.step(forgetful(twin, xb, yb))
+        assert preview.info.step_size == opt.last_step.step_size
+        for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "Closure",
     "ClosureEvaluator",
     "ClosureForm",
+    "LeftGradients",
     "RandomState",
     "as_loss_tensor",
 ]
@@ -112,6 +114,39 @@ def as_loss_tensor(value: object, role: str) -> Tensor:
     raise TypeError(
         f"closure must return the loss (a scalar tensor); {role} returned {type(value).__name__}"
     )
+
+
+class LeftGradients:
+    """The gradients a step left in ``.grad``, remembered without keeping them alive.
+
+    A ``closure(backward)`` that does not zero the gradients adds its own to whatever is in
+    ``.grad``. When that is exactly what the previous step left there, untouched since (the
+    same tensors, not modified in place), the previous step's gradient would silently be
+    added to this one: no training loop wants that, so the optimizer drops them before the
+    closure runs. Gradients accumulated, zeroed or replaced since (micro-batches run outside
+    the closure, a Trainer's backward) are not untouched and stay.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._marks = [
+            None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params
+        ]
+
+    def untouched(self, params: Sequence[Tensor]) -> bool:
+        """Whether ``params`` hold exactly the gradients recorded, at least one of them."""
+        if len(params) != len(self._marks):
+            return False
+        held = False
+        for p, mark in zip(params, self._marks, strict=True):
+            if mark is None:
+                if p.grad is not None:
+                    return False
+                continue
+            tensor, version = mark
+            if p.grad is None or tensor() is not p.grad or p.grad._version != version:
+                return False
+            held = True
+        return held
 
 
 class RandomState:
@@ -215,6 +250,7 @@ class ClosureEvaluator:
         params: Iterable[Tensor],
         buffers: Sequence[Tensor],
         runs_backward: bool | None = None,
+        left: LeftGradients | None = None,
     ) -> None:
         if closure is None or not callable(closure):
             raise TypeError(
@@ -226,6 +262,7 @@ class ClosureEvaluator:
         self.closure = ClosureForm(closure, runs_backward)
         self.params = list(params)
         self.runs_backward_itself = self.closure.takes_backward
+        self.left = left
         self.before = BufferGuard(buffers)
         self.after_first = BufferGuard(buffers)
         self.rng_before: RandomState | None = None
@@ -239,14 +276,17 @@ class ClosureEvaluator:
     def evaluate_with_grad(self) -> Tensor:
         """First evaluation of the step: loss and gradients at the starting point.
 
-        With no trainable parameter the plain form returns the loss without a backward pass
-        (the step is then a no-op, as in ``torch.optim``).
+        A ``closure(backward)`` finds the gradients set to ``None`` where they are still the
+        ones the previous step left (``left``, see :class:`LeftGradients`). With no trainable
+        parameter the plain form returns the loss without a backward pass (the step is then a
+        no-op, as in ``torch.optim``).
         """
         self.rng_before = RandomState()
         self.before.capture()
         with torch.enable_grad():
             if self.runs_backward_itself:
-                if self.closure.by_grad_mode:
+                stale = self.left is not None and self.left.untouched(self.params)
+                if self.closure.by_grad_mode or stale:
                     for p in self.params:
                         p.grad = None
                 value = self.closure(True)

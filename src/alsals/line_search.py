@@ -43,7 +43,7 @@ from torch import Tensor
 
 from alsals.acceptance import ArmijoTest, SearchTest
 from alsals.backtracking import MIN_STEP_SIZE, Backtracking
-from alsals.closure import Closure, ClosureEvaluator, checked_buffers
+from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import (
     Direction,
     GroupStep,
@@ -298,6 +298,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._buffers_checked = False
         self._grad_norm = math.nan
         self._replay_loss: float | None = None
+        self._left_grads: LeftGradients | None = None
         self.last_step: StepInfo | None = None
         defaults = {"search_direction": self.search_directions[0].value, **defaults}
         super().__init__(params, self._checked_direction(checked_search(defaults)))
@@ -306,8 +307,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults, state and param_groups; a copy must also keep the
-        # protected buffers, the process group, the one-time warnings and last_step.
-        return dict(self.__dict__)
+        # protected buffers, the process group, the one-time warnings and last_step. The
+        # marks of the gradients left in .grad (weak references) belong to this object only.
+        return {k: v for k, v in self.__dict__.items() if k != "_left_grads"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -318,6 +320,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_replay_loss", None)
+        self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("last_step", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -522,6 +525,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """
         params = self.params()
         grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        left = self._left_grads is not None and self._left_grads.untouched(params)
         before = self.search_state
         try:
             _, info, run = self._step(closure, commit=False)
@@ -537,6 +541,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         finally:
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
+            if left:  # still the previous step's gradients, as copies
+                self._left_grads = LeftGradients(params)
         return StepPreview(info=info, params=taking_part, direction=direction, state=before)
 
     # ------------------------------------------------------------------------------ the step
@@ -550,6 +556,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self.params(),
             self._buffers,
             runs_backward=runs_backward,
+            left=self._left_grads,
         )
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
@@ -565,6 +572,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if run.trial is not None:
                 run.trial.restore()
             evaluator.abort()
+            if commit:  # a retry must not add this attempt's gradients to its own
+                self._left_grads = LeftGradients(self.params())
             raise
         info = StepInfo(
             kind=outcome.kind,
@@ -578,6 +587,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             grad_norm=self._grad_norm,
         )
         if commit:
+            self._left_grads = LeftGradients(self.params())
             self._finish(search, outcome, evaluator, written, info)
             if run.first_search and outcome.kind in SEARCH_KINDS:
                 self._report_first_search(outcome, evaluator, run.start_step_size)
@@ -1050,7 +1060,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def __deepcopy__(self, memo: dict[int, Any]) -> LineSearchOptimizer:
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
-        state = {k: v for k, v in self.__dict__.items() if k != "_process_group"}
+        state = {k: v for k, v in self.__getstate__().items() if k != "_process_group"}
         clone.__setstate__(copy.deepcopy(state, memo))
         clone._process_group = self._process_group  # a communicator is shared, not copied
         return clone
