@@ -126,3 +126,27 @@ def test_float64_losses_use_float64_resolution():
     opt.step(lambda: (w**2).sum())
     assert opt.last_step.kind == "search"
     assert opt.last_step.step_size == pytest.approx(1e-13 * 2 ** (1 / 500))
+
+
+def test_a_loss_no_step_can_move_neither_overflows_nor_moves_the_weights(optimizer_class):
+    """A saturated loss (its change is below the float32 resolution at every step size): the
+    searches end unresolved within a bounded climb, the step size stays finite, no step
+    reuses a step size no search accepted, and the weights stay where they are. (The climb
+    used to double the step size 99 times per search until the next step raised an
+    overflow error.)"""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(10))
+    start = w.detach().clone()
+    opt = optimizer_class([w])
+
+    def saturated():
+        return 1.0 + 1e-9 * torch.tanh(w).sum()
+
+    for _ in range(40):
+        opt.step(saturated)
+        assert opt.last_step.kind == "unresolved"
+        assert math.isfinite(opt.param_groups[0]["lr"])
+    assert torch.equal(w.detach(), start)
+    # the climb ends where a trial moves the weights by their own norm: no more than ~40
+    # doublings from lr on this problem, then one trial per search
+    assert opt.search_state.trials <= 40 + 39

@@ -2,8 +2,15 @@
 
 A search starts at ``eta * 2^(1/b)`` (Eq. 2), or during warm-up at the ramp's value, and
 walks from there: down by ``backtrack`` after a rejected trial, up by ``UPWARD_FACTOR`` after
-an unresolved one while nothing larger was rejected (and never above the warm-up cap). When
-the search ends without an accepted trial, the walk says where the next search starts.
+an unresolved one while nothing larger was rejected (never above the warm-up cap, nor above
+the ceiling). When the search ends without an accepted trial, the walk says where the next
+search starts.
+
+Climbing recovers a step size that fell below what the loss can resolve. Its ceiling is the
+step size whose update is as large as the weights (``set_ceiling``): a trial that moves the
+weights that far and still changes nothing is not below any resolution; the loss is flat
+there. Without it, a loss that no step can move (a saturated network) sent every search up
+by ``2^max_trials``, until the step size overflowed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ class Backtracking:
     eta: float  # the step size of the next trial
     cap: float  # warm-up: no trial above it (inf otherwise)
     backtrack: float
+    ceiling: float = math.inf  # no climb above it, set at the first unresolved trial
     rejected: bool = False  # a finite, resolved trial failed the test
     largest_unresolved: float = 0.0
     last_tried: float = math.nan
@@ -50,19 +58,24 @@ class Backtracking:
         self.last_tried = self.eta
         self.eta = max(self.eta * self.backtrack, MIN_STEP_SIZE)
 
+    def set_ceiling(self, ceiling: float) -> None:
+        """No climb above ``ceiling``, where the update is as large as the weights."""
+        self.ceiling = max(ceiling, MIN_STEP_SIZE)
+
     def climb(self) -> bool:
-        """An unresolved trial: go up if nothing larger was rejected and the cap allows;
-        returns ``False`` when the search must end unresolved instead."""
+        """An unresolved trial: go up if nothing larger was rejected and the cap and the
+        ceiling allow; returns ``False`` when the search must end unresolved instead."""
         self.largest_unresolved = max(self.largest_unresolved, self.eta)
-        larger = min(self.eta * UPWARD_FACTOR, self.cap)
+        larger = min(self.eta * UPWARD_FACTOR, self.cap, self.ceiling)
         if self.rejected or larger <= self.eta:
             return False
         self.eta = larger
         return True
 
     def unresolved_step_size(self) -> float:
-        """Phase 5.5: keep the step size, or the largest unresolved one if that is larger."""
-        return max(self.eta_start, self.largest_unresolved)
+        """Phase 5.5: keep the step size, or the largest unresolved one below the ceiling if
+        that is larger (searches on a flat loss do not grow the step size)."""
+        return max(self.eta_start, min(self.largest_unresolved, self.ceiling))
 
     def failed_step_size(self, history: bool) -> float:
         """Phase 5.4: where the next search starts after ``max_trials`` without acceptance.

@@ -250,6 +250,32 @@ class _TrialPoint:
             d.add_to(step.weights, eta)
         self.at_origin = False
 
+    def update_as_large_as_weights(self, group: dist.ProcessGroup | None) -> float:
+        """The step size ``eta`` with ``||eta d|| = max(||w0||, 1)`` (norms over all
+        parameters and shards; one synchronisation): the ceiling of climbs (5.5)."""
+        w_terms: list[Tensor] = []
+        d_terms: list[Tensor] = []
+        for step, d, origin in zip(self.steps, self.directions, self.origins, strict=True):
+            if d.divisors is None:
+                norms = [n * abs(d.scales[0]) for n in torch._foreach_norm(d.tensors)]
+            else:
+                norms = [
+                    torch.linalg.vector_norm(t / q) * abs(s)
+                    for t, q, s in zip(d.tensors, d.divisors, d.scales, strict=True)
+                ]
+            for w, n, k in zip(torch._foreach_norm(origin), norms, step.shard_counts, strict=True):
+                w_terms.append(w.to(torch.float64).square() * k)
+                d_terms.append(n.to(torch.float64).square() * k)
+        zero = torch.zeros((), dtype=torch.float64)
+        weights, direction = mean_to_host(
+            [torch.stack(w_terms).sum() if w_terms else zero,
+             torch.stack(d_terms).sum() if d_terms else zero],
+            group,
+        )  # fmt: skip
+        if not direction > 0.0:
+            return math.inf
+        return max(math.sqrt(weights), 1.0) / math.sqrt(direction)
+
     def restore(self) -> None:
         """Set the weights back to ``w0`` exactly."""
         for step, origin in zip(self.steps, self.origins, strict=False):
@@ -752,8 +778,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if search.step < h["warmup_steps"]:
             return "search"  # warm-up caps the step size; the search still decides
         interval = h["search_interval"]
-        if search.searches == 0:
-            return "search"  # the initial step size is a guess: always search first
+        if search.searches == 0 or search.unaccepted_in_a_row:
+            # the initial step size is a guess, and one that the last search did not accept
+            # (failed, unresolved) is no better: search
+            return "search"
         if interval == "adaptive":
             if search.searches < ADAPTIVE_MIN_SEARCHES:
                 return "search"
@@ -844,6 +872,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             verdict = test.judge(value, walk.eta, warmup=walk.cap < math.inf)
             if verdict == "accepted":
                 return Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
+            if verdict == "unresolved" and walk.ceiling == math.inf:
+                walk.set_ceiling(trial.update_as_large_as_weights(self._process_group))
             if verdict == "unresolved" and not walk.climb():
                 trial.restore()
                 return Outcome(
@@ -955,6 +985,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.step_size = max(outcome.next_step_size, MIN_STEP_SIZE)
             search.failed_searches += outcome.kind == "failed"
             search.unresolved_searches += outcome.kind == "unresolved"
+            accepted = outcome.kind == "search"
+            search.unaccepted_in_a_row = 0 if accepted else search.unaccepted_in_a_row + 1
             search.searches += 1
             search.steps_since_search = 0
             search.step_size_fast = 0.9 * search.step_size_fast + 0.1 * search.step_size

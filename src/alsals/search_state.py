@@ -23,6 +23,7 @@ COUNTERS = (
     "trials",
     "failed_searches",
     "unresolved_searches",
+    "unaccepted_in_a_row",
     "skipped_nonfinite",
     "skipped_zero_grad",
 )
@@ -34,9 +35,10 @@ class SearchState:
 
     ``step_size`` is ``eta``, the step size the next search starts from (before growth);
     ``decrease_avg`` and ``slope_avg`` are ``D`` and ``G`` of the smoothed test, ``averaged``
-    the number of samples in them since their last reset; ``step`` counts updates taken.
-    The remaining counters are totals for logging. Only numbers: ``torch.optim``'s
-    ``load_state_dict`` would mangle a string here.
+    the number of samples in them since their last reset; ``step`` counts updates taken;
+    ``unaccepted_in_a_row`` counts the searches since the last accepted one (a step size no
+    search accepted is never reused untested). The remaining counters are totals for
+    logging. Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
     step_size: float
@@ -54,6 +56,7 @@ class SearchState:
     trials: int = 0
     failed_searches: int = 0
     unresolved_searches: int = 0
+    unaccepted_in_a_row: int = 0
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
 
