@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 
 import torch
@@ -49,6 +50,17 @@ def main() -> None:
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun
     if distributed:
         dist.init_process_group("gloo")
+    train(args, distributed)
+    if distributed:
+        # DDP's reducer still references communication work: free it while the process group
+        # is alive (gloo work freed during interpreter shutdown can abort the process).
+        gc.collect()
+        dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, distributed: bool) -> None:
+    """Train on this rank's shard; with ``--out``, save what this rank ended with."""
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
 
@@ -118,9 +130,6 @@ def main() -> None:
             },
             os.path.join(args.out, f"rank{rank}.pt"),
         )
-    if distributed:
-        dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

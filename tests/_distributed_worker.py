@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 
 import torch
 import torch.distributed as dist
@@ -54,33 +55,41 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        results = {}
-        for name, cls in OPTIMIZERS.items():
-            torch.manual_seed(0)  # same initial weights on every rank
-            model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
-            ddp = nn.parallel.DistributedDataParallel(model)
-            opt = cls(ddp.parameters(), lr=30.0)
-            data_gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-            decisions, local_losses = [], []
-            for _ in range(6):
-                x = torch.randn(32, 6, generator=data_gen)
-                y = (x.sum(dim=1) > 0).float()
-
-                def closure(x=x, y=y, ddp=ddp):
-                    out = ddp(x).squeeze(-1)
-                    return nn.functional.binary_cross_entropy_with_logits(out, y)
-
-                local_losses.append(float(opt.step(closure)))
-                info = opt.last_step
-                decisions.append((info.kind, info.trials, info.step_size, info.loss))
-            weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-            results[name] = {
-                "decisions": decisions,
-                "weights": weights,
-                "local": local_losses,
-                "divergent": divergent_run(rank, cls),
-            }
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        torch.save(train_all(rank), f"{out_dir}/rank{rank}.pt")
+        # The DDP models (and the communication work they still reference) go while the
+        # process group is alive: gloo work freed during interpreter shutdown can abort.
+        gc.collect()
         dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
     finally:
         dist.destroy_process_group()
+
+
+def train_all(rank: int) -> dict:
+    """Each optimizer on this rank's data under DDP: decisions, weights, losses."""
+    results = {}
+    for name, cls in OPTIMIZERS.items():
+        torch.manual_seed(0)  # same initial weights on every rank
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = cls(ddp.parameters(), lr=30.0)
+        data_gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        decisions, local_losses = [], []
+        for _ in range(6):
+            x = torch.randn(32, 6, generator=data_gen)
+            y = (x.sum(dim=1) > 0).float()
+
+            def closure(x=x, y=y, ddp=ddp):
+                out = ddp(x).squeeze(-1)
+                return nn.functional.binary_cross_entropy_with_logits(out, y)
+
+            local_losses.append(float(opt.step(closure)))
+            info = opt.last_step
+            decisions.append((info.kind, info.trials, info.step_size, info.loss))
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        results[name] = {
+            "decisions": decisions,
+            "weights": weights,
+            "local": local_losses,
+            "divergent": divergent_run(rank, cls),
+        }
+    return results

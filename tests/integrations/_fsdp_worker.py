@@ -9,6 +9,7 @@ decisions, and the error an optimizer raised, if any. Each rank draws its own da
 
 from __future__ import annotations
 
+import gc
 import sys
 import traceback
 
@@ -55,6 +56,16 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
+    torch.save(train_all(rank, world, mesh), f"{out}/rank{rank}.pt")
+    # The models (and the communication work they still reference) go while the process
+    # group is alive: gloo work freed during interpreter shutdown can abort the process.
+    gc.collect()
+    dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
+    dist.destroy_process_group()
+
+
+def train_all(rank: int, world: int, mesh) -> dict:
+    """AdamW, then each line search, on the sharded model: what this rank ended with."""
     results: dict = {"world": world}
 
     model = build(mesh)
@@ -88,9 +99,7 @@ def main(out: str) -> None:
                 "traceback": traceback.format_exc(),
                 "decisions": decisions,
             }
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
-    dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
