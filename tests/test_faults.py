@@ -197,10 +197,46 @@ def test_a_large_fp16_gradient_that_does_not_overflow_the_moment_is_not_skipped(
     """The overflow rule is exact: |g| = 300 in float16 exceeds sqrt(max) = 256, but
     (1 - beta2) g^2 does not overflow in the order the moment update computes it."""
     w = torch.tensor([1.0, -2.0], dtype=torch.float16, requires_grad=True)
-    opt = ALSALS([w], lr=1e-3, slope="analytic")
+    opt = ALSALS([w], lr=1e-3, slope="analytic", eps=1e-4)
     opt.step(lambda: (w * torch.tensor([300.0, 1.0], dtype=torch.float16)).sum())
     assert opt.last_step.kind == "search"
     assert torch.isfinite(opt.state[w]["exp_avg_sq"]).all()
+
+
+ADAM_VARIANTS = [c for c in OPTIMIZERS if c is not SLS]
+ADAM_IDS = [i for c, i in zip(OPTIMIZERS, OPTIMIZER_IDS, strict=True) if c is not SLS]
+
+
+def _half_problem():
+    """float16 weights, half of them a dead unit: their gradient entries are exactly 0."""
+    w = torch.tensor([1.0, -2.0, 0.5, 0.25], dtype=torch.float16, requires_grad=True)
+    return w, lambda: (w[:2].float() ** 2).sum()
+
+
+@pytest.mark.parametrize("cls", ADAM_VARIANTS, ids=ADAM_IDS)
+def test_an_eps_that_is_zero_in_the_parameters_dtype_is_a_clear_error(cls):
+    """eps = 1e-8 is 0 in float16: the direction would be 0/0 on the dead unit and every
+    step skipped as non-finite (a stall). The step says so and changes nothing."""
+    w, loss = _half_problem()
+    before = w.detach().clone()
+    opt = cls([w])
+    with pytest.raises(ValueError, match=r"eps=1e-08 is 0 in torch.float16.*eps >= 6.1e-05"):
+        opt.step(loss)
+    assert torch.equal(w.detach(), before)
+    assert not opt.state.get(w)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=OPTIMIZER_IDS)
+def test_float16_parameters_with_a_dead_unit_train(cls):
+    """With an eps float16 can hold (SLS has none), no step is skipped and the loss falls."""
+    w, loss = _half_problem()
+    opt = cls([w], **({} if cls is SLS else {"eps": 1e-4}))
+    start = float(loss())
+    for _ in range(20):
+        opt.step(loss)
+        assert opt.last_step.kind in ("search", "reuse")
+    assert float(loss()) < 0.5 * start
+    assert torch.equal(w[2:].detach(), torch.tensor([0.5, 0.25], dtype=torch.float16))
 
 
 def test_zero_grad_inside_a_closure_cannot_change_the_searched_direction(optimizer_class):

@@ -148,5 +148,23 @@ def test_a_loss_no_step_can_move_neither_overflows_nor_moves_the_weights(optimiz
         assert math.isfinite(opt.param_groups[0]["lr"])
     assert torch.equal(w.detach(), start)
     # the climb ends where a trial moves the weights by their own norm: no more than ~40
-    # doublings from lr on this problem, then one trial per search
-    assert opt.search_state.trials <= 40 + 39
+    # doublings from lr on this problem, then at most three trials per search (up to the
+    # ceiling, the trial there rejected, one below it unresolved)
+    assert opt.search_state.trials <= 40 + 3 * 39
+
+
+def test_a_trial_that_overshoots_to_an_equal_loss_is_rejected_not_unresolved(optimizer_class):
+    """bfloat16 weights w = (2, -1) and loss ||w||^2: SLS's first trial w - 1.0014 * 2w
+    rounds to -w, whose loss equals L0 exactly. A move as large as the weights that changes
+    nothing is a rejection (the search backtracks and trains), not a step below the
+    resolution (which kept the step size and stalled every step)."""
+    w = torch.nn.Parameter(torch.tensor([2.0, -1.0], dtype=torch.bfloat16))
+    opt = optimizer_class([w])
+
+    def loss():
+        return (w.float() ** 2).sum()
+
+    for _ in range(12):
+        opt.step(loss)
+        assert opt.last_step.kind in ("search", "reuse")
+    assert float(loss()) < 1.0

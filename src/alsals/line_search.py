@@ -29,6 +29,7 @@ were, and the random state and protected buffers as they were before the step.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import sys
@@ -199,6 +200,12 @@ def _caller_stacklevel() -> int:
 def local_shard(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2 parameters, gradients, state); else ``t``."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+@functools.lru_cache(maxsize=16)
+def _vanishes(eps: float, dtype: torch.dtype) -> bool:
+    """Whether ``eps`` rounds to 0 in ``dtype``."""
+    return float(torch.tensor(eps, dtype=dtype)) == 0.0
 
 
 def _shard_count(p: Tensor) -> int:
@@ -689,6 +696,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients "
                         "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                     )
+                if self.uses_moments:
+                    self._check_eps(group["eps"], p)
                 step.params.append(p)
                 step.weights.append(local_shard(p))
                 step.grads.append(local_shard(p.grad))
@@ -707,6 +716,20 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if step.params:
                 steps.append(step)
         return steps
+
+    def _check_eps(self, eps: float, p: Tensor) -> None:
+        """A ``ValueError`` where ``eps`` rounds to 0 in the parameter's dtype (float16 and
+        the default 1e-8): Adam's direction would be 0/0 wherever a gradient entry and its
+        moments are 0 (a dead unit), and every step would be skipped as non-finite."""
+        if not p.dtype.is_floating_point or not _vanishes(eps, p.dtype):
+            return
+        raise ValueError(
+            f"{type(self).__name__}: eps={eps:g} is 0 in {p.dtype} (a parameter of shape "
+            f"{tuple(p.shape)}): Adam's direction would be 0/0 where a gradient entry and its "
+            "moments are 0, and every step would be skipped as non-finite. Pass "
+            f"eps >= {torch.finfo(p.dtype).tiny:.2g} (1e-4 is common for float16), or keep "
+            "float32 weights and train under torch.autocast"
+        )
 
     # -- 2 -----------------------------------------------------------------------------------
 
@@ -874,6 +897,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 return Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
             if verdict == "unresolved" and walk.ceiling == math.inf:
                 walk.set_ceiling(trial.update_as_large_as_weights(self._process_group))
+            if verdict == "unresolved" and walk.eta >= walk.ceiling:
+                # A move as large as the weights that changes nothing is not below the
+                # resolution: the loss is flat or the trial overshot to an equal loss.
+                verdict = "rejected"
             if verdict == "unresolved" and not walk.climb():
                 trial.restore()
                 return Outcome(
