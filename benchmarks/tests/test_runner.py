@@ -386,3 +386,34 @@ def test_fetch_landscape_and_speed_are_subcommands_with_their_own_options(capsys
             parser.parse_args([command, "-h"])
         assert exit_.value.code == 0 and option in capsys.readouterr().out
     assert cli.main(["landscape", "--steps", "2", "--scans", "3"]) == 2
+
+
+def test_options_before_the_subcommand_are_kept():
+    """``alsals-bench --out X run`` used to run into runs/: the subcommand's own defaults
+    overwrote the options given before it."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["--out", "X", "--budget", "long", "--no-progress", "run"])
+    assert (str(args.out), args.budget, args.no_progress) == ("X", "long", True)
+    args = parser.parse_args(["--out", "X", "report"])
+    assert str(args.out) == "X"
+    args = parser.parse_args(["run", "--out", "Y", "--budget", "smoke"])
+    assert (str(args.out), args.budget) == ("Y", "smoke")
+    args = parser.parse_args([])
+    assert (args.out, args.budget, args.device, args.no_progress) == (None, "quick", "cpu", False)
+
+
+@pytest.mark.parametrize(
+    ("text", "seeds"),
+    [("3", [0, 1, 2]), ("1", [0]), ("0,", [0]), ("0,4", [0, 4]), ("10,11", [10, 11])],
+)
+def test_seeds_are_a_count_or_a_list(text, seeds):
+    assert cli.build_parser().parse_args(["run", "--seeds", text]).seeds == seeds
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "x", "1,-1", ","])
+def test_seeds_that_would_run_nothing_are_an_error(text, capsys):
+    """``--seeds 0`` used to run no run at all and exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["run", "--seeds", text])
+    assert exit_info.value.code == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -43,19 +43,46 @@ def _tasks(names: list[str]) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
-    """``3`` means seeds 0, 1, 2; ``0,5,7`` lists them."""
-    if "," in text:
-        return [int(s) for s in text.split(",") if s]
-    return list(range(int(text)))
+    """``3`` means seeds 0, 1, 2; ``0,5,7`` lists them (``0,`` is seed 0 alone)."""
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            count = int(text)
+            if count < 1:
+                raise argparse.ArgumentTypeError(
+                    f"--seeds {text} runs nothing: a count is at least 1 (3 = seeds 0, 1, 2); "
+                    "for seed 0 alone write 0, (a list)"
+                )
+            seeds = list(range(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text!r}: a count (3) or a comma-separated list of seeds (0,4)"
+        ) from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: seeds are integers >= 0")
+    return seeds
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_run_arguments(parser: argparse.ArgumentParser, subcommand: bool = False) -> None:
+    """The options shared by the bare command, ``run`` and ``report``. A subcommand's copies
+    have no defaults of their own, so ``alsals-bench --out X run`` keeps ``X``."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if subcommand else value
+
     parser.add_argument(
-        "--budget", default="quick", help="budget preset: smoke, quick, long (5x quick), paper"
+        "--budget",
+        default=default("quick"),
+        help="budget preset: smoke, quick, long (5x quick), paper",
     )
-    parser.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--out", type=Path, default=default(None), help="runs folder (default: runs/)"
+    )
+    parser.add_argument("--device", default=default("cpu"), help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--no-progress", action="store_true", default=default(False), help="no progress bars"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     run = sub.add_parser("run", help="run a sweep: tasks x optimizers x seeds")
-    _add_run_arguments(run)
+    _add_run_arguments(run, subcommand=True)
     run.add_argument(
         "--tasks",
         nargs="+",
@@ -81,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="names, 'offline' (the paper's six), 'fullscale', 'checks'",
     )
     run.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, help="names or groups")
-    run.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,4")
+    run.add_argument(
+        "--seeds", type=_seeds, default="3", help="a count (3 = seeds 0,1,2) or a list 0,4"
+    )
     run.add_argument("--no-report", action="store_true", help="do not rebuild the report")
     run.add_argument(
         "--landscape-every",
@@ -90,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log the loss along the search direction every k steps (line searches only)",
     )
     report = sub.add_parser("report", help="tables and figures from finished runs")
-    _add_run_arguments(report)
+    _add_run_arguments(report, subcommand=True)
     landscape.add_arguments(
         sub.add_parser(
             "landscape",
@@ -148,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in (None, "run"):
         tasks = _tasks(getattr(args, "tasks", DEFAULT_TASKS))
         optimizers = _split(getattr(args, "optimizers", DEFAULT_OPTIMIZERS))
-        seeds = _seeds(getattr(args, "seeds", "3"))
+        seeds = getattr(args, "seeds", [0, 1, 2])
         every = getattr(args, "landscape_every", 0)
         sweep(tasks, optimizers, seeds, args.budget, out, args.device, not args.no_progress, every)
         if getattr(args, "no_report", False):
