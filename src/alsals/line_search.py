@@ -262,6 +262,7 @@ class _TrialPoint:
         parameters and shards; one synchronisation): the ceiling of climbs (5.5)."""
         w_terms: list[Tensor] = []
         d_terms: list[Tensor] = []
+        device = self.origins[0][0].device if self.origins else torch.device("cpu")
         for step, d, origin in zip(self.steps, self.directions, self.origins, strict=True):
             if d.divisors is None:
                 norms = [n * abs(d.scales[0]) for n in torch._foreach_norm(d.tensors)]
@@ -271,9 +272,9 @@ class _TrialPoint:
                     for t, q, s in zip(d.tensors, d.divisors, d.scales, strict=True)
                 ]
             for w, n, k in zip(torch._foreach_norm(origin), norms, step.shard_counts, strict=True):
-                w_terms.append(w.to(torch.float64).square() * k)
-                d_terms.append(n.to(torch.float64).square() * k)
-        zero = torch.zeros((), dtype=torch.float64)
+                w_terms.append(w.to(device, torch.float64).square() * k)
+                d_terms.append(n.to(device, torch.float64).square() * k)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
         weights, direction = mean_to_host(
             [torch.stack(w_terms).sum() if w_terms else zero,
              torch.stack(d_terms).sum() if d_terms else zero],
