@@ -156,6 +156,26 @@ def test_plain_closure_returning_a_detached_loss_is_a_clear_error(optimizer_clas
         opt.step(lambda: bce_closure(model, x, y)().detach())
 
 
+def test_passing_the_loss_instead_of_the_closure_is_a_clear_error(optimizer_class):
+    model, opt, x, y = make_setup(optimizer_class)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"got a tensor, not a closure.*not its value"):
+        opt.step(bce_closure(model, x, y)())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("wrap", [lambda loss: (loss, 1), lambda loss: {"loss": loss}])
+def test_closure_returning_a_model_output_says_to_return_the_loss_alone(optimizer_class, wrap):
+    model, opt, x, y = make_setup(optimizer_class)
+    with pytest.raises(TypeError, match=r"return the loss alone: output.loss or output\[0\]"):
+        opt.step(lambda: wrap(bce_closure(model, x, y)()))
+
+
+def test_the_module_instead_of_its_parameters_is_a_clear_error(optimizer_class):
+    with pytest.raises(TypeError, match=r"not the module: pass model.parameters\(\)"):
+        optimizer_class(nn.Linear(3, 1))
+
+
 def test_closure_returning_a_non_scalar_is_a_clear_error(optimizer_class):
     model, opt, x, y = make_setup(optimizer_class)
     with pytest.raises(ValueError, match="scalar"):

@@ -111,8 +111,12 @@ def as_loss_tensor(value: object, role: str) -> Tensor:
         return value.reshape(())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value))
+    hint = ""
+    if isinstance(value, (tuple, list, dict)) or hasattr(value, "loss"):
+        hint = " (of a model's output, return the loss alone: output.loss or output[0])"
     raise TypeError(
-        f"closure must return the loss (a scalar tensor); {role} returned {type(value).__name__}"
+        f"closure must return the loss (a scalar tensor); {role} returned "
+        f"{type(value).__name__}{hint}"
     )
 
 
@@ -252,6 +256,12 @@ class ClosureEvaluator:
         runs_backward: bool | None = None,
         left: LeftGradients | None = None,
     ) -> None:
+        if isinstance(closure, Tensor):
+            raise TypeError(
+                "step() got a tensor, not a closure: pass the function that computes the loss, "
+                "optimizer.step(closure), not its value optimizer.step(closure()); the line "
+                "search calls it once per trial"
+            )
         if closure is None or not callable(closure):
             raise TypeError(
                 "this optimizer needs a closure: call optimizer.step(closure) with a function "

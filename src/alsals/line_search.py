@@ -325,6 +325,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
+        if isinstance(params, torch.nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the parameters, not the module: pass "
+                "model.parameters() (or a list of parameter groups)"
+            )
         self._buffers = checked_buffers(buffers)
         self._process_group = process_group
         self._warned: set[str] = set()
