@@ -123,6 +123,8 @@ class SearchState:
     eta_slow: float = 0.0
     failed_searches: int = 0
     unresolved_searches: int = 0
+    unaccepted_in_a_row: int = 0  # searches since the last accepted one
+    settled: bool = False  # the last search, not the first, accepted its first trial
     skipped_nonfinite: int = 0
 
 
@@ -289,10 +291,10 @@ def adaptive_interval(eta_fast: float, eta_slow: float, searches: int) -> float:
 
 def search_due(state: SearchState, search_interval: int | str) -> bool:
     """Phase 3: whether this step searches (outside warm-up)."""
-    if state.searches == 0:
-        return True
-    if search_interval == "adaptive":
-        if state.searches < 10:
+    if state.searches == 0 or state.unaccepted_in_a_row:
+        return True  # no search has accepted the step size: it is not reused untested
+    if search_interval in ("adaptive", "settled"):
+        if state.searches < 10 and not (search_interval == "settled" and state.settled):
             return True
         interval = adaptive_interval(state.eta_fast, state.eta_slow, state.searches)
         return state.steps_since_search + 1 >= interval
@@ -601,6 +603,10 @@ class ReferenceOptimizer:
             st.step_size = max(self.next_step_size, MIN_STEP_SIZE)
             st.failed_searches += outcome == "failed"
             st.unresolved_searches += outcome == "unresolved"
+            in_warmup = st.step - (outcome == "accepted") < self.config.warmup_steps
+            first_trial = outcome == "accepted" and record.trials == 1 and not in_warmup
+            st.settled = first_trial and st.searches >= 1
+            st.unaccepted_in_a_row = 0 if outcome == "accepted" else st.unaccepted_in_a_row + 1
             track_step_sizes(st)
             record.kind = "search" if outcome == "accepted" else outcome
         else:

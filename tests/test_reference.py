@@ -331,7 +331,7 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
 #: ``ALSALS()`` by ``test_the_defaults_case_is_alsals_defaults``).
 RECOMMENDED = {
     "slope": "analytic",
-    "search_interval": "adaptive",
+    "search_interval": "settled",
     "start": "polyak",
     "search_direction": "momentum",
     "growth_interval": math.log(2) / math.log(1.1),
@@ -437,6 +437,14 @@ CASES = [
         "SLS",
         "logistic",
         {"lr": 20.0, "search_interval": "adaptive", "growth_interval": 10},
+        150,
+        {"backtracked", "reuse"},
+    ),
+    (
+        "sls-logistic-settled",
+        "SLS",
+        "logistic",
+        {"lr": 20.0, "search_interval": "settled", "growth_interval": 10},
         150,
         {"backtracked", "reuse"},
     ),
@@ -580,6 +588,14 @@ CASES = [
         "ALSALS",
         "logistic",
         {"lr": 5.0, "slope": "analytic", "search_interval": "adaptive", "growth_interval": 10},
+        150,
+        {"backtracked", "reuse"},
+    ),
+    (
+        "alsals-logistic-analytic-settled",
+        "ALSALS",
+        "logistic",
+        {"lr": 5.0, "slope": "analytic", "search_interval": "settled", "growth_interval": 10},
         150,
         {"backtracked", "reuse"},
     ),
@@ -1022,3 +1038,40 @@ def test_reference_adaptive_interval_and_c_h():
     assert armijo_constant(0.6, 1e-30) == 0.6
     assert armijo_constant(0.6, 0.0) == pytest.approx(1 / 0.6)
     assert armijo_constant(0.6, -1.0) == pytest.approx(1 / 0.6)
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=["SLS", "AdamSLS", "ALSALS"])
+def test_settled_cadence_stops_searching_every_step_once_a_search_takes_its_first_trial(cls):
+    """On a quadratic whose step size the search finds at once, "adaptive" searches in each
+    of the first 10 steps; "settled" hands over to the adaptive cadence right after the
+    second search takes its first (grown) trial, and both runs agree up to there."""
+    runs = {}
+    for cadence in ("adaptive", "settled"):
+        w = torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64, requires_grad=True)
+        opt = cls([w], lr=0.05, slope="analytic", search_interval=cadence, growth_interval=10)
+        kinds = []
+        for _ in range(10):
+            opt.step(lambda w=w: 0.5 * (w**2).sum())
+            kinds.append((opt.last_step.kind, opt.last_step.trials))
+        runs[cadence] = kinds
+    assert all(kind == "search" for kind, _ in runs["adaptive"])
+    settled = runs["settled"]
+    second = settled[1]
+    assert second == ("search", 1) and settled[:2] == runs["adaptive"][:2]
+    assert settled[2][0] == "reuse"
+    assert sum(kind == "search" for kind, _ in settled) < 10
+
+
+def test_settled_is_validated_and_round_trips_in_the_state_dict():
+    w = torch.tensor([3.0, -2.0], requires_grad=True)
+    opt = ALSALS([w])
+    assert opt.defaults["search_interval"] == "settled"
+    for _ in range(3):
+        opt.step(lambda: (w**2).sum())
+    state = opt.state_dict()
+    assert state["state"][0]["line_search"]["settled"] in (0, 1)
+    twin = ALSALS([w])
+    twin.load_state_dict(state)
+    assert twin.search_state.settled == opt.search_state.settled
+    with pytest.raises(ValueError, match="'adaptive' or 'settled'"):
+        ALSALS([w], search_interval="settle")

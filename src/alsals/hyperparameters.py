@@ -35,6 +35,8 @@ GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
 #: Keys torch.optim manages in every group; anything else in a group is an error.
 TORCH_GROUP_KEYS = ("params", "lr", "initial_lr", "name")
 SLOPES = ("analytic", "finite_difference")
+#: ``search_interval`` values that choose the cadence from the step sizes found
+ADAPTIVE_CADENCES = ("adaptive", "settled")
 STARTS = ("grown", "polyak")
 
 #: Shared argument documentation of the three constructors (``{}`` holds the defaults).
@@ -61,9 +63,11 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             case the search backtracks below it: a linear ramp to ``lr`` that cannot make
             things worse (0; the paper's GPT-2 runs ramped over 2000 steps, with ``lr``
             the peak step size).
-        search_interval: search every k steps and reuse the step size in between, or
-            ``"adaptive"`` (SaLSa's cadence: search at least every 10 steps, more often
-            while the step size changes) ({interval}).
+        search_interval: search every k steps and reuse the step size in between,
+            ``"adaptive"`` (SaLSa's cadence: a search in each of the first 10 steps, then at
+            least every 10 steps, more often while the step size changes) or ``"settled"``
+            (the same, but the first phase ends as soon as a search after the first accepts
+            its first trial: the step size has settled) ({interval}).
         max_grad_norm: clip the gradient to this norm (over all parameters, all ranks and
             shards) before the step, as ``torch.nn.utils.clip_grad_norm_`` does; ``None``
             does not clip (``None``).
@@ -136,12 +140,13 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
     if clip is not None:
         out["max_grad_norm"] = in_range("max_grad_norm", clip, 0.0, closed_low=False)
     interval = h["search_interval"]
-    if interval != "adaptive":
+    if interval not in ADAPTIVE_CADENCES:
         try:
             out["search_interval"] = integer("search_interval", interval, 1)
         except (TypeError, ValueError):
             raise ValueError(
-                f"invalid search_interval: {interval!r} (expected an integer >= 1 or 'adaptive')"
+                f"invalid search_interval: {interval!r} (expected an integer >= 1, "
+                "'adaptive' or 'settled')"
             ) from None
     return out
 

@@ -58,6 +58,7 @@ from alsals.directions import (
 )
 from alsals.distributed import mean_to_host
 from alsals.hyperparameters import (
+    ADAPTIVE_CADENCES,
     GROUP_KEYS,
     SEARCH_KEYS,
     TORCH_GROUP_KEYS,
@@ -811,8 +812,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             # the initial step size is a guess, and one that the last search did not accept
             # (failed, unresolved) is no better: search
             return "search"
-        if interval == "adaptive":
-            if search.searches < ADAPTIVE_MIN_SEARCHES:
+        if interval in ADAPTIVE_CADENCES:
+            settled = interval == "settled" and search.settled
+            if search.searches < ADAPTIVE_MIN_SEARCHES and not settled:
                 return "search"
             # Bias-corrected fast and slow averages of the step size (SaLSa's cadence).
             fast = search.step_size_fast / (1.0 - 0.9**search.searches)
@@ -1020,6 +1022,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.unresolved_searches += outcome.kind == "unresolved"
             accepted = outcome.kind == "search"
             search.unaccepted_in_a_row = 0 if accepted else search.unaccepted_in_a_row + 1
+            # the step size has settled when a search after the first (outside warm-up)
+            # takes its first trial
+            first_trial = accepted and outcome.trials == 1 and outcome.decrease_avg is not None
+            search.settled = int(first_trial and search.searches >= 1)
             search.searches += 1
             search.steps_since_search = 0
             search.step_size_fast = 0.9 * search.step_size_fast + 0.1 * search.step_size

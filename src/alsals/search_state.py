@@ -24,6 +24,7 @@ COUNTERS = (
     "failed_searches",
     "unresolved_searches",
     "unaccepted_in_a_row",
+    "settled",
     "skipped_nonfinite",
     "skipped_zero_grad",
 )
@@ -37,7 +38,9 @@ class SearchState:
     ``decrease_avg`` and ``slope_avg`` are ``D`` and ``G`` of the smoothed test, ``averaged``
     the number of samples in them since their last reset; ``step`` counts updates taken;
     ``unaccepted_in_a_row`` counts the searches since the last accepted one (a step size no
-    search accepted is never reused untested). The remaining counters are totals for
+    search accepted is never reused untested); ``settled`` is 1 when the last search, not
+    the first, accepted its first trial (``search_interval="settled"``). The remaining
+    counters are totals for
     logging. Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
@@ -57,6 +60,7 @@ class SearchState:
     failed_searches: int = 0
     unresolved_searches: int = 0
     unaccepted_in_a_row: int = 0
+    settled: int = 0
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
 

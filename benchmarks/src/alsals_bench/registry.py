@@ -55,6 +55,9 @@ ABLATION = (
     "alsals-polyak",
     "alsals-preconditioned",
     "alsals-candidate",
+    "alsals-settled",
+    "alsals-r3",
+    "alsals-r3-preconditioned",
     "alsals-recommended",
     "alsals-recommended-preconditioned",
 )
@@ -326,13 +329,30 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
     "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
     "alsals-candidate": (ALSALS, CANDIDATE),
-    # the candidate, each search started no higher than the Polyak step: ALSALS's defaults,
-    # spelled out so that the row does not move if the defaults do
-    "alsals-recommended": (ALSALS, {**CANDIDATE, "start": "polyak"}),
+    "alsals-settled": (ALSALS, {**PAPER_ALSALS, "search_interval": "settled"}),
+    # the third round's recommendation: the candidate, each search started no higher than
+    # the Polyak step (ALSALS's defaults until the fourth round)
+    "alsals-r3": (ALSALS, {**CANDIDATE, "start": "polyak"}),
+    # ... searching along the preconditioned gradient instead
+    "alsals-r3-preconditioned": (
+        ALSALS,
+        {**CANDIDATE, "start": "polyak", "search_direction": "preconditioned"},
+    ),
+    # ALSALS's defaults: alsals-r3 whose first phase of searches ends once the step size has
+    # settled; spelled out so that the row does not move if the defaults do
+    "alsals-recommended": (
+        ALSALS,
+        {**CANDIDATE, "start": "polyak", "search_interval": "settled"},
+    ),
     # ... searching along the preconditioned gradient instead
     "alsals-recommended-preconditioned": (
         ALSALS,
-        {**CANDIDATE, "start": "polyak", "search_direction": "preconditioned"},
+        {
+            **CANDIDATE,
+            "start": "polyak",
+            "search_interval": "settled",
+            "search_direction": "preconditioned",
+        },
     ),
 }
 
@@ -348,7 +368,12 @@ def line_search_stepper(name: str, model: nn.Module, **settings: Any) -> LineSea
 
 #: rows that run ``ALSALS(params)`` as a user does: its defaults, on every task as they are
 #: (no shared warm-up to Adam's rate), like the peers at their documented defaults
-AS_USERS_RUN_THEM = ("alsals-recommended", "alsals-recommended-preconditioned")
+AS_USERS_RUN_THEM = (
+    "alsals-recommended",
+    "alsals-recommended-preconditioned",
+    "alsals-r3",
+    "alsals-r3-preconditioned",
+)
 
 
 def _line_search(name: str) -> Callable[[nn.Module, Task, Budget], Stepper]:
@@ -478,8 +503,23 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _line_search("alsals-preconditioned"),
         ),
         OptimizerSpec(
+            "alsals-settled",
+            "ALSALS with the adaptive cadence that starts once the step size has settled",
+            _line_search("alsals-settled"),
+        ),
+        OptimizerSpec(
+            "alsals-r3",
+            "the third round's defaults: the candidate with Polyak-limited starts",
+            _line_search("alsals-r3"),
+        ),
+        OptimizerSpec(
+            "alsals-r3-preconditioned",
+            "alsals-r3 searching along the preconditioned gradient",
+            _line_search("alsals-r3-preconditioned"),
+        ),
+        OptimizerSpec(
             "alsals-recommended",
-            "ALSALS's defaults: the candidate with Polyak-limited starts",
+            "ALSALS's defaults: alsals-r3 with the cadence 'settled'",
             _line_search("alsals-recommended"),
         ),
         OptimizerSpec(
