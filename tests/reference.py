@@ -355,7 +355,7 @@ class ReferenceOptimizer:
 
     def step(self, f: LossFn) -> float:
         """Phases 0-6. A skipped step (phase 2) still runs 0 and the ``lr`` part of 6."""
-        zero_lr = self.adopt_written_lr()  # 0
+        written = self.adopt_written_lr()  # 0
         loss0, grads = self.evaluate(f)  # 1
         record = StepRecord(kind="", step_size=0.0, loss=loss0, forwards=1, backwards=1)
         self.last_step = record
@@ -368,7 +368,7 @@ class ReferenceOptimizer:
             return loss0
         grads = self.clip(grads, active)
         moments = self.moments_after(grads, active)
-        plan = self.plan(zero_lr)  # 3
+        plan = self.plan(written)  # 3
         d_search, d_update = self.directions(grads, active, moments)  # 4
         outcome = "taken"
         if plan == "search":
@@ -382,16 +382,17 @@ class ReferenceOptimizer:
         return loss0
 
     # -- 0 -------------------------------------------------------------------------------
-    def adopt_written_lr(self) -> bool:
-        """Phase 0: the first group ``lr`` that differs from ``eta * lr_scale`` sets ``eta``;
-        a written 0 means no update this step (``eta`` is kept)."""
+    def adopt_written_lr(self) -> str | None:
+        """Phase 0: the first group ``lr`` that differs from ``eta * lr_scale`` sets ``eta``
+        (``"set"``; the step then searches from it); a written 0 means no update this step
+        (``"zero"``; ``eta`` is kept); ``None`` when nothing was written."""
         for lr, group in zip(self.lr, self.groups, strict=True):
             if lr != self.state.step_size * group.lr_scale:
                 if lr == 0:
-                    return True
+                    return "zero"
                 self.state.step_size = max(lr / group.lr_scale, MIN_STEP_SIZE)
-                return False
-        return False
+                return "set"
+        return None
 
     # -- 1 -------------------------------------------------------------------------------
     def evaluate(self, f: LossFn) -> tuple[float, list[Tensor | None]]:
@@ -448,13 +449,13 @@ class ReferenceOptimizer:
         return out
 
     # -- 3 -------------------------------------------------------------------------------
-    def plan(self, zero_lr: bool) -> str:
+    def plan(self, written: str | None) -> str:
         """Phase 3: ``"zero_lr"``, ``"search"`` or ``"reuse"``."""
         cfg, st = self.config, self.state
-        if zero_lr:
+        if written == "zero":
             return "zero_lr"
-        if st.step < cfg.warmup_steps:
-            return "search"  # with the warm-up cap of phase 5.2
+        if st.step < cfg.warmup_steps or written == "set":
+            return "search"  # with the warm-up cap of phase 5.2; from a written lr
         return "search" if search_due(st, cfg.search_interval) else "reuse"
 
     # -- 4 -------------------------------------------------------------------------------

@@ -318,3 +318,24 @@ def test_an_adamw_state_dict_warns_and_keeps_no_adamw_setting(optimizer_class):
     assert caught[0].filename == __file__  # the warning points at the user's line
     assert not {"amsgrad", "fused", "maximize"} & set(opt.param_groups[0])
     assert opt.param_groups[0]["lr"] == 1e-3  # where the search starts
+
+
+@pytest.mark.parametrize("cadence", ["adaptive", "settled", 5])
+def test_a_written_lr_is_searched_from_not_reused_untested(cadence):
+    """Where the cadence would reuse the step size, a step size written into ``lr`` is where
+    the next search starts: that step searches (a twin without the write reuses)."""
+    w = torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], search_interval=cadence)
+    closure = lambda: 0.5 * (w**2).sum()  # noqa: E731
+    for _ in range(40):
+        twin = copy.deepcopy(opt)
+        twin_w = twin.param_groups[0]["params"][0]
+        twin.step(lambda twin_w=twin_w: 0.5 * (twin_w**2).sum())
+        if twin.last_step.kind == "reuse":
+            break
+        opt.step(closure)
+    assert twin.last_step.kind == "reuse", "the cadence never reused: nothing to test"
+    written = 0.5 * opt.param_groups[0]["lr"]
+    opt.param_groups[0]["lr"] = written
+    opt.step(closure)
+    assert opt.last_step.kind == "search"

@@ -643,7 +643,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         loss0, outcome = self._check(run.steps, loss, evaluator)
         if outcome is not None:
             return loss, loss0, outcome
-        plan = self._plan(search, written == "zero")
+        plan = self._plan(search, written)
         run.directions, run.denominators = self._directions(run.steps, plan)
         if plan != "search":
             return loss, loss0, Outcome(plan, step_size=self._planned_step_size(search, plan))
@@ -800,17 +800,18 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     # -- 3 -----------------------------------------------------------------------------------
 
-    def _plan(self, search: SearchState, zero_lr: bool) -> str:
-        """Phase 3: ``"zero_lr"``, ``"search"`` or ``"reuse"`` for this step."""
+    def _plan(self, search: SearchState, written: str | None) -> str:
+        """Phase 3: ``"zero_lr"``, ``"search"`` or ``"reuse"`` for this step (``written``
+        from phase 0)."""
         h = self._settings
-        if zero_lr:
+        if written == "zero":
             return "zero_lr"
         if search.step < h["warmup_steps"]:
             return "search"  # warm-up caps the step size; the search still decides
         interval = h["search_interval"]
-        if search.searches == 0 or search.unaccepted_in_a_row:
-            # the initial step size is a guess, and one that the last search did not accept
-            # (failed, unresolved) is no better: search
+        if search.searches == 0 or search.unaccepted_in_a_row or written == "set":
+            # the initial step size is a guess; one that the last search did not accept
+            # (failed, unresolved) or that was written into lr is no better: search from it
             return "search"
         if interval in ADAPTIVE_CADENCES:
             settled = interval == "settled" and search.settled
