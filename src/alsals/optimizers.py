@@ -183,10 +183,10 @@ class ALSALS(LineSearchOptimizer):
     without momentum ``-g / (sqrt(v_hat) + eps)`` (Adam + SLS's and SaLSa's).
 
     ``"preconditioned"``'s slope carries the whole of this batch's gradient noise, so the
-    step size falls as the noise comes to dominate: on our benchmark (with the third
-    round's cadence) that raised the mean peak accuracy (0.829 to 0.844) at a 10% higher
-    log-average training loss and more forward passes per step, so it is an option, not
-    the default (``benchmarks/docs/method.md``).
+    step size falls as the noise comes to dominate: on our benchmark that raised the mean
+    peak accuracy (0.825 to 0.847) at a 12% higher log-average training loss and more
+    forward passes per step (1.59 against 1.30), so it is an option, not the default
+    (``benchmarks/docs/method.md``).
 
     The defaults differ from the paper's (``PAPER_ALSALS``) in six choices, each measured
     alone in ``benchmarks/docs/method.md``: the exact slope ``-g . d`` instead of the
