@@ -331,7 +331,7 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
 #: ``ALSALS()`` by ``test_the_defaults_case_is_alsals_defaults``).
 RECOMMENDED = {
     "slope": "analytic",
-    "search_interval": "settled",
+    "search_interval": "adaptive",
     "start": "polyak",
     "search_direction": "momentum",
     "growth_interval": math.log(2) / math.log(1.1),
@@ -1064,13 +1064,12 @@ def test_settled_cadence_stops_searching_every_step_once_a_search_takes_its_firs
 
 def test_settled_is_validated_and_round_trips_in_the_state_dict():
     w = torch.tensor([3.0, -2.0], requires_grad=True)
-    opt = ALSALS([w])
-    assert opt.defaults["search_interval"] == "settled"
+    opt = ALSALS([w], search_interval="settled")
     for _ in range(3):
         opt.step(lambda: (w**2).sum())
     state = opt.state_dict()
     assert state["state"][0]["line_search"]["settled"] in (0, 1)
-    twin = ALSALS([w])
+    twin = ALSALS([w], search_interval="settled")
     twin.load_state_dict(state)
     assert twin.search_state.settled == opt.search_state.settled
     with pytest.raises(ValueError, match="'adaptive' or 'settled'"):

@@ -56,10 +56,10 @@ ABLATION = (
     "alsals-preconditioned",
     "alsals-candidate",
     "alsals-settled",
-    "alsals-r3",
-    "alsals-r3-preconditioned",
     "alsals-recommended",
     "alsals-recommended-preconditioned",
+    "alsals-recommended-settled",
+    "alsals-recommended-settled-preconditioned",
 )
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
 #: untuned baselines: one configuration for every task, no sweep
@@ -330,22 +330,20 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
     "alsals-candidate": (ALSALS, CANDIDATE),
     "alsals-settled": (ALSALS, {**PAPER_ALSALS, "search_interval": "settled"}),
-    # the third round's recommendation: the candidate, each search started no higher than
-    # the Polyak step (ALSALS's defaults until the fourth round)
-    "alsals-r3": (ALSALS, {**CANDIDATE, "start": "polyak"}),
+    # the candidate, each search started no higher than the Polyak step: ALSALS's defaults,
+    # spelled out so that the row does not move if the defaults do
+    "alsals-recommended": (ALSALS, {**CANDIDATE, "start": "polyak"}),
     # ... searching along the preconditioned gradient instead
-    "alsals-r3-preconditioned": (
+    "alsals-recommended-preconditioned": (
         ALSALS,
         {**CANDIDATE, "start": "polyak", "search_direction": "preconditioned"},
     ),
-    # ALSALS's defaults: alsals-r3 whose first phase of searches ends once the step size has
-    # settled; spelled out so that the row does not move if the defaults do
-    "alsals-recommended": (
+    # ... with the cadence "settled" (an option: cheaper, see method.md section 8)
+    "alsals-recommended-settled": (
         ALSALS,
         {**CANDIDATE, "start": "polyak", "search_interval": "settled"},
     ),
-    # ... searching along the preconditioned gradient instead
-    "alsals-recommended-preconditioned": (
+    "alsals-recommended-settled-preconditioned": (
         ALSALS,
         {
             **CANDIDATE,
@@ -371,8 +369,8 @@ def line_search_stepper(name: str, model: nn.Module, **settings: Any) -> LineSea
 AS_USERS_RUN_THEM = (
     "alsals-recommended",
     "alsals-recommended-preconditioned",
-    "alsals-r3",
-    "alsals-r3-preconditioned",
+    "alsals-recommended-settled",
+    "alsals-recommended-settled-preconditioned",
 )
 
 
@@ -508,24 +506,24 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _line_search("alsals-settled"),
         ),
         OptimizerSpec(
-            "alsals-r3",
-            "the third round's defaults: the candidate with Polyak-limited starts",
-            _line_search("alsals-r3"),
-        ),
-        OptimizerSpec(
-            "alsals-r3-preconditioned",
-            "alsals-r3 searching along the preconditioned gradient",
-            _line_search("alsals-r3-preconditioned"),
-        ),
-        OptimizerSpec(
             "alsals-recommended",
-            "ALSALS's defaults: alsals-r3 with the cadence 'settled'",
+            "ALSALS's defaults: the candidate with Polyak-limited starts",
             _line_search("alsals-recommended"),
         ),
         OptimizerSpec(
             "alsals-recommended-preconditioned",
             "alsals-recommended searching along the preconditioned gradient",
             _line_search("alsals-recommended-preconditioned"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended-settled",
+            "alsals-recommended with the cadence 'settled'",
+            _line_search("alsals-recommended-settled"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended-settled-preconditioned",
+            "alsals-recommended-settled searching along the preconditioned gradient",
+            _line_search("alsals-recommended-settled-preconditioned"),
         ),
         OptimizerSpec(
             "alsals-candidate",
