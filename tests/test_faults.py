@@ -248,7 +248,7 @@ def test_zero_grad_inside_a_closure_cannot_change_the_searched_direction(optimiz
     for zeroing in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).double()
-        opt = optimizer_class(model.parameters(), lr=50.0, search_interval=1)
+        opt = optimizer_class(model.parameters(), lr=50.0)
 
         def closure(model=model, opt=opt, zeroing=zeroing):
             if zeroing:

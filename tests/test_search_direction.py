@@ -21,7 +21,7 @@ def noisy_regression_run(direction: str, seed: int) -> tuple[float, float]:
     y += 2.0 * torch.randn(2048, 1, generator=gen, dtype=F64)
     torch.manual_seed(seed)
     model = nn.Linear(20, 1).to(F64)
-    opt = ALSALS(model.parameters(), search_direction=direction, search_interval=1)
+    opt = ALSALS(model.parameters(), search_direction=direction)
     etas = []
     for _ in range(300):
         index = torch.randint(0, 2048, (8,), generator=gen)
@@ -67,7 +67,7 @@ def test_the_trial_moves_along_the_chosen_direction():
     curvature = torch.tensor([1.0, 4.0, 9.0], dtype=F64)
     for direction in ("preconditioned", "momentum"):
         w = torch.zeros(3, dtype=F64, requires_grad=True)
-        opt = ALSALS([w], search_direction=direction, betas=(0.5, 0.9), search_interval=1)
+        opt = ALSALS([w], search_direction=direction, betas=(0.5, 0.9))
         closure = quadratic(w, target, curvature)
 
         opt.step(closure)

@@ -71,7 +71,7 @@ def test_an_empty_first_group_is_accepted_as_torch_adam_accepts_it(optimizer_cla
     opt = optimizer_class([{"params": []}, {"params": [w], "weight_decay": 0.1}], lr=0.01)
     for _ in range(3):
         opt.step(quadratic(w))
-    assert opt.last_step.kind in ("search", "reuse")  # ALSALS's cadence may reuse
+    assert opt.last_step.kind == "search"
     assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == opt.last_step.step_size
     state = opt.state_dict()
     fresh = optimizer_class([{"params": []}, {"params": [w], "weight_decay": 0.1}], lr=0.01)
@@ -161,8 +161,7 @@ def test_a_cosine_schedule_down_to_zero_never_crashes_and_lr_zero_means_no_updat
     if steps:  # the moments advance as torch.optim.Adam's do with lr=0
         assert opt.state[w]["step"] == steps["step"] + 1
     opt.step(quadratic(w))
-    assert opt.last_step.kind in ("search", "reuse")  # ALSALS's cadence may reuse
-    assert not torch.equal(w.detach(), before)  # training goes on
+    assert opt.last_step.kind == "search"
 
 
 def test_a_negative_written_lr_is_a_clear_error(optimizer_class):

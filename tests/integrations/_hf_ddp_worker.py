@@ -64,7 +64,7 @@ def main(out: str) -> None:
         model=model,
         args=args,
         train_dataset=data,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 0.1, "slope": "analytic", "search_interval": 1}),
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 0.1, "slope": "analytic"}),
         callbacks=[record],
     )
     record.trainer = trainer

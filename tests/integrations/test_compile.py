@@ -68,11 +68,10 @@ def reset_dynamo():
 @pytest.mark.parametrize("cls", [ALSALS, AdamSLS], ids=lambda c: c.__name__)
 def test_compiled_model_trains_like_eager_without_recompiling(cls):
     data = batches(12)
-    every_step = {"search_interval": 1}  # trials at every step, whatever the default cadence
-    eager_model, eager_opt = fresh(cls, **every_step)
+    eager_model, eager_opt = fresh(cls)
     eager_losses, _ = train(eager_model, eager_model, eager_opt, data)
 
-    model, optimizer = fresh(cls, **every_step)
+    model, optimizer = fresh(cls)
     counter = testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     losses, trials = train(model, compiled, optimizer, data[:6])

@@ -142,7 +142,7 @@ def train(
         model=model,
         args=make_args(out, **args),
         train_dataset=dataset,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3, "slope": "analytic", "search_interval": 1}),
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3, "slope": "analytic"}),
         callbacks=[record],
     )
     record.trainer = trainer
@@ -276,7 +276,7 @@ def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):
         model=model,
         args=make_args(tmp_path, max_steps=10, fp16=True),
         train_dataset=data,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-2, "slope": "analytic", "search_interval": 1}),
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-2, "slope": "analytic"}),
         callbacks=[Watch()],
     )
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
