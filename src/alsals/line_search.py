@@ -613,7 +613,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 run.trial.restore()
             evaluator.abort()
             if commit:  # a retry must not add this attempt's gradients to its own
-                self._left_grads = LeftGradients(self.params())
+                self._left_grads = LeftGradients(evaluator.params)
             raise
         info = StepInfo(
             kind=outcome.kind,
@@ -627,7 +627,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             grad_norm=self._grad_norm,
         )
         if commit:
-            self._left_grads = LeftGradients(self.params())
+            self._left_grads = LeftGradients(evaluator.params)
             self._finish(search, outcome, evaluator, written, info)
             if run.first_search and outcome.kind in SEARCH_KINDS:
                 self._report_first_search(outcome, evaluator, run.start_step_size)
@@ -703,8 +703,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients "
                         "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                     )
-                if self.uses_moments:
-                    self._check_eps(group["eps"], p)
                 step.params.append(p)
                 step.weights.append(local_shard(p))
                 step.grads.append(local_shard(p.grad))
@@ -721,15 +719,21 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     step.exp_avg_sqs.append(local_shard(v))
                     step.steps.append(int(t) + 1)
             if step.params:
+                if self.uses_moments:
+                    self._check_eps(group["eps"], step.params)
                 steps.append(step)
         return steps
 
-    def _check_eps(self, eps: float, p: Tensor) -> None:
-        """A ``ValueError`` where ``eps`` rounds to 0 in the parameter's dtype (float16 and
+    def _check_eps(self, eps: float, params: list[Tensor]) -> None:
+        """A ``ValueError`` where ``eps`` rounds to 0 in a parameter's dtype (float16 and
         the default 1e-8): Adam's direction would be 0/0 wherever a gradient entry and its
-        moments are 0 (a dead unit), and every step would be skipped as non-finite."""
-        if not p.dtype.is_floating_point or not _vanishes(eps, p.dtype):
+        moments are 0 (a dead unit), and every step would be skipped as non-finite. Checked
+        once per dtype of the group, before anything is written."""
+        first_of_dtype = {p.dtype: p for p in reversed(params)}
+        bad = [p for d, p in first_of_dtype.items() if d.is_floating_point and _vanishes(eps, d)]
+        if not bad:
             return
+        p = bad[0]
         raise ValueError(
             f"{type(self).__name__}: eps={eps:g} is 0 in {p.dtype} (a parameter of shape "
             f"{tuple(p.shape)}): Adam's direction would be 0/0 where a gradient entry and its "

@@ -40,8 +40,8 @@ class SearchState:
     ``unaccepted_in_a_row`` counts the searches since the last accepted one (a step size no
     search accepted is never reused untested); ``settled`` is 1 when the last search, not
     the first, accepted its first trial (``search_interval="settled"``). The remaining
-    counters are totals for
-    logging. Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
+    counters are totals for logging. Only numbers: ``torch.optim``'s ``load_state_dict``
+    would mangle a string here.
     """
 
     step_size: float
