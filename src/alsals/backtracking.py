@@ -34,6 +34,7 @@ class Backtracking:
     cap: float  # warm-up: no trial above it (inf otherwise)
     backtrack: float
     ceiling: float = math.inf  # no climb above it, set at the first unresolved trial
+    ceiling_known: bool = False  # set_ceiling ran (its value may be inf: a zero direction)
     rejected: bool = False  # a finite, resolved trial failed the test
     largest_unresolved: float = 0.0
     last_tried: float = math.nan
@@ -61,6 +62,7 @@ class Backtracking:
     def set_ceiling(self, ceiling: float) -> None:
         """No climb above ``ceiling``, where the update is as large as the weights."""
         self.ceiling = max(ceiling, MIN_STEP_SIZE)
+        self.ceiling_known = True
 
     def climb(self) -> bool:
         """An unresolved trial: go up if nothing larger was rejected and the cap and the

@@ -908,7 +908,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             verdict = test.judge(value, walk.eta, warmup=walk.cap < math.inf)
             if verdict == "accepted":
                 return Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
-            if verdict == "unresolved" and walk.ceiling == math.inf:
+            if verdict == "unresolved" and not walk.ceiling_known:
                 walk.set_ceiling(trial.update_as_large_as_weights(self._process_group))
             if verdict == "unresolved" and walk.eta >= walk.ceiling:
                 # A move as large as the weights that changes nothing is not below the
