@@ -509,6 +509,10 @@ class ReferenceOptimizer:
             loss_probe = loss_only(f, displaced(w0, d_search, cfg.fd_step))
             record.forwards += 1
             s = finite_difference_slope(loss0, loss_probe, cfg.fd_step)
+            # A probe within the loss's rounding says nothing; with no history in G to
+            # average it with, the analytic slope stands in.
+            if abs(loss0 - loss_probe) <= resolution(loss0) and (b == 0 or st.averaged == 0):
+                s = analytic_slope(grads, list(d_search.values()))
         else:
             raise ValueError(cfg.slope)
         record.slope = s

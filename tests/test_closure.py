@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import alsals.closure
 from conftest import SmallNet, bce_closure, make_classification
 
 
@@ -348,3 +350,102 @@ def test_preview_then_step_with_a_closure_that_never_zeroes(optimizer_class):
         assert preview.info.step_size == opt.last_step.step_size
         for p, q in zip(net.parameters(), twin.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("as_number", [float, np.float32, np.float64])
+def test_a_closure_returning_a_python_number_loses_no_precision(optimizer_class, as_number):
+    """closure(backward) may return loss.item(): a float64 least-squares problem then
+    converges as with the tensor (it used to be rounded to float32 and stall near 1e-7);
+    numpy scalars are numbers too."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 5, dtype=torch.float64, generator=gen)
+    b = torch.randn(32, dtype=torch.float64, generator=gen)
+    solution = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
+    best = 0.5 * ((a @ solution - b) ** 2).mean().item()
+    results = []
+    for item in (False, True):
+        w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+        opt = optimizer_class([w])
+
+        def closure(backward, opt=opt, w=w, item=item):
+            if backward:
+                opt.zero_grad()
+            loss = 0.5 * ((a @ w - b) ** 2).mean()
+            if backward:
+                loss.backward()
+            return as_number(loss.item()) if item else loss
+
+        for _ in range(150):
+            opt.step(closure)
+        results.append(0.5 * ((a @ w - b) ** 2).mean().item() - best)
+    if as_number is np.float32:  # a float32 value: float32 resolution, yet no error
+        assert results[1] < 1e-3
+    else:
+        assert results[1] == results[0]
+        assert results[0] < 1e-6
+
+
+@pytest.mark.parametrize("backward_form", [False, True])
+def test_a_closure_that_raises_before_backward_leaves_the_gradients_as_they_were(
+    optimizer_class, backward_form
+):
+    w = torch.ones(3, requires_grad=True)
+    opt = optimizer_class([w])
+
+    def failing(*args):
+        raise RuntimeError("data loader broke")
+
+    closure = (lambda backward: failing()) if backward_form else failing
+    opt.step(lambda: (w**2).sum())  # a step: its gradients are left in .grad
+    grad = w.grad
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        opt.step(closure)
+    assert w.grad is grad
+
+
+def test_a_backward_closure_that_never_runs_backward_warns(optimizer_class):
+    w = torch.ones(3, requires_grad=True)
+    opt = optimizer_class([w])
+    with pytest.warns(UserWarning, match=r"call loss.backward\(\) in the closure"):
+        opt.step(lambda backward: (w**2).sum())
+    assert opt.last_step.kind == "zero_grad"
+
+
+class _Constants(nn.Module):
+    """A layer with constant buffers (position ids, a mask), as BERT's embeddings have."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+        self.register_buffer("ids", torch.arange(4))
+        self.register_buffer("mask", torch.ones(4))
+
+    def forward(self, x):
+        return self.linear(x * self.mask[self.ids])
+
+
+def test_constant_unprotected_buffers_do_not_warn(optimizer_class, monkeypatch):
+    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
+    model = _Constants()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = optimizer_class(model.parameters(), lr=50.0)  # trials happen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert opt.search_state.trials > 0
+
+
+def test_the_buffer_check_waits_for_a_step_in_training_mode(optimizer_class, monkeypatch):
+    """A first step in eval() says nothing about BatchNorm's statistics in train()."""
+    # the watch is off in a process where torch.compile ran (the compile tests)
+    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=50.0)
+    model.eval()
+    opt.step(bce_closure(model, x, y))
+    model.train()
+    with pytest.warns(UserWarning, match="BatchNorm1d updated its buffers"):
+        opt.step(bce_closure(model, x, y))

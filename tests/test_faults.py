@@ -393,3 +393,30 @@ def test_nan_weights_from_outside_are_caught_before_they_spread(cls):
     with pytest.warns(RuntimeWarning):
         opt.step(lambda: (w**2).sum())
     assert opt.last_step.kind == "nonfinite"
+
+
+def test_a_warning_turned_into_an_error_leaves_everything_as_before_the_step(optimizer_class):
+    """Under ``-W error`` a warning is an exception; it is issued before the step writes
+    anything, so the step is undone like any other exception (it used to escape after the
+    weights had moved, with last_step unset)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = optimizer_class(model.parameters())
+    calls = []
+
+    def closure():  # a different loss at every call: the first search warns
+        calls.append(1)
+        return nn.functional.mse_loss(model(x), y) * (1.0 + 0.1 * len(calls))
+
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="does not replay its randomness"):
+            opt.step(closure)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert opt.state_dict() == state
+    assert opt.last_step is None
+    opt.step(closure)  # warned once: the retry runs the step
+    assert opt.last_step is not None and opt.search_state.searches == 1

@@ -94,3 +94,72 @@ def test_adding_a_group_later_keeps_the_current_step_size(paper_class):
     assert opt.param_groups[1]["lr"] == 2.0 * eta
     opt.step(lambda: ((a - 3.0) ** 2).sum() + (b**2).sum())
     assert opt.last_step.step_size == pytest.approx(eta * 2 ** (1 / 500), rel=1e-12)
+
+
+def test_changing_lr_scale_is_not_read_as_a_written_lr(optimizer_class):
+    a = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = optimizer_class([{"params": [a]}, {"params": [b]}], lr=1e-3, search_interval=1)
+    opt.step(closure_for(a, b))
+    eta = opt.search_state.step_size
+    opt.param_groups[1]["lr_scale"] = 0.1  # one group's share, not the step size
+    opt.step(closure_for(a, b))
+    assert opt.last_step.step_size < 2 * eta  # searched from eta, not from eta / 0.1
+    new = opt.search_state.step_size
+    assert opt.param_groups[0]["lr"] == new
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * new, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("weight_decay", float("nan")),
+        ("lr_scale", 0.0),
+        ("lr_scale", -1.0),
+        ("betas", (1.5, 0.9)),
+        ("eps", 0.0),
+        ("c", 2.0),
+        ("backtrack", 0.0),
+        ("max_trials", 0),
+        ("slope", "bogus"),
+        ("search_interval", "bogus"),
+        ("growth_interval", 0.0),
+        ("max_grad_norm", -1.0),
+        ("lr", float("nan")),
+    ],
+)
+def test_a_bad_setting_written_into_a_group_is_an_error_before_anything_changes(
+    optimizer_class, key, value
+):
+    a, b, opt = two_group_problem(optimizer_class)
+    opt.step(closure_for(a, b))
+    if key not in opt.param_groups[1]:
+        pytest.skip(f"{optimizer_class.__name__} has no {key}")
+    weights = [a.detach().clone(), b.detach().clone()]
+    state = opt.state_dict()
+    opt.param_groups[1][key] = value
+    with pytest.raises((ValueError, TypeError), match=rf"param_groups\[1\].*{key}"):
+        opt.step(closure_for(a, b))
+    assert torch.equal(a, weights[0]) and torch.equal(b, weights[1])
+    assert opt.state_dict()["state"] == state["state"]
+
+
+def test_a_search_setting_written_into_one_group_only_is_an_error(optimizer_class):
+    a, b, opt = two_group_problem(optimizer_class)
+    opt.param_groups[1]["c"] = 0.3
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: 'c' differs from the first"):
+        opt.step(closure_for(a, b))
+    for group in opt.param_groups:  # the same setting written everywhere is a change
+        group["c"] = 0.3
+    opt.step(closure_for(a, b))
+
+
+def test_a_copy_of_a_group_can_be_added(optimizer_class):
+    a = torch.ones(3, requires_grad=True)
+    opt = optimizer_class([a], lr=1e-3)
+    opt.step(lambda: ((a - 3.0) ** 2).sum())
+    b = torch.ones(2, requires_grad=True)
+    opt.add_param_group({**opt.param_groups[0], "params": [b]})  # lr: the step size shown
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match="per-group 'lr'"):
+        opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "lr": 0.5})

@@ -168,3 +168,38 @@ def test_a_trial_that_overshoots_to_an_equal_loss_is_rejected_not_unresolved(opt
         opt.step(loss)
         assert opt.last_step.kind in ("search", "reuse")
     assert float(loss()) < 1.0
+
+
+def test_a_finite_difference_probe_below_the_loss_rounding_is_not_taken_for_the_slope():
+    """The paper's slope ``(L0 - f(w0 + lambda d)) / lambda`` with lambda = 5e-8 is rounding
+    noise when the probe's change is within the loss's resolution (here a float32 loss of
+    about 1e4, whose rounding is ~1e-3, against a change of ~1e-7). With no history in the
+    smoothed slope (the first search, or no smoothing) the test would be set against that
+    noise alone (a probe that rounds a few ulps down gave ``f_a`` 3.6 times the true slope
+    and a search that could never pass): ``-g . d`` stands in. With history, the probe is
+    averaged in as the paper does."""
+    torch.manual_seed(0)
+    w = torch.randn(6, requires_grad=True)
+
+    def closure():
+        return 1e4 + 0.5 * (w**2).sum()
+
+    for kwargs in ({}, {"smoothing": 0.0}):
+        w.data = torch.linspace(-1.0, 1.0, 6)
+        opt = ALSALS.paper([w], **kwargs)
+        for step in range(3):
+            w0, grad = w.detach().clone(), w.detach().clone()  # the gradient of the loss is w
+            opt.step(closure)
+            state = opt.state[w]
+            d = state["exp_avg"] / (1 - 0.9 ** (step + 1))
+            d = d / ((state["exp_avg_sq"] / (1 - 0.999 ** (step + 1))).sqrt() + 1e-8)
+            analytic = float((grad.double() * d.double()).sum())
+            assert opt.last_step.kind == "search"
+            assert not torch.equal(w.detach(), w0)  # the step was taken, no stall
+            if step == 0 or kwargs:
+                assert opt.last_step.slope == pytest.approx(analytic, rel=1e-5)
+            else:  # history: the finite difference, a multiple of the loss's ulp / lambda
+                ulp = 2.0**-10  # float32 spacing in [8192, 16384)
+                multiple = opt.last_step.slope * 5e-8 / ulp
+                assert multiple == pytest.approx(round(multiple), abs=1e-6)
+                assert opt.last_step.slope != pytest.approx(analytic, rel=1e-3)

@@ -92,3 +92,26 @@ def test_state_dict_carries_the_search_state_and_step_size():
     assert search["step"] == 3 and search["step_size"] == opt.param_groups[0]["lr"]
     assert saved["param_groups"][0]["lr"] == search["step_size"]
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(saved["state"][0])
+
+
+def test_a_group_added_after_loading_gets_the_loaded_settings(optimizer_class):
+    """The loaded search settings replace this optimizer's, for groups added later too: the
+    state_dict stays loadable."""
+    a = torch.ones(3, requires_grad=True)
+    saved = optimizer_class([a], c=0.3)
+    saved.step(lambda: (a**2).sum())
+    b = torch.ones(3, requires_grad=True)
+    opt = optimizer_class([b])
+    with pytest.warns(UserWarning, match="other search settings"):
+        opt.load_state_dict(saved.state_dict())
+    opt.add_param_group({"params": [torch.ones(2, requires_grad=True)]})
+    assert [g["c"] for g in opt.param_groups] == [0.3, 0.3]
+    again = optimizer_class(
+        [{"params": [torch.ones(3, requires_grad=True)]}, {"params": [torch.ones(2)]}], c=0.3
+    )
+    again.load_state_dict(opt.state_dict())
+
+
+def test_a_process_group_that_is_not_one_is_an_error(optimizer_class):
+    with pytest.raises(TypeError, match="process_group"):
+        optimizer_class([torch.ones(1, requires_grad=True)], process_group="gloo")

@@ -190,6 +190,12 @@ def test_a_negative_written_lr_is_a_clear_error(optimizer_class):
         ({"max_trials": True}, "max_trials", TypeError),
         ({"fd_step": None}, "fd_step", TypeError),
         ({"warmup_steps": 2.0}, "warmup_steps", ValueError),
+        ({"max_trials": 20.0}, "max_trials", ValueError),
+        ({"max_trials": torch.tensor(20.0)}, "max_trials", ValueError),  # as 20.0
+        ({"max_trials": torch.tensor(True)}, "max_trials", TypeError),
+        ({"max_trials": torch.tensor([20, 20])}, "max_trials", TypeError),
+        ({"warmup_steps": torch.tensor(-1)}, "warmup_steps", ValueError),
+        ({"search_interval": torch.tensor(2.0)}, "search_interval", ValueError),
         ({"weight_decay": "0"}, "weight_decay", TypeError),
         ({"lr_scale": None}, "lr_scale", TypeError),
     ],
@@ -219,6 +225,25 @@ def test_any_real_number_type_works_and_the_state_dict_stays_plain(optimizer_cla
     fresh = optimizer_class([w])
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["c"] == 0.5
+
+
+@pytest.mark.parametrize("as_type", [torch.tensor, np.int32], ids=["0-dim tensor", "numpy"])
+def test_integer_arguments_take_integer_tensors_and_the_state_dict_stays_plain(
+    optimizer_class, as_type, tmp_path
+):
+    w = torch.zeros(3, requires_grad=True)
+    opt = optimizer_class(
+        [w], max_trials=as_type(20), warmup_steps=as_type(3), search_interval=as_type(2)
+    )
+    for _ in range(2):
+        opt.step(quadratic(w))
+    group = opt.param_groups[0]
+    assert (group["max_trials"], group["warmup_steps"], group["search_interval"]) == (20, 3, 2)
+    assert all(type(group[k]) is int for k in ("max_trials", "warmup_steps", "search_interval"))
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    fresh = optimizer_class([w])
+    fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert fresh.param_groups[0]["search_interval"] == 2
 
 
 def test_named_buffers_or_a_module_as_buffers_is_a_clear_error(optimizer_class):

@@ -22,6 +22,7 @@ A closure takes one of two forms:
 from __future__ import annotations
 
 import inspect
+import numbers
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -100,6 +101,13 @@ class ClosureForm:
         return self.closure(backward)
 
 
+def _widest_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    """The most precise floating dtype among ``params`` (float32 if none): the precision a
+    loss returned as a Python number was most likely computed in."""
+    dtypes = [p.dtype for p in params if p.is_floating_point()]
+    return min(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+
+
 def as_loss_tensor(value: object, role: str) -> Tensor:
     """The closure's return value as a 0-dim tensor, or an error that says what came back."""
     if isinstance(value, Tensor):
@@ -109,8 +117,10 @@ def as_loss_tensor(value: object, role: str) -> Tensor:
                 f"of shape {tuple(value.shape)}"
             )
         return value.reshape(())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value))
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        # float64 loses nothing of a float64 loss returned as .item(); the resolution of
+        # the test is taken from the parameters' precision (ClosureEvaluator.loss_dtype)
+        return torch.tensor(float(value), dtype=torch.float64)
     hint = ""
     if isinstance(value, (tuple, list, dict)) or hasattr(value, "loss"):
         hint = " (of a model's output, return the loss alone: output.loss or output[0])"
@@ -216,19 +226,36 @@ class BufferGuard:
 
 
 class _UnprotectedBufferWatch:
-    """Records modules that run in training mode during a trial and hold buffers that are not
-    protected (typically BatchNorm created without ``buffers=model.buffers()``)."""
+    """Records modules whose unprotected buffers a trial changed (typically BatchNorm created
+    without ``buffers=model.buffers()``), and whether any module ran in training mode at all
+    (a model in ``eval()`` says nothing about what training-mode trials would do). Buffers
+    that stay constant (position ids, masks) are not reported."""
 
     def __init__(self, protected: Sequence[Tensor]) -> None:
         self.protected = {id(b) for b in protected}
         self.found: list[str] = []
+        self.trained = False
+        self._before: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
-    def __call__(self, module: nn.Module, args: object, output: object) -> None:
+    def before(self, module: nn.Module, args: object) -> None:
         if not module.training:
             return
+        self.trained = True
         own = [b for b in module.buffers(recurse=False) if id(b) not in self.protected]
-        if own and len(self.found) < 3:
-            self.found.append(type(module).__name__)
+        if own:
+            self._before[id(module)] = [(b, b.detach().clone()) for b in own]
+
+    def after(self, module: nn.Module, args: object, output: object) -> None:
+        held = self._before.pop(id(module), None)
+        name = type(module).__name__
+        if held is None or name in self.found or len(self.found) >= 3:
+            return
+        if any(not torch.equal(b, old) for b, old in held):
+            self.found.append(name)
+
+    def observed(self) -> list[str] | None:
+        """The modules found, or ``None`` if nothing ran in training mode."""
+        return self.found if self.trained else None
 
 
 def _compiled_anything() -> bool:
@@ -281,6 +308,8 @@ class ClosureEvaluator:
         self.forwards = 0
         self.backwards = 0
         self.unprotected_modules: list[str] | None = None
+        # closure(backward) returned a loss with a graph but left every gradient None
+        self.backward_forgotten = False
         self._buffers_after_first = False
 
     def evaluate_with_grad(self) -> Tensor:
@@ -293,26 +322,34 @@ class ClosureEvaluator:
         """
         self.rng_before = RandomState()
         self.before.capture()
-        with torch.enable_grad():
-            if self.runs_backward_itself:
-                stale = self.left is not None and self.left.untouched(self.params)
-                if self.closure.by_grad_mode or stale:
+        held = [p.grad for p in self.params]
+        dropped = not self.runs_backward_itself or self.closure.by_grad_mode
+        dropped = dropped or (self.left is not None and self.left.untouched(self.params))
+        try:
+            with torch.enable_grad():
+                if dropped:
                     for p in self.params:
                         p.grad = None
                 value = self.closure(True)
-                loss = as_loss_tensor(value, "closure(backward=True)")
-            else:
-                for p in self.params:
-                    p.grad = None
-                loss = as_loss_tensor(self.closure(True), "closure()")
-                self._check_plain_closure(loss)
-                if loss.requires_grad:
-                    loss.backward()
-                    self.backwards += 1
+                role = "closure(backward=True)" if self.runs_backward_itself else "closure()"
+                loss = as_loss_tensor(value, role)
+                if not self.runs_backward_itself:
+                    self._check_plain_closure(loss)
+                    if loss.requires_grad:
+                        loss.backward()
+                        self.backwards += 1
+        except BaseException:
+            if dropped:  # before a completed backward pass: the gradients as they were
+                for p, g in zip(self.params, held, strict=True):
+                    p.grad = g
+            raise
         if self.runs_backward_itself:
             self.backwards += 1
+            self.backward_forgotten = loss.requires_grad and all(
+                p.grad is None for p in self.params
+            )
         self.forwards += 1
-        self.loss_dtype = loss.dtype
+        self.loss_dtype = loss.dtype if isinstance(value, Tensor) else _widest_dtype(self.params)
         self.rng_after = RandomState()
         return loss.detach()
 
@@ -334,8 +371,8 @@ class ClosureEvaluator:
     def evaluate(self, watch_buffers: bool = False) -> Tensor:
         """A trial evaluation: same randomness as the first one, no autograd, no side effects.
 
-        With ``watch_buffers``, modules whose unprotected buffers a training-mode forward
-        would update are recorded in ``unprotected_modules``.
+        With ``watch_buffers``, modules whose unprotected buffers the trial changed are
+        recorded in ``unprotected_modules`` (``None`` if no module ran in training mode).
         """
         assert self.rng_before is not None, "evaluate_with_grad must run first"
         if not self._buffers_after_first:  # as the first evaluation left them
@@ -347,19 +384,22 @@ class ClosureEvaluator:
             p.grad = None
         watch_buffers = watch_buffers and not _compiled_anything()
         watch = _UnprotectedBufferWatch(self.before.buffers) if watch_buffers else None
-        handle = nn.modules.module.register_module_forward_hook(watch) if watch else None
+        handles = []
+        if watch is not None:
+            handles.append(nn.modules.module.register_module_forward_pre_hook(watch.before))
+            handles.append(nn.modules.module.register_module_forward_hook(watch.after))
         try:
             with torch.no_grad():
                 value = self.closure(False)
                 loss = as_loss_tensor(value, "the closure in a trial")
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
             self.after_first.restore()
         if watch is not None:
-            self.unprotected_modules = watch.found
+            self.unprotected_modules = watch.observed()
         self.forwards += 1
         return loss.detach()
 

@@ -91,14 +91,19 @@ def real(name: str, value: Any) -> float:
 
 
 def integer(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an ``int >= minimum`` if it is an integer (not a bool)."""
-    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            raise ValueError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
+    """``value`` as an ``int >= minimum`` if it is an integer (not a bool).
+
+    A one-element tensor counts as the number it holds: an integer dtype as an integer, a
+    floating one as a float (so ``tensor(20.0)`` is refused as ``20.0`` is).
+    """
+    number = value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        number = value.item()  # int for integer dtypes, float or complex for the others
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
         raise TypeError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
-    if value < minimum:
+    if not isinstance(number, numbers.Integral) or number < minimum:
         raise ValueError(f"invalid {name}: {value!r} (expected an integer >= {minimum})")
-    return int(value)
+    return int(number)
 
 
 def in_range(

@@ -331,8 +331,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} takes the parameters, not the module: pass "
                 "model.parameters() (or a list of parameter groups)"
             )
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"invalid process_group: {process_group!r} (expected a "
+                "torch.distributed.ProcessGroup, or None for the default group)"
+            )
         self._buffers = checked_buffers(buffers)
         self._process_group = process_group
+        self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._warned: set[str] = set()
         self._written_lr_steps = 0
         self._buffers_checked = False
@@ -361,6 +367,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_replay_loss", None)
         self.__dict__.setdefault("_left_grads", None)
+        self.__dict__.setdefault("_shown_lr", None)
         self.__dict__.setdefault("last_step", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -384,7 +391,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 )
         if "lr" in param_group:
             lr = real("lr", param_group["lr"])
-            if lr != self.defaults["lr"]:
+            shown = self._stored_search_state().step_size * param_group.get("lr_scale", 1.0)
+            if lr not in (self.defaults["lr"], shown):  # shown: a copy of another group
                 raise ValueError(
                     f"a per-group 'lr' ({lr!r}, the optimizer's is {self.defaults['lr']!r}) is not "
                     "supported: the line search picks one step size for all parameters; give "
@@ -400,6 +408,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
+        if self._shown_lr is not None:
+            self._shown_lr.append(group["lr"])
 
     def _drop_foreign_keys(self, param_group: dict[str, Any]) -> None:
         known = {*SEARCH_KEYS, *GROUP_KEYS, *TORCH_GROUP_KEYS, "param_names"}
@@ -428,7 +438,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         first bad entry and nothing is loaded. A state saved with other search settings (by
         another class, or another configuration) warns: as in ``torch.optim``, the saved
         settings replace this optimizer's. A state of another optimizer (AdamW) warns and
-        lends only its moments and ``lr``."""
+        lends its moments, ``lr`` and the per-group settings both share (``betas``, ``eps``,
+        ``weight_decay``); its other settings are dropped."""
         state_dict = self._without_foreign_settings(state_dict)
         self._validate_state(state_dict)
         groups = state_dict.get("param_groups", [])
@@ -449,6 +460,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(self._checked_settings(group))
+        if self.param_groups:  # groups added later get the loaded settings, not the old ones
+            self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_KEYS})
+        self._shown_lr = None
 
     def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state of another optimizer, minus that optimizer's settings (with a warning)."""
@@ -458,9 +472,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             return state_dict
         warnings.warn(
             f"the state loaded into {type(self).__name__} was not saved by an alsals "
-            f"optimizer (its groups hold {foreign or 'no search settings'}): only its "
-            "moments and lr are used, as the start of the search; the other optimizer's "
-            "settings are dropped",
+            f"optimizer (its groups hold {foreign or 'no search settings'}): its moments, "
+            "lr (the start of the search) and the per-group settings both share (betas, eps, "
+            "weight_decay) are used; the other optimizer's settings are dropped",
             UserWarning,
             stacklevel=3,
         )
@@ -469,22 +483,33 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _validate_state(self, state_dict: dict[str, Any]) -> None:
         """Raise a ``ValueError`` naming the first bad entry of ``state_dict``."""
-        groups = state_dict.get("param_groups", [])
-        for index, saved in enumerate(groups):
-            try:
-                settings = self._checked_settings(saved)
-                first = self._checked_settings(groups[0])
-                differing = [k for k in SEARCH_KEYS if settings[k] != first[k]]
-                if differing:
-                    raise ValueError(f"{differing[0]!r} differs from the first group's")
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"invalid state_dict: param_groups[{index}]: {error}") from None
+        try:
+            self._check_groups(state_dict.get("param_groups", []))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"invalid state_dict: {error}") from None
         for index, entries in state_dict.get("state", {}).items():
             if "line_search" in entries:
                 try:
                     SearchState.from_dict(entries["line_search"])
                 except ValueError as error:
                     raise ValueError(f"invalid state_dict: state[{index}]: {error}") from None
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Raise an error naming the first bad setting of ``groups``: a value out of range,
+        or a search setting that differs from the first group's."""
+        first: dict[str, Any] | None = None
+        for index, group in enumerate(groups):
+            try:
+                settings = self._checked_settings(group)
+                first = settings if first is None else first
+                differing = [k for k in SEARCH_KEYS if settings[k] != first[k]]
+                if differing:
+                    raise ValueError(
+                        f"{differing[0]!r} differs from the first group's: the line search "
+                        "takes one decision for all parameters"
+                    )
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}") from None
 
     def _checked_settings(self, group: dict[str, Any]) -> dict[str, Any]:
         """The hyperparameters of a (saved) group, validated, missing ones from ``defaults``."""
@@ -591,6 +616,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self, closure: Closure | None, commit: bool, runs_backward: bool | None = None
     ) -> tuple[Tensor, StepInfo, _Run]:
         """Phases 0-6 (6 only with ``commit``); an exception undoes everything."""
+        self._check_groups(self.param_groups)  # settings written since the last step
         evaluator = ClosureEvaluator(
             closure,  # type: ignore[arg-type]
             self.params(),
@@ -605,6 +631,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         try:
             loss, loss0, outcome = self._phases_1_to_5(search, written, evaluator, run)
             if commit:
+                # Before anything is written: a warning turned into an error (-W error)
+                # undoes the step like any other exception.
+                self._warn_about(outcome, evaluator, written, loss0)
                 self._commit(search, run, outcome)
             elif run.trial is not None:
                 run.trial.restore()
@@ -628,7 +657,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         )
         if commit:
             self._left_grads = LeftGradients(evaluator.params)
-            self._finish(search, outcome, evaluator, written, info)
+            self._finish(search, outcome, evaluator, info)
             if run.first_search and outcome.kind in SEARCH_KINDS:
                 self._report_first_search(outcome, evaluator, run.start_step_size)
         else:
@@ -651,27 +680,25 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         return loss, loss0, self._search(search, run, loss0, evaluator)
 
     def _finish(
-        self,
-        search: SearchState,
-        outcome: Outcome,
-        evaluator: ClosureEvaluator,
-        written: str | None,
-        info: StepInfo,
+        self, search: SearchState, outcome: Outcome, evaluator: ClosureEvaluator, info: StepInfo
     ) -> None:
-        """After a committed step: the random stream, the stored state, warnings, logs."""
+        """After a committed step: the random stream, the stored state, logs."""
         evaluator.finish()
         self._record(search, outcome, evaluator)
-        self._warn_about(outcome, evaluator, written, info.loss)
         self.last_step = info
 
     # -- 0 -----------------------------------------------------------------------------------
 
     def _adopt_written_lr(self, search: SearchState) -> str | None:
-        """Phase 0: a group ``lr`` that differs from ``eta * lr_scale`` sets ``eta`` (the first
-        such group): returns ``"set"``, or ``"zero"`` for a written 0 (this step takes no
-        update and ``eta`` is kept), or ``None`` when nothing was written."""
-        for group in self.param_groups:
-            if group["lr"] == search.step_size * group["lr_scale"]:
+        """Phase 0: a group ``lr`` that differs from the one the last step showed
+        (``eta * lr_scale``) sets ``eta`` (the first such group): returns ``"set"``, or
+        ``"zero"`` for a written 0 (this step takes no update and ``eta`` is kept), or
+        ``None`` when nothing was written. A changed ``lr_scale`` alone is not a write."""
+        shown = self._shown_lr
+        if shown is None or len(shown) != len(self.param_groups):
+            shown = [search.step_size * g["lr_scale"] for g in self.param_groups]
+        for group, lr_shown in zip(self.param_groups, shown, strict=True):
+            if group["lr"] == lr_shown:
                 continue
             lr = in_range("param_groups[...]['lr']", group["lr"], 0.0, closed_low=True)
             if lr == 0.0:
@@ -877,8 +904,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         h, trial = self._settings, run.trial
         # At the first search of a run: the closure evaluated again at w0 must give L0 again.
         replay = [evaluator.evaluate()] if search.searches == 0 else []
-        slope_input = self._slope_input(run.steps, run.directions, trial, evaluator)
         resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
+        slope_input = self._slope_input(search, run, evaluator)
         test = SearchTest(
             ArmijoTest(c=h["c"], smoothing=h["smoothing"]),
             loss0,
@@ -891,7 +918,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         )
         polyak = h["start"] == "polyak"
         if polyak:  # 5.2: no first trial above L0 / s (one more synchronisation)
-            slope = self._slope_to_host(slope_input, replay, loss0)
+            slope = self._slope_to_host(slope_input, replay, loss0, resolution)
             if not test.set_slope(slope):
                 return Outcome("nonfinite", trials=0, slope=slope, warning="the slope estimate")
             walk.limit(loss0 / slope if loss0 > 0.0 and slope > 0.0 else math.inf)
@@ -901,7 +928,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if tried > 1 or polyak:
                 (value,) = mean_to_host([trial_loss], self._process_group)
             else:  # the slope comes to the host with the first trial's loss
-                value, slope = self._first_trial_to_host(trial_loss, slope_input, replay, loss0)
+                value, slope = self._first_trial_to_host(
+                    trial_loss, slope_input, replay, loss0, resolution
+                )
                 if not test.set_slope(slope):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
@@ -928,41 +957,63 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         return failed
 
     def _first_trial_to_host(
-        self, trial_loss: Tensor, slope_input: Tensor, replay: list[Tensor], loss0: float
+        self,
+        trial_loss: Tensor,
+        slope_input: list[Tensor],
+        replay: list[Tensor],
+        loss0: float,
+        resolution: float,
     ) -> tuple[float, float]:
         """The first trial's loss and the slope (5.1) in one synchronisation, with the
         replay check's loss at the first search of a run."""
-        probe, value, *again = mean_to_host([slope_input, trial_loss, *replay], self._process_group)
-        self._replay_loss = again[0] if again else None
-        return value, self._slope_from(probe, loss0)
+        n = len(slope_input)
+        values = mean_to_host([*slope_input, trial_loss, *replay], self._process_group)
+        self._replay_loss = values[n + 1] if replay else None
+        return values[n], self._slope_from(values[:n], loss0, resolution)
 
-    def _slope_to_host(self, slope_input: Tensor, replay: list[Tensor], loss0: float) -> float:
+    def _slope_to_host(
+        self, slope_input: list[Tensor], replay: list[Tensor], loss0: float, resolution: float
+    ) -> float:
         """The slope (5.1) alone, before the first trial (``start="polyak"``)."""
-        probe, *again = mean_to_host([slope_input, *replay], self._process_group)
-        self._replay_loss = again[0] if again else None
-        return self._slope_from(probe, loss0)
+        n = len(slope_input)
+        values = mean_to_host([*slope_input, *replay], self._process_group)
+        self._replay_loss = values[n] if replay else None
+        return self._slope_from(values[:n], loss0, resolution)
 
-    def _slope_from(self, probe: float, loss0: float) -> float:
-        """``s`` from the analytic slope, or ``f_a = (L0 - f(w0 + lambda d)) / lambda``."""
+    def _slope_from(self, values: list[float], loss0: float, resolution: float) -> float:
+        """``s``: the analytic slope, or ``f_a = (L0 - f(w0 + lambda d)) / lambda``; a probe
+        whose change is within the loss's rounding says nothing about the slope, and where
+        the smoothed slope has no history to average it with, ``-g . d`` stands in."""
         if self._settings["slope"] == "analytic":
-            return probe
+            return values[0]
+        probe, *analytic = values
+        if analytic and abs(loss0 - probe) <= resolution:
+            return analytic[0]
         return (loss0 - probe) / self._settings["fd_step"]
 
     def _slope_input(
-        self,
-        steps: list[GroupStep],
-        directions: list[StepDirection],
-        trial: _TrialPoint,
-        evaluator: ClosureEvaluator,
-    ) -> Tensor:
+        self, search: SearchState, run: _Run, evaluator: ClosureEvaluator
+    ) -> list[Tensor]:
         """Phase 5.1 on the device: the analytic slope ``-g . d``, or the probe's loss
-        ``f(w0 + lambda d)`` that becomes the finite difference ``f_a`` on the host."""
+        ``f(w0 + lambda d)`` that becomes the finite difference ``f_a`` on the host, with
+        ``-g . d`` beside it while the smoothed slope has no history (no smoothing, the
+        first search, or after a reset)."""
         h = self._settings
-        if h["slope"] == "finite_difference":
-            trial.place(h["fd_step"])
-            return evaluator.evaluate()
-        terms = analytic_slope(steps, directions)
-        if not terms:  # no local gradient on this rank: it still joins the collectives
+        if h["slope"] == "analytic":
+            return [self._analytic_slope(run)]
+        assert run.trial is not None
+        run.trial.place(h["fd_step"])
+        probe = evaluator.evaluate()
+        if h["smoothing"] == 0.0 or search.averaged == 0:
+            return [probe, self._analytic_slope(run)]
+        return [probe]
+
+    @staticmethod
+    def _analytic_slope(run: _Run) -> Tensor:
+        """``-g . d`` summed on the device (0 on a rank without local gradients, which
+        still joins the collectives)."""
+        terms = analytic_slope(run.steps, run.directions)
+        if not terms:
             return torch.zeros((), dtype=torch.float64)
         return torch.stack([t.to(torch.float64) for t in terms]).sum()
 
@@ -1051,6 +1102,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self.state[anchor]["line_search"] = search.to_dict()
         for group in self.param_groups:
             group["lr"] = search.step_size * group["lr_scale"]
+        self._shown_lr = [g["lr"] for g in self.param_groups]
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -1100,7 +1152,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self, outcome: Outcome, evaluator: ClosureEvaluator, written: str | None, loss0: float
     ) -> None:
         """The one-time warnings, each with its fix: a skipped step, a closure that does not
-        replay its randomness, a schedule left in the loop, unprotected buffers."""
+        replay its randomness or forgot backward, a schedule left in the loop, unprotected
+        buffers. Issued before phase 6 writes anything."""
         name = type(self).__name__
         if outcome.warning is not None:
             self._warn_once(
@@ -1111,6 +1164,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
         if self._replay_loss is not None:
             self._warn_if_not_replayed(loss0, self._replay_loss)
+        if outcome.kind == "zero_grad" and evaluator.backward_forgotten:
+            self._warn_once(
+                "no_backward",
+                f"{name}: closure(backward) returned a loss that requires grad but no parameter "
+                "has a gradient, so the step was skipped: call loss.backward() in the closure "
+                "when its argument is True (or use the form closure() without arguments, "
+                "which leaves backward to the optimizer)",
+                UserWarning,
+            )
         self._written_lr_steps = self._written_lr_steps + 1 if written else 0
         if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
             self._warn_once("schedule", SCHEDULE_WARNING.format(name=name), UserWarning)

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,94 @@ def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):
     # the line search saw unscaled gradients: a scaled (x 65536 and more) slope would have
     # made every trial fail
     assert search["failed_searches"] == 0 and 0 < search["slope_avg"] < 1e3
+
+
+class _BatchNormNet(torch.nn.Module):
+    """BatchNorm with ``momentum=None``: its running statistics are the cumulative average
+    over ``num_batches_tracked`` batches, so an extra count changes them too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(10, 32)
+        self.bn = torch.nn.BatchNorm1d(32, momentum=None)
+        self.l2 = torch.nn.Linear(32, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.l2(torch.relu(self.bn(self.l1(x))))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_trials_leave_integer_buffers_alone(tmp_path):
+    """The Trainer's optimizer protects every buffer, integer ones included: BatchNorm's
+    ``num_batches_tracked`` counts one batch per optimizer step however many trials the
+    searches ran, and each step leaves the BatchNorm buffers as the step's training forward
+    left them."""
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(10), "labels": torch.tensor(i % 2)} for i in range(64)]
+    model = _BatchNormNet()
+    before_steps, after_steps = [], []
+
+    class Watch(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            before_steps.append({k: v.clone() for k, v in model.bn.named_buffers()})
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            after_steps.append({k: v.clone() for k, v in model.bn.named_buffers()})
+
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=4),
+        train_dataset=data,
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1.0, "search_interval": 1}),
+        callbacks=[Watch()],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert trainer.state.global_step == 4
+    assert optimizer.search_state.forwards > 4, "the searches ran trials"
+    assert int(model.bn.num_batches_tracked) == 4
+    for before, after in zip(before_steps, after_steps, strict=True):
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    protected = {id(b) for b in optimizer.protected_buffers}
+    assert all(id(b) in protected for b in model.buffers())
+    assert not [w for w in caught if "updated its buffers" in str(w.message)]
+
+
+def test_constant_integer_buffers_raise_no_buffer_warning(tmp_path):
+    """BERT's ``position_ids`` and ``token_type_ids`` are constant integer buffers: they are
+    protected like the others, so no trial reports unprotected buffers."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    transformers.set_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config)
+    assert any(not torch.is_floating_point(b) for b in model.buffers())
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(0, 100, (8,), generator=gen), "labels": torch.tensor(i % 2)}
+        for i in range(16)
+    ]
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
+        train_dataset=data,
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-2}),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert optimizer.search_state.forwards > 2, "the searches ran trials"
+    protected = {id(b) for b in optimizer.protected_buffers}
+    assert all(id(b) in protected for b in model.buffers())
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "updated its buffers" in m], messages
 
 
 @pytest.mark.distributed

@@ -168,10 +168,9 @@ class LineSearchTrainerMixin:
             ]
             groups = [g for g in groups if g["params"]]
             kwargs = dict(kwargs)
-            # Trials must not move running statistics (BatchNorm and the like).
-            kwargs.setdefault(
-                "buffers", [b for b in opt_model.buffers() if torch.is_floating_point(b)]
-            )
+            # Trials must not move running statistics (BatchNorm and the like). All buffers,
+            # integer ones included: BatchNorm's num_batches_tracked counts batches.
+            kwargs.setdefault("buffers", list(opt_model.buffers()))
             self.optimizer = cls(groups, **kwargs)
         self._check_optimizer(self.optimizer)
         # The Trainer (through accelerate) calls optimizer.step() without a closure.
