@@ -449,3 +449,16 @@ def test_the_buffer_check_waits_for_a_step_in_training_mode(optimizer_class, mon
     model.train()
     with pytest.warns(UserWarning, match="BatchNorm1d updated its buffers"):
         opt.step(bce_closure(model, x, y))
+
+
+def test_buffers_replaced_by_a_conversion_after_building_the_optimizer_are_named(
+    optimizer_class, monkeypatch
+):
+    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=50.0, buffers=model.buffers())
+    model.double()  # new buffer tensors; the parameters stay the same objects
+    with pytest.warns(UserWarning, match=r"build the optimizer after it"):
+        opt.step(bce_closure(model, x.double(), y.double()))

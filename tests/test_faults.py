@@ -420,3 +420,11 @@ def test_a_warning_turned_into_an_error_leaves_everything_as_before_the_step(opt
     assert opt.last_step is None
     opt.step(closure)  # warned once: the retry runs the step
     assert opt.last_step is not None and opt.search_state.searches == 1
+
+
+def test_a_step_under_inference_mode_is_a_clear_error(optimizer_class):
+    w = torch.ones(3, requires_grad=True)
+    opt = optimizer_class([w])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        opt.step(lambda: (w**2).sum())
+    assert torch.equal(w, torch.ones(3)) and opt.search_state.step == 0

@@ -358,7 +358,9 @@ class ClosureEvaluator:
             raise RuntimeError(
                 "closure() set the gradients itself (it called backward), and the optimizer "
                 "would run backward a second time: a closure that runs backward itself must "
-                "take one argument, closure(backward), and call backward only when it is True"
+                "take one argument, closure(backward), and call backward only when it is True "
+                "(under Lightning's automatic optimization: set automatic_optimization = False "
+                "and use alsals.integrations.lightning, docs/integrations.md)"
             )
         if not loss.requires_grad and any(p.requires_grad for p in self.params):
             raise RuntimeError(

@@ -99,6 +99,13 @@ BUFFERS_WARNING = (
     "at weights the search may reject: pass buffers=model.buffers() to {name} so that "
     "trials leave them alone"
 )
+#: Added to it when buffers were given: converting the model after building the optimizer
+#: replaces the buffer tensors, so the ones given are no longer the model's.
+STALE_BUFFERS_HINT = (
+    " (buffers were given, but not these: if the model was moved or converted, model.to() or "
+    ".double(), after the optimizer was built, the conversion replaced its buffers; build "
+    "the optimizer after it)"
+)
 #: A learning rate written before this many consecutive steps is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
@@ -616,6 +623,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self, closure: Closure | None, commit: bool, runs_backward: bool | None = None
     ) -> tuple[Tensor, StepInfo, _Run]:
         """Phases 0-6 (6 only with ``commit``); an exception undoes everything."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__}.step() cannot run under torch.inference_mode(): the "
+                "step needs the gradient of the closure's loss (take the step outside it)"
+            )
         self._check_groups(self.param_groups)  # settings written since the last step
         evaluator = ClosureEvaluator(
             closure,  # type: ignore[arg-type]
@@ -1181,6 +1193,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if evaluator.unprotected_modules:
                 modules = ", ".join(evaluator.unprotected_modules)
                 message = BUFFERS_WARNING.format(name=name, modules=modules)
+                if self._buffers:
+                    message += STALE_BUFFERS_HINT
                 self._warn_once("buffers", message, UserWarning)
 
     def _warn_if_not_replayed(self, loss0: float, again: float) -> None:
