@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS
+from alsals.diagnostics import scan_direction
 
 OPTIMIZERS = {"SLS": SLS, "AdamSLS": AdamSLS, "ALSALS": ALSALS}
 
@@ -86,7 +87,17 @@ def train_all(rank: int) -> dict:
             info = opt.last_step
             decisions.append((info.kind, info.trials, info.step_size, info.loss))
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        x = torch.randn(32, 6, generator=data_gen)
+        y = (x.sum(dim=1) > 0).float()
+        scan = scan_direction(
+            opt,
+            lambda x=x, y=y, ddp=ddp: nn.functional.binary_cross_entropy_with_logits(
+                ddp(x).squeeze(-1), y
+            ),
+            [1e-9, 1e-3, 1e-1],
+        )
         results[name] = {
+            "scan": scan.decreases,
             "decisions": decisions,
             "weights": weights,
             "local": local_losses,

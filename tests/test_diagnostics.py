@@ -150,3 +150,42 @@ def test_scan_of_a_skipped_step_has_no_decreases():
     scan = scan_direction(opt, lambda: (w * float("nan")).sum(), [1e-3, 1e-2])
     assert scan.kind == "nonfinite" and all(d != d for d in scan.decreases)
     assert torch.equal(w.detach(), torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_scan_leaves_the_gradients_of_tensors_no_group_holds_alone(optimizer_class):
+    """The preview's backward reaches only the optimizer's parameters: a tensor of another
+    optimizer (or one left out of the groups) keeps its gradient (it used to be doubled by a
+    scan followed by the step)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, requires_grad=True)
+    other = torch.randn(3, requires_grad=True)
+    opt = optimizer_class([w], lr=0.1)
+
+    def closure():
+        return ((w - 1.0) ** 2).sum() + (w * other).sum()
+
+    scan_direction(opt, closure, [1e-3, 1e-2])
+    assert other.grad is None
+    w0 = w.detach().clone()
+    opt.step(closure)
+    torch.testing.assert_close(other.grad, w0)  # the gradient of one evaluation at w0
+
+
+@pytest.mark.parametrize("lr", [0.0, 0.1])
+def test_the_figures_draw_scans_of_steps_that_took_no_update(tmp_path, lr):
+    pytest.importorskip("matplotlib")
+    from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
+
+    torch.manual_seed(0)
+    model, _, closure = trained_net(ALSALS, steps=1)
+    opt = ALSALS(model.parameters(), lr=0.1, buffers=model.buffers())
+    recorder = LandscapeRecorder(opt, step_sizes=log_grid(1e-6, 1.0, 8))
+    for k in range(3):
+        if k == 1:
+            opt.param_groups[0]["lr"] = lr  # 0: this step takes no update
+        recorder.maybe_scan(closure)
+        opt.step(closure)
+    for plot in (plot_consecutive, plot_heatmap):
+        assert plot(recorder.scans, tmp_path / f"{plot.__name__}.png").stat().st_size > 0
+    for i, scan in enumerate(recorder.scans):
+        assert plot_single(scan, tmp_path / f"single{i}.png").stat().st_size > 0

@@ -55,3 +55,12 @@ def test_ranks_issue_the_same_collectives_whatever_their_local_state(rank_result
     events = _distributed_worker.RANK1_EVENTS
     assert kinds[events.index("nan_loss")] == "nonfinite"  # the mean loss is NaN on both
     assert kinds[events.index("no_grad")] == "search"  # rank 0's gradient still counts
+
+
+@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "ALSALS"])
+def test_a_scan_averages_the_trial_losses_over_ranks_as_the_search_does(rank_results, name):
+    """Each rank scans its own batch; the decreases are of the mean loss, equal on all ranks
+    and about 0 at a tiny step (they used to be the mean loss minus this rank's own)."""
+    rank0, rank1 = rank_results[0][name]["scan"], rank_results[1][name]["scan"]
+    assert rank0 == rank1
+    assert abs(rank0[0]) < 1e-5

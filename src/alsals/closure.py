@@ -282,6 +282,7 @@ class ClosureEvaluator:
         buffers: Sequence[Tensor],
         runs_backward: bool | None = None,
         left: LeftGradients | None = None,
+        own_grads_only: bool = False,
     ) -> None:
         if isinstance(closure, Tensor):
             raise TypeError(
@@ -300,6 +301,7 @@ class ClosureEvaluator:
         self.params = list(params)
         self.runs_backward_itself = self.closure.takes_backward
         self.left = left
+        self.own_grads_only = own_grads_only
         self.before = BufferGuard(buffers)
         self.after_first = BufferGuard(buffers)
         self.rng_before: RandomState | None = None
@@ -335,8 +337,10 @@ class ClosureEvaluator:
                 loss = as_loss_tensor(value, role)
                 if not self.runs_backward_itself:
                     self._check_plain_closure(loss)
-                    if loss.requires_grad:
-                        loss.backward()
+                    # own_grads_only (a preview): no trace in tensors no group holds
+                    inputs = [p for p in self.params if p.requires_grad]
+                    if loss.requires_grad and (inputs or not self.own_grads_only):
+                        loss.backward(inputs=inputs if self.own_grads_only else None)
                         self.backwards += 1
         except BaseException:
             if dropped:  # before a completed backward pass: the gradients as they were

@@ -635,6 +635,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._buffers,
             runs_backward=runs_backward,
             left=self._left_grads,
+            own_grads_only=not commit,
         )
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
@@ -811,7 +812,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         )
         self._grad_norm = math.sqrt(squared) if clip is not None else math.nan
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
-            return loss0, Outcome(kind="nonfinite", warning="the loss or the gradient")
+            culprit = "the gradient" if math.isfinite(loss0) else "the loss"
+            return loss0, Outcome(kind="nonfinite", warning=culprit)
         if grad_max == 0.0:
             return loss0, Outcome(kind="zero_grad")
         if clip is not None and self._grad_norm > clip:

@@ -217,3 +217,54 @@ def test_step_with_scaler_rejects_other_optimizers():
             fp16_loss(model, x, y),
             torch.amp.GradScaler("cpu"),
         )
+
+
+def test_a_step_with_scaler_that_raised_in_a_trial_can_be_retried():
+    """The exception leaves the scaler as it was: the retry unscales again (it used to fail
+    with 'unscale_() has already been called' at every later step)."""
+    model, x, y = make_problem(dropout=0.0)
+    optimizer = SLS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        if len(calls) == 2:  # the first trial
+            raise RuntimeError("transient")
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.functional.cross_entropy(model(x), y)
+
+    before = weights(model)
+    with pytest.raises(RuntimeError, match="transient"):
+        step_with_scaler(optimizer, closure, scaler)
+    assert torch.equal(weights(model), before) and scaler.get_scale() == 2.0**8
+    step_with_scaler(optimizer, closure, scaler)
+    step_with_scaler(optimizer, closure, scaler)
+    assert optimizer.search_state.step == 2
+
+
+def test_a_warning_turned_into_an_error_undoes_a_step_with_scaler(monkeypatch):
+    """Warnings are not held back and re-emitted after the step: under -W error the step is
+    undone and the scaler can go on (it used to move the weights, skip update() and leave
+    the scaler unable to unscale)."""
+    import alsals.closure
+
+    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    optimizer = SLS(model.parameters(), lr=50.0)  # no buffers=: the trials warn
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.functional.cross_entropy(model(x), y)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = weights(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(UserWarning, match="updated its buffers"):
+            step_with_scaler(optimizer, closure, scaler)
+    assert torch.equal(weights(model), before)
+    step_with_scaler(optimizer, closure, scaler)  # warned once: the step goes on
+    assert optimizer.search_state.step == 1

@@ -26,6 +26,22 @@ def _pyplot():
     return plt
 
 
+def _scanned(scans: Sequence[LandscapeScan]) -> list[LandscapeScan]:
+    """The scans with a curve: a step that took no update (skipped, ``lr`` 0) has none."""
+    return [s for s in scans if any(math.isfinite(d) for d in s.decreases)]
+
+
+def _nothing_to_plot(path: Path, title: str, why: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    ax.set_title(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _mark(ax, scan: LandscapeScan, alpha: float = 1.0) -> None:
     pairs = dict(zip(scan.step_sizes, scan.decreases, strict=True))
     if scan.chosen_step_size is not None:
@@ -62,6 +78,9 @@ def _ylim(ax, scans: Sequence[LandscapeScan]) -> None:
 
 
 def plot_single(scan: LandscapeScan, path: Path, title: str = "") -> Path:
+    if not _scanned([scan]):
+        why = f"step {scan.step} took no update ({scan.kind}): no direction to scan"
+        return _nothing_to_plot(path, title or f"step {scan.step}: one batch", why)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(scan.step_sizes, scan.decreases, color="tab:blue", label="loss decrease")
@@ -87,6 +106,9 @@ def plot_single(scan: LandscapeScan, path: Path, title: str = "") -> Path:
 
 
 def plot_consecutive(scans: Sequence[LandscapeScan], path: Path, title: str = "") -> Path:
+    scans = _scanned(scans)
+    if not scans:
+        return _nothing_to_plot(path, title, "no scanned step took an update")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, scan in enumerate(scans):
@@ -105,6 +127,9 @@ def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") ->
     import numpy as np
     from matplotlib.colors import SymLogNorm
 
+    scans = _scanned(scans)  # steps without an update repeat their step count: left out
+    if not scans:
+        return _nothing_to_plot(path, title, "no scanned step took an update")
     plt = _pyplot()
     grid = np.array(scans[0].step_sizes)
     values = np.array([s.decreases for s in scans], dtype=float)

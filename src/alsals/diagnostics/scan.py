@@ -10,6 +10,7 @@ import torch
 
 from alsals.acceptance import ArmijoTest
 from alsals.closure import Closure, ClosureEvaluator
+from alsals.distributed import mean_to_host
 from alsals.line_search import LineSearchOptimizer, StepPreview, local_shard
 
 
@@ -63,7 +64,12 @@ def scan_direction(
     direction and the step size it would choose, with nothing changed), then evaluates the
     closure at ``w + eta d`` for every ``eta`` of the grid with the same randomness the step
     sees, and puts the weights, buffers and random state back. Calling
-    ``optimizer.step(closure)`` afterwards takes exactly the step that the scan reports.
+    ``optimizer.step(closure)`` afterwards takes exactly the step that the scan reports: the
+    step size ``chosen_step_size``, along the searched direction where the update moves
+    along it (SLS, ALSALS; AdamSLS searches along Adam's direction without momentum but
+    moves along the momentum one), before the decoupled weight decay, which is not searched.
+    Under ``torch.distributed`` every rank scans its own batch and the losses are averaged
+    over ranks, as the search averages them (one collective for the whole grid).
     """
     if not isinstance(optimizer, LineSearchOptimizer):
         raise TypeError(f"scan_direction needs an alsals optimizer, got {type(optimizer).__name__}")
@@ -120,16 +126,17 @@ def _decreases_along(
     origin = [p.detach().clone() for p in params]
     evaluator = ClosureEvaluator(closure, optimizer.params(), optimizer.protected_buffers)
     evaluator.start_without_grad()
-    decreases = []
+    losses = []
     try:
         for eta in grid:
             torch._foreach_copy_(params, origin)
             torch._foreach_add_(params, preview.direction, alpha=eta)
-            decreases.append(preview.info.loss - float(evaluator.evaluate()))
+            losses.append(evaluator.evaluate())
     finally:
         torch._foreach_copy_(params, origin)
         evaluator.abort()
-    return decreases
+    # The loss over all ranks, as the search compares it (info.loss is averaged too).
+    return [preview.info.loss - v for v in mean_to_host(losses, optimizer.process_group)]
 
 
 class LandscapeRecorder:

@@ -20,7 +20,6 @@ optimizer skips the step when the unscaled gradients hold an inf or NaN (``kind 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -82,21 +81,9 @@ def autocast_closure(
     return plain
 
 
-# Re-emitted warnings go through one registry, so each distinct one shows once per process
-# under Python's default filter (as it would have without the capture).
-_REGISTRY: dict = {}
-
-
-def _reemit(caught: list[warnings.WarningMessage], *, drop_overflow_skip: bool) -> None:
-    """Re-emit captured warnings, minus the optimizer's "not finite" one after an overflow.
-
-    Skipping steps whose scaled gradients overflowed is GradScaler's normal operation; a
-    non-finite *loss* is not, and its warning is re-emitted, as is every other warning.
-    """
-    for w in caught:
-        if drop_overflow_skip and w.category is RuntimeWarning and "not finite" in str(w.message):
-            continue
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_REGISTRY)
+#: The optimizer's warning for a skipped step whose gradient (not loss) is not finite: under
+#: a GradScaler that is an overflow of the scaled gradients, the scaler's normal operation.
+_OVERFLOW_SKIP_WARNING = r".*: the gradient is not finite"
 
 
 def step_with_scaler(
@@ -118,11 +105,13 @@ def step_with_scaler(
 
     Either way ``scaler.unscale_(optimizer)`` follows the backward pass, so the line search
     sees true gradients; with an inf/NaN among them the optimizer skips the step
-    (``optimizer.last_step.kind == "nonfinite"``). Clip with the optimizer's
-    ``max_grad_norm``: it clips the unscaled gradients (do not call ``unscale_`` or
-    ``clip_grad_norm_`` in the closure). With ``update=True`` (default) ``scaler.update()``
-    runs afterwards; pass ``update=False`` to call it yourself (several optimizers sharing
-    one scaler). Do not call ``scaler.step(optimizer)``.
+    (``optimizer.last_step.kind == "nonfinite"``, without the optimizer's warning: an
+    overflow is the scaler's normal operation; a non-finite loss still warns). Clip with
+    the optimizer's ``max_grad_norm``: it clips the unscaled gradients (do not call
+    ``unscale_`` or ``clip_grad_norm_`` in the closure). With ``update=True`` (default)
+    ``scaler.update()`` runs afterwards; pass ``update=False`` to call it yourself (several
+    optimizers sharing one scaler). Do not call ``scaler.step(optimizer)``. An exception in
+    the step leaves the scaler as it was too, so the step can be retried.
     """
     if not isinstance(optimizer, LineSearchOptimizer):
         raise TypeError(
@@ -132,16 +121,14 @@ def step_with_scaler(
     if not callable(closure):
         raise TypeError("step_with_scaler needs the closure that computes the loss")
     scaled = _ScaledClosure(optimizer, closure, scaler)
-    caught: list[warnings.WarningMessage] = []
-    overflow = False
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _OVERFLOW_SKIP_WARNING, RuntimeWarning)
             loss = optimizer.step(scaled)
-        info = optimizer.last_step
-        overflow = info is not None and info.kind == "nonfinite" and math.isfinite(info.loss)
-    finally:
-        _reemit(caught, drop_overflow_skip=overflow)
+    except BaseException:
+        if scaled.unscaled:  # forget this attempt's unscale_, or a retry could not unscale
+            scaler._per_optimizer_states.pop(id(optimizer), None)
+        raise
     if update and scaled.unscaled:
         scaler.update()
     return loss
