@@ -30,6 +30,16 @@ def optimizer_class(request):
     return request.param
 
 
+@pytest.fixture
+def buffer_watch(monkeypatch):
+    """The unprotected-buffer watch switched on: it stays off in a process where
+    torch.compile ran (a global module hook would make compiled models recompile), and the
+    compile tests may have run before."""
+    import alsals.closure
+
+    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
+
+
 @pytest.fixture(params=PAPER, ids=PAPER_IDS)
 def paper_class(request):
     """The paper's three configurations: for the mechanics of a search every step."""

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import alsals.closure
 from conftest import SmallNet, bce_closure, make_classification
 
 
@@ -424,8 +423,7 @@ class _Constants(nn.Module):
         return self.linear(x * self.mask[self.ids])
 
 
-def test_constant_unprotected_buffers_do_not_warn(optimizer_class, monkeypatch):
-    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
+def test_constant_unprotected_buffers_do_not_warn(optimizer_class, buffer_watch):
     model = _Constants()
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     opt = optimizer_class(model.parameters(), lr=50.0)  # trials happen
@@ -436,10 +434,8 @@ def test_constant_unprotected_buffers_do_not_warn(optimizer_class, monkeypatch):
     assert opt.search_state.trials > 0
 
 
-def test_the_buffer_check_waits_for_a_step_in_training_mode(optimizer_class, monkeypatch):
+def test_the_buffer_check_waits_for_a_step_in_training_mode(optimizer_class, buffer_watch):
     """A first step in eval() says nothing about BatchNorm's statistics in train()."""
-    # the watch is off in a process where torch.compile ran (the compile tests)
-    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
     torch.manual_seed(0)
     model = SmallNet()
     x, y = make_classification()
@@ -452,9 +448,8 @@ def test_the_buffer_check_waits_for_a_step_in_training_mode(optimizer_class, mon
 
 
 def test_buffers_replaced_by_a_conversion_after_building_the_optimizer_are_named(
-    optimizer_class, monkeypatch
+    optimizer_class, buffer_watch
 ):
-    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
     torch.manual_seed(0)
     model = SmallNet()
     x, y = make_classification()

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-import alsals.closure
 from alsals import ALSALS, SLS, AdamSLS
 from alsals.integrations.amp import step_with_scaler
 from conftest import SmallNet, make_classification
@@ -211,10 +210,7 @@ def test_a_closure_with_dropout_from_torch_is_not_reported(optimizer_class):
         opt.step(mse_closure(model, x, y))
 
 
-def test_batchnorm_without_buffers_is_reported_once_with_the_fix(optimizer_class, monkeypatch):
-    # The watch stays off in a process where torch.compile ran (a global module hook would
-    # make compiled models recompile); the compile tests may have run before this one.
-    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: False)
+def test_batchnorm_without_buffers_is_reported_once_with_the_fix(optimizer_class, buffer_watch):
     torch.manual_seed(0)
     model = SmallNet()
     x, y = make_classification()

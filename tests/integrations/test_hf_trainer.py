@@ -155,6 +155,18 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def tiny_bert():
+    """A small random BERT classifier (no checkpoint), seeded."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    transformers.set_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2,
+    )  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(model_path, dataset, tmp_path):
     straight, record = train(
         model_path,
@@ -252,14 +264,7 @@ def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):
     accelerate disables fp16 on CPU, so the test hands its accelerator a CPU GradScaler and
     turns its native AMP on: everything else is the library's own code path. A small random
     BERT is enough here (no checkpoint needed)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    transformers.set_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=2,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config)
+    model = tiny_bert()
     gen = torch.Generator().manual_seed(0)
     data = [
         {"input_ids": torch.randint(0, 100, (8,), generator=gen), "labels": torch.tensor(i % 2)}
@@ -359,14 +364,7 @@ def test_trials_leave_integer_buffers_alone(tmp_path):
 def test_constant_integer_buffers_raise_no_buffer_warning(tmp_path):
     """BERT's ``position_ids`` and ``token_type_ids`` are constant integer buffers: they are
     protected like the others, so no trial reports unprotected buffers."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    transformers.set_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=2,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config)
+    model = tiny_bert()
     assert any(not torch.is_floating_point(b) for b in model.buffers())
     gen = torch.Generator().manual_seed(0)
     data = [
