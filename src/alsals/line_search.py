@@ -1170,8 +1170,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         buffers. Issued before phase 6 writes anything."""
         name = type(self).__name__
         if outcome.warning is not None:
-            self._warn_once(
-                "nonfinite",
+            self._warn_once(  # once per culprit: the loss, the gradient, the slope, ...
+                f"nonfinite: {outcome.warning}",
                 f"{name}: {outcome.warning} is not finite (NaN or inf); the step was skipped "
                 "and the weights and optimizer state left unchanged. Further skips are counted "
                 "in optimizer.last_step / the state's 'skipped_nonfinite' without warning.",

@@ -265,3 +265,15 @@ def test_a_warning_turned_into_an_error_undoes_a_step_with_scaler(buffer_watch):
     assert torch.equal(weights(model), before)
     step_with_scaler(optimizer, closure, scaler)  # warned once: the step goes on
     assert optimizer.search_state.step == 1
+
+
+def test_overflow_skips_do_not_use_up_the_warning_about_a_nonfinite_loss():
+    model, x, y = make_problem()
+    optimizer = SLS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # the first step overflows
+    step_with_scaler(optimizer, fp16_loss(model, x, y), scaler)
+    assert optimizer.last_step.kind == "nonfinite"
+    x = x.clone()
+    x[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="the loss is not finite"):
+        step_with_scaler(optimizer, fp16_loss(model, x, y), scaler)
