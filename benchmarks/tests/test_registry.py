@@ -52,3 +52,19 @@ def test_the_default_rows_run_as_users_run_them_and_the_paper_rows_under_its_pro
     for name in ("alsals", "alsals-analytic", "alsals-candidate"):
         paper = built(name)
         assert paper["warmup_steps"] == budget.warmup_steps and paper["lr"] == task.adam_lr
+
+
+@pytest.mark.parametrize("name", ["adam@0", "adam@-1", "adam@nan", "adam@inf", "adam@-0.0"])
+def test_an_adam_rate_that_is_not_positive_and_finite_is_rejected(name):
+    """``adam@0`` used to train silently at the task's own rate (``lr or task.adam_lr``)."""
+    with pytest.raises(ValueError, match="positive, finite"):
+        get_optimizer(name)
+
+
+def test_adam_runs_at_the_rate_named_and_records_its_configured_peak_rate():
+    task = get_task("digits-cnn")
+    budget = task.budget("smoke")
+    for name, rate in (("adam", task.adam_lr), ("adam@0.003", 0.003), ("adam@1e-7", 1e-7)):
+        stepper = get_optimizer(name).build(nn.Linear(3, 2), task, budget)
+        assert stepper.optimizer.param_groups[0]["lr"] == rate
+        assert stepper.start_info == {"peak_lr": rate}

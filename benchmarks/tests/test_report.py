@@ -12,6 +12,7 @@ import pytest
 from alsals_bench import cli
 from alsals_bench.report import (
     adam_compute,
+    fold_tuned_adam,
     load_runs,
     loss_at_compute,
     on_common_x,
@@ -32,19 +33,24 @@ def _log(
     budget="fake",
     size=4,
     metrics=("accuracy",),
+    lrs=None,
+    start_info=None,
     **end,
 ):
     """A finished run's log: one step record per loss, cumulative pass counts as given;
-    ``size`` is the budget's steps in its start record (runs of one size are averaged)."""
+    ``size`` is the budget's steps in its start record (runs of one size are averaged);
+    ``lrs`` the logged rates (default 1e-3 each step); ``start_info`` more start fields."""
     path = RunKey(task, optimizer, seed, budget).path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(losses)
     start = {"type": "start", "task": task, "optimizer": optimizer, "seed": seed}
     start |= {"budget": budget, "steps": size, "batch_size": 8, "metrics": list(metrics)}
+    start |= start_info or {}
     records = [start]
-    for s, (loss, f, b) in enumerate(zip(losses, forwards, backwards, strict=True), 1):
+    lrs = lrs or [1e-3] * n
+    for s, (loss, f, b, lr) in enumerate(zip(losses, forwards, backwards, lrs, strict=True), 1):
         records.append(
-            {"type": "step", "step": s, "loss": loss, "lr": 1e-3, "time": 0.5 * s}
+            {"type": "step", "step": s, "loss": loss, "lr": lr, "time": 0.5 * s}
             | {"forwards": f, "backwards": b}
         )
     records.append({"type": "eval", "step": n, "accuracy": 0.5})
@@ -212,3 +218,96 @@ def test_tasks_judged_by_a_validation_loss_alone_get_its_table(tmp_path):
     assert "cls" not in table
     # log average over the one task: the geometric mean of the task's means
     assert "| *log average* | 0.025 | 0.05 |" in table
+
+
+def _table_rows(text, title):
+    """{row label: {column: cell}} of the markdown table titled ``title``."""
+    (table,) = [t for t in text.split("### ") if t.startswith(title)]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
+    return rows, table
+
+
+def test_a_diverged_adam_run_sets_no_equal_compute_budget(tmp_path):
+    """A diverged ``adam`` run (cut at step 2 of 4) used to set its task's budget to the
+    compute of its 2 steps (6) instead of the 4 steps Adam runs (12)."""
+    nan = float("nan")
+    # t1: one seed finished (12), the other diverged: the finished run's compute.
+    _log(tmp_path, "t1", "adam", 0, [1.0] * 4, *_adam_like(4))
+    _log(tmp_path, "t1", "adam", 1, [1.0, nan], *_adam_like(2), status="diverged")
+    # t2: every adam run diverged: the compute Adam planned, 4 steps x 3.
+    for seed in range(2):
+        _log(tmp_path, "t2", "adam", seed, [1.0, nan], *_adam_like(2), status="diverged")
+        _log(tmp_path, "t2", "alsals", seed, [2.0, 1.0, 0.5, 0.5], [3, 6, 9, 12], [1, 2, 3, 4])
+    runs = load_runs(tmp_path, "fake")
+    assert adam_compute(runs) == {"t1": 12.0, "t2": 12.0}
+    text = write_report(tmp_path, "fake").read_text()
+    rows, table = _table_rows(text, "Equal compute:")
+    assert "t1 (n=2, Adam 12)" in rows
+    # alsals at 12 pass-equivalents: its step 2 (10), the EMA of 2.0 and 1.0
+    assert rows["t2 (n=2, Adam 12 planned)"]["alsals"] == "**1.98 ± 0**"
+    assert "Every `adam` run diverged on t2" in table
+
+
+def test_the_adam_run_joins_the_grid_at_its_configured_rate_not_its_largest_logged(tmp_path):
+    """An ``adam`` run (peak 0.01) that diverged in its warm-up logged rates up to 0.002
+    only: it used to join the grid at 0.002, a rate nobody configured."""
+    nan = float("nan")
+    lrs = [0.001, 0.002]
+    peak = {"peak_lr": 0.01}
+    _log(tmp_path, "t1", "adam", 0, [1.0, nan], *_adam_like(2), lrs=lrs, start_info=peak,
+         status="diverged")  # fmt: skip
+    _log(tmp_path, "t1", "adam@0.01", 1, [1.0] * 2, *_adam_like(2), peak_accuracy=0.7)
+    _log(tmp_path, "t1", "adam@0.001", 0, [1.0] * 2, *_adam_like(2), peak_accuracy=0.6)
+    _, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    values = grids["t1"].values
+    assert sorted(values) == [0.001, 0.01]
+    assert values[0.001] == [0.6] and math.isnan(values[0.01][0]) and values[0.01][1] == 0.7
+    # A log from before the start record held the rate: the largest logged rate, as before.
+    path = RunKey("t1", "adam", 0, "fake").path(tmp_path)
+    path.write_text(path.read_text().replace(', "peak_lr": 0.01', ""))
+    _, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    assert sorted(grids["t1"].values) == [0.001, 0.002, 0.01]
+
+
+def test_one_seed_at_one_rate_counts_once_in_the_grid(tmp_path, capsys):
+    """``adam@1e-3`` beside ``adam@0.001`` (and ``adam@3e-4`` beside ``adam@0.0003``) of one
+    seed used to count as two seeds of the rate."""
+    for seed in range(2):
+        _log(tmp_path, "t1", "adam@0.001", seed, [1.0] * 2, *_adam_like(2), peak_accuracy=0.8)
+        _log(tmp_path, "t1", "adam@0.0003", seed, [1.0] * 2, *_adam_like(2), peak_accuracy=0.5)
+    _log(tmp_path, "t1", "adam@1e-3", 0, [1.0] * 2, *_adam_like(2), peak_accuracy=0.2)
+    _log(tmp_path, "t1", "adam@3e-4", 1, [1.0] * 2, *_adam_like(2), peak_accuracy=0.9)
+    runs, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    grid = grids["t1"]
+    # The grid's own spelling is kept, whichever was run first; one value per seed.
+    assert grid.values == {0.001: [0.8, 0.8], 0.0003: [0.5, 0.5]} and grid.best == 0.001
+    tuned = [r for r in runs if r.optimizer == "adam-tuned"]
+    assert sorted(r.seed for r in tuned) == [0, 1]
+    assert {r.start["optimizer"] for r in tuned} == {"adam@0.001"}
+    described = grid.describe("t1")
+    assert "adam@1e-3 seed 0 (rate 0.001: adam@0.001 kept)" in described
+    assert "adam@3e-4 seed 1 (rate 0.0003: adam@0.0003 kept)" in described
+    text = write_report(tmp_path, "fake").read_text()
+    assert "adam@1e-3 seed 0 (rate 0.001: adam@0.001 kept)" in text
+    rows, _ = _table_rows(text, "Table I:")
+    assert rows["t1 (n=2)"]["adam-tuned"] == "**0.8 ± 0**‡"  # 0.001: the grid's edge
+
+
+def test_a_cell_averaged_over_fewer_seeds_than_its_row_says_so(tmp_path):
+    """The row's "(n=2)" counts the task's seeds; a cell with one seed used to look the same
+    and could be bold against a two-seed mean."""
+    for seed, accuracy in ((0, 0.8), (1, 0.6)):
+        _log(tmp_path, "t1", "alsals", seed, [1.0] * 2, *_adam_like(2), peak_accuracy=accuracy)
+    _log(tmp_path, "t1", "adam", 0, [1.0] * 2, *_adam_like(2), peak_accuracy=0.75)
+    text = write_report(tmp_path, "fake").read_text()
+    rows, table = _table_rows(text, "Table I:")
+    assert rows["t1 (n=2)"] == {"alsals": "0.7 ± 0.1", "adam": "**0.75** (n=1)"}
+    assert "(n=k): the mean of k seeds, not of the row's n" in table
+    rows, _ = _table_rows(text, "Equal compute:")
+    assert rows["t1 (n=2, Adam 6)"]["adam"].endswith(" (n=1)")
+    assert not rows["t1 (n=2, Adam 6)"]["alsals"].endswith(")")

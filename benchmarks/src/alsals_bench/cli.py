@@ -18,11 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alsals_bench import landscape
+from alsals_bench._args import int_at_least
 from alsals_bench.data import fetch
 from alsals_bench.speed import cli as speed_cli
 
 DEFAULT_TASKS = ["digits-cnn"]
 DEFAULT_OPTIMIZERS = ["paper"]
+
+
+class UsageError(Exception):
+    """A command line that cannot run: printed on one line, exit status 2."""
 
 
 def _split(values: list[str]) -> list[str]:
@@ -77,7 +82,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser, subcommand: bool = False
         help="budget preset: smoke, quick, long (5x quick), paper",
     )
     parser.add_argument(
-        "--out", type=Path, default=default(None), help="runs folder (default: runs/)"
+        "--out",
+        type=Path,
+        default=default(None),
+        help="runs folder (default: $ALSALS_RUNS_DIR if set, else runs/)",
     )
     parser.add_argument("--device", default=default("cpu"), help="torch device, e.g. cuda")
     parser.add_argument(
@@ -114,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="do not rebuild the report")
     run.add_argument(
         "--landscape-every",
-        type=int,
-        default=0,
-        help="log the loss along the search direction every k steps (line searches only)",
+        type=int_at_least(1, "leave the option out to log no scans"),
+        default=None,
+        metavar="K",
+        help="log the loss along the search direction every K >= 1 steps (line searches only)",
     )
     report = sub.add_parser("report", help="tables and figures from finished runs")
     _add_run_arguments(report, subcommand=True)
@@ -157,7 +166,57 @@ def _list() -> None:
     print("groups: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in GROUPS.items()))
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err.args[0]) if err.args else type(err).__name__
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(name))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise UsageError(f"--device {name!r} is not usable here: {_first_line(err)}") from None
+
+
+def _check_sweep(task_names: list[str], optimizers: list[str], budget: str, device: str) -> None:
+    """Resolve every task, its budget, every optimizer name, the device and each task's data
+    before the first run: a sweep that cannot finish fails at once, not after hours."""
+    from alsals_bench.registry import expand, get_optimizer
+    from alsals_bench.tasks import TASKS, get_task
+
+    tasks = [get_task(name) for name in task_names]
+    if not any(budget in task.budgets for task in TASKS.values()):
+        known = dict.fromkeys(b for task in TASKS.values() for b in task.budgets)
+        raise UsageError(f"unknown budget {budget!r}; known: {', '.join(known)}")
+    lacking = [t for t in tasks if budget not in t.budgets]
+    if lacking:
+        has = "; ".join(f"{t.name} has {', '.join(t.budgets)}" for t in lacking)
+        raise UsageError(f"no budget {budget!r} for {len(lacking)} task(s): {has}")
+    for task in tasks:
+        for name in expand(optimizers, task):
+            try:
+                get_optimizer(name)
+            except ValueError as err:
+                raise UsageError(_first_line(err)) from None
+    _check_device(device)
+    for task in tasks:
+        try:
+            task.check_data(task.budget(budget))
+        except FileNotFoundError as err:
+            raise UsageError(f"task {task.name!r}: {_first_line(err)}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except UsageError as err:
+        print(f"alsals-bench: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "list":
@@ -175,14 +234,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = args.out or default_out()
     if args.command in (None, "run"):
-        tasks = _tasks(getattr(args, "tasks", DEFAULT_TASKS))
+        try:
+            tasks = _tasks(getattr(args, "tasks", DEFAULT_TASKS))
+        except KeyError as err:
+            raise UsageError(_first_line(err)) from None
         optimizers = _split(getattr(args, "optimizers", DEFAULT_OPTIMIZERS))
         seeds = getattr(args, "seeds", [0, 1, 2])
-        every = getattr(args, "landscape_every", 0)
+        every = getattr(args, "landscape_every", None) or 0
+        _check_sweep(tasks, optimizers, args.budget, args.device)
         sweep(tasks, optimizers, seeds, args.budget, out, args.device, not args.no_progress, every)
         if getattr(args, "no_report", False):
             return 0
-    path = write_report(out, args.budget)
+    elif not out.is_dir():
+        raise UsageError(
+            f"nothing to report: no runs folder {out} (--out; default $ALSALS_RUNS_DIR or runs/)"
+        )
+    elif not (out / args.budget).is_dir():
+        raise UsageError(
+            f"nothing to report: no runs of budget {args.budget!r} in {out} "
+            f"(no folder {out / args.budget})"
+        )
+    try:
+        path = write_report(out, args.budget)
+    except FileNotFoundError as err:
+        raise UsageError(_first_line(err)) from None
     print(path.read_text().split("## Figures")[0])
     print(f"report: {path}")
     return 0

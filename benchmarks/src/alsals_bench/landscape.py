@@ -20,6 +20,7 @@ import torch
 
 from alsals.diagnostics import LandscapeRecorder, log_grid
 from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
+from alsals_bench._args import int_at_least
 from alsals_bench.registry import get_optimizer
 from alsals_bench.tasks import get_task
 
@@ -40,6 +41,7 @@ def run(
     model = run_.model
     model.train()
     stepper = get_optimizer(optimizer).build(model, task, task.budget(budget))
+    stepper.seed(seed)
     opt = stepper.optimizer
     recorder = LandscapeRecorder(opt, every=1, step_sizes=grid or log_grid(1e-7, 1.0, 36))
     out.mkdir(parents=True, exist_ok=True)
@@ -84,8 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scans", type=int, default=30, help="scan before each of the last N steps"
     )
     parser.add_argument("--budget", default="quick", help="the task budget whose sizes to use")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--points", type=int, default=36, help="grid points from 1e-7 to 1")
+    parser.add_argument("--seed", type=int_at_least(0, "seeds are >= 0"), default=0)
+    parser.add_argument(
+        "--points",
+        type=int_at_least(2, "a grid from 1e-7 to 1 has both ends"),
+        default=36,
+        help="grid points from 1e-7 to 1 (at least 2)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/landscape"))
 
@@ -93,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     if not 1 <= args.scans <= args.steps:
         print("alsals-bench landscape: --scans must be between 1 and --steps", file=sys.stderr)
+        return 2
+    try:  # the names before any training: a one-line error, not a traceback later
+        get_task(args.task).budget(args.budget)
+        get_optimizer(args.optimizer)
+    except (KeyError, ValueError) as err:
+        print(f"alsals-bench landscape: {err.args[0]}", file=sys.stderr)
         return 2
     paths = run(
         args.task,

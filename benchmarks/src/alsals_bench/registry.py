@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -92,6 +93,8 @@ class Stepper:
         self.forwards = 0
         self.backwards = 0
         self._scheduled_lr: float | None = None  # the rate a scheduled step used
+        # Settings the runner adds to a run's start record (Adam: its configured peak rate).
+        self.start_info: dict[str, Any] = {}
         # Entered around every pass: a timer in the step-cost benchmark, nothing elsewhere.
         self.pass_clock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
@@ -134,6 +137,10 @@ class Stepper:
 
     def details(self) -> dict[str, Any]:
         return {}
+
+    def seed(self, seed: int) -> None:
+        """The run's seed, given by the runner after building: for an optimizer that draws
+        random numbers of its own (SaLSa); nothing for the others."""
 
     def train(self) -> None:
         """Called before training steps (Schedule-Free swaps its weights here)."""
@@ -217,13 +224,62 @@ class DoGStepper(Stepper):
 
 
 class SalsaStepper(Stepper):
-    """SaLSa's closure protocol: ``closure(backwards=...)`` runs backward when asked."""
+    """SaLSa's closure protocol: ``closure(backwards=...)`` runs backward when asked.
+
+    ``SaLSA.step`` (salsa-optimizer 0.1.0) reseeds torch's global generator (and numpy's)
+    with ``int(time.time())`` around every evaluation of the closure, so that its trial
+    evaluations see the same dropout masks as the step's gradient; the masks therefore
+    depend on the wall clock (two runs of one seed differ, and the steps within one second
+    all draw the same masks). Once ``seed`` has given it
+    the run's seed (the runner does), this stepper draws one seed per step from a private
+    generator seeded by the run's seed and reseeds torch's generators with it at the start
+    of every evaluation of the step, inside SaLSA's own reseeding: every evaluation of one
+    step sees the same masks, as SaLSA intends, and the same seed gives the same run. Each
+    evaluation runs under ``torch.random.fork_rng``, so the global streams are as before
+    the step (as SaLSA leaves them too), and numpy's global state, which SaLSA reseeds
+    without restoring, is put back after the step. Unseeded (the step-cost benchmark),
+    it is SaLSA exactly as published.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        self._seeds: torch.Generator | None = None
+        self._devices = sorted(
+            {
+                p.device.index or 0
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.device.type == "cuda"
+            }
+        )
+
+    def seed(self, seed: int) -> None:
+        self._seeds = torch.Generator().manual_seed(seed)
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        def salsa_closure(backwards: bool = False) -> Tensor:
-            return self.forward_backward(closure) if backwards else self.forward(closure)
+        if self._seeds is None:
 
-        return self.optimizer.step(salsa_closure).detach()
+            def salsa_closure(backwards: bool = False) -> Tensor:
+                return self.forward_backward(closure) if backwards else self.forward(closure)
+
+            return self.optimizer.step(salsa_closure).detach()
+
+        step_seed = int(torch.randint(2**62, (1,), generator=self._seeds))
+        devices = self._devices
+
+        def seeded_closure(backwards: bool = False) -> Tensor:
+            with torch.random.fork_rng(devices=devices):
+                torch.default_generator.manual_seed(step_seed)
+                for index in devices:
+                    torch.cuda.default_generators[index].manual_seed(step_seed)
+                return self.forward_backward(closure) if backwards else self.forward(closure)
+
+        # numpy's legacy global state, the one SaLSA reseeds
+        numpy_state = np.random.get_state()  # noqa: NPY002
+        try:
+            return self.optimizer.step(seeded_closure).detach()
+        finally:
+            np.random.set_state(numpy_state)  # noqa: NPY002
 
     @property
     def lr(self) -> float:
@@ -285,11 +341,34 @@ def paper_adam_schedule(
 
 
 def _adam(lr: float | None) -> Callable[[nn.Module, Task, Budget], Stepper]:
+    """Adam under the paper's schedule at peak rate ``lr`` (None: the task's ``adam_lr``)."""
+
     def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr or task.adam_lr)
-        return Stepper(optimizer, paper_adam_schedule(optimizer, task, budget))
+        peak = task.adam_lr if lr is None else lr
+        optimizer = torch.optim.Adam(model.parameters(), lr=peak)
+        stepper = Stepper(optimizer, paper_adam_schedule(optimizer, task, budget))
+        # The configured peak rate, for the start record: the report places the run in the
+        # Adam grid by it (the largest logged rate is lower when a run ends in its warm-up).
+        stepper.start_info = {"peak_lr": peak}
+        return stepper
 
     return build
+
+
+def adam_rate(name: str) -> float:
+    """The peak learning rate of ``adam@LR``; a ValueError unless LR is a positive, finite
+    number (``adam@0`` would otherwise mean "no rate")."""
+    text = name.split("@", 1)[1]
+    try:
+        lr = float(text)
+    except ValueError:
+        raise ValueError(f"invalid learning rate in optimizer name {name!r}") from None
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(
+            f"invalid learning rate in optimizer name {name!r}: a peak rate is a positive, "
+            f"finite number (adam@1e-3)"
+        )
+    return lr
 
 
 def _adamw_cosine(model: nn.Module, task: Task, budget: Budget) -> Stepper:
@@ -554,10 +633,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
 def get_optimizer(name: str) -> OptimizerSpec:
     """The spec for ``name``; ``adam@LR`` gives the baseline at peak learning rate LR."""
     if name.startswith("adam@"):
-        try:
-            lr = float(name.split("@", 1)[1])
-        except ValueError:
-            raise ValueError(f"invalid learning rate in optimizer name {name!r}") from None
+        lr = adam_rate(name)
         return OptimizerSpec(name, f"Adam, the paper's schedule, peak LR {lr:g}", _adam(lr))
     if name not in REGISTRY:
         known = ", ".join([*REGISTRY, "adam@LR", "adam-tuned", *GROUPS])

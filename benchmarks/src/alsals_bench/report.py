@@ -15,10 +15,12 @@
   wall-clock training time, the validation metric over steps, all with standard-error bands
   over seeds; the step size over steps (Fig. 1) and the pass-equivalents spent per step.
 
-``adam@LR`` runs of one task, and its ``adam`` runs as the grid point at the paper's peak LR,
-are folded into one ``adam-tuned`` column: the learning rate whose mean primary metric (peak
-accuracy, else final training loss) is best. The whole grid is listed, and a best rate at
-the grid's edge is flagged, in the grid's list and on the ``adam-tuned`` cells of every table.
+``adam@LR`` runs of one task, and its ``adam`` runs as the grid point at their configured
+peak rate, are folded into one ``adam-tuned`` column: the learning rate whose mean primary
+metric (peak accuracy, else final training loss) is best, each seed counted once per rate.
+The whole grid is listed, and a best rate at the grid's edge is flagged, in the grid's list
+and on the ``adam-tuned`` cells of every table. A row's label counts the task's seeds; a
+cell whose mean is over another number of seeds says ``(n=k)``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ SHORT_MARK = "†"
 EDGE_NOTE = (
     f"{EDGE_MARK} `adam-tuned`: the best rate is at the edge of the task's grid (see the grid "
     "below); the grid should be widened."
+)
+UNEVEN_NOTE = (
+    "(n=k): the mean of k seeds, not of the row's n (the others are missing, or diverged "
+    "where the table leaves diverged runs out): the cell and the row's best compare "
+    "different sets of seeds."
 )
 SHORT_NOTE = (
     f"{SHORT_MARK} used less compute in total than Adam on the task (in at least one seed): "
@@ -112,17 +119,42 @@ def pass_equivalents(run: Run) -> np.ndarray:
     return run.steps["forwards"] + BACKWARD_COST * run.steps["backwards"]
 
 
+#: Adam's passes per step: one forward and one backward pass, in pass-equivalents
+ADAM_STEP_COST = 1 + BACKWARD_COST
+
+
 def adam_compute(runs: list[Run]) -> dict[str, float]:
     """Per task, the compute Adam used: the total pass-equivalents of its ``adam`` run over
-    its budget (the largest over seeds, should one have stopped early)."""
+    its budget (the largest over seeds). A diverged run stopped early and sets no budget;
+    where every ``adam`` run of a task diverged, the compute Adam planned: the budget's
+    steps at one forward and one backward pass each (``planned_adam_compute``)."""
     totals: dict[str, float] = {}
     for run in runs:
-        if run.optimizer != "adam" or not len(run.steps.get("forwards", ())):
+        if run.optimizer != "adam" or run.end.get("status") != "ok":
+            continue
+        if not len(run.steps.get("forwards", ())):
             continue
         total = float(pass_equivalents(run)[-1])
         if math.isfinite(total):
             totals[run.task] = max(total, totals.get(run.task, -math.inf))
+    for task, total in planned_adam_compute(runs).items():
+        totals.setdefault(task, total)
     return totals
+
+
+def planned_adam_compute(runs: list[Run]) -> dict[str, float]:
+    """Per task whose ``adam`` runs (with pass counts) all diverged: the compute a full run
+    would have used, its budget's steps x (1 forward + 2 x 1 backward)."""
+    adam = [r for r in runs if r.optimizer == "adam" and len(r.steps.get("forwards", ()))]
+    planned: dict[str, float] = {}
+    for task in {r.task for r in adam}:
+        mine = [r for r in adam if r.task == task]
+        steps = [r.start.get("steps") for r in mine]
+        if all(r.end.get("status") != "ok" for r in mine) and all(
+            isinstance(n, int) and n > 0 for n in steps
+        ):
+            planned[task] = float(max(steps) * ADAM_STEP_COST)
+    return planned
 
 
 def loss_at_compute(run: Run, compute: float) -> tuple[float, bool]:
@@ -165,6 +197,8 @@ class TunedGrid:
     higher_is_better: bool
     values: dict[float, list[float]]
     best: float
+    #: runs left out of the grid because another run of the same seed has the same rate
+    duplicates: list[str] = field(default_factory=list)
 
     @property
     def at_edge(self) -> bool:
@@ -184,29 +218,72 @@ class TunedGrid:
             cells.append(f"**{text}**" if lr == self.best else text)
         edge = " (best at the edge of the grid)" if self.at_edge else ""
         label = {"peak_accuracy": "peak accuracy", "final_train_loss": "final training loss"}
-        return f"- {task} ({label[self.metric]}){edge}: " + ", ".join(cells)
+        text = f"- {task} ({label[self.metric]}){edge}: " + ", ".join(cells)
+        if self.duplicates:
+            text += "; the same seed at the same rate counted once, left out: " + "; ".join(
+                self.duplicates
+            )
+        return text
+
+
+def adam_grid_rate(run: Run) -> float | None:
+    """The peak learning rate at which a run joins its task's Adam grid: the rate in an
+    ``adam@LR`` name; for ``adam``, the configured peak rate of its start record (logs
+    written before the record had it: the largest logged rate, which is lower when a run
+    diverged during its warm-up); None for other runs."""
+    if run.optimizer.startswith("adam@"):
+        return float(run.optimizer.split("@", 1)[1])
+    if run.optimizer != "adam":
+        return None
+    if run.start.get("peak_lr") is not None:
+        return float(run.start["peak_lr"])
+    if len(run.steps.get("lr", ())):
+        return float(f"{np.max(run.steps['lr']):g}")
+    return None
+
+
+def _grid_preference(run: Run, lr: float) -> tuple[int, str]:
+    """Which of two runs of one seed at one rate the grid keeps (the smaller): an explicit
+    ``adam@LR`` run before ``adam``, the grid's own spelling ``adam@{lr:g}`` (what
+    ``adam-tuned`` runs) before any other, then the name."""
+    if run.optimizer == "adam":
+        return 2, run.optimizer
+    return (0 if run.optimizer == f"adam@{lr:g}" else 1), run.optimizer
 
 
 def fold_tuned_adam(runs: list[Run]) -> tuple[list[Run], dict[str, TunedGrid]]:
     """Replace each task's ``adam@LR`` runs by those of its best LR, renamed ``adam-tuned``.
 
-    The best LR has the best mean primary metric (ties: the lower final training loss); a
-    rate where any seed diverged only wins if every rate did.
+    ``adam`` is the grid point at its configured peak rate. One seed counts once per rate:
+    where several runs share (rate, seed) (``adam@1e-3`` beside ``adam@0.001``, or ``adam``
+    beside an explicit run at its rate) the grid keeps one (``_grid_preference``) and
+    ``TunedGrid.duplicates`` names the others. The best LR has the best mean primary metric
+    (ties: the lower final training loss); a rate where any seed diverged only wins if every
+    rate did.
     """
-    by_task: dict[str, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
-    kept = []
+    kept = [run for run in runs if not run.optimizer.startswith("adam@")]
+    # Tasks with a grid: at least one ``adam@LR`` run (``adam`` alone makes no grid).
+    grid_tasks = {run.task for run in runs if run.optimizer.startswith("adam@")}
+    candidates: dict[str, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        if run.optimizer.startswith("adam@"):
-            by_task[run.task][float(run.optimizer.split("@", 1)[1])].append(run)
-        else:
-            kept.append(run)
-    for run in kept:
-        # ``adam`` is the grid point at the paper's peak LR (its largest logged LR); it
-        # fills the seeds that an explicit ``adam@LR`` run of the same LR lacks.
-        if run.optimizer == "adam" and run.task in by_task and len(run.steps.get("lr", ())):
-            group = by_task[run.task][float(f"{np.max(run.steps['lr']):g}")]
-            if run.seed not in {r.seed for r in group}:
-                group.append(run)
+        lr = adam_grid_rate(run) if run.task in grid_tasks else None
+        if lr is not None:
+            candidates[run.task][lr].append(run)
+    by_task: dict[str, dict[float, list[Run]]] = {}
+    duplicates: dict[str, list[str]] = defaultdict(list)
+    for task, rates in candidates.items():
+        by_task[task] = {}
+        for lr, group in rates.items():
+            chosen: dict[int, Run] = {}
+            for run in sorted(group, key=lambda r: (r.seed, _grid_preference(r, lr))):
+                if run.seed not in chosen:
+                    chosen[run.seed] = run
+                else:
+                    duplicates[task].append(
+                        f"{run.optimizer} seed {run.seed} (rate {lr:g}: "
+                        f"{chosen[run.seed].optimizer} kept)"
+                    )
+            by_task[task][lr] = list(chosen.values())
     grids = {}
     for task, groups in by_task.items():
         key, higher = _primary([r for group in groups.values() for r in group])
@@ -219,7 +296,7 @@ def fold_tuned_adam(runs: list[Run]) -> tuple[list[Run], dict[str, TunedGrid]]:
         }
 
         best = max(values, key=lambda lr: _grid_score(values[lr], groups[lr], higher))
-        grids[task] = TunedGrid(key, higher, values, best)
+        grids[task] = TunedGrid(key, higher, values, best, duplicates.get(task, []))
         for run in groups[best]:
             kept.append(
                 Run(run.task, "adam-tuned", run.seed, run.start, run.end, run.steps, run.evals)
@@ -254,12 +331,15 @@ def _table(
     marks: dict[tuple[str, str], str] | None = None,
     notes: dict[str, str] | None = None,
     intro: str = "",
+    seeds: dict[str, int] | None = None,
 ) -> str:
     """A markdown table of mean ± s.e., best mean per row in bold; summary = (label, how).
 
     ``marks`` appends a mark to the cell (row label, column); ``notes`` explains each mark
-    under the table, where the table uses it."""
+    under the table, where the table uses it. ``seeds`` gives each row's seed count (the
+    n of its label): a cell whose mean is over another number of seeds says ``(n=k)``."""
     marks = marks or {}
+    uneven = False
     lines = [f"### {title}", ""]
     if intro:
         lines += [intro, ""]
@@ -279,7 +359,12 @@ def _table(
                 continue
             text = f"{m:.{digits}g}" + (f" ± {se:.2g}" if math.isfinite(se) else "")
             text = f"**{text}**" if m == best else text
-            rendered.append(text + marks.get((task, c), ""))
+            text += marks.get((task, c), "")
+            count = sum(v is not None and math.isfinite(v) for v in cells.get(c, []))
+            if seeds is not None and task in seeds and count != seeds[task]:
+                text += f" (n={count})"
+                uneven = True
+            rendered.append(text)
         lines.append(f"| {task} | " + " | ".join(rendered) + " |")
     if summary is not None and rows:
         label, how = summary
@@ -296,6 +381,8 @@ def _table(
                 cells.append(f"{np.mean(values):.{digits}g}")
         lines.append(f"| *{label}* | " + " | ".join(cells) + " |")
     used = [note for mark, note in (notes or {}).items() if any(mark in m for m in marks.values())]
+    if uneven:
+        used.append(UNEVEN_NOTE)
     if used:
         lines += [""] + [f"{note}  " for note in used[:-1]] + used[-1:]
     return "\n".join(lines) + "\n"
@@ -325,8 +412,10 @@ def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) ->
     edge_marks = {(label(t), "adam-tuned"): EDGE_MARK for t in edges}
     edge_notes = {EDGE_MARK: EDGE_NOTE}
 
+    seeds = {label(t): seeds_of[t] for t in tasks}
+
     def table(title, rows, higher, summary) -> str:
-        return _table(title, rows, columns, higher, 4, summary, edge_marks, edge_notes)
+        return _table(title, rows, columns, higher, 4, summary, edge_marks, edge_notes, seeds=seeds)
 
     classification = {r.task for r in runs if "accuracy" in r.start.get("metrics", [])}
     language = {r.task for r in runs if "perplexity" in r.start.get("metrics", [])}
@@ -391,7 +480,11 @@ def build_tables(runs: list[Run], grids: dict[str, TunedGrid], finished: int) ->
         parts.append(
             "### adam-tuned: the learning-rate grid\n\n"
             "Mean ± standard error over seeds of the metric that picks the best peak learning "
-            "rate (bold); `adam` is the grid point at the paper's rate.\n\n"
+            "rate (bold); `adam` is the grid point at the paper's rate. Each seed counts once "
+            "per rate: of two runs of one seed at one rate (`adam@1e-3` and `adam@0.001`, or "
+            "`adam` and an `adam@LR` at its rate) the grid keeps an explicit `adam@LR` run "
+            "before `adam`, the grid's own spelling (`adam@0.001`) before another, then the "
+            "first name in alphabetical order; the others are named after the task.\n\n"
             + "\n".join(grids[t].describe(t) for t in sorted(grids))
             + "\n"
         )
@@ -414,11 +507,15 @@ def _equal_compute_table(
     """Each optimizer's training loss at the compute Adam used on the task."""
     title = "Equal compute: training loss at the compute Adam used"
     budgets = adam_compute(runs)
+    planned = planned_adam_compute(runs)
     rows: dict[str, dict[str, list[float]]] = {}
     marks: dict[tuple[str, str], str] = {}
+    seeds: dict[str, int] = {}
     for task in (t for t in tasks if t in budgets):
-        row = f"{task} (n={seeds_of[task]}, Adam {budgets[task]:.0f})"
+        kind = " planned" if task in planned else ""
+        row = f"{task} (n={seeds_of[task]}, Adam {budgets[task]:.0f}{kind})"
         rows[row] = {}
+        seeds[row] = seeds_of[task]
         for c in columns:
             at = [loss_at_compute(r, budgets[task]) for r in group.get((task, c), [])]
             rows[row][c] = [loss for loss, _ in at]
@@ -433,11 +530,18 @@ def _equal_compute_table(
         "costs about two forward passes). Per task, Adam's compute is the total of its `adam` "
         "run over the budget (in the row's label); each optimizer's training loss (the EMA "
         "of Table II) is taken at its last step within that compute (– where its first step "
-        "alone cost more). Diverged runs are left out, as in Table II."
+        "alone cost more). Diverged runs are left out, as in Table II, and set no compute."
     )
+    if planned:
+        intro += (
+            " Every `adam` run diverged on "
+            + ", ".join(sorted(planned))
+            + ': the compute there is the one Adam planned ("planned" in the label), the '
+            "budget's steps at one forward and one backward pass each."
+        )
     notes = {SHORT_MARK: SHORT_NOTE, EDGE_MARK: EDGE_NOTE}
     summary = ("log average", "log")
-    return _table(title, rows, columns, False, 4, summary, marks, notes, intro)
+    return _table(title, rows, columns, False, 4, summary, marks, notes, intro, seeds)
 
 
 def _cost_table(

@@ -86,15 +86,28 @@ def run_one(
     path = key.path(out)
     if is_finished(path):
         return path
+    # Everything that can fail on a wrong name, a missing budget or missing data is resolved
+    # before the log is opened: a run that cannot start leaves no (empty) log behind.
+    prepared = _prepare(key, torch.device(device))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as log:  # a previous partial log of this run is discarded
-        _train(key, torch.device(device), log, progress, landscape_every)
+        _train(key, prepared, log, progress, landscape_every)
     return path
 
 
-def _train(
-    key: RunKey, device: torch.device, log: IO[str], progress: bool, landscape_every: int
-) -> None:
+@dataclass
+class _Prepared:
+    task: Any
+    budget: Any
+    spec: Any
+    run: Any
+    model: torch.nn.Module
+    stepper: Any
+    device: torch.device
+
+
+def _prepare(key: RunKey, device: torch.device) -> _Prepared:
+    """The run's task, budget, optimizer, seeded model and batches, and stepper."""
     task = get_task(key.task)
     budget = task.budget(key.budget)
     spec = get_optimizer(key.optimizer)
@@ -102,6 +115,15 @@ def _train(
     model = run.model.to(device)
     model.train()
     stepper = spec.build(model, task, budget)
+    stepper.seed(key.seed)
+    return _Prepared(task, budget, spec, run, model, stepper, device)
+
+
+def _train(
+    key: RunKey, prepared: _Prepared, log: IO[str], progress: bool, landscape_every: int
+) -> None:
+    task, budget, spec, run = prepared.task, prepared.budget, prepared.spec, prepared.run
+    model, stepper, device = prepared.model, prepared.stepper, prepared.device
     _append(
         log,
         {
@@ -120,6 +142,7 @@ def _train(
             "torch": torch.__version__,
             "machine": platform.machine(),
             "threads": torch.get_num_threads(),
+            **stepper.start_info,
         },
     )
     bar = _progress(budget.steps, f"{key.task} {key.optimizer} s{key.seed}", progress)

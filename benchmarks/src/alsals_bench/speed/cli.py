@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from alsals_bench._args import int_at_least, names_of
 from alsals_bench.registry import REGISTRY
 from alsals_bench.speed.configs import CONFIGS, DEFAULT_CONFIGS
 from alsals_bench.speed.measure import measure_model
@@ -24,7 +25,11 @@ _COUNTS = (
     ("--repeats", None, "interleaved repeats (default: per model)"),
     ("--warmup", None, "steps to settle each configuration before timing (default: per model)"),
     ("--memory-steps", 10, "steps tracked for peak memory (0: skip)"),
-    ("--threads", 1, "CPU threads (1: steady timings on a busy machine; 0: torch's default)"),
+    (
+        "--threads",
+        1,
+        "CPU threads, >= 1 (1: steady timings on a busy machine), or 0: torch's default",
+    ),
     ("--seed", 0, "seed of the weights, the batches and the random stream"),
 )
 
@@ -33,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="of " + ", ".join(CONFIGS))
     for flag, default, text in _COUNTS:
-        p.add_argument(flag, type=int, default=default, help=text)
+        kind = int_at_least(0, "0: torch's default") if flag == "--threads" else int
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--out", type=Path, default=Path("runs/speed"), help="output folder")
     p.add_argument("--no-plot", action="store_true", help="skip the bar chart")
@@ -44,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--profile",
+        type=names_of(CONFIGS, "configuration"),
         default="",
         help="after measuring, cProfile these configurations' timed steps (comma-separated)",
     )
@@ -57,6 +64,9 @@ def _invalid(args: argparse.Namespace, models: list[str], configs: list[str]) ->
     for c in configs:
         if c not in CONFIGS:
             return f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}"
+    for c in (c for c in args.profile.split(",") if c):
+        if c not in configs and c != "adam":
+            return f"--profile {c}: not measured; add it to --configs"
     peers = {CONFIGS[c].peer for c in configs} - {None}
     for peer in sorted(peers):
         if not REGISTRY[peer].available():

@@ -93,6 +93,15 @@ class Task(abc.ABC):
             )
         return self.budgets[preset]
 
+    def check_data(self, budget: Budget) -> None:
+        """Raise ``FileNotFoundError`` (its message says how to get the data) if the data
+        that a run of ``budget`` reads is missing; cheap, for checking a sweep before its
+        first run. The default checks the fetched sources in ``requires``."""
+        from alsals_bench.data._store import source_dir
+
+        for name in self.requires:
+            source_dir(name)
+
     @abc.abstractmethod
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         """Build the model (under ``torch.manual_seed(seed)``) and the batch stream."""

@@ -104,11 +104,17 @@ class GPT2OpenWebText(Task):
         ),
     }
 
-    def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
-        opts = budget.options
-        root = data_location(
+    def data_root(self, budget: Budget) -> Path:
+        return data_location(
             budget, "ALSALS_OWT_DIR", "the folder with nanoGPT's train.bin and val.bin"
         )
+
+    def check_data(self, budget: Budget) -> None:
+        self.data_root(budget)
+
+    def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
+        opts = budget.options
+        root = self.data_root(budget)
         tokens = load_openwebtext(root)
         block_size = opts.get("block_size", 1024)
         # A fixed validation sample (the same for every seed and evaluation).
@@ -176,6 +182,9 @@ class BertGlue(SequenceClassificationTask):
         return budget.options.get("model_path") or os.environ.get(
             "ALSALS_BERT_PATH", "bert-base-uncased"
         )
+
+    def check_data(self, budget: Budget) -> None:
+        self._glue_root(budget)  # where the data is; the model is checked when a run starts
 
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         self._glue_root(budget)  # the data's whereabouts first: that check is local
@@ -263,13 +272,19 @@ class ResNetCifar(Task):
             "paper": Budget(steps=39_000, batch_size=128, eval_every=390),
         }
 
-    def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
-        opts = budget.options
-        root = data_location(
+    def data_root(self, budget: Budget) -> Path:
+        return data_location(
             budget,
             "ALSALS_CIFAR_DIR",
             "the folder holding cifar-10-batches-py/ and/or cifar-100-python/",
         )
+
+    def check_data(self, budget: Budget) -> None:
+        self.data_root(budget)
+
+    def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
+        opts = budget.options
+        root = self.data_root(budget)
         data = load_cifar10(root) if self.num_classes == 10 else load_cifar100(root)
         mean, std = CIFAR_STATS[self.num_classes]
         x_train, y_train = data["x_train"].to(device), data["y_train"].to(device)
@@ -329,13 +344,19 @@ class ResNet50ImageNet(Task):
         "paper": Budget(steps=50_045, batch_size=128, eval_every=10_009),
     }
 
+    def data_root(self, budget: Budget) -> Path:
+        return data_location(
+            budget, "ALSALS_IMAGENET_DIR", "the ImageNet folder with train/ and val/<class>/"
+        )
+
+    def check_data(self, budget: Budget) -> None:
+        self.data_root(budget)
+
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         from torch.utils.data import DataLoader, Subset
 
         opts = budget.options
-        root = data_location(
-            budget, "ALSALS_IMAGENET_DIR", "the ImageNet folder with train/ and val/<class>/"
-        )
+        root = self.data_root(budget)
         size = opts.get("image_size", 224)
         train = ImageFolderDataset(root, "train", size=size)
         val = ImageFolderDataset(root, "val", size=size, classes=train.classes)

@@ -1,0 +1,131 @@
+"""A command line that cannot run fails at once, on one line, with exit status 2: unknown
+names, a budget a task lacks, an unusable device or missing data used to surface only when
+that run started (after the earlier runs had trained), as tracebacks, leaving empty logs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alsals_bench import cli
+from alsals_bench.runner import RunKey, read_log, run_one
+
+
+def _files(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def _run(out, *options):
+    # digits-cnn first: with late validation it trained before the bad piece was reached
+    argv = ["run", "--budget", "smoke", "--seeds", "0,", "--out", str(out), "--no-progress"]
+    return cli.main([*argv, *options])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tasks", "digits-cnn", "no-such-task"], "unknown task 'no-such-task'"),
+        (["--optimizers", "adam,no-such-optimizer"], "unknown optimizer 'no-such-optimizer'"),
+        (["--optimizers", "adam", "adam@0"], "invalid learning rate in optimizer name 'adam@0'"),
+        (["--optimizers", "adam", "adam@-1"], "invalid learning rate"),
+        (["--optimizers", "adam", "adam@nan"], "invalid learning rate"),
+        (["--budget", "quik"], "unknown budget 'quik'"),
+        (["--tasks", "digits-cnn", "gpt2-owt", "--budget", "quick"], "no budget 'quick'"),
+        (["--tasks", "digits-cnn", "gpt2-owt"], "task 'gpt2-owt': no data for this task"),
+        (["--device", "no-such-device"], "--device 'no-such-device' is not usable here"),
+    ],
+)
+def test_a_sweep_that_cannot_run_fails_before_its_first_run(
+    tmp_path, capsys, monkeypatch, options, message
+):
+    monkeypatch.delenv("ALSALS_OWT_DIR", raising=False)
+    assert _run(tmp_path / "out", *options) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alsals-bench: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert _files(tmp_path / "out") == []  # nothing ran, no log was opened
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="cuda is usable here")
+def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
+    assert _run(tmp_path / "out", "--device", "cuda") == 2
+    assert "--device 'cuda' is not usable here" in capsys.readouterr().err
+    assert _files(tmp_path / "out") == []
+
+
+def test_missing_offline_data_is_found_before_the_first_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ALSALS_DATA_DIR", str(tmp_path / "no-data"))
+    assert _run(tmp_path / "out", "--tasks", "digits-cnn", "fashion-resnet") == 2
+    err = capsys.readouterr().err
+    assert "task 'fashion-resnet': data source 'fashion-mnist' is not in" in err
+    assert "alsals-bench fetch --only fashion-mnist" in err and err.count("\n") == 1
+    assert _files(tmp_path / "out") == []
+
+
+def test_a_run_that_cannot_start_leaves_no_empty_log(tmp_path):
+    """``run_one`` opened (and so created, empty) the log before resolving the optimizer."""
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        run_one(RunKey("digits-cnn", "no-such-optimizer", 0, "smoke"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="has no budget"):
+        run_one(RunKey("digits-cnn", "adam", 0, "no-such-budget"), tmp_path, progress=False)
+    assert _files(tmp_path) == []
+
+
+def test_an_adam_run_records_its_configured_peak_rate(tmp_path):
+    path = run_one(RunKey("digits-cnn", "adam@0.002", 0, "smoke"), tmp_path, progress=False)
+    assert read_log(path)[0]["peak_lr"] == 0.002
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["run", "--landscape-every", "0"], "--landscape-every"),
+        (["run", "--landscape-every", "-3"], "--landscape-every"),
+        (["landscape", "--seed", "-1"], "--seed"),
+        (["landscape", "--points", "1"], "--points"),
+        (["speed", "--profile", "no-such-config"], "--profile"),
+        (["speed", "--profile", "alsals,"], None),  # valid: the parser keeps it
+        (["speed", "--threads", "-1"], "--threads"),
+    ],
+)
+def test_bad_option_values_are_rejected_when_parsed(argv, option, capsys):
+    parser = cli.build_parser()
+    if option is None:
+        parser.parse_args(argv)
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_landscape_every_is_off_when_absent_and_speed_threads_zero_is_torchs_default():
+    parser = cli.build_parser()
+    assert parser.parse_args(["run"]).landscape_every is None
+    assert parser.parse_args(["run", "--landscape-every", "2"]).landscape_every == 2
+    assert parser.parse_args(["speed", "--threads", "0"]).threads == 0  # documented: default
+
+
+def test_speed_profile_of_a_configuration_not_measured_fails_before_measuring(capsys):
+    assert cli.main(["speed", "--models", "mlp-tiny", "--configs", "adam", "--profile",
+                     "alsals"]) == 2  # fmt: skip
+    assert "--profile alsals: not measured" in capsys.readouterr().err
+
+
+def test_report_on_a_missing_folder_or_budget_is_one_line(tmp_path, capsys):
+    assert cli.main(["report", "--out", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to report: no runs folder" in err and err.count("\n") == 1
+    assert cli.main(["report", "--out", str(tmp_path), "--budget", "long"]) == 2
+    err = capsys.readouterr().err
+    assert "no runs of budget 'long'" in err and err.count("\n") == 1
+    (tmp_path / "long").mkdir()  # the folder, but no finished run in it
+    assert cli.main(["report", "--out", str(tmp_path), "--budget", "long"]) == 2
+    err = capsys.readouterr().err
+    assert "no finished runs of budget 'long'" in err and err.count("\n") == 1
+
+
+def test_the_runs_folder_variable_is_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--help"])
+    assert "ALSALS_RUNS_DIR" in capsys.readouterr().out
