@@ -342,6 +342,9 @@ def test_an_adamw_state_dict_warns_and_keeps_no_adamw_setting(optimizer_class):
     assert caught[0].filename == __file__  # the warning points at the user's line
     assert not {"amsgrad", "fused", "maximize"} & set(opt.param_groups[0])
     assert opt.param_groups[0]["lr"] == 1e-3  # where the search starts
+    if opt.uses_moments:  # torch's tensor step counts are read once, here, not every step
+        assert all(type(opt.state[p]["step"]) is int for p in model.parameters())
+        assert opt.state[model.weight]["step"] == 1
 
 
 @pytest.mark.parametrize("cadence", ["adaptive", "settled", 5])

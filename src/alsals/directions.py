@@ -100,12 +100,22 @@ def second_moments_after(step: GroupStep) -> list[Tensor]:
 
 
 def denominators_after(step: GroupStep) -> list[Tensor]:
-    """``sqrt(v_hat') + eps`` of this step, as new tensors (Eq. 3)."""
+    """``sqrt(v_hat') + eps`` of this step, as new tensors (Eq. 3), before the commit."""
     denominators = second_moments_after(step)
     torch._foreach_sqrt_(denominators)
-    torch._foreach_div_(denominators, step.bias_corrections()[1])
-    torch._foreach_add_(denominators, step.group["eps"])
-    return denominators
+    return _bias_corrected_plus_eps_(step, denominators)
+
+
+def committed_denominators(step: GroupStep) -> list[Tensor]:
+    """The same from the second moments already committed (a step that searched nothing:
+    ``v'`` is not computed twice). Bit for bit the values of ``denominators_after``."""
+    return _bias_corrected_plus_eps_(step, torch._foreach_sqrt(step.exp_avg_sqs))
+
+
+def _bias_corrected_plus_eps_(step: GroupStep, roots: list[Tensor]) -> list[Tensor]:
+    torch._foreach_div_(roots, step.bias_corrections()[1])
+    torch._foreach_add_(roots, step.group["eps"])
+    return roots
 
 
 def build_direction(

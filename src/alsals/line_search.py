@@ -52,6 +52,7 @@ from alsals.directions import (
     analytic_slope,
     build_direction,
     commit_moments,
+    committed_denominators,
     committed_momentum_direction,
     denominators_after,
     second_moments_after,
@@ -467,6 +468,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(self._checked_settings(group))
+        for entries in self.state.values():  # torch.optim's step counts are tensors: read
+            if isinstance(entries.get("step"), Tensor):  # them once here, not every step
+                entries["step"] = int(entries["step"].item())
         if self.param_groups:  # groups added later get the loaded settings, not the old ones
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_KEYS})
         self._shown_lr = None
@@ -604,9 +608,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             directions = run.directions
             if not directions and run.denominators:
                 # A step that reuses its step size searches nothing: its update direction.
+                moments = self.update_direction.uses_moments
                 directions = [
-                    build_direction(step, self.update_direction, q)
-                    for step, q in zip(run.steps, run.denominators, strict=True)
+                    build_direction(step, self.update_direction, denominators_after(step))
+                    if moments
+                    else build_direction(step, self.update_direction, None)
+                    for step in run.steps
                 ]
             direction = [t for d in directions for t in d.materialize()]
             taking_part = [p for step in run.steps for p in step.params]
@@ -796,7 +803,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         second one with the exact verdict.
         """
         grads = [g for step in steps for g in step.grads if g.numel()]
-        device = loss.device
+        # Reduce where the gradients are: a loss returned on the host (a Python number, a
+        # CPU loss of a GPU model) then costs one copy, not one per gradient tensor.
+        device = grads[0].device if grads else loss.device
         zero = torch.zeros((), device=device, dtype=torch.float64)
         largest = torch.stack(
             [m.to(device, torch.float64) for m in _largest_magnitudes(grads)] or [zero]
@@ -808,7 +817,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         clip = self._settings["max_grad_norm"]
         squared_norm = self._squared_grad_norm(steps, device) if clip is not None else zero
         loss0, grad_max, overflow_risk, squared = mean_to_host(
-            [loss, largest, risk, squared_norm], self._process_group
+            [loss.to(device), largest, risk, squared_norm], self._process_group
         )
         self._grad_norm = math.sqrt(squared) if clip is not None else math.nan
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
@@ -891,20 +900,20 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self, steps: list[GroupStep], plan: str
     ) -> tuple[list[StepDirection], list[list[Tensor] | None]]:
         """Phase 4: the direction each group searches along, and the denominators
-        ``sqrt(v_hat') + eps`` that the update of phase 6 still needs (a step without a
-        search builds its update there, from the committed moments, with no second buffer).
-        Built from the moments this step would commit; nothing is written."""
+        ``sqrt(v_hat') + eps`` that the update of phase 6 still needs where it moves along
+        another direction (AdamSLS). Built from the moments this step would commit; nothing
+        is written. A step that does not search builds its update in phase 6, from the
+        moments it commits (``v'`` is computed once)."""
         if plan == "zero_lr":
             return [], []
-        searching = plan == "search"
-        kind = self.search_direction if searching else self.update_direction
+        if plan == "reuse":
+            return [], [None] * len(steps)
+        kind = self.search_direction
         directions, kept = [], []
         for step in steps:
             denominators = denominators_after(step) if kind.uses_moments else None
-            if searching:
-                directions.append(build_direction(step, kind, denominators))
-            update_later = not searching or self.update_direction is not kind
-            kept.append(denominators if update_later else None)
+            directions.append(build_direction(step, kind, denominators))
+            kept.append(denominators if self.update_direction is not kind else None)
         return directions, kept
 
     # -- 5 -----------------------------------------------------------------------------------
@@ -1050,8 +1059,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if trial is not None:
                 trial.restore()
             directions = [
-                committed_momentum_direction(step, q)
-                if q is not None
+                committed_momentum_direction(
+                    step, q if q is not None else committed_denominators(step)
+                )
+                if self.update_direction.uses_moments
                 else build_direction(step, self.update_direction, None)
                 for step, q in zip(steps, run.denominators, strict=True)
             ]
