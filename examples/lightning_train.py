@@ -6,8 +6,9 @@
 The pattern (docs/integrations.md, Lightning): ``automatic_optimization = False`` and
 ``line_search_step(self, loss_fn)`` in ``training_step``. ``LearningRateMonitor`` logs the
 step size the line search picked (``lr-ALSALS``); ``LineSearchCallback`` checks the set-up
-and logs the trials of each step. ``--out DIR`` saves each rank's final weights and the
-logged metrics, for the tests.
+and logs the trials of each step. The logged metrics go to ``metrics.csv`` under
+``--out DIR`` (default ``runs/lightning``), and with ``--out`` each rank's final weights
+too, for the tests.
 """
 
 from __future__ import annotations

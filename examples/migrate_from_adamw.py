@@ -241,8 +241,8 @@ def main() -> None:
     parser.add_argument("--resume-check", action="store_true", help="stop halfway, resume")
     parser.add_argument("--out", default=None, help="folder for the checkpoints")
     args = parser.parse_args()
-    out = args.out or tempfile.mkdtemp()
-    os.makedirs(out, exist_ok=True)
+    if args.steps < (2 if args.resume_check else 1):
+        parser.error("--steps must be at least 1 (2 with --resume-check: it stops halfway)")
     cfg = Config(steps=args.steps)
 
     runs = {"adamw": train_adamw(cfg), "alsals": train_alsals(cfg)}
@@ -254,13 +254,24 @@ def main() -> None:
             f"{runs['alsals'].losses[i]:11.4f} {info.step_size:9.2e} {info.trials:6d}"
         )
     if args.resume_check:
-        half = cfg.steps // 2
-        for name, train in (("adamw", train_adamw), ("alsals", train_alsals)):
-            path = os.path.join(out, name + "_{step}.pt")
-            full = train(replace(cfg, checkpoint=path, checkpoint_every=half))
-            resumed = train(replace(cfg, resume=path.format(step=half)))
-            identical = same_weights(resumed.model, full.model)
-            print(f"{name}: resumed from step {half}, bit-identical to the full run: {identical}")
+        if args.out is None:
+            with tempfile.TemporaryDirectory() as out:
+                resume_check(cfg, out)
+        else:
+            os.makedirs(args.out, exist_ok=True)
+            resume_check(cfg, args.out)
+
+
+def resume_check(cfg: Config, out: str) -> None:
+    """Train each optimizer straight through, checkpointing halfway, then resume from the
+    checkpoint: the resumed run must end with the same weights, bit for bit."""
+    half = cfg.steps // 2
+    for name, train in (("adamw", train_adamw), ("alsals", train_alsals)):
+        path = os.path.join(out, name + "_{step}.pt")
+        full = train(replace(cfg, checkpoint=path, checkpoint_every=half))
+        resumed = train(replace(cfg, resume=path.format(step=half)))
+        identical = same_weights(resumed.model, full.model)
+        print(f"{name}: resumed from step {half}, bit-identical to the full run: {identical}")
 
 
 if __name__ == "__main__":

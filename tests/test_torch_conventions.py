@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
 from alsals import ALSALS, SLS, AdamSLS
 from conftest import PaperALSALS, SmallNet, bce_closure, make_classification
 
@@ -366,3 +367,16 @@ def test_a_written_lr_is_searched_from_not_reused_untested(cadence):
     opt.param_groups[0]["lr"] = written
     opt.step(closure)
     assert opt.last_step.kind == "search"
+
+
+def test_groups_copied_from_adamw_warn_at_the_users_line(optimizer_class):
+    model = nn.Linear(4, 2)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    groups = [{k: v for k, v in g.items() if k != "lr"} for g in adamw.param_groups]
+    here = (__file__, conftest.__file__)  # conftest: ALSALS.paper's test class
+    with pytest.warns(UserWarning, match="settings of another optimizer") as caught:
+        optimizer_class(groups)
+    assert caught[0].filename in here
+    with pytest.warns(UserWarning, match="does not use the parameter-group keys") as caught:
+        optimizer_class([{"params": [torch.ones(1, requires_grad=True)], "mine": 1}])
+    assert caught[0].filename in here

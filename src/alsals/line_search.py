@@ -32,6 +32,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import sys
 import warnings
 from collections.abc import Iterable
@@ -194,13 +195,18 @@ class StepPreview:
     state: SearchState  # the search state before the step
 
 
+#: The folders of the packages whose frames a warning skips to reach the user's line.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["alsals"], torch)
+)
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the user's line calling ``step``:
-    the first frame outside alsals and torch (torch.optim wraps ``step``)."""
+    the first frame outside the alsals and torch packages (torch.optim wraps ``step``)."""
     frame, level = sys._getframe(1), 1
     while frame is not None:
-        name = frame.f_code.co_filename.replace("\\", "/")
-        if "/alsals/" not in name and "/torch/" not in name:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
             return level
         frame, level = frame.f_back, level + 1
     return 1
@@ -403,8 +409,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if lr not in (self.defaults["lr"], shown):  # shown: a copy of another group
                 raise ValueError(
                     f"a per-group 'lr' ({lr!r}, the optimizer's is {self.defaults['lr']!r}) is not "
-                    "supported: the line search picks one step size for all parameters; give "
-                    "the group lr_scale = its lr / the optimizer's lr instead"
+                    "supported: the line search picks one step size for all parameters. Pass "
+                    "one base lr to the optimizer (where the search starts, e.g. the first "
+                    "group's) and give each group lr_scale = its lr / that base lr instead"
                 )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -430,7 +437,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} ignores the parameter-group settings of another "
                 f"optimizer ({advice})",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
         unknown = [k for k in param_group if k not in known]
         if unknown:
@@ -438,7 +445,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} does not use the parameter-group keys {unknown}; they "
                 f"are kept as they are (its per-group settings: {', '.join(GROUP_KEYS)})",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
