@@ -206,7 +206,7 @@ class ALSALS(LineSearchOptimizer):
     __doc__ = __doc__.format(
         ARGUMENTS.format(
             group="``betas``, ``eps``, ``weight_decay``, ``lr_scale``",
-            lr="0.1, the authors' code; with the Polyak start an upper bound of the first step",
+            lr="0.1, the authors' code; the first search tries 1.1 lr, or the Polyak step if smaller",
             c="0.6, Sec. III-C; 0.3-0.7 work",
             smoothing=0.9,
             slope='``"analytic"``',
