@@ -312,8 +312,9 @@ def track_step_sizes(state: SearchState) -> None:
 def decoupled_update(
     w0: Tensor, d_update: Tensor, eta: float, lr_scale: float, weight_decay: float
 ) -> Tensor:
-    """Phase 6: ``w <- w0 + eta d_update - eta lr_scale weight_decay w0`` (AdamW's form)."""
-    return w0 + eta * d_update - eta * lr_scale * weight_decay * w0
+    """Phase 6: ``w <- w0 + eta d_update - min(eta lr_scale weight_decay, 1) w0`` (AdamW's
+    form; the untested decay takes at most the whole of ``w0``)."""
+    return w0 + eta * d_update - min(eta * lr_scale * weight_decay, 1.0) * w0
 
 
 def displaced(weights: Sequence[Tensor], active: dict[int, Tensor], eta: float) -> list[Tensor]:

@@ -428,3 +428,46 @@ def test_a_step_under_inference_mode_is_a_clear_error(optimizer_class):
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         opt.step(lambda: (w**2).sum())
     assert torch.equal(w, torch.ones(3)) and opt.search_state.step == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: ALSALS(p, slope="finite_difference"),
+        lambda p: SLS(p, slope="finite_difference", start="polyak", fd_step=1e-3),
+    ],
+    ids=["ALSALS-fd-polyak", "SLS-fd-polyak"],
+)
+def test_a_nonfinite_finite_difference_probe_leaves_the_weights_where_they_were(make):
+    """With the Polyak start the slope is read before any trial; a NaN at the probe skips
+    the step and puts the weights back from the probe point (they stayed at w0 + fd_step d)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    model = nn.Linear(4, 1).double()
+    opt = make(model.parameters())
+    calls, poison = [], [False]
+
+    def closure():
+        calls.append(1)
+        loss = nn.functional.mse_loss(model(x), y)
+        return loss + float("nan") if poison[0] and len(calls) == 2 else loss
+
+    opt.step(closure)
+    calls.clear()
+    poison[0] = True  # the second evaluation of this step is the probe
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert opt.last_step.kind == "nonfinite"
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_weight_decay_never_overshoots_past_zero():
+    """The search does not test the decoupled decay: with eta * weight_decay > 1 the decay
+    takes at most the whole of w0 (it used to flip and grow the weights until they overflowed)."""
+    w = torch.tensor([2.0, -3.0], dtype=torch.float64, requires_grad=True)
+    opt = SLS([w], lr=10.0, weight_decay=0.5, search_interval=1)
+    opt.step(lambda: 1e-6 * (w**2).sum())  # a flat loss: the search accepts a large eta
+    eta = opt.last_step.step_size
+    assert eta * 0.5 > 1.0
+    g = 2e-6 * torch.tensor([2.0, -3.0], dtype=torch.float64)
+    torch.testing.assert_close(w.detach(), -eta * g)  # w0 - w0 + eta d

@@ -115,3 +115,35 @@ def test_a_group_added_after_loading_gets_the_loaded_settings(optimizer_class):
 def test_a_process_group_that_is_not_one_is_an_error(optimizer_class):
     with pytest.raises(TypeError, match="process_group"):
         optimizer_class([torch.ones(1, requires_grad=True)], process_group="gloo")
+
+
+def test_a_changed_lr_scale_survives_a_resume(optimizer_class):
+    """A group's lr_scale changed, then the state saved and loaded into a fresh optimizer:
+    the resumed run searches from the same step size as the uninterrupted one (it used to
+    read the saved lr, eta times the old scale, as a written lr)."""
+    x = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = x.sum(dim=1, keepdim=True)
+
+    def build():
+        torch.manual_seed(1)
+        model = torch.nn.Linear(8, 1).double()
+        return model, optimizer_class(model.parameters(), search_interval=1)
+
+    (a, opt_a), (b, opt_b) = build(), build()
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.step(lambda model=model: torch.nn.functional.mse_loss(model(x), y))
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["lr_scale"] = 0.5
+    buffer = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    b, opt_b = build()
+    b.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["opt"])
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.step(lambda model=model: torch.nn.functional.mse_loss(model(x), y))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert opt_a.search_state == opt_b.search_state

@@ -108,6 +108,8 @@ STALE_BUFFERS_HINT = (
     ".double(), after the optimizer was built, the conversion replaced its buffers; build "
     "the optimizer after it)"
 )
+#: The key under which ``state_dict()`` records each group's ``lr`` as the last step showed it.
+SHOWN_LR_KEY = "shown_lr"
 #: A learning rate written before this many consecutive steps is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
@@ -448,6 +450,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 stacklevel=_caller_stacklevel(),
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict; each group also records the ``lr`` the last step
+        showed (``shown_lr``), so that a resumed run tells a written ``lr`` from a changed
+        ``lr_scale`` exactly as the uninterrupted one would."""
+        state = super().state_dict()
+        if self._shown_lr is not None and len(self._shown_lr) == len(state["param_groups"]):
+            for group, shown in zip(state["param_groups"], self._shown_lr, strict=True):
+                group[SHOWN_LR_KEY] = shown
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``, validated first: a ``ValueError`` names the
         first bad entry and nothing is loaded. A state saved with other search settings (by
@@ -455,6 +467,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         settings replace this optimizer's. A state of another optimizer (AdamW) warns and
         lends its moments, ``lr`` and the per-group settings both share (``betas``, ``eps``,
         ``weight_decay``); its other settings are dropped."""
+        saved_groups = state_dict.get("param_groups", [])
+        shown = [g.get(SHOWN_LR_KEY) for g in saved_groups]
+        state_dict = {
+            **state_dict,
+            "param_groups": [
+                {k: v for k, v in g.items() if k != SHOWN_LR_KEY} for g in saved_groups
+            ],
+        }
         state_dict = self._without_foreign_settings(state_dict)
         self._validate_state(state_dict)
         groups = state_dict.get("param_groups", [])
@@ -480,7 +500,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 entries["step"] = int(entries["step"].item())
         if self.param_groups:  # groups added later get the loaded settings, not the old ones
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_KEYS})
-        self._shown_lr = None
+        known = shown and all(isinstance(v, float) for v in shown)
+        self._shown_lr = [float(v) for v in shown] if known else None
 
     def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state of another optimizer, minus that optimizer's settings (with a warning)."""
@@ -950,6 +971,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if polyak:  # 5.2: no first trial above L0 / s (one more synchronisation)
             slope = self._slope_to_host(slope_input, replay, loss0, resolution)
             if not test.set_slope(slope):
+                trial.restore()  # the finite-difference probe moved the weights
                 return Outcome("nonfinite", trials=0, slope=slope, warning="the slope estimate")
             walk.limit(loss0 / slope if loss0 > 0.0 and slope > 0.0 else math.inf)
         for tried in range(1, h["max_trials"] + 1):
@@ -1076,7 +1098,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         moved = trial is not None and not trial.at_origin
         if eta:
             for index, (step, d) in enumerate(zip(steps, directions, strict=True)):
-                decay = eta * step.lr_scale * step.group["weight_decay"]
+                # At most the whole of w0: the search does not test the decay, and a step size
+                # with eta * weight_decay > 1 would otherwise flip and grow the weights.
+                decay = min(eta * step.lr_scale * step.group["weight_decay"], 1.0)
                 if decay:
                     w0 = trial.origins[index] if moved else step.weights
                     torch._foreach_add_(step.weights, w0, alpha=-decay)
