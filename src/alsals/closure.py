@@ -337,11 +337,8 @@ class ClosureEvaluator:
                 loss = as_loss_tensor(value, role)
                 if not self.runs_backward_itself:
                     self._check_plain_closure(loss)
-                    # own_grads_only (a preview): no trace in tensors no group holds
-                    inputs = [p for p in self.params if p.requires_grad]
-                    if loss.requires_grad and (inputs or not self.own_grads_only):
-                        loss.backward(inputs=inputs if self.own_grads_only else None)
-                        self.backwards += 1
+                    if loss.requires_grad:
+                        self._backward(loss)
         except BaseException:
             if dropped:  # before a completed backward pass: the gradients as they were
                 for p, g in zip(self.params, held, strict=True):
@@ -356,6 +353,18 @@ class ClosureEvaluator:
         self.loss_dtype = loss.dtype if isinstance(value, Tensor) else _widest_dtype(self.params)
         self.rng_after = RandomState()
         return loss.detach()
+
+    def _backward(self, loss: Tensor) -> None:
+        """``loss.backward()`` for the plain form; a preview (``own_grads_only``) leaves no
+        trace in tensors no group holds."""
+        if self.own_grads_only:
+            inputs = [p for p in self.params if p.requires_grad]
+            if not inputs:
+                return
+            loss.backward(inputs=inputs)
+        else:
+            loss.backward()
+        self.backwards += 1
 
     def _check_plain_closure(self, loss: Tensor) -> None:
         if any(p.grad is not None for p in self.params):

@@ -634,13 +634,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         try:
             _, info, run = self._step(closure, commit=False)
             directions = run.directions
-            if not directions and run.denominators:
+            if info.kind == "reuse":
                 # A step that reuses its step size searches nothing: its update direction.
                 moments = self.update_direction.uses_moments
                 directions = [
-                    build_direction(step, self.update_direction, denominators_after(step))
-                    if moments
-                    else build_direction(step, self.update_direction, None)
+                    build_direction(
+                        step, self.update_direction, denominators_after(step) if moments else None
+                    )
                     for step in run.steps
                 ]
             direction = [t for d in directions for t in d.materialize()]
