@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -59,6 +60,7 @@ class SearchConfig:
     smoothing: float
     slope: str
     backtrack: float = 0.9
+    interpolate: bool = False
     growth_interval: float = 500
     max_trials: int = 100
     fd_step: float = 5e-8
@@ -258,6 +260,21 @@ def armijo_constant(c: float, slope_avg: float) -> float:
 def armijo_accepts(loss: float, decrease: float, c_h: float, eta: float, slope_avg: float) -> bool:
     """Eq. 9 (phase 5.3): accept if ``L`` is finite and ``D' >= c_h * eta_try * G``."""
     return is_finite(loss) and decrease >= c_h * eta * slope_avg
+
+
+def quadratic_passing_step(
+    eta: float, delta: float, s: float, decrease_avg: float, G: float, c_h: float, b: float
+) -> float | None:
+    """``interpolate``: the largest ``x`` with ``b D + (1 - b) q(x) >= c_h x G`` on the
+    quadratic ``q(x) = s x - k x^2 / 2`` through the rejected trial (``q(eta) = delta``);
+    ``None`` without positive curvature or a positive root."""
+    k = 2.0 * (s * eta - delta) / eta**2
+    if not (is_finite(k) and k > 0.0):
+        return None
+    # b D + (1 - b)(s x - k x^2 / 2) - c_h G x, highest power first
+    roots = numpy.roots([-(1.0 - b) * k / 2.0, (1.0 - b) * s - c_h * G, b * decrease_avg])
+    positive = [r.real for r in roots if abs(r.imag) <= 1e-12 * abs(r) and r.real > 0.0]
+    return max(positive) if positive else None
 
 
 def resolution(loss0: float) -> float:
@@ -567,7 +584,15 @@ class ReferenceOptimizer:
                 record.loss_decrease = delta
                 return "accepted"
             rejected = rejected or is_finite(loss)
-            eta_try = max(cfg.backtrack * eta_try, MIN_STEP_SIZE)
+            skip = 0  # interpolate: trials plain backtracking would make that the model fails
+            if cfg.interpolate and is_finite(loss):
+                passing = quadratic_passing_step(eta_try, delta, s, st.decrease_avg, G, c_h, b)
+                grid = [eta_try * cfg.backtrack ** (j + 1) for j in range(200)]
+                lowest = max(j for j, x in enumerate(grid) if x >= 0.1 * eta_try)
+                if passing is not None:
+                    skip = min([j for j, x in enumerate(grid) if x <= passing] + [lowest])
+            for _ in range(skip + 1):
+                eta_try = max(cfg.backtrack * eta_try, MIN_STEP_SIZE)
 
         # 5.4 No trial accepted.
         if b > 0 and st.averaged > 0:

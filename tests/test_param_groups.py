@@ -120,6 +120,7 @@ def test_changing_lr_scale_is_not_read_as_a_written_lr(optimizer_class):
         ("eps", 0.0),
         ("c", 2.0),
         ("backtrack", 0.0),
+        ("interpolate", "yes"),
         ("max_trials", 0),
         ("slope", "bogus"),
         ("search_interval", "bogus"),

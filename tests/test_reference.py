@@ -337,6 +337,7 @@ RECOMMENDED = {
     "growth_interval": math.log(2) / math.log(1.1),
     "backtrack": 0.8,
     "smoothing": 0.9,
+    "interpolate": True,
 }
 
 
@@ -598,6 +599,56 @@ CASES = [
         {"lr": 5.0, "slope": "analytic", "search_interval": "settled", "growth_interval": 10},
         150,
         {"backtracked", "reuse"},
+    ),
+    (
+        "sls-quadratic-interpolate",
+        "SLS",
+        "quadratic",
+        {"lr": 50.0, "interpolate": True, "growth_interval": 2},
+        30,
+        {"backtracked"},
+    ),
+    (
+        "adamsls-logistic-interpolate",
+        "AdamSLS",
+        "logistic",
+        {"lr": 20.0, "interpolate": True, "growth_interval": 3},
+        40,
+        {"backtracked"},
+    ),
+    (
+        # the recommended settings (smoothing 0.9, Polyak starts, adaptive cadence) with
+        # interpolation: the smoothed test's quadratic in eta has a constant term b D
+        "alsals-logistic-analytic-defaults-interpolate",
+        "ALSALS",
+        "logistic",
+        {
+            "lr": 5.0,
+            "slope": "analytic",
+            "smoothing": 0.9,
+            "c": 0.6,
+            "backtrack": 0.8,
+            "start": "polyak",
+            "search_interval": "adaptive",
+            "growth_interval": 2,
+            "interpolate": True,
+        },
+        80,
+        {"backtracked", "reuse"},
+    ),
+    (
+        "alsals-logistic-fd-c_h-switch-interpolate",
+        "ALSALS",
+        "logistic",
+        {
+            "lr": 3.0,
+            "smoothing": 0.5,
+            "betas": (0.99, 0.999),
+            "growth_interval": 2,
+            "interpolate": True,
+        },
+        60,
+        {"backtracked", "c_h_switch"},
     ),
     (
         "alsals-logistic-fd-warmup-wd-lrscale",
@@ -1074,3 +1125,66 @@ def test_settled_is_validated_and_round_trips_in_the_state_dict():
     assert twin.search_state.settled == opt.search_state.settled
     with pytest.raises(ValueError, match="'adaptive' or 'settled'"):
         ALSALS([w], search_interval="settle")
+
+
+def test_reference_interpolated_backtracking_closed_form():
+    """Quadratic, SLS, a start 1e4 times too large: plain backtracking walks the grid
+    ``lr * 0.9^j`` down to the first point below ``eta_max = 2 (1 - c) |g|^2 / g'Ag``, one
+    trial per point; with ``interpolate`` the quadratic through the first rejected trial is
+    the loss itself, so each rejection goes down at most 10x (the safeguard) along the same
+    grid, and the search accepts the same step size in a handful of trials."""
+    problem, a, w0, g = quadratic_start()
+    c = 0.1
+    eta_max = 2 * (1 - c) * float(g @ g) / float(g @ a @ g)
+    lr = 1e4 * eta_max / 2 ** (1 / 500)
+    eta, trials = first_backtracked(lr * 2 ** (1 / 500), eta_max, 0.9)
+    assert trials > 80
+    ref = ReferenceOptimizer(
+        [(problem.groups[0], GroupConfig())], make_config("SLS", lr=lr, interpolate=True)
+    )
+    ref.step(problem.loss_at(0))
+    rec = ref.last_step
+    # 10x per rejection (the floor: 0.9^21 = 0.109) from 1e4 eta_max to 0.1-1 eta_max in
+    # 4 rejections, then the exact grid point below eta_max
+    assert rec.kind == "search" and rec.trials <= 6
+    assert rec.step_size == pytest.approx(eta, rel=1e-12)
+    floor_steps = [b / a for a, b in zip(rec.tried, rec.tried[1:], strict=False)]
+    assert all(0.1 <= r <= 0.9 * (1 + 1e-12) for r in floor_steps)
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=["SLS", "AdamSLS", "ALSALS"])
+def test_interpolate_accepts_what_plain_backtracking_accepts_in_fewer_trials(cls):
+    """The interpolated walk skips only trials the quadratic model fails; on a quadratic
+    (where the model is exact) both walks give the same trajectory, one in fewer trials."""
+    runs = {}
+    for interpolate in (False, True):
+        w = torch.tensor([3.0, -2.0, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+        scales = torch.tensor([1.0, 4.0, 9.0, 25.0], dtype=torch.float64)
+        opt = cls(
+            [w], lr=1e3, slope="analytic", start="grown", interpolate=interpolate, growth_interval=2
+        )
+        trials, path = 0, []
+        for _ in range(30):
+            opt.step(lambda w=w, s=scales: 0.5 * (s * w**2).sum())
+            trials += opt.last_step.trials
+            path.append(opt.last_step.step_size)
+        runs[interpolate] = (trials, path, w.detach().clone())
+    (plain, plain_path, plain_w), (fast, fast_path, fast_w) = runs[False], runs[True]
+    assert fast < plain / 2
+    assert fast_path == pytest.approx(plain_path, rel=1e-9)
+    torch.testing.assert_close(fast_w, plain_w, rtol=1e-9, atol=1e-12)
+
+
+def test_interpolate_is_validated_and_round_trips_in_the_state_dict():
+    w = torch.tensor([3.0, -2.0], requires_grad=True)
+    with pytest.raises(TypeError, match="invalid interpolate"):
+        ALSALS([w], interpolate=1)
+    opt = ALSALS([w], interpolate=False)
+    opt.step(lambda: (w**2).sum())
+    twin = ALSALS([w])
+    assert twin.defaults["interpolate"] is True
+    with pytest.warns(UserWarning, match="interpolate=False"):
+        twin.load_state_dict(opt.state_dict())
+    assert twin.param_groups[0]["interpolate"] is False
+    assert ALSALS.paper([w]).defaults["interpolate"] is False
+    assert SLS([w]).defaults["interpolate"] is AdamSLS([w]).defaults["interpolate"] is False

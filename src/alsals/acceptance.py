@@ -91,6 +91,30 @@ class SearchTest:
         self.slope_now = self.test.average(self.slope_average, slope)
         return True
 
+    def largest_passing(self, eta: float) -> float:
+        """The largest step size that the test would accept if the batch loss along the
+        direction were the quadratic through ``L0`` with slope ``s`` and the last trial
+        ``(eta, L0 - decrease)``; ``nan`` where that quadratic has no positive curvature, or
+        no positive step passes on it.
+
+        On the quadratic ``decrease(x) = x s - k x^2 / 2`` the smoothed test
+        ``b D + (1 - b) decrease(x) >= c_h x G'`` holds between the roots of
+        ``A x^2 - B x - C`` with ``A = (1 - b) k / 2``, ``B = (1 - b) s - c_h G'``,
+        ``C = b D``; the larger root is returned.
+        """
+        b = self.test.smoothing
+        curvature = 2.0 * (eta * self.slope - self.decrease) / (eta * eta)
+        a = 0.5 * (1.0 - b) * curvature
+        lin = (1.0 - b) * self.slope - self.test.factor(self.slope_now) * self.slope_now
+        const = b * self.decrease_average
+        disc = lin * lin + 4.0 * a * const
+        if not (math.isfinite(a) and math.isfinite(disc) and a > 0.0 and disc >= 0.0):
+            return math.nan
+        root = math.sqrt(disc)
+        # the larger root, in the form without cancellation for either sign of ``lin``
+        largest = (lin + root) / (2.0 * a) if lin >= 0.0 else 2.0 * const / (root - lin)
+        return largest if largest > 0.0 else math.nan
+
     def judge(self, loss: float, eta: float, warmup: bool = False) -> str:
         """Phase 5.3 for the trial ``f(w0 + eta d) = loss``. During warm-up (5.2) a trial
         passes unless its loss is non-finite or measurably above ``L0``."""

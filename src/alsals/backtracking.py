@@ -1,9 +1,10 @@
 """Where the next trial of a search goes, and what the trials so far say (phases 5.2-5.5).
 
 A search starts at ``eta * 2^(1/b)`` (Eq. 2), or during warm-up at the ramp's value, and
-walks from there: down by ``backtrack`` after a rejected trial, up by ``UPWARD_FACTOR`` after
-an unresolved one while nothing larger was rejected (never above the warm-up cap, nor above
-the ceiling). When the search ends without an accepted trial, the walk says where the next
+walks from there: down by ``backtrack`` after a rejected trial (with ``interpolate``, by as
+many factors ``backtrack`` as a quadratic through the rejected trial predicts will fail),
+up by ``UPWARD_FACTOR`` after an unresolved one while nothing larger was rejected (never
+above the warm-up cap, nor above the ceiling). When the search ends without an accepted trial, the walk says where the next
 search starts.
 
 Climbing recovers a step size that fell below what the loss can resolve. Its ceiling is the
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 
 #: An unresolved trial is followed by one this many times larger.
 UPWARD_FACTOR = 2.0
+#: An interpolated trial is at least this fraction of the rejected one (the safeguard of
+#: Nocedal & Wright, Numerical Optimization, Sec. 3.5: a model fitted far from where the
+#: test passes must not send the search to 0).
+INTERPOLATION_FLOOR = 0.1
 #: The step size never falls below the smallest normal float.
 MIN_STEP_SIZE = sys.float_info.min
 
@@ -53,11 +58,21 @@ class Backtracking:
         """Start no higher than ``largest`` (the Polyak step ``L0 / s``)."""
         self.eta = max(min(self.eta, largest), MIN_STEP_SIZE)
 
-    def reject(self, finite: bool) -> None:
-        """A rejected trial: the next one is ``backtrack`` times smaller."""
+    def reject(self, finite: bool, predicted: float = math.nan) -> None:
+        """A rejected trial: the next one is ``backtrack`` times smaller. Given the step
+        size that a model of the loss ``predicted`` to pass, the walk skips the trials above
+        it that plain backtracking would make: the next trial is the first of
+        ``eta * backtrack^j`` (``j >= 1``) not above ``predicted``, but not below
+        ``INTERPOLATION_FLOOR * eta``. A search that accepts a trial then accepts one that
+        plain backtracking would have tried too, in fewer trials."""
         self.rejected = self.rejected or finite
         self.last_tried = self.eta
-        self.eta = max(self.eta * self.backtrack, MIN_STEP_SIZE)
+        eta = self.eta * self.backtrack
+        if finite and math.isfinite(predicted):
+            floor = self.eta * INTERPOLATION_FLOOR
+            while eta > predicted and eta * self.backtrack >= floor:
+                eta *= self.backtrack
+        self.eta = max(eta, MIN_STEP_SIZE)
 
     def set_ceiling(self, ceiling: float) -> None:
         """No climb above ``ceiling``, where the update is as large as the weights."""

@@ -20,6 +20,7 @@ SEARCH_KEYS = (
     "c",
     "smoothing",
     "backtrack",
+    "interpolate",
     "growth_interval",
     "max_trials",
     "slope",
@@ -54,6 +55,10 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             bring the loss to 0 if the slope held; one more synchronisation per search)
             ({start}).
         backtrack: ``eta <- backtrack * eta`` after a failed trial ({backtrack}).
+        interpolate: after a failed trial, go lower than ``backtrack * eta`` where the
+            quadratic through ``L0``, the slope and the failed trial's loss predicts the
+            test passes only there (at most 10x lower); a search that starts far too high
+            then needs two or three trials, not dozens ({interpolate}).
         growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)``
             ({growth}; ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
@@ -134,6 +139,10 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
             "math.inf disables growth)"
         )
     out["growth_interval"] = growth
+    interpolate = h.get("interpolate", False)
+    if not isinstance(interpolate, bool):
+        raise TypeError(f"invalid interpolate: {interpolate!r} (expected True or False)")
+    out["interpolate"] = interpolate
     out["max_trials"] = integer("max_trials", h["max_trials"], 1)
     if h["slope"] not in SLOPES:
         raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")

@@ -1001,7 +1001,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     "unresolved", 0.0, tried, test.slope, math.nan, walk.unresolved_step_size()
                 )
             if verdict == "rejected":
-                walk.reject(finite=math.isfinite(value))
+                interpolated = h["interpolate"] and walk.cap == math.inf
+                walk.reject(
+                    finite=math.isfinite(value),
+                    predicted=test.largest_passing(walk.eta) if interpolated else math.nan,
+                )
         trial.restore()
         history = h["smoothing"] > 0.0 and search.averaged > 0
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)

@@ -57,10 +57,12 @@ ABLATION = (
     "alsals-preconditioned",
     "alsals-candidate",
     "alsals-settled",
+    "alsals-interpolate",
     "alsals-recommended",
     "alsals-recommended-preconditioned",
     "alsals-recommended-settled",
     "alsals-recommended-settled-preconditioned",
+    "alsals-recommended-geometric",
 )
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
 #: untuned baselines: one configuration for every task, no sweep
@@ -391,6 +393,10 @@ CANDIDATE: dict[str, Any] = {
     "backtrack": 0.8,
 }
 
+# ALSALS's defaults: the candidate, each search started no higher than the Polyak step and
+# backtracking by interpolation.
+RECOMMENDED: dict[str, Any] = {**CANDIDATE, "start": "polyak", "interpolate": True}
+
 # Our line searches by name: the class and its settings. ``alsals`` and its variants are
 # the paper's configuration (PAPER_ALSALS) with one change each, whatever ALSALS's defaults.
 LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
@@ -409,28 +415,24 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
     "alsals-candidate": (ALSALS, CANDIDATE),
     "alsals-settled": (ALSALS, {**PAPER_ALSALS, "search_interval": "settled"}),
-    # the candidate, each search started no higher than the Polyak step: ALSALS's defaults,
-    # spelled out so that the row does not move if the defaults do
-    "alsals-recommended": (ALSALS, {**CANDIDATE, "start": "polyak"}),
+    "alsals-interpolate": (ALSALS, {**PAPER_ALSALS, "interpolate": True}),
+    # the candidate, each search started no higher than the Polyak step, backtracking by
+    # interpolation: ALSALS's defaults, spelled out so that the row does not move if the
+    # defaults do
+    "alsals-recommended": (ALSALS, RECOMMENDED),
     # ... searching along the preconditioned gradient instead
     "alsals-recommended-preconditioned": (
         ALSALS,
-        {**CANDIDATE, "start": "polyak", "search_direction": "preconditioned"},
+        {**RECOMMENDED, "search_direction": "preconditioned"},
     ),
     # ... with the cadence "settled" (an option: cheaper, see method.md section 8)
-    "alsals-recommended-settled": (
-        ALSALS,
-        {**CANDIDATE, "start": "polyak", "search_interval": "settled"},
-    ),
+    "alsals-recommended-settled": (ALSALS, {**RECOMMENDED, "search_interval": "settled"}),
     "alsals-recommended-settled-preconditioned": (
         ALSALS,
-        {
-            **CANDIDATE,
-            "start": "polyak",
-            "search_interval": "settled",
-            "search_direction": "preconditioned",
-        },
+        {**RECOMMENDED, "search_interval": "settled", "search_direction": "preconditioned"},
     ),
+    # ... with plain backtracking (the defaults before interpolation, method.md section 9)
+    "alsals-recommended-geometric": (ALSALS, {**RECOMMENDED, "interpolate": False}),
 }
 
 
@@ -450,6 +452,7 @@ AS_USERS_RUN_THEM = (
     "alsals-recommended-preconditioned",
     "alsals-recommended-settled",
     "alsals-recommended-settled-preconditioned",
+    "alsals-recommended-geometric",
 )
 
 
@@ -586,7 +589,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "alsals-recommended",
-            "ALSALS's defaults: the candidate with Polyak-limited starts",
+            "ALSALS's defaults: the candidate with Polyak-limited starts and interpolation",
             _line_search("alsals-recommended"),
         ),
         OptimizerSpec(
@@ -603,6 +606,16 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-recommended-settled-preconditioned",
             "alsals-recommended-settled searching along the preconditioned gradient",
             _line_search("alsals-recommended-settled-preconditioned"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended-geometric",
+            "alsals-recommended with plain backtracking (no interpolation)",
+            _line_search("alsals-recommended-geometric"),
+        ),
+        OptimizerSpec(
+            "alsals-interpolate",
+            "ALSALS with interpolated backtracking (fewer trials per search)",
+            _line_search("alsals-interpolate"),
         ),
         OptimizerSpec(
             "alsals-candidate",
