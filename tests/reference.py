@@ -268,7 +268,7 @@ def quadratic_passing_step(
     """``interpolate``: the largest ``x`` with ``b D + (1 - b) q(x) >= c_h x G`` on the
     quadratic ``q(x) = s x - k x^2 / 2`` through the rejected trial (``q(eta) = delta``);
     ``None`` without positive curvature or a positive root."""
-    k = 2.0 * (s * eta - delta) / eta**2
+    k = 2.0 * ((s * eta - delta) / eta) / eta
     if not (is_finite(k) and k > 0.0):
         return None
     # b D + (1 - b)(s x - k x^2 / 2) - c_h G x, highest power first

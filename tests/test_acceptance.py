@@ -134,3 +134,22 @@ def test_alsals_accepts_a_loss_increase_when_the_smoothed_slope_is_negative():
     assert info.slope < 0
     c = opt.defaults["c"]
     assert info.loss_decrease >= (1 / c) * info.step_size * info.slope
+
+
+@pytest.mark.parametrize("eta", [1.0, 1e-160, 1e-300, 5e-324])
+def test_the_interpolation_model_never_raises_and_predicts_the_quadratic_boundary(eta):
+    """``largest_passing`` on a trial of the quadratic ``q(x) = s x - k x^2 / 2`` returns the
+    boundary of the plain Armijo test, ``2 (1 - c) s / k``, where that is representable, and
+    ``nan`` (no prediction) rather than an exception where ``eta^2`` underflows."""
+    from alsals.acceptance import ArmijoTest, SearchTest
+
+    s, k, c = 3.0, 1e6 / eta, 0.1
+    test = SearchTest(ArmijoTest(c=c, smoothing=0.0), 10.0, 0.0, 0.0, 0.0)
+    test.set_slope(s)
+    test.judge(10.0 - (s * eta - 0.5 * k * eta * eta), eta)
+    predicted = test.largest_passing(eta)
+    expected = 2 * (1 - c) * s / k
+    if math.isfinite(predicted):
+        assert predicted == pytest.approx(expected, rel=1e-9)
+    else:
+        assert eta < 1e-300

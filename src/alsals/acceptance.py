@@ -103,7 +103,8 @@ class SearchTest:
         ``C = b D``; the larger root is returned.
         """
         b = self.test.smoothing
-        curvature = 2.0 * (eta * self.slope - self.decrease) / (eta * eta)
+        # divided by eta twice: eta * eta underflows to 0 below 1e-154
+        curvature = 2.0 * ((eta * self.slope - self.decrease) / eta) / eta
         a = 0.5 * (1.0 - b) * curvature
         lin = (1.0 - b) * self.slope - self.test.factor(self.slope_now) * self.slope_now
         const = b * self.decrease_average
