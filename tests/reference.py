@@ -61,6 +61,7 @@ class SearchConfig:
     slope: str
     backtrack: float = 0.9
     interpolate: bool = False
+    trust_interpolation: bool = False
     growth_interval: float = 500
     max_trials: int = 100
     fd_step: float = 5e-8
@@ -149,6 +150,7 @@ class StepRecord:
     grown: float = math.nan  # where the search would start without the Polyak limit
     tried: list[float] = field(default_factory=list)  # every eta_try evaluated
     trial_losses: list[float] = field(default_factory=list)  # f(w + eta_try d) for each
+    trusted: bool = False  # the step size was taken untested (trust_interpolation)
 
 
 # --------------------------------------------------------------------------------------
@@ -585,14 +587,26 @@ class ReferenceOptimizer:
                 return "accepted"
             rejected = rejected or is_finite(loss)
             skip = 0  # interpolate: trials plain backtracking would make that the model fails
+            passing = None
             if cfg.interpolate and is_finite(loss):
                 passing = quadratic_passing_step(eta_try, delta, s, st.decrease_avg, G, c_h, b)
                 grid = [eta_try * cfg.backtrack ** (j + 1) for j in range(200)]
                 lowest = max(j for j, x in enumerate(grid) if x >= 0.1 * eta_try)
                 if passing is not None:
                     skip = min([j for j, x in enumerate(grid) if x <= passing] + [lowest])
+            rejected_at = eta_try
             for _ in range(skip + 1):
                 eta_try = max(cfg.backtrack * eta_try, MIN_STEP_SIZE)
+            if cfg.trust_interpolation and st.searches > 0 and passing is not None and delta > tol:
+                # the step size the quadratic through the rejected trial predicts will
+                # pass, taken untested; D stores the decrease the quadratic predicts there
+                k = 2.0 * ((s * rejected_at - delta) / rejected_at) / rejected_at
+                st.decrease_avg = smooth(st.decrease_avg, s * eta_try - k * eta_try**2 / 2, b)
+                st.slope_avg = G
+                st.averaged += 1
+                record.step_size = self.next_step_size = eta_try
+                record.trusted = True
+                return "accepted"
 
         # 5.4 No trial accepted.
         if b > 0 and st.averaged > 0:
@@ -635,7 +649,12 @@ class ReferenceOptimizer:
             st.failed_searches += outcome == "failed"
             st.unresolved_searches += outcome == "unresolved"
             in_warmup = st.step - (outcome == "accepted") < self.config.warmup_steps
-            first_trial = outcome == "accepted" and record.trials == 1 and not in_warmup
+            first_trial = (
+                outcome == "accepted"
+                and record.trials == 1
+                and not in_warmup
+                and not record.trusted
+            )
             st.settled = first_trial and st.searches >= 1
             st.unaccepted_in_a_row = 0 if outcome == "accepted" else st.unaccepted_in_a_row + 1
             track_step_sizes(st)

@@ -147,9 +147,11 @@ def test_the_interpolation_model_never_raises_and_predicts_the_quadratic_boundar
     test = SearchTest(ArmijoTest(c=c, smoothing=0.0), 10.0, 0.0, 0.0, 0.0)
     test.set_slope(s)
     test.judge(10.0 - (s * eta - 0.5 * k * eta * eta), eta)
-    predicted = test.largest_passing(eta)
+    predicted = test.largest_passing()
     expected = 2 * (1 - c) * s / k
     if math.isfinite(predicted):
         assert predicted == pytest.approx(expected, rel=1e-9)
+        # and the decrease the quadratic predicts there is the one the test asks for
+        assert test.predicted_decrease(predicted) == pytest.approx(c * predicted * s, rel=1e-6)
     else:
         assert eta < 1e-300

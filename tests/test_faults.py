@@ -119,12 +119,15 @@ def test_exception_in_closure_leaves_everything_as_before_the_step(optimizer_cla
     torch.manual_seed(0)
     model = SmallNet()
     x, y = make_classification()
-    opt = optimizer_class(model.parameters(), lr=50.0, buffers=model.buffers())
+    # every trial evaluated (no step size taken on the interpolation's word), so that the
+    # third evaluation is a trial
+    settings = {"lr": 50.0, "trust_interpolation": False}
+    opt = optimizer_class(model.parameters(), buffers=model.buffers(), **settings)
     opt.step(bce_closure(model, x, y))
     for group in opt.param_groups:  # a step size this large needs several trials
         group["lr"] = 1e4
     twin_model = copy.deepcopy(model)
-    twin = optimizer_class(twin_model.parameters(), lr=50.0, buffers=twin_model.buffers())
+    twin = optimizer_class(twin_model.parameters(), buffers=twin_model.buffers(), **settings)
     twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # no tensor shared with opt
     before = snapshot(model)
     buffers_before = [b.clone() for b in model.buffers()]

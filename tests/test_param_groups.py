@@ -121,6 +121,7 @@ def test_changing_lr_scale_is_not_read_as_a_written_lr(optimizer_class):
         ("c", 2.0),
         ("backtrack", 0.0),
         ("interpolate", "yes"),
+        ("trust_interpolation", 1),
         ("max_trials", 0),
         ("slope", "bogus"),
         ("search_interval", "bogus"),

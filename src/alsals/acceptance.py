@@ -80,6 +80,7 @@ class SearchTest:
     slope_average: float
     slope: float = math.nan
     slope_now: float = math.nan  # G' of this search
+    tried: float = math.nan  # the last trial's step size
     decrease: float = math.nan  # of the last trial
     decrease_now: float = math.nan  # D' of the last trial
 
@@ -91,7 +92,18 @@ class SearchTest:
         self.slope_now = self.test.average(self.slope_average, slope)
         return True
 
-    def largest_passing(self, eta: float) -> float:
+    def curvature(self) -> float:
+        """``k`` of the quadratic ``q(x) = s x - k x^2 / 2`` through ``L0`` with slope ``s``
+        and the last trial ``(eta, L0 - decrease)``."""
+        eta = self.tried
+        # divided by eta twice: eta * eta underflows to 0 below 1e-154
+        return 2.0 * ((eta * self.slope - self.decrease) / eta) / eta
+
+    def predicted_decrease(self, x: float) -> float:
+        """``q(x)``: the decrease the quadratic through the last trial predicts at ``x``."""
+        return x * self.slope - 0.5 * self.curvature() * x * x
+
+    def largest_passing(self) -> float:
         """The largest step size that the test would accept if the batch loss along the
         direction were the quadratic through ``L0`` with slope ``s`` and the last trial
         ``(eta, L0 - decrease)``; ``nan`` where that quadratic has no positive curvature, or
@@ -103,9 +115,7 @@ class SearchTest:
         ``C = b D``; the larger root is returned.
         """
         b = self.test.smoothing
-        # divided by eta twice: eta * eta underflows to 0 below 1e-154
-        curvature = 2.0 * ((eta * self.slope - self.decrease) / eta) / eta
-        a = 0.5 * (1.0 - b) * curvature
+        a = 0.5 * (1.0 - b) * self.curvature()
         lin = (1.0 - b) * self.slope - self.test.factor(self.slope_now) * self.slope_now
         const = b * self.decrease_average
         disc = lin * lin + 4.0 * a * const
@@ -119,6 +129,7 @@ class SearchTest:
     def judge(self, loss: float, eta: float, warmup: bool = False) -> str:
         """Phase 5.3 for the trial ``f(w0 + eta d) = loss``. During warm-up (5.2) a trial
         passes unless its loss is non-finite or measurably above ``L0``."""
+        self.tried = eta
         self.decrease = self.loss0 - loss
         self.decrease_now = self.test.average(self.decrease_average, self.decrease)
         if warmup:

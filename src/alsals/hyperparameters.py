@@ -21,6 +21,7 @@ SEARCH_KEYS = (
     "smoothing",
     "backtrack",
     "interpolate",
+    "trust_interpolation",
     "growth_interval",
     "max_trials",
     "slope",
@@ -59,6 +60,11 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             quadratic through ``L0``, the slope and the failed trial's loss predicts the
             test passes only there (at most 10x lower); a search that starts far too high
             then needs two or three trials, not dozens ({interpolate}).
+        trust_interpolation: when a trial of a search (not the first search of a run)
+            lowers the loss measurably but fails the test, take the step size that
+            ``interpolate``'s quadratic through it predicts will pass without evaluating it;
+            its predicted decrease enters the test's average. Saves the second trial of most
+            searches; no effect with ``interpolate=False`` ({trust}).
         growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)``
             ({growth}; ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
@@ -143,6 +149,10 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(interpolate, bool):
         raise TypeError(f"invalid interpolate: {interpolate!r} (expected True or False)")
     out["interpolate"] = interpolate
+    trust = h.get("trust_interpolation", False)
+    if not isinstance(trust, bool):
+        raise TypeError(f"invalid trust_interpolation: {trust!r} (expected True or False)")
+    out["trust_interpolation"] = trust
     out["max_trials"] = integer("max_trials", h["max_trials"], 1)
     if h["slope"] not in SLOPES:
         raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")

@@ -139,8 +139,8 @@ class StepInfo:
     ``"zero_grad"`` (no gradient, or all zero). ``step_size`` is the ``eta`` applied (0 when
     the weights did not move), ``slope`` the slope estimate (``nan`` when none was computed)
     and ``loss_decrease`` is ``f(w0) - f(w0 + eta d)`` at the accepted trial (``nan`` if
-    none). ``grad_norm`` is the gradient norm before clipping (with ``max_grad_norm``; else
-    ``nan``).
+    none, or if the step size was taken untested, ``trust_interpolation``). ``grad_norm``
+    is the gradient norm before clipping (with ``max_grad_norm``; else ``nan``).
     """
 
     kind: str
@@ -164,6 +164,7 @@ class Outcome:
     slope: float = math.nan
     loss_decrease: float = math.nan
     next_step_size: float | None = None  # eta for the next search, where it changes
+    tested: bool = True  # False: the step size was taken on the model's word
     decrease_avg: float | None = None  # D and G to store (accepted searches)
     slope_avg: float | None = None
     reset_averages: bool = False
@@ -182,6 +183,22 @@ class Outcome:
             next_step_size=eta,
             decrease_avg=test.decrease_now if averaged else None,
             slope_avg=test.slope_now if averaged else None,
+        )
+
+    @classmethod
+    def trusted(cls, test: SearchTest, eta: float, trials: int) -> Outcome:
+        """A search whose last trial failed without raising the loss, taking the step size
+        ``eta`` that the quadratic through that trial predicts will pass, untested: the
+        averages store the decrease the quadratic predicts at ``eta``."""
+        return cls(
+            "search",
+            step_size=eta,
+            trials=trials,
+            slope=test.slope,
+            next_step_size=eta,
+            decrease_avg=test.test.average(test.decrease_average, test.predicted_decrease(eta)),
+            slope_avg=test.slope_now,
+            tested=False,
         )
 
 
@@ -1002,10 +1019,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 )
             if verdict == "rejected":
                 interpolated = h["interpolate"] and walk.cap == math.inf
-                walk.reject(
-                    finite=math.isfinite(value),
-                    predicted=test.largest_passing(walk.eta) if interpolated else math.nan,
-                )
+                predicted = test.largest_passing() if interpolated else math.nan
+                walk.reject(finite=math.isfinite(value), predicted=predicted)
+                # trusted: a model fitted to a trial that lowered the loss measurably, in a
+                # search whose scale the first search has set
+                trusted = h["trust_interpolation"] and search.searches > 0
+                if trusted and math.isfinite(predicted) and test.decrease > resolution:
+                    trial.place(walk.eta)
+                    return Outcome.trusted(test, walk.eta, tried)
         trial.restore()
         history = h["smoothing"] > 0.0 and search.averaged > 0
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
@@ -1140,7 +1161,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.unaccepted_in_a_row = 0 if accepted else search.unaccepted_in_a_row + 1
             # the step size has settled when a search after the first (outside warm-up)
             # takes its first trial
-            first_trial = accepted and outcome.trials == 1 and outcome.decrease_avg is not None
+            first_trial = (
+                accepted
+                and outcome.tested
+                and outcome.trials == 1
+                and outcome.decrease_avg is not None
+            )
             search.settled = int(first_trial and search.searches >= 1)
             search.searches += 1
             search.steps_since_search = 0
