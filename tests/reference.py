@@ -264,13 +264,18 @@ def armijo_accepts(loss: float, decrease: float, c_h: float, eta: float, slope_a
     return is_finite(loss) and decrease >= c_h * eta * slope_avg
 
 
+def quadratic_curvature(eta: float, delta: float, s: float) -> float:
+    """``k`` of the quadratic ``q(x) = s x - k x^2 / 2`` through ``q(eta) = delta``."""
+    return 2.0 * ((s * eta - delta) / eta) / eta
+
+
 def quadratic_passing_step(
     eta: float, delta: float, s: float, decrease_avg: float, G: float, c_h: float, b: float
 ) -> float | None:
     """``interpolate``: the largest ``x`` with ``b D + (1 - b) q(x) >= c_h x G`` on the
     quadratic ``q(x) = s x - k x^2 / 2`` through the rejected trial (``q(eta) = delta``);
     ``None`` without positive curvature or a positive root."""
-    k = 2.0 * ((s * eta - delta) / eta) / eta
+    k = quadratic_curvature(eta, delta, s)
     if not (is_finite(k) and k > 0.0):
         return None
     # b D + (1 - b)(s x - k x^2 / 2) - c_h G x, highest power first
@@ -600,7 +605,7 @@ class ReferenceOptimizer:
             if cfg.trust_interpolation and st.searches > 0 and passing is not None and delta > tol:
                 # the step size the quadratic through the rejected trial predicts will
                 # pass, taken untested; D stores the decrease the quadratic predicts there
-                k = 2.0 * ((s * rejected_at - delta) / rejected_at) / rejected_at
+                k = quadratic_curvature(rejected_at, delta, s)
                 st.decrease_avg = smooth(st.decrease_avg, s * eta_try - k * eta_try**2 / 2, b)
                 st.slope_avg = G
                 st.averaged += 1

@@ -1250,7 +1250,7 @@ def test_trust_interpolation_takes_the_same_steps_with_fewer_forward_passes(cls)
 
 
 def test_trust_interpolation_tests_the_first_search_and_any_trial_that_raised_the_loss():
-    """The untested step needs a model fitted to a trial that did not raise the loss, after
+    """The untested step needs a model fitted to a trial that lowered the loss, after
     a first search that found the scale: the first search, and a search whose first trial
     raised the loss, evaluate every trial as ``interpolate`` does (their decrease is
     measured; an untested step's is ``nan``)."""

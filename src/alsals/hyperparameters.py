@@ -117,6 +117,13 @@ def integer(name: str, value: Any, minimum: int) -> int:
     return int(number)
 
 
+def flag(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``, else a ``TypeError`` (no truthy numbers)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"invalid {name}: {value!r} (expected True or False)")
+    return value
+
+
 def in_range(
     name: str, value: Any, low: float, high: float = math.inf, *, closed_low: bool
 ) -> float:
@@ -145,14 +152,8 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
             "math.inf disables growth)"
         )
     out["growth_interval"] = growth
-    interpolate = h.get("interpolate", False)
-    if not isinstance(interpolate, bool):
-        raise TypeError(f"invalid interpolate: {interpolate!r} (expected True or False)")
-    out["interpolate"] = interpolate
-    trust = h.get("trust_interpolation", False)
-    if not isinstance(trust, bool):
-        raise TypeError(f"invalid trust_interpolation: {trust!r} (expected True or False)")
-    out["trust_interpolation"] = trust
+    for name in ("interpolate", "trust_interpolation"):
+        out[name] = flag(name, h.get(name, False))
     out["max_trials"] = integer("max_trials", h["max_trials"], 1)
     if h["slope"] not in SLOPES:
         raise ValueError(f"invalid slope: {h['slope']!r} (expected one of {SLOPES})")

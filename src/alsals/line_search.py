@@ -187,9 +187,9 @@ class Outcome:
 
     @classmethod
     def trusted(cls, test: SearchTest, eta: float, trials: int) -> Outcome:
-        """A search whose last trial failed without raising the loss, taking the step size
-        ``eta`` that the quadratic through that trial predicts will pass, untested: the
-        averages store the decrease the quadratic predicts at ``eta``."""
+        """A search whose last trial lowered the loss measurably but failed the test, taking
+        the step size ``eta`` that the quadratic through that trial predicts will pass,
+        untested: the averages store the decrease the quadratic predicts at ``eta``."""
         return cls(
             "search",
             step_size=eta,

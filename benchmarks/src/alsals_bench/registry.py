@@ -397,7 +397,7 @@ CANDIDATE: dict[str, Any] = {
 
 # ALSALS's defaults: the candidate, each search started no higher than the Polyak step and
 # backtracking by interpolation, whose predicted step size is taken untested after a trial
-# that failed without raising the loss.
+# that lowered the loss but failed the test.
 RECOMMENDED: dict[str, Any] = {
     **CANDIDATE,
     "start": "polyak",
