@@ -70,6 +70,7 @@ class SearchConfig:
     max_grad_norm: float | None = None
     start: str = "grown"
     search_direction: str | None = None  # ALSALS: "momentum" (None) or "preconditioned"
+    loss_floor: float | None = None  # f* of the Polyak cap (phase 5.6); None: no cap
 
     @property
     def adam(self) -> bool:
@@ -129,6 +130,9 @@ class SearchState:
     unaccepted_in_a_row: int = 0  # searches since the last accepted one
     settled: bool = False  # the last search, not the first, accepted its first trial
     skipped_nonfinite: int = 0
+    model_loss_avg: float = 0.0  # the Polyak cap's model (phase 5.6): EMA of L0
+    model_anchor_avg: float = 0.0  # ... and of w . g
+    model_steps: int = 0
 
 
 @dataclass
@@ -151,6 +155,7 @@ class StepRecord:
     tried: list[float] = field(default_factory=list)  # every eta_try evaluated
     trial_losses: list[float] = field(default_factory=list)  # f(w + eta_try d) for each
     trusted: bool = False  # the step size was taken untested (trust_interpolation)
+    polyak_capped: bool = False  # the Polyak cap cut the step size (phase 5.6)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,6 +338,34 @@ def track_step_sizes(state: SearchState) -> None:
     state.eta_slow = 0.99 * state.eta_slow + 0.01 * state.step_size
 
 
+def polyak_model_after(
+    state: SearchState, loss0: float, weights_dot_grad: float, beta1: float
+) -> tuple[float, float, int]:
+    """Phase 5.6: the model's averages with this batch: ``L_avg' = b1 L_avg + (1 - b1) L0``,
+    ``gamma' = b1 gamma + (1 - b1) w . g``, ``k' = k + 1``."""
+    return (
+        beta1 * state.model_loss_avg + (1 - beta1) * loss0,
+        beta1 * state.model_anchor_avg + (1 - beta1) * weights_dot_grad,
+        state.model_steps + 1,
+    )
+
+
+def polyak_cap(
+    model: tuple[float, float, int],
+    weights_dot_momentum: float,
+    momentum_norm: float,
+    beta1: float,
+    floor: float,
+) -> float:
+    """Phase 5.6: ``b1 max(L_avg' + w . m' - gamma' - b1 f*, 0) / sum lr_scale m' P m'`` with
+    ``b1 = 1 - beta1^k'`` (1 without momentum); ``inf`` where the denominator is not > 0."""
+    loss_avg, anchor_avg, steps = model
+    if not momentum_norm > 0:
+        return math.inf
+    b1 = 1 - beta1**steps if beta1 > 0 else 1.0
+    return b1 * max(loss_avg + weights_dot_momentum - anchor_avg - b1 * floor, 0.0) / momentum_norm
+
+
 def decoupled_update(
     w0: Tensor, d_update: Tensor, eta: float, lr_scale: float, weight_decay: float
 ) -> Tensor:
@@ -402,7 +435,8 @@ class ReferenceOptimizer:
             record.kind = "nonfinite"
             self.count_skip("nonfinite")
         else:
-            self.commit(plan, outcome, moments, d_update, record)  # 6
+            cap = self.polyak(loss0, grads, active, moments)  # 5.6
+            self.commit(plan, outcome, moments, d_update, record, cap)  # 6
         self.set_group_lrs()
         return loss0
 
@@ -550,8 +584,9 @@ class ReferenceOptimizer:
             record.trials += 1
             return "nonfinite"
         record.grown = eta_try
-        if cfg.start == "polyak" and loss0 > 0 and s > 0:  # 5.2: at most the Polyak step
-            eta_try = max(min(eta_try, loss0 / s), MIN_STEP_SIZE)
+        height = loss0 - (cfg.loss_floor or 0.0)  # above the loss's lower bound (0 if None)
+        if cfg.start == "polyak" and height > 0 and s > 0:  # 5.2: at most the Polyak step
+            eta_try = max(min(eta_try, height / s), MIN_STEP_SIZE)
         G = record.slope_avg = smooth(st.slope_avg, s, b)  # G', stored only on acceptance
         c_h = armijo_constant(cfg.c, G)
         tol = resolution(loss0)
@@ -624,6 +659,39 @@ class ReferenceOptimizer:
             self.next_step_size = max(eta_start, largest_unresolved)
         return "failed"
 
+    # -- 5.6 -----------------------------------------------------------------------------
+    def polyak(
+        self,
+        loss0: float,
+        grads: list[Tensor | None],
+        active: list[int],
+        moments: dict[int, ParamState],
+    ) -> float:
+        """Phase 5.6: the largest step size the momentum model allows (``inf`` without
+        ``loss_floor`` or with the loss below it); stores the model's averages."""
+        floor = self.config.loss_floor
+        if floor is None:
+            return math.inf
+        beta1 = self.groups[0].betas[0] if self.config.adam else 0.0
+        w_g = sum(float((self.weights[i] * grads[i]).sum()) for i in active)
+        if self.config.adam:
+            w_m = sum(float((self.weights[i] * moments[i].m).sum()) for i in active)
+            norm = 0.0
+            for i in active:
+                group, state = self._group(i), moments[i]
+                v_hat = state.v / (1 - group.betas[1] ** state.t)
+                q = torch.sqrt(v_hat) + group.eps
+                norm += group.lr_scale * float((state.m * state.m / q).sum())
+        else:
+            w_m = w_g
+            norm = sum(self._group(i).lr_scale * float((grads[i] * grads[i]).sum()) for i in active)
+        model = polyak_model_after(self.state, loss0, w_g, beta1)
+        st = self.state
+        st.model_loss_avg, st.model_anchor_avg, st.model_steps = model
+        if loss0 < floor:
+            return math.inf
+        return polyak_cap(model, w_m, norm, beta1, floor)
+
     # -- 6 -------------------------------------------------------------------------------
     def commit(
         self,
@@ -632,6 +700,7 @@ class ReferenceOptimizer:
         moments: dict[int, ParamState],
         d_update: dict[int, Tensor],
         record: StepRecord,
+        cap: float = math.inf,
     ) -> None:
         """Phase 6: moments, update, search state."""
         st = self.state
@@ -639,6 +708,10 @@ class ReferenceOptimizer:
         moved = plan == "reuse" or outcome == "accepted"
         if moved:
             eta = st.step_size if plan != "search" else self.next_step_size
+            if cap < eta:  # 5.6: the search's eta stays the next search's start
+                eta = cap
+                record.polyak_capped = True
+                record.loss_decrease = math.nan
             self.weights = [
                 decoupled_update(
                     w, d_update[i], eta, self._group(i).lr_scale, self._group(i).weight_decay

@@ -253,6 +253,7 @@ class SideBySide:
             rec.loss_decrease, rel=1e-8, abs=1e-13, nan_ok=True
         )
         assert info.grad_norm == pytest.approx(rec.grad_norm, rel=1e-12, nan_ok=True)
+        assert info.capped == rec.polyak_capped
 
     def line_search_state(self) -> dict:
         holders = [
@@ -291,6 +292,9 @@ class SideBySide:
             decrease_tol += self.slope_tol()["abs"] * largest
         assert ls["decrease_avg"] == pytest.approx(st.decrease_avg, rel=1e-8, abs=decrease_tol)
         assert ls["slope_avg"] == pytest.approx(st.slope_avg, **self.slope_tol())
+        assert ls["model_steps"] == st.model_steps
+        for key in ("model_loss_avg", "model_anchor_avg"):
+            assert ls[key] == pytest.approx(getattr(st, key), rel=1e-8, abs=1e-10), key
 
     def check_param_state(self) -> None:
         for i, p in enumerate(self.flat):
@@ -326,6 +330,8 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
         "polyak": any(r.tried and r.tried[0] < r.grown for r in records),
         # a search that took the interpolated step size untested (trust_interpolation)
         "trusted": any(r.trusted for r in records),
+        # the Polyak cap on the momentum model cut a step size (loss_floor)
+        "polyak_capped": any(r.polyak_capped for r in records),
     }
     missing = {e for e in expect if not checks[e]}
     assert not missing, f"never happened: {missing}; kinds={kinds}"
@@ -347,6 +353,7 @@ RECOMMENDED = {
     "smoothing": 0.9,
     "interpolate": True,
     "trust_interpolation": True,
+    "loss_floor": 0.0,
 }
 
 
@@ -423,7 +430,33 @@ CASES = [
         "logistic",
         {"lr": 5.0, **RECOMMENDED},
         80,
-        {"backtracked", "reuse", "polyak"},
+        {"backtracked", "reuse", "polyak", "polyak_capped"},
+    ),
+    # loss_floor's Polyak cap: SLS's is the batch's Polyak step (no momentum); AdamSLS
+    # caps its update along the momentum; a floor above 0, clipped gradients, warm-up
+    (
+        "sls-quadratic-loss-floor",
+        "SLS",
+        "quadratic",
+        {"lr": 50.0, "loss_floor": 0.0, "growth_interval": 2},
+        20,
+        {"accepted", "polyak_capped"},
+    ),
+    (
+        "adamsls-logistic-loss-floor-wd-lrscale",
+        "AdamSLS",
+        "logistic",
+        {"lr": 5.0, "loss_floor": 0.0, "weight_decay": 0.05, "lr_scale": 2.0},
+        40,
+        {"accepted", "polyak_capped"},
+    ),
+    (
+        "alsals-logistic-loss-floor-clipped-warmup",
+        "ALSALS",
+        "logistic",
+        {**RECOMMENDED, "lr": 5.0, "loss_floor": 0.1, "max_grad_norm": 0.5, "warmup_steps": 5},
+        60,
+        {"accepted", "clipped", "warmup", "polyak_capped"},
     ),
     # id, variant, problem, options, steps, behaviours that must occur
     ("sls-quadratic", "SLS", "quadratic", {"growth_interval": 5}, 30, {"backtracked"}),

@@ -32,6 +32,18 @@ def test_the_preconditioned_row_differs_from_the_recommended_in_the_search_direc
     assert preconditioned["search_direction"] == "preconditioned"
 
 
+@pytest.mark.parametrize(
+    ("base", "row"),
+    [("alsals-recommended", "alsals-recommended-uncapped"), ("alsals", "alsals-capped")],
+)
+def test_the_cap_rows_differ_from_their_base_in_loss_floor_only(base, row):
+    with_cap, without = defaults_of(base), defaults_of(row)
+    if base == "alsals":
+        with_cap, without = without, with_cap
+    assert {k for k in with_cap if with_cap[k] != without[k]} == {"loss_floor"}
+    assert with_cap["loss_floor"] == 0.0 and without["loss_floor"] is None
+
+
 @pytest.mark.parametrize("name", [n for n in ABLATION if n in LINE_SEARCHES])
 def test_every_ablation_row_builds(name):
     assert isinstance(line_search_stepper(name, nn.Linear(3, 2)).optimizer, ALSALS)

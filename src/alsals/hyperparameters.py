@@ -31,6 +31,7 @@ SEARCH_KEYS = (
     "max_grad_norm",
     "start",
     "search_direction",
+    "loss_floor",
 )
 #: Hyperparameters that may differ between parameter groups.
 GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
@@ -52,8 +53,9 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             search) ({slope}).
         betas, eps: Adam's moment factors and denominator term (Eq. 3; Adam variants only).
         start: where a search starts: ``"grown"``, ``eta * 2^(1/growth_interval)`` (Eq. 2),
-            or ``"polyak"``, no higher than the Polyak step ``L0 / s`` (the step that would
-            bring the loss to 0 if the slope held; one more synchronisation per search)
+            or ``"polyak"``, no higher than the Polyak step ``(L0 - f*) / s`` (the step that
+            would bring the loss to ``f* = loss_floor``, 0 if ``None``, if the slope held; one
+            more synchronisation per search)
             ({start}).
         backtrack: ``eta <- backtrack * eta`` after a failed trial ({backtrack}).
         interpolate: after a failed trial, go lower than ``backtrack * eta`` where the
@@ -65,6 +67,13 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             ``interpolate``'s quadratic through it predicts will pass without evaluating it;
             its predicted decrease enters the test's average. Saves the second trial of most
             searches; no effect with ``interpolate=False`` ({trust}).
+        loss_floor: a lower bound ``f*`` on the loss (0 for cross-entropy and squared
+            errors): no update is larger than the Polyak step ``(h - f*) / (m . u)`` on
+            MoMo's model ``h`` of the loss (the EMA of the recent batches' linearisations at
+            the current weights, Schaipp et al. 2024): where the gradient noise dominates,
+            the model falls below the loss and the step the batch allows is cut back, as a
+            decaying learning rate would. The search's own step size is kept for the next
+            search; ``None`` turns the cap off ({floor}).
         growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)``
             ({growth}; ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
@@ -161,6 +170,15 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
     out["warmup_steps"] = integer("warmup_steps", h["warmup_steps"], 0)
     if h.get("start", "grown") not in STARTS:
         raise ValueError(f"invalid start: {h['start']!r} (expected one of {STARTS})")
+    floor = h.get("loss_floor")
+    if floor is not None:
+        out["loss_floor"] = real("loss_floor", floor)
+        if not math.isfinite(out["loss_floor"]):
+            raise ValueError(
+                f"invalid loss_floor: {floor!r} (expected a finite number, or None for no cap)"
+            )
+    else:
+        out["loss_floor"] = None
     clip = h.get("max_grad_norm")
     if clip is not None:
         out["max_grad_norm"] = in_range("max_grad_norm", clip, 0.0, closed_low=False)

@@ -69,6 +69,7 @@ from alsals.hyperparameters import (
     in_range,
     real,
 )
+from alsals.polyak_cap import ModelTerms, MomentumModel, model_terms
 from alsals.search_state import SearchState
 
 try:
@@ -89,6 +90,11 @@ FIRST_SEARCH_WARNING_TRIALS = 20
 REPLAY_TOLERANCE = 1e-4
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
+#: loss_floor's model averages every parameter's batch with one factor
+BETA1_DIFFERS = (
+    "betas[0] differs from the first group's: loss_floor's model of the loss averages all "
+    "parameters with one beta1 (pass the same beta1 to every group, or loss_floor=None)"
+)
 SCHEDULE_WARNING = (
     "{name}: param_groups[...]['lr'] was overwritten before several consecutive steps (a "
     "learning-rate schedule left in the loop?). Each write restarts the search from the "
@@ -141,6 +147,9 @@ class StepInfo:
     and ``loss_decrease`` is ``f(w0) - f(w0 + eta d)`` at the accepted trial (``nan`` if
     none, or if the step size was taken untested, ``trust_interpolation``). ``grad_norm``
     is the gradient norm before clipping (with ``max_grad_norm``; else ``nan``).
+    ``capped`` says that ``loss_floor``'s Polyak cap made ``step_size`` smaller than the
+    step size the search found (or reused), which stays the optimizer's ``lr``; the
+    ``loss_decrease`` measured at the larger one is then not reported (``nan``).
     """
 
     kind: str
@@ -152,6 +161,7 @@ class StepInfo:
     slope: float
     loss_decrease: float
     grad_norm: float = math.nan
+    capped: bool = False
 
 
 @dataclass
@@ -169,6 +179,7 @@ class Outcome:
     slope_avg: float | None = None
     reset_averages: bool = False
     warning: str | None = None
+    capped: bool = False  # loss_floor's cap made step_size smaller (next_step_size is set)
 
     @classmethod
     def accepted(cls, test: SearchTest, eta: float, trials: int, averaged: bool) -> Outcome:
@@ -335,6 +346,7 @@ class _Run:
     trial: _TrialPoint | None = None
     first_search: bool = False  # no search has run before this step
     start_step_size: float = math.nan  # eta after phase 0
+    loss0: float = math.nan  # L0, the loss at w0 (mean over ranks)
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -377,6 +389,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._buffers_checked = False
         self._grad_norm = math.nan
         self._replay_loss: float | None = None
+        self._model_terms: ModelTerms | None = None
         self._left_grads: LeftGradients | None = None
         self.last_step: StepInfo | None = None
         defaults = {"search_direction": self.search_directions[0].value, **defaults}
@@ -399,6 +412,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_replay_loss", None)
+        self.__dict__.setdefault("_model_terms", None)
         self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("_shown_lr", None)
         self.__dict__.setdefault("last_step", None)
@@ -438,6 +452,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             check_group(group)
             if any(torch.is_complex(p) for p in group["params"]):
                 raise ValueError("complex parameters are not supported")
+            floor = self.defaults.get("loss_floor") is not None and "betas" in group
+            if floor and group["betas"][0] != self.param_groups[0]["betas"][0]:
+                raise ValueError(BETA1_DIFFERS)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -564,6 +581,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         f"{differing[0]!r} differs from the first group's: the line search "
                         "takes one decision for all parameters"
                     )
+                floor = settings["loss_floor"] is not None and "betas" in settings
+                if floor and settings["betas"][0] != first["betas"][0]:
+                    raise ValueError(BETA1_DIFFERS)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"param_groups[{index}]: {error}") from None
 
@@ -691,7 +711,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         )
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
-        self._grad_norm, self._replay_loss = math.nan, None
+        self._grad_norm, self._replay_loss, self._model_terms = math.nan, None, None
         run = _Run(first_search=search.searches == 0, start_step_size=search.step_size)
         try:
             loss, loss0, outcome = self._phases_1_to_5(search, written, evaluator, run)
@@ -719,6 +739,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             slope=outcome.slope,
             loss_decrease=outcome.loss_decrease,
             grad_norm=self._grad_norm,
+            capped=outcome.capped,
         )
         if commit:
             self._left_grads = LeftGradients(evaluator.params)
@@ -735,14 +756,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         loss = self._evaluate(evaluator)
         run.steps = self._gather()
         loss0, outcome = self._check(run.steps, loss, evaluator)
+        run.loss0 = loss0
         if outcome is not None:
             return loss, loss0, outcome
         plan = self._plan(search, written)
         run.directions, run.denominators = self._directions(run.steps, plan)
         if plan != "search":
-            return loss, loss0, Outcome(plan, step_size=self._planned_step_size(search, plan))
-        run.trial = _TrialPoint(run.steps, run.directions)
-        return loss, loss0, self._search(search, run, loss0, evaluator)
+            outcome = Outcome(plan, step_size=self._planned_step_size(search, plan))
+        else:
+            run.trial = _TrialPoint(run.steps, run.directions)
+            outcome = self._search(search, run, loss0, evaluator)
+        return loss, loss0, self._capped(search, run, outcome, loss0)
 
     def _finish(
         self, search: SearchState, outcome: Outcome, evaluator: ClosureEvaluator, info: StepInfo
@@ -861,10 +885,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             risk = (largest > threshold / 2).to(torch.float64)
         clip = self._settings["max_grad_norm"]
         squared_norm = self._squared_grad_norm(steps, device) if clip is not None else zero
-        loss0, grad_max, overflow_risk, squared = mean_to_host(
-            [loss.to(device), largest, risk, squared_norm], self._process_group
+        modelled = self._settings["loss_floor"] is not None and clip is None
+        terms = model_terms(steps, self.uses_moments, device) if modelled else []
+        loss0, grad_max, overflow_risk, squared, *sums = mean_to_host(
+            [loss.to(device), largest, risk, squared_norm, *terms], self._process_group
         )
         self._grad_norm = math.sqrt(squared) if clip is not None else math.nan
+        if sums:
+            self._model_terms = ModelTerms(*sums)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
             culprit = "the gradient" if math.isfinite(loss0) else "the loss"
             return loss0, Outcome(kind="nonfinite", warning=culprit)
@@ -873,6 +901,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if clip is not None and self._grad_norm > clip:
             # torch.nn.utils.clip_grad_norm_'s rule, in place on the gradients
             torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))
+        if clip is not None and self._settings["loss_floor"] is not None:
+            # the cap's sums need the clipped gradients: one more synchronisation
+            self._model_terms = ModelTerms(
+                *mean_to_host(model_terms(steps, self.uses_moments, device), self._process_group)
+            )
         if overflow_risk > 0.0 and self._second_moments_overflow(steps, device):
             return loss0, Outcome(kind="nonfinite", warning="Adam's second moment (g*g overflows)")
         return loss0, None
@@ -926,6 +959,45 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 ADAPTIVE_MAX_INTERVAL if change <= 0 else min(ADAPTIVE_MAX_INTERVAL, 1 / change)
             )
         return "search" if search.steps_since_search + 1 >= interval else "reuse"
+
+    def _model_beta1(self) -> float:
+        """The EMA factor of ``loss_floor``'s model: Adam's ``beta1`` (one for all groups,
+        checked with the settings), 0 without moments (SLS: the batch's Polyak step)."""
+        return self.param_groups[0]["betas"][0] if self.uses_moments else 0.0
+
+    def _model(self, search: SearchState, loss0: float) -> MomentumModel | None:
+        """``loss_floor``'s model with this step's batch in it; ``None`` without the cap,
+        on a skipped step, or where the loss is below the floor (the model's premise)."""
+        terms, floor = self._model_terms, self._settings["loss_floor"]
+        if terms is None or floor is None:
+            return None
+        stored = MomentumModel(search.model_loss_avg, search.model_anchor_avg, search.model_steps)
+        return stored.after(terms, loss0, self._model_beta1())
+
+    def _capped(self, search: SearchState, run: _Run, outcome: Outcome, loss0: float) -> Outcome:
+        """Phase 5.6: a step size above ``loss_floor``'s Polyak cap is cut to the cap; the
+        search's step size stays the next search's start (``next_step_size``)."""
+        model = self._model(search, loss0)
+        if model is None or outcome.kind not in ("search", "reuse") or loss0 < self._floor():
+            return outcome
+        terms = self._model_terms
+        assert terms is not None
+        cap = model.cap(terms, self._model_beta1(), self._floor())
+        if not cap < outcome.step_size:
+            return outcome
+        if outcome.next_step_size is None and outcome.kind == "search":
+            outcome.next_step_size = outcome.step_size
+        outcome.step_size, outcome.capped, outcome.loss_decrease = cap, True, math.nan
+        if run.trial is not None and not run.trial.at_origin:
+            if cap > 0.0:
+                run.trial.place(cap)
+            else:
+                run.trial.restore()
+        return outcome
+
+    def _floor(self) -> float:
+        floor = self._settings["loss_floor"]
+        return -math.inf if floor is None else floor
 
     def _planned_step_size(self, search: SearchState, plan: str) -> float:
         """The step size of a step that does not search."""
@@ -990,7 +1062,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if not test.set_slope(slope):
                 trial.restore()  # the finite-difference probe moved the weights
                 return Outcome("nonfinite", trials=0, slope=slope, warning="the slope estimate")
-            walk.limit(loss0 / slope if loss0 > 0.0 and slope > 0.0 else math.inf)
+            height = loss0 - (h["loss_floor"] or 0.0)  # above the loss's lower bound
+            walk.limit(height / slope if height > 0.0 and slope > 0.0 else math.inf)
         for tried in range(1, h["max_trials"] + 1):
             trial.place(walk.eta)
             trial_loss = evaluator.evaluate(watch_buffers=tried == 1 and not self._buffers_checked)
@@ -1101,6 +1174,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         state. A skipped step (``nonfinite``, ``zero_grad``) writes nothing but counters."""
         if outcome.kind in ("nonfinite", "zero_grad"):
             return
+        model = self._model(search, run.loss0)
+        if model is not None:
+            search.model_loss_avg, search.model_anchor_avg = model.loss_avg, model.anchor_avg
+            search.model_steps = model.steps
         steps, directions, trial = run.steps, run.directions, run.trial
         if self.uses_moments:
             for step in steps:
@@ -1262,6 +1339,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._written_lr_steps = self._written_lr_steps + 1 if written else 0
         if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
             self._warn_once("schedule", SCHEDULE_WARNING.format(name=name), UserWarning)
+        if self._model_terms is not None and loss0 < self._floor():
+            self._warn_once(
+                "loss_floor",
+                f"{name}: the loss {loss0:.6g} is below loss_floor={self._floor():g}, the lower "
+                "bound the Polyak cap assumes; the cap is off while it is. Pass the loss's "
+                "lower bound as loss_floor (a loss that can be negative), or loss_floor=None",
+                UserWarning,
+            )
         if evaluator.unprotected_modules is not None:
             self._buffers_checked = True
             if evaluator.unprotected_modules:

@@ -12,6 +12,7 @@ update direction           -g             -m/(sqrt(v)+eps)     -m/(sqrt(v)+eps)
 slope (right-hand side)    ||g||^2        g^2/(sqrt(v)+eps)    f_a, finite difference ; -g.d
 c / smoothing              0.1 / none     0.1 / none           0.6 / EMA 0.99 ; 0.9, c_h switch
 start / cadence            grown / 1      grown / 1            grown / 1 ; Polyak / adaptive
+update's step size         searched       searched             searched ; capped by MoMo's Polyak step
 backtracking               x0.9           x0.9                 x0.9 ; x0.8, interpolated, trusted
 =========================  =============  ===================  ==================================
 """
@@ -52,6 +53,7 @@ PAPER_ALSALS: dict[str, Any] = {
     "search_interval": 1,
     "start": "grown",
     "search_direction": "momentum",
+    "loss_floor": None,
 }
 
 
@@ -84,6 +86,7 @@ class SLS(LineSearchOptimizer):
             backtrack=0.9,
             interpolate="``False``",
             trust="``False``",
+            floor="``None``",
             growth=500,
             interval=1,
             extra="",
@@ -110,6 +113,7 @@ class SLS(LineSearchOptimizer):
         search_interval: int | str = 1,
         max_grad_norm: float | None = None,
         start: str = "grown",
+        loss_floor: float | None = None,
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
@@ -144,6 +148,7 @@ class AdamSLS(LineSearchOptimizer):
             backtrack=0.9,
             interpolate="``False``",
             trust="``False``",
+            floor="``None``",
             growth=500,
             interval=1,
             extra="",
@@ -172,6 +177,7 @@ class AdamSLS(LineSearchOptimizer):
         search_interval: int | str = 1,
         max_grad_norm: float | None = None,
         start: str = "grown",
+        loss_floor: float | None = None,
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
@@ -230,6 +236,7 @@ class ALSALS(LineSearchOptimizer):
             backtrack=0.8,
             interpolate="``True``",
             trust="``True``",
+            floor="0.0",
             growth="``GROWTH_10_PERCENT``: 10% per search",
             interval='``"adaptive"``; ``"settled"`` is cheaper on short runs',
             extra=(
@@ -262,6 +269,7 @@ class ALSALS(LineSearchOptimizer):
         max_grad_norm: float | None = None,
         start: str = "polyak",
         search_direction: str = "momentum",
+        loss_floor: float | None = 0.0,
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,

@@ -27,6 +27,7 @@ COUNTERS = (
     "settled",
     "skipped_nonfinite",
     "skipped_zero_grad",
+    "model_steps",
 )
 
 
@@ -40,7 +41,9 @@ class SearchState:
     ``unaccepted_in_a_row`` counts the searches since the last accepted one (a step size no
     search accepted is never reused untested); ``settled`` is 1 when the last search, not
     the first, accepted its first trial (``search_interval="settled"``). The remaining
-    counters are totals for logging. Only numbers: ``torch.optim``'s ``load_state_dict``
+    counters are totals for logging. ``model_loss_avg``, ``model_anchor_avg`` and
+    ``model_steps`` hold the momentum model of ``loss_floor``'s cap
+    (:class:`alsals.polyak_cap.MomentumModel`). Only numbers: ``torch.optim``'s ``load_state_dict``
     would mangle a string here.
     """
 
@@ -63,6 +66,9 @@ class SearchState:
     settled: int = 0
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
+    model_loss_avg: float = 0.0
+    model_anchor_avg: float = 0.0
+    model_steps: int = 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchState:
@@ -78,7 +84,14 @@ class SearchState:
             if name not in values:
                 raise ValueError(f"the line_search state has no {name!r}")
             _check_step_size(name, values[name])
-        for name in ("decrease_avg", "slope_avg", "step_size_fast", "step_size_slow"):
+        for name in (
+            "decrease_avg",
+            "slope_avg",
+            "step_size_fast",
+            "step_size_slow",
+            "model_loss_avg",
+            "model_anchor_avg",
+        ):
             value = values.get(name, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not a number)")

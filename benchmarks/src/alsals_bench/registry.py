@@ -59,7 +59,9 @@ ABLATION = (
     "alsals-settled",
     "alsals-interpolate",
     "alsals-trust",
+    "alsals-capped",
     "alsals-recommended",
+    "alsals-recommended-uncapped",
     "alsals-recommended-preconditioned",
     "alsals-recommended-settled",
     "alsals-recommended-settled-preconditioned",
@@ -163,8 +165,14 @@ class LineSearchStepper(Stepper):
         return self.optimizer.step(passes)
 
     def details(self) -> dict[str, Any]:
+        # lr is the searched step size; step_size the one taken (smaller where capped)
         info = self.optimizer.last_step
-        return {"kind": info.kind, "trials": info.trials, "slope": info.slope}
+        return {
+            "kind": info.kind,
+            "trials": info.trials,
+            "slope": info.slope,
+            "step_size": info.step_size,
+        }
 
 
 class ScheduleFreeStepper(Stepper):
@@ -397,16 +405,20 @@ CANDIDATE: dict[str, Any] = {
 
 # ALSALS's defaults: the candidate, each search started no higher than the Polyak step and
 # backtracking by interpolation, whose predicted step size is taken untested after a trial
-# that lowered the loss but failed the test.
+# that lowered the loss but failed the test, every update capped by the Polyak step on
+# MoMo's momentum model of the loss (loss_floor 0).
 RECOMMENDED: dict[str, Any] = {
     **CANDIDATE,
     "start": "polyak",
     "interpolate": True,
     "trust_interpolation": True,
+    "loss_floor": 0.0,
 }
+# The defaults before the Polyak cap (method.md section 11).
+UNCAPPED: dict[str, Any] = {**RECOMMENDED, "loss_floor": None}
 # The defaults before trust_interpolation (method.md section 10): every trial tested. The
 # variants of the defaults below were run with it and keep it, as measured.
-TESTED: dict[str, Any] = {**RECOMMENDED, "trust_interpolation": False}
+TESTED: dict[str, Any] = {**UNCAPPED, "trust_interpolation": False}
 
 # Our line searches by name: the class and its settings. ``alsals`` and its variants are
 # the paper's configuration (PAPER_ALSALS) with one change each, whatever ALSALS's defaults.
@@ -431,10 +443,13 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
         ALSALS,
         {**PAPER_ALSALS, "interpolate": True, "trust_interpolation": True},
     ),
+    "alsals-capped": (ALSALS, {**PAPER_ALSALS, "loss_floor": 0.0}),
     # the candidate, each search started no higher than the Polyak step, backtracking by
     # interpolation, trusting it: ALSALS's defaults, spelled out so that the row does not
     # move if the defaults do
     "alsals-recommended": (ALSALS, RECOMMENDED),
+    # ... without the Polyak cap (the defaults before loss_floor, method.md section 11)
+    "alsals-recommended-uncapped": (ALSALS, UNCAPPED),
     # ... testing every trial (the defaults before trust_interpolation, method.md section 10)
     "alsals-recommended-tested": (ALSALS, TESTED),
     # ... and searching along the preconditioned gradient instead
@@ -466,6 +481,7 @@ def line_search_stepper(name: str, model: nn.Module, **settings: Any) -> LineSea
 #: (no shared warm-up to Adam's rate), like the peers at their documented defaults
 AS_USERS_RUN_THEM = (
     "alsals-recommended",
+    "alsals-recommended-uncapped",
     "alsals-recommended-preconditioned",
     "alsals-recommended-settled",
     "alsals-recommended-settled-preconditioned",
@@ -607,8 +623,14 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "alsals-recommended",
-            "ALSALS's defaults: the candidate with Polyak-limited starts and trusted interpolation",
+            "ALSALS's defaults: the candidate with Polyak-limited starts, trusted interpolation "
+            "and the Polyak cap",
             _line_search("alsals-recommended"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended-uncapped",
+            "alsals-recommended without the Polyak cap (the defaults before loss_floor)",
+            _line_search("alsals-recommended-uncapped"),
         ),
         OptimizerSpec(
             "alsals-recommended-tested",
@@ -644,6 +666,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-trust",
             "ALSALS with interpolated backtracking, its predicted step size taken untested",
             _line_search("alsals-trust"),
+        ),
+        OptimizerSpec(
+            "alsals-capped",
+            "ALSALS with every update capped by the Polyak step on MoMo's momentum model",
+            _line_search("alsals-capped"),
         ),
         OptimizerSpec(
             "alsals-candidate",

@@ -1,0 +1,126 @@
+"""The Polyak cap: no update larger than the Polyak step on a model of the loss (``loss_floor``).
+
+A line search on the mini-batch takes about the step the batch's curvature allows. Where the
+gradient noise dominates, that step is too large for the expected loss: the run stalls at a
+noise floor (a noisy tabular problem, fine-tuning) that a decaying learning rate would go
+below. MoMo (Schaipp, Ohana, Eickenberg, Defazio & Gower, ICML 2024) bounds each step by the
+Polyak step on a model built from past batches,
+
+    h(w)  = sum_j rho_j [f_j(w_j) + g_j . (w - w_j)]      (rho: Adam's beta1 EMA weights)
+    eta  <= (h(w_k) - f*) / (m_hat . u)                  (u: the update per unit step)
+
+with ``f*`` a lower bound on the loss (``loss_floor``; 0 for cross-entropy and squared
+errors). Where the recent linear models agree with the loss, ``h`` is close to it and the
+bound is loose; where the batches' gradients disagree (noise), the moves they caused make
+``h`` fall below the loss and the bound tightens, and it shrinks with ``f - f*`` as the loss
+approaches its floor. Here the bound caps the step size the search found (the search's own
+``eta`` is kept for the next search): MoMo with the line search in place of its learning
+rate. With ``beta1 = 0`` (SLS, no momentum) the model is the batch's linearisation and the
+bound is the batch's Polyak step ``(L0 - f*) / ||g||^2``.
+
+In Adam's notation ``m' = beta1 m + (1 - beta1) g`` is the raw momentum (MoMo's ``d_k``),
+``h(w_k) = L_avg + w_k . m' - gamma`` with ``L_avg`` and ``gamma`` the EMAs (factor
+``beta1``, no bias correction) of the batch losses and of ``w_j . g_j``; with
+``b1 = 1 - beta1^k`` the cap is ``eta <= b1 (h - b1 f*) / sum_groups lr_scale m' . m' /
+(sqrt(v_hat') + eps)``. The three sums this step adds are reduced on the device and reach
+the host with the step's first synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alsals.directions import GroupStep, denominators_after
+
+
+@dataclass(frozen=True)
+class ModelTerms:
+    """This step's sums over all parameters (and ranks, shards counted once each)."""
+
+    weights_dot_grad: float  # w_k . g_k
+    weights_dot_momentum: float  # w_k . m'
+    momentum_norm: float  # sum lr_scale m' . P m'  (the slope of the update along m')
+
+
+def model_terms(steps: list[GroupStep], uses_moments: bool, device: torch.device) -> list[Tensor]:
+    """``[w . g, w . m', sum lr_scale m' . P m']`` as float64 device scalars (no host sync);
+    without moments ``m' = g`` and ``P = 1``. A parameter sharded over ``k`` ranks counts
+    ``k`` times, so that the mean over ranks is the sum over shards.
+
+    ``m' = beta1 m + (1 - beta1) g`` is not built: with ``P = 1 / (sqrt(v_hat') + eps)``,
+    ``m' . P m' = beta1^2 m.Pm + 2 beta1 (1 - beta1) g.Pm + (1 - beta1)^2 g.Pg`` and
+    ``w . m' = beta1 w.m + (1 - beta1) w.g``, from two multi-tensor passes that each hold
+    one parameter-sized buffer (``Pm``, then ``Pg``): a step that reuses its step size
+    holds no more memory than Adam's.
+    """
+    dot_wg: list[Tensor] = []
+    dot_wm: list[Tensor] = []
+    norm: list[Tensor] = []
+
+    def dots(a: list[Tensor], b: list[Tensor], scales: list[float]) -> list[Tensor]:
+        return [
+            torch.dot(x.reshape(-1), y.reshape(-1)).to(device, torch.float64) * s
+            for x, y, s in zip(a, b, scales, strict=True)
+        ]
+
+    def preconditioned(step: GroupStep, tensors: list[Tensor]) -> list[Tensor]:
+        buffer = denominators_after(step)  # sqrt(v_hat') + eps
+        torch._foreach_reciprocal_(buffer)
+        torch._foreach_mul_(buffer, tensors)
+        return buffer
+
+    for step in steps:
+        k = [float(n) for n in step.shard_counts]
+        weighted = [n * step.lr_scale for n in k]
+        w_g = dots(step.weights, step.grads, k)
+        dot_wg += w_g
+        if not uses_moments:
+            dot_wm += w_g
+            norm += dots(step.grads, step.grads, weighted)
+            continue
+        beta1 = step.group["betas"][0]
+        dot_wm += [
+            beta1 * w_m + (1.0 - beta1) * x
+            for w_m, x in zip(dots(step.weights, step.exp_avgs, k), w_g, strict=True)
+        ]
+        pm = preconditioned(step, step.exp_avgs)
+        m_pm, g_pm = dots(step.exp_avgs, pm, weighted), dots(step.grads, pm, weighted)
+        del pm
+        g_pg = dots(step.grads, preconditioned(step, step.grads), weighted)
+        norm += [
+            beta1 * beta1 * a + 2.0 * beta1 * (1.0 - beta1) * b + (1.0 - beta1) ** 2 * c
+            for a, b, c in zip(m_pm, g_pm, g_pg, strict=True)
+        ]
+    zero = torch.zeros((), device=device, dtype=torch.float64)
+    return [torch.stack(terms).sum() if terms else zero for terms in (dot_wg, dot_wm, norm)]
+
+
+@dataclass
+class MomentumModel:
+    """The stored part of the model: the EMAs of the batch losses and of ``w_j . g_j``, and
+    the number of steps in them (``state["line_search"]``)."""
+
+    loss_avg: float
+    anchor_avg: float  # gamma: the EMA of w_j . g_j
+    steps: int
+
+    def after(self, terms: ModelTerms, loss0: float, beta1: float) -> MomentumModel:
+        """The model with this step's batch in it."""
+        return MomentumModel(
+            loss_avg=beta1 * self.loss_avg + (1.0 - beta1) * loss0,
+            anchor_avg=beta1 * self.anchor_avg + (1.0 - beta1) * terms.weights_dot_grad,
+            steps=self.steps + 1,
+        )
+
+    def cap(self, terms: ModelTerms, beta1: float, loss_floor: float) -> float:
+        """The largest step size this model allows (a model that includes this step's
+        batch, ``after``); ``inf`` where the update has no slope along the momentum."""
+        if not terms.momentum_norm > 0.0:
+            return math.inf
+        b1 = 1.0 - beta1**self.steps if beta1 > 0.0 else 1.0
+        height = self.loss_avg + terms.weights_dot_momentum - self.anchor_avg - b1 * loss_floor
+        return max(height, 0.0) * b1 / terms.momentum_norm
