@@ -346,7 +346,7 @@ class _Run:
     trial: _TrialPoint | None = None
     first_search: bool = False  # no search has run before this step
     start_step_size: float = math.nan  # eta after phase 0
-    loss0: float = math.nan  # L0, the loss at w0 (mean over ranks)
+    model: MomentumModel | None = None  # loss_floor's model with this batch (phase 5.6)
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -756,9 +756,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         loss = self._evaluate(evaluator)
         run.steps = self._gather()
         loss0, outcome = self._check(run.steps, loss, evaluator)
-        run.loss0 = loss0
         if outcome is not None:
             return loss, loss0, outcome
+        run.model = self._model(search, loss0)
         plan = self._plan(search, written)
         run.directions, run.denominators = self._directions(run.steps, plan)
         if plan != "search":
@@ -966,22 +966,22 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         return self.param_groups[0]["betas"][0] if self.uses_moments else 0.0
 
     def _model(self, search: SearchState, loss0: float) -> MomentumModel | None:
-        """``loss_floor``'s model with this step's batch in it; ``None`` without the cap,
-        on a skipped step, or where the loss is below the floor (the model's premise)."""
-        terms, floor = self._model_terms, self._settings["loss_floor"]
-        if terms is None or floor is None:
+        """``loss_floor``'s model with this step's batch in it (phase 5.6, stored in phase
+        6); ``None`` without the cap."""
+        if self._model_terms is None:
             return None
         stored = MomentumModel(search.model_loss_avg, search.model_anchor_avg, search.model_steps)
-        return stored.after(terms, loss0, self._model_beta1())
+        return stored.after(self._model_terms, loss0, self._model_beta1())
 
     def _capped(self, search: SearchState, run: _Run, outcome: Outcome, loss0: float) -> Outcome:
         """Phase 5.6: a step size above ``loss_floor``'s Polyak cap is cut to the cap; the
-        search's step size stays the next search's start (``next_step_size``)."""
-        model = self._model(search, loss0)
-        if model is None or outcome.kind not in ("search", "reuse") or loss0 < self._floor():
+        search's step size stays the next search's start (``next_step_size``). No cap where
+        the loss is below the floor (the model's premise is wrong there)."""
+        model, terms = run.model, self._model_terms
+        if model is None or terms is None or outcome.kind not in ("search", "reuse"):
             return outcome
-        terms = self._model_terms
-        assert terms is not None
+        if loss0 < self._floor():
+            return outcome
         cap = model.cap(terms, self._model_beta1(), self._floor())
         if not cap < outcome.step_size:
             return outcome
@@ -1174,10 +1174,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         state. A skipped step (``nonfinite``, ``zero_grad``) writes nothing but counters."""
         if outcome.kind in ("nonfinite", "zero_grad"):
             return
-        model = self._model(search, run.loss0)
-        if model is not None:
-            search.model_loss_avg, search.model_anchor_avg = model.loss_avg, model.anchor_avg
-            search.model_steps = model.steps
+        if run.model is not None:
+            search.model_loss_avg = run.model.loss_avg
+            search.model_anchor_avg = run.model.anchor_avg
+            search.model_steps = run.model.steps
         steps, directions, trial = run.steps, run.directions, run.trial
         if self.uses_moments:
             for step in steps:
