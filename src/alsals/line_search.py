@@ -355,7 +355,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     Subclasses set ``search_directions`` (the directions they may search along, the first
     their default; the ``search_direction`` setting picks one) and ``update_direction``. See
     :mod:`alsals.optimizers` for the parameters. ``param_groups[i]["lr"]`` always shows the
-    step size in use for group ``i`` (``eta * lr_scale``); writing to it between steps sets
+    searched step size for group ``i`` (``eta * lr_scale``; an update that ``loss_floor``'s
+    Polyak cap cut took less, ``last_step.step_size``); writing to it between steps sets
     the step size the next search starts from, and writing 0 makes the next step take no
     update.
     """

@@ -16,7 +16,8 @@ that loop as it is and adds what the line search needs:
   steps along, whatever ``gradient_accumulation_steps`` is.
 * The learning-rate scheduler is replaced by :class:`FollowStepSize`, which leaves
   ``param_groups[i]["lr"]`` to the line search and reports it: the ``learning_rate`` the
-  Trainer logs is the step size in use. ``learning_rate``, ``lr_scheduler_type`` and the
+  Trainer logs is the searched step size (an update that ``loss_floor``'s cap cut took
+  less). ``learning_rate``, ``lr_scheduler_type`` and the
   ``warmup_*`` arguments of ``TrainingArguments`` do not apply (use the optimizer's
   ``lr`` and ``warmup_steps``).
 * Checkpoints hold the optimizer's ``state_dict`` (the whole line-search state) and the
