@@ -55,6 +55,7 @@ class Module(pl.LightningModule):
             nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 2)
         )
         self.step_sizes: list[float] = []  # the step size after each optimizer step
+        self.taken: list[float] = []  # the step size each update took (last_step)
         self.losses: list[float] = []
 
     def training_step(self, batch, batch_idx):
@@ -63,6 +64,7 @@ class Module(pl.LightningModule):
             return nn.functional.cross_entropy(self.net(x), y)
         loss = line_search_step(self, lambda: nn.functional.cross_entropy(self.net(x), y))
         self.step_sizes.append(self.optimizers().param_groups[0]["lr"])
+        self.taken.append(self.optimizers().optimizer.last_step.step_size)
         self.losses.append(loss.item())
         self.log("train_loss", loss)
 
@@ -112,6 +114,10 @@ def test_learning_rate_monitor_logs_the_line_search_step_size(tmp_path):
     assert len(set(module.step_sizes)) > 3, "the step size must come from the search"
     trials = logger.series("line_search/trials")
     assert len(trials) == steps and trials[0][1] > 1  # the first search backtracked
+    # the step size each update took: the searched one, or less where the Polyak cap acted
+    logged_sizes = [size for _, size in logger.series("line_search/step_size")]
+    assert logged_sizes == pytest.approx(module.taken, rel=1e-6)  # Lightning logs float32
+    assert all(t <= s for t, s in zip(module.taken, module.step_sizes, strict=True))
     assert module.losses[-1] < 0.5 * module.losses[0]
 
 

@@ -92,8 +92,9 @@ class LineSearchCallback(pl.Callback):
     At ``fit`` start it raises, with the fix in the message, when a line-search optimizer
     meets automatic optimization or ``precision="16-mixed"`` (Lightning's GradScaler path
     steps the optimizer without a closure). After each training batch it logs
-    ``line_search/trials`` and ``line_search/forwards`` of the last step (``log=False``
-    to skip that); ``LearningRateMonitor`` already shows the step size.
+    ``line_search/trials``, ``line_search/forwards`` and ``line_search/step_size`` (the step
+    size the update took: below the searched one, which ``LearningRateMonitor`` shows, where
+    ``loss_floor``'s cap acted) of the last step (``log=False`` to skip that).
     """
 
     def __init__(self, log: bool = True) -> None:
@@ -142,6 +143,7 @@ class LineSearchCallback(pl.Callback):
                 {
                     f"line_search/trials{suffix}": float(info.trials),
                     f"line_search/forwards{suffix}": float(info.forwards),
+                    f"line_search/step_size{suffix}": float(info.step_size),
                 },
                 on_step=True,
                 on_epoch=False,
