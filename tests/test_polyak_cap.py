@@ -2,12 +2,12 @@
 
 The trajectory is checked against the float64 reference in ``test_reference.py``; here are
 the closed forms, the invariances, what it does on a noisy problem, and its corners: a loss
-below the floor, a model at the floor, bad settings, the stored model.
+below the floor, a model at the floor, bad settings. (That a run resumed from ``state_dict``
+with the cap is bit-identical: ``tests/test_state_dict.py``.)
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -179,30 +179,3 @@ def test_loss_floor_needs_one_beta1_for_all_groups():
     with pytest.raises(ValueError, match=r"betas\[0\] differs.*loss_floor"):
         ALSALS(groups)
     ALSALS(groups, loss_floor=None)  # without the cap, per-group betas are fine
-
-
-def test_the_model_round_trips_in_the_state_dict():
-    """The model's averages are trajectory state: a run resumed from ``state_dict`` takes
-    the steps of the uninterrupted one."""
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 4, dtype=F64), torch.randn(64, dtype=F64)
-
-    def closure_for(w, k):
-        idx = slice(16 * (k % 4), 16 * (k % 4 + 1))
-        return lambda: 0.5 * ((x[idx] @ w - y[idx]) ** 2).mean()
-
-    w = torch.zeros(4, dtype=F64, requires_grad=True)
-    opt = ALSALS([w])
-    for k in range(10):
-        opt.step(closure_for(w, k))
-    saved_w, saved = w.detach().clone(), copy.deepcopy(opt.state_dict())
-    assert saved["state"][0]["line_search"]["model_steps"] == 10
-    for k in range(10, 30):
-        opt.step(closure_for(w, k))
-
-    resumed = saved_w.clone().requires_grad_(True)
-    opt2 = ALSALS([resumed])
-    opt2.load_state_dict(saved)
-    for k in range(10, 30):
-        opt2.step(closure_for(resumed, k))
-    torch.testing.assert_close(resumed.detach(), w.detach(), rtol=0, atol=0)

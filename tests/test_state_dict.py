@@ -64,10 +64,13 @@ CONFIGS = [
     {},
     {"search_interval": "adaptive"},
     {"warmup_steps": 3, "search_interval": 2, "weight_decay": 0.01},
+    {"loss_floor": 0.0},  # the Polyak cap's model is trajectory state (it caps SLS, AdamSLS here)
 ]
 
 
-@pytest.mark.parametrize("kwargs", CONFIGS, ids=["defaults", "adaptive", "warmup-interval-wd"])
+@pytest.mark.parametrize(
+    "kwargs", CONFIGS, ids=["defaults", "adaptive", "warmup-interval-wd", "loss-floor"]
+)
 def test_resumed_run_is_bit_identical(optimizer_class, kwargs):
     resumed_model, resumed_opt = run_with_resume(optimizer_class, kwargs)
     straight_model, straight_opt = run_straight(optimizer_class, kwargs)

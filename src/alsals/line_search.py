@@ -90,11 +90,6 @@ FIRST_SEARCH_WARNING_TRIALS = 20
 REPLAY_TOLERANCE = 1e-4
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
-#: loss_floor's model averages every parameter's batch with one factor
-BETA1_DIFFERS = (
-    "betas[0] differs from the first group's: loss_floor's model of the loss averages all "
-    "parameters with one beta1 (pass the same beta1 to every group, or loss_floor=None)"
-)
 SCHEDULE_WARNING = (
     "{name}: param_groups[...]['lr'] was overwritten before several consecutive steps (a "
     "learning-rate schedule left in the loop?). Each write restarts the search from the "
@@ -229,6 +224,19 @@ class StepPreview:
 _LIBRARY_DIRS = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["alsals"], torch)
 )
+
+
+def _check_one_beta1(
+    loss_floor: float | None, group: dict[str, Any], first: dict[str, Any]
+) -> None:
+    """A ``ValueError`` where ``loss_floor``'s cap is on and ``group``'s ``beta1`` differs
+    from the first group's: the model of the loss averages all parameters with one factor."""
+    if loss_floor is not None and "betas" in group and group["betas"][0] != first["betas"][0]:
+        raise ValueError(
+            "betas[0] differs from the first group's: loss_floor's model of the loss averages "
+            "all parameters with one beta1 (pass the same beta1 to every group, or "
+            "loss_floor=None)"
+        )
 
 
 def _caller_stacklevel() -> int:
@@ -453,9 +461,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             check_group(group)
             if any(torch.is_complex(p) for p in group["params"]):
                 raise ValueError("complex parameters are not supported")
-            floor = self.defaults.get("loss_floor") is not None and "betas" in group
-            if floor and group["betas"][0] != self.param_groups[0]["betas"][0]:
-                raise ValueError(BETA1_DIFFERS)
+            _check_one_beta1(self.defaults.get("loss_floor"), group, self.param_groups[0])
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -582,9 +588,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                         f"{differing[0]!r} differs from the first group's: the line search "
                         "takes one decision for all parameters"
                     )
-                floor = settings["loss_floor"] is not None and "betas" in settings
-                if floor and settings["betas"][0] != first["betas"][0]:
-                    raise ValueError(BETA1_DIFFERS)
+                _check_one_beta1(settings["loss_floor"], settings, first)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"param_groups[{index}]: {error}") from None
 
