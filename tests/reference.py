@@ -27,6 +27,8 @@ LossFn = Callable[[Sequence[Tensor]], Tensor]
 RESOLUTION_ULPS = 4  # units in the last place of the loss (phase 5.3)
 UPWARD_FACTOR = 2.0  # after an unresolved trial (phase 5.3)
 MIN_STEP_SIZE = sys.float_info.min  # the smallest normal float (phases 0, 5, 6)
+LOSS_WATCH_FACTOR = 0.99  # EMA of the batch losses (phase 5.7)
+LOSS_WATCH_SAMPLES = 100  # losses the watch holds before it judges (phase 5.7)
 
 VARIANTS = ("SLS", "AdamSLS", "ALSALS")
 
@@ -71,6 +73,7 @@ class SearchConfig:
     start: str = "grown"
     search_direction: str | None = None  # ALSALS: "momentum" (None) or "preconditioned"
     loss_floor: float | None = None  # f* of the Polyak cap (phase 5.6); None: no cap
+    loss_rise_guard: float | None = None  # z of the loss-rise guard (phase 5.7); None: off
 
     @property
     def adam(self) -> bool:
@@ -133,6 +136,15 @@ class SearchState:
     model_loss_avg: float = 0.0  # the Polyak cap's model (phase 5.6): EMA of L0
     model_anchor_avg: float = 0.0  # ... and of w . g
     model_steps: int = 0
+    loss_avg: float = 0.0  # the loss-rise guard's watch (phase 5.7): EMA of L0
+    loss_sq_avg: float = 0.0  # ... of L0^2
+    loss_samples: int = 0  # losses in them since the watch began
+    loss_lowest: float = 0.0  # the lowest bias-corrected EMA of L0 since it began judging
+    step_size_avg: float = 0.0  # ... of the step size taken
+    moves_avg: float = 0.0  # ... of 1 for an update that moved the weights, else 0
+    step_size_at_lowest: float = 0.0  # step_size_avg / moves_avg at loss_lowest
+    step_size_ceiling: float = math.inf  # no step size above it (phase 6)
+    ceiling_loss: float = 0.0  # loss_lowest when the ceiling was set
 
 
 @dataclass
@@ -156,6 +168,7 @@ class StepRecord:
     trial_losses: list[float] = field(default_factory=list)  # f(w + eta_try d) for each
     trusted: bool = False  # the step size was taken untested (trust_interpolation)
     polyak_capped: bool = False  # the Polyak cap cut the step size (phase 5.6)
+    loss_rose: bool = False  # the loss-rise guard cut the ceiling (phase 5.7)
 
 
 # --------------------------------------------------------------------------------------
@@ -366,6 +379,75 @@ def polyak_cap(
     return b1 * max(loss_avg + weights_dot_momentum - anchor_avg - b1 * floor, 0.0) / momentum_norm
 
 
+#: The watch's state, in the order ``watch_after`` returns it (phase 5.7).
+WATCH_FIELDS = (
+    "loss_avg",
+    "loss_sq_avg",
+    "loss_samples",
+    "loss_lowest",
+    "step_size_avg",
+    "moves_avg",
+    "step_size_at_lowest",
+)
+
+
+def watch_after(state: SearchState, loss0: float, eta: float) -> list:
+    """Phase 5.7: ``[A', Q', n', lowest', S', M', S_lowest']`` with ``A' = b A + (1 - b) L0``,
+    ``Q' = b Q + (1 - b) L0^2``, ``S' = b S + (1 - b) eta`` (the step size taken),
+    ``M' = b M + (1 - b) [eta > 0]``, ``n' = n + 1`` (``b = 0.99``; a non-finite ``L0``
+    leaves them). From ``n' = 100`` on, a bias-corrected ``A' / (1 - b^n')`` below ``lowest``
+    (or the first, at ``n' = 100``) becomes ``lowest'``, and ``S' / M'`` then ``S_lowest'``."""
+    st = state
+    if not is_finite(loss0):
+        return [getattr(st, name) for name in WATCH_FIELDS]
+    b = LOSS_WATCH_FACTOR
+    avg = b * st.loss_avg + (1 - b) * loss0
+    sq = b * st.loss_sq_avg + (1 - b) * loss0 * loss0
+    eta_avg = b * st.step_size_avg + (1 - b) * eta
+    moves = b * st.moves_avg + (1 - b) * (1.0 if eta > 0 else 0.0)
+    n = st.loss_samples + 1
+    lowest, at_lowest = st.loss_lowest, st.step_size_at_lowest
+    mean = avg / (1 - b**n)
+    if n == LOSS_WATCH_SAMPLES or (n > LOSS_WATCH_SAMPLES and mean < lowest):
+        lowest, at_lowest = mean, (eta_avg / moves if moves > 0 else 0.0)
+    return [avg, sq, n, lowest, eta_avg, moves, at_lowest]
+
+
+def watch_margin(watch: list, z: float) -> float:
+    """Phase 5.7: ``(z + 2 sqrt(2 ln(n / 100))) sqrt(var (1 - b) / (1 + b))`` with the
+    bias-corrected ``mean = A / (1 - b^n)`` and ``var = max(Q / (1 - b^n) - mean^2, 0)``."""
+    avg, sq, n = watch[:3]
+    b = LOSS_WATCH_FACTOR
+    mean = avg / (1 - b**n)
+    var = max(sq / (1 - b**n) - mean * mean, 0.0)
+    return (z + 2 * math.sqrt(2 * math.log(n / LOSS_WATCH_SAMPLES))) * math.sqrt(
+        var * (1 - b) / (1 + b)
+    )
+
+
+def watch_mean(watch: list) -> float:
+    return watch[0] / (1 - LOSS_WATCH_FACTOR ** watch[2])
+
+
+def loss_rose(watch: list, z: float) -> bool:
+    """Phase 5.7: ``n > 100``, ``rise = mean - lowest`` above the loss's resolution and the
+    margin, and the average step size ``S / M`` above ``S_lowest > 0``."""
+    if watch[2] <= LOSS_WATCH_SAMPLES:
+        return False
+    rise = watch_mean(watch) - watch[3]
+    eta_now = watch[4] / watch[5] if watch[5] > 0 else 0.0
+    grew = eta_now > watch[6] > 0
+    return grew and rise > resolution(watch_mean(watch)) and rise > watch_margin(watch, z)
+
+
+def loss_fell_below(watch: list, level: float, z: float) -> bool:
+    """Phase 5.7: ``n > 100`` and ``level - mean`` above the resolution and the margin."""
+    if watch[2] <= LOSS_WATCH_SAMPLES:
+        return False
+    fall = level - watch_mean(watch)
+    return fall > resolution(watch_mean(watch)) and fall > watch_margin(watch, z)
+
+
 def decoupled_update(
     w0: Tensor, d_update: Tensor, eta: float, lr_scale: float, weight_decay: float
 ) -> Tensor:
@@ -437,6 +519,7 @@ class ReferenceOptimizer:
         else:
             cap = self.polyak(loss0, grads, active, moments)  # 5.6
             self.commit(plan, outcome, moments, d_update, record, cap)  # 6
+            self.watch(loss0, plan, outcome, record)  # 5.7, stored with 6
         self.set_group_lrs()
         return loss0
 
@@ -450,6 +533,11 @@ class ReferenceOptimizer:
                 if lr == 0:
                     return "zero"
                 self.state.step_size = max(lr / group.lr_scale, MIN_STEP_SIZE)
+                # the guard's ceiling and watch start afresh (phase 0)
+                st = self.state
+                st.step_size_ceiling, st.ceiling_loss = math.inf, 0.0
+                for name in WATCH_FIELDS:
+                    setattr(st, name, 0)
                 return "set"
         return None
 
@@ -554,11 +642,13 @@ class ReferenceOptimizer:
         # 5.2 Growth, under the warm-up cap (needed first: the first trial is evaluated
         # together with the slope).
         cap = warmup_cap(st.initial_step_size, st.step, cfg.warmup_steps)
+        ceiling = self.ceiling()  # the guard's: no trial above it
         if cap < math.inf:  # warm-up: start at the ramp, never above it
-            eta_start = eta_try = cap
+            eta_start = eta_try = min(cap, ceiling)
         else:
             eta_start = st.step_size
-            eta_try = max(grown_step_size(eta_start, cfg.growth_interval), MIN_STEP_SIZE)
+            grown = min(grown_step_size(eta_start, cfg.growth_interval), ceiling)
+            eta_try = max(grown, MIN_STEP_SIZE)
         record.capped = cap < math.inf
 
         # 5.1 Slope.
@@ -612,7 +702,7 @@ class ReferenceOptimizer:
                 continue
             if unresolved(loss, delta, c_h * eta_try * abs(s), tol):
                 largest_unresolved = max(largest_unresolved, eta_try)
-                larger = min(UPWARD_FACTOR * eta_try, cap)
+                larger = min(UPWARD_FACTOR * eta_try, cap, ceiling)
                 if rejected or larger <= eta_try:  # 5.5 no measurable decrease to be had
                     self.next_step_size = max(eta_start, largest_unresolved)
                     return "unresolved"
@@ -723,7 +813,7 @@ class ReferenceOptimizer:
             st.step += 1
             record.step_size = eta
         if plan == "search":
-            st.step_size = max(self.next_step_size, MIN_STEP_SIZE)
+            st.step_size = min(max(self.next_step_size, MIN_STEP_SIZE), self.ceiling())
             st.failed_searches += outcome == "failed"
             st.unresolved_searches += outcome == "unresolved"
             in_warmup = st.step - (outcome == "accepted") < self.config.warmup_steps
@@ -741,6 +831,33 @@ class ReferenceOptimizer:
             if plan != "zero_lr":
                 st.steps_since_search += 1
             record.kind = plan
+
+    def ceiling(self) -> float:
+        """The loss-rise guard's ceiling on the step size (``inf`` without the guard)."""
+        return math.inf if self.config.loss_rise_guard is None else self.state.step_size_ceiling
+
+    def watch(self, loss0: float, plan: str, outcome: str, record: StepRecord) -> None:
+        """Phase 5.7 (written with phase 6): steps that searched or reused take the batch
+        loss and the step size taken into the watch. A ceiling is lifted (``inf``) when the
+        loss average falls below ``ceiling_loss`` by the margin; if the loss average rose on
+        a step that moved the weights while the step size grew, the ceiling becomes the
+        smaller of itself and ``S_lowest``, ``ceiling_loss`` the lowest average, ``eta`` is
+        held below the ceiling, and the watch starts afresh."""
+        z, st = self.config.loss_rise_guard, self.state
+        if z is None or plan == "zero_lr":
+            return
+        watch = watch_after(st, loss0, record.step_size)
+        ceiling = st.step_size_ceiling
+        if ceiling < math.inf and loss_fell_below(watch, st.ceiling_loss, z):
+            st.step_size_ceiling, st.ceiling_loss = math.inf, 0.0
+        if record.step_size > 0 and loss_rose(watch, z):
+            record.loss_rose = True
+            st.step_size_ceiling = min(ceiling, watch[6])
+            st.ceiling_loss = watch[3]
+            watch = [0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0]
+        st.step_size = min(st.step_size, self.ceiling())
+        for name, value in zip(WATCH_FIELDS, watch, strict=True):
+            setattr(st, name, value)
 
     def set_group_lrs(self) -> None:
         """Phase 6, last: every group's ``lr <- eta * lr_scale``."""

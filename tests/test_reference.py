@@ -155,7 +155,34 @@ def offset_quadratic_problem() -> Problem:
     return Problem("offset_quadratic", base.groups, lambda k: lambda ws: f(ws) + 1.0)
 
 
+def noisy_regression_problem(n: int = 512, features: int = 16, batch: int = 8) -> Problem:
+    """Linear regression on noisy targets (the loss cannot reach 0), mini-batches of 8
+    reshuffled each epoch: every batch accepts a step too large for the expected loss, and
+    without a guard the training loss climbs back from its lowest (phase 5.7)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(n, features, generator=gen, dtype=F64) / math.sqrt(features)
+    y = x @ torch.randn(features, generator=gen, dtype=F64) + torch.randn(
+        n, generator=gen, dtype=F64
+    )
+    per_epoch = n // batch
+    epochs = [torch.randperm(n, generator=gen) for _ in range(4)]
+    init = [torch.zeros(features, dtype=F64), torch.zeros(1, dtype=F64)]
+
+    def loss_at(k: int):
+        order = epochs[(k // per_epoch) % len(epochs)]
+        idx = order[batch * (k % per_epoch) : batch * (k % per_epoch + 1)]
+
+        def f(ws: list[Tensor]) -> Tensor:
+            weight, bias = ws
+            return 0.5 * ((x[idx] @ weight + bias - y[idx]) ** 2).mean()
+
+        return f
+
+    return Problem("noisy_regression", [init], loss_at)
+
+
 PROBLEMS = {
+    "noisy_regression": noisy_regression_problem,
     "quadratic": quadratic_problem,
     "logistic": logistic_problem,
     "offset_quadratic": offset_quadratic_problem,
@@ -254,6 +281,7 @@ class SideBySide:
         )
         assert info.grad_norm == pytest.approx(rec.grad_norm, rel=1e-12, nan_ok=True)
         assert info.capped == rec.polyak_capped
+        assert info.loss_rose == rec.loss_rose
 
     def line_search_state(self) -> dict:
         holders = [
@@ -293,6 +321,18 @@ class SideBySide:
         assert ls["decrease_avg"] == pytest.approx(st.decrease_avg, rel=1e-8, abs=decrease_tol)
         assert ls["slope_avg"] == pytest.approx(st.slope_avg, **self.slope_tol())
         assert ls["model_steps"] == st.model_steps
+        assert ls["loss_samples"] == st.loss_samples
+        assert ls["step_size_ceiling"] == pytest.approx(st.step_size_ceiling, rel=SCALAR_RTOL)
+        for key in (
+            "loss_avg",
+            "loss_sq_avg",
+            "loss_lowest",
+            "step_size_avg",
+            "moves_avg",
+            "step_size_at_lowest",
+            "ceiling_loss",
+        ):
+            assert ls[key] == pytest.approx(getattr(st, key), rel=1e-10, abs=1e-14), key
         for key in ("model_loss_avg", "model_anchor_avg"):
             assert ls[key] == pytest.approx(getattr(st, key), rel=1e-8, abs=1e-10), key
 
@@ -332,6 +372,8 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
         "trusted": any(r.trusted for r in records),
         # the Polyak cap on the momentum model cut a step size (loss_floor)
         "polyak_capped": any(r.polyak_capped for r in records),
+        # the loss-rise guard found the loss climbing and cut the ceiling (loss_rise_guard)
+        "loss_rose": any(r.loss_rose for r in records),
     }
     missing = {e for e in expect if not checks[e]}
     assert not missing, f"never happened: {missing}; kinds={kinds}"
@@ -354,6 +396,7 @@ RECOMMENDED = {
     "interpolate": True,
     "trust_interpolation": True,
     "loss_floor": 0.0,
+    "loss_rise_guard": 3.0,
 }
 
 
@@ -457,6 +500,16 @@ CASES = [
         {**RECOMMENDED, "lr": 5.0, "loss_floor": 0.1, "max_grad_norm": 0.5, "warmup_steps": 5},
         60,
         {"accepted", "clipped", "warmup", "polyak_capped"},
+    ),
+    # loss_rise_guard: the batch losses' average climbs (no Polyak cap: the loss cannot
+    # reach its floor of 0), the ceiling is cut, searches and reuses stay below it
+    (
+        "alsals-defaults-noisy-regression-rise",
+        "ALSALS",
+        "noisy_regression",
+        {**RECOMMENDED, "lr": 0.1, "loss_floor": None},
+        500,
+        {"reuse", "loss_rose"},
     ),
     # id, variant, problem, options, steps, behaviours that must occur
     ("sls-quadratic", "SLS", "quadratic", {"growth_interval": 5}, 30, {"backtracked"}),

@@ -32,16 +32,26 @@ def test_the_preconditioned_row_differs_from_the_recommended_in_the_search_direc
     assert preconditioned["search_direction"] == "preconditioned"
 
 
-@pytest.mark.parametrize(
-    ("base", "row"),
-    [("alsals-recommended", "alsals-recommended-uncapped"), ("alsals", "alsals-capped")],
-)
-def test_the_cap_rows_differ_from_their_base_in_loss_floor_only(base, row):
-    with_cap, without = defaults_of(base), defaults_of(row)
-    if base == "alsals":
-        with_cap, without = without, with_cap
-    assert {k for k in with_cap if with_cap[k] != without[k]} == {"loss_floor"}
-    assert with_cap["loss_floor"] == 0.0 and without["loss_floor"] is None
+def test_the_cap_row_differs_from_the_papers_configuration_in_loss_floor_only():
+    paper, capped = defaults_of("alsals"), defaults_of("alsals-capped")
+    assert {k for k in paper if paper[k] != capped[k]} == {"loss_floor"}
+    assert capped["loss_floor"] == 0.0 and paper["loss_floor"] is None
+
+
+def test_the_guard_row_differs_from_the_papers_configuration_in_loss_rise_guard_only():
+    paper, guarded = defaults_of("alsals"), defaults_of("alsals-guarded")
+    assert {k for k in paper if paper[k] != guarded[k]} == {"loss_rise_guard"}
+    assert guarded["loss_rise_guard"] == 3.0 and paper["loss_rise_guard"] is None
+
+
+def test_the_uncapped_row_is_the_defaults_before_the_cap_and_the_guard():
+    recommended, uncapped = (
+        defaults_of("alsals-recommended"),
+        defaults_of("alsals-recommended-uncapped"),
+    )
+    differing = {k for k in recommended if recommended[k] != uncapped[k]}
+    assert differing == {"loss_floor", "loss_rise_guard"}
+    assert uncapped["loss_floor"] is None and uncapped["loss_rise_guard"] is None
 
 
 @pytest.mark.parametrize("name", [n for n in ABLATION if n in LINE_SEARCHES])

@@ -4,7 +4,8 @@ A search starts at ``eta * 2^(1/b)`` (Eq. 2), or during warm-up at the ramp's va
 walks from there: down by ``backtrack`` after a rejected trial (with ``interpolate``, by as
 many factors ``backtrack`` as a quadratic through the rejected trial predicts will fail),
 up by ``UPWARD_FACTOR`` after an unresolved one while nothing larger was rejected (never
-above the warm-up cap, nor above the ceiling). When the search ends without an accepted trial, the walk says where the next
+above the warm-up cap, nor above the ceiling). No trial goes above ``largest``, the ceiling
+``loss_rise_guard`` set on the step size. When the search ends without an accepted trial, the walk says where the next
 search starts.
 
 Climbing recovers a step size that fell below what the loss can resolve. Its ceiling is the
@@ -38,6 +39,7 @@ class Backtracking:
     eta: float  # the step size of the next trial
     cap: float  # warm-up: no trial above it (inf otherwise)
     backtrack: float
+    largest: float = math.inf  # loss_rise_guard's ceiling: no trial above it
     ceiling: float = math.inf  # no climb above it, set at the first unresolved trial
     ceiling_known: bool = False  # set_ceiling ran (its value may be inf: a zero direction)
     rejected: bool = False  # a finite, resolved trial failed the test
@@ -46,13 +48,20 @@ class Backtracking:
 
     @classmethod
     def start(
-        cls, step_size: float, cap: float, growth_interval: float, backtrack: float
+        cls,
+        step_size: float,
+        cap: float,
+        growth_interval: float,
+        backtrack: float,
+        largest: float = math.inf,
     ) -> Backtracking:
-        """Phase 5.2: grow ``eta`` by ``2^(1/b)``; during warm-up start at the cap."""
+        """Phase 5.2: grow ``eta`` by ``2^(1/b)``; during warm-up start at the cap; never
+        above ``largest``."""
         if cap < math.inf:
-            return cls(eta_start=cap, eta=cap, cap=cap, backtrack=backtrack)
-        eta = max(step_size * 2.0 ** (1.0 / growth_interval), MIN_STEP_SIZE)
-        return cls(eta_start=step_size, eta=eta, cap=cap, backtrack=backtrack)
+            eta = min(cap, largest)
+            return cls(eta_start=eta, eta=eta, cap=cap, backtrack=backtrack, largest=largest)
+        eta = max(min(step_size * 2.0 ** (1.0 / growth_interval), largest), MIN_STEP_SIZE)
+        return cls(eta_start=step_size, eta=eta, cap=cap, backtrack=backtrack, largest=largest)
 
     def limit(self, largest: float) -> None:
         """Start no higher than ``largest`` (the Polyak step ``L0 / s``)."""
@@ -83,7 +92,7 @@ class Backtracking:
         """An unresolved trial: go up if nothing larger was rejected and the cap and the
         ceiling allow; returns ``False`` when the search must end unresolved instead."""
         self.largest_unresolved = max(self.largest_unresolved, self.eta)
-        larger = min(self.eta * UPWARD_FACTOR, self.cap, self.ceiling)
+        larger = min(self.eta * UPWARD_FACTOR, self.cap, self.ceiling, self.largest)
         if self.rejected or larger <= self.eta:
             return False
         self.eta = larger

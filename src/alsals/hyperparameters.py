@@ -32,6 +32,7 @@ SEARCH_KEYS = (
     "start",
     "search_direction",
     "loss_floor",
+    "loss_rise_guard",
 )
 #: Hyperparameters that may differ between parameter groups.
 GROUP_KEYS = ("betas", "eps", "weight_decay", "lr_scale")
@@ -74,6 +75,11 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             the model falls below the loss and the step the batch allows is cut back, as a
             decaying learning rate would. The search's own step size is kept for the next
             search; ``None`` turns the cap off ({floor}).
+        loss_rise_guard: when the average of the batch losses (EMA 0.99) climbs more than
+            this many standard errors above the lowest it reached, the step size is too
+            large for the expected loss: it is halved and never again exceeds that ceiling
+            (a loss that only stops falling never fires it; writing ``lr`` clears the
+            ceiling; :mod:`alsals.rise_guard`). ``None`` turns the guard off ({guard}).
         growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)``
             ({growth}; ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
@@ -179,6 +185,11 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
             )
     else:
         out["loss_floor"] = None
+    guard = h.get("loss_rise_guard")
+    if guard is not None:
+        out["loss_rise_guard"] = in_range("loss_rise_guard", guard, 0.0, closed_low=False)
+    else:
+        out["loss_rise_guard"] = None
     clip = h.get("max_grad_norm")
     if clip is not None:
         out["max_grad_norm"] = in_range("max_grad_norm", clip, 0.0, closed_low=False)

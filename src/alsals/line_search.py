@@ -70,6 +70,7 @@ from alsals.hyperparameters import (
     real,
 )
 from alsals.polyak_cap import ModelTerms, MomentumModel, model_terms
+from alsals.rise_guard import LossWatch
 from alsals.search_state import SearchState
 
 try:
@@ -145,6 +146,9 @@ class StepInfo:
     ``capped`` says that ``loss_floor``'s Polyak cap made ``step_size`` smaller than the
     step size the search found (or reused), which stays the optimizer's ``lr``; the
     ``loss_decrease`` measured at the larger one is then not reported (``nan``).
+    ``loss_rose`` says that ``loss_rise_guard`` found the batch losses' average climbing at
+    this step while the step size grew, and set a ceiling on the step size (in the search
+    state, ``step_size_ceiling``): its average when the loss was lowest.
     """
 
     kind: str
@@ -157,6 +161,7 @@ class StepInfo:
     loss_decrease: float
     grad_norm: float = math.nan
     capped: bool = False
+    loss_rose: bool = False
 
 
 @dataclass
@@ -175,6 +180,7 @@ class Outcome:
     reset_averages: bool = False
     warning: str | None = None
     capped: bool = False  # loss_floor's cap made step_size smaller (next_step_size is set)
+    loss_rose: bool = False  # loss_rise_guard fired: the ceiling is cut in phase 6
 
     @classmethod
     def accepted(cls, test: SearchTest, eta: float, trials: int, averaged: bool) -> Outcome:
@@ -355,6 +361,9 @@ class _Run:
     first_search: bool = False  # no search has run before this step
     start_step_size: float = math.nan  # eta after phase 0
     model: MomentumModel | None = None  # loss_floor's model with this batch (phase 5.6)
+    watch: LossWatch | None = None  # loss_rise_guard's watch with this batch (phase 5.7)
+    # loss_rise_guard's ceiling and the loss it guards, where they change (phase 5.7)
+    ceiling: tuple[float, float] | None = None
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -745,6 +754,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             loss_decrease=outcome.loss_decrease,
             grad_norm=self._grad_norm,
             capped=outcome.capped,
+            loss_rose=outcome.loss_rose,
         )
         if commit:
             self._left_grads = LeftGradients(evaluator.params)
@@ -771,7 +781,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         else:
             run.trial = _TrialPoint(run.steps, run.directions)
             outcome = self._search(search, run, loss0, evaluator)
-        return loss, loss0, self._capped(search, run, outcome, loss0)
+        outcome = self._capped(search, run, outcome, loss0)
+        self._watch_loss(search, run, outcome, loss0, evaluator.loss_dtype)
+        return loss, loss0, outcome
 
     def _finish(
         self, search: SearchState, outcome: Outcome, evaluator: ClosureEvaluator, info: StepInfo
@@ -798,6 +810,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if lr == 0.0:
                 return "zero"
             search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
+            # the user's step size: loss_rise_guard's ceiling and watch start afresh
+            search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
+            self._store_watch(search, LossWatch())
             return "set"
         return None
 
@@ -1000,6 +1015,55 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 run.trial.restore()
         return outcome
 
+    def _watch_loss(
+        self,
+        search: SearchState,
+        run: _Run,
+        outcome: Outcome,
+        loss0: float,
+        loss_dtype: torch.dtype,
+    ) -> None:
+        """Phase 5.7: ``loss_rise_guard``'s watch with this batch's loss and the step size
+        taken. A ceiling is lifted when the loss average falls measurably below the lowest
+        it guards; a rise on a step that moved the weights, while the step size grew, sets
+        the ceiling to the step size at the lowest loss and starts the watch afresh. Stored
+        in phase 6."""
+        guard = self._settings["loss_rise_guard"]
+        if guard is None or outcome.kind not in ("search", "reuse", "failed", "unresolved"):
+            return
+        stored = LossWatch(
+            search.loss_avg,
+            search.loss_sq_avg,
+            search.loss_samples,
+            search.loss_lowest,
+            search.step_size_avg,
+            search.moves_avg,
+            search.step_size_at_lowest,
+        )
+        watch = stored.after(loss0, outcome.step_size)
+        resolution = RESOLUTION_ULPS * torch.finfo(loss_dtype).eps * abs(watch.mean())
+        ceiling = search.step_size_ceiling
+        if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):
+            run.ceiling = (math.inf, 0.0)
+        if outcome.step_size > 0.0 and watch.rose(guard, resolution):
+            outcome.loss_rose = True
+            run.ceiling = (min(ceiling, watch.step_size_at_lowest), watch.lowest)
+            watch = LossWatch()
+        run.watch = watch
+
+    @staticmethod
+    def _store_watch(search: SearchState, watch: LossWatch) -> None:
+        search.loss_avg, search.loss_sq_avg = watch.loss_avg, watch.loss_sq_avg
+        search.loss_samples, search.loss_lowest = watch.samples, watch.lowest
+        search.step_size_avg, search.moves_avg = watch.step_size_avg, watch.moves_avg
+        search.step_size_at_lowest = watch.step_size_at_lowest
+
+    def _ceiling(self, search: SearchState) -> float:
+        """``loss_rise_guard``'s ceiling on the step size (``inf`` without the guard)."""
+        if self._settings["loss_rise_guard"] is None:
+            return math.inf
+        return search.step_size_ceiling
+
     def _floor(self) -> float:
         floor = self._settings["loss_floor"]
         return -math.inf if floor is None else floor
@@ -1059,7 +1123,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.slope_avg,
         )
         walk = Backtracking.start(
-            search.step_size, self._step_size_cap(search), h["growth_interval"], h["backtrack"]
+            search.step_size,
+            self._step_size_cap(search),
+            h["growth_interval"],
+            h["backtrack"],
+            largest=self._ceiling(search),
         )
         polyak = h["start"] == "polyak"
         if polyak:  # 5.2: no first trial above L0 / s (one more synchronisation)
@@ -1214,6 +1282,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if not moved:
                     d.add_to(step.weights, eta)
         self._advance(search, outcome)
+        if run.watch is not None:
+            self._store_watch(search, run.watch)
+        if run.ceiling is not None:
+            search.step_size_ceiling, search.ceiling_loss = run.ceiling
+            search.step_size = min(search.step_size, search.step_size_ceiling)
 
     def _store_moments(self, step: GroupStep) -> None:
         """Store the moments of parameters that had none (created by ``_gather``)."""
@@ -1236,7 +1309,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if outcome.reset_averages:
                 search.decrease_avg = search.slope_avg = 0.0
                 search.averaged = 0
-            search.step_size = max(outcome.next_step_size, MIN_STEP_SIZE)
+            search.step_size = min(
+                max(outcome.next_step_size, MIN_STEP_SIZE), self._ceiling(search)
+            )
             search.failed_searches += outcome.kind == "failed"
             search.unresolved_searches += outcome.kind == "unresolved"
             accepted = outcome.kind == "search"

@@ -54,6 +54,7 @@ PAPER_ALSALS: dict[str, Any] = {
     "start": "grown",
     "search_direction": "momentum",
     "loss_floor": None,
+    "loss_rise_guard": None,
 }
 
 
@@ -87,6 +88,7 @@ class SLS(LineSearchOptimizer):
             interpolate="``False``",
             trust="``False``",
             floor="``None``",
+            guard="``None``",
             growth=500,
             interval=1,
             extra="",
@@ -114,6 +116,7 @@ class SLS(LineSearchOptimizer):
         max_grad_norm: float | None = None,
         start: str = "grown",
         loss_floor: float | None = None,
+        loss_rise_guard: float | None = None,
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
@@ -149,6 +152,7 @@ class AdamSLS(LineSearchOptimizer):
             interpolate="``False``",
             trust="``False``",
             floor="``None``",
+            guard="``None``",
             growth=500,
             interval=1,
             extra="",
@@ -178,6 +182,7 @@ class AdamSLS(LineSearchOptimizer):
         max_grad_norm: float | None = None,
         start: str = "grown",
         loss_floor: float | None = None,
+        loss_rise_guard: float | None = None,
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
@@ -240,6 +245,7 @@ class ALSALS(LineSearchOptimizer):
             interpolate="``True``",
             trust="``True``",
             floor="0.0",
+            guard="3.0",
             growth="``GROWTH_10_PERCENT``: 10% per search",
             interval='``"adaptive"``; ``"settled"`` is cheaper on short runs',
             extra=(
@@ -273,6 +279,7 @@ class ALSALS(LineSearchOptimizer):
         start: str = "polyak",
         search_direction: str = "momentum",
         loss_floor: float | None = 0.0,
+        loss_rise_guard: float | None = 3.0,
         weight_decay: float = 0.0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,

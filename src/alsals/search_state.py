@@ -28,6 +28,7 @@ COUNTERS = (
     "skipped_nonfinite",
     "skipped_zero_grad",
     "model_steps",
+    "loss_samples",
 )
 
 
@@ -43,7 +44,12 @@ class SearchState:
     the first, accepted its first trial (``search_interval="settled"``). The remaining
     counters are totals for logging. ``model_loss_avg``, ``model_anchor_avg`` and
     ``model_steps`` hold the momentum model of ``loss_floor``'s cap
-    (:class:`alsals.polyak_cap.MomentumModel`). Only numbers: ``torch.optim``'s ``load_state_dict``
+    (:class:`alsals.polyak_cap.MomentumModel`). ``loss_avg``, ``loss_sq_avg``,
+    ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg`` and
+    ``step_size_at_lowest`` hold ``loss_rise_guard``'s watch of the batch losses
+    (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the ceiling it set on the
+    step size (``inf``: none) and ``ceiling_loss`` the lowest loss average before the rise
+    (the ceiling is lifted once the loss falls measurably below it). Only numbers: ``torch.optim``'s ``load_state_dict``
     would mangle a string here.
     """
 
@@ -69,6 +75,15 @@ class SearchState:
     model_loss_avg: float = 0.0
     model_anchor_avg: float = 0.0
     model_steps: int = 0
+    loss_avg: float = 0.0
+    loss_sq_avg: float = 0.0
+    loss_samples: int = 0
+    loss_lowest: float = 0.0
+    step_size_avg: float = 0.0
+    moves_avg: float = 0.0
+    step_size_at_lowest: float = 0.0
+    step_size_ceiling: float = math.inf
+    ceiling_loss: float = 0.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchState:
@@ -91,12 +106,25 @@ class SearchState:
             "step_size_slow",
             "model_loss_avg",
             "model_anchor_avg",
+            "loss_avg",
+            "loss_sq_avg",
+            "loss_lowest",
+            "step_size_avg",
+            "moves_avg",
+            "step_size_at_lowest",
+            "ceiling_loss",
         ):
             value = values.get(name, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not a number)")
             if not math.isfinite(value):
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not finite)")
+        ceiling = values.get("step_size_ceiling", math.inf)
+        if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or not ceiling > 0:
+            raise ValueError(
+                f"invalid line_search state 'step_size_ceiling': {ceiling!r} (expected a "
+                "number > 0, inf for none)"
+            )
         for name in COUNTERS:
             value = values.get(name, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
