@@ -143,6 +143,7 @@ class SearchState:
     step_size_avg: float = 0.0  # ... of the step size taken
     moves_avg: float = 0.0  # ... of 1 for an update that moved the weights, else 0
     step_size_at_lowest: float = 0.0  # step_size_avg / moves_avg at loss_lowest
+    loss_error_at_lowest: float = 0.0  # the standard error of the loss average then
     step_size_ceiling: float = math.inf  # no step size above it (phase 6)
     ceiling_loss: float = 0.0  # loss_lowest when the ceiling was set
 
@@ -388,15 +389,26 @@ WATCH_FIELDS = (
     "step_size_avg",
     "moves_avg",
     "step_size_at_lowest",
+    "loss_error_at_lowest",
 )
 
 
+def watch_error(avg: float, sq: float, n: int) -> float:
+    """Phase 5.7: the standard error ``sqrt(var (1 - b) / (1 + b))`` of the loss average, with
+    the bias-corrected ``mean = A / (1 - b^n)`` and ``var = max(Q / (1 - b^n) - mean^2, 0)``."""
+    b = LOSS_WATCH_FACTOR
+    mean = avg / (1 - b**n)
+    var = max(sq / (1 - b**n) - mean * mean, 0.0)
+    return math.sqrt(var * (1 - b) / (1 + b))
+
+
 def watch_after(state: SearchState, loss0: float, eta: float) -> list:
-    """Phase 5.7: ``[A', Q', n', lowest', S', M', S_lowest']`` with ``A' = b A + (1 - b) L0``,
-    ``Q' = b Q + (1 - b) L0^2``, ``S' = b S + (1 - b) eta`` (the step size taken),
-    ``M' = b M + (1 - b) [eta > 0]``, ``n' = n + 1`` (``b = 0.99``; a non-finite ``L0``
-    leaves them). From ``n' = 100`` on, a bias-corrected ``A' / (1 - b^n')`` below ``lowest``
-    (or the first, at ``n' = 100``) becomes ``lowest'``, and ``S' / M'`` then ``S_lowest'``."""
+    """Phase 5.7: ``[A', Q', n', lowest', S', M', S_lowest', E_lowest']`` with
+    ``A' = b A + (1 - b) L0``, ``Q' = b Q + (1 - b) L0^2``, ``S' = b S + (1 - b) eta`` (the
+    step size taken), ``M' = b M + (1 - b) [eta > 0]``, ``n' = n + 1`` (``b = 0.99``; a
+    non-finite ``L0`` leaves them). From ``n' = 100`` on, a bias-corrected ``A' / (1 - b^n')``
+    below ``lowest`` (or the first, at ``n' = 100``) becomes ``lowest'``, and then
+    ``S_lowest' = S' / M'`` and ``E_lowest'`` the average's standard error."""
     st = state
     if not is_finite(loss0):
         return [getattr(st, name) for name in WATCH_FIELDS]
@@ -406,23 +418,17 @@ def watch_after(state: SearchState, loss0: float, eta: float) -> list:
     eta_avg = b * st.step_size_avg + (1 - b) * eta
     moves = b * st.moves_avg + (1 - b) * (1.0 if eta > 0 else 0.0)
     n = st.loss_samples + 1
-    lowest, at_lowest = st.loss_lowest, st.step_size_at_lowest
+    lowest, at_lowest, error = st.loss_lowest, st.step_size_at_lowest, st.loss_error_at_lowest
     mean = avg / (1 - b**n)
     if n == LOSS_WATCH_SAMPLES or (n > LOSS_WATCH_SAMPLES and mean < lowest):
         lowest, at_lowest = mean, (eta_avg / moves if moves > 0 else 0.0)
-    return [avg, sq, n, lowest, eta_avg, moves, at_lowest]
+        error = watch_error(avg, sq, n)
+    return [avg, sq, n, lowest, eta_avg, moves, at_lowest, error]
 
 
-def watch_margin(watch: list, z: float) -> float:
-    """Phase 5.7: ``(z + 2 sqrt(2 ln(n / 100))) sqrt(var (1 - b) / (1 + b))`` with the
-    bias-corrected ``mean = A / (1 - b^n)`` and ``var = max(Q / (1 - b^n) - mean^2, 0)``."""
-    avg, sq, n = watch[:3]
-    b = LOSS_WATCH_FACTOR
-    mean = avg / (1 - b**n)
-    var = max(sq / (1 - b**n) - mean * mean, 0.0)
-    return (z + 2 * math.sqrt(2 * math.log(n / LOSS_WATCH_SAMPLES))) * math.sqrt(
-        var * (1 - b) / (1 + b)
-    )
+def watch_margin(watch: list, z: float, error: float) -> float:
+    """Phase 5.7: ``(z + 2 sqrt(2 ln(n / 100))) error``."""
+    return (z + 2 * math.sqrt(2 * math.log(watch[2] / LOSS_WATCH_SAMPLES))) * error
 
 
 def watch_mean(watch: list) -> float:
@@ -431,21 +437,24 @@ def watch_mean(watch: list) -> float:
 
 def loss_rose(watch: list, z: float) -> bool:
     """Phase 5.7: ``n > 100``, ``rise = mean - lowest`` above the loss's resolution and the
-    margin, and the average step size ``S / M`` above ``S_lowest > 0``."""
+    margin in ``E_lowest``, and the average step size ``S / M`` above ``S_lowest > 0``."""
     if watch[2] <= LOSS_WATCH_SAMPLES:
         return False
     rise = watch_mean(watch) - watch[3]
     eta_now = watch[4] / watch[5] if watch[5] > 0 else 0.0
     grew = eta_now > watch[6] > 0
-    return grew and rise > resolution(watch_mean(watch)) and rise > watch_margin(watch, z)
+    margin = watch_margin(watch, z, watch[7])
+    return grew and rise > resolution(watch_mean(watch)) and rise > margin
 
 
 def loss_fell_below(watch: list, level: float, z: float) -> bool:
-    """Phase 5.7: ``n > 100`` and ``level - mean`` above the resolution and the margin."""
+    """Phase 5.7: ``n > 100`` and ``level - mean`` above the resolution and the margin in
+    the average's standard error now."""
     if watch[2] <= LOSS_WATCH_SAMPLES:
         return False
     fall = level - watch_mean(watch)
-    return fall > resolution(watch_mean(watch)) and fall > watch_margin(watch, z)
+    margin = watch_margin(watch, z, watch_error(*watch[:3]))
+    return fall > resolution(watch_mean(watch)) and fall > margin
 
 
 def decoupled_update(
@@ -854,7 +863,7 @@ class ReferenceOptimizer:
             record.loss_rose = True
             st.step_size_ceiling = min(ceiling, watch[6])
             st.ceiling_loss = watch[3]
-            watch = [0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0]
+            watch = [0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0]
         st.step_size = min(st.step_size, self.ceiling())
         for name, value in zip(WATCH_FIELDS, watch, strict=True):
             setattr(st, name, value)

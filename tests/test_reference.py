@@ -330,6 +330,7 @@ class SideBySide:
             "step_size_avg",
             "moves_avg",
             "step_size_at_lowest",
+            "loss_error_at_lowest",
             "ceiling_loss",
         ):
             assert ls[key] == pytest.approx(getattr(st, key), rel=1e-10, abs=1e-14), key

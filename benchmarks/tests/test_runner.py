@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -417,3 +418,14 @@ def test_seeds_that_would_run_nothing_are_an_error(text, capsys):
         cli.build_parser().parse_args(["run", "--seeds", text])
     assert exit_info.value.code == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_line_search_steps_log_where_the_loss_rise_guard_fired():
+    """The step record marks a step at which ``loss_rise_guard`` set a ceiling, and only
+    those (the flag is absent, not ``False``, elsewhere: the logs stay small)."""
+    run, stepper = _stepper_on_smoke_task("alsals-recommended")
+    batch = run.next_batch()
+    stepper.step(lambda: run.loss(run.model, batch))
+    assert "loss_rose" not in stepper.details()
+    stepper.optimizer.last_step = dataclasses.replace(stepper.optimizer.last_step, loss_rose=True)
+    assert stepper.details()["loss_rose"] is True

@@ -364,6 +364,7 @@ class _Run:
     watch: LossWatch | None = None  # loss_rise_guard's watch with this batch (phase 5.7)
     # loss_rise_guard's ceiling and the loss it guards, where they change (phase 5.7)
     ceiling: tuple[float, float] | None = None
+    rise: tuple[float, float, float, float] | None = None  # the rise it saw, for the log
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -761,6 +762,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._finish(search, outcome, evaluator, info)
             if run.first_search and outcome.kind in SEARCH_KINDS:
                 self._report_first_search(outcome, evaluator, run.start_step_size)
+            if run.rise is not None:
+                self._report_loss_rise(run.rise)
         else:
             evaluator.abort()
         return loss, info, run
@@ -1031,15 +1034,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         guard = self._settings["loss_rise_guard"]
         if guard is None or outcome.kind not in ("search", "reuse", "failed", "unresolved"):
             return
-        stored = LossWatch(
-            search.loss_avg,
-            search.loss_sq_avg,
-            search.loss_samples,
-            search.loss_lowest,
-            search.step_size_avg,
-            search.moves_avg,
-            search.step_size_at_lowest,
-        )
+        stored = self._stored_watch(search)
         watch = stored.after(loss0, outcome.step_size)
         resolution = RESOLUTION_ULPS * torch.finfo(loss_dtype).eps * abs(watch.mean())
         ceiling = search.step_size_ceiling
@@ -1048,8 +1043,22 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if outcome.step_size > 0.0 and watch.rose(guard, resolution):
             outcome.loss_rose = True
             run.ceiling = (min(ceiling, watch.step_size_at_lowest), watch.lowest)
+            run.rise = (watch.lowest, watch.mean(), watch.step_size_at_lowest, watch.step_size())
             watch = LossWatch()
         run.watch = watch
+
+    @staticmethod
+    def _stored_watch(search: SearchState) -> LossWatch:
+        return LossWatch(
+            loss_avg=search.loss_avg,
+            loss_sq_avg=search.loss_sq_avg,
+            samples=search.loss_samples,
+            lowest=search.loss_lowest,
+            step_size_avg=search.step_size_avg,
+            moves_avg=search.moves_avg,
+            step_size_at_lowest=search.step_size_at_lowest,
+            error_at_lowest=search.loss_error_at_lowest,
+        )
 
     @staticmethod
     def _store_watch(search: SearchState, watch: LossWatch) -> None:
@@ -1057,6 +1066,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search.loss_samples, search.loss_lowest = watch.samples, watch.lowest
         search.step_size_avg, search.moves_avg = watch.step_size_avg, watch.moves_avg
         search.step_size_at_lowest = watch.step_size_at_lowest
+        search.loss_error_at_lowest = watch.error_at_lowest
 
     def _ceiling(self, search: SearchState) -> float:
         """``loss_rise_guard``'s ceiling on the step size (``inf`` without the guard)."""
@@ -1368,6 +1378,21 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, category, stacklevel=_caller_stacklevel())
+
+    def _report_loss_rise(self, rise: tuple[float, float, float, float]) -> None:
+        """Say in the log that ``loss_rise_guard`` set a ceiling on the step size, and why."""
+        lowest, mean, step_size_at_lowest, step_size = rise
+        LOGGER.info(
+            "%s: the batch losses' average rose from %.4g to %.4g while the step size grew "
+            "from %.3g to %.3g; from now on the step size is at most %.3g (loss_rise_guard; "
+            "None turns it off)",
+            type(self).__name__,
+            lowest,
+            mean,
+            step_size_at_lowest,
+            step_size,
+            self.search_state.step_size_ceiling,
+        )
 
     def _report_first_search(
         self, outcome: Outcome, evaluator: ClosureEvaluator, lr: float

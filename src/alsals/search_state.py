@@ -45,8 +45,8 @@ class SearchState:
     counters are totals for logging. ``model_loss_avg``, ``model_anchor_avg`` and
     ``model_steps`` hold the momentum model of ``loss_floor``'s cap
     (:class:`alsals.polyak_cap.MomentumModel`). ``loss_avg``, ``loss_sq_avg``,
-    ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg`` and
-    ``step_size_at_lowest`` hold ``loss_rise_guard``'s watch of the batch losses
+    ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg``,
+    ``step_size_at_lowest`` and ``loss_error_at_lowest`` hold ``loss_rise_guard``'s watch of the batch losses
     (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the ceiling it set on the
     step size (``inf``: none) and ``ceiling_loss`` the lowest loss average before the rise
     (the ceiling is lifted once the loss falls measurably below it). Only numbers: ``torch.optim``'s ``load_state_dict``
@@ -82,6 +82,7 @@ class SearchState:
     step_size_avg: float = 0.0
     moves_avg: float = 0.0
     step_size_at_lowest: float = 0.0
+    loss_error_at_lowest: float = 0.0
     step_size_ceiling: float = math.inf
     ceiling_loss: float = 0.0
 
@@ -112,6 +113,7 @@ class SearchState:
             "step_size_avg",
             "moves_avg",
             "step_size_at_lowest",
+            "loss_error_at_lowest",
             "ceiling_loss",
         ):
             value = values.get(name, 0.0)

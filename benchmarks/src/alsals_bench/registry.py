@@ -166,14 +166,18 @@ class LineSearchStepper(Stepper):
         return self.optimizer.step(passes)
 
     def details(self) -> dict[str, Any]:
-        # lr is the searched step size; step_size the one taken (smaller where capped)
+        # lr is the searched step size; step_size the one taken (smaller where capped);
+        # loss_rose marks the steps where loss_rise_guard set a ceiling
         info = self.optimizer.last_step
-        return {
+        details = {
             "kind": info.kind,
             "trials": info.trials,
             "slope": info.slope,
             "step_size": info.step_size,
         }
+        if info.loss_rose:
+            details["loss_rose"] = True
+        return details
 
 
 class ScheduleFreeStepper(Stepper):
