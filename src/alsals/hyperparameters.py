@@ -76,10 +76,13 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             decaying learning rate would. The search's own step size is kept for the next
             search; ``None`` turns the cap off ({floor}).
         loss_rise_guard: when the average of the batch losses (EMA 0.99) climbs more than
-            this many standard errors above the lowest it reached, the step size is too
-            large for the expected loss: it is halved and never again exceeds that ceiling
-            (a loss that only stops falling never fires it; writing ``lr`` clears the
-            ceiling; :mod:`alsals.rise_guard`). ``None`` turns the guard off ({guard}).
+            this many standard errors (plus the range a flat loss's averages span by chance)
+            above the lowest it reached, while the step size grew, the step size has outgrown
+            the gradient noise: it gets a ceiling, its average when the loss was lowest (a
+            loss that only stops falling never fires it; one that later falls measurably
+            below that lowest lifts the ceiling, and writing ``lr`` clears it;
+            :mod:`alsals.rise_guard`). A loss that rises by design while the step size grows
+            (an annealed regulariser) can fire it too: pass ``None`` there ({guard}).
         growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)``
             ({growth}; ``math.inf`` disables growth).
         max_trials: trials per search (100); if none passes, the weights are left unchanged.
