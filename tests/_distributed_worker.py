@@ -47,6 +47,34 @@ def divergent_run(rank: int, cls: type) -> list[tuple[str, int]]:
     return kinds
 
 
+def guard_run(rank: int) -> dict:
+    """``loss_rise_guard`` under DDP: noisy linear regression (a loss that cannot reach 0),
+    each rank its own mini-batches of 8, ``ALSALS`` without the Polyak cap, until the guard
+    has fired. It decides on the loss averaged over ranks, so both ranks must fire at the
+    same steps and keep the same ceiling."""
+    gen = torch.Generator().manual_seed(0)  # the same data set on every rank
+    x = torch.randn(512, 16, dtype=torch.float64, generator=gen) / 4.0
+    y = x @ torch.randn(16, dtype=torch.float64, generator=gen)
+    y = y + torch.randn(512, dtype=torch.float64, generator=gen)
+    model = nn.Linear(16, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ALSALS(ddp.parameters(), loss_floor=None)
+    batches = torch.Generator().manual_seed(200 + rank)  # each rank its own batches
+    fired = []
+    for k in range(500):
+        idx = torch.randint(0, 512, (8,), generator=batches)
+
+        def closure(idx=idx, ddp=ddp):
+            return 0.5 * ((ddp(x[idx]).squeeze(-1) - y[idx]) ** 2).mean()
+
+        opt.step(closure)
+        if opt.last_step.loss_rose:
+            fired.append(k)
+    state = opt.state[model.weight]["line_search"]
+    return {"fired": fired, "state": state, "weights": model.weight.detach().clone()}
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -67,7 +95,7 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
 
 def train_all(rank: int) -> dict:
     """Each optimizer on this rank's data under DDP: decisions, weights, losses."""
-    results = {}
+    results = {"guard": guard_run(rank)}
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))

@@ -64,3 +64,14 @@ def test_a_scan_averages_the_trial_losses_over_ranks_as_the_search_does(rank_res
     rank0, rank1 = rank_results[0][name]["scan"], rank_results[1][name]["scan"]
     assert rank0 == rank1
     assert abs(rank0[0]) < 1e-5
+
+
+def test_the_loss_rise_guard_fires_alike_on_every_rank(rank_results):
+    """The guard judges the batch losses averaged over ranks: both ranks fire at the same
+    steps, keep the same ceiling and the same watch, and the same weights."""
+    rank0, rank1 = rank_results[0]["guard"], rank_results[1]["guard"]
+    assert rank0["fired"], "the guard must fire for the comparison to mean anything"
+    assert rank0["fired"] == rank1["fired"]
+    assert rank0["state"] == rank1["state"]
+    assert rank0["state"]["step_size_ceiling"] < float("inf")
+    assert torch.equal(rank0["weights"], rank1["weights"])
