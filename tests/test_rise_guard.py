@@ -372,3 +372,19 @@ def test_the_log_says_when_and_why_the_guard_set_a_ceiling(caplog):
     assert len(messages) == len(fired) == 1
     ceiling = opt.state[w]["line_search"]["step_size_ceiling"]
     assert "rose from" in messages[0] and f"at most {ceiling:.3g}" in messages[0]
+
+
+def test_a_preview_of_the_step_that_fires_it_is_that_step_and_changes_nothing():
+    problem = NoisyRegression()
+    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    fired, _ = problem.run(opt, w, range(400))
+    assert fired
+    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    problem.run(opt, w, range(fired[0]))
+    before = opt.state_dict()
+    preview = opt.preview(problem.closure(w, fired[0]))
+    assert preview.info.loss_rose
+    assert opt.state_dict()["state"][0]["line_search"] == before["state"][0]["line_search"]
+    opt.step(problem.closure(w, fired[0]))
+    assert opt.last_step == preview.info
+    assert opt.state[w]["line_search"]["step_size_ceiling"] < math.inf
