@@ -3,36 +3,36 @@
 A line search tests each step on the batch it was computed from. Where the gradient noise
 dominates and the loss cannot reach 0 (label noise, an under-parameterised model), every
 batch accepts a step that is too large for the expected loss: the step size grows search
-after search and the training loss climbs back from the level it had reached (measured on a
-noisy linear regression, the defaults ended at 1.9x its minimum, 15-115x without
-``loss_floor``'s cap; on a noisy logistic regression at 2.4-2.6x:
-``benchmarks/scripts/noisy_problems.py``). Nothing a single batch shows separates this from healthy progress, but the
-sequence of batch losses does: each step's loss ``L0`` is an unbiased sample of the training
-loss at the current weights, and their average climbing measurably above its lowest value
-while the step size grew means the growth went too far.
+after search and the training loss climbs back from the level it had reached (on a noisy
+linear regression the defaults ended at 1.9x its minimum, 15-115x without ``loss_floor``'s
+cap; on a noisy logistic regression at 2.4-2.6x: ``benchmarks/scripts/noisy_problems.py``).
+Nothing a single batch shows separates this from healthy progress, but the sequence of
+batch losses does: each step's loss ``L0`` is an unbiased sample of the training loss at the
+current weights, and their average climbing measurably above its lowest value while the
+step size grew means the growth went too far.
 
 The guard averages the batch losses (an EMA with the adaptive cadence's slow factor 0.99,
 bias-corrected; the same average of their squares gives the spread) and the step sizes the
 updates took (over the steps that moved). Once it holds one horizon of samples
-(``1 / (1 - 0.99)`` = 100) it tracks the lowest loss average and the step size at that
-moment, and the average's standard error then. It fires when the loss average lies above
-the lowest by more than the loss's rounding and by more than ``loss_rise_guard`` of those
-standard errors plus the range that the averages of a flat loss span by chance over the
-watch's length, while the step size is larger than it was at the lowest. (The standard
-error is the one at the lowest because a step size that is too large spreads the batch
-losses: on a noisy logistic regression the spread it caused hid a doubling of the loss.) The step size then gets a ceiling: its average at the
-lowest loss. No search starts or climbs above it, and the watch starts afresh. The ceiling
-is lifted when the loss average falls measurably (by the same margin) below the lowest it
-had reached before the rise: the landscape has changed, and the evidence with it. Writing
-``lr`` clears it too.
+(``1 / (1 - 0.99)`` = 100) it tracks the lowest loss average, the step size at that moment
+and the average's standard error then. It fires when the loss average lies above the lowest
+by more than the loss's rounding and by more than ``loss_rise_guard`` of those standard
+errors plus the range that the averages of a flat loss span by chance over the watch's
+length, while the step size is larger than it was at the lowest. (The standard error is the
+one at the lowest because a step size that is too large spreads the batch losses: on a noisy
+logistic regression the spread it caused hid a doubling of the loss.) The step size then
+gets a ceiling: its average at the lowest loss. No search starts or climbs above it, and the
+watch starts afresh. The ceiling is lifted when the loss average falls measurably (by the
+same margin) below the lowest it had reached before the rise: the landscape has changed,
+and the evidence with it. Writing ``lr`` clears it too.
 
 A loss that only stops falling (a plateau) fires it no more often than chance allows (on
-Gaussian noise, 2-3% of flat runs of 2000 or 10000 steps); a loss that rises for
-another reason (the data or the objective changed) while the step size did not grow never
-does. Replayed on every run the benchmark had logged (716, every optimizer), it fires only
-where a too-large step made the loss climb (Adam at rates above the grid's best, the
-uncapped line searches on the noisy tabular check), and on none of the runs of the
-recommended configuration.
+Gaussian noise, 0-3% of flat runs of 2000 or 10000 steps); a loss that rises for another
+reason (the data or the objective changed) while the step size did not grow never does.
+Replayed on every run the benchmark had logged (716, every optimizer), it fires only where a
+too-large step made the loss climb (Adam at rates above the grid's best, the uncapped line
+searches on the noisy tabular check), and on none of the runs of the recommended
+configuration.
 """
 
 from __future__ import annotations
