@@ -411,8 +411,8 @@ CANDIDATE: dict[str, Any] = {
 # ALSALS's defaults: the candidate, each search started no higher than the Polyak step and
 # backtracking by interpolation, whose predicted step size is taken untested after a trial
 # that lowered the loss but failed the test, every update capped by the Polyak step on
-# MoMo's momentum model of the loss (loss_floor 0), the step size halved for good where the
-# batch losses' average climbs (loss_rise_guard 3).
+# MoMo's momentum model of the loss (loss_floor 0), and a step size that grew while the batch
+# losses' average climbed sent back to its level at the lowest loss (loss_rise_guard 3).
 RECOMMENDED: dict[str, Any] = {
     **CANDIDATE,
     "start": "polyak",
@@ -683,7 +683,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "alsals-guarded",
-            "ALSALS with the step size halved for good where the batch losses' average climbs",
+            "ALSALS with the loss-rise guard: a step size that grew while the loss climbed goes back",
             _line_search("alsals-guarded"),
         ),
         OptimizerSpec(
