@@ -5,8 +5,8 @@ walks from there: down by ``backtrack`` after a rejected trial (with ``interpola
 many factors ``backtrack`` as a quadratic through the rejected trial predicts will fail),
 up by ``UPWARD_FACTOR`` after an unresolved one while nothing larger was rejected (never
 above the warm-up cap, nor above the ceiling). No trial goes above ``largest``, the ceiling
-``loss_rise_guard`` set on the step size. When the search ends without an accepted trial, the walk says where the next
-search starts.
+``loss_rise_guard`` set on the step size. When the search ends without an accepted trial,
+the walk says where the next search starts.
 
 Climbing recovers a step size that fell below what the loss can resolve. Its ceiling is the
 step size whose update is as large as the weights (``set_ceiling``): a trial that moves the
