@@ -46,11 +46,11 @@ class SearchState:
     ``model_steps`` hold the momentum model of ``loss_floor``'s cap
     (:class:`alsals.polyak_cap.MomentumModel`). ``loss_avg``, ``loss_sq_avg``,
     ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg``,
-    ``step_size_at_lowest`` and ``loss_error_at_lowest`` hold ``loss_rise_guard``'s watch of the batch losses
-    (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the ceiling it set on the
-    step size (``inf``: none) and ``ceiling_loss`` the lowest loss average before the rise
-    (the ceiling is lifted once the loss falls measurably below it). Only numbers: ``torch.optim``'s ``load_state_dict``
-    would mangle a string here.
+    ``step_size_at_lowest`` and ``loss_error_at_lowest`` hold ``loss_rise_guard``'s watch of
+    the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
+    ceiling it set on the step size (``inf``: none) and ``ceiling_loss`` the lowest loss
+    average before the rise (the ceiling is lifted once the loss falls measurably below it).
+    Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
     step_size: float
