@@ -245,6 +245,12 @@ def _check_one_beta1(
         )
 
 
+def _loss_resolution(dtype: torch.dtype, loss: float) -> float:
+    """The rounding of a loss of this size in ``dtype``: ``RESOLUTION_ULPS`` units in the
+    last place. A change within it says nothing."""
+    return RESOLUTION_ULPS * torch.finfo(dtype).eps * abs(loss)
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the user's line calling ``step``:
     the first frame outside the alsals and torch packages (torch.optim wraps ``step``)."""
@@ -1036,7 +1042,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             return
         stored = self._stored_watch(search)
         watch = stored.after(loss0, outcome.step_size)
-        resolution = RESOLUTION_ULPS * torch.finfo(loss_dtype).eps * abs(watch.mean())
+        resolution = _loss_resolution(loss_dtype, watch.mean())
         ceiling = search.step_size_ceiling
         if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):
             run.ceiling = (math.inf, 0.0)
@@ -1123,7 +1129,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         h, trial = self._settings, run.trial
         # At the first search of a run: the closure evaluated again at w0 must give L0 again.
         replay = [evaluator.evaluate()] if search.searches == 0 else []
-        resolution = RESOLUTION_ULPS * torch.finfo(evaluator.loss_dtype).eps * abs(loss0)
+        resolution = _loss_resolution(evaluator.loss_dtype, loss0)
         slope_input = self._slope_input(search, run, evaluator)
         test = SearchTest(
             ArmijoTest(c=h["c"], smoothing=h["smoothing"]),

@@ -29,8 +29,9 @@ counts the step (``global_step``, ``max_steps``, step-based checkpoints), runs i
 ``on_before_optimizer_step`` hooks, and its strategy and precision plugin apply; the
 gradient evaluation runs ``self.manual_backward`` (under DDP this is what makes the gradient
 all-reduce happen). ``LearningRateMonitor`` logs ``param_groups[i]["lr"]``, which is the
-searched step size (an update that ``loss_floor``'s cap cut took less). ``LineSearchCallback`` refuses set-ups that cannot work, with the fix in
-the message, and logs the trials and forward passes of each step.
+searched step size (an update that ``loss_floor``'s cap cut took less).
+``LineSearchCallback`` refuses set-ups that cannot work, with the fix in the message, and
+logs the trials, forward passes and step size taken of each step.
 """
 
 from __future__ import annotations
