@@ -146,6 +146,10 @@ class SearchState:
     loss_error_at_lowest: float = 0.0  # the standard error of the loss average then
     step_size_ceiling: float = math.inf  # no step size above it (phase 6)
     ceiling_loss: float = 0.0  # loss_lowest when the ceiling was set
+    floor_hits: int = 0  # searches in a row whose first trial said the floor is wrong
+
+
+FLOOR_HITS = 3  # from this many on, the run no longer uses the floor (5.2, 5.6)
 
 
 @dataclass
@@ -170,6 +174,7 @@ class StepRecord:
     trusted: bool = False  # the step size was taken untested (trust_interpolation)
     polyak_capped: bool = False  # the Polyak cap cut the step size (phase 5.6)
     loss_rose: bool = False  # the loss-rise guard cut the ceiling (phase 5.7)
+    floor_refuted: bool = False  # the floor was found wrong at this step (5.2, 5.6)
 
 
 # --------------------------------------------------------------------------------------
@@ -644,6 +649,7 @@ class ReferenceOptimizer:
         cfg, st = self.config, self.state
         b = cfg.smoothing
         w0 = self.weights
+        self.floor_hit: bool | None = None  # what the first trial says of the floor (5.2)
         if st.searches == 0:  # 5.1, at the first search of a run: f(w0) again
             loss_only(f, w0)
             record.forwards += 1
@@ -683,9 +689,14 @@ class ReferenceOptimizer:
             record.trials += 1
             return "nonfinite"
         record.grown = eta_try
-        height = loss0 - (cfg.loss_floor or 0.0)  # above the loss's lower bound (0 if None)
+        refuted = st.floor_hits >= FLOOR_HITS
+        floor = -math.inf if refuted else (cfg.loss_floor or 0.0)  # 0 if None
+        height = loss0 - floor  # above the loss's lower bound
+        at_polyak_step = False
         if cfg.start == "polyak" and height > 0 and s > 0:  # 5.2: at most the Polyak step
+            at_polyak_step = height / s < eta_try
             eta_try = max(min(eta_try, height / s), MIN_STEP_SIZE)
+        judged = (cfg.start == "polyak" or cfg.loss_floor is not None) and not refuted
         G = record.slope_avg = smooth(st.slope_avg, s, b)  # G', stored only on acceptance
         c_h = armijo_constant(cfg.c, G)
         tol = resolution(loss0)
@@ -699,6 +710,14 @@ class ReferenceOptimizer:
             record.trials += 1
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
+            if judged and height > resolution(loss0) and is_finite(loss):
+                # 5.2: a trial below the floor, or a first trial at the Polyak step within
+                # 1/64 of the height above it: the floor is wrong; else the first says it held
+                first = len(record.tried) == 1
+                below = loss - floor < -resolution(loss0)
+                near = first and at_polyak_step and loss - floor < height / 64
+                if first or below:
+                    self.floor_hit = below or near
             delta = loss0 - loss
             decrease = smooth(st.decrease_avg, delta, b)
             if cap < math.inf:  # 5.3 during warm-up: no measurable increase, D and G kept
@@ -769,7 +788,7 @@ class ReferenceOptimizer:
         """Phase 5.6: the largest step size the momentum model allows (``inf`` without
         ``loss_floor`` or with the loss below it); stores the model's averages."""
         floor = self.config.loss_floor
-        if floor is None:
+        if floor is None or self.state.floor_hits >= FLOOR_HITS:  # none, or refuted
             return math.inf
         beta1 = self.groups[0].betas[0] if self.config.adam else 0.0
         w_g = sum(float((self.weights[i] * grads[i]).sum()) for i in active)
@@ -823,6 +842,13 @@ class ReferenceOptimizer:
             record.step_size = eta
         if plan == "search":
             st.step_size = min(max(self.next_step_size, MIN_STEP_SIZE), self.ceiling())
+            if self.floor_hit is not None and st.floor_hits < FLOOR_HITS:
+                st.floor_hits = st.floor_hits + 1 if self.floor_hit else 0
+                if st.floor_hits == FLOOR_HITS:  # refuted: start afresh from lr, no averages
+                    record.floor_refuted = True
+                    st.step_size = min(max(st.step_size, st.initial_step_size), self.ceiling())
+                    st.decrease_avg = st.slope_avg = 0.0
+                    st.averaged = 0
             st.failed_searches += outcome == "failed"
             st.unresolved_searches += outcome == "unresolved"
             in_warmup = st.step - (outcome == "accepted") < self.config.warmup_steps

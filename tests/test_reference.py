@@ -155,6 +155,14 @@ def offset_quadratic_problem() -> Problem:
     return Problem("offset_quadratic", base.groups, lambda k: lambda ws: f(ws) + 1.0)
 
 
+def below_zero_quadratic_problem() -> Problem:
+    """The quadratic minus 5: its loss goes below ``loss_floor=0`` (and ``start="polyak"``'s
+    floor 0), which held down to 0 would stall the run there (phases 5.2, 5.6)."""
+    base = quadratic_problem()
+    f = base.loss_at(0)
+    return Problem("below_zero_quadratic", base.groups, lambda k: lambda ws: f(ws) - 5.0)
+
+
 def noisy_regression_problem(n: int = 512, features: int = 16, batch: int = 8) -> Problem:
     """Linear regression on noisy targets (the loss cannot reach 0), mini-batches of 8
     reshuffled each epoch: every batch accepts a step too large for the expected loss, and
@@ -182,6 +190,7 @@ def noisy_regression_problem(n: int = 512, features: int = 16, batch: int = 8) -
 
 
 PROBLEMS = {
+    "below_zero_quadratic": below_zero_quadratic_problem,
     "noisy_regression": noisy_regression_problem,
     "quadratic": quadratic_problem,
     "logistic": logistic_problem,
@@ -302,6 +311,7 @@ class SideBySide:
             "failed_searches": st.failed_searches,
             "skipped_nonfinite": st.skipped_nonfinite,
             "averaged": st.averaged,
+            "floor_hits": st.floor_hits,
             **(self.totals if self.compare_counters else {}),
         }
         assert {k: ls[k] for k in exact} == exact
@@ -375,6 +385,9 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
         "polyak_capped": any(r.polyak_capped for r in records),
         # the loss-rise guard found the loss climbing and cut the ceiling (loss_rise_guard)
         "loss_rose": any(r.loss_rose for r in records),
+        # the run found its floor wrong and stopped using it (phases 5.2, 5.6)
+        "floor_refuted": any(r.floor_refuted for r in records),
+        "below_zero": any(r.loss < 0 for r in records),
     }
     missing = {e for e in expect if not checks[e]}
     assert not missing, f"never happened: {missing}; kinds={kinds}"
@@ -511,6 +524,32 @@ CASES = [
         {**RECOMMENDED, "lr": 0.1, "loss_floor": None},
         500,
         {"reuse", "loss_rose"},
+    ),
+    # a loss that goes below the floor: the Polyak start (and the cap) bring it down to 0
+    # and no further until the run refutes the floor and starts afresh
+    (
+        "alsals-defaults-below-zero",
+        "ALSALS",
+        "below_zero_quadratic",
+        {**RECOMMENDED, "lr": 0.3},
+        80,
+        {"polyak", "polyak_capped", "floor_refuted", "below_zero"},
+    ),
+    (
+        "alsals-polyak-start-floor-none-below-zero",
+        "ALSALS",
+        "below_zero_quadratic",
+        {**RECOMMENDED, "lr": 1.0, "loss_floor": None},
+        60,
+        {"polyak", "floor_refuted", "below_zero"},
+    ),
+    (
+        "sls-loss-floor-below-zero",
+        "SLS",
+        "below_zero_quadratic",
+        {"lr": 50.0, "loss_floor": 0.0, "growth_interval": 2},
+        60,
+        {"polyak_capped", "floor_refuted", "below_zero"},
     ),
     # id, variant, problem, options, steps, behaviours that must occur
     ("sls-quadratic", "SLS", "quadratic", {"growth_interval": 5}, 30, {"backtracked"}),

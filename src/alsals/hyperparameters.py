@@ -74,7 +74,9 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             the current weights, Schaipp et al. 2024): where the gradient noise dominates,
             the model falls below the loss and the step the batch allows is cut back, as a
             decaying learning rate would. The search's own step size is kept for the next
-            search; ``None`` turns the cap off ({floor}).
+            search; ``None`` turns the cap off ({floor}). A loss that goes below the floor
+            (a negative log-likelihood of continuous data) is found out by the searches'
+            trials: one warning, and the cap and the Polyak start are off for the run.
         loss_rise_guard: when the average of the batch losses (EMA 0.99) climbs more than
             this many standard errors (plus the range a flat loss's averages span by chance)
             above the lowest it reached, while the step size grew, the step size has outgrown

@@ -69,7 +69,7 @@ from alsals.hyperparameters import (
     in_range,
     real,
 )
-from alsals.polyak_cap import ModelTerms, MomentumModel, model_terms
+from alsals.polyak_cap import FLOOR_HITS, ModelTerms, MomentumModel, floor_hit, model_terms
 from alsals.rise_guard import LossWatch
 from alsals.search_state import SearchState
 
@@ -371,6 +371,7 @@ class _Run:
     # loss_rise_guard's ceiling and the loss it guards, where they change (phase 5.7)
     ceiling: tuple[float, float] | None = None
     rise: tuple[float, float, float, float] | None = None  # the rise it saw, for the log
+    floor_hit: bool | None = None  # what the search's first trial said of the floor (5.2)
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -739,7 +740,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if commit:
                 # Before anything is written: a warning turned into an error (-W error)
                 # undoes the step like any other exception.
-                self._warn_about(outcome, evaluator, written, loss0)
+                refutes = run.floor_hit is True and search.floor_hits == FLOOR_HITS - 1
+                self._warn_about(outcome, evaluator, written, loss0, refutes)
                 self._commit(search, run, outcome)
             elif run.trial is not None:
                 run.trial.restore()
@@ -779,7 +781,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     ) -> tuple[Tensor, float, Outcome]:
         loss = self._evaluate(evaluator)
         run.steps = self._gather()
-        loss0, outcome = self._check(run.steps, loss, evaluator)
+        loss0, outcome = self._check(run.steps, loss, evaluator, self._cap_on(search))
         if outcome is not None:
             return loss, loss0, outcome
         run.model = self._model(search, loss0)
@@ -890,10 +892,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     # -- 2 -----------------------------------------------------------------------------------
 
     def _check(
-        self, steps: list[GroupStep], loss: Tensor, evaluator: ClosureEvaluator
+        self, steps: list[GroupStep], loss: Tensor, evaluator: ClosureEvaluator, capped: bool
     ) -> tuple[float, Outcome | None]:
         """Phase 2: the loss at ``w0`` (mean over ranks), whether to skip the step, and
-        gradient clipping (``max_grad_norm``).
+        gradient clipping (``max_grad_norm``); with ``capped``, the Polyak cap's sums.
 
         Every rank issues the same collectives whatever its local state: one with the loss,
         the largest gradient entry, whether Adam's second moment could overflow here and the
@@ -914,7 +916,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             risk = (largest > threshold / 2).to(torch.float64)
         clip = self._settings["max_grad_norm"]
         squared_norm = self._squared_grad_norm(steps, device) if clip is not None else zero
-        modelled = self._settings["loss_floor"] is not None and clip is None
+        modelled = capped and clip is None
         terms = model_terms(steps, self.uses_moments, device) if modelled else []
         loss0, grad_max, overflow_risk, squared, *sums = mean_to_host(
             [loss.to(device), largest, risk, squared_norm, *terms], self._process_group
@@ -930,7 +932,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if clip is not None and self._grad_norm > clip:
             # torch.nn.utils.clip_grad_norm_'s rule, in place on the gradients
             torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))
-        if clip is not None and self._settings["loss_floor"] is not None:
+        if clip is not None and capped:
             # the cap's sums need the clipped gradients: one more synchronisation
             self._model_terms = ModelTerms(
                 *mean_to_host(model_terms(steps, self.uses_moments, device), self._process_group)
@@ -1008,7 +1010,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         the loss is below the floor (the model's premise is wrong there)."""
         model, terms = run.model, self._model_terms
         if model is None or terms is None or outcome.kind not in ("search", "reuse"):
-            return outcome
+            return outcome  # (no terms once the run has refuted the floor)
         if loss0 < self._floor():
             return outcome
         cap = model.cap(terms, self._model_beta1(), self._floor())
@@ -1084,6 +1086,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         floor = self._settings["loss_floor"]
         return -math.inf if floor is None else floor
 
+    def _cap_on(self, search: SearchState) -> bool:
+        """Whether ``loss_floor``'s cap applies: a floor, not refuted in this run."""
+        return self._settings["loss_floor"] is not None and not search.floor_refuted
+
+    def _start_floor(self, search: SearchState) -> float:
+        """The floor of ``start="polyak"``'s bound: ``loss_floor``, 0 if it is ``None``;
+        ``-inf`` (no bound) once the run has refuted it."""
+        if search.floor_refuted:
+            return -math.inf
+        return self._settings["loss_floor"] or 0.0
+
     def _planned_step_size(self, search: SearchState, plan: str) -> float:
         """The step size of a step that does not search."""
         return 0.0 if plan == "zero_lr" else search.step_size
@@ -1146,13 +1159,18 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             largest=self._ceiling(search),
         )
         polyak = h["start"] == "polyak"
-        if polyak:  # 5.2: no first trial above L0 / s (one more synchronisation)
+        floor = self._start_floor(search)
+        at_polyak_step = False
+        if polyak:  # 5.2: no first trial above (L0 - f*) / s (one more synchronisation)
             slope = self._slope_to_host(slope_input, replay, loss0, resolution)
             if not test.set_slope(slope):
                 trial.restore()  # the finite-difference probe moved the weights
                 return Outcome("nonfinite", trials=0, slope=slope, warning="the slope estimate")
-            height = loss0 - (h["loss_floor"] or 0.0)  # above the loss's lower bound
-            walk.limit(height / slope if height > 0.0 and slope > 0.0 else math.inf)
+            height = loss0 - floor  # above the loss's lower bound
+            bound = height / slope if height > 0.0 and slope > 0.0 else math.inf
+            at_polyak_step = bound < walk.eta
+            walk.limit(bound)
+        judged = (polyak or h["loss_floor"] is not None) and not search.floor_refuted
         for tried in range(1, h["max_trials"] + 1):
             trial.place(walk.eta)
             trial_loss = evaluator.evaluate(watch_buffers=tried == 1 and not self._buffers_checked)
@@ -1165,6 +1183,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if not test.set_slope(slope):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
+            if judged:  # what the trial says of the floor (5.2): the first's word, or below it
+                said = floor_hit(loss0, value, floor, resolution, at_polyak_step and tried == 1)
+                if said is not None and (tried == 1 or said):
+                    run.floor_hit = said
             verdict = test.judge(value, walk.eta, warmup=walk.cap < math.inf)
             if verdict == "accepted":
                 return Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
@@ -1297,7 +1319,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     torch._foreach_add_(step.weights, w0, alpha=-decay)
                 if not moved:
                     d.add_to(step.weights, eta)
-        self._advance(search, outcome)
+        self._advance(search, outcome, run.floor_hit)
         if run.watch is not None:
             self._store_watch(search, run.watch)
         if run.ceiling is not None:
@@ -1313,8 +1335,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 state["exp_avg"] = m
                 state["exp_avg_sq"] = v
 
-    def _advance(self, search: SearchState, outcome: Outcome) -> None:
-        """The search state after a step that was taken (not skipped)."""
+    def _advance(self, search: SearchState, outcome: Outcome, floor_hit: bool | None) -> None:
+        """The search state after a step that was taken (not skipped); ``floor_hit``: what
+        the search's first trial said of the floor (``None``: nothing)."""
         if outcome.kind in ("search", "failed", "unresolved"):
             if outcome.kind == "search":
                 if outcome.decrease_avg is not None:  # not during warm-up
@@ -1328,6 +1351,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.step_size = min(
                 max(outcome.next_step_size, MIN_STEP_SIZE), self._ceiling(search)
             )
+            if floor_hit is not None and not search.floor_refuted:
+                search.floor_hits = search.floor_hits + 1 if floor_hit else 0
+                if search.floor_refuted:
+                    # The floor has held the step size down since some unknown step: the
+                    # next search starts afresh (from the constructor's lr, as the run's
+                    # first did), without the test's averages of the steps it imposed.
+                    search.step_size = min(
+                        max(search.step_size, search.initial_step_size), self._ceiling(search)
+                    )
+                    search.decrease_avg = search.slope_avg = 0.0
+                    search.averaged = 0
             search.failed_searches += outcome.kind == "failed"
             search.unresolved_searches += outcome.kind == "unresolved"
             accepted = outcome.kind == "search"
@@ -1423,12 +1457,34 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         )
 
     def _warn_about(
-        self, outcome: Outcome, evaluator: ClosureEvaluator, written: str | None, loss0: float
+        self,
+        outcome: Outcome,
+        evaluator: ClosureEvaluator,
+        written: str | None,
+        loss0: float,
+        refutes_floor: bool,
     ) -> None:
         """The one-time warnings, each with its fix: a skipped step, a closure that does not
-        replay its randomness or forgot backward, a schedule left in the loop, unprotected
-        buffers. Issued before phase 6 writes anything."""
+        replay its randomness or forgot backward, a schedule left in the loop, a wrong
+        ``loss_floor``, unprotected buffers. Issued before phase 6 writes anything."""
         name = type(self).__name__
+        if refutes_floor:
+            floor = self._settings["loss_floor"]
+            which = (
+                f"loss_floor={floor:g}, the floor of the Polyak cap and start,"
+                if floor is not None
+                else 'the floor 0 of start="polyak" (loss_floor=None)'
+            )
+            self._warn_once(
+                "floor_refuted",
+                f"{name}: the loss looks able to go below {which}: on {FLOOR_HITS} searches in "
+                "a row the loss fell to it along a straight line (or below it) with the "
+                "gradient still large, where a loss bounded there would have curved away; "
+                "they would stall the run at the floor. They are off for the rest of this "
+                "run. Pass the loss's lower bound as loss_floor (a loss that can be "
+                "negative), or loss_floor=None",
+                UserWarning,
+            )
         if outcome.warning is not None:
             self._warn_once(  # once per culprit: the loss, the gradient, the slope, ...
                 f"nonfinite: {outcome.warning}",

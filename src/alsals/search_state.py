@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from alsals.polyak_cap import FLOOR_HITS
+
 COUNTERS = (
     "step",
     "averaged",
@@ -29,6 +31,7 @@ COUNTERS = (
     "skipped_zero_grad",
     "model_steps",
     "loss_samples",
+    "floor_hits",
 )
 
 
@@ -50,7 +53,9 @@ class SearchState:
     the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
     ceiling it set on the step size (``inf``: none) and ``ceiling_loss`` the lowest loss
     average before the rise (the ceiling is lifted once the loss falls measurably below it).
-    Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
+    ``floor_hits`` counts the searches in a row whose first trial said the floor of
+    ``loss_floor``'s cap and the Polyak start is wrong (:func:`alsals.polyak_cap.floor_hit`);
+    from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``). Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
     step_size: float
@@ -85,6 +90,12 @@ class SearchState:
     loss_error_at_lowest: float = 0.0
     step_size_ceiling: float = math.inf
     ceiling_loss: float = 0.0
+    floor_hits: int = 0
+
+    @property
+    def floor_refuted(self) -> bool:
+        """The run no longer uses the floor: ``FLOOR_HITS`` searches in a row said it is wrong."""
+        return self.floor_hits >= FLOOR_HITS
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchState:
