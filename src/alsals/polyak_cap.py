@@ -94,48 +94,58 @@ def model_terms(steps: list[GroupStep], uses_moments: bool, device: torch.device
     ``m' . P m' = beta1^2 m.Pm + 2 beta1 (1 - beta1) g.Pm + (1 - beta1)^2 g.Pg`` and
     ``w . m' = beta1 w.m + (1 - beta1) w.g``, from two multi-tensor passes that each hold
     one parameter-sized buffer (``Pm``, then ``Pg``): a step that reuses its step size
-    holds no more memory than Adam's.
+    holds no more memory than Adam's. Each tensor's dot products are taken in its dtype,
+    then converted to float64 and combined together, one vector per group (a few small
+    kernels per group, not per tensor).
     """
     dot_wg: list[Tensor] = []
     dot_wm: list[Tensor] = []
     norm: list[Tensor] = []
 
-    def dots(a: list[Tensor], b: list[Tensor], scales: list[float]) -> list[Tensor]:
-        return [
-            torch.dot(x.reshape(-1), y.reshape(-1)).to(device, torch.float64) * s
-            for x, y, s in zip(a, b, scales, strict=True)
-        ]
+    def per_tensor(dots: list[Tensor], scales: list[float]) -> Tensor:
+        """``scales_i * dots_i`` as one float64 vector (no host-to-device copy: one scalar
+        product where the scales agree, as they do unless shards differ in count)."""
+        if all(x == scales[0] for x in scales):
+            return torch.stack(dots).to(device, torch.float64) * scales[0]
+        return torch.stack(
+            [d.to(device, torch.float64) * x for d, x in zip(dots, scales, strict=True)]
+        )
+
+    def flat(tensors: list[Tensor]) -> list[Tensor]:
+        return [t.reshape(-1) for t in tensors]
+
+    def dots(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+        return [torch.dot(x, y) for x, y in zip(a, b, strict=True)]
 
     def preconditioned(step: GroupStep, tensors: list[Tensor]) -> list[Tensor]:
         buffer = denominators_after(step)  # sqrt(v_hat') + eps
         torch._foreach_reciprocal_(buffer)
         torch._foreach_mul_(buffer, tensors)
-        return buffer
+        return flat(buffer)
 
     for step in steps:
+        if not step.weights:
+            continue
         k = [float(n) for n in step.shard_counts]
         weighted = [n * step.lr_scale for n in k]
-        w_g = dots(step.weights, step.grads, k)
-        dot_wg += w_g
+        ws, gs = flat(step.weights), flat(step.grads)
+        w_g = per_tensor(dots(ws, gs), k)
+        dot_wg.append(w_g)
         if not uses_moments:
-            dot_wm += w_g
-            norm += dots(step.grads, step.grads, weighted)
+            dot_wm.append(w_g)
+            norm.append(per_tensor(dots(gs, gs), weighted))
             continue
         beta1 = step.group["betas"][0]
-        dot_wm += [
-            beta1 * w_m + (1.0 - beta1) * x
-            for w_m, x in zip(dots(step.weights, step.exp_avgs, k), w_g, strict=True)
-        ]
+        ms = flat(step.exp_avgs)
+        dot_wm.append(beta1 * per_tensor(dots(ws, ms), k) + (1.0 - beta1) * w_g)
         pm = preconditioned(step, step.exp_avgs)
-        m_pm, g_pm = dots(step.exp_avgs, pm, weighted), dots(step.grads, pm, weighted)
+        m_pm, g_pm = dots(ms, pm), dots(gs, pm)
         del pm
-        g_pg = dots(step.grads, preconditioned(step, step.grads), weighted)
-        norm += [
-            beta1 * beta1 * a + 2.0 * beta1 * (1.0 - beta1) * b + (1.0 - beta1) ** 2 * c
-            for a, b, c in zip(m_pm, g_pm, g_pg, strict=True)
-        ]
+        g_pg = dots(gs, preconditioned(step, step.grads))
+        a, b, c = (per_tensor(x, weighted) for x in (m_pm, g_pm, g_pg))
+        norm.append(beta1 * beta1 * a + 2.0 * beta1 * (1.0 - beta1) * b + (1.0 - beta1) ** 2 * c)
     zero = torch.zeros((), device=device, dtype=torch.float64)
-    return [torch.stack(terms).sum() if terms else zero for terms in (dot_wg, dot_wm, norm)]
+    return [torch.cat(terms).sum() if terms else zero for terms in (dot_wg, dot_wm, norm)]
 
 
 @dataclass
