@@ -75,6 +75,31 @@ def guard_run(rank: int) -> dict:
     return {"fired": fired, "state": state, "weights": model.weight.detach().clone()}
 
 
+def floor_run(rank: int) -> dict:
+    """A loss that goes below ``loss_floor=0`` under DDP (a least-squares fit minus 3, each
+    rank its own half of the data): the floor is refuted from trial losses averaged over
+    ranks, so both ranks refute it at the same step and keep the same state and weights."""
+    gen = torch.Generator().manual_seed(0)  # the same data set on every rank
+    x = torch.randn(256, 8, dtype=torch.float64, generator=gen)
+    y = x @ torch.randn(8, dtype=torch.float64, generator=gen)
+    model = nn.Linear(8, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ALSALS(ddp.parameters())
+    idx = torch.arange(rank, 256, 2)  # each rank its own half
+    refuted_at = None
+    for k in range(100):
+
+        def closure(ddp=ddp):
+            return 0.5 * ((ddp(x[idx]).squeeze(-1) - y[idx]) ** 2).mean() - 3.0
+
+        opt.step(closure)
+        if refuted_at is None and opt.search_state.floor_refuted:
+            refuted_at = k
+    state = opt.state[model.weight]["line_search"]
+    return {"refuted_at": refuted_at, "state": state, "weights": model.weight.detach().clone()}
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -95,7 +120,7 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
 
 def train_all(rank: int) -> dict:
     """Each optimizer on this rank's data under DDP: decisions, weights, losses."""
-    results = {"guard": guard_run(rank)}
+    results = {"guard": guard_run(rank), "floor": floor_run(rank)}
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))

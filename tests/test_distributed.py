@@ -75,3 +75,14 @@ def test_the_loss_rise_guard_fires_alike_on_every_rank(rank_results):
     assert rank0["state"] == rank1["state"]
     assert rank0["state"]["step_size_ceiling"] < float("inf")
     assert torch.equal(rank0["weights"], rank1["weights"])
+
+
+def test_a_wrong_floor_is_refuted_alike_on_every_rank(rank_results):
+    """The floor's evidence is read from losses averaged over ranks: both ranks refute
+    ``loss_floor=0`` at the same step (a loss that goes below it) and keep the same state
+    and weights."""
+    rank0, rank1 = rank_results[0]["floor"], rank_results[1]["floor"]
+    assert rank0["refuted_at"] is not None, "the floor must be refuted for this to mean anything"
+    assert rank0["refuted_at"] == rank1["refuted_at"]
+    assert rank0["state"] == rank1["state"]
+    assert torch.equal(rank0["weights"], rank1["weights"])
