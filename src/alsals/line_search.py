@@ -371,7 +371,7 @@ class _Run:
     # loss_rise_guard's ceiling and the loss it guards, where they change (phase 5.7)
     ceiling: tuple[float, float] | None = None
     rise: tuple[float, float, float, float] | None = None  # the rise it saw, for the log
-    floor_hit: bool | None = None  # what the search's first trial said of the floor (5.2)
+    floor_hit: bool | None = None  # what the search's trials said of the floor (5.2)
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -892,10 +892,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     # -- 2 -----------------------------------------------------------------------------------
 
     def _check(
-        self, steps: list[GroupStep], loss: Tensor, evaluator: ClosureEvaluator, capped: bool
+        self, steps: list[GroupStep], loss: Tensor, evaluator: ClosureEvaluator, cap_on: bool
     ) -> tuple[float, Outcome | None]:
         """Phase 2: the loss at ``w0`` (mean over ranks), whether to skip the step, and
-        gradient clipping (``max_grad_norm``); with ``capped``, the Polyak cap's sums.
+        gradient clipping (``max_grad_norm``); with ``cap_on``, the Polyak cap's sums.
 
         Every rank issues the same collectives whatever its local state: one with the loss,
         the largest gradient entry, whether Adam's second moment could overflow here and the
@@ -916,7 +916,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             risk = (largest > threshold / 2).to(torch.float64)
         clip = self._settings["max_grad_norm"]
         squared_norm = self._squared_grad_norm(steps, device) if clip is not None else zero
-        modelled = capped and clip is None
+        modelled = cap_on and clip is None
         terms = model_terms(steps, self.uses_moments, device) if modelled else []
         loss0, grad_max, overflow_risk, squared, *sums = mean_to_host(
             [loss.to(device), largest, risk, squared_norm, *terms], self._process_group
@@ -932,7 +932,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if clip is not None and self._grad_norm > clip:
             # torch.nn.utils.clip_grad_norm_'s rule, in place on the gradients
             torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))
-        if clip is not None and capped:
+        if clip is not None and cap_on:
             # the cap's sums need the clipped gradients: one more synchronisation
             self._model_terms = ModelTerms(
                 *mean_to_host(model_terms(steps, self.uses_moments, device), self._process_group)
@@ -1337,7 +1337,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _advance(self, search: SearchState, outcome: Outcome, floor_hit: bool | None) -> None:
         """The search state after a step that was taken (not skipped); ``floor_hit``: what
-        the search's first trial said of the floor (``None``: nothing)."""
+        the search's trials said of the floor (``None``: nothing)."""
         if outcome.kind in ("search", "failed", "unresolved"):
             if outcome.kind == "search":
                 if outcome.decrease_avg is not None:  # not during warm-up
@@ -1470,17 +1470,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         if refutes_floor:
             floor = self._settings["loss_floor"]
-            which = (
-                f"loss_floor={floor:g}, the floor of the Polyak cap and start,"
+            which, off = (
+                (f"loss_floor={floor:g}", "The Polyak cap and the Polyak start are")
                 if floor is not None
-                else 'the floor 0 of start="polyak" (loss_floor=None)'
+                else ('the floor 0 that start="polyak" assumes (loss_floor=None)', "It is")
             )
             self._warn_once(
                 "floor_refuted",
-                f"{name}: the loss looks able to go below {which}: on {FLOOR_HITS} searches in "
-                "a row the loss fell to it along a straight line (or below it) with the "
-                "gradient still large, where a loss bounded there would have curved away; "
-                "they would stall the run at the floor. They are off for the rest of this "
+                f"{name}: the loss looks able to go below {which}: on {FLOOR_HITS} searches "
+                "in a row it fell to the floor along a straight line (or below it) with the "
+                "gradient still large, where a loss bounded there curves away, and bounds "
+                f"at a wrong floor would stall the run there. {off} off for the rest of this "
                 "run. Pass the loss's lower bound as loss_floor (a loss that can be "
                 "negative), or loss_floor=None",
                 UserWarning,
