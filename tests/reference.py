@@ -649,7 +649,7 @@ class ReferenceOptimizer:
         cfg, st = self.config, self.state
         b = cfg.smoothing
         w0 = self.weights
-        self.floor_hit: bool | None = None  # what the first trial says of the floor (5.2)
+        self.floor_hit: bool | None = None  # what the trials say of the floor (5.2)
         if st.searches == 0:  # 5.1, at the first search of a run: f(w0) again
             loss_only(f, w0)
             record.forwards += 1
@@ -711,13 +711,17 @@ class ReferenceOptimizer:
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
             if judged and height > resolution(loss0) and is_finite(loss):
-                # 5.2: a trial below the floor, or a first trial at the Polyak step within
-                # 1/64 of the height above it: the floor is wrong; else the first says it held
+                # 5.2: a trial below the floor says the floor is wrong; a first trial at the
+                # Polyak step within 1/64 of the height above it is suspect, and a trial at
+                # twice the step decides (below the floor: wrong); else the first says it held
                 first = len(record.tried) == 1
                 below = loss - floor < -resolution(loss0)
-                near = first and at_polyak_step and loss - floor < height / 64
+                if not below and first and at_polyak_step and loss - floor < height / 64:
+                    probe = loss_only(f, displaced(w0, d_search, 2.0 * eta_try))
+                    record.forwards += 1
+                    below = is_finite(probe) and probe - floor < -resolution(loss0)
                 if first or below:
-                    self.floor_hit = below or near
+                    self.floor_hit = below
             delta = loss0 - loss
             decrease = smooth(st.decrease_avg, delta, b)
             if cap < math.inf:  # 5.3 during warm-up: no measurable increase, D and G kept

@@ -4,9 +4,9 @@
 ``(L0 - f*) / s``, with ``f*`` 0 when ``loss_floor`` is ``None``) assume that the loss cannot
 go below ``f*``. Where it can (a negative log-likelihood of continuous data, a loss with a
 negative constant), both bounds shrink with ``L0 - f*`` while the gradient does not: the
-loss creeps up to ``f*`` and stops there, silently. The run reads each search's first trial
-for the evidence (``alsals.polyak_cap.floor_hit``), and after ``FLOOR_HITS`` searches in a
-row it warns once and stops using the floor. The trajectory is checked against the float64
+loss creeps up to ``f*`` and stops there, silently. The run reads each search's trials for
+the evidence (``alsals.polyak_cap.floor_word``), and after ``FLOOR_HITS`` searches in a row
+that showed a loss below the floor it warns once and stops using the floor. The trajectory is checked against the float64
 reference in ``test_reference.py`` (the ``below-zero`` cases).
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from alsals import ALSALS, SLS, AdamSLS
-from alsals.polyak_cap import FLOOR_HIT_FRACTION, FLOOR_HITS, floor_hit
+from alsals.polyak_cap import FLOOR_HIT_FRACTION, FLOOR_HITS, floor_word
 from alsals.search_state import SearchState
 
 F64 = torch.float64
@@ -135,27 +135,67 @@ def test_a_right_floor_is_never_refuted(cls, problem, batch):
     assert float(loss(torch.arange(64)).detach()) < initial / 4  # it went towards the floor
 
 
-def test_floor_hit_on_closed_forms():
+def test_floor_word_on_closed_forms():
     """What one trial says: a slice that is quadratic down to the floor ends 1/4 of the way
     above it at the Polyak step, an exponential tail 1/e (both: the floor holds); a straight
-    line through the floor ends on it (wrong floor); below the floor by more than the loss's
-    rounding is wrong wherever the trial was; a loss at the floor says nothing."""
+    line ends on the floor (suspect: a trial at twice the step decides); below the floor by
+    more than the loss's rounding is wrong wherever the trial was; a loss at the floor says
+    nothing."""
     loss0, resolution = 2.0, 1e-12
     quadratic_end = loss0 / 4  # (t - 2)^2 / 2 from t = 0 to its Polyak step t = 1
-    assert floor_hit(loss0, quadratic_end, 0.0, resolution, at_polyak_step=True) is False
-    assert floor_hit(loss0, loss0 / math.e, 0.0, resolution, at_polyak_step=True) is False
+    assert floor_word(loss0, quadratic_end, 0.0, resolution, at_polyak_step=True) == "holds"
+    assert floor_word(loss0, loss0 / math.e, 0.0, resolution, at_polyak_step=True) == "holds"
     linear_end = loss0 * FLOOR_HIT_FRACTION / 2
-    assert floor_hit(loss0, linear_end, 0.0, resolution, at_polyak_step=True) is True
+    assert floor_word(loss0, linear_end, 0.0, resolution, at_polyak_step=True) == "near"
+    assert floor_word(loss0, 0.0, 0.0, resolution, at_polyak_step=True) == "near"
     # not at the Polyak step (the search started below it): only a loss below the floor
-    assert floor_hit(loss0, linear_end, 0.0, resolution, at_polyak_step=False) is False
-    assert floor_hit(loss0, -0.1, 0.0, resolution, at_polyak_step=False) is True
-    assert floor_hit(loss0, -resolution / 2, 0.0, resolution, at_polyak_step=False) is False
+    assert floor_word(loss0, linear_end, 0.0, resolution, at_polyak_step=False) == "holds"
+    assert floor_word(loss0, -0.1, 0.0, resolution, at_polyak_step=False) == "below"
+    assert floor_word(loss0, -resolution / 2, 0.0, resolution, at_polyak_step=False) == "holds"
     # the floor elsewhere than 0: the same fractions of L0 - f*
-    assert floor_hit(loss0 + 7, quadratic_end + 7, 7.0, resolution, at_polyak_step=True) is False
-    assert floor_hit(loss0 + 7, linear_end + 7, 7.0, resolution, at_polyak_step=True) is True
+    assert floor_word(loss0 + 7, quadratic_end + 7, 7.0, resolution, True) == "holds"
+    assert floor_word(loss0 + 7, linear_end + 7, 7.0, resolution, True) == "near"
     # at the floor within rounding, or a non-finite trial: no word
-    assert floor_hit(resolution / 2, -1.0, 0.0, resolution, at_polyak_step=True) is None
-    assert floor_hit(loss0, math.nan, 0.0, resolution, at_polyak_step=True) is None
+    assert floor_word(resolution / 2, -1.0, 0.0, resolution, at_polyak_step=True) is None
+    assert floor_word(loss0, math.nan, 0.0, resolution, at_polyak_step=True) is None
+
+
+@pytest.mark.parametrize("loss", ["l1", "hinge"])
+def test_a_kink_at_the_floor_is_not_taken_for_a_wrong_floor(loss):
+    """A piecewise-linear loss of one sample (an L1 fit, a multi-class hinge) falls straight
+    to 0 at its Polyak step, as a loss through a wrong floor would; the trial at twice the
+    step goes back up, so the floor stays, and the Polyak bounds keep their worth (one
+    sample at a time: the L1 fit ends near 0; with the floor dropped it ended at 0.3-0.45)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 10, generator=gen)
+    torch.manual_seed(0)
+    if loss == "l1":
+        y = x @ torch.randn(10, generator=gen)
+        model = nn.Linear(10, 1)
+
+        def closure(i):
+            return (model(x[i]).squeeze(-1) - y[i]).abs().mean()
+    else:
+        labels = (x[:, 0] > 0).long()
+        model = nn.Linear(10, 2)
+
+        def closure(i):
+            return nn.functional.multi_margin_loss(model(x[i]), labels[i])
+
+    opt = ALSALS(model.parameters())
+    initial = float(closure(torch.arange(64)).detach())
+    probed = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(400):
+            i = torch.randint(0, 64, (1,))
+            opt.step(lambda i=i: closure(i))
+            info = opt.last_step
+            searched = info.kind == "search" and opt.search_state.searches > 1  # no replay
+            probed += searched and info.forwards > info.trials + 1  # one more evaluation
+            assert opt.search_state.floor_hits == 0
+    assert probed > 0  # the suspect searches happened, and were cleared
+    assert float(closure(torch.arange(64)).detach()) < initial / 20
 
 
 def test_refuting_takes_searches_in_a_row():

@@ -69,7 +69,7 @@ from alsals.hyperparameters import (
     in_range,
     real,
 )
-from alsals.polyak_cap import FLOOR_HITS, ModelTerms, MomentumModel, floor_hit, model_terms
+from alsals.polyak_cap import FLOOR_HITS, ModelTerms, MomentumModel, floor_word, model_terms
 from alsals.rise_guard import LossWatch
 from alsals.search_state import SearchState
 
@@ -1184,9 +1184,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
             if judged:  # what the trial says of the floor (5.2): the first's word, or below it
-                said = floor_hit(loss0, value, floor, resolution, at_polyak_step and tried == 1)
-                if said is not None and (tried == 1 or said):
-                    run.floor_hit = said
+                word = floor_word(loss0, value, floor, resolution, at_polyak_step and tried == 1)
+                if word == "near":  # suspect: twice the Polyak step goes below, or back up
+                    word = self._probe_floor(trial, evaluator, walk.eta, loss0, floor, resolution)
+                if word == "below" or (tried == 1 and word == "holds"):
+                    run.floor_hit = word == "below"
             verdict = test.judge(value, walk.eta, warmup=walk.cap < math.inf)
             if verdict == "accepted":
                 return Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
@@ -1216,6 +1218,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
         return failed
+
+    def _probe_floor(
+        self,
+        trial: _TrialPoint,
+        evaluator: ClosureEvaluator,
+        eta: float,
+        loss0: float,
+        floor: float,
+        resolution: float,
+    ) -> str:
+        """A first trial at the Polyak step ``eta`` ended almost at the floor: one more
+        evaluation, at ``2 eta``, says ``"below"`` if the loss goes on below the floor there
+        (a wrong floor) and ``"holds"`` if not (a kink at the floor). The weights go back to
+        ``w0 + eta d``."""
+        trial.place(2.0 * eta)
+        (value,) = mean_to_host([evaluator.evaluate()], self._process_group)
+        trial.place(eta)
+        return "below" if floor_word(loss0, value, floor, resolution, False) == "below" else "holds"
 
     def _first_trial_to_host(
         self,
@@ -1477,10 +1497,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
             self._warn_once(
                 "floor_refuted",
-                f"{name}: the loss looks able to go below {which}: on {FLOOR_HITS} searches "
-                "in a row it fell to the floor along a straight line (or below it) with the "
-                "gradient still large, where a loss bounded there curves away, and bounds "
-                f"at a wrong floor would stall the run there. {off} off for the rest of this "
+                f"{name}: the loss goes below {which}: on {FLOOR_HITS} searches in a row a "
+                "trial fell below it (the Polyak bounds had held the loss just above it, "
+                f"where they would have stalled the run). {off} off for the rest of this "
                 "run. Pass the loss's lower bound as loss_floor (a loss that can be "
                 "negative), or loss_floor=None",
                 UserWarning,

@@ -28,7 +28,7 @@ the host with the step's first synchronisation.
 A wrong floor (a loss that can go below ``f*``: a Gaussian negative log-likelihood, a loss
 with a negative constant) would stall the run at ``f*``: the Polyak step shrinks with
 ``f - f*`` while the gradient does not, so the loss creeps up to the floor and never crosses
-it, and nothing warns. :func:`floor_hit` reads each search's first trial for the evidence
+it, and nothing warns. :func:`floor_word` reads each search's trials for the evidence
 (the search state counts it); after ``FLOOR_HITS`` searches in a row the floor is taken to
 be wrong and the cap, and the Polyak start that uses the same floor, are off for the rest
 of the run.
@@ -44,36 +44,36 @@ from torch import Tensor
 
 from alsals.directions import GroupStep, denominators_after
 
-#: Searches in a row whose first trial said the floor is wrong before the run stops using it.
+#: Searches in a row whose trials showed a loss below the floor before the run stops using it.
 FLOOR_HITS = 3
 #: A trial at the Polyak step ``(L0 - f*) / s`` that ends closer to ``f*`` than this fraction
-#: of ``L0 - f*`` says the floor is wrong. Where ``f*`` is right, a slice that is quadratic
+#: of ``L0 - f*`` makes the floor suspect (a trial at twice the step then decides). Where ``f*`` is right, a slice that is quadratic
 #: down to its minimum (at ``f*`` or above) ends at least 1/4 of the way above it, an
 #: exponential tail (cross-entropy near 0) 1/e; a loss that falls straight through a wrong
 #: floor ends a vanishing fraction above it (its curvature term, ``O(eta^2)``).
 FLOOR_HIT_FRACTION = 1.0 / 64.0
 
 
-def floor_hit(
+def floor_word(
     loss0: float, trial_loss: float, floor: float, resolution: float, at_polyak_step: bool
-) -> bool | None:
-    """What a trial of a search (its loss ``trial_loss``) says of the floor ``f*``: ``True``
-    that it is wrong, ``False`` that it holds, ``None`` nothing (the loss is at the floor
-    within ``resolution``, or the trial is not finite).
+) -> str | None:
+    """What a trial of a search (its loss ``trial_loss``) says of the floor ``f*``:
+    ``"below"`` (it is wrong), ``"near"`` (suspect), ``"holds"``, or ``None`` (nothing: the
+    loss is at the floor within ``resolution``, or the trial is not finite).
 
-    A trial below the floor by more than the loss's rounding is direct evidence. A first
-    trial at the Polyak step (the search started there, ``at_polyak_step``) that ends within
-    ``FLOOR_HIT_FRACTION`` of the height ``L0 - f*`` above the floor is the mark of a loss
-    that would have gone on through it. A search's word is its first trial's, unless a later
-    one falls below the floor.
+    A trial below the floor by more than the loss's rounding is direct evidence. A trial at
+    the Polyak step (``at_polyak_step``) that ends within ``FLOOR_HIT_FRACTION`` of the
+    height ``L0 - f*`` above the floor is the mark of a loss that would go on through it,
+    but also of a piecewise-linear loss whose kink is at the floor (an L1 fit of one sample):
+    a trial at twice the Polyak step tells them apart (below the floor, or back up).
     """
     height = loss0 - floor
     if not (height > resolution and math.isfinite(trial_loss)):
         return None
     above = trial_loss - floor
     if above < -resolution:
-        return True
-    return at_polyak_step and above < FLOOR_HIT_FRACTION * height
+        return "below"
+    return "near" if at_polyak_step and above < FLOOR_HIT_FRACTION * height else "holds"
 
 
 @dataclass(frozen=True)

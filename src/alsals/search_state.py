@@ -53,8 +53,8 @@ class SearchState:
     the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
     ceiling it set on the step size (``inf``: none) and ``ceiling_loss`` the lowest loss
     average before the rise (the ceiling is lifted once the loss falls measurably below it).
-    ``floor_hits`` counts the searches in a row whose first trial said the floor of
-    ``loss_floor``'s cap and the Polyak start is wrong (:func:`alsals.polyak_cap.floor_hit`);
+    ``floor_hits`` counts the searches in a row whose trials showed the loss below the floor
+    of ``loss_floor``'s cap and the Polyak start (:func:`alsals.polyak_cap.floor_word`);
     from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``). Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
