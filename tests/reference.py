@@ -146,7 +146,7 @@ class SearchState:
     loss_error_at_lowest: float = 0.0  # the standard error of the loss average then
     step_size_ceiling: float = math.inf  # no step size above it (phase 6)
     ceiling_loss: float = 0.0  # loss_lowest when the ceiling was set
-    floor_hits: int = 0  # searches in a row whose first trial said the floor is wrong
+    floor_hits: int = 0  # searches in a row whose trials showed the loss below the floor
 
 
 FLOOR_HITS = 3  # from this many on, the run no longer uses the floor (5.2, 5.6)

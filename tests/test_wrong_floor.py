@@ -6,8 +6,9 @@ go below ``f*``. Where it can (a negative log-likelihood of continuous data, a l
 negative constant), both bounds shrink with ``L0 - f*`` while the gradient does not: the
 loss creeps up to ``f*`` and stops there, silently. The run reads each search's trials for
 the evidence (``alsals.polyak_cap.floor_word``), and after ``FLOOR_HITS`` searches in a row
-that showed a loss below the floor it warns once and stops using the floor. The trajectory is checked against the float64
-reference in ``test_reference.py`` (the ``below-zero`` cases).
+that showed a loss below the floor it warns once and stops using the floor. The trajectory
+is checked against the float64 reference in ``test_reference.py`` (the ``below-zero``
+cases).
 """
 
 from __future__ import annotations

@@ -47,10 +47,11 @@ from alsals.directions import GroupStep, denominators_after
 #: Searches in a row whose trials showed a loss below the floor before the run stops using it.
 FLOOR_HITS = 3
 #: A trial at the Polyak step ``(L0 - f*) / s`` that ends closer to ``f*`` than this fraction
-#: of ``L0 - f*`` makes the floor suspect (a trial at twice the step then decides). Where ``f*`` is right, a slice that is quadratic
-#: down to its minimum (at ``f*`` or above) ends at least 1/4 of the way above it, an
-#: exponential tail (cross-entropy near 0) 1/e; a loss that falls straight through a wrong
-#: floor ends a vanishing fraction above it (its curvature term, ``O(eta^2)``).
+#: of ``L0 - f*`` makes the floor suspect (a trial at twice the step then decides). Where
+#: ``f*`` is right, a slice that is quadratic down to its minimum (at ``f*`` or above) ends
+#: at least 1/4 of the way above it, an exponential tail (cross-entropy near 0) 1/e; a loss
+#: that falls straight through a wrong floor ends a vanishing fraction above it (its
+#: curvature term, ``O(eta^2)``).
 FLOOR_HIT_FRACTION = 1.0 / 64.0
 
 

@@ -55,7 +55,8 @@ class SearchState:
     average before the rise (the ceiling is lifted once the loss falls measurably below it).
     ``floor_hits`` counts the searches in a row whose trials showed the loss below the floor
     of ``loss_floor``'s cap and the Polyak start (:func:`alsals.polyak_cap.floor_word`);
-    from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``). Only numbers: ``torch.optim``'s ``load_state_dict`` would mangle a string here.
+    from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``). Only numbers:
+    ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
     step_size: float
