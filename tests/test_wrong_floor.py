@@ -166,19 +166,21 @@ def test_a_kink_at_the_floor_is_not_taken_for_a_wrong_floor(loss):
     """A piecewise-linear loss of one sample (an L1 fit, a multi-class hinge) falls straight
     to 0 at its Polyak step, as a loss through a wrong floor would; the trial at twice the
     step goes back up, so the floor stays, and the Polyak bounds keep their worth (one
-    sample at a time: the L1 fit ends near 0; with the floor dropped it ended at 0.3-0.45)."""
+    sample at a time: the L1 fit ends near 0; with the floor dropped it ended at 0.3-0.45).
+    Float64: the final losses (0.002 and 0.012 against bounds of 0.12 and 0.028) must not
+    hang on one CPU's float32 rounding."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 10, generator=gen)
+    x = torch.randn(64, 10, generator=gen, dtype=F64)
     torch.manual_seed(0)
     if loss == "l1":
-        y = x @ torch.randn(10, generator=gen)
-        model = nn.Linear(10, 1)
+        y = x @ torch.randn(10, generator=gen, dtype=F64)
+        model = nn.Linear(10, 1).double()
 
         def closure(i):
             return (model(x[i]).squeeze(-1) - y[i]).abs().mean()
     else:
         labels = (x[:, 0] > 0).long()
-        model = nn.Linear(10, 2)
+        model = nn.Linear(10, 2).double()
 
         def closure(i):
             return nn.functional.multi_margin_loss(model(x[i]), labels[i])
