@@ -26,6 +26,7 @@ LossFn = Callable[[Sequence[Tensor]], Tensor]
 
 RESOLUTION_ULPS = 4  # units in the last place of the loss (phase 5.3)
 UPWARD_FACTOR = 2.0  # after an unresolved trial (phase 5.3)
+NONFINITE_TRIALS_BEFORE_CHECK = 2  # non-finite trials in a row, then f(w0) again (5.4)
 MIN_STEP_SIZE = sys.float_info.min  # the smallest normal float (phases 0, 5, 6)
 LOSS_WATCH_FACTOR = 0.99  # EMA of the batch losses (phase 5.7)
 LOSS_WATCH_SAMPLES = 100  # losses the watch holds before it judges (phase 5.7)
@@ -650,8 +651,9 @@ class ReferenceOptimizer:
         b = cfg.smoothing
         w0 = self.weights
         self.floor_hit: bool | None = None  # what the trials say of the floor (5.2)
-        if st.searches == 0:  # 5.1, at the first search of a run: f(w0) again
-            loss_only(f, w0)
+        replayed = None  # 5.1, at the first search of a run: f(w0) again
+        if st.searches == 0:
+            replayed = loss_only(f, w0)
             record.forwards += 1
 
         # 5.2 Growth, under the warm-up cap (needed first: the first trial is evaluated
@@ -704,12 +706,20 @@ class ReferenceOptimizer:
         # 5.3 Trials.
         rejected = False
         largest_unresolved = 0.0
+        nonfinite_in_a_row = 0
         for _ in range(cfg.max_trials):
             loss = loss_only(f, displaced(w0, d_search, eta_try))
             record.forwards += 1
             record.trials += 1
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
+            nonfinite_in_a_row = 0 if is_finite(loss) else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK:  # 5.4: f(w0) the trials' way
+                if replayed is None:
+                    replayed = loss_only(f, w0)
+                    record.forwards += 1
+                if not is_finite(replayed):  # no step size can help: skip the step
+                    return "nonfinite"
             if judged and height > resolution(loss0) and is_finite(loss):
                 # 5.2: a trial below the floor says the floor is wrong; a first trial at the
                 # Polyak step within 1/64 of the height above it is suspect, and a trial at

@@ -77,6 +77,92 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_warns_once(optimizer_clas
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), name
 
 
+@pytest.mark.parametrize("form", ["closure()", "closure(backward)"])
+def test_a_closure_that_fails_without_gradient_skips_in_a_few_passes(optimizer_class, form):
+    """Trials evaluate the closure without gradient; one whose loss is NaN there (and finite
+    with gradient) fails for every step size. After two non-finite trials the search looks
+    at the starting weights the trials' way, skips the step with a warning that says so,
+    and does not spend ``max_trials`` passes per step; nothing changes."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=0.01, buffers=model.buffers())
+    normal = bce_closure(model, x, y)
+    opt.step(normal)  # state to protect, and not the first search (no replay check)
+    before, state_before = snapshot(model), moment_snapshot(opt)
+
+    if form == "closure()":
+
+        def broken():
+            loss = normal()
+            return loss if torch.is_grad_enabled() else loss * float("nan")
+    else:
+
+        def broken(backward):
+            opt.zero_grad()
+            loss = normal()
+            if backward:
+                loss.backward()
+                return loss
+            return loss * float("nan")
+
+    # The paper's finite-difference slope is itself an evaluation without gradient: the
+    # skip comes one pass earlier and names the slope.
+    finite_difference = opt.defaults["slope"] == "finite_difference"
+    culprit = "the slope estimate" if finite_difference else "without gradient"
+    with pytest.warns(RuntimeWarning, match=culprit):
+        opt.step(broken)
+    info = opt.last_step
+    assert info.kind == "nonfinite"
+    # gradient, two trials, w0 again (finite difference: gradient, probe, first trial)
+    assert (info.trials, info.forwards) == ((1, 3) if finite_difference else (2, 4))
+    assert_unchanged(before, model.parameters())
+    after = moment_snapshot(opt)
+    for key, entries in state_before.items():
+        for name, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), name
+    opt.step(normal)  # and it goes on
+    assert opt.last_step.kind in ("search", "reuse")
+
+
+def test_a_closure_that_fails_without_gradient_at_the_first_search(optimizer_class):
+    """At the first search the replay check has evaluated the starting weights already:
+    the skip needs no further pass."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=0.01, buffers=model.buffers())
+
+    def broken():
+        loss = bce_closure(model, x, y)()
+        return loss if torch.is_grad_enabled() else loss * float("nan")
+
+    finite_difference = opt.defaults["slope"] == "finite_difference"
+    culprit = "the slope estimate" if finite_difference else "without gradient"
+    with pytest.warns(RuntimeWarning, match=culprit):
+        opt.step(broken)
+    info = opt.last_step
+    assert info.kind == "nonfinite"
+    # gradient, replay, two trials (finite difference: gradient, replay, probe, first trial)
+    assert (info.trials, info.forwards) == ((1, 4) if finite_difference else (2, 4))
+
+
+def test_trials_that_overflow_only_far_out_still_backtrack(optimizer_class):
+    """The look at the starting weights finds a finite loss there when only the large
+    trials overflow: the search goes on and accepts a smaller step."""
+    w = torch.zeros(4, requires_grad=True)
+    opt = optimizer_class([w], lr=1000.0)
+
+    def closure():
+        loss = ((w - 1.0) ** 2).sum()
+        return torch.where(w.detach().abs().max() > 3.0, torch.full_like(loss, float("inf")), loss)
+
+    opt.step(closure)
+    info = opt.last_step
+    assert info.kind == "search" and info.loss_decrease > 0
+    assert torch.isfinite(w).all() and (w.abs() <= 3.0).all()
+
+
 def full_state(opt):
     """Everything the optimizer carries from step to step, cloned."""
     state = {

@@ -921,6 +921,8 @@ def with_bad_step(loss_at, bad_step: int, kind: str):
             return lambda ws: f(ws) * math.nan
         if kind == "nan_grad":  # finite loss, d/dw 0 * sqrt(w - w) = 0 * inf * 0 = nan
             return lambda ws: f(ws) + 0 * torch.sqrt(ws[0] - ws[0]).sum()
+        if kind == "nan_without_grad":  # finite with gradient, NaN as the trials evaluate
+            return lambda ws: f(ws) if torch.is_grad_enabled() else f(ws) * math.nan
         if kind == "zero_grad":  # the loss does not depend on the weights: every g is 0
             return lambda ws: 0 * sum(w.sum() for w in ws) + 1.0
         raise ValueError(kind)
@@ -928,16 +930,19 @@ def with_bad_step(loss_at, bad_step: int, kind: str):
     return wrapped
 
 
-@pytest.mark.parametrize("kind", ["nan_loss", "nan_grad", "zero_grad"])
+@pytest.mark.parametrize("bad_step", [0, 5])
+@pytest.mark.parametrize("kind", ["nan_loss", "nan_grad", "nan_without_grad", "zero_grad"])
 @pytest.mark.parametrize("variant", list(CLASSES))
-def test_nonfinite_and_zero_gradient_steps(variant, kind):
+def test_nonfinite_and_zero_gradient_steps(variant, kind, bad_step):
+    """A skipped step, at the first search of a run (where the replay check has evaluated
+    the starting weights) and later; forward counts compared with the reference."""
     problem = logistic_problem()
     run = SideBySide(variant, problem, {"lr": 5.0, "growth_interval": 10})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run.run(12, loss_at=with_bad_step(problem.loss_at, 5, kind))
+        run.run(12, loss_at=with_bad_step(problem.loss_at, bad_step, kind))
     expected = "zero_grad" if kind == "zero_grad" else "nonfinite"
-    assert run.kinds()[5] == expected
+    assert run.kinds()[bad_step] == expected
     assert run.kinds().count(expected) == 1
     if expected == "nonfinite":
         assert any(issubclass(w.category, RuntimeWarning) for w in caught)

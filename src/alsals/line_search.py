@@ -89,6 +89,17 @@ FIRST_SEARCH_WARNING_TRIALS = 20
 #: A closure whose loss at the same weights differs by more than this (relative) does not
 #: replay its randomness.
 REPLAY_TOLERANCE = 1e-4
+#: After this many trials in a row with a non-finite loss, a search evaluates the loss again
+#: at its starting weights (one forward pass, once): if that is not finite either, the
+#: closure's evaluations without gradient fail whatever the step, and the step is skipped
+#: (instead of ``max_trials`` passes per step). A step too large to evaluate does not pay it
+#: unless its loss stays non-finite for this many backtracking trials.
+NONFINITE_TRIALS_BEFORE_CHECK = 2
+#: The culprit the skip names.
+NO_GRAD_NONFINITE = (
+    "the closure's loss without gradient (as trials evaluate it: under torch.no_grad(), or "
+    "closure(False)) at the step's starting weights, where its loss with gradient was finite,"
+)
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
 SCHEDULE_WARNING = (
@@ -1171,6 +1182,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             at_polyak_step = bound < walk.eta
             walk.limit(bound)
         judged = (polyak or h["loss_floor"] is not None) and not search.floor_refuted
+        nonfinite_in_a_row = 0
         for tried in range(1, h["max_trials"] + 1):
             trial.place(walk.eta)
             trial_loss = evaluator.evaluate(watch_buffers=tried == 1 and not self._buffers_checked)
@@ -1183,6 +1195,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if not test.set_slope(slope):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
+            nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
+            # the step's fault? (5.3) If the loss is not finite at w0 either, no step can pass
+            doubt = nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
+            if doubt and not self._finite_at_start(trial, evaluator):
+                skip = Outcome("nonfinite", trials=tried, slope=test.slope)
+                skip.warning = NO_GRAD_NONFINITE
+                return skip
             if judged:  # what the trial says of the floor (5.2): the first's word, or below it
                 word = floor_word(loss0, value, floor, resolution, at_polyak_step and tried == 1)
                 if word == "near":  # suspect: twice the Polyak step goes below, or back up
@@ -1218,6 +1237,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
         return failed
+
+    def _finite_at_start(self, trial: _TrialPoint, evaluator: ClosureEvaluator) -> bool:
+        """Trials keep giving a non-finite loss: is the loss finite when evaluated the trials'
+        way (without gradient) at the step's starting weights ``w0``, where the evaluation with
+        gradient gave ``L0``? If not, no step size can help. The weights are left at ``w0``.
+        At the first search of a run the replay check has evaluated it already."""
+        trial.restore()
+        if self._replay_loss is not None:
+            return math.isfinite(self._replay_loss)
+        (value,) = mean_to_host([evaluator.evaluate()], self._process_group)
+        return math.isfinite(value)
 
     def _probe_floor(
         self,
@@ -1543,6 +1573,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 self._warn_once("buffers", message, UserWarning)
 
     def _warn_if_not_replayed(self, loss0: float, again: float) -> None:
+        # a non-finite `again` compares False: the search's skip (NO_GRAD_NONFINITE) names it
         if abs(again - loss0) > REPLAY_TOLERANCE * max(abs(loss0), 1e-12):
             self._warn_once(
                 "replay",
