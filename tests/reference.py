@@ -26,7 +26,7 @@ LossFn = Callable[[Sequence[Tensor]], Tensor]
 
 RESOLUTION_ULPS = 4  # units in the last place of the loss (phase 5.3)
 UPWARD_FACTOR = 2.0  # after an unresolved trial (phase 5.3)
-NONFINITE_TRIALS_BEFORE_CHECK = 2  # non-finite trials in a row, then f(w0) again (5.4)
+NONFINITE_TRIALS_BEFORE_CHECK = 2  # non-finite trials in a row, then f(w0) again (5.3)
 MIN_STEP_SIZE = sys.float_info.min  # the smallest normal float (phases 0, 5, 6)
 LOSS_WATCH_FACTOR = 0.99  # EMA of the batch losses (phase 5.7)
 LOSS_WATCH_SAMPLES = 100  # losses the watch holds before it judges (phase 5.7)
@@ -714,7 +714,7 @@ class ReferenceOptimizer:
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
             nonfinite_in_a_row = 0 if is_finite(loss) else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK:  # 5.4: f(w0) the trials' way
+            if nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK:  # 5.3: f(w0) the trials' way
                 if replayed is None:
                     replayed = loss_only(f, w0)
                     record.forwards += 1
