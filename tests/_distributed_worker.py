@@ -16,12 +16,22 @@ OPTIMIZERS = {"SLS": SLS, "AdamSLS": AdamSLS, "ALSALS": ALSALS}
 
 
 # What rank 1 sees at each step of the "divergent" run while rank 0 trains normally.
-RANK1_EVENTS = ["normal", "no_grad", "nan_loss", "zero_grad", "normal", "no_grad", "normal"]
+RANK1_EVENTS = [
+    "normal",
+    "no_grad",
+    "nan_loss",
+    "zero_grad",
+    "normal",
+    "no_grad",
+    "normal",
+    "nan_without_grad",  # finite with backward, NaN in the trials' evaluations
+    "normal",
+]
 
 
 def divergent_run(rank: int, cls: type) -> list[tuple[str, int]]:
     """Each rank with its own local state at every step: no gradient, a NaN, a zero
-    gradient on rank 1 only. Every rank must issue the same collectives (gloo would fail
+    gradient, NaN trials on rank 1 only. Every rank must issue the same collectives (gloo would fail
     on a mismatch, NCCL would hang)."""
     torch.manual_seed(0)
     w = torch.randn(5, requires_grad=True)
@@ -32,7 +42,7 @@ def divergent_run(rank: int, cls: type) -> list[tuple[str, int]]:
 
         def closure(backward: bool, mine=mine):
             loss = ((w - 1.0) ** 2).sum()
-            if mine == "nan_loss":
+            if mine == "nan_loss" or (mine == "nan_without_grad" and not backward):
                 loss = loss * float("nan")
             if mine == "zero_grad":
                 loss = loss * 0.0 + 1.0

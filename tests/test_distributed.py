@@ -47,14 +47,18 @@ def test_ranks_take_identical_decisions_and_keep_identical_weights(rank_results,
 
 @pytest.mark.parametrize("name", ["SLS", "AdamSLS", "ALSALS"])
 def test_ranks_issue_the_same_collectives_whatever_their_local_state(rank_results, name):
-    """Rank 1 has no gradient, a NaN loss, or a zero gradient at some steps while rank 0
-    trains: no collective mismatch (the run finished), and both ranks decide alike."""
+    """Rank 1 has no gradient, a NaN loss, a zero gradient, or NaN trials at some steps
+    while rank 0 trains: no collective mismatch (the run finished), and both ranks decide alike."""
     rank0, rank1 = rank_results[0][name]["divergent"], rank_results[1][name]["divergent"]
     assert rank0 == rank1
     kinds = [kind for kind, _ in rank0]
     events = _distributed_worker.RANK1_EVENTS
     assert kinds[events.index("nan_loss")] == "nonfinite"  # the mean loss is NaN on both
     assert kinds[events.index("no_grad")] == "search"  # rank 0's gradient still counts
+    # rank 1's trials are NaN, and so is its loss at w0 the trials' way: both ranks look
+    # at w0 after two trials and skip
+    assert rank0[events.index("nan_without_grad")] == ("nonfinite", 2)
+    assert kinds[-1] in ("search", "reuse")
 
 
 @pytest.mark.parametrize("name", ["SLS", "AdamSLS", "ALSALS"])
