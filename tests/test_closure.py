@@ -410,6 +410,64 @@ def test_a_backward_closure_that_never_runs_backward_warns(optimizer_class):
     assert opt.last_step.kind == "zero_grad"
 
 
+def test_outputs_computed_before_the_closure_are_named(optimizer_class):
+    """A loop converted from AdamW with the forward pass left outside the closure: the
+    gradient is right, but no trial moves the loss, so no step is ever taken. After three
+    such searches the optimizer says why; the weights never moved."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = optimizer_class(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(3):
+            out = model(x[8 * k : 8 * k + 8])  # the mistake: outside the closure
+            opt.step(lambda out=out, k=k: nn.functional.mse_loss(out, y[8 * k : 8 * k + 8]))
+            named = [w for w in caught if "did not change when the weights moved" in str(w.message)]
+            assert len(named) == (1 if k == 2 else 0)  # the third search, not before
+    assert named[0].category is UserWarning
+    assert "call the model inside the closure" in str(named[0].message)
+    for p, p0 in zip(model.parameters(), start, strict=True):
+        assert torch.equal(p.detach(), p0)
+
+
+def test_a_loss_of_another_model_is_named(optimizer_class):
+    """The optimizer built from one model, the closure evaluating another (a copy): no
+    parameter it holds gets a gradient. Three such steps in a row, and it says so."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    copy = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = optimizer_class(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(3):
+            opt.step(lambda: nn.functional.mse_loss(copy(x), y))
+            named = [w for w in caught if "does not depend on the parameters" in str(w.message)]
+            assert len(named) == (1 if k == 2 else 0)
+    assert opt.last_step.kind == "zero_grad"
+
+
+def test_a_parameter_set_unused_on_some_steps_is_not_taken_for_another_model(optimizer_class):
+    """Steps whose loss leaves every parameter of this optimizer without a gradient, but
+    never three in a row (a task-specific head trained on some batches only), and steps
+    whose trials move the loss: no warning about the closure."""
+    torch.manual_seed(0)
+    trunk, head = nn.Linear(4, 4), nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = optimizer_class(head.parameters())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(did not change|does not depend).*")
+        for k in range(12):
+            if k % 3 == 2:  # another task's batch: the head takes no part
+                opt.step(lambda: trunk(x).pow(2).mean())
+                assert opt.last_step.kind == "zero_grad"
+            else:
+                opt.step(lambda: nn.functional.mse_loss(head(torch.tanh(trunk(x))), y))
+                assert opt.last_step.kind in ("search", "reuse")
+
+
 class _Constants(nn.Module):
     """A layer with constant buffers (position ids, a mask), as BERT's embeddings have."""
 

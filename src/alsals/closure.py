@@ -312,6 +312,8 @@ class ClosureEvaluator:
         self.unprotected_modules: list[str] | None = None
         # closure(backward) returned a loss with a graph but left every gradient None
         self.backward_forgotten = False
+        # closure() returned a loss with a graph whose backward gave no parameter a gradient
+        self.disconnected = False
         self._buffers_after_first = False
 
     def evaluate_with_grad(self) -> Tensor:
@@ -339,6 +341,7 @@ class ClosureEvaluator:
                     self._check_plain_closure(loss)
                     if loss.requires_grad:
                         self._backward(loss)
+                        self.disconnected = all(p.grad is None for p in self.params)
         except BaseException:
             if dropped:  # before a completed backward pass: the gradients as they were
                 for p, g in zip(self.params, held, strict=True):

@@ -125,6 +125,23 @@ STALE_BUFFERS_HINT = (
 SHOWN_LR_KEY = "shown_lr"
 #: A learning rate written before this many consecutive steps is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
+#: A closure that gives no parameter a gradient, or whose loss no trial moves by a single
+#: bit, this many steps in a row is one the search cannot use: the optimizer warns.
+STALL_WARNING_STEPS = 3
+UNCHANGED_LOSS_WARNING = (
+    "{name}: the loss did not change when the weights moved: in {n} searches in a row every "
+    "trial, up to a move as large as the weights themselves, gave exactly the loss at the "
+    "start, so no step was taken. Either the closure does not compute the loss from the "
+    "model's current weights (call the model inside the closure: outputs computed before it, "
+    "or a loss of another model, stay the same whatever the optimizer does to the weights), "
+    "or the loss changes by less than its own rounding (compute it in a wider dtype)"
+)
+DISCONNECTED_WARNING = (
+    "{name}: the loss returned by closure() does not depend on the parameters this optimizer "
+    "holds (after backward none has a gradient), so {n} steps in a row were skipped. Build "
+    "the optimizer from the parameters of the model the closure evaluates (after replacing or "
+    "copying the model, pass the new model's parameters)"
+)
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
 FOREIGN_GROUP_KEYS = {
     "maximize": "negate the loss instead",
@@ -192,6 +209,8 @@ class Outcome:
     warning: str | None = None
     capped: bool = False  # loss_floor's cap made step_size smaller (next_step_size is set)
     loss_rose: bool = False  # loss_rise_guard fired: the ceiling is cut in phase 6
+    # every trial gave exactly L0, one of them a move as large as the weights (5.5)
+    loss_unchanged: bool = False
 
     @classmethod
     def accepted(cls, test: SearchTest, eta: float, trials: int, averaged: bool) -> Outcome:
@@ -423,6 +442,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._warned: set[str] = set()
         self._written_lr_steps = 0
+        self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
+        self._disconnected_steps = 0  # steps in a row whose loss gave no parameter a gradient
         self._buffers_checked = False
         self._grad_norm = math.nan
         self._replay_loss: float | None = None
@@ -446,6 +467,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_written_lr_steps", 0)
+        self.__dict__.setdefault("_unchanged_searches", 0)
+        self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_replay_loss", None)
@@ -1183,6 +1206,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             walk.limit(bound)
         judged = (polyak or h["loss_floor"] is not None) and not search.floor_refuted
         nonfinite_in_a_row = 0
+        unchanged = True  # every trial so far gave exactly L0
+        moved_all_the_way = False  # a trial moved the weights as far as their own norm
         for tried in range(1, h["max_trials"] + 1):
             trial.place(walk.eta)
             trial_loss = evaluator.evaluate(watch_buffers=tried == 1 and not self._buffers_checked)
@@ -1196,6 +1221,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     trial.restore()
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
             nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
+            unchanged = unchanged and value == loss0
             # the step's fault? (5.3) If the loss is not finite at w0 either, no step can pass
             doubt = nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
             if doubt and not self._finite_at_start(trial, evaluator):
@@ -1217,11 +1243,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 # A move as large as the weights that changes nothing is not below the
                 # resolution: the loss is flat or the trial overshot to an equal loss.
                 verdict = "rejected"
+                moved_all_the_way = True
             if verdict == "unresolved" and not walk.climb():
                 trial.restore()
-                return Outcome(
+                unresolved = Outcome(
                     "unresolved", 0.0, tried, test.slope, math.nan, walk.unresolved_step_size()
                 )
+                unresolved.loss_unchanged = unchanged and moved_all_the_way
+                return unresolved
             if verdict == "rejected":
                 interpolated = h["interpolate"] and walk.cap == math.inf
                 predicted = test.largest_passing() if interpolated else math.nan
@@ -1236,6 +1265,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         history = h["smoothing"] > 0.0 and search.averaged > 0
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
+        failed.loss_unchanged = unchanged and moved_all_the_way
         return failed
 
     def _finite_at_start(self, trial: _TrialPoint, evaluator: ClosureEvaluator) -> bool:
@@ -1552,6 +1582,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "which leaves backward to the optimizer)",
                 UserWarning,
             )
+        self._unchanged_searches = self._unchanged_searches + 1 if outcome.loss_unchanged else 0
+        if self._unchanged_searches >= STALL_WARNING_STEPS:
+            message = UNCHANGED_LOSS_WARNING.format(name=name, n=STALL_WARNING_STEPS)
+            self._warn_once("loss_unchanged", message, UserWarning)
+        disconnected = outcome.kind == "zero_grad" and evaluator.disconnected
+        self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
+        if self._disconnected_steps >= STALL_WARNING_STEPS:
+            message = DISCONNECTED_WARNING.format(name=name, n=STALL_WARNING_STEPS)
+            self._warn_once("disconnected", message, UserWarning)
         self._written_lr_steps = self._written_lr_steps + 1 if written else 0
         if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
             self._warn_once("schedule", SCHEDULE_WARNING.format(name=name), UserWarning)
