@@ -410,6 +410,25 @@ def test_a_backward_closure_that_never_runs_backward_warns(optimizer_class):
     assert opt.last_step.kind == "zero_grad"
 
 
+def test_a_loss_computed_and_backpropagated_before_the_closure_is_a_clear_error(
+    optimizer_class,
+):
+    """A loop converted from AdamW that kept its ``loss.backward()`` and hands the optimizer
+    that loss: the error says to compute the loss inside the closure (torch's own says to
+    retain the graph, which would only make every trial see the same loss); nothing moves."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt = optimizer_class(model.parameters())
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="Compute the loss inside the closure"):
+        opt.step(lambda: loss)
+    for p, p0 in zip(model.parameters(), start, strict=True):
+        assert torch.equal(p.detach(), p0)
+
+
 def test_outputs_computed_before_the_closure_are_named(optimizer_class):
     """A loop converted from AdamW with the forward pass left outside the closure: the
     gradient is right, but no trial moves the loss, so no step is ever taken. After three

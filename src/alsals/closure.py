@@ -360,13 +360,23 @@ class ClosureEvaluator:
     def _backward(self, loss: Tensor) -> None:
         """``loss.backward()`` for the plain form; a preview (``own_grads_only``) leaves no
         trace in tensors no group holds."""
-        if self.own_grads_only:
-            inputs = [p for p in self.params if p.requires_grad]
-            if not inputs:
-                return
-            loss.backward(inputs=inputs)
-        else:
-            loss.backward()
+        try:
+            if self.own_grads_only:
+                inputs = [p for p in self.params if p.requires_grad]
+                if not inputs:
+                    return
+                loss.backward(inputs=inputs)
+            else:
+                loss.backward()
+        except RuntimeError as err:
+            if "backward through the graph a second time" not in str(err):
+                raise
+            raise RuntimeError(
+                "closure() returned a loss whose graph a backward pass has already used: it "
+                "was computed before the closure (and its backward called there). Compute the "
+                "loss inside the closure, and leave backward to the optimizer (retain_graph "
+                "would not help: the trials need the loss at the weights they move to)"
+            ) from err
         self.backwards += 1
 
     def _check_plain_closure(self, loss: Tensor) -> None:
