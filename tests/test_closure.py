@@ -470,8 +470,9 @@ def test_a_loss_of_another_model_is_named(optimizer_class):
 
 def test_a_parameter_set_unused_on_some_steps_is_not_taken_for_another_model(optimizer_class):
     """Steps whose loss leaves every parameter of this optimizer without a gradient, but
-    never three in a row (a task-specific head trained on some batches only), and steps
-    whose trials move the loss: no warning about the closure."""
+    never three in a row (a task-specific head trained on some batches only), steps whose
+    trials move the loss, and steps with every parameter of the optimizer frozen: no warning
+    about the closure."""
     torch.manual_seed(0)
     trunk, head = nn.Linear(4, 4), nn.Linear(4, 1)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
@@ -485,6 +486,10 @@ def test_a_parameter_set_unused_on_some_steps_is_not_taken_for_another_model(opt
             else:
                 opt.step(lambda: nn.functional.mse_loss(head(torch.tanh(trunk(x))), y))
                 assert opt.last_step.kind in ("search", "reuse")
+        head.requires_grad_(False)  # frozen for a while: not another model
+        for _ in range(4):
+            opt.step(lambda: nn.functional.mse_loss(head(torch.tanh(trunk(x))), y))
+            assert opt.last_step.kind == "zero_grad"
 
 
 class _Constants(nn.Module):

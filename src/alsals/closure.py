@@ -312,7 +312,8 @@ class ClosureEvaluator:
         self.unprotected_modules: list[str] | None = None
         # closure(backward) returned a loss with a graph but left every gradient None
         self.backward_forgotten = False
-        # closure() returned a loss with a graph whose backward gave no parameter a gradient
+        # closure() returned a loss with a graph whose backward gave no trainable parameter
+        # (requires_grad) a gradient
         self.disconnected = False
         self._buffers_after_first = False
 
@@ -341,7 +342,10 @@ class ClosureEvaluator:
                     self._check_plain_closure(loss)
                     if loss.requires_grad:
                         self._backward(loss)
-                        self.disconnected = all(p.grad is None for p in self.params)
+                        trainable = [p for p in self.params if p.requires_grad]
+                        self.disconnected = bool(trainable) and all(
+                            p.grad is None for p in trainable
+                        )
         except BaseException:
             if dropped:  # before a completed backward pass: the gradients as they were
                 for p, g in zip(self.params, held, strict=True):
