@@ -492,6 +492,24 @@ def test_a_parameter_set_unused_on_some_steps_is_not_taken_for_another_model(opt
             assert opt.last_step.kind == "zero_grad"
 
 
+def test_a_backward_closure_on_another_model_says_both_causes(optimizer_class):
+    """closure(backward) that runs backward, but on a model whose parameters this optimizer
+    does not hold: the warning names that cause beside the forgotten backward."""
+    model, other = nn.Linear(3, 1), nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = optimizer_class(model.parameters())
+
+    def closure(backward):
+        loss = other(x).pow(2).mean()
+        if backward:
+            loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="does not depend on this optimizer's parameters"):
+        opt.step(closure)
+    assert opt.last_step.kind == "zero_grad"
+
+
 class _Constants(nn.Module):
     """A layer with constant buffers (position ids, a mask), as BERT's embeddings have."""
 

@@ -1579,7 +1579,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{name}: closure(backward) returned a loss that requires grad but no parameter "
                 "has a gradient, so the step was skipped: call loss.backward() in the closure "
                 "when its argument is True (or use the form closure() without arguments, "
-                "which leaves backward to the optimizer)",
+                "which leaves backward to the optimizer); if it does, the loss does not depend "
+                "on this optimizer's parameters (build the optimizer from the parameters of "
+                "the model the closure runs)",
                 UserWarning,
             )
         self._unchanged_searches = self._unchanged_searches + 1 if outcome.loss_unchanged else 0
