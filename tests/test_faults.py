@@ -163,6 +163,32 @@ def test_trials_that_overflow_only_far_out_still_backtrack(optimizer_class):
     assert torch.isfinite(w).all() and (w.abs() <= 3.0).all()
 
 
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [SLS, AdamSLS, lambda params, **kw: ALSALS(params, start="grown", **kw)],
+    ids=["SLS", "AdamSLS", "ALSALS-grown"],
+)
+def test_the_look_at_the_start_costs_one_pass_when_the_step_is_to_blame(make_optimizer):
+    """After the first search (no replay value to read), a search from a written lr of 1000
+    whose first trials overflow looks at ``w0`` once (one forward pass: the loss is finite
+    there), backtracks on and accepts."""
+    w = torch.zeros(4, requires_grad=True)
+    opt = make_optimizer([w], lr=0.01)
+
+    def closure():
+        loss = ((w - 1.0) ** 2).sum()
+        return torch.where(w.detach().abs().max() > 3.0, torch.full_like(loss, float("inf")), loss)
+
+    opt.step(closure)
+    for group in opt.param_groups:
+        group["lr"] = 1000.0
+    opt.step(closure)
+    info = opt.last_step
+    assert info.kind == "search" and info.trials > 2
+    assert info.forwards == 1 + info.trials + 1  # gradient, trials, w0 once
+    assert torch.isfinite(w).all() and (w.abs() <= 3.0).all()
+
+
 def barrier_run(make_optimizer, seed: int, steps: int = 400) -> list[str]:
     """A noisy quadratic whose minimum lies outside the log barrier's domain ``||w|| < 1``:
     the optimum sits near the boundary, and beyond it the loss is NaN."""
