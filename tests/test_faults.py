@@ -32,16 +32,28 @@ def moment_snapshot(opt):
     }
 
 
-def test_nonfinite_trial_loss_is_a_failed_trial(paper_class):
-    w = torch.zeros(4, requires_grad=True)
-    opt = paper_class([w], lr=100.0)
+def assert_moments_unchanged(before, opt):
+    after = moment_snapshot(opt)
+    for key, entries in before.items():
+        for name, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), name
+
+
+def overflowing_far_out(w, value: float):
+    """``||w - 1||^2``, and ``value`` (NaN or inf) where some ``|w_i| > 3``: a "model"
+    that overflows far from the start."""
 
     def closure():
         loss = ((w - 1.0) ** 2).sum()
-        # Far from the start the "model" overflows: a NaN loss there must just be rejected.
-        return torch.where(w.detach().abs().max() > 3.0, torch.full_like(loss, float("nan")), loss)
+        return torch.where(w.detach().abs().max() > 3.0, torch.full_like(loss, value), loss)
 
-    opt.step(closure)
+    return closure
+
+
+def test_nonfinite_trial_loss_is_a_failed_trial(paper_class):
+    w = torch.zeros(4, requires_grad=True)
+    opt = paper_class([w], lr=100.0)
+    opt.step(overflowing_far_out(w, float("nan")))  # a NaN trial must just be rejected
     assert opt.last_step.kind == "search" and opt.last_step.trials > 1
     assert torch.isfinite(w).all() and (w.abs() <= 3.0).all()
     assert opt.last_step.loss_decrease > 0
@@ -71,24 +83,26 @@ def test_nonfinite_loss_or_gradient_skips_the_step_and_warns_once(optimizer_clas
     assert opt.last_step.kind == "nonfinite"
     assert opt.state[next(model.parameters())]["line_search"]["skipped_nonfinite"] == 2
     assert_unchanged(before, model.parameters())
-    after = moment_snapshot(opt)
-    for key, entries in state_before.items():
-        for name, value in entries.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), name
+    assert_moments_unchanged(state_before, opt)
 
 
+@pytest.mark.parametrize("first_search", [True, False], ids=["first-search", "later"])
 @pytest.mark.parametrize("form", ["closure()", "closure(backward)"])
-def test_a_closure_that_fails_without_gradient_skips_in_a_few_passes(optimizer_class, form):
+def test_a_closure_that_fails_without_gradient_skips_in_a_few_passes(
+    optimizer_class, form, first_search
+):
     """Trials evaluate the closure without gradient; one whose loss is NaN there (and finite
     with gradient) fails for every step size. After two non-finite trials the search looks
-    at the starting weights the trials' way, skips the step with a warning that says so,
-    and does not spend ``max_trials`` passes per step; nothing changes."""
+    at the starting weights the trials' way (at the first search of a run the replay check
+    has evaluated them already: no further pass), skips the step with a warning that says
+    so, and does not spend ``max_trials`` passes per step; nothing changes."""
     torch.manual_seed(0)
     model = SmallNet()
     x, y = make_classification()
     opt = optimizer_class(model.parameters(), lr=0.01, buffers=model.buffers())
     normal = bce_closure(model, x, y)
-    opt.step(normal)  # state to protect, and not the first search (no replay check)
+    if not first_search:
+        opt.step(normal)  # state to protect
     before, state_before = snapshot(model), moment_snapshot(opt)
 
     if form == "closure()":
@@ -114,37 +128,14 @@ def test_a_closure_that_fails_without_gradient_skips_in_a_few_passes(optimizer_c
         opt.step(broken)
     info = opt.last_step
     assert info.kind == "nonfinite"
-    # gradient, two trials, w0 again (finite difference: gradient, probe, first trial)
-    assert (info.trials, info.forwards) == ((1, 3) if finite_difference else (2, 4))
+    # gradient, two trials, w0 again (first search: gradient, replay, two trials); finite
+    # difference: gradient, (replay,) probe, first trial
+    expected = (1, 4 if first_search else 3) if finite_difference else (2, 4)
+    assert (info.trials, info.forwards) == expected
     assert_unchanged(before, model.parameters())
-    after = moment_snapshot(opt)
-    for key, entries in state_before.items():
-        for name, value in entries.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), name
+    assert_moments_unchanged(state_before, opt)
     opt.step(normal)  # and it goes on
     assert opt.last_step.kind in ("search", "reuse")
-
-
-def test_a_closure_that_fails_without_gradient_at_the_first_search(optimizer_class):
-    """At the first search the replay check has evaluated the starting weights already:
-    the skip needs no further pass."""
-    torch.manual_seed(0)
-    model = SmallNet()
-    x, y = make_classification()
-    opt = optimizer_class(model.parameters(), lr=0.01, buffers=model.buffers())
-
-    def broken():
-        loss = bce_closure(model, x, y)()
-        return loss if torch.is_grad_enabled() else loss * float("nan")
-
-    finite_difference = opt.defaults["slope"] == "finite_difference"
-    culprit = "the slope estimate" if finite_difference else "without gradient"
-    with pytest.warns(RuntimeWarning, match=culprit):
-        opt.step(broken)
-    info = opt.last_step
-    assert info.kind == "nonfinite"
-    # gradient, replay, two trials (finite difference: gradient, replay, probe, first trial)
-    assert (info.trials, info.forwards) == ((1, 4) if finite_difference else (2, 4))
 
 
 def test_trials_that_overflow_only_far_out_still_backtrack(optimizer_class):
@@ -152,12 +143,7 @@ def test_trials_that_overflow_only_far_out_still_backtrack(optimizer_class):
     trials overflow: the search goes on and accepts a smaller step."""
     w = torch.zeros(4, requires_grad=True)
     opt = optimizer_class([w], lr=1000.0)
-
-    def closure():
-        loss = ((w - 1.0) ** 2).sum()
-        return torch.where(w.detach().abs().max() > 3.0, torch.full_like(loss, float("inf")), loss)
-
-    opt.step(closure)
+    opt.step(overflowing_far_out(w, float("inf")))
     info = opt.last_step
     assert info.kind == "search" and info.loss_decrease > 0
     assert torch.isfinite(w).all() and (w.abs() <= 3.0).all()
@@ -174,11 +160,7 @@ def test_the_look_at_the_start_costs_one_pass_when_the_step_is_to_blame(make_opt
     there), backtracks on and accepts."""
     w = torch.zeros(4, requires_grad=True)
     opt = make_optimizer([w], lr=0.01)
-
-    def closure():
-        loss = ((w - 1.0) ** 2).sum()
-        return torch.where(w.detach().abs().max() > 3.0, torch.full_like(loss, float("inf")), loss)
-
+    closure = overflowing_far_out(w, float("inf"))
     opt.step(closure)
     for group in opt.param_groups:
         group["lr"] = 1000.0

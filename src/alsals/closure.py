@@ -312,9 +312,8 @@ class ClosureEvaluator:
         self.unprotected_modules: list[str] | None = None
         # closure(backward) returned a loss with a graph but left every gradient None
         self.backward_forgotten = False
-        # closure() returned a loss with a graph whose backward gave no trainable parameter
-        # (requires_grad) a gradient
-        self.disconnected = False
+        # closure() returned a loss with a graph, and the optimizer ran its backward
+        self._ran_backward = False
         self._buffers_after_first = False
 
     def evaluate_with_grad(self) -> Tensor:
@@ -342,10 +341,7 @@ class ClosureEvaluator:
                     self._check_plain_closure(loss)
                     if loss.requires_grad:
                         self._backward(loss)
-                        trainable = [p for p in self.params if p.requires_grad]
-                        self.disconnected = bool(trainable) and all(
-                            p.grad is None for p in trainable
-                        )
+                        self._ran_backward = True
         except BaseException:
             if dropped:  # before a completed backward pass: the gradients as they were
                 for p, g in zip(self.params, held, strict=True):
@@ -360,6 +356,14 @@ class ClosureEvaluator:
         self.loss_dtype = loss.dtype if isinstance(value, Tensor) else _widest_dtype(self.params)
         self.rng_after = RandomState()
         return loss.detach()
+
+    @property
+    def disconnected(self) -> bool:
+        """The backward the optimizer ran on ``closure()``'s loss gave no trainable parameter
+        a gradient: the loss does not depend on them. Read only for a step that found no
+        gradient (not on every step's path)."""
+        trainable = [p for p in self.params if p.requires_grad]
+        return self._ran_backward and bool(trainable) and all(p.grad is None for p in trainable)
 
     def _backward(self, loss: Tensor) -> None:
         """``loss.backward()`` for the plain form; a preview (``own_grads_only``) leaves no

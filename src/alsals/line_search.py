@@ -1225,9 +1225,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             # the step's fault? (5.3) If the loss is not finite at w0 either, no step can pass
             doubt = nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
             if doubt and not self._finite_at_start(trial, evaluator):
-                skip = Outcome("nonfinite", trials=tried, slope=test.slope)
-                skip.warning = NO_GRAD_NONFINITE
-                return skip
+                return Outcome(
+                    "nonfinite", trials=tried, slope=test.slope, warning=NO_GRAD_NONFINITE
+                )
             if judged:  # what the trial says of the floor (5.2): the first's word, or below it
                 word = floor_word(loss0, value, floor, resolution, at_polyak_step and tried == 1)
                 if word == "near":  # suspect: twice the Polyak step goes below, or back up
@@ -1246,11 +1246,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 moved_all_the_way = True
             if verdict == "unresolved" and not walk.climb():
                 trial.restore()
-                unresolved = Outcome(
-                    "unresolved", 0.0, tried, test.slope, math.nan, walk.unresolved_step_size()
+                return Outcome(
+                    "unresolved",
+                    0.0,
+                    tried,
+                    test.slope,
+                    math.nan,
+                    walk.unresolved_step_size(),
+                    loss_unchanged=unchanged and moved_all_the_way,
                 )
-                unresolved.loss_unchanged = unchanged and moved_all_the_way
-                return unresolved
             if verdict == "rejected":
                 interpolated = h["interpolate"] and walk.cap == math.inf
                 predicted = test.largest_passing() if interpolated else math.nan
