@@ -110,6 +110,30 @@ def floor_run(rank: int) -> dict:
     return {"refuted_at": refuted_at, "state": state, "weights": model.weight.detach().clone()}
 
 
+def undo_run(rank: int) -> dict:
+    """AdamSLS (whose momentum updates are untested) under DDP, each rank its own batches;
+    after 5 steps rank 1's loss is NaN on two steps in a row: the mean is NaN on both
+    ranks, so both undo the last update alike and keep the same weights."""
+    gen = torch.Generator().manual_seed(0)  # the same data set on every rank
+    x = torch.randn(64, 6, dtype=torch.float64, generator=gen)
+    y = x @ torch.randn(6, dtype=torch.float64, generator=gen)
+    model = nn.Linear(6, 1).double()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = AdamSLS(ddp.parameters(), lr=0.1)
+    kinds = []
+    for k in range(9):
+        idx = torch.arange(rank, 64, 2)[8 * (k % 4) : 8 * (k % 4) + 8]
+
+        def closure(idx=idx, k=k):
+            loss = 0.5 * ((ddp(x[idx]).squeeze(-1) - y[idx]) ** 2).mean()
+            return loss * float("nan") if (rank == 1 and k in (5, 6)) else loss
+
+        opt.step(closure)
+        kinds.append(opt.last_step.kind)
+    state = opt.state[model.weight]["line_search"]
+    return {"kinds": kinds, "state": state, "weights": model.weight.detach().clone()}
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -130,7 +154,7 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
 
 def train_all(rank: int) -> dict:
     """Each optimizer on this rank's data under DDP: decisions, weights, losses."""
-    results = {"guard": guard_run(rank), "floor": floor_run(rank)}
+    results = {"guard": guard_run(rank), "floor": floor_run(rank), "undo": undo_run(rank)}
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))

@@ -148,6 +148,9 @@ class SearchState:
     step_size_ceiling: float = math.inf  # no step size above it (phase 6)
     ceiling_loss: float = 0.0  # loss_lowest when the ceiling was set
     floor_hits: int = 0  # searches in a row whose trials showed the loss below the floor
+    untested_step_size: float = 0.0  # eta of the last update if it was untested, else 0
+    nonfinite_in_a_row: int = 0  # steps skipped as non-finite since the last that was not
+    undone_updates: int = 0
 
 
 FLOOR_HITS = 3  # from this many on, the run no longer uses the floor (5.2, 5.6)
@@ -340,8 +343,10 @@ def adaptive_interval(eta_fast: float, eta_slow: float, searches: int) -> float:
 
 def search_due(state: SearchState, search_interval: int | str) -> bool:
     """Phase 3: whether this step searches (outside warm-up)."""
-    if state.searches == 0 or state.unaccepted_in_a_row:
-        return True  # no search has accepted the step size: it is not reused untested
+    if state.searches == 0 or state.unaccepted_in_a_row or state.nonfinite_in_a_row:
+        # no search has accepted the step size, or the step after it was not finite: it
+        # is not reused untested
+        return True
     if search_interval in ("adaptive", "settled"):
         if state.searches < 10 and not (search_interval == "settled" and state.settled):
             return True
@@ -532,6 +537,7 @@ class ReferenceOptimizer:
             record.kind = "nonfinite"
             self.count_skip("nonfinite")
         else:
+            self.state.nonfinite_in_a_row = 0
             cap = self.polyak(loss0, grads, active, moments)  # 5.6
             self.commit(plan, outcome, moments, d_update, record, cap)  # 6
             self.watch(loss0, plan, outcome, record)  # 5.7, stored with 6
@@ -592,8 +598,30 @@ class ReferenceOptimizer:
         return [None if g is None else g * (limit / (norm + 1e-6)) for g in grads]
 
     def count_skip(self, kind: str) -> None:
-        if kind == "nonfinite":
-            self.state.skipped_nonfinite += 1
+        """A skipped step; the second non-finite one in a row after an untested update
+        undoes that update (phase 6)."""
+        st = self.state
+        if kind != "nonfinite":
+            st.nonfinite_in_a_row = 0
+            return
+        st.skipped_nonfinite += 1
+        if st.untested_step_size > 0 and st.nonfinite_in_a_row >= 1:
+            self.undo_untested_update()
+        st.nonfinite_in_a_row += 1
+
+    def undo_untested_update(self) -> None:
+        """Phase 6: ``w <- (w - eta d_update) / (1 - decay)`` with ``d_update`` from the
+        stored moments (unchanged since that update), ``eta <- backtrack eta``."""
+        st = self.state
+        eta = st.untested_step_size
+        for i, state in self.param_state.items():
+            group = self._group(i)
+            d = momentum_direction(state, group, group.lr_scale)
+            decay = min(eta * group.lr_scale * group.weight_decay, 1.0)
+            self.weights[i] = (self.weights[i] - eta * d) / (1.0 - decay)
+        st.step_size = min(max(self.config.backtrack * eta, MIN_STEP_SIZE), self.ceiling())
+        st.untested_step_size = 0.0
+        st.undone_updates += 1
 
     def moments_after(self, grads: list[Tensor | None], active: list[int]) -> dict[int, ParamState]:
         """Eq. 3 on copies: the moments this step commits in phase 6 (Adam variants)."""
@@ -695,8 +723,10 @@ class ReferenceOptimizer:
         floor = -math.inf if refuted else (cfg.loss_floor or 0.0)  # 0 if None
         height = loss0 - floor  # above the loss's lower bound
         at_polyak_step = False
+        unbounded = 0.0  # the start the Polyak bound lowered
         if cfg.start == "polyak" and height > 0 and s > 0:  # 5.2: at most the Polyak step
             at_polyak_step = height / s < eta_try
+            unbounded = eta_try if at_polyak_step else 0.0
             eta_try = max(min(eta_try, height / s), MIN_STEP_SIZE)
         judged = (cfg.start == "polyak" or cfg.loss_floor is not None) and not refuted
         G = record.slope_avg = smooth(st.slope_avg, s, b)  # G', stored only on acceptance
@@ -736,7 +766,10 @@ class ReferenceOptimizer:
             decrease = smooth(st.decrease_avg, delta, b)
             if cap < math.inf:  # 5.3 during warm-up: no measurable increase, D and G kept
                 if is_finite(loss) and delta >= -tol:
-                    record.step_size = self.next_step_size = eta_try
+                    record.step_size = eta_try
+                    # 5.2: a bound that lowered the start lowers eta by one backtrack at most
+                    carried = 0.0 if rejected else cfg.backtrack * unbounded
+                    self.next_step_size = max(eta_try, carried)
                     record.loss_decrease = delta
                     return "accepted"
                 rejected = rejected or is_finite(loss)
@@ -754,7 +787,9 @@ class ReferenceOptimizer:
                 st.decrease_avg = decrease
                 st.slope_avg = G
                 st.averaged += 1
-                record.step_size = self.next_step_size = eta_try
+                record.step_size = eta_try
+                carried = 0.0 if rejected else cfg.backtrack * unbounded  # 5.2, as above
+                self.next_step_size = max(eta_try, carried)
                 record.loss_decrease = delta
                 return "accepted"
             rejected = rejected or is_finite(loss)
@@ -838,8 +873,9 @@ class ReferenceOptimizer:
         st = self.state
         self.param_state.update(moments)
         moved = plan == "reuse" or outcome == "accepted"
+        st.untested_step_size = 0.0
         if moved:
-            eta = st.step_size if plan != "search" else self.next_step_size
+            eta = st.step_size if plan != "search" else record.step_size
             if cap < eta:  # 5.6: the search's eta stays the next search's start
                 eta = cap
                 record.polyak_capped = True
@@ -854,6 +890,19 @@ class ReferenceOptimizer:
             ]
             st.step += 1
             record.step_size = eta
+            # untested: it did not land on (or between w0 and) an evaluated trial; undoable:
+            # every parameter with moments moved, and no decay took the whole of w0
+            cfg = self.config
+            untested = plan == "reuse" or cfg.update_direction != cfg.searched_along
+            undoable = (
+                cfg.update_direction == "momentum"
+                and set(self.param_state) <= set(d_update)
+                and all(
+                    eta * self._group(i).lr_scale * self._group(i).weight_decay < 1.0
+                    for i in d_update
+                )
+            )
+            st.untested_step_size = eta if untested and undoable else 0.0
         if plan == "search":
             st.step_size = min(max(self.next_step_size, MIN_STEP_SIZE), self.ceiling())
             if self.floor_hit is not None and st.floor_hits < FLOOR_HITS:

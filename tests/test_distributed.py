@@ -70,6 +70,17 @@ def test_a_scan_averages_the_trial_losses_over_ranks_as_the_search_does(rank_res
     assert abs(rank0[0]) < 1e-5
 
 
+def test_an_untested_update_is_undone_alike_on_every_rank(rank_results):
+    """Rank 1's loss is NaN on two steps in a row after AdamSLS's (untested) update: the
+    mean loss is NaN on both ranks, both undo the update and keep the same weights."""
+    rank0, rank1 = rank_results[0]["undo"], rank_results[1]["undo"]
+    assert rank0["kinds"][5:8] == ["nonfinite", "nonfinite", "search"]
+    assert rank0["state"]["undone_updates"] == 1
+    assert rank0["kinds"] == rank1["kinds"]
+    assert rank0["state"] == rank1["state"]
+    assert torch.equal(rank0["weights"], rank1["weights"])
+
+
 def test_the_loss_rise_guard_fires_alike_on_every_rank(rank_results):
     """The guard judges the batch losses averaged over ranks: both ranks fire at the same
     steps, keep the same ceiling and the same watch, and the same weights."""

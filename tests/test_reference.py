@@ -443,7 +443,9 @@ CASES = [
         "sls-quadratic-polyak-fd",
         "SLS",
         "quadratic",
-        {"lr": 50.0, "start": "polyak", "slope": "finite_difference"},
+        # fd_step 1e-2: the Polyak step (L0 - f*) / s, and so the weights, inherit the
+        # finite difference's rounding, ~ulp / fd_step (relative 1e-9 at 5e-8: above W_TOL)
+        {"lr": 50.0, "start": "polyak", "slope": "finite_difference", "fd_step": 1e-2},
         20,
         {"accepted", "polyak"},
     ),
@@ -948,6 +950,34 @@ def test_nonfinite_and_zero_gradient_steps(variant, kind, bad_step):
         assert any(issubclass(w.category, RuntimeWarning) for w in caught)
         assert run.ref.state.skipped_nonfinite == 1
     assert run.ref.state.step == 11
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+@pytest.mark.parametrize("variant", list(CLASSES))
+def test_two_nonfinite_steps_after_an_untested_update_undo_it(variant, interval):
+    """Phase 6: the second of two non-finite skips in a row after an untested update (a
+    step reusing its step size, AdamSLS's update along the momentum) undoes it from the
+    stored moments; SLS's reuse along a gradient it does not keep is not undone. The step
+    after the skips searches. Compared with the reference step by step."""
+    problem = logistic_problem()
+    run = SideBySide(
+        variant, problem, {"lr": 5.0, "growth_interval": 10, "search_interval": interval}
+    )
+
+    def loss_at(k):
+        f = problem.loss_at(k)
+        return (lambda ws: f(ws) * math.nan) if k in (4, 5) else f
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.run(10, loss_at=loss_at)
+    kinds = run.kinds()
+    assert kinds[4:7] == ["nonfinite", "nonfinite", "search"]
+    untested = variant == "AdamSLS" or (variant == "ALSALS" and kinds[3] == "reuse")
+    assert run.ref.state.undone_updates == int(untested)
+    assert run.opt.search_state.undone_updates == int(untested)
+    if interval == 2 and variant != "SLS":
+        assert untested  # (the case the test is for is reached)
 
 
 @pytest.mark.parametrize("variant", list(CLASSES))

@@ -45,6 +45,7 @@ class Backtracking:
     rejected: bool = False  # a finite, resolved trial failed the test
     largest_unresolved: float = 0.0
     last_tried: float = math.nan
+    unbounded: float = 0.0  # the start the Polyak bound lowered (0: it did not)
 
     @classmethod
     def start(
@@ -65,7 +66,22 @@ class Backtracking:
 
     def limit(self, largest: float) -> None:
         """Start no higher than ``largest`` (the Polyak step ``L0 / s``)."""
+        if largest < self.eta:
+            self.unbounded = self.eta
         self.eta = max(min(self.eta, largest), MIN_STEP_SIZE)
+
+    def carried(self, accepted: float) -> float:
+        """Where the next search starts after this one accepted ``accepted``.
+
+        The Polyak bound measures this batch's height above the floor, not the scale of the
+        landscape: a batch whose loss is almost at the floor (a sample fitted exactly) bounds
+        its own trials to almost 0. Where it lowered the start and no trial was rejected,
+        the step size carried on falls by one backtracking factor at most; otherwise it is
+        the accepted one, as after any search.
+        """
+        if self.rejected:
+            return accepted
+        return max(accepted, self.backtrack * self.unbounded)
 
     def reject(self, finite: bool, predicted: float = math.nan) -> None:
         """A rejected trial: the next one is ``backtrack`` times smaller. Given the step

@@ -142,6 +142,15 @@ DISCONNECTED_WARNING = (
     "the optimizer from the parameters of the model the closure evaluates (after replacing or "
     "copying the model, pass the new model's parameters)"
 )
+UNDONE_WARNING = (
+    "{name}: the loss was not finite on two steps in a row after an update that no "
+    "evaluation had tested (a step reusing the last search's step size, or AdamSLS's update "
+    "along the momentum, which its search along the preconditioned gradient does not test): "
+    "that update was undone (the weights moved back, Adam's moments kept) and the next step "
+    "searches from a smaller step size. A loss that is not finite beyond some weights (a "
+    "log or a square root of them) causes this; further undos are counted in the state's "
+    "'undone_updates' without warning."
+)
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
 FOREIGN_GROUP_KEYS = {
     "maximize": "negate the loss instead",
@@ -211,6 +220,8 @@ class Outcome:
     loss_rose: bool = False  # loss_rise_guard fired: the ceiling is cut in phase 6
     # every trial gave exactly L0, one of them a move as large as the weights (5.5)
     loss_unchanged: bool = False
+    # a second non-finite skip in a row after an untested update: phase 6 undoes the update
+    undo: bool = False
 
     @classmethod
     def accepted(cls, test: SearchTest, eta: float, trials: int, averaged: bool) -> Outcome:
@@ -402,6 +413,8 @@ class _Run:
     ceiling: tuple[float, float] | None = None
     rise: tuple[float, float, float, float] | None = None  # the rise it saw, for the log
     floor_hit: bool | None = None  # what the search's trials said of the floor (5.2)
+    # every parameter that holds Adam moments takes part in this step (``grad`` set)
+    all_moments_take_part: bool = True
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -814,9 +827,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self, search: SearchState, written: str | None, evaluator: ClosureEvaluator, run: _Run
     ) -> tuple[Tensor, float, Outcome]:
         loss = self._evaluate(evaluator)
-        run.steps = self._gather()
+        run.steps, run.all_moments_take_part = self._gather()
         loss0, outcome = self._check(run.steps, loss, evaluator, self._cap_on(search))
         if outcome is not None:
+            # 6: the weights are where an untested update put them, and the loss there is
+            # not finite on a second batch in a row: that update is to blame
+            outcome.undo = search.untested_step_size > 0 and search.nonfinite_in_a_row >= 1
             return loss, loss0, outcome
         run.model = self._model(search, loss0)
         plan = self._plan(search, written)
@@ -867,17 +883,21 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """Phase 1: ``L0 = f(w0)`` and the gradients ``g`` (one forward, one backward)."""
         return evaluator.evaluate_with_grad()
 
-    def _gather(self) -> list[GroupStep]:
-        """The tensors taking part in this step (``grad`` set), group by group.
+    def _gather(self) -> tuple[list[GroupStep], bool]:
+        """The tensors taking part in this step (``grad`` set), group by group, and whether
+        every parameter that holds Adam moments is among them.
 
         Parameters without Adam state get fresh zero moments here; they are stored in
         ``state`` only when the step commits.
         """
         steps = []
+        all_take_part = True
         for group in self.param_groups:
             step = GroupStep(group=group)
             for p in group["params"]:
                 if p.grad is None:
+                    if all_take_part and self.uses_moments:
+                        all_take_part = "exp_avg" not in self.state.get(p, {})
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(
@@ -903,7 +923,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if self.uses_moments:
                     self._check_eps(group["eps"], step.params)
                 steps.append(step)
-        return steps
+        return steps, all_take_part
 
     def _check_eps(self, eps: float, params: list[Tensor]) -> None:
         """A ``ValueError`` where ``eps`` rounds to 0 in a parameter's dtype (float16 and
@@ -1006,9 +1026,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if search.step < h["warmup_steps"]:
             return "search"  # warm-up caps the step size; the search still decides
         interval = h["search_interval"]
-        if search.searches == 0 or search.unaccepted_in_a_row or written == "set":
+        if (
+            search.searches == 0
+            or search.unaccepted_in_a_row
+            or written == "set"
+            or search.nonfinite_in_a_row
+        ):
             # the initial step size is a guess; one that the last search did not accept
-            # (failed, unresolved) or that was written into lr is no better: search from it
+            # (failed, unresolved), that was written into lr, or that was followed by a
+            # non-finite loss (perhaps where the last update landed) is no better: search
             return "search"
         if interval in ADAPTIVE_CADENCES:
             settled = interval == "settled" and search.settled
@@ -1236,7 +1262,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     run.floor_hit = word == "below"
             verdict = test.judge(value, walk.eta, warmup=walk.cap < math.inf)
             if verdict == "accepted":
-                return Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
+                accepted = Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
+                accepted.next_step_size = walk.carried(walk.eta)
+                return accepted
             if verdict == "unresolved" and not walk.ceiling_known:
                 walk.set_ceiling(trial.update_as_large_as_weights(self._process_group))
             if verdict == "unresolved" and walk.eta >= walk.ceiling:
@@ -1367,6 +1395,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _commit(self, search: SearchState, run: _Run, outcome: Outcome) -> None:
         """Phase 6: write Adam's moments, move the weights, decay them, update the search
         state. A skipped step (``nonfinite``, ``zero_grad``) writes nothing but counters."""
+        if outcome.undo:
+            self._undo_untested_update(search)
         if outcome.kind in ("nonfinite", "zero_grad"):
             return
         if run.model is not None:
@@ -1393,22 +1423,57 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 for step, q in zip(steps, run.denominators, strict=True)
             ]
         moved = trial is not None and not trial.at_origin
+        undoable = self.update_direction.uses_moments and run.all_moments_take_part
         if eta:
             for index, (step, d) in enumerate(zip(steps, directions, strict=True)):
                 # At most the whole of w0: the search does not test the decay, and a step size
                 # with eta * weight_decay > 1 would otherwise flip and grow the weights.
                 decay = min(eta * step.lr_scale * step.group["weight_decay"], 1.0)
+                undoable = undoable and decay < 1.0
                 if decay:
                     w0 = trial.origins[index] if moved else step.weights
                     torch._foreach_add_(step.weights, w0, alpha=-decay)
                 if not moved:
                     d.add_to(step.weights, eta)
+        # An update that did not land on (or between w0 and) a trial the search evaluated is
+        # untested: remembered so that phase 2's non-finite losses after it can undo it.
+        untested = bool(eta) and not moved and undoable
+        search.untested_step_size = eta if untested else 0.0
         self._advance(search, outcome, run.floor_hit)
         if run.watch is not None:
             self._store_watch(search, run.watch)
         if run.ceiling is not None:
             search.step_size_ceiling, search.ceiling_loss = run.ceiling
             search.step_size = min(search.step_size, search.step_size_ceiling)
+
+    def _undo_untested_update(self, search: SearchState) -> None:
+        """Move the weights back from where the last, untested update put them:
+        ``w <- (w - eta d) / (1 - decay)`` with ``d`` rebuilt from the stored moments as
+        that update built it (no step has written them since); the moments stay. The next
+        search starts from ``backtrack * eta``."""
+        eta = search.untested_step_size
+        for group in self.param_groups:
+            step = GroupStep(group=group)
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "exp_avg" not in state:
+                    continue  # (added since that update: it did not move)
+                step.params.append(p)
+                step.weights.append(local_shard(p))
+                step.exp_avgs.append(local_shard(state["exp_avg"]))
+                step.exp_avg_sqs.append(local_shard(state["exp_avg_sq"]))
+                step.steps.append(int(state["step"]))
+            if not step.params:
+                continue
+            d = committed_momentum_direction(step, committed_denominators(step))
+            d.add_to(step.weights, -eta)
+            decay = min(eta * step.lr_scale * group["weight_decay"], 1.0)
+            if decay:
+                torch._foreach_div_(step.weights, 1.0 - decay)
+        backtracked = max(self._settings["backtrack"] * eta, MIN_STEP_SIZE)
+        search.step_size = min(backtracked, self._ceiling(search))
+        search.untested_step_size = 0.0
+        search.undone_updates += 1
 
     def _store_moments(self, step: GroupStep) -> None:
         """Store the moments of parameters that had none (created by ``_gather``)."""
@@ -1473,6 +1538,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search.backwards += evaluator.backwards
         search.trials += outcome.trials
         search.skipped_nonfinite += outcome.kind == "nonfinite"
+        nonfinite = outcome.kind == "nonfinite"
+        search.nonfinite_in_a_row = search.nonfinite_in_a_row + 1 if nonfinite else 0
         search.skipped_zero_grad += outcome.kind == "zero_grad"
         anchor = self._anchor()
         if anchor is not None:
@@ -1575,6 +1642,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "and the weights and optimizer state left unchanged. Further skips are counted "
                 "in optimizer.last_step / the state's 'skipped_nonfinite' without warning.",
             )
+        if outcome.undo:
+            self._warn_once("undone", UNDONE_WARNING.format(name=name), UserWarning)
         if self._replay_loss is not None:
             self._warn_if_not_replayed(loss0, self._replay_loss)
         if outcome.kind == "zero_grad" and evaluator.backward_forgotten:

@@ -32,6 +32,8 @@ COUNTERS = (
     "model_steps",
     "loss_samples",
     "floor_hits",
+    "nonfinite_in_a_row",
+    "undone_updates",
 )
 
 
@@ -55,7 +57,12 @@ class SearchState:
     average before the rise (the ceiling is lifted once the loss falls measurably below it).
     ``floor_hits`` counts the searches in a row whose trials showed the loss below the floor
     of ``loss_floor``'s cap and the Polyak start (:func:`alsals.polyak_cap.floor_word`);
-    from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``). Only numbers:
+    from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``).
+    ``untested_step_size`` is the step size of the last update when no evaluation tested
+    where it landed (a step reusing its step size, AdamSLS's momentum update) and the update
+    can be undone from the stored moments, 0 otherwise; ``nonfinite_in_a_row`` counts the
+    steps skipped as non-finite since the last step that was not, ``undone_updates`` the
+    untested updates undone after them (``docs/algorithms.md``, phase 6). Only numbers:
     ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
@@ -92,6 +99,9 @@ class SearchState:
     step_size_ceiling: float = math.inf
     ceiling_loss: float = 0.0
     floor_hits: int = 0
+    untested_step_size: float = 0.0
+    nonfinite_in_a_row: int = 0
+    undone_updates: int = 0
 
     @property
     def floor_refuted(self) -> bool:
@@ -127,12 +137,18 @@ class SearchState:
             "step_size_at_lowest",
             "loss_error_at_lowest",
             "ceiling_loss",
+            "untested_step_size",
         ):
             value = values.get(name, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not a number)")
             if not math.isfinite(value):
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not finite)")
+        if values.get("untested_step_size", 0.0) < 0:
+            raise ValueError(
+                "invalid line_search state 'untested_step_size': "
+                f"{values['untested_step_size']!r} (expected a number >= 0)"
+            )
         ceiling = values.get("step_size_ceiling", math.inf)
         if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or not ceiling > 0:
             raise ValueError(
