@@ -767,8 +767,8 @@ class ReferenceOptimizer:
             if cap < math.inf:  # 5.3 during warm-up: no measurable increase, D and G kept
                 if is_finite(loss) and delta >= -tol:
                     record.step_size = eta_try
-                    # 5.2: a bound that lowered the start lowers eta by one backtrack at most
-                    carried = 0.0 if rejected else cfg.backtrack * unbounded
+                    # 5.2: a bound that lowered the start lowers eta tenfold at most
+                    carried = 0.0 if rejected else 0.1 * unbounded
                     self.next_step_size = max(eta_try, carried)
                     record.loss_decrease = delta
                     return "accepted"
@@ -788,7 +788,7 @@ class ReferenceOptimizer:
                 st.slope_avg = G
                 st.averaged += 1
                 record.step_size = eta_try
-                carried = 0.0 if rejected else cfg.backtrack * unbounded  # 5.2, as above
+                carried = 0.0 if rejected else 0.1 * unbounded  # 5.2, as above
                 self.next_step_size = max(eta_try, carried)
                 record.loss_decrease = delta
                 return "accepted"

@@ -73,15 +73,16 @@ class Backtracking:
     def carried(self, accepted: float) -> float:
         """Where the next search starts after this one accepted ``accepted``.
 
-        The Polyak bound measures this batch's height above the floor, not the scale of the
-        landscape: a batch whose loss is almost at the floor (a sample fitted exactly) bounds
-        its own trials to almost 0. Where it lowered the start and no trial was rejected,
-        the step size carried on falls by one backtracking factor at most; otherwise it is
-        the accepted one, as after any search.
+        The Polyak bound is a model's word (the loss falling linearly to the floor), and it
+        measures this batch's height above the floor, not the scale of the landscape: a batch
+        whose loss is at the floor but for rounding (a sample fitted exactly) bounds its own
+        trials to almost 0. Where it lowered the start and no trial was rejected, the step
+        size carried on falls by at most ``INTERPOLATION_FLOOR``, the safeguard on how far
+        an interpolated trial may fall; otherwise it is the accepted one, as after any search.
         """
         if self.rejected:
             return accepted
-        return max(accepted, self.backtrack * self.unbounded)
+        return max(accepted, INTERPOLATION_FLOOR * self.unbounded)
 
     def reject(self, finite: bool, predicted: float = math.nan) -> None:
         """A rejected trial: the next one is ``backtrack`` times smaller. Given the step
