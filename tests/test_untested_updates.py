@@ -56,15 +56,16 @@ def longest_run(kinds: list[str], kind: str) -> int:
 )
 def test_an_untested_update_across_a_domain_boundary_is_undone(make_optimizer, seeds):
     """Before the undo, runs got stuck outside the domain, every later step skipped (in
-    float32 on 20 seeds: ALSALS(params) on 10, AdamSLS on 19). Now no run skips more than
+    float32 on 20 seeds: ALSALS(params) on 10-12 by the CPU, AdamSLS on 19; see
+    benchmarks/scripts/losses_with_a_domain.py). Now no run skips more than
     the two steps that trigger the undo in a row, and every run ends inside the domain."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.filterwarnings("ignore", UNDONE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for seed in seeds:
             kinds, w = barrier_run(make_optimizer, seed)
             assert longest_run(kinds, "nonfinite") <= 2, seed
             assert (w**2).sum() < 1.0, seed
+    assert any(UNDONE in str(w.message) for w in caught)  # the case was reached
 
 
 @pytest.mark.parametrize("make_optimizer", [SLS, ALSALS.paper], ids=["SLS", "ALSALS-paper"])
