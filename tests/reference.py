@@ -149,7 +149,7 @@ class SearchState:
     ceiling_loss: float = 0.0  # loss_lowest when the ceiling was set
     floor_hits: int = 0  # searches in a row whose trials showed the loss below the floor
     untested_step_size: float = 0.0  # eta of the last update if it was untested, else 0
-    nonfinite_in_a_row: int = 0  # steps skipped as non-finite since the last that was not
+    nonfinite_losses_in_a_row: int = 0  # steps skipped for a non-finite loss, in a row
     undone_updates: int = 0
 
 
@@ -343,7 +343,7 @@ def adaptive_interval(eta_fast: float, eta_slow: float, searches: int) -> float:
 
 def search_due(state: SearchState, search_interval: int | str) -> bool:
     """Phase 3: whether this step searches (outside warm-up)."""
-    if state.searches == 0 or state.unaccepted_in_a_row or state.nonfinite_in_a_row:
+    if state.searches == 0 or state.unaccepted_in_a_row or state.nonfinite_losses_in_a_row:
         # no search has accepted the step size, or the step after it was not finite: it
         # is not reused untested
         return True
@@ -523,7 +523,7 @@ class ReferenceOptimizer:
         skip = self.check(loss0, grads, active)  # 2
         if skip is not None:
             record.kind = skip
-            self.count_skip(skip)
+            self.count_skip(skip, loss_not_finite=not is_finite(loss0))
             self.set_group_lrs()
             return loss0
         grads = self.clip(grads, active)
@@ -535,9 +535,9 @@ class ReferenceOptimizer:
             outcome = self.search(f, loss0, [grads[i] for i in active], d_search, record)  # 5
         if outcome == "nonfinite":
             record.kind = "nonfinite"
-            self.count_skip("nonfinite")
+            self.count_skip("nonfinite", loss_not_finite=self.start_not_finite)
         else:
-            self.state.nonfinite_in_a_row = 0
+            self.state.nonfinite_losses_in_a_row = 0
             cap = self.polyak(loss0, grads, active, moments)  # 5.6
             self.commit(plan, outcome, moments, d_update, record, cap)  # 6
             self.watch(loss0, plan, outcome, record)  # 5.7, stored with 6
@@ -597,17 +597,17 @@ class ReferenceOptimizer:
         self.last_step.clipped = True
         return [None if g is None else g * (limit / (norm + 1e-6)) for g in grads]
 
-    def count_skip(self, kind: str) -> None:
-        """A skipped step; the second non-finite one in a row after an untested update
-        undoes that update (phase 6)."""
+    def count_skip(self, kind: str, loss_not_finite: bool = False) -> None:
+        """A skipped step; the second in a row for a non-finite loss at ``w0`` (not a
+        non-finite gradient or slope) after an untested update undoes that update (6)."""
         st = self.state
-        if kind != "nonfinite":
-            st.nonfinite_in_a_row = 0
+        st.skipped_nonfinite += kind == "nonfinite"
+        if not loss_not_finite:
+            st.nonfinite_losses_in_a_row = 0
             return
-        st.skipped_nonfinite += 1
-        if st.untested_step_size > 0 and st.nonfinite_in_a_row >= 1:
+        if st.untested_step_size > 0 and st.nonfinite_losses_in_a_row >= 1:
             self.undo_untested_update()
-        st.nonfinite_in_a_row += 1
+        st.nonfinite_losses_in_a_row += 1
 
     def undo_untested_update(self) -> None:
         """Phase 6: ``w <- (w - eta d_update) / (1 - decay)`` with ``d_update`` from the
@@ -679,6 +679,7 @@ class ReferenceOptimizer:
         b = cfg.smoothing
         w0 = self.weights
         self.floor_hit: bool | None = None  # what the trials say of the floor (5.2)
+        self.start_not_finite = False  # a "nonfinite" return for the loss at w0 (5.3)
         replayed = None  # 5.1, at the first search of a run: f(w0) again
         if st.searches == 0:
             replayed = loss_only(f, w0)
@@ -749,6 +750,7 @@ class ReferenceOptimizer:
                     replayed = loss_only(f, w0)
                     record.forwards += 1
                 if not is_finite(replayed):  # no step size can help: skip the step
+                    self.start_not_finite = True
                     return "nonfinite"
             if judged and height > resolution(loss0) and is_finite(loss):
                 # 5.2: a trial below the floor says the floor is wrong; a first trial at the

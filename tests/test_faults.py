@@ -192,7 +192,7 @@ COUNTERS = {
     "trials",
     "skipped_nonfinite",
     "skipped_zero_grad",
-    "nonfinite_in_a_row",
+    "nonfinite_losses_in_a_row",
 }
 
 

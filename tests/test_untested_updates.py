@@ -137,7 +137,7 @@ def test_the_second_nonfinite_skip_after_an_untested_update_undoes_it(make_optim
 
     opt.step(quadratic(w))
     assert opt.last_step.kind == "search"
-    assert opt.search_state.nonfinite_in_a_row == 0
+    assert opt.search_state.nonfinite_losses_in_a_row == 0
 
 
 @pytest.mark.parametrize("make_optimizer", UNTESTED)
@@ -223,3 +223,29 @@ def test_updates_that_are_tested_or_cannot_be_rebuilt_are_not_undone(make_optimi
         opt.step(nan_loss(w))
     assert torch.equal(w.detach(), landed)
     assert opt.search_state.undone_updates == 0
+
+
+@pytest.mark.parametrize("make_optimizer", UNTESTED)
+def test_nonfinite_gradients_with_a_finite_loss_undo_nothing(make_optimizer):
+    """GradScaler's overflows (an inf gradient, the loss finite), several in a row as at the
+    start of fp16 training, say nothing about where the weights are: no undo, and the
+    cadence goes on as before."""
+    w = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    opt = make_optimizer([w], lr=0.1)
+    opt.step(quadratic(w))
+    opt.step(quadratic(w))
+    assert opt.search_state.untested_step_size > 0
+    landed = w.detach().clone()
+
+    def overflowing_gradient():  # d/dw of sqrt(w - w) at 0 is inf; the value stays finite
+        return quadratic(w)() + 0.0 * torch.sqrt(w[0] - w[0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(3):
+            opt.step(overflowing_gradient)
+            assert opt.last_step.kind == "nonfinite"
+    assert torch.equal(w.detach(), landed)
+    state = opt.search_state
+    assert (state.undone_updates, state.nonfinite_losses_in_a_row) == (0, 0)

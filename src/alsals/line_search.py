@@ -100,6 +100,8 @@ NO_GRAD_NONFINITE = (
     "the closure's loss without gradient (as trials evaluate it: under torch.no_grad(), or "
     "closure(False)) at the step's starting weights, where its loss with gradient was finite,"
 )
+#: The culprit phase 2 names for a non-finite loss at ``w0``.
+LOSS_CULPRIT = "the loss"
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
 SCHEDULE_WARNING = (
@@ -222,6 +224,13 @@ class Outcome:
     loss_unchanged: bool = False
     # a second non-finite skip in a row after an untested update: phase 6 undoes the update
     undo: bool = False
+
+    @property
+    def loss_not_finite(self) -> bool:
+        """Skipped because the loss at ``w0`` is not finite (with gradient, or as the trials
+        evaluate it): the weights may be outside the loss's domain. A non-finite gradient
+        with a finite loss (GradScaler's overflows) or slope is not this."""
+        return self.kind == "nonfinite" and self.warning in (LOSS_CULPRIT, NO_GRAD_NONFINITE)
 
     @classmethod
     def accepted(cls, test: SearchTest, eta: float, trials: int, averaged: bool) -> Outcome:
@@ -829,21 +838,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         loss = self._evaluate(evaluator)
         run.steps, run.all_moments_take_part = self._gather()
         loss0, outcome = self._check(run.steps, loss, evaluator, self._cap_on(search))
-        if outcome is not None:
-            # 6: the weights are where an untested update put them, and the loss there is
-            # not finite on a second batch in a row: that update is to blame
-            outcome.undo = search.untested_step_size > 0 and search.nonfinite_in_a_row >= 1
-            return loss, loss0, outcome
-        run.model = self._model(search, loss0)
-        plan = self._plan(search, written)
-        run.directions, run.denominators = self._directions(run.steps, plan)
-        if plan != "search":
-            outcome = Outcome(plan, step_size=self._planned_step_size(search, plan))
-        else:
-            run.trial = _TrialPoint(run.steps, run.directions)
-            outcome = self._search(search, run, loss0, evaluator)
-        outcome = self._capped(search, run, outcome, loss0)
-        self._watch_loss(search, run, outcome, loss0, evaluator.loss_dtype)
+        if outcome is None:
+            run.model = self._model(search, loss0)
+            plan = self._plan(search, written)
+            run.directions, run.denominators = self._directions(run.steps, plan)
+            if plan != "search":
+                outcome = Outcome(plan, step_size=self._planned_step_size(search, plan))
+            else:
+                run.trial = _TrialPoint(run.steps, run.directions)
+                outcome = self._search(search, run, loss0, evaluator)
+            outcome = self._capped(search, run, outcome, loss0)
+            self._watch_loss(search, run, outcome, loss0, evaluator.loss_dtype)
+        # 6: the weights are where an untested update put them, and the loss there is not
+        # finite on a second step in a row: that update is to blame
+        outcome.undo = (
+            outcome.loss_not_finite
+            and search.untested_step_size > 0
+            and search.nonfinite_losses_in_a_row >= 1
+        )
         return loss, loss0, outcome
 
     def _finish(
@@ -979,7 +991,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if sums:
             self._model_terms = ModelTerms(*sums)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
-            culprit = "the gradient" if math.isfinite(loss0) else "the loss"
+            culprit = "the gradient" if math.isfinite(loss0) else LOSS_CULPRIT
             return loss0, Outcome(kind="nonfinite", warning=culprit)
         if grad_max == 0.0:
             return loss0, Outcome(kind="zero_grad")
@@ -1030,7 +1042,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.searches == 0
             or search.unaccepted_in_a_row
             or written == "set"
-            or search.nonfinite_in_a_row
+            or search.nonfinite_losses_in_a_row
         ):
             # the initial step size is a guess; one that the last search did not accept
             # (failed, unresolved), that was written into lr, or that was followed by a
@@ -1538,8 +1550,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search.backwards += evaluator.backwards
         search.trials += outcome.trials
         search.skipped_nonfinite += outcome.kind == "nonfinite"
-        nonfinite = outcome.kind == "nonfinite"
-        search.nonfinite_in_a_row = search.nonfinite_in_a_row + 1 if nonfinite else 0
+        losses = search.nonfinite_losses_in_a_row
+        search.nonfinite_losses_in_a_row = losses + 1 if outcome.loss_not_finite else 0
         search.skipped_zero_grad += outcome.kind == "zero_grad"
         anchor = self._anchor()
         if anchor is not None:

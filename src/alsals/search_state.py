@@ -32,7 +32,7 @@ COUNTERS = (
     "model_steps",
     "loss_samples",
     "floor_hits",
-    "nonfinite_in_a_row",
+    "nonfinite_losses_in_a_row",
     "undone_updates",
 )
 
@@ -60,9 +60,10 @@ class SearchState:
     from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``).
     ``untested_step_size`` is the step size of the last update when no evaluation tested
     where it landed (a step reusing its step size, AdamSLS's momentum update) and the update
-    can be undone from the stored moments, 0 otherwise; ``nonfinite_in_a_row`` counts the
-    steps skipped as non-finite since the last step that was not, ``undone_updates`` the
-    untested updates undone after them (``docs/algorithms.md``, phase 6). Only numbers:
+    can be undone from the stored moments, 0 otherwise; ``nonfinite_losses_in_a_row`` counts
+    the steps in a row skipped because the loss at their start was not finite,
+    ``undone_updates`` the untested updates undone after two of them (``docs/algorithms.md``,
+    phase 6). Only numbers:
     ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
@@ -100,7 +101,7 @@ class SearchState:
     ceiling_loss: float = 0.0
     floor_hits: int = 0
     untested_step_size: float = 0.0
-    nonfinite_in_a_row: int = 0
+    nonfinite_losses_in_a_row: int = 0
     undone_updates: int = 0
 
     @property
