@@ -249,3 +249,22 @@ def test_nonfinite_gradients_with_a_finite_loss_undo_nothing(make_optimizer):
     assert torch.equal(w.detach(), landed)
     state = opt.search_state
     assert (state.undone_updates, state.nonfinite_losses_in_a_row) == (0, 0)
+
+
+def test_a_preview_of_the_undoing_step_changes_nothing():
+    """``preview`` runs the step without committing it: the undo is phase 6's, so the
+    preview leaves the weights and state alone, and the step itself then undoes."""
+    w = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    opt = AdamSLS([w], lr=0.1)
+    opt.step(quadratic(w))
+    opt.step(quadratic(w))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(nan_loss(w))
+        landed, state = w.detach().clone(), opt.search_state
+        preview = opt.preview(nan_loss(w))
+        assert preview.info.kind == "nonfinite"
+        assert torch.equal(w.detach(), landed) and opt.search_state == state
+        opt.step(nan_loss(w))
+    assert opt.search_state.undone_updates == 1
+    assert not torch.equal(w.detach(), landed)
