@@ -151,6 +151,7 @@ class SearchState:
     untested_step_size: float = 0.0  # eta of the last update if it was untested, else 0
     nonfinite_losses_in_a_row: int = 0  # steps skipped for a non-finite loss, in a row
     undone_updates: int = 0
+    kinks_passed: int = 0  # searches that took a step with the slope their trials measured
 
 
 FLOOR_HITS = 3  # from this many on, the run no longer uses the floor (5.2, 5.6)
@@ -179,6 +180,7 @@ class StepRecord:
     polyak_capped: bool = False  # the Polyak cap cut the step size (phase 5.6)
     loss_rose: bool = False  # the loss-rise guard cut the ceiling (phase 5.7)
     floor_refuted: bool = False  # the floor was found wrong at this step (5.2, 5.6)
+    kink: bool = False  # the trials contradicted the slope and one was accepted (5.8)
 
 
 # --------------------------------------------------------------------------------------
@@ -780,6 +782,8 @@ class ReferenceOptimizer:
             if unresolved(loss, delta, c_h * eta_try * abs(s), tol):
                 largest_unresolved = max(largest_unresolved, eta_try)
                 larger = min(UPWARD_FACTOR * eta_try, cap, ceiling)
+                if rejected and self.through_a_kink(loss0, s, record):  # 5.8
+                    return "accepted"
                 if rejected or larger <= eta_try:  # 5.5 no measurable decrease to be had
                     self.next_step_size = max(eta_start, largest_unresolved)
                     return "unresolved"
@@ -817,6 +821,8 @@ class ReferenceOptimizer:
                 record.trusted = True
                 return "accepted"
 
+        if self.through_a_kink(loss0, s, record):  # 5.8
+            return "accepted"
         # 5.4 No trial accepted.
         if b > 0 and st.averaged > 0:
             st.decrease_avg = st.slope_avg = 0.0
@@ -827,6 +833,52 @@ class ReferenceOptimizer:
         else:
             self.next_step_size = max(eta_start, largest_unresolved)
         return "failed"
+
+    def through_a_kink(self, loss0: float, s: float, record: StepRecord) -> bool:
+        """5.8: the trials of a search that accepted none rose in proportion to eta at the
+        smallest step sizes that changed the loss measurably (power in [0.5, 1.5] between the
+        smallest and the first at least twice as large, every resolved trial up to it a
+        rise): the slope ``s`` is wrong (a kink). Judge the trials again, largest first,
+        with the secant of the smallest as the slope; accept the first that passes."""
+        cfg, st, b, tol = self.config, self.state, self.config.smoothing, resolution(loss0)
+        if record.capped:  # warm-up trials are not judged by the slope
+            return False
+        points = sorted(
+            (eta, loss0 - loss)
+            for eta, loss in zip(record.tried, record.trial_losses, strict=True)
+            if is_finite(loss) and abs(loss0 - loss) > tol
+        )
+        if not points or points[0][1] >= 0:
+            return False
+        eta1, delta1 = points[0]
+        upto = next((i for i, (eta, _) in enumerate(points) if eta >= 2 * eta1), None)
+        if upto is None or any(delta >= 0 for _, delta in points[: upto + 1]):
+            return False
+        eta2, delta2 = points[upto]
+        if not 0.5 <= math.log(delta1 / delta2) / math.log(eta1 / eta2) <= 1.5:
+            return False
+        measured = delta1 / eta1
+        G = smooth(st.slope_avg, measured, b)
+        c_h = armijo_constant(cfg.c, G)
+        finite = [
+            (e, loss)
+            for e, loss in zip(record.tried, record.trial_losses, strict=True)
+            if is_finite(loss)
+        ]
+        for eta, loss in sorted(finite, reverse=True):
+            delta = loss0 - loss
+            decrease = smooth(st.decrease_avg, delta, b)
+            if unresolved(loss, delta, c_h * eta * abs(measured), tol):
+                continue
+            if armijo_accepts(loss, decrease, c_h, eta, G):
+                st.decrease_avg, st.slope_avg = decrease, G
+                st.averaged += 1
+                st.kinks_passed += 1
+                record.slope, record.slope_avg, record.kink = measured, G, True
+                record.step_size = self.next_step_size = eta
+                record.loss_decrease = delta
+                return True
+        return False
 
     # -- 5.6 -----------------------------------------------------------------------------
     def polyak(

@@ -155,3 +155,49 @@ def test_the_interpolation_model_never_raises_and_predicts_the_quadratic_boundar
         assert test.predicted_decrease(predicted) == pytest.approx(c * predicted * s, rel=1e-6)
     else:
         assert eta < 1e-300
+
+
+def trials_of(rise, etas: list[float], loss0: float = 5.0) -> list[tuple[float, float]]:
+    return [(eta, loss0 + rise(eta)) for eta in etas]
+
+
+TENFOLD = [10.0**-k for k in range(1, 8)]  # 0.1 .. 1e-7, as interpolation walks down
+
+
+def test_a_rise_in_proportion_to_eta_measures_the_kinks_slope():
+    """A kink of rate 0.5 (plus some curvature): the secant of the smallest resolved trial."""
+    from alsals.acceptance import measured_slope
+
+    trials = trials_of(lambda eta: 0.5 * eta + 2.0 * eta**2, TENFOLD)
+    resolution = 1e-7  # 1e-7's rise is within it: the smallest resolved trial is 1e-6
+    assert measured_slope(trials, 5.0, resolution) == pytest.approx(-(0.5 + 2e-6), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rise",
+    [
+        lambda eta: 3.0 * eta**2 - 1e-3 * eta,  # smooth, overshooting: like eta^2 and faster
+        lambda eta: 0.02,  # a rise that does not scale with eta: noise, a cliff
+        lambda eta: 0.5 * eta if eta > 1e-4 else -0.5 * eta,  # falls at the smallest: fine
+    ],
+    ids=["overshoot", "constant", "falls-below"],
+)
+def test_rises_that_are_not_first_order_measure_nothing(rise):
+    from alsals.acceptance import measured_slope
+
+    assert math.isnan(measured_slope(trials_of(rise, TENFOLD), 5.0, 1e-9))
+
+
+def test_a_slope_measured_negative_accepts_the_largest_trial_eq_8_allows():
+    """Rejudged with ``s < 0`` (no history): ``c_h = 1/c`` accepts a rise of up to ``eta |s| / c``;
+    the largest such trial is taken, and the search's own test is left as it was."""
+    from alsals.acceptance import ArmijoTest, SearchTest
+
+    c, s = 0.5, -1.0
+    test = SearchTest(ArmijoTest(c=c, smoothing=0.0), 5.0, 1e-12, 0.0, 0.0)
+    test.set_slope(2.0)
+    trials = [(1.0, 5.0 + 2.5), (0.5, 5.0 + 0.9), (0.25, 5.0 + 0.3)]  # rises 2.5, 1.8, 1.2 x eta
+    rejudged = test.rejudged(trials, s)
+    assert rejudged is not None and rejudged.tried == 0.5  # 0.9 <= 0.5 * 1 / 0.5; 2.5 > 2
+    assert test.slope == 2.0 and math.isnan(test.tried)
+    assert test.rejudged([(1.0, 5.0 + 2.5)], s) is None

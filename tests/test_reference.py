@@ -189,7 +189,21 @@ def noisy_regression_problem(n: int = 512, features: int = 16, batch: int = 8) -
     return Problem("noisy_regression", [init], loss_at)
 
 
+def tie_problem() -> Problem:
+    """``max(w0 + w1, -w0) + 0.01 ||w||^2 + 5`` from a point where both pieces are equal:
+    autograd's gradient is the first piece's, along which the second rises for every step
+    size (phase 5.8). Integers, so the tie is exact."""
+    init = [torch.tensor([1.0, -2.0], dtype=F64)]
+
+    def f(ws: list[Tensor]) -> Tensor:
+        (w,) = ws
+        return torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * (w**2).sum() + 5.0
+
+    return Problem("tie", [init], lambda k: f)
+
+
 PROBLEMS = {
+    "tie": tie_problem,
     "below_zero_quadratic": below_zero_quadratic_problem,
     "noisy_regression": noisy_regression_problem,
     "quadratic": quadratic_problem,
@@ -312,6 +326,7 @@ class SideBySide:
             "skipped_nonfinite": st.skipped_nonfinite,
             "averaged": st.averaged,
             "floor_hits": st.floor_hits,
+            "kinks_passed": st.kinks_passed,
             **(self.totals if self.compare_counters else {}),
         }
         assert {k: ls[k] for k in exact} == exact
@@ -388,6 +403,8 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
         # the run found its floor wrong and stopped using it (phases 5.2, 5.6)
         "floor_refuted": any(r.floor_refuted for r in records),
         "below_zero": any(r.loss < 0 for r in records),
+        # a search whose trials contradicted its slope accepted a trial (phase 5.8)
+        "kink": any(r.kink for r in records),
     }
     missing = {e for e in expect if not checks[e]}
     assert not missing, f"never happened: {missing}; kinds={kinds}"
@@ -821,6 +838,10 @@ CASES = [
         60,
         {"backtracked", "c_h_switch", "trusted"},
     ),
+    # at a tie of two linear pieces the analytic slope predicts a fall no step gives (5.8)
+    ("sls-tie", "SLS", "tie", {}, 30, {"kink", "backtracked"}),
+    ("adamsls-tie", "AdamSLS", "tie", {}, 30, {"kink", "backtracked"}),
+    ("alsals-defaults-tie", "ALSALS", "tie", {**RECOMMENDED, "lr": 0.1}, 30, {"kink", "reuse"}),
     (
         "alsals-logistic-fd-warmup-wd-lrscale",
         "ALSALS",

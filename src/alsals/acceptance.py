@@ -12,6 +12,14 @@ fraction ``c`` of what the slope predicts: ``f(w) - f(w + eta d) >= c * eta * s`
   ``G = b G + (1 - b) s``, and the test is ``D' >= c_h * eta * G``. With ``smoothing = 0``
   this is the plain Armijo test of SLS and Adam + SLS.
 
+Where the slope is ``-g . d`` and the loss has a kink along ``d`` (autograd's gradient at a
+tie of two pieces is one piece's, and need not be a descent direction), the loss rises for
+every step size while the slope says it should fall; the search would end without a step,
+and the next one from the same weights would too. The trials measure the slope the paper's
+finite difference would: ``measured_slope`` recognises the contradiction (the smallest
+resolved trials rose in proportion to ``eta``) and ``SearchTest.rejudged`` judges the
+trials again with it, as Eq. 8 prescribes for a negative slope.
+
 The averages start at zero without bias correction: both sides carry the same factor
 ``1 - b^k``, so the test is unaffected by it.
 """
@@ -19,7 +27,12 @@ The averages start at zero without bias correction: both sides carry the same fa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+#: A rise that grows like ``eta^p`` with ``p`` in this range between the two smallest
+#: resolved trials of a search is first order: the loss has a kink along the direction. A
+#: smooth loss that overshoots rises at least like ``eta^2`` there, and noise does not scale.
+FIRST_ORDER_POWERS = (0.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,18 @@ class SearchTest:
         largest = (lin + root) / (2.0 * a) if lin >= 0.0 else 2.0 * const / (root - lin)
         return largest if largest > 0.0 else math.nan
 
+    def rejudged(self, trials: list[tuple[float, float]], slope: float) -> SearchTest | None:
+        """The test of this search with the ``slope`` its ``trials`` ``(eta, loss)`` measured
+        (``measured_slope``), left at the largest trial it accepts; ``None`` if it accepts
+        none. This test is not changed."""
+        test = replace(self)
+        if not test.set_slope(slope):
+            return None
+        for eta, loss in sorted(trials, reverse=True):
+            if test.judge(loss, eta) == "accepted":
+                return test
+        return None
+
     def judge(self, loss: float, eta: float, warmup: bool = False) -> str:
         """Phase 5.3 for the trial ``f(w0 + eta d) = loss``. During warm-up (5.2) a trial
         passes unless its loss is non-finite or measurably above ``L0``."""
@@ -145,3 +170,28 @@ class SearchTest:
             self.slope_now,
             self.resolution,
         )
+
+
+def measured_slope(trials: list[tuple[float, float]], loss0: float, resolution: float) -> float:
+    """The slope that a search's trials ``(eta, loss)`` measure where they contradict the
+    slope it used, else ``nan``.
+
+    The contradiction: the smallest trial that changed the loss beyond ``resolution`` raised
+    it, and so did every resolved trial up to one at least twice as large, by a rise that
+    grows in proportion to ``eta`` (its power between the two within ``FIRST_ORDER_POWERS``).
+    A smooth loss whose slope predicts a fall either falls at the smallest resolved trials
+    or, overshooting, rises like ``eta^2`` or faster there. The slope measured is then the
+    secant of the smallest resolved trial, ``(L0 - L(eta)) / eta < 0``.
+    """
+    resolved = sorted((eta, loss0 - loss) for eta, loss in trials if abs(loss0 - loss) > resolution)
+    if not resolved or resolved[0][1] >= 0.0:
+        return math.nan
+    eta1, decrease1 = resolved[0]
+    for eta2, decrease2 in resolved[1:]:
+        if decrease2 >= 0.0:
+            return math.nan
+        if eta2 >= 2.0 * eta1:
+            power = math.log(decrease1 / decrease2) / math.log(eta1 / eta2)
+            low, high = FIRST_ORDER_POWERS
+            return decrease1 / eta1 if low <= power <= high else math.nan
+    return math.nan

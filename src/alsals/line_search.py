@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alsals.acceptance import ArmijoTest, SearchTest
+from alsals.acceptance import ArmijoTest, SearchTest, measured_slope
 from alsals.backtracking import MIN_STEP_SIZE, Backtracking
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import (
@@ -224,6 +224,8 @@ class Outcome:
     loss_unchanged: bool = False
     # a second non-finite skip in a row after an untested update: phase 6 undoes the update
     undo: bool = False
+    # the trials contradicted the slope; the step was judged with the one they measured (5.8)
+    slope_measured: bool = False
 
     @property
     def loss_not_finite(self) -> bool:
@@ -1245,6 +1247,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         judged = (polyak or h["loss_floor"] is not None) and not search.floor_refuted
         nonfinite_in_a_row = 0
         unchanged = True  # every trial so far gave exactly L0
+        judged_trials: list[tuple[float, float]] = []  # (eta, loss), finite, after warm-up
         moved_all_the_way = False  # a trial moved the weights as far as their own norm
         for tried in range(1, h["max_trials"] + 1):
             trial.place(walk.eta)
@@ -1273,6 +1276,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if word == "below" or (tried == 1 and word == "holds"):
                     run.floor_hit = word == "below"
             verdict = test.judge(value, walk.eta, warmup=walk.cap < math.inf)
+            if math.isfinite(value) and walk.cap == math.inf:
+                judged_trials.append((walk.eta, value))
             if verdict == "accepted":
                 accepted = Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
                 accepted.next_step_size = walk.carried(walk.eta)
@@ -1285,6 +1290,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 verdict = "rejected"
                 moved_all_the_way = True
             if verdict == "unresolved" and not walk.climb():
+                if walk.rejected and (kink := self._through_a_kink(test, judged_trials, tried)):
+                    trial.place(kink.step_size)
+                    return kink
                 trial.restore()
                 return Outcome(
                     "unresolved",
@@ -1305,12 +1313,31 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if trusted and math.isfinite(predicted) and test.decrease > resolution:
                     trial.place(walk.eta)
                     return Outcome.trusted(test, walk.eta, tried)
+        if kink := self._through_a_kink(test, judged_trials, h["max_trials"]):
+            trial.place(kink.step_size)
+            return kink
         trial.restore()
         history = h["smoothing"] > 0.0 and search.averaged > 0
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
         failed.loss_unchanged = unchanged and moved_all_the_way
         return failed
+
+    @staticmethod
+    def _through_a_kink(
+        test: SearchTest, trials: list[tuple[float, float]], tried: int
+    ) -> Outcome | None:
+        """5.8: a search ending without a step whose trials contradict its slope (a kink
+        along the direction) accepts the largest trial that the slope they measured passes,
+        as the paper's finite difference would have measured it; ``None`` if they do not
+        contradict it or no trial passes."""
+        slope = measured_slope(trials, test.loss0, test.resolution)
+        rejudged = test.rejudged(trials, slope) if math.isfinite(slope) else None
+        if rejudged is None:
+            return None
+        outcome = Outcome.accepted(rejudged, rejudged.tried, tried, averaged=True)
+        outcome.slope_measured = True
+        return outcome
 
     def _finite_at_start(self, trial: _TrialPoint, evaluator: ClosureEvaluator) -> bool:
         """Trials keep giving a non-finite loss: is the loss finite when evaluated the trials'
@@ -1525,6 +1552,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     search.averaged = 0
             search.failed_searches += outcome.kind == "failed"
             search.unresolved_searches += outcome.kind == "unresolved"
+            search.kinks_passed += outcome.slope_measured
             accepted = outcome.kind == "search"
             search.unaccepted_in_a_row = 0 if accepted else search.unaccepted_in_a_row + 1
             # the step size has settled when a search after the first (outside warm-up)

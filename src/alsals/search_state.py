@@ -34,6 +34,7 @@ COUNTERS = (
     "floor_hits",
     "nonfinite_losses_in_a_row",
     "undone_updates",
+    "kinks_passed",
 )
 
 
@@ -63,7 +64,8 @@ class SearchState:
     can be undone from the stored moments, 0 otherwise; ``nonfinite_losses_in_a_row`` counts
     the steps in a row skipped because the loss at their start was not finite,
     ``undone_updates`` the untested updates undone after two of them (``docs/algorithms.md``,
-    phase 6). Only numbers:
+    phase 6). ``kinks_passed`` counts the searches whose trials contradicted their slope
+    and which took a step with the slope the trials measured (phase 5.8). Only numbers:
     ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
@@ -103,6 +105,7 @@ class SearchState:
     untested_step_size: float = 0.0
     nonfinite_losses_in_a_row: int = 0
     undone_updates: int = 0
+    kinks_passed: int = 0
 
     @property
     def floor_refuted(self) -> bool:

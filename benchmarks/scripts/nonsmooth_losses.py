@@ -1,0 +1,84 @@
+"""Nonsmooth losses, measured (``benchmarks/docs/method.md``, section 16; the README's caution).
+
+At a kink autograd's gradient is one piece's and need not point downhill: every trial of a
+search then raises the loss while the analytic slope ``-g . d`` says it should fall. Before
+phase 5.8 such a search ended unresolved or failed, and the next search from the same
+weights did too. Two problems, float32:
+
+* a full-batch L1 fit that interpolates its data (16 rows, 32 weights, 300 steps), over 5
+  initialisations: the final loss (median, range) and the unresolved or failed searches;
+* the tie of ``tests/test_nonsmooth.py`` in float64, ``max(w0 + w1, -w0) + 0.01 ||w||^2 + 5``
+  from a point where both pieces are equal (30 steps): the loss after 30 steps.
+
+For each optimizer, the searches whose trials contradicted the slope and which stepped with
+the slope the trials measured (phase 5.8, ``search_state.kinks_passed``) are counted too.
+
+    python benchmarks/scripts/nonsmooth_losses.py      # about a minute
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from alsals import ALSALS, SLS, AdamSLS, LineSearchOptimizer
+
+SEEDS = range(5)
+
+OPTIMIZERS: dict[str, Callable[..., LineSearchOptimizer]] = {
+    "ALSALS (defaults)": ALSALS,
+    "ALSALS.paper": ALSALS.paper,
+    "AdamSLS": AdamSLS,
+    "SLS": SLS,
+}
+
+
+def train(make, w: torch.Tensor, loss, steps: int) -> tuple[float, int, int]:
+    """The final loss, the searches ending without a step, and those passing a kink."""
+    opt = make([w])
+    stopped = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            opt.step(loss)
+            stopped += opt.last_step.kind in ("unresolved", "failed")
+    with torch.no_grad():
+        return float(loss()), stopped, opt.search_state.kinks_passed
+
+
+def l1_fit(make, seed: int) -> tuple[float, int, int]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 32, generator=gen)
+    y = x @ torch.randn(32, generator=gen)
+    w = torch.zeros(32, requires_grad=True)
+    return train(make, w, lambda: (x @ w - y).abs().mean(), 300)
+
+
+def tie(make) -> tuple[float, int, int]:
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    loss = lambda: torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * (w**2).sum() + 5.0  # noqa: E731
+    return train(make, w, loss, 30)
+
+
+def main() -> None:
+    print(
+        "| optimizer | L1 fit: final loss (median, range) | searches without a step | "
+        "kinks passed (5.8) | tie: loss after 30 steps (from 4.05) | without a step | passed |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, make in OPTIMIZERS.items():
+        fits = [l1_fit(make, seed) for seed in SEEDS]
+        finals = [f[0] for f in fits]
+        at_tie = tie(make)
+        print(
+            f"| {name} | {statistics.median(finals):.3g} ({min(finals):.2g}-{max(finals):.2g}) | "
+            f"{sum(f[1] for f in fits)} | {sum(f[2] for f in fits)} | {at_tie[0]:.3f} | "
+            f"{at_tie[1]} | {at_tie[2]} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
