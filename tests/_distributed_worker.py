@@ -134,6 +134,34 @@ def undo_run(rank: int) -> dict:
     return {"kinds": kinds, "state": state, "weights": model.weight.detach().clone()}
 
 
+class Tie(nn.Module):
+    """``max(w0 + w1, -w0) + 0.01 ||w - c||^2 + 5`` at a tie of the two pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        return torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * ((w - c) ** 2).sum() + 5.0
+
+
+def kink_run(rank: int) -> dict:
+    """``ALSALS(params)`` under DDP from a tie whose pieces are the same on every rank and
+    whose quadratic differs by rank: the search's trials (mean losses) contradict its slope
+    alike on both ranks, which step through the kink together (phase 5.8)."""
+    model = Tie()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ALSALS(ddp.parameters())
+    c = torch.tensor([0.5 * rank, -0.5 * rank], dtype=torch.float64)
+    kinds = []
+    for _ in range(5):
+        opt.step(lambda: ddp(c))
+        kinds.append(opt.last_step.kind)
+    state = opt.state[model.w]["line_search"]
+    return {"kinds": kinds, "state": state, "weights": model.w.detach().clone()}
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -154,7 +182,12 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
 
 def train_all(rank: int) -> dict:
     """Each optimizer on this rank's data under DDP: decisions, weights, losses."""
-    results = {"guard": guard_run(rank), "floor": floor_run(rank), "undo": undo_run(rank)}
+    results = {
+        "guard": guard_run(rank),
+        "floor": floor_run(rank),
+        "undo": undo_run(rank),
+        "kink": kink_run(rank),
+    }
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))

@@ -81,6 +81,18 @@ def test_an_untested_update_is_undone_alike_on_every_rank(rank_results):
     assert torch.equal(rank0["weights"], rank1["weights"])
 
 
+def test_a_kink_is_passed_alike_on_every_rank(rank_results):
+    """At a tie the analytic slope is contradicted by the trials' mean losses: both ranks
+    take the slope those measured and step through it together (phase 5.8)."""
+    rank0, rank1 = rank_results[0]["kink"], rank_results[1]["kink"]
+    assert rank0["kinds"][0] == "search"
+    assert rank0["state"]["kinks_passed"] >= 1
+    assert not torch.equal(rank0["weights"], torch.tensor([1.0, -2.0], dtype=torch.float64))
+    assert rank0["kinds"] == rank1["kinds"]
+    assert rank0["state"] == rank1["state"]
+    assert torch.equal(rank0["weights"], rank1["weights"])
+
+
 def test_the_loss_rise_guard_fires_alike_on_every_rank(rank_results):
     """The guard judges the batch losses averaged over ranks: both ranks fire at the same
     steps, keep the same ceiling and the same watch, and the same weights."""
