@@ -835,11 +835,12 @@ class ReferenceOptimizer:
         return "failed"
 
     def through_a_kink(self, loss0: float, s: float, record: StepRecord) -> bool:
-        """5.8: the trials of a search that accepted none rose in proportion to eta at the
-        smallest step sizes that changed the loss measurably (power in [0.5, 1.5] between the
-        smallest and the first at least twice as large, every resolved trial up to it a
-        rise): the slope ``s`` is wrong (a kink). Judge the trials again, largest first,
-        with the secant of the smallest as the slope; accept the first that passes."""
+        """5.8: the trials of a search that accepted none rose at the smallest step sizes
+        that changed the loss measurably, every one up to the first at least twice as large
+        as the smallest rise of 8 resolutions or more (a firm one), and in proportion to eta
+        between the two (power in [0.5, 1.5]): the slope ``s`` is wrong (a kink). Judge the
+        trials again, largest first, with the firm rise's secant as the slope; accept the
+        first that passes."""
         cfg, st, b, tol = self.config, self.state, self.config.smoothing, resolution(loss0)
         if record.capped:  # warm-up trials are not judged by the slope
             return False
@@ -850,8 +851,11 @@ class ReferenceOptimizer:
         )
         if not points or points[0][1] >= 0:
             return False
-        eta1, delta1 = points[0]
-        upto = next((i for i, (eta, _) in enumerate(points) if eta >= 2 * eta1), None)
+        firm = next((i for i, (_, delta) in enumerate(points) if -delta >= 8 * tol), None)
+        if firm is None:
+            return False
+        eta1, delta1 = points[firm]
+        upto = next((i for i in range(firm, len(points)) if points[i][0] >= 2 * eta1), None)
         if upto is None or any(delta >= 0 for _, delta in points[: upto + 1]):
             return False
         eta2, delta2 = points[upto]

@@ -33,6 +33,9 @@ from dataclasses import dataclass, replace
 #: resolved trials of a search is first order: the loss has a kink along the direction. A
 #: smooth loss that overshoots rises at least like ``eta^2`` there, and noise does not scale.
 FIRST_ORDER_POWERS = (0.5, 1.5)
+#: A rise of at least this many times the loss's resolution is measured, not rounding noise
+#: (a float32 mean over a large batch can be off by a few resolutions).
+FIRM_RISE = 8.0
 
 
 @dataclass(frozen=True)
@@ -177,21 +180,24 @@ def measured_slope(trials: list[tuple[float, float]], loss0: float, resolution: 
     slope it used, else ``nan``.
 
     The contradiction: the smallest trial that changed the loss beyond ``resolution`` raised
-    it, and so did every resolved trial up to one at least twice as large, by a rise that
-    grows in proportion to ``eta`` (its power between the two within ``FIRST_ORDER_POWERS``).
-    A smooth loss whose slope predicts a fall either falls at the smallest resolved trials
-    or, overshooting, rises like ``eta^2`` or faster there. The slope measured is then the
-    secant of the smallest resolved trial, ``(L0 - L(eta)) / eta < 0``.
+    it, and so did every resolved trial up to one at least twice as large as the smallest
+    firm rise (``FIRM_RISE`` resolutions), by rises that grow in proportion to ``eta``
+    between the two (their power within ``FIRST_ORDER_POWERS``). A smooth loss whose slope
+    predicts a fall either falls at the smallest resolved trials or, overshooting, rises
+    like ``eta^2`` or faster there; rounding noise neither grows with ``eta`` nor is firm.
+    The slope measured is the secant of the smallest firm rise, ``(L0 - L(eta)) / eta < 0``.
     """
     resolved = sorted((eta, loss0 - loss) for eta, loss in trials if abs(loss0 - loss) > resolution)
     if not resolved or resolved[0][1] >= 0.0:
         return math.nan
-    eta1, decrease1 = resolved[0]
-    for eta2, decrease2 in resolved[1:]:
-        if decrease2 >= 0.0:
+    firm = None  # (eta, decrease) of the smallest firm rise
+    for eta, decrease in resolved:
+        if decrease >= 0.0:
             return math.nan
-        if eta2 >= 2.0 * eta1:
-            power = math.log(decrease1 / decrease2) / math.log(eta1 / eta2)
+        if firm is None and -decrease >= FIRM_RISE * resolution:
+            firm = (eta, decrease)
+        elif firm is not None and eta >= 2.0 * firm[0]:
+            power = math.log(firm[1] / decrease) / math.log(firm[0] / eta)
             low, high = FIRST_ORDER_POWERS
-            return decrease1 / eta1 if low <= power <= high else math.nan
+            return firm[1] / firm[0] if low <= power <= high else math.nan
     return math.nan
