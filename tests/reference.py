@@ -152,6 +152,7 @@ class SearchState:
     nonfinite_losses_in_a_row: int = 0  # steps skipped for a non-finite loss, in a row
     undone_updates: int = 0
     kinks_passed: int = 0  # searches that took a step with the slope their trials measured
+    kinks_in_a_row: int = 0  # ... since the last search its own slope accepted
 
 
 FLOOR_HITS = 3  # from this many on, the run no longer uses the floor (5.2, 5.6)
@@ -345,9 +346,14 @@ def adaptive_interval(eta_fast: float, eta_slow: float, searches: int) -> float:
 
 def search_due(state: SearchState, search_interval: int | str) -> bool:
     """Phase 3: whether this step searches (outside warm-up)."""
-    if state.searches == 0 or state.unaccepted_in_a_row or state.nonfinite_losses_in_a_row:
-        # no search has accepted the step size, or the step after it was not finite: it
-        # is not reused untested
+    if (
+        state.searches == 0
+        or state.unaccepted_in_a_row
+        or state.nonfinite_losses_in_a_row
+        or state.kinks_in_a_row
+    ):
+        # no search has accepted the step size, the step after it was not finite, or only
+        # the slope its trials measured accepted it (5.8): it is not reused untested
         return True
     if search_interval in ("adaptive", "settled"):
         if state.searches < 10 and not (search_interval == "settled" and state.settled):
@@ -840,7 +846,8 @@ class ReferenceOptimizer:
         as the smallest rise of 8 resolutions or more (a firm one), and in proportion to eta
         between the two (power in [0.5, 1.5]): the slope ``s`` is wrong (a kink). Judge the
         trials again, largest first, with the firm rise's secant as the slope; accept the
-        first that passes."""
+        first that passes. Not while a search passed a kink since the last search that its
+        own slope accepted."""
         cfg, st, b, tol = self.config, self.state, self.config.smoothing, resolution(loss0)
         if record.capped:  # warm-up trials are not judged by the slope
             return False
@@ -860,6 +867,8 @@ class ReferenceOptimizer:
             return False
         eta2, delta2 = points[upto]
         if not 0.5 <= math.log(delta1 / delta2) / math.log(eta1 / eta2) <= 1.5:
+            return False
+        if st.kinks_in_a_row > 0:  # a contradiction that comes back: no step through it
             return False
         measured = delta1 / eta1
         G = smooth(st.slope_avg, measured, b)
@@ -981,6 +990,10 @@ class ReferenceOptimizer:
             )
             st.settled = first_trial and st.searches >= 1
             st.unaccepted_in_a_row = 0 if outcome == "accepted" else st.unaccepted_in_a_row + 1
+            if record.kink:
+                st.kinks_in_a_row += 1
+            elif outcome == "accepted":
+                st.kinks_in_a_row = 0
             track_step_sizes(st)
             record.kind = "search" if outcome == "accepted" else outcome
         else:

@@ -100,3 +100,49 @@ def test_a_smooth_loss_that_every_trial_overshoots_still_fails_its_search():
         opt.step(loss)
     assert opt.last_step.kind == "failed"
     assert torch.equal(w.detach(), torch.tensor([1.0, 0.0], dtype=F64))
+
+
+@pytest.mark.parametrize("make_optimizer", ANALYTIC, ids=ANALYTIC_IDS)
+def test_a_gradient_that_is_not_the_losss_is_stepped_through_once_then_named(make_optimizer):
+    """A closure whose loss carries a detached term: the gradient is a surrogate's, along
+    which the loss rises at every search. The first contradiction is taken for a kink and
+    stepped through; the next ones end without a step (the loss climbs no further) and one
+    warning names the likely causes."""
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+
+    def closure():
+        surrogate = -0.5 * (w**2).sum()
+        return ((w**2).sum() + 5.0).detach() + surrogate - surrogate.detach()
+
+    opt = make_optimizer([w])
+    with pytest.warns(UserWarning, match="not the loss's own") as record:
+        opt.step(closure)
+        after_the_first = w.detach().clone()
+        for _ in range(9):
+            opt.step(closure)
+            assert opt.last_step.kind in ("failed", "unresolved")
+    assert sum("not the loss's own" in str(r.message) for r in record) == 1
+    assert torch.equal(w.detach(), after_the_first)
+    state = opt.search_state
+    assert (state.kinks_passed, state.kinks_in_a_row) == (1, 1)
+
+
+def test_a_search_accepted_by_its_own_slope_lets_the_next_kink_through():
+    """``kinks_in_a_row`` returns to 0 at the first search that the gradient's slope
+    accepts: a run that meets a second tie later passes it too."""
+    w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
+    opt = SLS([w])
+
+    def tie():
+        return torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * (w**2).sum() + 5.0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(tie)
+        assert opt.search_state.kinks_in_a_row == 1
+        opt.step(tie)  # away from the tie: an ordinary search
+        assert opt.last_step.kind == "search" and opt.search_state.kinks_in_a_row == 0
+        with torch.no_grad():
+            w.copy_(torch.tensor([1.0, -2.0], dtype=F64))  # back at the tie
+        opt.step(tie)
+    assert opt.search_state.kinks_passed == 2

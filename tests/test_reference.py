@@ -202,7 +202,21 @@ def tie_problem() -> Problem:
     return Problem("tie", [init], lambda k: f)
 
 
+def surrogate_problem() -> Problem:
+    """The loss ``||w||^2 + 5`` with the gradient of ``-||w||^2 / 2``, as a closure with a
+    detached term gives: every search's trials contradict its slope (phase 5.8)."""
+    init = [torch.tensor([1.0, -2.0, 0.5], dtype=F64)]
+
+    def f(ws: list[Tensor]) -> Tensor:
+        (w,) = ws
+        surrogate = -0.5 * (w**2).sum()
+        return ((w**2).sum() + 5.0).detach() + surrogate - surrogate.detach()
+
+    return Problem("surrogate", [init], lambda k: f)
+
+
 PROBLEMS = {
+    "surrogate": surrogate_problem,
     "tie": tie_problem,
     "below_zero_quadratic": below_zero_quadratic_problem,
     "noisy_regression": noisy_regression_problem,
@@ -327,6 +341,7 @@ class SideBySide:
             "averaged": st.averaged,
             "floor_hits": st.floor_hits,
             "kinks_passed": st.kinks_passed,
+            "kinks_in_a_row": st.kinks_in_a_row,
             **(self.totals if self.compare_counters else {}),
         }
         assert {k: ls[k] for k in exact} == exact
@@ -842,6 +857,16 @@ CASES = [
     ("sls-tie", "SLS", "tie", {}, 30, {"kink", "backtracked"}),
     ("adamsls-tie", "AdamSLS", "tie", {}, 30, {"kink", "backtracked"}),
     ("alsals-defaults-tie", "ALSALS", "tie", {**RECOMMENDED, "lr": 0.1}, 30, {"kink", "reuse"}),
+    # ... and where the gradient is not the loss's, only once (then the searches end)
+    ("sls-surrogate", "SLS", "surrogate", {}, 8, {"kink", "failed"}),
+    (
+        "alsals-defaults-surrogate",
+        "ALSALS",
+        "surrogate",
+        {**RECOMMENDED, "lr": 0.1},
+        8,
+        {"kink", "unresolved"},
+    ),
     (
         "alsals-logistic-fd-warmup-wd-lrscale",
         "ALSALS",

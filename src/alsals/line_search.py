@@ -144,6 +144,15 @@ DISCONNECTED_WARNING = (
     "the optimizer from the parameters of the model the closure evaluates (after replacing or "
     "copying the model, pass the new model's parameters)"
 )
+CONTRADICTED_WARNING = (
+    "{name}: at two searches, with none in between that the gradient's slope accepted, "
+    "every trial raised the loss in proportion to the step size where the slope -g.d said "
+    "it would fall. Once, that is a kink of the loss, and the search stepped through it; "
+    "again, the gradient is likely not the loss's own: a term computed from detached "
+    "tensors, a surrogate or straight-through gradient, or a closure that returns another "
+    "loss than the one it differentiates. This search ended {kind}, without a step, and so "
+    "will the next ones while it lasts (counted in the state's 'kinks_in_a_row')."
+)
 UNDONE_WARNING = (
     "{name}: the loss was not finite on two steps in a row after an update that no "
     "evaluation had tested (a step reusing the last search's step size, or AdamSLS's update "
@@ -226,6 +235,8 @@ class Outcome:
     undo: bool = False
     # the trials contradicted the slope; the step was judged with the one they measured (5.8)
     slope_measured: bool = False
+    # ... and once more before a search accepted by its own slope: no step (5.8)
+    contradicted_again: bool = False
 
     @property
     def loss_not_finite(self) -> bool:
@@ -1045,10 +1056,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             or search.unaccepted_in_a_row
             or written == "set"
             or search.nonfinite_losses_in_a_row
+            or search.kinks_in_a_row
         ):
             # the initial step size is a guess; one that the last search did not accept
-            # (failed, unresolved), that was written into lr, or that was followed by a
-            # non-finite loss (perhaps where the last update landed) is no better: search
+            # (failed, unresolved), that was written into lr, that was followed by a
+            # non-finite loss (perhaps where the last update landed), or that the trials'
+            # measured slope accepted (5.8) is no better: search
             return "search"
         if interval in ADAPTIVE_CADENCES:
             settled = interval == "settled" and search.settled
@@ -1290,11 +1303,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 verdict = "rejected"
                 moved_all_the_way = True
             if verdict == "unresolved" and not walk.climb():
-                if walk.rejected and (kink := self._through_a_kink(test, judged_trials, tried)):
-                    trial.place(kink.step_size)
-                    return kink
-                trial.restore()
-                return Outcome(
+                unresolved = Outcome(
                     "unresolved",
                     0.0,
                     tried,
@@ -1303,6 +1312,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     walk.unresolved_step_size(),
                     loss_unchanged=unchanged and moved_all_the_way,
                 )
+                if walk.rejected:
+                    unresolved = self._unless_a_kink(search, test, judged_trials, unresolved)
+                self._leave_weights(trial, unresolved)
+                return unresolved
             if verdict == "rejected":
                 interpolated = h["interpolate"] and walk.cap == math.inf
                 predicted = test.largest_passing() if interpolated else math.nan
@@ -1313,29 +1326,41 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if trusted and math.isfinite(predicted) and test.decrease > resolution:
                     trial.place(walk.eta)
                     return Outcome.trusted(test, walk.eta, tried)
-        if kink := self._through_a_kink(test, judged_trials, h["max_trials"]):
-            trial.place(kink.step_size)
-            return kink
-        trial.restore()
         history = h["smoothing"] > 0.0 and search.averaged > 0
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
         failed.loss_unchanged = unchanged and moved_all_the_way
+        failed = self._unless_a_kink(search, test, judged_trials, failed)
+        self._leave_weights(trial, failed)
         return failed
 
     @staticmethod
-    def _through_a_kink(
-        test: SearchTest, trials: list[tuple[float, float]], tried: int
-    ) -> Outcome | None:
-        """5.8: a search ending without a step whose trials contradict its slope (a kink
-        along the direction) accepts the largest trial that the slope they measured passes,
-        as the paper's finite difference would have measured it; ``None`` if they do not
-        contradict it or no trial passes."""
+    def _leave_weights(trial: _TrialPoint, ending: Outcome) -> None:
+        """At the accepted trial where a kink was passed (5.8), else back at ``w0``."""
+        if ending.slope_measured:
+            trial.place(ending.step_size)
+        else:
+            trial.restore()
+
+    @staticmethod
+    def _unless_a_kink(
+        search: SearchState, test: SearchTest, trials: list[tuple[float, float]], ending: Outcome
+    ) -> Outcome:
+        """5.8: a search ``ending`` without a step whose trials contradict its slope (a kink
+        along the direction) accepts instead the largest trial that the slope they measured
+        passes, as the paper's finite difference would have measured it. Not twice before a
+        search that its own slope accepts: a contradiction that comes back is a gradient
+        that is not the loss's (a detached term, a surrogate), and stepping through it at
+        every search would climb the loss; the search then ends as it would have, and says
+        so (``contradicted_again``)."""
         slope = measured_slope(trials, test.loss0, test.resolution)
         rejudged = test.rejudged(trials, slope) if math.isfinite(slope) else None
         if rejudged is None:
-            return None
-        outcome = Outcome.accepted(rejudged, rejudged.tried, tried, averaged=True)
+            return ending
+        if search.kinks_in_a_row:
+            ending.contradicted_again = True
+            return ending
+        outcome = Outcome.accepted(rejudged, rejudged.tried, ending.trials, averaged=True)
         outcome.slope_measured = True
         return outcome
 
@@ -1553,6 +1578,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.failed_searches += outcome.kind == "failed"
             search.unresolved_searches += outcome.kind == "unresolved"
             search.kinks_passed += outcome.slope_measured
+            if outcome.slope_measured:
+                search.kinks_in_a_row += 1
+            elif outcome.kind == "search":
+                search.kinks_in_a_row = 0
             accepted = outcome.kind == "search"
             search.unaccepted_in_a_row = 0 if accepted else search.unaccepted_in_a_row + 1
             # the step size has settled when a search after the first (outside warm-up)
@@ -1684,6 +1713,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
         if outcome.undo:
             self._warn_once("undone", UNDONE_WARNING.format(name=name), UserWarning)
+        if outcome.contradicted_again:
+            message = CONTRADICTED_WARNING.format(name=name, kind=outcome.kind)
+            self._warn_once("contradicted", message, UserWarning)
         if self._replay_loss is not None:
             self._warn_if_not_replayed(loss0, self._replay_loss)
         if outcome.kind == "zero_grad" and evaluator.backward_forgotten:

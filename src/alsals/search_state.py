@@ -35,6 +35,7 @@ COUNTERS = (
     "nonfinite_losses_in_a_row",
     "undone_updates",
     "kinks_passed",
+    "kinks_in_a_row",
 )
 
 
@@ -65,7 +66,9 @@ class SearchState:
     the steps in a row skipped because the loss at their start was not finite,
     ``undone_updates`` the untested updates undone after two of them (``docs/algorithms.md``,
     phase 6). ``kinks_passed`` counts the searches whose trials contradicted their slope
-    and which took a step with the slope the trials measured (phase 5.8). Only numbers:
+    and which took a step with the slope the trials measured (phase 5.8), ``kinks_in_a_row``
+    those since the last search that its own slope accepted (while it is not 0, the next
+    contradiction is not stepped through, and every step searches). Only numbers:
     ``torch.optim``'s ``load_state_dict`` would mangle a string here.
     """
 
@@ -106,6 +109,7 @@ class SearchState:
     nonfinite_losses_in_a_row: int = 0
     undone_updates: int = 0
     kinks_passed: int = 0
+    kinks_in_a_row: int = 0
 
     @property
     def floor_refuted(self) -> bool:
