@@ -17,7 +17,7 @@ tie of two pieces is one piece's, and need not be a descent direction), the loss
 every step size while the slope says it should fall; the search would end without a step,
 and the next one from the same weights would too. The trials measure the slope the paper's
 finite difference would: ``measured_slope`` recognises the contradiction (the smallest
-resolved trials rose in proportion to ``eta``) and ``SearchTest.rejudged`` judges the
+measurable trials rose, in proportion to ``eta``) and ``SearchTest.rejudged`` judges the
 trials again with it, as Eq. 8 prescribes for a negative slope.
 
 The averages start at zero without bias correction: both sides carry the same factor
@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-#: A rise that grows like ``eta^p`` with ``p`` in this range between the two smallest
-#: resolved trials of a search is first order: the loss has a kink along the direction. A
-#: smooth loss that overshoots rises at least like ``eta^2`` there, and noise does not scale.
+#: A rise that grows like ``eta^p`` with ``p`` in this range, from a search's smallest firm
+#: rise to the next trial at least twice as large, is first order: the loss has a kink along
+#: the direction. A smooth loss that overshoots rises at least like ``eta^2`` there.
 FIRST_ORDER_POWERS = (0.5, 1.5)
 #: A rise of at least this many times the loss's resolution is measured, not rounding noise
 #: (a float32 mean over a large batch can be off by a few resolutions).
