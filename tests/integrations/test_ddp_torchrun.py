@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp_train.py"
 EPOCHS, BATCH, ACCUM, WORLD = 2, 32, 4, 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_example():
     spec = importlib.util.spec_from_file_location("ddp_train_example", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
@@ -49,7 +42,7 @@ def ranks(tmp_path_factory):
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "--standalone",  # the agent binds a free port itself: no race for one
         str(EXAMPLE),
         "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--accum", str(ACCUM),
         "--out", str(out),

@@ -10,7 +10,6 @@ process training the unsharded model on the union of the ranks' batches.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,6 @@ WORKER = Path(__file__).resolve().parent / "_fsdp_worker.py"
 WORLD = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     try:
@@ -42,7 +35,7 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "--standalone",  # the agent binds a free port itself: no race for one
         str(WORKER), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

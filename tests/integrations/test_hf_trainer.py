@@ -12,7 +12,6 @@ micro-batches takes the steps one batch of twice the size takes; the logged
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -393,12 +392,9 @@ def test_trainer_under_torchrun_keeps_ranks_identical(tmp_path):
     """Two processes: the Trainer wraps the model in DDP, the trials use the plain module,
     the optimizer averages the losses it compares, and the ranks stay identical."""
     worker = Path(__file__).resolve().parent / "_hf_ddp_worker.py"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(port), str(worker), str(tmp_path),
+        "--standalone", str(worker), str(tmp_path),  # the agent binds a free port itself
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
