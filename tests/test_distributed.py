@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -13,18 +11,12 @@ import _distributed_worker
 pytestmark = pytest.mark.distributed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("dist")
-    init = f"tcp://127.0.0.1:{free_port()}"
+    init = f"file://{out / 'rendezvous'}"  # no port to race for
     mp.start_processes(
         _distributed_worker.run, args=(2, init, str(out)), nprocs=2, start_method="spawn"
     )
