@@ -146,3 +146,26 @@ def test_a_search_accepted_by_its_own_slope_lets_the_next_kink_through():
             w.copy_(torch.tensor([1.0, -2.0], dtype=F64))  # back at the tie
         opt.step(tie)
     assert opt.search_state.kinks_passed == 2
+
+
+def test_a_resumed_run_remembers_the_kink_it_passed():
+    """``kinks_in_a_row`` is in ``state_dict``: a run resumed after passing a contradiction
+    does not step through the next one either."""
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+
+    def closure():
+        surrogate = -0.5 * (w**2).sum()
+        return ((w**2).sum() + 5.0).detach() + surrogate - surrogate.detach()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = ALSALS([w])
+        opt.step(closure)
+        saved = opt.state_dict()
+        resumed = ALSALS([w])
+        resumed.load_state_dict(saved)
+        before = w.detach().clone()
+        resumed.step(closure)
+    assert resumed.search_state.kinks_in_a_row == 1
+    assert resumed.last_step.kind in ("failed", "unresolved")
+    assert torch.equal(w.detach(), before)
