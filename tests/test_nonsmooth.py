@@ -19,13 +19,18 @@ from alsals import ALSALS, SLS, AdamSLS
 F64 = torch.float64
 
 
+def tie_loss(w: torch.Tensor) -> torch.Tensor:
+    """``max(w0 + w1, -w0) + 0.01 ||w||^2 + 5``: at ``w = (1, -2)`` both pieces are equal."""
+    return torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * (w**2).sum() + 5.0
+
+
 def at_a_tie(make_optimizer, steps: int = 30) -> tuple[float, float, list[str]]:
-    """``max(w0 + w1, -w0) + 0.01 ||w||^2 + 5`` from a point where both pieces are equal:
-    the loss at the start and at the end, and the step kinds."""
+    """From the tie of ``tie_loss``: the loss at the start and at the end, and the step
+    kinds."""
     w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
 
     def loss():
-        return torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * (w**2).sum() + 5.0
+        return tie_loss(w)
 
     start = float(loss().detach())
     opt = make_optimizer([w])
@@ -60,7 +65,7 @@ def test_the_analytic_slope_steps_off_the_tie_without_shrinking_its_step_size(ma
     lr = opt.param_groups[0]["lr"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt.step(lambda: torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * (w**2).sum() + 5.0)
+        opt.step(lambda: tie_loss(w))
     assert opt.last_step.kind == "search"
     assert opt.last_step.slope < 0.0  # the slope the trials measured, not -g . d
     assert opt.last_step.step_size >= 0.5 * lr
@@ -134,7 +139,7 @@ def test_a_search_accepted_by_its_own_slope_lets_the_next_kink_through():
     opt = SLS([w])
 
     def tie():
-        return torch.stack([w[0] + w[1], -w[0]]).max() + 0.01 * (w**2).sum() + 5.0
+        return tie_loss(w)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
