@@ -188,8 +188,6 @@ def measured_slope(trials: list[tuple[float, float]], loss0: float, resolution: 
     The slope measured is the secant of the smallest firm rise, ``(L0 - L(eta)) / eta < 0``.
     """
     resolved = sorted((eta, loss0 - loss) for eta, loss in trials if abs(loss0 - loss) > resolution)
-    if not resolved or resolved[0][1] >= 0.0:
-        return math.nan
     firm = None  # (eta, decrease) of the smallest firm rise
     for eta, decrease in resolved:
         if decrease >= 0.0:

@@ -1312,8 +1312,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     walk.unresolved_step_size(),
                     loss_unchanged=unchanged and moved_all_the_way,
                 )
-                if walk.rejected:
-                    unresolved = self._unless_a_kink(search, test, judged_trials, unresolved)
+                # (trials that contradict the slope rose measurably: they were rejected)
+                unresolved = self._unless_a_kink(search, test, judged_trials, unresolved)
                 self._leave_weights(trial, unresolved)
                 return unresolved
             if verdict == "rejected":
