@@ -68,6 +68,9 @@ ABLATION = (
     "alsals-recommended-settled-preconditioned",
     "alsals-recommended-geometric",
     "alsals-recommended-tested",
+    "alsals-recommended-c05",
+    "alsals-recommended-c03",
+    "alsals-recommended-capped-preconditioned",
 )
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
 #: untuned baselines: one configuration for every task, no sweep
@@ -474,6 +477,14 @@ LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
     ),
     # ... with plain backtracking (the defaults before interpolation, method.md section 9)
     "alsals-recommended-geometric": (ALSALS, {**TESTED, "interpolate": False}),
+    # ALSALS's defaults with a looser Armijo test, and searching along the preconditioned
+    # gradient, both with the Polyak cap in place (method.md section 17; none kept)
+    "alsals-recommended-c05": (ALSALS, {**RECOMMENDED, "c": 0.5}),
+    "alsals-recommended-c03": (ALSALS, {**RECOMMENDED, "c": 0.3}),
+    "alsals-recommended-capped-preconditioned": (
+        ALSALS,
+        {**RECOMMENDED, "search_direction": "preconditioned"},
+    ),
 }
 
 
@@ -496,6 +507,9 @@ AS_USERS_RUN_THEM = (
     "alsals-recommended-settled-preconditioned",
     "alsals-recommended-geometric",
     "alsals-recommended-tested",
+    "alsals-recommended-c05",
+    "alsals-recommended-c03",
+    "alsals-recommended-capped-preconditioned",
 )
 
 
@@ -665,6 +679,21 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-recommended-geometric",
             "alsals-recommended-tested with plain backtracking (no interpolation)",
             _line_search("alsals-recommended-geometric"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended-c05",
+            "ALSALS's defaults with c = 0.5",
+            _line_search("alsals-recommended-c05"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended-c03",
+            "ALSALS's defaults with c = 0.3",
+            _line_search("alsals-recommended-c03"),
+        ),
+        OptimizerSpec(
+            "alsals-recommended-capped-preconditioned",
+            "ALSALS's defaults searching along the preconditioned gradient",
+            _line_search("alsals-recommended-capped-preconditioned"),
         ),
         OptimizerSpec(
             "alsals-interpolate",
