@@ -18,6 +18,12 @@ It runs the benchmark (``alsals-bench run ...``, the same arguments) with two mo
   optimizer state, and its forward pass draws the training pass's random numbers (dropout),
   as ``alsals``'s trials do (CPU generator only: the benchmark's runs here are on the CPU),
   and leaves the buffers (BatchNorm's running statistics) as the training pass left them.
+* ``schedulefree-search-guarded``: the same, with three changes against the collapses the
+  first row shows: the test is taken from ``y``, where the gradient was taken, along the
+  whole move (``f(y) - f(y') >= c g . (y - y')``); a search whose averaging move alone fails
+  that test keeps the step size and takes no trial (no step size can pass it there); and
+  each search starts no higher than the Polyak step, where the linear model from ``y_a``
+  reaches 0 (as ``ALSALS(params)``'s ``start="polyak"``).
 * ``adam-constant``: Adam at a constant 2.2e-3 (the defaults' searched level on the GPT-2
   stand-in) after Schedule-Free's 5% linear warm-up.
 
@@ -52,8 +58,11 @@ ADAM_CONSTANT_LR = 2.2e-3
 class ScheduleFreeSearch(registry.ScheduleFreeStepper):
     """Schedule-Free AdamW with its step size searched (see the module's docstring)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, buffers: list[Tensor]) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, buffers: list[Tensor], guarded: bool = False
+    ) -> None:
         super().__init__(optimizer)
+        self.guarded = guarded
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.buffers = buffers
         self.gamma: float | None = None
@@ -102,18 +111,56 @@ class ScheduleFreeSearch(registry.ScheduleFreeStepper):
         base = self._taken_step(0.0)
         base_loss = self._trial_loss(closure, rng_before)
         self._restore(snapshot)
+        # guarded: the test from y, where the gradient was taken, along the whole move
+        origin, origin_loss = (
+            (snapshot[0], float(loss.detach())) if self.guarded else (base, base_loss)
+        )
+
+        def promised_decrease() -> float:
+            with torch.no_grad():
+                return -sum(
+                    float((g * (p - o)).sum())
+                    for p, o, g in zip(self.params, origin, snapshot[1], strict=True)
+                    if g is not None
+                )
+
+        if self.guarded and self.gamma is not None:
+            averaging = -sum(
+                float((g * (b - w)).sum())
+                for b, w, g in zip(base, snapshot[0], snapshot[1], strict=True)
+                if g is not None
+            )
+            if origin_loss - base_loss < C * averaging:
+                # the averaging move alone fails the test: no step size can pass it, and
+                # the search says nothing about the step size, which is kept
+                self._set(self.gamma)
+                self.optimizer.step()
+                torch.set_rng_state(rng_after)
+                return loss.detach()
         gamma = FIRST_STEP_SIZE if self.gamma is None else self.gamma * GROWTH
-        for _ in range(100):
+        for trial in range(100):
             self.trials += 1
             self._set(gamma)
             self.optimizer.step()
-            with torch.no_grad():
-                promised = -sum(
-                    float((g * (p - b)).sum())
-                    for p, b, g in zip(self.params, base, snapshot[1], strict=True)
-                    if g is not None
-                )
-            if promised > 0 and base_loss - self._trial_loss(closure, rng_before) >= C * promised:
+            if self.guarded and trial == 0:
+                # start no higher than the Polyak step: where the linear model from y_a
+                # along the step reaches 0 (the loss's floor)
+                with torch.no_grad():
+                    per_unit = (
+                        -sum(
+                            float((g * (p - b)).sum())
+                            for p, b, g in zip(self.params, base, snapshot[1], strict=True)
+                            if g is not None
+                        )
+                        / gamma
+                    )
+                if per_unit > 0 and base_loss / per_unit < gamma:
+                    gamma = base_loss / per_unit
+                    self._restore(snapshot)
+                    self._set(gamma)
+                    self.optimizer.step()
+            promised = promised_decrease()
+            if promised > 0 and origin_loss - self._trial_loss(closure, rng_before) >= C * promised:
                 break
             self._restore(snapshot)
             gamma *= BACKTRACK
@@ -143,12 +190,14 @@ class ScheduleFreeSearch(registry.ScheduleFreeStepper):
         return {"trials": self.trials}
 
 
-def _schedule_free_search(model: nn.Module, task: Task, budget: Budget) -> registry.Stepper:
-    from schedulefree import AdamWScheduleFree
+def _schedule_free_search(guarded: bool) -> Any:
+    def build(model: nn.Module, task: Task, budget: Budget) -> registry.Stepper:
+        from schedulefree import AdamWScheduleFree
 
-    return ScheduleFreeSearch(
-        AdamWScheduleFree(model.parameters(), warmup_steps=0), list(model.buffers())
-    )
+        optimizer = AdamWScheduleFree(model.parameters(), warmup_steps=0)
+        return ScheduleFreeSearch(optimizer, list(model.buffers()), guarded)
+
+    return build
 
 
 def _adam_constant(model: nn.Module, task: Task, budget: Budget) -> registry.Stepper:
@@ -161,7 +210,13 @@ def _adam_constant(model: nn.Module, task: Task, budget: Budget) -> registry.Ste
 registry.REGISTRY["schedulefree-search"] = registry.OptimizerSpec(
     "schedulefree-search",
     "Schedule-Free AdamW, its step size set by an Armijo search (a prototype)",
-    _schedule_free_search,
+    _schedule_free_search(guarded=False),
+    "schedulefree",
+)
+registry.REGISTRY["schedulefree-search-guarded"] = registry.OptimizerSpec(
+    "schedulefree-search-guarded",
+    "schedulefree-search tested from y, Polyak start, averaging checked first (a prototype)",
+    _schedule_free_search(guarded=True),
     "schedulefree",
 )
 registry.REGISTRY["adam-constant"] = registry.OptimizerSpec(
