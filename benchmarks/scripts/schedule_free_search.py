@@ -116,20 +116,9 @@ class ScheduleFreeSearch(registry.ScheduleFreeStepper):
             (snapshot[0], float(loss.detach())) if self.guarded else (base, base_loss)
         )
 
-        def promised_decrease() -> float:
-            with torch.no_grad():
-                return -sum(
-                    float((g * (p - o)).sum())
-                    for p, o, g in zip(self.params, origin, snapshot[1], strict=True)
-                    if g is not None
-                )
-
+        grads = snapshot[1]
         if self.guarded and self.gamma is not None:
-            averaging = -sum(
-                float((g * (b - w)).sum())
-                for b, w, g in zip(base, snapshot[0], snapshot[1], strict=True)
-                if g is not None
-            )
+            averaging = _promised(grads, base, snapshot[0])
             if origin_loss - base_loss < C * averaging:
                 # the averaging move alone fails the test: no step size can pass it, and
                 # the search says nothing about the step size, which is kept
@@ -145,21 +134,13 @@ class ScheduleFreeSearch(registry.ScheduleFreeStepper):
             if self.guarded and trial == 0:
                 # start no higher than the Polyak step: where the linear model from y_a
                 # along the step reaches 0 (the loss's floor)
-                with torch.no_grad():
-                    per_unit = (
-                        -sum(
-                            float((g * (p - b)).sum())
-                            for p, b, g in zip(self.params, base, snapshot[1], strict=True)
-                            if g is not None
-                        )
-                        / gamma
-                    )
+                per_unit = _promised(grads, self.params, base) / gamma
                 if per_unit > 0 and base_loss / per_unit < gamma:
                     gamma = base_loss / per_unit
                     self._restore(snapshot)
                     self._set(gamma)
                     self.optimizer.step()
-            promised = promised_decrease()
+            promised = _promised(grads, self.params, origin)
             if promised > 0 and origin_loss - self._trial_loss(closure, rng_before) >= C * promised:
                 break
             self._restore(snapshot)
@@ -188,6 +169,17 @@ class ScheduleFreeSearch(registry.ScheduleFreeStepper):
 
     def details(self) -> dict[str, Any]:
         return {"trials": self.trials}
+
+
+def _promised(grads: list[Tensor | None], to: list[Tensor], origin: list[Tensor]) -> float:
+    """The decrease the gradients promise for the move from ``origin`` to ``to``:
+    ``-g . (to - origin)``, summed over the parameters."""
+    with torch.no_grad():
+        return -sum(
+            float((g * (t - o)).sum())
+            for t, o, g in zip(to, origin, grads, strict=True)
+            if g is not None
+        )
 
 
 def _schedule_free_search(guarded: bool) -> Any:
