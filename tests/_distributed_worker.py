@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import ALSALS, SLS, AdamSLS, ScheduleFreeALSALS
 from alsals.diagnostics import scan_direction
 
 OPTIMIZERS = {"SLS": SLS, "AdamSLS": AdamSLS, "ALSALS": ALSALS}
@@ -162,6 +162,33 @@ def kink_run(rank: int) -> dict:
     return {"kinds": kinds, "state": state, "weights": model.w.detach().clone()}
 
 
+def schedule_free_run(rank: int) -> dict:
+    """ScheduleFreeALSALS under DDP, each rank its own data; then the divergent events."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ScheduleFreeALSALS(ddp.parameters(), lr=30.0, loss_floor=None)
+    data_gen = torch.Generator().manual_seed(100 + rank)
+    decisions = []
+    for _ in range(14):
+        x = torch.randn(32, 6, generator=data_gen)
+        y = (x.sum(dim=1) > 0).float()
+
+        def closure(x=x, y=y, ddp=ddp):
+            return nn.functional.binary_cross_entropy_with_logits(ddp(x).squeeze(-1), y)
+
+        opt.step(closure)
+        info = opt.last_step
+        decisions.append((info.kind, info.trials, info.step_size, info.loss))
+    opt.eval()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return {
+        "decisions": decisions,
+        "weights": weights,
+        "divergent": divergent_run(rank, ScheduleFreeALSALS),
+    }
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -187,6 +214,7 @@ def train_all(rank: int) -> dict:
         "floor": floor_run(rank),
         "undo": undo_run(rank),
         "kink": kink_run(rank),
+        "schedule_free": schedule_free_run(rank),
     }
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank

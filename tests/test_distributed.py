@@ -105,3 +105,15 @@ def test_a_wrong_floor_is_refuted_alike_on_every_rank(rank_results):
     assert rank0["refuted_at"] == rank1["refuted_at"]
     assert rank0["state"] == rank1["state"]
     assert torch.equal(rank0["weights"], rank1["weights"])
+
+
+def test_schedule_free_search_decides_alike_on_every_rank(rank_results):
+    """ScheduleFreeALSALS under DDP: the same searches and weights on both ranks, also when
+    rank 1 alone has no gradient, a NaN loss, a zero gradient or NaN trials."""
+    rank0, rank1 = rank_results[0]["schedule_free"], rank_results[1]["schedule_free"]
+    assert rank0["decisions"] == rank1["decisions"]
+    assert any(trials > 1 for _, trials, _, _ in rank0["decisions"]), "decisions must matter"
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    assert rank0["divergent"] == rank1["divergent"]
+    kinds = [kind for kind, _ in rank0["divergent"]]
+    assert kinds[_distributed_worker.RANK1_EVENTS.index("nan_loss")] == "nonfinite"

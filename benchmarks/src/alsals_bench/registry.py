@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS, LineSearchOptimizer, ScheduleFreeALSALS
 from alsals.optimizers import GROWTH_10_PERCENT
 from alsals_bench.tasks.base import Budget, Task
 
@@ -189,6 +189,23 @@ class ScheduleFreeStepper(Stepper):
 
     def eval(self) -> None:
         self.optimizer.eval()
+
+
+class ScheduleFreeSearchStepper(LineSearchStepper):
+    """``ScheduleFreeALSALS``: a line search that swaps its weights as Schedule-Free does."""
+
+    def train(self) -> None:
+        self.optimizer.train()
+
+    def eval(self) -> None:
+        self.optimizer.eval()
+
+
+def _schedulefree_search(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+    """``ScheduleFreeALSALS(params)`` at its defaults, as a user runs it (no warm-up)."""
+    return ScheduleFreeSearchStepper(
+        ScheduleFreeALSALS(model.parameters(), buffers=model.buffers())
+    )
 
 
 class MomoStepper(Stepper):
@@ -719,6 +736,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-candidate",
             "ALSALS: analytic slope, adaptive cadence, growth 10%, smoothing 0.9, backtrack 0.8",
             _line_search("alsals-candidate"),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree",
+            "ScheduleFreeALSALS: Schedule-Free AdamW, its step size set by an Armijo search",
+            _schedulefree_search,
         ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),

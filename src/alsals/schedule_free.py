@@ -1,0 +1,614 @@
+"""``ScheduleFreeALSALS``: an Armijo line search over Schedule-Free AdamW's step size.
+
+Schedule-Free AdamW (Defazio et al., NeurIPS 2024) replaces the learning-rate schedule by an
+average. It keeps three sequences: ``z``, moved by Adam's preconditioned gradient; ``x``, the
+running average of ``z`` that a user evaluates; and ``y = (1 - beta1) z + beta1 x``, where the
+gradient is taken (the model's weights during training). With the step size ``gamma``, the
+preconditioned gradient ``u = g / (sqrt(v_hat) + eps) + weight_decay * y`` and the averaging
+weight ``alpha = w / (w_1 + ... + w)``, ``w = max(gamma so far)^2``, one step is
+
+    z' = z - gamma u
+    x' = (1 - alpha) x + alpha z'
+    y' = (1 - beta1) z' + beta1 x'  =  y + alpha (z - y) - gamma (1 - beta1 (1 - alpha)) u
+
+Its remaining hyperparameter is ``gamma``. Here a line search sets it: Armijo on the batch,
+from ``y`` (where the gradient was taken) along the whole move, accepting ``gamma`` when
+
+    f(y) - f(y') >= c * g . (y - y')  =  c * (alpha g . (y - z) + gamma kappa g . u),
+    kappa = 1 - beta1 (1 - alpha)
+
+so the test uses the gradient's own slope and two dot products per step (no probe pass).
+Each search starts at ``growth`` times the last accepted ``gamma`` (``lr`` at the first),
+no higher than the Polyak step (where that linear model reaches ``loss_floor``), and
+backtracks by ``backtrack`` (skipping, with ``interpolate``, the trials that a quadratic
+fitted to the rejected one says fail). Where the first trial fails, the averaging move
+alone (``gamma = 0``, one more pass) is tested: if it fails too, no step size can pass,
+the search says nothing about ``gamma``, and the step is taken with the last one
+(``"kept"``); after such a search the next one tests the averaging move first.
+Searches run on each of the first ``initial_searches`` steps and every
+``search_interval``-th step after; the steps between reuse ``gamma``. ``loss_rise_guard``
+is ``ALSALS``'s (:mod:`alsals.rise_guard`): a ``gamma`` that grew while the batch losses'
+average climbed goes back to its level at the lowest loss.
+
+Why (``benchmarks/docs/method.md``, sections 17-18): on the GPT-2 stand-in ``ALSALS``'s
+searches settle at Schedule-Free's own rate, and Adam at that rate trails Schedule-Free: the
+gap there is Schedule-Free's dynamics, not the step size. A search over the step size of
+those dynamics keeps both.
+
+As with Schedule-Free, the weights the model holds during training are ``y``: call
+``optimizer.eval()`` before evaluating or saving the model (the weights become ``x``) and
+``optimizer.train()`` before the next training step. BatchNorm's running statistics are
+those of ``y``; recompute them at ``x`` where it matters (Schedule-Free's advice).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
+from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
+from alsals.distributed import mean_to_host
+from alsals.hyperparameters import flag, in_range, integer, real
+from alsals.line_search import StepInfo, _loss_resolution
+from alsals.rise_guard import LossWatch
+
+#: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
+#: ``weight_lr_power``): later steps, taken at the full step size, weigh more.
+AVERAGING_POWER = 2.0
+#: The settings of the search, read from the first parameter group.
+SEARCH_SETTINGS = (
+    "c",
+    "growth",
+    "backtrack",
+    "interpolate",
+    "max_trials",
+    "initial_searches",
+    "search_interval",
+    "loss_floor",
+    "loss_rise_guard",
+)
+#: The key of the search state in the first parameter's ``state``.
+STATE_KEY = "schedule_free_search"
+
+
+@dataclass
+class SearchState:
+    """The search's scalars, stored in ``state`` so that ``state_dict`` round-trips."""
+
+    step_size: float
+    steps: int = 0  # steps that moved the weights
+    searches: int = 0
+    steps_since_search: int = 0
+    kept: int = 0  # searches whose averaging move alone failed the test
+    last_kept: bool = False  # the last search was one of them
+    exhausted: int = 0  # searches that ran out of trials
+    skipped_nonfinite: int = 0
+    skipped_zero_grad: int = 0
+    trials: int = 0
+    forwards: int = 0
+    backwards: int = 0
+    step_size_ceiling: float = math.inf  # loss_rise_guard's
+    ceiling_loss: float = 0.0
+    watch: dict[str, float] | None = None  # loss_rise_guard's LossWatch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> SearchState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in known})
+
+
+def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float, float]:
+    """Schedule-Free's averaging weight ``alpha = w / (w_1 + ... + w)`` of a step of size
+    ``gamma`` in ``group``, with the group's ``lr_max`` and ``w`` after it (``alpha = 1`` at
+    a group's first step: ``x`` starts at ``z``)."""
+    lr_max = max(group["lr_max"], gamma)
+    weight = lr_max**AVERAGING_POWER
+    total = group["weight_sum"] + weight
+    alpha = weight / total if total > 0.0 else 1.0
+    return alpha, lr_max, weight
+
+
+@dataclass
+class _Group:
+    """The tensors of one parameter group that take part in this step, and its moves."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+    z: list[Tensor]
+    exp_avg_sqs: list[Tensor]  # v' of this step (not yet committed)
+    u: list[Tensor]  # the preconditioned gradient with weight decay
+    steps: list[int]  # Adam's t after this step
+    origin: list[Tensor] | None = None  # y, while trials move the weights
+
+    def place(self, gamma: float) -> None:
+        """The weights at ``y' = y + alpha (z - y) - gamma kappa u``."""
+        if self.origin is None:
+            self.origin = [p.detach().clone() for p in self.params]
+        alpha = averaging_weight(self.group, gamma)[0]
+        kappa = 1.0 - self.group["betas"][0] * (1.0 - alpha)
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.origin)
+            torch._foreach_lerp_(self.params, self.z, alpha)
+            torch._foreach_add_(self.params, self.u, alpha=-gamma * kappa)
+
+    def restore(self) -> None:
+        if self.origin is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.origin)
+
+
+class ScheduleFreeALSALS(torch.optim.Optimizer):
+    r"""Schedule-Free AdamW whose step size an Armijo line search sets (module docstring).
+
+    Needs a closure, as ``ALSALS`` does (``optimizer.step(closure)``, either form), and
+    ``optimizer.train()`` / ``optimizer.eval()`` around evaluation, as Schedule-Free does.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: the step size the first search starts from (0.1; never above the Polyak step).
+        c: Armijo's constant (0.6, the paper's ALSALS).
+        betas: ``beta1`` interpolates between ``z`` and ``x`` (Schedule-Free's momentum),
+            ``beta2`` is Adam's second-moment factor ((0.9, 0.999)).
+        eps: Adam's ``eps`` (1e-8).
+        weight_decay: decoupled weight decay at ``y``, as Schedule-Free applies it (0).
+        growth: each search starts at this multiple of the last step size (1.1).
+        backtrack: a rejected trial's step size is multiplied by this (0.8).
+        interpolate: skip the trials of that grid above where a quadratic model fitted to
+            the rejected trial passes the test (``True``).
+        max_trials: trials per search before it takes the smallest one tried (100).
+        initial_searches: steps that all search at the start of a run (10).
+        search_interval: afterwards, a search every this many steps (10).
+        loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
+        loss_rise_guard: ``ALSALS``'s guard, in standard errors; ``None``: off (3.0).
+        buffers: module buffers to protect from the trial evaluations (``model.buffers()``
+            where the model has BatchNorm).
+        process_group: the ranks that must take the same decisions (default group).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        *,
+        c: float = 0.6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        growth: float = 1.1,
+        backtrack: float = 0.8,
+        interpolate: bool = True,
+        max_trials: int = 100,
+        initial_searches: int = 10,
+        search_interval: int = 10,
+        loss_floor: float | None = 0.0,
+        loss_rise_guard: float | None = 3.0,
+        buffers: Iterable[Tensor] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if isinstance(params, torch.nn.Module):
+            raise TypeError(
+                "ScheduleFreeALSALS takes the parameters, not the module: pass "
+                "model.parameters() (or a list of parameter groups)"
+            )
+        settings = {
+            "lr": in_range("lr", lr, 0.0, closed_low=False),
+            "c": in_range("c", c, 0.0, 1.0, closed_low=False),
+            "growth": in_range("growth", growth, 1.0, closed_low=True),
+            "backtrack": in_range("backtrack", backtrack, 0.0, 1.0, closed_low=False),
+            "interpolate": flag("interpolate", interpolate),
+            "max_trials": integer("max_trials", max_trials, 1),
+            "initial_searches": integer("initial_searches", initial_searches, 1),
+            "search_interval": integer("search_interval", search_interval, 1),
+            "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
+            "loss_rise_guard": (
+                None
+                if loss_rise_guard is None
+                else in_range("loss_rise_guard", loss_rise_guard, 0.0, closed_low=True)
+            ),
+        }
+        self._buffers = checked_buffers(buffers)
+        self._process_group = process_group
+        self._left_grads: LeftGradients | None = None
+        self.last_step: StepInfo | None = None
+        defaults = {
+            **settings,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "weight_sum": 0.0,
+            "lr_max": 0.0,
+            "train_mode": True,
+        }
+        super().__init__(params, defaults)
+
+    @property
+    def _settings(self) -> dict[str, Any]:
+        """The search's settings: one for all groups, the first group's (``state_dict``
+        carries them with the groups)."""
+        first = self.param_groups[0]
+        return {key: first[key] for key in SEARCH_SETTINGS}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"invalid betas: {betas!r} (expected (beta1, beta2))")
+        in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=False)
+        in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
+        in_range("eps", group["eps"], 0.0, closed_low=False)
+        in_range("weight_decay", group["weight_decay"], 0.0, closed_low=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_left_grads"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_left_grads", None)
+
+    # --------------------------------------------------------------- Schedule-Free's swap
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Set the weights to ``x``, the average to evaluate (and save); a no-op if they
+        are ``x`` already."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                beta1 = group["betas"][0]
+                for p in group["params"]:
+                    if "z" in self.state[p]:  # x = (y - (1 - beta1) z) / beta1
+                        p.lerp_(self.state[p]["z"], 1.0 - 1.0 / beta1)
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Set the weights back to ``y``, where training evaluates the gradient."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                beta1 = group["betas"][0]
+                for p in group["params"]:
+                    if "z" in self.state[p]:  # y = (1 - beta1) z + beta1 x
+                        p.lerp_(self.state[p]["z"], 1.0 - beta1)
+                group["train_mode"] = True
+
+    # ------------------------------------------------------------------------------ the step
+
+    def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+        """One training step: the loss and gradient at ``y``, a search when one is due,
+        the move. Returns the loss at ``y``. An exception leaves the weights, the state
+        and the random stream as they were."""
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise RuntimeError(
+                "ScheduleFreeALSALS.step() after optimizer.eval(): the weights are the "
+                "average x, not y where training takes the gradient; call optimizer.train() "
+                "before training steps"
+            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        evaluator = ClosureEvaluator(closure, params, self._buffers, left=self._left_grads)
+        search = self._stored_search_state()
+        written = self._adopt_written_lr(search)
+        groups: list[_Group] = []
+        try:
+            loss = evaluator.evaluate_with_grad()
+            groups = self._gather()
+            info = self._run(search, written, loss, groups, evaluator)
+        except BaseException:
+            for g in groups:
+                g.restore()
+            evaluator.abort()
+            self._left_grads = LeftGradients(params)
+            raise
+        evaluator.finish()
+        self._left_grads = LeftGradients(params)
+        search.forwards += evaluator.forwards
+        search.backwards += evaluator.backwards
+        search.trials += info.trials
+        self._store(search)
+        self.last_step = StepInfo(
+            **{**info.__dict__, "forwards": evaluator.forwards, "backwards": evaluator.backwards}
+        )
+        return loss
+
+    def _run(
+        self,
+        search: SearchState,
+        written: bool,
+        loss: Tensor,
+        groups: list[_Group],
+        evaluator: ClosureEvaluator,
+    ) -> StepInfo:
+        """Everything after the first evaluation; writes the state only at the end."""
+        # Every rank issues the same collective whatever its local gradients: per parameter
+        # group g . (y - z) and g . u, the slopes of the move's two parts (0 without any)
+        device = groups[0].grads[0].device if groups else loss.device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        by_group = {id(g.group): g for g in groups}
+        terms, squares = [], [zero]
+        for group in self.param_groups:
+            g = by_group.get(id(group))
+            terms += [_dot_sum(g.grads, g.params, g.z), _dot_sum(g.grads, g.u)] if g else [zero] * 2
+            if g is not None:
+                squares += [n.to(device, torch.float64) ** 2 for n in torch._foreach_norm(g.grads)]
+        loss0, grad_sq_value, *sums = mean_to_host(
+            [loss.to(device), torch.stack(squares).sum(), *[t.to(device) for t in terms]],
+            self._process_group,
+        )
+        averaging, slope = sums[0::2], sums[1::2]
+        nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
+        nonfinite = nonfinite or not all(math.isfinite(s) for s in sums)
+        if nonfinite or grad_sq_value == 0.0:
+            kind = "nonfinite" if nonfinite else "zero_grad"
+            search.skipped_nonfinite += nonfinite
+            search.skipped_zero_grad += not nonfinite
+            return _info(kind, 0.0, loss0)
+        h = self._settings
+        due = (
+            search.searches == 0
+            or written
+            or search.steps < h["initial_searches"]
+            or search.steps_since_search + 1 >= h["search_interval"]
+        )
+        trials = 0
+        kind = "reuse"
+        gamma = min(search.step_size, search.step_size_ceiling)
+        if due:
+            kind, gamma, trials = self._search(search, loss0, groups, averaging, slope, evaluator)
+            if kind == "nonfinite":
+                for g in groups:
+                    g.restore()
+                search.skipped_nonfinite += 1
+                return _info(kind, 0.0, loss0, trials)
+        for g in groups:
+            g.place(gamma)
+        loss_rose = self._watch_loss(search, loss0, gamma, evaluator.loss_dtype)
+        self._commit(groups, gamma)
+        search.steps += 1
+        if kind == "reuse":
+            search.steps_since_search += 1
+        else:
+            search.searches += 1
+            search.steps_since_search = 0
+            search.kept += kind == "kept"
+            search.last_kept = kind == "kept"
+            search.exhausted += kind == "exhausted"
+            search.step_size = gamma
+        search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
+        return _info(kind, gamma, loss0, trials, loss_rose)
+
+    def _search(
+        self,
+        search: SearchState,
+        loss0: float,
+        groups: list[_Group],
+        averaging: list[float],
+        slope: list[float],
+        evaluator: ClosureEvaluator,
+    ) -> tuple[str, float, int]:
+        """Trials from the grown (or Polyak) start down by ``backtrack``; returns the kind
+        (``"search"``, ``"kept"``, ``"exhausted"``, ``"nonfinite"``), the step size to take
+        and the number of trials."""
+        h = self._settings
+        c = h["c"]
+
+        def promised(gamma: float) -> float:
+            """``g . (y - y')``: the decrease the gradient promises for the move."""
+            total = 0.0
+            for group, a, s in zip(self.param_groups, averaging, slope, strict=True):
+                alpha = averaging_weight(group, gamma)[0]
+                total += alpha * a + gamma * (1.0 - group["betas"][0] * (1.0 - alpha)) * s
+            return total
+
+        def passes(gamma: float) -> tuple[bool, float]:
+            for g in groups:
+                g.place(gamma)
+            (value,) = mean_to_host([evaluator.evaluate()], self._process_group)
+            ok = math.isfinite(value) and loss0 - value >= c * promised(gamma)
+            return ok, value
+
+        first = search.searches == 0
+        gamma = search.step_size if first else search.step_size * h["growth"]
+        gamma = min(gamma, search.step_size_ceiling)
+        floor = h["loss_floor"]
+        if floor is not None:  # no start above the Polyak step of the linear model
+            at_zero = promised(0.0)
+            per_unit = promised(gamma) - at_zero
+            height = loss0 - floor - at_zero
+            if height > 0.0 and per_unit > 0.0 and height / per_unit < 1.0:
+                gamma *= height / per_unit
+        gamma = max(gamma, MIN_STEP_SIZE)
+        evaluations = 0
+
+        def averaging_alone() -> str | None:
+            """Test the averaging move alone (``gamma = 0``): ``"kept"`` if it fails (no
+            step size can pass), ``"nonfinite"`` if its loss is not finite, else ``None``."""
+            nonlocal evaluations
+            evaluations += 1
+            ok, value = passes(0.0)
+            if not math.isfinite(value):
+                return "nonfinite"
+            return None if ok else "kept"
+
+        # at a run's first step x = z = y: there is no averaging move to test
+        checked = first
+        if search.last_kept and not first:
+            # the last search's averaging move failed: this one's likely does too, and
+            # testing it first settles the search in one pass
+            checked = True
+            ending = averaging_alone()
+            if ending is not None:
+                return ending, search.step_size if ending == "kept" else 0.0, evaluations
+        while evaluations < h["max_trials"]:
+            evaluations += 1
+            ok, value = passes(gamma)
+            if ok:
+                return "search", gamma, evaluations
+            if not checked:
+                checked = True
+                ending = averaging_alone()
+                if ending is not None:
+                    return ending, search.step_size if ending == "kept" else 0.0, evaluations
+            gamma = self._next_trial(gamma, loss0 - value, promised)
+        return "exhausted", gamma, evaluations
+
+    def _next_trial(self, gamma: float, decrease: float, promised: Any) -> float:
+        """The trial after a rejected ``gamma`` whose loss fell by ``decrease``:
+        ``backtrack * gamma``, or with ``interpolate`` the first of ``gamma * backtrack^j``
+        not above the step size where a quadratic model of the loss passes the test (the
+        promise less ``k gamma^2 / 2``, ``k`` fitted to the trial), but no lower than
+        ``INTERPOLATION_FLOOR * gamma``: the same grid as plain backtracking, in fewer
+        trials."""
+        h = self._settings
+        nxt = gamma * h["backtrack"]
+        if h["interpolate"] and math.isfinite(decrease):
+            at_zero, at_gamma = promised(0.0), promised(gamma)
+            slope = (at_gamma - at_zero) / gamma
+            curvature = 2.0 * ((at_gamma - decrease) / gamma) / gamma
+            keep = 1.0 - h["c"]  # the share of the promise the test leaves for curvature
+            disc = (keep * slope) ** 2 + 2.0 * curvature * keep * at_zero
+            if curvature > 0.0 and disc >= 0.0:
+                predicted = (keep * slope + math.sqrt(disc)) / curvature
+                floor = gamma * INTERPOLATION_FLOOR
+                while nxt > predicted and nxt * h["backtrack"] >= floor:
+                    nxt *= h["backtrack"]
+        return max(nxt, MIN_STEP_SIZE)
+
+    def _watch_loss(
+        self, search: SearchState, loss0: float, gamma: float, loss_dtype: torch.dtype
+    ) -> bool:
+        """``loss_rise_guard`` with this step's loss and step size (``ALSALS``'s rule):
+        whether the loss average rose while the step size grew (a ceiling is set)."""
+        guard = self._settings["loss_rise_guard"]
+        if guard is None:
+            return False
+        watch = LossWatch(**search.watch) if search.watch else LossWatch()
+        watch = watch.after(loss0, gamma)
+        resolution = _loss_resolution(loss_dtype, watch.mean())
+        ceiling = search.step_size_ceiling
+        if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):
+            search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
+        rose = gamma > 0.0 and watch.rose(guard, resolution)
+        if rose:
+            search.step_size_ceiling = min(search.step_size_ceiling, watch.step_size_at_lowest)
+            search.ceiling_loss = watch.lowest
+            watch = LossWatch()
+        search.watch = asdict(watch)
+        return rose
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _gather(self) -> list[_Group]:
+        """This step's tensors per group (``grad`` set), with ``v'`` and ``u`` computed;
+        nothing is written to the state."""
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("ScheduleFreeALSALS does not support sparse gradients")
+            grads = [p.grad for p in params]
+            z, v, steps = [], [], []
+            for p in params:
+                state = self.state[p]
+                z.append(state["z"] if "z" in state else p.detach().clone())
+                v.append(state["exp_avg_sq"] if "exp_avg_sq" in state else torch.zeros_like(p))
+                steps.append(int(state.get("step", 0)) + 1)
+            beta2 = group["betas"][1]
+            v_new = torch._foreach_mul(v, beta2)
+            torch._foreach_addcmul_(v_new, grads, grads, 1.0 - beta2)
+            denominators = torch._foreach_div(v_new, [1.0 - beta2**t for t in steps])  # v_hat
+            torch._foreach_sqrt_(denominators)
+            torch._foreach_add_(denominators, group["eps"])
+            u = torch._foreach_div(grads, denominators)
+            if group["weight_decay"]:
+                torch._foreach_add_(u, [p.detach() for p in params], alpha=group["weight_decay"])
+            groups.append(_Group(group, params, grads, z, v_new, u, steps))
+        return groups
+
+    def _commit(self, groups: list[_Group], gamma: float) -> None:
+        """Write ``z``, ``v``, ``t`` and the averaging weights of a step of size ``gamma``
+        (the weights are at ``y'`` already). Every group's averaging weights advance, also
+        where this rank holds no gradient for it: they must stay equal on every rank."""
+        for g in groups:
+            torch._foreach_add_(g.z, g.u, alpha=-gamma)
+            for p, z, v, t in zip(g.params, g.z, g.exp_avg_sqs, g.steps, strict=True):
+                state = self.state[p]
+                state["z"], state["exp_avg_sq"], state["step"] = z, v, t
+        for group in self.param_groups:
+            _, lr_max, weight = averaging_weight(group, gamma)
+            group["lr_max"] = lr_max
+            group["weight_sum"] += weight
+
+    def _adopt_written_lr(self, search: SearchState) -> bool:
+        """A ``lr`` written into the first group since the last step sets where the next
+        search starts (and makes it due)."""
+        lr = self.param_groups[0]["lr"]
+        if lr == search.step_size:
+            return False
+        search.step_size = in_range("param_groups[0]['lr']", lr, 0.0, closed_low=False)
+        search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
+        return True
+
+    def _anchor(self) -> Tensor | None:
+        for group in self.param_groups:
+            if group["params"]:
+                return group["params"][0]
+        return None
+
+    def _stored_search_state(self) -> SearchState:
+        anchor = self._anchor()
+        stored = self.state[anchor].get(STATE_KEY) if anchor is not None else None
+        if stored is None:
+            return SearchState(step_size=self.defaults["lr"])
+        return SearchState.from_dict(stored)
+
+    def _store(self, search: SearchState) -> None:
+        anchor = self._anchor()
+        if anchor is not None:
+            self.state[anchor][STATE_KEY] = search.to_dict()
+        for group in self.param_groups:
+            group["lr"] = search.step_size
+
+    @property
+    def search_state(self) -> SearchState:
+        """The search's counters and step size, as stored."""
+        return self._stored_search_state()
+
+
+def _dot_sum(a: list[Tensor], b: list[Tensor], minus: list[Tensor] | None = None) -> Tensor:
+    """``sum_i a_i . (b_i - minus_i)`` on the device, in float64 (one temporary at a time)."""
+    terms = []
+    with torch.no_grad():
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            other = y if minus is None else y - minus[i]
+            terms.append(torch.dot(x.reshape(-1), other.reshape(-1)).double())
+    return torch.stack(terms).sum()
+
+
+def _info(
+    kind: str, step_size: float, loss: float, trials: int = 0, loss_rose: bool = False
+) -> StepInfo:
+    return StepInfo(
+        kind=kind,
+        step_size=step_size,
+        loss=loss,
+        trials=trials,
+        forwards=0,
+        backwards=0,
+        slope=math.nan,
+        loss_decrease=math.nan,
+        grad_norm=math.nan,
+        capped=False,
+        loss_rose=loss_rose,
+    )

@@ -1,0 +1,371 @@
+"""ScheduleFreeALSALS: Schedule-Free AdamW's dynamics, its step size set by an Armijo search.
+
+The reference below writes Schedule-Free AdamW in its explicit form (``x``, ``z`` and ``y``
+kept apart, as in Defazio et al.'s Algorithm 1); the optimizer keeps ``y`` and ``z`` only.
+Replaying the step sizes the optimizer chose through the reference must give its weights,
+and every accepted step must pass the Armijo test the optimizer claims, computed here from
+the gradient and the losses directly. Everything runs in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from alsals import ScheduleFreeALSALS
+
+
+def logistic_problem(seed: int = 0, n: int = 128, d: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(d, 1, generator=g, dtype=torch.float64) > 0).double()
+    return x, y
+
+
+def make_model(seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def batches(x, y, steps: int, size: int = 32, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, len(x), (size,), generator=g) for _ in range(steps)]
+
+
+def loss_of(model, x, y):
+    return nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+
+class Reference:
+    """Schedule-Free AdamW, explicit form, float64; ``step(grads, gamma)``."""
+
+    def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        self.x = [w.clone() for w in weights]
+        self.z = [w.clone() for w in weights]
+        self.v = [torch.zeros_like(w) for w in weights]
+        self.beta1, self.beta2, self.eps, self.wd = beta1, beta2, eps, weight_decay
+        self.t = 0
+        self.weight_sum = 0.0
+        self.lr_max = 0.0
+
+    def y(self):
+        return [(1 - self.beta1) * z + self.beta1 * x for x, z in zip(self.x, self.z, strict=True)]
+
+    def step(self, grads, gamma):
+        self.t += 1
+        y = self.y()
+        self.lr_max = max(self.lr_max, gamma)
+        weight = self.lr_max**2
+        self.weight_sum += weight
+        alpha = weight / self.weight_sum
+        for i, g in enumerate(grads):
+            self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g * g
+            v_hat = self.v[i] / (1 - self.beta2**self.t)
+            u = g / (v_hat.sqrt() + self.eps) + self.wd * y[i]
+            self.z[i] = self.z[i] - gamma * u
+            self.x[i] = (1 - alpha) * self.x[i] + alpha * self.z[i]
+
+
+def run(opt_kwargs=None, steps=40, seed=0):
+    """Train with the optimizer, replay its step sizes through the reference, and record
+    each step's (y, g, loss at y, loss at y', kind, step size)."""
+    x, y = logistic_problem(seed)
+    model = make_model()
+    opt = ScheduleFreeALSALS(model.parameters(), **(opt_kwargs or {}))
+    ref = Reference(
+        [p.detach() for p in model.parameters()],
+        weight_decay=(opt_kwargs or {}).get("weight_decay", 0.0),
+    )
+    records = []
+    for idx in batches(x, y, steps):
+
+        def closure(idx=idx):
+            return loss_of(model, x[idx], y[idx])
+
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(closure)
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        info = opt.last_step
+        with torch.no_grad():
+            after_loss = float(closure())
+        records.append((before, grads, info, after_loss))
+        if info.kind not in ("nonfinite", "zero_grad"):
+            ref.step(grads, info.step_size)
+    return model, opt, ref, records
+
+
+def test_weights_follow_schedule_free_adamw_at_the_step_sizes_it_chose():
+    model, opt, ref, records = run({"weight_decay": 0.01})
+    for p, y in zip(model.parameters(), ref.y(), strict=True):
+        torch.testing.assert_close(p.detach(), y, rtol=1e-10, atol=1e-12)
+    opt.eval()  # the weights become the average x
+    for p, x in zip(model.parameters(), ref.x, strict=True):
+        torch.testing.assert_close(p.detach(), x, rtol=1e-10, atol=1e-12)
+    opt.train()
+    for p, y in zip(model.parameters(), ref.y(), strict=True):
+        torch.testing.assert_close(p.detach(), y, rtol=1e-10, atol=1e-12)
+    kinds = {info.kind for _, _, info, _ in records}
+    assert "search" in kinds and "reuse" in kinds
+
+
+def test_accepted_steps_pass_and_their_predecessors_fail_the_test():
+    """Recompute the move from the reference for the accepted step size and for
+    ``gamma / backtrack``: the first passes Armijo's test, the second (when the search
+    backtracked past it) does not."""
+    x, y = logistic_problem(3)
+    model = make_model(4)
+    # no Polyak start and a large lr: the searches backtrack, trial by trial
+    opt = ScheduleFreeALSALS(
+        model.parameters(), lr=30.0, growth=3.0, loss_floor=None, interpolate=False
+    )
+    probe = make_model(4)
+    ref = Reference([p.detach() for p in model.parameters()])
+    checked_pass = checked_fail = 0
+    for idx in batches(x, y, 40, seed=5):
+
+        def closure(idx=idx):
+            return loss_of(model, x[idx], y[idx])
+
+        ref_before = copy.deepcopy(ref)
+        opt.step(closure)
+        info = opt.last_step
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        if info.kind == "search":
+            for gamma, should_pass in ((info.step_size, True), (info.step_size / 0.8, False)):
+                if not should_pass and info.trials == 1:
+                    continue
+                trial = copy.deepcopy(ref_before)
+                trial.step(grads, gamma)
+                y0, y1 = ref_before.y(), trial.y()
+                promised = -sum(
+                    float((g * (b - a)).sum()) for g, a, b in zip(grads, y0, y1, strict=True)
+                )
+                with torch.no_grad():
+                    for p, w in zip(probe.parameters(), y1, strict=True):
+                        p.copy_(w)
+                    drop = info.loss - float(loss_of(probe, x[idx], y[idx]))
+                assert (drop >= 0.6 * promised) == should_pass, (gamma, drop, promised)
+                checked_pass += should_pass
+                checked_fail += not should_pass
+        if info.kind not in ("nonfinite", "zero_grad"):
+            ref.step(grads, info.step_size)
+    assert checked_pass >= 5
+    assert checked_fail >= 3
+
+
+def test_interpolation_takes_the_step_size_of_plain_backtracking_in_fewer_trials():
+    """On a quadratic the fitted model is exact: the trials it skips are ones that fail."""
+    curvatures = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+
+    def first_search(interpolate):
+        w = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64, requires_grad=True)
+        opt = ScheduleFreeALSALS([w], lr=100.0, loss_floor=None, interpolate=interpolate)
+        opt.step(lambda: 0.5 * (curvatures * w * w).sum())
+        return opt.last_step
+
+    plain, interpolated = first_search(False), first_search(True)
+    assert interpolated.step_size == pytest.approx(plain.step_size, rel=1e-12)
+    assert plain.trials >= 10
+    assert interpolated.trials <= plain.trials // 3
+
+
+def test_searches_on_the_first_steps_then_every_interval():
+    _, opt, _, records = run({"initial_searches": 4, "search_interval": 5}, steps=30)
+    kinds = [info.kind for _, _, info, _ in records]
+    searching = [k != "reuse" for k in kinds]
+    assert all(searching[:4])
+    # afterwards exactly one search in every 5 steps
+    assert [i for i, s in enumerate(searching) if s and i >= 4] == [8, 13, 18, 23, 28]
+    state = opt.search_state
+    assert state.searches == sum(searching)
+    assert state.forwards == sum(info.forwards for _, _, info, _ in records)
+
+
+def test_state_dict_round_trips_the_trajectory():
+    x, y = logistic_problem(0)
+    model = make_model()
+    # settings other than the defaults: the state carries them
+    opt = ScheduleFreeALSALS(model.parameters(), weight_decay=0.01, c=0.5, search_interval=3)
+    plan = batches(x, y, 30)
+
+    def train(m, o, idxs):
+        for idx in idxs:
+            o.step(lambda idx=idx: loss_of(m, x[idx], y[idx]))
+
+    train(model, opt, plan[:13])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train(model, opt, plan[13:])
+
+    clone = make_model(99)
+    clone.load_state_dict(saved_model)
+    opt2 = ScheduleFreeALSALS(clone.parameters())  # other settings come from the state
+    opt2.load_state_dict(saved_opt)
+    train(clone, opt2, plan[13:])
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.search_state == opt2.search_state
+
+
+def test_eval_twice_is_one_swap_and_step_in_eval_mode_is_refused():
+    model, opt, ref, _ = run(steps=12)
+    opt.eval()
+    opt.eval()
+    for p, xr in zip(model.parameters(), ref.x, strict=True):
+        torch.testing.assert_close(p.detach(), xr, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="optimizer.train"):
+        opt.step(lambda: sum(p.sum() for p in model.parameters()))
+    opt.train()
+    opt.train()
+    for p, yr in zip(model.parameters(), ref.y(), strict=True):
+        torch.testing.assert_close(p.detach(), yr, rtol=1e-10, atol=1e-12)
+
+
+class TrialFailure(Exception):
+    pass
+
+
+def test_an_exception_in_a_trial_leaves_weights_state_and_random_stream_as_they_were():
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ScheduleFreeALSALS(model.parameters())
+    for idx in batches(x, y, 5):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
+
+    def closure():
+        if not torch.is_grad_enabled():
+            raise TrialFailure
+        torch.rand(3)  # the closure draws random numbers
+        return loss_of(model, x[:32], y[:32])
+
+    with pytest.raises(TrialFailure):
+        opt.step(closure)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for key, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(after["state"][key][name], value)
+            else:
+                assert after["state"][key][name] == value
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "nan_grad", "zero_grad"])
+def test_a_step_without_usable_gradient_is_skipped_and_writes_nothing(bad):
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ScheduleFreeALSALS(model.parameters())
+    for idx in batches(x, y, 3):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    z = [opt.state[p]["z"].clone() for p in model.parameters()]
+
+    def closure():
+        loss = loss_of(model, x[:32], y[:32])
+        if bad == "nan_loss":
+            return loss * float("nan")
+        if bad == "nan_grad":
+            t = model[0].weight[0, 0]
+            return loss + 0.0 * (t - t.detach()).sqrt()  # finite, with a NaN gradient
+        return loss * 0.0
+
+    opt.step(closure)
+    assert opt.last_step.kind == ("zero_grad" if bad == "zero_grad" else "nonfinite")
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert all(
+        torch.equal(opt.state[p]["z"], w) for p, w in zip(model.parameters(), z, strict=True)
+    )
+
+
+def test_a_written_lr_sets_where_the_next_search_starts():
+    model, opt, _, _ = run(steps=15)
+    for group in opt.param_groups:
+        group["lr"] = 1e-5
+    x, y = logistic_problem(0)
+    opt.step(lambda: loss_of(model, x[:32], y[:32]))
+    assert opt.last_step.kind in ("search", "kept")  # a search, due at once
+    assert 0.0 < opt.last_step.step_size <= 1.1e-5 * (1 + 1e-12)
+
+
+def test_the_first_search_starts_no_higher_than_the_polyak_step():
+    """A loss whose linear model reaches 0 at a small step: the first trial is there, not
+    at ``lr``."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1e-3, -2e-3, 1e-3], dtype=torch.float64)
+    opt = ScheduleFreeALSALS([w], lr=10.0)
+    opt.step(lambda: ((w - target) ** 2).sum())
+    g = 2 * (-target)
+    u = g / (g.abs() + 1e-8)  # Adam's first preconditioned step: the sign
+    polyak = float((target**2).sum()) / float((g * u).sum())
+    assert opt.last_step.step_size <= polyak * (1 + 1e-9)
+    assert opt.last_step.trials <= 3
+
+
+def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_grows():
+    """An offset added to the closure's loss (the same at every trial of a step, so the
+    search does not see it) climbs after step 150 while the step size keeps growing."""
+    x, y = logistic_problem(0, n=512)
+
+    def train(guard):
+        model = make_model()
+        opt = ScheduleFreeALSALS(model.parameters(), loss_rise_guard=guard)
+        rose = []
+        for k, idx in enumerate(batches(x, y, 260, size=64)):
+            offset = 0.0 if k < 150 else 0.05 * (k - 150)
+            opt.step(lambda idx=idx, offset=offset: loss_of(model, x[idx], y[idx]) + offset)
+            rose.append(opt.last_step.loss_rose)
+        return opt, rose
+
+    guarded, rose = train(3.0)
+    assert any(rose) and not any(rose[:150])
+    assert guarded.search_state.step_size_ceiling < math.inf
+    assert guarded.search_state.step_size <= guarded.search_state.step_size_ceiling
+    unguarded, rose = train(None)
+    assert not any(rose)
+    assert unguarded.search_state.step_size_ceiling == math.inf
+
+
+def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = ScheduleFreeALSALS(model.parameters(), buffers=model.buffers())
+    for _ in range(3):
+        twin = copy.deepcopy(model)
+        opt.step(lambda: nn.functional.mse_loss(model(x), y))
+        nn.functional.mse_loss(twin(x), y)  # one training pass at the same weights
+        assert opt.last_step.trials >= 1
+        torch.testing.assert_close(model[1].running_mean, twin[1].running_mean)
+        torch.testing.assert_close(model[1].running_var, twin[1].running_var)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"c": 1.5}, "c"),
+        ({"lr": 0.0}, "lr"),
+        ({"backtrack": 1.0}, "backtrack"),
+        ({"growth": 0.5}, "growth"),
+        ({"betas": (1.0, 0.999)}, "betas"),
+        ({"eps": -1.0}, "eps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"search_interval": 0}, "search_interval"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleFreeALSALS([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_a_module_instead_of_its_parameters_is_refused():
+    with pytest.raises(TypeError, match="parameters"):
+        ScheduleFreeALSALS(nn.Linear(2, 1))
