@@ -120,7 +120,12 @@ def test_accepted_steps_pass_and_their_predecessors_fail_the_test():
     model = make_model(4)
     # no Polyak start and a large lr: the searches backtrack, trial by trial
     opt = ScheduleFreeALSALS(
-        model.parameters(), lr=30.0, growth=3.0, loss_floor=None, interpolate=False
+        model.parameters(),
+        lr=30.0,
+        growth=3.0,
+        loss_floor=None,
+        interpolate=False,
+        first_phase="never",
     )
     probe = make_model(4)
     ref = Reference([p.detach() for p in model.parameters()])
@@ -174,7 +179,8 @@ def test_interpolation_takes_the_step_size_of_plain_backtracking_in_fewer_trials
 
 
 def test_searches_on_the_first_steps_then_every_interval():
-    _, opt, _, records = run({"initial_searches": 4, "search_interval": 5}, steps=30)
+    settings = {"initial_searches": 4, "search_interval": 5, "first_phase": "never"}
+    _, opt, _, records = run(settings, steps=30)
     kinds = [info.kind for _, _, info, _ in records]
     searching = [k != "reuse" for k in kinds]
     assert all(searching[:4])
@@ -183,6 +189,29 @@ def test_searches_on_the_first_steps_then_every_interval():
     state = opt.search_state
     assert state.searches == sum(searching)
     assert state.forwards == sum(info.forwards for _, _, info, _ in records)
+
+
+@pytest.mark.parametrize("first_phase", ["kept", "settled"])
+def test_the_first_phase_ends_at_the_first_search_that_says_so(first_phase):
+    """``"kept"``: a search that kept the step size ends the searches of the first steps;
+    ``"settled"``: that, or a search after the first that took its first trial."""
+    settings = {"initial_searches": 12, "search_interval": 5, "first_phase": first_phase}
+    _, _, _, records = run(settings, steps=40)
+    infos = [info for _, _, info, _ in records]
+
+    def ends(i, info):
+        settled = info.kind == "search" and info.trials == 1 and i >= 1
+        return info.kind == "kept" or (first_phase == "settled" and settled)
+
+    end = next((i for i, info in enumerate(infos[:12]) if ends(i, info)), None)
+    if first_phase == "settled":
+        assert end is not None and end < 11, "the run must show the rule acting"
+    if end is None:
+        end = 11
+    searching = [info.kind != "reuse" for info in infos]
+    assert all(searching[: end + 1])
+    later = [i for i, s in enumerate(searching) if s and i > end]
+    assert later == list(range(end + 5, 40, 5))
 
 
 def test_state_dict_round_trips_the_trajectory():

@@ -70,10 +70,13 @@ SEARCH_SETTINGS = (
     "interpolate",
     "max_trials",
     "initial_searches",
+    "first_phase",
     "search_interval",
     "loss_floor",
     "loss_rise_guard",
 )
+#: What may end the searches of a run's first steps early (``first_phase``).
+FIRST_PHASES = ("never", "kept", "settled")
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
 
@@ -87,7 +90,7 @@ class SearchState:
     searches: int = 0
     steps_since_search: int = 0
     kept: int = 0  # searches whose averaging move alone failed the test
-    last_kept: bool = False  # the last search was one of them
+    first_phase_over: bool = False  # the searches of the first steps have ended early
     exhausted: int = 0  # searches that ran out of trials
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
@@ -168,6 +171,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             the rejected trial passes the test (``True``).
         max_trials: trials per search before it takes the smallest one tried (100).
         initial_searches: steps that all search at the start of a run (10).
+        first_phase: what ends those searches early: ``"never"``; ``"kept"``, a search that
+            kept the step size (the test cannot judge it there, and the next steps' searches
+            would not either); ``"settled"``, that or a search after the first that takes
+            its first trial (``"kept"``).
         search_interval: afterwards, a search every this many steps (10).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         loss_rise_guard: ``ALSALS``'s guard, in standard errors; ``None``: off (3.0).
@@ -190,6 +197,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         interpolate: bool = True,
         max_trials: int = 100,
         initial_searches: int = 10,
+        first_phase: str = "kept",
         search_interval: int = 10,
         loss_floor: float | None = 0.0,
         loss_rise_guard: float | None = 3.0,
@@ -209,6 +217,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "interpolate": flag("interpolate", interpolate),
             "max_trials": integer("max_trials", max_trials, 1),
             "initial_searches": integer("initial_searches", initial_searches, 1),
+            "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
             "search_interval": integer("search_interval", search_interval, 1),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "loss_rise_guard": (
@@ -356,7 +365,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         due = (
             search.searches == 0
             or written
-            or search.steps < h["initial_searches"]
+            or (search.steps < h["initial_searches"] and not search.first_phase_over)
             or search.steps_since_search + 1 >= h["search_interval"]
         )
         trials = 0
@@ -380,7 +389,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             search.searches += 1
             search.steps_since_search = 0
             search.kept += kind == "kept"
-            search.last_kept = kind == "kept"
+            # (searches counts this one already: "after the first" is a second or later)
+            settled = kind == "search" and trials == 1 and search.searches > 1
+            ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
+            search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
             search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
@@ -439,15 +451,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 return "nonfinite"
             return None if ok else "kept"
 
-        # at a run's first step x = z = y: there is no averaging move to test
-        checked = first
-        if search.last_kept and not first:
-            # the last search's averaging move failed: this one's likely does too, and
-            # testing it first settles the search in one pass
-            checked = True
-            ending = averaging_alone()
-            if ending is not None:
-                return ending, search.step_size if ending == "kept" else 0.0, evaluations
+        checked = first  # at a run's first step x = z = y: there is no averaging move
         while evaluations < h["max_trials"]:
             evaluations += 1
             ok, value = passes(gamma)
@@ -584,6 +588,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     def search_state(self) -> SearchState:
         """The search's counters and step size, as stored."""
         return self._stored_search_state()
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"invalid {name}: {value!r} (expected one of {', '.join(choices)})")
+    return value
 
 
 def _dot_sum(a: list[Tensor], b: list[Tensor], minus: list[Tensor] | None = None) -> Tensor:

@@ -201,11 +201,15 @@ class ScheduleFreeSearchStepper(LineSearchStepper):
         self.optimizer.eval()
 
 
-def _schedulefree_search(model: nn.Module, task: Task, budget: Budget) -> Stepper:
-    """``ScheduleFreeALSALS(params)`` at its defaults, as a user runs it (no warm-up)."""
-    return ScheduleFreeSearchStepper(
-        ScheduleFreeALSALS(model.parameters(), buffers=model.buffers())
-    )
+def _schedulefree_search(**settings: Any) -> Callable[[nn.Module, Task, Budget], Stepper]:
+    """``ScheduleFreeALSALS(params, **settings)`` as a user runs it (no warm-up)."""
+
+    def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
+        return ScheduleFreeSearchStepper(
+            ScheduleFreeALSALS(model.parameters(), buffers=model.buffers(), **settings)
+        )
+
+    return build
 
 
 class MomoStepper(Stepper):
@@ -740,7 +744,28 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "alsals-schedulefree",
             "ScheduleFreeALSALS: Schedule-Free AdamW, its step size set by an Armijo search",
-            _schedulefree_search,
+            _schedulefree_search(),
+        ),
+        # its ablation (method.md section 18): one choice off each
+        OptimizerSpec(
+            "alsals-schedulefree-first-phase-never",
+            "ScheduleFreeALSALS searching in each of the first 10 steps whatever they find",
+            _schedulefree_search(first_phase="never"),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree-first-phase-settled",
+            "ScheduleFreeALSALS ending the first 10 steps' searches once the step size settled",
+            _schedulefree_search(first_phase="settled"),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree-geometric",
+            "ScheduleFreeALSALS with plain backtracking (no interpolation)",
+            _schedulefree_search(interpolate=False),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree-unguarded",
+            "ScheduleFreeALSALS without the loss-rise guard",
+            _schedulefree_search(loss_rise_guard=None),
         ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
