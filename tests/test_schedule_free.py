@@ -339,6 +339,38 @@ def test_the_first_search_starts_no_higher_than_the_polyak_step():
     assert opt.last_step.trials <= 3
 
 
+def test_the_polyak_cap_takes_the_step_where_the_batch_s_linear_model_reaches_the_floor():
+    """``polyak_cap``: a capped step lands where ``L0 - g . (y - y') = 0`` (``loss_floor``),
+    recomputed from the explicit-form reference; the searched step size is kept."""
+    x, y = logistic_problem(6)
+    model = make_model(7)
+    opt = ScheduleFreeALSALS(model.parameters(), polyak_cap=True)
+    ref = Reference([p.detach() for p in model.parameters()])
+    checked = 0
+    for idx in batches(x, y, 150, seed=8):
+        ref_before = copy.deepcopy(ref)
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info = opt.last_step
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        searched = opt.param_groups[0]["lr"]
+        assert info.step_size <= searched
+        if info.capped:
+            assert info.step_size < searched
+            if searched <= ref_before.lr_max:  # the same averaging weight at both sizes
+                trial = copy.deepcopy(ref_before)
+                trial.step(grads, info.step_size)
+                promised = -sum(
+                    float((g * (b - a)).sum())
+                    for g, a, b in zip(grads, ref_before.y(), trial.y(), strict=True)
+                )
+                assert promised == pytest.approx(info.loss, rel=1e-9)
+                checked += 1
+        ref.step(grads, info.step_size)
+    for p, yr in zip(model.parameters(), ref.y(), strict=True):
+        torch.testing.assert_close(p.detach(), yr, rtol=1e-9, atol=1e-12)
+    assert checked >= 5
+
+
 def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_grows():
     """An offset added to the closure's loss (the same at every trial of a step, so the
     search does not see it) climbs after step 150 while the step size keeps growing."""

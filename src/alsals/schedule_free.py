@@ -73,6 +73,7 @@ SEARCH_SETTINGS = (
     "first_phase",
     "search_interval",
     "loss_floor",
+    "polyak_cap",
     "loss_rise_guard",
 )
 #: What may end the searches of a run's first steps early (``first_phase``).
@@ -177,6 +178,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             its first trial (``"kept"``).
         search_interval: afterwards, a search every this many steps (10).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
+        polyak_cap: no step, searched or reused, larger than the Polyak step of its own
+            batch's linear model (the step size the search keeps is not cut) (``True``).
         loss_rise_guard: ``ALSALS``'s guard, in standard errors; ``None``: off (3.0).
         buffers: module buffers to protect from the trial evaluations (``model.buffers()``
             where the model has BatchNorm).
@@ -200,6 +203,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         first_phase: str = "kept",
         search_interval: int = 10,
         loss_floor: float | None = 0.0,
+        polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
@@ -220,6 +224,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
             "search_interval": integer("search_interval", search_interval, 1),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
+            "polyak_cap": flag("polyak_cap", polyak_cap),
             "loss_rise_guard": (
                 None
                 if loss_rise_guard is None
@@ -378,10 +383,14 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                     g.restore()
                 search.skipped_nonfinite += 1
                 return _info(kind, 0.0, loss0, trials)
+        # polyak_cap: no step, reused or searched, above this batch's Polyak step
+        taken = gamma
+        if h["polyak_cap"] and gamma > 0.0:
+            taken = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), 0.0)
         for g in groups:
-            g.place(gamma)
-        loss_rose = self._watch_loss(search, loss0, gamma, evaluator.loss_dtype)
-        self._commit(groups, gamma)
+            g.place(taken)
+        loss_rose = self._watch_loss(search, loss0, taken, evaluator.loss_dtype)
+        self._commit(groups, taken)
         search.steps += 1
         if kind == "reuse":
             search.steps_since_search += 1
@@ -396,7 +405,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             search.exhausted += kind == "exhausted"
             search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
-        return _info(kind, gamma, loss0, trials, loss_rose)
+        return _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
 
     def _search(
         self,
@@ -414,12 +423,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         c = h["c"]
 
         def promised(gamma: float) -> float:
-            """``g . (y - y')``: the decrease the gradient promises for the move."""
-            total = 0.0
-            for group, a, s in zip(self.param_groups, averaging, slope, strict=True):
-                alpha = averaging_weight(group, gamma)[0]
-                total += alpha * a + gamma * (1.0 - group["betas"][0] * (1.0 - alpha)) * s
-            return total
+            return self._promised(gamma, averaging, slope)
 
         def passes(gamma: float) -> tuple[bool, float]:
             for g in groups:
@@ -431,14 +435,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         first = search.searches == 0
         gamma = search.step_size if first else search.step_size * h["growth"]
         gamma = min(gamma, search.step_size_ceiling)
-        floor = h["loss_floor"]
-        if floor is not None:  # no start above the Polyak step of the linear model
-            at_zero = promised(0.0)
-            per_unit = promised(gamma) - at_zero
-            height = loss0 - floor - at_zero
-            if height > 0.0 and per_unit > 0.0 and height / per_unit < 1.0:
-                gamma *= height / per_unit
-        gamma = max(gamma, MIN_STEP_SIZE)
+        # no start above the Polyak step of the linear model
+        gamma = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), MIN_STEP_SIZE)
         evaluations = 0
 
         def averaging_alone() -> str | None:
@@ -464,6 +462,31 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                     return ending, search.step_size if ending == "kept" else 0.0, evaluations
             gamma = self._next_trial(gamma, loss0 - value, promised)
         return "exhausted", gamma, evaluations
+
+    def _promised(self, gamma: float, averaging: list[float], slope: list[float]) -> float:
+        """``g . (y - y')``: the decrease the gradient promises for the move of size
+        ``gamma`` (``averaging`` and ``slope``: each group's ``g . (y - z)`` and ``g . u``)."""
+        total = 0.0
+        for group, a, s in zip(self.param_groups, averaging, slope, strict=True):
+            alpha = averaging_weight(group, gamma)[0]
+            total += alpha * a + gamma * (1.0 - group["betas"][0] * (1.0 - alpha)) * s
+        return total
+
+    def _polyak_step(
+        self, loss0: float, gamma: float, averaging: list[float], slope: list[float]
+    ) -> float:
+        """The step size where the linear model of the move (its averaging weight that of
+        ``gamma``) reaches ``loss_floor``; ``inf`` without a floor, or where the model does
+        not reach it (the averaging move alone promises the whole height, or no decrease)."""
+        floor = self._settings["loss_floor"]
+        if floor is None:
+            return math.inf
+        at_zero = self._promised(0.0, averaging, slope)
+        per_unit = (self._promised(gamma, averaging, slope) - at_zero) / gamma
+        height = loss0 - floor - at_zero
+        if not (height > 0.0 and per_unit > 0.0):
+            return math.inf
+        return height / per_unit
 
     def _next_trial(self, gamma: float, decrease: float, promised: Any) -> float:
         """The trial after a rejected ``gamma`` whose loss fell by ``decrease``:
@@ -607,7 +630,12 @@ def _dot_sum(a: list[Tensor], b: list[Tensor], minus: list[Tensor] | None = None
 
 
 def _info(
-    kind: str, step_size: float, loss: float, trials: int = 0, loss_rose: bool = False
+    kind: str,
+    step_size: float,
+    loss: float,
+    trials: int = 0,
+    loss_rose: bool = False,
+    capped: bool = False,
 ) -> StepInfo:
     return StepInfo(
         kind=kind,
@@ -619,6 +647,6 @@ def _info(
         slope=math.nan,
         loss_decrease=math.nan,
         grad_norm=math.nan,
-        capped=False,
+        capped=capped,
         loss_rose=loss_rose,
     )

@@ -763,6 +763,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(interpolate=False),
         ),
         OptimizerSpec(
+            "alsals-schedulefree-uncapped",
+            "ScheduleFreeALSALS without the Polyak cap on every step",
+            _schedulefree_search(polyak_cap=False),
+        ),
+        OptimizerSpec(
             "alsals-schedulefree-unguarded",
             "ScheduleFreeALSALS without the loss-rise guard",
             _schedulefree_search(loss_rise_guard=None),
