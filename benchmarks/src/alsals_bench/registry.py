@@ -767,11 +767,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "ScheduleFreeALSALS without the Polyak cap on every step",
             _schedulefree_search(polyak_cap=False),
         ),
-        OptimizerSpec(
-            "alsals-schedulefree-unguarded",
-            "ScheduleFreeALSALS without the loss-rise guard",
-            _schedulefree_search(loss_rise_guard=None),
-        ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
         OptimizerSpec(
