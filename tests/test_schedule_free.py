@@ -315,6 +315,24 @@ def test_a_step_without_usable_gradient_is_skipped_and_writes_nothing(bad):
     )
 
 
+def test_a_search_whose_trials_all_fail_keeps_the_step_size_and_takes_no_gradient_step():
+    """Trials that never pass (their loss 1 above the training pass's): ``max_trials`` fail,
+    the weights stay (at a first step there is no averaging move) and the step size is not
+    left at ``backtrack^max_trials`` of itself, where growth would take thousands of steps."""
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = ScheduleFreeALSALS([w], lr=0.5, max_trials=7)
+
+    def closure():
+        return (w * w).sum() + (0.0 if torch.is_grad_enabled() else 1.0)
+
+    opt.step(closure)
+    assert opt.last_step.kind == "exhausted"
+    assert opt.last_step.trials == 7 and opt.last_step.step_size == 0.0
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
+    assert opt.search_state.step_size == 0.5 and opt.search_state.exhausted == 1
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
 def test_a_written_lr_sets_where_the_next_search_starts():
     model, opt, _, _ = run(steps=15)
     for group in opt.param_groups:

@@ -157,6 +157,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
 
     Needs a closure, as ``ALSALS`` does (``optimizer.step(closure)``, either form), and
     ``optimizer.train()`` / ``optimizer.eval()`` around evaluation, as Schedule-Free does.
+    ``last_step.kind`` is ``"search"`` (a trial passed), ``"reuse"`` (the last step size,
+    between searches), ``"kept"`` (neither the first trial nor the averaging move alone
+    passed: the step is taken at the last step size, which is kept), ``"exhausted"``
+    (``max_trials`` failed: only the averaging move is taken, the step size is kept),
+    ``"nonfinite"`` or ``"zero_grad"`` (skipped: nothing written); ``last_step.step_size``
+    is the step size taken, ``capped`` when ``polyak_cap`` cut it, and
+    ``param_groups[i]["lr"]`` the searched one, where the next search starts.
 
     Args:
         params: parameters or parameter groups.
@@ -403,7 +410,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
             search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
-            search.step_size = gamma
+            if kind == "search":
+                search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
         return _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
 
@@ -418,7 +426,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     ) -> tuple[str, float, int]:
         """Trials from the grown (or Polyak) start down by ``backtrack``; returns the kind
         (``"search"``, ``"kept"``, ``"exhausted"``, ``"nonfinite"``), the step size to take
-        and the number of trials."""
+        (the accepted one; the last one when kept; 0 when exhausted) and the number of
+        evaluations."""
         h = self._settings
         c = h["c"]
 
@@ -461,7 +470,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 if ending is not None:
                     return ending, search.step_size if ending == "kept" else 0.0, evaluations
             gamma = self._next_trial(gamma, loss0 - value, promised)
-        return "exhausted", gamma, evaluations
+        # No trial passed, down to a step size near 0: the search cannot judge the step
+        # size (a gradient that is not the loss's, a loss that rounds), and taking the last
+        # trial would leave the run at a step size ~backtrack^max_trials, from which growth
+        # by 10% per search takes thousands of steps. Only the averaging move is taken
+        # (tested where there is one); the step size is kept.
+        return "exhausted", 0.0, evaluations
 
     def _promised(self, gamma: float, averaging: list[float], slope: list[float]) -> float:
         """``g . (y - y')``: the decrease the gradient promises for the move of size

@@ -32,7 +32,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from alsals import ALSALS, AdamSLS  # noqa: E402
+from alsals import ALSALS, AdamSLS, ScheduleFreeALSALS  # noqa: E402
 from alsals.integrations.hf import FollowStepSize, LineSearchTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -255,6 +255,39 @@ def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_pa
     trainer.train()
     assert trainer.optimizer.optimizer.last_step.kind == "search"
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_schedule_free_search_trains_and_the_trainer_swaps_its_weights(
+    model_path, dataset, tmp_path
+):
+    """ScheduleFreeALSALS under the Trainer: the window's closure drives its searches, and
+    the Trainer's own evaluate() / training_step() call its eval() / train(): evaluation
+    sees the average x, training goes on from y."""
+    model = make_model(model_path, dropout=False)
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        optimizer_cls_and_kwargs=(ScheduleFreeALSALS, {"lr": 1e-3}),
+    )
+    before = weights(model)
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # inside accelerate's wrapper
+    assert isinstance(optimizer, ScheduleFreeALSALS)
+    assert optimizer.search_state.steps == 3 and optimizer.search_state.searches == 3
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    y = [p.detach().clone() for p in trained]
+    beta1 = optimizer.param_groups[0]["betas"][0]
+    trainer.evaluate()
+    assert not optimizer.param_groups[0]["train_mode"]
+    for p, w in zip(trained, y, strict=True):
+        x = (w - (1 - beta1) * optimizer.state[p]["z"]) / beta1
+        torch.testing.assert_close(p.detach(), x)
+    trainer.args.max_steps = 4
+    trainer.train(resume_from_checkpoint=None)  # training_step swaps back to y first
+    assert optimizer.param_groups[0]["train_mode"]
 
 
 def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):

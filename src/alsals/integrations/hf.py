@@ -34,7 +34,10 @@ Usage::
     )
     trainer.train()
 
-Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults.
+Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults;
+``(ScheduleFreeALSALS, {})`` works as well, and the Trainer calls its ``eval()`` and
+``train()`` itself around evaluation (save the model after ``trainer.evaluate()``, or call
+``optimizer.eval()`` before saving, to keep the averaged weights).
 ``optimizers=(ALSALS(model.parameters()), None)`` works too. ``LineSearchTrainerMixin``
 adds the same behaviour to another ``Trainer`` subclass (put it first in the bases).
 ``bf16=True`` works as is. ``fp16=True`` goes through accelerate's GradScaler: the
@@ -60,8 +63,15 @@ from transformers import Trainer
 from alsals.closure import RandomState
 from alsals.line_search import LineSearchOptimizer
 from alsals.optimizers import ALSALS
+from alsals.schedule_free import ScheduleFreeALSALS
 
 __all__ = ["FollowStepSize", "LineSearchTrainer", "LineSearchTrainerMixin"]
+
+
+#: The optimizers the Trainer can drive: the line searches and ScheduleFreeALSALS, whose
+#: eval() / train() the Trainer itself calls around evaluation and training steps (as it
+#: does for Schedule-Free).
+DRIVEN = (LineSearchOptimizer, ScheduleFreeALSALS)
 
 
 class FollowStepSize(torch.optim.lr_scheduler.LRScheduler):
@@ -91,7 +101,10 @@ class _MicroBatch:
 def _step_with_trainer_closure(trainer_ref: weakref.ref) -> Callable[..., Tensor]:
     """An instance-level ``step`` that supplies the Trainer's closure when none is given."""
 
-    def step(self: LineSearchOptimizer, closure: Callable[..., Tensor] | None = None) -> Tensor:
+    def step(
+        self: LineSearchOptimizer | ScheduleFreeALSALS,
+        closure: Callable[..., Tensor] | None = None,
+    ) -> Tensor:
         if closure is None:
             trainer = trainer_ref()
             if trainer is None:
@@ -142,21 +155,27 @@ class LineSearchTrainerMixin:
 
     @staticmethod
     def _check_optimizer(optimizer: Any) -> None:
-        if not isinstance(optimizer, LineSearchOptimizer):
+        if not isinstance(optimizer, DRIVEN):
             raise TypeError(
                 "LineSearchTrainer drives an alsals line-search optimizer (ALSALS, AdamSLS, "
-                f"SLS), got {type(optimizer).__name__}; use transformers.Trainer for others"
+                f"SLS, ScheduleFreeALSALS), got {type(optimizer).__name__}; use "
+                "transformers.Trainer for others"
             )
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The line-search optimizer, with weight decay grouped as the Trainer groups it."""
+        wrapped = getattr(self.optimizer, "optimizer", None)
+        if not isinstance(self.optimizer, DRIVEN) and isinstance(wrapped, DRIVEN):
+            # a second train(): the Trainer holds accelerate's wrapper from the first, and
+            # prepare() will wrap what this returns again
+            self.optimizer = wrapped
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             if self.optimizer_cls_and_kwargs is not None:
                 cls, kwargs = self.optimizer_cls_and_kwargs
             else:
                 cls, kwargs = ALSALS, {}
-            if not (isinstance(cls, type) and issubclass(cls, LineSearchOptimizer)):
+            if not (isinstance(cls, type) and issubclass(cls, DRIVEN)):
                 self._check_optimizer(cls)
             decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
