@@ -24,7 +24,8 @@ backtracks by ``backtrack`` (skipping, with ``interpolate``, the trials that a q
 fitted to the rejected one says fail). Where the first trial fails, the averaging move
 alone (``gamma = 0``, one more pass) is tested: if it fails too, no step size can pass,
 the search says nothing about ``gamma``, and the step is taken with the last one
-(``"kept"``); after such a search the next one tests the averaging move first.
+(``"kept"``). Every step, searched or reused, is capped by the Polyak step of its batch's
+linear model (``polyak_cap``).
 Searches run on each of the first ``initial_searches`` steps and every
 ``search_interval``-th step after; the steps between reuse ``gamma``. ``loss_rise_guard``
 is ``ALSALS``'s (:mod:`alsals.rise_guard`): a ``gamma`` that grew while the batch losses'
@@ -71,6 +72,7 @@ SEARCH_SETTINGS = (
     "max_trials",
     "initial_searches",
     "first_phase",
+    "kept_shrinks",
     "search_interval",
     "loss_floor",
     "polyak_cap",
@@ -183,6 +185,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             kept the step size (the test cannot judge it there, and the next steps' searches
             would not either); ``"settled"``, that or a search after the first that takes
             its first trial (``"kept"``).
+        kept_shrinks: a search whose averaging move alone fails the test (``z`` has run
+            ahead of the average) multiplies the step size by ``backtrack`` instead of
+            keeping it (``False``).
         search_interval: afterwards, a search every this many steps (10).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
@@ -208,6 +213,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         max_trials: int = 100,
         initial_searches: int = 10,
         first_phase: str = "kept",
+        kept_shrinks: bool = False,
         search_interval: int = 10,
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -229,6 +235,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "max_trials": integer("max_trials", max_trials, 1),
             "initial_searches": integer("initial_searches", initial_searches, 1),
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
+            "kept_shrinks": flag("kept_shrinks", kept_shrinks),
             "search_interval": integer("search_interval", search_interval, 1),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
@@ -410,7 +417,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
             search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
-            if kind == "search":
+            if kind == "search" or (kind == "kept" and h["kept_shrinks"]):
                 search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
         return _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
@@ -468,7 +475,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 checked = True
                 ending = averaging_alone()
                 if ending is not None:
-                    return ending, search.step_size if ending == "kept" else 0.0, evaluations
+                    return ending, self._kept_step_size(search, ending), evaluations
             gamma = self._next_trial(gamma, loss0 - value, promised)
         # No trial passed, down to a step size near 0: the search cannot judge the step
         # size (a gradient that is not the loss's, a loss that rounds), and taking the last
@@ -501,6 +508,15 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         if not (height > 0.0 and per_unit > 0.0):
             return math.inf
         return height / per_unit
+
+    def _kept_step_size(self, search: SearchState, ending: str) -> float:
+        """The step size of a search that ended ``ending`` at its averaging check: 0 for
+        ``"nonfinite"``; for ``"kept"`` the last one, times ``backtrack`` with
+        ``kept_shrinks``."""
+        if ending != "kept":
+            return 0.0
+        h = self._settings
+        return search.step_size * (h["backtrack"] if h["kept_shrinks"] else 1.0)
 
     def _next_trial(self, gamma: float, decrease: float, promised: Any) -> float:
         """The trial after a rejected ``gamma`` whose loss fell by ``decrease``:
