@@ -333,29 +333,27 @@ def test_a_search_whose_trials_all_fail_keeps_the_step_size_and_takes_no_gradien
     assert opt.param_groups[0]["lr"] == 0.5
 
 
-@pytest.mark.parametrize("kept_shrinks", [False, True])
-def test_a_search_whose_averaging_move_fails_keeps_or_shrinks_the_step_size(kept_shrinks):
+def test_a_search_whose_averaging_move_fails_keeps_the_step_size():
     """From step 4 on every trial fails (the trials' loss is 1 above the training pass's):
     the averaging move alone fails as well, the search ends "kept" after two evaluations and
-    the step is taken at the last step size, or at ``backtrack`` times it."""
+    the step is taken at the last step size, which stays."""
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
-    opt = ScheduleFreeALSALS([w], lr=0.5, kept_shrinks=kept_shrinks)
-    step = 0
+    opt = ScheduleFreeALSALS([w], lr=0.5)
+    failing = False
 
     def closure():
-        penalty = 1.0 if step >= 3 and not torch.is_grad_enabled() else 0.0
+        penalty = 1.0 if failing and not torch.is_grad_enabled() else 0.0
         return (w * w).sum() + penalty
 
-    for step in range(3):
+    for _ in range(3):
         opt.step(closure)
     searched = opt.param_groups[0]["lr"]
-    step = 3
+    failing = True
     opt.step(closure)
     info = opt.last_step
     assert info.kind == "kept" and info.trials == 2
-    expected = searched * (0.8 if kept_shrinks else 1.0)
-    assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
-    assert info.step_size == pytest.approx(expected, rel=1e-12) or info.capped
+    assert opt.param_groups[0]["lr"] == searched
+    assert info.step_size == searched or (info.capped and 0.0 < info.step_size < searched)
 
 
 def test_a_written_lr_sets_where_the_next_search_starts():

@@ -72,7 +72,6 @@ SEARCH_SETTINGS = (
     "max_trials",
     "initial_searches",
     "first_phase",
-    "kept_shrinks",
     "search_interval",
     "loss_floor",
     "polyak_cap",
@@ -185,9 +184,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             kept the step size (the test cannot judge it there, and the next steps' searches
             would not either); ``"settled"``, that or a search after the first that takes
             its first trial (``"kept"``).
-        kept_shrinks: a search whose averaging move alone fails the test (``z`` has run
-            ahead of the average) multiplies the step size by ``backtrack`` instead of
-            keeping it (``False``).
         search_interval: afterwards, a search every this many steps (10).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
@@ -213,7 +209,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         max_trials: int = 100,
         initial_searches: int = 10,
         first_phase: str = "kept",
-        kept_shrinks: bool = False,
         search_interval: int = 10,
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -235,7 +230,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "max_trials": integer("max_trials", max_trials, 1),
             "initial_searches": integer("initial_searches", initial_searches, 1),
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
-            "kept_shrinks": flag("kept_shrinks", kept_shrinks),
             "search_interval": integer("search_interval", search_interval, 1),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
@@ -417,7 +411,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
             search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
-            if kind == "search" or (kind == "kept" and h["kept_shrinks"]):
+            if kind == "search":
                 search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
         return _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
@@ -475,7 +469,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 checked = True
                 ending = averaging_alone()
                 if ending is not None:
-                    return ending, self._kept_step_size(search, ending), evaluations
+                    return ending, search.step_size if ending == "kept" else 0.0, evaluations
             gamma = self._next_trial(gamma, loss0 - value, promised)
         # No trial passed, down to a step size near 0: the search cannot judge the step
         # size (a gradient that is not the loss's, a loss that rounds), and taking the last
@@ -508,15 +502,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         if not (height > 0.0 and per_unit > 0.0):
             return math.inf
         return height / per_unit
-
-    def _kept_step_size(self, search: SearchState, ending: str) -> float:
-        """The step size of a search that ended ``ending`` at its averaging check: 0 for
-        ``"nonfinite"``; for ``"kept"`` the last one, times ``backtrack`` with
-        ``kept_shrinks``."""
-        if ending != "kept":
-            return 0.0
-        h = self._settings
-        return search.step_size * (h["backtrack"] if h["kept_shrinks"] else 1.0)
 
     def _next_trial(self, gamma: float, decrease: float, promised: Any) -> float:
         """The trial after a rejected ``gamma`` whose loss fell by ``decrease``:

@@ -763,11 +763,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(interpolate=False),
         ),
         OptimizerSpec(
-            "alsals-schedulefree-kept-shrinks",
-            "ScheduleFreeALSALS shrinking the step size where the averaging move fails",
-            _schedulefree_search(kept_shrinks=True),
-        ),
-        OptimizerSpec(
             "alsals-schedulefree-uncapped",
             "ScheduleFreeALSALS without the Polyak cap on every step",
             _schedulefree_search(polyak_cap=False),
