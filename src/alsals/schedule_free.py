@@ -306,10 +306,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ the step
 
-    def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Closure, *, closure_runs_backward: bool | None = None
+    ) -> Tensor:
         """One training step: the loss and gradient at ``y``, a search when one is due,
         the move. Returns the loss at ``y``. An exception leaves the weights, the state
-        and the random stream as they were."""
+        and the random stream as they were. ``closure_runs_backward`` as ``ALSALS.step``'s
+        (a closure without arguments that runs backward itself: Lightning's)."""
         if not all(g["train_mode"] for g in self.param_groups):
             raise RuntimeError(
                 "ScheduleFreeALSALS.step() after optimizer.eval(): the weights are the "
@@ -317,7 +320,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 "before training steps"
             )
         params = [p for g in self.param_groups for p in g["params"]]
-        evaluator = ClosureEvaluator(closure, params, self._buffers, left=self._left_grads)
+        evaluator = ClosureEvaluator(
+            closure,
+            params,
+            self._buffers,
+            runs_backward=closure_runs_backward,
+            left=self._left_grads,
+        )
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
         groups: list[_Group] = []

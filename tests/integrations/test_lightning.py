@@ -17,7 +17,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.loggers.logger import Logger  # noqa: E402
 
-from alsals import ALSALS, AdamSLS  # noqa: E402
+from alsals import ALSALS, AdamSLS, ScheduleFreeALSALS  # noqa: E402
 from alsals.integrations.lightning import LineSearchCallback, line_search_step  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_train.py"
@@ -118,6 +118,47 @@ def test_learning_rate_monitor_logs_the_line_search_step_size(tmp_path):
     logged_sizes = [size for _, size in logger.series("line_search/step_size")]
     assert logged_sizes == pytest.approx(module.taken, rel=1e-6)  # Lightning logs float32
     assert all(t <= s for t, s in zip(module.taken, module.step_sizes, strict=True))
+    assert module.losses[-1] < 0.5 * module.losses[0]
+
+
+class ScheduleFreeModule(Module):
+    """Records the optimizer's mode where each hook runs."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer_cls=ScheduleFreeALSALS)
+        self.modes: list[tuple[str, bool]] = []
+
+    def _mode(self) -> bool:
+        return self.optimizers().optimizer.param_groups[0]["train_mode"]
+
+    def training_step(self, batch, batch_idx):
+        self.modes.append(("train", self._mode()))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.modes.append(("validation", self._mode()))
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return ScheduleFreeALSALS(self.parameters(), buffers=self.buffers())
+
+
+def test_schedule_free_search_trains_and_the_callback_swaps_its_weights(tmp_path):
+    """ScheduleFreeALSALS through line_search_step: the callback sets the weights to the
+    average x for validation and at the end of fit, and back to y for every training batch."""
+    pl.seed_everything(0)
+    module = ScheduleFreeModule()
+    fit = trainer(tmp_path, enable_checkpointing=False, logger=False, num_sanity_val_steps=0)
+    loader = DataLoader(data(), batch_size=32, shuffle=True)
+    fit.fit(module, loader, DataLoader(data(64, seed=1), batch_size=32))
+    assert fit.global_step == 2 * 256 // 32
+    assert {mode for kind, mode in module.modes if kind == "train"} == {True}
+    assert {mode for kind, mode in module.modes if kind == "validation"} == {False}
+    assert [kind for kind, _ in module.modes].count("validation") == 2 * 2
+    optimizer = fit.optimizers[0]
+    assert not optimizer.param_groups[0]["train_mode"]  # fit ended at the average
+    assert optimizer.search_state.steps == fit.global_step
     assert module.losses[-1] < 0.5 * module.losses[0]
 
 
