@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import ALSALS, SLS, AdamSLS, ScheduleFreeALSALS
 from alsals.integrations.amp import autocast_closure, step_with_scaler
 
 
@@ -169,6 +169,36 @@ def test_scaler_skips_overflow_steps_and_lowers_the_scale():
     state = optimizer.state[next(iter(model.parameters()))]
     assert state["line_search"]["skipped_nonfinite"] == kinds.count("nonfinite")
     assert losses[-1] < losses[first_ok]
+
+
+def test_schedule_free_search_through_the_scaler_skips_overflows_and_trains():
+    """ScheduleFreeALSALS under step_with_scaler: an overflow skips the step (nothing
+    written) and backs the scale off; the clean steps see the unscaled gradient (the first
+    one decides as a run without the scaler does) and train."""
+    model, x, y = make_problem(dropout=0.0)
+    plain = ScheduleFreeALSALS(model.parameters())
+    plain.step(fp16_loss(model, x, y))
+    reference = plain.last_step
+
+    model, x, y = make_problem(dropout=0.0)
+    optimizer = ScheduleFreeALSALS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=3)
+    closure = fp16_loss(model, x, y)
+    kinds, losses = [], []
+    for _ in range(40):
+        before, scale = weights(model), scaler.get_scale()
+        losses.append(step_with_scaler(optimizer, closure, scaler).item())
+        kinds.append(optimizer.last_step.kind)
+        if kinds[-1] == "nonfinite":
+            assert torch.equal(weights(model), before)
+            assert scaler.get_scale() == scale * 0.5
+        elif len([k for k in kinds if k != "nonfinite"]) == 1:  # the first clean step
+            assert optimizer.last_step.trials == reference.trials
+            assert optimizer.last_step.step_size == pytest.approx(reference.step_size, rel=1e-3)
+    assert kinds[0] == "nonfinite" and "search" in kinds
+    assert optimizer.search_state.skipped_nonfinite == kinds.count("nonfinite")
+    first_ok = kinds.index("search")
+    assert losses[-1] < 0.7 * losses[first_ok]
 
 
 def test_scaler_still_warns_about_a_nonfinite_loss():

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from alsals.closure import ClosureForm
 from alsals.line_search import LineSearchOptimizer
+from alsals.schedule_free import ScheduleFreeALSALS
 
 __all__ = ["autocast_closure", "step_with_scaler"]
 
@@ -87,7 +88,7 @@ _OVERFLOW_SKIP_WARNING = r".*: the gradient is not finite"
 
 
 def step_with_scaler(
-    optimizer: LineSearchOptimizer,
+    optimizer: LineSearchOptimizer | ScheduleFreeALSALS,
     closure: Callable[..., Tensor],
     scaler: torch.amp.GradScaler,
     *,
@@ -113,7 +114,7 @@ def step_with_scaler(
     optimizers sharing one scaler). Do not call ``scaler.step(optimizer)``. An exception in
     the step leaves the scaler as it was too, so the step can be retried.
     """
-    if not isinstance(optimizer, LineSearchOptimizer):
+    if not isinstance(optimizer, (LineSearchOptimizer, ScheduleFreeALSALS)):
         raise TypeError(
             "step_with_scaler drives an alsals line-search optimizer; for other optimizers "
             "use scaler.step(optimizer) as usual"
@@ -140,7 +141,7 @@ class _ScaledClosure:
 
     def __init__(
         self,
-        optimizer: LineSearchOptimizer,
+        optimizer: LineSearchOptimizer | ScheduleFreeALSALS,
         closure: Callable[..., Tensor],
         scaler: torch.amp.GradScaler,
     ) -> None:
@@ -159,8 +160,9 @@ class _ScaledClosure:
         return loss.detach() if isinstance(loss, Tensor) else loss
 
     def _scaled_backward(self) -> Tensor:
-        for p in self.optimizer.params():
-            p.grad = None
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
         loss = self.form(True)
         if not (isinstance(loss, Tensor) and loss.requires_grad):
             raise RuntimeError(
