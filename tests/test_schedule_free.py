@@ -214,6 +214,30 @@ def test_the_first_phase_ends_at_the_first_search_that_says_so(first_phase):
     assert later == list(range(end + 5, 40, 5))
 
 
+def test_max_grad_norm_clips_the_update_s_gradient_as_clip_grad_norm_does():
+    """The reference fed the gradient clip_grad_norm_ leaves gives the optimizer's weights;
+    the norm before clipping is reported."""
+    x, y = logistic_problem(2)
+    model = make_model(3)
+    opt = ScheduleFreeALSALS(model.parameters(), max_grad_norm=0.05)
+    ref = Reference([p.detach() for p in model.parameters()])
+    twin = make_model(3)
+    clipped_steps = 0
+    for idx in batches(x, y, 30, seed=4):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info = opt.last_step
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        for p, g in zip(twin.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        norm = float(nn.utils.clip_grad_norm_(twin.parameters(), 0.05))
+        assert info.grad_norm == pytest.approx(norm, rel=1e-9)
+        clipped_steps += norm > 0.05
+        ref.step([p.grad for p in twin.parameters()], info.step_size)
+    assert clipped_steps >= 10
+    for p, yr in zip(model.parameters(), ref.y(), strict=True):
+        torch.testing.assert_close(p.detach(), yr, rtol=1e-9, atol=1e-12)
+
+
 def test_state_dict_round_trips_the_trajectory():
     x, y = logistic_problem(0)
     model = make_model()
@@ -461,6 +485,7 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
         ({"eps": -1.0}, "eps"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"search_interval": 0}, "search_interval"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
     ],
 )
 def test_bad_settings_are_refused_by_name(kwargs, match):

@@ -76,6 +76,7 @@ SEARCH_SETTINGS = (
     "loss_floor",
     "polyak_cap",
     "loss_rise_guard",
+    "max_grad_norm",
 )
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
@@ -189,6 +190,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
             batch's linear model (the step size the search keeps is not cut) (``True``).
         loss_rise_guard: ``ALSALS``'s guard, in standard errors; ``None``: off (3.0).
+        max_grad_norm: clip the gradient the update uses to this norm (over all parameters),
+            as ``clip_grad_norm_`` would before the step; the Armijo test keeps the true
+            gradient's slope. ``last_step.grad_norm`` is the norm before clipping
+            (``None``: no clipping).
         buffers: module buffers to protect from the trial evaluations (``model.buffers()``
             where the model has BatchNorm).
         process_group: the ranks that must take the same decisions (default group).
@@ -213,6 +218,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
+        max_grad_norm: float | None = None,
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -233,6 +239,11 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "search_interval": integer("search_interval", search_interval, 1),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
+            "max_grad_norm": (
+                None
+                if max_grad_norm is None
+                else in_range("max_grad_norm", max_grad_norm, 0.0, closed_low=False)
+            ),
             "loss_rise_guard": (
                 None
                 if loss_rise_guard is None
@@ -242,6 +253,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         self._buffers = checked_buffers(buffers)
         self._process_group = process_group
         self._left_grads: LeftGradients | None = None
+        self._grad_norm = math.nan
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -278,6 +290,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_left_grads", None)
+        self.__dict__.setdefault("_grad_norm", math.nan)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -330,6 +343,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
         groups: list[_Group] = []
+        self._grad_norm = math.nan
         try:
             loss = evaluator.evaluate_with_grad()
             groups = self._gather()
@@ -347,7 +361,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         search.trials += info.trials
         self._store(search)
         self.last_step = StepInfo(
-            **{**info.__dict__, "forwards": evaluator.forwards, "backwards": evaluator.backwards}
+            **{
+                **info.__dict__,
+                "forwards": evaluator.forwards,
+                "backwards": evaluator.backwards,
+                "grad_norm": self._grad_norm,
+            }
         )
         return loss
 
@@ -376,6 +395,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             self._process_group,
         )
         averaging, slope = sums[0::2], sums[1::2]
+        if self._settings["max_grad_norm"] is not None:
+            self._grad_norm = math.sqrt(grad_sq_value) if grad_sq_value >= 0.0 else math.nan
         nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
         nonfinite = nonfinite or not all(math.isfinite(s) for s in sums)
         if nonfinite or grad_sq_value == 0.0:
@@ -561,14 +582,19 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     def _gather(self) -> list[_Group]:
         """This step's tensors per group (``grad`` set), with ``v'`` and ``u`` computed;
         nothing is written to the state."""
-        groups = []
+        taking_part = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("ScheduleFreeALSALS does not support sparse gradients")
+            if params:
+                taking_part.append((group, params))
+        scale = self._clip_scale([p.grad for _, params in taking_part for p in params])
+        groups = []
+        for group, params in taking_part:
             grads = [p.grad for p in params]
+            # the update's gradient: clipped with max_grad_norm (the test's slope is not)
+            moved = grads if scale is None else torch._foreach_mul(grads, scale)
             z, v, steps = [], [], []
             for p in params:
                 state = self.state[p]
@@ -577,15 +603,26 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 steps.append(int(state.get("step", 0)) + 1)
             beta2 = group["betas"][1]
             v_new = torch._foreach_mul(v, beta2)
-            torch._foreach_addcmul_(v_new, grads, grads, 1.0 - beta2)
+            torch._foreach_addcmul_(v_new, moved, moved, 1.0 - beta2)
             denominators = torch._foreach_div(v_new, [1.0 - beta2**t for t in steps])  # v_hat
             torch._foreach_sqrt_(denominators)
             torch._foreach_add_(denominators, group["eps"])
-            u = torch._foreach_div(grads, denominators)
+            u = torch._foreach_div(moved, denominators)
             if group["weight_decay"]:
                 torch._foreach_add_(u, [p.detach() for p in params], alpha=group["weight_decay"])
             groups.append(_Group(group, params, grads, z, v_new, u, steps))
         return groups
+
+    def _clip_scale(self, grads: list[Tensor]) -> Tensor | None:
+        """``max_grad_norm``'s factor ``min(1, max / (||g|| + 1e-6))`` as
+        ``torch.nn.utils.clip_grad_norm_`` computes it (the norm over every parameter, in
+        float64), on the device: no host synchronisation. ``None`` without clipping."""
+        limit = self._settings["max_grad_norm"]
+        if limit is None or not grads:
+            return None
+        norms = [n.to(torch.float64) for n in torch._foreach_norm(grads)]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        return (limit / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
 
     def _commit(self, groups: list[_Group], gamma: float) -> None:
         """Write ``z``, ``v``, ``t`` and the averaging weights of a step of size ``gamma``
