@@ -493,6 +493,17 @@ def test_bad_settings_are_refused_by_name(kwargs, match):
         ScheduleFreeALSALS([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+def test_an_eps_that_is_zero_in_the_weights_dtype_is_refused_before_anything_moves():
+    """float16 weights with the default eps 1e-8: Adam's direction would be 0/0 on a dead
+    unit and every step skipped; the step says so instead, and writes nothing."""
+    w = torch.tensor([1.0, 0.0], dtype=torch.float16, requires_grad=True)
+    opt = ScheduleFreeALSALS([w])
+    with pytest.raises(ValueError, match="eps=1e-08 is 0 in torch.float16"):
+        opt.step(lambda: (w.float() * torch.tensor([1.0, 0.0])).sum() ** 2)
+    assert torch.equal(w.detach(), torch.tensor([1.0, 0.0], dtype=torch.float16))
+    assert opt.state[w] == {}
+
+
 def test_a_module_instead_of_its_parameters_is_refused():
     with pytest.raises(TypeError, match="parameters"):
         ScheduleFreeALSALS(nn.Linear(2, 1))

@@ -336,6 +336,25 @@ def _vanishes(eps: float, dtype: torch.dtype) -> bool:
     return float(torch.tensor(eps, dtype=dtype)) == 0.0
 
 
+def check_eps(owner: str, eps: float, params: list[Tensor]) -> None:
+    """A ``ValueError`` where ``eps`` rounds to 0 in a parameter's dtype (float16 and
+    the default 1e-8): Adam's direction would be 0/0 wherever a gradient entry and its
+    moments are 0 (a dead unit), and every step would be skipped as non-finite. Checked
+    once per dtype of the group, before anything is written."""
+    first_of_dtype = {p.dtype: p for p in reversed(params)}
+    bad = [p for d, p in first_of_dtype.items() if d.is_floating_point and _vanishes(eps, d)]
+    if not bad:
+        return
+    p = bad[0]
+    raise ValueError(
+        f"{owner}: eps={eps:g} is 0 in {p.dtype} (a parameter of shape "
+        f"{tuple(p.shape)}): Adam's direction would be 0/0 where a gradient entry and its "
+        "moments are 0, and every step would be skipped as non-finite. Pass "
+        f"eps >= {torch.finfo(p.dtype).tiny:.2g} (1e-4 is common for float16), or keep "
+        "float32 weights and train under torch.autocast"
+    )
+
+
 def _shard_count(p: Tensor) -> int:
     """Over how many ranks ``p`` is split: its local slope terms sum, not average."""
     if DTensor is None or not isinstance(p, DTensor):
@@ -951,22 +970,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         return steps, all_take_part
 
     def _check_eps(self, eps: float, params: list[Tensor]) -> None:
-        """A ``ValueError`` where ``eps`` rounds to 0 in a parameter's dtype (float16 and
-        the default 1e-8): Adam's direction would be 0/0 wherever a gradient entry and its
-        moments are 0 (a dead unit), and every step would be skipped as non-finite. Checked
-        once per dtype of the group, before anything is written."""
-        first_of_dtype = {p.dtype: p for p in reversed(params)}
-        bad = [p for d, p in first_of_dtype.items() if d.is_floating_point and _vanishes(eps, d)]
-        if not bad:
-            return
-        p = bad[0]
-        raise ValueError(
-            f"{type(self).__name__}: eps={eps:g} is 0 in {p.dtype} (a parameter of shape "
-            f"{tuple(p.shape)}): Adam's direction would be 0/0 where a gradient entry and its "
-            "moments are 0, and every step would be skipped as non-finite. Pass "
-            f"eps >= {torch.finfo(p.dtype).tiny:.2g} (1e-4 is common for float16), or keep "
-            "float32 weights and train under torch.autocast"
-        )
+        check_eps(type(self).__name__, eps, params)
 
     # -- 2 -----------------------------------------------------------------------------------
 

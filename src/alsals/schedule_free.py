@@ -57,8 +57,13 @@ from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.distributed import mean_to_host
 from alsals.hyperparameters import flag, in_range, integer, real
-from alsals.line_search import StepInfo, _loss_resolution
+from alsals.line_search import StepInfo, _loss_resolution, check_eps
 from alsals.rise_guard import LossWatch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.4
+    DTensor = None
 
 #: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
 #: ``weight_lr_power``): later steps, taken at the full step size, weigh more.
@@ -587,7 +592,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("ScheduleFreeALSALS does not support sparse gradients")
+            if DTensor is not None and any(isinstance(p, DTensor) for p in params):
+                raise NotImplementedError(
+                    "ScheduleFreeALSALS does not support sharded (FSDP2/DTensor) parameters "
+                    "yet: use ALSALS there, or DistributedDataParallel"
+                )
             if params:
+                check_eps("ScheduleFreeALSALS", group["eps"], params)
                 taking_part.append((group, params))
         scale = self._clip_scale([p.grad for _, params in taking_part for p in params])
         groups = []
