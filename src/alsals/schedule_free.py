@@ -77,7 +77,6 @@ SEARCH_SETTINGS = (
     "max_trials",
     "initial_searches",
     "first_phase",
-    "tested_move",
     "search_interval",
     "loss_floor",
     "polyak_cap",
@@ -86,8 +85,6 @@ SEARCH_SETTINGS = (
 )
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
-#: What a trial evaluates (``tested_move``): the step itself, or ``z``'s whole step.
-TESTED_MOVES = ("step", "full")
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
 
@@ -145,13 +142,12 @@ class _Group:
     steps: list[int]  # Adam's t after this step
     origin: list[Tensor] | None = None  # y, while trials move the weights
 
-    def place(self, gamma: float, full: bool = False) -> None:
-        """The weights at ``y' = y + alpha (z - y) - gamma kappa u`` (``kappa = 1`` with
-        ``full``: the averaging move and the whole of ``z``'s step)."""
+    def place(self, gamma: float) -> None:
+        """The weights at ``y' = y + alpha (z - y) - gamma kappa u``."""
         if self.origin is None:
             self.origin = [p.detach().clone() for p in self.params]
         alpha = averaging_weight(self.group, gamma)[0]
-        kappa = 1.0 if full else 1.0 - self.group["betas"][0] * (1.0 - alpha)
+        kappa = 1.0 - self.group["betas"][0] * (1.0 - alpha)
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.origin)
             torch._foreach_lerp_(self.params, self.z, alpha)
@@ -190,9 +186,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             the rejected trial passes the test (``True``).
         max_trials: trials per search before it takes the smallest one tried (100).
         initial_searches: steps that all search at the start of a run (10).
-        tested_move: ``"step"``, trials evaluate the move the step takes; ``"full"``, the
-            averaging move plus the whole of ``z``'s step ``gamma u`` (``kappa = 1``), which
-            the step then takes a ``kappa`` share of (``"step"``).
         first_phase: what ends those searches early: ``"never"``; ``"kept"``, a search that
             kept the step size (the test cannot judge it there, and the next steps' searches
             would not either); ``"settled"``, that or a search after the first that takes
@@ -226,7 +219,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         max_trials: int = 100,
         initial_searches: int = 10,
         first_phase: str = "kept",
-        tested_move: str = "step",
         search_interval: int = 10,
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -249,7 +241,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "max_trials": integer("max_trials", max_trials, 1),
             "initial_searches": integer("initial_searches", initial_searches, 1),
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
-            "tested_move": _choice("tested_move", tested_move, TESTED_MOVES),
             "search_interval": integer("search_interval", search_interval, 1),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
@@ -476,14 +467,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         h = self._settings
         c = h["c"]
 
-        full = h["tested_move"] == "full"
-
         def promised(gamma: float) -> float:
-            return self._promised(gamma, averaging, slope, full)
+            return self._promised(gamma, averaging, slope)
 
         def passes(gamma: float) -> tuple[bool, float]:
             for g in groups:
-                g.place(gamma, full)
+                g.place(gamma)
             (value,) = mean_to_host([evaluator.evaluate()], self._process_group)
             ok = math.isfinite(value) and loss0 - value >= c * promised(gamma)
             return ok, value
@@ -492,7 +481,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         gamma = search.step_size if first else search.step_size * h["growth"]
         gamma = min(gamma, search.step_size_ceiling)
         # no start above the Polyak step of the linear model
-        bound = self._polyak_step(loss0, gamma, averaging, slope, full)
+        bound = self._polyak_step(loss0, gamma, averaging, slope)
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
 
@@ -525,26 +514,17 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         # (tested where there is one); the step size is kept.
         return "exhausted", 0.0, evaluations
 
-    def _promised(
-        self, gamma: float, averaging: list[float], slope: list[float], full: bool = False
-    ) -> float:
+    def _promised(self, gamma: float, averaging: list[float], slope: list[float]) -> float:
         """``g . (y - y')``: the decrease the gradient promises for the move of size
-        ``gamma`` (``averaging`` and ``slope``: each group's ``g . (y - z)`` and ``g . u``;
-        ``full``: the move with ``kappa = 1``)."""
+        ``gamma`` (``averaging`` and ``slope``: each group's ``g . (y - z)`` and ``g . u``)."""
         total = 0.0
         for group, a, s in zip(self.param_groups, averaging, slope, strict=True):
             alpha = averaging_weight(group, gamma)[0]
-            kappa = 1.0 if full else 1.0 - group["betas"][0] * (1.0 - alpha)
-            total += alpha * a + gamma * kappa * s
+            total += alpha * a + gamma * (1.0 - group["betas"][0] * (1.0 - alpha)) * s
         return total
 
     def _polyak_step(
-        self,
-        loss0: float,
-        gamma: float,
-        averaging: list[float],
-        slope: list[float],
-        full: bool = False,
+        self, loss0: float, gamma: float, averaging: list[float], slope: list[float]
     ) -> float:
         """The step size where the linear model of the move (its averaging weight that of
         ``gamma``) reaches ``loss_floor``; ``inf`` without a floor, or where the model does
@@ -552,8 +532,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         floor = self._settings["loss_floor"]
         if floor is None:
             return math.inf
-        at_zero = self._promised(0.0, averaging, slope, full)
-        per_unit = (self._promised(gamma, averaging, slope, full) - at_zero) / gamma
+        at_zero = self._promised(0.0, averaging, slope)
+        per_unit = (self._promised(gamma, averaging, slope) - at_zero) / gamma
         height = loss0 - floor - at_zero
         if not (height > 0.0 and per_unit > 0.0):
             return math.inf

@@ -763,11 +763,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(interpolate=False),
         ),
         OptimizerSpec(
-            "alsals-schedulefree-full",
-            "ScheduleFreeALSALS testing the whole of z's step (kappa = 1)",
-            _schedulefree_search(tested_move="full"),
-        ),
-        OptimizerSpec(
             "alsals-schedulefree-uncapped",
             "ScheduleFreeALSALS without the Polyak cap on every step",
             _schedulefree_search(polyak_cap=False),
