@@ -264,6 +264,17 @@ def test_state_dict_round_trips_the_trajectory():
     assert opt.search_state == opt2.search_state
 
 
+def test_a_state_saved_by_another_optimizer_is_refused_by_name():
+    from alsals import ALSALS
+
+    model = make_model()
+    other = ALSALS(model.parameters())
+    opt = ScheduleFreeALSALS(model.parameters())
+    with pytest.raises(ValueError, match="lacks .*weight_sum.* saved by another optimizer"):
+        opt.load_state_dict(other.state_dict())
+    assert opt.param_groups[0]["weight_sum"] == 0.0  # nothing was loaded
+
+
 def test_eval_twice_is_one_swap_and_step_in_eval_mode_is_refused():
     model, opt, ref, _ = run(steps=12)
     opt.eval()

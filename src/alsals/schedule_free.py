@@ -85,6 +85,8 @@ SEARCH_SETTINGS = (
 )
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
+#: Each group's own state: Schedule-Free's averaging weights and which weights it holds.
+GROUP_STATE = ("weight_sum", "lr_max", "train_mode", "betas", "eps", "weight_decay")
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
 
@@ -288,6 +290,21 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
         in_range("eps", group["eps"], 0.0, closed_low=False)
         in_range("weight_decay", group["weight_decay"], 0.0, closed_low=True)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
+        saved (its groups lack this one's settings and averaging weights) with the keys
+        named, before anything is loaded."""
+        required = {*SEARCH_SETTINGS, *GROUP_STATE}
+        for index, group in enumerate(state_dict.get("param_groups", [])):
+            missing = sorted(required - group.keys())
+            if missing:
+                raise ValueError(
+                    f"the state loaded into ScheduleFreeALSALS lacks {', '.join(missing)} in "
+                    f"param_groups[{index}]: it was saved by another optimizer (an ALSALS or "
+                    "torch.optim state cannot continue a Schedule-Free run)"
+                )
+        super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_left_grads"}
