@@ -515,6 +515,24 @@ def test_an_eps_that_is_zero_in_the_weights_dtype_is_refused_before_anything_mov
     assert opt.state[w] == {}
 
 
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [({"lr": 0.5}, "one step size"), ({"c": 0.3}, "setting of the optimizer"),
+     ({"lr_scale": 2.0}, "lr_scale"), ({"betas": (0.9, 1.5)}, "betas")],
+)  # fmt: skip
+def test_a_group_setting_that_would_be_ignored_is_refused_and_nothing_is_added(extra, match):
+    """A per-group lr or search setting would be silently overridden by the one searched
+    step size: refused, and the optimizer keeps the groups it had. Per-group weight decay
+    and betas are fine."""
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = ScheduleFreeALSALS([a], weight_decay=0.1)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [b], **extra})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b], "weight_decay": 0.0, "betas": (0.95, 0.99)})
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_a_module_instead_of_its_parameters_is_refused():
     with pytest.raises(TypeError, match="parameters"):
         ScheduleFreeALSALS(nn.Linear(2, 1))

@@ -281,15 +281,32 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         return {key: first[key] for key in SEARCH_SETTINGS}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        betas = group["betas"]
+        """``torch.optim``'s, with the group checked before it is added: ``betas``,
+        ``eps`` and ``weight_decay`` may differ between groups; the search's settings
+        (``lr`` included: one step size is searched for all parameters) may not."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
+        if "lr_scale" in param_group:
+            raise ValueError(
+                "ScheduleFreeALSALS does not support lr_scale yet: one step size moves every "
+                "group (ALSALS takes per-group lr_scale)"
+            )
+        for key in ("lr", *SEARCH_SETTINGS):
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"param_groups[...]['{key}'] = {param_group[key]!r}: ScheduleFreeALSALS "
+                    f"searches one step size for all parameters, so {key} is a setting of the "
+                    f"optimizer (ScheduleFreeALSALS(params, {key}=...)), not of a group"
+                )
+        merged = {**self.defaults, **param_group}
+        betas = merged["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"invalid betas: {betas!r} (expected (beta1, beta2))")
         in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=False)
         in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
-        in_range("eps", group["eps"], 0.0, closed_low=False)
-        in_range("weight_decay", group["weight_decay"], 0.0, closed_low=True)
+        in_range("eps", merged["eps"], 0.0, closed_low=False)
+        in_range("weight_decay", merged["weight_decay"], 0.0, closed_low=True)
+        super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
