@@ -43,7 +43,8 @@ def loss_of(model, x, y):
 class Reference:
     """Schedule-Free AdamW, explicit form, float64; ``step(grads, gamma)``."""
 
-    def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, scales=None):
+        self.scales = scales or [1.0] * len(weights)
         self.x = [w.clone() for w in weights]
         self.z = [w.clone() for w in weights]
         self.v = [torch.zeros_like(w) for w in weights]
@@ -66,7 +67,7 @@ class Reference:
             self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g * g
             v_hat = self.v[i] / (1 - self.beta2**self.t)
             u = g / (v_hat.sqrt() + self.eps) + self.wd * y[i]
-            self.z[i] = self.z[i] - gamma * u
+            self.z[i] = self.z[i] - gamma * self.scales[i] * u
             self.x[i] = (1 - alpha) * self.x[i] + alpha * self.z[i]
 
 
@@ -110,6 +111,25 @@ def test_weights_follow_schedule_free_adamw_at_the_step_sizes_it_chose():
         torch.testing.assert_close(p.detach(), y, rtol=1e-10, atol=1e-12)
     kinds = {info.kind for _, _, info, _ in records}
     assert "search" in kinds and "reuse" in kinds
+
+
+def test_lr_scale_moves_each_group_by_its_multiple_of_the_searched_step_size():
+    """Two groups, the second at lr_scale 0.1: the weights follow the reference with each
+    tensor's z moving by gamma * scale (the averaging weights are scale-free), and each
+    group's lr shows the searched step size times its scale."""
+    x, y = logistic_problem(1)
+    model = make_model(2)
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = ScheduleFreeALSALS([{"params": first}, {"params": second, "lr_scale": 0.1}])
+    ref = Reference(
+        [p.detach() for p in model.parameters()], scales=[1.0] * len(first) + [0.1] * len(second)
+    )
+    for idx in batches(x, y, 25, seed=3):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        ref.step([p.grad.detach().clone() for p in model.parameters()], opt.last_step.step_size)
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * opt.param_groups[0]["lr"])
+    for p, yr in zip(model.parameters(), ref.y(), strict=True):
+        torch.testing.assert_close(p.detach(), yr, rtol=1e-9, atol=1e-12)
 
 
 def test_accepted_steps_pass_and_their_predecessors_fail_the_test():
@@ -518,7 +538,7 @@ def test_an_eps_that_is_zero_in_the_weights_dtype_is_refused_before_anything_mov
 @pytest.mark.parametrize(
     ("extra", "match"),
     [({"lr": 0.5}, "one step size"), ({"c": 0.3}, "setting of the optimizer"),
-     ({"lr_scale": 2.0}, "lr_scale"), ({"betas": (0.9, 1.5)}, "betas")],
+     ({"lr_scale": 0.0}, "lr_scale"), ({"betas": (0.9, 1.5)}, "betas")],
 )  # fmt: skip
 def test_a_group_setting_that_would_be_ignored_is_refused_and_nothing_is_added(extra, match):
     """A per-group lr or search setting would be silently overridden by the one searched

@@ -86,7 +86,15 @@ SEARCH_SETTINGS = (
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
 #: Each group's own state: Schedule-Free's averaging weights and which weights it holds.
-GROUP_STATE = ("weight_sum", "lr_max", "train_mode", "betas", "eps", "weight_decay")
+GROUP_STATE = (
+    "weight_sum",
+    "lr_max",
+    "train_mode",
+    "betas",
+    "eps",
+    "weight_decay",
+    "lr_scale",
+)
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
 
@@ -122,9 +130,10 @@ class SearchState:
 
 def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float, float]:
     """Schedule-Free's averaging weight ``alpha = w / (w_1 + ... + w)`` of a step of size
-    ``gamma`` in ``group``, with the group's ``lr_max`` and ``w`` after it (``alpha = 1`` at
-    a group's first step: ``x`` starts at ``z``)."""
-    lr_max = max(group["lr_max"], gamma)
+    ``gamma`` (the searched one; the group moves by ``gamma * lr_scale``) in ``group``, with
+    the group's ``lr_max`` and ``w`` after it (``alpha = 1`` at a group's first step: ``x``
+    starts at ``z``). A constant ``lr_scale`` leaves ``alpha`` as it is."""
+    lr_max = max(group["lr_max"], gamma * group["lr_scale"])
     weight = lr_max**AVERAGING_POWER
     total = group["weight_sum"] + weight
     alpha = weight / total if total > 0.0 else 1.0
@@ -150,10 +159,11 @@ class _Group:
             self.origin = [p.detach().clone() for p in self.params]
         alpha = averaging_weight(self.group, gamma)[0]
         kappa = 1.0 - self.group["betas"][0] * (1.0 - alpha)
+        step = gamma * self.group["lr_scale"]
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.origin)
             torch._foreach_lerp_(self.params, self.z, alpha)
-            torch._foreach_add_(self.params, self.u, alpha=-gamma * kappa)
+            torch._foreach_add_(self.params, self.u, alpha=-step * kappa)
 
     def restore(self) -> None:
         if self.origin is not None:
@@ -201,6 +211,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             as ``clip_grad_norm_`` would before the step; the Armijo test keeps the true
             gradient's slope. ``last_step.grad_norm`` is the norm before clipping
             (``None``: no clipping).
+        lr_scale: per-group multiplier of the one searched step size: group ``i`` moves by
+            ``gamma * lr_scale_i`` (layer-wise rates) (1).
         buffers: module buffers to protect from the trial evaluations (``model.buffers()``
             where the model has BatchNorm).
         process_group: the ranks that must take the same decisions (default group).
@@ -226,6 +238,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
         max_grad_norm: float | None = None,
+        lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -267,6 +280,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
+            "lr_scale": lr_scale,
             "weight_sum": 0.0,
             "lr_max": 0.0,
             "train_mode": True,
@@ -282,15 +296,11 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim``'s, with the group checked before it is added: ``betas``,
-        ``eps`` and ``weight_decay`` may differ between groups; the search's settings
-        (``lr`` included: one step size is searched for all parameters) may not."""
+        ``eps``, ``weight_decay`` and ``lr_scale`` may differ between groups; the search's
+        settings (``lr`` included: one step size is searched for all parameters, which
+        moves group ``i`` by ``lr_scale_i`` times it) may not."""
         if not isinstance(param_group, dict):
             raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
-        if "lr_scale" in param_group:
-            raise ValueError(
-                "ScheduleFreeALSALS does not support lr_scale yet: one step size moves every "
-                "group (ALSALS takes per-group lr_scale)"
-            )
         for key in ("lr", *SEARCH_SETTINGS):
             if key in param_group and param_group[key] != self.defaults[key]:
                 raise ValueError(
@@ -306,7 +316,11 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
         in_range("eps", merged["eps"], 0.0, closed_low=False)
         in_range("weight_decay", merged["weight_decay"], 0.0, closed_low=True)
+        in_range("lr_scale", merged["lr_scale"], 0.0, closed_low=False)
         super().add_param_group(param_group)
+        # what the group shows: the searched step size times its lr_scale
+        group = self.param_groups[-1]
+        group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
@@ -554,7 +568,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         total = 0.0
         for group, a, s in zip(self.param_groups, averaging, slope, strict=True):
             alpha = averaging_weight(group, gamma)[0]
-            total += alpha * a + gamma * (1.0 - group["betas"][0] * (1.0 - alpha)) * s
+            kappa = 1.0 - group["betas"][0] * (1.0 - alpha)
+            total += alpha * a + gamma * group["lr_scale"] * kappa * s
         return total
 
     def _polyak_step(
@@ -675,7 +690,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         (the weights are at ``y'`` already). Every group's averaging weights advance, also
         where this rank holds no gradient for it: they must stay equal on every rank."""
         for g in groups:
-            torch._foreach_add_(g.z, g.u, alpha=-gamma)
+            torch._foreach_add_(g.z, g.u, alpha=-gamma * g.group["lr_scale"])
             for p, z, v, t in zip(g.params, g.z, g.exp_avg_sqs, g.steps, strict=True):
                 state = self.state[p]
                 state["z"], state["exp_avg_sq"], state["step"] = z, v, t
@@ -685,12 +700,15 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             group["weight_sum"] += weight
 
     def _adopt_written_lr(self, search: SearchState) -> bool:
-        """A ``lr`` written into the first group since the last step sets where the next
-        search starts (and makes it due)."""
-        lr = self.param_groups[0]["lr"]
-        if lr == search.step_size:
+        """A ``lr`` written into the first group since the last step (it shows the searched
+        step size times its ``lr_scale``) sets where the next search starts (and makes it
+        due)."""
+        first = self.param_groups[0]
+        lr = first["lr"]
+        if lr == search.step_size * first["lr_scale"]:
             return False
-        search.step_size = in_range("param_groups[0]['lr']", lr, 0.0, closed_low=False)
+        lr = in_range("param_groups[0]['lr']", lr, 0.0, closed_low=False)
+        search.step_size = lr / first["lr_scale"]
         search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
         return True
 
@@ -712,7 +730,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         if anchor is not None:
             self.state[anchor][STATE_KEY] = search.to_dict()
         for group in self.param_groups:
-            group["lr"] = search.step_size
+            group["lr"] = search.step_size * group["lr_scale"]
 
     @property
     def search_state(self) -> SearchState:
