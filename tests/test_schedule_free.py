@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -362,12 +363,36 @@ def test_a_step_without_usable_gradient_is_skipped_and_writes_nothing(bad):
             return loss + 0.0 * (t - t.detach()).sqrt()  # finite, with a NaN gradient
         return loss * 0.0
 
-    opt.step(closure)
+    culprit = {"nan_loss": "the loss is not finite", "nan_grad": "the gradient is not finite"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(closure)
+        opt.step(closure)  # a second skip: no second warning
+    messages = [str(w.message) for w in caught]
+    if bad in culprit:
+        assert len(messages) == 1 and culprit[bad] in messages[0]
+    else:
+        assert messages == []  # a zero gradient of a connected loss is not an error
     assert opt.last_step.kind == ("zero_grad" if bad == "zero_grad" else "nonfinite")
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     assert all(
         torch.equal(opt.state[p]["z"], w) for p, w in zip(model.parameters(), z, strict=True)
     )
+
+
+def test_a_loss_that_reaches_no_parameter_warns_after_three_skipped_steps():
+    """A closure computing the loss of another model: every step is skipped (no gradient),
+    and after three in a row the user is told why, once."""
+    model, other = make_model(), make_model(5)
+    opt = ScheduleFreeALSALS(model.parameters())
+    x = torch.randn(8, 6, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            opt.step(lambda: other(x).pow(2).mean())
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "does not depend on the parameters" in messages[0]
+    assert opt.search_state.skipped_zero_grad == 5
 
 
 def test_a_search_whose_trials_all_fail_keeps_the_step_size_and_takes_no_gradient_step():

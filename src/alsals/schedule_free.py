@@ -45,6 +45,7 @@ those of ``y``; recompute them at ``x`` where it matters (Schedule-Free's advice
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -57,7 +58,14 @@ from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.distributed import mean_to_host
 from alsals.hyperparameters import flag, in_range, integer, real
-from alsals.line_search import StepInfo, _loss_resolution, check_eps
+from alsals.line_search import (
+    DISCONNECTED_WARNING,
+    STALL_WARNING_STEPS,
+    StepInfo,
+    _caller_stacklevel,
+    _loss_resolution,
+    check_eps,
+)
 from alsals.rise_guard import LossWatch
 
 try:
@@ -274,6 +282,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         self._process_group = process_group
         self._left_grads: LeftGradients | None = None
         self._grad_norm = math.nan
+        self._warned: set[str] = set()
+        self._disconnected_steps = 0
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -344,6 +354,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("_grad_norm", math.nan)
+        self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_disconnected_steps", 0)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -401,6 +413,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             loss = evaluator.evaluate_with_grad()
             groups = self._gather()
             info = self._run(search, written, loss, groups, evaluator)
+            self._warn_about(info, evaluator)  # (-W error: undone like any exception)
         except BaseException:
             for g in groups:
                 g.restore()
@@ -422,6 +435,39 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             }
         )
         return loss
+
+    def _warn_about(self, info: StepInfo, evaluator: ClosureEvaluator) -> None:
+        """Warnings for the steps a user must not miss, each once: a skipped step whose loss
+        or gradient is not finite, a closure that forgot backward, and a loss that gives no
+        parameter a gradient several steps in a row (the steps are all skipped)."""
+        if info.kind == "nonfinite":
+            culprit = "loss" if not math.isfinite(info.loss) else "gradient"
+            self._warn_once(
+                f"nonfinite_{culprit}",
+                f"ScheduleFreeALSALS: the {culprit} is not finite: the step was skipped, and "
+                "the weights and optimizer state left unchanged. Further skips are counted in "
+                "search_state.skipped_nonfinite without warning.",
+            )
+        if info.kind == "zero_grad" and evaluator.backward_forgotten:
+            self._warn_once(
+                "no_backward",
+                "ScheduleFreeALSALS: closure(backward) returned a loss that requires grad but "
+                "no parameter has a gradient, so the step was skipped: call loss.backward() in "
+                "the closure when its argument is True (or use the form closure() without "
+                "arguments, which leaves backward to the optimizer)",
+            )
+        disconnected = info.kind == "zero_grad" and evaluator.disconnected
+        self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
+        if self._disconnected_steps >= STALL_WARNING_STEPS:
+            self._warn_once(
+                "disconnected",
+                DISCONNECTED_WARNING.format(name="ScheduleFreeALSALS", n=STALL_WARNING_STEPS),
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
 
     def _run(
         self,
