@@ -447,6 +447,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 f"ScheduleFreeALSALS: the {culprit} is not finite: the step was skipped, and "
                 "the weights and optimizer state left unchanged. Further skips are counted in "
                 "search_state.skipped_nonfinite without warning.",
+                RuntimeWarning,
             )
         if info.kind == "zero_grad" and evaluator.backward_forgotten:
             self._warn_once(
@@ -464,10 +465,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 DISCONNECTED_WARNING.format(name="ScheduleFreeALSALS", n=STALL_WARNING_STEPS),
             )
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+            warnings.warn(message, category, stacklevel=_caller_stacklevel())
 
     def _run(
         self,
