@@ -316,10 +316,7 @@ class TrialFailure(Exception):
 
 def test_an_exception_in_a_trial_leaves_weights_state_and_random_stream_as_they_were():
     x, y = logistic_problem(0)
-    model = make_model()
-    opt = ScheduleFreeALSALS(model.parameters())
-    for idx in batches(x, y, 5):
-        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    model, opt, _, _ = run(steps=5)
     weights = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     rng = torch.get_rng_state()
@@ -347,10 +344,7 @@ def test_an_exception_in_a_trial_leaves_weights_state_and_random_stream_as_they_
 @pytest.mark.parametrize("bad", ["nan_loss", "nan_grad", "zero_grad"])
 def test_a_step_without_usable_gradient_is_skipped_and_writes_nothing(bad):
     x, y = logistic_problem(0)
-    model = make_model()
-    opt = ScheduleFreeALSALS(model.parameters())
-    for idx in batches(x, y, 3):
-        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    model, opt, _, _ = run(steps=3)
     weights = [p.detach().clone() for p in model.parameters()]
     z = [opt.state[p]["z"].clone() for p in model.parameters()]
 

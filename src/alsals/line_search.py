@@ -144,6 +144,13 @@ DISCONNECTED_WARNING = (
     "the optimizer from the parameters of the model the closure evaluates (after replacing or "
     "copying the model, pass the new model's parameters)"
 )
+NO_BACKWARD_WARNING = (
+    "{name}: closure(backward) returned a loss that requires grad but no parameter has a "
+    "gradient, so the step was skipped: call loss.backward() in the closure when its argument "
+    "is True (or use the form closure() without arguments, which leaves backward to the "
+    "optimizer); if it does, the loss does not depend on this optimizer's parameters (build "
+    "the optimizer from the parameters of the model the closure runs)"
+)
 CONTRADICTED_WARNING = (
     "{name}: at two searches, with none in between that the gradient's slope accepted, "
     "every trial raised the loss in proportion to the step size where the slope -g.d said "
@@ -334,6 +341,15 @@ def local_shard(t: Tensor) -> Tensor:
 def _vanishes(eps: float, dtype: torch.dtype) -> bool:
     """Whether ``eps`` rounds to 0 in ``dtype``."""
     return float(torch.tensor(eps, dtype=dtype)) == 0.0
+
+
+def anchor_parameter(param_groups: list[dict[str, Any]]) -> Tensor | None:
+    """The parameter whose state holds an optimizer's search state: the first of all
+    groups (``None`` without any)."""
+    for group in param_groups:
+        if group["params"]:
+            return group["params"][0]
+    return None
 
 
 def check_eps(owner: str, eps: float, params: list[Tensor]) -> None:
@@ -1614,7 +1630,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         losses = search.nonfinite_losses_in_a_row
         search.nonfinite_losses_in_a_row = losses + 1 if outcome.loss_not_finite else 0
         search.skipped_zero_grad += outcome.kind == "zero_grad"
-        anchor = self._anchor()
+        anchor = anchor_parameter(self.param_groups)
         if anchor is not None:
             self.state[anchor]["line_search"] = search.to_dict()
         for group in self.param_groups:
@@ -1623,15 +1639,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------- helpers
 
-    def _anchor(self) -> Tensor | None:
-        """The parameter whose state holds the search state: the first of all groups."""
-        for group in self.param_groups:
-            if group["params"]:
-                return group["params"][0]
-        return None
-
     def _stored_search_state(self) -> SearchState:
-        anchor = self._anchor()
+        anchor = anchor_parameter(self.param_groups)
         stored = self.state[anchor].get("line_search") if anchor is not None else None
         if stored is None:
             lr = self.defaults["lr"]
@@ -1723,16 +1732,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self._replay_loss is not None:
             self._warn_if_not_replayed(loss0, self._replay_loss)
         if outcome.kind == "zero_grad" and evaluator.backward_forgotten:
-            self._warn_once(
-                "no_backward",
-                f"{name}: closure(backward) returned a loss that requires grad but no parameter "
-                "has a gradient, so the step was skipped: call loss.backward() in the closure "
-                "when its argument is True (or use the form closure() without arguments, "
-                "which leaves backward to the optimizer); if it does, the loss does not depend "
-                "on this optimizer's parameters (build the optimizer from the parameters of "
-                "the model the closure runs)",
-                UserWarning,
-            )
+            self._warn_once("no_backward", NO_BACKWARD_WARNING.format(name=name), UserWarning)
         self._unchanged_searches = self._unchanged_searches + 1 if outcome.loss_unchanged else 0
         if self._unchanged_searches >= STALL_WARNING_STEPS:
             message = UNCHANGED_LOSS_WARNING.format(name=name, n=STALL_WARNING_STEPS)

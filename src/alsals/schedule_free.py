@@ -60,10 +60,12 @@ from alsals.distributed import mean_to_host
 from alsals.hyperparameters import flag, in_range, integer, real
 from alsals.line_search import (
     DISCONNECTED_WARNING,
+    NO_BACKWARD_WARNING,
     STALL_WARNING_STEPS,
     StepInfo,
     _caller_stacklevel,
     _loss_resolution,
+    anchor_parameter,
     check_eps,
 )
 from alsals.rise_guard import LossWatch
@@ -190,7 +192,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     (``max_trials`` failed: only the averaging move is taken, the step size is kept),
     ``"nonfinite"`` or ``"zero_grad"`` (skipped: nothing written); ``last_step.step_size``
     is the step size taken, ``capped`` when ``polyak_cap`` cut it, and
-    ``param_groups[i]["lr"]`` the searched one, where the next search starts.
+    ``param_groups[i]["lr"]`` the searched one (times the group's ``lr_scale``), where the
+    next search starts.
 
     Args:
         params: parameters or parameter groups.
@@ -204,7 +207,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         backtrack: a rejected trial's step size is multiplied by this (0.8).
         interpolate: skip the trials of that grid above where a quadratic model fitted to
             the rejected trial passes the test (``True``).
-        max_trials: trials per search before it takes the smallest one tried (100).
+        max_trials: trials per search; if none passes, only the averaging move is taken
+            and the step size is kept (100).
         initial_searches: steps that all search at the start of a run (10).
         first_phase: what ends those searches early: ``"never"``; ``"kept"``, a search that
             kept the step size (the test cannot judge it there, and the next steps' searches
@@ -411,8 +415,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         self._grad_norm = math.nan
         try:
             loss = evaluator.evaluate_with_grad()
-            groups = self._gather()
-            info = self._run(search, written, loss, groups, evaluator)
+            groups, squared = self._gather()
+            info = self._run(search, written, loss, groups, squared, evaluator)
             self._warn_about(info, evaluator)  # (-W error: undone like any exception)
         except BaseException:
             for g in groups:
@@ -450,13 +454,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 RuntimeWarning,
             )
         if info.kind == "zero_grad" and evaluator.backward_forgotten:
-            self._warn_once(
-                "no_backward",
-                "ScheduleFreeALSALS: closure(backward) returned a loss that requires grad but "
-                "no parameter has a gradient, so the step was skipped: call loss.backward() in "
-                "the closure when its argument is True (or use the form closure() without "
-                "arguments, which leaves backward to the optimizer)",
-            )
+            self._warn_once("no_backward", NO_BACKWARD_WARNING.format(name="ScheduleFreeALSALS"))
         disconnected = info.kind == "zero_grad" and evaluator.disconnected
         self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
         if self._disconnected_steps >= STALL_WARNING_STEPS:
@@ -476,6 +474,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         written: bool,
         loss: Tensor,
         groups: list[_Group],
+        squared: Tensor | None,
         evaluator: ClosureEvaluator,
     ) -> StepInfo:
         """Everything after the first evaluation; writes the state only at the end."""
@@ -484,14 +483,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         device = groups[0].grads[0].device if groups else loss.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
         by_group = {id(g.group): g for g in groups}
-        terms, squares = [], [zero]
+        terms = []
         for group in self.param_groups:
             g = by_group.get(id(group))
             terms += [_dot_sum(g.grads, g.params, g.z), _dot_sum(g.grads, g.u)] if g else [zero] * 2
-            if g is not None:
-                squares += [n.to(device, torch.float64) ** 2 for n in torch._foreach_norm(g.grads)]
         loss0, grad_sq_value, *sums = mean_to_host(
-            [loss.to(device), torch.stack(squares).sum(), *[t.to(device) for t in terms]],
+            [loss.to(device), zero if squared is None else squared, *[t.to(device) for t in terms]],
             self._process_group,
         )
         averaging, slope = sums[0::2], sums[1::2]
@@ -681,9 +678,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _gather(self) -> list[_Group]:
-        """This step's tensors per group (``grad`` set), with ``v'`` and ``u`` computed;
-        nothing is written to the state."""
+    def _gather(self) -> tuple[list[_Group], Tensor | None]:
+        """This step's tensors per group (``grad`` set), with ``v'`` and ``u`` computed, and
+        the squared norm of this rank's gradients (float64, on the device; ``None``
+        without any); nothing is written to the state."""
         taking_part = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -697,7 +695,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             if params:
                 check_eps("ScheduleFreeALSALS", group["eps"], params)
                 taking_part.append((group, params))
-        scale = self._clip_scale([p.grad for _, params in taking_part for p in params])
+        all_grads = [p.grad for _, params in taking_part for p in params]
+        squared = None
+        if all_grads:
+            norms = torch._foreach_norm(all_grads)
+            device = all_grads[0].device
+            squared = torch.stack([n.to(device, torch.float64) ** 2 for n in norms]).sum()
+        scale = self._clip_scale(squared, all_grads[0].dtype) if all_grads else None
         groups = []
         for group, params in taking_part:
             grads = [p.grad for p in params]
@@ -719,18 +723,16 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             if group["weight_decay"]:
                 torch._foreach_add_(u, [p.detach() for p in params], alpha=group["weight_decay"])
             groups.append(_Group(group, params, grads, z, v_new, u, steps))
-        return groups
+        return groups, squared
 
-    def _clip_scale(self, grads: list[Tensor]) -> Tensor | None:
+    def _clip_scale(self, squared_norm: Tensor, dtype: torch.dtype) -> Tensor | None:
         """``max_grad_norm``'s factor ``min(1, max / (||g|| + 1e-6))`` as
         ``torch.nn.utils.clip_grad_norm_`` computes it (the norm over every parameter, in
         float64), on the device: no host synchronisation. ``None`` without clipping."""
         limit = self._settings["max_grad_norm"]
-        if limit is None or not grads:
+        if limit is None:
             return None
-        norms = [n.to(torch.float64) for n in torch._foreach_norm(grads)]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
-        return (limit / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+        return (limit / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).to(dtype)
 
     def _commit(self, groups: list[_Group], gamma: float) -> None:
         """Write ``z``, ``v``, ``t`` and the averaging weights of a step of size ``gamma``
@@ -759,21 +761,15 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
         return True
 
-    def _anchor(self) -> Tensor | None:
-        for group in self.param_groups:
-            if group["params"]:
-                return group["params"][0]
-        return None
-
     def _stored_search_state(self) -> SearchState:
-        anchor = self._anchor()
+        anchor = anchor_parameter(self.param_groups)
         stored = self.state[anchor].get(STATE_KEY) if anchor is not None else None
         if stored is None:
             return SearchState(step_size=self.defaults["lr"])
         return SearchState.from_dict(stored)
 
     def _store(self, search: SearchState) -> None:
-        anchor = self._anchor()
+        anchor = anchor_parameter(self.param_groups)
         if anchor is not None:
             self.state[anchor][STATE_KEY] = search.to_dict()
         for group in self.param_groups:

@@ -21,6 +21,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from alsals.line_search import LineSearchOptimizer
+from alsals.schedule_free import ScheduleFreeALSALS
+
+#: The optimizers every integration drives: the three line searches and ScheduleFreeALSALS.
+DRIVEN = (LineSearchOptimizer, ScheduleFreeALSALS)
+
 _LAZY = {
     "LineSearchTrainer": "alsals.integrations.hf",
     "LineSearchTrainerMixin": "alsals.integrations.hf",

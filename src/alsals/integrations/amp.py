@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from alsals.closure import ClosureForm
+from alsals.integrations import DRIVEN
 from alsals.line_search import LineSearchOptimizer
 from alsals.schedule_free import ScheduleFreeALSALS
 
@@ -114,7 +115,7 @@ def step_with_scaler(
     optimizers sharing one scaler). Do not call ``scaler.step(optimizer)``. An exception in
     the step leaves the scaler as it was too, so the step can be retried.
     """
-    if not isinstance(optimizer, (LineSearchOptimizer, ScheduleFreeALSALS)):
+    if not isinstance(optimizer, DRIVEN):
         raise TypeError(
             "step_with_scaler drives an alsals line-search optimizer; for other optimizers "
             "use scaler.step(optimizer) as usual"

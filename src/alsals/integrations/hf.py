@@ -61,17 +61,12 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from alsals.closure import RandomState
+from alsals.integrations import DRIVEN
 from alsals.line_search import LineSearchOptimizer
 from alsals.optimizers import ALSALS
 from alsals.schedule_free import ScheduleFreeALSALS
 
 __all__ = ["FollowStepSize", "LineSearchTrainer", "LineSearchTrainerMixin"]
-
-
-#: The optimizers the Trainer can drive: the line searches and ScheduleFreeALSALS, whose
-#: eval() / train() the Trainer itself calls around evaluation and training steps (as it
-#: does for Schedule-Free).
-DRIVEN = (LineSearchOptimizer, ScheduleFreeALSALS)
 
 
 class FollowStepSize(torch.optim.lr_scheduler.LRScheduler):

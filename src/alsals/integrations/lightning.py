@@ -43,13 +43,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from alsals.line_search import LineSearchOptimizer
+from alsals.integrations import DRIVEN
 from alsals.schedule_free import ScheduleFreeALSALS
 
 __all__ = ["LineSearchCallback", "line_search_step"]
-
-#: The optimizers ``line_search_step`` and the callback take.
-DRIVEN = (LineSearchOptimizer, ScheduleFreeALSALS)
 
 
 def _line_search_optimizers(trainer: pl.Trainer) -> list[Any]:
