@@ -163,15 +163,18 @@ class _Group:
     steps: list[int]  # Adam's t after this step
     origin: list[Tensor] | None = None  # y, while trials move the weights
 
-    def place(self, gamma: float) -> None:
-        """The weights at ``y' = y + alpha (z - y) - gamma kappa u``."""
-        if self.origin is None:
+    def place(self, gamma: float, keep_origin: bool = True) -> None:
+        """The weights at ``y' = y + alpha (z - y) - gamma kappa u``. A trial keeps ``y`` to
+        come back to; the final move of a step that ran no trial (``keep_origin=False``)
+        moves the weights in place, without a copy."""
+        if self.origin is None and keep_origin:
             self.origin = [p.detach().clone() for p in self.params]
         alpha = averaging_weight(self.group, gamma)[0]
         kappa = 1.0 - self.group["betas"][0] * (1.0 - alpha)
         step = gamma * self.group["lr_scale"]
         with torch.no_grad():
-            torch._foreach_copy_(self.params, self.origin)
+            if self.origin is not None:
+                torch._foreach_copy_(self.params, self.origin)
             torch._foreach_lerp_(self.params, self.z, alpha)
             torch._foreach_add_(self.params, self.u, alpha=-step * kappa)
 
@@ -522,9 +525,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         taken = gamma
         if h["polyak_cap"] and gamma > 0.0:
             taken = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), 0.0)
-        for g in groups:
-            g.place(taken)
         loss_rose = self._watch_loss(search, loss0, taken, evaluator.loss_dtype)
+        for g in groups:
+            g.place(taken, keep_origin=False)
         self._commit(groups, taken)
         search.steps += 1
         if kind == "reuse":
