@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from alsals import ScheduleFreeALSALS
+from alsals.schedule_free import trailing_beyond_chance
 
 
 def logistic_problem(seed: int = 0, n: int = 128, d: int = 6):
@@ -575,3 +576,56 @@ def test_a_group_setting_that_would_be_ignored_is_refused_and_nothing_is_added(e
 def test_a_module_instead_of_its_parameters_is_refused():
     with pytest.raises(TypeError, match="parameters"):
         ScheduleFreeALSALS(nn.Linear(2, 1))
+
+
+def test_z_trails_only_beyond_what_a_fair_coin_gives():
+    """The sign test: 9 trailing of 10 has probability 11/1024 under a fair coin (trails),
+    8 of 10 56/1024 (does not); 5 of 5 1/32, 4 of 4 1/16; leading signs never trail."""
+    assert trailing_beyond_chance(1, 9) and trailing_beyond_chance(0, 10)
+    assert not trailing_beyond_chance(2, 8)
+    assert trailing_beyond_chance(0, 5) and not trailing_beyond_chance(0, 4)
+    assert not trailing_beyond_chance(10, 0) and not trailing_beyond_chance(0, 0)
+
+
+@pytest.mark.parametrize("rule", ["off", "hold", "shrink"])
+def test_lead_rule_starts_each_search_by_where_z_led_since_the_last(rule):
+    """Each step counts whether its batch found ``z`` downhill of ``y`` (``g . (y - z) >
+    0``, computed here from the weights and ``z`` before the step) or uphill; a search
+    starts at ``growth`` times the last step size unless ``z`` trailed beyond chance since
+    the last search, where it starts at 1 (``"hold"``) or ``1 / growth`` (``"shrink"``)
+    times it (``"off"``: always ``growth``). Seen on the searches that took their first
+    trial (no Polyak start, no guard), both cases among them."""
+    x, y = logistic_problem(3)
+    model = make_model()
+    settings = {"lr": 2.0, "c": 0.05, "initial_searches": 3, "search_interval": 8}
+    opt = ScheduleFreeALSALS(
+        model.parameters(), lead_rule=rule, loss_floor=None, loss_rise_guard=None, **settings
+    )
+    leading = trailing = 0
+    seen = set()
+    for idx in batches(x, y, 400):
+        params = list(model.parameters())
+        y_before = [p.detach().clone() for p in params]
+        z_before = [
+            opt.state[p]["z"].clone() if "z" in opt.state[p] else p.detach().clone() for p in params
+        ]
+        lr_before = opt.param_groups[0]["lr"]
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info = opt.last_step
+        lead = sum(
+            float((p.grad * (yb - zb)).sum())
+            for p, yb, zb in zip(params, y_before, z_before, strict=True)
+        )
+        leading += lead > 0.0
+        trailing += lead < 0.0
+        if info.kind == "reuse":
+            assert (opt.search_state.leading, opt.search_state.trailing) == (leading, trailing)
+            continue
+        assert (opt.search_state.leading, opt.search_state.trailing) == (0, 0)
+        if info.kind == "search" and info.trials == 1 and opt.search_state.searches > 1:
+            trails = trailing_beyond_chance(leading, trailing)
+            factor = {"off": 1.1, "hold": 1.0, "shrink": 1 / 1.1}[rule] if trails else 1.1
+            assert opt.param_groups[0]["lr"] == pytest.approx(lr_before * factor, rel=1e-12)
+            seen.add(trails)
+        leading = trailing = 0
+    assert seen == {True, False}, "the run must show both cases"

@@ -27,7 +27,15 @@ the search says nothing about ``gamma``, and the step is taken with the last one
 (``"kept"``). Every step, searched or reused, is capped by the Polyak step of its batch's
 linear model (``polyak_cap``).
 Searches run on each of the first ``initial_searches`` steps and every
-``search_interval``-th step after; the steps between reuse ``gamma``. ``loss_rise_guard``
+``search_interval``-th step after; the steps between reuse ``gamma``. With ``lead_rule``, a
+search grows its start only while ``z`` does not trail the average: each step's own batch
+says whether the move towards ``z`` is downhill (``g . (y - z) > 0``: ``z`` leads, as
+while the run travels) or uphill (``z`` trails, circling what the average holds), and
+where the steps since the last search say "uphill" more often than a fair coin would (a
+one-sided sign test at 5%) the start is ``gamma`` (``"hold"``) or ``gamma / growth``
+(``"shrink"``). Without it the Armijo test, which judges the move of ``y``, a
+``kappa ~ 1 - beta1`` share of ``z``'s step, lets ``gamma`` grow by ``growth`` nearly every
+search for as long as a run lasts. ``loss_rise_guard``
 is ``ALSALS``'s (:mod:`alsals.rise_guard`): a ``gamma`` that grew while the batch losses'
 average climbed goes back to its level at the lowest loss.
 
@@ -88,6 +96,7 @@ SEARCH_SETTINGS = (
     "initial_searches",
     "first_phase",
     "search_interval",
+    "lead_rule",
     "loss_floor",
     "polyak_cap",
     "loss_rise_guard",
@@ -95,6 +104,11 @@ SEARCH_SETTINGS = (
 )
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
+#: What a search's start does while ``z`` trails ``x`` (``lead_rule``).
+LEAD_RULES = ("off", "hold", "shrink")
+#: The sign test's level: ``z`` trails when so many batches say so that a fair coin would
+#: give as many in at most 5% of the runs (9 of the 10 steps between two searches).
+LEAD_TEST_LEVEL = 0.05
 #: Each group's own state: Schedule-Free's averaging weights and which weights it holds.
 GROUP_STATE = (
     "weight_sum",
@@ -128,6 +142,8 @@ class SearchState:
     step_size_ceiling: float = math.inf  # loss_rise_guard's
     ceiling_loss: float = 0.0
     watch: dict[str, float] | None = None  # loss_rise_guard's LossWatch
+    leading: int = 0  # steps since the last search whose batch found z downhill of y
+    trailing: int = 0  # ... and uphill
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,6 +234,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             would not either); ``"settled"``, that or a search after the first that takes
             its first trial (``"kept"``).
         search_interval: afterwards, a search every this many steps (10).
+        lead_rule: what decides ``growth`` at a search's start. Each step's own batch says
+            whether ``z`` leads the average (``g . (y - z) > 0``: the move towards ``z`` is
+            downhill on a batch ``z`` was not built from) or trails it (uphill). Where ``z``
+            led on most steps since the last search the start grows by ``growth``; where it
+            trailed, the start is the last step size (``"hold"``) or that divided by
+            ``growth`` (``"shrink"``); ``"off"``: always ``growth`` (``"shrink"``).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
             batch's linear model (the step size the search keeps is not cut) (``True``).
@@ -249,6 +271,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         initial_searches: int = 10,
         first_phase: str = "kept",
         search_interval: int = 10,
+        lead_rule: str = "shrink",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
@@ -272,6 +295,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "initial_searches": integer("initial_searches", initial_searches, 1),
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
             "search_interval": integer("search_interval", search_interval, 1),
+            "lead_rule": _choice("lead_rule", lead_rule, LEAD_RULES),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
             "max_grad_norm": (
@@ -505,6 +529,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             search.skipped_zero_grad += not nonfinite
             return _info(kind, 0.0, loss0)
         h = self._settings
+        lead = sum(averaging)
+        search.leading += lead > 0.0
+        search.trailing += lead < 0.0
         due = (
             search.searches == 0
             or written
@@ -535,6 +562,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         else:
             search.searches += 1
             search.steps_since_search = 0
+            search.leading = search.trailing = 0
             search.kept += kind == "kept"
             # (searches counts this one already: "after the first" is a second or later)
             settled = kind == "search" and trials == 1 and search.searches > 1
@@ -573,7 +601,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             return ok, value
 
         first = search.searches == 0
-        gamma = search.step_size if first else search.step_size * h["growth"]
+        gamma = search.step_size if first else search.step_size * self._start_factor(search)
         gamma = min(gamma, search.step_size_ceiling)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
@@ -608,6 +636,16 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         # by 10% per search takes thousands of steps. Only the averaging move is taken
         # (tested where there is one); the step size is kept.
         return "exhausted", 0.0, evaluations
+
+    def _start_factor(self, search: SearchState) -> float:
+        """The multiple of the last step size a search starts from: ``growth``, or with
+        ``lead_rule``, where the batches since the last search show ``z`` trailing ``x``
+        beyond chance (a one-sided sign test at ``LEAD_TEST_LEVEL``), ``1`` (``"hold"``)
+        or ``1 / growth`` (``"shrink"``)."""
+        rule, growth = self._settings["lead_rule"], self._settings["growth"]
+        if rule == "off" or not trailing_beyond_chance(search.leading, search.trailing):
+            return growth
+        return 1.0 if rule == "hold" else 1.0 / growth
 
     def _promised(self, gamma: float, averaging: list[float], slope: list[float]) -> float:
         """``g . (y - y')``: the decrease the gradient promises for the move of size
@@ -782,6 +820,14 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     def search_state(self) -> SearchState:
         """The search's counters and step size, as stored."""
         return self._stored_search_state()
+
+
+def trailing_beyond_chance(leading: int, trailing: int) -> bool:
+    """Whether ``trailing`` of ``leading + trailing`` signs is more than chance allows: the
+    probability of at least that many under a fair coin is at most ``LEAD_TEST_LEVEL``."""
+    n = leading + trailing
+    tail = sum(math.comb(n, k) for k in range(trailing, n + 1)) / 2.0**n
+    return n > 0 and tail <= LEAD_TEST_LEVEL
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
