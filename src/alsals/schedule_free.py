@@ -33,9 +33,11 @@ says whether the move towards ``z`` is downhill (``g . (y - z) > 0``: ``z`` lead
 while the run travels) or uphill (``z`` trails, circling what the average holds), and
 where the steps since the last search say "uphill" more often than a fair coin would (a
 one-sided sign test at 5%) the start is ``gamma`` (``"hold"``) or ``gamma / growth``
-(``"shrink"``). Without it the Armijo test, which judges the move of ``y``, a
-``kappa ~ 1 - beta1`` share of ``z``'s step, lets ``gamma`` grow by ``growth`` nearly every
-search for as long as a run lasts. ``loss_rise_guard``
+(``"shrink"``). Without it (the default, ``"off"``) the Armijo test, which judges the move
+of ``y``, a ``kappa ~ 1 - beta1`` share of ``z``'s step, lets ``gamma`` grow by ``growth``
+nearly every search for as long as a run lasts: over long runs it overshoots. With it, a
+plateau the run must grow out of keeps ``gamma`` small, since ``z`` trails there too; the
+default keeps the growth (``benchmarks/docs/method.md``, section 19). ``loss_rise_guard``
 is ``ALSALS``'s (:mod:`alsals.rise_guard`): a ``gamma`` that grew while the batch losses'
 average climbed goes back to its level at the lowest loss.
 
@@ -239,7 +241,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             downhill on a batch ``z`` was not built from) or trails it (uphill). Where ``z``
             led on most steps since the last search the start grows by ``growth``; where it
             trailed, the start is the last step size (``"hold"``) or that divided by
-            ``growth`` (``"shrink"``); ``"off"``: always ``growth`` (``"shrink"``).
+            ``growth`` (``"shrink"``); ``"off"``: always ``growth`` (``"off"``). The
+            sign says nothing about plateaus a run must grow out of: there ``z`` trails
+            too, and ``"shrink"`` / ``"hold"`` keep the step size too small to leave them
+            (``benchmarks/docs/method.md``, section 19).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
             batch's linear model (the step size the search keeps is not cut) (``True``).
@@ -271,7 +276,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         initial_searches: int = 10,
         first_phase: str = "kept",
         search_interval: int = 10,
-        lead_rule: str = "shrink",
+        lead_rule: str = "off",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,

@@ -763,19 +763,19 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(interpolate=False),
         ),
         OptimizerSpec(
-            "alsals-schedulefree-lead-off",
-            "ScheduleFreeALSALS growing its step size at every search (method.md section 18)",
-            _schedulefree_search(lead_rule="off"),
+            "alsals-schedulefree-uncapped",
+            "ScheduleFreeALSALS without the Polyak cap on every step",
+            _schedulefree_search(polyak_cap=False),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree-lead-shrink",
+            "ScheduleFreeALSALS shrinking its step size while z trails x beyond chance",
+            _schedulefree_search(lead_rule="shrink"),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-hold",
-            "ScheduleFreeALSALS holding its step size, not shrinking it, while z trails x",
+            "ScheduleFreeALSALS holding its step size while z trails x beyond chance",
             _schedulefree_search(lead_rule="hold"),
-        ),
-        OptimizerSpec(
-            "alsals-schedulefree-uncapped",
-            "ScheduleFreeALSALS of method.md section 18 (lead_rule off) without the Polyak cap",
-            _schedulefree_search(polyak_cap=False, lead_rule="off"),
         ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
