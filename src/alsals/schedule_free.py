@@ -238,9 +238,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         search_interval: afterwards, a search every this many steps (10).
         lead_rule: what decides ``growth`` at a search's start. Each step's own batch says
             whether ``z`` leads the average (``g . (y - z) > 0``: the move towards ``z`` is
-            downhill on a batch ``z`` was not built from) or trails it (uphill). Where ``z``
-            led on most steps since the last search the start grows by ``growth``; where it
-            trailed, the start is the last step size (``"hold"``) or that divided by
+            downhill on a batch ``z`` was not built from) or trails it (uphill). The start
+            grows by ``growth`` unless the steps since the last search trailed more often
+            than chance allows (a one-sided sign test at 5%); there it is the last step
+            size (``"hold"``) or that divided by
             ``growth`` (``"shrink"``); ``"off"``: always ``growth`` (``"off"``). The
             sign says nothing about plateaus a run must grow out of: there ``z`` trails
             too, and ``"shrink"`` / ``"hold"`` keep the step size too small to leave them
