@@ -36,3 +36,13 @@ def mean_to_host(values: list[Tensor], group: dist.ProcessGroup | None) -> list[
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
         stacked /= ranks
     return stacked.tolist()
+
+
+def mean_on_device(value: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The mean of a scalar tensor over the ranks, left on the device (no host sync)."""
+    ranks = world_size(group)
+    if ranks == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value / ranks

@@ -371,7 +371,7 @@ def check_eps(owner: str, eps: float, params: list[Tensor]) -> None:
     )
 
 
-def _shard_count(p: Tensor) -> int:
+def shard_count(p: Tensor) -> int:
     """Over how many ranks ``p`` is split: its local slope terms sum, not average."""
     if DTensor is None or not isinstance(p, DTensor):
         return 1
@@ -967,7 +967,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 step.params.append(p)
                 step.weights.append(local_shard(p))
                 step.grads.append(local_shard(p.grad))
-                step.shard_counts.append(_shard_count(p))
+                step.shard_counts.append(shard_count(p))
                 if self.uses_moments:
                     state = self.state.get(p, {})
                     if "exp_avg" in state:

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
-from alsals.distributed import mean_to_host
+from alsals.distributed import mean_on_device, mean_to_host
 from alsals.hyperparameters import flag, in_range, integer, real
 from alsals.line_search import (
     DISCONNECTED_WARNING,
@@ -77,13 +77,10 @@ from alsals.line_search import (
     _loss_resolution,
     anchor_parameter,
     check_eps,
+    local_shard,
+    shard_count,
 )
 from alsals.rise_guard import LossWatch
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.4
-    DTensor = None
 
 #: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
 #: ``weight_lr_power``): later steps, taken at the full step size, weigh more.
@@ -179,6 +176,9 @@ class _Group:
     exp_avg_sqs: list[Tensor]  # v' of this step (not yet committed)
     u: list[Tensor]  # the preconditioned gradient with weight decay
     steps: list[int]  # Adam's t after this step
+    counts: list[int]  # over how many ranks each tensor is sharded (FSDP2; else 1)
+    z_state: list[Tensor]  # z and v as the state holds them (DTensors under FSDP2)
+    v_state: list[Tensor]
     origin: list[Tensor] | None = None  # y, while trials move the weights
 
     def place(self, gamma: float, keep_origin: bool = True) -> None:
@@ -405,7 +405,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 beta1 = group["betas"][0]
                 for p in group["params"]:
                     if "z" in self.state[p]:  # x = (y - (1 - beta1) z) / beta1
-                        p.lerp_(self.state[p]["z"], 1.0 - 1.0 / beta1)
+                        local_shard(p).lerp_(local_shard(self.state[p]["z"]), 1.0 - 1.0 / beta1)
                 group["train_mode"] = False
 
     @torch.no_grad()
@@ -416,7 +416,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 beta1 = group["betas"][0]
                 for p in group["params"]:
                     if "z" in self.state[p]:  # y = (1 - beta1) z + beta1 x
-                        p.lerp_(self.state[p]["z"], 1.0 - beta1)
+                        local_shard(p).lerp_(local_shard(self.state[p]["z"]), 1.0 - beta1)
                 group["train_mode"] = True
 
     # ------------------------------------------------------------------------------ the step
@@ -519,7 +519,11 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         terms = []
         for group in self.param_groups:
             g = by_group.get(id(group))
-            terms += [_dot_sum(g.grads, g.params, g.z), _dot_sum(g.grads, g.u)] if g else [zero] * 2
+            terms += (
+                [_dot_sum(g.grads, g.params, g.counts, g.z), _dot_sum(g.grads, g.u, g.counts)]
+                if g
+                else [zero] * 2
+            )
         loss0, grad_sq_value, *sums = mean_to_host(
             [loss.to(device), zero if squared is None else squared, *[t.to(device) for t in terms]],
             self._process_group,
@@ -726,40 +730,46 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------ helpers
 
     def _gather(self) -> tuple[list[_Group], Tensor | None]:
-        """This step's tensors per group (``grad`` set), with ``v'`` and ``u`` computed, and
-        the squared norm of this rank's gradients (float64, on the device; ``None``
-        without any); nothing is written to the state."""
+        """This step's tensors per group (``grad`` set; the local shards under FSDP2), with
+        ``v'`` and ``u`` computed, and the squared norm of the gradients (float64, on the
+        device, each shard counted once per rank it is split over so that the mean over
+        ranks is the total; ``None`` without any); nothing is written to the state."""
         taking_part = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("ScheduleFreeALSALS does not support sparse gradients")
-            if DTensor is not None and any(isinstance(p, DTensor) for p in params):
-                raise NotImplementedError(
-                    "ScheduleFreeALSALS does not support sharded (FSDP2/DTensor) parameters "
-                    "yet: use ALSALS there, or DistributedDataParallel"
-                )
             if params:
                 check_eps("ScheduleFreeALSALS", group["eps"], params)
                 taking_part.append((group, params))
-        all_grads = [p.grad for _, params in taking_part for p in params]
+        all_params = [p for _, params in taking_part for p in params]
+        all_grads = [local_shard(p.grad) for p in all_params]
         squared = None
         if all_grads:
             norms = torch._foreach_norm(all_grads)
             device = all_grads[0].device
-            squared = torch.stack([n.to(device, torch.float64) ** 2 for n in norms]).sum()
-        scale = self._clip_scale(squared, all_grads[0].dtype) if all_grads else None
+            squared = torch.stack(
+                [
+                    n.to(device, torch.float64) ** 2 * shard_count(p)
+                    for n, p in zip(norms, all_params, strict=True)
+                ]
+            ).sum()
+        scale = self._clip_scale(squared, all_grads[0].dtype, all_params) if all_grads else None
         groups = []
         for group, params in taking_part:
-            grads = [p.grad for p in params]
+            grads = [local_shard(p.grad) for p in params]
             # the update's gradient: clipped with max_grad_norm (the test's slope is not)
             moved = grads if scale is None else torch._foreach_mul(grads, scale)
-            z, v, steps = [], [], []
+            z_state, v_state, steps = [], [], []
             for p in params:
                 state = self.state[p]
-                z.append(state["z"] if "z" in state else p.detach().clone())
-                v.append(state["exp_avg_sq"] if "exp_avg_sq" in state else torch.zeros_like(p))
+                z_state.append(state["z"] if "z" in state else p.detach().clone())
+                v_state.append(
+                    state["exp_avg_sq"] if "exp_avg_sq" in state else torch.zeros_like(p)
+                )
                 steps.append(int(state.get("step", 0)) + 1)
+            z = [local_shard(t) for t in z_state]
+            v = [local_shard(t) for t in v_state]
             beta2 = group["betas"][1]
             v_new = torch._foreach_mul(v, beta2)
             torch._foreach_addcmul_(v_new, moved, moved, 1.0 - beta2)
@@ -767,18 +777,27 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             torch._foreach_sqrt_(denominators)
             torch._foreach_add_(denominators, group["eps"])
             u = torch._foreach_div(moved, denominators)
+            weights = [local_shard(p.detach()) for p in params]
             if group["weight_decay"]:
-                torch._foreach_add_(u, [p.detach() for p in params], alpha=group["weight_decay"])
-            groups.append(_Group(group, params, grads, z, v_new, u, steps))
+                torch._foreach_add_(u, weights, alpha=group["weight_decay"])
+            counts = [shard_count(p) for p in params]
+            groups.append(
+                _Group(group, weights, grads, z, v_new, u, steps, counts, z_state, v_state)
+            )
         return groups, squared
 
-    def _clip_scale(self, squared_norm: Tensor, dtype: torch.dtype) -> Tensor | None:
+    def _clip_scale(
+        self, squared_norm: Tensor, dtype: torch.dtype, params: list[Tensor]
+    ) -> Tensor | None:
         """``max_grad_norm``'s factor ``min(1, max / (||g|| + 1e-6))`` as
         ``torch.nn.utils.clip_grad_norm_`` computes it (the norm over every parameter, in
-        float64), on the device: no host synchronisation. ``None`` without clipping."""
+        float64), on the device: no host synchronisation (under FSDP2 the shards' norm is
+        averaged over the ranks on the device first). ``None`` without clipping."""
         limit = self._settings["max_grad_norm"]
         if limit is None:
             return None
+        if any(shard_count(p) > 1 for p in params):
+            squared_norm = mean_on_device(squared_norm, self._process_group)
         return (limit / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).to(dtype)
 
     def _commit(self, groups: list[_Group], gamma: float) -> None:
@@ -787,7 +806,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         where this rank holds no gradient for it: they must stay equal on every rank."""
         for g in groups:
             torch._foreach_add_(g.z, g.u, alpha=-gamma * g.group["lr_scale"])
-            for p, z, v, t in zip(g.params, g.z, g.exp_avg_sqs, g.steps, strict=True):
+            torch._foreach_copy_([local_shard(v) for v in g.v_state], g.exp_avg_sqs)
+            params = [p for p in g.group["params"] if p.grad is not None]
+            for p, z, v, t in zip(params, g.z_state, g.v_state, g.steps, strict=True):
                 state = self.state[p]
                 state["z"], state["exp_avg_sq"], state["step"] = z, v, t
         for group in self.param_groups:
@@ -842,13 +863,17 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _dot_sum(a: list[Tensor], b: list[Tensor], minus: list[Tensor] | None = None) -> Tensor:
-    """``sum_i a_i . (b_i - minus_i)`` on the device, in float64 (one temporary at a time)."""
+def _dot_sum(
+    a: list[Tensor], b: list[Tensor], counts: list[int], minus: list[Tensor] | None = None
+) -> Tensor:
+    """``sum_i a_i . (b_i - minus_i)`` on the device, in float64 (one temporary at a time);
+    a tensor sharded over ``counts[i]`` ranks counts that many times, so that the mean over
+    ranks is the sum over its shards (FSDP2)."""
     terms = []
     with torch.no_grad():
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             other = y if minus is None else y - minus[i]
-            terms.append(torch.dot(x.reshape(-1), other.reshape(-1)).double())
+            terms.append(torch.dot(x.reshape(-1), other.reshape(-1)).double() * counts[i])
     return torch.stack(terms).sum()
 
 

@@ -19,15 +19,23 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from alsals import ALSALS, SLS
+from alsals import ALSALS, SLS, ScheduleFreeALSALS
 
-STEPS = 4
+STEPS = 6
 # the analytic slope sums over all shards: the part a sharded run must get right
 OPTIMIZERS = {
     "ALSALS": lambda params: ALSALS(params, slope="analytic"),
     "SLS": lambda params: SLS(params),
     # clipping needs the gradient norm over all shards of all ranks
     "ALSALS-clipped": lambda params: ALSALS(params, slope="analytic", max_grad_norm=0.05),
+    # its two dot products and the gradient norm sum over shards; search_interval=2 takes
+    # searches and reused steps, weight decay the weights' own shards
+    "ScheduleFreeALSALS": lambda params: ScheduleFreeALSALS(
+        params, weight_decay=0.01, initial_searches=2, search_interval=2
+    ),
+    "ScheduleFreeALSALS-clipped": lambda params: ScheduleFreeALSALS(
+        params, max_grad_norm=0.05, initial_searches=2, search_interval=2
+    ),
 }
 
 
@@ -93,6 +101,9 @@ def train_all(rank: int, world: int, mesh) -> dict:
                 info = optimizer.last_step
                 decisions.append((info.kind, info.trials, info.step_size))
             results[name] = {"weights": full_weights(model), "decisions": decisions}
+            if isinstance(optimizer, ScheduleFreeALSALS):  # the average x, after the swap
+                optimizer.eval()
+                results[name]["average"] = full_weights(model)
         except Exception as error:  # noqa: BLE001 - recorded for the test to report
             results[name] = {
                 "error": f"{type(error).__name__}: {error}".splitlines()[0],

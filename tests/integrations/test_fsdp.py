@@ -63,7 +63,12 @@ def reference(name: str) -> tuple[torch.Tensor, list]:
         decisions.append((info.kind, info.trials, info.step_size))
         if name.endswith("clipped"):
             assert info.grad_norm > optimizer.defaults["max_grad_norm"], "clipping must act"
-    return torch.cat([p.detach().flatten() for p in model.parameters()]), decisions
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    if hasattr(optimizer, "eval"):  # ScheduleFreeALSALS: the average x as well
+        optimizer.eval()
+        average = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return (weights, average), decisions
+    return weights, decisions
 
 
 def test_fsdp2_itself_trains_on_cpu_with_gloo(ranks):
@@ -73,7 +78,10 @@ def test_fsdp2_itself_trains_on_cpu_with_gloo(ranks):
     assert torch.equal(rank0["adamw"], rank1["adamw"])
 
 
-@pytest.mark.parametrize("name", ["ALSALS", "SLS", "ALSALS-clipped"])
+NAMES = ["ALSALS", "SLS", "ALSALS-clipped", "ScheduleFreeALSALS", "ScheduleFreeALSALS-clipped"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_line_search_on_fsdp2_matches_the_unsharded_run(ranks, name):
     rank0, rank1 = (rank[name] for rank in ranks)
     assert "error" not in rank0 and "error" not in rank1, (
@@ -84,4 +92,8 @@ def test_line_search_on_fsdp2_matches_the_unsharded_run(ranks, name):
     assert torch.equal(rank0["weights"], rank1["weights"])
     weights, decisions = reference(name)
     assert [d[:2] for d in rank0["decisions"]] == [d[:2] for d in decisions]
+    if name.startswith("ScheduleFree"):
+        assert {d[0] for d in decisions} >= {"search", "reuse"}
+        weights, average = weights
+        torch.testing.assert_close(rank0["average"], average, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rank0["weights"], weights, rtol=1e-5, atol=1e-6)
