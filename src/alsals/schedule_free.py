@@ -177,6 +177,7 @@ class _Group:
     u: list[Tensor]  # the preconditioned gradient with weight decay
     steps: list[int]  # Adam's t after this step
     counts: list[int]  # over how many ranks each tensor is sharded (FSDP2; else 1)
+    owners: list[Tensor]  # the parameters themselves: the state's keys
     z_state: list[Tensor]  # z and v as the state holds them (DTensors under FSDP2)
     v_state: list[Tensor]
     origin: list[Tensor] | None = None  # y, while trials move the weights
@@ -782,7 +783,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 torch._foreach_add_(u, weights, alpha=group["weight_decay"])
             counts = [shard_count(p) for p in params]
             groups.append(
-                _Group(group, weights, grads, z, v_new, u, steps, counts, z_state, v_state)
+                _Group(group, weights, grads, z, v_new, u, steps, counts, params, z_state, v_state)
             )
         return groups, squared
 
@@ -807,8 +808,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         for g in groups:
             torch._foreach_add_(g.z, g.u, alpha=-gamma * g.group["lr_scale"])
             torch._foreach_copy_([local_shard(v) for v in g.v_state], g.exp_avg_sqs)
-            params = [p for p in g.group["params"] if p.grad is not None]
-            for p, z, v, t in zip(params, g.z_state, g.v_state, g.steps, strict=True):
+            for p, z, v, t in zip(g.owners, g.z_state, g.v_state, g.steps, strict=True):
                 state = self.state[p]
                 state["z"], state["exp_avg_sq"], state["step"] = z, v, t
         for group in self.param_groups:
