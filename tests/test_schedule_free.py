@@ -629,3 +629,41 @@ def test_lead_rule_starts_each_search_by_where_z_led_since_the_last(rule):
             seen.add(trails)
         leading = trailing = 0
     assert seen == {True, False}, "the run must show both cases"
+
+
+@pytest.mark.parametrize("polyak_start", ["sets", "trial"])
+def test_polyak_start_trial_keeps_the_step_size_where_only_the_bound_lowered_the_start(
+    polyak_start,
+):
+    """A later search whose start the Polyak bound lowered, and which passed there at once,
+    keeps the step size it grew from (``"trial"``); with ``"sets"`` the bounded start
+    becomes the step size. A start the bound did not lower is the grown one either way.
+    (No cap, no guard: the step taken is the searched one.)"""
+    x, y = logistic_problem(5)
+    model = make_model()
+    opt = ScheduleFreeALSALS(
+        model.parameters(),
+        lr=1.0,
+        loss_floor=0.45,
+        polyak_start=polyak_start,
+        polyak_cap=False,
+        loss_rise_guard=None,
+        initial_searches=3,
+        search_interval=2,
+    )
+    seen = set()
+    for idx in batches(x, y, 300):
+        before = opt.param_groups[0]["lr"]
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info, after = opt.last_step, opt.param_groups[0]["lr"]
+        if info.kind != "search" or info.trials != 1 or opt.search_state.searches == 1:
+            continue
+        bounded = info.step_size < before * 1.1 * (1 - 1e-12)
+        seen.add(bounded)
+        if bounded and polyak_start == "trial":
+            assert after == before
+        else:
+            assert after == pytest.approx(info.step_size, rel=1e-12)
+        if not bounded:
+            assert info.step_size == pytest.approx(before * 1.1, rel=1e-12)
+    assert seen == {True, False}, "the run must show both"

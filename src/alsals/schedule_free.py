@@ -96,6 +96,7 @@ SEARCH_SETTINGS = (
     "first_phase",
     "search_interval",
     "lead_rule",
+    "polyak_start",
     "loss_floor",
     "polyak_cap",
     "loss_rise_guard",
@@ -248,6 +249,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             too, and ``"shrink"`` / ``"hold"`` keep the step size too small to leave them
             (``benchmarks/docs/method.md``, section 19).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
+        polyak_start: what a later search's start lowered by the Polyak bound sets, where
+            that start passes at once: the step size (``"sets"``), or the trial only, the
+            step size staying where it was, as the cap leaves it (``"trial"``) (``"trial"``).
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
             batch's linear model (the step size the search keeps is not cut) (``True``).
         loss_rise_guard: ``ALSALS``'s guard, in standard errors; ``None``: off (3.0).
@@ -279,6 +283,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         first_phase: str = "kept",
         search_interval: int = 10,
         lead_rule: str = "off",
+        polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
@@ -303,6 +308,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
             "search_interval": integer("search_interval", search_interval, 1),
             "lead_rule": _choice("lead_rule", lead_rule, LEAD_RULES),
+            "polyak_start": _choice("polyak_start", polyak_start, ("sets", "trial")),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
             "max_grad_norm": (
@@ -551,9 +557,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         )
         trials = 0
         kind = "reuse"
+        sets_step_size = False
         gamma = min(search.step_size, search.step_size_ceiling)
         if due:
-            kind, gamma, trials = self._search(search, loss0, groups, averaging, slope, evaluator)
+            kind, gamma, trials, sets_step_size = self._search(
+                search, loss0, groups, averaging, slope, evaluator
+            )
             if kind == "nonfinite":
                 for g in groups:
                     g.restore()
@@ -580,7 +589,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
             search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
-            if kind == "search":
+            if sets_step_size:
                 search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
         return _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
@@ -593,11 +602,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         averaging: list[float],
         slope: list[float],
         evaluator: ClosureEvaluator,
-    ) -> tuple[str, float, int]:
+    ) -> tuple[str, float, int, bool]:
         """Trials from the grown (or Polyak) start down by ``backtrack``; returns the kind
         (``"search"``, ``"kept"``, ``"exhausted"``, ``"nonfinite"``), the step size to take
-        (the accepted one; the last one when kept; 0 when exhausted) and the number of
-        evaluations."""
+        (the accepted one; the last one when kept; 0 when exhausted), the number of
+        evaluations, and whether the accepted step size becomes the run's (not where
+        ``polyak_start="trial"`` and only the Polyak bound lowered the start)."""
         h = self._settings
         c = h["c"]
 
@@ -616,6 +626,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         gamma = min(gamma, search.step_size_ceiling)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
+        # polyak_start="trial": where the bound alone lowered a later search's start and
+        # that start passes, the search says nothing about the step size above it
+        lowered = not first and bound < gamma and h["polyak_start"] == "trial"
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
 
@@ -634,19 +647,20 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             evaluations += 1
             ok, value = passes(gamma)
             if ok:
-                return "search", gamma, evaluations
+                return "search", gamma, evaluations, not (lowered and evaluations == 1)
             if not checked:
                 checked = True
                 ending = averaging_alone()
                 if ending is not None:
-                    return ending, search.step_size if ending == "kept" else 0.0, evaluations
+                    taken = search.step_size if ending == "kept" else 0.0
+                    return ending, taken, evaluations, False
             gamma = self._next_trial(gamma, loss0 - value, promised)
         # No trial passed, down to a step size near 0: the search cannot judge the step
         # size (a gradient that is not the loss's, a loss that rounds), and taking the last
         # trial would leave the run at a step size ~backtrack^max_trials, from which growth
         # by 10% per search takes thousands of steps. Only the averaging move is taken
         # (tested where there is one); the step size is kept.
-        return "exhausted", 0.0, evaluations
+        return "exhausted", 0.0, evaluations, False
 
     def _start_factor(self, search: SearchState) -> float:
         """The multiple of the last step size a search starts from: ``growth``, or with
