@@ -168,10 +168,11 @@ def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float,
 
 @dataclass
 class _Group:
-    """The tensors of one parameter group that take part in this step, and its moves."""
+    """The tensors of one parameter group that take part in this step, and its moves
+    (``params`` to ``u``: the local shards under FSDP2, on which all arithmetic runs)."""
 
     group: dict[str, Any]
-    params: list[Tensor]
+    params: list[Tensor]  # the weights y
     grads: list[Tensor]
     z: list[Tensor]
     exp_avg_sqs: list[Tensor]  # v' of this step (not yet committed)
@@ -243,11 +244,10 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             downhill on a batch ``z`` was not built from) or trails it (uphill). The start
             grows by ``growth`` unless the steps since the last search trailed more often
             than chance allows (a one-sided sign test at 5%); there it is the last step
-            size (``"hold"``) or that divided by
-            ``growth`` (``"shrink"``); ``"off"``: always ``growth`` (``"off"``). The
-            sign says nothing about plateaus a run must grow out of: there ``z`` trails
-            too, and ``"shrink"`` / ``"hold"`` keep the step size too small to leave them
-            (``benchmarks/docs/method.md``, section 19).
+            size (``"hold"``) or that divided by ``growth`` (``"shrink"``); ``"off"``:
+            always ``growth`` (``"off"``). The sign says nothing about plateaus a run must
+            grow out of: there ``z`` trails too, and ``"shrink"`` / ``"hold"`` keep the
+            step size too small to leave them (``benchmarks/docs/method.md``, section 19).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         polyak_start: what a later search's start lowered by the Polyak bound sets, where
             that start passes at once: the step size (``"sets"``), or the trial only, the
