@@ -756,23 +756,24 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
                 raise RuntimeError("ScheduleFreeALSALS does not support sparse gradients")
             if params:
                 check_eps("ScheduleFreeALSALS", group["eps"], params)
-                taking_part.append((group, params))
-        all_params = [p for _, params in taking_part for p in params]
-        all_grads = [local_shard(p.grad) for p in all_params]
+                grads = [local_shard(p.grad) for p in params]
+                taking_part.append((group, params, grads, [shard_count(p) for p in params]))
+        all_grads = [g for _, _, grads, _ in taking_part for g in grads]
+        all_counts = [k for *_, counts in taking_part for k in counts]
         squared = None
         if all_grads:
             norms = torch._foreach_norm(all_grads)
             device = all_grads[0].device
             squared = torch.stack(
                 [
-                    n.to(device, torch.float64) ** 2 * shard_count(p)
-                    for n, p in zip(norms, all_params, strict=True)
+                    n.to(device, torch.float64) ** 2 * k
+                    for n, k in zip(norms, all_counts, strict=True)
                 ]
             ).sum()
-        scale = self._clip_scale(squared, all_grads[0].dtype, all_params) if all_grads else None
+        sharded = any(k > 1 for k in all_counts)
+        scale = self._clip_scale(squared, all_grads[0].dtype, sharded) if all_grads else None
         groups = []
-        for group, params in taking_part:
-            grads = [local_shard(p.grad) for p in params]
+        for group, params, grads, counts in taking_part:
             # the update's gradient: clipped with max_grad_norm (the test's slope is not)
             moved = grads if scale is None else torch._foreach_mul(grads, scale)
             z_state, v_state, steps = [], [], []
@@ -795,15 +796,12 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             weights = [local_shard(p.detach()) for p in params]
             if group["weight_decay"]:
                 torch._foreach_add_(u, weights, alpha=group["weight_decay"])
-            counts = [shard_count(p) for p in params]
             groups.append(
                 _Group(group, weights, grads, z, v_new, u, steps, counts, params, z_state, v_state)
             )
         return groups, squared
 
-    def _clip_scale(
-        self, squared_norm: Tensor, dtype: torch.dtype, params: list[Tensor]
-    ) -> Tensor | None:
+    def _clip_scale(self, squared_norm: Tensor, dtype: torch.dtype, sharded: bool) -> Tensor | None:
         """``max_grad_norm``'s factor ``min(1, max / (||g|| + 1e-6))`` as
         ``torch.nn.utils.clip_grad_norm_`` computes it (the norm over every parameter, in
         float64), on the device: no host synchronisation (under FSDP2 the shards' norm is
@@ -811,7 +809,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         limit = self._settings["max_grad_norm"]
         if limit is None:
             return None
-        if any(shard_count(p) > 1 for p in params):
+        if sharded:
             squared_norm = mean_on_device(squared_norm, self._process_group)
         return (limit / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).to(dtype)
 
@@ -821,8 +819,11 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         where this rank holds no gradient for it: they must stay equal on every rank."""
         for g in groups:
             torch._foreach_add_(g.z, g.u, alpha=-gamma * g.group["lr_scale"])
-            torch._foreach_copy_([local_shard(v) for v in g.v_state], g.exp_avg_sqs)
-            for p, z, v, t in zip(g.owners, g.z_state, g.v_state, g.steps, strict=True):
+            held = zip(g.owners, g.z_state, g.v_state, g.exp_avg_sqs, g.steps, strict=True)
+            for p, z, v_held, v, t in held:
+                if local_shard(v_held) is not v_held:  # a DTensor (FSDP2): keep its wrapper
+                    local_shard(v_held).copy_(v)
+                    v = v_held
                 state = self.state[p]
                 state["z"], state["exp_avg_sq"], state["step"] = z, v, t
         for group in self.param_groups:
