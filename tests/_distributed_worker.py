@@ -180,7 +180,6 @@ def schedule_free_run(rank: int) -> dict:
         opt.step(closure)
         info = opt.last_step
         decisions.append((info.kind, info.trials, info.step_size, info.loss))
-    opt.eval()
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     return {
         "decisions": decisions,

@@ -1,7 +1,8 @@
 """ScheduleFreeALSALS: Schedule-Free AdamW's dynamics, its step size set by an Armijo search.
 
 The reference below writes Schedule-Free AdamW in its explicit form (``x``, ``z`` and ``y``
-kept apart, as in Defazio et al.'s Algorithm 1); the optimizer keeps ``y`` and ``z`` only.
+kept apart, as in Defazio et al.'s Algorithm 1); the optimizer keeps ``z`` and, in the
+weights between steps, ``x``.
 Replaying the step sizes the optimizer chose through the reference must give its weights,
 and every accepted step must pass the Armijo test the optimizer claims, computed here from
 the gradient and the losses directly. Everything runs in float64.
@@ -102,17 +103,35 @@ def run(opt_kwargs=None, steps=40, seed=0):
 
 
 def test_weights_follow_schedule_free_adamw_at_the_step_sizes_it_chose():
+    """Between steps the weights are the average ``x``; the gradient of each step is taken
+    at ``y`` (the reference's, replayed with the same step sizes)."""
     model, opt, ref, records = run({"weight_decay": 0.01})
-    for p, y in zip(model.parameters(), ref.y(), strict=True):
-        torch.testing.assert_close(p.detach(), y, rtol=1e-10, atol=1e-12)
-    opt.eval()  # the weights become the average x
     for p, x in zip(model.parameters(), ref.x, strict=True):
         torch.testing.assert_close(p.detach(), x, rtol=1e-10, atol=1e-12)
-    opt.train()
-    for p, y in zip(model.parameters(), ref.y(), strict=True):
-        torch.testing.assert_close(p.detach(), y, rtol=1e-10, atol=1e-12)
+    for (_, grads, _, _), at_y in zip(records, gradients_at_y(records), strict=True):
+        for g, gy in zip(grads, at_y, strict=True):
+            torch.testing.assert_close(g, gy, rtol=1e-9, atol=1e-12)
     kinds = {info.kind for _, _, info, _ in records}
     assert "search" in kinds and "reuse" in kinds
+
+
+def gradients_at_y(records, seed=0):
+    """Each recorded step's gradient recomputed at the reference's ``y`` of that step."""
+    x, y = logistic_problem(seed)
+    model = make_model()
+    ref = Reference([p.detach() for p in model.parameters()], weight_decay=0.01)
+    out = []
+    for idx, (_, _, info, _) in zip(batches(x, y, len(records)), records, strict=True):
+        with torch.no_grad():
+            for p, yr in zip(model.parameters(), ref.y(), strict=True):
+                p.copy_(yr)
+        model.zero_grad()
+        loss_of(model, x[idx], y[idx]).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        out.append(grads)
+        if info.kind not in ("nonfinite", "zero_grad"):
+            ref.step(grads, info.step_size)
+    return out
 
 
 def test_lr_scale_moves_each_group_by_its_multiple_of_the_searched_step_size():
@@ -130,8 +149,8 @@ def test_lr_scale_moves_each_group_by_its_multiple_of_the_searched_step_size():
         opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
         ref.step([p.grad.detach().clone() for p in model.parameters()], opt.last_step.step_size)
         assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * opt.param_groups[0]["lr"])
-    for p, yr in zip(model.parameters(), ref.y(), strict=True):
-        torch.testing.assert_close(p.detach(), yr, rtol=1e-9, atol=1e-12)
+    for p, xr in zip(model.parameters(), ref.x, strict=True):
+        torch.testing.assert_close(p.detach(), xr, rtol=1e-9, atol=1e-12)
 
 
 def test_accepted_steps_pass_and_their_predecessors_fail_the_test():
@@ -256,8 +275,8 @@ def test_max_grad_norm_clips_the_update_s_gradient_as_clip_grad_norm_does():
         clipped_steps += norm > 0.05
         ref.step([p.grad for p in twin.parameters()], info.step_size)
     assert clipped_steps >= 10
-    for p, yr in zip(model.parameters(), ref.y(), strict=True):
-        torch.testing.assert_close(p.detach(), yr, rtol=1e-9, atol=1e-12)
+    for p, xr in zip(model.parameters(), ref.x, strict=True):
+        torch.testing.assert_close(p.detach(), xr, rtol=1e-9, atol=1e-12)
 
 
 def test_state_dict_round_trips_the_trajectory():
@@ -297,18 +316,26 @@ def test_a_state_saved_by_another_optimizer_is_refused_by_name():
     assert opt.param_groups[0]["weight_sum"] == 0.0  # nothing was loaded
 
 
-def test_eval_twice_is_one_swap_and_step_in_eval_mode_is_refused():
-    model, opt, ref, _ = run(steps=12)
-    opt.eval()
-    opt.eval()
-    for p, xr in zip(model.parameters(), ref.x, strict=True):
-        torch.testing.assert_close(p.detach(), xr, rtol=1e-10, atol=1e-12)
-    with pytest.raises(RuntimeError, match="optimizer.train"):
-        opt.step(lambda: sum(p.sum() for p in model.parameters()))
-    opt.train()
-    opt.train()
-    for p, yr in zip(model.parameters(), ref.y(), strict=True):
-        torch.testing.assert_close(p.detach(), yr, rtol=1e-10, atol=1e-12)
+def test_schedule_free_s_eval_and_train_leave_the_weights_and_the_run_as_they_are():
+    """A loop written for Schedule-Free calls ``eval()`` / ``train()`` around evaluation:
+    here they change nothing, and the run continues bit for bit as one without them."""
+    x, y = logistic_problem(0)
+    runs = []
+    for swap in (False, True):
+        model = make_model()
+        opt = ScheduleFreeALSALS(model.parameters())
+        for i, idx in enumerate(batches(x, y, 15)):
+            opt.step(lambda idx=idx, model=model: loss_of(model, x[idx], y[idx]))
+            if swap and i % 4 == 0:
+                before = [p.detach().clone() for p in model.parameters()]
+                opt.eval()
+                opt.eval()
+                assert all(
+                    torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)
+                )
+                opt.train()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 class TrialFailure(Exception):
@@ -482,8 +509,8 @@ def test_the_polyak_cap_takes_the_step_where_the_batch_s_linear_model_reaches_th
                 assert promised == pytest.approx(info.loss, rel=1e-9)
                 checked += 1
         ref.step(grads, info.step_size)
-    for p, yr in zip(model.parameters(), ref.y(), strict=True):
-        torch.testing.assert_close(p.detach(), yr, rtol=1e-9, atol=1e-12)
+    for p, xr in zip(model.parameters(), ref.x, strict=True):
+        torch.testing.assert_close(p.detach(), xr, rtol=1e-9, atol=1e-12)
     assert checked >= 5
 
 
@@ -518,6 +545,10 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
     opt = ScheduleFreeALSALS(model.parameters(), buffers=model.buffers())
     for _ in range(3):
         twin = copy.deepcopy(model)
+        with torch.no_grad():  # at y = (1 - beta1) z + beta1 x, where the step evaluates
+            for p, t in zip(model.parameters(), twin.parameters(), strict=True):
+                if "z" in opt.state[p]:
+                    t.lerp_(opt.state[p]["z"], 0.1)
         opt.step(lambda: nn.functional.mse_loss(model(x), y))
         nn.functional.mse_loss(twin(x), y)  # one training pass at the same weights
         assert opt.last_step.trials >= 1
@@ -605,10 +636,10 @@ def test_lead_rule_starts_each_search_by_where_z_led_since_the_last(rule):
     seen = set()
     for idx in batches(x, y, 400):
         params = list(model.parameters())
-        y_before = [p.detach().clone() for p in params]
         z_before = [
             opt.state[p]["z"].clone() if "z" in opt.state[p] else p.detach().clone() for p in params
-        ]
+        ]  # y = (1 - beta1) z + beta1 x, x the weights between steps
+        y_before = [0.1 * zb + 0.9 * p.detach() for p, zb in zip(params, z_before, strict=True)]
         lr_before = opt.param_groups[0]["lr"]
         opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
         info = opt.last_step

@@ -46,10 +46,14 @@ searches settle at Schedule-Free's own rate, and Adam at that rate trails Schedu
 gap there is Schedule-Free's dynamics, not the step size. A search over the step size of
 those dynamics keeps both.
 
-As with Schedule-Free, the weights the model holds during training are ``y``: call
-``optimizer.eval()`` before evaluating or saving the model (the weights become ``x``) and
-``optimizer.train()`` before the next training step. BatchNorm's running statistics are
-those of ``y``; recompute them at ``x`` where it matters (Schedule-Free's advice).
+Unlike Schedule-Free, whose model holds ``y`` during training and needs ``optimizer.eval()``
+/ ``optimizer.train()`` around evaluation, the model holds ``x`` outside ``step()``: each
+step moves the weights to ``y`` (from ``x`` and ``z``) for its evaluations and ends at
+``x'``, so a loop evaluates, saves and logs the weights to use with no extra call (``eval``
+and ``train`` are no-ops, for loops written for Schedule-Free). The cost: a copy of the
+weights and two passes over them per step. BatchNorm's running statistics are those of the
+training passes at ``y``; recompute them at ``x`` where it matters (Schedule-Free's
+advice).
 """
 
 from __future__ import annotations
@@ -109,11 +113,10 @@ LEAD_RULES = ("off", "hold", "shrink")
 #: The sign test's level: ``z`` trails when so many batches say so that a fair coin would
 #: give as many in at most 5% of the runs (9 of the 10 steps between two searches).
 LEAD_TEST_LEVEL = 0.05
-#: Each group's own state: Schedule-Free's averaging weights and which weights it holds.
+#: Each group's own state: Schedule-Free's averaging weights and the group's settings.
 GROUP_STATE = (
     "weight_sum",
     "lr_max",
-    "train_mode",
     "betas",
     "eps",
     "weight_decay",
@@ -167,14 +170,30 @@ def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float,
 
 
 @dataclass
+class _Average:
+    """The weights of one parameter group and a copy of ``x``, the average they hold between
+    steps (local shards under FSDP2), while a step moves them to ``y`` and its trials: the
+    copy restores them exactly, or becomes ``x'``."""
+
+    group: dict[str, Any]
+    weights: list[Tensor]
+    x: list[Tensor]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.weights, self.x)
+
+
+@dataclass
 class _Group:
     """The tensors of one parameter group that take part in this step, and its moves
     (``params`` to ``u``: the local shards under FSDP2, on which all arithmetic runs)."""
 
     group: dict[str, Any]
-    params: list[Tensor]  # the weights y
+    params: list[Tensor]  # the weights, at y
     grads: list[Tensor]
     z: list[Tensor]
+    x: list[Tensor]  # the copy of the average, to become x'
     exp_avg_sqs: list[Tensor]  # v' of this step (not yet committed)
     u: list[Tensor]  # the preconditioned gradient with weight decay
     steps: list[int]  # Adam's t after this step
@@ -184,32 +203,25 @@ class _Group:
     v_state: list[Tensor]
     origin: list[Tensor] | None = None  # y, while trials move the weights
 
-    def place(self, gamma: float, keep_origin: bool = True) -> None:
-        """The weights at ``y' = y + alpha (z - y) - gamma kappa u``. A trial keeps ``y`` to
-        come back to; the final move of a step that ran no trial (``keep_origin=False``)
-        moves the weights in place, without a copy."""
-        if self.origin is None and keep_origin:
+    def place(self, gamma: float) -> None:
+        """The weights at ``y' = y + alpha (z - y) - gamma kappa u`` (a trial; ``y`` is kept
+        to come back to)."""
+        if self.origin is None:
             self.origin = [p.detach().clone() for p in self.params]
         alpha = averaging_weight(self.group, gamma)[0]
         kappa = 1.0 - self.group["betas"][0] * (1.0 - alpha)
         step = gamma * self.group["lr_scale"]
         with torch.no_grad():
-            if self.origin is not None:
-                torch._foreach_copy_(self.params, self.origin)
+            torch._foreach_copy_(self.params, self.origin)
             torch._foreach_lerp_(self.params, self.z, alpha)
             torch._foreach_add_(self.params, self.u, alpha=-step * kappa)
-
-    def restore(self) -> None:
-        if self.origin is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, self.origin)
 
 
 class ScheduleFreeALSALS(torch.optim.Optimizer):
     r"""Schedule-Free AdamW whose step size an Armijo line search sets (module docstring).
 
-    Needs a closure, as ``ALSALS`` does (``optimizer.step(closure)``, either form), and
-    ``optimizer.train()`` / ``optimizer.eval()`` around evaluation, as Schedule-Free does.
+    Needs a closure, as ``ALSALS`` does (``optimizer.step(closure)``, either form); outside
+    ``step()`` the weights are the average ``x``, to evaluate and save as they are.
     ``last_step.kind`` is ``"search"`` (a trial passed), ``"reuse"`` (the last step size,
     between searches), ``"kept"`` (neither the first trial nor the averaging move alone
     passed: the step is taken at the last step size, which is kept), ``"exhausted"``
@@ -337,7 +349,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "lr_scale": lr_scale,
             "weight_sum": 0.0,
             "lr_max": 0.0,
-            "train_mode": True,
         }
         super().__init__(params, defaults)
 
@@ -403,44 +414,26 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
-    @torch.no_grad()
     def eval(self) -> None:
-        """Set the weights to ``x``, the average to evaluate (and save); a no-op if they
-        are ``x`` already."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                beta1 = group["betas"][0]
-                for p in group["params"]:
-                    if "z" in self.state[p]:  # x = (y - (1 - beta1) z) / beta1
-                        local_shard(p).lerp_(local_shard(self.state[p]["z"]), 1.0 - 1.0 / beta1)
-                group["train_mode"] = False
+        """Nothing to do: outside ``step()`` the weights are the average ``x`` already.
+        Kept so that loops written for Schedule-Free (its ``optimizer.eval()`` before
+        evaluation) run unchanged."""
 
-    @torch.no_grad()
     def train(self) -> None:
-        """Set the weights back to ``y``, where training evaluates the gradient."""
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                beta1 = group["betas"][0]
-                for p in group["params"]:
-                    if "z" in self.state[p]:  # y = (1 - beta1) z + beta1 x
-                        local_shard(p).lerp_(local_shard(self.state[p]["z"]), 1.0 - beta1)
-                group["train_mode"] = True
+        """Nothing to do: each step moves the weights to ``y`` and back itself. Kept so
+        that loops written for Schedule-Free (its ``optimizer.train()``) run unchanged."""
 
     # ------------------------------------------------------------------------------ the step
 
     def step(  # type: ignore[override]
         self, closure: Closure, *, closure_runs_backward: bool | None = None
     ) -> Tensor:
-        """One training step: the loss and gradient at ``y``, a search when one is due,
-        the move. Returns the loss at ``y``. An exception leaves the weights, the state
-        and the random stream as they were. ``closure_runs_backward`` as ``ALSALS.step``'s
-        (a closure without arguments that runs backward itself: Lightning's)."""
-        if not all(g["train_mode"] for g in self.param_groups):
-            raise RuntimeError(
-                "ScheduleFreeALSALS.step() after optimizer.eval(): the weights are the "
-                "average x, not y where training takes the gradient; call optimizer.train() "
-                "before training steps"
-            )
+        """One training step: the weights move from the average ``x`` to ``y``, where the
+        loss and gradient are taken; a search when one is due; the move, after which the
+        weights are the new average ``x'``. Returns the loss at ``y``. An exception leaves
+        the weights, the state and the random stream as they were. ``closure_runs_backward``
+        as ``ALSALS.step``'s (a closure without arguments that runs backward itself:
+        Lightning's)."""
         params = [p for g in self.param_groups for p in g["params"]]
         evaluator = ClosureEvaluator(
             closure,
@@ -451,19 +444,22 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         )
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
-        groups: list[_Group] = []
+        averages: list[_Average] = []
         self._grad_norm = math.nan
         try:
+            averages = self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
-            groups, squared = self._gather()
+            groups, squared = self._gather(averages)
             info = self._run(search, written, loss, groups, squared, evaluator)
             self._warn_about(info, evaluator)  # (-W error: undone like any exception)
         except BaseException:
-            for g in groups:
-                g.restore()
+            for average in averages:
+                average.restore()
             evaluator.abort()
             self._left_grads = LeftGradients(params)
             raise
+        for average in averages:  # x' where the step moved, x where it did not
+            average.restore()
         evaluator.finish()
         self._left_grads = LeftGradients(params)
         search.forwards += evaluator.forwards
@@ -479,6 +475,24 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             }
         )
         return loss
+
+    @torch.no_grad()
+    def _to_gradient_point(self) -> list[_Average]:
+        """A copy of every group's weights (the average ``x``), then the weights moved to
+        ``y = (1 - beta1) z + beta1 x`` where ``z`` exists (before a parameter's first step
+        ``x = z = y``)."""
+        averages = []
+        for group in self.param_groups:
+            weights = [local_shard(p.detach()) for p in group["params"]]
+            averages.append(_Average(group, weights, [w.clone() for w in weights]))
+            moved = [p for p in group["params"] if "z" in self.state[p]]
+            if moved:
+                torch._foreach_lerp_(
+                    [local_shard(p.detach()) for p in moved],
+                    [local_shard(self.state[p]["z"]) for p in moved],
+                    1.0 - group["betas"][0],
+                )
+        return averages
 
     def _warn_about(self, info: StepInfo, evaluator: ClosureEvaluator) -> None:
         """Warnings for the steps a user must not miss, each once: a skipped step whose loss
@@ -563,9 +577,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             kind, gamma, trials, sets_step_size = self._search(
                 search, loss0, groups, averaging, slope, evaluator
             )
-            if kind == "nonfinite":
-                for g in groups:
-                    g.restore()
+            if kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(kind, 0.0, loss0, trials)
         # polyak_cap: no step, reused or searched, above this batch's Polyak step
@@ -573,8 +585,6 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         if h["polyak_cap"] and gamma > 0.0:
             taken = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), 0.0)
         loss_rose = self._watch_loss(search, loss0, taken, evaluator.loss_dtype)
-        for g in groups:
-            g.place(taken, keep_origin=False)
         self._commit(groups, taken)
         search.steps += 1
         if kind == "reuse":
@@ -744,8 +754,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _gather(self) -> tuple[list[_Group], Tensor | None]:
-        """This step's tensors per group (``grad`` set; the local shards under FSDP2), with
+    def _gather(self, averages: list[_Average]) -> tuple[list[_Group], Tensor | None]:
+        """This step's tensors per group (``grad`` set; the local shards under FSDP2, the
+        copies of ``x`` from ``averages``), with
         ``v'`` and ``u`` computed, and the squared norm of the gradients (float64, on the
         device, each shard counted once per rank it is split over so that the mean over
         ranks is the total; ``None`` without any); nothing is written to the state."""
@@ -772,6 +783,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             ).sum()
         sharded = any(k > 1 for k in all_counts)
         scale = self._clip_scale(squared, all_grads[0].dtype, sharded) if all_grads else None
+        copies = {id(p): x for a in averages for p, x in zip(a.group["params"], a.x, strict=True)}
         groups = []
         for group, params, grads, counts in taking_part:
             # the update's gradient: clipped with max_grad_norm (the test's slope is not)
@@ -796,8 +808,11 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             weights = [local_shard(p.detach()) for p in params]
             if group["weight_decay"]:
                 torch._foreach_add_(u, weights, alpha=group["weight_decay"])
+            x = [copies[id(p)] for p in params]
             groups.append(
-                _Group(group, weights, grads, z, v_new, u, steps, counts, params, z_state, v_state)
+                _Group(
+                    group, weights, grads, z, x, v_new, u, steps, counts, params, z_state, v_state
+                )
             )
         return groups, squared
 
@@ -814,11 +829,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         return (limit / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).to(dtype)
 
     def _commit(self, groups: list[_Group], gamma: float) -> None:
-        """Write ``z``, ``v``, ``t`` and the averaging weights of a step of size ``gamma``
-        (the weights are at ``y'`` already). Every group's averaging weights advance, also
-        where this rank holds no gradient for it: they must stay equal on every rank."""
+        """Write ``z' = z - gamma u``, ``v``, ``t`` and the averaging weights of a step of size
+        ``gamma``, and turn the copies of ``x`` into ``x' = (1 - alpha) x + alpha z'`` (the
+        step's end writes them into the weights). Every group's averaging weights advance,
+        also where this rank holds no gradient for it: they must stay equal on every rank."""
         for g in groups:
             torch._foreach_add_(g.z, g.u, alpha=-gamma * g.group["lr_scale"])
+            torch._foreach_lerp_(g.x, g.z, averaging_weight(g.group, gamma)[0])
             held = zip(g.owners, g.z_state, g.v_state, g.exp_avg_sqs, g.steps, strict=True)
             for p, z, v_held, v, t in held:
                 if local_shard(v_held) is not v_held:  # a DTensor (FSDP2): keep its wrapper

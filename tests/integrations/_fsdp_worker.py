@@ -101,9 +101,6 @@ def train_all(rank: int, world: int, mesh) -> dict:
                 info = optimizer.last_step
                 decisions.append((info.kind, info.trials, info.step_size))
             results[name] = {"weights": full_weights(model), "decisions": decisions}
-            if isinstance(optimizer, ScheduleFreeALSALS):  # the average x, after the swap
-                optimizer.eval()
-                results[name]["average"] = full_weights(model)
         except Exception as error:  # noqa: BLE001 - recorded for the test to report
             results[name] = {
                 "error": f"{type(error).__name__}: {error}".splitlines()[0],

@@ -257,12 +257,12 @@ def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_pa
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_schedule_free_search_trains_and_the_trainer_swaps_its_weights(
+def test_schedule_free_search_trains_and_the_trainer_s_swap_calls_change_nothing(
     model_path, dataset, tmp_path
 ):
     """ScheduleFreeALSALS under the Trainer: the window's closure drives its searches, and
-    the Trainer's own evaluate() / training_step() call its eval() / train(): evaluation
-    sees the average x, training goes on from y."""
+    the Trainer's own evaluate() call of its eval() leaves the weights (the average x
+    between steps) as they are."""
     model = make_model(model_path, dropout=False)
     trainer = LineSearchTrainer(
         model=model,
@@ -277,17 +277,9 @@ def test_schedule_free_search_trains_and_the_trainer_swaps_its_weights(
     assert isinstance(optimizer, ScheduleFreeALSALS)
     assert optimizer.search_state.steps == 3 and optimizer.search_state.searches == 3
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
-    trained = [p for p in model.parameters() if p.requires_grad]
-    y = [p.detach().clone() for p in trained]
-    beta1 = optimizer.param_groups[0]["betas"][0]
+    trained = weights(model)
     trainer.evaluate()
-    assert not optimizer.param_groups[0]["train_mode"]
-    for p, w in zip(trained, y, strict=True):
-        x = (w - (1 - beta1) * optimizer.state[p]["z"]) / beta1
-        torch.testing.assert_close(p.detach(), x)
-    trainer.args.max_steps = 4
-    trainer.train(resume_from_checkpoint=None)  # training_step swaps back to y first
-    assert optimizer.param_groups[0]["train_mode"]
+    assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())
 
 
 def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):

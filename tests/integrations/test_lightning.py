@@ -122,21 +122,14 @@ def test_learning_rate_monitor_logs_the_line_search_step_size(tmp_path):
 
 
 class ScheduleFreeModule(Module):
-    """Records the optimizer's mode where each hook runs."""
+    """Records the weights each validation batch sees."""
 
     def __init__(self) -> None:
         super().__init__(optimizer_cls=ScheduleFreeALSALS)
-        self.modes: list[tuple[str, bool]] = []
-
-    def _mode(self) -> bool:
-        return self.optimizers().optimizer.param_groups[0]["train_mode"]
-
-    def training_step(self, batch, batch_idx):
-        self.modes.append(("train", self._mode()))
-        return super().training_step(batch, batch_idx)
+        self.validated: list[list[torch.Tensor]] = []
 
     def validation_step(self, batch, batch_idx):
-        self.modes.append(("validation", self._mode()))
+        self.validated.append([p.detach().clone() for p in self.parameters()])
         x, y = batch
         self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
 
@@ -144,20 +137,21 @@ class ScheduleFreeModule(Module):
         return ScheduleFreeALSALS(self.parameters(), buffers=self.buffers())
 
 
-def test_schedule_free_search_trains_and_the_callback_swaps_its_weights(tmp_path):
-    """ScheduleFreeALSALS through line_search_step: the callback sets the weights to the
-    average x for validation and at the end of fit, and back to y for every training batch."""
+def test_schedule_free_search_trains_and_validation_sees_the_trained_weights(tmp_path):
+    """ScheduleFreeALSALS through line_search_step: every batch steps it, and validation
+    (no swap call needed) sees the weights the last training step left, the average x: the
+    weights of the epoch's end, unchanged until the next training batch."""
     pl.seed_everything(0)
     module = ScheduleFreeModule()
     fit = trainer(tmp_path, enable_checkpointing=False, logger=False, num_sanity_val_steps=0)
     loader = DataLoader(data(), batch_size=32, shuffle=True)
     fit.fit(module, loader, DataLoader(data(64, seed=1), batch_size=32))
     assert fit.global_step == 2 * 256 // 32
-    assert {mode for kind, mode in module.modes if kind == "train"} == {True}
-    assert {mode for kind, mode in module.modes if kind == "validation"} == {False}
-    assert [kind for kind, _ in module.modes].count("validation") == 2 * 2
+    assert len(module.validated) == 2 * 2
+    final = [p.detach() for p in module.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(module.validated[-1], final, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(module.validated[0], final, strict=True))
     optimizer = fit.optimizers[0]
-    assert not optimizer.param_groups[0]["train_mode"]  # fit ended at the average
     assert optimizer.search_state.steps == fit.global_step
     assert module.losses[-1] < 0.5 * module.losses[0]
 

@@ -191,21 +191,11 @@ class ScheduleFreeStepper(Stepper):
         self.optimizer.eval()
 
 
-class ScheduleFreeSearchStepper(LineSearchStepper):
-    """``ScheduleFreeALSALS``: a line search that swaps its weights as Schedule-Free does."""
-
-    def train(self) -> None:
-        self.optimizer.train()
-
-    def eval(self) -> None:
-        self.optimizer.eval()
-
-
 def _schedulefree_search(**settings: Any) -> Callable[[nn.Module, Task, Budget], Stepper]:
     """``ScheduleFreeALSALS(params, **settings)`` as a user runs it (no warm-up)."""
 
     def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
-        return ScheduleFreeSearchStepper(
+        return LineSearchStepper(
             ScheduleFreeALSALS(model.parameters(), buffers=model.buffers(), **settings)
         )
 

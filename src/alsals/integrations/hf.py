@@ -35,9 +35,8 @@ Usage::
     trainer.train()
 
 Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults;
-``(ScheduleFreeALSALS, {})`` works as well, and the Trainer calls its ``eval()`` and
-``train()`` itself around evaluation (save the model after ``trainer.evaluate()``, or call
-``optimizer.eval()`` before saving, to keep the averaged weights).
+``(ScheduleFreeALSALS, {})`` works as well (the Trainer's calls of its ``eval()`` and
+``train()`` are no-ops: the weights are the average between steps, whatever saves them).
 ``optimizers=(ALSALS(model.parameters()), None)`` works too. ``LineSearchTrainerMixin``
 adds the same behaviour to another ``Trainer`` subclass (put it first in the bases).
 ``bf16=True`` works as is. ``fp16=True`` goes through accelerate's GradScaler: the

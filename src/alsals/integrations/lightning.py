@@ -44,17 +44,12 @@ import torch
 from torch import Tensor
 
 from alsals.integrations import DRIVEN
-from alsals.schedule_free import ScheduleFreeALSALS
 
 __all__ = ["LineSearchCallback", "line_search_step"]
 
 
 def _line_search_optimizers(trainer: pl.Trainer) -> list[Any]:
     return [opt for opt in trainer.optimizers if isinstance(opt, DRIVEN)]
-
-
-def _schedule_free(trainer: pl.Trainer) -> list[ScheduleFreeALSALS]:
-    return [opt for opt in trainer.optimizers if isinstance(opt, ScheduleFreeALSALS)]
 
 
 def line_search_step(
@@ -101,11 +96,6 @@ class LineSearchCallback(pl.Callback):
     ``line_search/trials``, ``line_search/forwards`` and ``line_search/step_size`` (the step
     size the update took: below the searched one, which ``LearningRateMonitor`` shows, where
     ``loss_floor``'s cap acted) of the last step (``log=False`` to skip that).
-
-    For ``ScheduleFreeALSALS`` it also makes Schedule-Free's swap: ``optimizer.eval()``
-    (the weights become the average ``x``) before validation, test and prediction and at
-    the end of ``fit`` (so the model a user saves or evaluates after training is ``x``),
-    ``optimizer.train()`` before each training batch.
     """
 
     def __init__(self, log: bool = True) -> None:
@@ -133,21 +123,6 @@ class LineSearchCallback(pl.Callback):
                 "your own torch.autocast and alsals.integrations.amp.step_with_scaler in "
                 "plain PyTorch."
             )
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        for opt in _schedule_free(trainer):
-            opt.train()
-
-    def _evaluate_at_the_average(self, trainer: pl.Trainer, *args: Any) -> None:
-        for opt in _schedule_free(trainer):
-            opt.eval()
-
-    on_validation_start = _evaluate_at_the_average
-    on_test_start = _evaluate_at_the_average
-    on_predict_start = _evaluate_at_the_average
-    on_fit_end = _evaluate_at_the_average
 
     def on_train_batch_end(
         self,
