@@ -76,7 +76,7 @@ def train(args: argparse.Namespace, distributed: bool) -> None:
 
         ddp.register_comm_hook(None, counting_allreduce)
 
-    optimizer = ALSALS(model.parameters(), slope="analytic")
+    optimizer = ALSALS(model.parameters())
 
     dataset = make_dataset(seed=args.seed)
     sampler = DistributedSampler(

@@ -85,7 +85,7 @@ def main() -> None:
             args=training_args,
             train_dataset=train,
             # a pretrained model wants a small first step: the search grows it if it can
-            optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3, "slope": "analytic"}),
+            optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3}),
         )
 
     straight = trainer(max_steps=8)

@@ -51,7 +51,7 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         # buffers=: trial evaluations must not move BatchNorm's running statistics
-        return ALSALS(self.parameters(), buffers=self.buffers(), slope="analytic")
+        return ALSALS(self.parameters(), buffers=self.buffers())
 
 
 def make_data(n: int = 512, features: int = 20, seed: int = 0) -> TensorDataset:

@@ -112,7 +112,7 @@ def save_checkpoint(path, step, model, optimizer, scaler, data_rng) -> None:
         {
             "step": step,
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),  # ALSALS: Adam's moments + the search state
+            "optimizer": optimizer.state_dict(),  # ALSALS: z, Adam's v + the search state
             "scaler": scaler.state_dict(),  # the loss scale and its growth counter
             "torch_rng": torch.get_rng_state(),  # dropout masks
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -189,7 +189,6 @@ def train_alsals(cfg: Config) -> Run:
     optimizer = ALSALS(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,  # where the first search starts; the search picks every step size
-        slope="analytic",  # no finite-difference probe: it is below fp16's resolution
         max_grad_norm=cfg.max_grad_norm,  # clips after accumulation and unscaling
         buffers=model.buffers(),  # BatchNorm statistics stay out of trials (none here)
     )

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS, ScheduleFreeALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals.diagnostics import scan_direction
 
-OPTIMIZERS = {"SLS": SLS, "AdamSLS": AdamSLS, "ALSALS": ALSALS}
+OPTIMIZERS = {"SLS": SLS, "AdamSLS": AdamSLS, "MomentumALSALS": MomentumALSALS}
 
 
 # What rank 1 sees at each step of the "divergent" run while rank 0 trains normally.
@@ -59,7 +59,7 @@ def divergent_run(rank: int, cls: type) -> list[tuple[str, int]]:
 
 def guard_run(rank: int) -> dict:
     """``loss_rise_guard`` under DDP: noisy linear regression (a loss that cannot reach 0),
-    each rank its own mini-batches of 8, ``ALSALS`` without the Polyak cap, until the guard
+    each rank its own mini-batches of 8, ``MomentumALSALS`` without the Polyak cap, until the guard
     has fired. It decides on the loss averaged over ranks, so both ranks must fire at the
     same steps and keep the same ceiling."""
     gen = torch.Generator().manual_seed(0)  # the same data set on every rank
@@ -69,7 +69,7 @@ def guard_run(rank: int) -> dict:
     model = nn.Linear(16, 1, bias=False).double()
     nn.init.zeros_(model.weight)
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = ALSALS(ddp.parameters(), loss_floor=None)
+    opt = MomentumALSALS(ddp.parameters(), loss_floor=None)
     batches = torch.Generator().manual_seed(200 + rank)  # each rank its own batches
     fired = []
     for k in range(500):
@@ -95,7 +95,7 @@ def floor_run(rank: int) -> dict:
     model = nn.Linear(8, 1, bias=False).double()
     nn.init.zeros_(model.weight)
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = ALSALS(ddp.parameters())
+    opt = MomentumALSALS(ddp.parameters())
     idx = torch.arange(rank, 256, 2)  # each rank its own half
     refuted_at = None
     for k in range(100):
@@ -147,12 +147,12 @@ class Tie(nn.Module):
 
 
 def kink_run(rank: int) -> dict:
-    """``ALSALS(params)`` under DDP from a tie whose pieces are the same on every rank and
+    """``MomentumALSALS(params)`` under DDP from a tie whose pieces are the same on every rank and
     whose quadratic differs by rank: the search's trials (mean losses) contradict its slope
     alike on both ranks, which step through the kink together (phase 5.8)."""
     model = Tie()
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = ALSALS(ddp.parameters())
+    opt = MomentumALSALS(ddp.parameters())
     c = torch.tensor([0.5 * rank, -0.5 * rank], dtype=torch.float64)
     kinds = []
     for _ in range(5):
@@ -163,11 +163,11 @@ def kink_run(rank: int) -> dict:
 
 
 def schedule_free_run(rank: int) -> dict:
-    """ScheduleFreeALSALS under DDP, each rank its own data; then the divergent events."""
+    """ALSALS under DDP, each rank its own data; then the divergent events."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = ScheduleFreeALSALS(ddp.parameters(), lr=30.0, loss_floor=None)
+    opt = ALSALS(ddp.parameters(), lr=30.0, loss_floor=None)
     data_gen = torch.Generator().manual_seed(100 + rank)
     decisions = []
     for _ in range(14):
@@ -184,7 +184,7 @@ def schedule_free_run(rank: int) -> dict:
     return {
         "decisions": decisions,
         "weights": weights,
-        "divergent": divergent_run(rank, ScheduleFreeALSALS),
+        "divergent": divergent_run(rank, ALSALS),
     }
 
 

@@ -6,23 +6,23 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS
+from alsals import PAPER_ALSALS, SLS, AdamSLS, MomentumALSALS
 
 
-class PaperALSALS(ALSALS):
-    """ALSALS in the paper's exact configuration (``ALSALS.paper``), as a class."""
+class PaperALSALS(MomentumALSALS):
+    """MomentumALSALS in the paper's exact configuration (``MomentumALSALS.paper``), as a class."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **{**PAPER_ALSALS, **kwargs})
 
 
-#: Every configuration a property must hold for: the paper's three and ALSALS's defaults.
-OPTIMIZERS = [SLS, AdamSLS, PaperALSALS, ALSALS]
-OPTIMIZER_IDS = ["SLS", "AdamSLS", "ALSALS-paper", "ALSALS"]
+#: Every configuration a property must hold for: the paper's three and MomentumALSALS's defaults.
+OPTIMIZERS = [SLS, AdamSLS, PaperALSALS, MomentumALSALS]
+OPTIMIZER_IDS = ["SLS", "AdamSLS", "MomentumALSALS-paper", "MomentumALSALS"]
 #: The paper's configurations: a search every step, starting at eta 2^(1/b) (the tests of
 #: those mechanics).
 PAPER = [SLS, AdamSLS, PaperALSALS]
-PAPER_IDS = ["SLS", "AdamSLS", "ALSALS-paper"]
+PAPER_IDS = ["SLS", "AdamSLS", "MomentumALSALS-paper"]
 
 
 @pytest.fixture(params=OPTIMIZERS, ids=OPTIMIZER_IDS)

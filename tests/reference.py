@@ -31,20 +31,20 @@ MIN_STEP_SIZE = sys.float_info.min  # the smallest normal float (phases 0, 5, 6)
 LOSS_WATCH_FACTOR = 0.99  # EMA of the batch losses (phase 5.7)
 LOSS_WATCH_SAMPLES = 100  # losses the watch holds before it judges (phase 5.7)
 
-VARIANTS = ("SLS", "AdamSLS", "ALSALS")
+VARIANTS = ("SLS", "AdamSLS", "MomentumALSALS")
 
 #: Table "Directions": (search direction, update direction) per optimizer.
 DIRECTIONS = {
     "SLS": ("gradient", "gradient"),
     "AdamSLS": ("preconditioned", "momentum"),
-    "ALSALS": ("momentum", "momentum"),
+    "MomentumALSALS": ("momentum", "momentum"),
 }
 
 #: Table "Directions": the per-optimizer defaults (the rest are shared, see SearchConfig).
 DEFAULTS = {
     "SLS": {"lr": 1.0, "c": 0.1, "smoothing": 0.0, "slope": "analytic"},
     "AdamSLS": {"lr": 0.1, "c": 0.1, "smoothing": 0.0, "slope": "analytic"},
-    "ALSALS": {"lr": 0.1, "c": 0.6, "smoothing": 0.99, "slope": "finite_difference"},
+    "MomentumALSALS": {"lr": 0.1, "c": 0.6, "smoothing": 0.99, "slope": "finite_difference"},
 }
 
 
@@ -72,7 +72,7 @@ class SearchConfig:
     search_interval: int | str = 1
     max_grad_norm: float | None = None
     start: str = "grown"
-    search_direction: str | None = None  # ALSALS: "momentum" (None) or "preconditioned"
+    search_direction: str | None = None  # MomentumALSALS: "momentum" (None) or "preconditioned"
     loss_floor: float | None = None  # f* of the Polyak cap (phase 5.6); None: no cap
     loss_rise_guard: float | None = None  # z of the loss-rise guard (phase 5.7); None: off
 
@@ -495,7 +495,7 @@ def displaced(weights: Sequence[Tensor], active: dict[int, Tensor], eta: float) 
 
 
 class ReferenceOptimizer:
-    """One ``step`` of SLS / AdamSLS / ALSALS, exactly as ``docs/algorithms.md`` states.
+    """One ``step`` of SLS / AdamSLS / MomentumALSALS, exactly as ``docs/algorithms.md`` states.
 
     ``groups`` is a list of ``(weights, GroupConfig)``; the reference keeps float64 copies
     of the weights in ``self.weights`` (a flat list, groups in order). ``step`` runs the

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from conftest import PAPER, PAPER_IDS, make_classification
 
 
@@ -124,7 +124,7 @@ def test_alsals_accepts_a_loss_increase_when_the_smoothed_slope_is_negative():
     """Eq. 8: with G <= 0, c_h = 1/c and the test allows an increase of up to eta*|G|/c.
     (Only along the momentum direction can the slope be negative.)"""
     w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], lr=1e-3, smoothing=0.0, search_direction="momentum")
+    opt = MomentumALSALS([w], lr=1e-3, smoothing=0.0, search_direction="momentum")
     target = torch.tensor([1.0, -1.0], dtype=torch.float64)
     for _ in range(5):  # builds momentum towards target
         opt.step(lambda: 10 * ((w - target) ** 2).sum())

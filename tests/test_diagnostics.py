@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alsals import ALSALS, SLS
+from alsals import SLS, MomentumALSALS
 from alsals.diagnostics import LandscapeRecorder, scan_direction
 from alsals.diagnostics.scan import log_grid
 from conftest import SmallNet, bce_closure, make_classification
@@ -61,7 +61,7 @@ def test_scan_changes_nothing(optimizer_class):
     assert len(scan.decreases) == 12 and scan.kind == "search"
 
 
-@pytest.mark.parametrize("cls", [SLS, ALSALS], ids=["SLS", "ALSALS"])
+@pytest.mark.parametrize("cls", [SLS, MomentumALSALS], ids=["SLS", "MomentumALSALS"])
 def test_scanned_curve_matches_the_closed_form_on_a_quadratic(cls):
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     opt = cls([w], lr=1.0)
@@ -105,7 +105,7 @@ def test_acceptance_flags_agree_with_the_search(optimizer_class):
 
 def test_recorder_scans_every_k_steps():
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], lr=0.01)
+    opt = MomentumALSALS([w], lr=0.01)
     recorder = LandscapeRecorder(opt, every=3, step_sizes=log_grid(1e-4, 1.0, 5))
     for _ in range(7):
         recorder.maybe_scan(quadratic(w))
@@ -130,7 +130,7 @@ def test_scan_of_a_step_that_reuses_its_step_size_follows_the_update():
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     # the defaults' adaptive cadence; without loss_floor's cap, which can take less than
     # the step size reused (the direction is the same)
-    opt = ALSALS([w], lr=0.1, loss_floor=None)
+    opt = MomentumALSALS([w], lr=0.1, loss_floor=None)
     reused = 0
     for _ in range(30):
         eta = opt.param_groups[0]["lr"]
@@ -148,7 +148,7 @@ def test_scan_of_a_step_that_reuses_its_step_size_follows_the_update():
 
 def test_scan_of_a_skipped_step_has_no_decreases():
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], lr=0.1)
+    opt = MomentumALSALS([w], lr=0.1)
     scan = scan_direction(opt, lambda: (w * float("nan")).sum(), [1e-3, 1e-2])
     assert scan.kind == "nonfinite" and all(d != d for d in scan.decreases)
     assert torch.equal(w.detach(), torch.zeros(3, dtype=torch.float64))
@@ -179,8 +179,8 @@ def test_the_figures_draw_scans_of_steps_that_took_no_update(tmp_path, lr):
     from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
 
     torch.manual_seed(0)
-    model, _, closure = trained_net(ALSALS, steps=1)
-    opt = ALSALS(model.parameters(), lr=0.1, buffers=model.buffers())
+    model, _, closure = trained_net(MomentumALSALS, steps=1)
+    opt = MomentumALSALS(model.parameters(), lr=0.1, buffers=model.buffers())
     recorder = LandscapeRecorder(opt, step_sizes=log_grid(1e-6, 1.0, 8))
     for k in range(3):
         if k == 1:

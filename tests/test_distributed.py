@@ -23,7 +23,7 @@ def rank_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "ALSALS"])
+@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "MomentumALSALS"])
 def test_ranks_take_identical_decisions_and_keep_identical_weights(rank_results, name):
     rank0, rank1 = rank_results[0][name], rank_results[1][name]
     assert rank0["local"] != rank1["local"], "each rank must see its own data"
@@ -37,7 +37,7 @@ def test_ranks_take_identical_decisions_and_keep_identical_weights(rank_results,
         assert mean_loss == pytest.approx((a + b) / 2, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "ALSALS"])
+@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "MomentumALSALS"])
 def test_ranks_issue_the_same_collectives_whatever_their_local_state(rank_results, name):
     """Rank 1 has no gradient, a NaN loss, a zero gradient, or NaN trials at some steps
     while rank 0 trains: no collective mismatch (the run finished), and both ranks decide alike."""
@@ -53,7 +53,7 @@ def test_ranks_issue_the_same_collectives_whatever_their_local_state(rank_result
     assert kinds[-1] in ("search", "reuse")
 
 
-@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "ALSALS"])
+@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "MomentumALSALS"])
 def test_a_scan_averages_the_trial_losses_over_ranks_as_the_search_does(rank_results, name):
     """Each rank scans its own batch; the decreases are of the mean loss, equal on all ranks
     and about 0 at a tiny step (they used to be the mean loss minus this rank's own)."""
@@ -108,7 +108,7 @@ def test_a_wrong_floor_is_refuted_alike_on_every_rank(rank_results):
 
 
 def test_schedule_free_search_decides_alike_on_every_rank(rank_results):
-    """ScheduleFreeALSALS under DDP: the same searches and weights on both ranks, also when
+    """ALSALS under DDP: the same searches and weights on both ranks, also when
     rank 1 alone has no gradient, a NaN loss, a zero gradient or NaN trials."""
     rank0, rank1 = rank_results[0]["schedule_free"], rank_results[1]["schedule_free"]
     assert rank0["decisions"] == rank1["decisions"]

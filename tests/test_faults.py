@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from conftest import OPTIMIZER_IDS, OPTIMIZERS, SmallNet, bce_closure, make_classification
 
 
@@ -161,8 +161,8 @@ def test_trials_that_overflow_only_far_out_still_backtrack(optimizer_class):
 
 @pytest.mark.parametrize(
     "make_optimizer",
-    [SLS, AdamSLS, lambda params, **kw: ALSALS(params, start="grown", **kw)],
-    ids=["SLS", "AdamSLS", "ALSALS-grown"],
+    [SLS, AdamSLS, lambda params, **kw: MomentumALSALS(params, start="grown", **kw)],
+    ids=["SLS", "AdamSLS", "MomentumALSALS-grown"],
 )
 def test_the_look_at_the_start_costs_one_pass_when_the_step_is_to_blame(make_optimizer):
     """After the first search (no replay value to read), a search from a written lr of 1000
@@ -287,7 +287,7 @@ def test_exception_in_closure_leaves_everything_as_before_the_step(optimizer_cla
     assert torch.equal(rng_after_retry, torch.get_rng_state())
 
 
-@pytest.mark.parametrize("cls", [AdamSLS, ALSALS], ids=["AdamSLS", "ALSALS"])
+@pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS], ids=["AdamSLS", "MomentumALSALS"])
 def test_a_gradient_whose_square_overflows_skips_the_step_and_spares_the_moments(cls):
     """g = 1e30 in float32: g*g overflows Adam's second moment. The step is skipped like a
     non-finite gradient, the state untouched, and training goes on."""
@@ -311,7 +311,7 @@ def test_a_large_fp16_gradient_that_does_not_overflow_the_moment_is_not_skipped(
     """The overflow rule is exact: |g| = 300 in float16 exceeds sqrt(max) = 256, but
     (1 - beta2) g^2 does not overflow in the order the moment update computes it."""
     w = torch.tensor([1.0, -2.0], dtype=torch.float16, requires_grad=True)
-    opt = ALSALS([w], lr=1e-3, slope="analytic", eps=1e-4)
+    opt = MomentumALSALS([w], lr=1e-3, slope="analytic", eps=1e-4)
     opt.step(lambda: (w * torch.tensor([300.0, 1.0], dtype=torch.float16)).sum())
     assert opt.last_step.kind == "search"
     assert torch.isfinite(opt.state[w]["exp_avg_sq"]).all()
@@ -441,7 +441,7 @@ def test_invalid_hyperparameters_raise_value_error_naming_them(optimizer_class, 
         optimizer_class([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
-@pytest.mark.parametrize("cls", [AdamSLS, ALSALS], ids=["AdamSLS", "ALSALS"])
+@pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS], ids=["AdamSLS", "MomentumALSALS"])
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
@@ -547,10 +547,10 @@ def test_a_step_under_inference_mode_is_a_clear_error(optimizer_class):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda p: ALSALS(p, slope="finite_difference"),
+        lambda p: MomentumALSALS(p, slope="finite_difference"),
         lambda p: SLS(p, slope="finite_difference", start="polyak", fd_step=1e-3),
     ],
-    ids=["ALSALS-fd-polyak", "SLS-fd-polyak"],
+    ids=["MomentumALSALS-fd-polyak", "SLS-fd-polyak"],
 )
 def test_a_nonfinite_finite_difference_probe_leaves_the_weights_where_they_were(make):
     """With the Polyak start the slope is read before any trial; a NaN at the probe skips

@@ -129,7 +129,7 @@ def test_both_loops_start_from_the_same_model_and_batch(runs):
 def test_max_grad_norm_clips_what_clip_grad_norm_would():
     """ALSALS measures the norm that clip_grad_norm_ measures in the AdamW loop (after
     accumulation and GradScaler's unscale), and steps with the clipped gradient: Adam's
-    first moment after one step is (1 - beta1) * the clipped gradient."""
+    second moment after one step is (1 - beta2) * the clipped gradient squared."""
     one = config(steps=1, max_grad_norm=0.25)
     adamw = ex.train_adamw(one)
     clipped = ex.train_alsals(one)
@@ -139,18 +139,18 @@ def test_max_grad_norm_clips_what_clip_grad_norm_would():
     assert unclipped.log[0].grad_norm == norm
     assert adamw.log[0][1] == pytest.approx(norm, rel=1e-5)
 
-    def first_moment_norm(run) -> float:
+    def second_moment_root(run) -> float:
         state = run.optimizer.state
-        return torch.cat([state[p]["exp_avg"].flatten() for p in run.model.parameters()]).norm()
+        v = torch.cat([state[p]["exp_avg_sq"].flatten() for p in run.model.parameters()])
+        return v.sum().sqrt()
 
     def grad_norm(run) -> float:
         return torch.cat([p.grad.flatten() for p in run.model.parameters()]).norm()
 
-    beta1 = 0.9
-    assert grad_norm(clipped) == pytest.approx(0.25, rel=1e-4)
-    assert first_moment_norm(clipped) == pytest.approx((1 - beta1) * 0.25, rel=1e-4)
-    assert grad_norm(unclipped) == pytest.approx(norm, rel=1e-4)
-    assert first_moment_norm(unclipped) == pytest.approx((1 - beta1) * norm, rel=1e-4)
+    root = math.sqrt(1 - 0.999)  # beta2
+    assert grad_norm(unclipped) == pytest.approx(norm, rel=1e-4)  # the gradient, unclipped
+    assert second_moment_root(clipped) == pytest.approx(root * 0.25, rel=1e-4)
+    assert second_moment_root(unclipped) == pytest.approx(root * norm, rel=1e-4)
 
 
 def test_clipping_is_active_in_the_example(runs):

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 
 F64 = torch.float64
 
@@ -46,13 +46,13 @@ def at_a_tie(make_optimizer, steps: int = 30) -> tuple[float, float, list[str]]:
 def test_the_papers_finite_difference_slope_passes_the_kink():
     """The finite difference measures the rise (a negative slope), and the paper's
     ``c_h = 1/c`` branch accepts a step through the kink; the loss then falls."""
-    start, end, kinds = at_a_tie(ALSALS.paper)
+    start, end, kinds = at_a_tie(MomentumALSALS.paper)
     assert kinds[0] == "search"
     assert end < start - 0.3
 
 
-ANALYTIC = [ALSALS, SLS, AdamSLS]
-ANALYTIC_IDS = ["ALSALS-defaults", "SLS", "AdamSLS"]
+ANALYTIC = [MomentumALSALS, SLS, AdamSLS]
+ANALYTIC_IDS = ["MomentumALSALS-defaults", "SLS", "AdamSLS"]
 
 
 @pytest.mark.parametrize("make_optimizer", ANALYTIC, ids=ANALYTIC_IDS)
@@ -85,7 +85,7 @@ def test_the_defaults_pass_the_kink_as_the_papers_finite_difference_does():
     the recommended configuration, like the paper's, then lowers the loss steadily. (SLS
     and Adam + SLS, searching along one piece's gradient, zigzag across the kink with
     shrinking steps: Armijo along gradient directions of a nonsmooth loss.)"""
-    start, end, _ = at_a_tie(ALSALS)
+    start, end, _ = at_a_tie(MomentumALSALS)
     assert end < start - 0.3
 
 
@@ -164,10 +164,10 @@ def test_a_resumed_run_remembers_the_kink_it_passed():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = ALSALS([w])
+        opt = MomentumALSALS([w])
         opt.step(closure)
         saved = opt.state_dict()
-        resumed = ALSALS([w])
+        resumed = MomentumALSALS([w])
         resumed.load_state_dict(saved)
         before = w.detach().clone()
         resumed.step(closure)

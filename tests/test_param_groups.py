@@ -74,19 +74,19 @@ def test_a_torch_scheduler_can_drive_the_step_size_and_monitors_read_it(paper_cl
 
 
 def test_groups_may_use_different_adam_settings():
-    from alsals import ALSALS
+    from alsals import MomentumALSALS
 
     a = torch.ones(3, requires_grad=True)
     b = torch.ones(3, requires_grad=True)
     # loss_floor's model averages with one beta1: per-group beta1 needs it off
-    opt = ALSALS(
+    opt = MomentumALSALS(
         [{"params": [a]}, {"params": [b], "betas": (0.5, 0.9), "eps": 1e-6}], loss_floor=None
     )
     opt.step(lambda: (a**2).sum() + (b**2).sum())
     assert opt.param_groups[1]["betas"] == (0.5, 0.9)
     assert opt.state[b]["step"] == 1
     # with the defaults, beta2 and eps may still differ
-    opt = ALSALS([{"params": [a]}, {"params": [b], "betas": (0.9, 0.9), "eps": 1e-6}])
+    opt = MomentumALSALS([{"params": [a]}, {"params": [b], "betas": (0.9, 0.9), "eps": 1e-6}])
     opt.step(lambda: (a**2).sum() + (b**2).sum())
     assert opt.param_groups[1]["betas"] == (0.9, 0.9)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import alsals.line_search
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from alsals_bench.memory import LiveStorage
 
 SIZES = [(300, 200), (200,), (500, 100)]
@@ -55,11 +55,17 @@ def adam_step_peak() -> int:
     [
         (SLS, {}),
         (AdamSLS, {}),
-        (ALSALS.paper, {}),
-        (ALSALS.paper, {"slope": "analytic"}),
-        (ALSALS, {"search_interval": 1, "start": "grown"}),  # backtracks from lr=10
+        (MomentumALSALS.paper, {}),
+        (MomentumALSALS.paper, {"slope": "analytic"}),
+        (MomentumALSALS, {"search_interval": 1, "start": "grown"}),  # backtracks from lr=10
     ],
-    ids=["SLS", "AdamSLS", "ALSALS-paper", "ALSALS-paper-analytic", "ALSALS"],
+    ids=[
+        "SLS",
+        "AdamSLS",
+        "MomentumALSALS-paper",
+        "MomentumALSALS-paper-analytic",
+        "MomentumALSALS",
+    ],
 )
 def test_extra_memory_is_at_most_one_parameter_sized_buffer_beyond_adam(cls, kwargs):
     params = make_params()
@@ -78,7 +84,7 @@ def test_extra_memory_is_at_most_one_parameter_sized_buffer_beyond_adam(cls, kwa
     assert mode.peak >= param_bytes(params)  # the tracker sees at least the saved weights
 
 
-@pytest.mark.parametrize("cls", [AdamSLS, ALSALS], ids=["AdamSLS", "ALSALS"])
+@pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS], ids=["AdamSLS", "MomentumALSALS"])
 def test_a_step_without_search_needs_no_more_memory_than_adam(cls):
     params = make_params()
     opt = cls(params, lr=1e-3, search_interval=2)
@@ -93,7 +99,7 @@ def test_a_step_without_search_needs_no_more_memory_than_adam(cls):
 
 @pytest.mark.parametrize("slope", ["analytic", "finite_difference"])
 @pytest.mark.parametrize(
-    "cls", [SLS, AdamSLS, ALSALS.paper], ids=["SLS", "AdamSLS", "ALSALS-paper"]
+    "cls", [SLS, AdamSLS, MomentumALSALS.paper], ids=["SLS", "AdamSLS", "MomentumALSALS-paper"]
 )
 def test_one_host_sync_per_trial_plus_one_for_the_start(cls, slope, monkeypatch):
     params = make_params()
@@ -117,7 +123,7 @@ def test_one_host_sync_per_trial_plus_one_for_the_start(cls, slope, monkeypatch)
 
 def test_step_uses_multi_tensor_kernels_and_no_deepcopy(monkeypatch):
     params = make_params()
-    opt = ALSALS(params, lr=10.0)
+    opt = MomentumALSALS(params, lr=10.0)
     monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("deepcopy in step"))
     mode = LiveStorage()
     with mode:
@@ -134,7 +140,7 @@ def test_last_step_reports_diagnostics_for_logging():
     # float64: the finite-difference slope at fd_step=5e-8 is well resolved on every CPU (in
     # float32 it is at the rounding limit, which differs between machines).
     params = [p.detach().double().requires_grad_() for p in make_params()]
-    opt = ALSALS.paper(params, lr=10.0)
+    opt = MomentumALSALS.paper(params, lr=10.0)
     mode = LiveStorage()
     opt.step(quadratic_closure(params, mode))
     info = opt.last_step

@@ -14,11 +14,11 @@ import warnings
 import pytest
 import torch
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 
 F64 = torch.float64
-CLASSES = [SLS, AdamSLS, ALSALS]
-IDS = ["SLS", "AdamSLS", "ALSALS"]
+CLASSES = [SLS, AdamSLS, MomentumALSALS]
+IDS = ["SLS", "AdamSLS", "MomentumALSALS"]
 
 
 def test_sls_takes_the_batchs_polyak_step_where_the_search_allows_more():
@@ -49,7 +49,7 @@ def test_alsals_first_step_cap_is_the_loss_over_the_preconditioned_slope():
     floor = 2.0
     w = start.clone().requires_grad_(True)
     # lr: a first trial far above the cap, which the (unsmoothed) test accepts
-    opt = ALSALS([w], lr=3.0, loss_floor=floor, start="grown", smoothing=0.0, c=0.01)
+    opt = MomentumALSALS([w], lr=3.0, loss_floor=floor, start="grown", smoothing=0.0, c=0.01)
     opt.step(lambda: 0.5 * (w * w).sum() + 5.0)
     loss0 = 0.5 * float((start * start).sum()) + 5.0
     g = start
@@ -97,7 +97,7 @@ def _noisy_regression_run(loss_floor: float | None) -> tuple[float, float]:
     x = torch.randn(n, d, dtype=F64, generator=gen) / math.sqrt(d)
     y = x @ torch.randn(d, dtype=F64, generator=gen) + torch.randn(n, dtype=F64, generator=gen)
     w = torch.zeros(d, dtype=F64, requires_grad=True)
-    opt = ALSALS([w], loss_floor=loss_floor, loss_rise_guard=None)  # the cap alone
+    opt = MomentumALSALS([w], loss_floor=loss_floor, loss_rise_guard=None)  # the cap alone
     order = torch.randperm(n, generator=gen)
     taken = []
     for k in range(600):
@@ -173,15 +173,15 @@ def test_a_model_at_the_floor_holds_the_weights_and_keeps_the_step_size(cls):
 def test_loss_floor_is_validated(value, error):
     w = torch.zeros(2, requires_grad=True)
     with pytest.raises(error, match="loss_floor"):
-        ALSALS([w], loss_floor=value)
+        MomentumALSALS([w], loss_floor=value)
 
 
 def test_loss_floor_needs_one_beta1_for_all_groups():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     groups = [{"params": [a]}, {"params": [b], "betas": (0.8, 0.999)}]
     with pytest.raises(ValueError, match=r"betas\[0\] differs.*loss_floor"):
-        ALSALS(groups)
-    ALSALS(groups, loss_floor=None)  # without the cap, per-group betas are fine
+        MomentumALSALS(groups)
+    MomentumALSALS(groups, loss_floor=None)  # without the cap, per-group betas are fine
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)

@@ -1,6 +1,6 @@
 """The fast optimizers, step by step, against the float64 reference of docs/algorithms.md.
 
-Every test runs ``alsals.{SLS,AdamSLS,ALSALS}`` on float64 parameters next to
+Every test runs ``alsals.{SLS,AdamSLS,MomentumALSALS}`` on float64 parameters next to
 ``tests/reference.py`` on the same loss functions and asserts after every step: the weights,
 ``optimizer.last_step``, the ``line_search`` state, the Adam moments and the group ``lr``.
 Each case also asserts that the behaviour it is about (backtracking, reused step sizes,
@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from reference import (
     GroupConfig,
     ReferenceOptimizer,
@@ -30,8 +30,8 @@ from reference import (
 )
 
 F64 = torch.float64
-# The reference transcribes the paper's configurations: ALSALS is built as ALSALS.paper.
-CLASSES = {"SLS": SLS, "AdamSLS": AdamSLS, "ALSALS": ALSALS.paper}
+# The reference transcribes the paper's configurations: MomentumALSALS is built as MomentumALSALS.paper.
+CLASSES = {"SLS": SLS, "AdamSLS": AdamSLS, "MomentumALSALS": MomentumALSALS.paper}
 GROUP_KEYS = ("lr_scale", "weight_decay", "betas", "eps")
 
 # Tolerances: weights and everything derived from exact float64 arithmetic are held tight.
@@ -429,8 +429,8 @@ def assert_happened(records: list[StepRecord], expect: set[str]) -> None:
 # Trajectories
 # --------------------------------------------------------------------------------------
 
-#: ALSALS's defaults, as the paper's configuration plus overrides (checked against
-#: ``ALSALS()`` by ``test_the_defaults_case_is_alsals_defaults``).
+#: MomentumALSALS's defaults, as the paper's configuration plus overrides (checked against
+#: ``MomentumALSALS()`` by ``test_the_defaults_case_is_alsals_defaults``).
 RECOMMENDED = {
     "slope": "analytic",
     "search_interval": "adaptive",
@@ -447,9 +447,9 @@ RECOMMENDED = {
 
 
 def test_the_defaults_case_is_alsals_defaults():
-    """The reference case ``alsals-defaults`` runs exactly ``ALSALS(params, lr=...)``."""
-    defaults = ALSALS([torch.zeros(1, requires_grad=True)]).defaults
-    paper = ALSALS.paper([torch.zeros(1, requires_grad=True)], **RECOMMENDED).defaults
+    """The reference case ``alsals-defaults`` runs exactly ``MomentumALSALS(params, lr=...)``."""
+    defaults = MomentumALSALS([torch.zeros(1, requires_grad=True)]).defaults
+    paper = MomentumALSALS.paper([torch.zeros(1, requires_grad=True)], **RECOMMENDED).defaults
     assert defaults == paper
 
 
@@ -465,7 +465,7 @@ C_H_SWITCH_INTERPOLATE = {
 CASES = [
     (
         "alsals-logistic-polyak",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 50.0, "start": "polyak", "slope": "analytic", "growth_interval": 7.0},
         20,
@@ -483,7 +483,7 @@ CASES = [
     ),
     (
         "alsals-logistic-clipped",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 5.0, "max_grad_norm": 0.05, "slope": "analytic"},
         20,
@@ -501,7 +501,7 @@ CASES = [
     ("sls-floor", "SLS", "offset_quadratic", {}, 260, {"unresolved", "accepted"}),
     (
         "alsals-floor",
-        "ALSALS",
+        "MomentumALSALS",
         "offset_quadratic",
         {"slope": "analytic", "smoothing": 0.0},
         400,
@@ -509,7 +509,7 @@ CASES = [
     ),
     (
         "alsals-logistic-preconditioned-search",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 20.0, "search_direction": "preconditioned", "slope": "analytic", "smoothing": 0.9},
         30,
@@ -517,7 +517,7 @@ CASES = [
     ),
     (
         "alsals-defaults",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 5.0, **RECOMMENDED},
         80,
@@ -543,7 +543,7 @@ CASES = [
     ),
     (
         "alsals-logistic-loss-floor-clipped-warmup",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {**RECOMMENDED, "lr": 5.0, "loss_floor": 0.1, "max_grad_norm": 0.5, "warmup_steps": 5},
         60,
@@ -553,7 +553,7 @@ CASES = [
     # reach its floor of 0), the ceiling is cut, searches and reuses stay below it
     (
         "alsals-defaults-noisy-regression-rise",
-        "ALSALS",
+        "MomentumALSALS",
         "noisy_regression",
         {**RECOMMENDED, "lr": 0.1, "loss_floor": None},
         500,
@@ -563,7 +563,7 @@ CASES = [
     # and no further until the run refutes the floor and starts afresh
     (
         "alsals-defaults-below-zero",
-        "ALSALS",
+        "MomentumALSALS",
         "below_zero_quadratic",
         {**RECOMMENDED, "lr": 0.3},
         80,
@@ -571,7 +571,7 @@ CASES = [
     ),
     (
         "alsals-polyak-start-floor-none-below-zero",
-        "ALSALS",
+        "MomentumALSALS",
         "below_zero_quadratic",
         {**RECOMMENDED, "lr": 1.0, "loss_floor": None},
         60,
@@ -677,7 +677,7 @@ CASES = [
     ),
     (
         "alsals-quadratic-fd",
-        "ALSALS",
+        "MomentumALSALS",
         "quadratic",
         {"lr": 2.0, "growth_interval": 5},
         40,
@@ -685,7 +685,7 @@ CASES = [
     ),
     (
         "alsals-quadratic-analytic",
-        "ALSALS",
+        "MomentumALSALS",
         "quadratic",
         {"lr": 2.0, "slope": "analytic", "growth_interval": 5},
         40,
@@ -693,7 +693,7 @@ CASES = [
     ),
     (
         "alsals-quadratic-failed",
-        "ALSALS",
+        "MomentumALSALS",
         "quadratic",
         {"lr": 100.0, "max_trials": 5, "backtrack": 0.5, "smoothing": 0.0},
         30,
@@ -701,7 +701,7 @@ CASES = [
     ),
     (
         "alsals-logistic-fd",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 5.0, "growth_interval": 10},
         60,
@@ -709,7 +709,7 @@ CASES = [
     ),
     (
         "alsals-logistic-analytic-interval3-nosmoothing-wd",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {
             "lr": 5.0,
@@ -724,7 +724,7 @@ CASES = [
     (
         # beta1 = 0.99: the momentum direction often points uphill, G <= 0, c_h = 1 / c.
         "alsals-logistic-fd-c_h-switch",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 1.0, "smoothing": 0.0, "betas": (0.99, 0.999), "growth_interval": 2},
         60,
@@ -732,7 +732,7 @@ CASES = [
     ),
     (
         "alsals-logistic-fd-c_h-switch-smoothing-interval3",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {
             "lr": 3.0,
@@ -748,7 +748,7 @@ CASES = [
         # An accepted trial with G <= 0 leaves D < 0, so the next search fails (D' -> b D < 0
         # as eta -> 0); the failure resets the averages and the search after it succeeds.
         "alsals-quadratic-stall",
-        "ALSALS",
+        "MomentumALSALS",
         "quadratic",
         {"lr": 1.0, "smoothing": 0.5, "betas": (0.99, 0.999), "growth_interval": 5},
         16,
@@ -756,7 +756,7 @@ CASES = [
     ),
     (
         "alsals-logistic-fd-adaptive",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 5.0, "search_interval": "adaptive", "growth_interval": 10},
         150,
@@ -764,7 +764,7 @@ CASES = [
     ),
     (
         "alsals-logistic-analytic-adaptive",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 5.0, "slope": "analytic", "search_interval": "adaptive", "growth_interval": 10},
         150,
@@ -772,7 +772,7 @@ CASES = [
     ),
     (
         "alsals-logistic-analytic-settled",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 5.0, "slope": "analytic", "search_interval": "settled", "growth_interval": 10},
         150,
@@ -798,7 +798,7 @@ CASES = [
         # the recommended settings (smoothing 0.9, Polyak starts, adaptive cadence) with
         # interpolation: the smoothed test's quadratic in eta has a constant term b D
         "alsals-logistic-analytic-defaults-interpolate",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {
             "lr": 5.0,
@@ -816,7 +816,7 @@ CASES = [
     ),
     (
         "alsals-logistic-fd-c_h-switch-interpolate",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         C_H_SWITCH_INTERPOLATE,
         60,
@@ -837,9 +837,9 @@ CASES = [
         {"backtracked", "trusted"},
     ),
     (
-        # ALSALS(params)'s settings: the trusted step's predicted decrease enters D
+        # MomentumALSALS(params)'s settings: the trusted step's predicted decrease enters D
         "alsals-logistic-analytic-defaults-trust-interpolation",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {**RECOMMENDED, "lr": 5.0, "growth_interval": 2},
         80,
@@ -847,7 +847,7 @@ CASES = [
     ),
     (
         "alsals-logistic-fd-c_h-switch-trust-interpolation",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {**C_H_SWITCH_INTERPOLATE, "trust_interpolation": True},
         60,
@@ -856,12 +856,19 @@ CASES = [
     # at a tie of two linear pieces the analytic slope predicts a fall no step gives (5.8)
     ("sls-tie", "SLS", "tie", {}, 30, {"kink", "backtracked"}),
     ("adamsls-tie", "AdamSLS", "tie", {}, 30, {"kink", "backtracked"}),
-    ("alsals-defaults-tie", "ALSALS", "tie", {**RECOMMENDED, "lr": 0.1}, 30, {"kink", "reuse"}),
+    (
+        "alsals-defaults-tie",
+        "MomentumALSALS",
+        "tie",
+        {**RECOMMENDED, "lr": 0.1},
+        30,
+        {"kink", "reuse"},
+    ),
     # ... and where the gradient is not the loss's, only once (then the searches end)
     ("sls-surrogate", "SLS", "surrogate", {}, 8, {"kink", "failed"}),
     (
         "alsals-defaults-surrogate",
-        "ALSALS",
+        "MomentumALSALS",
         "surrogate",
         {**RECOMMENDED, "lr": 0.1},
         8,
@@ -869,7 +876,7 @@ CASES = [
     ),
     (
         "alsals-logistic-fd-warmup-wd-lrscale",
-        "ALSALS",
+        "MomentumALSALS",
         "logistic",
         {"lr": 5.0, "warmup_steps": 5, "weight_decay": 0.05, "lr_scale": 2.0, "eps": 1e-6},
         40,
@@ -897,7 +904,7 @@ GROUP_CASES = {
         {"lr": 1.0, "weight_decay": 0.01, "growth_interval": 10},
         [{}, {"lr_scale": 0.5, "weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}],
     ),
-    "ALSALS": (
+    "MomentumALSALS": (
         {"lr": 1.0, "weight_decay": 0.01, "growth_interval": 10},
         [{}, {"lr_scale": 0.5, "weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}],
     ),
@@ -1019,7 +1026,7 @@ def test_two_nonfinite_steps_after_an_untested_update_undo_it(variant, interval)
         run.run(10, loss_at=loss_at)
     kinds = run.kinds()
     assert kinds[4:7] == ["nonfinite", "nonfinite", "search"]
-    untested = variant == "AdamSLS" or (variant == "ALSALS" and kinds[3] == "reuse")
+    untested = variant == "AdamSLS" or (variant == "MomentumALSALS" and kinds[3] == "reuse")
     assert run.ref.state.undone_updates == int(untested)
     assert run.opt.search_state.undone_updates == int(untested)
     if interval == 2 and variant != "SLS":
@@ -1139,7 +1146,7 @@ def test_alsals_recovers_after_a_failed_search(slope):
     problem = Problem(
         "diag", [[torch.ones(2, dtype=F64)]], lambda k: lambda ws: 0.5 * ws[0] @ a @ ws[0]
     )
-    run = SideBySide("ALSALS", problem, {"lr": 10.0, "max_trials": 10, "slope": slope})
+    run = SideBySide("MomentumALSALS", problem, {"lr": 10.0, "max_trials": 10, "slope": slope})
     run.run(50)
     assert run.records[0].kind == "failed"  # 10 * 0.9^9 > 0.8, the largest passing step
     assert "search" in run.kinds(), f"never accepted; eta = {run.ref.state.step_size:.3g}"
@@ -1219,8 +1226,8 @@ def test_reference_sls_first_step_closed_form(smoothing):
     [
         ("AdamSLS", "analytic"),
         ("AdamSLS", "finite_difference"),
-        ("ALSALS", "analytic"),
-        ("ALSALS", "finite_difference"),
+        ("MomentumALSALS", "analytic"),
+        ("MomentumALSALS", "finite_difference"),
     ],
 )
 def test_reference_adam_first_step_closed_form(variant, slope):
@@ -1273,7 +1280,7 @@ def test_reference_warmup_closed_form():
     last eta times 2^(1/b_g)."""
     problem = logistic_problem()
     ref = ReferenceOptimizer(
-        [(problem.groups[0], GroupConfig())], make_config("ALSALS", lr=0.2, warmup_steps=4)
+        [(problem.groups[0], GroupConfig())], make_config("MomentumALSALS", lr=0.2, warmup_steps=4)
     )
     for k in range(4):
         ref.step(problem.loss_at(k))
@@ -1341,7 +1348,9 @@ def test_reference_adaptive_interval_and_c_h():
     assert armijo_constant(0.6, -1.0) == pytest.approx(1 / 0.6)
 
 
-@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=["SLS", "AdamSLS", "ALSALS"])
+@pytest.mark.parametrize(
+    "cls", [SLS, AdamSLS, MomentumALSALS], ids=["SLS", "AdamSLS", "MomentumALSALS"]
+)
 def test_settled_cadence_stops_searching_every_step_once_a_search_takes_its_first_trial(cls):
     """On a quadratic whose step size the search finds at once, "adaptive" searches in each
     of the first 10 steps; "settled" hands over to the adaptive cadence right after the
@@ -1365,16 +1374,16 @@ def test_settled_cadence_stops_searching_every_step_once_a_search_takes_its_firs
 
 def test_settled_is_validated_and_round_trips_in_the_state_dict():
     w = torch.tensor([3.0, -2.0], requires_grad=True)
-    opt = ALSALS([w], search_interval="settled")
+    opt = MomentumALSALS([w], search_interval="settled")
     for _ in range(3):
         opt.step(lambda: (w**2).sum())
     state = opt.state_dict()
     assert state["state"][0]["line_search"]["settled"] in (0, 1)
-    twin = ALSALS([w], search_interval="settled")
+    twin = MomentumALSALS([w], search_interval="settled")
     twin.load_state_dict(state)
     assert twin.search_state.settled == opt.search_state.settled
     with pytest.raises(ValueError, match="'adaptive' or 'settled'"):
-        ALSALS([w], search_interval="settle")
+        MomentumALSALS([w], search_interval="settle")
 
 
 def test_reference_interpolated_backtracking_closed_form():
@@ -1402,7 +1411,9 @@ def test_reference_interpolated_backtracking_closed_form():
     assert all(0.1 <= r <= 0.9 * (1 + 1e-12) for r in floor_steps)
 
 
-@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=["SLS", "AdamSLS", "ALSALS"])
+@pytest.mark.parametrize(
+    "cls", [SLS, AdamSLS, MomentumALSALS], ids=["SLS", "AdamSLS", "MomentumALSALS"]
+)
 def test_interpolate_accepts_what_plain_backtracking_accepts_in_fewer_trials(cls):
     """The interpolated walk skips only trials the quadratic model fails; on a quadratic
     (where the model is exact) both walks give the same trajectory, one in fewer trials."""
@@ -1425,7 +1436,9 @@ def test_interpolate_accepts_what_plain_backtracking_accepts_in_fewer_trials(cls
     torch.testing.assert_close(fast_w, plain_w, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=["SLS", "AdamSLS", "ALSALS"])
+@pytest.mark.parametrize(
+    "cls", [SLS, AdamSLS, MomentumALSALS], ids=["SLS", "AdamSLS", "MomentumALSALS"]
+)
 def test_trust_interpolation_takes_the_same_steps_with_fewer_forward_passes(cls):
     """On a quadratic the interpolation model is exact, so the step size it predicts passes:
     taking it untested gives the trajectory of testing it (the averages store the very
@@ -1480,17 +1493,17 @@ def test_trust_interpolation_tests_the_first_search_and_any_trial_that_raised_th
 
 @pytest.mark.parametrize("key", ["interpolate", "trust_interpolation"])
 def test_interpolation_options_are_validated_and_round_trip_in_the_state_dict(key):
-    """On in ``ALSALS(params)``, off in the paper's three; a non-bool is a ``TypeError``; a
+    """On in ``MomentumALSALS(params)``, off in the paper's three; a non-bool is a ``TypeError``; a
     state saved with the option off keeps it off when loaded (with a warning)."""
     w = torch.tensor([3.0, -2.0], requires_grad=True)
     with pytest.raises(TypeError, match=f"invalid {key}"):
-        ALSALS([w], **{key: 1})
-    opt = ALSALS([w], **{key: False})
+        MomentumALSALS([w], **{key: 1})
+    opt = MomentumALSALS([w], **{key: False})
     opt.step(lambda: (w**2).sum())
-    twin = ALSALS([w])
+    twin = MomentumALSALS([w])
     assert twin.defaults[key] is True
     with pytest.warns(UserWarning, match=f"{key}=False"):
         twin.load_state_dict(opt.state_dict())
     assert twin.param_groups[0][key] is False
-    assert ALSALS.paper([w]).defaults[key] is False
+    assert MomentumALSALS.paper([w]).defaults[key] is False
     assert SLS([w]).defaults[key] is AdamSLS([w]).defaults[key] is False

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 
 # The analytic slope is exact; the paper's finite difference at fd_step=5e-8 is rounding noise
 # in float32 (docs/algorithms.md), which is a separate hazard.
@@ -17,9 +17,9 @@ ANALYTIC = [
     (SLS, {}),
     (AdamSLS, {}),
     # the search alone (loss_floor's cap, which slows a deterministic quadratic, is off)
-    (ALSALS, {"slope": "analytic", "search_direction": "momentum", "loss_floor": None}),
+    (MomentumALSALS, {"slope": "analytic", "search_direction": "momentum", "loss_floor": None}),
 ]
-IDS = ["SLS", "AdamSLS", "ALSALS-momentum-analytic"]
+IDS = ["SLS", "AdamSLS", "MomentumALSALS-momentum-analytic"]
 
 
 def spd_quadratic(dim: int = 8, seed: int = 0):
@@ -34,8 +34,8 @@ def is_normal(x: float) -> bool:
 
 @pytest.mark.parametrize(
     ("cls", "kwargs", "steps"),
-    [(*case, 250) for case in ANALYTIC] + [(ALSALS, {}, 500)],
-    ids=[*IDS, "ALSALS-defaults"],
+    [(*case, 250) for case in ANALYTIC] + [(MomentumALSALS, {}, 500)],
+    ids=[*IDS, "MomentumALSALS-defaults"],
 )
 def test_step_size_stays_normal_at_the_precision_floor_and_training_resumes(cls, kwargs, steps):
     """A deterministic float32 quadratic converges to its rounding floor within 250 steps
@@ -197,7 +197,7 @@ def test_a_finite_difference_probe_below_the_loss_rounding_is_not_taken_for_the_
 
     for kwargs in ({}, {"smoothing": 0.0}):
         w.data = torch.linspace(-1.0, 1.0, 6)
-        opt = ALSALS.paper([w], **kwargs)
+        opt = MomentumALSALS.paper([w], **kwargs)
         for step in range(3):
             w0, grad = w.detach().clone(), w.detach().clone()  # the gradient of the loss is w
             opt.step(closure)

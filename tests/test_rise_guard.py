@@ -15,12 +15,12 @@ import math
 import pytest
 import torch
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from alsals.rise_guard import LOSS_SMOOTHING, WATCH_SAMPLES, LossWatch
 
 F64 = torch.float64
-CLASSES = [SLS, AdamSLS, ALSALS]
-IDS = ["SLS", "AdamSLS", "ALSALS"]
+CLASSES = [SLS, AdamSLS, MomentumALSALS]
+IDS = ["SLS", "AdamSLS", "MomentumALSALS"]
 
 
 def _watch(losses: list[float], step_size: float = 0.1) -> LossWatch:
@@ -200,13 +200,13 @@ def _fresh(cls, guard, **kwargs):
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
 def test_on_noisy_batches_the_guard_stops_the_loss_climbing_back(cls):
     """Each batch accepts a step too large for the expected loss and the step size grows
-    (SLS and AdamSLS by 2^(1/500) per step, ALSALS by 10% per search): without the guard
+    (SLS and AdamSLS by 2^(1/500) per step, MomentumALSALS by 10% per search): without the guard
     the full-data loss over the last 1000 of 2500 steps is 37-88% above its minimum
     (measured on seeds 0-2); with it the climb is seen, the step size goes back to its
     average where the loss was lowest, and the excess is 9-20% of that (measured;
     asserted: below 35%)."""
     problem = NoisyRegression()
-    kwargs = {"loss_floor": None} if cls is ALSALS else {}
+    kwargs = {"loss_floor": None} if cls is MomentumALSALS else {}
     excess = {}
     for guard in (None, 3.0):
         w, opt = _fresh(cls, guard, **kwargs)
@@ -224,7 +224,7 @@ def test_no_trial_and_no_reused_step_exceeds_the_ceiling():
     the next search starts from stay at or below the ceiling (the search's 10% growth no
     longer lifts it past); each ceiling lies below the step size the update took."""
     problem = NoisyRegression(seed=2)
-    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, opt = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     ceiling, after_fire = math.inf, 0
     for k in range(900):
         lr = opt.param_groups[0]["lr"]
@@ -250,7 +250,7 @@ def test_a_deterministic_descent_never_fires_it():
     runs = []
     for guard in (3.0, None):
         w = torch.zeros(5, dtype=F64, requires_grad=True)
-        opt = ALSALS([w], loss_rise_guard=guard)
+        opt = MomentumALSALS([w], loss_rise_guard=guard)
         losses = []
         for _ in range(400):
             loss = opt.step(
@@ -267,7 +267,7 @@ def test_a_deterministic_descent_never_fires_it():
 
 def test_writing_lr_clears_the_ceiling_and_restarts_the_watch():
     problem = NoisyRegression()
-    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, opt = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     fired, _ = problem.run(opt, w, range(400))
     assert fired
     assert opt.state[w]["line_search"]["step_size_ceiling"] < math.inf
@@ -282,18 +282,18 @@ def test_a_resumed_run_keeps_the_ceiling_and_the_watch():
     """Save after the guard fired, load into a fresh optimizer, go on: bit-identical to
     the run that never stopped."""
     problem = NoisyRegression()
-    w, straight = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, straight = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     fired, _ = problem.run(straight, w, range(700))
     assert fired and fired[0] < 400
 
-    first_w, first = _fresh(ALSALS, 3.0, loss_floor=None)
+    first_w, first = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     problem.run(first, first_w, range(400))
     buffer = io.BytesIO()
     torch.save({"w": first_w.detach(), "opt": first.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["state"][0]["line_search"]["step_size_ceiling"] < math.inf
-    resumed_w, resumed = _fresh(ALSALS, 3.0, loss_floor=None)
+    resumed_w, resumed = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     with torch.no_grad():
         resumed_w.copy_(saved["w"])
     resumed.load_state_dict(saved["opt"])
@@ -309,18 +309,18 @@ def test_a_resumed_run_keeps_the_ceiling_and_the_watch():
 def test_loss_rise_guard_is_validated(value, error):
     w = torch.zeros(2, requires_grad=True)
     with pytest.raises(error, match="loss_rise_guard"):
-        ALSALS([w], loss_rise_guard=value)
+        MomentumALSALS([w], loss_rise_guard=value)
 
 
 def test_a_bad_ceiling_in_a_checkpoint_is_refused():
     w = torch.zeros(2, requires_grad=True)
-    opt = ALSALS([w])
+    opt = MomentumALSALS([w])
     opt.step(lambda: (w * w).sum() + 1.0)
     saved = opt.state_dict()
     for bad in (0.0, -1.0, math.nan):
         saved["state"][0]["line_search"]["step_size_ceiling"] = bad
         with pytest.raises(ValueError, match="step_size_ceiling"):
-            ALSALS([w]).load_state_dict(saved)
+            MomentumALSALS([w]).load_state_dict(saved)
 
 
 def test_the_ceiling_is_lifted_once_the_loss_falls_below_where_it_rose():
@@ -328,7 +328,7 @@ def test_the_ceiling_is_lifted_once_the_loss_falls_below_where_it_rose():
     noise goes (the targets become exact) the loss falls far below the lowest it had, and
     the ceiling is lifted: the evidence it rested on no longer holds."""
     problem = NoisyRegression()
-    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, opt = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     fired, _ = problem.run(opt, w, range(600))
     assert fired
     assert opt.state[w]["line_search"]["step_size_ceiling"] < math.inf
@@ -351,7 +351,7 @@ def test_when_the_objective_moves_training_goes_on():
     where it was), and the run fits the new targets (measured: 12% above their minimum over
     the last 200 of 600 steps)."""
     problem = NoisyRegression()
-    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, opt = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     fired, _ = problem.run(opt, w, range(600))
     assert fired
     ceiling = opt.state[w]["line_search"]["step_size_ceiling"]
@@ -365,7 +365,7 @@ def test_when_the_objective_moves_training_goes_on():
 
 def test_the_log_says_when_and_why_the_guard_set_a_ceiling(caplog):
     problem = NoisyRegression()
-    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, opt = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     with caplog.at_level(logging.INFO, logger="alsals"):
         fired, _ = problem.run(opt, w, range(400))
     messages = [r.getMessage() for r in caplog.records if "loss_rise_guard" in r.getMessage()]
@@ -376,10 +376,10 @@ def test_the_log_says_when_and_why_the_guard_set_a_ceiling(caplog):
 
 def test_a_preview_of_the_step_that_fires_it_is_that_step_and_changes_nothing():
     problem = NoisyRegression()
-    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, opt = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     fired, _ = problem.run(opt, w, range(400))
     assert fired
-    w, opt = _fresh(ALSALS, 3.0, loss_floor=None)
+    w, opt = _fresh(MomentumALSALS, 3.0, loss_floor=None)
     problem.run(opt, w, range(fired[0]))
     before = opt.state_dict()
     preview = opt.preview(problem.closure(w, fired[0]))

@@ -1,4 +1,4 @@
-"""ScheduleFreeALSALS: Schedule-Free AdamW's dynamics, its step size set by an Armijo search.
+"""ALSALS: Schedule-Free AdamW's dynamics, its step size set by an Armijo search.
 
 The reference below writes Schedule-Free AdamW in its explicit form (``x``, ``z`` and ``y``
 kept apart, as in Defazio et al.'s Algorithm 1); the optimizer keeps ``z`` and, in the
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ScheduleFreeALSALS
+from alsals import ALSALS
 from alsals.schedule_free import trailing_beyond_chance
 
 
@@ -79,7 +79,7 @@ def run(opt_kwargs=None, steps=40, seed=0):
     each step's (y, g, loss at y, loss at y', kind, step size)."""
     x, y = logistic_problem(seed)
     model = make_model()
-    opt = ScheduleFreeALSALS(model.parameters(), **(opt_kwargs or {}))
+    opt = ALSALS(model.parameters(), **(opt_kwargs or {}))
     ref = Reference(
         [p.detach() for p in model.parameters()],
         weight_decay=(opt_kwargs or {}).get("weight_decay", 0.0),
@@ -141,7 +141,7 @@ def test_lr_scale_moves_each_group_by_its_multiple_of_the_searched_step_size():
     x, y = logistic_problem(1)
     model = make_model(2)
     first, second = list(model[0].parameters()), list(model[2].parameters())
-    opt = ScheduleFreeALSALS([{"params": first}, {"params": second, "lr_scale": 0.1}])
+    opt = ALSALS([{"params": first}, {"params": second, "lr_scale": 0.1}])
     ref = Reference(
         [p.detach() for p in model.parameters()], scales=[1.0] * len(first) + [0.1] * len(second)
     )
@@ -160,7 +160,7 @@ def test_accepted_steps_pass_and_their_predecessors_fail_the_test():
     x, y = logistic_problem(3)
     model = make_model(4)
     # no Polyak start and a large lr: the searches backtrack, trial by trial
-    opt = ScheduleFreeALSALS(
+    opt = ALSALS(
         model.parameters(),
         lr=30.0,
         growth=3.0,
@@ -209,7 +209,7 @@ def test_interpolation_takes_the_step_size_of_plain_backtracking_in_fewer_trials
 
     def first_search(interpolate):
         w = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64, requires_grad=True)
-        opt = ScheduleFreeALSALS([w], lr=100.0, loss_floor=None, interpolate=interpolate)
+        opt = ALSALS([w], lr=100.0, loss_floor=None, interpolate=interpolate)
         opt.step(lambda: 0.5 * (curvatures * w * w).sum())
         return opt.last_step
 
@@ -260,7 +260,7 @@ def test_max_grad_norm_clips_the_update_s_gradient_as_clip_grad_norm_does():
     the norm before clipping is reported."""
     x, y = logistic_problem(2)
     model = make_model(3)
-    opt = ScheduleFreeALSALS(model.parameters(), max_grad_norm=0.05)
+    opt = ALSALS(model.parameters(), max_grad_norm=0.05)
     ref = Reference([p.detach() for p in model.parameters()])
     twin = make_model(3)
     clipped_steps = 0
@@ -283,7 +283,7 @@ def test_state_dict_round_trips_the_trajectory():
     x, y = logistic_problem(0)
     model = make_model()
     # settings other than the defaults: the state carries them
-    opt = ScheduleFreeALSALS(model.parameters(), weight_decay=0.01, c=0.5, search_interval=3)
+    opt = ALSALS(model.parameters(), weight_decay=0.01, c=0.5, search_interval=3)
     plan = batches(x, y, 30)
 
     def train(m, o, idxs):
@@ -297,7 +297,7 @@ def test_state_dict_round_trips_the_trajectory():
 
     clone = make_model(99)
     clone.load_state_dict(saved_model)
-    opt2 = ScheduleFreeALSALS(clone.parameters())  # other settings come from the state
+    opt2 = ALSALS(clone.parameters())  # other settings come from the state
     opt2.load_state_dict(saved_opt)
     train(clone, opt2, plan[13:])
     for a, b in zip(model.parameters(), clone.parameters(), strict=True):
@@ -306,11 +306,11 @@ def test_state_dict_round_trips_the_trajectory():
 
 
 def test_a_state_saved_by_another_optimizer_is_refused_by_name():
-    from alsals import ALSALS
+    from alsals import MomentumALSALS
 
     model = make_model()
-    other = ALSALS(model.parameters())
-    opt = ScheduleFreeALSALS(model.parameters())
+    other = MomentumALSALS(model.parameters())
+    opt = ALSALS(model.parameters())
     with pytest.raises(ValueError, match="lacks .*weight_sum.* saved by another optimizer"):
         opt.load_state_dict(other.state_dict())
     assert opt.param_groups[0]["weight_sum"] == 0.0  # nothing was loaded
@@ -323,7 +323,7 @@ def test_schedule_free_s_eval_and_train_leave_the_weights_and_the_run_as_they_ar
     runs = []
     for swap in (False, True):
         model = make_model()
-        opt = ScheduleFreeALSALS(model.parameters())
+        opt = ALSALS(model.parameters())
         for i, idx in enumerate(batches(x, y, 15)):
             opt.step(lambda idx=idx, model=model: loss_of(model, x[idx], y[idx]))
             if swap and i % 4 == 0:
@@ -406,7 +406,7 @@ def test_a_loss_that_reaches_no_parameter_warns_after_three_skipped_steps():
     """A closure computing the loss of another model: every step is skipped (no gradient),
     and after three in a row the user is told why, once."""
     model, other = make_model(), make_model(5)
-    opt = ScheduleFreeALSALS(model.parameters())
+    opt = ALSALS(model.parameters())
     x = torch.randn(8, 6, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -422,7 +422,7 @@ def test_a_search_whose_trials_all_fail_keeps_the_step_size_and_takes_no_gradien
     the weights stay (at a first step there is no averaging move) and the step size is not
     left at ``backtrack^max_trials`` of itself, where growth would take thousands of steps."""
     w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
-    opt = ScheduleFreeALSALS([w], lr=0.5, max_trials=7)
+    opt = ALSALS([w], lr=0.5, max_trials=7)
 
     def closure():
         return (w * w).sum() + (0.0 if torch.is_grad_enabled() else 1.0)
@@ -440,7 +440,7 @@ def test_a_search_whose_averaging_move_fails_keeps_the_step_size():
     the averaging move alone fails as well, the search ends "kept" after two evaluations and
     the step is taken at the last step size, which stays."""
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
-    opt = ScheduleFreeALSALS([w], lr=0.5)
+    opt = ALSALS([w], lr=0.5)
     failing = False
 
     def closure():
@@ -473,7 +473,7 @@ def test_the_first_search_starts_no_higher_than_the_polyak_step():
     at ``lr``."""
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([1e-3, -2e-3, 1e-3], dtype=torch.float64)
-    opt = ScheduleFreeALSALS([w], lr=10.0)
+    opt = ALSALS([w], lr=10.0)
     opt.step(lambda: ((w - target) ** 2).sum())
     g = 2 * (-target)
     u = g / (g.abs() + 1e-8)  # Adam's first preconditioned step: the sign
@@ -487,7 +487,7 @@ def test_the_polyak_cap_takes_the_step_where_the_batch_s_linear_model_reaches_th
     recomputed from the explicit-form reference; the searched step size is kept."""
     x, y = logistic_problem(6)
     model = make_model(7)
-    opt = ScheduleFreeALSALS(model.parameters(), polyak_cap=True)
+    opt = ALSALS(model.parameters(), polyak_cap=True)
     ref = Reference([p.detach() for p in model.parameters()])
     checked = 0
     for idx in batches(x, y, 150, seed=8):
@@ -521,7 +521,7 @@ def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_
 
     def train(guard):
         model = make_model()
-        opt = ScheduleFreeALSALS(model.parameters(), loss_rise_guard=guard)
+        opt = ALSALS(model.parameters(), loss_rise_guard=guard)
         rose = []
         for k, idx in enumerate(batches(x, y, 260, size=64)):
             offset = 0.0 if k < 150 else 0.05 * (k - 150)
@@ -542,7 +542,7 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
     x, y = torch.randn(64, 4), torch.randn(64, 1)
-    opt = ScheduleFreeALSALS(model.parameters(), buffers=model.buffers())
+    opt = ALSALS(model.parameters(), buffers=model.buffers())
     for _ in range(3):
         twin = copy.deepcopy(model)
         with torch.no_grad():  # at y = (1 - beta1) z + beta1 x, where the step evaluates
@@ -572,14 +572,14 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
 )
 def test_bad_settings_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ScheduleFreeALSALS([torch.zeros(2, requires_grad=True)], **kwargs)
+        ALSALS([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
 def test_an_eps_that_is_zero_in_the_weights_dtype_is_refused_before_anything_moves():
     """float16 weights with the default eps 1e-8: Adam's direction would be 0/0 on a dead
     unit and every step skipped; the step says so instead, and writes nothing."""
     w = torch.tensor([1.0, 0.0], dtype=torch.float16, requires_grad=True)
-    opt = ScheduleFreeALSALS([w])
+    opt = ALSALS([w])
     with pytest.raises(ValueError, match="eps=1e-08 is 0 in torch.float16"):
         opt.step(lambda: (w.float() * torch.tensor([1.0, 0.0])).sum() ** 2)
     assert torch.equal(w.detach(), torch.tensor([1.0, 0.0], dtype=torch.float16))
@@ -596,7 +596,7 @@ def test_a_group_setting_that_would_be_ignored_is_refused_and_nothing_is_added(e
     step size: refused, and the optimizer keeps the groups it had. Per-group weight decay
     and betas are fine."""
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
-    opt = ScheduleFreeALSALS([a], weight_decay=0.1)
+    opt = ALSALS([a], weight_decay=0.1)
     with pytest.raises(ValueError, match=match):
         opt.add_param_group({"params": [b], **extra})
     assert len(opt.param_groups) == 1
@@ -606,7 +606,7 @@ def test_a_group_setting_that_would_be_ignored_is_refused_and_nothing_is_added(e
 
 def test_a_module_instead_of_its_parameters_is_refused():
     with pytest.raises(TypeError, match="parameters"):
-        ScheduleFreeALSALS(nn.Linear(2, 1))
+        ALSALS(nn.Linear(2, 1))
 
 
 def test_z_trails_only_beyond_what_a_fair_coin_gives():
@@ -629,7 +629,7 @@ def test_lead_rule_starts_each_search_by_where_z_led_since_the_last(rule):
     x, y = logistic_problem(3)
     model = make_model()
     settings = {"lr": 2.0, "c": 0.05, "initial_searches": 3, "search_interval": 8}
-    opt = ScheduleFreeALSALS(
+    opt = ALSALS(
         model.parameters(), lead_rule=rule, loss_floor=None, loss_rise_guard=None, **settings
     )
     leading = trailing = 0
@@ -672,7 +672,7 @@ def test_polyak_start_trial_keeps_the_step_size_where_only_the_bound_lowered_the
     (No cap, no guard: the step taken is the searched one.)"""
     x, y = logistic_problem(5)
     model = make_model()
-    opt = ScheduleFreeALSALS(
+    opt = ALSALS(
         model.parameters(),
         lr=1.0,
         loss_floor=0.45,
@@ -698,3 +698,114 @@ def test_polyak_start_trial_keeps_the_step_size_where_only_the_bound_lowered_the
         if not bounded:
             assert info.step_size == pytest.approx(before * 1.1, rel=1e-12)
     assert seen == {True, False}, "the run must show both"
+
+
+# ------------------------------------------------------------- the name and its neighbours
+
+
+def test_alsals_is_the_schedule_free_search_and_paper_builds_the_paper_s_configuration():
+    from alsals import PAPER_ALSALS, MomentumALSALS
+
+    model = make_model()
+    recommended = ALSALS(model.parameters())
+    assert recommended.defaults["lr"] == 0.1 and recommended.defaults["search_interval"] == 10
+    assert not isinstance(recommended, MomentumALSALS)
+    paper = ALSALS.paper(model.parameters())
+    assert isinstance(paper, MomentumALSALS)
+    for key, value in PAPER_ALSALS.items():
+        assert paper.defaults[key] == value, key
+    assert ALSALS.paper(model.parameters(), lr=0.5).defaults["lr"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"slope": "analytic"}, r"ALSALS got slope: argument\(s\) of MomentumALSALS"),
+        (
+            {"warmup_steps": 10, "search_direction": "preconditioned"},
+            r"got search_direction, warmup_steps: .*MomentumALSALS\(params, search_direction",
+        ),
+        ({"learning_rate": 0.1}, "unexpected keyword argument 'learning_rate'"),
+    ],
+)
+def test_arguments_of_the_momentum_search_are_refused_with_the_class_that_takes_them(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        ALSALS(make_model().parameters(), **kwargs)
+
+
+def test_the_old_name_still_builds_alsals_with_a_deprecation_warning():
+    import alsals
+
+    with pytest.warns(DeprecationWarning, match="ScheduleFreeALSALS is now alsals.ALSALS"):
+        assert alsals.ScheduleFreeALSALS is ALSALS
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        _ = alsals.NoSuchThing
+
+
+def test_another_optimizer_s_group_settings_are_dropped_with_a_warning_that_says_why():
+    model = make_model()
+    groups = [{"params": list(model.parameters()), "amsgrad": False, "fused": None}]
+    with pytest.warns(UserWarning, match="ignores .*amsgrad: not supported; fused"):
+        opt = ALSALS(groups)
+    assert "amsgrad" not in opt.param_groups[0] and "fused" not in opt.param_groups[0]
+    with pytest.warns(UserWarning, match=r"does not use the parameter-group keys \['tag'\]"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "tag": "x"})
+
+
+def test_a_schedule_writing_lr_before_every_step_is_warned_about_once():
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, idx in enumerate(batches(x, y, 6)):
+            opt.param_groups[0]["lr"] = 0.05 / (i + 1)
+            opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+            if i < 2:
+                assert not caught
+    assert [str(w.message).count("overwritten before several consecutive") for w in caught] == [1]
+
+
+def test_a_loss_below_the_floor_is_warned_about_before_anything_is_written():
+    """A loss that can be negative (here the logistic loss minus 1): one warning, raised
+    before the step writes anything, so that under ``-W error`` the step is undone."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    idx = batches(x, y, 1)[0]
+    opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="below loss_floor=0"):
+            opt.step(lambda: loss_of(model, x[idx], y[idx]) - 1.0)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    assert all(
+        torch.equal(after["state"][k]["z"], state["state"][k]["z"]) for k in state["state"]
+    )
+    opt.step(lambda: loss_of(model, x[idx], y[idx]) - 1.0)  # (warned once already)
+    assert opt.last_step.kind in ("search", "reuse") and not opt.last_step.capped
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_trials_that_change_unprotected_batchnorm_statistics_are_warned_about_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = ALSALS(model.parameters())
+    weights = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="BatchNorm1d updated its buffers"):
+            opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert opt.search_state.steps == 0
+    guarded = ALSALS(model.parameters(), buffers=model.buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # protected buffers: no warning
+        for _ in range(3):
+            guarded.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert guarded.search_state.steps == 3 and guarded.last_step.trials >= 1

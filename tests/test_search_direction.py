@@ -1,4 +1,4 @@
-"""ALSALS's ``search_direction``: what the trials move along, and what it does to the step
+"""MomentumALSALS's ``search_direction``: what the trials move along, and what it does to the step
 size on a noisy problem (``benchmarks/docs/method.md``)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS
+from alsals import PAPER_ALSALS, SLS, AdamSLS, MomentumALSALS
 
 F64 = torch.float64
 
@@ -21,7 +21,7 @@ def noisy_regression_run(direction: str, seed: int) -> tuple[float, float]:
     y += 2.0 * torch.randn(2048, 1, generator=gen, dtype=F64)
     torch.manual_seed(seed)
     model = nn.Linear(20, 1).to(F64)
-    opt = ALSALS(model.parameters(), search_direction=direction)
+    opt = MomentumALSALS(model.parameters(), search_direction=direction)
     etas = []
     for _ in range(300):
         index = torch.randint(0, 2048, (8,), generator=gen)
@@ -52,8 +52,8 @@ def test_the_preconditioned_search_lowers_the_step_size_where_noise_dominates(se
 
 def test_alsals_searches_along_momentum_unless_told_and_adam_sls_along_the_preconditioned():
     w = [torch.zeros(3, requires_grad=True)]
-    assert ALSALS(w).defaults["search_direction"] == "momentum"
-    assert ALSALS.paper(w).defaults["search_direction"] == "momentum"
+    assert MomentumALSALS(w).defaults["search_direction"] == "momentum"
+    assert MomentumALSALS.paper(w).defaults["search_direction"] == "momentum"
     assert PAPER_ALSALS["search_direction"] == "momentum"
     assert SLS(w).defaults["search_direction"] == "gradient"
     assert AdamSLS(w).defaults["search_direction"] == "preconditioned"
@@ -67,7 +67,7 @@ def test_the_trial_moves_along_the_chosen_direction():
     curvature = torch.tensor([1.0, 4.0, 9.0], dtype=F64)
     for direction in ("preconditioned", "momentum"):
         w = torch.zeros(3, dtype=F64, requires_grad=True)
-        opt = ALSALS([w], search_direction=direction, betas=(0.5, 0.9))
+        opt = MomentumALSALS([w], search_direction=direction, betas=(0.5, 0.9))
         closure = quadratic(w, target, curvature)
 
         opt.step(closure)
@@ -95,14 +95,14 @@ def quadratic(w: torch.Tensor, target: torch.Tensor, curvature: torch.Tensor):
 @pytest.mark.parametrize("direction", ["gradient", "sideways", 3])
 def test_an_unknown_or_unsupported_direction_is_rejected_by_name(direction):
     with pytest.raises(ValueError, match="search"):
-        ALSALS([torch.zeros(2, requires_grad=True)], search_direction=direction)
+        MomentumALSALS([torch.zeros(2, requires_grad=True)], search_direction=direction)
 
 
 def test_the_direction_survives_a_state_dict_round_trip():
     w = torch.zeros(2, requires_grad=True)
-    opt = ALSALS([w], search_direction="momentum")
+    opt = MomentumALSALS([w], search_direction="momentum")
     opt.step(lambda: ((w - 1.0) ** 2).sum())
-    fresh = ALSALS([torch.zeros(2, requires_grad=True)], search_direction="momentum")
+    fresh = MomentumALSALS([torch.zeros(2, requires_grad=True)], search_direction="momentum")
     fresh.load_state_dict(opt.state_dict())
     assert fresh.param_groups[0]["search_direction"] == "momentum"
     assert fresh.search_direction.value == "momentum"

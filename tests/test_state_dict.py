@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from alsals import ALSALS
+from alsals import MomentumALSALS
 from conftest import SmallNet, bce_closure, make_classification
 
 TOTAL_STEPS, SAVE_AT = 12, 5
@@ -86,7 +86,7 @@ def test_resumed_run_is_bit_identical(optimizer_class, kwargs):
 
 
 def test_state_dict_carries_the_search_state_and_step_size():
-    model, opt = fresh(ALSALS, {})
+    model, opt = fresh(MomentumALSALS, {})
     x, y = make_classification()
     for _ in range(3):
         opt.step(bce_closure(model, x, y))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from alsals.integrations.amp import step_with_scaler
 from conftest import SmallNet, make_classification
 
@@ -126,8 +126,10 @@ def test_clipping_with_gradscaler_clips_the_unscaled_gradient():
     clipped step equals the unscaled one (the scale is 2^10 here, far above the limit)."""
     x, y = regression()
     models = [mlp(), mlp()]
-    scaled_opt = ALSALS(models[0].parameters(), lr=0.05, max_grad_norm=0.1, slope="analytic")
-    plain_opt = ALSALS(models[1].parameters(), lr=0.05, max_grad_norm=0.1, slope="analytic")
+    scaled_opt = MomentumALSALS(
+        models[0].parameters(), lr=0.05, max_grad_norm=0.1, slope="analytic"
+    )
+    plain_opt = MomentumALSALS(models[1].parameters(), lr=0.05, max_grad_norm=0.1, slope="analytic")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for _ in range(3):
         step_with_scaler(scaled_opt, mse_closure(models[0], x, y), scaler)
@@ -169,7 +171,9 @@ def test_warmup_ramps_to_lr_and_the_search_can_only_shorten_it(optimizer_class):
 def test_the_first_search_reports_its_cost_in_the_log(caplog):
     model = mlp()
     x, y = regression()
-    opt = ALSALS.paper(model.parameters(), lr=100.0, slope="analytic")  # too large: many trials
+    opt = MomentumALSALS.paper(
+        model.parameters(), lr=100.0, slope="analytic"
+    )  # too large: many trials
     with caplog.at_level(logging.INFO, logger="alsals"):
         opt.step(mse_closure(model, x, y))
         opt.step(mse_closure(model, x, y))
@@ -230,7 +234,7 @@ def test_batchnorm_without_buffers_is_reported_once_with_the_fix(optimizer_class
         protected.step(closure)
 
 
-@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS])
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS])
 def test_max_grad_norm_is_a_constructor_argument_of_every_optimizer(cls):
     assert "max_grad_norm" in cls.__init__.__code__.co_varnames
     assert "max_grad_norm" in cls.__doc__
@@ -239,7 +243,7 @@ def test_max_grad_norm_is_a_constructor_argument_of_every_optimizer(cls):
 def test_the_first_search_log_names_the_step_size_it_started_from(caplog):
     model = mlp()
     x, y = regression()
-    opt = ALSALS.paper(model.parameters(), lr=1e-3, slope="analytic")
+    opt = MomentumALSALS.paper(model.parameters(), lr=1e-3, slope="analytic")
     for group in opt.param_groups:
         group["lr"] = 1e4  # written before the first step: the search starts here
     with caplog.at_level(logging.INFO, logger="alsals"):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import conftest
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from conftest import PaperALSALS, SmallNet, bce_closure, make_classification
 
 
@@ -312,17 +312,17 @@ def test_tampered_hyperparameters_are_rejected_on_load(optimizer_class, key, val
 
 
 def test_a_state_from_another_optimizer_class_warns():
-    _, alsals_opt, *_ = trained(ALSALS)
+    _, alsals_opt, *_ = trained(MomentumALSALS)
     _, adam_sls, *_ = trained(AdamSLS)
     with pytest.warns(UserWarning, match="other search settings: c=0.1"):
-        trained(ALSALS, steps=1)[1].load_state_dict(adam_sls.state_dict())
+        trained(MomentumALSALS, steps=1)[1].load_state_dict(adam_sls.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trained(ALSALS, steps=1)[1].load_state_dict(alsals_opt.state_dict())
+        trained(MomentumALSALS, steps=1)[1].load_state_dict(alsals_opt.state_dict())
 
 
 def test_a_state_searching_along_a_direction_the_class_cannot_is_rejected():
-    """AdamSLS searches along the preconditioned gradient only: the paper's ALSALS state
+    """AdamSLS searches along the preconditioned gradient only: the paper's MomentumALSALS state
     (momentum search) does not load into it, and nothing is loaded."""
     _, paper, *_ = trained(PaperALSALS)
     _, adam_sls, *_ = trained(AdamSLS, steps=1)
@@ -353,7 +353,7 @@ def test_a_written_lr_is_searched_from_not_reused_untested(cadence):
     """Where the cadence would reuse the step size, a step size written into ``lr`` is where
     the next search starts: that step searches (a twin without the write reuses)."""
     w = torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], search_interval=cadence)
+    opt = MomentumALSALS([w], search_interval=cadence)
     closure = lambda: 0.5 * (w**2).sum()  # noqa: E731
     for _ in range(40):
         twin = copy.deepcopy(opt)
@@ -373,7 +373,7 @@ def test_groups_copied_from_adamw_warn_at_the_users_line(optimizer_class):
     model = nn.Linear(4, 2)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     groups = [{k: v for k, v in g.items() if k != "lr"} for g in adamw.param_groups]
-    here = (__file__, conftest.__file__)  # conftest: ALSALS.paper's test class
+    here = (__file__, conftest.__file__)  # conftest: MomentumALSALS.paper's test class
     with pytest.warns(UserWarning, match="settings of another optimizer") as caught:
         optimizer_class(groups)
     assert caught[0].filename in here

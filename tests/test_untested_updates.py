@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 
 UNDONE = "the loss was not finite on two steps in a row after an update that no evaluation"
 
@@ -51,12 +51,12 @@ def longest_run(kinds: list[str], kind: str) -> int:
 
 @pytest.mark.parametrize(
     ("make_optimizer", "seeds"),
-    [(ALSALS, range(10)), (AdamSLS, range(4))],
-    ids=["ALSALS-reuse-step", "AdamSLS-momentum-update"],
+    [(MomentumALSALS, range(10)), (AdamSLS, range(4))],
+    ids=["MomentumALSALS-reuse-step", "AdamSLS-momentum-update"],
 )
 def test_an_untested_update_across_a_domain_boundary_is_undone(make_optimizer, seeds):
     """Before the undo, runs got stuck outside the domain, every later step skipped (in
-    float32 on 20 seeds: ALSALS(params) on 10-12 by the CPU, AdamSLS on 19; see
+    float32 on 20 seeds: MomentumALSALS(params) on 10-12 by the CPU, AdamSLS on 19; see
     benchmarks/scripts/losses_with_a_domain.py). Now no run skips more than
     the two steps that trigger the undo in a row, and every run ends inside the domain."""
     with warnings.catch_warnings(record=True) as caught:
@@ -68,7 +68,9 @@ def test_an_untested_update_across_a_domain_boundary_is_undone(make_optimizer, s
     assert any(UNDONE in str(w.message) for w in caught)  # the case was reached
 
 
-@pytest.mark.parametrize("make_optimizer", [SLS, ALSALS.paper], ids=["SLS", "ALSALS-paper"])
+@pytest.mark.parametrize(
+    "make_optimizer", [SLS, MomentumALSALS.paper], ids=["SLS", "MomentumALSALS-paper"]
+)
 def test_updates_that_were_tested_where_they_land_stay_inside_a_domain(make_optimizer):
     """The same problem, where every update is the tested trial (a search at every step,
     along the update's own direction): never outside the domain."""
@@ -95,10 +97,12 @@ def moments(opt, w):
     return state["exp_avg"].clone(), state["exp_avg_sq"].clone(), state["step"]
 
 
-# ALSALS with a fixed cadence: step 1 searches, step 2 reuses its step size (untested).
+# MomentumALSALS with a fixed cadence: step 1 searches, step 2 reuses its step size (untested).
 # AdamSLS searches every step and updates along the momentum (untested).
 UNTESTED = [
-    pytest.param(lambda p, **kw: ALSALS(p, search_interval=2, **kw), id="ALSALS-reuse"),
+    pytest.param(
+        lambda p, **kw: MomentumALSALS(p, search_interval=2, **kw), id="MomentumALSALS-reuse"
+    ),
     pytest.param(lambda p, **kw: AdamSLS(p, **kw), id="AdamSLS"),
 ]
 
@@ -165,7 +169,7 @@ def test_a_nonfinite_batch_after_an_untested_update_makes_the_next_step_search()
     """One bad batch undoes nothing, but the step after it searches instead of reusing
     the step size (it may be what made the loss non-finite)."""
     w = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], lr=0.1, search_interval=3)
+    opt = MomentumALSALS([w], lr=0.1, search_interval=3)
     opt.step(quadratic(w))
     opt.step(quadratic(w))
     assert opt.last_step.kind == "reuse"
@@ -183,7 +187,7 @@ def test_a_parameter_left_out_of_the_update_keeps_it_from_being_undone():
     be rebuilt from the moments alone: it is not recorded, and two skips change nothing."""
     w = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
     u = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w, u], lr=0.1, search_interval=2)
+    opt = MomentumALSALS([w, u], lr=0.1, search_interval=2)
     opt.step(lambda: quadratic(w)() + (u**2).sum())  # both get moments
     opt.zero_grad(set_to_none=True)
     opt.step(quadratic(w))  # a reuse step that moves w alone
@@ -201,12 +205,14 @@ def test_a_parameter_left_out_of_the_update_keeps_it_from_being_undone():
 @pytest.mark.parametrize(
     "make_optimizer",
     [
-        pytest.param(lambda p: ALSALS(p, lr=0.1, search_interval=2), id="ALSALS-search"),
+        pytest.param(
+            lambda p: MomentumALSALS(p, lr=0.1, search_interval=2), id="MomentumALSALS-search"
+        ),
         pytest.param(lambda p: SLS(p, lr=0.1, search_interval=2), id="SLS-reuse"),
     ],
 )
 def test_updates_that_are_tested_or_cannot_be_rebuilt_are_not_undone(make_optimizer):
-    """After an update that landed on an evaluated trial (ALSALS's search), or one that the
+    """After an update that landed on an evaluated trial (MomentumALSALS's search), or one that the
     state cannot rebuild (SLS reuses along a gradient it does not keep), two non-finite
     skips leave the weights where they are."""
     w = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)

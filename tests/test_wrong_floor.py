@@ -22,14 +22,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS, SLS, AdamSLS
+from alsals import SLS, AdamSLS, MomentumALSALS
 from alsals.polyak_cap import FLOOR_HIT_FRACTION, FLOOR_HITS, floor_word
 from alsals.search_state import SearchState
 
 F64 = torch.float64
-CLASSES = [SLS, AdamSLS, ALSALS]
-IDS = ["SLS", "AdamSLS", "ALSALS"]
-#: the floor and the Polyak start on, as ALSALS's defaults have them
+CLASSES = [SLS, AdamSLS, MomentumALSALS]
+IDS = ["SLS", "AdamSLS", "MomentumALSALS"]
+#: the floor and the Polyak start on, as MomentumALSALS's defaults have them
 FLOORED = {"loss_floor": 0.0, "start": "polyak"}
 
 
@@ -41,7 +41,9 @@ def _quadratic(offset: float) -> tuple[Tensor, Callable[[], Tensor]]:
     return w, lambda: 0.5 * (scales * w * w).sum() + offset
 
 
-def _run(cls, offset: float, steps: int, **options) -> tuple[ALSALS, Tensor, float, list[str]]:
+def _run(
+    cls, offset: float, steps: int, **options
+) -> tuple[MomentumALSALS, Tensor, float, list[str]]:
     w, closure = _quadratic(offset)
     opt = cls([w], **options)
     with warnings.catch_warnings(record=True) as caught:
@@ -58,7 +60,7 @@ def test_a_loss_below_the_floor_is_not_held_at_it(cls, offset):
     """The loss's minimum is ``offset < 0``: the run reaches it (not 0, where the Polyak
     bounds would hold it), refutes the floor with one warning that names the fix, and takes
     uncapped steps from then on."""
-    options = {} if cls is ALSALS else FLOORED  # ALSALS's defaults have both
+    options = {} if cls is MomentumALSALS else FLOORED  # MomentumALSALS's defaults have both
     opt, _, excess, messages = _run(cls, offset, 400, **options)
     assert excess < 1e-8  # the quadratic part: at the minimum, not at -offset
     assert opt.search_state.floor_refuted
@@ -123,7 +125,7 @@ def test_a_right_floor_is_never_refuted(cls, problem, batch):
             return nn.functional.cross_entropy(model(x[idx]), y[idx])
 
     torch.manual_seed(0)
-    opt = cls(model.parameters(), **({} if cls is ALSALS else FLOORED))
+    opt = cls(model.parameters(), **({} if cls is MomentumALSALS else FLOORED))
     initial = float(loss(torch.arange(64)).detach())
     most = 0
     with warnings.catch_warnings():
@@ -185,7 +187,7 @@ def test_a_kink_at_the_floor_is_not_taken_for_a_wrong_floor(loss):
         def closure(i):
             return nn.functional.multi_margin_loss(model(x[i]), labels[i])
 
-    opt = ALSALS(model.parameters())
+    opt = MomentumALSALS(model.parameters())
     initial = float(closure(torch.arange(64)).detach())
     probed = 0
     with warnings.catch_warnings():
@@ -205,7 +207,7 @@ def test_refuting_takes_searches_in_a_row():
     """A search that says the floor holds resets the count: the run refutes only after
     ``FLOOR_HITS`` in a row, and then starts its search afresh from the constructor's lr."""
     w, closure = _quadratic(-5.0)
-    opt = ALSALS([w], lr=0.3)
+    opt = MomentumALSALS([w], lr=0.3)
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -225,7 +227,7 @@ def test_a_preview_does_not_count_and_a_resumed_run_is_the_same_run():
     """The count is search state: ``preview`` leaves it, ``state_dict`` carries it (a run
     resumed just before the refuting step refutes at the same step, bit for bit)."""
     w, closure = _quadratic(-5.0)
-    opt = ALSALS([w], lr=0.3)
+    opt = MomentumALSALS([w], lr=0.3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         while opt.search_state.floor_hits < FLOOR_HITS - 1:
@@ -240,7 +242,7 @@ def test_a_preview_does_not_count_and_a_resumed_run_is_the_same_run():
             if resume:
                 with torch.no_grad():
                     w.copy_(weights)
-                opt = ALSALS([w], lr=0.3)
+                opt = MomentumALSALS([w], lr=0.3)
                 opt.load_state_dict(checkpoint)
             path = []
             for _ in range(30):

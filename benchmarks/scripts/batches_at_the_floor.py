@@ -7,7 +7,7 @@ handed on to the next search, which then grew it back by ``2^(1/b)`` per search:
 steps. Whether a sample lands at 1e-16 or exactly at 0 (no bound) depends on the CPU's
 rounding, so the problem runs in float32 and float64 over several seeds.
 
-Problems (one sample per step, drawn at random, 400 steps, ``ALSALS(params)`` and SLS /
+Problems (one sample per step, drawn at random, 400 steps, ``MomentumALSALS(params)`` and SLS /
 AdamSLS with ``start="polyak"``): an L1 fit (64 samples, 10 features, a linear model that
 fits them exactly) and a multi-class hinge loss (64 samples, 2 classes, separable). For each:
 the loss over all samples after 400 steps (median and range over seeds) and the number of
@@ -26,13 +26,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals import SLS, AdamSLS, LineSearchOptimizer, MomentumALSALS
 
 STEPS = 400
 SEEDS = range(10)
 
 OPTIMIZERS: dict[str, Callable[..., LineSearchOptimizer]] = {
-    "ALSALS (defaults)": ALSALS,
+    "MomentumALSALS (defaults)": MomentumALSALS,
     "SLS, Polyak start": lambda p: SLS(p, start="polyak"),
     "AdamSLS, Polyak start": lambda p: AdamSLS(p, start="polyak"),
 }

@@ -1,7 +1,7 @@
 """Where fashion-resnet's accuracy goes: BatchNorm's running statistics or the weights.
 
 Trains the quick budget of ``fashion-resnet`` (a ResNet-8 with BatchNorm, 400 steps of 64)
-with ``ALSALS(params)`` and with tuned Adam (``adam@0.003``, the grid's best rate), as the
+with ``MomentumALSALS(params)`` and with tuned Adam (``adam@0.003``, the grid's best rate), as the
 benchmark does (the same batches and initialisation: the accuracies at steps 100-400 are
 those of the stored runs), and evaluates every ``--every`` steps twice at the same weights:
 with the running statistics the training forwards left (the benchmark's metric), and with
@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from alsals import ALSALS
+from alsals import MomentumALSALS
 from alsals_bench.tasks.fashion_resnet import FashionResNet
 
 OPTIMIZERS = ("alsals-recommended", "adam@0.003")
@@ -52,13 +52,13 @@ def train(name: str, seed: int, every: int, batches: int) -> list[tuple[int, flo
     calibration = task.setup(seed + 100, budget, torch.device("cpu"))  # its own stream
     model = run.model
     if name == "alsals-recommended":
-        optimizer = ALSALS(model.parameters(), buffers=model.buffers())
+        optimizer = MomentumALSALS(model.parameters(), buffers=model.buffers())
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=float(name.split("@")[1]))
     rows = []
     for step in range(1, budget.steps + 1):
         batch = run.next_batch()
-        if isinstance(optimizer, ALSALS):
+        if isinstance(optimizer, MomentumALSALS):
             optimizer.step(lambda batch=batch: run.loss(model, batch))
         else:
             optimizer.zero_grad()

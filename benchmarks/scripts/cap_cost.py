@@ -1,6 +1,6 @@
 """What the Polyak cap (``loss_floor``) adds to a step that reuses its step size, measured.
 
-``ALSALS(params)`` against ``ALSALS(params, loss_floor=None)`` on the step-cost benchmark's
+``MomentumALSALS(params)`` against ``MomentumALSALS(params, loss_floor=None)`` on the step-cost benchmark's
 CPU models (``alsals_bench.speed.workloads``: an MLP 784-1024-1024-10, a small ResNet, a
 2-layer GPT-2) and two small models where the optimizer's share of the step is largest (the
 tabular check's MLP 40-256-256-5 at batch 64, and 38 layers of width 64 with LayerNorm at
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS
+from alsals import MomentumALSALS
 from alsals_bench.speed.workloads import MODELS
 
 REPEATS, WARMUP, TIMED = 9, 5, 20
@@ -63,7 +63,7 @@ def reuse_step_times(model: nn.Module, loss: Callable[[nn.Module, int], Tensor])
         m = copy.deepcopy(model)
         m.train()
         options = {} if capped else {"loss_floor": None}
-        opt = ALSALS(m.parameters(), search_interval=10**9, **options)  # one search only
+        opt = MomentumALSALS(m.parameters(), search_interval=10**9, **options)  # one search only
         for step in range(WARMUP):
             opt.step(lambda m=m, step=step: loss(m, step))
         snapshots[capped] = (m, opt)

@@ -21,15 +21,15 @@ from collections.abc import Callable
 
 import torch
 
-from alsals import ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals import SLS, AdamSLS, LineSearchOptimizer, MomentumALSALS
 
 STEPS = 400
 SEEDS = range(20)
 
 OPTIMIZERS: dict[str, Callable[..., LineSearchOptimizer]] = {
-    "ALSALS (defaults)": ALSALS,
-    "ALSALS, search_interval=1": lambda p: ALSALS(p, search_interval=1),
-    "ALSALS.paper": ALSALS.paper,
+    "MomentumALSALS (defaults)": MomentumALSALS,
+    "MomentumALSALS, search_interval=1": lambda p: MomentumALSALS(p, search_interval=1),
+    "MomentumALSALS.paper": MomentumALSALS.paper,
     "AdamSLS": AdamSLS,
     "SLS": SLS,
 }

@@ -11,7 +11,7 @@ a ratio to the minimum, and the steps at which the guard fired.
     python benchmarks/scripts/noisy_problems.py            # seeds 0-2, about 8 minutes
     python benchmarks/scripts/noisy_problems.py --beyond   # + four other settings, 2 seeds
 
-``--beyond`` adds ``ALSALS(params)`` with and without the guard on settings the guard was
+``--beyond`` adds ``MomentumALSALS(params)`` with and without the guard on settings the guard was
 not designed on (2 seeds, 2500 steps, the mean full-data loss over the last 1000, every
 10th step): the two problems with 2048 examples, 64 features and batches of 32, and two
 small MLPs with batches of 16 (8 inputs, 32 tanh or ReLU units): a noisy regression of
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals import SLS, AdamSLS, LineSearchOptimizer, MomentumALSALS
 
 F64 = torch.float64
 N, D, BATCH, STEPS, LAST = 512, 16, 8, 2500, 1000
@@ -35,9 +35,11 @@ N, D, BATCH, STEPS, LAST = 512, 16, 8, 2500, 1000
 OPTIMIZERS: dict[str, Callable[..., LineSearchOptimizer]] = {
     "SLS": SLS,
     "AdamSLS": AdamSLS,
-    "ALSALS.paper": ALSALS.paper,
-    "ALSALS (defaults)": ALSALS,
-    "ALSALS, loss_floor=None": lambda params, **kw: ALSALS(params, loss_floor=None, **kw),
+    "MomentumALSALS.paper": MomentumALSALS.paper,
+    "MomentumALSALS (defaults)": MomentumALSALS,
+    "MomentumALSALS, loss_floor=None": lambda params, **kw: MomentumALSALS(
+        params, loss_floor=None, **kw
+    ),
 }
 
 
@@ -135,7 +137,7 @@ BEYOND = (
 
 
 def run_beyond(kind: str, guard: float | None, seed: int, adam_lr: float = 0.0):
-    """``ALSALS(params)`` with ``loss_rise_guard=guard``, or with ``adam_lr`` Adam at that
+    """``MomentumALSALS(params)`` with ``loss_rise_guard=guard``, or with ``adam_lr`` Adam at that
     peak rate with 10% linear warm-up and cosine decay (the reference a user tunes)."""
     x, y, model, loss, batch = beyond(kind, seed)
     if adam_lr:
@@ -146,7 +148,7 @@ def run_beyond(kind: str, guard: float | None, seed: int, adam_lr: float = 0.0):
             lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * k / STEPS)),
         )
     else:
-        opt = ALSALS(model.parameters(), loss_rise_guard=guard)
+        opt = MomentumALSALS(model.parameters(), loss_rise_guard=guard)
     gen = torch.Generator().manual_seed(99 + seed)
     fired, full = [], []
     for k in range(STEPS):
@@ -190,7 +192,7 @@ def main() -> None:
         return
     print()
     print(
-        "| setting | ALSALS(params), guard off: final loss | guard on | guard fired at | "
+        "| setting | MomentumALSALS(params), guard off: final loss | guard on | guard fired at | "
         "Adam 1e-3, cosine | Adam 1e-2, cosine |"
     )
     print("|---|---|---|---|---|---|")

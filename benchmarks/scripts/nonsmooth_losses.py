@@ -32,13 +32,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals import SLS, AdamSLS, LineSearchOptimizer, MomentumALSALS
 
 SEEDS = range(5)
 
 OPTIMIZERS: dict[str, Callable[..., LineSearchOptimizer]] = {
-    "ALSALS (defaults)": ALSALS,
-    "ALSALS.paper": ALSALS.paper,
+    "MomentumALSALS (defaults)": MomentumALSALS,
+    "MomentumALSALS.paper": MomentumALSALS.paper,
     "AdamSLS": AdamSLS,
     "SLS": SLS,
 }

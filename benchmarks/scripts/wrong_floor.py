@@ -1,7 +1,7 @@
 """A loss that can go below the floor of the Polyak cap and start, measured
 (``benchmarks/docs/method.md``, section 13).
 
-Losses whose minimum is below 0, which ``ALSALS``'s default ``loss_floor=0`` (and
+Losses whose minimum is below 0, which ``MomentumALSALS``'s default ``loss_floor=0`` (and
 ``start="polyak"``'s floor 0 when ``loss_floor`` is ``None``) takes for a lower bound, in
 float64 from a fixed start, full batch: a quadratic with condition number 10 minus 0.5 and
 minus 5 (10 weights), and a Gaussian negative log-likelihood with a learned variance
@@ -21,14 +21,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS, SLS, AdamSLS, LineSearchOptimizer
+from alsals import SLS, AdamSLS, LineSearchOptimizer, MomentumALSALS
 
 F64 = torch.float64
 STEPS = 1000
 
 OPTIMIZERS: dict[str, Callable[..., LineSearchOptimizer]] = {
-    "ALSALS (defaults)": ALSALS,
-    "ALSALS, loss_floor=None": lambda p: ALSALS(p, loss_floor=None),
+    "MomentumALSALS (defaults)": MomentumALSALS,
+    "MomentumALSALS, loss_floor=None": lambda p: MomentumALSALS(p, loss_floor=None),
     "SLS, loss_floor=0, Polyak start": lambda p: SLS(p, loss_floor=0.0, start="polyak"),
     "AdamSLS, loss_floor=0, Polyak start": lambda p: AdamSLS(p, loss_floor=0.0, start="polyak"),
 }

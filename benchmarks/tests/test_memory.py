@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alsals import ALSALS
+from alsals import MomentumALSALS
 from alsals_bench.memory import LiveStorage, state_bytes
 
 
@@ -29,7 +29,7 @@ def test_memory_tracker_counts_gradients_and_temporaries():
     assert tracker.live == 4000
     assert tracker.peak <= 3 * 4000  # old, temporary and new at most
 
-    optimizer = ALSALS(model.parameters())
+    optimizer = MomentumALSALS(model.parameters())
     assert state_bytes(optimizer) == 0
     optimizer.step(lambda: model(x).square().mean())
     assert state_bytes(optimizer) == 2 * grad_bytes  # exp_avg and exp_avg_sq

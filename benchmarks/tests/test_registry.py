@@ -1,11 +1,11 @@
-"""The benchmark's ALSALS rows are the configurations their names promise."""
+"""The benchmark's MomentumALSALS rows are the configurations their names promise."""
 
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
-from alsals import ALSALS
+from alsals import MomentumALSALS
 from alsals_bench.registry import ABLATION, LINE_SEARCHES, get_optimizer, line_search_stepper
 from alsals_bench.tasks import get_task
 
@@ -15,11 +15,13 @@ def defaults_of(name: str) -> dict:
 
 
 def test_the_recommended_row_is_alsals_defaults():
-    assert defaults_of("alsals-recommended") == ALSALS(nn.Linear(3, 2).parameters()).defaults
+    assert (
+        defaults_of("alsals-recommended") == MomentumALSALS(nn.Linear(3, 2).parameters()).defaults
+    )
 
 
 def test_the_alsals_row_is_the_papers_configuration():
-    assert defaults_of("alsals") == ALSALS.paper(nn.Linear(3, 2).parameters()).defaults
+    assert defaults_of("alsals") == MomentumALSALS.paper(nn.Linear(3, 2).parameters()).defaults
 
 
 def test_the_preconditioned_row_differs_from_the_recommended_in_the_search_direction_only():
@@ -56,13 +58,13 @@ def test_the_uncapped_row_is_the_defaults_before_the_cap_and_the_guard():
 
 @pytest.mark.parametrize("name", [n for n in ABLATION if n in LINE_SEARCHES])
 def test_every_ablation_row_builds(name):
-    assert isinstance(line_search_stepper(name, nn.Linear(3, 2)).optimizer, ALSALS)
+    assert isinstance(line_search_stepper(name, nn.Linear(3, 2)).optimizer, MomentumALSALS)
 
 
 def test_the_default_rows_run_as_users_run_them_and_the_paper_rows_under_its_protocol():
     """On a task whose optimizers share a warm-up (the GPT-2 stand-in), the paper's rows warm
-    up to Adam's peak rate (Sec. IV-A); ``ALSALS(params)``'s rows take neither the warm-up
-    nor the rate: exactly ``ALSALS(params)``'s defaults."""
+    up to Adam's peak rate (Sec. IV-A); ``MomentumALSALS(params)``'s rows take neither the warm-up
+    nor the rate: exactly ``MomentumALSALS(params)``'s defaults."""
     task = get_task("austen-gpt2")
     budget = task.budget("quick")
     assert budget.warmup_steps > 0
@@ -72,7 +74,7 @@ def test_the_default_rows_run_as_users_run_them_and_the_paper_rows_under_its_pro
 
     for name in ("alsals-recommended", "alsals-recommended-preconditioned"):
         assert built(name) == defaults_of(name)
-    assert built("alsals-recommended") == ALSALS(nn.Linear(3, 2).parameters()).defaults
+    assert built("alsals-recommended") == MomentumALSALS(nn.Linear(3, 2).parameters()).defaults
     for name in ("alsals", "alsals-analytic", "alsals-candidate"):
         paper = built(name)
         assert paper["warmup_steps"] == budget.warmup_steps and paper["lr"] == task.adam_lr

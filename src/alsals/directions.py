@@ -4,7 +4,7 @@ The paper's three optimizers move the weights along one of three directions (Sec
 
 * ``GRADIENT``         d = -g                              (SGD; SLS, Eq. 1)
 * ``PRECONDITIONED``   d = -g / (sqrt(v_hat) + eps)        (Adam with beta1 = 0; Adam + SLS, Eq. 5)
-* ``MOMENTUM``         d = -m_hat / (sqrt(v_hat) + eps)    (Adam, Eq. 3; ALSALS)
+* ``MOMENTUM``         d = -m_hat / (sqrt(v_hat) + eps)    (Adam, Eq. 3; MomentumALSALS)
 
 Each group scales its direction by ``lr_scale``, so that one line-searched step size ``eta``
 moves group ``i`` by ``eta * lr_scale_i * d_i``.
@@ -164,7 +164,7 @@ def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> l
 
     For the gradient direction this is ``||g||^2`` (Eq. 1), for the preconditioned one
     ``sum g^2 / (sqrt(v_hat) + eps)`` (Eq. 5); along the momentum direction it is the
-    first-order prediction of the loss decrease per unit step that ALSALS otherwise
+    first-order prediction of the loss decrease per unit step that MomentumALSALS otherwise
     estimates by a finite difference (Eq. 6). A parameter sharded over ``k`` ranks counts
     ``k`` times, so that the mean over ranks is the sum over shards.
     """

@@ -1,4 +1,4 @@
-"""One line-search engine behind SLS, Adam + SLS and ALSALS.
+"""One line-search engine behind SLS, Adam + SLS and MomentumALSALS.
 
 The three optimizers of the paper differ in four choices only: the direction searched along,
 the direction the accepted step is applied along, how the slope on the right-hand side of
@@ -178,10 +178,36 @@ FOREIGN_GROUP_KEYS = {
     "capturable": "not supported",
     "differentiable": "not supported",
     "decoupled_weight_decay": "weight_decay is always decoupled (AdamW's form)",
-    "momentum": "ALSALS and AdamSLS use betas",
+    "momentum": "MomentumALSALS and AdamSLS use betas",
     "dampening": "not supported",
     "nesterov": "not supported",
 }
+
+
+def drop_foreign_keys(
+    name: str, param_group: dict[str, Any], known: set[str], per_group: Iterable[str]
+) -> None:
+    """Delete another ``torch.optim`` optimizer's group settings (``FOREIGN_GROUP_KEYS``)
+    from ``param_group`` with one warning that says what to do instead of each, and warn
+    about the keys that are neither ``known`` nor foreign (kept as they are)."""
+    foreign = {k: FOREIGN_GROUP_KEYS[k] for k in param_group if k in FOREIGN_GROUP_KEYS}
+    for key in foreign:
+        del param_group[key]
+    if foreign:
+        advice = "; ".join(f"{k}: {why}" for k, why in foreign.items())
+        warnings.warn(
+            f"{name} ignores the parameter-group settings of another optimizer ({advice})",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+    unknown = [k for k in param_group if k not in known]
+    if unknown:
+        warnings.warn(
+            f"{name} does not use the parameter-group keys {unknown}; they are kept as they "
+            f"are (its per-group settings: {', '.join(per_group)})",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
 
 
 @dataclass(frozen=True)
@@ -592,25 +618,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _drop_foreign_keys(self, param_group: dict[str, Any]) -> None:
         known = {*SEARCH_KEYS, *GROUP_KEYS, *TORCH_GROUP_KEYS, "param_names"}
-        foreign = {k: FOREIGN_GROUP_KEYS[k] for k in param_group if k in FOREIGN_GROUP_KEYS}
-        for key in foreign:
-            del param_group[key]
-        if foreign:
-            advice = "; ".join(f"{k}: {why}" for k, why in foreign.items())
-            warnings.warn(
-                f"{type(self).__name__} ignores the parameter-group settings of another "
-                f"optimizer ({advice})",
-                UserWarning,
-                stacklevel=_caller_stacklevel(),
-            )
-        unknown = [k for k in param_group if k not in known]
-        if unknown:
-            warnings.warn(
-                f"{type(self).__name__} does not use the parameter-group keys {unknown}; they "
-                f"are kept as they are (its per-group settings: {', '.join(GROUP_KEYS)})",
-                UserWarning,
-                stacklevel=_caller_stacklevel(),
-            )
+        drop_foreign_keys(type(self).__name__, param_group, known, GROUP_KEYS)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
@@ -743,7 +751,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     @property
     def uses_moments(self) -> bool:
-        """Whether the directions need Adam's moments (AdamSLS, ALSALS)."""
+        """Whether the directions need Adam's moments (AdamSLS, MomentumALSALS)."""
         return self.search_direction.uses_moments or self.update_direction.uses_moments
 
     @property

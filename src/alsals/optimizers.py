@@ -1,11 +1,14 @@
-"""SLS, Adam + SLS and ALSALS: three configurations of one line search.
+"""SLS, Adam + SLS and ALSALS on Adam's momentum: three configurations of one line search.
 
 The defaults of ``SLS`` and ``AdamSLS`` are the paper's (Kenneweg, Kenneweg & Hammer, ACDSA
-2024; section and equation given beside each); ``ALSALS``'s are the configuration our
-benchmark recommends, and ``ALSALS.paper(params)`` (``PAPER_ALSALS``) is the paper's.
+2024; section and equation given beside each). ``MomentumALSALS`` is the paper's ALSALS:
+its defaults are the best configuration of the paper's dynamics on our benchmark, and
+``MomentumALSALS.paper(params)`` (``PAPER_ALSALS``, also ``ALSALS.paper(params)``) is the
+paper's exact one. ``alsals.ALSALS``, the recommended optimizer, runs the same kind of
+search over Schedule-Free AdamW's dynamics (:mod:`alsals.schedule_free`).
 
 =========================  =============  ===================  ==================================
-choice                     SLS            AdamSLS              ALSALS (paper / default)
+choice                     SLS            AdamSLS              MomentumALSALS (paper ; default)
 =========================  =============  ===================  ==================================
 search direction           -g             -g/(sqrt(v)+eps)     -m/(sqrt(v)+eps) (option: -g/(...))
 update direction           -g             -m/(sqrt(v)+eps)     -m/(sqrt(v)+eps)
@@ -36,8 +39,8 @@ Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 #: ``growth_interval`` with ``2^(1/b) = 1.1``: the step size may grow 10% per search (SaLSa's)
 GROWTH_10_PERCENT = math.log(2.0) / math.log(1.1)
 
-#: The paper's ALSALS, every search setting spelled out (Sec. III-C, Eq. 2 and 6; ``lr``
-#: from the authors' code): ``ALSALS.paper(params)`` builds it whatever the defaults are.
+#: The paper's ALSALS, every search setting spelled out (Sec. III-C, Eq. 2 and 6; ``lr`` from
+#: the authors' code): ``MomentumALSALS.paper(params)`` builds it whatever the defaults are.
 PAPER_ALSALS: dict[str, Any] = {
     "lr": 0.1,
     "c": 0.6,
@@ -194,9 +197,11 @@ class AdamSLS(LineSearchOptimizer):
         )
 
 
-class ALSALS(LineSearchOptimizer):
+class MomentumALSALS(LineSearchOptimizer):
     r"""Automated Large Scale Adam Line Search (the paper's Sec. III), in the configuration
-    our evidence recommends; ``ALSALS.paper(params)`` is the paper's exact one.
+    our evidence recommends for these dynamics; ``MomentumALSALS.paper(params)`` is the
+    paper's exact one. ``alsals.ALSALS``, which searches Schedule-Free AdamW's step size,
+    is the stronger default on our benchmark (``benchmarks/docs/method.md``, section 18).
 
     Steps along Adam's momentum direction ``-m_hat / (sqrt(v_hat) + eps)`` with the step
     size ``eta`` of an Armijo search that accepts ``eta`` when the smoothed decrease
@@ -295,6 +300,6 @@ class ALSALS(LineSearchOptimizer):
         )
 
     @classmethod
-    def paper(cls, params: Params, **overrides: Any) -> ALSALS:
+    def paper(cls, params: Params, **overrides: Any) -> MomentumALSALS:
         """The paper's exact configuration (``PAPER_ALSALS``), with ``overrides`` on top."""
         return cls(params, **{**PAPER_ALSALS, **overrides})

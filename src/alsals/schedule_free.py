@@ -1,4 +1,10 @@
-"""``ScheduleFreeALSALS``: an Armijo line search over Schedule-Free AdamW's step size.
+"""``ALSALS``, the recommended optimizer: an Armijo line search over Schedule-Free AdamW's
+step size.
+
+The paper's ALSALS searches along Adam's momentum direction (``MomentumALSALS``, with
+``ALSALS.paper(params)`` its exact configuration); on our benchmark a search over the step
+size of Schedule-Free's dynamics does better (``benchmarks/docs/method.md``, section 18), so
+that is what ``ALSALS(params)`` builds.
 
 Schedule-Free AdamW (Defazio et al., NeurIPS 2024) replaces the learning-rate schedule by an
 average. It keeps three sequences: ``z``, moved by Adam's preconditioned gradient; ``x``, the
@@ -38,10 +44,10 @@ of ``y``, a ``kappa ~ 1 - beta1`` share of ``z``'s step, lets ``gamma`` grow by 
 nearly every search for as long as a run lasts: over long runs it overshoots. With it, a
 plateau the run must grow out of keeps ``gamma`` small, since ``z`` trails there too; the
 default keeps the growth (``benchmarks/docs/method.md``, section 19). ``loss_rise_guard``
-is ``ALSALS``'s (:mod:`alsals.rise_guard`): a ``gamma`` that grew while the batch losses'
+is ``MomentumALSALS``'s (:mod:`alsals.rise_guard`): a ``gamma`` that grew while the batch losses'
 average climbed goes back to its level at the lowest loss.
 
-Why (``benchmarks/docs/method.md``, sections 17-18): on the GPT-2 stand-in ``ALSALS``'s
+Why (``benchmarks/docs/method.md``, sections 17-18): on the GPT-2 stand-in ``MomentumALSALS``'s
 searches settle at Schedule-Free's own rate, and Adam at that rate trails Schedule-Free: the
 gap there is Schedule-Free's dynamics, not the step size. A search over the step size of
 those dynamics keeps both.
@@ -58,6 +64,7 @@ advice).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Iterable
@@ -71,19 +78,25 @@ from torch import Tensor
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.distributed import mean_on_device, mean_to_host
-from alsals.hyperparameters import flag, in_range, integer, real
+from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, real
 from alsals.line_search import (
+    BUFFERS_WARNING,
     DISCONNECTED_WARNING,
     NO_BACKWARD_WARNING,
+    SCHEDULE_WARNING,
+    SCHEDULE_WARNING_STEPS,
+    STALE_BUFFERS_HINT,
     STALL_WARNING_STEPS,
     StepInfo,
     _caller_stacklevel,
     _loss_resolution,
     anchor_parameter,
     check_eps,
+    drop_foreign_keys,
     local_shard,
     shard_count,
 )
+from alsals.optimizers import MomentumALSALS
 from alsals.rise_guard import LossWatch
 
 #: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
@@ -217,11 +230,14 @@ class _Group:
             torch._foreach_add_(self.params, self.u, alpha=-step * kappa)
 
 
-class ScheduleFreeALSALS(torch.optim.Optimizer):
-    r"""Schedule-Free AdamW whose step size an Armijo line search sets (module docstring).
+class ALSALS(torch.optim.Optimizer):
+    r"""Schedule-Free AdamW whose step size an Armijo line search sets (module docstring):
+    the recommended configuration. ``ALSALS.paper(params)`` is the paper's exact ALSALS (a
+    ``MomentumALSALS``); arguments of ``MomentumALSALS`` alone (``slope``, ``smoothing``,
+    ``search_direction``, ``warmup_steps``, ...) are refused with a ``TypeError`` that says so.
 
-    Needs a closure, as ``ALSALS`` does (``optimizer.step(closure)``, either form); outside
-    ``step()`` the weights are the average ``x``, to evaluate and save as they are.
+    Needs a closure (``optimizer.step(closure)``, either form of ``MomentumALSALS.step``'s);
+    outside ``step()`` the weights are the average ``x``, to evaluate and save as they are.
     ``last_step.kind`` is ``"search"`` (a trial passed), ``"reuse"`` (the last step size,
     between searches), ``"kept"`` (neither the first trial nor the averaging move alone
     passed: the step is taken at the last step size, which is kept), ``"exhausted"``
@@ -266,7 +282,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             step size staying where it was, as the cap leaves it (``"trial"``) (``"trial"``).
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
             batch's linear model (the step size the search keeps is not cut) (``True``).
-        loss_rise_guard: ``ALSALS``'s guard, in standard errors; ``None``: off (3.0).
+        loss_rise_guard: ``MomentumALSALS``'s guard, in standard errors; ``None``: off (3.0).
         max_grad_norm: clip the gradient the update uses to this norm (over all parameters),
             as ``clip_grad_norm_`` would before the step; the Armijo test keeps the true
             gradient's slope. ``last_step.grad_norm`` is the norm before clipping
@@ -303,10 +319,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise _unknown_arguments(unknown)
         if isinstance(params, torch.nn.Module):
             raise TypeError(
-                "ScheduleFreeALSALS takes the parameters, not the module: pass "
+                "ALSALS takes the parameters, not the module: pass "
                 "model.parameters() (or a list of parameter groups)"
             )
         settings = {
@@ -340,6 +359,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         self._grad_norm = math.nan
         self._warned: set[str] = set()
         self._disconnected_steps = 0
+        self._written_lr_steps = 0
+        self._buffers_checked = False
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -351,6 +372,14 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             "lr_max": 0.0,
         }
         super().__init__(params, defaults)
+
+    @classmethod
+    def paper(
+        cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], **overrides: Any
+    ) -> MomentumALSALS:
+        """The paper's exact ALSALS (``PAPER_ALSALS``: Armijo along Adam's momentum direction,
+        the finite-difference slope, ...), with ``overrides`` on top: a ``MomentumALSALS``."""
+        return MomentumALSALS.paper(params, **overrides)
 
     @property
     def _settings(self) -> dict[str, Any]:
@@ -369,10 +398,14 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         for key in ("lr", *SEARCH_SETTINGS):
             if key in param_group and param_group[key] != self.defaults[key]:
                 raise ValueError(
-                    f"param_groups[...]['{key}'] = {param_group[key]!r}: ScheduleFreeALSALS "
+                    f"param_groups[...]['{key}'] = {param_group[key]!r}: ALSALS "
                     f"searches one step size for all parameters, so {key} is a setting of the "
-                    f"optimizer (ScheduleFreeALSALS(params, {key}=...)), not of a group"
+                    f"optimizer (ALSALS(params, {key}=...)), not of a group"
                 )
+        param_group = dict(param_group)
+        per_group = ("betas", "eps", "weight_decay", "lr_scale")
+        known = {*SEARCH_SETTINGS, *GROUP_STATE, *TORCH_GROUP_KEYS, "params", "lr", "param_names"}
+        drop_foreign_keys("ALSALS", param_group, known, per_group)
         merged = {**self.defaults, **param_group}
         betas = merged["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -396,8 +429,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             missing = sorted(required - group.keys())
             if missing:
                 raise ValueError(
-                    f"the state loaded into ScheduleFreeALSALS lacks {', '.join(missing)} in "
-                    f"param_groups[{index}]: it was saved by another optimizer (an ALSALS or "
+                    f"the state loaded into ALSALS lacks {', '.join(missing)} in "
+                    f"param_groups[{index}]: it was saved by another optimizer (a MomentumALSALS or "
                     "torch.optim state cannot continue a Schedule-Free run)"
                 )
         super().load_state_dict(state_dict)
@@ -411,6 +444,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_disconnected_steps", 0)
+        self.__dict__.setdefault("_written_lr_steps", 0)
+        self.__dict__.setdefault("_buffers_checked", False)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -432,7 +467,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         loss and gradient are taken; a search when one is due; the move, after which the
         weights are the new average ``x'``. Returns the loss at ``y``. An exception leaves
         the weights, the state and the random stream as they were. ``closure_runs_backward``
-        as ``ALSALS.step``'s (a closure without arguments that runs backward itself:
+        as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
         params = [p for g in self.param_groups for p in g["params"]]
         evaluator = ClosureEvaluator(
@@ -447,6 +482,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         averages: list[_Average] = []
         self._grad_norm = math.nan
         try:
+            self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+            if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
+                self._warn_once("schedule", SCHEDULE_WARNING.format(name="ALSALS"))
             averages = self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
             groups, squared = self._gather(averages)
@@ -502,20 +540,31 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             culprit = "loss" if not math.isfinite(info.loss) else "gradient"
             self._warn_once(
                 f"nonfinite_{culprit}",
-                f"ScheduleFreeALSALS: the {culprit} is not finite: the step was skipped, and "
+                f"ALSALS: the {culprit} is not finite: the step was skipped, and "
                 "the weights and optimizer state left unchanged. Further skips are counted in "
                 "search_state.skipped_nonfinite without warning.",
                 RuntimeWarning,
             )
         if info.kind == "zero_grad" and evaluator.backward_forgotten:
-            self._warn_once("no_backward", NO_BACKWARD_WARNING.format(name="ScheduleFreeALSALS"))
+            self._warn_once("no_backward", NO_BACKWARD_WARNING.format(name="ALSALS"))
         disconnected = info.kind == "zero_grad" and evaluator.disconnected
         self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
         if self._disconnected_steps >= STALL_WARNING_STEPS:
             self._warn_once(
                 "disconnected",
-                DISCONNECTED_WARNING.format(name="ScheduleFreeALSALS", n=STALL_WARNING_STEPS),
+                DISCONNECTED_WARNING.format(name="ALSALS", n=STALL_WARNING_STEPS),
             )
+
+    def _warn_about_buffers(self, evaluator: ClosureEvaluator) -> None:
+        """Once: modules whose buffers (BatchNorm's running statistics) a trial changed,
+        which ``buffers=`` did not protect (checked at the first trial run in training mode)."""
+        if evaluator.unprotected_modules is None:
+            return
+        self._buffers_checked = True
+        if evaluator.unprotected_modules:
+            modules = ", ".join(evaluator.unprotected_modules)
+            message = BUFFERS_WARNING.format(name="ALSALS", modules=modules)
+            self._warn_once("buffers", message + (STALE_BUFFERS_HINT if self._buffers else ""))
 
     def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:
@@ -560,6 +609,13 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             search.skipped_zero_grad += not nonfinite
             return _info(kind, 0.0, loss0)
         h = self._settings
+        if h["loss_floor"] is not None and loss0 < h["loss_floor"]:  # (before any write)
+            self._warn_once(
+                "loss_floor",
+                f"ALSALS: the loss {loss0:.6g} is below loss_floor={h['loss_floor']:g}, the "
+                "lower bound the Polyak start and cap assume; they are off while it is. Pass "
+                "the loss's lower bound (loss_floor=...), or loss_floor=None for neither.",
+            )
         lead = sum(averaging)
         search.leading += lead > 0.0
         search.trailing += lead < 0.0
@@ -577,6 +633,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
             kind, gamma, trials, sets_step_size = self._search(
                 search, loss0, groups, averaging, slope, evaluator
             )
+            self._warn_about_buffers(evaluator)  # (before anything is written)
             if kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(kind, 0.0, loss0, trials)
@@ -627,7 +684,8 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         def passes(gamma: float) -> tuple[bool, float]:
             for g in groups:
                 g.place(gamma)
-            (value,) = mean_to_host([evaluator.evaluate()], self._process_group)
+            watch = not self._buffers_checked and evaluations == 1
+            (value,) = mean_to_host([evaluator.evaluate(watch_buffers=watch)], self._process_group)
             ok = math.isfinite(value) and loss0 - value >= c * promised(gamma)
             return ok, value
 
@@ -733,7 +791,7 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     def _watch_loss(
         self, search: SearchState, loss0: float, gamma: float, loss_dtype: torch.dtype
     ) -> bool:
-        """``loss_rise_guard`` with this step's loss and step size (``ALSALS``'s rule):
+        """``loss_rise_guard`` with this step's loss and step size (``MomentumALSALS``'s rule):
         whether the loss average rose while the step size grew (a ceiling is set)."""
         guard = self._settings["loss_rise_guard"]
         if guard is None:
@@ -764,9 +822,9 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("ScheduleFreeALSALS does not support sparse gradients")
+                raise RuntimeError("ALSALS does not support sparse gradients")
             if params:
-                check_eps("ScheduleFreeALSALS", group["eps"], params)
+                check_eps("ALSALS", group["eps"], params)
                 grads = [local_shard(p.grad) for p in params]
                 taking_part.append((group, params, grads, [shard_count(p) for p in params]))
         all_grads = [g for _, _, grads, _ in taking_part for g in grads]
@@ -879,6 +937,23 @@ class ScheduleFreeALSALS(torch.optim.Optimizer):
     def search_state(self) -> SearchState:
         """The search's counters and step size, as stored."""
         return self._stored_search_state()
+
+
+def _unknown_arguments(unknown: dict[str, Any]) -> TypeError:
+    """The error for keyword arguments ``ALSALS`` does not take, naming ``MomentumALSALS``
+    where they are its own."""
+    ours = set(inspect.signature(ALSALS.__init__).parameters)
+    theirs = set(inspect.signature(MomentumALSALS.__init__).parameters) - ours
+    momentum = sorted(k for k in unknown if k in theirs)
+    if momentum:
+        listed = ", ".join(momentum)
+        return TypeError(
+            f"ALSALS got {listed}: argument(s) of MomentumALSALS, the paper's ALSALS along "
+            "Adam's momentum direction. ALSALS(params) searches the step size of Schedule-Free "
+            f"AdamW's dynamics instead; for the paper's dynamics use MomentumALSALS(params, "
+            f"{momentum[0]}=...) (or ALSALS.paper(params) for the paper's exact configuration)"
+        )
+    return TypeError(f"ALSALS got an unexpected keyword argument {sorted(unknown)[0]!r}")
 
 
 def trailing_beyond_chance(leading: int, trailing: int) -> bool:

@@ -19,21 +19,23 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from alsals import ALSALS, SLS, ScheduleFreeALSALS
+from alsals import ALSALS, SLS, MomentumALSALS
 
 STEPS = 6
 # the analytic slope sums over all shards: the part a sharded run must get right
 OPTIMIZERS = {
-    "ALSALS": lambda params: ALSALS(params, slope="analytic"),
+    "MomentumALSALS": lambda params: MomentumALSALS(params, slope="analytic"),
     "SLS": lambda params: SLS(params),
     # clipping needs the gradient norm over all shards of all ranks
-    "ALSALS-clipped": lambda params: ALSALS(params, slope="analytic", max_grad_norm=0.05),
+    "MomentumALSALS-clipped": lambda params: MomentumALSALS(
+        params, slope="analytic", max_grad_norm=0.05
+    ),
     # its two dot products and the gradient norm sum over shards; search_interval=2 takes
     # searches and reused steps, weight decay the weights' own shards
-    "ScheduleFreeALSALS": lambda params: ScheduleFreeALSALS(
+    "ALSALS": lambda params: ALSALS(
         params, weight_decay=0.01, initial_searches=2, search_interval=2
     ),
-    "ScheduleFreeALSALS-clipped": lambda params: ScheduleFreeALSALS(
+    "ALSALS-clipped": lambda params: ALSALS(
         params, max_grad_norm=0.05, initial_searches=2, search_interval=2
     ),
 }

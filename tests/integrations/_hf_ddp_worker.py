@@ -22,7 +22,7 @@ from transformers import (
     set_seed,
 )
 
-from alsals import ALSALS
+from alsals import MomentumALSALS
 from alsals.integrations.hf import LineSearchTrainer
 
 
@@ -66,7 +66,7 @@ def main(out: str) -> None:
         model=model,
         args=args,
         train_dataset=data,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 0.1, "slope": "analytic"}),
+        optimizer_cls_and_kwargs=(MomentumALSALS, {"lr": 0.1, "slope": "analytic"}),
         callbacks=[record],
     )
     record.trainer = trainer

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, SLS, AdamSLS, ScheduleFreeALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals.integrations.amp import autocast_closure, step_with_scaler
 
 
@@ -30,7 +30,7 @@ def weights(model: nn.Module) -> torch.Tensor:
 
 def test_bf16_autocast_trains_and_decisions_see_float32_losses():
     model, x, y = make_problem()
-    optimizer = ALSALS(model.parameters(), slope="analytic")
+    optimizer = MomentumALSALS(model.parameters(), slope="analytic")
     seen = []  # (grad enabled, dtype of the value returned to the optimizer, matmul dtype)
 
     def loss_fn():
@@ -102,7 +102,7 @@ def grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("cls", [SLS, AdamSLS, ALSALS], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS], ids=lambda c: c.__name__)
 def test_scaler_unscales_the_gradient_the_search_uses(cls):
     """The search sees the unscaled gradient: it matches the gradient of a run without the
     scaler (up to the fp16 underflow the scale avoids), where a forgotten unscale_ would be
@@ -143,7 +143,7 @@ def test_sls_through_the_scaler_follows_the_unscaled_trajectory():
 
 def test_scaler_skips_overflow_steps_and_lowers_the_scale():
     model, x, y = make_problem()
-    optimizer = ALSALS(model.parameters(), slope="analytic")
+    optimizer = MomentumALSALS(model.parameters(), slope="analytic")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=3)
     closure = fp16_loss(model, x, y)
     kinds, scales, losses = [], [], []
@@ -172,16 +172,16 @@ def test_scaler_skips_overflow_steps_and_lowers_the_scale():
 
 
 def test_schedule_free_search_through_the_scaler_skips_overflows_and_trains():
-    """ScheduleFreeALSALS under step_with_scaler: an overflow skips the step (nothing
+    """ALSALS under step_with_scaler: an overflow skips the step (nothing
     written) and backs the scale off; the clean steps see the unscaled gradient (the first
     one decides as a run without the scaler does) and train."""
     model, x, y = make_problem(dropout=0.0)
-    plain = ScheduleFreeALSALS(model.parameters())
+    plain = ALSALS(model.parameters())
     plain.step(fp16_loss(model, x, y))
     reference = plain.last_step
 
     model, x, y = make_problem(dropout=0.0)
-    optimizer = ScheduleFreeALSALS(model.parameters())
+    optimizer = ALSALS(model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=3)
     closure = fp16_loss(model, x, y)
     kinds, losses = [], []

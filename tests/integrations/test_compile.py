@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import ALSALS, AdamSLS
+from alsals import AdamSLS, MomentumALSALS
 
 testing = pytest.importorskip("torch._dynamo.testing")
 
@@ -52,7 +52,7 @@ def train(model, forward, optimizer, data):
     return losses, trials
 
 
-def fresh(cls=ALSALS, **kwargs):
+def fresh(cls=MomentumALSALS, **kwargs):
     torch.manual_seed(0)
     model = Net()
     return model, cls(model.parameters(), buffers=model.buffers(), **kwargs)
@@ -65,7 +65,7 @@ def reset_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("cls", [ALSALS, AdamSLS], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [MomentumALSALS, AdamSLS], ids=lambda c: c.__name__)
 def test_compiled_model_trains_like_eager_without_recompiling(cls):
     data = batches(12)
     eager_model, eager_opt = fresh(cls)
@@ -94,7 +94,7 @@ def test_compiled_model_trains_like_eager_without_recompiling(cls):
 
 
 def test_inductor_trains_replays_dropout_and_does_not_recompile():
-    model, optimizer = fresh(ALSALS, slope="analytic")
+    model, optimizer = fresh(MomentumALSALS, slope="analytic")
     counter = testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter)
     data = batches(10, seed=1)

@@ -89,7 +89,7 @@ def test_accumulated_ddp_run_matches_one_process_on_the_union_of_batches(ranks):
         loaders.append((sampler, DataLoader(dataset, BATCH, sampler=sampler, drop_last=True)))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 2))
-    optimizer = ALSALS(model.parameters(), slope="analytic")
+    optimizer = ALSALS(model.parameters())
     decisions = []
     for epoch in range(EPOCHS):
         for sampler, _ in loaders:

@@ -73,7 +73,7 @@ def test_fsdp2_itself_trains_on_cpu_with_gloo(ranks):
     assert torch.equal(rank0["adamw"], rank1["adamw"])
 
 
-NAMES = ["ALSALS", "SLS", "ALSALS-clipped", "ScheduleFreeALSALS", "ScheduleFreeALSALS-clipped"]
+NAMES = ["MomentumALSALS", "SLS", "MomentumALSALS-clipped", "ALSALS", "ALSALS-clipped"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -32,7 +32,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from alsals import ALSALS, AdamSLS, ScheduleFreeALSALS  # noqa: E402
+from alsals import ALSALS, AdamSLS, MomentumALSALS  # noqa: E402
 from alsals.integrations.hf import FollowStepSize, LineSearchTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def train(
         model=model,
         args=make_args(out, **args),
         train_dataset=dataset,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3, "slope": "analytic"}),
+        optimizer_cls_and_kwargs=(MomentumALSALS, {"lr": 1e-3, "slope": "analytic"}),
         callbacks=[record],
     )
     record.trainer = trainer
@@ -179,7 +179,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(model_path, dataset, tm
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "scheduler.pt").exists()
     assert isinstance(straight.lr_scheduler, FollowStepSize)
     optimizer = straight.optimizer.optimizer  # inside accelerate's wrapper
-    assert isinstance(optimizer, ALSALS) and optimizer.last_step.kind == "search"
+    assert isinstance(optimizer, MomentumALSALS) and optimizer.last_step.kind == "search"
     assert optimizer.state[optimizer.param_groups[0]["params"][0]]["line_search"]["step"] == 3
 
     # each trial re-evaluates the window with its dropout masks and its 1/2 scaling: at the
@@ -260,7 +260,7 @@ def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_pa
 def test_schedule_free_search_trains_and_the_trainer_s_swap_calls_change_nothing(
     model_path, dataset, tmp_path
 ):
-    """ScheduleFreeALSALS under the Trainer: the window's closure drives its searches, and
+    """ALSALS under the Trainer: the window's closure drives its searches, and
     the Trainer's own evaluate() call of its eval() leaves the weights (the average x
     between steps) as they are."""
     model = make_model(model_path, dropout=False)
@@ -269,12 +269,12 @@ def test_schedule_free_search_trains_and_the_trainer_s_swap_calls_change_nothing
         args=make_args(tmp_path, max_steps=3),
         train_dataset=dataset,
         eval_dataset=dataset,
-        optimizer_cls_and_kwargs=(ScheduleFreeALSALS, {"lr": 1e-3}),
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3}),
     )
     before = weights(model)
     trainer.train()
     optimizer = trainer.optimizer.optimizer  # inside accelerate's wrapper
-    assert isinstance(optimizer, ScheduleFreeALSALS)
+    assert isinstance(optimizer, ALSALS)
     assert optimizer.search_state.steps == 3 and optimizer.search_state.searches == 3
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     trained = weights(model)
@@ -306,7 +306,7 @@ def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):
         model=model,
         args=make_args(tmp_path, max_steps=10, fp16=True),
         train_dataset=data,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-2, "slope": "analytic"}),
+        optimizer_cls_and_kwargs=(MomentumALSALS, {"lr": 1e-2, "slope": "analytic"}),
         callbacks=[Watch()],
     )
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
@@ -367,7 +367,7 @@ def test_trials_leave_integer_buffers_alone(tmp_path):
         model=model,
         args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=4),
         train_dataset=data,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1.0, "search_interval": 1}),
+        optimizer_cls_and_kwargs=(MomentumALSALS, {"lr": 1.0, "search_interval": 1}),
         callbacks=[Watch()],
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -399,7 +399,7 @@ def test_constant_integer_buffers_raise_no_buffer_warning(tmp_path):
         model=model,
         args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
         train_dataset=data,
-        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-2}),
+        optimizer_cls_and_kwargs=(MomentumALSALS, {"lr": 1e-2}),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -17,7 +17,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.loggers.logger import Logger  # noqa: E402
 
-from alsals import ALSALS, AdamSLS, ScheduleFreeALSALS  # noqa: E402
+from alsals import ALSALS, AdamSLS, MomentumALSALS  # noqa: E402
 from alsals.integrations.lightning import LineSearchCallback, line_search_step  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_train.py"
@@ -47,7 +47,7 @@ class MemoryLogger(Logger):
 
 
 class Module(pl.LightningModule):
-    def __init__(self, optimizer_cls=ALSALS, dropout: float = 0.1, automatic: bool = False):
+    def __init__(self, optimizer_cls=MomentumALSALS, dropout: float = 0.1, automatic: bool = False):
         super().__init__()
         self.automatic_optimization = automatic
         self.optimizer_cls = optimizer_cls
@@ -106,7 +106,7 @@ def test_learning_rate_monitor_logs_the_line_search_step_size(tmp_path):
 
     steps = len(module.step_sizes)
     assert steps == fit.global_step == 2 * 256 // 32  # every step counted by Lightning
-    logged = logger.series("lr-ALSALS")
+    logged = logger.series("lr-MomentumALSALS")
     # the monitor logs at the start of each batch: the initial lr, then the step size the
     # previous step ended with
     assert [step for step, _ in logged] == list(range(steps))
@@ -125,7 +125,7 @@ class ScheduleFreeModule(Module):
     """Records the weights each validation batch sees."""
 
     def __init__(self) -> None:
-        super().__init__(optimizer_cls=ScheduleFreeALSALS)
+        super().__init__(optimizer_cls=ALSALS)
         self.validated: list[list[torch.Tensor]] = []
 
     def validation_step(self, batch, batch_idx):
@@ -134,11 +134,11 @@ class ScheduleFreeModule(Module):
         self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
 
     def configure_optimizers(self):
-        return ScheduleFreeALSALS(self.parameters(), buffers=self.buffers())
+        return ALSALS(self.parameters(), buffers=self.buffers())
 
 
 def test_schedule_free_search_trains_and_validation_sees_the_trained_weights(tmp_path):
-    """ScheduleFreeALSALS through line_search_step: every batch steps it, and validation
+    """ALSALS through line_search_step: every batch steps it, and validation
     (no swap call needed) sees the weights the last training step left, the average x: the
     weights of the epoch's end, unchanged until the next training batch."""
     pl.seed_everything(0)

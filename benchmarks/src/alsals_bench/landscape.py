@@ -1,6 +1,6 @@
 """``alsals-bench landscape``: reproduce the paper's Figs. 2-4 on an offline task.
 
-Trains ALSALS (the paper's defaults) on a task and scans the loss along the search direction
+Trains MomentumALSALS (the paper's defaults) on a task and scans the loss along the search direction
 before each of the last ``--scans`` steps; writes the scans (JSON) and three PNGs:
 ``fig2_single_batch.png``, ``fig3_consecutive_batches.png``, ``fig4_heatmap.png``.
 

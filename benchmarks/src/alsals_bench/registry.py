@@ -11,7 +11,7 @@ Names:
 * the paper's candidates (Sec. IV-A): ``alsals``, ``adam-sls``, ``adam`` (the paper's
   baseline: cosine decay with 10% warm-up on NLP tasks, a flat rate on images, peak learning
   rate from the task), and ``sls``;
-* ALSALS variants for the cost trade-off: ``alsals-analytic`` (slope ``-g.d``, no probe
+* MomentumALSALS variants for the cost trade-off: ``alsals-analytic`` (slope ``-g.d``, no probe
   pass), ``alsals-adaptive`` (SaLSa's search cadence), ``alsals-fast`` (both);
 * ``adam@LR``: the baseline with another peak learning rate; ``adam-tuned`` expands to
   ``adam@LR`` for every LR of the task's grid (``adam`` itself at the paper's LR, which every
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS, LineSearchOptimizer, ScheduleFreeALSALS
+from alsals import ALSALS, PAPER_ALSALS, SLS, AdamSLS, LineSearchOptimizer, MomentumALSALS
 from alsals.optimizers import GROWTH_10_PERCENT
 from alsals_bench.tasks.base import Budget, Task
 
@@ -192,12 +192,10 @@ class ScheduleFreeStepper(Stepper):
 
 
 def _schedulefree_search(**settings: Any) -> Callable[[nn.Module, Task, Budget], Stepper]:
-    """``ScheduleFreeALSALS(params, **settings)`` as a user runs it (no warm-up)."""
+    """``ALSALS(params, **settings)`` as a user runs it (no warm-up)."""
 
     def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
-        return LineSearchStepper(
-            ScheduleFreeALSALS(model.parameters(), buffers=model.buffers(), **settings)
-        )
+        return LineSearchStepper(ALSALS(model.parameters(), buffers=model.buffers(), **settings))
 
     return build
 
@@ -422,7 +420,7 @@ CANDIDATE: dict[str, Any] = {
     "backtrack": 0.8,
 }
 
-# ALSALS's defaults: the candidate, each search started no higher than the Polyak step and
+# MomentumALSALS's defaults: the candidate, each search started no higher than the Polyak step and
 # backtracking by interpolation, whose predicted step size is taken untested after a trial
 # that lowered the loss but failed the test, every update capped by the Polyak step on
 # MoMo's momentum model of the loss (loss_floor 0), and a step size that grew while the batch
@@ -443,57 +441,63 @@ UNCAPPED: dict[str, Any] = {**RECOMMENDED, "loss_floor": None, "loss_rise_guard"
 TESTED: dict[str, Any] = {**UNCAPPED, "trust_interpolation": False}
 
 # Our line searches by name: the class and its settings. ``alsals`` and its variants are
-# the paper's configuration (PAPER_ALSALS) with one change each, whatever ALSALS's defaults.
+# the paper's configuration (PAPER_ALSALS) with one change each, whatever MomentumALSALS's defaults.
 LINE_SEARCHES: dict[str, tuple[type[LineSearchOptimizer], dict[str, Any]]] = {
-    "alsals": (ALSALS, PAPER_ALSALS),
+    "alsals": (MomentumALSALS, PAPER_ALSALS),
     "adam-sls": (AdamSLS, {}),
     "sls": (SLS, {}),
-    "alsals-analytic": (ALSALS, {**PAPER_ALSALS, "slope": "analytic"}),
-    "alsals-adaptive": (ALSALS, {**PAPER_ALSALS, "search_interval": "adaptive"}),
-    "alsals-fast": (ALSALS, {**PAPER_ALSALS, "slope": "analytic", "search_interval": "adaptive"}),
+    "alsals-analytic": (MomentumALSALS, {**PAPER_ALSALS, "slope": "analytic"}),
+    "alsals-adaptive": (MomentumALSALS, {**PAPER_ALSALS, "search_interval": "adaptive"}),
+    "alsals-fast": (
+        MomentumALSALS,
+        {**PAPER_ALSALS, "slope": "analytic", "search_interval": "adaptive"},
+    ),
     # ablation (#11): one change each from the paper's configuration
-    "alsals-growth": (ALSALS, {**PAPER_ALSALS, "growth_interval": GROWTH_10_PERCENT}),
-    "alsals-smooth": (ALSALS, {**PAPER_ALSALS, "smoothing": 0.9}),
-    "alsals-backtrack": (ALSALS, {**PAPER_ALSALS, "backtrack": 0.8}),
-    "alsals-c": (ALSALS, {**PAPER_ALSALS, "c": 0.3}),
-    "alsals-polyak": (ALSALS, {**PAPER_ALSALS, "start": "polyak"}),
-    "alsals-preconditioned": (ALSALS, {**PAPER_ALSALS, "search_direction": "preconditioned"}),
-    "alsals-candidate": (ALSALS, CANDIDATE),
-    "alsals-settled": (ALSALS, {**PAPER_ALSALS, "search_interval": "settled"}),
-    "alsals-interpolate": (ALSALS, {**PAPER_ALSALS, "interpolate": True}),
+    "alsals-growth": (MomentumALSALS, {**PAPER_ALSALS, "growth_interval": GROWTH_10_PERCENT}),
+    "alsals-smooth": (MomentumALSALS, {**PAPER_ALSALS, "smoothing": 0.9}),
+    "alsals-backtrack": (MomentumALSALS, {**PAPER_ALSALS, "backtrack": 0.8}),
+    "alsals-c": (MomentumALSALS, {**PAPER_ALSALS, "c": 0.3}),
+    "alsals-polyak": (MomentumALSALS, {**PAPER_ALSALS, "start": "polyak"}),
+    "alsals-preconditioned": (
+        MomentumALSALS,
+        {**PAPER_ALSALS, "search_direction": "preconditioned"},
+    ),
+    "alsals-candidate": (MomentumALSALS, CANDIDATE),
+    "alsals-settled": (MomentumALSALS, {**PAPER_ALSALS, "search_interval": "settled"}),
+    "alsals-interpolate": (MomentumALSALS, {**PAPER_ALSALS, "interpolate": True}),
     "alsals-trust": (
-        ALSALS,
+        MomentumALSALS,
         {**PAPER_ALSALS, "interpolate": True, "trust_interpolation": True},
     ),
-    "alsals-capped": (ALSALS, {**PAPER_ALSALS, "loss_floor": 0.0}),
-    "alsals-guarded": (ALSALS, {**PAPER_ALSALS, "loss_rise_guard": 3.0}),
+    "alsals-capped": (MomentumALSALS, {**PAPER_ALSALS, "loss_floor": 0.0}),
+    "alsals-guarded": (MomentumALSALS, {**PAPER_ALSALS, "loss_rise_guard": 3.0}),
     # the candidate, each search started no higher than the Polyak step, backtracking by
-    # interpolation, trusting it: ALSALS's defaults, spelled out so that the row does not
+    # interpolation, trusting it: MomentumALSALS's defaults, spelled out so that the row does not
     # move if the defaults do
-    "alsals-recommended": (ALSALS, RECOMMENDED),
+    "alsals-recommended": (MomentumALSALS, RECOMMENDED),
     # ... without the Polyak cap (the defaults before loss_floor, method.md section 11)
-    "alsals-recommended-uncapped": (ALSALS, UNCAPPED),
+    "alsals-recommended-uncapped": (MomentumALSALS, UNCAPPED),
     # ... testing every trial (the defaults before trust_interpolation, method.md section 10)
-    "alsals-recommended-tested": (ALSALS, TESTED),
+    "alsals-recommended-tested": (MomentumALSALS, TESTED),
     # ... and searching along the preconditioned gradient instead
     "alsals-recommended-preconditioned": (
-        ALSALS,
+        MomentumALSALS,
         {**TESTED, "search_direction": "preconditioned"},
     ),
     # ... and with the cadence "settled" (an option: cheaper, see method.md section 8)
-    "alsals-recommended-settled": (ALSALS, {**TESTED, "search_interval": "settled"}),
+    "alsals-recommended-settled": (MomentumALSALS, {**TESTED, "search_interval": "settled"}),
     "alsals-recommended-settled-preconditioned": (
-        ALSALS,
+        MomentumALSALS,
         {**TESTED, "search_interval": "settled", "search_direction": "preconditioned"},
     ),
     # ... with plain backtracking (the defaults before interpolation, method.md section 9)
-    "alsals-recommended-geometric": (ALSALS, {**TESTED, "interpolate": False}),
-    # ALSALS's defaults with a looser Armijo test, and searching along the preconditioned
+    "alsals-recommended-geometric": (MomentumALSALS, {**TESTED, "interpolate": False}),
+    # MomentumALSALS's defaults with a looser Armijo test, and searching along the preconditioned
     # gradient, both with the Polyak cap in place (method.md section 17; none kept)
-    "alsals-recommended-c05": (ALSALS, {**RECOMMENDED, "c": 0.5}),
-    "alsals-recommended-c03": (ALSALS, {**RECOMMENDED, "c": 0.3}),
+    "alsals-recommended-c05": (MomentumALSALS, {**RECOMMENDED, "c": 0.5}),
+    "alsals-recommended-c03": (MomentumALSALS, {**RECOMMENDED, "c": 0.3}),
     "alsals-recommended-capped-preconditioned": (
-        ALSALS,
+        MomentumALSALS,
         {**RECOMMENDED, "search_direction": "preconditioned"},
     ),
 }
@@ -508,7 +512,7 @@ def line_search_stepper(name: str, model: nn.Module, **settings: Any) -> LineSea
     )
 
 
-#: rows that run ``ALSALS(params)`` as a user does: its defaults, on every task as they are
+#: rows that run ``MomentumALSALS(params)`` as a user does: its defaults, on every task as they are
 #: (no shared warm-up to Adam's rate), like the peers at their documented defaults
 AS_USERS_RUN_THEM = (
     "alsals-recommended",
@@ -529,7 +533,7 @@ def _line_search(name: str) -> Callable[[nn.Module, Task, Budget], Stepper]:
     warm-starting period of 2000 steps for all algorithms"), the line search warms up to the
     task's peak learning rate like Adam does, then takes over; elsewhere it starts from its
     own initial step. The rows of ``AS_USERS_RUN_THEM`` take no warm-up and no rate from the
-    task anywhere: a tuned peak rate is what ``ALSALS(params)`` exists to do without."""
+    task anywhere: a tuned peak rate is what ``MomentumALSALS(params)`` exists to do without."""
 
     def build(model: nn.Module, task: Task, budget: Budget) -> Stepper:
         if name in AS_USERS_RUN_THEM:
@@ -606,7 +610,7 @@ def _salsa(model: nn.Module, task: Task, budget: Budget) -> Stepper:
 REGISTRY: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("alsals", "ALSALS, the paper's defaults", _line_search("alsals")),
+        OptimizerSpec("alsals", "MomentumALSALS, the paper's defaults", _line_search("alsals")),
         OptimizerSpec("adam-sls", "Adam + SLS (Sec. II-B)", _line_search("adam-sls")),
         OptimizerSpec("adam", "Adam, the paper's baseline schedule and peak LR", _adam(None)),
         OptimizerSpec(
@@ -617,47 +621,51 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("sls", "SLS along the gradient (Sec. II-A)", _line_search("sls")),
         OptimizerSpec(
             "alsals-analytic",
-            "ALSALS with the analytic slope -g.d (no probe pass)",
+            "MomentumALSALS with the analytic slope -g.d (no probe pass)",
             _line_search("alsals-analytic"),
         ),
         OptimizerSpec(
             "alsals-adaptive",
-            "ALSALS with SaLSa's adaptive search cadence",
+            "MomentumALSALS with SaLSa's adaptive search cadence",
             _line_search("alsals-adaptive"),
         ),
         OptimizerSpec(
             "alsals-fast",
-            "ALSALS, analytic slope and adaptive cadence",
+            "MomentumALSALS, analytic slope and adaptive cadence",
             _line_search("alsals-fast"),
         ),
         OptimizerSpec(
             "alsals-growth",
-            "ALSALS growing the step size 10% per search (SaLSa's)",
+            "MomentumALSALS growing the step size 10% per search (SaLSa's)",
             _line_search("alsals-growth"),
         ),
-        OptimizerSpec("alsals-smooth", "ALSALS with smoothing 0.9", _line_search("alsals-smooth")),
         OptimizerSpec(
-            "alsals-backtrack", "ALSALS backtracking by 0.8", _line_search("alsals-backtrack")
+            "alsals-smooth", "MomentumALSALS with smoothing 0.9", _line_search("alsals-smooth")
         ),
-        OptimizerSpec("alsals-c", "ALSALS with c = 0.3", _line_search("alsals-c")),
+        OptimizerSpec(
+            "alsals-backtrack",
+            "MomentumALSALS backtracking by 0.8",
+            _line_search("alsals-backtrack"),
+        ),
+        OptimizerSpec("alsals-c", "MomentumALSALS with c = 0.3", _line_search("alsals-c")),
         OptimizerSpec(
             "alsals-polyak",
-            "ALSALS starting each search no higher than the Polyak step L0/s",
+            "MomentumALSALS starting each search no higher than the Polyak step L0/s",
             _line_search("alsals-polyak"),
         ),
         OptimizerSpec(
             "alsals-preconditioned",
-            "ALSALS searching along the preconditioned gradient (Adam + SLS's and SaLSa's)",
+            "MomentumALSALS searching along the preconditioned gradient (Adam + SLS's and SaLSa's)",
             _line_search("alsals-preconditioned"),
         ),
         OptimizerSpec(
             "alsals-settled",
-            "ALSALS with the adaptive cadence that starts once the step size has settled",
+            "MomentumALSALS with the adaptive cadence that starts once the step size has settled",
             _line_search("alsals-settled"),
         ),
         OptimizerSpec(
             "alsals-recommended",
-            "ALSALS's defaults: the candidate with Polyak-limited starts, trusted interpolation, "
+            "MomentumALSALS's defaults: the candidate with Polyak-limited starts, trusted interpolation, "
             "the Polyak cap and the loss-rise guard",
             _line_search("alsals-recommended"),
         ),
@@ -693,83 +701,83 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "alsals-recommended-c05",
-            "ALSALS's defaults with c = 0.5",
+            "MomentumALSALS's defaults with c = 0.5",
             _line_search("alsals-recommended-c05"),
         ),
         OptimizerSpec(
             "alsals-recommended-c03",
-            "ALSALS's defaults with c = 0.3",
+            "MomentumALSALS's defaults with c = 0.3",
             _line_search("alsals-recommended-c03"),
         ),
         OptimizerSpec(
             "alsals-recommended-capped-preconditioned",
-            "ALSALS's defaults searching along the preconditioned gradient",
+            "MomentumALSALS's defaults searching along the preconditioned gradient",
             _line_search("alsals-recommended-capped-preconditioned"),
         ),
         OptimizerSpec(
             "alsals-interpolate",
-            "ALSALS with interpolated backtracking (fewer trials per search)",
+            "MomentumALSALS with interpolated backtracking (fewer trials per search)",
             _line_search("alsals-interpolate"),
         ),
         OptimizerSpec(
             "alsals-trust",
-            "ALSALS with interpolated backtracking, its predicted step size taken untested",
+            "MomentumALSALS with interpolated backtracking, its predicted step size taken untested",
             _line_search("alsals-trust"),
         ),
         OptimizerSpec(
             "alsals-capped",
-            "ALSALS with every update capped by the Polyak step on MoMo's momentum model",
+            "MomentumALSALS with every update capped by the Polyak step on MoMo's momentum model",
             _line_search("alsals-capped"),
         ),
         OptimizerSpec(
             "alsals-guarded",
-            "ALSALS with the loss-rise guard: a step size that grew while the loss climbed goes back",
+            "MomentumALSALS with the loss-rise guard: a step size that grew while the loss climbed goes back",
             _line_search("alsals-guarded"),
         ),
         OptimizerSpec(
             "alsals-candidate",
-            "ALSALS: analytic slope, adaptive cadence, growth 10%, smoothing 0.9, backtrack 0.8",
+            "MomentumALSALS: analytic slope, adaptive cadence, growth 10%, smoothing 0.9, backtrack 0.8",
             _line_search("alsals-candidate"),
         ),
         OptimizerSpec(
             "alsals-schedulefree",
-            "ScheduleFreeALSALS: Schedule-Free AdamW, its step size set by an Armijo search",
+            "ALSALS: Schedule-Free AdamW, its step size set by an Armijo search",
             _schedulefree_search(),
         ),
         # its ablation (method.md section 18): one choice off each
         OptimizerSpec(
             "alsals-schedulefree-first-phase-never",
-            "ScheduleFreeALSALS searching in each of the first 10 steps whatever they find",
+            "ALSALS searching in each of the first 10 steps whatever they find",
             _schedulefree_search(first_phase="never"),
         ),
         OptimizerSpec(
             "alsals-schedulefree-first-phase-settled",
-            "ScheduleFreeALSALS ending the first 10 steps' searches once the step size settled",
+            "ALSALS ending the first 10 steps' searches once the step size settled",
             _schedulefree_search(first_phase="settled"),
         ),
         OptimizerSpec(
             "alsals-schedulefree-geometric",
-            "ScheduleFreeALSALS with plain backtracking (no interpolation)",
+            "ALSALS with plain backtracking (no interpolation)",
             _schedulefree_search(interpolate=False),
         ),
         OptimizerSpec(
             "alsals-schedulefree-uncapped",
-            "ScheduleFreeALSALS of method.md section 18 without the Polyak cap on every step",
+            "ALSALS of method.md section 18 without the Polyak cap on every step",
             _schedulefree_search(polyak_cap=False, polyak_start="sets"),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-shrink",
-            "ScheduleFreeALSALS (section 19) shrinking its step size while z trails x",
+            "ALSALS (section 19) shrinking its step size while z trails x",
             _schedulefree_search(lead_rule="shrink", polyak_start="sets"),
         ),
         OptimizerSpec(
             "alsals-schedulefree-polyak-start-sets",
-            "ScheduleFreeALSALS whose Polyak start bound sets the step size (method.md section 18)",
+            "ALSALS whose Polyak start bound sets the step size (method.md section 18)",
             _schedulefree_search(polyak_start="sets"),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-hold",
-            "ScheduleFreeALSALS (section 19) holding its step size while z trails x",
+            "ALSALS (section 19) holding its step size while z trails x",
             _schedulefree_search(lead_rule="hold", polyak_start="sets"),
         ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),

@@ -66,7 +66,7 @@ def scan_direction(
     sees, and puts the weights, buffers and random state back. Calling
     ``optimizer.step(closure)`` afterwards takes exactly the step that the scan reports: the
     step size ``chosen_step_size``, along the searched direction where the update moves
-    along it (SLS, ALSALS; AdamSLS searches along Adam's direction without momentum but
+    along it (SLS, MomentumALSALS; AdamSLS searches along Adam's direction without momentum but
     moves along the momentum one), before the decoupled weight decay, which is not searched.
     Under ``torch.distributed`` every rank scans its own batch and the losses are averaged
     over ranks, as the search averages them (one collective for the whole grid).

@@ -22,10 +22,10 @@ import importlib
 from typing import Any
 
 from alsals.line_search import LineSearchOptimizer
-from alsals.schedule_free import ScheduleFreeALSALS
+from alsals.schedule_free import ALSALS
 
-#: The optimizers every integration drives: the three line searches and ScheduleFreeALSALS.
-DRIVEN = (LineSearchOptimizer, ScheduleFreeALSALS)
+#: The optimizers every integration drives: ALSALS and the three of the line-search engine.
+DRIVEN = (LineSearchOptimizer, ALSALS)
 
 _LAZY = {
     "LineSearchTrainer": "alsals.integrations.hf",

@@ -29,7 +29,7 @@ from torch import Tensor
 from alsals.closure import ClosureForm
 from alsals.integrations import DRIVEN
 from alsals.line_search import LineSearchOptimizer
-from alsals.schedule_free import ScheduleFreeALSALS
+from alsals.schedule_free import ALSALS
 
 __all__ = ["autocast_closure", "step_with_scaler"]
 
@@ -89,7 +89,7 @@ _OVERFLOW_SKIP_WARNING = r".*: the gradient is not finite"
 
 
 def step_with_scaler(
-    optimizer: LineSearchOptimizer | ScheduleFreeALSALS,
+    optimizer: LineSearchOptimizer | ALSALS,
     closure: Callable[..., Tensor],
     scaler: torch.amp.GradScaler,
     *,
@@ -142,7 +142,7 @@ class _ScaledClosure:
 
     def __init__(
         self,
-        optimizer: LineSearchOptimizer | ScheduleFreeALSALS,
+        optimizer: LineSearchOptimizer | ALSALS,
         closure: Callable[..., Tensor],
         scaler: torch.amp.GradScaler,
     ) -> None:

@@ -19,25 +19,25 @@ that loop as it is and adds what the line search needs:
   Trainer logs is the searched step size (an update that ``loss_floor``'s cap cut took
   less). ``learning_rate``, ``lr_scheduler_type`` and the
   ``warmup_*`` arguments of ``TrainingArguments`` do not apply (use the optimizer's
-  ``lr`` and ``warmup_steps``).
+  ``lr``, and ``MomentumALSALS``'s ``warmup_steps``).
 * Checkpoints hold the optimizer's ``state_dict`` (the whole line-search state) and the
   Trainer's random states, so ``train(resume_from_checkpoint=...)`` continues exactly.
 
 Usage::
 
-    from alsals import ALSALS
+    from alsals import MomentumALSALS
     from alsals.integrations.hf import LineSearchTrainer
 
     trainer = LineSearchTrainer(
         model=model, args=TrainingArguments(..., gradient_accumulation_steps=2),
-        train_dataset=train, optimizer_cls_and_kwargs=(ALSALS, {"slope": "analytic"}),
+        train_dataset=train, optimizer_cls_and_kwargs=(MomentumALSALS, {"warmup_steps": 100}),
     )
     trainer.train()
 
-Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults;
-``(ScheduleFreeALSALS, {})`` works as well (the Trainer's calls of its ``eval()`` and
-``train()`` are no-ops: the weights are the average between steps, whatever saves them).
-``optimizers=(ALSALS(model.parameters()), None)`` works too. ``LineSearchTrainerMixin``
+Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults (the
+Trainer's calls of its ``eval()`` and ``train()`` are no-ops: the weights are the average
+between steps, whatever saves them); ``optimizers=(ALSALS(model.parameters()), None)``
+works too. ``LineSearchTrainerMixin``
 adds the same behaviour to another ``Trainer`` subclass (put it first in the bases).
 ``bf16=True`` works as is. ``fp16=True`` goes through accelerate's GradScaler: the
 gradients are unscaled before clipping and the step, a step whose gradients overflowed is
@@ -62,8 +62,7 @@ from transformers import Trainer
 from alsals.closure import RandomState
 from alsals.integrations import DRIVEN
 from alsals.line_search import LineSearchOptimizer
-from alsals.optimizers import ALSALS
-from alsals.schedule_free import ScheduleFreeALSALS
+from alsals.schedule_free import ALSALS
 
 __all__ = ["FollowStepSize", "LineSearchTrainer", "LineSearchTrainerMixin"]
 
@@ -96,7 +95,7 @@ def _step_with_trainer_closure(trainer_ref: weakref.ref) -> Callable[..., Tensor
     """An instance-level ``step`` that supplies the Trainer's closure when none is given."""
 
     def step(
-        self: LineSearchOptimizer | ScheduleFreeALSALS,
+        self: LineSearchOptimizer | ALSALS,
         closure: Callable[..., Tensor] | None = None,
     ) -> Tensor:
         if closure is None:
@@ -151,8 +150,8 @@ class LineSearchTrainerMixin:
     def _check_optimizer(optimizer: Any) -> None:
         if not isinstance(optimizer, DRIVEN):
             raise TypeError(
-                "LineSearchTrainer drives an alsals line-search optimizer (ALSALS, AdamSLS, "
-                f"SLS, ScheduleFreeALSALS), got {type(optimizer).__name__}; use "
+                "LineSearchTrainer drives an alsals line-search optimizer (ALSALS, "
+                f"MomentumALSALS, AdamSLS, SLS), got {type(optimizer).__name__}; use "
                 "transformers.Trainer for others"
             )
 

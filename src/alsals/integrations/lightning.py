@@ -3,7 +3,7 @@
 Lightning's automatic optimization hands the optimizer a closure that always runs
 ``training_step`` *and* backward and zeroes the gradients; a line search calls its closure
 again under ``torch.no_grad()`` for every trial, where that closure fails. So a
-LightningModule trained by an alsals optimizer (``ScheduleFreeALSALS`` included) uses
+LightningModule trained by an alsals optimizer uses
 manual optimization and one call per batch::
 
     from alsals.integrations.lightning import LineSearchCallback, line_search_step

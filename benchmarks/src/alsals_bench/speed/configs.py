@@ -24,7 +24,7 @@ class Config:
     name: str
     build: Callable[[nn.Module], Stepper]
     # The SaLSa configuration that does the same work: SaLSa's slope is analytic-style
-    # (g.g/sqrt(v), no probe pass), so only our analytic-slope ALSALS runs compare with it,
+    # (g.g/sqrt(v), no probe pass), so only our analytic-slope MomentumALSALS runs compare with it,
     # every step with speed_up=False and adaptive with speed_up=True.
     salsa: str | None = None
     peer: str | None = None  # the registry's peer it is, whose package it needs

@@ -85,7 +85,7 @@ def lm_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict[
     return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
 
 
-# Sized so that one ALSALS run takes about two minutes on 2 CPU cores.
+# Sized so that one MomentumALSALS run takes about two minutes on 2 CPU cores.
 QUICK = Budget(
     steps=160,
     batch_size=16,

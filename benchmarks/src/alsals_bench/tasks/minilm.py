@@ -214,7 +214,7 @@ class MiniLMTask(SequenceClassificationTask):
         }
 
 
-# Sized so that one ALSALS run takes about two minutes on 2 CPU cores (benchmarks/docs/tasks.md).
+# Sized so that one MomentumALSALS run takes about two minutes on 2 CPU cores (benchmarks/docs/tasks.md).
 QUICK = Budget(steps=40, batch_size=16, eval_every=20, options={"max_length": 64, "eval_size": 256})
 
 
