@@ -783,9 +783,7 @@ def test_a_loss_below_the_floor_is_warned_about_before_anything_is_written():
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     after = opt.state_dict()
     assert after["param_groups"] == state["param_groups"]
-    assert all(
-        torch.equal(after["state"][k]["z"], state["state"][k]["z"]) for k in state["state"]
-    )
+    assert all(torch.equal(after["state"][k]["z"], state["state"][k]["z"]) for k in state["state"])
     opt.step(lambda: loss_of(model, x[idx], y[idx]) - 1.0)  # (warned once already)
     assert opt.last_step.kind in ("search", "reuse") and not opt.last_step.capped
     assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
