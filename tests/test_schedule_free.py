@@ -807,3 +807,31 @@ def test_trials_that_change_unprotected_batchnorm_statistics_are_warned_about_on
         for _ in range(3):
             guarded.step(lambda: nn.functional.mse_loss(model(x), y))
     assert guarded.search_state.steps == 3 and guarded.last_step.trials >= 1
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_closure_whose_evaluation_without_gradient_is_nan_skips_the_step_at_once(warm):
+    """Trials evaluate without gradient; a closure that gives NaN there (and not with
+    gradient) is found out after two trials at the first step (by evaluating y itself) and
+    after the first trial later (the averaging move alone): the step is skipped, nothing
+    written, one warning naming the closure's evaluation without gradient."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    idx = batches(x, y, 1)[0]
+    if warm:
+        for _ in range(3):
+            opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+
+    def closure():
+        loss = loss_of(model, x[idx], y[idx])
+        return loss if torch.is_grad_enabled() else loss * float("nan")
+
+    with pytest.warns(RuntimeWarning, match="loss without gradient .* is not finite"):
+        opt.step(closure)
+    assert opt.last_step.kind == "nonfinite"
+    assert opt.last_step.forwards == 1 + (2 if warm else 3)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert opt.state_dict()["param_groups"] == state["param_groups"]

@@ -83,6 +83,7 @@ from alsals.line_search import (
     BUFFERS_WARNING,
     DISCONNECTED_WARNING,
     NO_BACKWARD_WARNING,
+    NONFINITE_TRIALS_BEFORE_CHECK,
     SCHEDULE_WARNING,
     SCHEDULE_WARNING_STEPS,
     STALE_BUFFERS_HINT,
@@ -126,6 +127,14 @@ LEAD_RULES = ("off", "hold", "shrink")
 #: The sign test's level: ``z`` trails when so many batches say so that a fair coin would
 #: give as many in at most 5% of the runs (9 of the 10 steps between two searches).
 LEAD_TEST_LEVEL = 0.05
+#: The culprit a skipped step names when its trials' losses were not finite, nor the loss at
+#: ``y`` (at the first step) or at the averaging move alone evaluated without gradient.
+TRIALS_NONFINITE = (
+    "the closure's loss without gradient (as trials evaluate it: under torch.no_grad(), or "
+    "closure(False)), at the trials and at the point that needs no step size (y at a run's "
+    "first step, the averaging move alone after it), where its loss with gradient at y was "
+    "finite,"
+)
 #: Each group's own state: Schedule-Free's averaging weights and the group's settings.
 GROUP_STATE = (
     "weight_sum",
@@ -537,11 +546,16 @@ class ALSALS(torch.optim.Optimizer):
         or gradient is not finite, a closure that forgot backward, and a loss that gives no
         parameter a gradient several steps in a row (the steps are all skipped)."""
         if info.kind == "nonfinite":
-            culprit = "loss" if not math.isfinite(info.loss) else "gradient"
+            if not math.isfinite(info.loss):
+                culprit = "the loss"
+            elif info.trials:  # finite at y with gradient, not without it where it must be
+                culprit = TRIALS_NONFINITE
+            else:
+                culprit = "the gradient"
             self._warn_once(
                 f"nonfinite_{culprit}",
-                f"ALSALS: the {culprit} is not finite: the step was skipped, and "
-                "the weights and optimizer state left unchanged. Further skips are counted in "
+                f"ALSALS: {culprit} is not finite: the step was skipped, and the weights and "
+                "optimizer state left unchanged. Further skips are counted in "
                 "search_state.skipped_nonfinite without warning.",
                 RuntimeWarning,
             )
@@ -711,15 +725,20 @@ class ALSALS(torch.optim.Optimizer):
             return None if ok else "kept"
 
         checked = first  # at a run's first step x = z = y: there is no averaging move
+        nonfinite_in_a_row = 0
         while evaluations < h["max_trials"]:
             evaluations += 1
             ok, value = passes(gamma)
             if ok:
                 return "search", gamma, evaluations, not (lowered and evaluations == 1)
-            if not checked:
+            nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
+            # at the first step, trials whose loss stays non-finite: is it so at y itself
+            # (a closure whose evaluation without gradient fails wherever it runs)?
+            at_y = first and nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
+            if not checked or at_y:
                 checked = True
                 ending = averaging_alone()
-                if ending is not None:
+                if ending == "nonfinite" or (ending == "kept" and not first):
                     taken = search.step_size if ending == "kept" else 0.0
                     return ending, taken, evaluations, False
             gamma = self._next_trial(gamma, loss0 - value, promised)
