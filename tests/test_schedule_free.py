@@ -835,3 +835,51 @@ def test_a_closure_whose_evaluation_without_gradient_is_nan_skips_the_step_at_on
     assert opt.last_step.forwards == 1 + (2 if warm else 3)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     assert opt.state_dict()["param_groups"] == state["param_groups"]
+
+
+def test_step_without_a_closure_says_what_to_pass():
+    opt = ALSALS(make_model().parameters())
+    with pytest.raises(TypeError, match=r"needs a closure: call optimizer.step\(closure\)"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (lambda p: [p, p], "appears twice in one parameter group"),
+        (lambda p: [torch.zeros(3, dtype=torch.complex64, requires_grad=True)], "complex"),
+    ],
+)
+def test_parameters_it_cannot_update_are_refused_by_name(params, match):
+    weight = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=match):
+        ALSALS(params(weight))
+
+
+def test_a_loss_that_does_not_follow_the_weights_ends_each_search_at_once_and_warns():
+    """A loss whose value does not move with the weights but whose gradient is not 0 (here
+    a straight-through term, ``w - w.detach()``: the value of a stale loss, the gradient of
+    a surrogate): every evaluation gives the starting loss, so no trial can judge a step
+    size. Each search ends after two evaluations (not max_trials), takes no step along the
+    gradient (``z`` stays), and the third such search in a row warns."""
+    model = make_model()
+    opt = ALSALS(model.parameters())
+
+    def closure():
+        return torch.tensor(0.7, dtype=torch.float64) + sum(
+            (p - p.detach()).sum() for p in model.parameters()
+        )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            z_before = [opt.state[p]["z"].clone() for p in model.parameters()] if step else None
+            opt.step(closure)
+            assert opt.last_step.kind == "exhausted" and opt.last_step.forwards <= 3
+            if z_before:  # z moves only with a step size: it stays
+                assert all(
+                    torch.equal(opt.state[p]["z"], zb)
+                    for p, zb in zip(model.parameters(), z_before, strict=True)
+                )
+            messages = [str(w.message) for w in caught if "did not change" in str(w.message)]
+            assert len(messages) == (1 if step == 2 else 0)

@@ -135,6 +135,17 @@ TRIALS_NONFINITE = (
     "first step, the averaging move alone after it), where its loss with gradient at y was "
     "finite,"
 )
+#: A search whose evaluations (trials and the averaging move), this many, all gave exactly
+#: the loss at ``y`` ends there: the closure's loss does not follow the weights.
+UNCHANGED_EVALUATIONS = 2
+UNCHANGED_WARNING = (
+    "ALSALS: the loss did not change when the weights moved: in {n} searches in a row every "
+    "evaluation gave exactly the loss at the start, so each ended without a step size (only "
+    "Schedule-Free's averaging move was taken). Either the closure does not compute the loss "
+    "from the model's current weights (call the model inside the closure: outputs computed "
+    "before it, or a loss of another model, stay the same whatever the optimizer does to the "
+    "weights), or the loss changes by less than its own rounding (compute it in a wider dtype)"
+)
 #: Each group's own state: Schedule-Free's averaging weights and the group's settings.
 GROUP_STATE = (
     "weight_sum",
@@ -370,6 +381,8 @@ class ALSALS(torch.optim.Optimizer):
         self._disconnected_steps = 0
         self._written_lr_steps = 0
         self._buffers_checked = False
+        self._unchanged_search = False
+        self._unchanged_searches = 0
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -412,6 +425,15 @@ class ALSALS(torch.optim.Optimizer):
                     f"optimizer (ALSALS(params, {key}=...)), not of a group"
                 )
         param_group = dict(param_group)
+        params = param_group.get("params", [])
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError(
+                "a parameter appears twice in one parameter group: it would be updated twice"
+            )
+        if any(torch.is_complex(p) for p in params):
+            raise ValueError("complex parameters are not supported")
+        param_group["params"] = params
         per_group = ("betas", "eps", "weight_decay", "lr_scale")
         known = {*SEARCH_SETTINGS, *GROUP_STATE, *TORCH_GROUP_KEYS, "params", "lr", "param_names"}
         drop_foreign_keys("ALSALS", param_group, known, per_group)
@@ -455,6 +477,8 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_buffers_checked", False)
+        self.__dict__.setdefault("_unchanged_search", False)
+        self.__dict__.setdefault("_unchanged_searches", 0)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -470,7 +494,7 @@ class ALSALS(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------ the step
 
     def step(  # type: ignore[override]
-        self, closure: Closure, *, closure_runs_backward: bool | None = None
+        self, closure: Closure | None = None, *, closure_runs_backward: bool | None = None
     ) -> Tensor:
         """One training step: the weights move from the average ``x`` to ``y``, where the
         loss and gradient are taken; a search when one is due; the move, after which the
@@ -648,6 +672,10 @@ class ALSALS(torch.optim.Optimizer):
                 search, loss0, groups, averaging, slope, evaluator
             )
             self._warn_about_buffers(evaluator)  # (before anything is written)
+            unchanged, self._unchanged_search = self._unchanged_search, False
+            self._unchanged_searches = self._unchanged_searches + 1 if unchanged else 0
+            if self._unchanged_searches >= STALL_WARNING_STEPS:
+                self._warn_once("loss_unchanged", UNCHANGED_WARNING.format(n=STALL_WARNING_STEPS))
             if kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(kind, 0.0, loss0, trials)
@@ -695,11 +723,14 @@ class ALSALS(torch.optim.Optimizer):
         def promised(gamma: float) -> float:
             return self._promised(gamma, averaging, slope)
 
+        values: list[float] = []
+
         def passes(gamma: float) -> tuple[bool, float]:
             for g in groups:
                 g.place(gamma)
             watch = not self._buffers_checked and evaluations == 1
             (value,) = mean_to_host([evaluator.evaluate(watch_buffers=watch)], self._process_group)
+            values.append(value)
             ok = math.isfinite(value) and loss0 - value >= c * promised(gamma)
             return ok, value
 
@@ -722,6 +753,8 @@ class ALSALS(torch.optim.Optimizer):
             ok, value = passes(0.0)
             if not math.isfinite(value):
                 return "nonfinite"
+            if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
+                return "unchanged"
             return None if ok else "kept"
 
         checked = first  # at a run's first step x = z = y: there is no averaging move
@@ -732,12 +765,20 @@ class ALSALS(torch.optim.Optimizer):
             if ok:
                 return "search", gamma, evaluations, not (lowered and evaluations == 1)
             nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
+            if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
+                # every move gave exactly the starting loss: the closure's loss does not
+                # follow the weights (or changes below its rounding); no trial can judge
+                self._unchanged_search = True
+                return "exhausted", 0.0, evaluations, False
             # at the first step, trials whose loss stays non-finite: is it so at y itself
             # (a closure whose evaluation without gradient fails wherever it runs)?
             at_y = first and nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
             if not checked or at_y:
                 checked = True
                 ending = averaging_alone()
+                if ending == "unchanged":
+                    self._unchanged_search = True
+                    return "exhausted", 0.0, evaluations, False
                 if ending == "nonfinite" or (ending == "kept" and not first):
                     taken = search.step_size if ending == "kept" else 0.0
                     return ending, taken, evaluations, False
