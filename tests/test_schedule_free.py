@@ -789,7 +789,7 @@ def test_a_loss_below_the_floor_is_warned_about_before_anything_is_written():
     assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
 
 
-def test_trials_that_change_unprotected_batchnorm_statistics_are_warned_about_once():
+def test_trials_that_change_unprotected_batchnorm_statistics_are_warned_about_once(buffer_watch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
     x, y = torch.randn(64, 4), torch.randn(64, 1)
