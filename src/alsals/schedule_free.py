@@ -114,6 +114,7 @@ SEARCH_SETTINGS = (
     "first_phase",
     "search_interval",
     "lead_rule",
+    "kept_rule",
     "polyak_start",
     "loss_floor",
     "polyak_cap",
@@ -124,6 +125,8 @@ SEARCH_SETTINGS = (
 FIRST_PHASES = ("never", "kept", "settled")
 #: What a search's start does while ``z`` trails ``x`` (``lead_rule``).
 LEAD_RULES = ("off", "hold", "shrink")
+#: What a search that kept the step size does with it (``kept_rule``).
+KEPT_RULES = ("keep", "shrink")
 #: The sign test's level: ``z`` trails when so many batches say so that a fair coin would
 #: give as many in at most 5% of the runs (9 of the 10 steps between two searches).
 LEAD_TEST_LEVEL = 0.05
@@ -296,6 +299,10 @@ class ALSALS(torch.optim.Optimizer):
             always ``growth`` (``"off"``). The sign says nothing about plateaus a run must
             grow out of: there ``z`` trails too, and ``"shrink"`` / ``"hold"`` keep the
             step size too small to leave them (``benchmarks/docs/method.md``, section 19).
+        kept_rule: what a search that kept the step size (the grown trial and the averaging
+            move alone both failed: the move towards ``z`` is uphill on the batch) does with
+            it: keep it, the step taken at it (``"keep"``), or multiply it by ``backtrack``,
+            the step taken at the smaller one (``"shrink"``) (``"keep"``).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         polyak_start: what a later search's start lowered by the Polyak bound sets, where
             that start passes at once: the step size (``"sets"``), or the trial only, the
@@ -331,6 +338,7 @@ class ALSALS(torch.optim.Optimizer):
         first_phase: str = "kept",
         search_interval: int = 10,
         lead_rule: str = "off",
+        kept_rule: str = "keep",
         polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -359,6 +367,7 @@ class ALSALS(torch.optim.Optimizer):
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
             "search_interval": integer("search_interval", search_interval, 1),
             "lead_rule": _choice("lead_rule", lead_rule, LEAD_RULES),
+            "kept_rule": _choice("kept_rule", kept_rule, KEPT_RULES),
             "polyak_start": _choice("polyak_start", polyak_start, ("sets", "trial")),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
@@ -779,6 +788,9 @@ class ALSALS(torch.optim.Optimizer):
                 if ending == "unchanged":
                     self._unchanged_search = True
                     return "exhausted", 0.0, evaluations, False
+                if ending == "kept" and not first and h["kept_rule"] == "shrink":
+                    # the averaging move alone is uphill: z has run ahead too far
+                    return ending, search.step_size * h["backtrack"], evaluations, True
                 if ending == "nonfinite" or (ending == "kept" and not first):
                     taken = search.step_size if ending == "kept" else 0.0
                     return ending, taken, evaluations, False

@@ -780,6 +780,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "ALSALS (section 19) holding its step size while z trails x",
             _schedulefree_search(lead_rule="hold", polyak_start="sets"),
         ),
+        OptimizerSpec(
+            "alsals-schedulefree-kept-shrink",
+            "ALSALS shrinking its step size at a search whose averaging move alone fails",
+            _schedulefree_search(kept_rule="shrink"),
+        ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
         OptimizerSpec(
