@@ -114,7 +114,7 @@ SEARCH_SETTINGS = (
     "first_phase",
     "search_interval",
     "lead_rule",
-    "kept_rule",
+    "averaging",
     "polyak_start",
     "loss_floor",
     "polyak_cap",
@@ -125,8 +125,6 @@ SEARCH_SETTINGS = (
 FIRST_PHASES = ("never", "kept", "settled")
 #: What a search's start does while ``z`` trails ``x`` (``lead_rule``).
 LEAD_RULES = ("off", "hold", "shrink")
-#: What a search that kept the step size does with it (``kept_rule``).
-KEPT_RULES = ("keep", "shrink")
 #: The sign test's level: ``z`` trails when so many batches say so that a fair coin would
 #: give as many in at most 5% of the runs (9 of the 10 steps between two searches).
 LEAD_TEST_LEVEL = 0.05
@@ -197,9 +195,12 @@ def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float,
     """Schedule-Free's averaging weight ``alpha = w / (w_1 + ... + w)`` of a step of size
     ``gamma`` (the searched one; the group moves by ``gamma * lr_scale``) in ``group``, with
     the group's ``lr_max`` and ``w`` after it (``alpha = 1`` at a group's first step: ``x``
-    starts at ``z``). A constant ``lr_scale`` leaves ``alpha`` as it is."""
+    starts at ``z``): ``w = lr_max^2``, the largest step so far (``averaging="max"``,
+    Schedule-Free's), or ``w = (gamma lr_scale)^2``, this step's own (``"step"``, Defazio et
+    al.'s ``c_t ~ gamma_t^2``). A constant ``lr_scale`` leaves ``alpha`` as it is."""
     lr_max = max(group["lr_max"], gamma * group["lr_scale"])
-    weight = lr_max**AVERAGING_POWER
+    by_step = group["averaging"] == "step"
+    weight = (gamma * group["lr_scale"] if by_step else lr_max) ** AVERAGING_POWER
     total = group["weight_sum"] + weight
     alpha = weight / total if total > 0.0 else 1.0
     return alpha, lr_max, weight
@@ -299,10 +300,6 @@ class ALSALS(torch.optim.Optimizer):
             always ``growth`` (``"off"``). The sign says nothing about plateaus a run must
             grow out of: there ``z`` trails too, and ``"shrink"`` / ``"hold"`` keep the
             step size too small to leave them (``benchmarks/docs/method.md``, section 19).
-        kept_rule: what a search that kept the step size (the grown trial and the averaging
-            move alone both failed: the move towards ``z`` is uphill on the batch) does with
-            it: keep it, the step taken at it (``"keep"``), or multiply it by ``backtrack``,
-            the step taken at the smaller one (``"shrink"``) (``"keep"``).
         loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
         polyak_start: what a later search's start lowered by the Polyak bound sets, where
             that start passes at once: the step size (``"sets"``), or the trial only, the
@@ -338,7 +335,7 @@ class ALSALS(torch.optim.Optimizer):
         first_phase: str = "kept",
         search_interval: int = 10,
         lead_rule: str = "off",
-        kept_rule: str = "keep",
+        averaging: str = "max",
         polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -367,7 +364,7 @@ class ALSALS(torch.optim.Optimizer):
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
             "search_interval": integer("search_interval", search_interval, 1),
             "lead_rule": _choice("lead_rule", lead_rule, LEAD_RULES),
-            "kept_rule": _choice("kept_rule", kept_rule, KEPT_RULES),
+            "averaging": _choice("averaging", averaging, ("max", "step")),
             "polyak_start": _choice("polyak_start", polyak_start, ("sets", "trial")),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),
@@ -788,9 +785,6 @@ class ALSALS(torch.optim.Optimizer):
                 if ending == "unchanged":
                     self._unchanged_search = True
                     return "exhausted", 0.0, evaluations, False
-                if ending == "kept" and not first and h["kept_rule"] == "shrink":
-                    # the averaging move alone is uphill: z has run ahead too far
-                    return ending, search.step_size * h["backtrack"], evaluations, True
                 if ending == "nonfinite" or (ending == "kept" and not first):
                     taken = search.step_size if ending == "kept" else 0.0
                     return ending, taken, evaluations, False

@@ -781,9 +781,9 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(lead_rule="hold", polyak_start="sets"),
         ),
         OptimizerSpec(
-            "alsals-schedulefree-kept-shrink",
-            "ALSALS shrinking its step size at a search whose averaging move alone fails",
-            _schedulefree_search(kept_rule="shrink"),
+            "alsals-schedulefree-step-weights",
+            "ALSALS averaging z with each step's own weight (gamma^2, not max gamma^2)",
+            _schedulefree_search(averaging="step"),
         ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
