@@ -574,7 +574,6 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"search_interval": 0}, "search_interval"),
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
-        ({"averaging": "mean"}, "averaging"),
         ({"lead_rule": "on"}, "lead_rule"),
         ({"polyak_start": "never"}, "polyak_start"),
     ],

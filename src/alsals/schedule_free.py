@@ -114,7 +114,6 @@ SEARCH_SETTINGS = (
     "first_phase",
     "search_interval",
     "lead_rule",
-    "averaging",
     "polyak_start",
     "loss_floor",
     "polyak_cap",
@@ -195,12 +194,11 @@ def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float,
     """Schedule-Free's averaging weight ``alpha = w / (w_1 + ... + w)`` of a step of size
     ``gamma`` (the searched one; the group moves by ``gamma * lr_scale``) in ``group``, with
     the group's ``lr_max`` and ``w`` after it (``alpha = 1`` at a group's first step: ``x``
-    starts at ``z``): ``w = lr_max^2``, the largest step so far (``averaging="max"``,
-    Schedule-Free's), or ``w = (gamma lr_scale)^2``, this step's own (``"step"``, Defazio et
-    al.'s ``c_t ~ gamma_t^2``). A constant ``lr_scale`` leaves ``alpha`` as it is."""
+    starts at ``z``): ``w = lr_max^2``, the largest step so far, as Schedule-Free's code
+    weighs (``benchmarks/docs/method.md``, section 21: each step's own ``gamma^2`` did
+    worse). A constant ``lr_scale`` leaves ``alpha`` as it is."""
     lr_max = max(group["lr_max"], gamma * group["lr_scale"])
-    by_step = group["averaging"] == "step"
-    weight = (gamma * group["lr_scale"] if by_step else lr_max) ** AVERAGING_POWER
+    weight = lr_max**AVERAGING_POWER
     total = group["weight_sum"] + weight
     alpha = weight / total if total > 0.0 else 1.0
     return alpha, lr_max, weight
@@ -335,7 +333,6 @@ class ALSALS(torch.optim.Optimizer):
         first_phase: str = "kept",
         search_interval: int = 10,
         lead_rule: str = "off",
-        averaging: str = "max",
         polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -364,7 +361,6 @@ class ALSALS(torch.optim.Optimizer):
             "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
             "search_interval": integer("search_interval", search_interval, 1),
             "lead_rule": _choice("lead_rule", lead_rule, LEAD_RULES),
-            "averaging": _choice("averaging", averaging, ("max", "step")),
             "polyak_start": _choice("polyak_start", polyak_start, ("sets", "trial")),
             "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
             "polyak_cap": flag("polyak_cap", polyak_cap),

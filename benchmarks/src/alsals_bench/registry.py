@@ -780,11 +780,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "ALSALS (section 19) holding its step size while z trails x",
             _schedulefree_search(lead_rule="hold", polyak_start="sets"),
         ),
-        OptimizerSpec(
-            "alsals-schedulefree-step-weights",
-            "ALSALS averaging z with each step's own weight (gamma^2, not max gamma^2)",
-            _schedulefree_search(averaging="step"),
-        ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
         OptimizerSpec(
