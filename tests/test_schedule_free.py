@@ -891,3 +891,47 @@ def test_a_loss_that_does_not_follow_the_weights_ends_each_search_at_once_and_wa
                 )
             messages = [str(w.message) for w in caught if "did not change" in str(w.message)]
             assert len(messages) == (1 if step == 2 else 0)
+
+
+@pytest.mark.parametrize(
+    ("index", "key", "value", "match"),
+    [
+        (1, "weight_decay", float("nan"), r"param_groups\[1\]: invalid weight_decay"),
+        (1, "lr_scale", 0.0, r"param_groups\[1\]: invalid lr_scale"),
+        (1, "betas", (1.5, 0.9), r"param_groups\[1\]: invalid betas\[0\]"),
+        (0, "eps", 0.0, r"param_groups\[0\]: invalid eps"),
+        (0, "c", 2.0, r"param_groups\[0\]: invalid c"),
+        (0, "max_trials", 0, r"param_groups\[0\]: invalid max_trials"),
+        (0, "lead_rule", "bogus", r"param_groups\[0\]: invalid lead_rule"),
+        (1, "lr", float("nan"), r"param_groups\[1\]: invalid lr"),
+        (1, "c", 0.3, r"param_groups\[1\]\['c'\] = 0.3 differs from param_groups\[0\]"),
+    ],
+)
+def test_a_bad_setting_written_between_steps_is_an_error_before_anything_moves(
+    index, key, value, match
+):
+    """A loop may write any group setting between steps; a value the step cannot use (or a
+    search setting that differs between groups) is an error naming the group and the
+    setting, raised before the weights, the state or the random stream change."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    idx = batches(x, y, 2)
+    opt.step(lambda: loss_of(model, x[idx[0]], y[idx[0]]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.param_groups[index][key] = value
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.step(lambda: loss_of(model, x[idx[1]], y[idx[1]]))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[k]["z"], state[k]["z"]) for k in state if "z" in state[k])
+
+
+def test_an_empty_first_group_is_accepted_as_torch_adam_accepts_it():
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS([{"params": []}, {"params": model.parameters()}])
+    for idx in batches(x, y, 3):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    assert opt.last_step.kind == "search" and opt.search_state.steps == 3

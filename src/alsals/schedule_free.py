@@ -350,31 +350,27 @@ class ALSALS(torch.optim.Optimizer):
                 "ALSALS takes the parameters, not the module: pass "
                 "model.parameters() (or a list of parameter groups)"
             )
-        settings = {
-            "lr": in_range("lr", lr, 0.0, closed_low=False),
-            "c": in_range("c", c, 0.0, 1.0, closed_low=False),
-            "growth": in_range("growth", growth, 1.0, closed_low=True),
-            "backtrack": in_range("backtrack", backtrack, 0.0, 1.0, closed_low=False),
-            "interpolate": flag("interpolate", interpolate),
-            "max_trials": integer("max_trials", max_trials, 1),
-            "initial_searches": integer("initial_searches", initial_searches, 1),
-            "first_phase": _choice("first_phase", first_phase, FIRST_PHASES),
-            "search_interval": integer("search_interval", search_interval, 1),
-            "lead_rule": _choice("lead_rule", lead_rule, LEAD_RULES),
-            "polyak_start": _choice("polyak_start", polyak_start, ("sets", "trial")),
-            "loss_floor": None if loss_floor is None else real("loss_floor", loss_floor),
-            "polyak_cap": flag("polyak_cap", polyak_cap),
-            "max_grad_norm": (
-                None
-                if max_grad_norm is None
-                else in_range("max_grad_norm", max_grad_norm, 0.0, closed_low=False)
-            ),
-            "loss_rise_guard": (
-                None
-                if loss_rise_guard is None
-                else in_range("loss_rise_guard", loss_rise_guard, 0.0, closed_low=True)
-            ),
-        }
+        settings = {"lr": in_range("lr", lr, 0.0, closed_low=False)}
+        settings.update(
+            _checked_search_settings(
+                {
+                    "c": c,
+                    "growth": growth,
+                    "backtrack": backtrack,
+                    "interpolate": interpolate,
+                    "max_trials": max_trials,
+                    "initial_searches": initial_searches,
+                    "first_phase": first_phase,
+                    "search_interval": search_interval,
+                    "lead_rule": lead_rule,
+                    "polyak_start": polyak_start,
+                    "loss_floor": loss_floor,
+                    "polyak_cap": polyak_cap,
+                    "max_grad_norm": max_grad_norm,
+                    "loss_rise_guard": loss_rise_guard,
+                }
+            )
+        )
         self._buffers = checked_buffers(buffers)
         self._process_group = process_group
         self._left_grads: LeftGradients | None = None
@@ -439,15 +435,7 @@ class ALSALS(torch.optim.Optimizer):
         per_group = ("betas", "eps", "weight_decay", "lr_scale")
         known = {*SEARCH_SETTINGS, *GROUP_STATE, *TORCH_GROUP_KEYS, "params", "lr", "param_names"}
         drop_foreign_keys("ALSALS", param_group, known, per_group)
-        merged = {**self.defaults, **param_group}
-        betas = merged["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"invalid betas: {betas!r} (expected (beta1, beta2))")
-        in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=False)
-        in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
-        in_range("eps", merged["eps"], 0.0, closed_low=False)
-        in_range("weight_decay", merged["weight_decay"], 0.0, closed_low=True)
-        in_range("lr_scale", merged["lr_scale"], 0.0, closed_low=False)
+        _check_group_settings({**self.defaults, **param_group})
         super().add_param_group(param_group)
         # what the group shows: the searched step size times its lr_scale
         group = self.param_groups[-1]
@@ -504,6 +492,7 @@ class ALSALS(torch.optim.Optimizer):
         the weights, the state and the random stream as they were. ``closure_runs_backward``
         as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
+        self._check_written_settings()
         params = [p for g in self.param_groups for p in g["params"]]
         evaluator = ClosureEvaluator(
             closure,
@@ -556,6 +545,8 @@ class ALSALS(torch.optim.Optimizer):
         ``x = z = y``)."""
         averages = []
         for group in self.param_groups:
+            if not group["params"]:
+                continue
             weights = [local_shard(p.detach()) for p in group["params"]]
             averages.append(_Average(group, weights, [w.clone() for w in weights]))
             moved = [p for p in group["params"] if "z" in self.state[p]]
@@ -566,6 +557,27 @@ class ALSALS(torch.optim.Optimizer):
                     1.0 - group["betas"][0],
                 )
         return averages
+
+    def _check_written_settings(self) -> None:
+        """The settings as the groups hold them now (a loop may have written any of them
+        since the last step): valid, and the search's the same in every group; else an
+        error that names the setting, before anything moves."""
+        first = self.param_groups[0]
+        for index, group in enumerate(self.param_groups):
+            try:
+                if index == 0:
+                    _checked_search_settings({key: first[key] for key in SEARCH_SETTINGS})
+                _check_group_settings(group)
+                in_range("lr", group["lr"], 0.0, closed_low=False)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}") from None
+            for key in SEARCH_SETTINGS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"param_groups[{index}]['{key}'] = {group[key]!r} differs from "
+                        f"param_groups[0]'s {first[key]!r}: ALSALS searches one step size for "
+                        f"all parameters, so {key} is one setting for all groups"
+                    )
 
     def _warn_about(self, info: StepInfo, evaluator: ClosureEvaluator) -> None:
         """Warnings for the steps a user must not miss, each once: a skipped step whose loss
@@ -1024,6 +1036,45 @@ def trailing_beyond_chance(leading: int, trailing: int) -> bool:
     n = leading + trailing
     tail = sum(math.comb(n, k) for k in range(trailing, n + 1)) / 2.0**n
     return n > 0 and tail <= LEAD_TEST_LEVEL
+
+
+def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The search's settings (``SEARCH_SETTINGS``) checked, each error naming its setting."""
+
+    def optional(name: str, low: float, closed: bool) -> float | None:
+        value = values[name]
+        return None if value is None else in_range(name, value, low, closed_low=closed)
+
+    return {
+        "c": in_range("c", values["c"], 0.0, 1.0, closed_low=False),
+        "growth": in_range("growth", values["growth"], 1.0, closed_low=True),
+        "backtrack": in_range("backtrack", values["backtrack"], 0.0, 1.0, closed_low=False),
+        "interpolate": flag("interpolate", values["interpolate"]),
+        "max_trials": integer("max_trials", values["max_trials"], 1),
+        "initial_searches": integer("initial_searches", values["initial_searches"], 1),
+        "first_phase": _choice("first_phase", values["first_phase"], FIRST_PHASES),
+        "search_interval": integer("search_interval", values["search_interval"], 1),
+        "lead_rule": _choice("lead_rule", values["lead_rule"], LEAD_RULES),
+        "polyak_start": _choice("polyak_start", values["polyak_start"], ("sets", "trial")),
+        "loss_floor": (
+            None if values["loss_floor"] is None else real("loss_floor", values["loss_floor"])
+        ),
+        "polyak_cap": flag("polyak_cap", values["polyak_cap"]),
+        "max_grad_norm": optional("max_grad_norm", 0.0, False),
+        "loss_rise_guard": optional("loss_rise_guard", 0.0, True),
+    }
+
+
+def _check_group_settings(group: dict[str, Any]) -> None:
+    """A group's own settings (``betas``, ``eps``, ``weight_decay``, ``lr_scale``) checked."""
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"invalid betas: {betas!r} (expected (beta1, beta2))")
+    in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=False)
+    in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
+    in_range("eps", group["eps"], 0.0, closed_low=False)
+    in_range("weight_decay", group["weight_decay"], 0.0, closed_low=True)
+    in_range("lr_scale", group["lr_scale"], 0.0, closed_low=False)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
