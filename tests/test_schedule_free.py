@@ -935,3 +935,43 @@ def test_an_empty_first_group_is_accepted_as_torch_adam_accepts_it():
     for idx in batches(x, y, 3):
         opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
     assert opt.last_step.kind == "search" and opt.search_state.steps == 3
+
+
+def test_train_puts_the_weights_at_y_for_a_backward_pass_outside_the_step():
+    """The Hugging Face Trainer's pattern: ``optimizer.train()``, forward and backward
+    outside ``step()``, then a closure whose gradient evaluation only returns the loss. The
+    run is the one whose closure runs backward itself, bit for bit; ``train()`` twice moves
+    once, and ``eval()`` without a step puts the weights back exactly."""
+    x, y = logistic_problem(0)
+    inside, outside = make_model(), make_model()
+    opt_in, opt_out = ALSALS(inside.parameters()), ALSALS(outside.parameters())
+    for idx in batches(x, y, 12):
+
+        def closure_in(backward, idx=idx):
+            if backward:
+                opt_in.zero_grad()
+            loss = loss_of(inside, x[idx], y[idx])
+            if backward:
+                loss.backward()
+            return loss.detach()
+
+        opt_in.step(closure_in)
+        opt_out.train()
+        opt_out.train()
+        opt_out.zero_grad()
+        loss = loss_of(outside, x[idx], y[idx])
+        loss.backward()  # at y
+
+        def closure_out(backward, idx=idx, loss=loss):
+            return loss.detach() if backward else loss_of(outside, x[idx], y[idx])
+
+        opt_out.step(closure_out)
+        assert opt_out.last_step.kind == opt_in.last_step.kind
+        for a, b in zip(inside.parameters(), outside.parameters(), strict=True):
+            assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    weights = [p.detach().clone() for p in outside.parameters()]
+    opt_out.train()
+    assert not all(torch.equal(p, w) for p, w in zip(outside.parameters(), weights, strict=True))
+    opt_out.eval()
+    opt_out.eval()
+    assert all(torch.equal(p, w) for p, w in zip(outside.parameters(), weights, strict=True))

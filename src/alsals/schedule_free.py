@@ -55,9 +55,11 @@ those dynamics keeps both.
 Unlike Schedule-Free, whose model holds ``y`` during training and needs ``optimizer.eval()``
 / ``optimizer.train()`` around evaluation, the model holds ``x`` outside ``step()``: each
 step moves the weights to ``y`` (from ``x`` and ``z``) for its evaluations and ends at
-``x'``, so a loop evaluates, saves and logs the weights to use with no extra call (``eval``
-and ``train`` are no-ops, for loops written for Schedule-Free). The cost: a copy of the
-weights and two passes over them per step. BatchNorm's running statistics are those of the
+``x'``, so a loop evaluates, saves and logs the weights to use with no extra call. A
+backward pass that runs outside ``step()`` (the Hugging Face Trainer's) needs the weights at
+``y``: ``train()`` puts them there (and ``eval()`` back, without a step), as Schedule-Free's
+``train()`` / ``eval()`` do; for everything else they change nothing. The cost: a copy of
+the weights and two passes over them per step. BatchNorm's running statistics are those of the
 training passes at ``y``; recompute them at ``x`` where it matters (Schedule-Free's
 advice).
 """
@@ -381,6 +383,7 @@ class ALSALS(torch.optim.Optimizer):
         self._buffers_checked = False
         self._unchanged_search = False
         self._unchanged_searches = 0
+        self._held: list[_Average] | None = None  # x, while train() holds the weights at y
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -457,7 +460,7 @@ class ALSALS(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_left_grads"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_left_grads", "_held")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -469,17 +472,28 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_unchanged_search", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
+        self.__dict__.setdefault("_held", None)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
-    def eval(self) -> None:
-        """Nothing to do: outside ``step()`` the weights are the average ``x`` already.
-        Kept so that loops written for Schedule-Free (its ``optimizer.eval()`` before
-        evaluation) run unchanged."""
-
     def train(self) -> None:
-        """Nothing to do: each step moves the weights to ``y`` and back itself. Kept so
-        that loops written for Schedule-Free (its ``optimizer.train()``) run unchanged."""
+        """Move the weights to ``y``, where the next step takes its gradient, for a backward
+        pass that runs outside ``step()`` (the Hugging Face Trainer's ``training_step`` calls
+        this before its forward pass, as it does for Schedule-Free). Not needed where the
+        backward pass runs inside the closure: ``step()`` moves the weights itself. Calling
+        it again before the step changes nothing; ``step()`` or ``eval()`` brings the
+        weights back to the average."""
+        if self._held is None:
+            self._held = self._to_gradient_point()
+
+    def eval(self) -> None:
+        """Bring the weights back to the average ``x`` after ``train()`` without a step (the
+        Trainer calls this before evaluating); otherwise they are ``x`` already and nothing
+        changes."""
+        if self._held is not None:
+            for average in self._held:
+                average.restore()
+            self._held = None
 
     # ------------------------------------------------------------------------------ the step
 
@@ -505,11 +519,12 @@ class ALSALS(torch.optim.Optimizer):
         written = self._adopt_written_lr(search)
         averages: list[_Average] = []
         self._grad_norm = math.nan
+        averages, self._held = self._held or [], None  # (train(): the weights are at y)
         try:
             self._written_lr_steps = self._written_lr_steps + 1 if written else 0
             if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
                 self._warn_once("schedule", SCHEDULE_WARNING.format(name="ALSALS"))
-            averages = self._to_gradient_point()
+            averages = averages or self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
             groups, squared = self._gather(averages)
             info = self._run(search, written, loss, groups, squared, evaluator)

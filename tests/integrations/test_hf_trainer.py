@@ -257,12 +257,22 @@ def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_pa
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_schedule_free_search_trains_and_the_trainer_s_swap_calls_change_nothing(
-    model_path, dataset, tmp_path
+def test_alsals_takes_its_gradient_at_y_and_the_trainer_evaluates_at_x(
+    model_path, dataset, tmp_path, monkeypatch
 ):
-    """ALSALS under the Trainer: the window's closure drives its searches, and
-    the Trainer's own evaluate() call of its eval() leaves the weights (the average x
-    between steps) as they are."""
+    """ALSALS under the Trainer: the window's closure drives its searches; every
+    training_step moves the weights to y (train()) before the Trainer's backward, each step
+    brings them back to the average x, and evaluate() leaves them there."""
+    moved = []
+    original = ALSALS.train
+
+    def spy(self):
+        before = [p.detach().clone() for p in self.param_groups[0]["params"]]
+        original(self)
+        after = self.param_groups[0]["params"]
+        moved.append(not all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+
+    monkeypatch.setattr(ALSALS, "train", spy)
     model = make_model(model_path, dropout=False)
     trainer = LineSearchTrainer(
         model=model,
@@ -277,6 +287,9 @@ def test_schedule_free_search_trains_and_the_trainer_s_swap_calls_change_nothing
     assert isinstance(optimizer, ALSALS)
     assert optimizer.search_state.steps == 3 and optimizer.search_state.searches == 3
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    # the first two steps start where x = z = y (alpha is 1 at the first step, so x' = z');
+    # the third moves the weights from x to y before the Trainer's backward, once
+    assert moved.count(True) == 1 and moved[-1] is False
     trained = weights(model)
     trainer.evaluate()
     assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())

@@ -34,10 +34,11 @@ Usage::
     )
     trainer.train()
 
-Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults (the
-Trainer's calls of its ``eval()`` and ``train()`` are no-ops: the weights are the average
-between steps, whatever saves them); ``optimizers=(ALSALS(model.parameters()), None)``
-works too. ``LineSearchTrainerMixin``
+Without ``optimizer_cls_and_kwargs`` the optimizer is ``ALSALS()`` with its defaults
+(``training_step`` calls its ``train()`` before the forward pass, so that the Trainer's
+backward sees ``y``, where ``ALSALS`` takes its gradient; the step brings the weights back
+to the average ``x``, which evaluation and checkpoints see);
+``optimizers=(ALSALS(model.parameters()), None)`` works too. ``LineSearchTrainerMixin``
 adds the same behaviour to another ``Trainer`` subclass (put it first in the bases).
 ``bf16=True`` works as is. ``fp16=True`` goes through accelerate's GradScaler: the
 gradients are unscaled before clipping and the step, a step whose gradients overflowed is
@@ -214,6 +215,9 @@ class LineSearchTrainerMixin:
             self._line_search_window.clear()
             self._line_search_window_closed = False
         inputs = self._prepare_inputs(inputs)  # on the device once, reused by every trial
+        held = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's
+        if isinstance(held, ALSALS):
+            held.train()  # the backward below must see y, where ALSALS takes its gradient
         random_state = RandomState()
         loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         self._line_search_window.append(
