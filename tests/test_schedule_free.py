@@ -975,3 +975,55 @@ def test_train_puts_the_weights_at_y_for_a_backward_pass_outside_the_step():
     opt_out.eval()
     opt_out.eval()
     assert all(torch.equal(p, w) for p, w in zip(outside.parameters(), weights, strict=True))
+
+
+def test_a_process_group_that_is_not_one_is_an_error():
+    with pytest.raises(TypeError, match="process_group"):
+        ALSALS(make_model().parameters(), process_group="gloo")
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [
+        ("group", "c", 2.0),
+        ("group", "max_trials", 0),
+        ("group", "lr_scale", 0.0),
+        ("group", "lr", float("nan")),
+        ("search", "step_size", -0.5),
+        ("search", "step_size", float("inf")),
+    ],
+)
+def test_a_tampered_state_is_refused_on_load_and_nothing_is_loaded(where, key, value):
+    model, opt, _, _ = run(steps=4)
+    state = copy.deepcopy(opt.state_dict())
+    if where == "group":
+        state["param_groups"][0][key] = value
+    else:
+        first = next(iter(k for k, v in state["state"].items() if "schedule_free_search" in v))
+        state["state"][first]["schedule_free_search"][key] = value
+    fresh = ALSALS(make_model().parameters())
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=key):
+        fresh.load_state_dict(state)
+    assert fresh.state_dict() == before
+
+
+def test_last_step_reports_the_accepted_trial_s_loss_decrease():
+    """``loss_decrease`` is ``f(y) - f(y')`` at the accepted trial, ``nan`` where the step
+    did not search. At the first step ``x = z = y`` before and ``x' = z' = y'`` after (its
+    averaging weight is 1), so both losses are the model's own."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), polyak_cap=False)
+    idx = batches(x, y, 1)[0]
+    with torch.no_grad():
+        before = float(loss_of(model, x[idx], y[idx]))
+    opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    with torch.no_grad():
+        after = float(loss_of(model, x[idx], y[idx]))
+    assert opt.last_step.kind == "search" and opt.last_step.loss_decrease > 0
+    assert opt.last_step.loss_decrease == pytest.approx(before - after, rel=1e-9)
+    for idx in batches(x, y, 12, seed=5):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        if opt.last_step.kind == "reuse":
+            assert math.isnan(opt.last_step.loss_decrease)

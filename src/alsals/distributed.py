@@ -13,6 +13,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def checked_process_group(group: object) -> dist.ProcessGroup | None:
+    """``group`` if it is a process group or ``None`` (the default group); else a
+    ``TypeError`` naming ``process_group``."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"invalid process_group: {group!r} (expected a "
+            "torch.distributed.ProcessGroup, or None for the default group)"
+        )
+    return group
+
+
 def world_size(group: dist.ProcessGroup | None) -> int:
     """Number of ranks that share decisions; 1 when torch.distributed is not in use."""
     if not (dist.is_available() and dist.is_initialized()):

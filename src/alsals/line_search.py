@@ -58,7 +58,7 @@ from alsals.directions import (
     denominators_after,
     second_moments_after,
 )
-from alsals.distributed import mean_to_host
+from alsals.distributed import checked_process_group, mean_to_host
 from alsals.hyperparameters import (
     ADAPTIVE_CADENCES,
     GROUP_KEYS,
@@ -528,13 +528,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} takes the parameters, not the module: pass "
                 "model.parameters() (or a list of parameter groups)"
             )
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(
-                f"invalid process_group: {process_group!r} (expected a "
-                "torch.distributed.ProcessGroup, or None for the default group)"
-            )
         self._buffers = checked_buffers(buffers)
-        self._process_group = process_group
+        self._process_group = checked_process_group(process_group)
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._warned: set[str] = set()
         self._written_lr_steps = 0

@@ -70,7 +70,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -79,7 +79,7 @@ from torch import Tensor
 
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
-from alsals.distributed import mean_on_device, mean_to_host
+from alsals.distributed import checked_process_group, mean_on_device, mean_to_host
 from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, real
 from alsals.line_search import (
     BUFFERS_WARNING,
@@ -374,7 +374,7 @@ class ALSALS(torch.optim.Optimizer):
             )
         )
         self._buffers = checked_buffers(buffers)
-        self._process_group = process_group
+        self._process_group = checked_process_group(process_group)
         self._left_grads: LeftGradients | None = None
         self._grad_norm = math.nan
         self._warned: set[str] = set()
@@ -384,6 +384,7 @@ class ALSALS(torch.optim.Optimizer):
         self._unchanged_search = False
         self._unchanged_searches = 0
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
+        self._accepted_decrease = math.nan  # the accepted trial's loss decrease, this step
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -457,6 +458,19 @@ class ALSALS(torch.optim.Optimizer):
                     f"param_groups[{index}]: it was saved by another optimizer (a MomentumALSALS or "
                     "torch.optim state cannot continue a Schedule-Free run)"
                 )
+            try:  # a state edited by hand: refused, with the setting named, before loading
+                if index == 0:
+                    _checked_search_settings({key: group[key] for key in SEARCH_SETTINGS})
+                _check_group_settings(group)
+                in_range("lr", group["lr"], 0.0, closed_low=False)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"the state's param_groups[{index}]: {error}") from None
+        stored = state_dict.get("state", {})
+        for entry in stored.values():
+            search = entry.get(STATE_KEY) if isinstance(entry, dict) else None
+            if search is not None:
+                step_size = search.get("step_size")
+                in_range("the state's search step_size", step_size, 0.0, closed_low=False)
         super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -473,6 +487,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_unchanged_search", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_held", None)
+        self.__dict__.setdefault("_accepted_decrease", math.nan)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -697,6 +712,7 @@ class ALSALS(torch.optim.Optimizer):
         sets_step_size = False
         gamma = min(search.step_size, search.step_size_ceiling)
         if due:
+            self._accepted_decrease = math.nan
             kind, gamma, trials, sets_step_size = self._search(
                 search, loss0, groups, averaging, slope, evaluator
             )
@@ -730,7 +746,10 @@ class ALSALS(torch.optim.Optimizer):
             if sets_step_size:
                 search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
-        return _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
+        decrease = self._accepted_decrease if kind == "search" and taken == gamma else math.nan
+        self._accepted_decrease = math.nan
+        info = _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
+        return replace(info, loss_decrease=decrease)
 
     def _search(
         self,
@@ -792,6 +811,7 @@ class ALSALS(torch.optim.Optimizer):
             evaluations += 1
             ok, value = passes(gamma)
             if ok:
+                self._accepted_decrease = loss0 - value
                 return "search", gamma, evaluations, not (lowered and evaluations == 1)
             nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
             if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
