@@ -1027,3 +1027,22 @@ def test_last_step_reports_the_accepted_trial_s_loss_decrease():
         opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
         if opt.last_step.kind == "reuse":
             assert math.isnan(opt.last_step.loss_decrease)
+
+
+def test_a_copy_of_a_group_can_be_added_and_starts_its_own_average():
+    """``{**opt.param_groups[0], "params": new}`` (the group's shown lr, its averaging
+    weights) adds a group whose averaging starts afresh: its first step moves x to z'."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model[0].parameters())
+    for idx in batches(x, y, 3):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    opt.add_param_group({**opt.param_groups[0], "params": list(model[2].parameters())})
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
+    assert opt.param_groups[1]["weight_sum"] == 0.0
+    idx = batches(x, y, 1, seed=9)[0]
+    opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    for p in model[2].parameters():  # alpha = 1 at the group's first step: x' = z'
+        assert torch.equal(p.detach(), opt.state[p]["z"])
+    with pytest.raises(ValueError, match="lr_scale = its lr / the base lr"):
+        opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "lr": 0.5})

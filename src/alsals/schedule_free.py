@@ -419,12 +419,22 @@ class ALSALS(torch.optim.Optimizer):
         moves group ``i`` by ``lr_scale_i`` times it) may not."""
         if not isinstance(param_group, dict):
             raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
+        param_group = {k: v for k, v in param_group.items() if k not in ("weight_sum", "lr_max")}
+        if "lr" in param_group and self.param_groups:  # a copy of a group shows its lr
+            shown = self._stored_search_state().step_size * param_group.get("lr_scale", 1.0)
+            if param_group["lr"] == shown:
+                del param_group["lr"]
         for key in ("lr", *SEARCH_SETTINGS):
             if key in param_group and param_group[key] != self.defaults[key]:
+                advice = (
+                    " (a per-group 'lr': give each group lr_scale = its lr / the base lr)"
+                    if key == "lr"
+                    else ""
+                )
                 raise ValueError(
                     f"param_groups[...]['{key}'] = {param_group[key]!r}: ALSALS "
                     f"searches one step size for all parameters, so {key} is a setting of the "
-                    f"optimizer (ALSALS(params, {key}=...)), not of a group"
+                    f"optimizer (ALSALS(params, {key}=...)), not of a group{advice}"
                 )
         param_group = dict(param_group)
         params = param_group.get("params", [])
