@@ -576,6 +576,7 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"lead_rule": "on"}, "lead_rule"),
         ({"polyak_start": "never"}, "polyak_start"),
+        ({"warmup_steps": -1}, "warmup_steps"),
     ],
 )
 def test_bad_settings_are_refused_by_name(kwargs, match):
@@ -730,8 +731,8 @@ def test_alsals_is_the_schedule_free_search_and_paper_builds_the_paper_s_configu
     [
         ({"slope": "analytic"}, r"ALSALS got slope: argument\(s\) of MomentumALSALS"),
         (
-            {"warmup_steps": 10, "search_direction": "preconditioned"},
-            r"got search_direction, warmup_steps: .*MomentumALSALS\(params, search_direction",
+            {"smoothing": 0.5, "search_direction": "preconditioned"},
+            r"got search_direction, smoothing: .*MomentumALSALS\(params, search_direction",
         ),
         ({"learning_rate": 0.1}, "unexpected keyword argument 'learning_rate'"),
     ],
@@ -1046,3 +1047,22 @@ def test_a_copy_of_a_group_can_be_added_and_starts_its_own_average():
         assert torch.equal(p.detach(), opt.state[p]["z"])
     with pytest.raises(ValueError, match="lr_scale = its lr / the base lr"):
         opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "lr": 0.5})
+
+
+def test_warmup_searches_every_step_from_the_ramp_and_never_above_it():
+    """With ``warmup_steps=N`` step ``k < N`` searches from ``lr (k + 1) / N``: the step
+    size taken never exceeds the ramp and equals it where the first trial passes."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), lr=0.5, warmup_steps=8, polyak_cap=False, loss_floor=None)
+    on_the_ramp = 0
+    for k, idx in enumerate(batches(x, y, 14)):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info = opt.last_step
+        if k < 8:
+            ramp = 0.5 * (k + 1) / 8
+            assert info.kind != "reuse" and info.step_size <= ramp * (1 + 1e-12)
+            if info.kind == "search" and info.trials == 1:
+                assert info.step_size == pytest.approx(ramp, rel=1e-12)
+                on_the_ramp += 1
+    assert on_the_ramp >= 4 and opt.search_state.steps == 14

@@ -121,6 +121,7 @@ SEARCH_SETTINGS = (
     "polyak_cap",
     "loss_rise_guard",
     "max_grad_norm",
+    "warmup_steps",
 )
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
@@ -258,7 +259,7 @@ class ALSALS(torch.optim.Optimizer):
     r"""Schedule-Free AdamW whose step size an Armijo line search sets (module docstring):
     the recommended configuration. ``ALSALS.paper(params)`` is the paper's exact ALSALS (a
     ``MomentumALSALS``); arguments of ``MomentumALSALS`` alone (``slope``, ``smoothing``,
-    ``search_direction``, ``warmup_steps``, ...) are refused with a ``TypeError`` that says so.
+    ``search_direction``, ...) are refused with a ``TypeError`` that says so.
 
     Needs a closure (``optimizer.step(closure)``, either form of ``MomentumALSALS.step``'s);
     outside ``step()`` the weights are the average ``x``, to evaluate and save as they are.
@@ -311,6 +312,10 @@ class ALSALS(torch.optim.Optimizer):
             as ``clip_grad_norm_`` would before the step; the Armijo test keeps the true
             gradient's slope. ``last_step.grad_norm`` is the norm before clipping
             (``None``: no clipping).
+        warmup_steps: for the first ``k < warmup_steps`` steps every step searches, starting
+            at the ramp ``lr * (k + 1) / warmup_steps`` (not above its Polyak step), so
+            the step size may follow a linear warm-up to ``lr`` but never one the batch
+            rejects; ``lr`` is then the peak (0: no warm-up).
         lr_scale: per-group multiplier of the one searched step size: group ``i`` moves by
             ``gamma * lr_scale_i`` (layer-wise rates) (1).
         buffers: module buffers to protect from the trial evaluations (``model.buffers()``
@@ -340,6 +345,7 @@ class ALSALS(torch.optim.Optimizer):
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
         max_grad_norm: float | None = None,
+        warmup_steps: int = 0,
         lr_scale: float = 1.0,
         buffers: Iterable[Tensor] | None = None,
         process_group: dist.ProcessGroup | None = None,
@@ -370,6 +376,7 @@ class ALSALS(torch.optim.Optimizer):
                     "polyak_cap": polyak_cap,
                     "max_grad_norm": max_grad_norm,
                     "loss_rise_guard": loss_rise_guard,
+                    "warmup_steps": warmup_steps,
                 }
             )
         )
@@ -714,6 +721,7 @@ class ALSALS(torch.optim.Optimizer):
         due = (
             search.searches == 0
             or written
+            or search.steps < h["warmup_steps"]
             or (search.steps < h["initial_searches"] and not search.first_phase_over)
             or search.steps_since_search + 1 >= h["search_interval"]
         )
@@ -794,6 +802,8 @@ class ALSALS(torch.optim.Optimizer):
 
         first = search.searches == 0
         gamma = search.step_size if first else search.step_size * self._start_factor(search)
+        if search.steps < h["warmup_steps"]:  # the ramp to lr: its value at this step
+            gamma = self.defaults["lr"] * (search.steps + 1) / h["warmup_steps"]
         gamma = min(gamma, search.step_size_ceiling)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
@@ -1107,6 +1117,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),
         "max_grad_norm": optional("max_grad_norm", 0.0, False),
         "loss_rise_guard": optional("loss_rise_guard", 0.0, True),
+        "warmup_steps": integer("warmup_steps", values["warmup_steps"], 0),
     }
 
 

@@ -19,7 +19,7 @@ that loop as it is and adds what the line search needs:
   Trainer logs is the searched step size (an update that ``loss_floor``'s cap cut took
   less). ``learning_rate``, ``lr_scheduler_type`` and the
   ``warmup_*`` arguments of ``TrainingArguments`` do not apply (use the optimizer's
-  ``lr``, and ``MomentumALSALS``'s ``warmup_steps``).
+  ``lr`` and ``warmup_steps``).
 * Checkpoints hold the optimizer's ``state_dict`` (the whole line-search state) and the
   Trainer's random states, so ``train(resume_from_checkpoint=...)`` continues exactly.
 
