@@ -16,7 +16,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from alsals_bench.registry import LINE_SEARCHES, Stepper, line_search_stepper, salsa_stepper
+from alsals import ALSALS
+from alsals_bench.registry import (
+    LINE_SEARCHES,
+    LineSearchStepper,
+    Stepper,
+    line_search_stepper,
+    salsa_stepper,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,11 @@ def _adam(model: nn.Module) -> Stepper:
     return Stepper(torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True))
 
 
+def _alsals(model: nn.Module) -> Stepper:
+    """``ALSALS(params)``, the recommended optimizer (the registry's ``alsals-schedulefree``)."""
+    return LineSearchStepper(ALSALS(model.parameters(), buffers=model.buffers()))
+
+
 _SALSA_COUNTERPARTS = {"alsals-analytic": "salsa-every", "alsals-fast": "salsa"}
 
 CONFIGS: dict[str, Config] = {
@@ -55,6 +67,7 @@ CONFIGS: dict[str, Config] = {
                 "alsals-fast",
             )
         ),
+        Config("alsals-schedulefree", _alsals),
         Config("salsa", partial(salsa_stepper, speed_up=True), peer="salsa"),
         Config("salsa-every", partial(salsa_stepper, speed_up=False), peer="salsa"),
     )
