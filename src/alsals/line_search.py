@@ -184,6 +184,18 @@ FOREIGN_GROUP_KEYS = {
 }
 
 
+def group_params(param_group: dict[str, Any]) -> list[Tensor]:
+    """A group's ``params`` as a list (a single tensor included), refusing a parameter that
+    appears twice: it would be updated twice."""
+    params = param_group.get("params", [])
+    params = [params] if isinstance(params, Tensor) else list(params)
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError(
+            "a parameter appears twice in one parameter group: it would be updated twice"
+        )
+    return params
+
+
 def drop_foreign_keys(
     name: str, param_group: dict[str, Any], known: set[str], per_group: Iterable[str]
 ) -> None:
@@ -571,14 +583,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
-        param_group = dict(param_group)
-        params = param_group.get("params", [])
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError(
-                "a parameter appears twice in one parameter group: it would be updated twice"
-            )
-        param_group["params"] = params
+        param_group = {**param_group, "params": group_params(param_group)}
         self._drop_foreign_keys(param_group)
         for key in SEARCH_KEYS:
             if key in param_group and param_group[key] != self.defaults[key]:

@@ -96,6 +96,7 @@ from alsals.line_search import (
     anchor_parameter,
     check_eps,
     drop_foreign_keys,
+    group_params,
     local_shard,
     shard_count,
 )
@@ -443,16 +444,9 @@ class ALSALS(torch.optim.Optimizer):
                     f"searches one step size for all parameters, so {key} is a setting of the "
                     f"optimizer (ALSALS(params, {key}=...)), not of a group{advice}"
                 )
-        param_group = dict(param_group)
-        params = param_group.get("params", [])
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError(
-                "a parameter appears twice in one parameter group: it would be updated twice"
-            )
-        if any(torch.is_complex(p) for p in params):
+        param_group["params"] = group_params(param_group)
+        if any(torch.is_complex(p) for p in param_group["params"]):
             raise ValueError("complex parameters are not supported")
-        param_group["params"] = params
         per_group = ("betas", "eps", "weight_decay", "lr_scale")
         known = {*SEARCH_SETTINGS, *GROUP_STATE, *TORCH_GROUP_KEYS, "params", "lr", "param_names"}
         drop_foreign_keys("ALSALS", param_group, known, per_group)
@@ -475,13 +469,8 @@ class ALSALS(torch.optim.Optimizer):
                     f"param_groups[{index}]: it was saved by another optimizer (a MomentumALSALS or "
                     "torch.optim state cannot continue a Schedule-Free run)"
                 )
-            try:  # a state edited by hand: refused, with the setting named, before loading
-                if index == 0:
-                    _checked_search_settings({key: group[key] for key in SEARCH_SETTINGS})
-                _check_group_settings(group)
-                in_range("lr", group["lr"], 0.0, closed_low=False)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"the state's param_groups[{index}]: {error}") from None
+        # a state edited by hand: refused, with the setting named, before loading
+        _check_groups(state_dict.get("param_groups", []), "the state's ")
         stored = state_dict.get("state", {})
         for entry in stored.values():
             search = entry.get(STATE_KEY) if isinstance(entry, dict) else None
@@ -609,15 +598,9 @@ class ALSALS(torch.optim.Optimizer):
         """The settings as the groups hold them now (a loop may have written any of them
         since the last step): valid, and the search's the same in every group; else an
         error that names the setting, before anything moves."""
+        _check_groups(self.param_groups)
         first = self.param_groups[0]
         for index, group in enumerate(self.param_groups):
-            try:
-                if index == 0:
-                    _checked_search_settings({key: first[key] for key in SEARCH_SETTINGS})
-                _check_group_settings(group)
-                in_range("lr", group["lr"], 0.0, closed_low=False)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"param_groups[{index}]: {error}") from None
             for key in SEARCH_SETTINGS:
                 if group[key] != first[key]:
                     raise ValueError(
@@ -765,7 +748,6 @@ class ALSALS(torch.optim.Optimizer):
                 search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
         decrease = self._accepted_decrease if kind == "search" and taken == gamma else math.nan
-        self._accepted_decrease = math.nan
         info = _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
         return replace(info, loss_decrease=decrease)
 
@@ -1119,6 +1101,19 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "loss_rise_guard": optional("loss_rise_guard", 0.0, True),
         "warmup_steps": integer("warmup_steps", values["warmup_steps"], 0),
     }
+
+
+def _check_groups(groups: list[dict[str, Any]], where: str = "") -> None:
+    """Every group's settings checked (the search's in the first, which holds them for
+    all), each error naming ``{where}param_groups[i]`` and the setting."""
+    for index, group in enumerate(groups):
+        try:
+            if index == 0:
+                _checked_search_settings({key: group[key] for key in SEARCH_SETTINGS})
+            _check_group_settings(group)
+            in_range("lr", group["lr"], 0.0, closed_low=False)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}param_groups[{index}]: {error}") from None
 
 
 def _check_group_settings(group: dict[str, Any]) -> None:
