@@ -427,7 +427,8 @@ def test_a_search_whose_trials_all_fail_keeps_the_step_size_and_takes_no_gradien
     def closure():
         return (w * w).sum() + (0.0 if torch.is_grad_enabled() else 1.0)
 
-    opt.step(closure)
+    with pytest.warns(UserWarning, match="does not replay its randomness"):
+        opt.step(closure)
     assert opt.last_step.kind == "exhausted"
     assert opt.last_step.trials == 7 and opt.last_step.step_size == 0.0
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
@@ -520,16 +521,20 @@ def test_the_polyak_cap_takes_the_step_where_the_batch_s_linear_model_reaches_th
     assert checked >= 5
 
 
-def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_grows():
+@pytest.mark.parametrize("restart", [True, False])
+def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_grows(restart):
     """An offset added to the closure's loss (the same at every trial of a step, so the
-    search does not see it) climbs after step 150 while the step size keeps growing."""
+    search does not see it) climbs after step 150 while the step size keeps growing: the
+    guard sets a ceiling on the step size. With ``rise_restart`` it restarts ``z`` at the
+    first measurable rise (before the step size's average has grown past its level at the
+    lowest loss), then sets the ceiling once the watch, begun afresh, sees the rise again."""
     x, y = logistic_problem(0, n=512)
 
     def train(guard):
         model = make_model()
-        opt = ALSALS(model.parameters(), loss_rise_guard=guard)
+        opt = ALSALS(model.parameters(), loss_rise_guard=guard, rise_restart=restart)
         rose = []
-        for k, idx in enumerate(batches(x, y, 260, size=64)):
+        for k, idx in enumerate(batches(x, y, 300, size=64)):
             offset = 0.0 if k < 150 else 0.05 * (k - 150)
             opt.step(lambda idx=idx, offset=offset: loss_of(model, x[idx], y[idx]) + offset)
             rose.append(opt.last_step.loss_rose)
@@ -539,9 +544,47 @@ def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_
     assert any(rose) and not any(rose[:150])
     assert guarded.search_state.step_size_ceiling < math.inf
     assert guarded.search_state.step_size <= guarded.search_state.step_size_ceiling
+    assert (
+        (guarded.search_state.restarts == sum(rose))
+        if restart
+        else (guarded.search_state.restarts == 0)
+    )
     unguarded, rose = train(None)
     assert not any(rose)
     assert unguarded.search_state.step_size_ceiling == math.inf
+    assert unguarded.search_state.restarts == 0
+
+
+def test_rise_restart_stops_the_average_climbing_towards_a_z_that_went_astray():
+    """The long-run failure it guards against: ``z`` far from where the loss is low and a
+    step size too small to bring it back (here ``z`` is moved far and ``lr`` written small
+    at step 150), so the average ``x`` climbs towards ``z`` at ``alpha ~ 1 / t`` per step
+    while the step size does not grow. With ``rise_restart`` the guard, once the loss
+    average has risen measurably, restarts ``z`` at ``x`` (the state's ``z`` equals the
+    weights right after) and the climb stops there; without it the loss climbs on."""
+    noise = torch.randn(400, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def train(restart: bool):
+        w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        opt = ALSALS([w], rise_restart=restart)
+        losses, fired = [], []
+        for k in range(400):
+            if k == 150:
+                with torch.no_grad():
+                    opt.state[w]["z"].add_(20.0)
+                opt.param_groups[0]["lr"] = 1e-6
+            losses.append(float(opt.step(lambda k=k: 0.5 * ((w - 0.3 * noise[k]) ** 2).sum())))
+            if opt.last_step.loss_rose:
+                fired.append(k)
+                assert torch.equal(opt.state[w]["z"], w.detach()) == restart
+        return losses, fired, opt
+
+    losses, fired, opt = train(True)
+    assert fired and fired[0] > 150 and opt.search_state.restarts == len(fired)
+    assert max(losses[fired[0] + 1 :]) <= losses[fired[0]]  # no more climbing
+    climbing, _, unrestarted = train(False)
+    assert unrestarted.search_state.restarts == 0
+    assert climbing[-1] > 1.2 * losses[-1]
 
 
 def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
@@ -821,9 +864,10 @@ def test_trials_that_change_unprotected_batchnorm_statistics_are_warned_about_on
 @pytest.mark.parametrize("warm", [False, True])
 def test_a_closure_whose_evaluation_without_gradient_is_nan_skips_the_step_at_once(warm):
     """Trials evaluate without gradient; a closure that gives NaN there (and not with
-    gradient) is found out after two trials at the first step (by evaluating y itself) and
-    after the first trial later (the averaging move alone): the step is skipped, nothing
-    written, one warning naming the closure's evaluation without gradient."""
+    gradient) is found out at the first step before any trial (the replay check evaluates y
+    again without gradient) and after the first trial later (the averaging move alone): the
+    step is skipped, nothing written, one warning naming the closure's evaluation without
+    gradient."""
     x, y = logistic_problem(0)
     model = make_model()
     opt = ALSALS(model.parameters())
@@ -841,9 +885,49 @@ def test_a_closure_whose_evaluation_without_gradient_is_nan_skips_the_step_at_on
     with pytest.warns(RuntimeWarning, match="loss without gradient .* is not finite"):
         opt.step(closure)
     assert opt.last_step.kind == "nonfinite"
-    assert opt.last_step.forwards == 1 + (2 if warm else 3)
+    assert opt.last_step.forwards == 1 + (2 if warm else 1)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     assert opt.state_dict()["param_groups"] == state["param_groups"]
+
+
+def test_a_closure_that_draws_new_data_each_call_is_reported_once_before_anything_moves():
+    """A closure that draws its batch from Python's random is evaluated again at ``y`` at the
+    run's first search and gives another loss: one warning (the line search would compare
+    losses of different batches), issued before the step writes anything (under ``-W error``
+    the step is undone); a closure whose randomness is torch's (dropout) is replayed and
+    says nothing."""
+    import random
+
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    rng = random.Random(0)
+
+    def fresh_batch():
+        idx = torch.tensor(rng.sample(range(len(x)), 16))
+        return loss_of(model, x[idx], y[idx])
+
+    weights = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="does not replay its randomness"):
+            opt.step(fresh_batch)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert opt.last_step is None and not any(opt.state_dict()["state"].values())
+    opt.step(fresh_batch)  # warned once: the retry runs the step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(fresh_batch)  # once only
+    assert opt.search_state.steps == 2
+
+    dropped = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    opt = ALSALS(dropped.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.step(lambda: loss_of(dropped, x, y))
+    # the check costs one forward pass, once per run
+    assert opt.search_state.forwards == 2 + 1 + opt.search_state.trials
 
 
 def test_step_without_a_closure_says_what_to_pass():
@@ -884,7 +968,9 @@ def test_a_loss_that_does_not_follow_the_weights_ends_each_search_at_once_and_wa
         for step in range(3):
             z_before = [opt.state[p]["z"].clone() for p in model.parameters()] if step else None
             opt.step(closure)
-            assert opt.last_step.kind == "exhausted" and opt.last_step.forwards <= 3
+            # the training pass, two evaluations, and at a run's first step the replay check
+            assert opt.last_step.kind == "exhausted"
+            assert opt.last_step.forwards == (4 if step == 0 else 3)
             if z_before:  # z moves only with a step size: it stays
                 assert all(
                     torch.equal(opt.state[p]["z"], zb)

@@ -196,6 +196,21 @@ def group_params(param_group: dict[str, Any]) -> list[Tensor]:
     return params
 
 
+def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
+    """The warning for a closure that gave ``again`` at the weights where it had given
+    ``loss0`` (``None`` where the two agree to ``REPLAY_TOLERANCE``, or ``again`` is not
+    finite: the skip of a non-finite trial names that): it does not replay its randomness."""
+    if not abs(again - loss0) > REPLAY_TOLERANCE * max(abs(loss0), 1e-12):
+        return None
+    return (
+        f"{name}: the closure gave {again:.6g} at the same weights where it had given "
+        f"{loss0:.6g}: it does not replay its randomness, so the line search compares losses "
+        "of different batches or augmentations. Draw data and numpy/random augmentation "
+        "before building the closure; inside it, use torch's random generator only "
+        "(replayed for every evaluation)."
+    )
+
+
 def drop_foreign_keys(
     name: str, param_group: dict[str, Any], known: set[str], per_group: Iterable[str]
 ) -> None:
@@ -241,7 +256,9 @@ class StepInfo:
     ``loss_decrease`` measured at the larger one is then not reported (``nan``).
     ``loss_rose`` says that ``loss_rise_guard`` found the batch losses' average climbing at
     this step while the step size grew, and set a ceiling on the step size (in the search
-    state, ``step_size_ceiling``): its average when the loss was lowest.
+    state, ``step_size_ceiling``): its average when the loss was lowest (``ALSALS``: or,
+    with ``rise_restart``, found it climbing whatever the step size did, and restarted
+    ``z`` at the average).
     """
 
     kind: str
@@ -1771,17 +1788,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 self._warn_once("buffers", message, UserWarning)
 
     def _warn_if_not_replayed(self, loss0: float, again: float) -> None:
-        # a non-finite `again` compares False: the search's skip (NO_GRAD_NONFINITE) names it
-        if abs(again - loss0) > REPLAY_TOLERANCE * max(abs(loss0), 1e-12):
-            self._warn_once(
-                "replay",
-                f"{type(self).__name__}: the closure gave {again:.6g} at the same weights where "
-                f"it had given {loss0:.6g}: it does not replay its randomness, so the line "
-                "search compares losses of different batches or augmentations. Draw data and "
-                "numpy/random augmentation before building the closure; inside it, use "
-                "torch's random generator only (replayed for every evaluation).",
-                UserWarning,
-            )
+        message = not_replayed_message(type(self).__name__, loss0, again)
+        if message is not None:
+            self._warn_once("replay", message, UserWarning)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LineSearchOptimizer:
         clone = type(self).__new__(type(self))

@@ -121,18 +121,24 @@ class LossWatch:
             error_at_lowest=watch.standard_error(),
         )
 
-    def rose(self, standard_errors: float, resolution: float) -> bool:
-        """Whether the loss average lies measurably above its lowest (by more than
+    def risen(self, standard_errors: float, resolution: float) -> bool:
+        """Whether the loss average lies measurably above its lowest: by more than
         ``resolution``, the loss's rounding, and than the margin in the standard error the
-        average had at its lowest: a step size that is too large spreads the batch losses,
-        and the spread it causes must not hide the rise) while the step size is larger than
-        it was at the lowest."""
+        average had at its lowest (a step size that is too large spreads the batch losses,
+        and the spread it causes must not hide the rise)."""
         if not self.judging():
             return False
         rise = self.mean() - self.lowest
-        grew = self.step_size() > self.step_size_at_lowest > 0.0
         margin = self.margin(standard_errors, self.error_at_lowest)
-        return grew and rise > resolution and rise > margin
+        return rise > resolution and rise > margin
+
+    def grew(self) -> bool:
+        """Whether the average step size is larger than it was at the lowest loss."""
+        return self.step_size() > self.step_size_at_lowest > 0.0
+
+    def rose(self, standard_errors: float, resolution: float) -> bool:
+        """Whether the loss average rose measurably (``risen``) while the step size grew."""
+        return self.grew() and self.risen(standard_errors, resolution)
 
     def fell_below(self, level: float, standard_errors: float, resolution: float) -> bool:
         """Whether the loss average lies measurably below ``level`` (the same margin, in

@@ -85,7 +85,6 @@ from alsals.line_search import (
     BUFFERS_WARNING,
     DISCONNECTED_WARNING,
     NO_BACKWARD_WARNING,
-    NONFINITE_TRIALS_BEFORE_CHECK,
     SCHEDULE_WARNING,
     SCHEDULE_WARNING_STEPS,
     STALE_BUFFERS_HINT,
@@ -98,6 +97,7 @@ from alsals.line_search import (
     drop_foreign_keys,
     group_params,
     local_shard,
+    not_replayed_message,
     shard_count,
 )
 from alsals.optimizers import MomentumALSALS
@@ -121,6 +121,7 @@ SEARCH_SETTINGS = (
     "loss_floor",
     "polyak_cap",
     "loss_rise_guard",
+    "rise_restart",
     "max_grad_norm",
     "warmup_steps",
 )
@@ -174,6 +175,7 @@ class SearchState:
     kept: int = 0  # searches whose averaging move alone failed the test
     first_phase_over: bool = False  # the searches of the first steps have ended early
     exhausted: int = 0  # searches that ran out of trials
+    restarts: int = 0  # rise_restart's restarts of z at x
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
     trials: int = 0
@@ -308,7 +310,13 @@ class ALSALS(torch.optim.Optimizer):
             step size staying where it was, as the cap leaves it (``"trial"``) (``"trial"``).
         polyak_cap: no step, searched or reused, larger than the Polyak step of its own
             batch's linear model (the step size the search keeps is not cut) (``True``).
-        loss_rise_guard: ``MomentumALSALS``'s guard, in standard errors; ``None``: off (3.0).
+        loss_rise_guard: ``MomentumALSALS``'s guard, in standard errors: where the batch
+            losses' average rises measurably above its lowest while the step size grew, the
+            step size gets a ceiling, its average at the lowest loss; ``None``: off (3.0).
+        rise_restart: where the guard finds the loss average risen, whatever the step size
+            did, ``z`` restarts at the average ``x`` (function-value restart, as for
+            accelerated methods): the average stops moving towards a ``z`` that has gone
+            where the loss is higher (``True``).
         max_grad_norm: clip the gradient the update uses to this norm (over all parameters),
             as ``clip_grad_norm_`` would before the step; the Armijo test keeps the true
             gradient's slope. ``last_step.grad_norm`` is the norm before clipping
@@ -345,6 +353,7 @@ class ALSALS(torch.optim.Optimizer):
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
+        rise_restart: bool = True,
         max_grad_norm: float | None = None,
         warmup_steps: int = 0,
         lr_scale: float = 1.0,
@@ -377,6 +386,7 @@ class ALSALS(torch.optim.Optimizer):
                     "polyak_cap": polyak_cap,
                     "max_grad_norm": max_grad_norm,
                     "loss_rise_guard": loss_rise_guard,
+                    "rise_restart": rise_restart,
                     "warmup_steps": warmup_steps,
                 }
             )
@@ -712,6 +722,14 @@ class ALSALS(torch.optim.Optimizer):
         kind = "reuse"
         sets_step_size = False
         gamma = min(search.step_size, search.step_size_ceiling)
+        if due and search.searches == 0:  # the closure at y again must give loss0 again
+            (again,) = mean_to_host([evaluator.evaluate()], self._process_group)
+            if not math.isfinite(again):  # without gradient only: no trial can be judged
+                search.skipped_nonfinite += 1
+                return _info("nonfinite", 0.0, loss0, trials=1)
+            message = not_replayed_message("ALSALS", loss0, again)
+            if message is not None:
+                self._warn_once("replay", message)
         if due:
             self._accepted_decrease = math.nan
             kind, gamma, trials, sets_step_size = self._search(
@@ -729,8 +747,8 @@ class ALSALS(torch.optim.Optimizer):
         taken = gamma
         if h["polyak_cap"] and gamma > 0.0:
             taken = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), 0.0)
-        loss_rose = self._watch_loss(search, loss0, taken, evaluator.loss_dtype)
-        self._commit(groups, taken)
+        loss_rose, restart = self._watch_loss(search, loss0, taken, evaluator.loss_dtype)
+        self._commit(groups, taken, restart)
         search.steps += 1
         if kind == "reuse":
             search.steps_since_search += 1
@@ -808,29 +826,24 @@ class ALSALS(torch.optim.Optimizer):
             return None if ok else "kept"
 
         checked = first  # at a run's first step x = z = y: there is no averaging move
-        nonfinite_in_a_row = 0
         while evaluations < h["max_trials"]:
             evaluations += 1
             ok, value = passes(gamma)
             if ok:
                 self._accepted_decrease = loss0 - value
                 return "search", gamma, evaluations, not (lowered and evaluations == 1)
-            nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
             if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
                 # every move gave exactly the starting loss: the closure's loss does not
                 # follow the weights (or changes below its rounding); no trial can judge
                 self._unchanged_search = True
                 return "exhausted", 0.0, evaluations, False
-            # at the first step, trials whose loss stays non-finite: is it so at y itself
-            # (a closure whose evaluation without gradient fails wherever it runs)?
-            at_y = first and nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
-            if not checked or at_y:
+            if not checked:
                 checked = True
                 ending = averaging_alone()
                 if ending == "unchanged":
                     self._unchanged_search = True
                     return "exhausted", 0.0, evaluations, False
-                if ending == "nonfinite" or (ending == "kept" and not first):
+                if ending in ("nonfinite", "kept"):
                     taken = search.step_size if ending == "kept" else 0.0
                     return ending, taken, evaluations, False
             gamma = self._next_trial(gamma, loss0 - value, promised)
@@ -901,25 +914,32 @@ class ALSALS(torch.optim.Optimizer):
 
     def _watch_loss(
         self, search: SearchState, loss0: float, gamma: float, loss_dtype: torch.dtype
-    ) -> bool:
-        """``loss_rise_guard`` with this step's loss and step size (``MomentumALSALS``'s rule):
-        whether the loss average rose while the step size grew (a ceiling is set)."""
+    ) -> tuple[bool, bool]:
+        """``loss_rise_guard`` with this step's loss and step size: whether the loss average
+        rose measurably, and whether ``z`` restarts at ``x`` (``rise_restart``). Where it
+        rose while the step size grew, the step size gets a ceiling (``MomentumALSALS``'s
+        rule); where it rose whatever the step size did and ``rise_restart`` is on, ``z``
+        restarts. Either way the watch starts afresh."""
         guard = self._settings["loss_rise_guard"]
         if guard is None:
-            return False
+            return False, False
         watch = LossWatch(**search.watch) if search.watch else LossWatch()
         watch = watch.after(loss0, gamma)
         resolution = _loss_resolution(loss_dtype, watch.mean())
         ceiling = search.step_size_ceiling
         if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
-        rose = gamma > 0.0 and watch.rose(guard, resolution)
-        if rose:
+        risen = watch.risen(guard, resolution)
+        grew = gamma > 0.0 and watch.grew() and risen
+        restart = risen and self._settings["rise_restart"]
+        if grew:
             search.step_size_ceiling = min(search.step_size_ceiling, watch.step_size_at_lowest)
             search.ceiling_loss = watch.lowest
+        if grew or restart:
+            search.restarts += restart
             watch = LossWatch()
         search.watch = asdict(watch)
-        return rose
+        return grew or restart, restart
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -997,14 +1017,18 @@ class ALSALS(torch.optim.Optimizer):
             squared_norm = mean_on_device(squared_norm, self._process_group)
         return (limit / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).to(dtype)
 
-    def _commit(self, groups: list[_Group], gamma: float) -> None:
+    def _commit(self, groups: list[_Group], gamma: float, restart: bool) -> None:
         """Write ``z' = z - gamma u``, ``v``, ``t`` and the averaging weights of a step of size
         ``gamma``, and turn the copies of ``x`` into ``x' = (1 - alpha) x + alpha z'`` (the
-        step's end writes them into the weights). Every group's averaging weights advance,
-        also where this rank holds no gradient for it: they must stay equal on every rank."""
+        step's end writes them into the weights); with ``restart``, ``z'`` is then set to
+        ``x'`` (for the parameters this step moved). Every group's averaging weights
+        advance, also where this rank holds no gradient for it: they must stay equal on
+        every rank."""
         for g in groups:
             torch._foreach_add_(g.z, g.u, alpha=-gamma * g.group["lr_scale"])
             torch._foreach_lerp_(g.x, g.z, averaging_weight(g.group, gamma)[0])
+            if restart:
+                torch._foreach_copy_(g.z, g.x)
             held = zip(g.owners, g.z_state, g.v_state, g.exp_avg_sqs, g.steps, strict=True)
             for p, z, v_held, v, t in held:
                 if local_shard(v_held) is not v_held:  # a DTensor (FSDP2): keep its wrapper
@@ -1099,6 +1123,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),
         "max_grad_norm": optional("max_grad_norm", 0.0, False),
         "loss_rise_guard": optional("loss_rise_guard", 0.0, True),
+        "rise_restart": flag("rise_restart", values["rise_restart"]),
         "warmup_steps": integer("warmup_steps", values["warmup_steps"], 0),
     }
 

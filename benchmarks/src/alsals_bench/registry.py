@@ -763,22 +763,27 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "alsals-schedulefree-uncapped",
             "ALSALS of method.md section 18 without the Polyak cap on every step",
-            _schedulefree_search(polyak_cap=False, polyak_start="sets"),
+            _schedulefree_search(polyak_cap=False, polyak_start="sets", rise_restart=False),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-shrink",
             "ALSALS (section 19) shrinking its step size while z trails x",
-            _schedulefree_search(lead_rule="shrink", polyak_start="sets"),
+            _schedulefree_search(lead_rule="shrink", polyak_start="sets", rise_restart=False),
         ),
         OptimizerSpec(
             "alsals-schedulefree-polyak-start-sets",
             "ALSALS whose Polyak start bound sets the step size (method.md section 18)",
-            _schedulefree_search(polyak_start="sets"),
+            _schedulefree_search(polyak_start="sets", rise_restart=False),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-hold",
             "ALSALS (section 19) holding its step size while z trails x",
-            _schedulefree_search(lead_rule="hold", polyak_start="sets"),
+            _schedulefree_search(lead_rule="hold", polyak_start="sets", rise_restart=False),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree-no-restart",
+            "ALSALS whose loss-rise guard does not restart z at x (method.md section 22)",
+            _schedulefree_search(rise_restart=False),
         ),
         OptimizerSpec("prodigy", "Prodigy (lr=1)", _peer(_prodigy), "prodigyopt"),
         OptimizerSpec("dadapt-adam", "D-Adaptation Adam (lr=1)", _peer(_dadapt), "dadaptation"),
