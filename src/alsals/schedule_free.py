@@ -45,7 +45,10 @@ nearly every search for as long as a run lasts: over long runs it overshoots. Wi
 plateau the run must grow out of keeps ``gamma`` small, since ``z`` trails there too; the
 default keeps the growth (``benchmarks/docs/method.md``, section 19). ``loss_rise_guard``
 is ``MomentumALSALS``'s (:mod:`alsals.rise_guard`): a ``gamma`` that grew while the batch losses'
-average climbed goes back to its level at the lowest loss.
+average climbed goes back to its level at the lowest loss. Here the averaging moves the
+weights too: a climb while ``gamma`` did not grow is ``x`` moving towards a ``z`` that larger
+steps left where the loss is higher, and with ``rise_restart`` the guard restarts ``z`` at
+``x`` (a function-value restart, as accelerated methods reset their momentum; section 22).
 
 Why (``benchmarks/docs/method.md``, sections 17-18): on the GPT-2 stand-in ``MomentumALSALS``'s
 searches settle at Schedule-Free's own rate, and Adam at that rate trails Schedule-Free: the
