@@ -930,6 +930,40 @@ def test_a_closure_that_draws_new_data_each_call_is_reported_once_before_anythin
     assert opt.search_state.forwards == 2 + 1 + opt.search_state.trials
 
 
+@pytest.mark.parametrize("floor", [0.0, None])
+def test_the_first_search_looks_upwards_from_a_start_that_passes_at_once(floor):
+    """``lr`` is only where the first search starts: a user's AdamW rate (1e-3 .. 1e-6) or a
+    value so small that the loss does not move (1e-12) passes at once, or says nothing, and
+    the run used to keep it (growing 10% per search: 1e-5 needed about 400 steps to reach
+    the step size the default start finds). The first search now looks upwards by
+    ``EXPANSION`` per trial until a trial fails, so its step size is within that factor of
+    the one a start from above finds; the step it takes still passes the Armijo test. A
+    warm-up ramp stays a ceiling."""
+    from alsals.schedule_free import EXPANSION
+
+    x, y = logistic_problem(0)
+    idx = batches(x, y, 1)[0]
+
+    def first_step(**settings):
+        model = make_model()
+        opt = ALSALS(model.parameters(), loss_floor=floor, **settings)
+        before = loss_of(model, x[idx], y[idx]).item()
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+        return opt, before
+
+    reference, _ = first_step()  # from lr = 0.1: it backtracks
+    assert reference.last_step.trials > 1
+    for lr in (1e-12, 1e-6, 1e-3):
+        opt, before = first_step(lr=lr)
+        info = opt.last_step
+        assert info.kind == "search"
+        assert info.step_size > reference.last_step.step_size / EXPANSION
+        assert info.trials >= math.log10(info.step_size / lr) and info.loss_decrease > 0.0
+        assert opt.search_state.step_size == info.step_size
+    warm, _ = first_step(lr=1e-6, warmup_steps=5)
+    assert warm.last_step.step_size <= 1e-6 / 5
+
+
 def test_step_without_a_closure_says_what_to_pass():
     opt = ALSALS(make_model().parameters())
     with pytest.raises(TypeError, match=r"needs a closure: call optimizer.step\(closure\)"):

@@ -135,6 +135,10 @@ LEAD_RULES = ("off", "hold", "shrink")
 #: The sign test's level: ``z`` trails when so many batches say so that a fair coin would
 #: give as many in at most 5% of the runs (9 of the 10 steps between two searches).
 LEAD_TEST_LEVEL = 0.05
+#: A run's first search whose start (the user's ``lr``) passes at once looks upwards by this
+#: factor per trial: the mirror of the interpolated backtracking's largest cut per trial
+#: (``INTERPOLATION_FLOOR``).
+EXPANSION = 1.0 / INTERPOLATION_FLOOR
 #: The culprit a skipped step names when its trials' losses were not finite, nor the loss at
 #: ``y`` (at the first step) or at the averaging move alone evaluated without gradient.
 TRIALS_NONFINITE = (
@@ -281,6 +285,11 @@ class ALSALS(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups.
         lr: the step size the first search starts from (0.1; never above the Polyak step).
+            A start that passes at once, or leaves the loss exactly unchanged, says only that
+            ``lr`` is not too large: the first search then looks upwards by ``EXPANSION``
+            (10) per trial, never above the Polyak step, until a trial fails, and takes the
+            largest that passed (or one trial between, where a quadratic fitted to the
+            failure puts it). Not during ``warmup_steps``, whose ramp is a ceiling.
         c: Armijo's constant (0.6, the paper's ALSALS).
         betas: ``beta1`` interpolates between ``z`` and ``x`` (Schedule-Free's momentum),
             ``beta2`` is Adam's second-moment factor ((0.9, 0.999)).
@@ -815,6 +824,12 @@ class ALSALS(torch.optim.Optimizer):
         lowered = not first and bound < gamma and h["polyak_start"] == "trial"
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
+        # A run's first search starts from the user's guess, lr: a start that passes at once
+        # (or moves the loss by less than its rounding) says only that lr is not too large,
+        # so the search looks upwards first, by EXPANSION per trial and never above the
+        # Polyak step, until a trial fails (not during warm-up, whose ramp is a ceiling)
+        expanding = first and search.steps >= h["warmup_steps"] and gamma < bound
+        passed: tuple[float, float] | None = None  # the largest expansion that passed
 
         def averaging_alone() -> str | None:
             """Test the averaging move alone (``gamma = 0``): ``"kept"`` if it fails (no
@@ -832,9 +847,28 @@ class ALSALS(torch.optim.Optimizer):
         while evaluations < h["max_trials"]:
             evaluations += 1
             ok, value = passes(gamma)
+            if expanding:
+                expanding = (ok or value == loss0) and gamma < bound
+                if expanding:
+                    passed = (gamma, loss0 - value) if ok else passed
+                    gamma = min(gamma * EXPANSION, bound)
+                    continue
             if ok:
                 self._accepted_decrease = loss0 - value
                 return "search", gamma, evaluations, not (lowered and evaluations == 1)
+            if passed is not None:
+                # the trial above the largest expansion that passed failed: one trial in
+                # between, where the quadratic fitted to the failure puts it, else that one
+                between = self._next_trial(gamma, loss0 - value, promised)
+                room = evaluations < h["max_trials"]
+                if room and math.isfinite(value) and passed[0] < between < gamma:
+                    evaluations += 1
+                    ok, value = passes(between)
+                    if ok:
+                        self._accepted_decrease = loss0 - value
+                        return "search", between, evaluations, True
+                self._accepted_decrease = passed[1]
+                return "search", passed[0], evaluations, True
             if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
                 # every move gave exactly the starting loss: the closure's loss does not
                 # follow the weights (or changes below its rounding); no trial can judge
@@ -850,6 +884,9 @@ class ALSALS(torch.optim.Optimizer):
                     taken = search.step_size if ending == "kept" else 0.0
                     return ending, taken, evaluations, False
             gamma = self._next_trial(gamma, loss0 - value, promised)
+        if passed is not None:  # max_trials ran out while the expansions still passed
+            self._accepted_decrease = passed[1]
+            return "search", passed[0], evaluations, True
         # No trial passed, down to a step size near 0: the search cannot judge the step
         # size (a gradient that is not the loss's, a loss that rounds), and taking the last
         # trial would leave the run at a step size ~backtrack^max_trials, from which growth
