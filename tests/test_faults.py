@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import SLS, AdamSLS, MomentumALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from conftest import OPTIMIZER_IDS, OPTIMIZERS, SmallNet, bce_closure, make_classification
 
 
@@ -396,6 +396,26 @@ def test_a_plain_closure_that_runs_backward_itself_is_a_clear_error(optimizer_cl
         opt.step(lbfgs_style)
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
     assert "line_search" not in opt.state[w]
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_declared_backward_closure_that_runs_backward_in_trials_is_a_clear_error(cls):
+    """``closure_runs_backward=True`` declares a closure that runs backward only where
+    autograd is enabled; one that calls it unconditionally fails in the first trial (under
+    ``torch.no_grad()``): an error that says so instead of torch's "element 0 of tensors
+    does not require grad", and the weights as they were."""
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = cls([w])
+
+    def unconditional():
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"called backward in a trial evaluation"):
+        opt.step(unconditional, closure_runs_backward=True)
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
 
 
 def test_failed_search_leaves_weights_unchanged_and_keeps_the_smallest_step():

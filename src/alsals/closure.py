@@ -42,6 +42,9 @@ __all__ = [
 
 Closure = Callable[..., Tensor | float]
 
+#: torch's error for ``backward()`` on a loss computed under ``torch.no_grad()``.
+_BACKWARD_WITHOUT_GRAPH = "does not require grad and does not have a grad_fn"
+
 _FORMS = (
     "a closure takes no argument (closure(): returns the loss, the optimizer runs backward) "
     "or one (closure(backward): runs backward itself when backward is True)"
@@ -426,7 +429,18 @@ class ClosureEvaluator:
             handles.append(nn.modules.module.register_module_forward_hook(watch.after))
         try:
             with torch.no_grad():
-                value = self.closure(False)
+                try:
+                    value = self.closure(False)
+                except RuntimeError as err:
+                    if not (self.closure.by_grad_mode and _BACKWARD_WITHOUT_GRAPH in str(err)):
+                        raise
+                    raise RuntimeError(
+                        "the closure called backward in a trial evaluation, which runs under "
+                        "torch.no_grad() (there is no graph to differentiate): with "
+                        "closure_runs_backward=True it must call backward only when "
+                        "torch.is_grad_enabled(), as Lightning's closures do; or write it as "
+                        "closure(backward) and call backward only when backward is True"
+                    ) from err
                 loss = as_loss_tensor(value, "the closure in a trial")
         finally:
             for handle in handles:
