@@ -970,16 +970,16 @@ class ALSALS(torch.optim.Optimizer):
         if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
         risen = watch.risen(guard, resolution)
-        grew = gamma > 0.0 and watch.grew() and risen
+        sets_ceiling = risen and gamma > 0.0 and watch.grew()
         restart = risen and self._settings["rise_restart"]
-        if grew:
+        if sets_ceiling:
             search.step_size_ceiling = min(search.step_size_ceiling, watch.step_size_at_lowest)
             search.ceiling_loss = watch.lowest
-        if grew or restart:
+        if sets_ceiling or restart:
             search.restarts += restart
             watch = LossWatch()
         search.watch = asdict(watch)
-        return grew or restart, restart
+        return sets_ceiling or restart, restart
 
     # ------------------------------------------------------------------------------ helpers
 
