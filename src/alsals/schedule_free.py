@@ -203,6 +203,23 @@ class SearchState:
         return cls(**{k: v for k, v in stored.items() if k in known})
 
 
+@dataclass(frozen=True)
+class SearchResult:
+    """What a search decided: ``kind`` (``"search"``: a trial passed; ``"kept"``,
+    ``"exhausted"``, ``"nonfinite"``; ``"reuse"`` where no search ran), the step size to
+    take (the accepted one; the last one when kept; 0 when exhausted), the evaluations it
+    made, whether the accepted step size becomes the run's (not where
+    ``polyak_start="trial"`` and only the Polyak bound lowered the start), the accepted
+    trial's loss decrease, and whether every evaluation gave exactly the starting loss."""
+
+    kind: str
+    step_size: float
+    evaluations: int
+    sets_step_size: bool = False
+    decrease: float = math.nan
+    unchanged: bool = False
+
+
 def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float, float]:
     """Schedule-Free's averaging weight ``alpha = w / (w_1 + ... + w)`` of a step of size
     ``gamma`` (the searched one; the group moves by ``gamma * lr_scale``) in ``group``, with
@@ -411,10 +428,8 @@ class ALSALS(torch.optim.Optimizer):
         self._disconnected_steps = 0
         self._written_lr_steps = 0
         self._buffers_checked = False
-        self._unchanged_search = False
         self._unchanged_searches = 0
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
-        self._accepted_decrease = math.nan  # the accepted trial's loss decrease, this step
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -512,10 +527,8 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_buffers_checked", False)
-        self.__dict__.setdefault("_unchanged_search", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_held", None)
-        self.__dict__.setdefault("_accepted_decrease", math.nan)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -730,10 +743,7 @@ class ALSALS(torch.optim.Optimizer):
             or (search.steps < h["initial_searches"] and not search.first_phase_over)
             or search.steps_since_search + 1 >= h["search_interval"]
         )
-        trials = 0
-        kind = "reuse"
-        sets_step_size = False
-        gamma = min(search.step_size, search.step_size_ceiling)
+        result = SearchResult("reuse", min(search.step_size, search.step_size_ceiling), 0)
         if due and search.searches == 0:  # the closure at y again must give loss0 again
             (again,) = mean_to_host([evaluator.evaluate()], self._process_group)
             if not math.isfinite(again):  # without gradient only: no trial can be judged
@@ -743,18 +753,15 @@ class ALSALS(torch.optim.Optimizer):
             if message is not None:
                 self._warn_once("replay", message)
         if due:
-            self._accepted_decrease = math.nan
-            kind, gamma, trials, sets_step_size = self._search(
-                search, loss0, groups, averaging, slope, evaluator
-            )
+            result = self._search(search, loss0, groups, averaging, slope, evaluator)
             self._warn_about_buffers(evaluator)  # (before anything is written)
-            unchanged, self._unchanged_search = self._unchanged_search, False
-            self._unchanged_searches = self._unchanged_searches + 1 if unchanged else 0
+            self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
                 self._warn_once("loss_unchanged", UNCHANGED_WARNING.format(n=STALL_WARNING_STEPS))
-            if kind == "nonfinite":  # (the step's end puts the weights back at x)
+            if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
-                return _info(kind, 0.0, loss0, trials)
+                return _info(result.kind, 0.0, loss0, result.evaluations)
+        kind, gamma, trials = result.kind, result.step_size, result.evaluations
         # polyak_cap: no step, reused or searched, above this batch's Polyak step
         taken = gamma
         if h["polyak_cap"] and gamma > 0.0:
@@ -774,10 +781,10 @@ class ALSALS(torch.optim.Optimizer):
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
             search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
-            if sets_step_size:
+            if result.sets_step_size:
                 search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
-        decrease = self._accepted_decrease if kind == "search" and taken == gamma else math.nan
+        decrease = result.decrease if kind == "search" and taken == gamma else math.nan
         info = _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
         return replace(info, loss_decrease=decrease)
 
@@ -789,12 +796,9 @@ class ALSALS(torch.optim.Optimizer):
         averaging: list[float],
         slope: list[float],
         evaluator: ClosureEvaluator,
-    ) -> tuple[str, float, int, bool]:
-        """Trials from the grown (or Polyak) start down by ``backtrack``; returns the kind
-        (``"search"``, ``"kept"``, ``"exhausted"``, ``"nonfinite"``), the step size to take
-        (the accepted one; the last one when kept; 0 when exhausted), the number of
-        evaluations, and whether the accepted step size becomes the run's (not where
-        ``polyak_start="trial"`` and only the Polyak bound lowered the start)."""
+    ) -> SearchResult:
+        """Trials from the grown (or Polyak) start down by ``backtrack``, judged by the
+        Armijo test of the move of ``y``; nothing is written."""
         h = self._settings
         c = h["c"]
 
@@ -854,8 +858,8 @@ class ALSALS(torch.optim.Optimizer):
                     gamma = min(gamma * EXPANSION, bound)
                     continue
             if ok:
-                self._accepted_decrease = loss0 - value
-                return "search", gamma, evaluations, not (lowered and evaluations == 1)
+                sets = not (lowered and evaluations == 1)
+                return SearchResult("search", gamma, evaluations, sets, loss0 - value)
             if passed is not None:
                 # the trial above the largest expansion that passed failed: one trial in
                 # between, where the quadratic fitted to the failure puts it, else that one
@@ -865,34 +869,29 @@ class ALSALS(torch.optim.Optimizer):
                     evaluations += 1
                     ok, value = passes(between)
                     if ok:
-                        self._accepted_decrease = loss0 - value
-                        return "search", between, evaluations, True
-                self._accepted_decrease = passed[1]
-                return "search", passed[0], evaluations, True
+                        return SearchResult("search", between, evaluations, True, loss0 - value)
+                return SearchResult("search", passed[0], evaluations, True, passed[1])
             if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
                 # every move gave exactly the starting loss: the closure's loss does not
                 # follow the weights (or changes below its rounding); no trial can judge
-                self._unchanged_search = True
-                return "exhausted", 0.0, evaluations, False
+                return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
             if not checked:
                 checked = True
                 ending = averaging_alone()
                 if ending == "unchanged":
-                    self._unchanged_search = True
-                    return "exhausted", 0.0, evaluations, False
+                    return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
                 if ending in ("nonfinite", "kept"):
                     taken = search.step_size if ending == "kept" else 0.0
-                    return ending, taken, evaluations, False
+                    return SearchResult(ending, taken, evaluations)
             gamma = self._next_trial(gamma, loss0 - value, promised)
         if passed is not None:  # max_trials ran out while the expansions still passed
-            self._accepted_decrease = passed[1]
-            return "search", passed[0], evaluations, True
+            return SearchResult("search", passed[0], evaluations, True, passed[1])
         # No trial passed, down to a step size near 0: the search cannot judge the step
         # size (a gradient that is not the loss's, a loss that rounds), and taking the last
         # trial would leave the run at a step size ~backtrack^max_trials, from which growth
         # by 10% per search takes thousands of steps. Only the averaging move is taken
         # (tested where there is one); the step size is kept.
-        return "exhausted", 0.0, evaluations, False
+        return SearchResult("exhausted", 0.0, evaluations)
 
     def _start_factor(self, search: SearchState) -> float:
         """The multiple of the last step size a search starts from: ``growth``, or with
