@@ -620,13 +620,14 @@ class ALSALS(torch.optim.Optimizer):
                 continue
             weights = [local_shard(p.detach()) for p in group["params"]]
             averages.append(_Average(group, weights, [w.clone() for w in weights]))
-            moved = [p for p in group["params"] if "z" in self.state[p]]
+            moved = [
+                (w, local_shard(self.state[p]["z"]))
+                for p, w in zip(group["params"], weights, strict=True)
+                if "z" in self.state[p]
+            ]
             if moved:
-                torch._foreach_lerp_(
-                    [local_shard(p.detach()) for p in moved],
-                    [local_shard(self.state[p]["z"]) for p in moved],
-                    1.0 - group["betas"][0],
-                )
+                at, towards = zip(*moved, strict=True)
+                torch._foreach_lerp_(list(at), list(towards), 1.0 - group["betas"][0])
         return averages
 
     def _check_written_settings(self) -> None:
