@@ -379,42 +379,78 @@ def test_zero_grad_inside_a_closure_cannot_change_the_searched_direction(optimiz
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("warmup", [0, 5])
-def test_a_plain_closure_that_runs_backward_itself_is_a_clear_error(optimizer_class, warmup):
-    """The LBFGS style (zero_grad; loss.backward(); return loss) without a backward argument:
-    a clear error naming closure(backward), never a doubled gradient (as in warm-up)."""
-    w = torch.tensor([1.0, -2.0], requires_grad=True)
-    opt = optimizer_class([w], warmup_steps=warmup)
+ALL_CLASSES = [*OPTIMIZERS, ALSALS]
+ALL_IDS = [*OPTIMIZER_IDS, "ALSALS"]
 
-    def lbfgs_style():
+
+def _logistic_run(cls, style: str, steps: int = 6, warmup: int = 0):
+    """Weights and step records of ``steps`` steps of ``cls`` on a float64 logistic
+    regression whose closure is written in ``style``: ``"plain"`` (returns the loss, no
+    backward), ``"lbfgs"`` (``zero_grad(); loss.backward(); return loss``, torch.optim.LBFGS's),
+    ``"lbfgs-item"`` (the same, returning ``loss.item()``) or ``"declared"`` (the LBFGS
+    style passed with ``closure_runs_backward=True``); and how often backward ran."""
+    x, y = make_classification()
+    x = x.double()
+    w = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    opt = cls([w], warmup_steps=warmup) if warmup else cls([w])
+    calls = {"backward": 0}
+    w.register_hook(lambda grad: calls.__setitem__("backward", calls["backward"] + 1))
+
+    def plain():
+        return nn.functional.binary_cross_entropy_with_logits(x @ w, y.double())
+
+    def lbfgs():
         opt.zero_grad()
-        loss = (w * w.detach()).sum()  # a graph that saves no tensor: backward twice works
+        loss = plain()
         loss.backward()
-        return loss
+        return loss.item() if style == "lbfgs-item" else loss
 
-    with pytest.raises(RuntimeError, match=r"closure\(backward\)"):
-        opt.step(lbfgs_style)
-    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
-    assert "line_search" not in opt.state[w]
+    infos = []
+    for _ in range(steps):
+        if style == "plain":
+            opt.step(plain)
+        else:
+            opt.step(lbfgs, closure_runs_backward=True if style == "declared" else None)
+        infos.append(repr(opt.last_step))
+    return w.detach().clone(), infos, calls["backward"]
 
 
-@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
-def test_a_declared_backward_closure_that_runs_backward_in_trials_is_a_clear_error(cls):
-    """``closure_runs_backward=True`` declares a closure that runs backward only where
-    autograd is enabled; one that calls it unconditionally fails in the first trial (under
-    ``torch.no_grad()``): an error that says so instead of torch's "element 0 of tensors
-    does not require grad", and the weights as they were."""
+@pytest.mark.parametrize("warmup", [0, 5])
+@pytest.mark.parametrize("style", ["lbfgs", "lbfgs-item", "declared"])
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=ALL_IDS)
+def test_a_closure_that_runs_backward_itself_takes_the_same_steps(cls, style, warmup):
+    """The torch.optim.LBFGS style (zero_grad; loss.backward(); return loss), with or without
+    declaring it, returning the tensor or ``.item()``: its own gradients are the step's
+    (never doubled by a second backward of ours) and its backward call in a trial, under
+    ``torch.no_grad()``, does nothing. The run is the plain closure's, bit for bit
+    (float64), and backward ran once per step, in the closure."""
+    plain_w, plain_infos, plain_backwards = _logistic_run(cls, "plain", warmup=warmup)
+    w, infos, backwards = _logistic_run(cls, style, warmup=warmup)
+    assert infos == plain_infos
+    assert torch.equal(w, plain_w)
+    assert backwards == plain_backwards == 6
+    assert any("trials=" in i and "trials=0" not in i for i in infos)  # trials did run
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=ALL_IDS)
+def test_an_lbfgs_style_closure_failing_in_a_trial_leaves_the_weights(cls):
+    """An exception raised by an LBFGS-style closure in a trial (here: it reads the gradient
+    the trial hides) propagates, and the weights and gradients are as before the step."""
     w = torch.tensor([1.0, -2.0], requires_grad=True)
     opt = cls([w])
+    calls = {"n": 0}
 
-    def unconditional():
+    def reads_grad():
         opt.zero_grad()
         loss = (w * w).sum()
         loss.backward()
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("the closure failed in a trial")
         return loss
 
-    with pytest.raises(RuntimeError, match=r"called backward in a trial evaluation"):
-        opt.step(unconditional, closure_runs_backward=True)
+    with pytest.raises(RuntimeError, match="failed in a trial"):
+        opt.step(reads_grad)
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
 
 

@@ -11,9 +11,11 @@ place that calls a closure: the optimizers, :mod:`alsals.diagnostics` and
 
 A closure takes one of two forms:
 
-* ``closure()`` returns the loss and does **not** call backward. The optimizer sets the
-  gradients to ``None``, calls it with autograd on and runs ``loss.backward()``; trials run
-  under ``torch.no_grad()``.
+* ``closure()`` returns the loss. The optimizer sets the gradients to ``None``, calls it
+  with autograd on and runs ``loss.backward()``, unless the closure set gradients itself
+  (the ``torch.optim.LBFGS`` style: ``zero_grad(); loss.backward(); return loss``), whose
+  gradients it then takes as they are; trials run under ``torch.no_grad()``, where the
+  backward call of such a closure does nothing (:class:`BackwardSuppressed`).
 * ``closure(backward)`` (one parameter, whatever its name) runs backward itself when called
   with ``True`` (gradient accumulation, DDP ``no_sync``, clipping, loss scaling) and returns
   the loss; it is called with ``False`` under ``torch.no_grad()`` for trials.
@@ -29,8 +31,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "BackwardSuppressed",
     "BufferGuard",
     "Closure",
     "ClosureEvaluator",
@@ -42,24 +46,41 @@ __all__ = [
 
 Closure = Callable[..., Tensor | float]
 
-#: torch's error for ``backward()`` on a loss computed under ``torch.no_grad()``.
-_BACKWARD_WITHOUT_GRAPH = "does not require grad and does not have a grad_fn"
-
 _FORMS = (
     "a closure takes no argument (closure(): returns the loss, the optimizer runs backward) "
     "or one (closure(backward): runs backward itself when backward is True)"
 )
 
 
+class BackwardSuppressed(TorchFunctionMode):
+    """Inside it ``loss.backward()`` and ``torch.autograd.backward`` do nothing: a trial
+    evaluation of a closure that runs backward itself without being told when (the LBFGS
+    style, or a declared ``closure_runs_backward=True`` one) returns its loss, under
+    ``torch.no_grad()``, instead of failing on a loss without a graph. Every other torch
+    call goes through unchanged."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., object],
+        types: object,
+        args: Sequence[object] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
+        if func is Tensor.backward or func is torch.autograd.backward:
+            return None
+        return func(*args, **(kwargs or {}))
+
+
 class ClosureForm:
     """A closure with its form detected once: ``form(backward)`` calls it either way.
 
     For the plain form ``form(True)`` calls ``closure()``: running backward is then the
-    caller's job. ``runs_backward=True`` declares a closure that takes no argument but runs
-    backward itself whenever autograd is enabled (its first call) and not under
-    ``torch.no_grad()`` (trials): for wrappers that hide the signature, such as Lightning's
-    ``functools.partial``. The optimizer sets the gradients to ``None`` before that first
-    call.
+    caller's job, unless the closure ran it (:class:`ClosureEvaluator` sees the gradients
+    set). ``runs_backward=True`` declares a closure that takes no argument but runs backward
+    itself whenever autograd is enabled (its first call): for wrappers that hide the
+    signature, such as Lightning's ``functools.partial``; in trials, under
+    ``torch.no_grad()``, its backward does nothing. The optimizer sets the gradients to
+    ``None`` before that first call.
     """
 
     def __init__(self, closure: Closure, runs_backward: bool | None = None) -> None:
@@ -317,6 +338,9 @@ class ClosureEvaluator:
         self.backward_forgotten = False
         # closure() returned a loss with a graph, and the optimizer ran its backward
         self._ran_backward = False
+        # closure() set the gradients itself (the LBFGS style): no backward of ours, and
+        # none of its own in trials (BackwardSuppressed)
+        self.backward_in_closure = False
         self._buffers_after_first = False
 
     def evaluate_with_grad(self) -> Tensor:
@@ -341,15 +365,20 @@ class ClosureEvaluator:
                 role = "closure(backward=True)" if self.runs_backward_itself else "closure()"
                 loss = as_loss_tensor(value, role)
                 if not self.runs_backward_itself:
-                    self._check_plain_closure(loss)
-                    if loss.requires_grad:
-                        self._backward(loss)
-                        self._ran_backward = True
+                    # the LBFGS style: the closure ran backward, its gradients are the step's
+                    self.backward_in_closure = any(p.grad is not None for p in self.params)
+                    if not self.backward_in_closure:
+                        self._check_plain_closure(loss)
+                        if loss.requires_grad:
+                            self._backward(loss)
+                            self._ran_backward = True
         except BaseException:
             if dropped:  # before a completed backward pass: the gradients as they were
                 for p, g in zip(self.params, held, strict=True):
                     p.grad = g
             raise
+        if self.backward_in_closure:
+            self.backwards += 1
         if self.runs_backward_itself:
             self.backwards += 1
             self.backward_forgotten = loss.requires_grad and all(
@@ -391,20 +420,12 @@ class ClosureEvaluator:
         self.backwards += 1
 
     def _check_plain_closure(self, loss: Tensor) -> None:
-        if any(p.grad is not None for p in self.params):
-            raise RuntimeError(
-                "closure() set the gradients itself (it called backward), and the optimizer "
-                "would run backward a second time: a closure that runs backward itself must "
-                "take one argument, closure(backward), and call backward only when it is True "
-                "(under Lightning's automatic optimization: set automatic_optimization = False "
-                "and use alsals.integrations.lightning, docs/integrations.md)"
-            )
         if not loss.requires_grad and any(p.requires_grad for p in self.params):
             raise RuntimeError(
                 "the loss returned by closure() does not require grad, so the optimizer "
                 "cannot run backward on it: return the loss without .detach() or "
-                ".item(), and do not compute it under torch.no_grad(); a closure that "
-                "runs backward itself must take one argument, closure(backward)"
+                ".item(), and do not compute it under torch.no_grad() (or run "
+                "loss.backward() in the closure before detaching it)"
             )
 
     def evaluate(self, watch_buffers: bool = False) -> Tensor:
@@ -429,18 +450,11 @@ class ClosureEvaluator:
             handles.append(nn.modules.module.register_module_forward_hook(watch.after))
         try:
             with torch.no_grad():
-                try:
+                if self.backward_in_closure or self.closure.by_grad_mode:
+                    with BackwardSuppressed():
+                        value = self.closure(False)
+                else:
                     value = self.closure(False)
-                except RuntimeError as err:
-                    if not (self.closure.by_grad_mode and _BACKWARD_WITHOUT_GRAPH in str(err)):
-                        raise
-                    raise RuntimeError(
-                        "the closure called backward in a trial evaluation, which runs under "
-                        "torch.no_grad() (there is no graph to differentiate): with "
-                        "closure_runs_backward=True it must call backward only when "
-                        "torch.is_grad_enabled(), as Lightning's closures do; or write it as "
-                        "closure(backward) and call backward only when backward is True"
-                    ) from err
                 loss = as_loss_tensor(value, "the closure in a trial")
         finally:
             for handle in handles:

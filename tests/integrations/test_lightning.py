@@ -183,6 +183,34 @@ def test_automatic_optimization_is_refused_with_the_fix(tmp_path):
         fit.fit(Module(automatic=True), DataLoader(data(), batch_size=32))
 
 
+def test_automatic_optimization_without_the_callback_takes_the_manual_steps(tmp_path):
+    """Without the callback's refusal, automatic optimization runs: Lightning's closure runs
+    backward itself, the optimizer takes its gradients, and in trials its backward does
+    nothing. The weights follow the manual pattern's (no dropout, same batches)."""
+    weights = []
+    for automatic in (False, True):
+        pl.seed_everything(0)
+        module = Module(dropout=0.0, automatic=automatic)
+        initial = [p.detach().clone() for p in module.parameters()]
+        fit = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        fit.fit(module, DataLoader(data(), batch_size=32))
+        assert fit.global_step == 256 // 32
+        weights.append([p.detach().clone() for p in module.parameters()])
+        assert not all(torch.equal(a, b) for a, b in zip(initial, weights[-1], strict=True))
+    manual, automatic = weights
+    for a, b in zip(manual, automatic, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fp16_mixed_is_refused_with_the_fix(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 

@@ -2,9 +2,11 @@
 
 Lightning's automatic optimization hands the optimizer a closure that always runs
 ``training_step`` *and* backward and zeroes the gradients; a line search calls its closure
-again under ``torch.no_grad()`` for every trial, where that closure fails. So a
-LightningModule trained by an alsals optimizer uses
-manual optimization and one call per batch::
+again under ``torch.no_grad()`` for every trial, where the backward does nothing but
+``training_step`` runs (and logs) once per trial, and ``accumulate_grad_batches`` runs
+micro-batches outside the closure, whose gradients the optimizer drops. So a
+LightningModule trained by an alsals optimizer uses manual optimization and one call per
+batch::
 
     from alsals.integrations.lightning import LineSearchCallback, line_search_step
 
@@ -109,8 +111,9 @@ class LineSearchCallback(pl.Callback):
         name = type(optimizers[0]).__name__
         if pl_module.automatic_optimization:
             raise RuntimeError(
-                f"{name} is a line search: it evaluates the loss several times per step, which "
-                "Lightning's automatic optimization cannot do. Set "
+                f"{name} is a line search: it evaluates the loss several times per step, and "
+                "under Lightning's automatic optimization training_step would run (and log) "
+                "once per evaluation and accumulate_grad_batches would lose gradients. Set "
                 "`self.automatic_optimization = False` in the LightningModule and call "
                 "`alsals.integrations.lightning.line_search_step(self, loss_fn)` in "
                 "training_step (docs/integrations.md, Lightning)."
