@@ -305,6 +305,95 @@ def test_state_dict_round_trips_the_trajectory():
     assert opt.search_state == opt2.search_state
 
 
+def _first_evaluation_weights(model, opt, x, y, idx):
+    """Take one step; return the weights the closure saw at its first evaluation (``y``)."""
+    seen = []
+
+    def closure():
+        if not seen:
+            seen.append([p.detach().clone() for p in model.parameters()])
+        return loss_of(model, x[idx], y[idx])
+
+    opt.step(closure)
+    return seen[0]
+
+
+@pytest.mark.parametrize("order", ["model-then-step", "train-then-step"])
+def test_weights_loaded_into_the_model_alone_are_where_the_run_continues(order):
+    """A checkpoint loaded into the model but not the optimizer (here: the initial weights,
+    after 12 steps) is the new average: the next gradient is taken at exactly those weights
+    (``z`` restarted there, so ``y = x``), not at a ``y`` pulled back towards the old ``z``,
+    and the averaging restarts (``x' = z'`` after the step, as at a run's first)."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    initial = copy.deepcopy(model.state_dict())
+    opt = ALSALS(model.parameters())
+    plan = batches(x, y, 14)
+    for idx in plan[:12]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    assert opt.search_state.edits == 0
+    model.load_state_dict(initial)
+    if order == "train-then-step":
+        opt.train()  # (the Hugging Face Trainer's order: train(), backward, step())
+        assert all(
+            torch.equal(p, initial[k]) for k, p in zip(initial, model.parameters(), strict=True)
+        )
+    at = _first_evaluation_weights(model, opt, x, y, plan[12])
+    assert all(torch.equal(a, initial[k]) for k, a in zip(initial, at, strict=True))
+    assert opt.search_state.edits == 1
+    for p in model.parameters():
+        assert torch.equal(p.detach(), opt.state[p]["z"])
+    _first_evaluation_weights(model, opt, x, y, plan[13])
+    assert opt.search_state.edits == 1  # the optimizer's own writes are not edits
+
+
+def test_an_edit_of_some_parameters_restarts_their_z_alone():
+    """A re-initialised layer: its ``z`` restarts at its new weights, the other layer's
+    ``z`` and the group's averaging go on (after the step, ``x' != z'`` everywhere)."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    plan = batches(x, y, 11)
+    for idx in plan[:10]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    first, second = model[0], model[2]
+    with torch.no_grad():
+        nn.init.zeros_(first.weight)
+        nn.init.zeros_(first.bias)
+    at = _first_evaluation_weights(model, opt, x, y, plan[10])
+    assert torch.equal(at[0], torch.zeros_like(at[0])) and torch.equal(at[1], torch.zeros(8))
+    assert not torch.equal(at[2], second.weight.detach())  # y != x: z still leads there
+    assert opt.search_state.edits == 1
+    for p in model.parameters():
+        assert not torch.equal(p.detach(), opt.state[p]["z"])
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_a_rollback_of_model_and_optimizer_together_is_not_an_edit(model_first):
+    """Loading the model and the optimizer from one checkpoint into the live objects, in
+    either order, continues bit for bit as the run did from there."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    plan = batches(x, y, 20)
+    train = [lambda idx=idx: loss_of(model, x[idx], y[idx]) for idx in plan]
+    for closure in train[:10]:
+        opt.step(closure)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for closure in train[10:]:
+        opt.step(closure)
+    straight = [p.detach().clone() for p in model.parameters()]
+    if model_first:
+        model.load_state_dict(saved_model)
+    opt.load_state_dict(copy.deepcopy(saved_opt))
+    if not model_first:
+        model.load_state_dict(saved_model)
+    for closure in train[10:]:
+        opt.step(closure)
+    assert opt.search_state.edits == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), straight, strict=True))
+
+
 def test_a_state_saved_by_another_optimizer_is_refused_by_name():
     from alsals import MomentumALSALS
 

@@ -183,6 +183,7 @@ class SearchState:
     first_phase_over: bool = False  # the searches of the first steps have ended early
     exhausted: int = 0  # searches that ran out of trials
     restarts: int = 0  # rise_restart's restarts of z at x
+    edits: int = 0  # steps that found the weights written since the last (z restarted there)
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
     trials: int = 0
@@ -430,6 +431,9 @@ class ALSALS(torch.optim.Optimizer):
         self._buffers_checked = False
         self._unchanged_searches = 0
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
+        # each parameter's version counter as this optimizer left the weights (x): a later
+        # in-place write is an edit by the user (_adopt_edited_weights)
+        self._versions: dict[int, int] | None = None
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -515,9 +519,11 @@ class ALSALS(torch.optim.Optimizer):
                 step_size = search.get("step_size")
                 in_range("the state's search step_size", step_size, 0.0, closed_low=False)
         super().load_state_dict(state_dict)
+        self._versions = None  # the weights that go with this state are loaded separately
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_left_grads", "_held")}
+        skipped = ("_left_grads", "_held", "_versions")
+        return {k: v for k, v in self.__dict__.items() if k not in skipped}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -529,6 +535,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_held", None)
+        self.__dict__.setdefault("_versions", None)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -540,7 +547,9 @@ class ALSALS(torch.optim.Optimizer):
         it again before the step changes nothing; ``step()`` or ``eval()`` brings the
         weights back to the average."""
         if self._held is None:
+            self._adopt_edited_weights()
             self._held = self._to_gradient_point()
+            self._versions = self._weight_versions()
 
     def eval(self) -> None:
         """Bring the weights back to the average ``x`` after ``train()`` without a step (the
@@ -550,6 +559,7 @@ class ALSALS(torch.optim.Optimizer):
             for average in self._held:
                 average.restore()
             self._held = None
+            self._versions = self._weight_versions()
 
     # ------------------------------------------------------------------------------ the step
 
@@ -563,6 +573,8 @@ class ALSALS(torch.optim.Optimizer):
         as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
         self._check_written_settings()
+        if self._held is None:  # (after train(), the weights are at y, moved by train())
+            self._adopt_edited_weights()
         params = [p for g in self.param_groups for p in g["params"]]
         evaluator = ClosureEvaluator(
             closure,
@@ -588,11 +600,13 @@ class ALSALS(torch.optim.Optimizer):
         except BaseException:
             for average in averages:
                 average.restore()
+            self._versions = self._weight_versions()
             evaluator.abort()
             self._left_grads = LeftGradients(params)
             raise
         for average in averages:  # x' where the step moved, x where it did not
             average.restore()
+        self._versions = self._weight_versions()
         evaluator.finish()
         self._left_grads = LeftGradients(params)
         search.forwards += evaluator.forwards
@@ -608,6 +622,49 @@ class ALSALS(torch.optim.Optimizer):
             }
         )
         return loss
+
+    def _weight_versions(self) -> dict[int, int]:
+        """Every parameter's version counter now (of its local shard under FSDP2): torch
+        raises it at each in-place write, ``model.load_state_dict`` and ``torch.nn.init``
+        included (not at writes through ``.data``, which autograd does not see either)."""
+        return {
+            id(p): local_shard(p.detach())._version
+            for group in self.param_groups
+            for p in group["params"]
+        }
+
+    @torch.no_grad()
+    def _adopt_edited_weights(self) -> None:
+        """Weights written since this optimizer last left them at ``x`` (a checkpoint loaded
+        into the model alone, a re-initialised layer, a projection after each step) are the
+        new ``x``: ``z`` restarts there, for the edited parameters, so that ``y`` and the
+        average do not pull them back towards where the run had been. Where every parameter
+        of a group was edited, its averaging restarts too (``alpha = 1`` at the next step,
+        as at a run's first); the search state, Adam's second moments and the step size stay.
+        """
+        if self._versions is None:
+            return
+        now = self._weight_versions()
+        edited = {k for k, v in now.items() if k in self._versions and v != self._versions[k]}
+        if not edited:
+            return
+        for group in self.param_groups:
+            stepped = [p for p in group["params"] if "z" in self.state[p]]
+            moved = [p for p in stepped if id(p) in edited]
+            if not moved:
+                continue
+            torch._foreach_copy_(
+                [local_shard(self.state[p]["z"]) for p in moved],
+                [local_shard(p.detach()) for p in moved],
+            )
+            if len(moved) == len(stepped):
+                group["weight_sum"], group["lr_max"] = 0.0, 0.0
+        anchor = anchor_parameter(self.param_groups)
+        stored = self.state[anchor].get(STATE_KEY) if anchor is not None else None
+        if stored is not None:  # the loss watch compares losses of weights no longer held
+            stored["watch"] = None
+            stored["edits"] = stored.get("edits", 0) + 1
+        self._versions = now
 
     @torch.no_grad()
     def _to_gradient_point(self) -> list[_Average]:
