@@ -77,6 +77,28 @@ def test_scanned_curve_matches_the_closed_form_on_a_quadratic(cls):
         assert scan.boundary == pytest.approx([0.1 * e * float(g @ g) for e in grid])
 
 
+def test_a_closure_that_runs_backward_itself_scans_as_the_plain_one(optimizer_class):
+    """A closure in the torch.optim.LBFGS style (zero_grad; backward; return loss): the
+    scan's evaluations, without gradient, do not fail on its backward and give the plain
+    closure's curve."""
+    scans = []
+    for lbfgs_style in (False, True):
+        w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        opt = optimizer_class([w], lr=1.0)
+
+        def closure(w=w, opt=opt, lbfgs_style=lbfgs_style):
+            loss = quadratic(w)()
+            if lbfgs_style:
+                opt.zero_grad()
+                loss.backward()
+            return loss
+
+        scans.append(scan_direction(opt, closure, log_grid(1e-4, 10.0, 9)))
+    plain, lbfgs = scans
+    assert lbfgs.decreases == plain.decreases and lbfgs.chosen_step_size == plain.chosen_step_size
+    assert any(d > 0 for d in plain.decreases)
+
+
 def test_chosen_step_size_is_the_one_the_optimizer_then_uses(optimizer_class):
     model, opt, closure = trained_net(optimizer_class, steps=1)
     x, y = make_classification(seed=4)

@@ -341,6 +341,7 @@ class ClosureEvaluator:
         # closure() set the gradients itself (the LBFGS style): no backward of ours, and
         # none of its own in trials (BackwardSuppressed)
         self.backward_in_closure = False
+        self._suppress_backward = False  # in trials: the above, or no first evaluation
         self._buffers_after_first = False
 
     def evaluate_with_grad(self) -> Tensor:
@@ -367,6 +368,7 @@ class ClosureEvaluator:
                 if not self.runs_backward_itself:
                     # the LBFGS style: the closure ran backward, its gradients are the step's
                     self.backward_in_closure = any(p.grad is not None for p in self.params)
+                    self._suppress_backward = self.backward_in_closure
                     if not self.backward_in_closure:
                         self._check_plain_closure(loss)
                         if loss.requires_grad:
@@ -450,7 +452,7 @@ class ClosureEvaluator:
             handles.append(nn.modules.module.register_module_forward_hook(watch.after))
         try:
             with torch.no_grad():
-                if self.backward_in_closure or self.closure.by_grad_mode:
+                if self._suppress_backward or self.closure.by_grad_mode:
                     with BackwardSuppressed():
                         value = self.closure(False)
                 else:
@@ -469,7 +471,9 @@ class ClosureEvaluator:
 
     def start_without_grad(self) -> None:
         """Evaluate trials only (no first evaluation): each replays the random state and
-        restores the buffers as they are now (:mod:`alsals.diagnostics` scans this way)."""
+        restores the buffers as they are now (:mod:`alsals.diagnostics` scans this way); a
+        closure that runs backward itself may (its backward does nothing)."""
+        self._suppress_backward = True
         self.rng_before = RandomState()
         self.before.capture()
         self.after_first.capture()
