@@ -709,6 +709,8 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
         ({"lead_rule": "on"}, "lead_rule"),
         ({"polyak_start": "never"}, "polyak_start"),
         ({"warmup_steps": -1}, "warmup_steps"),
+        ({"loss_floor": float("nan")}, "invalid loss_floor: nan"),
+        ({"loss_floor": float("inf")}, "invalid loss_floor: inf"),
     ],
 )
 def test_bad_settings_are_refused_by_name(kwargs, match):

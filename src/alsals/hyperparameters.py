@@ -121,6 +121,19 @@ def real(name: str, value: Any) -> float:
     raise TypeError(f"invalid {name}: {value!r} (expected a real number)")
 
 
+def loss_floor(value: Any) -> float | None:
+    """``loss_floor`` as a finite ``float``, or ``None`` (no floor): a NaN or infinite floor
+    is a ``ValueError`` naming it."""
+    if value is None:
+        return None
+    floor = real("loss_floor", value)
+    if not math.isfinite(floor):
+        raise ValueError(
+            f"invalid loss_floor: {value!r} (expected a finite number, or None for no floor)"
+        )
+    return floor
+
+
 def integer(name: str, value: Any, minimum: int) -> int:
     """``value`` as an ``int >= minimum`` if it is an integer (not a bool).
 
@@ -181,15 +194,7 @@ def checked_search(h: dict[str, Any]) -> dict[str, Any]:
     out["warmup_steps"] = integer("warmup_steps", h["warmup_steps"], 0)
     if h.get("start", "grown") not in STARTS:
         raise ValueError(f"invalid start: {h['start']!r} (expected one of {STARTS})")
-    floor = h.get("loss_floor")
-    if floor is not None:
-        out["loss_floor"] = real("loss_floor", floor)
-        if not math.isfinite(out["loss_floor"]):
-            raise ValueError(
-                f"invalid loss_floor: {floor!r} (expected a finite number, or None for no cap)"
-            )
-    else:
-        out["loss_floor"] = None
+    out["loss_floor"] = loss_floor(h.get("loss_floor"))
     guard = h.get("loss_rise_guard")
     if guard is not None:
         out["loss_rise_guard"] = in_range("loss_rise_guard", guard, 0.0, closed_low=False)

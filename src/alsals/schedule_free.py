@@ -83,7 +83,7 @@ from torch import Tensor
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.distributed import checked_process_group, mean_on_device, mean_to_host
-from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, real
+from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
 from alsals.line_search import (
     BUFFERS_WARNING,
     DISCONNECTED_WARNING,
@@ -1214,9 +1214,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "search_interval": integer("search_interval", values["search_interval"], 1),
         "lead_rule": _choice("lead_rule", values["lead_rule"], LEAD_RULES),
         "polyak_start": _choice("polyak_start", values["polyak_start"], ("sets", "trial")),
-        "loss_floor": (
-            None if values["loss_floor"] is None else real("loss_floor", values["loss_floor"])
-        ),
+        "loss_floor": loss_floor(values["loss_floor"]),
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),
         "max_grad_norm": optional("max_grad_norm", 0.0, False),
         "loss_rise_guard": optional("loss_rise_guard", 0.0, True),
