@@ -179,6 +179,7 @@ class StepRecord:
     trial_losses: list[float] = field(default_factory=list)  # f(w + eta_try d) for each
     trusted: bool = False  # the step size was taken untested (trust_interpolation)
     polyak_capped: bool = False  # the Polyak cap cut the step size (phase 5.6)
+    searched_step_size: float = 0.0  # the update's step size before the cap (0: no move)
     loss_rose: bool = False  # the loss-rise guard cut the ceiling (phase 5.7)
     floor_refuted: bool = False  # the floor was found wrong at this step (5.2, 5.6)
     kink: bool = False  # the trials contradicted the slope and one was accepted (5.8)
@@ -943,6 +944,7 @@ class ReferenceOptimizer:
         st.untested_step_size = 0.0
         if moved:
             eta = st.step_size if plan != "search" else record.step_size
+            record.searched_step_size = eta
             if cap < eta:  # 5.6: the search's eta stays the next search's start
                 eta = cap
                 record.polyak_capped = True
@@ -1007,7 +1009,8 @@ class ReferenceOptimizer:
 
     def watch(self, loss0: float, plan: str, outcome: str, record: StepRecord) -> None:
         """Phase 5.7 (written with phase 6): steps that searched or reused take the batch
-        loss and the step size taken into the watch. A ceiling is lifted (``inf``) when the
+        loss and the step size into the watch: the search's, before the Polyak cap (0 where
+        the update did not move). A ceiling is lifted (``inf``) when the
         loss average falls below ``ceiling_loss`` by the margin; if the loss average rose on
         a step that moved the weights while the step size grew, the ceiling becomes the
         smaller of itself and ``S_lowest``, ``ceiling_loss`` the lowest average, ``eta`` is
@@ -1015,7 +1018,7 @@ class ReferenceOptimizer:
         z, st = self.config.loss_rise_guard, self.state
         if z is None or plan == "zero_lr":
             return
-        watch = watch_after(st, loss0, record.step_size)
+        watch = watch_after(st, loss0, record.searched_step_size if record.step_size > 0 else 0.0)
         ceiling = st.step_size_ceiling
         if ceiling < math.inf and loss_fell_below(watch, st.ceiling_loss, z):
             st.step_size_ceiling, st.ceiling_loss = math.inf, 0.0

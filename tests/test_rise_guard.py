@@ -388,3 +388,32 @@ def test_a_preview_of_the_step_that_fires_it_is_that_step_and_changes_nothing():
     opt.step(problem.closure(w, fired[0]))
     assert opt.last_step == preview.info
     assert opt.state[w]["line_search"]["step_size_ceiling"] < math.inf
+
+
+def test_a_loss_that_jumps_at_its_floor_is_not_growth_of_the_step_size():
+    """The Polyak cap shrinks the steps taken as a loss nears its floor; when the objective
+    then moves (the target of a float32 quadratic, after 500 steps to its rounding floor),
+    the loss jumps while the steps taken grow back to the searched size. The guard judges
+    the searched step size: where it fires (the search grows the step size after the
+    jump), its ceiling is the searched step size at the lowest loss (measured 0.045), not
+    the capped steps' (0.0107 when it judged those), and the run reaches the new optimum
+    (measured: 2.4e-10 of the loss after the jump within 300 steps, against 6.8e-6)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 8, generator=gen)
+    a = a @ a.T / 8 + 0.1 * torch.eye(8)
+    w = torch.zeros(8, requires_grad=True)
+    target = torch.ones(8)
+    opt = MomentumALSALS([w])
+
+    def loss():
+        e = w - target
+        return e @ a @ e
+
+    for _ in range(500):
+        opt.step(loss)
+    assert loss().item() < 1e-8
+    target = -2.0 * torch.ones(8)
+    start = loss().item()
+    for _ in range(300):
+        opt.step(loss)
+    assert loss().item() < 1e-7 * start

@@ -920,8 +920,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             else:
                 run.trial = _TrialPoint(run.steps, run.directions)
                 outcome = self._search(search, run, loss0, evaluator)
+            searched = outcome.step_size  # (the guard judges the search's, not the cap's)
             outcome = self._capped(search, run, outcome, loss0)
-            self._watch_loss(search, run, outcome, loss0, evaluator.loss_dtype)
+            self._watch_loss(search, run, outcome, searched, loss0, evaluator.loss_dtype)
         # 6: the weights are where an untested update put them, and the loss there is not
         # finite on a second step in a row: that update is to blame
         outcome.undo = (
@@ -1163,19 +1164,22 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search: SearchState,
         run: _Run,
         outcome: Outcome,
+        searched: float,
         loss0: float,
         loss_dtype: torch.dtype,
     ) -> None:
         """Phase 5.7: ``loss_rise_guard``'s watch with this batch's loss and the step size
-        taken. A ceiling is lifted when the loss average falls measurably below the lowest
-        it guards; a rise on a step that moved the weights, while the step size grew, sets
-        the ceiling to the step size at the lowest loss and starts the watch afresh. Stored
-        in phase 6."""
+        the search chose (``searched``: before ``loss_floor``'s cap, which shrinks the steps
+        taken with the loss's height, so that a loss that jumps, say because the objective
+        changed, does not look like growth of the step size). A ceiling is lifted when the
+        loss average falls measurably below the lowest it guards; a rise on a step that
+        moved the weights, while the step size grew, sets the ceiling to the step size at
+        the lowest loss and starts the watch afresh. Stored in phase 6."""
         guard = self._settings["loss_rise_guard"]
         if guard is None or outcome.kind not in ("search", "reuse", "failed", "unresolved"):
             return
         stored = self._stored_watch(search)
-        watch = stored.after(loss0, outcome.step_size)
+        watch = stored.after(loss0, searched if outcome.step_size > 0.0 else 0.0)
         resolution = _loss_resolution(loss_dtype, watch.mean())
         ceiling = search.step_size_ceiling
         if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):

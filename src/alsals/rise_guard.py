@@ -13,7 +13,9 @@ step size grew means the growth went too far.
 
 The guard averages the batch losses (an EMA with the adaptive cadence's slow factor 0.99,
 bias-corrected; the same average of their squares gives the spread) and the step sizes the
-updates took (over the steps that moved). Once it holds one horizon of samples
+search chose for the updates (over the steps that moved; before ``loss_floor``'s Polyak
+cap, which shrinks the steps taken as the loss nears its floor: a loss that jumps there,
+because the objective changed, must not look like growth of the step size). Once it holds one horizon of samples
 (``1 / (1 - 0.99)`` = 100) it tracks the lowest loss average, the step size at that moment
 and the average's standard error then. It fires when the loss average lies above the lowest
 by more than the loss's rounding and by more than ``loss_rise_guard`` of those standard
@@ -52,11 +54,11 @@ class LossWatch:
 
     ``loss_avg`` and ``loss_sq_avg`` are the EMAs (without bias correction) of the batch
     losses and their squares over ``samples`` losses; ``step_size_avg`` and ``moves_avg``
-    the same EMAs of the step size each update took and of whether it moved the weights
-    (their ratio is the average step size of the moves); ``lowest`` is the lowest
-    bias-corrected loss average since the watch began judging (meaningless before
-    ``WATCH_SAMPLES``), ``step_size_at_lowest`` the average step size then and
-    ``error_at_lowest`` the average's standard error then.
+    the same EMAs of the step size of each update (the search's, before the cap) and of
+    whether it moved the weights (their ratio is the average step size of the moves);
+    ``lowest`` is the lowest bias-corrected loss average since the watch began judging
+    (meaningless before ``WATCH_SAMPLES``), ``step_size_at_lowest`` the average step size
+    then and ``error_at_lowest`` the average's standard error then.
     """
 
     loss_avg: float = 0.0
@@ -96,8 +98,8 @@ class LossWatch:
         return (standard_errors + chance) * standard_error
 
     def after(self, loss: float, step_size: float) -> LossWatch:
-        """The statistics with one more batch loss and the step size its update took
-        (0: the weights did not move); a non-finite loss is left out."""
+        """The statistics with one more batch loss and the step size of its update (the
+        search's; 0: the weights did not move); a non-finite loss is left out."""
         if not math.isfinite(loss):
             return self
         b = LOSS_SMOOTHING

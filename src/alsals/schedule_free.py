@@ -824,7 +824,9 @@ class ALSALS(torch.optim.Optimizer):
         taken = gamma
         if h["polyak_cap"] and gamma > 0.0:
             taken = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), 0.0)
-        loss_rose, restart = self._watch_loss(search, loss0, taken, evaluator.loss_dtype)
+        # (the guard judges the search's step size, not the cap's, which shrinks with the loss)
+        searched = gamma if taken > 0.0 else 0.0
+        loss_rose, restart = self._watch_loss(search, loss0, searched, evaluator.loss_dtype)
         self._commit(groups, taken, restart)
         search.steps += 1
         if kind == "reuse":
