@@ -1103,6 +1103,28 @@ def test_a_loss_that_does_not_follow_the_weights_ends_each_search_at_once_and_wa
                 )
             messages = [str(w.message) for w in caught if "did not change" in str(w.message)]
             assert len(messages) == (1 if step == 2 else 0)
+    assert "(0.7; 0.7 at the run's first step)" in messages[0]
+    assert "call the model inside the closure" in messages[0]
+
+
+def test_a_loss_that_converged_below_its_rounding_is_called_converged():
+    """A run whose loss fell far below its start and now changes by less than its rounding
+    (here: a float32 loss of 1e-8 whose dependence on the weights is 1e-9 of it) ends its
+    searches without a step size, as a closure that ignores the weights does; the warning
+    says the run has converged, with the two losses, and does not blame the closure."""
+    w = nn.Parameter(torch.ones(4))
+    opt = ALSALS([w])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(60):
+            if k < 5:
+                opt.step(lambda: ((w - 3.0) ** 2).sum())
+            else:
+                opt.step(lambda: 1e-8 * (1.0 - 1e-9 * w.sum()))
+    messages = [str(c.message) for c in caught if "ALSALS: the loss" in str(c.message)]
+    assert len(messages) == 1
+    assert "the run has converged" in messages[0] and "at 1e-08, against 16" in messages[0]
+    assert "inside the closure" not in messages[0]
 
 
 @pytest.mark.parametrize(

@@ -152,11 +152,21 @@ TRIALS_NONFINITE = (
 UNCHANGED_EVALUATIONS = 2
 UNCHANGED_WARNING = (
     "ALSALS: the loss did not change when the weights moved: in {n} searches in a row every "
-    "evaluation gave exactly the loss at the start, so each ended without a step size (only "
-    "Schedule-Free's averaging move was taken). Either the closure does not compute the loss "
-    "from the model's current weights (call the model inside the closure: outputs computed "
-    "before it, or a loss of another model, stay the same whatever the optimizer does to the "
-    "weights), or the loss changes by less than its own rounding (compute it in a wider dtype)"
+    "evaluation gave exactly the loss at the start ({loss:.3g}; {first:.3g} at the run's first "
+    "step), so each ended without a step size (only Schedule-Free's averaging move was taken). "
+    "Either the closure does not compute the loss from the model's current weights (call the "
+    "model inside the closure: outputs computed before it, or a loss of another model, stay "
+    "the same whatever the optimizer does to the weights), or the loss changes by less than "
+    "its own rounding (compute it in a wider dtype)"
+)
+#: A loss this many times below the run's first that no move changes has converged to what
+#: its rounding resolves: the warning then says so instead of suspecting the closure.
+CONVERGED_RATIO = 1e-4
+CONVERGED_WARNING = (
+    "ALSALS: the loss no longer changes when the weights move ({n} searches in a row): at "
+    "{loss:.3g}, against {first:.3g} at the run's first step, it has reached what its "
+    "rounding resolves, and the run has converged (only Schedule-Free's averaging moves the "
+    "weights now). Nothing is wrong; to go further, compute the loss in float64"
 )
 #: Each group's own state: Schedule-Free's averaging weights and the group's settings.
 GROUP_STATE = (
@@ -183,6 +193,7 @@ class SearchState:
     first_phase_over: bool = False  # the searches of the first steps have ended early
     exhausted: int = 0  # searches that ran out of trials
     restarts: int = 0  # rise_restart's restarts of z at x
+    first_loss: float = math.nan  # the run's first finite batch loss
     edits: int = 0  # steps that found the weights written since the last (z restarted there)
     skipped_nonfinite: int = 0
     skipped_zero_grad: int = 0
@@ -784,6 +795,8 @@ class ALSALS(torch.optim.Optimizer):
             search.skipped_zero_grad += not nonfinite
             return _info(kind, 0.0, loss0)
         h = self._settings
+        if not math.isfinite(search.first_loss):
+            search.first_loss = loss0
         if h["loss_floor"] is not None and loss0 < h["loss_floor"]:  # (before any write)
             self._warn_once(
                 "loss_floor",
@@ -815,7 +828,7 @@ class ALSALS(torch.optim.Optimizer):
             self._warn_about_buffers(evaluator)  # (before anything is written)
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
-                self._warn_once("loss_unchanged", UNCHANGED_WARNING.format(n=STALL_WARNING_STEPS))
+                self._warn_once("loss_unchanged", _unchanged_message(loss0, search.first_loss))
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(result.kind, 0.0, loss0, result.evaluations)
@@ -1171,6 +1184,15 @@ class ALSALS(torch.optim.Optimizer):
     def search_state(self) -> SearchState:
         """The search's counters and step size, as stored."""
         return self._stored_search_state()
+
+
+def _unchanged_message(loss: float, first: float) -> str:
+    """The warning for searches whose every evaluation gave the starting loss: a converged
+    run's where the loss has fallen ``CONVERGED_RATIO`` below the run's first, else the one
+    that suspects the closure."""
+    converged = 0.0 <= loss <= CONVERGED_RATIO * first
+    template = CONVERGED_WARNING if converged else UNCHANGED_WARNING
+    return template.format(n=STALL_WARNING_STEPS, loss=loss, first=first)
 
 
 def _unknown_arguments(unknown: dict[str, Any]) -> TypeError:
