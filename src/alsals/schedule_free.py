@@ -635,14 +635,11 @@ class ALSALS(torch.optim.Optimizer):
         return loss
 
     def _weight_versions(self) -> dict[int, int]:
-        """Every parameter's version counter now (of its local shard under FSDP2): torch
-        raises it at each in-place write, ``model.load_state_dict`` and ``torch.nn.init``
-        included (not at writes through ``.data``, which autograd does not see either)."""
-        return {
-            id(p): local_shard(p.detach())._version
-            for group in self.param_groups
-            for p in group["params"]
-        }
+        """Every parameter's version counter now: torch raises it at each in-place write,
+        ``model.load_state_dict`` and ``torch.nn.init`` included (not at writes through
+        ``.data``, which autograd does not see either). Under FSDP2 it is the DTensor's own
+        counter, which writes to the DTensor raise (its local shard's does not move)."""
+        return {id(p): p._version for group in self.param_groups for p in group["params"]}
 
     @torch.no_grad()
     def _adopt_edited_weights(self) -> None:
@@ -671,10 +668,12 @@ class ALSALS(torch.optim.Optimizer):
             if len(moved) == len(stepped):
                 group["weight_sum"], group["lr_max"] = 0.0, 0.0
         anchor = anchor_parameter(self.param_groups)
-        stored = self.state[anchor].get(STATE_KEY) if anchor is not None else None
-        if stored is not None:  # the loss watch compares losses of weights no longer held
-            stored["watch"] = None
-            stored["edits"] = stored.get("edits", 0) + 1
+        if anchor is not None and STATE_KEY in self.state[anchor]:
+            # (the groups' lr is left as it is: a written lr stays the user's word)
+            search = SearchState.from_dict(self.state[anchor][STATE_KEY])
+            search.watch = None  # it compares losses of weights no longer held
+            search.edits += 1
+            self.state[anchor][STATE_KEY] = search.to_dict()
         self._versions = now
 
     @torch.no_grad()
