@@ -28,6 +28,7 @@ import numbers
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -338,10 +339,10 @@ class ClosureEvaluator:
         self.backward_forgotten = False
         # closure() returned a loss with a graph, and the optimizer ran its backward
         self._ran_backward = False
-        # closure() set the gradients itself (the LBFGS style): no backward of ours, and
-        # none of its own in trials (BackwardSuppressed)
-        self.backward_in_closure = False
-        self._suppress_backward = False  # in trials: the above, or no first evaluation
+        # trials run the closure's own backward as a no-op (BackwardSuppressed): a declared
+        # closure_runs_backward=True one, a closure() that set the gradients itself (the
+        # LBFGS style; found at the first evaluation), or any without a first evaluation
+        self._suppress_backward = self.closure.by_grad_mode
         self._buffers_after_first = False
 
     def evaluate_with_grad(self) -> Tensor:
@@ -367,9 +368,10 @@ class ClosureEvaluator:
                 loss = as_loss_tensor(value, role)
                 if not self.runs_backward_itself:
                     # the LBFGS style: the closure ran backward, its gradients are the step's
-                    self.backward_in_closure = any(p.grad is not None for p in self.params)
-                    self._suppress_backward = self.backward_in_closure
-                    if not self.backward_in_closure:
+                    self._suppress_backward = any(p.grad is not None for p in self.params)
+                    if self._suppress_backward:
+                        self.backwards += 1
+                    else:
                         self._check_plain_closure(loss)
                         if loss.requires_grad:
                             self._backward(loss)
@@ -379,8 +381,6 @@ class ClosureEvaluator:
                 for p, g in zip(self.params, held, strict=True):
                     p.grad = g
             raise
-        if self.backward_in_closure:
-            self.backwards += 1
         if self.runs_backward_itself:
             self.backwards += 1
             self.backward_forgotten = loss.requires_grad and all(
@@ -451,12 +451,9 @@ class ClosureEvaluator:
             handles.append(nn.modules.module.register_module_forward_pre_hook(watch.before))
             handles.append(nn.modules.module.register_module_forward_hook(watch.after))
         try:
-            with torch.no_grad():
-                if self._suppress_backward or self.closure.by_grad_mode:
-                    with BackwardSuppressed():
-                        value = self.closure(False)
-                else:
-                    value = self.closure(False)
+            suppressed = BackwardSuppressed() if self._suppress_backward else nullcontext()
+            with torch.no_grad(), suppressed:
+                value = self.closure(False)
                 loss = as_loss_tensor(value, "the closure in a trial")
         finally:
             for handle in handles:

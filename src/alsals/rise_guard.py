@@ -15,12 +15,13 @@ The guard averages the batch losses (an EMA with the adaptive cadence's slow fac
 bias-corrected; the same average of their squares gives the spread) and the step sizes the
 search chose for the updates (over the steps that moved; before ``loss_floor``'s Polyak
 cap, which shrinks the steps taken as the loss nears its floor: a loss that jumps there,
-because the objective changed, must not look like growth of the step size). Once it holds one horizon of samples
-(``1 / (1 - 0.99)`` = 100) it tracks the lowest loss average, the step size at that moment
-and the average's standard error then. It fires when the loss average lies above the lowest
-by more than the loss's rounding and by more than ``loss_rise_guard`` of those standard
-errors plus the range that the averages of a flat loss span by chance over the watch's
-length, while the step size is larger than it was at the lowest. (The standard error is the
+because the objective changed, must not look like growth of the step size). Once it holds
+one horizon of samples (``1 / (1 - 0.99)`` = 100) it tracks the lowest loss average, the
+step size at that moment and the average's standard error then. It fires when the loss
+average lies above the lowest by more than the loss's rounding and by more than
+``loss_rise_guard`` of those standard errors plus the range that the averages of a flat
+loss span by chance over the watch's length, while the step size is larger than it was at
+the lowest. (The standard error is the
 one at the lowest because a step size that is too large spreads the batch losses: on a noisy
 logistic regression the spread it caused hid a doubling of the loss.) The step size then
 gets a ceiling: its average at the lowest loss. No search starts or climbs above it, and the
