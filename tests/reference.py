@@ -991,7 +991,9 @@ class ReferenceOptimizer:
                 and not record.trusted
             )
             st.settled = first_trial and st.searches >= 1
-            st.unaccepted_in_a_row = 0 if outcome == "accepted" else st.unaccepted_in_a_row + 1
+            # a step size reset where the floor was refuted is no search's: searched next
+            reset = outcome != "accepted" or record.floor_refuted
+            st.unaccepted_in_a_row = st.unaccepted_in_a_row + 1 if reset else 0
             if record.kink:
                 st.kinks_in_a_row += 1
             elif outcome == "accepted":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alsals import SLS, MomentumALSALS
+from alsals import ALSALS, SLS, MomentumALSALS
 from alsals.diagnostics import LandscapeRecorder, scan_direction
 from alsals.diagnostics.scan import log_grid
 from conftest import SmallNet, bce_closure, make_classification
@@ -139,8 +139,10 @@ def test_recorder_scans_every_k_steps():
 
 def test_scan_rejects_other_optimizers_and_bad_grids():
     w = torch.zeros(3, requires_grad=True)
-    with pytest.raises(TypeError, match="alsals optimizer"):
+    with pytest.raises(TypeError, match="MomentumALSALS, AdamSLS or SLS, got Adam$"):
         scan_direction(torch.optim.Adam([w]), lambda: w.sum())
+    with pytest.raises(TypeError, match="scan a MomentumALSALS on the same closure"):
+        scan_direction(ALSALS([w]), lambda: w.sum())
     with pytest.raises(ValueError, match="positive"):
         scan_direction(SLS([w]), lambda: w.sum(), [0.0, 1.0])
 

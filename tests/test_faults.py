@@ -641,3 +641,41 @@ def test_weight_decay_never_overshoots_past_zero():
     assert eta * 0.5 > 1.0
     g = 2e-6 * torch.tensor([2.0, -3.0], dtype=torch.float64)
     torch.testing.assert_close(w.detach(), -eta * g)  # w0 - w0 + eta d
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=ALL_IDS)
+def test_a_retried_step_keeps_the_gradients_accumulated_outside_the_closure(cls):
+    """Micro-batches' backward passes run before ``step()``; ``closure(backward)`` only
+    returns the loss. A trial raises (a transient error) and the step is retried: the retry
+    takes the same step as an uninterrupted one (the accumulated gradients are the user's,
+    not the failed attempt's, and are kept)."""
+    x, y = make_classification(32, features=6, seed=3)
+    x, y = x.double(), y.double()
+
+    def attempt(fail_once: bool):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 1).double()
+        opt = cls(model.parameters())
+        if isinstance(opt, ALSALS):
+            opt.train()  # the backward passes below run at y
+        for xm, ym in zip(x.split(8), y.split(8), strict=True):
+            loss = nn.functional.binary_cross_entropy_with_logits(model(xm).squeeze(1), ym)
+            (loss / 4).backward()
+        calls = [0]
+
+        def closure(backward):
+            calls[0] += 1
+            if fail_once and calls[0] == 2:
+                raise RuntimeError("transient failure in a trial")
+            with torch.no_grad():
+                return nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+
+        if fail_once:
+            with pytest.raises(RuntimeError, match="transient"):
+                opt.step(closure)
+        opt.step(closure)
+        return opt.last_step.kind, snapshot(model)
+
+    kind, weights = attempt(fail_once=True)
+    assert kind not in ("zero_grad", "nonfinite")
+    assert_unchanged(attempt(fail_once=False)[1], weights)

@@ -460,6 +460,8 @@ def test_an_exception_in_a_trial_leaves_weights_state_and_random_stream_as_they_
 
 @pytest.mark.parametrize("bad", ["nan_loss", "nan_grad", "zero_grad"])
 def test_a_step_without_usable_gradient_is_skipped_and_writes_nothing(bad):
+    """One such step writes nothing; a second non-finite one in a row restarts ``z`` at the
+    average ``x`` (the weights stay), where ``y`` may have left the loss's domain."""
     x, y = logistic_problem(0)
     model, opt, _, _ = run(steps=3)
     weights = [p.detach().clone() for p in model.parameters()]
@@ -474,10 +476,13 @@ def test_a_step_without_usable_gradient_is_skipped_and_writes_nothing(bad):
             return loss + 0.0 * (t - t.detach()).sqrt()  # finite, with a NaN gradient
         return loss * 0.0
 
-    culprit = {"nan_loss": "the loss is not finite", "nan_grad": "the gradient is not finite"}
+    culprit = {"nan_loss": "the loss is not finite", "nan_grad": "the gradient (or Adam's"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step(closure)
+        assert all(
+            torch.equal(opt.state[p]["z"], w) for p, w in zip(model.parameters(), z, strict=True)
+        )
         opt.step(closure)  # a second skip: no second warning
     messages = [str(w.message) for w in caught]
     if bad in culprit:
@@ -486,9 +491,11 @@ def test_a_step_without_usable_gradient_is_skipped_and_writes_nothing(bad):
         assert messages == []  # a zero gradient of a connected loss is not an error
     assert opt.last_step.kind == ("zero_grad" if bad == "zero_grad" else "nonfinite")
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
-    assert all(
-        torch.equal(opt.state[p]["z"], w) for p, w in zip(model.parameters(), z, strict=True)
-    )
+    z_after = [opt.state[p]["z"] for p in model.parameters()]
+    expected = z if bad == "zero_grad" else weights  # z := x after two non-finite in a row
+    assert all(torch.equal(a, b) for a, b in zip(z_after, expected, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(z, weights, strict=True))
+    assert opt.search_state.restarts == (0 if bad == "zero_grad" else 1)
 
 
 def test_a_loss_that_reaches_no_parameter_warns_after_three_skipped_steps():
@@ -1299,3 +1306,130 @@ def test_warmup_searches_every_step_from_the_ramp_and_never_above_it():
                 assert info.step_size == pytest.approx(ramp, rel=1e-12)
                 on_the_ramp += 1
     assert on_the_ramp >= 4 and opt.search_state.steps == 14
+
+
+def test_a_step_size_that_no_search_accepted_is_never_reused():
+    """``lr`` far too large for ``max_trials``: the first search runs out of trials. The
+    next step resumes below its last trial (looking upwards from there), and no step reuses
+    a step size that no search accepted: the loss falls instead of blowing up."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), lr=1e3, loss_floor=None, max_trials=5)
+    start = loss_of(model, x, y).item()
+    accepted = []
+    for k, idx in enumerate(batches(x, y, 30)):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info = opt.last_step
+        if k == 0:
+            assert info.kind == "exhausted" and info.step_size == 0.0
+            assert opt.search_state.resume < 1e3 * 0.8**4  # below the last trial
+        if info.kind == "search":
+            accepted.append(info.step_size)
+        if info.kind in ("reuse", "kept"):
+            assert accepted and info.step_size <= max(accepted)
+    assert opt.search_state.resume == 0.0 and max(accepted) < 1.0
+    assert loss_of(model, x, y).item() < start
+
+
+def test_a_trial_whose_loss_is_not_finite_never_ends_the_search_kept():
+    """A later search whose first trial is NaN and whose averaging move alone fails does
+    not take the last step size untested beside the diverged trial ("kept"): it backtracks
+    to a step size that passes."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    idx = batches(x, y, 1)[0]
+    for _ in range(12):
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    for group in opt.param_groups:  # a written lr: this step searches
+        group["lr"] *= 3
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        loss = loss_of(model, x[idx], y[idx])
+        if calls[0] == 2:  # the first trial diverges
+            return loss * float("nan")
+        return loss + 1.0 if calls[0] == 3 else loss  # the averaging move alone fails
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the search handles it
+        opt.step(closure)
+    assert opt.last_step.kind == "search" and opt.last_step.trials == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_loss_that_leaves_its_domain_at_y_restarts_z_at_the_average():
+    """A log barrier (``-log(1 - w)``): ``z`` past the barrier puts ``y`` outside the loss's
+    domain while the average ``x`` is inside. The first skipped step writes nothing; the
+    second in a row restarts ``z`` at ``x``, and the run goes on with finite losses."""
+    w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w])
+
+    def closure():
+        return (1.0 - torch.log1p(-w) - 2.0 * w).sum()  # minimum at w = 0.5; none at w >= 1
+
+    for _ in range(5):
+        opt.step(closure)
+    opt.state[w]["z"].fill_(20.0)  # where a step size reused too large would leave z
+    x = w.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(closure)
+        assert opt.last_step.kind == "nonfinite" and opt.search_state.restarts == 0
+        opt.step(closure)
+    assert opt.last_step.kind == "nonfinite" and opt.search_state.restarts == 1
+    assert torch.equal(w.detach(), x) and torch.equal(opt.state[w]["z"], x)
+    for _ in range(20):
+        opt.step(closure)
+        assert opt.last_step.kind != "nonfinite"
+    assert torch.allclose(w.detach(), torch.full((2,), 0.5, dtype=torch.float64), atol=0.05)
+
+
+def test_a_written_lr_of_zero_moves_nothing_and_keeps_the_step_size():
+    """``CosineAnnealingLR`` writes 0 at its end: that step takes no update (weights, ``z``
+    and the moments stay), the step size is kept, and the next step goes on from it."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    idx = batches(x, y, 1)[0]
+    for _ in range(4):
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    step_size = opt.search_state.step_size
+    before = copy.deepcopy(opt.state_dict()["state"])
+    weights = [p.detach().clone() for p in model.parameters()]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    assert opt.last_step.kind == "zero_lr" and opt.last_step.step_size == 0.0
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    for key, entry in before.items():
+        for name in ("z", "exp_avg_sq"):
+            assert torch.equal(opt.state_dict()["state"][key][name], entry[name])
+    assert opt.param_groups[0]["lr"] == step_size
+    opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    assert opt.last_step.kind in ("search", "reuse") and opt.last_step.step_size > 0.0
+
+
+def test_an_exception_after_train_leaves_the_weights_at_y_and_a_group_can_join_there():
+    """After ``train()`` the weights are ``y``: a step that raises leaves them there (as they
+    were), and a group added while they are held joins the step that follows."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(list(model[0].parameters()))
+    idx = batches(x, y, 1)[0]
+    for _ in range(3):
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    opt.train()
+    at_y = [p.detach().clone() for p in model.parameters()]
+
+    def failing():
+        raise RuntimeError("data loader failed")
+
+    with pytest.raises(RuntimeError, match="data loader"):
+        opt.step(failing)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), at_y, strict=True))
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), at_y, strict=True))
+    opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    assert all("z" in opt.state[p] for p in model.parameters())

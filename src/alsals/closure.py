@@ -331,6 +331,7 @@ class ClosureEvaluator:
         self.after_first = BufferGuard(buffers)
         self.rng_before: RandomState | None = None
         self.rng_after: RandomState | None = None
+        self._grads_found: LeftGradients | None = None  # .grad as the first evaluation found it
         self.loss_dtype = torch.float32
         self.forwards = 0
         self.backwards = 0
@@ -355,6 +356,7 @@ class ClosureEvaluator:
         """
         self.rng_before = RandomState()
         self.before.capture()
+        self._grads_found = LeftGradients(self.params)
         held = [p.grad for p in self.params]
         dropped = not self.runs_backward_itself or self.closure.by_grad_mode
         dropped = dropped or (self.left is not None and self.left.untouched(self.params))
@@ -480,6 +482,13 @@ class ClosureEvaluator:
         """Leave the random stream where one plain training evaluation would have left it."""
         if self.rng_after is not None and self.forwards > 1:
             self.rng_after.restore()
+
+    def grads_as_found(self) -> bool:
+        """Whether ``.grad`` holds exactly the gradients the step found (the closure's
+        evaluation did not change them: gradients accumulated outside the closure, or an
+        exception before its backward pass): after an exception they are the user's, not
+        this attempt's, and a retry must keep them."""
+        return self._grads_found is not None and self._grads_found.untouched(self.params)
 
     def abort(self) -> None:
         """After an exception: the random stream and buffers as they were before the step."""

@@ -117,7 +117,10 @@ def real(name: str, value: Any) -> float:
         if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
             return float(value.item())
     elif not isinstance(value, bool) and isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range
+            raise ValueError(f"invalid {name}: {value!r} (too large for a float)") from None
     raise TypeError(f"invalid {name}: {value!r} (expected a real number)")
 
 

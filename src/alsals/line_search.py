@@ -188,6 +188,11 @@ def group_params(param_group: dict[str, Any]) -> list[Tensor]:
     """A group's ``params`` as a list (a single tensor included), refusing a parameter that
     appears twice: it would be updated twice."""
     params = param_group.get("params", [])
+    if isinstance(params, (set, frozenset)):  # torch.optim's rule, before the list loses it
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the "
+            "ordering of tensors in sets will change between runs: pass a list"
+        )
     params = [params] if isinstance(params, Tensor) else list(params)
     if len({id(p) for p in params}) != len(params):
         raise ValueError(
@@ -655,6 +660,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         lends its moments, ``lr`` and the per-group settings both share (``betas``, ``eps``,
         ``weight_decay``); its other settings are dropped."""
         saved_groups = state_dict.get("param_groups", [])
+        if any("weight_sum" in g and "lr_max" in g for g in saved_groups):
+            raise ValueError(
+                f"the state loaded into {type(self).__name__} was saved by ALSALS: a "
+                "Schedule-Free run (its model holds the average x, its state z and no Adam "
+                "momentum) cannot continue as this optimizer's; load it into ALSALS"
+            )
         shown = [g.get(SHOWN_LR_KEY) for g in saved_groups]
         state_dict = {
             **state_dict,
@@ -878,7 +889,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if run.trial is not None:
                 run.trial.restore()
             evaluator.abort()
-            if commit:  # a retry must not add this attempt's gradients to its own
+            if commit and not evaluator.grads_as_found():
+                # a retry must not add this attempt's gradients to its own
                 self._left_grads = LeftGradients(evaluator.params)
             raise
         info = StepInfo(
@@ -1613,9 +1625,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.step_size = min(
                 max(outcome.next_step_size, MIN_STEP_SIZE), self._ceiling(search)
             )
+            refuted_now = False
             if floor_hit is not None and not search.floor_refuted:
                 search.floor_hits = search.floor_hits + 1 if floor_hit else 0
-                if search.floor_refuted:
+                refuted_now = search.floor_refuted
+                if refuted_now:
                     # The floor has held the step size down since some unknown step: the
                     # next search starts afresh (from the constructor's lr, as the run's
                     # first did), without the test's averages of the steps it imposed.
@@ -1632,7 +1646,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             elif outcome.kind == "search":
                 search.kinks_in_a_row = 0
             accepted = outcome.kind == "search"
-            search.unaccepted_in_a_row = 0 if accepted else search.unaccepted_in_a_row + 1
+            # (a step size reset where the floor was refuted is no search's: never reused
+            # untested)
+            reset = not accepted or refuted_now
+            search.unaccepted_in_a_row = search.unaccepted_in_a_row + 1 if reset else 0
             # the step size has settled when a search after the first (outside warm-up)
             # takes its first trial
             first_trial = (

@@ -139,6 +139,11 @@ LEAD_TEST_LEVEL = 0.05
 #: factor per trial: the mirror of the interpolated backtracking's largest cut per trial
 #: (``INTERPOLATION_FLOOR``).
 EXPANSION = 1.0 / INTERPOLATION_FLOOR
+#: No step size above this: its square (the averaging weight) must stay finite in float64,
+#: and no model's weights move usefully by more.
+MAX_STEP_SIZE = 1e100
+#: Steps skipped in a row for a non-finite loss at ``y`` after which ``z`` restarts at ``x``.
+NONFINITE_RESTART = 2
 #: The culprit a skipped step names when its trials' losses were not finite, nor the loss at
 #: ``y`` (at the first step) or at the averaging move alone evaluated without gradient.
 TRIALS_NONFINITE = (
@@ -186,6 +191,9 @@ class SearchState:
     """The search's scalars, stored in ``state`` so that ``state_dict`` round-trips."""
 
     step_size: float
+    initial_step_size: float = math.nan  # lr as the run began: warm-up's peak
+    resume: float = 0.0  # where the search after one that accepted nothing starts (0: none)
+    nonfinite_in_a_row: int = 0  # steps skipped in a row for a non-finite loss or gradient
     steps: int = 0  # steps that moved the weights
     searches: int = 0
     steps_since_search: int = 0
@@ -222,7 +230,8 @@ class SearchResult:
     take (the accepted one; the last one when kept; 0 when exhausted), the evaluations it
     made, whether the accepted step size becomes the run's (not where
     ``polyak_start="trial"`` and only the Polyak bound lowered the start), the accepted
-    trial's loss decrease, and whether every evaluation gave exactly the starting loss."""
+    trial's loss decrease, whether every evaluation gave exactly the starting loss, and,
+    for a search that accepted nothing, where the next one resumes (below its last trial)."""
 
     kind: str
     step_size: float
@@ -230,6 +239,7 @@ class SearchResult:
     sets_step_size: bool = False
     decrease: float = math.nan
     unchanged: bool = False
+    resume: float = 0.0
 
 
 def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float, float]:
@@ -239,7 +249,7 @@ def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float,
     starts at ``z``): ``w = lr_max^2``, the largest step so far, as Schedule-Free's code
     weighs (``benchmarks/docs/method.md``, section 21: each step's own ``gamma^2`` did
     worse). A constant ``lr_scale`` leaves ``alpha`` as it is."""
-    lr_max = max(group["lr_max"], gamma * group["lr_scale"])
+    lr_max = min(max(group["lr_max"], gamma * group["lr_scale"]), MAX_STEP_SIZE)
     weight = lr_max**AVERAGING_POWER
     total = group["weight_sum"] + weight
     alpha = weight / total if total > 0.0 else 1.0
@@ -304,9 +314,14 @@ class ALSALS(torch.optim.Optimizer):
     outside ``step()`` the weights are the average ``x``, to evaluate and save as they are.
     ``last_step.kind`` is ``"search"`` (a trial passed), ``"reuse"`` (the last step size,
     between searches), ``"kept"`` (neither the first trial nor the averaging move alone
-    passed: the step is taken at the last step size, which is kept), ``"exhausted"``
-    (``max_trials`` failed: only the averaging move is taken, the step size is kept),
-    ``"nonfinite"`` or ``"zero_grad"`` (skipped: nothing written); ``last_step.step_size``
+    passed: the step is taken at the last step size, which is kept; never where that step
+    size is no search's or the first trial's loss was not finite: the search backtracks
+    there), ``"exhausted"`` (``max_trials`` failed: only the averaging move is taken, the
+    step size is kept, and the next step resumes the search below the last trial, looking
+    upwards from there as a run's first search does), ``"zero_lr"`` (``lr`` 0 was written:
+    nothing moves), ``"nonfinite"`` or ``"zero_grad"`` (skipped: nothing written; two
+    steps in a row whose loss at ``y`` is not finite restart ``z`` at ``x``);
+    ``last_step.step_size``
     is the step size taken, ``capped`` when ``polyak_cap`` cut it, and
     ``param_groups[i]["lr"]`` the searched one (times the group's ``lr_scale``), where the
     next search starts.
@@ -409,7 +424,7 @@ class ALSALS(torch.optim.Optimizer):
                 "ALSALS takes the parameters, not the module: pass "
                 "model.parameters() (or a list of parameter groups)"
             )
-        settings = {"lr": in_range("lr", lr, 0.0, closed_low=False)}
+        settings = {"lr": in_range("lr", lr, 0.0, MAX_STEP_SIZE, closed_low=False)}
         settings.update(
             _checked_search_settings(
                 {
@@ -445,6 +460,7 @@ class ALSALS(torch.optim.Optimizer):
         # each parameter's version counter as this optimizer left the weights (x): a later
         # in-place write is an edit by the user (_adopt_edited_weights)
         self._versions: dict[int, int] | None = None
+        self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -497,16 +513,27 @@ class ALSALS(torch.optim.Optimizer):
                     f"optimizer (ALSALS(params, {key}=...)), not of a group{advice}"
                 )
         param_group["params"] = group_params(param_group)
-        if any(torch.is_complex(p) for p in param_group["params"]):
-            raise ValueError("complex parameters are not supported")
         per_group = ("betas", "eps", "weight_decay", "lr_scale")
         known = {*SEARCH_SETTINGS, *GROUP_STATE, *TORCH_GROUP_KEYS, "params", "lr", "param_names"}
         drop_foreign_keys("ALSALS", param_group, known, per_group)
-        _check_group_settings({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+        settings = _group_settings({**self.defaults, **param_group})
+        held = self._held is not None  # (after train(): the new group joins at y too)
+        if held:
+            self.eval()
+        try:
+            super().add_param_group(param_group)  # (it unpacks named parameters)
+            group = self.param_groups[-1]
+            if any(torch.is_complex(p) for p in group["params"]):
+                self.param_groups.pop()
+                raise ValueError("complex parameters are not supported")
+        finally:
+            if held:
+                self.train()
+        group.update(settings)
         # what the group shows: the searched step size times its lr_scale
-        group = self.param_groups[-1]
         group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
+        if self._shown_lr is not None:
+            self._shown_lr.append(group["lr"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
@@ -530,7 +557,12 @@ class ALSALS(torch.optim.Optimizer):
                 step_size = search.get("step_size")
                 in_range("the state's search step_size", step_size, 0.0, closed_low=False)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # (numbers as plain floats: weights_only loading)
+            group.update(_group_settings(group))
+        if self.param_groups:  # groups added later get the loaded settings, not the old ones
+            self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_SETTINGS})
         self._versions = None  # the weights that go with this state are loaded separately
+        self._shown_lr = None
 
     def __getstate__(self) -> dict[str, Any]:
         skipped = ("_left_grads", "_held", "_versions")
@@ -547,6 +579,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_held", None)
         self.__dict__.setdefault("_versions", None)
+        self.__dict__.setdefault("_shown_lr", None)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -598,6 +631,7 @@ class ALSALS(torch.optim.Optimizer):
         written = self._adopt_written_lr(search)
         averages: list[_Average] = []
         self._grad_norm = math.nan
+        held = self._held is not None
         averages, self._held = self._held or [], None  # (train(): the weights are at y)
         try:
             self._written_lr_steps = self._written_lr_steps + 1 if written else 0
@@ -611,10 +645,19 @@ class ALSALS(torch.optim.Optimizer):
         except BaseException:
             for average in averages:
                 average.restore()
+            if held:  # the weights as they were: at y, where train() had put them
+                self._held = self._to_gradient_point()
             self._versions = self._weight_versions()
             evaluator.abort()
-            self._left_grads = LeftGradients(params)
+            if not evaluator.grads_as_found():  # a retry must not add this attempt's to its own
+                self._left_grads = LeftGradients(params)
             raise
+        if info.kind == "nonfinite" and search.nonfinite_in_a_row >= NONFINITE_RESTART:
+            # y, where the loss is taken, has left the loss's domain (a reused step size
+            # moved z past a log barrier, say) while the average x need not have: z
+            # restarts at x, and the steps that follow search
+            self._restart_at_average(groups)
+            search.restarts += 1
         for average in averages:  # x' where the step moved, x where it did not
             average.restore()
         self._versions = self._weight_versions()
@@ -701,7 +744,7 @@ class ALSALS(torch.optim.Optimizer):
         """The settings as the groups hold them now (a loop may have written any of them
         since the last step): valid, and the search's the same in every group; else an
         error that names the setting, before anything moves."""
-        _check_groups(self.param_groups)
+        _check_groups(self.param_groups, normalise=True)
         first = self.param_groups[0]
         for index, group in enumerate(self.param_groups):
             for key in SEARCH_SETTINGS:
@@ -721,13 +764,14 @@ class ALSALS(torch.optim.Optimizer):
                 culprit = "the loss"
             elif info.trials:  # finite at y with gradient, not without it where it must be
                 culprit = TRIALS_NONFINITE
-            else:
-                culprit = "the gradient"
+            else:  # (u = g / sqrt(v): g*g may overflow where g does not)
+                culprit = "the gradient (or Adam's second moment g*g, which overflows first)"
             self._warn_once(
                 f"nonfinite_{culprit}",
                 f"ALSALS: {culprit} is not finite: the step was skipped, and the weights and "
-                "optimizer state left unchanged. Further skips are counted in "
-                "search_state.skipped_nonfinite without warning.",
+                "Adam's moments left unchanged (where two steps in a row find the loss at y "
+                "not finite, z restarts at the average x and the next steps search). Further "
+                "skips are counted in search_state.skipped_nonfinite without warning.",
                 RuntimeWarning,
             )
         if info.kind == "zero_grad" and evaluator.backward_forgotten:
@@ -759,7 +803,7 @@ class ALSALS(torch.optim.Optimizer):
     def _run(
         self,
         search: SearchState,
-        written: bool,
+        written: str | None,
         loss: Tensor,
         groups: list[_Group],
         squared: Tensor | None,
@@ -788,11 +832,15 @@ class ALSALS(torch.optim.Optimizer):
             self._grad_norm = math.sqrt(grad_sq_value) if grad_sq_value >= 0.0 else math.nan
         nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
         nonfinite = nonfinite or not all(math.isfinite(s) for s in sums)
+        if nonfinite and search.steps > 0:  # (two in a row restart z at x: step())
+            search.nonfinite_in_a_row += 1
         if nonfinite or grad_sq_value == 0.0:
             kind = "nonfinite" if nonfinite else "zero_grad"
             search.skipped_nonfinite += nonfinite
             search.skipped_zero_grad += not nonfinite
             return _info(kind, 0.0, loss0)
+        if written == "zero":  # lr 0 written: no update this step, the step size kept
+            return _info("zero_lr", 0.0, loss0)
         h = self._settings
         if not math.isfinite(search.first_loss):
             search.first_loss = loss0
@@ -806,9 +854,12 @@ class ALSALS(torch.optim.Optimizer):
         lead = sum(averaging)
         search.leading += lead > 0.0
         search.trailing += lead < 0.0
+        # (a step size no search accepted is never reused untested: resume > 0 searches)
         due = (
             search.searches == 0
             or written
+            or search.resume > 0.0
+            or search.nonfinite_in_a_row > 0
             or search.steps < h["warmup_steps"]
             or (search.steps < h["initial_searches"] and not search.first_phase_over)
             or search.steps_since_search + 1 >= h["search_interval"]
@@ -831,6 +882,7 @@ class ALSALS(torch.optim.Optimizer):
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(result.kind, 0.0, loss0, result.evaluations)
+        search.nonfinite_in_a_row = 0
         kind, gamma, trials = result.kind, result.step_size, result.evaluations
         # polyak_cap: no step, reused or searched, above this batch's Polyak step
         taken = gamma
@@ -853,6 +905,10 @@ class ALSALS(torch.optim.Optimizer):
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
             search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
+            if kind == "search":
+                search.resume = 0.0
+            elif result.resume > 0.0:
+                search.resume = result.resume
             if result.sets_step_size:
                 search.step_size = gamma
         search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
@@ -889,22 +945,31 @@ class ALSALS(torch.optim.Optimizer):
             return ok, value
 
         first = search.searches == 0
-        gamma = search.step_size if first else search.step_size * self._start_factor(search)
+        # after a search that accepted nothing, the next resumes below its last trial
+        resuming = not first and search.resume > 0.0
+        if first:
+            gamma = search.step_size
+        elif resuming:
+            gamma = min(search.resume, search.step_size)
+        else:
+            gamma = search.step_size * self._start_factor(search)
         if search.steps < h["warmup_steps"]:  # the ramp to lr: its value at this step
-            gamma = self.defaults["lr"] * (search.steps + 1) / h["warmup_steps"]
-        gamma = min(gamma, search.step_size_ceiling)
+            gamma = self._warmup_peak(search) * (search.steps + 1) / h["warmup_steps"]
+        gamma = min(gamma, search.step_size_ceiling, MAX_STEP_SIZE)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
         # polyak_start="trial": where the bound alone lowered a later search's start and
         # that start passes, the search says nothing about the step size above it
-        lowered = not first and bound < gamma and h["polyak_start"] == "trial"
+        lowered = not (first or resuming) and bound < gamma and h["polyak_start"] == "trial"
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
         # A run's first search starts from the user's guess, lr: a start that passes at once
         # (or moves the loss by less than its rounding) says only that lr is not too large,
         # so the search looks upwards first, by EXPANSION per trial and never above the
-        # Polyak step, until a trial fails (not during warm-up, whose ramp is a ceiling)
-        expanding = first and search.steps >= h["warmup_steps"] and gamma < bound
+        # Polyak step, until a trial fails (not during warm-up, whose ramp is a ceiling). A
+        # resumed search does the same, up to the step size the failed one started below.
+        top = min(bound, MAX_STEP_SIZE if first else search.step_size)
+        expanding = (first or resuming) and search.steps >= h["warmup_steps"] and gamma < top
         passed: tuple[float, float] | None = None  # the largest expansion that passed
 
         def averaging_alone() -> str | None:
@@ -920,14 +985,18 @@ class ALSALS(torch.optim.Optimizer):
             return None if ok else "kept"
 
         checked = first  # at a run's first step x = z = y: there is no averaging move
+        # A resumed search, or one whose first trial was not finite, does not end "kept"
+        # (that takes the last step size, untested, and here no search accepted it or a
+        # trial beside it diverged): it backtracks on
+        kept_allowed = not resuming
         while evaluations < h["max_trials"]:
             evaluations += 1
             ok, value = passes(gamma)
             if expanding:
-                expanding = (ok or value == loss0) and gamma < bound
+                expanding = (ok or value == loss0) and gamma < top
                 if expanding:
                     passed = (gamma, loss0 - value) if ok else passed
-                    gamma = min(gamma * EXPANSION, bound)
+                    gamma = min(gamma * EXPANSION, top)
                     continue
             if ok:
                 sets = not (lowered and evaluations == 1)
@@ -947,23 +1016,28 @@ class ALSALS(torch.optim.Optimizer):
                 # every move gave exactly the starting loss: the closure's loss does not
                 # follow the weights (or changes below its rounding); no trial can judge
                 return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
+            kept_allowed = kept_allowed and math.isfinite(value)
             if not checked:
                 checked = True
                 ending = averaging_alone()
                 if ending == "unchanged":
                     return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
-                if ending in ("nonfinite", "kept"):
-                    taken = search.step_size if ending == "kept" else 0.0
-                    return SearchResult(ending, taken, evaluations)
+                if ending == "nonfinite":
+                    return SearchResult(ending, 0.0, evaluations)
+                if ending == "kept" and kept_allowed:
+                    return SearchResult(ending, search.step_size, evaluations)
             gamma = self._next_trial(gamma, loss0 - value, promised)
         if passed is not None:  # max_trials ran out while the expansions still passed
             return SearchResult("search", passed[0], evaluations, True, passed[1])
-        # No trial passed, down to a step size near 0: the search cannot judge the step
-        # size (a gradient that is not the loss's, a loss that rounds), and taking the last
-        # trial would leave the run at a step size ~backtrack^max_trials, from which growth
-        # by 10% per search takes thousands of steps. Only the averaging move is taken
-        # (tested where there is one); the step size is kept.
-        return SearchResult("exhausted", 0.0, evaluations)
+        # No trial passed: taking the last one would leave the run at a step size
+        # ~backtrack^max_trials (with the default max_trials, near 0: the search cannot
+        # judge there, a gradient that is not the loss's or a loss that rounds), from which
+        # growth by 10% per search takes thousands of steps. Only the averaging move is
+        # taken (tested where there is one); the step size is kept but not reused: the next
+        # step resumes the search below the last trial, looking upwards from there as a
+        # run's first search does (max_trials too small for how far lr was off).
+        # (gamma is already the trial after the last one)
+        return SearchResult("exhausted", 0.0, evaluations, resume=max(gamma, MIN_STEP_SIZE))
 
     def _start_factor(self, search: SearchState) -> float:
         """The multiple of the last step size a search starts from: ``growth``, or with
@@ -1152,24 +1226,49 @@ class ALSALS(torch.optim.Optimizer):
             group["lr_max"] = lr_max
             group["weight_sum"] += weight
 
-    def _adopt_written_lr(self, search: SearchState) -> bool:
-        """A ``lr`` written into the first group since the last step (it shows the searched
-        step size times its ``lr_scale``) sets where the next search starts (and makes it
-        due)."""
-        first = self.param_groups[0]
-        lr = first["lr"]
-        if lr == search.step_size * first["lr_scale"]:
-            return False
-        lr = in_range("param_groups[0]['lr']", lr, 0.0, closed_low=False)
-        search.step_size = lr / first["lr_scale"]
-        search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
-        return True
+    def _adopt_written_lr(self, search: SearchState) -> str | None:
+        """A group ``lr`` that differs from the one the last step showed (the searched step
+        size times the group's ``lr_scale`` then) sets the step size where the next search
+        starts, and makes it due (the first such group): ``"set"``; a written 0 (as
+        ``CosineAnnealingLR`` writes at its end): ``"zero"``, this step takes no update and
+        the step size is kept; ``None`` when nothing was written. A changed ``lr_scale``
+        alone is not a write."""
+        shown = self._shown_lr
+        if shown is None or len(shown) != len(self.param_groups):
+            shown = [search.step_size * g["lr_scale"] for g in self.param_groups]
+        for index, (group, lr_shown) in enumerate(zip(self.param_groups, shown, strict=True)):
+            if group["lr"] == lr_shown:
+                continue
+            name = f"param_groups[{index}]['lr']"
+            lr = in_range(name, group["lr"], 0.0, MAX_STEP_SIZE, closed_low=True)
+            if lr == 0.0:
+                return "zero"
+            search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
+            search.resume = 0.0  # the user's step size: searched from, as at a written lr
+            search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
+            return "set"
+        return None
+
+    def _warmup_peak(self, search: SearchState) -> float:
+        """The ``lr`` the warm-up ramps to: the run's, as its state recorded it (a run
+        resumed into an optimizer built with another ``lr`` keeps its own ramp)."""
+        peak = search.initial_step_size
+        return peak if math.isfinite(peak) else self.defaults["lr"]
+
+    @torch.no_grad()
+    def _restart_at_average(self, groups: list[_Group]) -> None:
+        """``z := x`` for the parameters of ``groups`` that have stepped (then ``y = x``)."""
+        for g in groups:
+            for p, z, x in zip(g.owners, g.z, g.x, strict=True):
+                if "z" in self.state[p]:
+                    z.copy_(x)
 
     def _stored_search_state(self) -> SearchState:
         anchor = anchor_parameter(self.param_groups)
         stored = self.state[anchor].get(STATE_KEY) if anchor is not None else None
         if stored is None:
-            return SearchState(step_size=self.defaults["lr"])
+            lr = self.defaults["lr"]
+            return SearchState(step_size=lr, initial_step_size=lr)
         return SearchState.from_dict(stored)
 
     def _store(self, search: SearchState) -> None:
@@ -1178,6 +1277,7 @@ class ALSALS(torch.optim.Optimizer):
             self.state[anchor][STATE_KEY] = search.to_dict()
         for group in self.param_groups:
             group["lr"] = search.step_size * group["lr_scale"]
+        self._shown_lr = [g["lr"] for g in self.param_groups]
 
     @property
     def search_state(self) -> SearchState:
@@ -1246,29 +1346,37 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_groups(groups: list[dict[str, Any]], where: str = "") -> None:
+def _check_groups(groups: list[dict[str, Any]], where: str = "", normalise: bool = False) -> None:
     """Every group's settings checked (the search's in the first, which holds them for
-    all), each error naming ``{where}param_groups[i]`` and the setting."""
+    all), each error naming ``{where}param_groups[i]`` and the setting; with ``normalise``
+    the groups then hold them as plain Python numbers (a numpy or tensor value written into
+    a group would otherwise reach the state dict, which ``weights_only`` loading refuses)."""
     for index, group in enumerate(groups):
         try:
-            if index == 0:
-                _checked_search_settings({key: group[key] for key in SEARCH_SETTINGS})
-            _check_group_settings(group)
-            in_range("lr", group["lr"], 0.0, closed_low=False)
+            search = _checked_search_settings({key: group[key] for key in SEARCH_SETTINGS})
+            settings = _group_settings(group)
+            lr = in_range("lr", group["lr"], 0.0, MAX_STEP_SIZE, closed_low=True)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{where}param_groups[{index}]: {error}") from None
+        if normalise:
+            group.update(search, **settings, lr=lr)
 
 
-def _check_group_settings(group: dict[str, Any]) -> None:
-    """A group's own settings (``betas``, ``eps``, ``weight_decay``, ``lr_scale``) checked."""
+def _group_settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's own settings (``betas``, ``eps``, ``weight_decay``, ``lr_scale``) checked,
+    as plain floats."""
     betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+    if isinstance(betas, Tensor) or not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"invalid betas: {betas!r} (expected (beta1, beta2))")
-    in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=False)
-    in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True)
-    in_range("eps", group["eps"], 0.0, closed_low=False)
-    in_range("weight_decay", group["weight_decay"], 0.0, closed_low=True)
-    in_range("lr_scale", group["lr_scale"], 0.0, closed_low=False)
+    return {
+        "betas": (
+            in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=False),
+            in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True),
+        ),
+        "eps": in_range("eps", group["eps"], 0.0, closed_low=False),
+        "weight_decay": in_range("weight_decay", group["weight_decay"], 0.0, closed_low=True),
+        "lr_scale": in_range("lr_scale", group["lr_scale"], 0.0, MAX_STEP_SIZE, closed_low=False),
+    }
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

@@ -72,7 +72,16 @@ def scan_direction(
     over ranks, as the search averages them (one collective for the whole grid).
     """
     if not isinstance(optimizer, LineSearchOptimizer):
-        raise TypeError(f"scan_direction needs an alsals optimizer, got {type(optimizer).__name__}")
+        raise TypeError(
+            "scan_direction scans the search direction of MomentumALSALS, AdamSLS or SLS, "
+            f"got {type(optimizer).__name__}"
+            + (
+                " (ALSALS searches the step size of Schedule-Free's move, not along one "
+                "direction: scan a MomentumALSALS on the same closure)"
+                if type(optimizer).__name__ == "ALSALS"
+                else ""
+            )
+        )
     grid = list(step_sizes) if step_sizes is not None else log_grid()
     if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
         raise ValueError("step_sizes must be positive and finite")

@@ -20,6 +20,10 @@ that loop as it is and adds what the line search needs:
   less). ``learning_rate``, ``lr_scheduler_type`` and the
   ``warmup_*`` arguments of ``TrainingArguments`` do not apply (use the optimizer's
   ``lr`` and ``warmup_steps``).
+* ``TrainingArguments.max_grad_norm`` becomes the optimizer's ``max_grad_norm`` (unless it
+  has its own) and the Trainer's clipping is turned off: the Trainer would clip ``.grad``
+  before the step, which scales the Armijo test's slope with it; the optimizer clips the
+  update's gradient and tests with the true slope.
 * Checkpoints hold the optimizer's ``state_dict`` (the whole line-search state) and the
   Trainer's random states, so ``train(resume_from_checkpoint=...)`` continues exactly.
 
@@ -134,8 +138,15 @@ class LineSearchTrainerMixin:
                 UserWarning,
                 stacklevel=2,
             )
+        # The Trainer's clipping would scale .grad before the step, and with it the slope of
+        # the Armijo test: the optimizer clips instead (the update's gradient only)
+        clip = getattr(args_, "max_grad_norm", None)
+        self._line_search_clip = clip if clip is not None and clip > 0 else None
+        if self._line_search_clip is not None:
+            args_.max_grad_norm = 0.0
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
+            self._take_clip(self.optimizer)
         if self.lr_scheduler is not None and not isinstance(self.lr_scheduler, FollowStepSize):
             warnings.warn(
                 f"LineSearchTrainer got a {type(self.lr_scheduler).__name__}: every lr it "
@@ -155,6 +166,15 @@ class LineSearchTrainerMixin:
                 f"MomentumALSALS, AdamSLS, SLS), got {type(optimizer).__name__}; use "
                 "transformers.Trainer for others"
             )
+
+    def _take_clip(self, optimizer: Any) -> None:
+        """``TrainingArguments.max_grad_norm`` becomes the optimizer's, where it has none of
+        its own (the Trainer's clipping is off, see ``__init__``)."""
+        clip = self._line_search_clip
+        if clip is not None and optimizer.param_groups[0].get("max_grad_norm") is None:
+            for group in optimizer.param_groups:
+                group["max_grad_norm"] = clip
+            optimizer.defaults["max_grad_norm"] = clip
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The line-search optimizer, with weight decay grouped as the Trainer groups it."""
@@ -185,8 +205,11 @@ class LineSearchTrainerMixin:
             # Trials must not move running statistics (BatchNorm and the like). All buffers,
             # integer ones included: BatchNorm's num_batches_tracked counts batches.
             kwargs.setdefault("buffers", list(opt_model.buffers()))
+            if self._line_search_clip is not None:
+                kwargs.setdefault("max_grad_norm", self._line_search_clip)
             self.optimizer = cls(groups, **kwargs)
         self._check_optimizer(self.optimizer)
+        self._take_clip(self.optimizer)
         # The Trainer (through accelerate) calls optimizer.step() without a closure.
         self.optimizer.step = types.MethodType(  # type: ignore[method-assign]
             _step_with_trainer_closure(weakref.ref(self)), self.optimizer
