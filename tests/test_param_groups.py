@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from alsals import SLS
+from alsals import ALSALS, SLS
 
 
 def two_group_problem(cls, **group_settings):
@@ -172,3 +173,61 @@ def test_a_copy_of_a_group_can_be_added(optimizer_class):
     assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
     with pytest.raises(ValueError, match="per-group 'lr'"):
         opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "lr": 0.5})
+
+
+def _alsals_two_groups(**kwargs):
+    a = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([{"params": [a]}, {"params": [b]}], lr=1e-3, **kwargs)
+    for _ in range(3):
+        opt.step(closure_for(a, b))
+    return a, b, opt
+
+
+@pytest.mark.parametrize("group", [0, 1])
+def test_alsals_reads_an_lr_written_into_any_group(group):
+    """A write into the second group counts as one into the first (each shows the step
+    size times its ``lr_scale``): the next search starts from it."""
+    a, b, opt = _alsals_two_groups()
+    assert opt.search_state.step_size > 1e-5
+    opt.param_groups[group]["lr"] = 1e-6
+    opt.step(closure_for(a, b))
+    assert opt.last_step.kind == "search"
+    assert opt.last_step.step_size <= 1.1e-6 * (1 + 1e-12)
+
+
+def test_alsals_reads_a_changed_lr_scale_as_a_share_not_as_a_written_lr():
+    """Between searches a changed ``lr_scale`` leaves the step size as it is (a written
+    ``lr`` would make the step search, from ``lr / lr_scale``)."""
+    a, b, opt = _alsals_two_groups(initial_searches=1, search_interval=100)
+    eta = opt.search_state.step_size
+    opt.param_groups[0]["lr_scale"] = 4.0
+    opt.step(closure_for(a, b))
+    assert opt.last_step.kind == "reuse" and opt.search_state.step_size == eta
+    assert opt.param_groups[0]["lr"] == 4.0 * eta and opt.param_groups[1]["lr"] == eta
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"weight_decay": np.float32(0.01)},
+        {"betas": (np.float32(0.9), 0.999)},
+        {"eps": np.float64(1e-8)},
+        {"lr_scale": torch.tensor(0.5)},
+    ],
+    ids=["numpy-weight_decay", "numpy-beta1", "numpy-eps", "tensor-lr_scale"],
+)
+def test_alsals_stores_numpy_and_tensor_group_settings_as_floats(setting, tmp_path):
+    """Settings given as numpy or 0-dim tensor values are held as Python floats, so the
+    state dict loads with ``weights_only=True`` and the search runs in float64."""
+    a = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([{"params": [a]}, {"params": [b], **setting}])
+    opt.step(closure_for(a, b))
+    for group in opt.param_groups:
+        for key in ("lr", "eps", "weight_decay", "lr_scale"):
+            assert type(group[key]) is float
+        assert all(type(beta) is float for beta in group["betas"])
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    fresh = ALSALS([{"params": [a]}, {"params": [b]}])
+    fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))

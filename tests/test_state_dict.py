@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from alsals import MomentumALSALS
+from alsals import ALSALS, SLS, MomentumALSALS
 from conftest import SmallNet, bce_closure, make_classification
 
 TOTAL_STEPS, SAVE_AT = 12, 5
@@ -150,3 +150,56 @@ def test_a_changed_lr_scale_survives_a_resume(optimizer_class):
             opt.step(lambda model=model: torch.nn.functional.mse_loss(model(x), y))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert opt_a.search_state == opt_b.search_state
+
+
+def _alsals_run(lr: float, warmup: int = 20):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model.double()
+    return model, ALSALS(model.parameters(), lr=lr, warmup_steps=warmup)
+
+
+def test_alsals_resumed_into_an_optimizer_built_with_another_lr_keeps_its_warmup():
+    """The warm-up ramps to the run's own ``lr`` (in its state), not to the one the resuming
+    optimizer was built with; and a group added after loading gets the loaded settings."""
+    x, y = make_classification(64, features=8, seed=1)
+    x, y = x.double(), y.double().unsqueeze(1)
+
+    def closure(model):
+        return lambda: torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    model, opt = _alsals_run(lr=0.05)
+    for _ in range(5):
+        opt.step(closure(model))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    for _ in range(5):
+        opt.step(closure(model))
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    resumed_model, resumed = _alsals_run(lr=0.5)
+    resumed = ALSALS(resumed_model.parameters(), lr=0.5, warmup_steps=20, c=0.3)
+    resumed_model.load_state_dict(saved_model)
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    for _ in range(5):
+        resumed.step(closure(resumed_model))
+    for a, b in zip(straight, resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b.detach())
+    resumed.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})
+    assert [g["c"] for g in resumed.param_groups] == [0.6, 0.6]
+    resumed.step(closure(resumed_model))
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, SLS], ids=["MomentumALSALS", "SLS"])
+def test_an_alsals_state_is_refused_by_the_other_optimizers(cls):
+    """An ``ALSALS`` state holds ``z`` and Schedule-Free's averaging, not Adam's momentum:
+    loading it elsewhere is an error that names it, before anything is loaded."""
+    a = torch.ones(3, requires_grad=True)
+    saved = ALSALS([a])
+    saved.step(lambda: (a**2).sum())
+    opt = cls([a])
+    with pytest.raises(ValueError, match="saved by ALSALS"):
+        opt.load_state_dict(saved.state_dict())
+    assert not any(opt.state_dict()["state"].values())

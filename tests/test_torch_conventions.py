@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import conftest
-from alsals import SLS, AdamSLS, MomentumALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from conftest import PaperALSALS, SmallNet, bce_closure, make_classification
 
 
@@ -199,11 +199,18 @@ def test_a_negative_written_lr_is_a_clear_error(optimizer_class):
         ({"search_interval": torch.tensor(2.0)}, "search_interval", ValueError),
         ({"weight_decay": "0"}, "weight_decay", TypeError),
         ({"lr_scale": None}, "lr_scale", TypeError),
+        ({"lr": 10**400}, "lr", ValueError),  # an int beyond float's range
     ],
 )
 def test_bad_arguments_raise_an_error_naming_them(optimizer_class, kwargs, name, error):
     with pytest.raises(error, match=f"invalid {name}"):
         optimizer_class([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": 1e300}, {"lr_scale": 1e300}, {"lr": 10**400}], ids=str)
+def test_alsals_refuses_a_step_size_whose_square_overflows(kwargs):
+    with pytest.raises(ValueError, match=f"invalid {next(iter(kwargs))}"):
+        ALSALS([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
 def test_any_real_number_type_works_and_the_state_dict_stays_plain(optimizer_class, tmp_path):
@@ -380,3 +387,29 @@ def test_groups_copied_from_adamw_warn_at_the_users_line(optimizer_class):
     with pytest.warns(UserWarning, match="does not use the parameter-group keys") as caught:
         optimizer_class([{"params": [torch.ones(1, requires_grad=True)], "mine": 1}])
     assert caught[0].filename in here
+
+
+ALL_FIVE = [*conftest.OPTIMIZERS, ALSALS]
+ALL_FIVE_IDS = [*conftest.OPTIMIZER_IDS, "ALSALS"]
+
+
+@pytest.mark.parametrize("cls", ALL_FIVE, ids=ALL_FIVE_IDS)
+def test_a_set_of_parameters_is_refused_as_torch_refuses_it(cls):
+    """A set's order changes between runs, so a checkpoint's state could be matched to
+    other parameters on resume: torch.optim refuses it, and so do these."""
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.raises(TypeError, match="ordered collections"):
+        cls([{"params": {w}}])
+    opt = cls([torch.zeros(1, requires_grad=True)])
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {w}})
+
+
+@pytest.mark.parametrize("cls", ALL_FIVE, ids=ALL_FIVE_IDS)
+def test_named_parameters_are_accepted_as_torch_accepts_them(cls):
+    model = nn.Linear(3, 1)
+    opt = cls(model.named_parameters())
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    x = torch.randn(8, 3)
+    opt.step(lambda: model(x).pow(2).mean())
+    assert opt.last_step.kind not in ("nonfinite", "zero_grad")

@@ -221,6 +221,12 @@ def test_refuting_takes_searches_in_a_row():
     assert opt.param_groups[0]["lr"] >= 0.3  # afresh: at least the constructor's lr
     state = opt.search_state
     assert state.decrease_avg == state.slope_avg == 0.0 and state.averaged == 0
+    # a step size no search accepted: the next step tests it, never reuses it untested
+    assert state.unaccepted_in_a_row == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(closure)
+    assert opt.last_step.kind == "search"
 
 
 def test_a_preview_does_not_count_and_a_resumed_run_is_the_same_run():

@@ -445,3 +445,26 @@ def test_trainer_under_torchrun_keeps_ranks_identical(tmp_path):
     assert any(trials > 1 for _, trials, *_ in rank0["decisions"]), "backtracking happened"
     assert torch.equal(rank0["weights"], rank1["weights"])
     assert not torch.equal(rank0["weights"], rank0["initial"])
+
+
+def test_the_trainers_max_grad_norm_clips_in_the_optimizer(model_path, dataset, tmp_path):
+    """``TrainingArguments.max_grad_norm`` becomes the optimizer's: the Trainer clipping
+    ``.grad`` before the step would scale the Armijo test's slope too. A run clipped by
+    the Trainer's argument equals one clipped by the optimizer's own, step for step."""
+    runs = {}
+    for name, trainer_clip, optimizer_clip in (("args", 0.05, None), ("optimizer", 0.0, 0.05)):
+        kwargs = {"lr": 1e-3} if optimizer_clip is None else {"lr": 1e-3, "max_grad_norm": 0.05}
+        trainer = LineSearchTrainer(
+            model=make_model(model_path, dropout=False),
+            args=make_args(tmp_path / name, max_steps=2, max_grad_norm=trainer_clip),
+            train_dataset=dataset,
+            optimizer_cls_and_kwargs=(ALSALS, kwargs),
+        )
+        assert trainer.args.max_grad_norm == 0.0  # the Trainer does not clip
+        trainer.train()
+        optimizer = trainer.optimizer.optimizer
+        assert optimizer.param_groups[0]["max_grad_norm"] == 0.05
+        assert optimizer.last_step.grad_norm > 0.05  # the clip acted
+        runs[name] = weights(trainer.model)
+    for key, value in runs["args"].items():
+        assert torch.equal(value, runs["optimizer"][key])
