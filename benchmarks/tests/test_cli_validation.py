@@ -129,3 +129,31 @@ def test_the_runs_folder_variable_is_in_the_help(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["run", "--help"])
     assert "ALSALS_RUNS_DIR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tasks", ","], "no task given"),
+        (["--optimizers", ""], "no optimizer given"),
+    ],
+)
+def test_an_empty_list_of_tasks_or_optimizers_is_an_error(tmp_path, capsys, options, message):
+    assert _run(tmp_path / "out", *options) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_output_that_is_not_a_folder_fails_before_any_run(tmp_path, capsys):
+    out = tmp_path / "a-file"
+    out.write_text("")
+    assert _run(out, "--tasks", "digits-cnn", "--optimizers", "adam") == 2
+    assert f"--out {out} is not a folder" in capsys.readouterr().err
+    assert cli.main(["report", "--budget", "smoke", "--out", str(out)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_landscape_of_an_optimizer_without_a_search_direction_is_a_usage_error(tmp_path, capsys):
+    argv = ["landscape", "--task", "digits-cnn", "--optimizer", "adam", "--budget", "smoke"]
+    assert cli.main([*argv, "--steps", "2", "--scans", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'adam' has no search direction to scan" in err and "Traceback" not in err

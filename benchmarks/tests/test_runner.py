@@ -429,3 +429,50 @@ def test_line_search_steps_log_where_the_loss_rise_guard_fired():
     assert "loss_rose" not in stepper.details()
     stepper.optimizer.last_step = dataclasses.replace(stepper.optimizer.last_step, loss_rose=True)
     assert stepper.details()["loss_rose"] is True
+
+
+def test_a_run_whose_model_breaks_in_its_last_steps_is_diverged(tmp_path, monkeypatch):
+    """Too few non-finite losses at the end for ``DIVERGED_AFTER``, but the final evaluation
+    finds the model broken: the run is "diverged" (left out of the loss tables), not an
+    "ok" run whose smoothed loss is the one from before the blow-up."""
+    import alsals_bench.runner as runner
+
+    real = runner.get_optimizer("adam")
+    steps = get_task(TASK).budget("smoke").steps
+
+    def build(model, task, budget):
+        stepper = real.build(model, task, budget)
+        take = stepper.step
+        count = [0]
+
+        def breaking(closure):
+            count[0] += 1
+            if count[0] == steps:  # the weights blow up at the last step
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+            return take(closure)
+
+        stepper.step = breaking
+        return stepper
+
+    monkeypatch.setattr(
+        runner, "get_optimizer", lambda name: dataclasses.replace(real, build=build)
+    )
+    end = read_log(run_one(RunKey(TASK, "adam", 0, "smoke"), tmp_path, progress=False))[-1]
+    assert end["status"] == "diverged" and end["final_train_loss"] is None
+    assert end["steps_done"] == steps
+
+
+def test_the_report_keeps_the_runs_of_the_size_the_budget_defines():
+    """A run of another size copied into a budget's folder is left out even where it is as
+    common as the budget's own (a tie used to be broken by set order)."""
+    from alsals_bench.report import Run, consistent
+
+    size = get_task(TASK).budget("smoke")
+    own = Run(TASK, "alsals", 0, {"steps": size.steps, "batch_size": size.batch_size}, {})
+    other = Run(TASK, "adam", 2, {"steps": size.steps + 100, "batch_size": size.batch_size}, {})
+    for order in ([own, other], [other, own]):
+        assert consistent(order, "smoke") == ([own], [other])
+    # an unknown budget: the most common size, ties to the larger run
+    assert consistent([own, other, other], "no-such-budget") == ([other, other], [own])

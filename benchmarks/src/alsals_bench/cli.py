@@ -171,7 +171,17 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _check_device(name: str) -> None:
+def check_out(out: Path) -> None:
+    """The output folder exists or can be made, before any work: else a ``UsageError``."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create it ({err.strerror})") from None
+
+
+def check_device(name: str) -> None:
     import torch
 
     try:
@@ -200,7 +210,7 @@ def _check_sweep(task_names: list[str], optimizers: list[str], budget: str, devi
                 get_optimizer(name)
             except ValueError as err:
                 raise UsageError(_first_line(err)) from None
-    _check_device(device)
+    check_device(device)
     for task in tasks:
         try:
             task.check_data(task.budget(budget))
@@ -214,6 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"alsals-bench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "alsals-bench: interrupted (finished runs are kept; the interrupted one starts "
+            "again next time)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -239,12 +256,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
         except KeyError as err:
             raise UsageError(_first_line(err)) from None
         optimizers = _split(getattr(args, "optimizers", DEFAULT_OPTIMIZERS))
-        seeds = getattr(args, "seeds", [0, 1, 2])
+        if not tasks or not optimizers:
+            raise UsageError(f"no {'task' if not tasks else 'optimizer'} given")
+        seeds = list(dict.fromkeys(getattr(args, "seeds", [0, 1, 2])))
         every = getattr(args, "landscape_every", None) or 0
         _check_sweep(tasks, optimizers, args.budget, args.device)
+        check_out(out)
         sweep(tasks, optimizers, seeds, args.budget, out, args.device, not args.no_progress, every)
         if getattr(args, "no_report", False):
             return 0
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder")
     elif not out.is_dir():
         raise UsageError(
             f"nothing to report: no runs folder {out} (--out; default $ALSALS_RUNS_DIR or runs/)"
@@ -256,7 +278,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         path = write_report(out, args.budget)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:
         raise UsageError(_first_line(err)) from None
     print(path.read_text().split("## Figures")[0])
     print(f"report: {path}")

@@ -18,11 +18,16 @@ from pathlib import Path
 
 import torch
 
+from alsals import LineSearchOptimizer
 from alsals.diagnostics import LandscapeRecorder, log_grid
 from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
 from alsals_bench._args import int_at_least
 from alsals_bench.registry import get_optimizer
 from alsals_bench.tasks import get_task
+
+
+class NotALineSearch(ValueError):
+    """The optimizer a landscape run was asked for has no search direction to scan."""
 
 
 def run(
@@ -43,6 +48,11 @@ def run(
     stepper = get_optimizer(optimizer).build(model, task, task.budget(budget))
     stepper.seed(seed)
     opt = stepper.optimizer
+    if not isinstance(opt, LineSearchOptimizer):  # before any training
+        raise NotALineSearch(
+            f"{optimizer!r} has no search direction to scan (MomentumALSALS, AdamSLS and SLS "
+            "configurations have; ALSALS searches a step size, Adam none)"
+        )
     recorder = LandscapeRecorder(opt, every=1, step_sizes=grid or log_grid(1e-7, 1.0, 36))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -101,23 +111,32 @@ def run_command(args: argparse.Namespace) -> int:
     if not 1 <= args.scans <= args.steps:
         print("alsals-bench landscape: --scans must be between 1 and --steps", file=sys.stderr)
         return 2
-    try:  # the names before any training: a one-line error, not a traceback later
-        get_task(args.task).budget(args.budget)
+    from alsals_bench.cli import UsageError, check_device, check_out
+
+    try:  # the names, device, data and folder before any training: a one-line error
+        task = get_task(args.task)
         get_optimizer(args.optimizer)
-    except (KeyError, ValueError) as err:
-        print(f"alsals-bench landscape: {err.args[0]}", file=sys.stderr)
+        check_device(args.device)
+        task.check_data(task.budget(args.budget))
+        check_out(args.out)
+    except (KeyError, ValueError, FileNotFoundError, UsageError) as err:
+        print(f"alsals-bench landscape: {str(err.args[0]).splitlines()[0]}", file=sys.stderr)
         return 2
-    paths = run(
-        args.task,
-        args.optimizer,
-        args.steps,
-        args.scans,
-        args.out,
-        args.budget,
-        args.seed,
-        log_grid(1e-7, 1.0, args.points),
-        args.device,
-    )
+    try:
+        paths = run(
+            args.task,
+            args.optimizer,
+            args.steps,
+            args.scans,
+            args.out,
+            args.budget,
+            args.seed,
+            log_grid(1e-7, 1.0, args.points),
+            args.device,
+        )
+    except NotALineSearch as err:
+        print(f"alsals-bench landscape: {err}", file=sys.stderr)
+        return 2
     for path in paths:
         print(f"wrote {path}")
     return 0

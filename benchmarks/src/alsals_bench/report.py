@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from alsals_bench.runner import SMOOTHING, is_finished, read_log
+from alsals_bench.tasks import get_task
 
 ORDER = ["alsals", "adam-sls", "adam", "adam-tuned", "adamw-cosine", "sls"]
 CURVE_SMOOTHING = 0.95
@@ -69,22 +70,38 @@ class Run:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def consistent(runs: list[Run]) -> tuple[list[Run], list[Run]]:
-    """Keep, per task, the runs of the most common (steps, batch size); return (kept, dropped).
+def consistent(runs: list[Run], budget: str | None = None) -> tuple[list[Run], list[Run]]:
+    """Keep, per task, the runs of the size (steps, batch size) ``budget`` defines for it
+    now, where ``budget`` is given and the task is known; else the most common size (ties:
+    the larger); return (kept, dropped).
 
-    A task's budget may change between code versions; runs of different sizes must not be
-    averaged into one cell.
+    A task's budget may change between code versions, and a run of another budget may be
+    copied into the folder; runs of different sizes must not be averaged into one cell.
     """
     by_task: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_task[run.task].append(run)
     kept, dropped = [], []
-    for task_runs in by_task.values():
+    for task, task_runs in by_task.items():
         sizes = [(r.start.get("steps"), r.start.get("batch_size")) for r in task_runs]
-        common = max(set(sizes), key=sizes.count)
+        common = _defined_size(task, budget)
+        if common is None:
+            common = max(set(sizes), key=lambda s: (sizes.count(s), s[0] or 0, s[1] or 0))
         for run, size in zip(task_runs, sizes, strict=True):
             (kept if size == common else dropped).append(run)
     return kept, dropped
+
+
+def _defined_size(task: str, budget: str | None) -> tuple[int, int] | None:
+    """(steps, batch size) of ``budget`` for ``task`` as the code defines them now, or
+    ``None`` for an unknown task or budget."""
+    if budget is None:
+        return None
+    try:
+        size = get_task(task).budget(budget)
+    except (KeyError, ValueError):
+        return None
+    return size.steps, size.batch_size
 
 
 def load_runs(out: Path, budget: str) -> list[Run]:
@@ -686,12 +703,14 @@ def build_figures(runs: list[Run], out_dir: Path) -> list[Path]:
 
 def write_report(out: Path, budget: str, destination: Path | None = None) -> Path:
     """Write ``report.md`` and one PNG per task; returns the markdown path."""
-    runs, dropped = consistent(load_runs(out, budget))
+    runs, dropped = consistent(load_runs(out, budget), budget)
     finished = len(runs)
     runs, grids = fold_tuned_adam(runs)
     if not runs:
         raise FileNotFoundError(f"no finished runs of budget {budget!r} under {out}")
     destination = Path(destination or Path(out) / budget / "report")
+    if destination.exists() and not destination.is_dir():
+        raise NotADirectoryError(f"{destination} is not a folder: the report goes there")
     figures = build_figures(runs, destination)
     text = [
         f"# alsals-benchmark report: budget `{budget}`",

@@ -199,6 +199,8 @@ def _train(
     finally:
         if bar is not None:
             bar.close()
+    if status == "ok" and _broken_at_end(evaluations):
+        status = "diverged"  # blew up in its last steps, too few for DIVERGED_AFTER
 
     _append(
         log,
@@ -224,6 +226,13 @@ def _record_landscape(log: IO[str], stepper: Any, closure: Any, step: int) -> No
     if isinstance(stepper.optimizer, LineSearchOptimizer):
         scan = scan_direction(stepper.optimizer, closure)
         _append(log, {"type": "landscape", **scan.to_dict(), "step": step})
+
+
+def _broken_at_end(evaluations: list[dict[str, float]]) -> bool:
+    """Whether the run's last evaluation found a non-finite metric (its validation loss):
+    the model it ends with is broken, whatever its smoothed training loss says."""
+    last = evaluations[-1] if evaluations else {}
+    return any(isinstance(v, float) and not math.isfinite(v) for v in last.values())
 
 
 def _summary(

@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _invalid(args: argparse.Namespace, models: list[str], configs: list[str]) -> str | None:
     """What is wrong with the options, if anything."""
+    if not models:
+        return "no model given (--models)"
+    if args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is not a folder"
     for m in models:
         if m not in MODELS:
             return f"unknown model {m!r}; known: {', '.join(MODELS)}"
@@ -85,6 +89,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     """Measure (or, with ``--report-only``, reload) and write the report; ``command`` is the
     command line recorded with the results."""
     if args.report_only:
+        if not (args.out / "speed.json").is_file():
+            print(f"--report-only: no {args.out / 'speed.json'} to report", file=sys.stderr)
+            return 2
         command, host, loaded = load(args.out / "speed.json")
         print(write(loaded, args.out, command, not args.no_plot, host))
         return 0
@@ -98,7 +105,12 @@ def run(args: argparse.Namespace, command: str) -> int:
         configs.insert(0, "adam")  # every ratio is to Adam
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        print(f"--device {args.device!r} is not usable here: {err}", file=sys.stderr)
+        return 2
     results = []
     start = time.perf_counter()
     for name in models:
