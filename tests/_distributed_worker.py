@@ -188,6 +188,24 @@ def schedule_free_run(rank: int) -> dict:
     }
 
 
+def mismatch_run(rank: int) -> dict:
+    """Each optimizer built with another ``c`` on each rank: the first step's error, on
+    every rank (no hang, no drift)."""
+    errors = {}
+    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = cls(ddp.parameters(), c=0.1 if rank == 0 else 0.5)
+        x = torch.randn(8, 6)
+        try:
+            opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+            errors[name] = None
+        except ValueError as err:
+            errors[name] = str(err)
+    return errors
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -214,6 +232,7 @@ def train_all(rank: int) -> dict:
         "undo": undo_run(rank),
         "kink": kink_run(rank),
         "schedule_free": schedule_free_run(rank),
+        "mismatch": mismatch_run(rank),
     }
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank

@@ -8,6 +8,8 @@ a decision depends on are averaged across ranks in one collective before they re
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -47,6 +49,36 @@ def mean_to_host(values: list[Tensor], group: dist.ProcessGroup | None) -> list[
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
         stacked /= ranks
     return stacked.tolist()
+
+
+def check_same_settings(
+    name: str, groups: list[dict], group: dist.ProcessGroup | None, device: torch.device | None
+) -> None:
+    """Every rank of ``group`` holds the same settings in its parameter groups (all but the
+    tensors): else a ``ValueError`` on every rank, before a search whose trials, taken on
+    different settings, would pair the ranks' collectives wrongly (a hang) or let their
+    weights drift apart. One collective; nothing without ``torch.distributed``."""
+    if world_size(group) == 1:
+        return
+    text = repr(
+        [name]
+        + [
+            sorted((k, repr(v)) for k, v in g.items() if k not in ("params", "param_names"))
+            for g in groups
+        ]
+    )
+    mark = float(zlib.crc32(text.encode()))
+    extremes = torch.tensor([mark, -mark], dtype=torch.float64, device=device)
+    if dist.get_backend(group) == dist.Backend.NCCL and not extremes.is_cuda:
+        extremes = extremes.cuda()
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    highest, lowest = extremes.tolist()
+    if highest != -lowest:
+        raise ValueError(
+            f"{name}: the ranks of the process group hold different settings (the same "
+            "arguments and parameter groups on every rank are needed: every rank must take the "
+            "same decisions)"
+        )
 
 
 def mean_on_device(value: Tensor, group: dist.ProcessGroup | None) -> Tensor:

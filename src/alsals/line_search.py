@@ -58,7 +58,7 @@ from alsals.directions import (
     denominators_after,
     second_moments_after,
 )
-from alsals.distributed import checked_process_group, mean_to_host
+from alsals.distributed import check_same_settings, checked_process_group, mean_to_host
 from alsals.hyperparameters import (
     ADAPTIVE_CADENCES,
     GROUP_KEYS,
@@ -565,6 +565,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._buffers = checked_buffers(buffers)
         self._process_group = checked_process_group(process_group)
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
+        self._ranks_checked = False  # every rank holds the same settings (first step)
         self._warned: set[str] = set()
         self._written_lr_steps = 0
         self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
@@ -600,6 +601,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_model_terms", None)
         self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("_shown_lr", None)
+        self.__dict__.setdefault("_ranks_checked", False)
         self.__dict__.setdefault("last_step", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -863,6 +865,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "step needs the gradient of the closure's loss (take the step outside it)"
             )
         self._check_groups(self.param_groups)  # settings written since the last step
+        if not self._ranks_checked:
+            device = next((p.device for p in self.params()), None)
+            check_same_settings(type(self).__name__, self.param_groups, self._process_group, device)
+            self._ranks_checked = True
         evaluator = ClosureEvaluator(
             closure,  # type: ignore[arg-type]
             self.params(),

@@ -82,7 +82,12 @@ from torch import Tensor
 
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
-from alsals.distributed import checked_process_group, mean_on_device, mean_to_host
+from alsals.distributed import (
+    check_same_settings,
+    checked_process_group,
+    mean_on_device,
+    mean_to_host,
+)
 from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
 from alsals.line_search import (
     BUFFERS_WARNING,
@@ -193,7 +198,7 @@ class SearchState:
     step_size: float
     initial_step_size: float = math.nan  # lr as the run began: warm-up's peak
     resume: float = 0.0  # where the search after one that accepted nothing starts (0: none)
-    nonfinite_in_a_row: int = 0  # steps skipped in a row for a non-finite loss or gradient
+    nonfinite_in_a_row: int = 0  # steps skipped in a row for a non-finite loss at y
     steps: int = 0  # steps that moved the weights
     searches: int = 0
     steps_since_search: int = 0
@@ -461,6 +466,7 @@ class ALSALS(torch.optim.Optimizer):
         # in-place write is an edit by the user (_adopt_edited_weights)
         self._versions: dict[int, int] | None = None
         self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
+        self._ranks_checked = False  # every rank holds the same settings (first step)
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -580,6 +586,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_held", None)
         self.__dict__.setdefault("_versions", None)
         self.__dict__.setdefault("_shown_lr", None)
+        self.__dict__.setdefault("_ranks_checked", False)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -617,6 +624,10 @@ class ALSALS(torch.optim.Optimizer):
         as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
         self._check_written_settings()
+        if not self._ranks_checked:
+            device = next((p.device for g in self.param_groups for p in g["params"]), None)
+            check_same_settings("ALSALS", self.param_groups, self._process_group, device)
+            self._ranks_checked = True
         if self._held is None:  # (after train(), the weights are at y, moved by train())
             self._adopt_edited_weights()
         params = [p for g in self.param_groups for p in g["params"]]
@@ -832,8 +843,8 @@ class ALSALS(torch.optim.Optimizer):
             self._grad_norm = math.sqrt(grad_sq_value) if grad_sq_value >= 0.0 else math.nan
         nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
         nonfinite = nonfinite or not all(math.isfinite(s) for s in sums)
-        if nonfinite and search.steps > 0:  # (two in a row restart z at x: step())
-            search.nonfinite_in_a_row += 1
+        if not math.isfinite(loss0) and search.steps > 0:  # (two in a row: z := x, step())
+            search.nonfinite_in_a_row += 1  # (the loss only: a GradScaler overflow is none)
         if nonfinite or grad_sq_value == 0.0:
             kind = "nonfinite" if nonfinite else "zero_grad"
             search.skipped_nonfinite += nonfinite

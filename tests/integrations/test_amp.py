@@ -307,3 +307,47 @@ def test_overflow_skips_do_not_use_up_the_warning_about_a_nonfinite_loss():
     x[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="the loss is not finite"):
         step_with_scaler(optimizer, fp16_loss(model, x, y), scaler)
+
+
+def test_overflows_in_the_middle_of_an_alsals_run_change_nothing_and_stay_silent():
+    """Two GradScaler overflows in a row mid-run: each skips the step as ``scaler.step``
+    would, silently (even under ``-W error``); ``z``, the weights and the cadence are as
+    before them (a non-finite gradient is not a loss outside its domain)."""
+    model, x, y = make_problem(dropout=0.0)
+    optimizer = ALSALS(model.parameters(), initial_searches=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    closure = fp16_loss(model, x, y)
+    for _ in range(4):
+        step_with_scaler(optimizer, closure, scaler)
+    z = [optimizer.state[p]["z"].clone() for p in model.parameters()]
+    before = weights(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            scaler.update(2.0**127)  # the scaled gradients overflow float32
+            step_with_scaler(optimizer, closure, scaler)
+            assert optimizer.last_step.kind == "nonfinite"
+    assert torch.equal(weights(model), before)
+    assert all(
+        torch.equal(optimizer.state[p]["z"], zp)
+        for p, zp in zip(model.parameters(), z, strict=True)
+    )
+    assert optimizer.search_state.restarts == 0
+    scaler.update(2.0**10)
+    step_with_scaler(optimizer, closure, scaler)
+    assert optimizer.last_step.kind == "reuse"  # the cadence goes on: no search forced
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS], ids=lambda c: c.__name__)
+def test_an_lbfgs_style_closure_through_the_scaler_is_a_clear_error(cls):
+    model, x, y = make_problem(dropout=0.0)
+    optimizer = cls(model.parameters())
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="ran backward itself"):
+        step_with_scaler(optimizer, closure, torch.amp.GradScaler("cpu"))

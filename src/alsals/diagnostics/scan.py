@@ -47,7 +47,7 @@ class LandscapeScan:
 
 def log_grid(low: float = 1e-8, high: float = 10.0, num: int = 50) -> list[float]:
     """``num`` step sizes spaced evenly on a log scale from ``low`` to ``high``."""
-    if not (0 < low < high) or num < 2:
+    if not (0 < low < high < math.inf) or num < 2:
         raise ValueError(f"invalid grid: low={low}, high={high}, num={num}")
     ratio = (high / low) ** (1 / (num - 1))
     return [low * ratio**i for i in range(num)]
@@ -160,7 +160,7 @@ class LandscapeRecorder:
         every: int = 1,
         step_sizes: Sequence[float] | None = None,
     ) -> None:
-        if every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"invalid every: {every!r} (expected an integer >= 1)")
         self.optimizer = optimizer
         self.every = every

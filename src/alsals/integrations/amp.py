@@ -85,7 +85,7 @@ def autocast_closure(
 
 #: The optimizer's warning for a skipped step whose gradient (not loss) is not finite: under
 #: a GradScaler that is an overflow of the scaled gradients, the scaler's normal operation.
-_OVERFLOW_SKIP_WARNING = r".*: the gradient is not finite"
+_OVERFLOW_SKIP_WARNING = r".*: the gradient( \(or Adam's second moment[^)]*\))? is not finite"
 
 
 def step_with_scaler(
@@ -170,6 +170,13 @@ class _ScaledClosure:
                 "step_with_scaler: closure() must return a loss that requires grad "
                 "(it runs scaler.scale(loss).backward() on it); a closure that runs "
                 "backward itself must take a `backward` argument"
+            )
+        if any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"]):
+            raise RuntimeError(
+                "step_with_scaler: closure() ran backward itself (an LBFGS-style closure); "
+                "here the scaler runs scaler.scale(loss).backward(): return the loss without "
+                "calling backward, or take a `backward` argument and call "
+                "scaler.scale(loss).backward() when it is True"
             )
         self.scaler.scale(loss).backward()
         return loss
