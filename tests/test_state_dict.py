@@ -203,3 +203,38 @@ def test_an_alsals_state_is_refused_by_the_other_optimizers(cls):
     with pytest.raises(ValueError, match="saved by ALSALS"):
         opt.load_state_dict(saved.state_dict())
     assert not any(opt.state_dict()["state"].values())
+
+
+def test_alsals_resumed_after_a_changed_lr_scale_reads_no_written_lr():
+    """``lr_scale`` changed between steps, then a checkpoint: the resumed run, like the
+    uninterrupted one, reads no written ``lr`` (each group's shown ``lr`` is in the state)."""
+    x, y = make_classification(64, features=8, seed=2)
+    x, y = x.double(), y.double().unsqueeze(1)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        model.double()
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+        return model, ALSALS(groups)
+
+    def closure(model):
+        return lambda: torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    model, opt = build()
+    for _ in range(3):
+        opt.step(closure(model))
+    opt.param_groups[1]["lr_scale"] = 0.5
+    saved = io.BytesIO()
+    torch.save((model.state_dict(), opt.state_dict()), saved)
+    for _ in range(4):
+        opt.step(closure(model))
+    resumed_model, resumed = build()
+    saved.seek(0)
+    weights, state = torch.load(saved, weights_only=True)
+    resumed_model.load_state_dict(weights)
+    resumed.load_state_dict(state)
+    for _ in range(4):
+        resumed.step(closure(resumed_model))
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)

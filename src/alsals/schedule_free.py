@@ -95,6 +95,7 @@ from alsals.line_search import (
     NO_BACKWARD_WARNING,
     SCHEDULE_WARNING,
     SCHEDULE_WARNING_STEPS,
+    SHOWN_LR_KEY,
     STALE_BUFFERS_HINT,
     STALL_WARNING_STEPS,
     StepInfo,
@@ -205,7 +206,7 @@ class SearchState:
     kept: int = 0  # searches whose averaging move alone failed the test
     first_phase_over: bool = False  # the searches of the first steps have ended early
     exhausted: int = 0  # searches that ran out of trials
-    restarts: int = 0  # rise_restart's restarts of z at x
+    restarts: int = 0  # restarts of z at x: rise_restart's, and after non-finite losses at y
     first_loss: float = math.nan  # the run's first finite batch loss
     edits: int = 0  # steps that found the weights written since the last (z restarted there)
     skipped_nonfinite: int = 0
@@ -325,7 +326,8 @@ class ALSALS(torch.optim.Optimizer):
     step size is kept, and the next step resumes the search below the last trial, looking
     upwards from there as a run's first search does), ``"zero_lr"`` (``lr`` 0 was written:
     nothing moves), ``"nonfinite"`` or ``"zero_grad"`` (skipped: nothing written; two
-    steps in a row whose loss at ``y`` is not finite restart ``z`` at ``x``);
+    steps in a row whose loss at ``y`` is not finite restart ``z`` at ``x`` where the loss
+    at ``x`` is finite, one evaluation);
     ``last_step.step_size``
     is the step size taken, ``capped`` when ``polyak_cap`` cut it, and
     ``param_groups[i]["lr"]`` the searched one (times the group's ``lr_scale``), where the
@@ -478,6 +480,7 @@ class ALSALS(torch.optim.Optimizer):
             "lr_max": 0.0,
         }
         super().__init__(params, defaults)
+        self._shown_lr = [g["lr"] for g in self.param_groups]
 
     @classmethod
     def paper(
@@ -541,10 +544,28 @@ class ALSALS(torch.optim.Optimizer):
         if self._shown_lr is not None:
             self._shown_lr.append(group["lr"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict; each group also records the ``lr`` the last step
+        showed (``shown_lr``), so that a resumed run tells a written ``lr`` from a changed
+        ``lr_scale`` exactly as the uninterrupted one would."""
+        state = super().state_dict()
+        if self._shown_lr is not None and len(self._shown_lr) == len(state["param_groups"]):
+            for group, shown in zip(state["param_groups"], self._shown_lr, strict=True):
+                group[SHOWN_LR_KEY] = shown
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
         saved (its groups lack this one's settings and averaging weights) with the keys
         named, before anything is loaded."""
+        saved_groups = state_dict.get("param_groups", [])
+        shown = [g.get(SHOWN_LR_KEY) for g in saved_groups]
+        state_dict = {
+            **state_dict,
+            "param_groups": [
+                {k: v for k, v in g.items() if k != SHOWN_LR_KEY} for g in saved_groups
+            ],
+        }
         required = {*SEARCH_SETTINGS, *GROUP_STATE}
         for index, group in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(required - group.keys())
@@ -568,7 +589,8 @@ class ALSALS(torch.optim.Optimizer):
         if self.param_groups:  # groups added later get the loaded settings, not the old ones
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_SETTINGS})
         self._versions = None  # the weights that go with this state are loaded separately
-        self._shown_lr = None
+        known = bool(shown) and all(isinstance(v, float) for v in shown)
+        self._shown_lr = [float(v) for v in shown] if known else None
 
     def __getstate__(self) -> dict[str, Any]:
         skipped = ("_left_grads", "_held", "_versions")
@@ -663,11 +685,15 @@ class ALSALS(torch.optim.Optimizer):
             if not evaluator.grads_as_found():  # a retry must not add this attempt's to its own
                 self._left_grads = LeftGradients(params)
             raise
-        if info.kind == "nonfinite" and search.nonfinite_in_a_row >= NONFINITE_RESTART:
-            # y, where the loss is taken, has left the loss's domain (a reused step size
-            # moved z past a log barrier, say) while the average x need not have: z
-            # restarts at x, and the steps that follow search
-            self._restart_at_average(groups)
+        # y, where the loss is taken, may have left the loss's domain (a reused step size
+        # moved z past a log barrier, say) while the average x has not: where the loss at x
+        # is finite (not a bad batch), z restarts at x
+        if (
+            info.kind == "nonfinite"
+            and search.nonfinite_in_a_row == NONFINITE_RESTART
+            and self._finite_at_average(averages, evaluator)
+        ):
+            self._restart_at_average(averages)
             search.restarts += 1
         for average in averages:  # x' where the step moved, x where it did not
             average.restore()
@@ -781,7 +807,7 @@ class ALSALS(torch.optim.Optimizer):
                 f"nonfinite_{culprit}",
                 f"ALSALS: {culprit} is not finite: the step was skipped, and the weights and "
                 "Adam's moments left unchanged (where two steps in a row find the loss at y "
-                "not finite, z restarts at the average x and the next steps search). Further "
+                "not finite and it is finite at the average x, z restarts at x). Further "
                 "skips are counted in search_state.skipped_nonfinite without warning.",
                 RuntimeWarning,
             )
@@ -843,8 +869,10 @@ class ALSALS(torch.optim.Optimizer):
             self._grad_norm = math.sqrt(grad_sq_value) if grad_sq_value >= 0.0 else math.nan
         nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
         nonfinite = nonfinite or not all(math.isfinite(s) for s in sums)
-        if not math.isfinite(loss0) and search.steps > 0:  # (two in a row: z := x, step())
-            search.nonfinite_in_a_row += 1  # (the loss only: a GradScaler overflow is none)
+        # steps in a row whose loss at y is not finite (a GradScaler overflow, a non-finite
+        # gradient, is none; any other step ends the row): two restart z at x, in step()
+        outside = not math.isfinite(loss0) and search.steps > 0
+        search.nonfinite_in_a_row = search.nonfinite_in_a_row + 1 if outside else 0
         if nonfinite or grad_sq_value == 0.0:
             kind = "nonfinite" if nonfinite else "zero_grad"
             search.skipped_nonfinite += nonfinite
@@ -885,7 +913,7 @@ class ALSALS(torch.optim.Optimizer):
             if message is not None:
                 self._warn_once("replay", message)
         if due:
-            result = self._search(search, loss0, groups, averaging, slope, evaluator)
+            result = self._search(search, loss0, groups, averaging, slope, evaluator, written)
             self._warn_about_buffers(evaluator)  # (before anything is written)
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
@@ -893,7 +921,6 @@ class ALSALS(torch.optim.Optimizer):
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(result.kind, 0.0, loss0, result.evaluations)
-        search.nonfinite_in_a_row = 0
         kind, gamma, trials = result.kind, result.step_size, result.evaluations
         # polyak_cap: no step, reused or searched, above this batch's Polyak step
         taken = gamma
@@ -916,7 +943,7 @@ class ALSALS(torch.optim.Optimizer):
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
             search.first_phase_over |= ending.get(h["first_phase"], False)
             search.exhausted += kind == "exhausted"
-            if kind == "search":
+            if kind == "search" or result.unchanged:  # (a flat loss: nothing to resume)
                 search.resume = 0.0
             elif result.resume > 0.0:
                 search.resume = result.resume
@@ -935,6 +962,7 @@ class ALSALS(torch.optim.Optimizer):
         averaging: list[float],
         slope: list[float],
         evaluator: ClosureEvaluator,
+        written: str | None = None,
     ) -> SearchResult:
         """Trials from the grown (or Polyak) start down by ``backtrack``, judged by the
         Armijo test of the move of ``y``; nothing is written."""
@@ -996,10 +1024,10 @@ class ALSALS(torch.optim.Optimizer):
             return None if ok else "kept"
 
         checked = first  # at a run's first step x = z = y: there is no averaging move
-        # A resumed search, or one whose first trial was not finite, does not end "kept"
-        # (that takes the last step size, untested, and here no search accepted it or a
-        # trial beside it diverged): it backtracks on
-        kept_allowed = not resuming
+        # A resumed search, one from a written lr, or one whose first trial was not finite,
+        # does not take the last step size where it ends "kept" (untested, and here no
+        # search accepted it, or a trial beside it diverged): only the averaging move
+        kept_allowed = not resuming and written is None
         while evaluations < h["max_trials"]:
             evaluations += 1
             ok, value = passes(gamma)
@@ -1035,8 +1063,13 @@ class ALSALS(torch.optim.Optimizer):
                     return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
                 if ending == "nonfinite":
                     return SearchResult(ending, 0.0, evaluations)
-                if ending == "kept" and kept_allowed:
-                    return SearchResult(ending, search.step_size, evaluations)
+                if ending == "kept":
+                    if kept_allowed:
+                        return SearchResult(ending, search.step_size, evaluations)
+                    # no step size can pass, and the last one is no search's: only the
+                    # averaging move, and the next step searches from below this trial
+                    below = max(self._next_trial(gamma, loss0 - value, promised), MIN_STEP_SIZE)
+                    return SearchResult(ending, 0.0, evaluations, resume=below)
             gamma = self._next_trial(gamma, loss0 - value, promised)
         if passed is not None:  # max_trials ran out while the expansions still passed
             return SearchResult("search", passed[0], evaluations, True, passed[1])
@@ -1266,13 +1299,22 @@ class ALSALS(torch.optim.Optimizer):
         peak = search.initial_step_size
         return peak if math.isfinite(peak) else self.defaults["lr"]
 
+    def _finite_at_average(self, averages: list[_Average], evaluator: ClosureEvaluator) -> bool:
+        """Whether the closure's loss at ``x`` (one evaluation without gradient, averaged over
+        the ranks) is finite; the weights are left at ``x``."""
+        for average in averages:
+            average.restore()
+        (value,) = mean_to_host([evaluator.evaluate()], self._process_group)
+        return math.isfinite(value)
+
     @torch.no_grad()
-    def _restart_at_average(self, groups: list[_Group]) -> None:
-        """``z := x`` for the parameters of ``groups`` that have stepped (then ``y = x``)."""
-        for g in groups:
-            for p, z, x in zip(g.owners, g.z, g.x, strict=True):
+    def _restart_at_average(self, averages: list[_Average]) -> None:
+        """``z := x`` for every parameter that has stepped (then ``y = x``), whether or not
+        this step found a gradient for it."""
+        for average in averages:
+            for p, x in zip(average.group["params"], average.x, strict=True):
                 if "z" in self.state[p]:
-                    z.copy_(x)
+                    local_shard(self.state[p]["z"]).copy_(x)
 
     def _stored_search_state(self) -> SearchState:
         anchor = anchor_parameter(self.param_groups)

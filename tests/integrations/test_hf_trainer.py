@@ -454,13 +454,15 @@ def test_the_trainers_max_grad_norm_clips_in_the_optimizer(model_path, dataset, 
     runs = {}
     for name, trainer_clip, optimizer_clip in (("args", 0.05, None), ("optimizer", 0.0, 0.05)):
         kwargs = {"lr": 1e-3} if optimizer_clip is None else {"lr": 1e-3, "max_grad_norm": 0.05}
+        args = make_args(tmp_path / name, max_steps=2, max_grad_norm=trainer_clip)
         trainer = LineSearchTrainer(
             model=make_model(model_path, dropout=False),
-            args=make_args(tmp_path / name, max_steps=2, max_grad_norm=trainer_clip),
+            args=args,
             train_dataset=dataset,
             optimizer_cls_and_kwargs=(ALSALS, kwargs),
         )
         assert trainer.args.max_grad_norm == 0.0  # the Trainer does not clip
+        assert args.max_grad_norm == trainer_clip  # the caller's arguments stay as given
         trainer.train()
         optimizer = trainer.optimizer.optimizer
         assert optimizer.param_groups[0]["max_grad_norm"] == 0.05

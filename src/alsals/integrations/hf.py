@@ -53,6 +53,7 @@ model parallelism.
 
 from __future__ import annotations
 
+import copy
 import types
 import warnings
 import weakref
@@ -142,7 +143,8 @@ class LineSearchTrainerMixin:
         # the Armijo test: the optimizer clips instead (the update's gradient only)
         clip = getattr(args_, "max_grad_norm", None)
         self._line_search_clip = clip if clip is not None and clip > 0 else None
-        if self._line_search_clip is not None:
+        if self._line_search_clip is not None:  # (a copy: the caller's args stay as given)
+            self.args = args_ = copy.copy(args_)
             args_.max_grad_norm = 0.0
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
