@@ -320,9 +320,10 @@ class ALSALS(torch.optim.Optimizer):
     outside ``step()`` the weights are the average ``x``, to evaluate and save as they are.
     ``last_step.kind`` is ``"search"`` (a trial passed), ``"reuse"`` (the last step size,
     between searches), ``"kept"`` (neither the first trial nor the averaging move alone
-    passed: the step is taken at the last step size, which is kept; never where that step
-    size is no search's or the first trial's loss was not finite: the search backtracks
-    there), ``"exhausted"`` (``max_trials`` failed: only the averaging move is taken, the
+    passed: the step is taken at the last step size, which is kept; where that step size is
+    no search's, a written or resumed one, or the first trial's loss was not finite, only
+    the averaging move is taken and the next step resumes below the first trial),
+    ``"exhausted"`` (``max_trials`` failed: only the averaging move is taken, the
     step size is kept, and the next step resumes the search below the last trial, looking
     upwards from there as a run's first search does), ``"zero_lr"`` (``lr`` 0 was written:
     nothing moves), ``"nonfinite"`` or ``"zero_grad"`` (skipped: nothing written; two
