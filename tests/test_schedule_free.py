@@ -1491,3 +1491,18 @@ def test_z_restarts_at_the_average_even_where_the_closure_leaves_no_gradient():
     assert opt.search_state.restarts == 1 and torch.equal(opt.state[w]["z"], w.detach())
     opt.step(closure)
     assert opt.last_step.kind != "nonfinite"
+
+
+def test_a_loss_computed_before_the_closure_is_a_clear_error():
+    """The model ran outside the closure: ALSALS moves the weights to ``y`` before the
+    backward pass, so from the second step autograd finds them changed; the error says
+    what to do, and the weights are as before the step."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    opt.step(lambda: loss_of(model, x, y))  # a proper step: z now differs from x
+    weights = [p.detach().clone() for p in model.parameters()]
+    loss = loss_of(model, x, y)
+    with pytest.raises(RuntimeError, match="Call the model inside the closure"):
+        opt.step(lambda: loss)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))

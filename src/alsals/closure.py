@@ -413,6 +413,12 @@ class ClosureEvaluator:
             else:
                 loss.backward()
         except RuntimeError as err:
+            if "modified by an inplace operation" in str(err):
+                raise RuntimeError(
+                    "closure() returned a loss whose graph holds weights the optimizer has "
+                    "moved since (ALSALS moves them to y before taking the gradient): the "
+                    "model ran before the closure. Call the model inside the closure"
+                ) from err
             if "backward through the graph a second time" not in str(err):
                 raise
             raise RuntimeError(
