@@ -10,6 +10,7 @@ decisions, and the error an optimizer raised, if any. Each rank draws its own da
 from __future__ import annotations
 
 import gc
+import io
 import sys
 import traceback
 
@@ -109,7 +110,47 @@ def train_all(rank: int, world: int, mesh) -> dict:
                 "traceback": traceback.format_exc(),
                 "decisions": decisions,
             }
+    for name in RESUMED:
+        try:
+            results[f"resume-{name}"] = resume(rank, mesh, OPTIMIZERS[name])
+        except Exception as error:  # noqa: BLE001 - recorded for the test to report
+            results[f"resume-{name}"] = {
+                "error": f"{type(error).__name__}: {error}".splitlines()[0],
+                "traceback": traceback.format_exc(),
+            }
     return results
+
+
+#: the optimizers resumed mid-run from a checkpoint of the sharded model and optimizer
+RESUMED = ("ALSALS", "MomentumALSALS")
+
+
+def resume(rank: int, mesh, make) -> dict:
+    """STEPS steps straight, and the same run checkpointed after STEPS // 2 steps (each rank
+    its shards: the sharded model's and optimizer's state dicts, through torch.save) and
+    resumed into a fresh sharded model and optimizer: the full weights of both."""
+
+    def run(model, optimizer, steps) -> None:
+        for step in steps:
+            x, y = batch(rank, step)
+            optimizer.step(lambda x=x, y=y, model=model: nn.functional.mse_loss(model(x), y))
+
+    model = build(mesh)
+    optimizer = make(model.parameters())
+    run(model, optimizer, range(STEPS // 2))
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    run(model, optimizer, range(STEPS // 2, STEPS))
+    straight = full_weights(model)
+
+    fresh = build(mesh)
+    resumed = make(fresh.parameters())
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=False)
+    fresh.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    run(fresh, resumed, range(STEPS // 2, STEPS))
+    return {"straight": straight, "resumed": full_weights(fresh)}
 
 
 if __name__ == "__main__":

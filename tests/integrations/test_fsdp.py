@@ -90,3 +90,17 @@ def test_line_search_on_fsdp2_matches_the_unsharded_run(ranks, name):
     if name.startswith("ScheduleFree"):
         assert {d[0] for d in decisions} >= {"search", "reuse"}
     torch.testing.assert_close(rank0["weights"], weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ALSALS", "MomentumALSALS"])
+def test_a_sharded_run_resumed_from_a_mid_run_checkpoint_continues_bit_for_bit(ranks, name):
+    """Model and optimizer state dicts of the sharded run (each rank its shards), saved
+    mid-run and loaded into a fresh sharded model and optimizer: the resumed run ends on
+    the uninterrupted run's weights exactly, on every rank."""
+    for rank in ranks:
+        result = rank[f"resume-{name}"]
+        assert "error" not in result, result.get("traceback")
+        assert torch.equal(result["straight"], result["resumed"])
+    assert torch.equal(
+        ranks[0][f"resume-{name}"]["straight"], ranks[1][f"resume-{name}"]["straight"]
+    )
