@@ -1407,7 +1407,11 @@ def _check_groups(groups: list[dict[str, Any]], where: str = "", normalise: bool
     a group would otherwise reach the state dict, which ``weights_only`` loading refuses)."""
     for index, group in enumerate(groups):
         try:
-            search = _checked_search_settings({key: group[key] for key in SEARCH_SETTINGS})
+            search = (  # (the first group holds them for all; the others must equal them)
+                _checked_search_settings({key: group[key] for key in SEARCH_SETTINGS})
+                if index == 0
+                else {}
+            )
             settings = _group_settings(group)
             lr = in_range("lr", group["lr"], 0.0, MAX_STEP_SIZE, closed_low=True)
         except (TypeError, ValueError) as error:
