@@ -207,3 +207,23 @@ def test_a_batch_at_its_floor_lowers_the_step_size_carried_on_tenfold_at_most(cl
     assert info.kind == "search" and info.trials == 1
     assert info.step_size < 1e-6 * eta  # the bound set the trial, and it was accepted
     assert opt.search_state.step_size == pytest.approx(0.1 * start, rel=1e-12)
+
+
+def test_parameters_that_drop_out_under_the_cap_warn_once():
+    """A branch whose parameters get no gradient on some steps (mixture-of-experts routing):
+    the cap's model, over every parameter's momentum, no longer matches its running average
+    of ``w . g``; the user is told once, with the fix. Without the cap, no warning."""
+    for floor, expected in ((0.0, 1), (None, 0)):
+        torch.manual_seed(0)
+        a = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        opt = MomentumALSALS([a, b], loss_floor=floor)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(6):
+                used = [a, b] if step % 2 == 0 else [a]  # b drops out on odd steps
+                opt.step(lambda used=used: sum((w - 1.0).pow(2).sum() for w in used))
+        messages = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
+        assert len(messages) == expected
+        if expected:
+            assert "loss_floor=None" in messages[0]

@@ -130,6 +130,16 @@ SCHEDULE_WARNING_STEPS = 3
 #: A closure that gives no parameter a gradient, or whose loss no trial moves by a single
 #: bit, this many steps in a row is one the search cannot use: the optimizer warns.
 STALL_WARNING_STEPS = 3
+#: Parameters with Adam moments and no gradient this step, under the Polyak cap.
+PARTIAL_MODEL_WARNING = (
+    "{name}: some parameters with Adam moments got no gradient this step (conditional "
+    "computation such as mixture-of-experts routing, or a layer frozen mid-run). loss_floor's "
+    "cap models the loss from every parameter's momentum and the running average of w.g; "
+    "where parameters drop out and come back the two no longer match, by an amount that grows "
+    "with those weights' values, and the cap can stop the steps or stop acting. Pass "
+    "loss_floor=None for such a model (ALSALS, whose cap uses the batch's own linear model "
+    "only, is not affected)"
+)
 UNCHANGED_LOSS_WARNING = (
     "{name}: the loss did not change when the weights moved: in {n} searches in a row every "
     "trial, up to a move as large as the weights themselves, gave exactly the loss at the "
@@ -888,6 +898,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 # undoes the step like any other exception.
                 refutes = run.floor_hit is True and search.floor_hits == FLOOR_HITS - 1
                 self._warn_about(outcome, evaluator, written, loss0, refutes)
+                if not run.all_moments_take_part and self._cap_on(search):
+                    message = PARTIAL_MODEL_WARNING.format(name=type(self).__name__)
+                    self._warn_once("partial_model", message, UserWarning)
                 self._commit(search, run, outcome)
             elif run.trial is not None:
                 run.trial.restore()
