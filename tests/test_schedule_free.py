@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from alsals import ALSALS
-from alsals.schedule_free import trailing_beyond_chance
+from alsals.schedule_free import STATE_KEY, trailing_beyond_chance
 
 
 def logistic_problem(seed: int = 0, n: int = 128, d: int = 6):
@@ -1506,3 +1506,88 @@ def test_a_loss_computed_before_the_closure_is_a_clear_error():
     with pytest.raises(RuntimeError, match="Call the model inside the closure"):
         opt.step(lambda: loss)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_an_exception_in_the_restart_check_undoes_the_step():
+    """The evaluation at ``x`` that decides the restart of ``z`` raises: everything is as
+    before the step (weights, state, random stream), and the retry is the uninterrupted
+    step."""
+
+    def setup():
+        w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
+        opt = ALSALS([w])
+        for _ in range(5):
+            opt.step(lambda: (1.0 - torch.log1p(-w) - 2.0 * w).sum())
+        opt.state[w]["z"].fill_(20.0)
+        return w, opt
+
+    def closure_of(w, fail_at=None):
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise RuntimeError("failed at x")
+            return (1.0 - torch.log1p(-w) - 2.0 * w).sum()
+
+        return closure
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w, opt = setup()
+        opt.step(closure_of(w))  # the first non-finite loss at y
+        state = copy.deepcopy(opt.state_dict())
+        before, rng = w.detach().clone(), torch.get_rng_state()
+        with pytest.raises(RuntimeError, match="failed at x"):
+            opt.step(closure_of(w, fail_at=2))  # the second: the evaluation at x raises
+        assert torch.equal(w.detach(), before) and torch.equal(torch.get_rng_state(), rng)
+        assert opt.state_dict()["state"][0]["z"].equal(state["state"][0]["z"])
+        assert opt.state_dict()["state"][0][STATE_KEY] == state["state"][0][STATE_KEY]
+        opt.step(closure_of(w))
+        opt.step(closure_of(w))
+        ref_w, ref = setup()
+        for _ in range(3):
+            ref.step(closure_of(ref_w))
+    assert opt.search_state.restarts == ref.search_state.restarts == 1
+    assert torch.equal(w.detach(), ref_w.detach()) and opt.search_state.edits == 0
+
+
+def test_weights_loaded_while_train_holds_them_at_y_are_the_new_average():
+    """``train()``, then a checkpoint loaded into the model: ``eval()`` keeps the loaded
+    weights (the new ``x``, as a load between steps is) instead of the copy of the old one,
+    and a step then takes the same step as after a load between steps."""
+    x, y = logistic_problem(0)
+    idx = batches(x, y, 1)[0]
+
+    def run(held: bool):
+        model = make_model()
+        opt = ALSALS(model.parameters())
+        for _ in range(4):
+            opt.step(lambda: loss_of(model, x[idx], y[idx]))
+        checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+        for _ in range(3):
+            opt.step(lambda: loss_of(model, x[idx], y[idx]))
+        if held:
+            opt.train()
+        model.load_state_dict(checkpoint)
+        if held:
+            opt.eval()
+            assert all(torch.equal(v, model.state_dict()[k]) for k, v in checkpoint.items())
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+        return [p.detach().clone() for p in model.parameters()], opt.search_state.edits
+
+    (held, edits_held), (between, edits_between) = run(True), run(False)
+    assert edits_held == edits_between == 1
+    assert all(torch.equal(a, b) for a, b in zip(held, between, strict=True))
+
+
+def test_the_first_phase_does_not_end_during_warmup():
+    """``first_phase="settled"`` ends at a search after the first that takes its first trial;
+    during warm-up the ramp's start usually does, and says nothing: the phase goes on."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), warmup_steps=5, first_phase="settled", initial_searches=30)
+    idx = batches(x, y, 1)[0]
+    for _ in range(5):
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+        assert not opt.search_state.first_phase_over

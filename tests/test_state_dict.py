@@ -238,3 +238,19 @@ def test_alsals_resumed_after_a_changed_lr_scale_reads_no_written_lr():
         resumed.step(closure(resumed_model))
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_alsals_state_saved_before_its_first_step_resumes_from_its_own_lr():
+    """A checkpoint taken before any step, loaded into an optimizer built with another
+    ``lr``: the run starts (and warms up) from the checkpoint's."""
+    x, y = make_classification(64, features=8, seed=1)
+    x, y = x.double(), y.double().unsqueeze(1)
+    model, opt = _alsals_run(lr=0.01, warmup=4)
+    saved = opt.state_dict()
+    other_model, other = _alsals_run(lr=1.0, warmup=4)
+    other.load_state_dict(saved)
+    sizes = []
+    for m, o in ((model, opt), (other_model, other)):
+        closure = lambda m=m: torch.nn.functional.binary_cross_entropy_with_logits(m(x), y)  # noqa: E731
+        sizes.append([(o.step(closure), o.last_step.step_size)[1] for _ in range(4)])
+    assert sizes[0] == sizes[1] and max(sizes[0]) <= 0.01

@@ -351,8 +351,9 @@ class ALSALS(torch.optim.Optimizer):
         backtrack: a rejected trial's step size is multiplied by this (0.8).
         interpolate: skip the trials of that grid above where a quadratic model fitted to
             the rejected trial passes the test (``True``).
-        max_trials: trials per search; if none passes, only the averaging move is taken
-            and the step size is kept (100).
+        max_trials: evaluations per search (the averaging move's test counts as one); if
+            none passes, only the averaging move is taken, the step size is kept, and the
+            next step resumes below the last trial (100).
         initial_searches: steps that all search at the start of a run (10).
         first_phase: what ends those searches early: ``"never"``; ``"kept"``, a search that
             kept the step size (the test cannot judge it there, and the next steps' searches
@@ -589,6 +590,10 @@ class ALSALS(torch.optim.Optimizer):
             group.update(_group_settings(group))
         if self.param_groups:  # groups added later get the loaded settings, not the old ones
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_SETTINGS})
+            anchor = anchor_parameter(self.param_groups)
+            if anchor is None or STATE_KEY not in self.state[anchor]:  # saved before a step
+                first = self.param_groups[0]
+                self.defaults["lr"] = first["lr"] / first["lr_scale"]
         self._versions = None  # the weights that go with this state are loaded separately
         known = bool(shown) and all(isinstance(v, float) for v in shown)
         self._shown_lr = [float(v) for v in shown] if known else None
@@ -630,10 +635,27 @@ class ALSALS(torch.optim.Optimizer):
         Trainer calls this before evaluating); otherwise they are ``x`` already and nothing
         changes."""
         if self._held is not None:
-            for average in self._held:
-                average.restore()
+            # weights written while held (a checkpoint loaded after train()) are the new x,
+            # as between steps; the others go back to x
+            edited = self._edited_weights()
+            with torch.no_grad():
+                for average in self._held:
+                    for p, w, x in zip(
+                        average.group["params"], average.weights, average.x, strict=True
+                    ):
+                        if id(p) not in edited:
+                            w.copy_(x)
             self._held = None
+            self._adopt_edited_weights(edited)
             self._versions = self._weight_versions()
+
+    def _edited_weights(self) -> set[int]:
+        """The parameters written in place since this optimizer last left them (their
+        version counters moved), by ``id``."""
+        if self._versions is None:
+            return set()
+        now = self._weight_versions()
+        return {k for k, v in now.items() if k in self._versions and v != self._versions[k]}
 
     # ------------------------------------------------------------------------------ the step
 
@@ -651,6 +673,8 @@ class ALSALS(torch.optim.Optimizer):
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
             check_same_settings("ALSALS", self.param_groups, self._process_group, device)
             self._ranks_checked = True
+        if self._held is not None and self._edited_weights():
+            self.eval()  # weights written after train(): the new x (then y from it again)
         if self._held is None:  # (after train(), the weights are at y, moved by train())
             self._adopt_edited_weights()
         params = [p for g in self.param_groups for p in g["params"]]
@@ -676,6 +700,17 @@ class ALSALS(torch.optim.Optimizer):
             groups, squared = self._gather(averages)
             info = self._run(search, written, loss, groups, squared, evaluator)
             self._warn_about(info, evaluator)  # (-W error: undone like any exception)
+            # y, where the loss is taken, may have left the loss's domain (a reused step
+            # size moved z past a log barrier, say) while the average x has not: where the
+            # loss at x is finite (not a bad batch), z restarts at x (the last thing the step
+            # does: an exception in that evaluation undoes the step like any other)
+            if (
+                info.kind == "nonfinite"
+                and search.nonfinite_in_a_row == NONFINITE_RESTART
+                and self._finite_at_average(averages, evaluator)
+            ):
+                self._restart_at_average(averages)
+                search.restarts += 1
         except BaseException:
             for average in averages:
                 average.restore()
@@ -686,16 +721,6 @@ class ALSALS(torch.optim.Optimizer):
             if not evaluator.grads_as_found():  # a retry must not add this attempt's to its own
                 self._left_grads = LeftGradients(params)
             raise
-        # y, where the loss is taken, may have left the loss's domain (a reused step size
-        # moved z past a log barrier, say) while the average x has not: where the loss at x
-        # is finite (not a bad batch), z restarts at x
-        if (
-            info.kind == "nonfinite"
-            and search.nonfinite_in_a_row == NONFINITE_RESTART
-            and self._finite_at_average(averages, evaluator)
-        ):
-            self._restart_at_average(averages)
-            search.restarts += 1
         for average in averages:  # x' where the step moved, x where it did not
             average.restore()
         self._versions = self._weight_versions()
@@ -723,7 +748,7 @@ class ALSALS(torch.optim.Optimizer):
         return {id(p): p._version for group in self.param_groups for p in group["params"]}
 
     @torch.no_grad()
-    def _adopt_edited_weights(self) -> None:
+    def _adopt_edited_weights(self, edited: set[int] | None = None) -> None:
         """Weights written since this optimizer last left them at ``x`` (a checkpoint loaded
         into the model alone, a re-initialised layer, a projection after each step) are the
         new ``x``: ``z`` restarts there, for the edited parameters, so that ``y`` and the
@@ -731,10 +756,7 @@ class ALSALS(torch.optim.Optimizer):
         of a group was edited, its averaging restarts too (``alpha = 1`` at the next step,
         as at a run's first); the search state, Adam's second moments and the step size stay.
         """
-        if self._versions is None:
-            return
-        now = self._weight_versions()
-        edited = {k for k, v in now.items() if k in self._versions and v != self._versions[k]}
+        edited = self._edited_weights() if edited is None else edited
         if not edited:
             return
         for group in self.param_groups:
@@ -755,7 +777,7 @@ class ALSALS(torch.optim.Optimizer):
             search.watch = None  # it compares losses of weights no longer held
             search.edits += 1
             self.state[anchor][STATE_KEY] = search.to_dict()
-        self._versions = now
+        self._versions = self._weight_versions()
 
     @torch.no_grad()
     def _to_gradient_point(self) -> list[_Average]:
@@ -942,7 +964,8 @@ class ALSALS(torch.optim.Optimizer):
             # (searches counts this one already: "after the first" is a second or later)
             settled = kind == "search" and trials == 1 and search.searches > 1
             ending = {"kept": kind == "kept", "settled": kind == "kept" or settled}
-            search.first_phase_over |= ending.get(h["first_phase"], False)
+            in_warmup = search.steps <= h["warmup_steps"]  # (steps counts this one already)
+            search.first_phase_over |= ending.get(h["first_phase"], False) and not in_warmup
             search.exhausted += kind == "exhausted"
             if kind == "search" or result.unchanged:  # (a flat loss: nothing to resume)
                 search.resume = 0.0
