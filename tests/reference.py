@@ -535,13 +535,15 @@ class ReferenceOptimizer:
             self.count_skip(skip, loss_not_finite=not is_finite(loss0))
             self.set_group_lrs()
             return loss0
+        true_grads = grads  # the test's slope is the true gradient's (clipping moves the update)
         grads = self.clip(grads, active)
         moments = self.moments_after(grads, active)
         plan = self.plan(written)  # 3
         d_search, d_update = self.directions(grads, active, moments)  # 4
         outcome = "taken"
         if plan == "search":
-            outcome = self.search(f, loss0, [grads[i] for i in active], d_search, record)  # 5
+            searched = [true_grads[i] for i in active]
+            outcome = self.search(f, loss0, searched, d_search, record)  # 5
         if outcome == "nonfinite":
             record.kind = "nonfinite"
             self.count_skip("nonfinite", loss_not_finite=self.start_not_finite)

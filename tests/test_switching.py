@@ -66,10 +66,38 @@ def test_writing_lr_once_does_not_warn(optimizer_class):
 # -------------------------------------------------------------------------- clipping
 
 
-@pytest.mark.parametrize("max_norm", [0.05, 1e3])
+def test_clipping_moves_the_update_and_keeps_the_true_slope_in_the_test(optimizer_class):
+    """max_grad_norm clips the gradient the update is built from, as clip_grad_norm_ would;
+    the Armijo test keeps the true gradient's slope: at the first step the searched
+    direction is the one a closure that clips would give, and its analytic slope is that
+    closure's divided by the clip factor (clipping in the closure makes the test that much
+    laxer: a reviewer's MLP with max_grad_norm=0.1 ended at 0.65 against 0.20 unclipped)."""
+    x, y = regression()
+    models = [mlp(), mlp()]
+    settings = {"lr": 0.5, "slope": "analytic"}
+    clipped = optimizer_class(models[0].parameters(), max_grad_norm=0.05, **settings)
+    manual = optimizer_class(models[1].parameters(), **settings)
+
+    def clipping_closure(backward: bool):
+        loss = nn.functional.mse_loss(models[1](x).squeeze(-1), y)
+        if backward:
+            manual.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.05)
+        return loss.detach()
+
+    clipped.step(mse_closure(models[0], x, y))
+    manual.step(clipping_closure)
+    norm = clipped.last_step.grad_norm
+    assert norm > 0.05  # the clip acted
+    factor = 0.05 / (norm + 1e-6)
+    assert clipped.last_step.slope == pytest.approx(manual.last_step.slope / factor, rel=1e-9)
+
+
+@pytest.mark.parametrize("max_norm", [1e3])
 def test_clipping_matches_clip_grad_norm_before_a_step(optimizer_class, max_norm):
-    """max_grad_norm clips the gradient the step uses exactly as clip_grad_norm_ would: the
-    optimizer with max_grad_norm equals one without it whose closure clips."""
+    """A max_grad_norm the gradient never reaches changes nothing: the optimizer with it
+    equals one without it whose closure calls clip_grad_norm_."""
     x, y = regression()
     models = [mlp(), mlp()]
     clipped = optimizer_class(models[0].parameters(), lr=0.5, max_grad_norm=max_norm)
@@ -87,8 +115,7 @@ def test_clipping_matches_clip_grad_norm_before_a_step(optimizer_class, max_norm
         clipped.step(mse_closure(models[0], x, y))
         manual.step(clipping_closure)
         norm = clipped.last_step.grad_norm
-        assert math.isfinite(norm) and norm > 0
-    assert (norm > max_norm) == (max_norm < 1)  # the small limit clipped, the large did not
+        assert math.isfinite(norm) and 0 < norm < max_norm  # the limit never clipped
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 

@@ -582,6 +582,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._disconnected_steps = 0  # steps in a row whose loss gave no parameter a gradient
         self._buffers_checked = False
         self._grad_norm = math.nan
+        self._clip_factor = 1.0
         self._replay_loss: float | None = None
         self._model_terms: ModelTerms | None = None
         self._left_grads: LeftGradients | None = None
@@ -606,6 +607,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_buffers_checked", False)
+        self.__dict__.setdefault("_clip_factor", 1.0)
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_replay_loss", None)
         self.__dict__.setdefault("_model_terms", None)
@@ -890,6 +892,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
         self._grad_norm, self._replay_loss, self._model_terms = math.nan, None, None
+        self._clip_factor = 1.0  # max_grad_norm's factor on the gradients this step
         run = _Run(first_search=search.searches == 0, start_step_size=search.step_size)
         try:
             loss, loss0, outcome = self._phases_1_to_5(search, written, evaluator, run)
@@ -1086,8 +1089,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if grad_max == 0.0:
             return loss0, Outcome(kind="zero_grad")
         if clip is not None and self._grad_norm > clip:
-            # torch.nn.utils.clip_grad_norm_'s rule, in place on the gradients
-            torch._foreach_mul_(grads, clip / (self._grad_norm + 1e-6))
+            # torch.nn.utils.clip_grad_norm_'s rule, in place on the gradients (the search's
+            # analytic slope divides it out: the test keeps the true gradient's slope)
+            self._clip_factor = clip / (self._grad_norm + 1e-6)
+            torch._foreach_mul_(grads, self._clip_factor)
         if clip is not None and cap_on:
             # the cap's sums need the clipped gradients: one more synchronisation
             self._model_terms = ModelTerms(
@@ -1525,14 +1530,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             return [probe, self._analytic_slope(run)]
         return [probe]
 
-    @staticmethod
-    def _analytic_slope(run: _Run) -> Tensor:
+    def _analytic_slope(self, run: _Run) -> Tensor:
         """``-g . d`` summed on the device (0 on a rank without local gradients, which
-        still joins the collectives)."""
+        still joins the collectives), with the true gradient ``g``: the gradients are
+        clipped in place by then, and their factor is divided out."""
         terms = analytic_slope(run.steps, run.directions)
         if not terms:
             return torch.zeros((), dtype=torch.float64)
-        return torch.stack([t.to(torch.float64) for t in terms]).sum()
+        return torch.stack([t.to(torch.float64) for t in terms]).sum() / self._clip_factor
 
     # -- 6 -----------------------------------------------------------------------------------
 
