@@ -837,8 +837,10 @@ class ReferenceOptimizer:
             st.decrease_avg = st.slope_avg = 0.0
             st.averaged = 0
             self.next_step_size = eta_start
-        elif rejected:
-            self.next_step_size = record.tried[-1]
+        elif rejected:  # the next search starts one backtrack below the last trial
+            below = record.tried[-1] * cfg.backtrack
+            grows = 1.0 if cap < math.inf else 2 ** (1 / cfg.growth_interval)
+            self.next_step_size = max(below / grows, MIN_STEP_SIZE)
         else:
             self.next_step_size = max(eta_start, largest_unresolved)
         return "failed"

@@ -454,7 +454,7 @@ def test_an_lbfgs_style_closure_failing_in_a_trial_leaves_the_weights(cls):
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
 
 
-def test_failed_search_leaves_weights_unchanged_and_keeps_the_smallest_step():
+def test_failed_search_leaves_weights_unchanged_and_starts_the_next_below_the_smallest():
     w = torch.tensor([0.5, -0.25], requires_grad=True)
     w0 = w.detach().clone()
     opt = SLS([w], lr=1.0, max_trials=5)
@@ -465,7 +465,7 @@ def test_failed_search_leaves_weights_unchanged_and_keeps_the_smallest_step():
     opt.step(closure)
     assert opt.last_step.kind == "failed" and opt.last_step.trials == 5
     assert torch.equal(w.detach(), w0)
-    expected = 1.0 * 2 ** (1 / 500) * 0.9**4
+    expected = 1.0 * 0.9**5  # the next start, one backtrack below the last trial, less growth
     assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
     assert opt.state[w]["line_search"]["failed_searches"] == 1
 

@@ -46,6 +46,7 @@ class Backtracking:
     largest_unresolved: float = 0.0
     last_tried: float = math.nan
     unbounded: float = 0.0  # the start the Polyak bound lowered (0: it did not)
+    growth: float = 1.0  # the factor the start grew the step size by (1 in warm-up)
 
     @classmethod
     def start(
@@ -61,8 +62,16 @@ class Backtracking:
         if cap < math.inf:
             eta = min(cap, largest)
             return cls(eta_start=eta, eta=eta, cap=cap, backtrack=backtrack, largest=largest)
-        eta = max(min(step_size * 2.0 ** (1.0 / growth_interval), largest), MIN_STEP_SIZE)
-        return cls(eta_start=step_size, eta=eta, cap=cap, backtrack=backtrack, largest=largest)
+        growth = 2.0 ** (1.0 / growth_interval)
+        eta = max(min(step_size * growth, largest), MIN_STEP_SIZE)
+        return cls(
+            eta_start=step_size,
+            eta=eta,
+            cap=cap,
+            backtrack=backtrack,
+            largest=largest,
+            growth=growth,
+        )
 
     def limit(self, largest: float) -> None:
         """Start no higher than ``largest`` (the Polyak step ``L0 / s``)."""
@@ -125,11 +134,13 @@ class Backtracking:
 
         With smoothing history the test itself may be unsatisfiable (the averages are then
         reset): keep the step size. Without it, a finite rejection means the step is too
-        large: go on from the last one tried. No finite, resolved trial says nothing
-        against the step size: keep it.
+        large: the next search starts one backtrack below the last one tried (the step size
+        is set so that its growth lands there: with few ``max_trials``, going on from the
+        last trial itself grew it at every failed search, a stall). No finite, resolved
+        trial says nothing against the step size: keep it.
         """
         if history:
             return self.eta_start
         if self.rejected:
-            return self.last_tried
+            return max(self.last_tried * self.backtrack / self.growth, MIN_STEP_SIZE)
         return self.unresolved_step_size()
