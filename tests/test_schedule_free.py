@@ -1364,6 +1364,11 @@ def test_a_trial_whose_loss_is_not_finite_never_lets_the_search_keep_its_step_si
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def barrier_loss(w: torch.Tensor) -> torch.Tensor:
+    """``sum 1 - log(1 - w) - 2 w``: minimum at ``w = 0.5``, no value at ``w >= 1``."""
+    return (1.0 - torch.log1p(-w) - 2.0 * w).sum()
+
+
 def test_a_loss_that_leaves_its_domain_at_y_restarts_z_at_the_average():
     """A log barrier (``-log(1 - w)``): ``z`` past the barrier puts ``y`` outside the loss's
     domain while the average ``x`` is inside. The first skipped step writes nothing; the
@@ -1372,7 +1377,7 @@ def test_a_loss_that_leaves_its_domain_at_y_restarts_z_at_the_average():
     opt = ALSALS([w])
 
     def closure():
-        return (1.0 - torch.log1p(-w) - 2.0 * w).sum()  # minimum at w = 0.5; none at w >= 1
+        return barrier_loss(w)
 
     for _ in range(5):
         opt.step(closure)
@@ -1476,7 +1481,7 @@ def test_z_restarts_at_the_average_even_where_the_closure_leaves_no_gradient():
     opt = ALSALS([w])
 
     def closure(backward):
-        loss = (1.0 - torch.log1p(-w) - 2.0 * w).sum()
+        loss = barrier_loss(w)
         if backward and torch.isfinite(loss):
             loss.backward()
         return loss.detach()
@@ -1517,7 +1522,7 @@ def test_an_exception_in_the_restart_check_undoes_the_step():
         w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
         opt = ALSALS([w])
         for _ in range(5):
-            opt.step(lambda: (1.0 - torch.log1p(-w) - 2.0 * w).sum())
+            opt.step(lambda: barrier_loss(w))
         opt.state[w]["z"].fill_(20.0)
         return w, opt
 
@@ -1528,7 +1533,7 @@ def test_an_exception_in_the_restart_check_undoes_the_step():
             calls[0] += 1
             if calls[0] == fail_at:
                 raise RuntimeError("failed at x")
-            return (1.0 - torch.log1p(-w) - 2.0 * w).sum()
+            return barrier_loss(w)
 
         return closure
 

@@ -356,10 +356,12 @@ class ClosureEvaluator:
         """
         self.rng_before = RandomState()
         self.before.capture()
-        self._grads_found = LeftGradients(self.params)
         held = [p.grad for p in self.params]
         dropped = not self.runs_backward_itself or self.closure.by_grad_mode
         dropped = dropped or (self.left is not None and self.left.untouched(self.params))
+        # gradients the closure adds to (accumulated outside it): remembered, so that an
+        # exception can tell them from this attempt's (not on the plain closure's path)
+        self._grads_found = None if dropped else LeftGradients(self.params)
         try:
             with torch.enable_grad():
                 if dropped:
@@ -493,7 +495,8 @@ class ClosureEvaluator:
         """Whether ``.grad`` holds exactly the gradients the step found (the closure's
         evaluation did not change them: gradients accumulated outside the closure, or an
         exception before its backward pass): after an exception they are the user's, not
-        this attempt's, and a retry must keep them."""
+        this attempt's, and a retry must keep them. Where the step set them to ``None``
+        before the closure ran, no: a retry recomputes them (or they are the last step's)."""
         return self._grads_found is not None and self._grads_found.untouched(self.params)
 
     def abort(self) -> None:

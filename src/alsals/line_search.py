@@ -211,6 +211,43 @@ def group_params(param_group: dict[str, Any]) -> list[Tensor]:
     return params
 
 
+def with_shown_lr(state: dict[str, Any], shown: list[float] | None) -> dict[str, Any]:
+    """``state`` (a ``state_dict()``) with each group's ``lr`` as the last step showed it
+    under ``SHOWN_LR_KEY``, so that a resumed run tells a written ``lr`` from a changed
+    ``lr_scale`` exactly as the uninterrupted one would."""
+    if shown is not None and len(shown) == len(state["param_groups"]):
+        for group, lr in zip(state["param_groups"], shown, strict=True):
+            group[SHOWN_LR_KEY] = lr
+    return state
+
+
+def split_shown_lr(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[float] | None]:
+    """A state to load without ``SHOWN_LR_KEY`` in its groups, and the shown ``lr`` they
+    carried (``None`` where not every group carried one)."""
+    groups = state_dict.get("param_groups", [])
+    shown = [g.get(SHOWN_LR_KEY) for g in groups]
+    state_dict = {
+        **state_dict,
+        "param_groups": [{k: v for k, v in g.items() if k != SHOWN_LR_KEY} for g in groups],
+    }
+    known = bool(shown) and all(isinstance(v, float) for v in shown)
+    return state_dict, [float(v) for v in shown] if known else None
+
+
+def written_lr(
+    groups: list[dict[str, Any]], shown: list[float] | None, step_size: float
+) -> tuple[int, dict[str, Any]] | None:
+    """The first group whose ``lr`` differs from the one the last step showed (``shown``;
+    without it, ``step_size`` times the group's ``lr_scale``), with its index; ``None``
+    where nothing was written. A changed ``lr_scale`` alone is no write."""
+    if shown is None or len(shown) != len(groups):
+        shown = [step_size * g["lr_scale"] for g in groups]
+    for index, (group, lr_shown) in enumerate(zip(groups, shown, strict=True)):
+        if group["lr"] != lr_shown:
+            return index, group
+    return None
+
+
 def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
     """The warning for a closure that gave ``again`` at the weights where it had given
     ``loss0`` (``None`` where the two agree to ``REPLAY_TOLERANCE``, or ``again`` is not
@@ -658,13 +695,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
-        showed (``shown_lr``), so that a resumed run tells a written ``lr`` from a changed
-        ``lr_scale`` exactly as the uninterrupted one would."""
-        state = super().state_dict()
-        if self._shown_lr is not None and len(self._shown_lr) == len(state["param_groups"]):
-            for group, shown in zip(state["param_groups"], self._shown_lr, strict=True):
-                group[SHOWN_LR_KEY] = shown
-        return state
+        showed (:func:`with_shown_lr`)."""
+        return with_shown_lr(super().state_dict(), self._shown_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``, validated first: a ``ValueError`` names the
@@ -680,13 +712,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "Schedule-Free run (its model holds the average x, its state z and no Adam "
                 "momentum) cannot continue as this optimizer's; load it into ALSALS"
             )
-        shown = [g.get(SHOWN_LR_KEY) for g in saved_groups]
-        state_dict = {
-            **state_dict,
-            "param_groups": [
-                {k: v for k, v in g.items() if k != SHOWN_LR_KEY} for g in saved_groups
-            ],
-        }
+        state_dict, shown = split_shown_lr(state_dict)
         state_dict = self._without_foreign_settings(state_dict)
         self._validate_state(state_dict)
         groups = state_dict.get("param_groups", [])
@@ -712,8 +738,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 entries["step"] = int(entries["step"].item())
         if self.param_groups:  # groups added later get the loaded settings, not the old ones
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_KEYS})
-        known = shown and all(isinstance(v, float) for v in shown)
-        self._shown_lr = [float(v) for v in shown] if known else None
+        self._shown_lr = shown
 
     def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state of another optimizer, minus that optimizer's settings (with a warning)."""
@@ -981,21 +1006,18 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         (``eta * lr_scale``) sets ``eta`` (the first such group): returns ``"set"``, or
         ``"zero"`` for a written 0 (this step takes no update and ``eta`` is kept), or
         ``None`` when nothing was written. A changed ``lr_scale`` alone is not a write."""
-        shown = self._shown_lr
-        if shown is None or len(shown) != len(self.param_groups):
-            shown = [search.step_size * g["lr_scale"] for g in self.param_groups]
-        for group, lr_shown in zip(self.param_groups, shown, strict=True):
-            if group["lr"] == lr_shown:
-                continue
-            lr = in_range("param_groups[...]['lr']", group["lr"], 0.0, closed_low=True)
-            if lr == 0.0:
-                return "zero"
-            search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
-            # the user's step size: loss_rise_guard's ceiling and watch start afresh
-            search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
-            self._store_watch(search, LossWatch())
-            return "set"
-        return None
+        written = written_lr(self.param_groups, self._shown_lr, search.step_size)
+        if written is None:
+            return None
+        group = written[1]
+        lr = in_range("param_groups[...]['lr']", group["lr"], 0.0, closed_low=True)
+        if lr == 0.0:
+            return "zero"
+        search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
+        # the user's step size: loss_rise_guard's ceiling and watch start afresh
+        search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
+        self._store_watch(search, LossWatch())
+        return "set"
 
     # -- 1 -----------------------------------------------------------------------------------
 

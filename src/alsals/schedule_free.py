@@ -95,7 +95,6 @@ from alsals.line_search import (
     NO_BACKWARD_WARNING,
     SCHEDULE_WARNING,
     SCHEDULE_WARNING_STEPS,
-    SHOWN_LR_KEY,
     STALE_BUFFERS_HINT,
     STALL_WARNING_STEPS,
     StepInfo,
@@ -108,6 +107,9 @@ from alsals.line_search import (
     local_shard,
     not_replayed_message,
     shard_count,
+    split_shown_lr,
+    with_shown_lr,
+    written_lr,
 )
 from alsals.optimizers import MomentumALSALS
 from alsals.rise_guard import LossWatch
@@ -272,9 +274,16 @@ class _Average:
     weights: list[Tensor]
     x: list[Tensor]
 
-    def restore(self) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_(self.weights, self.x)
+    def restore(self, keep: set[int] | frozenset[int] = frozenset()) -> None:
+        """The weights back to ``x``, but for the parameters in ``keep`` (by ``id``)."""
+        weights, x = self.weights, self.x
+        if keep:
+            kept = [id(p) not in keep for p in self.group["params"]]
+            weights = [w for w, k in zip(weights, kept, strict=True) if k]
+            x = [t for t, k in zip(x, kept, strict=True) if k]
+        if weights:
+            with torch.no_grad():
+                torch._foreach_copy_(weights, x)
 
 
 @dataclass
@@ -548,26 +557,14 @@ class ALSALS(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
-        showed (``shown_lr``), so that a resumed run tells a written ``lr`` from a changed
-        ``lr_scale`` exactly as the uninterrupted one would."""
-        state = super().state_dict()
-        if self._shown_lr is not None and len(self._shown_lr) == len(state["param_groups"]):
-            for group, shown in zip(state["param_groups"], self._shown_lr, strict=True):
-                group[SHOWN_LR_KEY] = shown
-        return state
+        showed (:func:`alsals.line_search.with_shown_lr`)."""
+        return with_shown_lr(super().state_dict(), self._shown_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
         saved (its groups lack this one's settings and averaging weights) with the keys
         named, before anything is loaded."""
-        saved_groups = state_dict.get("param_groups", [])
-        shown = [g.get(SHOWN_LR_KEY) for g in saved_groups]
-        state_dict = {
-            **state_dict,
-            "param_groups": [
-                {k: v for k, v in g.items() if k != SHOWN_LR_KEY} for g in saved_groups
-            ],
-        }
+        state_dict, shown = split_shown_lr(state_dict)
         required = {*SEARCH_SETTINGS, *GROUP_STATE}
         for index, group in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(required - group.keys())
@@ -595,8 +592,7 @@ class ALSALS(torch.optim.Optimizer):
                 first = self.param_groups[0]
                 self.defaults["lr"] = first["lr"] / first["lr_scale"]
         self._versions = None  # the weights that go with this state are loaded separately
-        known = bool(shown) and all(isinstance(v, float) for v in shown)
-        self._shown_lr = [float(v) for v in shown] if known else None
+        self._shown_lr = shown
 
     def __getstate__(self) -> dict[str, Any]:
         skipped = ("_left_grads", "_held", "_versions")
@@ -638,13 +634,8 @@ class ALSALS(torch.optim.Optimizer):
             # weights written while held (a checkpoint loaded after train()) are the new x,
             # as between steps; the others go back to x
             edited = self._edited_weights()
-            with torch.no_grad():
-                for average in self._held:
-                    for p, w, x in zip(
-                        average.group["params"], average.weights, average.x, strict=True
-                    ):
-                        if id(p) not in edited:
-                            w.copy_(x)
+            for average in self._held:
+                average.restore(keep=edited)
             self._held = None
             self._adopt_edited_weights(edited)
             self._versions = self._weight_versions()
@@ -1301,21 +1292,18 @@ class ALSALS(torch.optim.Optimizer):
         ``CosineAnnealingLR`` writes at its end): ``"zero"``, this step takes no update and
         the step size is kept; ``None`` when nothing was written. A changed ``lr_scale``
         alone is not a write."""
-        shown = self._shown_lr
-        if shown is None or len(shown) != len(self.param_groups):
-            shown = [search.step_size * g["lr_scale"] for g in self.param_groups]
-        for index, (group, lr_shown) in enumerate(zip(self.param_groups, shown, strict=True)):
-            if group["lr"] == lr_shown:
-                continue
-            name = f"param_groups[{index}]['lr']"
-            lr = in_range(name, group["lr"], 0.0, MAX_STEP_SIZE, closed_low=True)
-            if lr == 0.0:
-                return "zero"
-            search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
-            search.resume = 0.0  # the user's step size: searched from, as at a written lr
-            search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
-            return "set"
-        return None
+        written = written_lr(self.param_groups, self._shown_lr, search.step_size)
+        if written is None:
+            return None
+        index, group = written
+        name = f"param_groups[{index}]['lr']"
+        lr = in_range(name, group["lr"], 0.0, MAX_STEP_SIZE, closed_low=True)
+        if lr == 0.0:
+            return "zero"
+        search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
+        search.resume = 0.0  # the user's step size: searched from, as at a written lr
+        search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
+        return "set"
 
     def _warmup_peak(self, search: SearchState) -> float:
         """The ``lr`` the warm-up ramps to: the run's, as its state recorded it (a run
