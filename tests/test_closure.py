@@ -510,6 +510,65 @@ def test_a_backward_closure_on_another_model_says_both_causes(optimizer_class):
     assert opt.last_step.kind == "zero_grad"
 
 
+def test_an_lbfgs_closure_on_another_model_is_a_step_without_gradient(optimizer_class):
+    """The LBFGS form (``zero_grad(); loss.backward(); return loss``) on a loss none of this
+    optimizer's parameters take part in: its backward has used the graph, and the step is
+    one without gradient, as the plain form's is (not the error for a loss computed before
+    the closure); three in a row, and the optimizer says why. Nothing moves."""
+    torch.manual_seed(0)
+    model, other = nn.Linear(4, 1), nn.Linear(4, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = optimizer_class(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(other(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(3):
+            opt.step(closure)
+            assert opt.last_step.kind == "zero_grad"
+            named = [w for w in caught if "does not depend on the parameters" in str(w.message)]
+            assert len(named) == (1 if k == 2 else 0)
+    for p, p0 in zip(model.parameters(), start, strict=True):
+        assert torch.equal(p.detach(), p0)
+
+
+def test_an_lbfgs_closure_that_leaves_out_this_optimizers_head_on_some_steps(optimizer_class):
+    """Two optimizers, a trunk's and a head's, and an LBFGS-form closure: on another task's
+    batches the loss does not involve the head, whose optimizer takes a step without
+    gradient there (no error, no warning) and searches on the others."""
+    torch.manual_seed(0)
+    trunk, head = nn.Linear(4, 4), nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = optimizer_class(head.parameters())
+
+    def closure_of(loss_fn):
+        def closure():
+            opt.zero_grad()
+            trunk.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        return closure
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(did not change|does not depend).*")
+        for k in range(9):
+            if k % 3 == 2:
+                opt.step(closure_of(lambda: trunk(x).pow(2).mean()))
+                assert opt.last_step.kind == "zero_grad"
+                assert trunk.weight.grad is not None  # the trunk's gradient is the closure's
+            else:
+                opt.step(closure_of(lambda: nn.functional.mse_loss(head(trunk(x).tanh()), y)))
+                assert opt.last_step.kind in ("search", "reuse")
+
+
 class _Constants(nn.Module):
     """A layer with constant buffers (position ids, a mask), as BERT's embeddings have."""
 

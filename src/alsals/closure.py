@@ -133,6 +133,25 @@ def _widest_dtype(params: Sequence[Tensor]) -> torch.dtype:
     return min(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
+def _graph_reaches(loss: Tensor, params: Sequence[Tensor]) -> bool:
+    """Whether ``loss``'s autograd graph leads to any of ``params`` (read where a backward
+    pass has already used the graph, to tell a loss computed before the closure from one
+    that does not depend on these parameters)."""
+    wanted = {id(p) for p in params}
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None and id(variable) in wanted:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 def as_loss_tensor(value: object, role: str) -> Tensor:
     """The closure's return value as a 0-dim tensor, or an error that says what came back."""
     if isinstance(value, Tensor):
@@ -423,6 +442,12 @@ class ClosureEvaluator:
                 ) from err
             if "backward through the graph a second time" not in str(err):
                 raise
+            if not _graph_reaches(loss, self.params):
+                # the closure ran backward itself (the LBFGS form) on a loss none of this
+                # optimizer's parameters take part in: a step without gradient, as the plain
+                # form's would be (``disconnected``), not a loss computed before the closure
+                self.backwards += 1
+                return
             raise RuntimeError(
                 "closure() returned a loss whose graph a backward pass has already used: it "
                 "was computed before the closure (and its backward called there). Compute the "
