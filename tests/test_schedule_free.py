@@ -1474,6 +1474,91 @@ def test_a_written_lr_that_no_trial_can_judge_is_not_taken_untested():
     assert loss_of(model, x[idx], y[idx]).item() < 3 * before  # no blow-up (50 taken: 450x)
 
 
+@pytest.mark.parametrize("skipped", ["nonfinite", "zero_grad"])
+def test_a_written_lr_stays_untested_over_a_skipped_step(skipped):
+    """``lr`` written, then a step the optimizer skips (a non-finite gradient, or none): the
+    next step that can search searches from the written lr, as it would have without the
+    skipped step; the written lr is never reused untested."""
+    x, y = logistic_problem(0)
+    idx = batches(x, y, 1)[0]
+
+    def step_after_write(skip: bool):
+        model = make_model()
+        opt = ALSALS(model.parameters(), polyak_cap=False)
+        for _ in range(12):  # past the first phase: most steps reuse
+            opt.step(lambda: loss_of(model, x[idx], y[idx]))
+        for group in opt.param_groups:
+            group["lr"] = 1e6
+        if skip:
+            if skipped == "nonfinite":
+                weight = next(model.parameters())
+                opt.step(lambda: loss_of(model, x[idx], y[idx]) + (weight * math.nan).sum())
+            else:
+                opt.step(lambda: torch.ones((), dtype=torch.float64, requires_grad=True))
+            assert opt.last_step.kind == skipped
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+        return opt.last_step, [p.detach().clone() for p in model.parameters()]
+
+    straight, straight_weights = step_after_write(skip=False)
+    after_skip, weights = step_after_write(skip=True)
+    assert straight.kind != "reuse" and straight.trials >= 1
+    assert after_skip.kind == straight.kind and after_skip.step_size == straight.step_size
+    for a, b in zip(straight_weights, weights, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_written_lr_lowered_by_the_polyak_bound_is_replaced_by_the_trial_that_passed():
+    """A written lr far above the Polyak step: the search starts at the bound, and the trial
+    that passes there becomes the step size (no search accepted the written one, which
+    would otherwise be reused untested on the next steps and grown from)."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), polyak_cap=False)  # (the cap would hide a reused 1e3)
+    for idx in batches(x, y, 12):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    for group in opt.param_groups:
+        group["lr"] = 1e3
+    for k, idx in enumerate(batches(x, y, 10, seed=5)):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        if k == 0:
+            assert opt.last_step.kind == "search" and opt.last_step.step_size < 1e3
+            accepted = opt.last_step.step_size
+            assert opt.param_groups[0]["lr"] == accepted
+        else:
+            assert opt.param_groups[0]["lr"] <= accepted * 1.1 * (1 + 1e-12)
+            assert opt.last_step.step_size <= accepted * 1.1 * (1 + 1e-12)
+
+
+def test_a_retried_step_after_one_written_lr_is_no_schedule():
+    """One written lr, then a step that raises twice before it succeeds: one write, not a
+    schedule left in the loop; no warning."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    idx = batches(x, y, 1)[0]
+    for _ in range(3):
+        opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    opt.param_groups[0]["lr"] = 0.05
+    failures = [2]
+
+    def flaky():
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("transient")
+        return loss_of(model, x[idx], y[idx])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            try:
+                opt.step(flaky)
+            except RuntimeError as err:
+                assert "transient" in str(err)
+        for _ in range(3):
+            opt.step(lambda: loss_of(model, x[idx], y[idx]))
+    assert failures[0] == 0
+
+
 def test_z_restarts_at_the_average_even_where_the_closure_leaves_no_gradient():
     """A ``closure(backward)`` that skips its backward pass on a non-finite loss (a common
     guard) leaves no gradient: the restart of ``z`` at ``x`` does not need one."""

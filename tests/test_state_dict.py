@@ -192,6 +192,36 @@ def test_alsals_resumed_into_an_optimizer_built_with_another_lr_keeps_its_warmup
     resumed.step(closure(resumed_model))
 
 
+def test_alsals_saved_after_an_lr_written_before_its_first_step_resumes_identically():
+    """``lr`` written before the first step, the state saved then: the resumed run ramps its
+    warm-up to the lr it was built with and adopts the write at its first step, as the
+    uninterrupted run does."""
+    x, y = make_classification(64, features=8, seed=1)
+    x, y = x.double(), y.double().unsqueeze(1)
+
+    def closure(model):
+        return lambda: torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    model, opt = _alsals_run(lr=0.1, warmup=5)
+    opt.param_groups[0]["lr"] = 0.05
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    for _ in range(7):
+        opt.step(closure(model))
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    resumed_model, resumed = _alsals_run(lr=0.1, warmup=5)
+    resumed_model.load_state_dict(saved_model)
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    for _ in range(7):
+        resumed.step(closure(resumed_model))
+    assert resumed.search_state.initial_step_size == opt.search_state.initial_step_size == 0.1
+    for a, b in zip(straight, resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b.detach())
+
+
 @pytest.mark.parametrize("cls", [MomentumALSALS, SLS], ids=["MomentumALSALS", "SLS"])
 def test_an_alsals_state_is_refused_by_the_other_optimizers(cls):
     """An ``ALSALS`` state holds ``z`` and Schedule-Free's averaging, not Adam's momentum:

@@ -201,6 +201,7 @@ class SearchState:
     step_size: float
     initial_step_size: float = math.nan  # lr as the run began: warm-up's peak
     resume: float = 0.0  # where the search after one that accepted nothing starts (0: none)
+    untested_write: bool = False  # the step size is a written lr no search has run from yet
     nonfinite_in_a_row: int = 0  # steps skipped in a row for a non-finite loss at y
     steps: int = 0  # steps that moved the weights
     searches: int = 0
@@ -589,8 +590,11 @@ class ALSALS(torch.optim.Optimizer):
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_SETTINGS})
             anchor = anchor_parameter(self.param_groups)
             if anchor is None or STATE_KEY not in self.state[anchor]:  # saved before a step
+                # the lr the run was built with: the one its groups showed (an lr written
+                # since is a write the first step adopts, as it would have been)
                 first = self.param_groups[0]
-                self.defaults["lr"] = first["lr"] / first["lr_scale"]
+                lr = shown[0] if shown is not None else first["lr"]
+                self.defaults["lr"] = lr / first["lr_scale"]
         self._versions = None  # the weights that go with this state are loaded separately
         self._shown_lr = shown
 
@@ -678,18 +682,21 @@ class ALSALS(torch.optim.Optimizer):
         )
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
+        written_steps = self._written_lr_steps  # (an exception puts the count back)
+        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+        # a written lr that a skipped step left untested is still the user's, not a search's
+        pending = "set" if written is None and search.untested_write else written
         averages: list[_Average] = []
         self._grad_norm = math.nan
         held = self._held is not None
         averages, self._held = self._held or [], None  # (train(): the weights are at y)
         try:
-            self._written_lr_steps = self._written_lr_steps + 1 if written else 0
             if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
                 self._warn_once("schedule", SCHEDULE_WARNING.format(name="ALSALS"))
             averages = averages or self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
             groups, squared = self._gather(averages)
-            info = self._run(search, written, loss, groups, squared, evaluator)
+            info = self._run(search, pending, loss, groups, squared, evaluator)
             self._warn_about(info, evaluator)  # (-W error: undone like any exception)
             # y, where the loss is taken, may have left the loss's domain (a reused step
             # size moved z past a log barrier, say) while the average x has not: where the
@@ -703,6 +710,7 @@ class ALSALS(torch.optim.Optimizer):
                 self._restart_at_average(averages)
                 search.restarts += 1
         except BaseException:
+            self._written_lr_steps = written_steps
             for average in averages:
                 average.restore()
             if held:  # the weights as they were: at y, where train() had put them
@@ -950,6 +958,7 @@ class ALSALS(torch.optim.Optimizer):
         else:
             search.searches += 1
             search.steps_since_search = 0
+            search.untested_write = False
             search.leading = search.trailing = 0
             search.kept += kind == "kept"
             # (searches counts this one already: "after the first" is a second or later)
@@ -1014,7 +1023,9 @@ class ALSALS(torch.optim.Optimizer):
         bound = self._polyak_step(loss0, gamma, averaging, slope)
         # polyak_start="trial": where the bound alone lowered a later search's start and
         # that start passes, the search says nothing about the step size above it
-        lowered = not (first or resuming) and bound < gamma and h["polyak_start"] == "trial"
+        # (not from a written lr, which no search has accepted: the trial that passes does)
+        trusted = not (first or resuming or written)
+        lowered = trusted and bound < gamma and h["polyak_start"] == "trial"
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
         # A run's first search starts from the user's guess, lr: a start that passes at once
@@ -1302,6 +1313,7 @@ class ALSALS(torch.optim.Optimizer):
             return "zero"
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
         search.resume = 0.0  # the user's step size: searched from, as at a written lr
+        search.untested_write = True
         search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
         return "set"
 
