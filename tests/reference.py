@@ -749,6 +749,7 @@ class ReferenceOptimizer:
         rejected = False
         largest_unresolved = 0.0
         nonfinite_in_a_row = 0
+        start_finite = False  # f(w0) the trials' way was found finite (5.3)
         for _ in range(cfg.max_trials):
             loss = loss_only(f, displaced(w0, d_search, eta_try))
             record.forwards += 1
@@ -756,13 +757,17 @@ class ReferenceOptimizer:
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
             nonfinite_in_a_row = 0 if is_finite(loss) else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK:  # 5.3: f(w0) the trials' way
-                if replayed is None:
+            every_one = len(record.tried) == cfg.max_trials and nonfinite_in_a_row == cfg.max_trials
+            if nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK or every_one:
+                if replayed is None:  # 5.3: f(w0) the trials' way
                     replayed = loss_only(f, w0)
                     record.forwards += 1
                 if not is_finite(replayed):  # no step size can help: skip the step
                     self.start_not_finite = True
                     return "nonfinite"
+                start_finite = True
+            # a non-finite trial where f(w0) was found finite: the step was too large
+            diverged = not is_finite(loss) and start_finite
             if judged and height > resolution(loss0) and is_finite(loss):
                 # 5.2: a trial below the floor says the floor is wrong; a first trial at the
                 # Polyak step within 1/64 of the height above it is suspect, and a trial at
@@ -807,7 +812,7 @@ class ReferenceOptimizer:
                 self.next_step_size = max(eta_try, carried)
                 record.loss_decrease = delta
                 return "accepted"
-            rejected = rejected or is_finite(loss)
+            rejected = rejected or is_finite(loss) or diverged
             skip = 0  # interpolate: trials plain backtracking would make that the model fails
             passing = None
             if cfg.interpolate and is_finite(loss):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
+import warnings
 
 import pytest
 import torch
 
-from alsals import ALSALS, SLS, MomentumALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from conftest import SmallNet, bce_closure, make_classification
 
 TOTAL_STEPS, SAVE_AT = 12, 5
@@ -113,6 +116,31 @@ def test_a_group_added_after_loading_gets_the_loaded_settings(optimizer_class):
         [{"params": [torch.ones(3, requires_grad=True)]}, {"params": [torch.ones(2)]}], c=0.3
     )
     again.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+@pytest.mark.parametrize("rebuilt", ["load_state_dict", "deepcopy", "pickle"])
+def test_a_group_added_to_a_resumed_optimizer_saves_no_foreign_setting(cls, rebuilt):
+    """Resume (or copy), then unfreeze a layer with ``add_param_group``: the new group holds
+    this optimizer's settings only (torch's ``__setstate__`` adds ``differentiable`` to the
+    defaults), so the next checkpoint loads without a word about another optimizer."""
+    a = torch.ones(3, requires_grad=True)
+    opt = cls([a])
+    opt.step(lambda: (a**2).sum())
+    if rebuilt == "load_state_dict":
+        resumed = cls([a])
+        resumed.load_state_dict(opt.state_dict())
+    elif rebuilt == "deepcopy":
+        resumed = copy.deepcopy(opt)
+    else:
+        resumed = pickle.loads(pickle.dumps(opt))
+    resumed.add_param_group({"params": [torch.ones(2, requires_grad=True)]})
+    assert resumed.param_groups[1].keys() == resumed.param_groups[0].keys()
+    fresh = cls([torch.ones(3, requires_grad=True)])
+    fresh.add_param_group({"params": [torch.ones(2, requires_grad=True)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(resumed.state_dict())
 
 
 def test_a_process_group_that_is_not_one_is_an_error(optimizer_class):

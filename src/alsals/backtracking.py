@@ -93,14 +93,16 @@ class Backtracking:
             return accepted
         return max(accepted, INTERPOLATION_FLOOR * self.unbounded)
 
-    def reject(self, finite: bool, predicted: float = math.nan) -> None:
+    def reject(self, finite: bool, predicted: float = math.nan, diverged: bool = False) -> None:
         """A rejected trial: the next one is ``backtrack`` times smaller. Given the step
         size that a model of the loss ``predicted`` to pass, the walk skips the trials above
         it that plain backtracking would make: the next trial is the first of
         ``eta * backtrack^j`` (``j >= 1``) not above ``predicted``, but not below
         ``INTERPOLATION_FLOOR * eta``. A search that accepts a trial then accepts one that
-        plain backtracking would have tried too, in fewer trials."""
-        self.rejected = self.rejected or finite
+        plain backtracking would have tried too, in fewer trials. A finite trial, or a
+        ``diverged`` one (non-finite where the loss at the start is finite), says the step
+        was too large (``rejected``)."""
+        self.rejected = self.rejected or finite or diverged
         self.last_tried = self.eta
         eta = self.eta * self.backtrack
         if finite and math.isfinite(predicted):
@@ -137,7 +139,8 @@ class Backtracking:
         large: the next search starts one backtrack below the last one tried (the step size
         is set so that its growth lands there: with few ``max_trials``, going on from the
         last trial itself grew it at every failed search, a stall). No finite, resolved
-        trial says nothing against the step size: keep it.
+        trial says nothing against the step size: keep it (non-finite trials count as
+        rejections only where the loss at the start was found finite: ``reject``).
         """
         if history:
             return self.eta_start

@@ -637,6 +637,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # (torch adds "differentiable" to the defaults here, which add_param_group would
+        # copy into a new group: a setting of another optimizer in the next state_dict)
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_buffers", [])
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_warned", set())
@@ -1366,6 +1369,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             walk.limit(bound)
         judged = (polyak or h["loss_floor"] is not None) and not search.floor_refuted
         nonfinite_in_a_row = 0
+        start_finite = False  # the loss at w0 the trials' way was found finite (5.3)
         unchanged = True  # every trial so far gave exactly L0
         judged_trials: list[tuple[float, float]] = []  # (eta, loss), finite, after warm-up
         moved_all_the_way = False  # a trial moved the weights as far as their own norm
@@ -1383,12 +1387,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     return Outcome("nonfinite", trials=1, slope=slope, warning="the slope estimate")
             nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
             unchanged = unchanged and value == loss0
-            # the step's fault? (5.3) If the loss is not finite at w0 either, no step can pass
-            doubt = nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
-            if doubt and not self._finite_at_start(trial, evaluator):
-                return Outcome(
-                    "nonfinite", trials=tried, slope=test.slope, warning=NO_GRAD_NONFINITE
-                )
+            # the step's fault? (5.3) If the loss is not finite at w0 either, no step can pass;
+            # if it is, a non-finite trial was too large a step (asked after two such trials
+            # in a row, or at the last where every trial was one)
+            every_one = tried == h["max_trials"] and nonfinite_in_a_row == tried
+            doubt = nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK or every_one
+            if doubt and not start_finite:
+                if not self._finite_at_start(trial, evaluator):
+                    return Outcome(
+                        "nonfinite", trials=tried, slope=test.slope, warning=NO_GRAD_NONFINITE
+                    )
+                start_finite = True
             if judged:  # what the trial says of the floor (5.2): the first's word, or below it
                 word = floor_word(loss0, value, floor, resolution, at_polyak_step and tried == 1)
                 if word == "near":  # suspect: twice the Polyak step goes below, or back up
@@ -1426,7 +1435,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if verdict == "rejected":
                 interpolated = h["interpolate"] and walk.cap == math.inf
                 predicted = test.largest_passing() if interpolated else math.nan
-                walk.reject(finite=math.isfinite(value), predicted=predicted)
+                finite = math.isfinite(value)
+                walk.reject(
+                    diverged=not finite and start_finite, finite=finite, predicted=predicted
+                )
                 # trusted: a model fitted to a trial that lowered the loss measurably, in a
                 # search whose scale the first search has set
                 trusted = h["trust_interpolation"] and search.searches > 0

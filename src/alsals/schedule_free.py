@@ -604,6 +604,9 @@ class ALSALS(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # (torch adds "differentiable" to the defaults here, which add_param_group would
+        # copy into a new group: a setting of another optimizer in the next state_dict)
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_warned", set())
@@ -1159,9 +1162,10 @@ class ALSALS(torch.optim.Optimizer):
             slope = (at_gamma - at_zero) / gamma
             curvature = 2.0 * ((at_gamma - decrease) / gamma) / gamma
             keep = 1.0 - h["c"]  # the share of the promise the test leaves for curvature
-            disc = (keep * slope) ** 2 + 2.0 * curvature * keep * at_zero
+            lead = keep * slope  # (a product, not ** 2: a huge slope gives inf, not an error)
+            disc = lead * lead + 2.0 * curvature * keep * at_zero
             if curvature > 0.0 and disc >= 0.0:
-                predicted = (keep * slope + math.sqrt(disc)) / curvature
+                predicted = (lead + math.sqrt(disc)) / curvature
                 floor = gamma * INTERPOLATION_FLOOR
                 while nxt > predicted and nxt * h["backtrack"] >= floor:
                     nxt *= h["backtrack"]
