@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from alsals import ALSALS, SLS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 
 
 def two_group_problem(cls, **group_settings):
@@ -173,6 +174,32 @@ def test_a_copy_of_a_group_can_be_added(optimizer_class):
     assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
     with pytest.raises(ValueError, match="per-group 'lr'"):
         opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "lr": 0.5})
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+def test_groups_copied_from_adamw_carry_over_with_its_rate_as_the_start(cls):
+    """``ALSALS(adamw.param_groups)``: the groups carry one lr, AdamW's, which becomes where
+    the first search starts (a group's setting overrides the constructor's, as in
+    torch.optim); AdamW's own keys are dropped with a warning, weight decay stays per group.
+    Groups with different rates are still the error that names ``lr_scale``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
+    with pytest.warns(UserWarning, match="parameter-group settings of another optimizer"):
+        opt = cls(adamw.param_groups)
+    assert opt.defaults["lr"] == 3e-4
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all("fused" not in g and "amsgrad" not in g for g in opt.param_groups)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert opt.last_step.kind in ("search", "kept", "unresolved")
+    assert opt.last_step.trials >= 1
+    layerwise = [{"params": decay, "lr": 1e-3}, {"params": no_decay, "lr": 1e-2}]
+    with pytest.raises(ValueError, match="lr_scale"):
+        cls(layerwise)
 
 
 def _alsals_two_groups(**kwargs):

@@ -234,6 +234,23 @@ def split_shown_lr(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[flo
     return state_dict, [float(v) for v in shown] if known else None
 
 
+def groups_with_one_lr(
+    params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float
+) -> tuple[list[Any], float]:
+    """``params`` as a list, and where the first search starts: the ``lr`` that every
+    parameter group carries where all carry the same one (groups built for another
+    optimizer, ``adamw.param_groups``: a group's setting overrides the constructor's, as in
+    ``torch.optim``), else ``lr``. Groups with different rates are left to the per-group
+    check, whose error says to use ``lr_scale``."""
+    if isinstance(params, Tensor):  # (torch's own error names it)
+        return params, lr  # type: ignore[return-value]
+    params = list(params)
+    rates = [g["lr"] for g in params if isinstance(g, dict) and "lr" in g]
+    if params and len(rates) == len(params) and all(r == rates[0] for r in rates):
+        return params, rates[0]
+    return params, lr
+
+
 def written_lr(
     groups: list[dict[str, Any]], shown: list[float] | None, step_size: float
 ) -> tuple[int, dict[str, Any]] | None:
@@ -624,7 +641,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._model_terms: ModelTerms | None = None
         self._left_grads: LeftGradients | None = None
         self.last_step: StepInfo | None = None
-        defaults = {"search_direction": self.search_directions[0].value, **defaults}
+        params, lr = groups_with_one_lr(params, defaults["lr"])
+        defaults = {"search_direction": self.search_directions[0].value, **defaults, "lr": lr}
         super().__init__(params, self._checked_direction(checked_search(defaults)))
 
     # ------------------------------------------------------------------ torch.optim protocol

@@ -104,6 +104,7 @@ from alsals.line_search import (
     check_eps,
     drop_foreign_keys,
     group_params,
+    groups_with_one_lr,
     local_shard,
     not_replayed_message,
     shard_count,
@@ -443,6 +444,7 @@ class ALSALS(torch.optim.Optimizer):
                 "ALSALS takes the parameters, not the module: pass "
                 "model.parameters() (or a list of parameter groups)"
             )
+        params, lr = groups_with_one_lr(params, lr)
         settings = {"lr": in_range("lr", lr, 0.0, MAX_STEP_SIZE, closed_low=False)}
         settings.update(
             _checked_search_settings(
