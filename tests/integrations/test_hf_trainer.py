@@ -11,6 +11,7 @@ micro-batches takes the steps one batch of twice the size takes; the logged
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -342,6 +343,49 @@ def test_fp16_with_accelerates_grad_scaler_skips_overflow_steps(tmp_path):
     # the line search saw unscaled gradients: a scaled (x 65536 and more) slope would have
     # made every trial fail
     assert search["failed_searches"] == 0 and 0 < search["slope_avg"] < 1e3
+
+
+def test_alsals_under_fp16_is_back_at_the_average_after_a_skipped_step(tmp_path):
+    """``training_step`` moves ALSALS's weights to ``y`` for the Trainer's backward; a step
+    the GradScaler skips (an overflow) never runs the optimizer, and the weights must still
+    come back to the average ``x`` the last step left, for checkpoints and the run's end."""
+    model = tiny_bert()
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(0, 100, (8,), generator=gen), "labels": torch.tensor(i % 2)}
+        for i in range(64)
+    ]
+    overflow_at = 3  # the global step whose gradient gets an inf
+    ends = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            skipped = trainer.accelerator.optimizer_step_was_skipped
+            ends.append((skipped, {n: p.detach().clone() for n, p in model.named_parameters()}))
+
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=overflow_at + 1, fp16=True),
+        train_dataset=data,
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-3}),
+        callbacks=[Watch()],
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer.accelerator.native_amp = True
+
+    def overflow(grad):
+        if trainer.state.global_step == overflow_at:
+            grad = grad.clone()
+            grad.view(-1)[0] = math.inf
+        return grad
+
+    next(model.parameters()).register_hook(overflow)
+    trainer.train()
+    skipped = [s for s, _ in ends]
+    assert skipped == [False] * overflow_at + [True]
+    before, after = ends[-2][1], ends[-1][1]
+    assert all(torch.equal(before[n], after[n]) for n in before)  # x, where the last step left
+    assert trainer.optimizer.optimizer._held is None
 
 
 class _BatchNormNet(torch.nn.Module):

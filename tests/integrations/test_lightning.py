@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,18 @@ def test_bf16_mixed_trains(tmp_path):
     fit.fit(module, DataLoader(data(), batch_size=32, shuffle=True))
     assert fit.global_step == 16 and len(module.losses) == 16
     assert module.losses[-1] < 0.5 * module.losses[0]
+
+
+def test_bf16_true_is_warned_about_and_bf16_mixed_is_not(tmp_path):
+    """``bf16-true`` computes the loss in bfloat16 (8 significant bits): the callback says
+    so and names ``bf16-mixed``; ``bf16-mixed`` trains without that warning."""
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        fit = trainer(tmp_path, logger=False, enable_checkpointing=False, precision="bf16-true")
+        fit.fit(Module(), DataLoader(data(), batch_size=32))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*half precision.*")
+        fit = trainer(tmp_path, logger=False, enable_checkpointing=False, precision="bf16-mixed")
+        fit.fit(Module(), DataLoader(data(), batch_size=32))
 
 
 @pytest.mark.distributed

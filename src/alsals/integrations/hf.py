@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from alsals.closure import RandomState
 from alsals.integrations import DRIVEN
@@ -114,6 +114,19 @@ def _step_with_trainer_closure(trainer_ref: weakref.ref) -> Callable[..., Tensor
     return step
 
 
+class _BackToTheAverage(TrainerCallback):
+    """After every optimizer step, ``ALSALS``'s weights back at the average ``x``: the step
+    brings them back itself, but a step the GradScaler skips (fp16 overflow) never runs, and
+    the weights would stay at ``y``, where ``training_step``'s ``train()`` put them, for the
+    checkpoints and the end of the run to see."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer = kwargs.get("optimizer")
+        held = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's
+        if isinstance(held, ALSALS):
+            held.eval()  # (nothing to do where the step ran)
+
+
 class LineSearchTrainerMixin:
     """Makes a ``transformers.Trainer`` (subclass) drive an alsals line-search optimizer.
 
@@ -125,6 +138,7 @@ class LineSearchTrainerMixin:
         super().__init__(*args, **kwargs)
         self._line_search_window: list[_MicroBatch] = []
         self._line_search_window_closed = False
+        self.add_callback(_BackToTheAverage())  # type: ignore[attr-defined]
         args_ = self.args
         if getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(

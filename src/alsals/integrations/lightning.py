@@ -38,6 +38,7 @@ logs the trials, forward passes and step size taken of each step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,9 @@ import torch
 from torch import Tensor
 
 from alsals.integrations import DRIVEN
+
+#: Lightning precisions whose weights, and so the loss, are half precision.
+HALF_PRECISION_WEIGHTS = ("bf16-true", "16-true")
 
 __all__ = ["LineSearchCallback", "line_search_step"]
 
@@ -125,6 +129,15 @@ class LineSearchCallback(pl.Callback):
                 "Use precision='bf16-mixed' (no scaler needed), or precision='32-true' with "
                 "your own torch.autocast and alsals.integrations.amp.step_with_scaler in "
                 "plain PyTorch."
+            )
+        if str(trainer.precision) in HALF_PRECISION_WEIGHTS:
+            warnings.warn(
+                f"precision={trainer.precision!r} computes the loss in half precision (8 or "
+                "11 significant bits), whose rounding hides the small decreases the Armijo "
+                "test looks for. Use precision='bf16-mixed' (float32 weights, a float32 loss) "
+                "unless the model does not fit otherwise.",
+                UserWarning,
+                stacklevel=2,
             )
 
     def on_train_batch_end(
