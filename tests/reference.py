@@ -558,20 +558,25 @@ class ReferenceOptimizer:
     # -- 0 -------------------------------------------------------------------------------
     def adopt_written_lr(self) -> str | None:
         """Phase 0: the first group ``lr`` that differs from ``eta * lr_scale`` sets ``eta``
-        (``"set"``; the step then searches from it); a written 0 means no update this step
-        (``"zero"``; ``eta`` is kept); ``None`` when nothing was written."""
-        for lr, group in zip(self.lr, self.groups, strict=True):
-            if lr != self.state.step_size * group.lr_scale:
-                if lr == 0:
-                    return "zero"
-                self.state.step_size = max(lr / group.lr_scale, MIN_STEP_SIZE)
-                # the guard's ceiling and watch start afresh (phase 0)
-                st = self.state
-                st.step_size_ceiling, st.ceiling_loss = math.inf, 0.0
-                for name in WATCH_FIELDS:
-                    setattr(st, name, 0)
-                return "set"
-        return None
+        (``"set"``; the step then searches from it); a written 0 in any group means no update
+        this step (``"zero"``; ``eta`` is kept); ``None`` when nothing was written."""
+        written = [
+            (lr, group)
+            for lr, group in zip(self.lr, self.groups, strict=True)
+            if lr != self.state.step_size * group.lr_scale
+        ]
+        if not written:
+            return None
+        if any(lr == 0 for lr, _ in written):
+            return "zero"
+        lr, group = written[0]
+        self.state.step_size = max(lr / group.lr_scale, MIN_STEP_SIZE)
+        # the guard's ceiling and watch start afresh (phase 0)
+        st = self.state
+        st.step_size_ceiling, st.ceiling_loss = math.inf, 0.0
+        for name in WATCH_FIELDS:
+            setattr(st, name, 0)
+        return "set"
 
     # -- 1 -------------------------------------------------------------------------------
     def evaluate(self, f: LossFn) -> tuple[float, list[Tensor | None]]:

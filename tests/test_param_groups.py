@@ -202,6 +202,35 @@ def test_groups_copied_from_adamw_carry_over_with_its_rate_as_the_start(cls):
         cls(layerwise)
 
 
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+@pytest.mark.parametrize("zero_in", [0, 1])
+def test_a_zero_written_into_one_group_stops_every_group_whatever_else_was_written(cls, zero_in):
+    """One step size for all groups: a 0 written into either group stops the step for all,
+    also where another group's lr was written at the same time (the first written group
+    decided, so a 0 in the second was lost: the step ran and moved the group holding 0).
+    Every written value is checked, not only the first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = cls([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        return nn.functional.mse_loss(model(x), y)
+
+    for _ in range(3):
+        opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[zero_in]["lr"] = 0.0
+    opt.param_groups[1 - zero_in]["lr"] = 0.05
+    opt.step(closure)
+    assert opt.last_step.kind == "zero_lr"
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+    opt.param_groups[0]["lr"] = 0.05
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*lr"):
+        opt.step(closure)
+
+
 def _alsals_two_groups(**kwargs):
     a = torch.ones(3, dtype=torch.float64, requires_grad=True)
     b = torch.ones(3, dtype=torch.float64, requires_grad=True)

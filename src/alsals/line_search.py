@@ -252,17 +252,26 @@ def groups_with_one_lr(
 
 
 def written_lr(
-    groups: list[dict[str, Any]], shown: list[float] | None, step_size: float
-) -> tuple[int, dict[str, Any]] | None:
-    """The first group whose ``lr`` differs from the one the last step showed (``shown``;
-    without it, ``step_size`` times the group's ``lr_scale``), with its index; ``None``
-    where nothing was written. A changed ``lr_scale`` alone is no write."""
+    groups: list[dict[str, Any]],
+    shown: list[float] | None,
+    step_size: float,
+    largest: float = math.inf,
+) -> tuple[int, float, dict[str, Any]] | None:
+    """The group whose written ``lr`` decides this step, with its index and the value
+    checked to lie in ``[0, largest)``: a written 0 in any group (one step size for all, so
+    a 0 anywhere stops every group for the step), else the first group whose ``lr`` differs
+    from the one the last step showed (``shown``; without it, ``step_size`` times the
+    group's ``lr_scale``). ``None`` where nothing was written; every written value is
+    checked. A changed ``lr_scale`` alone is no write."""
     if shown is None or len(shown) != len(groups):
         shown = [step_size * g["lr_scale"] for g in groups]
-    for index, (group, lr_shown) in enumerate(zip(groups, shown, strict=True)):
-        if group["lr"] != lr_shown:
-            return index, group
-    return None
+    written = [
+        (index, in_range(f"param_groups[{index}]['lr']", g["lr"], 0.0, largest, closed_low=True), g)
+        for index, (g, lr_shown) in enumerate(zip(groups, shown, strict=True))
+        if g["lr"] != lr_shown
+    ]
+    zero = [w for w in written if w[1] == 0.0]
+    return (zero or written)[0] if written else None
 
 
 def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
@@ -1025,13 +1034,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _adopt_written_lr(self, search: SearchState) -> str | None:
         """Phase 0: a group ``lr`` that differs from the one the last step showed
         (``eta * lr_scale``) sets ``eta`` (the first such group): returns ``"set"``, or
-        ``"zero"`` for a written 0 (this step takes no update and ``eta`` is kept), or
+        ``"zero"`` for a written 0 in any group (this step takes no update and ``eta`` is
+        kept), or
         ``None`` when nothing was written. A changed ``lr_scale`` alone is not a write."""
         written = written_lr(self.param_groups, self._shown_lr, search.step_size)
         if written is None:
             return None
-        group = written[1]
-        lr = in_range("param_groups[...]['lr']", group["lr"], 0.0, closed_low=True)
+        _, lr, group = written
         if lr == 0.0:
             return "zero"
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)

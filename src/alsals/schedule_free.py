@@ -1305,16 +1305,14 @@ class ALSALS(torch.optim.Optimizer):
     def _adopt_written_lr(self, search: SearchState) -> str | None:
         """A group ``lr`` that differs from the one the last step showed (the searched step
         size times the group's ``lr_scale`` then) sets the step size where the next search
-        starts, and makes it due (the first such group): ``"set"``; a written 0 (as
-        ``CosineAnnealingLR`` writes at its end): ``"zero"``, this step takes no update and
+        starts, and makes it due (the first such group): ``"set"``; a written 0 in any group
+        (as ``CosineAnnealingLR`` writes at its end): ``"zero"``, this step takes no update and
         the step size is kept; ``None`` when nothing was written. A changed ``lr_scale``
         alone is not a write."""
-        written = written_lr(self.param_groups, self._shown_lr, search.step_size)
+        written = written_lr(self.param_groups, self._shown_lr, search.step_size, MAX_STEP_SIZE)
         if written is None:
             return None
-        index, group = written
-        name = f"param_groups[{index}]['lr']"
-        lr = in_range(name, group["lr"], 0.0, MAX_STEP_SIZE, closed_low=True)
+        _, lr, group = written
         if lr == 0.0:
             return "zero"
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
