@@ -762,8 +762,7 @@ class ReferenceOptimizer:
             record.tried.append(eta_try)
             record.trial_losses.append(loss)
             nonfinite_in_a_row = 0 if is_finite(loss) else nonfinite_in_a_row + 1
-            every_one = len(record.tried) == cfg.max_trials and nonfinite_in_a_row == cfg.max_trials
-            if nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK or every_one:
+            if nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK:
                 if replayed is None:  # 5.3: f(w0) the trials' way
                     replayed = loss_only(f, w0)
                     record.forwards += 1
@@ -771,7 +770,8 @@ class ReferenceOptimizer:
                     self.start_not_finite = True
                     return "nonfinite"
                 start_finite = True
-            # a non-finite trial where f(w0) was found finite: the step was too large
+            # a non-finite trial where f(w0) was found finite: the step was too large, by how
+            # much it cannot say: the next trial a tenth (interpolation's largest cut)
             diverged = not is_finite(loss) and start_finite
             if judged and height > resolution(loss0) and is_finite(loss):
                 # 5.2: a trial below the floor says the floor is wrong; a first trial at the
@@ -817,7 +817,10 @@ class ReferenceOptimizer:
                 self.next_step_size = max(eta_try, carried)
                 record.loss_decrease = delta
                 return "accepted"
-            rejected = rejected or is_finite(loss) or diverged
+            rejected = rejected or is_finite(loss)
+            if diverged:
+                eta_try = max(0.1 * eta_try, MIN_STEP_SIZE)
+                continue
             skip = 0  # interpolate: trials plain backtracking would make that the model fails
             passing = None
             if cfg.interpolate and is_finite(loss):

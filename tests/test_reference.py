@@ -1116,15 +1116,16 @@ def test_nonfinite_finite_difference_slope_counts(variant):
 @pytest.mark.parametrize("variant", list(CLASSES))
 def test_every_trial_infinite_fails_the_search(variant):
     """Spec 5.3/5.4: an infinite trial loss is never accepted; all fail -> kind failed, and
-    since the loss at the start is finite, the infinite trials were too large a step: the
-    next search starts one backtrack below the last trial, as after finite rejections."""
+    since no finite trial said the step was too large, eta stays where the search started.
+    Once the loss at the start is found finite (after two infinite trials), each infinite
+    trial cuts the next tenfold."""
     problem = quadratic_problem()
     run = SideBySide(variant, problem, {"lr": 0.5, "slope": "analytic", "max_trials": 4})
     run.step(pinned(problem.loss_at(0), problem.groups[0]))
     rec = run.records[0]
     assert (rec.kind, rec.trials) == ("failed", 4)
-    # (one backtrack below, less the growth; SideBySide holds the optimizer to the reference)
-    assert rec.tried[-1] * 0.5 < run.ref.state.step_size < rec.tried[-1] < 0.5
+    assert rec.tried[3] == pytest.approx(0.1 * rec.tried[2], rel=1e-12)
+    assert run.ref.state.step_size == 0.5
     run.run(5)
     assert "search" in run.kinds()[1:]
 

@@ -99,12 +99,15 @@ class Backtracking:
         it that plain backtracking would make: the next trial is the first of
         ``eta * backtrack^j`` (``j >= 1``) not above ``predicted``, but not below
         ``INTERPOLATION_FLOOR * eta``. A search that accepts a trial then accepts one that
-        plain backtracking would have tried too, in fewer trials. A finite trial, or a
-        ``diverged`` one (non-finite where the loss at the start is finite), says the step
-        was too large (``rejected``)."""
-        self.rejected = self.rejected or finite or diverged
+        plain backtracking would have tried too, in fewer trials. A ``diverged`` trial
+        (non-finite where the loss at the start is finite) says the step is too large but
+        not by how much, and gives no model: the next trial is ``INTERPOLATION_FLOOR``
+        times smaller, the largest cut interpolation may make. Only a finite trial sets
+        ``rejected`` (a batch whose every trial is non-finite says nothing of the step size
+        the next search starts from: ``failed_step_size``)."""
+        self.rejected = self.rejected or finite
         self.last_tried = self.eta
-        eta = self.eta * self.backtrack
+        eta = self.eta * (INTERPOLATION_FLOOR if diverged else self.backtrack)
         if finite and math.isfinite(predicted):
             floor = self.eta * INTERPOLATION_FLOOR
             while eta > predicted and eta * self.backtrack >= floor:
@@ -139,8 +142,7 @@ class Backtracking:
         large: the next search starts one backtrack below the last one tried (the step size
         is set so that its growth lands there: with few ``max_trials``, going on from the
         last trial itself grew it at every failed search, a stall). No finite, resolved
-        trial says nothing against the step size: keep it (non-finite trials count as
-        rejections only where the loss at the start was found finite: ``reject``).
+        trial says nothing against the step size: keep it.
         """
         if history:
             return self.eta_start

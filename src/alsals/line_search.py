@@ -1415,10 +1415,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             nonfinite_in_a_row = 0 if math.isfinite(value) else nonfinite_in_a_row + 1
             unchanged = unchanged and value == loss0
             # the step's fault? (5.3) If the loss is not finite at w0 either, no step can pass;
-            # if it is, a non-finite trial was too large a step (asked after two such trials
-            # in a row, or at the last where every trial was one)
-            every_one = tried == h["max_trials"] and nonfinite_in_a_row == tried
-            doubt = nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK or every_one
+            # if it is, a non-finite trial was too large a step, by how much it cannot say
+            doubt = nonfinite_in_a_row == NONFINITE_TRIALS_BEFORE_CHECK
             if doubt and not start_finite:
                 if not self._finite_at_start(trial, evaluator):
                     return Outcome(
