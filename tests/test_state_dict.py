@@ -250,6 +250,40 @@ def test_alsals_saved_after_an_lr_written_before_its_first_step_resumes_identica
         assert torch.equal(a, b.detach())
 
 
+def test_alsals_weights_edited_just_before_a_checkpoint_resume_identically():
+    """A projection after a step (the weights clamped in place), then a checkpoint of model
+    and optimizer: the uninterrupted run restarts ``z`` at the edited weights at its next
+    step; the resumed one must too, though its optimizer never saw the weights' versions."""
+    x, y = make_classification(64, features=8, seed=1)
+    x, y = x.double(), y.double().unsqueeze(1)
+
+    def closure(model):
+        return lambda: torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    model, opt = _alsals_run(lr=0.1, warmup=0)
+    for _ in range(12):
+        opt.step(closure(model))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.clamp_(-0.05, 0.05)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    for _ in range(3):
+        opt.step(closure(model))
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    resumed_model, resumed = _alsals_run(lr=0.1, warmup=0)
+    resumed_model.load_state_dict(saved_model)
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    for _ in range(3):
+        resumed.step(closure(resumed_model))
+    assert resumed.search_state.edits == opt.search_state.edits == 1
+    for a, b in zip(straight, resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b.detach())
+
+
 @pytest.mark.parametrize("cls", [MomentumALSALS, SLS], ids=["MomentumALSALS", "SLS"])
 def test_an_alsals_state_is_refused_by_the_other_optimizers(cls):
     """An ``ALSALS`` state holds ``z`` and Schedule-Free's averaging, not Adam's momentum:

@@ -560,7 +560,12 @@ class ALSALS(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
-        showed (:func:`alsals.line_search.with_shown_lr`)."""
+        showed (:func:`alsals.line_search.with_shown_lr`). Weights edited in place since the
+        last step (a projection after it) are adopted first, as the next step would adopt
+        them: the checkpoint carries the restarted ``z``, which a resumed optimizer, built
+        without the version counters, could not find."""
+        if self._held is None:
+            self._adopt_edited_weights()
         return with_shown_lr(super().state_dict(), self._shown_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
