@@ -220,68 +220,55 @@ def test_alsals_resumed_into_an_optimizer_built_with_another_lr_keeps_its_warmup
     resumed.step(closure(resumed_model))
 
 
+def _saved_then_resumed(model, opt, closure, warmup: int, steps: int) -> ALSALS:
+    """Checkpoint ``model`` and ``opt`` now, take ``steps`` more steps; load the checkpoint
+    into a fresh model and ``ALSALS`` and take the same steps: the weights must be equal,
+    bit for bit. Returns the resumed optimizer."""
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    for _ in range(steps):
+        opt.step(closure(model))
+    resumed_model, resumed = _alsals_run(lr=0.1, warmup=warmup)
+    resumed_model.load_state_dict(saved_model)
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    for _ in range(steps):
+        resumed.step(closure(resumed_model))
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach())
+    return resumed
+
+
+def _bce_closure_of():
+    x, y = make_classification(64, features=8, seed=1)
+    x, y = x.double(), y.double().unsqueeze(1)
+    return lambda model: lambda: torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+
 def test_alsals_saved_after_an_lr_written_before_its_first_step_resumes_identically():
     """``lr`` written before the first step, the state saved then: the resumed run ramps its
     warm-up to the lr it was built with and adopts the write at its first step, as the
     uninterrupted run does."""
-    x, y = make_classification(64, features=8, seed=1)
-    x, y = x.double(), y.double().unsqueeze(1)
-
-    def closure(model):
-        return lambda: torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
-
     model, opt = _alsals_run(lr=0.1, warmup=5)
     opt.param_groups[0]["lr"] = 0.05
-    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved = io.BytesIO()
-    torch.save(opt.state_dict(), saved)
-    for _ in range(7):
-        opt.step(closure(model))
-    straight = [p.detach().clone() for p in model.parameters()]
-
-    resumed_model, resumed = _alsals_run(lr=0.1, warmup=5)
-    resumed_model.load_state_dict(saved_model)
-    saved.seek(0)
-    resumed.load_state_dict(torch.load(saved, weights_only=True))
-    for _ in range(7):
-        resumed.step(closure(resumed_model))
+    resumed = _saved_then_resumed(model, opt, _bce_closure_of(), warmup=5, steps=7)
     assert resumed.search_state.initial_step_size == opt.search_state.initial_step_size == 0.1
-    for a, b in zip(straight, resumed_model.parameters(), strict=True):
-        assert torch.equal(a, b.detach())
 
 
 def test_alsals_weights_edited_just_before_a_checkpoint_resume_identically():
     """A projection after a step (the weights clamped in place), then a checkpoint of model
     and optimizer: the uninterrupted run restarts ``z`` at the edited weights at its next
     step; the resumed one must too, though its optimizer never saw the weights' versions."""
-    x, y = make_classification(64, features=8, seed=1)
-    x, y = x.double(), y.double().unsqueeze(1)
-
-    def closure(model):
-        return lambda: torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
-
+    closure = _bce_closure_of()
     model, opt = _alsals_run(lr=0.1, warmup=0)
     for _ in range(12):
         opt.step(closure(model))
     with torch.no_grad():
         for p in model.parameters():
             p.clamp_(-0.05, 0.05)
-    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved = io.BytesIO()
-    torch.save(opt.state_dict(), saved)
-    for _ in range(3):
-        opt.step(closure(model))
-    straight = [p.detach().clone() for p in model.parameters()]
-
-    resumed_model, resumed = _alsals_run(lr=0.1, warmup=0)
-    resumed_model.load_state_dict(saved_model)
-    saved.seek(0)
-    resumed.load_state_dict(torch.load(saved, weights_only=True))
-    for _ in range(3):
-        resumed.step(closure(resumed_model))
+    resumed = _saved_then_resumed(model, opt, closure, warmup=0, steps=3)
     assert resumed.search_state.edits == opt.search_state.edits == 1
-    for a, b in zip(straight, resumed_model.parameters(), strict=True):
-        assert torch.equal(a, b.detach())
 
 
 @pytest.mark.parametrize("cls", [MomentumALSALS, SLS], ids=["MomentumALSALS", "SLS"])
