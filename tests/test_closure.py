@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from conftest import SmallNet, bce_closure, make_classification
 
 
@@ -567,6 +568,37 @@ def test_an_lbfgs_closure_that_leaves_out_this_optimizers_head_on_some_steps(opt
             else:
                 opt.step(closure_of(lambda: nn.functional.mse_loss(head(trunk(x).tanh()), y)))
                 assert opt.last_step.kind in ("search", "reuse")
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+def test_a_closure_that_never_zeroes_after_add_param_group_gets_this_steps_gradient(cls):
+    """A group added between steps (a layer the closure already ran): the gradients the
+    last step's backward left, in the old groups and in the new one, are dropped before a
+    ``closure(backward)`` that forgets ``zero_grad()`` (the marks were compared as a list,
+    and one more parameter made every stale gradient look accumulated on purpose: the step
+    added the last one to its own)."""
+
+    def run(zero: bool):
+        torch.manual_seed(0)
+        x, y = torch.randn(64, 5), (torch.randn(64) > 0).float()
+        w, b = nn.Parameter(torch.zeros(5)), nn.Parameter(torch.zeros(1))
+        opt = cls([w], lr=0.1)
+
+        def closure(backward):
+            if zero:
+                w.grad = b.grad = None
+            loss = nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
+            if backward:
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.add_param_group({"params": [b]})
+        opt.step(closure)
+        return w.detach().clone(), b.detach().clone()
+
+    forgets, zeroes = run(zero=False), run(zero=True)
+    assert all(torch.equal(f, z) for f, z in zip(forgets, zeroes, strict=True))
 
 
 class _Constants(nn.Module):

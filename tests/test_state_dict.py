@@ -271,6 +271,43 @@ def test_alsals_weights_edited_just_before_a_checkpoint_resume_identically():
     assert resumed.search_state.edits == opt.search_state.edits == 1
 
 
+@pytest.mark.parametrize("order", ["model first", "optimizer first"])
+def test_alsals_checkpoint_loaded_after_train_is_where_the_run_goes_on(order):
+    """``train()`` (the weights at ``y``, ``x`` held aside), then a checkpoint of model and
+    optimizer loaded, in either order: ``eval()`` shows the checkpoint's weights, and a step
+    takes the step a fresh model and optimizer resumed from it take (the held copy of ``x``
+    was the old run's: it replaced the loaded weights)."""
+    closure = _bce_closure_of()
+    model, opt = _alsals_run(lr=0.1, warmup=0)
+    for _ in range(3):
+        opt.step(closure(model))
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    for _ in range(3):
+        opt.step(closure(model))
+
+    def load():
+        if order == "model first":
+            model.load_state_dict(saved_model)
+        opt.load_state_dict(copy.deepcopy(saved_opt))
+        if order == "optimizer first":
+            model.load_state_dict(saved_model)
+
+    opt.train()
+    load()
+    opt.eval()
+    assert all(torch.equal(p, saved_model[n]) for n, p in model.named_parameters())
+    fresh_model, fresh = _alsals_run(lr=0.1, warmup=0)
+    fresh_model.load_state_dict(saved_model)
+    fresh.load_state_dict(copy.deepcopy(saved_opt))
+    fresh.step(closure(fresh_model))
+    opt.train()
+    load()
+    opt.step(closure(model))
+    for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach())
+
+
 @pytest.mark.parametrize("cls", [MomentumALSALS, SLS], ids=["MomentumALSALS", "SLS"])
 def test_an_alsals_state_is_refused_by_the_other_optimizers(cls):
     """An ``ALSALS`` state holds ``z`` and Schedule-Free's averaging, not Adam's momentum:

@@ -186,16 +186,23 @@ class LeftGradients:
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
-        self._marks = [
-            None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params
-        ]
+        self._marks = {
+            id(p): None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+            for p in params
+        }
+
+    def add(self, params: Sequence[Tensor]) -> None:
+        """Mark ``params`` (a group added between steps) as holding what an earlier backward
+        pass left them: their gradients now, untouched until the next step, are dropped
+        too."""
+        self._marks.update(LeftGradients(params)._marks)
 
     def untouched(self, params: Sequence[Tensor]) -> bool:
-        """Whether ``params`` hold exactly the gradients recorded, at least one of them."""
-        if len(params) != len(self._marks):
-            return False
+        """Whether ``params`` hold exactly the gradients recorded, at least one of them (a
+        parameter added since, by ``add_param_group``, must hold none)."""
         held = False
-        for p, mark in zip(params, self._marks, strict=True):
+        for p in params:
+            mark = self._marks.get(id(p))
             if mark is None:
                 if p.grad is not None:
                     return False

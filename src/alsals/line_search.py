@@ -718,6 +718,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
         if self._shown_lr is not None:
             self._shown_lr.append(group["lr"])
+        if self._left_grads is not None:
+            self._left_grads.add(group["params"])
 
     def _drop_foreign_keys(self, param_group: dict[str, Any]) -> None:
         known = {*SEARCH_KEYS, *GROUP_KEYS, *TORCH_GROUP_KEYS, "param_names"}

@@ -557,6 +557,8 @@ class ALSALS(torch.optim.Optimizer):
         group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
         if self._shown_lr is not None:
             self._shown_lr.append(group["lr"])
+        if self._left_grads is not None:
+            self._left_grads.add(group["params"])
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
@@ -603,6 +605,9 @@ class ALSALS(torch.optim.Optimizer):
                 lr = shown[0] if shown is not None else first["lr"]
                 self.defaults["lr"] = lr / first["lr_scale"]
         self._versions = None  # the weights that go with this state are loaded separately
+        # after train(): the copy of x it held is the old run's; the weights now (or as the
+        # model's checkpoint is loaded) are the new x
+        self._held = None
         self._shown_lr = shown
 
     def __getstate__(self) -> dict[str, Any]:
@@ -769,7 +774,7 @@ class ALSALS(torch.optim.Optimizer):
         if not edited:
             return
         for group in self.param_groups:
-            stepped = [p for p in group["params"] if "z" in self.state[p]]
+            stepped = [p for p in group["params"] if "z" in self.state.get(p, {})]
             moved = [p for p in stepped if id(p) in edited]
             if not moved:
                 continue
@@ -802,7 +807,7 @@ class ALSALS(torch.optim.Optimizer):
             moved = [
                 (w, local_shard(self.state[p]["z"]))
                 for p, w in zip(group["params"], weights, strict=True)
-                if "z" in self.state[p]
+                if "z" in self.state.get(p, {})
             ]
             if moved:
                 at, towards = zip(*moved, strict=True)
@@ -1245,7 +1250,7 @@ class ALSALS(torch.optim.Optimizer):
             moved = grads if scale is None else torch._foreach_mul(grads, scale)
             z_state, v_state, steps = [], [], []
             for p in params:
-                state = self.state[p]
+                state = self.state.get(p, {})  # (no entry before the step commits)
                 z_state.append(state["z"] if "z" in state else p.detach().clone())
                 v_state.append(
                     state["exp_avg_sq"] if "exp_avg_sq" in state else torch.zeros_like(p)
@@ -1346,7 +1351,7 @@ class ALSALS(torch.optim.Optimizer):
         this step found a gradient for it."""
         for average in averages:
             for p, x in zip(average.group["params"], average.x, strict=True):
-                if "z" in self.state[p]:
+                if "z" in self.state.get(p, {}):
                     local_shard(self.state[p]["z"]).copy_(x)
 
     def _stored_search_state(self) -> SearchState:
