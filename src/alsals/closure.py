@@ -186,16 +186,15 @@ class LeftGradients:
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
-        self._marks = {
-            id(p): None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-            for p in params
-        }
+        self._marks: dict[int, tuple[weakref.ref, int] | None] = {}
+        self.add(params)
 
     def add(self, params: Sequence[Tensor]) -> None:
-        """Mark ``params`` (a group added between steps) as holding what an earlier backward
-        pass left them: their gradients now, untouched until the next step, are dropped
-        too."""
-        self._marks.update(LeftGradients(params)._marks)
+        """Mark ``params`` as holding what a backward pass left them (at a step's end, and for
+        a group added between steps): their gradients now, untouched until the next step,
+        are dropped before it."""
+        for p in params:
+            self._marks[id(p)] = None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
 
     def untouched(self, params: Sequence[Tensor]) -> bool:
         """Whether ``params`` hold exactly the gradients recorded, at least one of them (a

@@ -256,9 +256,9 @@ def written_lr(
     shown: list[float] | None,
     step_size: float,
     largest: float = math.inf,
-) -> tuple[int, float, dict[str, Any]] | None:
-    """The group whose written ``lr`` decides this step, with its index and the value
-    checked to lie in ``[0, largest)``: a written 0 in any group (one step size for all, so
+) -> tuple[float, dict[str, Any]] | None:
+    """The written ``lr`` that decides this step, checked to lie in ``[0, largest)``, with
+    its group: a written 0 in any group (one step size for all, so
     a 0 anywhere stops every group for the step), else the first group whose ``lr`` differs
     from the one the last step showed (``shown``; without it, ``step_size`` times the
     group's ``lr_scale``). ``None`` where nothing was written; every written value is
@@ -266,11 +266,11 @@ def written_lr(
     if shown is None or len(shown) != len(groups):
         shown = [step_size * g["lr_scale"] for g in groups]
     written = [
-        (index, in_range(f"param_groups[{index}]['lr']", g["lr"], 0.0, largest, closed_low=True), g)
+        (in_range(f"param_groups[{index}]['lr']", g["lr"], 0.0, largest, closed_low=True), g)
         for index, (g, lr_shown) in enumerate(zip(groups, shown, strict=True))
         if g["lr"] != lr_shown
     ]
-    zero = [w for w in written if w[1] == 0.0]
+    zero = [w for w in written if w[0] == 0.0]
     return (zero or written)[0] if written else None
 
 
@@ -1042,7 +1042,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         written = written_lr(self.param_groups, self._shown_lr, search.step_size)
         if written is None:
             return None
-        _, lr, group = written
+        lr, group = written
         if lr == 0.0:
             return "zero"
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)

@@ -1322,7 +1322,7 @@ class ALSALS(torch.optim.Optimizer):
         written = written_lr(self.param_groups, self._shown_lr, search.step_size, MAX_STEP_SIZE)
         if written is None:
             return None
-        _, lr, group = written
+        lr, group = written
         if lr == 0.0:
             return "zero"
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
