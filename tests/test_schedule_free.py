@@ -279,6 +279,48 @@ def test_max_grad_norm_clips_the_update_s_gradient_as_clip_grad_norm_does():
         torch.testing.assert_close(p.detach(), xr, rtol=1e-9, atol=1e-12)
 
 
+def test_max_grad_norm_scales_each_gradient_in_its_own_dtype():
+    """The clipping factor, a float64 number, multiplies each gradient in that gradient's
+    dtype: a float64 group listed after a bfloat16 one is not clipped by a factor rounded to
+    bfloat16's 8 bits."""
+    low = torch.tensor([0.5, -1.0, 2.0], dtype=torch.bfloat16, requires_grad=True)
+    wide = torch.tensor([1.0, 3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([{"params": [low]}, {"params": [wide]}], max_grad_norm=0.1)
+    opt.step(lambda: (low.double() ** 2).sum() + ((wide - 0.3) ** 2).sum() / 3)
+    norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in (low, wide)))
+    assert norm > 1.0, "the step must clip"
+    expected = (1.0 - 0.999) * (wide.grad * (0.1 / (norm + 1e-6))) ** 2
+    # (the bfloat16 gradient's norm is taken in float32: 1e-7; bfloat16's rounding: 4e-3)
+    torch.testing.assert_close(opt.state[wide]["exp_avg_sq"], expected, rtol=1e-6, atol=0.0)
+
+
+def test_a_parameter_frozen_mid_run_stays_at_its_value_inside_the_step():
+    """``requires_grad=False`` on a parameter that has ``z``: the step evaluates the model
+    with it where it is evaluated and saved (``x``), not at ``y``, while the others train."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    plan = batches(x, y, 30)
+    for idx in plan[:10]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    frozen, *trained = model.parameters()
+    assert not torch.equal(opt.state[frozen]["z"], frozen), "y would differ from x"
+    frozen.requires_grad_(False)
+    held = frozen.detach().clone()
+    before = [p.detach().clone() for p in trained]
+    seen = []
+
+    def closure(idx):
+        seen.append(torch.equal(frozen, held))
+        return loss_of(model, x[idx], y[idx])
+
+    for idx in plan[10:]:
+        opt.step(lambda idx=idx: closure(idx))
+    assert len(seen) >= 20 and all(seen)
+    assert torch.equal(frozen, held)
+    assert all(not torch.equal(p, b) for p, b in zip(trained, before, strict=True))
+
+
 def test_state_dict_round_trips_the_trajectory():
     x, y = logistic_problem(0)
     model = make_model()

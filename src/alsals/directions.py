@@ -159,6 +159,25 @@ def commit_moments(step: GroupStep, state: dict) -> None:
         state[p]["step"] = t
 
 
+def wide_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``a . b`` over all elements, in at least float32: a dot product of float16 tensors
+    ends in float16, which overflows past 65504 (the squared norm of a large layer's
+    gradient whose every entry is small), and bfloat16's total keeps 8 bits."""
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return torch.dot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
+
+
+def wide_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Each tensor's 2-norm, in at least float32 (a float16 norm overflows past 65504):
+    ``torch._foreach_norm`` where every tensor is float32 or wider, as it was."""
+    if all(torch.finfo(t.dtype).bits >= 32 for t in tensors):
+        return list(torch._foreach_norm(tensors))
+    return [
+        torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
+        for t in tensors
+    ]
+
+
 def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> list[Tensor]:
     """The terms of the analytic slope ``-g . d`` (device scalars, no host sync).
 
@@ -173,12 +192,12 @@ def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> l
         if d.divisors is None:
             # One dot product per tensor: no temporary the size of the parameters.
             terms += [
-                torch.dot(g.reshape(-1), t.reshape(-1)) * (-d.scales[0] * k)
+                wide_dot(g, t) * (-d.scales[0] * k)
                 for g, t, k in zip(step.grads, d.tensors, step.shard_counts, strict=True)
             ]
         else:
             terms += [
-                torch.dot(g.reshape(-1), (t / q).reshape(-1)) * (-s * k)
+                wide_dot(g, t / q) * (-s * k)
                 for g, t, q, s, k in zip(
                     step.grads, d.tensors, d.divisors, d.scales, step.shard_counts, strict=True
                 )

@@ -57,6 +57,7 @@ from alsals.directions import (
     committed_momentum_direction,
     denominators_after,
     second_moments_after,
+    wide_norms,
 )
 from alsals.distributed import check_same_settings, checked_process_group, mean_to_host
 from alsals.hyperparameters import (
@@ -147,6 +148,13 @@ UNCHANGED_LOSS_WARNING = (
     "model's current weights (call the model inside the closure: outputs computed before it, "
     "or a loss of another model, stay the same whatever the optimizer does to the weights), "
     "or the loss changes by less than its own rounding (compute it in a wider dtype)"
+)
+UNRESOLVED_WARNING = (
+    "{name}: {n} searches in a row ended unresolved, without a step: the loss is computed in "
+    "{dtype}, whose rounding ({ulps} units in the last place: {resolution:.3g} at a loss of "
+    "{loss:.3g}) is larger than the decreases the trials could show, so the test cannot "
+    "judge any step. Compute the loss in float32 (cast the model's output before the loss, "
+    "e.g. loss_fn(output.float(), target)); the weights may stay in {dtype}"
 )
 DISCONNECTED_WARNING = (
     "{name}: the loss returned by closure() does not depend on the parameters this optimizer "
@@ -561,13 +569,13 @@ class _TrialPoint:
         device = self.origins[0][0].device if self.origins else torch.device("cpu")
         for step, d, origin in zip(self.steps, self.directions, self.origins, strict=True):
             if d.divisors is None:
-                norms = [n * abs(d.scales[0]) for n in torch._foreach_norm(d.tensors)]
+                norms = [n * abs(d.scales[0]) for n in wide_norms(d.tensors)]
             else:
                 norms = [
-                    torch.linalg.vector_norm(t / q) * abs(s)
+                    wide_norms([t / q])[0] * abs(s)
                     for t, q, s in zip(d.tensors, d.divisors, d.scales, strict=True)
                 ]
-            for w, n, k in zip(torch._foreach_norm(origin), norms, step.shard_counts, strict=True):
+            for w, n, k in zip(wide_norms(origin), norms, step.shard_counts, strict=True):
                 w_terms.append(w.to(device, torch.float64).square() * k)
                 d_terms.append(n.to(device, torch.float64).square() * k)
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -642,6 +650,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._written_lr_steps = 0
         self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
+        self._unresolved_searches = 0  # searches in a row that ended unresolved
         self._disconnected_steps = 0  # steps in a row whose loss gave no parameter a gradient
         self._buffers_checked = False
         self._grad_norm = math.nan
@@ -672,6 +681,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_unchanged_searches", 0)
+        self.__dict__.setdefault("_unresolved_searches", 0)
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_clip_factor", 1.0)
@@ -1163,7 +1173,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         terms = [
             n.to(device, torch.float64).square() * k
             for step in steps
-            for n, k in zip(torch._foreach_norm(step.grads), step.shard_counts, strict=True)
+            for n, k in zip(wide_norms(step.grads), step.shard_counts, strict=True)
         ]
         return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
 
@@ -1868,6 +1878,19 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self._unchanged_searches >= STALL_WARNING_STEPS:
             message = UNCHANGED_LOSS_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("loss_unchanged", message, UserWarning)
+        unresolved = outcome.kind == "unresolved"
+        self._unresolved_searches = self._unresolved_searches + 1 if unresolved else 0
+        low_precision = torch.finfo(evaluator.loss_dtype).bits < 32
+        if self._unresolved_searches >= STALL_WARNING_STEPS and low_precision:
+            message = UNRESOLVED_WARNING.format(
+                name=name,
+                n=STALL_WARNING_STEPS,
+                dtype=str(evaluator.loss_dtype).removeprefix("torch."),
+                ulps=RESOLUTION_ULPS,
+                resolution=_loss_resolution(evaluator.loss_dtype, loss0),
+                loss=loss0,
+            )
+            self._warn_once("unresolved", message, UserWarning)
         disconnected = outcome.kind == "zero_grad" and evaluator.disconnected
         self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
         if self._disconnected_steps >= STALL_WARNING_STEPS:

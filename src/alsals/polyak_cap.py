@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from alsals.directions import GroupStep, denominators_after
+from alsals.directions import GroupStep, denominators_after, wide_dot
 
 #: Searches in a row whose trials showed a loss below the floor before the run stops using it.
 FLOOR_HITS = 3
@@ -116,7 +116,7 @@ def model_terms(steps: list[GroupStep], uses_moments: bool, device: torch.device
         return [t.reshape(-1) for t in tensors]
 
     def dots(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
-        return [torch.dot(x, y) for x, y in zip(a, b, strict=True)]
+        return [wide_dot(x, y) for x, y in zip(a, b, strict=True)]
 
     def preconditioned(step: GroupStep, tensors: list[Tensor]) -> list[Tensor]:
         buffer = denominators_after(step)  # sqrt(v_hat') + eps

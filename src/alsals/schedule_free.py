@@ -82,6 +82,7 @@ from torch import Tensor
 
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
+from alsals.directions import wide_dot, wide_norms
 from alsals.distributed import (
     check_same_settings,
     checked_process_group,
@@ -797,7 +798,8 @@ class ALSALS(torch.optim.Optimizer):
     def _to_gradient_point(self) -> list[_Average]:
         """A copy of every group's weights (the average ``x``), then the weights moved to
         ``y = (1 - beta1) z + beta1 x`` where ``z`` exists (before a parameter's first step
-        ``x = z = y``)."""
+        ``x = z = y``) and the parameter trains: one frozen (``requires_grad=False``) stays
+        at ``x``, the value it is evaluated and saved with, while the others train."""
         averages = []
         for group in self.param_groups:
             if not group["params"]:
@@ -807,7 +809,7 @@ class ALSALS(torch.optim.Optimizer):
             moved = [
                 (w, local_shard(self.state[p]["z"]))
                 for p, w in zip(group["params"], weights, strict=True)
-                if "z" in self.state.get(p, {})
+                if p.requires_grad and "z" in self.state.get(p, {})
             ]
             if moved:
                 at, towards = zip(*moved, strict=True)
@@ -1224,7 +1226,10 @@ class ALSALS(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("ALSALS does not support sparse gradients")
+                raise RuntimeError(
+                    "ALSALS does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                    "use dense gradients"
+                )
             if params:
                 check_eps("ALSALS", group["eps"], params)
                 grads = [local_shard(p.grad) for p in params]
@@ -1233,7 +1238,7 @@ class ALSALS(torch.optim.Optimizer):
         all_counts = [k for *_, counts in taking_part for k in counts]
         squared = None
         if all_grads:
-            norms = torch._foreach_norm(all_grads)
+            norms = wide_norms(all_grads)
             device = all_grads[0].device
             squared = torch.stack(
                 [
@@ -1242,7 +1247,7 @@ class ALSALS(torch.optim.Optimizer):
                 ]
             ).sum()
         sharded = any(k > 1 for k in all_counts)
-        scale = self._clip_scale(squared, all_grads[0].dtype, sharded) if all_grads else None
+        scale = self._clip_scale(squared, sharded) if all_grads else None
         copies = {id(p): x for a in averages for p, x in zip(a.group["params"], a.x, strict=True)}
         groups = []
         for group, params, grads, counts in taking_part:
@@ -1276,17 +1281,18 @@ class ALSALS(torch.optim.Optimizer):
             )
         return groups, squared
 
-    def _clip_scale(self, squared_norm: Tensor, dtype: torch.dtype, sharded: bool) -> Tensor | None:
+    def _clip_scale(self, squared_norm: Tensor, sharded: bool) -> Tensor | None:
         """``max_grad_norm``'s factor ``min(1, max / (||g|| + 1e-6))`` as
         ``torch.nn.utils.clip_grad_norm_`` computes it (the norm over every parameter, in
-        float64), on the device: no host synchronisation (under FSDP2 the shards' norm is
+        float64; each gradient multiplied by it in its own dtype), on the device: no host
+        synchronisation (under FSDP2 the shards' norm is
         averaged over the ranks on the device first). ``None`` without clipping."""
         limit = self._settings["max_grad_norm"]
         if limit is None:
             return None
         if sharded:
             squared_norm = mean_on_device(squared_norm, self._process_group)
-        return (limit / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).to(dtype)
+        return (limit / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0)
 
     def _commit(self, groups: list[_Group], gamma: float, restart: bool) -> None:
         """Write ``z' = z - gamma u``, ``v``, ``t`` and the averaging weights of a step of size
@@ -1490,7 +1496,7 @@ def _dot_sum(
     with torch.no_grad():
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             other = y if minus is None else y - minus[i]
-            terms.append(torch.dot(x.reshape(-1), other.reshape(-1)).double() * counts[i])
+            terms.append(wide_dot(x, other).double() * counts[i])
     return torch.stack(terms).sum()
 
 

@@ -1,0 +1,92 @@
+"""Weights and losses in float16 / bfloat16: the optimizers' own sums do not overflow or
+round away, and a loss too coarse for the Armijo test to judge says so instead of stalling
+in silence."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
+from conftest import PaperALSALS
+
+#: float16 cannot hold Adam's default eps = 1e-8 (a clear error says so): 1e-4 it can.
+HALF_EPS = {"eps": 1e-4}
+ALL = [
+    (SLS, {}),
+    (AdamSLS, HALF_EPS),
+    (PaperALSALS, HALF_EPS),
+    (MomentumALSALS, HALF_EPS),
+    (ALSALS, HALF_EPS),
+]
+ALL_IDS = ["SLS", "AdamSLS", "MomentumALSALS-paper", "MomentumALSALS", "ALSALS"]
+
+
+def half_linear_problem():
+    """A float16 layer whose gradient has small entries (below 10) and a squared norm above
+    float16's largest value (65504): a dot product ending in float16 overflows."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 256).half()
+    x, y = torch.randn(32, 256).half(), torch.randn(32, 256).half()
+
+    def closure():
+        return 4.0 * ((layer(x).float() - y.float()) ** 2).sum(1).mean()
+
+    return layer, closure
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ALL, ids=ALL_IDS)
+def test_float16_weights_whose_squared_gradient_norm_exceeds_float16_train(cls, kwargs):
+    layer, closure = half_linear_problem()
+    closure().backward()
+    g = layer.weight.grad.reshape(-1)
+    assert g.abs().max() < 10 and g.double().square().sum() > 65504
+    assert torch.isinf(torch.dot(g, g)), "the problem must overflow a float16 dot product"
+    layer.zero_grad(set_to_none=True)
+    opt = cls(layer.parameters(), **kwargs)
+    with torch.no_grad():
+        first = float(closure())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no step skipped with a warning blaming a NaN/inf
+        for _ in range(3):
+            opt.step(closure)
+            assert opt.last_step.kind not in ("nonfinite", "zero_grad"), opt.last_step
+    if isinstance(opt, ALSALS):
+        opt.eval()
+    with torch.no_grad():
+        assert float(closure()) < 0.9 * first
+
+
+def bf16_regression():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).bfloat16()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=gen)
+    y = x[:, :3].sum(1, keepdim=True).sin()
+    return model, x.bfloat16(), y.bfloat16()
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS], ids=["SLS", "AdamSLS"])
+def test_a_loss_too_coarse_to_judge_warns_and_a_float32_loss_trains(cls):
+    """bfloat16 weights and a bfloat16 loss: its rounding (4 units in the last place, 3% of
+    the loss) hides every decrease the trials could show once the loss has fallen a little,
+    and each search ends unresolved, without a step. That must not be silent; the same
+    weights with the loss cast to float32 train on."""
+    model, x, y = bf16_regression()
+    opt = cls(model.parameters())
+    with pytest.warns(UserWarning, match=r"ended unresolved.*bfloat16.*float32"):
+        for _ in range(60):
+            opt.step(lambda: ((model(x) - y) ** 2).mean())
+    assert opt.last_step.kind == "unresolved"
+
+    model, x, y = bf16_regression()
+    opt = cls(model.parameters())
+    first = float(((model(x).float() - y.float()) ** 2).mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(60):
+            loss = opt.step(lambda: ((model(x).float() - y.float()) ** 2).mean())
+    assert float(loss) < 0.5 * first
