@@ -616,6 +616,17 @@ def test_a_step_under_inference_mode_is_a_clear_error(optimizer_class):
     assert torch.equal(w, torch.ones(3)) and opt.search_state.step == 0
 
 
+def test_alsals_under_inference_mode_names_it_not_the_closure():
+    w = torch.ones(3, requires_grad=True)
+    opt = ALSALS([w])
+    opt.step(lambda: ((w - 2.0) ** 2).sum())
+    weights, z = w.detach().clone(), opt.state[w]["z"].clone()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"ALSALS.*inference_mode"):
+        opt.step(lambda: ((w - 2.0) ** 2).sum())
+    assert torch.equal(w, weights) and torch.equal(opt.state[w]["z"], z)
+    assert opt.search_state.steps == 1
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -956,7 +956,24 @@ def test_a_schedule_writing_lr_before_every_step_is_warned_about_once():
             opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
             if i < 2:
                 assert not caught
-    assert [str(w.message).count("overwritten before several consecutive") for w in caught] == [1]
+    assert [str(w.message).count("overwritten before 3 steps") for w in caught] == [1]
+
+
+def test_lr_written_now_and_then_is_warned_about_once():
+    """Writes never on consecutive steps (StepLR, ReduceLROnPlateau) compound with the
+    search's cuts: the third is warned about."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, idx in enumerate(batches(x, y, 12)):
+            if i % 4 == 3:
+                opt.param_groups[0]["lr"] *= 0.5
+            opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+            if i < 11:
+                assert not caught
+    assert [str(w.message).count("overwritten before 3 steps") for w in caught] == [1]
 
 
 def test_a_loss_below_the_floor_is_warned_about_before_anything_is_written():

@@ -370,3 +370,75 @@ def test_alsals_state_saved_before_its_first_step_resumes_from_its_own_lr():
         closure = lambda m=m: torch.nn.functional.binary_cross_entropy_with_logits(m(x), y)  # noqa: E731
         sizes.append([(o.step(closure), o.last_step.step_size)[1] for _ in range(4)])
     assert sizes[0] == sizes[1] and max(sizes[0]) <= 0.01
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, SLS, AdamSLS])
+def test_a_state_saved_with_other_search_settings_warns_and_its_settings_are_used(cls):
+    """A resumed run built with a changed setting (a Trainer's max_grad_norm) does not get
+    it: the saved settings are used, as in torch.optim, and a warning names them."""
+    model, opt = fresh(cls, {"c": 0.5})
+    train(model, opt, batches()[:2])
+    saved = opt.state_dict()
+    model, opt = fresh(cls, {"c": 0.6, "max_grad_norm": 1.0})
+    with pytest.warns(UserWarning, match=r"other search settings: c=0\.5 \(here 0\.6\)"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["c"] == 0.5 and opt.param_groups[0]["max_grad_norm"] is None
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, SLS, AdamSLS])
+def test_numpy_settings_written_into_the_groups_load_with_weights_only(cls):
+    """A NumPy-computed lr or weight decay written between steps (a LambdaLR whose lambda
+    returns a NumPy number) is saved as a Python number: torch.load's default,
+    weights_only=True, refuses NumPy objects."""
+    np = pytest.importorskip("numpy")
+    model, opt = fresh(cls, {})
+    train(model, opt, batches()[:2])
+    opt.param_groups[0]["lr"] = np.float64(0.25)
+    opt.param_groups[0]["weight_decay"] = np.float64(0.01)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["param_groups"][0]["lr"] == 0.25
+    assert type(loaded["param_groups"][0]["weight_decay"]) is float
+    assert type(opt.param_groups[0]["weight_decay"]) is np.float64  # (the groups untouched)
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, AdamSLS, SLS])
+def test_an_adamw_state_with_layer_wise_rates_loads_them_as_lr_scale(cls):
+    """AdamW's groups with different lrs: one step size is searched for all, so the rates
+    become its multiples (as the constructor's error tells a user to write them), not one
+    flattened rate that moves the slower group 10x faster."""
+    model = SmallNet()
+    params = list(model.parameters())
+    adamw = torch.optim.AdamW(
+        [{"params": params[:2], "lr": 1e-3}, {"params": params[2:], "lr": 1e-4}]
+    )
+    x, y = make_classification(n=32)
+    adamw.zero_grad()
+    bce_closure(model, x, y)().backward()
+    adamw.step()
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], buffers=model.buffers())
+    with pytest.warns(UserWarning, match=r"different lrs \(0\.001, 0\.0001\) become lr_scale"):
+        opt.load_state_dict(adamw.state_dict())
+    assert [g["lr_scale"] for g in opt.param_groups] == pytest.approx([1.0, 0.1])
+    opt.step(bce_closure(model, x, y))
+    first, second = (g["lr"] for g in opt.param_groups)
+    assert second == pytest.approx(first / 10)
+
+
+def test_alsals_saved_or_copied_between_train_and_the_step_warns():
+    """After train() the model holds y; a checkpoint or copy taken then resumes from y as
+    if it were x (0.026 apart after 6 steps, in silence): each warns once, naming eval()."""
+    model, opt = fresh(ALSALS, {})
+    train(model, opt, batches()[:3])
+    opt.train()
+    with pytest.warns(UserWarning, match=r"state_dict\(\) was taken while train\(\).*eval\(\)"):
+        opt.state_dict()
+    with pytest.warns(UserWarning, match=r"a copy \(deepcopy, pickle\) was taken while train"):
+        copy.deepcopy(opt)
+    opt.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.state_dict()
+        copy.deepcopy(opt)

@@ -51,6 +51,31 @@ def test_a_schedule_overwriting_lr_every_step_warns_once_with_the_fix(optimizer_
     assert "delete the schedule" in str(caught[0].message)
 
 
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, threshold=1.0),
+    ],
+    ids=["StepLR", "ReduceLROnPlateau"],
+)
+def test_a_schedule_that_lowers_lr_now_and_then_warns_once(optimizer_class, make_scheduler):
+    """Writes that are never on consecutive steps compound with the search's own cuts: the
+    step size falls far below what the search finds, so they are warned about too."""
+    model = mlp()
+    x, y = regression()
+    opt = optimizer_class(model.parameters(), lr=0.01)
+    scheduler = make_scheduler(opt)
+    with pytest.warns(UserWarning, match="ReduceLROnPlateau") as caught:
+        for _ in range(12):
+            loss = opt.step(mse_closure(model, x, y))
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(float(loss))  # (threshold=1: no step counts as better)
+            else:
+                scheduler.step()
+    assert sum("schedule" in str(w.message) for w in caught) == 1
+
+
 def test_writing_lr_once_does_not_warn(optimizer_class):
     model = mlp()
     x, y = regression()

@@ -106,11 +106,13 @@ LOSS_CULPRIT = "the loss"
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
 SCHEDULE_WARNING = (
-    "{name}: param_groups[...]['lr'] was overwritten before several consecutive steps (a "
-    "learning-rate schedule left in the loop?). Each write restarts the search from the "
-    "written value, so it backtracks every step and the schedule fights the search: delete "
-    "the schedule (the line search picks the step size), or write lr only to set where the "
-    "next search starts."
+    "{name}: param_groups[...]['lr'] was overwritten before {n} steps (a learning-rate "
+    "schedule, or ReduceLROnPlateau, left in the loop?). Each write restarts the search from "
+    "the written value: a schedule that writes before every step makes it backtrack every "
+    "step, and one that lowers lr now and then (StepLR, ReduceLROnPlateau) compounds its cuts "
+    "with the search's, so the step size falls far below what the search finds: delete the "
+    "schedule (the line search picks the step size), or write lr only to set where the next "
+    "search starts."
 )
 BUFFERS_WARNING = (
     "{name}: {modules} updated its buffers (running statistics) during a trial evaluation, "
@@ -126,7 +128,7 @@ STALE_BUFFERS_HINT = (
 )
 #: The key under which ``state_dict()`` records each group's ``lr`` as the last step showed it.
 SHOWN_LR_KEY = "shown_lr"
-#: A learning rate written before this many consecutive steps is a schedule left in the loop.
+#: A learning rate written before this many steps of a run is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
 #: A closure that gives no parameter a gradient, or whose loss no trial moves by a single
 #: bit, this many steps in a row is one the search cannot use: the optimizer warns.
@@ -229,6 +231,23 @@ def with_shown_lr(state: dict[str, Any], shown: list[float] | None) -> dict[str,
     return state
 
 
+def plain_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (a fresh ``state_dict()``) with NumPy scalars in its groups' settings (an
+    ``lr`` a NumPy-computed schedule wrote) as Python numbers: ``torch.load`` with
+    ``weights_only=True``, torch's default, refuses NumPy objects."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return type(value)(plain(v) for v in value)
+        if type(value).__module__ == "numpy" and hasattr(value, "item"):
+            return value.item()
+        return value
+
+    for group in state["param_groups"]:
+        group.update({k: plain(v) for k, v in group.items() if k != "params"})
+    return state
+
+
 def split_shown_lr(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[float] | None]:
     """A state to load without ``SHOWN_LR_KEY`` in its groups, and the shown ``lr`` they
     carried (``None`` where not every group carried one)."""
@@ -257,6 +276,34 @@ def groups_with_one_lr(
     if params and len(rates) == len(params) and all(r == rates[0] for r in rates):
         return params, rates[0]
     return params, lr
+
+
+def refuse_inference_mode(name: str) -> None:
+    """A step under ``torch.inference_mode()`` is refused, naming it: no tensor made there
+    can take part in autograd, and the closure's loss would be blamed instead."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name}.step() cannot run under torch.inference_mode(): the step needs the "
+            "gradient of the closure's loss (take the step outside it)"
+        )
+
+
+def warn_about_other_settings(
+    name: str, saved: dict[str, Any], here: dict[str, Any], keys: Iterable[str]
+) -> None:
+    """Warn where a state about to be loaded carries other search settings than the
+    optimizer was built with: as in ``torch.optim``, the saved ones are used (a changed
+    setting passed to the constructor of a resumed run does not take effect)."""
+    differing = {k: (saved[k], here[k]) for k in keys if saved[k] != here[k]}
+    if differing:
+        listed = ", ".join(f"{k}={a!r} (here {b!r})" for k, (a, b) in differing.items())
+        warnings.warn(
+            f"the state loaded into {name} was saved with other search settings: {listed}; "
+            "the saved ones are used. Was it saved by another optimizer class or "
+            "configuration?",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def written_lr(
@@ -738,7 +785,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
         showed (:func:`with_shown_lr`)."""
-        return with_shown_lr(super().state_dict(), self._shown_lr)
+        return with_shown_lr(plain_settings(super().state_dict()), self._shown_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``, validated first: a ``ValueError`` names the
@@ -760,18 +807,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         groups = state_dict.get("param_groups", [])
         if groups:
             saved = self._checked_settings(groups[0])
-            differing = {
-                k: (saved[k], self.defaults[k]) for k in SEARCH_KEYS if saved[k] != self.defaults[k]
-            }
-            if differing:
-                listed = ", ".join(f"{k}={a!r} (here {b!r})" for k, (a, b) in differing.items())
-                warnings.warn(
-                    f"the state loaded into {type(self).__name__} was saved with other search "
-                    f"settings: {listed}; the saved ones are used. Was it saved by another "
-                    "optimizer class or configuration?",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            warn_about_other_settings(type(self).__name__, saved, self.defaults, SEARCH_KEYS)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.update(self._checked_settings(group))
@@ -788,15 +824,28 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         foreign = sorted({k for g in groups for k in g if k in FOREIGN_GROUP_KEYS})
         if not groups or (not foreign and any(k in groups[0] for k in SEARCH_KEYS)):
             return state_dict
+        kept = [{k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups]
+        rates = [g.get("lr") for g in kept]
+        layer_wise = len(set(rates)) > 1 and all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates
+        )
+        if layer_wise:  # one step size for all: the groups' rates become its multiples
+            kept = [{**g, "lr_scale": r / rates[0]} for g, r in zip(kept, rates, strict=True)]
         warnings.warn(
             f"the state loaded into {type(self).__name__} was not saved by an alsals "
             f"optimizer (its groups hold {foreign or 'no search settings'}): its moments, "
             "lr (the start of the search) and the per-group settings both share (betas, eps, "
-            "weight_decay) are used; the other optimizer's settings are dropped",
+            "weight_decay) are used"
+            + (
+                f"; its groups' different lrs ({', '.join(f'{r:g}' for r in rates)}) become "
+                "lr_scale = each group's lr / the first group's"
+                if layer_wise
+                else ""
+            )
+            + "; the other optimizer's settings are dropped",
             UserWarning,
             stacklevel=3,
         )
-        kept = [{k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups]
         return {**state_dict, "param_groups": kept}
 
     def _validate_state(self, state_dict: dict[str, Any]) -> None:
@@ -938,11 +987,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self, closure: Closure | None, commit: bool, runs_backward: bool | None = None
     ) -> tuple[Tensor, StepInfo, _Run]:
         """Phases 0-6 (6 only with ``commit``); an exception undoes everything."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"{type(self).__name__}.step() cannot run under torch.inference_mode(): the "
-                "step needs the gradient of the closure's loss (take the step outside it)"
-            )
+        refuse_inference_mode(type(self).__name__)
         self._check_groups(self.param_groups)  # settings written since the last step
         if not self._ranks_checked:
             device = next((p.device for p in self.params()), None)
@@ -1896,9 +1941,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self._disconnected_steps >= STALL_WARNING_STEPS:
             message = DISCONNECTED_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("disconnected", message, UserWarning)
-        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+        self._written_lr_steps += bool(written)
         if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
-            self._warn_once("schedule", SCHEDULE_WARNING.format(name=name), UserWarning)
+            message = SCHEDULE_WARNING.format(name=name, n=SCHEDULE_WARNING_STEPS)
+            self._warn_once("schedule", message, UserWarning)
         if self._model_terms is not None and loss0 < self._floor():
             self._warn_once(
                 "loss_floor",

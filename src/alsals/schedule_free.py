@@ -108,8 +108,11 @@ from alsals.line_search import (
     groups_with_one_lr,
     local_shard,
     not_replayed_message,
+    plain_settings,
+    refuse_inference_mode,
     shard_count,
     split_shown_lr,
+    warn_about_other_settings,
     with_shown_lr,
     written_lr,
 )
@@ -191,6 +194,14 @@ GROUP_STATE = (
     "eps",
     "weight_decay",
     "lr_scale",
+)
+#: Saving or copying between ``train()`` and the step: the model holds ``y``, and the copy of
+#: ``x`` that ``train()`` holds aside is in no checkpoint.
+HELD_WARNING = (
+    "ALSALS: {what} was taken while train() holds the weights at y (the point of the "
+    "gradient), not at the average x they hold between steps; the copy of x train() keeps "
+    "is not part of it, so a model saved or copied now, and the run resumed from it, "
+    "continue from y. Call optimizer.eval() before saving or copying (and train() after)"
 )
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
@@ -569,7 +580,9 @@ class ALSALS(torch.optim.Optimizer):
         without the version counters, could not find."""
         if self._held is None:
             self._adopt_edited_weights()
-        return with_shown_lr(super().state_dict(), self._shown_lr)
+        else:
+            self._warn_once("held_state_dict", HELD_WARNING.format(what="state_dict()"))
+        return with_shown_lr(plain_settings(super().state_dict()), self._shown_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
@@ -593,6 +606,10 @@ class ALSALS(torch.optim.Optimizer):
             if search is not None:
                 step_size = search.get("step_size")
                 in_range("the state's search step_size", step_size, 0.0, closed_low=False)
+        saved_groups = state_dict.get("param_groups", [])
+        if saved_groups:
+            saved = {k: saved_groups[0][k] for k in SEARCH_SETTINGS}
+            warn_about_other_settings("ALSALS", saved, self.defaults, SEARCH_SETTINGS)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # (numbers as plain floats: weights_only loading)
             group.update(_group_settings(group))
@@ -612,6 +629,8 @@ class ALSALS(torch.optim.Optimizer):
         self._shown_lr = shown
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._held is not None:
+            self._warn_once("held_copy", HELD_WARNING.format(what="a copy (deepcopy, pickle)"))
         skipped = ("_left_grads", "_held", "_versions")
         return {k: v for k, v in self.__dict__.items() if k not in skipped}
 
@@ -679,6 +698,7 @@ class ALSALS(torch.optim.Optimizer):
         the weights, the state and the random stream as they were. ``closure_runs_backward``
         as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
+        refuse_inference_mode("ALSALS")
         self._check_written_settings()
         if not self._ranks_checked:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
@@ -699,7 +719,7 @@ class ALSALS(torch.optim.Optimizer):
         search = self._stored_search_state()
         written = self._adopt_written_lr(search)
         written_steps = self._written_lr_steps  # (an exception puts the count back)
-        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+        self._written_lr_steps += bool(written)
         # a written lr that a skipped step left untested is still the user's, not a search's
         pending = "set" if written is None and search.untested_write else written
         averages: list[_Average] = []
@@ -708,7 +728,8 @@ class ALSALS(torch.optim.Optimizer):
         averages, self._held = self._held or [], None  # (train(): the weights are at y)
         try:
             if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
-                self._warn_once("schedule", SCHEDULE_WARNING.format(name="ALSALS"))
+                message = SCHEDULE_WARNING.format(name="ALSALS", n=SCHEDULE_WARNING_STEPS)
+                self._warn_once("schedule", message)
             averages = averages or self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
             groups, squared = self._gather(averages)
