@@ -147,6 +147,32 @@ def test_scan_rejects_other_optimizers_and_bad_grids():
         scan_direction(SLS([w]), lambda: w.sum(), [0.0, 1.0])
 
 
+def test_the_recorder_checks_its_arguments_when_built_and_a_failed_scan_is_retried():
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match="got Adam"):
+        LandscapeRecorder(torch.optim.Adam([w]))
+    opt = MomentumALSALS([w], lr=0.01)
+    for grid, message in [([], "positive"), ([-1.0], "positive"), (["1e-3"], "numbers")]:
+        with pytest.raises(ValueError, match=f"step_sizes must be {message}"):
+            LandscapeRecorder(opt, step_sizes=grid)
+    recorder = LandscapeRecorder(opt, every=2, step_sizes=[0.1, 1.0])
+
+    def failing():
+        raise RuntimeError("a batch that failed to load")
+
+    with pytest.raises(RuntimeError, match="failed to load"):
+        recorder.maybe_scan(failing)
+    assert recorder.maybe_scan(quadratic(w)) is not None  # the due scan, not the one after
+    assert recorder.maybe_scan(quadratic(w)) is None
+
+
+def test_a_log_grid_spanning_the_float_range_stays_finite_and_ends_at_its_ends():
+    grid = log_grid(1e-300, 1e300, 5)
+    assert grid[0] == 1e-300 and grid[-1] == 1e300
+    assert grid[1:-1] == pytest.approx([1e-150, 1.0, 1e150], rel=1e-12)
+    assert log_grid(1e-8, 10.0, 50)[-1] == 10.0
+
+
 def test_scan_of_a_step_that_reuses_its_step_size_follows_the_update():
     """With the adaptive cadence most steps search nothing; the scan of such a step runs
     along the direction the step moves (so a recorder works with the defaults): at the step
@@ -215,3 +241,18 @@ def test_the_figures_draw_scans_of_steps_that_took_no_update(tmp_path, lr):
         assert plot(recorder.scans, tmp_path / f"{plot.__name__}.png").stat().st_size > 0
     for i, scan in enumerate(recorder.scans):
         assert plot_single(scan, tmp_path / f"single{i}.png").stat().st_size > 0
+
+
+def test_the_heatmap_refuses_scans_made_on_different_grids(tmp_path):
+    """One x axis for all rows: scans on another grid would be drawn at the wrong step
+    sizes (or fail inside numpy)."""
+    pytest.importorskip("matplotlib")
+    from alsals.diagnostics.plots import plot_heatmap
+
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = MomentumALSALS([w], lr=0.01)
+    first = scan_direction(opt, quadratic(w), [1e-3, 1e-2, 1e-1])
+    opt.step(quadratic(w))
+    second = scan_direction(opt, quadratic(w), [1e-2, 1e-1, 1.0])
+    with pytest.raises(ValueError, match="another grid"):
+        plot_heatmap([first, second], tmp_path / "heatmap.png")

@@ -86,6 +86,9 @@ def test_an_adam_run_records_its_configured_peak_rate(tmp_path):
         (["speed", "--profile", "no-such-config"], "--profile"),
         (["speed", "--profile", "alsals,"], None),  # valid: the parser keeps it
         (["speed", "--threads", "-1"], "--threads"),
+        (["run", "--seeds", "1000000000000"], "--seeds"),  # (a list of 1e12 seeds: no memory)
+        (["landscape", "--steps", "-1"], "--steps"),
+        (["landscape", "--scans", "0"], "--scans"),
     ],
 )
 def test_bad_option_values_are_rejected_when_parsed(argv, option, capsys):
@@ -157,3 +160,20 @@ def test_landscape_of_an_optimizer_without_a_search_direction_is_a_usage_error(t
     assert cli.main([*argv, "--steps", "2", "--scans", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "'adam' has no search direction to scan" in err and "Traceback" not in err
+
+
+def test_speed_with_an_output_it_cannot_create_fails_before_measuring(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["speed", "--models", "mlp-tiny", "--configs", "adam", "--steps", "1"]
+    assert cli.main([*argv, "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create it" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", ['{"command": "x", "res', "{}"])
+def test_speed_report_only_on_a_file_that_is_no_speed_result_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "speed.json").write_text(content)
+    assert cli.main(["speed", "--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a speed result" in err and err.count("\n") == 1

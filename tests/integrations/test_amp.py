@@ -249,6 +249,23 @@ def test_step_with_scaler_rejects_other_optimizers():
         )
 
 
+def test_step_with_scaler_and_autocast_closure_name_a_bad_argument():
+    model, x, y = make_problem()
+    opt = ALSALS(model.parameters())
+    with pytest.raises(TypeError, match="needs a torch.amp.GradScaler, got None"):
+        step_with_scaler(opt, fp16_loss(model, x, y), None)
+    with pytest.raises(TypeError, match="autocast_closure needs the closure"):
+        autocast_closure(None)
+
+
+def test_autocast_closure_keeps_a_float64_loss_in_float64():
+    """Only a half-precision loss is widened: a float64 one keeps the digits the
+    comparison of losses needs."""
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    loss = autocast_closure(lambda: (w * (1.0 + 1e-12)).sum())()
+    assert loss.dtype == torch.float64 and loss.item() == 3.0 * (1.0 + 1e-12)
+
+
 def test_a_step_with_scaler_that_raised_in_a_trial_can_be_retried():
     """The exception leaves the scaler as it was: the retry unscales again (it used to fail
     with 'unscale_() has already been called' at every later step)."""

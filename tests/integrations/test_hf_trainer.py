@@ -238,13 +238,20 @@ def test_gradient_accumulation_matches_one_batch_of_twice_the_size(model_path, d
 
 def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_path):
     model = make_model(model_path, dropout=False)
-    with pytest.raises(TypeError, match="alsals line-search optimizer"):
+    with pytest.raises(TypeError, match="alsals line-search optimizer.*got SGD"):
         LineSearchTrainer(
             model=model,
             args=make_args(tmp_path),
             train_dataset=dataset,
             optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
         )
+    with pytest.raises(TypeError, match="got AdamW; use transformers.Trainer"):  # (a class)
+        LineSearchTrainer(
+            model=model,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            optimizer_cls_and_kwargs=(torch.optim.AdamW, {}),
+        ).create_optimizer()
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainer = LineSearchTrainer(
         model=model,

@@ -47,6 +47,11 @@ def _tasks(names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+#: The most seeds a count may ask for (``--seeds N`` = seeds 0 .. N-1): each is a whole run
+#: of every task and optimizer.
+MAX_SEED_COUNT = 1000
+
+
 def _seeds(text: str) -> list[int]:
     """``3`` means seeds 0, 1, 2; ``0,5,7`` lists them (``0,`` is seed 0 alone)."""
     try:
@@ -58,6 +63,11 @@ def _seeds(text: str) -> list[int]:
                 raise argparse.ArgumentTypeError(
                     f"--seeds {text} runs nothing: a count is at least 1 (3 = seeds 0, 1, 2); "
                     "for seed 0 alone write 0, (a list)"
+                )
+            if count > MAX_SEED_COUNT:
+                raise argparse.ArgumentTypeError(
+                    f"--seeds {text}: a count is at most {MAX_SEED_COUNT} (for a seed that "
+                    f"large alone write {text}, (a list))"
                 )
             seeds = list(range(count))
     except ValueError:

@@ -130,8 +130,14 @@ def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") ->
     scans = _scanned(scans)  # steps without an update repeat their step count: left out
     if not scans:
         return _nothing_to_plot(path, title, "no scanned step took an update")
-    plt = _pyplot()
     grid = np.array(scans[0].step_sizes)
+    other = next((s for s in scans if list(s.step_sizes) != list(scans[0].step_sizes)), None)
+    if other is not None:
+        raise ValueError(
+            "plot_heatmap draws scans made on one grid of step sizes: the scan at step "
+            f"{other.step} used another grid than the one at step {scans[0].step}"
+        )
+    plt = _pyplot()
     values = np.array([s.decreases for s in scans], dtype=float)
     finite = values[np.isfinite(values)]
     # Scale the colours to the decreases; increases beyond that saturate (red).

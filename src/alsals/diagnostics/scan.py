@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -49,8 +50,41 @@ def log_grid(low: float = 1e-8, high: float = 10.0, num: int = 50) -> list[float
     """``num`` step sizes spaced evenly on a log scale from ``low`` to ``high``."""
     if not (0 < low < high < math.inf) or num < 2:
         raise ValueError(f"invalid grid: low={low}, high={high}, num={num}")
-    ratio = (high / low) ** (1 / (num - 1))
-    return [low * ratio**i for i in range(num)]
+    # (in log space: high / low overflows for a grid as wide as 1e-300 .. 1e300)
+    start, stop = math.log(low), math.log(high)
+    inner = [math.exp(start + (stop - start) * i / (num - 1)) for i in range(1, num - 1)]
+    return [low, *inner, high]
+
+
+def _checked_grid(step_sizes: Sequence[float] | None) -> list[float]:
+    """``step_sizes`` as a list of floats (``log_grid()`` for ``None``), or a ``ValueError``
+    that names them: a scan needs step sizes that are positive, finite numbers."""
+    if step_sizes is None:
+        return log_grid()
+    grid = []
+    for value in step_sizes:
+        number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            raise ValueError(f"step_sizes must be numbers, got {value!r}")
+        grid.append(float(number))
+    if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
+        raise ValueError(f"step_sizes must be positive and finite, got {grid}")
+    return grid
+
+
+def _check_optimizer(optimizer: object) -> None:
+    """A ``TypeError`` unless ``optimizer`` searches along one direction."""
+    if not isinstance(optimizer, LineSearchOptimizer):
+        raise TypeError(
+            "scan_direction scans the search direction of MomentumALSALS, AdamSLS or SLS, "
+            f"got {type(optimizer).__name__}"
+            + (
+                " (ALSALS searches the step size of Schedule-Free's move, not along one "
+                "direction: scan a MomentumALSALS on the same closure)"
+                if type(optimizer).__name__ == "ALSALS"
+                else ""
+            )
+        )
 
 
 def scan_direction(
@@ -71,21 +105,8 @@ def scan_direction(
     Under ``torch.distributed`` every rank scans its own batch and the losses are averaged
     over ranks, as the search averages them (one collective for the whole grid).
     """
-    if not isinstance(optimizer, LineSearchOptimizer):
-        raise TypeError(
-            "scan_direction scans the search direction of MomentumALSALS, AdamSLS or SLS, "
-            f"got {type(optimizer).__name__}"
-            + (
-                " (ALSALS searches the step size of Schedule-Free's move, not along one "
-                "direction: scan a MomentumALSALS on the same closure)"
-                if type(optimizer).__name__ == "ALSALS"
-                else ""
-            )
-        )
-    grid = list(step_sizes) if step_sizes is not None else log_grid()
-    if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
-        raise ValueError("step_sizes must be positive and finite")
-
+    _check_optimizer(optimizer)
+    grid = _checked_grid(step_sizes)
     preview = optimizer.preview(closure)
     info, before = preview.info, preview.state
     settings = optimizer.param_groups[0]
@@ -162,17 +183,20 @@ class LandscapeRecorder:
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"invalid every: {every!r} (expected an integer >= 1)")
+        _check_optimizer(optimizer)
         self.optimizer = optimizer
         self.every = every
-        self.step_sizes = list(step_sizes) if step_sizes is not None else log_grid()
+        self.step_sizes = _checked_grid(step_sizes)
         self.scans: list[LandscapeScan] = []
         self._calls = 0
 
     def maybe_scan(self, closure: Closure) -> LandscapeScan | None:
-        due = self._calls % self.every == 0
-        self._calls += 1
-        if not due:
+        """The scan of this call's batch, every ``every`` calls (``None`` between); a scan
+        that raises counts as no call, so the next call scans."""
+        if self._calls % self.every:
+            self._calls += 1
             return None
         scan = scan_direction(self.optimizer, closure, self.step_sizes)
+        self._calls += 1
         self.scans.append(scan)
         return scan

@@ -56,7 +56,8 @@ def autocast_closure(
     device_type: str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> Callable[..., Tensor]:
-    """Run ``closure`` under ``torch.autocast(device_type, dtype)`` and return a float32 loss.
+    """Run ``closure`` under ``torch.autocast(device_type, dtype)`` and return its loss in
+    float32 or wider (a half-precision loss widened).
 
     The returned closure has the same form as ``closure`` (``closure()`` or
     ``closure(backward)``), so the optimizer treats it the same way. A loss that comes back
@@ -64,11 +65,18 @@ def autocast_closure(
     it afterwards cannot restore the digits the comparison needs.
     """
 
+    if not callable(closure):
+        raise TypeError(
+            f"autocast_closure needs the closure that computes the loss, got {closure!r}"
+        )
+
     def run(*args: object) -> Tensor:
         with torch.autocast(device_type=device_type, dtype=dtype):
             loss = closure(*args)
         _check_loss_precision(loss, "autocast_closure")
-        return loss.float() if isinstance(loss, Tensor) else loss
+        # (a float64 loss keeps its digits: only half precision is widened)
+        low = isinstance(loss, Tensor) and loss.dtype in (torch.float16, torch.bfloat16)
+        return loss.float() if low else loss
 
     if ClosureForm(closure).takes_backward:
 
@@ -122,6 +130,8 @@ def step_with_scaler(
         )
     if not callable(closure):
         raise TypeError("step_with_scaler needs the closure that computes the loss")
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"step_with_scaler needs a torch.amp.GradScaler, got {scaler!r}")
     scaled = _ScaledClosure(optimizer, closure, scaler)
     try:
         with warnings.catch_warnings():

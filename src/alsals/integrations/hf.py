@@ -177,10 +177,11 @@ class LineSearchTrainerMixin:
     @staticmethod
     def _check_optimizer(optimizer: Any) -> None:
         if not isinstance(optimizer, DRIVEN):
+            # (a class from optimizer_cls_and_kwargs, or an instance)
+            name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
             raise TypeError(
                 "LineSearchTrainer drives an alsals line-search optimizer (ALSALS, "
-                f"MomentumALSALS, AdamSLS, SLS), got {type(optimizer).__name__}; use "
-                "transformers.Trainer for others"
+                f"MomentumALSALS, AdamSLS, SLS), got {name}; use transformers.Trainer for others"
             )
 
     def _take_clip(self, optimizer: Any) -> None:

@@ -60,8 +60,12 @@ def _invalid(args: argparse.Namespace, models: list[str], configs: list[str]) ->
     """What is wrong with the options, if anything."""
     if not models:
         return "no model given (--models)"
-    if args.out.exists() and not args.out.is_dir():
-        return f"--out {args.out} is not a folder"
+    from alsals_bench.cli import UsageError, check_out  # (the CLI imports this module)
+
+    try:
+        check_out(args.out)  # before minutes of measuring, not after
+    except UsageError as err:
+        return str(err)
     for m in models:
         if m not in MODELS:
             return f"unknown model {m!r}; known: {', '.join(MODELS)}"
@@ -92,7 +96,15 @@ def run(args: argparse.Namespace, command: str) -> int:
         if not (args.out / "speed.json").is_file():
             print(f"--report-only: no {args.out / 'speed.json'} to report", file=sys.stderr)
             return 2
-        command, host, loaded = load(args.out / "speed.json")
+        try:
+            command, host, loaded = load(args.out / "speed.json")
+        except (ValueError, KeyError, TypeError) as err:  # (json's errors are ValueErrors)
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            print(
+                f"--report-only: {args.out / 'speed.json'} is not a speed result ({reason})",
+                file=sys.stderr,
+            )
+            return 2
         print(write(loaded, args.out, command, not args.no_plot, host))
         return 0
     models = [m for m in args.models.split(",") if m]
