@@ -90,3 +90,29 @@ def test_a_loss_too_coarse_to_judge_warns_and_a_float32_loss_trains(cls):
         for _ in range(60):
             loss = opt.step(lambda: ((model(x).float() - y.float()) ** 2).mean())
     assert float(loss) < 0.5 * first
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: SLS(p, lr=1e300),
+        lambda p: AdamSLS(p, lr=1e300),
+        lambda p: ALSALS(p, lr=1e39, loss_floor=None),
+    ],
+    ids=["SLS", "AdamSLS", "ALSALS-no-floor"],
+)
+def test_a_start_beyond_what_float32_weights_hold_backtracks_instead_of_crashing(make):
+    """An lr above float32's largest value (3.4e38): torch refuses such a factor for float32
+    tensors, which crashed the step; now no trial goes above it, the trials that overflow are
+    cut, and the run trains."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = make([w])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(40):
+            opt.step(lambda: ((x @ w - y) ** 2).mean())
+    assert torch.isfinite(w).all()
+    assert ((x @ w.detach() - y) ** 2).mean() < 0.5 * (y**2).mean()

@@ -78,10 +78,14 @@ class StepDirection:
     def add_to(self, weights: list[Tensor], eta: float) -> None:
         """``weights += eta * d`` in place."""
         if self.divisors is None:
-            torch._foreach_add_(weights, self.tensors, alpha=eta * self.scales[0])
+            alpha = representable(eta * self.scales[0], weights)
+            torch._foreach_add_(weights, self.tensors, alpha=alpha)
         else:
             torch._foreach_addcdiv_(
-                weights, self.tensors, self.divisors, [eta * s for s in self.scales]
+                weights,
+                self.tensors,
+                self.divisors,
+                [representable(eta * s, weights) for s in self.scales],
             )
 
     def materialize(self) -> list[Tensor]:
@@ -159,6 +163,16 @@ def commit_moments(step: GroupStep, state: dict) -> None:
         state[p]["step"] = t
 
 
+def representable(factor: float, tensors: list[Tensor]) -> float:
+    """``factor`` clamped to what every tensor's dtype can hold (a step size above float32's
+    3.4e38 is refused by torch's arithmetic; the move it makes overflows the weights anyway,
+    which the search sees as a non-finite trial and cuts)."""
+    if not tensors or math.isnan(factor):
+        return factor
+    largest = min(torch.finfo(t.dtype).max for t in tensors)
+    return max(min(factor, largest), -largest)
+
+
 def wide_dot(a: Tensor, b: Tensor) -> Tensor:
     """``a . b`` over all elements, in at least float32: a dot product of float16 tensors
     ends in float16, which overflows past 65504 (the squared norm of a large layer's
@@ -167,15 +181,25 @@ def wide_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
 
 
-def wide_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """Each tensor's 2-norm, in at least float32 (a float16 norm overflows past 65504):
-    ``torch._foreach_norm`` where every tensor is float32 or wider, as it was."""
-    if all(torch.finfo(t.dtype).bits >= 32 for t in tensors):
-        return list(torch._foreach_norm(tensors))
-    return [
-        torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
-        for t in tensors
-    ]
+def wide_norms(tensors: list[Tensor], at_least: torch.dtype = torch.float32) -> list[Tensor]:
+    """Each tensor's 2-norm, computed in ``at_least`` or the tensor's dtype if wider (a
+    float16 norm overflows past 65504; a float32 one of entries below 1e-23 underflows to
+    0): one ``torch._foreach_norm`` per dtype."""
+    norms: list[Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(index)
+    for dtype, indices in by_dtype.items():
+        wide = torch.promote_types(dtype, at_least)
+        group = [tensors[i] for i in indices]
+        found = (
+            torch._foreach_norm(group, 2, dtype=wide)
+            if wide != dtype
+            else torch._foreach_norm(group)
+        )
+        for i, n in zip(indices, found, strict=True):
+            norms[i] = n
+    return norms  # type: ignore[return-value]
 
 
 def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> list[Tensor]:

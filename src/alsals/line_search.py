@@ -1432,12 +1432,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.decrease_avg,
             search.slope_avg,
         )
+        # (no trial above what the weights' dtype can hold: beyond it every trial overflows)
+        representable = min((torch.finfo(p.dtype).max for p in self.params()), default=math.inf)
         walk = Backtracking.start(
             search.step_size,
             self._step_size_cap(search),
             h["growth_interval"],
             h["backtrack"],
-            largest=self._ceiling(search),
+            largest=min(self._ceiling(search), representable),
         )
         polyak = h["start"] == "polyak"
         floor = self._start_floor(search)

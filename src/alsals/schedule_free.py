@@ -82,7 +82,7 @@ from torch import Tensor
 
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
-from alsals.directions import wide_dot, wide_norms
+from alsals.directions import representable, wide_dot, wide_norms
 from alsals.distributed import (
     check_same_settings,
     checked_process_group,
@@ -233,6 +233,7 @@ class SearchState:
     step_size_ceiling: float = math.inf  # loss_rise_guard's
     ceiling_loss: float = 0.0
     watch: dict[str, float] | None = None  # loss_rise_guard's LossWatch
+    loss_followed: bool = False  # a search saw the loss change as the weights moved
     leading: int = 0  # steps since the last search whose batch found z downhill of y
     trailing: int = 0  # ... and uphill
 
@@ -330,7 +331,9 @@ class _Group:
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.origin)
             torch._foreach_lerp_(self.params, self.z, alpha)
-            torch._foreach_add_(self.params, self.u, alpha=-step * kappa)
+            torch._foreach_add_(
+                self.params, self.u, alpha=representable(-step * kappa, self.params)
+            )
 
 
 class ALSALS(torch.optim.Optimizer):
@@ -920,8 +923,14 @@ class ALSALS(torch.optim.Optimizer):
                 if g
                 else [zero] * 2
             )
-        loss0, grad_sq_value, *sums = mean_to_host(
-            [loss.to(device), zero if squared is None else squared, *[t.to(device) for t in terms]],
+        holds = zero if squared is None else zero + 1.0  # (this rank holds gradients)
+        loss0, grad_sq_value, held_anywhere, *sums = mean_to_host(
+            [
+                loss.to(device),
+                zero if squared is None else squared,
+                holds,
+                *[t.to(device) for t in terms],
+            ],
             self._process_group,
         )
         averaging, slope = sums[0::2], sums[1::2]
@@ -933,13 +942,25 @@ class ALSALS(torch.optim.Optimizer):
         # gradient, is none; any other step ends the row): two restart z at x, in step()
         outside = not math.isfinite(loss0) and search.steps > 0
         search.nonfinite_in_a_row = search.nonfinite_in_a_row + 1 if outside else 0
-        if nonfinite or grad_sq_value == 0.0:
+        if nonfinite or (grad_sq_value == 0.0 and held_anywhere == 0.0):
             kind = "nonfinite" if nonfinite else "zero_grad"
             search.skipped_nonfinite += nonfinite
             search.skipped_zero_grad += not nonfinite
             return _info(kind, 0.0, loss0)
         if written == "zero":  # lr 0 written: no update this step, the step size kept
             return _info("zero_lr", 0.0, loss0)
+        if grad_sq_value == 0.0:
+            # A gradient that is exactly 0 (a loss at y that reached 0, or its rounding): no
+            # slope to search along, but Schedule-Free's step still moves x towards z (and
+            # decays), as Schedule-Free AdamW's would. Skipping it would leave y, and so the
+            # zero gradient, where they are for good, with x possibly far behind z.
+            gamma = min(search.step_size, search.step_size_ceiling)
+            if loss0 == self._settings["loss_floor"]:
+                gamma = 0.0  # (at the loss's lower bound: no move along u, decay included)
+            self._commit(groups, gamma, restart=False)
+            search.steps += 1
+            search.steps_since_search += 1
+            return _info("zero_grad", gamma, loss0)
         h = self._settings
         if not math.isfinite(search.first_loss):
             search.first_loss = loss0
@@ -977,7 +998,9 @@ class ALSALS(torch.optim.Optimizer):
             self._warn_about_buffers(evaluator)  # (before anything is written)
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
-                self._warn_once("loss_unchanged", _unchanged_message(loss0, search.first_loss))
+                message = _unchanged_message(loss0, search.first_loss, search.loss_followed)
+                self._warn_once("loss_unchanged", message)
+            search.loss_followed |= not result.unchanged
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(result.kind, 0.0, loss0, result.evaluations)
@@ -986,6 +1009,8 @@ class ALSALS(torch.optim.Optimizer):
         taken = gamma
         if h["polyak_cap"] and gamma > 0.0:
             taken = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), 0.0)
+        if loss0 == h["loss_floor"]:  # at its lower bound: no move along u can lower it
+            taken = 0.0
         # (the guard judges the search's step size, not the cap's, which shrinks with the loss)
         searched = gamma if taken > 0.0 else 0.0
         loss_rose, restart = self._watch_loss(search, loss0, searched, evaluator.loss_dtype)
@@ -1030,11 +1055,22 @@ class ALSALS(torch.optim.Optimizer):
         Armijo test of the move of ``y``; nothing is written."""
         h = self._settings
         c = h["c"]
+        if loss0 == h["loss_floor"]:
+            # at the loss's lower bound no trial can pass (the test asks for a decrease
+            # below it): the search ends as one whose moves all left the loss unchanged,
+            # without an evaluation (it took max_trials of them at every step)
+            return SearchResult("exhausted", 0.0, 0, unchanged=True)
 
         def promised(gamma: float) -> float:
             return self._promised(gamma, averaging, slope)
 
         values: list[float] = []
+        # (no difference below the smallest normal number of the loss's dtype: a loss of 0
+        # and a subnormal trial are the same loss, at what its rounding resolves)
+        tiny = torch.finfo(evaluator.loss_dtype).tiny
+
+        def same(value: float) -> bool:
+            return abs(value - loss0) < tiny
 
         def passes(gamma: float) -> tuple[bool, float]:
             for g in groups:
@@ -1056,7 +1092,12 @@ class ALSALS(torch.optim.Optimizer):
             gamma = search.step_size * self._start_factor(search)
         if search.steps < h["warmup_steps"]:  # the ramp to lr: its value at this step
             gamma = self._warmup_peak(search) * (search.steps + 1) / h["warmup_steps"]
-        gamma = min(gamma, search.step_size_ceiling, MAX_STEP_SIZE)
+        # (no trial above what the weights' dtype can hold: beyond it every trial overflows)
+        representable = min(
+            (torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]),
+            default=math.inf,
+        )  # (over every parameter, not this rank's gradients: the same on every rank)
+        gamma = min(gamma, search.step_size_ceiling, MAX_STEP_SIZE, representable)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
         # polyak_start="trial": where the bound alone lowered a later search's start and
@@ -1083,7 +1124,7 @@ class ALSALS(torch.optim.Optimizer):
             ok, value = passes(0.0)
             if not math.isfinite(value):
                 return "nonfinite"
-            if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
+            if len(values) >= UNCHANGED_EVALUATIONS and all(same(v) for v in values):
                 return "unchanged"
             return None if ok else "kept"
 
@@ -1096,7 +1137,7 @@ class ALSALS(torch.optim.Optimizer):
             evaluations += 1
             ok, value = passes(gamma)
             if expanding:
-                expanding = (ok or value == loss0) and gamma < top
+                expanding = (ok or same(value)) and gamma < top
                 if expanding:
                     passed = (gamma, loss0 - value) if ok else passed
                     gamma = min(gamma * EXPANSION, top)
@@ -1115,7 +1156,7 @@ class ALSALS(torch.optim.Optimizer):
                     if ok:
                         return SearchResult("search", between, evaluations, True, loss0 - value)
                 return SearchResult("search", passed[0], evaluations, True, passed[1])
-            if len(values) >= UNCHANGED_EVALUATIONS and all(v == loss0 for v in values):
+            if len(values) >= UNCHANGED_EVALUATIONS and all(same(v) for v in values):
                 # every move gave exactly the starting loss: the closure's loss does not
                 # follow the weights (or changes below its rounding); no trial can judge
                 return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
@@ -1259,7 +1300,8 @@ class ALSALS(torch.optim.Optimizer):
         all_counts = [k for *_, counts in taking_part for k in counts]
         squared = None
         if all_grads:
-            norms = wide_norms(all_grads)
+            # (in float64: a float32 gradient of entries near 1e-25 is no zero gradient)
+            norms = wide_norms(all_grads, torch.float64)
             device = all_grads[0].device
             squared = torch.stack(
                 [
@@ -1323,7 +1365,7 @@ class ALSALS(torch.optim.Optimizer):
         advance, also where this rank holds no gradient for it: they must stay equal on
         every rank."""
         for g in groups:
-            torch._foreach_add_(g.z, g.u, alpha=-gamma * g.group["lr_scale"])
+            torch._foreach_add_(g.z, g.u, alpha=representable(-gamma * g.group["lr_scale"], g.z))
             torch._foreach_lerp_(g.x, g.z, averaging_weight(g.group, gamma)[0])
             if restart:
                 torch._foreach_copy_(g.z, g.x)
@@ -1403,11 +1445,12 @@ class ALSALS(torch.optim.Optimizer):
         return self._stored_search_state()
 
 
-def _unchanged_message(loss: float, first: float) -> str:
+def _unchanged_message(loss: float, first: float, followed: bool) -> str:
     """The warning for searches whose every evaluation gave the starting loss: a converged
-    run's where the loss has fallen ``CONVERGED_RATIO`` below the run's first, else the one
-    that suspects the closure."""
-    converged = 0.0 <= loss <= CONVERGED_RATIO * first
+    run's where an earlier search saw the loss follow the weights (``followed``: the closure
+    computes it from them), or where the loss has fallen ``CONVERGED_RATIO`` below the
+    run's first; else the one that suspects the closure."""
+    converged = followed or 0.0 <= loss <= CONVERGED_RATIO * first
     template = CONVERGED_WARNING if converged else UNCHANGED_WARNING
     return template.format(n=STALL_WARNING_STEPS, loss=loss, first=first)
 
