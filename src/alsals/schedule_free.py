@@ -352,9 +352,11 @@ class ALSALS(torch.optim.Optimizer):
     ``"exhausted"`` (``max_trials`` failed: only the averaging move is taken, the
     step size is kept, and the next step resumes the search below the last trial, looking
     upwards from there as a run's first search does), ``"zero_lr"`` (``lr`` 0 was written:
-    nothing moves), ``"nonfinite"`` or ``"zero_grad"`` (skipped: nothing written; two
-    steps in a row whose loss at ``y`` is not finite restart ``z`` at ``x`` where the loss
-    at ``x`` is finite, one evaluation);
+    nothing moves), ``"zero_grad"`` (the gradient is exactly 0: Schedule-Free's averaging
+    move alone, at the last step size, as Schedule-Free AdamW's step would take; where no
+    parameter has a gradient, skipped: nothing written), ``"nonfinite"`` (skipped: nothing
+    written; two steps in a row whose loss at ``y`` is not finite restart ``z`` at ``x``
+    where the loss at ``x`` is finite, one evaluation);
     ``last_step.step_size``
     is the step size taken, ``capped`` when ``polyak_cap`` cut it, and
     ``param_groups[i]["lr"]`` the searched one (times the group's ``lr_scale``), where the
