@@ -1786,6 +1786,25 @@ def test_a_run_converged_to_a_loss_above_zero_is_not_blamed_on_its_closure():
     assert all("closure" not in str(m.message) for m in caught), caught[0].message
 
 
+def test_searches_that_collapsed_the_step_size_are_not_called_converged():
+    """A weight decay that pulls against a target far from 0 (a known limit: the first step
+    expands past AdamW's equilibrium, then every trial fails): the step size collapses from
+    22 to 3e-7 and the searches find the loss unchanged there. That is no converged run,
+    though earlier searches saw the loss follow the weights."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    y = x @ torch.tensor([30.0, -20.0, 50.0])
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = ALSALS([w], weight_decay=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            opt.step(lambda: ((x @ w - y) ** 2).mean())
+    messages = [str(m.message) for m in caught if "loss" in str(m.message)]
+    assert opt.search_state.loss_followed and messages
+    assert all("converged" not in m for m in messages)
+
+
 def test_a_tiny_float32_gradient_is_no_zero_gradient():
     """A loss scaled by 1e-25: its float32 gradient's squared entries underflow, but the
     gradient is not 0 and Adam's direction does not depend on the scale: the steps search

@@ -180,6 +180,9 @@ UNCHANGED_WARNING = (
 #: A loss this many times below the run's first that no move changes has converged to what
 #: its rounding resolves: the warning then says so instead of suspecting the closure.
 CONVERGED_RATIO = 1e-4
+#: A step size this far below the largest a run took has collapsed: searches that find the
+#: loss unchanged there do not say that the run converged.
+COLLAPSE_RATIO = 1e-4
 CONVERGED_WARNING = (
     "ALSALS: the loss no longer changes when the weights move ({n} searches in a row): at "
     "{loss:.3g}, against {first:.3g} at the run's first step, it has reached what its "
@@ -1000,7 +1003,13 @@ class ALSALS(torch.optim.Optimizer):
             self._warn_about_buffers(evaluator)  # (before anything is written)
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
-                message = _unchanged_message(loss0, search.first_loss, search.loss_followed)
+                # (a search that collapsed far below the run's largest step size is no
+                # converged run's, whatever the loss did before)
+                searched = min(search.step_size, search.resume or math.inf)
+                largest = max(g["lr_max"] / g["lr_scale"] for g in self.param_groups)
+                healthy = searched >= COLLAPSE_RATIO * largest
+                followed = search.loss_followed and healthy
+                message = _unchanged_message(loss0, search.first_loss, followed)
                 self._warn_once("loss_unchanged", message)
             search.loss_followed |= not result.unchanged
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
