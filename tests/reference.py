@@ -753,6 +753,7 @@ class ReferenceOptimizer:
         # 5.3 Trials.
         rejected = False
         largest_unresolved = 0.0
+        flat = False  # an unresolved trial left the loss exactly where a change was resolvable
         nonfinite_in_a_row = 0
         start_finite = False  # f(w0) the trials' way was found finite (5.3)
         for _ in range(cfg.max_trials):
@@ -801,10 +802,12 @@ class ReferenceOptimizer:
             if unresolved(loss, delta, c_h * eta_try * abs(s), tol):
                 largest_unresolved = max(largest_unresolved, eta_try)
                 larger = min(UPWARD_FACTOR * eta_try, cap, ceiling)
+                # 5.5: exactly no change where one was resolvable: a flat batch, no climb
+                flat = flat or (delta == 0 and (loss0 == 0 or c_h * eta_try * abs(s) > tol))
                 if rejected and self.through_a_kink(loss0, s, record):  # 5.8
                     return "accepted"
-                if rejected or larger <= eta_try:  # 5.5 no measurable decrease to be had
-                    self.next_step_size = max(eta_start, largest_unresolved)
+                if rejected or flat or larger <= eta_try:  # 5.5 no measurable decrease
+                    self.next_step_size = eta_start if flat else max(eta_start, largest_unresolved)
                     return "unresolved"
                 eta_try = larger
                 continue
@@ -855,7 +858,7 @@ class ReferenceOptimizer:
             grows = 1.0 if cap < math.inf else 2 ** (1 / cfg.growth_interval)
             self.next_step_size = max(below / grows, MIN_STEP_SIZE)
         else:
-            self.next_step_size = max(eta_start, largest_unresolved)
+            self.next_step_size = eta_start if flat else max(eta_start, largest_unresolved)
         return "failed"
 
     def through_a_kink(self, loss0: float, s: float, record: StepRecord) -> bool:

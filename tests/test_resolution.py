@@ -214,3 +214,38 @@ def test_a_finite_difference_probe_below_the_loss_rounding_is_not_taken_for_the_
                 multiple = opt.last_step.slope * 5e-8 / ulp
                 assert multiple == pytest.approx(round(multiple), abs=1e-6)
                 assert opt.last_step.slope != pytest.approx(analytic, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        SLS,
+        AdamSLS,
+        MomentumALSALS.paper,
+        lambda p: MomentumALSALS(p, search_interval=1),
+    ],
+    ids=["SLS", "AdamSLS", "MomentumALSALS-paper", "MomentumALSALS-every-step"],
+)
+def test_a_batch_the_model_has_fitted_does_not_set_the_step_size(make):
+    """A confident example's float32 loss is exactly 0 (log(1 + 4e-14)) while its gradient
+    is not: every trial leaves the loss exactly where it was, though a change would be
+    resolved. That batch is flat, not the step size too small to see: the search must not
+    climb to a move as large as the weights and keep that (SLS: 1.03 -> 6e12, then a run
+    of failed searches; AdamSLS on a separable logistic regression ended at a loss of 4e14)."""
+    import torch.nn.functional as F
+
+    w = torch.nn.Parameter(torch.tensor([5.0]))
+    opt = make([w])
+    normal = (torch.tensor([0.1, 0.3]), torch.tensor([1.0, 1.0]))
+    fitted = (torch.tensor([-5.0]), torch.tensor([0.0]))  # logit -25: loss 0 in float32
+
+    def step(batch):
+        x, y = batch
+        opt.step(lambda: F.binary_cross_entropy_with_logits(x * w, y))
+
+    for _ in range(20):
+        step(normal)
+    before = opt.search_state.step_size
+    step(fitted)
+    assert opt.last_step.loss == 0.0 and w.grad.item() != 0.0
+    assert opt.search_state.step_size <= 1.01 * before

@@ -44,6 +44,7 @@ class Backtracking:
     ceiling_known: bool = False  # set_ceiling ran (its value may be inf: a zero direction)
     rejected: bool = False  # a finite, resolved trial failed the test
     largest_unresolved: float = 0.0
+    flat: bool = False  # an unresolved trial left the loss exactly where a change was resolvable
     last_tried: float = math.nan
     unbounded: float = 0.0  # the start the Polyak bound lowered (0: it did not)
     growth: float = 1.0  # the factor the start grew the step size by (1 in warm-up)
@@ -124,14 +125,18 @@ class Backtracking:
         ceiling allow; returns ``False`` when the search must end unresolved instead."""
         self.largest_unresolved = max(self.largest_unresolved, self.eta)
         larger = min(self.eta * UPWARD_FACTOR, self.cap, self.ceiling, self.largest)
-        if self.rejected or larger <= self.eta:
+        if self.rejected or self.flat or larger <= self.eta:
             return False
         self.eta = larger
         return True
 
     def unresolved_step_size(self) -> float:
         """Phase 5.5: keep the step size, or the largest unresolved one below the ceiling if
-        that is larger (searches on a flat loss do not grow the step size)."""
+        that is larger; on a batch found flat (``flat``: a batch a model has fitted, whose
+        float32 loss is exactly 0) keep it: climbing there went up to a move as large as
+        the weights and took that as the step size."""
+        if self.flat:
+            return self.eta_start
         return max(self.eta_start, min(self.largest_unresolved, self.ceiling))
 
     def failed_step_size(self, history: bool) -> float:

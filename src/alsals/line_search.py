@@ -1495,6 +1495,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 accepted = Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
                 accepted.next_step_size = walk.carried(walk.eta)
                 return accepted
+            # exactly no change where a change was resolvable (a loss of exactly 0 resolves
+            # any): the batch is flat, not the step too small to see; no climb from it
+            flat = value == loss0 and (loss0 == 0.0 or test.resolvable(walk.eta))
+            walk.flat = walk.flat or (verdict == "unresolved" and flat)
             if verdict == "unresolved" and not walk.ceiling_known:
                 walk.set_ceiling(trial.update_as_large_as_weights(self._process_group))
             if verdict == "unresolved" and walk.eta >= walk.ceiling:
@@ -1510,7 +1514,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     test.slope,
                     math.nan,
                     walk.unresolved_step_size(),
-                    loss_unchanged=unchanged and moved_all_the_way,
+                    loss_unchanged=unchanged and (moved_all_the_way or walk.flat),
                 )
                 # (trials that contradict the slope rose measurably: they were rejected)
                 unresolved = self._unless_a_kink(search, test, judged_trials, unresolved)
@@ -1532,7 +1536,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         history = h["smoothing"] > 0.0 and search.averaged > 0
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
-        failed.loss_unchanged = unchanged and moved_all_the_way
+        failed.loss_unchanged = unchanged and (moved_all_the_way or walk.flat)
         failed = self._unless_a_kink(search, test, judged_trials, failed)
         self._leave_weights(trial, failed)
         return failed
