@@ -400,7 +400,9 @@ class ALSALS(torch.optim.Optimizer):
             always ``growth`` (``"off"``). The sign says nothing about plateaus a run must
             grow out of: there ``z`` trails too, and ``"shrink"`` / ``"hold"`` keep the
             step size too small to leave them (``benchmarks/docs/method.md``, section 19).
-        loss_floor: the loss's lower bound for the Polyak start; ``None``: no bound (0.0).
+        loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
+            is exactly at it takes no trial and no step along the gradient (nothing below
+            it to reach); ``None``: no bound (0.0).
         polyak_start: what a later search's start lowered by the Polyak bound sets, where
             that start passes at once: the step size (``"sets"``), or the trial only, the
             step size staying where it was, as the cap leaves it (``"trial"``) (``"trial"``).
