@@ -802,8 +802,8 @@ class ReferenceOptimizer:
             if unresolved(loss, delta, c_h * eta_try * abs(s), tol):
                 largest_unresolved = max(largest_unresolved, eta_try)
                 larger = min(UPWARD_FACTOR * eta_try, cap, ceiling)
-                # 5.5: exactly no change where one was resolvable: a flat batch, no climb
-                flat = flat or (delta == 0 and (loss0 == 0 or c_h * eta_try * abs(s) > tol))
+                # 5.5: a loss of exactly 0 left exactly 0: a fitted, flat batch, no climb
+                flat = flat or (loss0 == 0 and loss == 0)
                 if rejected and self.through_a_kink(loss0, s, record):  # 5.8
                     return "accepted"
                 if rejected or flat or larger <= eta_try:  # 5.5 no measurable decrease

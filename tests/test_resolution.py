@@ -249,3 +249,26 @@ def test_a_batch_the_model_has_fitted_does_not_set_the_step_size(make):
     step(fitted)
     assert opt.last_step.loss == 0.0 and w.grad.item() != 0.0
     assert opt.search_state.step_size <= 1.01 * before
+
+
+@pytest.mark.parametrize(
+    "cls", [SLS, AdamSLS, MomentumALSALS], ids=["SLS", "AdamSLS", "MomentumALSALS"]
+)
+def test_a_step_size_below_the_weights_rounding_still_climbs_back(cls):
+    """float32 weights near 1000 (a large offset) and lr=1e-6: every first trial moves them
+    by less than their rounding, so the loss is exactly unchanged though the slope predicts
+    a resolvable change. That is a step too small to see, not a flat batch: the search
+    climbs until the weights move (a rule that took any exactly unchanged loss for a flat
+    batch left the weights where they were for all 400 steps)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8)
+    torch.manual_seed(1)
+    w = (torch.randn(8) + 1000.0).requires_grad_()
+    start = w.detach().clone()
+    opt = cls([w], lr=1e-6)
+    for t in range(40):
+        idx = torch.arange(t * 32, t * 32 + 32) % 256
+        opt.step(lambda idx=idx: ((x[idx] @ (w - 1000.0)) - y[idx]).pow(2).mean())
+    assert not torch.equal(w.detach(), start)
+    assert opt.param_groups[0]["lr"] > 1e-5

@@ -1834,3 +1834,25 @@ def test_a_loss_at_its_floor_takes_no_trial_and_no_step():
     assert torch.equal(w.detach(), torch.tensor([1e-24, 1e-24]))
     assert opt.search_state.forwards <= 41  # one per step, and the replay check
     assert [m for m in caught if "converged" in str(m.message)]
+
+
+def test_a_zero_gradient_takes_no_step_size_that_no_search_accepted():
+    """Before the first search the step size is the user's lr, untested: a zero gradient
+    there moves nothing (with weight decay, lr=30 and wd=0.1 turned w into -2w); during
+    warm-up it follows the ramp."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 1.5], dtype=torch.float64))
+    opt = ALSALS([w], lr=30.0, weight_decay=0.1)
+    for _ in range(3):
+        opt.step(lambda: (w * 0.0).sum() + 1.0)  # (above the floor)
+        assert opt.last_step.kind == "zero_grad" and opt.last_step.step_size == 0.0
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0, 1.5], dtype=torch.float64))
+
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), lr=1.0, warmup_steps=100)
+    plan = batches(x, y, 4)
+    for idx in plan[:3]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    opt.step(lambda: loss_of(model, x[plan[3]], y[plan[3]]) * 0.0 + 0.5)  # (above the floor)
+    assert opt.last_step.kind == "zero_grad"
+    assert 0.0 < opt.last_step.step_size <= 4 / 100  # (the ramp at the fourth step)

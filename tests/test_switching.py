@@ -76,6 +76,25 @@ def test_a_schedule_that_lowers_lr_now_and_then_warns_once(optimizer_class, make
     assert sum("schedule" in str(w.message) for w in caught) == 1
 
 
+@pytest.mark.parametrize("cls", ["engine", "ALSALS"])
+def test_writes_now_and_then_that_do_not_cut_lr_do_not_warn(optimizer_class, cls):
+    """A start written before the first step, a write that raises the searched step size,
+    one cut much later: no schedule. (Three cuts, or three writes in a row, would be.)"""
+    from alsals import ALSALS
+
+    model = mlp()
+    x, y = regression()
+    build = ALSALS if cls == "ALSALS" else optimizer_class
+    opt = build(model.parameters(), lr=0.01)
+    factors = {0: 2.0, 1: 2.0, 30: 0.5}  # of the lr the groups show then
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(40):
+            if k in factors:
+                opt.param_groups[0]["lr"] *= factors[k]
+            opt.step(mse_closure(model, x, y))
+
+
 def test_writing_lr_once_does_not_warn(optimizer_class):
     model = mlp()
     x, y = regression()

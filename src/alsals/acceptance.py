@@ -142,13 +142,6 @@ class SearchTest:
         largest = (lin + root) / (2.0 * a) if lin >= 0.0 else 2.0 * const / (root - lin)
         return largest if largest > 0.0 else math.nan
 
-    def resolvable(self, eta: float) -> bool:
-        """Whether the change the slope predicts for a trial at ``eta`` lies beyond the
-        loss's rounding: a trial there that leaves the loss exactly unchanged found the
-        batch flat, not a step too small to see."""
-        predicted = self.test.factor(self.slope_now) * eta * abs(self.slope)
-        return predicted > self.resolution
-
     def rejudged(self, trials: list[tuple[float, float]], slope: float) -> SearchTest | None:
         """The test of this search with the ``slope`` its ``trials`` ``(eta, loss)`` measured
         (``measured_slope``), left at the largest trial it accepts; ``None`` if it accepts

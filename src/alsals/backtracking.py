@@ -44,7 +44,7 @@ class Backtracking:
     ceiling_known: bool = False  # set_ceiling ran (its value may be inf: a zero direction)
     rejected: bool = False  # a finite, resolved trial failed the test
     largest_unresolved: float = 0.0
-    flat: bool = False  # an unresolved trial left the loss exactly where a change was resolvable
+    flat: bool = False  # a loss of exactly 0 that a trial left exactly 0 (a fitted batch)
     last_tried: float = math.nan
     unbounded: float = 0.0  # the start the Polyak bound lowered (0: it did not)
     growth: float = 1.0  # the factor the start grew the step size by (1 in warm-up)

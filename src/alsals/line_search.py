@@ -106,8 +106,8 @@ LOSS_CULPRIT = "the loss"
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
 SCHEDULE_WARNING = (
-    "{name}: param_groups[...]['lr'] was overwritten before {n} steps (a learning-rate "
-    "schedule, or ReduceLROnPlateau, left in the loop?). Each write restarts the search from "
+    "{name}: param_groups[...]['lr'] was overwritten before {n} steps in a row, or lowered "
+    "{n} times (a learning-rate schedule, or ReduceLROnPlateau, left in the loop?). Each write restarts the search from "
     "the written value: a schedule that writes before every step makes it backtrack every "
     "step, and one that lowers lr now and then (StepLR, ReduceLROnPlateau) compounds its cuts "
     "with the search's, so the step size falls far below what the search finds: delete the "
@@ -128,7 +128,8 @@ STALE_BUFFERS_HINT = (
 )
 #: The key under which ``state_dict()`` records each group's ``lr`` as the last step showed it.
 SHOWN_LR_KEY = "shown_lr"
-#: A learning rate written before this many steps of a run is a schedule left in the loop.
+#: A learning rate written before this many steps in a row, or lowered by this many writes
+#: over a run (a step decay, ReduceLROnPlateau), is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
 #: A closure that gives no parameter a gradient, or whose loss no trial moves by a single
 #: bit, this many steps in a row is one the search cannot use: the optimizer warns.
@@ -276,6 +277,14 @@ def groups_with_one_lr(
     if params and len(rates) == len(params) and all(r == rates[0] for r in rates):
         return params, rates[0]
     return params, lr
+
+
+def schedule_suspected(writes_in_a_row: int, cuts: int) -> bool:
+    """``lr`` written before ``SCHEDULE_WARNING_STEPS`` steps in a row (a schedule that writes
+    every step), or lowered by as many writes over the run (one that cuts now and then, whose
+    cuts compound with the search's); a write now and then that does not lower it (a start,
+    a restart from a larger value) is no schedule."""
+    return max(writes_in_a_row, cuts) >= SCHEDULE_WARNING_STEPS
 
 
 def refuse_inference_mode(name: str) -> None:
@@ -695,7 +704,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._ranks_checked = False  # every rank holds the same settings (first step)
         self._warned: set[str] = set()
-        self._written_lr_steps = 0
+        self._written_lr_steps = 0  # steps in a row that found lr written
+        self._lr_cuts = 0  # writes that lowered lr, over the run
+        self._lr_cut = False  # this step's write lowered it
         self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
         self._unresolved_searches = 0  # searches in a row that ended unresolved
         self._disconnected_steps = 0  # steps in a row whose loss gave no parameter a gradient
@@ -727,6 +738,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_written_lr_steps", 0)
+        self.__dict__.setdefault("_lr_cuts", 0)
+        self.__dict__.setdefault("_lr_cut", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_unresolved_searches", 0)
         self.__dict__.setdefault("_disconnected_steps", 0)
@@ -1002,7 +1015,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             own_grads_only=not commit,
         )
         search = self._stored_search_state()
+        before = search.step_size
         written = self._adopt_written_lr(search)
+        self._lr_cut = written == "zero" or (written is not None and search.step_size < before)
         self._grad_norm, self._replay_loss, self._model_terms = math.nan, None, None
         self._clip_factor = 1.0  # max_grad_norm's factor on the gradients this step
         run = _Run(first_search=search.searches == 0, start_step_size=search.step_size)
@@ -1495,10 +1510,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 accepted = Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
                 accepted.next_step_size = walk.carried(walk.eta)
                 return accepted
-            # exactly no change where a change was resolvable (a loss of exactly 0 resolves
-            # any): the batch is flat, not the step too small to see; no climb from it
-            flat = value == loss0 and (loss0 == 0.0 or test.resolvable(walk.eta))
-            walk.flat = walk.flat or (verdict == "unresolved" and flat)
+            # a loss of exactly 0 that a trial leaves exactly 0: a batch the model has fitted
+            # (its float32 loss rounds to 0), flat, not the step too small to see; no climb
+            # from it (elsewhere an unchanged loss may be a move below the weights' rounding,
+            # or a piecewise-constant forward pass, which climbing gets past)
+            walk.flat = walk.flat or (verdict == "unresolved" and loss0 == 0.0 and value == 0.0)
             if verdict == "unresolved" and not walk.ceiling_known:
                 walk.set_ceiling(trial.update_as_large_as_weights(self._process_group))
             if verdict == "unresolved" and walk.eta >= walk.ceiling:
@@ -1947,8 +1963,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self._disconnected_steps >= STALL_WARNING_STEPS:
             message = DISCONNECTED_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("disconnected", message, UserWarning)
-        self._written_lr_steps += bool(written)
-        if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
+        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+        self._lr_cuts += self._lr_cut
+        if schedule_suspected(self._written_lr_steps, self._lr_cuts):
             message = SCHEDULE_WARNING.format(name=name, n=SCHEDULE_WARNING_STEPS)
             self._warn_once("schedule", message, UserWarning)
         if self._model_terms is not None and loss0 < self._floor():

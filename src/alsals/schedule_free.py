@@ -110,6 +110,7 @@ from alsals.line_search import (
     not_replayed_message,
     plain_settings,
     refuse_inference_mode,
+    schedule_suspected,
     shard_count,
     split_shown_lr,
     warn_about_other_settings,
@@ -496,7 +497,8 @@ class ALSALS(torch.optim.Optimizer):
         self._grad_norm = math.nan
         self._warned: set[str] = set()
         self._disconnected_steps = 0
-        self._written_lr_steps = 0
+        self._written_lr_steps = 0  # steps in a row that found lr written
+        self._lr_cuts = 0  # writes that lowered lr, over the run
         self._buffers_checked = False
         self._unchanged_searches = 0
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
@@ -654,6 +656,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_written_lr_steps", 0)
+        self.__dict__.setdefault("_lr_cuts", 0)
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_held", None)
@@ -727,9 +730,12 @@ class ALSALS(torch.optim.Optimizer):
             left=self._left_grads,
         )
         search = self._stored_search_state()
+        before = search.step_size
         written = self._adopt_written_lr(search)
-        written_steps = self._written_lr_steps  # (an exception puts the count back)
-        self._written_lr_steps += bool(written)
+        cut = written == "zero" or (written is not None and search.step_size < before)
+        counts = self._written_lr_steps, self._lr_cuts  # (an exception puts them back)
+        self._written_lr_steps = self._written_lr_steps + 1 if written else 0
+        self._lr_cuts += cut
         # a written lr that a skipped step left untested is still the user's, not a search's
         pending = "set" if written is None and search.untested_write else written
         averages: list[_Average] = []
@@ -737,7 +743,7 @@ class ALSALS(torch.optim.Optimizer):
         held = self._held is not None
         averages, self._held = self._held or [], None  # (train(): the weights are at y)
         try:
-            if self._written_lr_steps >= SCHEDULE_WARNING_STEPS:
+            if schedule_suspected(self._written_lr_steps, self._lr_cuts):
                 message = SCHEDULE_WARNING.format(name="ALSALS", n=SCHEDULE_WARNING_STEPS)
                 self._warn_once("schedule", message)
             averages = averages or self._to_gradient_point()
@@ -757,7 +763,7 @@ class ALSALS(torch.optim.Optimizer):
                 self._restart_at_average(averages)
                 search.restarts += 1
         except BaseException:
-            self._written_lr_steps = written_steps
+            self._written_lr_steps, self._lr_cuts = counts
             for average in averages:
                 average.restore()
             if held:  # the weights as they were: at y, where train() had put them
@@ -961,9 +967,18 @@ class ALSALS(torch.optim.Optimizer):
             # slope to search along, but Schedule-Free's step still moves x towards z (and
             # decays), as Schedule-Free AdamW's would. Skipping it would leave y, and so the
             # zero gradient, where they are for good, with x possibly far behind z.
+            h = self._settings
             gamma = min(search.step_size, search.step_size_ceiling)
-            if loss0 == self._settings["loss_floor"]:
-                gamma = 0.0  # (at the loss's lower bound: no move along u, decay included)
+            if search.steps < h["warmup_steps"]:  # (the ramp's value, as a search's start)
+                gamma = min(
+                    gamma, self._warmup_peak(search) * (search.steps + 1) / h["warmup_steps"]
+                )
+            # no step size that no search has accepted (the user's lr before the first, a
+            # written or resumed one), nor any at the loss's lower bound: the averaging move
+            # alone (no decay either)
+            untested = search.searches == 0 or search.untested_write or search.resume > 0.0
+            if untested or written or loss0 == h["loss_floor"]:
+                gamma = 0.0
             self._commit(groups, gamma, restart=False)
             search.steps += 1
             search.steps_since_search += 1
