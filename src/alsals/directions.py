@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -163,13 +164,23 @@ def commit_moments(step: GroupStep, state: dict) -> None:
         state[p]["step"] = t
 
 
+#: Every factor up to float16's largest value is one every dtype the optimizers train
+#: (float16 and wider) holds: below it ``representable`` looks at no tensor (the hot path).
+ALWAYS_REPRESENTABLE = float(torch.finfo(torch.float16).max)
+
+
+def largest_representable(tensors: Iterable[Tensor]) -> float:
+    """The largest value every tensor's dtype can hold (``inf`` for none)."""
+    return min((torch.finfo(d).max for d in {t.dtype for t in tensors}), default=math.inf)
+
+
 def representable(factor: float, tensors: list[Tensor]) -> float:
     """``factor`` clamped to what every tensor's dtype can hold (a step size above float32's
     3.4e38 is refused by torch's arithmetic; the move it makes overflows the weights anyway,
     which the search sees as a non-finite trial and cuts)."""
-    if not tensors or math.isnan(factor):
+    if abs(factor) <= ALWAYS_REPRESENTABLE or math.isnan(factor):
         return factor
-    largest = min(torch.finfo(t.dtype).max for t in tensors)
+    largest = largest_representable(tensors)
     return max(min(factor, largest), -largest)
 
 

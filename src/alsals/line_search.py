@@ -56,6 +56,7 @@ from alsals.directions import (
     committed_denominators,
     committed_momentum_direction,
     denominators_after,
+    largest_representable,
     second_moments_after,
     wide_norms,
 )
@@ -107,8 +108,8 @@ SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
 SCHEDULE_WARNING = (
     "{name}: param_groups[...]['lr'] was overwritten before {n} steps in a row, or lowered "
-    "{n} times (a learning-rate schedule, or ReduceLROnPlateau, left in the loop?). Each write restarts the search from "
-    "the written value: a schedule that writes before every step makes it backtrack every "
+    "{n} times (a learning-rate schedule, or ReduceLROnPlateau, left in the loop?). Each "
+    "write restarts the search from the written value: a schedule that writes before every step makes it backtrack every "
     "step, and one that lowers lr now and then (StepLR, ReduceLROnPlateau) compounds its cuts "
     "with the search's, so the step size falls far below what the search finds: delete the "
     "schedule (the line search picks the step size), or write lr only to set where the next "
@@ -706,7 +707,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._written_lr_steps = 0  # steps in a row that found lr written
         self._lr_cuts = 0  # writes that lowered lr, over the run
-        self._lr_cut = False  # this step's write lowered it
         self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
         self._unresolved_searches = 0  # searches in a row that ended unresolved
         self._disconnected_steps = 0  # steps in a row whose loss gave no parameter a gradient
@@ -739,7 +739,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_lr_cuts", 0)
-        self.__dict__.setdefault("_lr_cut", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_unresolved_searches", 0)
         self.__dict__.setdefault("_disconnected_steps", 0)
@@ -1017,7 +1016,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search = self._stored_search_state()
         before = search.step_size
         written = self._adopt_written_lr(search)
-        self._lr_cut = written == "zero" or (written is not None and search.step_size < before)
+        lr_cut = written == "zero" or (written is not None and search.step_size < before)
         self._grad_norm, self._replay_loss, self._model_terms = math.nan, None, None
         self._clip_factor = 1.0  # max_grad_norm's factor on the gradients this step
         run = _Run(first_search=search.searches == 0, start_step_size=search.step_size)
@@ -1027,7 +1026,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 # Before anything is written: a warning turned into an error (-W error)
                 # undoes the step like any other exception.
                 refutes = run.floor_hit is True and search.floor_hits == FLOOR_HITS - 1
-                self._warn_about(outcome, evaluator, written, loss0, refutes)
+                self._warn_about(outcome, evaluator, written, lr_cut, loss0, refutes)
                 if not run.all_moments_take_part and self._cap_on(search):
                     message = PARTIAL_MODEL_WARNING.format(name=type(self).__name__)
                     self._warn_once("partial_model", message, UserWarning)
@@ -1448,13 +1447,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             search.slope_avg,
         )
         # (no trial above what the weights' dtype can hold: beyond it every trial overflows)
-        representable = min((torch.finfo(p.dtype).max for p in self.params()), default=math.inf)
         walk = Backtracking.start(
             search.step_size,
             self._step_size_cap(search),
             h["growth_interval"],
             h["backtrack"],
-            largest=min(self._ceiling(search), representable),
+            largest=min(self._ceiling(search), largest_representable(self.params())),
         )
         polyak = h["start"] == "polyak"
         floor = self._start_floor(search)
@@ -1902,6 +1900,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         outcome: Outcome,
         evaluator: ClosureEvaluator,
         written: str | None,
+        lr_cut: bool,
         loss0: float,
         refutes_floor: bool,
     ) -> None:
@@ -1964,7 +1963,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             message = DISCONNECTED_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("disconnected", message, UserWarning)
         self._written_lr_steps = self._written_lr_steps + 1 if written else 0
-        self._lr_cuts += self._lr_cut
+        self._lr_cuts += lr_cut
         if schedule_suspected(self._written_lr_steps, self._lr_cuts):
             message = SCHEDULE_WARNING.format(name=name, n=SCHEDULE_WARNING_STEPS)
             self._warn_once("schedule", message, UserWarning)

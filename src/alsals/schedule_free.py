@@ -82,7 +82,7 @@ from torch import Tensor
 
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
-from alsals.directions import representable, wide_dot, wide_norms
+from alsals.directions import largest_representable, representable, wide_dot, wide_norms
 from alsals.distributed import (
     check_same_settings,
     checked_process_group,
@@ -962,28 +962,26 @@ class ALSALS(torch.optim.Optimizer):
             return _info(kind, 0.0, loss0)
         if written == "zero":  # lr 0 written: no update this step, the step size kept
             return _info("zero_lr", 0.0, loss0)
+        h = self._settings
+        at_floor = loss0 == h["loss_floor"]  # (at its lower bound: no move along u lowers it)
         if grad_sq_value == 0.0:
             # A gradient that is exactly 0 (a loss at y that reached 0, or its rounding): no
             # slope to search along, but Schedule-Free's step still moves x towards z (and
             # decays), as Schedule-Free AdamW's would. Skipping it would leave y, and so the
             # zero gradient, where they are for good, with x possibly far behind z.
-            h = self._settings
             gamma = min(search.step_size, search.step_size_ceiling)
             if search.steps < h["warmup_steps"]:  # (the ramp's value, as a search's start)
-                gamma = min(
-                    gamma, self._warmup_peak(search) * (search.steps + 1) / h["warmup_steps"]
-                )
+                gamma = min(gamma, self._warmup_ramp(search))
             # no step size that no search has accepted (the user's lr before the first, a
             # written or resumed one), nor any at the loss's lower bound: the averaging move
             # alone (no decay either)
             untested = search.searches == 0 or search.untested_write or search.resume > 0.0
-            if untested or written or loss0 == h["loss_floor"]:
+            if untested or written or at_floor:
                 gamma = 0.0
             self._commit(groups, gamma, restart=False)
             search.steps += 1
             search.steps_since_search += 1
             return _info("zero_grad", gamma, loss0)
-        h = self._settings
         if not math.isfinite(search.first_loss):
             search.first_loss = loss0
         if h["loss_floor"] is not None and loss0 < h["loss_floor"]:  # (before any write)
@@ -1016,7 +1014,14 @@ class ALSALS(torch.optim.Optimizer):
             if message is not None:
                 self._warn_once("replay", message)
         if due:
-            result = self._search(search, loss0, groups, averaging, slope, evaluator, written)
+            # at the floor no trial can pass (the test asks for a decrease below it): the
+            # search ends as one whose moves all left the loss unchanged, without an
+            # evaluation (it took max_trials of them at every step)
+            result = (
+                SearchResult("exhausted", 0.0, 0, unchanged=True)
+                if at_floor
+                else self._search(search, loss0, groups, averaging, slope, evaluator, written)
+            )
             self._warn_about_buffers(evaluator)  # (before anything is written)
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
@@ -1037,7 +1042,7 @@ class ALSALS(torch.optim.Optimizer):
         taken = gamma
         if h["polyak_cap"] and gamma > 0.0:
             taken = max(min(gamma, self._polyak_step(loss0, gamma, averaging, slope)), 0.0)
-        if loss0 == h["loss_floor"]:  # at its lower bound: no move along u can lower it
+        if at_floor:
             taken = 0.0
         # (the guard judges the search's step size, not the cap's, which shrinks with the loss)
         searched = gamma if taken > 0.0 else 0.0
@@ -1083,11 +1088,6 @@ class ALSALS(torch.optim.Optimizer):
         Armijo test of the move of ``y``; nothing is written."""
         h = self._settings
         c = h["c"]
-        if loss0 == h["loss_floor"]:
-            # at the loss's lower bound no trial can pass (the test asks for a decrease
-            # below it): the search ends as one whose moves all left the loss unchanged,
-            # without an evaluation (it took max_trials of them at every step)
-            return SearchResult("exhausted", 0.0, 0, unchanged=True)
 
         def promised(gamma: float) -> float:
             return self._promised(gamma, averaging, slope)
@@ -1119,13 +1119,11 @@ class ALSALS(torch.optim.Optimizer):
         else:
             gamma = search.step_size * self._start_factor(search)
         if search.steps < h["warmup_steps"]:  # the ramp to lr: its value at this step
-            gamma = self._warmup_peak(search) * (search.steps + 1) / h["warmup_steps"]
-        # (no trial above what the weights' dtype can hold: beyond it every trial overflows)
-        representable = min(
-            (torch.finfo(p.dtype).max for g in self.param_groups for p in g["params"]),
-            default=math.inf,
-        )  # (over every parameter, not this rank's gradients: the same on every rank)
-        gamma = min(gamma, search.step_size_ceiling, MAX_STEP_SIZE, representable)
+            gamma = self._warmup_ramp(search)
+        # no trial above what the weights' dtype can hold (beyond it every trial overflows;
+        # over every parameter, not this rank's gradients: the same on every rank)
+        params = (p for g in self.param_groups for p in g["params"])
+        gamma = min(gamma, search.step_size_ceiling, MAX_STEP_SIZE, largest_representable(params))
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
         # polyak_start="trial": where the bound alone lowered a later search's start and
@@ -1427,6 +1425,10 @@ class ALSALS(torch.optim.Optimizer):
         search.untested_write = True
         search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
         return "set"
+
+    def _warmup_ramp(self, search: SearchState) -> float:
+        """The warm-up ramp's value at this step: ``peak * (k + 1) / warmup_steps``."""
+        return self._warmup_peak(search) * (search.steps + 1) / self._settings["warmup_steps"]
 
     def _warmup_peak(self, search: SearchState) -> float:
         """The ``lr`` the warm-up ramps to: the run's, as its state recorded it (a run
