@@ -174,3 +174,32 @@ def test_a_resumed_run_remembers_the_kink_it_passed():
     assert resumed.search_state.kinks_in_a_row == 1
     assert resumed.last_step.kind in ("failed", "unresolved")
     assert torch.equal(w.detach(), before)
+
+
+@pytest.mark.parametrize("make_optimizer", ANALYTIC, ids=ANALYTIC_IDS)
+@pytest.mark.parametrize("lr", [1e6, 1e8])
+def test_a_search_from_a_huge_lr_does_not_step_through_the_losss_linear_tail(make_optimizer, lr):
+    """From ``lr=1e6`` every trial of the first search lands in the logistic loss's linear
+    tail, where the loss rises in proportion to the step size as at a kink. A step through a
+    kink may raise the loss by no more than it lies above the floor (0): a larger rise is a
+    step too large, so the search fails and the next one goes on down (Adam + SLS took the
+    largest trial, 0.69 -> 3e5, and kept it as its step size)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=gen, dtype=F64)
+    noise = 0.5 * torch.randn(200, generator=gen, dtype=F64)
+    y = (x @ torch.randn(5, generator=gen, dtype=F64) + noise > 0).to(F64)
+    w = torch.zeros(5, dtype=F64, requires_grad=True)
+
+    def loss():
+        return torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y)
+
+    start = float(loss().detach())
+    opt = make_optimizer([w], lr=lr)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(30):
+            opt.step(loss)
+            losses.append(float(loss().detach()))
+    assert max(losses) <= start
+    assert losses[-1] < 0.6 * start  # Adam + SLS from lr=1: 0.35 at this step
