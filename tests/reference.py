@@ -752,6 +752,7 @@ class ReferenceOptimizer:
 
         # 5.3 Trials.
         rejected = False
+        smallest_rejected = math.inf  # the smallest finite rejected trial
         largest_unresolved = 0.0
         flat = False  # an unresolved trial left the loss exactly where a change was resolvable
         nonfinite_in_a_row = 0
@@ -807,7 +808,14 @@ class ReferenceOptimizer:
                 if rejected and self.through_a_kink(loss0, s, record):  # 5.8
                     return "accepted"
                 if rejected or flat or larger <= eta_try:  # 5.5 no measurable decrease
-                    self.next_step_size = eta_start if flat else max(eta_start, largest_unresolved)
+                    if flat:
+                        self.next_step_size = eta_start
+                    elif rejected and not (b > 0 and st.averaged > 0):
+                        # the next search starts at the smallest rejected trial
+                        grows = 1.0 if cap < math.inf else 2 ** (1 / cfg.growth_interval)
+                        self.next_step_size = max(smallest_rejected / grows, MIN_STEP_SIZE)
+                    else:
+                        self.next_step_size = max(eta_start, largest_unresolved)
                     return "unresolved"
                 eta_try = larger
                 continue
@@ -821,6 +829,8 @@ class ReferenceOptimizer:
                 record.loss_decrease = delta
                 return "accepted"
             rejected = rejected or is_finite(loss)
+            if is_finite(loss):
+                smallest_rejected = min(smallest_rejected, eta_try)
             if diverged:
                 eta_try = max(0.1 * eta_try, MIN_STEP_SIZE)
                 continue

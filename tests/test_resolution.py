@@ -95,6 +95,38 @@ def test_an_unresolved_search_is_recognised_and_keeps_the_step_size(cls, kwargs)
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), ANALYTIC, ids=IDS)
+def test_a_converged_run_does_not_pay_more_passes_per_step_as_it_goes_on(cls, kwargs):
+    """At the float32 optimum of a quadratic the gradient sits at its rounding floor and
+    Adam's ``v`` decays, so the direction ``g / sqrt(v)`` grows: each search is rejected at
+    its start and ends unresolved below it. Keeping the start, the next search walked all
+    the way down from it again, further at every step (AdamSLS: 2 -> 20 forward passes per
+    step over 3000 steps). It starts instead at the smallest rejected trial: the passes
+    per step stay flat, the step size stays normal, and training resumes when the target
+    moves."""
+    w = torch.tensor([0.0, 0.0], requires_grad=True)
+    target = torch.tensor([1.3, -2.7])
+    opt = cls([w], **kwargs)
+
+    def loss():
+        return ((w - target) ** 2).sum()
+
+    forwards = []
+    for _ in range(1500):
+        opt.step(loss)
+        forwards.append(opt.last_step.forwards)
+    assert loss().item() < 1e-10
+    assert sum(forwards[-250:]) / 250 <= 4.0, sum(forwards[-250:]) / 250  # AdamSLS was 12.5
+    assert is_normal(opt.param_groups[0]["lr"])
+
+    target = torch.tensor([-2.0, 1.0])
+    start = loss().item()
+    for _ in range(300):
+        opt.step(loss)
+    assert loss().item() < 1e-6 * start, (start, loss().item())
+    assert is_normal(opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ANALYTIC, ids=IDS)
 def test_bad_batches_whose_trials_are_all_infinite_do_not_collapse_the_step_size(cls, kwargs):
     """Two batches whose every trial is inf (the loss is finite only at the starting
     weights) say nothing about the step size: afterwards training goes on from where it was

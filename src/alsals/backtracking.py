@@ -43,6 +43,7 @@ class Backtracking:
     ceiling: float = math.inf  # no climb above it, set at the first unresolved trial
     ceiling_known: bool = False  # set_ceiling ran (its value may be inf: a zero direction)
     rejected: bool = False  # a finite, resolved trial failed the test
+    smallest_rejected: float = math.inf  # the smallest such trial's step size
     largest_unresolved: float = 0.0
     flat: bool = False  # a loss of exactly 0 that a trial left exactly 0 (a fitted batch)
     last_tried: float = math.nan
@@ -107,6 +108,8 @@ class Backtracking:
         ``rejected`` (a batch whose every trial is non-finite says nothing of the step size
         the next search starts from: ``failed_step_size``)."""
         self.rejected = self.rejected or finite
+        if finite:
+            self.smallest_rejected = min(self.smallest_rejected, self.eta)
         self.last_tried = self.eta
         eta = self.eta * (INTERPOLATION_FLOOR if diverged else self.backtrack)
         if finite and math.isfinite(predicted):
@@ -130,13 +133,27 @@ class Backtracking:
         self.eta = larger
         return True
 
-    def unresolved_step_size(self) -> float:
+    def unresolved_step_size(self, history: bool) -> float:
         """Phase 5.5: keep the step size, or the largest unresolved one below the ceiling if
         that is larger; on a batch found flat (``flat``: a batch a model has fitted, whose
         float32 loss is exactly 0) keep it: climbing there went up to a move as large as
-        the weights and took that as the step size."""
+        the weights and took that as the step size.
+
+        A search that ended unresolved below a finite ``rejected`` trial bracketed the step
+        size: too large at the smallest rejected trial, below the resolution under it. The
+        next search starts at the top of that bracket, the smallest rejected trial (the
+        step size is set so that its growth lands there, as after a failed search): there
+        a rejection and one unresolved trial end it again while the run stays converged,
+        and any start not rejected would climb back (keeping the start, a converged float32
+        run walked down from it at every search, longer as Adam's ``v`` decayed: AdamSLS 2
+        -> 34 passes per step). Never below the bracket, so the step size cannot collapse.
+        (Not on a flat batch: at ``L0 = 0`` no trial passes, and its rejections say nothing
+        of the step size; nor with smoothing history, where the averaged test may have
+        rejected what the trial alone would pass, as in ``failed_step_size``.)"""
         if self.flat:
             return self.eta_start
+        if self.rejected and not history:
+            return max(self.smallest_rejected / self.growth, MIN_STEP_SIZE)
         return max(self.eta_start, min(self.largest_unresolved, self.ceiling))
 
     def failed_step_size(self, history: bool) -> float:
@@ -153,4 +170,4 @@ class Backtracking:
             return self.eta_start
         if self.rejected:
             return max(self.last_tried * self.backtrack / self.growth, MIN_STEP_SIZE)
-        return self.unresolved_step_size()
+        return self.unresolved_step_size(history)

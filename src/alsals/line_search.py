@@ -1521,13 +1521,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 verdict = "rejected"
                 moved_all_the_way = True
             if verdict == "unresolved" and not walk.climb():
+                history = h["smoothing"] > 0.0 and search.averaged > 0
                 unresolved = Outcome(
                     "unresolved",
                     0.0,
                     tried,
                     test.slope,
                     math.nan,
-                    walk.unresolved_step_size(),
+                    walk.unresolved_step_size(history),
                     loss_unchanged=unchanged and (moved_all_the_way or walk.flat),
                 )
                 # (trials that contradict the slope rose measurably: they were rejected)
