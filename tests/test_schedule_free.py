@@ -1787,22 +1787,78 @@ def test_a_run_converged_to_a_loss_above_zero_is_not_blamed_on_its_closure():
 
 
 def test_searches_that_collapsed_the_step_size_are_not_called_converged():
-    """A weight decay that pulls against a target far from 0 (a known limit: the first step
-    expands past AdamW's equilibrium, then every trial fails): the step size collapses from
-    22 to 3e-7 and the searches find the loss unchanged there. That is no converged run,
-    though earlier searches saw the loss follow the weights."""
+    """Searches that find the loss unchanged at a step size collapsed far below the run's
+    largest (a written lr of 1e-9, after which the closure's loss no longer follows the
+    weights: its value stays, its gradient, along ``x - z``, promises a decrease) are no
+    converged run's, though earlier searches saw the loss follow them."""
     torch.manual_seed(0)
     x = torch.randn(32, 3)
-    y = x @ torch.tensor([30.0, -20.0, 50.0])
+    y = x @ torch.tensor([3.0, -2.0, 5.0])
     w = torch.nn.Parameter(torch.zeros(3))
-    opt = ALSALS([w], weight_decay=0.1)
+    opt = ALSALS([w])
+    for _ in range(5):
+        opt.step(lambda: ((x @ w - y) ** 2).mean())
+    assert opt.search_state.loss_followed and opt.param_groups[0]["lr"] > 1e-3
+    opt.param_groups[0]["lr"] = 1e-9
+    direction = w.detach() - opt.state[w]["z"]
+
+    def stale():
+        return torch.tensor(2.0) + ((w - w.detach()) * direction).sum()
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(20):
-            opt.step(lambda: ((x @ w - y) ** 2).mean())
+        for _ in range(40):
+            opt.step(stale)
     messages = [str(m.message) for m in caught if "loss" in str(m.message)]
     assert opt.search_state.loss_followed and messages
     assert all("converged" not in m for m in messages)
+
+
+def target_beyond_the_decay(lr_scale: float = 1.0):
+    """A 3-weight least-squares fit to [30, -20, 50] with weight_decay=0.1, from 0: AdamW's
+    equilibrium (``g_hat = -wd w``) lies at ``|w| <= 1 / wd = 10``, far short of the
+    target, and the first search's Polyak bound at about 19."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, dtype=torch.float64)
+    y = x @ torch.tensor([30.0, -20.0, 50.0], dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ALSALS([w], weight_decay=0.1, lr_scale=lr_scale)
+    return w, opt, lambda: ((x @ w - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("lr_scale", [1.0, 2.0])
+def test_no_step_decays_more_than_the_whole_of_the_weights(lr_scale):
+    """No trial takes ``gamma * lr_scale * weight_decay > 1``, where the move's decay term
+    overshoots 0 and flips the weights (the AdamW form of the other optimizers caps the
+    decay's factor at 1): the first search's expansion stops at ``1 / (lr_scale * wd)``,
+    not at the Polyak step (19, past AdamW's equilibrium ``|w| = 1 / wd``)."""
+    w, opt, closure = target_beyond_the_decay(lr_scale)
+    for _ in range(30):
+        opt.step(closure)
+        step = opt.last_step.step_size * lr_scale * 0.1
+        assert step <= 1.0 + 1e-12, step
+        assert w.detach().abs().max() <= 10.0 + 1e-9
+    assert opt.search_state.step_size * lr_scale * 0.1 == pytest.approx(1.0)
+
+
+def test_a_move_whose_decay_outweighs_the_gradient_keeps_the_step_size():
+    """Where the decay's share outweighs the gradient's (``g . u <= 0``: the move raises the
+    loss to first order, at and beyond AdamW's equilibrium), no trial can pass but one the
+    loss's rounding hides; the trials (with the cap alone) took the step size from 10 to
+    1e-14 and the weights never moved again. The search keeps the step size and takes
+    Schedule-Free's move: the run goes on towards AdamW's equilibrium."""
+    w, opt, closure = target_beyond_the_decay()
+    sizes, points = [], []
+    for _ in range(100):
+        opt.step(closure)
+        sizes.append(opt.search_state.step_size)
+        points.append(w.detach().clone())
+    assert min(sizes) >= 1e-4 * max(sizes), (min(sizes), max(sizes))
+    assert opt.search_state.kept > 0
+    assert not torch.equal(points[1], points[-1])
+    # (the weights settle inside |w| = 1 / wd, moving less and less)
+    assert (points[-1] - points[-2]).abs().max() < (points[2] - points[1]).abs().max()
+    assert points[-1].abs().max() < 10.0
 
 
 def test_a_tiny_float32_gradient_is_no_zero_gradient():

@@ -378,7 +378,9 @@ class ALSALS(torch.optim.Optimizer):
         betas: ``beta1`` interpolates between ``z`` and ``x`` (Schedule-Free's momentum),
             ``beta2`` is Adam's second-moment factor ((0.9, 0.999)).
         eps: Adam's ``eps`` (1e-8).
-        weight_decay: decoupled weight decay at ``y``, as Schedule-Free applies it (0).
+        weight_decay: decoupled weight decay at ``y``, as Schedule-Free applies it (0); no
+            step size above ``1 / (lr_scale * weight_decay)`` is tried (the decay would flip
+            the weights), and a search whose move the decay turns uphill keeps its step size.
         growth: each search starts at this multiple of the last step size (1.1).
         backtrack: a rejected trial's step size is multiplied by this (0.8).
         interpolate: skip the trials of that grid above where a quadratic model fitted to
@@ -1124,6 +1126,8 @@ class ALSALS(torch.optim.Optimizer):
         # over every parameter, not this rank's gradients: the same on every rank)
         params = (p for g in self.param_groups for p in g["params"])
         gamma = min(gamma, search.step_size_ceiling, MAX_STEP_SIZE, largest_representable(params))
+        # no trial whose decay takes more than the whole of y (gamma lr_scale wd > 1 flips it)
+        gamma = min(gamma, self._decay_cap())
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
         # polyak_start="trial": where the bound alone lowered a later search's start and
@@ -1138,7 +1142,7 @@ class ALSALS(torch.optim.Optimizer):
         # so the search looks upwards first, by EXPANSION per trial and never above the
         # Polyak step, until a trial fails (not during warm-up, whose ramp is a ceiling). A
         # resumed search does the same, up to the step size the failed one started below.
-        top = min(bound, MAX_STEP_SIZE if first else search.step_size)
+        top = min(bound, MAX_STEP_SIZE if first else search.step_size, self._decay_cap())
         expanding = (first or resuming) and search.steps >= h["warmup_steps"] and gamma < top
         passed: tuple[float, float] | None = None  # the largest expansion that passed
 
@@ -1159,6 +1163,13 @@ class ALSALS(torch.optim.Optimizer):
         # does not take the last step size where it ends "kept" (untested, and here no
         # search accepted it, or a trial beside it diverged): only the averaging move
         kept_allowed = not resuming and written is None
+        if self._decay_outweighs(gamma, slope):
+            # The move along u raises the loss to first order: its decay's share outweighs
+            # the gradient's (beyond AdamW's equilibrium, g_hat = -wd y). No step size can
+            # pass but one the loss's rounding hides, down to which the trials would cut the
+            # step size; the loss cannot judge the decay, which AdamW takes untested (at most
+            # the whole of y: the cap above). Schedule-Free's move, at the last step size.
+            return SearchResult("kept", min(search.step_size, gamma), evaluations)
         while evaluations < h["max_trials"]:
             evaluations += 1
             ok, value = passes(gamma)
@@ -1213,6 +1224,30 @@ class ALSALS(torch.optim.Optimizer):
         # run's first search does (max_trials too small for how far lr was off).
         # (gamma is already the trial after the last one)
         return SearchResult("exhausted", 0.0, evaluations, resume=max(gamma, MIN_STEP_SIZE))
+
+    def _decay_cap(self) -> float:
+        """The largest step size whose decay takes at most the whole of the weights in every
+        group, ``min 1 / (lr_scale * weight_decay)`` (``inf`` without decay): beyond it the
+        move's decay term ``gamma * lr_scale * weight_decay * y`` overshoots 0 and flips the
+        weights, where the AdamW form of the other optimizers caps the decay's factor at 1."""
+        caps = (
+            1.0 / (g["lr_scale"] * g["weight_decay"])
+            for g in self.param_groups
+            if g["weight_decay"]
+        )
+        return min(caps, default=math.inf)
+
+    def _decay_outweighs(self, gamma: float, slope: list[float]) -> bool:
+        """Whether the move along ``u`` promises no decrease, ``sum lr_scale kappa g.u <= 0``
+        (``kappa`` at ``gamma``), where a weight decay takes part: without one ``g.u`` is a sum
+        of squares, never below 0."""
+        if not any(g["weight_decay"] for g in self.param_groups):
+            return False
+        total = 0.0
+        for group, s in zip(self.param_groups, slope, strict=True):
+            alpha = averaging_weight(group, gamma)[0]
+            total += group["lr_scale"] * (1.0 - group["betas"][0] * (1.0 - alpha)) * s
+        return total <= 0.0
 
     def _start_factor(self, search: SearchState) -> float:
         """The multiple of the last step size a search starts from: ``growth``, or with
