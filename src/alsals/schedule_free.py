@@ -27,7 +27,10 @@ so the test uses the gradient's own slope and two dot products per step (no prob
 Each search starts at ``growth`` times the last accepted ``gamma`` (``lr`` at the first),
 no higher than the Polyak step (where that linear model reaches ``loss_floor``), and
 backtracks by ``backtrack`` (skipping, with ``interpolate``, the trials that a quadratic
-fitted to the rejected one says fail). Where the first trial fails, the averaging move
+fitted to the rejected one says fail). A trial that fails while its move promises no
+decrease (``P(gamma) <= 0``: the averaging move's rise outweighs the move along ``u``) was
+too small: the search climbs from it by ``EXPANSION`` until one promises a decrease. Where
+the first trial fails, the averaging move
 alone (``gamma = 0``, one more pass) is tested: if it fails too, no step size can pass,
 the search says nothing about ``gamma``, and the step is taken with the last one
 (``"kept"``). Every step, searched or reused, is capped by the Polyak step of its batch's
@@ -1125,11 +1128,23 @@ class ALSALS(torch.optim.Optimizer):
         # no trial above what the weights' dtype can hold (beyond it every trial overflows;
         # over every parameter, not this rank's gradients: the same on every rank)
         params = (p for g in self.param_groups for p in g["params"])
-        gamma = min(gamma, search.step_size_ceiling, MAX_STEP_SIZE, largest_representable(params))
-        # no trial whose decay takes more than the whole of y (gamma lr_scale wd > 1 flips it)
-        gamma = min(gamma, self._decay_cap())
+        # (nor one whose decay takes more than the whole of y: gamma lr_scale wd > 1 flips it)
+        largest = min(
+            search.step_size_ceiling,
+            MAX_STEP_SIZE,
+            largest_representable(params),
+            self._decay_cap(),
+        )
+        gamma = min(gamma, largest)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
+        # A failed trial whose promise P(gamma) is not positive was too small to pay for the
+        # averaging move's rise (z trailing x on this batch), not too large: the search
+        # climbs by EXPANSION (never above the Polyak step, nor in warm-up) until a trial
+        # promises a decrease, and judges from there (from a written lr 17x below the step
+        # size, every trial below it failed and the step size stayed at 0 for 127 steps).
+        climb_top = gamma if search.steps < h["warmup_steps"] else min(largest, bound)
+        outgrown = False  # a trial with a positive promise failed: no climb after it
         # polyak_start="trial": where the bound alone lowered a later search's start and
         # that start passes, the search says nothing about the step size above it
         # (not from a written lr, which no search has accepted: the trial that passes does)
@@ -1198,6 +1213,12 @@ class ALSALS(torch.optim.Optimizer):
                 # follow the weights (or changes below its rounding); no trial can judge
                 return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
             kept_allowed = kept_allowed and math.isfinite(value)
+            outgrown = outgrown or promised(gamma) > 0.0
+            if not outgrown and math.isfinite(value):
+                up = min(gamma * EXPANSION, climb_top)
+                if up > gamma and promised(up) > promised(gamma):
+                    gamma = up
+                    continue
             if not checked:
                 checked = True
                 ending = averaging_alone()
