@@ -149,6 +149,19 @@ def test_the_fall_that_lifts_a_ceiling_needs_the_same_margin():
     assert not _watch([1.0] * WATCH_SAMPLES).fell_below(5.0, 3.0, 0.0)  # not judging yet
 
 
+def test_a_loss_that_stays_above_a_level_needs_the_same_margin():
+    """``stayed_above``: the lowest average since the watch began judging lies above the
+    level by ``risen``'s margin (in the standard error at the lowest)."""
+    gen = torch.Generator().manual_seed(2)
+    noise = (0.1 * torch.randn(300, generator=gen, dtype=F64)).tolist()
+    watch = _watch([1.0 + e for e in noise])
+    assert not watch.stayed_above(1.0, 3.0, 0.0)
+    assert watch.stayed_above(0.5, 3.0, 0.0)
+    assert not watch.stayed_above(0.5, 3.0, 1.0)  # not above the resolution
+    assert not watch.stayed_above(math.inf, 3.0, 0.0)
+    assert not _watch([5.0] * WATCH_SAMPLES).stayed_above(1.0, 3.0, 0.0)  # not judging yet
+
+
 # -- on a noisy regression ---------------------------------------------------------------
 
 

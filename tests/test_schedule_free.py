@@ -787,6 +787,61 @@ def test_rise_restart_stops_the_average_climbing_towards_a_z_that_went_astray():
     assert climbing[-1] > 1.2 * losses[-1]
 
 
+def test_a_ceiling_set_where_the_data_shift_is_lifted_once_the_loss_stays_above_that():
+    """Noisy regression, then the targets move 100x farther with 10x the noise (new data
+    whose loss floor lies far above the old lowest). The loss jumps and the guard fires at
+    the jump (the step size's average had crept up a little since the lowest loss),
+    setting a ceiling at the old problem's step size (1.25); the loss never gets back below
+    the old lowest, so the fall that lifts a ceiling never comes. Under the ceiling the
+    loss average stays measurably above even the level that set it: the rise was not the
+    step size's doing, and one horizon later the ceiling is lifted. Measured over steps
+    2000-2100 (+500 to +600 after the shift): 1.16x the new minimum, 1.04x without the
+    guard; before, the ceiling held for good and the loss was 28x. A run resumed under the
+    ceiling lifts it at the same step."""
+    pre, post, n, d = 1500, 600, 512, 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    old = x @ torch.randn(d, dtype=torch.float64, generator=gen)
+    old = old + 0.5 * torch.randn(n, dtype=torch.float64, generator=gen)
+    new = x @ (100.0 * torch.randn(d, dtype=torch.float64, generator=gen))
+    new = new + 5.0 * torch.randn(n, dtype=torch.float64, generator=gen)
+    picks = torch.randint(0, n, (pre + post, 16), generator=torch.Generator().manual_seed(1))
+
+    def train(w, opt, steps):
+        fired, lifted, full = [], None, []
+        for k in steps:
+            idx, y = picks[k], (old if k < pre else new)
+            opt.step(lambda idx=idx, y=y: ((x[idx] @ w - y[idx]) ** 2).mean())
+            fired += [k] if opt.last_step.loss_rose else []
+            ceiling = opt.search_state.step_size_ceiling
+            if k > pre and ceiling == math.inf and lifted is None:
+                lifted = k
+            with torch.no_grad():
+                full.append(float(((x @ w - new) ** 2).mean()))
+        return fired, lifted, sum(full[-100:]) / 100
+
+    w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    opt = ALSALS([w])
+    fired, _, _ = train(w, opt, range(pre + 50))
+    assert pre in fired and opt.search_state.step_size_ceiling < 2.0  # the shift fired it
+    saved = copy.deepcopy(opt.state_dict()), w.detach().clone()
+    _, lifted, guarded = train(w, opt, range(pre + 50, pre + post))
+    assert lifted is not None and lifted <= pre + 2 * 100, "the ceiling was never lifted"
+
+    unguarded_w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    fired, _, unguarded = train(
+        unguarded_w, ALSALS([unguarded_w], loss_rise_guard=None), range(pre + post)
+    )
+    assert not fired
+    assert guarded < 1.5 * unguarded
+
+    resumed = nn.Parameter(saved[1].clone())
+    again = ALSALS([resumed])
+    again.load_state_dict(saved[0])
+    _, lifted_again, _ = train(resumed, again, range(pre + 50, pre + post))
+    assert lifted_again == lifted and torch.equal(resumed.detach(), w.detach())
+
+
 def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))

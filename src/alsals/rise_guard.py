@@ -27,7 +27,11 @@ logistic regression the spread it caused hid a doubling of the loss.) The step s
 gets a ceiling: its average at the lowest loss. No search starts or climbs above it, and the
 watch starts afresh. The ceiling is lifted when the loss average falls measurably (by the
 same margin) below the lowest it had reached before the rise: the landscape has changed,
-and the evidence with it. Writing ``lr`` clears it too.
+and the evidence with it. ``ALSALS`` also lifts it where the watch begun at the ceiling
+finds its lowest average measurably above the average that set the ceiling
+(``stayed_above``): with the step size back where the loss was lowest the loss went on
+rising, so the rise was not the step size's doing (new data whose loss floor lies above
+the old lowest). Writing ``lr`` clears it too.
 
 A loss that only stops falling (a plateau) fires it no more often than chance allows (on
 Gaussian noise, 0-3% of flat runs of 2000 or 10000 steps); a loss that rises for another
@@ -142,6 +146,16 @@ class LossWatch:
     def rose(self, standard_errors: float, resolution: float) -> bool:
         """Whether the loss average rose measurably (``risen``) while the step size grew."""
         return self.grew() and self.risen(standard_errors, resolution)
+
+    def stayed_above(self, level: float, standard_errors: float, resolution: float) -> bool:
+        """Whether the lowest loss average since the watch began judging lies measurably
+        above ``level`` (``risen``'s margin, with the lowest in place of the average now):
+        over the whole watch the loss never came back to ``level``."""
+        if not self.judging():
+            return False
+        rise = self.lowest - level
+        margin = self.margin(standard_errors, self.error_at_lowest)
+        return rise > resolution and rise > margin
 
     def fell_below(self, level: float, standard_errors: float, resolution: float) -> bool:
         """Whether the loss average lies measurably below ``level`` (the same margin, in

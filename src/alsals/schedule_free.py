@@ -239,6 +239,7 @@ class SearchState:
     backwards: int = 0
     step_size_ceiling: float = math.inf  # loss_rise_guard's
     ceiling_loss: float = 0.0
+    ceiling_rise: float = math.inf  # the loss average that set the ceiling
     watch: dict[str, float] | None = None  # loss_rise_guard's LossWatch
     loss_followed: bool = False  # a search saw the loss change as the weights moved
     leading: int = 0  # steps since the last search whose batch found z downhill of y
@@ -416,7 +417,10 @@ class ALSALS(torch.optim.Optimizer):
             batch's linear model (the step size the search keeps is not cut) (``True``).
         loss_rise_guard: ``MomentumALSALS``'s guard, in standard errors: where the batch
             losses' average rises measurably above its lowest while the step size grew, the
-            step size gets a ceiling, its average at the lowest loss; ``None``: off (3.0).
+            step size gets a ceiling, its average at the lowest loss, lifted where the loss
+            average falls measurably below that lowest or where, from one horizon after the
+            ceiling on, even its lowest lies measurably above the average that set it (new
+            data, not the step size, raised it); ``None``: off (3.0).
         rise_restart: where the guard finds the loss average risen, whatever the step size
             did, ``z`` restarts at the average ``x`` (function-value restart, as for
             accelerated methods): the average stops moving towards a ``z`` that has gone
@@ -1343,15 +1347,26 @@ class ALSALS(torch.optim.Optimizer):
         watch = LossWatch(**search.watch) if search.watch else LossWatch()
         watch = watch.after(loss0, gamma)
         resolution = _loss_resolution(loss_dtype, watch.mean())
+        # A ceiling is lifted where the loss average falls measurably below the lowest it
+        # guarded, or where the watch begun under it (each ceiling starts it afresh) finds
+        # the loss average, at its lowest, measurably above the level that set the
+        # ceiling: with the step size back at most where the loss was lowest the loss went
+        # on rising, so the rise was not the step size's doing (the data or the objective
+        # changed) and the ceiling has no ground; a new one needs a new rise.
         ceiling = search.step_size_ceiling
-        if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):
+        if ceiling < math.inf and (
+            watch.fell_below(search.ceiling_loss, guard, resolution)
+            or watch.stayed_above(search.ceiling_rise, guard, resolution)
+        ):
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
+            search.ceiling_rise = math.inf
         risen = watch.risen(guard, resolution)
         sets_ceiling = risen and gamma > 0.0 and watch.grew()
         restart = risen and self._settings["rise_restart"]
         if sets_ceiling:
             search.step_size_ceiling = min(search.step_size_ceiling, watch.step_size_at_lowest)
             search.ceiling_loss = watch.lowest
+            search.ceiling_rise = watch.mean()
         if sets_ceiling or restart:
             search.restarts += restart
             watch = LossWatch()
@@ -1480,6 +1495,7 @@ class ALSALS(torch.optim.Optimizer):
         search.resume = 0.0  # the user's step size: searched from, as at a written lr
         search.untested_write = True
         search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
+        search.ceiling_rise = math.inf
         return "set"
 
     def _warmup_ramp(self, search: SearchState) -> float:
