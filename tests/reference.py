@@ -147,6 +147,7 @@ class SearchState:
     loss_error_at_lowest: float = 0.0  # the standard error of the loss average then
     step_size_ceiling: float = math.inf  # no step size above it (phase 6)
     ceiling_loss: float = 0.0  # loss_lowest when the ceiling was set
+    ceiling_rise: float = math.inf  # the loss average that set the ceiling
     floor_hits: int = 0  # searches in a row whose trials showed the loss below the floor
     untested_step_size: float = 0.0  # eta of the last update if it was untested, else 0
     nonfinite_losses_in_a_row: int = 0  # steps skipped for a non-finite loss, in a row
@@ -477,6 +478,16 @@ def loss_fell_below(watch: list, level: float, z: float) -> bool:
     return fall > resolution(watch_mean(watch)) and fall > margin
 
 
+def loss_stayed_above(watch: list, level: float, z: float) -> bool:
+    """Phase 5.7: ``n > 100`` and ``lowest - level`` above the resolution and the margin in
+    ``E_lowest``: since the watch began, the loss average never came back to ``level``."""
+    if watch[2] <= LOSS_WATCH_SAMPLES:
+        return False
+    rise = watch[3] - level
+    margin = watch_margin(watch, z, watch[7])
+    return rise > resolution(watch_mean(watch)) and rise > margin
+
+
 def decoupled_update(
     w0: Tensor, d_update: Tensor, eta: float, lr_scale: float, weight_decay: float
 ) -> Tensor:
@@ -573,7 +584,7 @@ class ReferenceOptimizer:
         self.state.step_size = max(lr / group.lr_scale, MIN_STEP_SIZE)
         # the guard's ceiling and watch start afresh (phase 0)
         st = self.state
-        st.step_size_ceiling, st.ceiling_loss = math.inf, 0.0
+        st.step_size_ceiling, st.ceiling_loss, st.ceiling_rise = math.inf, 0.0, math.inf
         for name in WATCH_FIELDS:
             setattr(st, name, 0)
         return "set"
@@ -1048,19 +1059,23 @@ class ReferenceOptimizer:
         the update did not move). A ceiling is lifted (``inf``) when the
         loss average falls below ``ceiling_loss`` by the margin; if the loss average rose on
         a step that moved the weights while the step size grew, the ceiling becomes the
-        smaller of itself and ``S_lowest``, ``ceiling_loss`` the lowest average, ``eta`` is
-        held below the ceiling, and the watch starts afresh."""
+        smaller of itself and ``S_lowest``, ``ceiling_loss`` the lowest average,
+        ``ceiling_rise`` the average now, ``eta`` is held below the ceiling, and the watch
+        starts afresh; a ceiling is also lifted where the lowest average since lies above
+        ``ceiling_rise`` by the margin in ``E_lowest``."""
         z, st = self.config.loss_rise_guard, self.state
         if z is None or plan == "zero_lr":
             return
         watch = watch_after(st, loss0, record.searched_step_size if record.step_size > 0 else 0.0)
         ceiling = st.step_size_ceiling
-        if ceiling < math.inf and loss_fell_below(watch, st.ceiling_loss, z):
-            st.step_size_ceiling, st.ceiling_loss = math.inf, 0.0
+        lifted = loss_fell_below(watch, st.ceiling_loss, z)
+        lifted = lifted or loss_stayed_above(watch, st.ceiling_rise, z)
+        if ceiling < math.inf and lifted:
+            st.step_size_ceiling, st.ceiling_loss, st.ceiling_rise = math.inf, 0.0, math.inf
         if record.step_size > 0 and loss_rose(watch, z):
             record.loss_rose = True
             st.step_size_ceiling = min(ceiling, watch[6])
-            st.ceiling_loss = watch[3]
+            st.ceiling_loss, st.ceiling_rise = watch[3], watch_mean(watch)
             watch = [0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0]
         st.step_size = min(st.step_size, self.ceiling())
         for name, value in zip(WATCH_FIELDS, watch, strict=True):

@@ -430,3 +430,42 @@ def test_a_loss_that_jumps_at_its_floor_is_not_growth_of_the_step_size():
     for _ in range(300):
         opt.step(loss)
     assert loss().item() < 1e-7 * start
+
+
+def test_a_ceiling_set_at_a_data_shift_is_lifted_once_the_loss_stays_above_its_level():
+    """``MomentumALSALS`` on a noisy regression whose targets move 100x farther with 10x the
+    noise at step 1500 (new data whose loss floor lies far above the old lowest): the guard
+    fires at the jump and sets a ceiling at the old problem's step size, which the fall
+    below the old lowest would never lift. Under it the loss average stays measurably above
+    the level that set it (the rise was not the step size's doing): one horizon later the
+    ceiling is lifted, and the run ends level with one without the guard (it held for
+    good: 546 against 36 over the last 100 steps)."""
+    pre, post, n, d = 1500, 600, 512, 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, dtype=F64, generator=gen)
+    old = x @ torch.randn(d, dtype=F64, generator=gen) + 0.5 * torch.randn(
+        n, dtype=F64, generator=gen
+    )
+    new = x @ (100.0 * torch.randn(d, dtype=F64, generator=gen))
+    new = new + 5.0 * torch.randn(n, dtype=F64, generator=gen)
+    picks = torch.randint(0, n, (pre + post, 16), generator=torch.Generator().manual_seed(1))
+
+    def train(**kwargs):
+        w = torch.zeros(d, dtype=F64, requires_grad=True)
+        opt = MomentumALSALS([w], **kwargs)
+        fired, lifted, full = [], None, []
+        for k in range(pre + post):
+            idx, y = picks[k], (old if k < pre else new)
+            opt.step(lambda idx=idx, y=y: ((x[idx] @ w - y[idx]) ** 2).mean())
+            fired += [k] if opt.last_step.loss_rose else []
+            if fired and lifted is None and opt.search_state.step_size_ceiling == math.inf:
+                lifted = k
+            with torch.no_grad():
+                full.append(float(((x @ w - new) ** 2).mean()))
+        return fired, lifted, sum(full[-100:]) / 100
+
+    fired, lifted, guarded = train()
+    assert pre in fired
+    assert lifted is not None and lifted <= pre + 2 * WATCH_SAMPLES
+    _, _, unguarded = train(loss_rise_guard=None)
+    assert guarded < 1.5 * unguarded

@@ -82,7 +82,8 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             above the lowest it reached, while the step size grew, the step size has outgrown
             the gradient noise: it gets a ceiling, its average when the loss was lowest (a
             loss that only stops falling never fires it; one that later falls measurably
-            below that lowest lifts the ceiling, and writing ``lr`` clears it;
+            below that lowest lifts the ceiling, as does one that under the ceiling never
+            comes back to the level that set it, and writing ``lr`` clears it;
             :mod:`alsals.rise_guard`). A loss that rises by design while the step size grows
             (an annealed regulariser) can fire it too: pass ``None`` there ({guard}).
         growth_interval: ``b`` of Eq. 2: before each search ``eta <- eta * 2^(1/b)``

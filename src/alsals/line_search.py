@@ -665,7 +665,7 @@ class _Run:
     model: MomentumModel | None = None  # loss_floor's model with this batch (phase 5.6)
     watch: LossWatch | None = None  # loss_rise_guard's watch with this batch (phase 5.7)
     # loss_rise_guard's ceiling and the loss it guards, where they change (phase 5.7)
-    ceiling: tuple[float, float] | None = None
+    ceiling: tuple[float, float, float] | None = None
     rise: tuple[float, float, float, float] | None = None  # the rise it saw, for the log
     floor_hit: bool | None = None  # what the search's trials said of the floor (5.2)
     # every parameter that holds Adam moments takes part in this step (``grad`` set)
@@ -1117,6 +1117,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
         # the user's step size: loss_rise_guard's ceiling and watch start afresh
         search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
+        search.ceiling_rise = math.inf
         self._store_watch(search, LossWatch())
         return "set"
 
@@ -1333,7 +1334,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         changed, does not look like growth of the step size). A ceiling is lifted when the
         loss average falls measurably below the lowest it guards; a rise on a step that
         moved the weights, while the step size grew, sets the ceiling to the step size at
-        the lowest loss and starts the watch afresh. Stored in phase 6."""
+        the lowest loss and starts the watch afresh. The ceiling is also lifted where the
+        watch begun under it finds even its lowest average measurably above the average
+        that set it (``ceiling_rise``): the step size back where the loss was lowest and the
+        loss still higher, the rise was not the step size's doing (new data whose floor lies
+        above the old lowest). Stored in phase 6."""
         guard = self._settings["loss_rise_guard"]
         if guard is None or outcome.kind not in ("search", "reuse", "failed", "unresolved"):
             return
@@ -1341,11 +1346,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         watch = stored.after(loss0, searched if outcome.step_size > 0.0 else 0.0)
         resolution = _loss_resolution(loss_dtype, watch.mean())
         ceiling = search.step_size_ceiling
-        if ceiling < math.inf and watch.fell_below(search.ceiling_loss, guard, resolution):
-            run.ceiling = (math.inf, 0.0)
+        if ceiling < math.inf and (
+            watch.fell_below(search.ceiling_loss, guard, resolution)
+            or watch.stayed_above(search.ceiling_rise, guard, resolution)
+        ):
+            run.ceiling = (math.inf, 0.0, math.inf)
         if outcome.step_size > 0.0 and watch.rose(guard, resolution):
             outcome.loss_rose = True
-            run.ceiling = (min(ceiling, watch.step_size_at_lowest), watch.lowest)
+            run.ceiling = (min(ceiling, watch.step_size_at_lowest), watch.lowest, watch.mean())
             run.rise = (watch.lowest, watch.mean(), watch.step_size_at_lowest, watch.step_size())
             watch = LossWatch()
         run.watch = watch
@@ -1739,7 +1747,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if run.watch is not None:
             self._store_watch(search, run.watch)
         if run.ceiling is not None:
-            search.step_size_ceiling, search.ceiling_loss = run.ceiling
+            search.step_size_ceiling, search.ceiling_loss, search.ceiling_rise = run.ceiling
             search.step_size = min(search.step_size, search.step_size_ceiling)
 
     def _undo_untested_update(self, search: SearchState) -> None:

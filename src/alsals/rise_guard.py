@@ -27,9 +27,8 @@ logistic regression the spread it caused hid a doubling of the loss.) The step s
 gets a ceiling: its average at the lowest loss. No search starts or climbs above it, and the
 watch starts afresh. The ceiling is lifted when the loss average falls measurably (by the
 same margin) below the lowest it had reached before the rise: the landscape has changed,
-and the evidence with it. ``ALSALS`` also lifts it where the watch begun at the ceiling
-finds its lowest average measurably above the average that set the ceiling
-(``stayed_above``): with the step size back where the loss was lowest the loss went on
+and the evidence with it. It is also lifted where the watch begun at the ceiling finds
+its lowest average measurably above the average that set the ceiling (``stayed_above``): with the step size back where the loss was lowest the loss went on
 rising, so the rise was not the step size's doing (new data whose loss floor lies above
 the old lowest). Writing ``lr`` clears it too.
 

@@ -55,8 +55,10 @@ class SearchState:
     ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg``,
     ``step_size_at_lowest`` and ``loss_error_at_lowest`` hold ``loss_rise_guard``'s watch of
     the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
-    ceiling it set on the step size (``inf``: none) and ``ceiling_loss`` the lowest loss
-    average before the rise (the ceiling is lifted once the loss falls measurably below it).
+    ceiling it set on the step size (``inf``: none), ``ceiling_loss`` the lowest loss
+    average before the rise (the ceiling is lifted once the loss falls measurably below it)
+    and ``ceiling_rise`` the average that set it (lifted too once the lowest average since
+    lies measurably above it: new data, not the step size, raised the loss).
     ``floor_hits`` counts the searches in a row whose trials showed the loss below the floor
     of ``loss_floor``'s cap and the Polyak start (:func:`alsals.polyak_cap.floor_word`);
     from ``FLOOR_HITS`` on the run no longer uses it (``floor_refuted``).
@@ -104,6 +106,7 @@ class SearchState:
     loss_error_at_lowest: float = 0.0
     step_size_ceiling: float = math.inf
     ceiling_loss: float = 0.0
+    ceiling_rise: float = math.inf
     floor_hits: int = 0
     untested_step_size: float = 0.0
     nonfinite_losses_in_a_row: int = 0
@@ -162,6 +165,12 @@ class SearchState:
             raise ValueError(
                 f"invalid line_search state 'step_size_ceiling': {ceiling!r} (expected a "
                 "number > 0, inf for none)"
+            )
+        rise = values.get("ceiling_rise", math.inf)
+        if isinstance(rise, bool) or not isinstance(rise, (int, float)) or not rise > -math.inf:
+            raise ValueError(
+                f"invalid line_search state 'ceiling_rise': {rise!r} (expected a number, inf "
+                "for none)"
             )
         for name in COUNTERS:
             value = values.get(name, 0)
