@@ -888,8 +888,8 @@ class ReferenceOptimizer:
         as the smallest rise of 8 resolutions or more (a firm one), and in proportion to eta
         between the two (power in [0.5, 1.5]): the slope ``s`` is wrong (a kink). Judge the
         trials again, largest first, with the firm rise's secant as the slope; accept the
-        first that passes among those that raise the loss by at most ``L0`` minus the floor of
-        5.2 (0 without ``loss_floor``). Not while a search passed a kink since the last search that its
+        first that passes among those that raise the loss by at most ``|L0 - floor|`` (the
+        floor of 5.2, 0 without ``loss_floor``). Not while a search passed a kink since the last search that its
         own slope accepted."""
         cfg, st, b, tol = self.config, self.state, self.config.smoothing, resolution(loss0)
         if record.capped:  # warm-up trials are not judged by the slope
@@ -917,7 +917,7 @@ class ReferenceOptimizer:
         G = smooth(st.slope_avg, measured, b)
         c_h = armijo_constant(cfg.c, G)
         refuted = st.floor_hits >= FLOOR_HITS
-        height = loss0 - (-math.inf if refuted else (cfg.loss_floor or 0.0))
+        height = abs(loss0 - (-math.inf if refuted else (cfg.loss_floor or 0.0)))
         finite = [  # no step through a kink raises the loss by more than is left above the floor
             (e, loss)
             for e, loss in zip(record.tried, record.trial_losses, strict=True)

@@ -203,3 +203,17 @@ def test_a_search_from_a_huge_lr_does_not_step_through_the_losss_linear_tail(mak
             losses.append(float(loss().detach()))
     assert max(losses) <= start
     assert losses[-1] < 0.6 * start  # Adam + SLS from lr=1: 0.35 at this step
+
+
+@pytest.mark.parametrize("make_optimizer", ANALYTIC, ids=ANALYTIC_IDS)
+def test_a_kink_of_a_loss_below_the_floor_is_still_stepped_through(make_optimizer):
+    """The bound on a kink step's rise is the loss's distance from the floor, not its height
+    above it: at a tie of a loss below 0 (``tie_loss - 15``, about -10) the rule steps
+    through as at ``tie_loss`` (a height <= 0 allowed no step: the weights never moved)."""
+    w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
+    opt = make_optimizer([w])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(lambda: tie_loss(w) - 15.0)
+    assert opt.last_step.kind == "search" and opt.search_state.kinks_passed == 1
+    assert not torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=F64))

@@ -1582,8 +1582,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """5.8: a search ``ending`` without a step whose trials contradict its slope (a kink
         along the direction) accepts instead the largest trial that the slope they measured
         passes, as the paper's finite difference would have measured it, among those that
-        raise the loss by no more than it lies above the floor of the Polyak start (a rise
-        larger than all the decrease left is a step too large, not a step through a kink:
+        raise the loss by no more than its distance from the floor of the Polyak start (a
+        rise larger than all the decrease left is a step too large, not a step through a kink:
         the linear tail of a logistic loss, every trial of a search from ``lr=1e6``). Not
         twice before a search that its own slope accepts: a contradiction that comes back
         is a gradient that is not the loss's (a detached term, a surrogate), and stepping
@@ -1592,7 +1592,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         slope = measured_slope(trials, test.loss0, test.resolution)
         if not math.isfinite(slope):
             return ending
-        height = test.loss0 - self._start_floor(search)
+        height = abs(test.loss0 - self._start_floor(search))
         through = [(eta, loss) for eta, loss in trials if loss - test.loss0 <= height]
         rejudged = test.rejudged(through, slope)
         if rejudged is None:

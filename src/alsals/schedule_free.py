@@ -27,9 +27,9 @@ so the test uses the gradient's own slope and two dot products per step (no prob
 Each search starts at ``growth`` times the last accepted ``gamma`` (``lr`` at the first),
 no higher than the Polyak step (where that linear model reaches ``loss_floor``), and
 backtracks by ``backtrack`` (skipping, with ``interpolate``, the trials that a quadratic
-fitted to the rejected one says fail). A trial that fails while its move promises no
-decrease (``P(gamma) <= 0``: the averaging move's rise outweighs the move along ``u``) was
-too small: the search climbs from it by ``EXPANSION`` until one promises a decrease. Where
+fitted to the rejected one says fail). A trial from a start no search accepted (a written
+``lr``, a resumed search) that fails while its move promises no decrease (``P(gamma) <= 0``:
+the averaging move's rise outweighs the move along ``u``) was too small: the search climbs from it by ``EXPANSION`` until one promises a decrease. Where
 the first trial fails, the averaging move
 alone (``gamma = 0``, one more pass) is tested: if it fails too, no step size can pass,
 the search says nothing about ``gamma``, and the step is taken with the last one
@@ -1142,17 +1142,19 @@ class ALSALS(torch.optim.Optimizer):
         gamma = min(gamma, largest)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
-        # A failed trial whose promise P(gamma) is not positive was too small to pay for the
-        # averaging move's rise (z trailing x on this batch), not too large: the search
-        # climbs by EXPANSION (never above the Polyak step, nor in warm-up) until a trial
-        # promises a decrease, and judges from there (from a written lr 17x below the step
-        # size, every trial below it failed and the step size stayed at 0 for 127 steps).
-        climb_top = gamma if search.steps < h["warmup_steps"] else min(largest, bound)
-        outgrown = False  # a trial with a positive promise failed: no climb after it
         # polyak_start="trial": where the bound alone lowered a later search's start and
         # that start passes, the search says nothing about the step size above it
         # (not from a written lr, which no search has accepted: the trial that passes does)
         trusted = not (first or resuming or written)
+        # Where the start is no search's (a written lr, a resumed or a first search), a failed
+        # trial whose promise P(gamma) is not positive was too small to pay for the averaging
+        # move's rise (z trailing x on this batch), not too large: the search climbs by
+        # EXPANSION (never above the Polyak step, nor in warm-up) until a trial promises a
+        # decrease (from a written lr 17x below the step size, every trial below it failed
+        # and the step size stayed at 0 for 127 steps). A start grown from an accepted step
+        # size backtracks as before (a climb there jumped it 10-100x on one batch).
+        climb_top = gamma if search.steps < h["warmup_steps"] else min(largest, bound)
+        outgrown = trusted  # no climb from a trusted start, nor after a positive promise failed
         lowered = trusted and bound < gamma and h["polyak_start"] == "trial"
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
