@@ -169,8 +169,12 @@ def schedule_free_run(rank: int) -> dict:
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = ALSALS(ddp.parameters(), lr=30.0, loss_floor=None)
     data_gen = torch.Generator().manual_seed(100 + rank)
-    decisions = []
-    for _ in range(14):
+    decisions, written = [], None
+    for k in range(24):
+        if k == 14:  # an lr cut 1000x: the search climbs from it where it cannot pay
+            for group in opt.param_groups:
+                group["lr"] *= 1e-3
+            written = opt.param_groups[0]["lr"]
         x = torch.randn(32, 6, generator=data_gen)
         y = (x.sum(dim=1) > 0).float()
 
@@ -183,6 +187,7 @@ def schedule_free_run(rank: int) -> dict:
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     return {
         "decisions": decisions,
+        "written": written,
         "weights": weights,
         "divergent": divergent_run(rank, ALSALS),
     }

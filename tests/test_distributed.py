@@ -108,11 +108,14 @@ def test_a_wrong_floor_is_refuted_alike_on_every_rank(rank_results):
 
 
 def test_schedule_free_search_decides_alike_on_every_rank(rank_results):
-    """ALSALS under DDP: the same searches and weights on both ranks, also when
-    rank 1 alone has no gradient, a NaN loss, a zero gradient or NaN trials."""
+    """ALSALS under DDP: the same searches and weights on both ranks, also after an
+    ``lr`` cut 1000x that the search climbs from, and when rank 1 alone has no gradient, a
+    NaN loss, a zero gradient or NaN trials."""
     rank0, rank1 = rank_results[0]["schedule_free"], rank_results[1]["schedule_free"]
     assert rank0["decisions"] == rank1["decisions"]
     assert any(trials > 1 for _, trials, _, _ in rank0["decisions"]), "decisions must matter"
+    after_the_cut = [size for _, _, size, _ in rank0["decisions"][14:18]]
+    assert max(after_the_cut) > 10 * rank0["written"], after_the_cut  # the climb, tested
     assert torch.equal(rank0["weights"], rank1["weights"])
     assert rank0["divergent"] == rank1["divergent"]
     kinds = [kind for kind, _ in rank0["divergent"]]
