@@ -1920,6 +1920,16 @@ def target_beyond_the_decay(lr_scale: float = 1.0):
     return w, opt, lambda: ((x @ w - y) ** 2).mean()
 
 
+def test_a_decay_and_lr_scale_whose_product_underflows_train():
+    """``weight_decay=1e-300`` with ``lr_scale=1e-90``: their product is 0 in float64, and the
+    decay's cap on the step size (``1 / (lr_scale * weight_decay)``) raised
+    ``ZeroDivisionError``; the cap is infinite there, and the step searches."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([{"params": [w], "weight_decay": 1e-300, "lr_scale": 1e-90}])
+    opt.step(lambda: ((w - 1.0) ** 2).sum())
+    assert opt.last_step.kind == "search"
+
+
 @pytest.mark.parametrize("lr_scale", [1.0, 2.0])
 def test_no_step_decays_more_than_the_whole_of_the_weights(lr_scale):
     """No trial takes ``gamma * lr_scale * weight_decay > 1``, where the move's decay term

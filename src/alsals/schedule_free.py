@@ -1257,10 +1257,9 @@ class ALSALS(torch.optim.Optimizer):
         group, ``min 1 / (lr_scale * weight_decay)`` (``inf`` without decay): beyond it the
         move's decay term ``gamma * lr_scale * weight_decay * y`` overshoots 0 and flips the
         weights, where the AdamW form of the other optimizers caps the decay's factor at 1."""
+        # (divided one factor at a time: their product of tiny settings underflows to 0)
         caps = (
-            1.0 / (g["lr_scale"] * g["weight_decay"])
-            for g in self.param_groups
-            if g["weight_decay"]
+            1.0 / g["lr_scale"] / g["weight_decay"] for g in self.param_groups if g["weight_decay"]
         )
         return min(caps, default=math.inf)
 
