@@ -1346,9 +1346,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         watch = stored.after(loss0, searched if outcome.step_size > 0.0 else 0.0)
         resolution = _loss_resolution(loss_dtype, watch.mean())
         ceiling = search.step_size_ceiling
-        if ceiling < math.inf and (
-            watch.fell_below(search.ceiling_loss, guard, resolution)
-            or watch.stayed_above(search.ceiling_rise, guard, resolution)
+        if ceiling < math.inf and watch.lifts(
+            search.ceiling_loss, search.ceiling_rise, guard, resolution
         ):
             run.ceiling = (math.inf, 0.0, math.inf)
         if outcome.step_size > 0.0 and watch.rose(guard, resolution):
@@ -1443,6 +1442,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         (5.2), judged by the Armijo test (5.3), until one is accepted, the search ends
         unresolved (5.5), or ``max_trials`` fail (5.4)."""
         h, trial = self._settings, run.trial
+        # the smoothed test has samples behind it (fixed during the search: they change at
+        # its commit)
+        history = h["smoothing"] > 0.0 and search.averaged > 0
         # At the first search of a run: the closure evaluated again at w0 must give L0 again.
         replay = [evaluator.evaluate()] if search.searches == 0 else []
         resolution = _loss_resolution(evaluator.loss_dtype, loss0)
@@ -1529,7 +1531,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 verdict = "rejected"
                 moved_all_the_way = True
             if verdict == "unresolved" and not walk.climb():
-                history = h["smoothing"] > 0.0 and search.averaged > 0
                 unresolved = Outcome(
                     "unresolved",
                     0.0,
@@ -1556,7 +1557,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 if trusted and math.isfinite(predicted) and test.decrease > resolution:
                     trial.place(walk.eta)
                     return Outcome.trusted(test, walk.eta, tried)
-        history = h["smoothing"] > 0.0 and search.averaged > 0
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
         failed.loss_unchanged = unchanged and (moved_all_the_way or walk.flat)

@@ -28,9 +28,10 @@ gets a ceiling: its average at the lowest loss. No search starts or climbs above
 watch starts afresh. The ceiling is lifted when the loss average falls measurably (by the
 same margin) below the lowest it had reached before the rise: the landscape has changed,
 and the evidence with it. It is also lifted where the watch begun at the ceiling finds
-its lowest average measurably above the average that set the ceiling (``stayed_above``): with the step size back where the loss was lowest the loss went on
-rising, so the rise was not the step size's doing (new data whose loss floor lies above
-the old lowest). Writing ``lr`` clears it too.
+its lowest average measurably above the average that set the ceiling (``stayed_above``):
+with the step size back where the loss was lowest the loss went on rising, so the rise was
+not the step size's doing (new data whose loss floor lies above the old lowest). Writing
+``lr`` clears it too.
 
 A loss that only stops falling (a plateau) fires it no more often than chance allows (on
 Gaussian noise, 0-3% of flat runs of 2000 or 10000 steps); a loss that rises for another
@@ -155,6 +156,17 @@ class LossWatch:
         rise = self.lowest - level
         margin = self.margin(standard_errors, self.error_at_lowest)
         return rise > resolution and rise > margin
+
+    def lifts(
+        self, ceiling_loss: float, ceiling_rise: float, standard_errors: float, resolution: float
+    ) -> bool:
+        """Whether a ceiling set where the loss average was ``ceiling_rise``, above its
+        lowest ``ceiling_loss``, has lost its ground: the average fell measurably below
+        that lowest, or (this watch begun at the ceiling) never came back to the level
+        that set it."""
+        return self.fell_below(ceiling_loss, standard_errors, resolution) or self.stayed_above(
+            ceiling_rise, standard_errors, resolution
+        )
 
     def fell_below(self, level: float, standard_errors: float, resolution: float) -> bool:
         """Whether the loss average lies measurably below ``level`` (the same margin, in

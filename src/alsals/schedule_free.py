@@ -1133,11 +1133,9 @@ class ALSALS(torch.optim.Optimizer):
         # over every parameter, not this rank's gradients: the same on every rank)
         params = (p for g in self.param_groups for p in g["params"])
         # (nor one whose decay takes more than the whole of y: gamma lr_scale wd > 1 flips it)
+        decay_cap = self._decay_cap()
         largest = min(
-            search.step_size_ceiling,
-            MAX_STEP_SIZE,
-            largest_representable(params),
-            self._decay_cap(),
+            search.step_size_ceiling, MAX_STEP_SIZE, largest_representable(params), decay_cap
         )
         gamma = min(gamma, largest)
         # no start above the Polyak step of the linear model
@@ -1163,7 +1161,7 @@ class ALSALS(torch.optim.Optimizer):
         # so the search looks upwards first, by EXPANSION per trial and never above the
         # Polyak step, until a trial fails (not during warm-up, whose ramp is a ceiling). A
         # resumed search does the same, up to the step size the failed one started below.
-        top = min(bound, MAX_STEP_SIZE if first else search.step_size, self._decay_cap())
+        top = min(bound, MAX_STEP_SIZE if first else search.step_size, decay_cap)
         expanding = (first or resuming) and search.steps >= h["warmup_steps"] and gamma < top
         passed: tuple[float, float] | None = None  # the largest expansion that passed
 
@@ -1355,9 +1353,8 @@ class ALSALS(torch.optim.Optimizer):
         # on rising, so the rise was not the step size's doing (the data or the objective
         # changed) and the ceiling has no ground; a new one needs a new rise.
         ceiling = search.step_size_ceiling
-        if ceiling < math.inf and (
-            watch.fell_below(search.ceiling_loss, guard, resolution)
-            or watch.stayed_above(search.ceiling_rise, guard, resolution)
+        if ceiling < math.inf and watch.lifts(
+            search.ceiling_loss, search.ceiling_rise, guard, resolution
         ):
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
             search.ceiling_rise = math.inf
