@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
-from conftest import SmallNet, bce_closure, make_classification
+from conftest import OPTIMIZER_IDS, OPTIMIZERS, SmallNet, bce_closure, make_classification
 
 
 def make_setup(cls, seed=0, **kwargs):
@@ -108,6 +108,49 @@ def test_batchnorm_statistics_equal_one_training_forward_at_the_start(optimizer_
     assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
     assert torch.equal(model.bn.running_var, reference.bn.running_var)
     assert model.bn.num_batches_tracked.item() == 1
+
+
+class RunningCentre(nn.Module):
+    """A buffer the forward pass reads as well as updates: a running mean subtracted from the
+    input (as spectral_norm's power-iteration vector is read and updated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 1).double()
+        self.register_buffer("centre", torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x):
+        if self.training:
+            self.centre.mul_(0.5).add_(0.5 * x.mean(0))
+        return self.linear(x - self.centre)
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_trials_read_the_buffers_the_first_evaluation_read(cls):
+    """Every trial evaluates the function the step's loss and gradient came from: buffers as
+    they were before the first evaluation (else the replay at the starting weights differs
+    from the loss, and the Armijo test compares two functions); after the step they are as
+    one plain forward leaves them."""
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 3, dtype=torch.float64) + 2.0, torch.randn(16, 1, dtype=torch.float64)
+    model, reference = RunningCentre(), RunningCentre()
+    reference.load_state_dict(model.state_dict())
+    opt = cls(model.parameters(), buffers=model.buffers())
+    losses = []
+
+    def closure():
+        loss = nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no replay warning)
+        opt.step(closure)
+    assert len(losses) > 2
+    assert losses[1] == losses[0]  # the replay at the starting weights
+    with torch.no_grad():
+        reference(x)
+    assert torch.equal(model.centre, reference.centre)
 
 
 def test_without_buffers_trials_would_corrupt_batchnorm_statistics(optimizer_class):

@@ -481,6 +481,9 @@ class ClosureEvaluator:
         if not self._buffers_after_first:  # as the first evaluation left them
             self.after_first.capture()
             self._buffers_after_first = True
+        # the trial reads the buffers the first evaluation read (a running mean subtracted in
+        # forward, spectral_norm's power iteration), and leaves them as that one left them
+        self.before.restore()
         self.rng_before.restore()
         grads = [p.grad for p in self.params]
         for p in self.params:

@@ -960,6 +960,7 @@ class ALSALS(torch.optim.Optimizer):
             self._grad_norm = math.sqrt(grad_sq_value) if grad_sq_value >= 0.0 else math.nan
         nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
         nonfinite = nonfinite or not all(math.isfinite(s) for s in sums)
+        nonfinite = nonfinite or self._moments_overflow(groups, grad_sq_value, device)
         # steps in a row whose loss at y is not finite (a GradScaler overflow, a non-finite
         # gradient, is none; any other step ends the row): two restart z at x, in step()
         outside = not math.isfinite(loss0) and search.steps > 0
@@ -1438,6 +1439,26 @@ class ALSALS(torch.optim.Optimizer):
                 )
             )
         return groups, squared
+
+    def _moments_overflow(self, groups: list[_Group], squared: float, device: torch.device) -> bool:
+        """Whether Adam's ``v' = beta2 v + (1 - beta2) g^2`` holds an inf on any rank: ``g*g``
+        overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
+        would stop while the averaging moves x to it). Checked, with a second
+        synchronisation, only where ``||g||^2`` (the mean over ranks: every rank decides
+        alike) exceeds a quarter of the largest value the weights' dtypes hold, which no
+        entry's square can reach below it."""
+        dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
+        limits = [torch.finfo(t).max for t in dtypes if t.is_floating_point or t.is_complex]
+        if not squared > min(limits, default=math.inf) / 4:
+            return False
+        flags = [torch.zeros((), dtype=torch.float64, device=device)]
+        flags += [
+            (~torch.isfinite(v).all()).to(device, torch.float64)
+            for g in groups
+            for v in g.exp_avg_sqs
+        ]
+        (any_inf,) = mean_to_host([torch.stack(flags).sum()], self._process_group)
+        return any_inf > 0.0
 
     def _clip_scale(self, squared_norm: Tensor, sharded: bool) -> Tensor | None:
         """``max_grad_norm``'s factor ``min(1, max / (||g|| + 1e-6))`` as
