@@ -716,3 +716,52 @@ def test_a_retried_step_keeps_the_gradients_accumulated_outside_the_closure(cls)
     kind, weights = attempt(fail_once=True)
     assert kind not in ("zero_grad", "nonfinite")
     assert_unchanged(attempt(fail_once=False)[1], weights)
+
+
+class LazyObserver(nn.Module):
+    """A running maximum that starts empty and takes its shape at the first training forward
+    (as quantization-aware training's per-channel observers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 8)
+        self.register_buffer("running_max", torch.empty(0))
+
+    def forward(self, x):
+        h = self.linear(x)
+        if self.training:
+            with torch.no_grad():
+                current = h.abs().amax(0)
+                if self.running_max.numel() == 0:
+                    self.running_max.resize_(current.shape).copy_(current)
+                else:
+                    self.running_max.copy_(torch.maximum(self.running_max, current))
+        return h.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_an_exception_after_a_buffer_took_its_shape_is_the_one_raised(cls):
+    """An interrupt in a trial of the step whose first forward resized a protected buffer:
+    the user's exception propagates (not a size mismatch from putting the buffer back), and
+    weights and buffer are as before the step; a plain step afterwards trains."""
+    torch.manual_seed(0)
+    model = LazyObserver()
+    opt = cls(model.parameters(), buffers=model.buffers())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    calls = 0
+
+    def interrupted():
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt("in a trial")
+        return ((model(x) - y) ** 2).mean()
+
+    weight = model.linear.weight.detach().clone()
+    with pytest.raises(KeyboardInterrupt, match="in a trial"):
+        opt.step(interrupted)
+    assert torch.equal(model.linear.weight, weight)
+    assert model.running_max.shape == (0,)
+    opt.step(lambda: ((model(x) - y) ** 2).mean())
+    assert model.running_max.shape == (8,)
+    assert not torch.equal(model.linear.weight, weight)

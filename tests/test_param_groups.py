@@ -287,3 +287,69 @@ def test_alsals_stores_numpy_and_tensor_group_settings_as_floats(setting, tmp_pa
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     fresh = ALSALS([{"params": [a]}, {"params": [b]}])
     fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_a_frozen_integer_parameter_is_left_alone(cls):
+    """``model.parameters()`` of a model with a frozen int8 weight (what 8-bit quantized
+    layers hold): skipped as torch.optim skips it, not a ``torch.finfo`` TypeError."""
+    torch.manual_seed(0)
+    quantized = nn.Parameter(torch.randint(-127, 127, (4, 4), dtype=torch.int8), False)
+    head = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = cls([quantized, *head.parameters()])
+    kept = quantized.detach().clone()
+
+    def loss():
+        return ((head(x @ (quantized.float() * 0.01)) - y) ** 2).mean()
+
+    start = loss().item()
+    for _ in range(5):
+        opt.step(loss)
+    assert torch.equal(quantized, kept)
+    assert loss().item() < start
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_a_step_never_writes_a_frozen_parameter(cls):
+    """A frozen base (a LoRA model's) passed with ``model.parameters()``: no step writes it
+    (its version counter stays), so that it costs no copy either (ALSALS copied and wrote
+    back every frozen weight twice a step: a 7B base's size of extra memory)."""
+    torch.manual_seed(0)
+    base, adapter = nn.Linear(8, 8), nn.Linear(8, 1)
+    base.requires_grad_(False)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    opt = cls([*base.parameters(), *adapter.parameters()])
+    versions = [p._version for p in base.parameters()]
+    for _ in range(3):
+        opt.step(lambda: ((adapter(base(x)) - y) ** 2).mean())
+    assert [p._version for p in base.parameters()] == versions
+
+
+def test_a_parameter_unfrozen_after_train_takes_its_step():
+    """``train()`` holds the weights at ``y`` while a frozen parameter stays at ``x``; one
+    unfrozen before the step gets a gradient and steps like the others, and ``eval()``
+    leaves every weight at its average."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ALSALS([*first.parameters(), *second.parameters()])
+    first.requires_grad_(False)
+    opt.step(lambda: ((second(first(x)) - y) ** 2).mean())
+    frozen = first.weight.detach().clone()
+    opt.train()
+    first.requires_grad_(True)
+    opt.step(lambda: ((second(first(x)) - y) ** 2).mean())
+    assert opt.last_step.kind != "zero_grad"
+    moved = first.weight.detach().clone()
+    assert not torch.equal(moved, frozen)
+    opt.eval()
+    assert torch.equal(first.weight, moved)

@@ -1865,8 +1865,8 @@ def test_a_run_converged_to_a_loss_above_zero_is_not_blamed_on_its_closure():
     below its first)."""
     from alsals.schedule_free import _unchanged_message
 
-    assert "converged" in _unchanged_message(0.84, 5.6, followed=True)
-    assert "closure" in _unchanged_message(0.84, 5.6, followed=False)
+    assert "converged" in _unchanged_message(0.84, 5.6, followed=True, predicted=False)
+    assert "closure" in _unchanged_message(0.84, 5.6, followed=False, predicted=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=g)
     y = x @ torch.randn(5, generator=g) + torch.randn(200, generator=g)
@@ -1906,6 +1906,28 @@ def test_searches_that_collapsed_the_step_size_are_not_called_converged():
     messages = [str(m.message) for m in caught if "loss" in str(m.message)]
     assert opt.search_state.loss_followed and messages
     assert all("converged" not in m for m in messages)
+
+
+def test_a_loss_computed_outside_the_closure_after_some_steps_is_not_called_converged():
+    """A linear model (autograd saves no weight, so no error) whose loop, after three correct
+    steps, computes the loss before the closure: the searches find it unchanged where its
+    gradient predicts a change far above float32's rounding. The warning suspects the
+    closure; it said "the run has converged. Nothing is wrong" (the loss had fallen 1.7x)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+    model = nn.Linear(6, 1)
+    opt = ALSALS(model.parameters())
+    for _ in range(3):
+        opt.step(lambda: ((model(x) - y) ** 2).mean())
+    assert opt.search_state.loss_followed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            outside = ((model(x) - y) ** 2).mean()
+            opt.step(lambda outside=outside: outside)
+    messages = [str(m.message) for m in caught if "loss" in str(m.message)]
+    assert messages and all("converged" not in m for m in messages)
+    assert "does not compute the loss from the model's current weights" in messages[0]
 
 
 def target_beyond_the_decay(lr_scale: float = 1.0):

@@ -270,9 +270,13 @@ class BufferGuard:
         self.saved = [b.detach().clone() for b in self.buffers]
 
     def restore(self) -> None:
-        if self.buffers and self.saved:
-            with torch.no_grad():
-                torch._foreach_copy_(self.buffers, self.saved)
+        if not (self.buffers and self.saved):
+            return
+        with torch.no_grad():
+            for buffer, saved in zip(self.buffers, self.saved, strict=True):
+                if buffer.shape != saved.shape:  # (resized in forward: a lazy observer's)
+                    buffer.resize_(saved.shape)
+            torch._foreach_copy_(self.buffers, self.saved)
 
 
 class _UnprotectedBufferWatch:

@@ -170,8 +170,10 @@ ALWAYS_REPRESENTABLE = float(torch.finfo(torch.float16).max)
 
 
 def largest_representable(tensors: Iterable[Tensor]) -> float:
-    """The largest value every tensor's dtype can hold (``inf`` for none)."""
-    return min((torch.finfo(d).max for d in {t.dtype for t in tensors}), default=math.inf)
+    """The largest value every floating-point tensor's dtype can hold (``inf`` for none; a
+    frozen integer parameter, as 8-bit quantized layers hold, takes no step)."""
+    dtypes = {t.dtype for t in tensors if t.is_floating_point() or t.is_complex()}
+    return min((torch.finfo(d).max for d in dtypes), default=math.inf)
 
 
 def representable(factor: float, tensors: list[Tensor]) -> float:

@@ -184,6 +184,10 @@ UNCHANGED_WARNING = (
 #: A loss this many times below the run's first that no move changes has converged to what
 #: its rounding resolves: the warning then says so instead of suspecting the closure.
 CONVERGED_RATIO = 1e-4
+#: A change of the loss this many times its dtype's epsilon (times ``max(|loss|, 1)``)
+#: is one its rounding resolves, whatever the loss is a mean of: searches whose gradient
+#: predicted one and found the loss unchanged are not a converged run's.
+UNRESOLVED_ULPS = 1e3
 #: A step size this far below the largest a run took has collapsed: searches that find the
 #: loss unchanged there do not say that the run converged.
 COLLAPSE_RATIO = 1e-4
@@ -289,19 +293,29 @@ def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float,
 
 @dataclass
 class _Average:
-    """The weights of one parameter group and a copy of ``x``, the average they hold between
-    steps (local shards under FSDP2), while a step moves them to ``y`` and its trials: the
-    copy restores them exactly, or becomes ``x'``."""
+    """The weights of one parameter group that a step may move and a copy of ``x``, the
+    average they hold between steps (local shards under FSDP2), while a step moves them to
+    ``y`` and its trials: the copy restores them exactly, or becomes ``x'``. A frozen
+    parameter without a gradient (a LoRA model's base) is not copied: nothing moves it."""
 
     group: dict[str, Any]
+    params: list[Tensor]
     weights: list[Tensor]
     x: list[Tensor]
+
+    def add(self, param: Tensor) -> Tensor:
+        """Hold one more parameter (unfrozen after ``train()`` copied the others); its copy."""
+        weight = local_shard(param.detach())
+        self.params.append(param)
+        self.weights.append(weight)
+        self.x.append(weight.clone())
+        return self.x[-1]
 
     def restore(self, keep: set[int] | frozenset[int] = frozenset()) -> None:
         """The weights back to ``x``, but for the parameters in ``keep`` (by ``id``)."""
         weights, x = self.weights, self.x
         if keep:
-            kept = [id(p) not in keep for p in self.group["params"]]
+            kept = [id(p) not in keep for p in self.params]
             weights = [w for w, k in zip(weights, kept, strict=True) if k]
             x = [t for t, k in zip(x, kept, strict=True) if k]
         if weights:
@@ -848,13 +862,14 @@ class ALSALS(torch.optim.Optimizer):
         at ``x``, the value it is evaluated and saved with, while the others train."""
         averages = []
         for group in self.param_groups:
-            if not group["params"]:
+            params = [p for p in group["params"] if p.requires_grad or p.grad is not None]
+            if not params:
                 continue
-            weights = [local_shard(p.detach()) for p in group["params"]]
-            averages.append(_Average(group, weights, [w.clone() for w in weights]))
+            weights = [local_shard(p.detach()) for p in params]
+            averages.append(_Average(group, params, weights, [w.clone() for w in weights]))
             moved = [
                 (w, local_shard(self.state[p]["z"]))
-                for p, w in zip(group["params"], weights, strict=True)
+                for p, w in zip(params, weights, strict=True)
                 if p.requires_grad and "z" in self.state.get(p, {})
             ]
             if moved:
@@ -1040,8 +1055,15 @@ class ALSALS(torch.optim.Optimizer):
                 searched = min(search.step_size, search.resume or math.inf)
                 largest = max(g["lr_max"] / g["lr_scale"] for g in self.param_groups)
                 healthy = searched >= COLLAPSE_RATIO * largest
+                # (nor one where the gradient predicted a change far above what the loss's
+                # dtype resolves: the loss did not follow the weights, it did not converge)
+                start = min(searched, self._polyak_step(loss0, searched, averaging, slope))
+                resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
+                predicted = not at_floor and (
+                    abs(self._promised(start, averaging, slope)) > resolved * max(abs(loss0), 1.0)
+                )
                 followed = search.loss_followed and healthy
-                message = _unchanged_message(loss0, search.first_loss, followed)
+                message = _unchanged_message(loss0, search.first_loss, followed, predicted)
                 self._warn_once("loss_unchanged", message)
             search.loss_followed |= not result.unchanged
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
@@ -1407,7 +1429,15 @@ class ALSALS(torch.optim.Optimizer):
             ).sum()
         sharded = any(k > 1 for k in all_counts)
         scale = self._clip_scale(squared, sharded) if all_grads else None
-        copies = {id(p): x for a in averages for p, x in zip(a.group["params"], a.x, strict=True)}
+        copies = {id(p): x for a in averages for p, x in zip(a.params, a.x, strict=True)}
+        for group, params, _, _ in taking_part:  # (a gradient train() found no parameter for)
+            for p in params:
+                if id(p) not in copies:
+                    average = next((a for a in averages if a.group is group), None)
+                    if average is None:
+                        average = _Average(group, [], [], [])
+                        averages.append(average)
+                    copies[id(p)] = average.add(p)
         groups = []
         for group, params, grads, counts in taking_part:
             # the update's gradient: clipped with max_grad_norm (the test's slope is not)
@@ -1540,7 +1570,7 @@ class ALSALS(torch.optim.Optimizer):
         """``z := x`` for every parameter that has stepped (then ``y = x``), whether or not
         this step found a gradient for it."""
         for average in averages:
-            for p, x in zip(average.group["params"], average.x, strict=True):
+            for p, x in zip(average.params, average.x, strict=True):
                 if "z" in self.state.get(p, {}):
                     local_shard(self.state[p]["z"]).copy_(x)
 
@@ -1566,12 +1596,14 @@ class ALSALS(torch.optim.Optimizer):
         return self._stored_search_state()
 
 
-def _unchanged_message(loss: float, first: float, followed: bool) -> str:
+def _unchanged_message(loss: float, first: float, followed: bool, predicted: bool) -> str:
     """The warning for searches whose every evaluation gave the starting loss: a converged
     run's where an earlier search saw the loss follow the weights (``followed``: the closure
-    computes it from them), or where the loss has fallen ``CONVERGED_RATIO`` below the
-    run's first; else the one that suspects the closure."""
-    converged = followed or 0.0 <= loss <= CONVERGED_RATIO * first
+    computed it from them), or where the loss has fallen ``CONVERGED_RATIO`` below the
+    run's first, unless the gradient ``predicted`` a change far above the loss's rounding
+    (a loss computed outside the closure after some steps); else the one that suspects the
+    closure."""
+    converged = not predicted and (followed or 0.0 <= loss <= CONVERGED_RATIO * first)
     template = CONVERGED_WARNING if converged else UNCHANGED_WARNING
     return template.format(n=STALL_WARNING_STEPS, loss=loss, first=first)
 

@@ -19,7 +19,8 @@ from alsals.line_search import LineSearchOptimizer, StepPreview, local_shard
 class LandscapeScan:
     """One mini-batch's loss decrease ``f(w) - f(w + eta d)`` over a grid of step sizes.
 
-    ``chosen_step_size`` is the step size the optimizer accepts on this batch (``None`` if
+    ``chosen_step_size`` is the step size the optimizer's next step takes on this batch
+    (the search's, lowered by the Polyak cap of ``loss_floor`` where it acts; ``None`` if
     the step did not search: warm-up, cadence, failure, skipped); ``best_step_size`` the grid
     point with the largest decrease. A step that reuses its step size (``kind == "reuse"``)
     is scanned along the direction it moves; it has no slope, so no boundary. A step that
