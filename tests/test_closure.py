@@ -153,6 +153,50 @@ def test_trials_read_the_buffers_the_first_evaluation_read(cls):
     assert torch.equal(model.centre, reference.centre)
 
 
+class ActNorm(nn.Module):
+    """Glow's ActNorm: its first training forward sets its parameters from the data, once,
+    behind an integer flag buffer (written through ``.data``, invisible to autograd)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, channels, dtype=torch.float64))
+        self.scale = nn.Parameter(torch.ones(1, channels, dtype=torch.float64))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self.initialisations = 0
+
+    def forward(self, x):
+        if self.initialized.item() == 0:
+            with torch.no_grad():
+                self.loc.data.copy_(-x.mean(0, keepdim=True))
+                self.scale.data.copy_(1 / (x.std(0, keepdim=True) + 1e-6))
+            self.initialized.fill_(1)
+            self.initialisations += 1
+        return self.scale * (x + self.loc)
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_flag_the_first_evaluation_set_stays_set_for_the_trials(cls):
+    """A data-dependent initialisation (ActNorm's) runs once, at the first evaluation: the
+    trials keep the integer and boolean buffers as it left them (its flag set), or each
+    trial would initialise the parameters again over the trial's move and the search judge
+    a loss in which they never moved (ALSALS: 100 trials, no step)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, dtype=torch.float64) * 3 + 1
+    y = torch.randn(64, 1, dtype=torch.float64)
+    norm, head = ActNorm(4), nn.Linear(4, 1).double()
+    model = nn.Sequential(norm, head)
+    opt = cls(model.parameters(), buffers=model.buffers())
+
+    def closure():
+        return ((model(x) - y) ** 2).mean() + (norm.loc**2).sum()
+
+    opt.step(closure)
+    assert norm.initialisations == 1
+    assert opt.last_step.kind == "search"
+    with torch.no_grad():
+        assert closure().item() < opt.last_step.loss
+
+
 def test_without_buffers_trials_would_corrupt_batchnorm_statistics(optimizer_class):
     """Shows what `buffers=` protects against (and that the previous test can fail)."""
     torch.manual_seed(0)

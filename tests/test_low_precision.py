@@ -116,3 +116,17 @@ def test_a_start_beyond_what_float32_weights_hold_backtracks_instead_of_crashing
             opt.step(lambda: ((x @ w - y) ** 2).mean())
     assert torch.isfinite(w).all()
     assert ((x @ w.detach() - y) ** 2).mean() < 0.5 * (y**2).mean()
+
+
+def test_float16_weights_with_a_gradient_entry_above_256_move_it():
+    """float16 weights, a gradient entry of 300: ``v' = 0.001 g^2 = 90`` holds, but
+    ``v' / (1 - beta2)`` overflows float16, so ``u = g / sqrt(inf)`` was 0 there and that
+    weight never moved (no skip, no warning). ``sqrt(v') / sqrt(1 - beta2^t)``, Adam's order,
+    holds: both weights move at the first step, as torch.optim.Adam's do."""
+    w = torch.tensor([1.0, 1.0], dtype=torch.float16, requires_grad=True)
+    scale = torch.tensor([300.0, 1.0], dtype=torch.float16)
+    opt = ALSALS([w], lr=1e-3, eps=1e-4)
+    opt.step(lambda: (w * scale).sum().float())
+    assert opt.last_step.kind == "search"
+    assert (w.detach() < 1.0).all()
+    assert torch.isfinite(opt.state[w]["exp_avg_sq"]).all()

@@ -346,6 +346,7 @@ def test_a_parameter_unfrozen_after_train_takes_its_step():
     opt.step(lambda: ((second(first(x)) - y) ** 2).mean())
     frozen = first.weight.detach().clone()
     opt.train()
+    assert torch.equal(first.weight, frozen)  # (held at x: not moved to y)
     first.requires_grad_(True)
     opt.step(lambda: ((second(first(x)) - y) ** 2).mean())
     assert opt.last_step.kind != "zero_grad"

@@ -1507,6 +1507,49 @@ def test_a_step_size_that_no_search_accepted_is_never_reused():
     assert loss_of(model, x, y).item() < start
 
 
+def test_failed_searches_then_one_below_the_rounding_do_not_reuse_the_rejected_step_size():
+    """At a cliff (``+100`` where ``sum(w) > 6``; the smooth part's minimum lies beyond it)
+    every trial of the searches after the first steps crosses it and fails, and the next one
+    moves ``w`` below float32's resolution: the loss stays exactly as it was. A search ends
+    there (it walked on to max_trials, 100 trials a step), and the step size those searches
+    rejected is not reused after one that found only such trials: the weights stay before
+    the cliff (they crossed it for good at step 13, before)."""
+
+    def cliff(w):
+        return ((w - 3.0) ** 2).sum() + 100.0 * (w.sum() > 6.0).float()
+
+    w = nn.Parameter(torch.zeros(4))
+    opt = ALSALS([w])
+    kinds = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the stall warning: the loss no longer changes)
+        for _ in range(60):
+            opt.step(lambda: cliff(w))
+            kinds.append(opt.last_step.kind)
+            assert cliff(w.detach()).item() < 100.0
+            assert opt.last_step.trials <= 10
+    assert "exhausted" in kinds  # the searches at the cliff failed
+
+
+def test_after_a_plateau_below_the_rounding_the_searches_still_look_upwards():
+    """300 steps of ``1 + 1e-12 |w|^2`` (float32: exactly 1 unless a trial moves ``w`` to
+    ~1e3): the first search's expansion rejects a far trial, and every later one finds only
+    trials the rounding hides. They resume from the rejected one, looking upwards from below
+    it as a resumed search does, so that when a loss that follows the weights arrives the
+    step size climbs at once (30 steps: 0.03, where the searches grew it 10% each and the
+    loss was 5.2)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4))
+    opt = ALSALS([w])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the loss no longer changes)
+        for _ in range(300):
+            opt.step(lambda: 1.0 + 1e-12 * (w**2).sum())
+        for _ in range(30):
+            opt.step(lambda: ((w - 1) ** 2).sum())
+    assert ((w.detach() - 1) ** 2).sum().item() < 0.5
+
+
 def test_a_trial_whose_loss_is_not_finite_never_lets_the_search_keep_its_step_size():
     """A later search whose first trial is NaN and whose averaging move alone fails does
     not take the last step size untested beside the diverged trial: "kept" takes only the
@@ -1542,6 +1585,28 @@ def test_a_trial_whose_loss_is_not_finite_never_lets_the_search_keep_its_step_si
 def barrier_loss(w: torch.Tensor) -> torch.Tensor:
     """``sum 1 - log(1 - w) - 2 w``: minimum at ``w = 0.5``, no value at ``w >= 1``."""
     return (1.0 - torch.log1p(-w) - 2.0 * w).sum()
+
+
+def test_the_restart_at_the_average_covers_a_parameter_frozen_since_it_stepped():
+    """``z := x`` for every parameter that has stepped, also one frozen since (it holds no
+    copy in the step, being at ``x``): else, unfrozen, ``y`` would pull it back to the old
+    ``z``."""
+    w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w, v])
+    for _ in range(5):
+        opt.step(lambda: barrier_loss(w) + (v**2).sum())
+    v.requires_grad_(False)
+    v.grad = None
+    opt.state[w]["z"].fill_(20.0)  # y outside the barrier's domain, x inside
+    opt.state[v]["z"].fill_(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            opt.step(lambda: barrier_loss(w) + (v**2).sum())
+    assert opt.search_state.restarts == 1
+    assert torch.equal(opt.state[v]["z"], v.detach())
+    assert torch.equal(opt.state[w]["z"], w.detach())
 
 
 def test_a_loss_that_leaves_its_domain_at_y_restarts_z_at_the_average():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from alsals import SLS, AdamSLS, MomentumALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals.integrations.amp import step_with_scaler
 from conftest import SmallNet, make_classification
 
@@ -331,3 +331,54 @@ def test_one_time_warnings_point_at_the_users_line(optimizer_class):
             opt.param_groups[0]["lr"] = 0.01 * (1 + _)
             opt.step(mse_closure(model, x, y))
     assert caught[0].filename == __file__
+
+
+def accumulating_closure(model, opt, chunks, divide: bool):
+    """Gradient accumulation over micro-batches in a ``closure(backward)`` that returns the
+    mean loss; ``divide=False`` forgets to divide each micro-batch's loss by their number."""
+
+    def closure(backward):
+        if backward:
+            opt.zero_grad()
+        total = 0.0
+        for x, y in chunks:
+            loss = nn.functional.mse_loss(model(x), y)
+            if backward:
+                (loss / len(chunks) if divide else loss).backward()
+            total = total + loss.detach()
+        return total / len(chunks)
+
+    return closure
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS], ids=["ALSALS", "MomentumALSALS"])
+def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k):
+    """Accumulation over ``k`` micro-batches without dividing by ``k``: every trial lowers the
+    loss by ``1/k`` of the promise, no trial can pass ``c = 0.6``, and no step is taken (AdamW
+    does not notice: its update ignores the gradient's scale). It was silent (ALSALS: called
+    converged at the starting loss); the warning names the factor, and a stall warning that
+    follows suspects the closure. The same loop dividing by ``k`` trains without a warning."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 10)
+    y = x @ torch.randn(10, 1) + 0.1 * torch.randn(64, 1)
+    chunks = list(zip(x.chunk(k), y.chunk(k), strict=True))
+    for divide in (False, True):
+        torch.manual_seed(1)
+        model = nn.Linear(10, 1)
+        opt = cls(model.parameters())
+        closure = accumulating_closure(model, opt, chunks, divide)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(10):
+                opt.step(closure)
+        messages = [str(m.message) for m in caught]
+        final = nn.functional.mse_loss(model(x), y).item()
+        if divide:
+            assert messages == [] and final < 1.0
+            continue
+        named = [m for m in messages if "the gradient is about" in m]
+        assert len(named) == 1 and final > 4.9
+        factor = float(named[0].split("about ")[1].split("x")[0])
+        assert factor == pytest.approx(k, rel=0.1)
+        assert all("converged" not in m for m in messages)

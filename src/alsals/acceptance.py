@@ -199,3 +199,32 @@ def measured_slope(trials: list[tuple[float, float]], loss0: float, resolution: 
             low, high = FIRST_ORDER_POWERS
             return firm[1] / firm[0] if low <= power <= high else math.nan
     return math.nan
+
+
+def overstated_fraction(
+    trials: list[tuple[float, float, float]], loss0: float, c: float, resolution: float
+) -> float:
+    """The fraction of its promise by which a search's trials ``(eta, loss, promise)`` lowered
+    the loss, where the promise overstates the slope, else ``nan``.
+
+    The overstatement: at least three trials that lowered the loss beyond ``FIRM_RISE``
+    resolutions, by a positive promise, each short of ``c``, their step sizes at least 4x
+    apart, and the smallest one's shortfall ``1 - fraction`` at least 3/4 of the largest
+    one's. Where the promise is the loss's slope the shortfall is the curvature's and
+    shrinks in proportion to ``eta`` (the fraction tends to 1), so no trial of a smooth loss
+    stays short of ``c`` at every step size; a gradient ``k`` times the loss's (micro-batches
+    accumulated without dividing by their number, a backward pass run twice) gives ``1/k``
+    at all of them, and no trial can pass but one that the loss's rounding lets through.
+    The fraction reported is the smallest trial's.
+    """
+    falls = sorted(
+        (eta, (loss0 - loss) / promise)
+        for eta, loss, promise in trials
+        if eta > 0.0 and promise > 0.0 and loss0 - loss > FIRM_RISE * resolution
+    )
+    if len(falls) < 3 or falls[-1][0] < 4.0 * falls[0][0]:
+        return math.nan
+    fraction, at_largest = falls[0][1], falls[-1][1]
+    short = all(f < c for _, f in falls)
+    flat = 1.0 - fraction >= 0.75 * (1.0 - at_largest)
+    return fraction if short and flat else math.nan

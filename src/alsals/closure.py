@@ -269,14 +269,21 @@ class BufferGuard:
     def capture(self) -> None:
         self.saved = [b.detach().clone() for b in self.buffers]
 
-    def restore(self) -> None:
-        if not (self.buffers and self.saved):
+    def restore(self, floating_only: bool = False) -> None:
+        """The recorded values back (with ``floating_only``, those of floating-point buffers
+        alone: statistics a forward reads, not the flags and counters it moves on)."""
+        pairs = [
+            (buffer, saved)
+            for buffer, saved in zip(self.buffers, self.saved, strict=True)
+            if not floating_only or buffer.is_floating_point() or buffer.is_complex()
+        ]
+        if not pairs:
             return
         with torch.no_grad():
-            for buffer, saved in zip(self.buffers, self.saved, strict=True):
+            for buffer, saved in pairs:
                 if buffer.shape != saved.shape:  # (resized in forward: a lazy observer's)
                     buffer.resize_(saved.shape)
-            torch._foreach_copy_(self.buffers, self.saved)
+            torch._foreach_copy_([b for b, _ in pairs], [s for _, s in pairs])
 
 
 class _UnprotectedBufferWatch:
@@ -485,9 +492,12 @@ class ClosureEvaluator:
         if not self._buffers_after_first:  # as the first evaluation left them
             self.after_first.capture()
             self._buffers_after_first = True
-        # the trial reads the buffers the first evaluation read (a running mean subtracted in
-        # forward, spectral_norm's power iteration), and leaves them as that one left them
-        self.before.restore()
+        # the trial reads the floating-point buffers the first evaluation read (a running
+        # mean subtracted in forward, spectral_norm's power iteration, an observer's range),
+        # and leaves every buffer as that one left them; integer and boolean buffers stay as
+        # it left them (a flag it set, as ActNorm's data-dependent initialisation does once,
+        # would make every trial initialise the parameters again)
+        self.before.restore(floating_only=True)
         self.rng_before.restore()
         grads = [p.grad for p in self.params]
         for p in self.params:

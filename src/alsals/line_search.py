@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alsals.acceptance import ArmijoTest, SearchTest, measured_slope
+from alsals.acceptance import ArmijoTest, SearchTest, measured_slope, overstated_fraction
 from alsals.backtracking import MIN_STEP_SIZE, Backtracking
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import (
@@ -165,6 +165,16 @@ DISCONNECTED_WARNING = (
     "holds (after backward none has a gradient), so {n} steps in a row were skipped. Build "
     "the optimizer from the parameters of the model the closure evaluates (after replacing or "
     "copying the model, pass the new model's parameters)"
+)
+OVERSTATED_WARNING = (
+    "{name}: the gradient is about {factor:.2g}x the loss the closure returns: every trial "
+    "of a search lowered the loss by a steady fraction of what the gradient promised, "
+    "however small the step, and none could pass the Armijo test, so no step was taken "
+    "(nor will be, but one that the loss's rounding lets through). A closure that "
+    "accumulates gradients over micro-batches without dividing each one's loss by their "
+    "number, runs backward twice, or returns a loss scaled otherwise than the one it "
+    "differentiates does this (AdamW does not notice: its update ignores the gradient's "
+    "scale); return the loss whose gradient it computes"
 )
 NO_BACKWARD_WARNING = (
     "{name}: closure(backward) returned a loss that requires grad but no parameter has a "
@@ -442,6 +452,9 @@ class Outcome:
     slope_measured: bool = False
     # ... and once more before a search accepted by its own slope: no step (5.8)
     contradicted_again: bool = False
+    # a search without a step whose trials fell short of a slope the gradient overstates:
+    # the fraction of it they measured (acceptance.overstated_fraction)
+    overstated: float = math.nan
 
     @property
     def loss_not_finite(self) -> bool:
@@ -1540,6 +1553,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     walk.unresolved_step_size(history),
                     loss_unchanged=unchanged and (moved_all_the_way or walk.flat),
                 )
+                unresolved.overstated = self._overstated(test, judged_trials, loss0, resolution)
                 # (trials that contradict the slope rose measurably: they were rejected)
                 unresolved = self._unless_a_kink(search, test, judged_trials, unresolved)
                 self._leave_weights(trial, unresolved)
@@ -1560,9 +1574,18 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         failed = Outcome("failed", 0.0, h["max_trials"], test.slope, math.nan)
         failed.next_step_size, failed.reset_averages = walk.failed_step_size(history), history
         failed.loss_unchanged = unchanged and (moved_all_the_way or walk.flat)
+        failed.overstated = self._overstated(test, judged_trials, loss0, resolution)
         failed = self._unless_a_kink(search, test, judged_trials, failed)
         self._leave_weights(trial, failed)
         return failed
+
+    def _overstated(
+        self, test: SearchTest, trials: list[tuple[float, float]], loss0: float, resolution: float
+    ) -> float:
+        """``overstated_fraction`` of a search's trials ``(eta, loss)``, each promising
+        ``eta`` times this step's slope."""
+        promised = [(eta, loss, eta * test.slope) for eta, loss in trials]
+        return overstated_fraction(promised, loss0, self._settings["c"], resolution)
 
     @staticmethod
     def _leave_weights(trial: _TrialPoint, ending: Outcome) -> None:
@@ -1952,6 +1975,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
         if outcome.undo:
             self._warn_once("undone", UNDONE_WARNING.format(name=name), UserWarning)
+        if math.isfinite(outcome.overstated):
+            message = OVERSTATED_WARNING.format(name=name, factor=1.0 / outcome.overstated)
+            self._warn_once("overstated", message, UserWarning)
         if outcome.contradicted_again:
             message = CONTRADICTED_WARNING.format(name=name, kind=outcome.kind)
             self._warn_once("contradicted", message, UserWarning)

@@ -83,6 +83,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from alsals.acceptance import FIRM_RISE, overstated_fraction
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import largest_representable, representable, wide_dot, wide_norms
@@ -97,6 +98,7 @@ from alsals.line_search import (
     BUFFERS_WARNING,
     DISCONNECTED_WARNING,
     NO_BACKWARD_WARNING,
+    OVERSTATED_WARNING,
     SCHEDULE_WARNING,
     SCHEDULE_WARNING_STEPS,
     STALE_BUFFERS_HINT,
@@ -225,6 +227,10 @@ class SearchState:
     step_size: float
     initial_step_size: float = math.nan  # lr as the run began: warm-up's peak
     resume: float = 0.0  # where the search after one that accepted nothing starts (0: none)
+    # the last search found no step the loss's rounding lets it judge (a rejected trial and
+    # moves it hides below, or only such moves): until the next search at the cadence, steps
+    # take the averaging move alone
+    idle: bool = False
     untested_write: bool = False  # the step size is a written lr no search has run from yet
     nonfinite_in_a_row: int = 0  # steps skipped in a row for a non-finite loss at y
     steps: int = 0  # steps that moved the weights
@@ -275,6 +281,7 @@ class SearchResult:
     decrease: float = math.nan
     unchanged: bool = False
     resume: float = 0.0
+    idle: bool = False  # no step judged: the averaging move alone until the next search
 
 
 def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float, float]:
@@ -524,6 +531,7 @@ class ALSALS(torch.optim.Optimizer):
         self._lr_cuts = 0  # writes that lowered lr, over the run
         self._buffers_checked = False
         self._unchanged_searches = 0
+        self._overstated_searches = 0  # searches in a row whose trials fell short of the slope
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
         # each parameter's version counter as this optimizer left the weights (x): a later
         # in-place write is an edit by the user (_adopt_edited_weights)
@@ -682,6 +690,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_lr_cuts", 0)
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
+        self.__dict__.setdefault("_overstated_searches", 0)
         self.__dict__.setdefault("_held", None)
         self.__dict__.setdefault("_versions", None)
         self.__dict__.setdefault("_shown_lr", None)
@@ -1019,17 +1028,19 @@ class ALSALS(torch.optim.Optimizer):
         lead = sum(averaging)
         search.leading += lead > 0.0
         search.trailing += lead < 0.0
-        # (a step size no search accepted is never reused untested: resume > 0 searches)
+        # (a step size no search accepted is never reused untested: resume > 0 searches,
+        # but after a search that could judge no trial, at the cadence)
         due = (
             search.searches == 0
             or written
-            or search.resume > 0.0
+            or (search.resume > 0.0 and not search.idle)
             or search.nonfinite_in_a_row > 0
             or search.steps < h["warmup_steps"]
             or (search.steps < h["initial_searches"] and not search.first_phase_over)
             or search.steps_since_search + 1 >= h["search_interval"]
         )
-        result = SearchResult("reuse", min(search.step_size, search.step_size_ceiling), 0)
+        reused = 0.0 if search.idle else min(search.step_size, search.step_size_ceiling)
+        result = SearchResult("reuse", reused, 0)
         if due and search.searches == 0:  # the closure at y again must give loss0 again
             (again,) = mean_to_host([evaluator.evaluate()], self._process_group)
             if not math.isfinite(again):  # without gradient only: no trial can be judged
@@ -1042,12 +1053,24 @@ class ALSALS(torch.optim.Optimizer):
             # at the floor no trial can pass (the test asks for a decrease below it): the
             # search ends as one whose moves all left the loss unchanged, without an
             # evaluation (it took max_trials of them at every step)
+            trials: list[tuple[float, float]] = []
             result = (
                 SearchResult("exhausted", 0.0, 0, unchanged=True)
                 if at_floor
-                else self._search(search, loss0, groups, averaging, slope, evaluator, written)
+                else self._search(
+                    search, loss0, groups, averaging, slope, evaluator, written, trials
+                )
             )
             self._warn_about_buffers(evaluator)  # (before anything is written)
+            ratio, passed = self._overstated_slope(
+                loss0, result, trials, averaging, slope, evaluator.loss_dtype
+            )
+            if math.isfinite(ratio):
+                self._overstated_searches += 1
+                message = OVERSTATED_WARNING.format(name="ALSALS", factor=1.0 / ratio)
+                self._warn_once("overstated", message)
+            elif passed:  # (a search whose trials resolved nothing says nothing either way)
+                self._overstated_searches = 0
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
                 # (a search that collapsed far below the run's largest step size is no
@@ -1056,13 +1079,20 @@ class ALSALS(torch.optim.Optimizer):
                 largest = max(g["lr_max"] / g["lr_scale"] for g in self.param_groups)
                 healthy = searched >= COLLAPSE_RATIO * largest
                 # (nor one where the gradient predicted a change far above what the loss's
-                # dtype resolves: the loss did not follow the weights, it did not converge)
+                # dtype resolves: the loss did not follow the weights, it did not converge;
+                # not where the weights' own dtype is coarser than float32, whose rounding
+                # may swallow such a move whole)
                 start = min(searched, self._polyak_step(loss0, searched, averaging, slope))
                 resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
-                predicted = not at_floor and (
+                coarse = any(
+                    torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
+                    for g in groups
+                    for p in g.params
+                )
+                predicted = not (at_floor or coarse) and (
                     abs(self._promised(start, averaging, slope)) > resolved * max(abs(loss0), 1.0)
                 )
-                followed = search.loss_followed and healthy
+                followed = search.loss_followed and healthy and not self._overstated_searches
                 message = _unchanged_message(loss0, search.first_loss, followed, predicted)
                 self._warn_once("loss_unchanged", message)
             search.loss_followed |= not result.unchanged
@@ -1095,7 +1125,12 @@ class ALSALS(torch.optim.Optimizer):
             in_warmup = search.steps <= h["warmup_steps"]  # (steps counts this one already)
             search.first_phase_over |= ending.get(h["first_phase"], False) and not in_warmup
             search.exhausted += kind == "exhausted"
-            if kind == "search" or result.unchanged:  # (a flat loss: nothing to resume)
+            # (a flat loss: nothing to resume; but a resumed search that found only trials
+            # its rounding hides resumes again, at the cadence: the step sizes the searches
+            # before it rejected stay rejected, not reused untested)
+            resumed = search.resume > 0.0
+            search.idle = result.idle or (result.unchanged and resumed)
+            if kind == "search" or (result.unchanged and not resumed):
                 search.resume = 0.0
             elif result.resume > 0.0:
                 search.resume = result.resume
@@ -1115,9 +1150,11 @@ class ALSALS(torch.optim.Optimizer):
         slope: list[float],
         evaluator: ClosureEvaluator,
         written: str | None = None,
+        trials: list[tuple[float, float]] | None = None,
     ) -> SearchResult:
         """Trials from the grown (or Polyak) start down by ``backtrack``, judged by the
-        Armijo test of the move of ``y``; nothing is written."""
+        Armijo test of the move of ``y``; nothing is written (each trial's step size and
+        loss are appended to ``trials``)."""
         h = self._settings
         c = h["c"]
 
@@ -1138,6 +1175,8 @@ class ALSALS(torch.optim.Optimizer):
             watch = not self._buffers_checked and evaluations == 1
             (value,) = mean_to_host([evaluator.evaluate(watch_buffers=watch)], self._process_group)
             values.append(value)
+            if trials is not None:
+                trials.append((gamma, value))
             ok = math.isfinite(value) and loss0 - value >= c * promised(gamma)
             return ok, value
 
@@ -1187,6 +1226,7 @@ class ALSALS(torch.optim.Optimizer):
         top = min(bound, MAX_STEP_SIZE if first else search.step_size, decay_cap)
         expanding = (first or resuming) and search.steps >= h["warmup_steps"] and gamma < top
         passed: tuple[float, float] | None = None  # the largest expansion that passed
+        rejected = math.inf  # the smallest trial that failed by a change the loss resolved
 
         def averaging_alone() -> str | None:
             """Test the averaging move alone (``gamma = 0``): ``"kept"`` if it fails (no
@@ -1239,6 +1279,15 @@ class ALSALS(torch.optim.Optimizer):
                 # every move gave exactly the starting loss: the closure's loss does not
                 # follow the weights (or changes below its rounding); no trial can judge
                 return SearchResult("exhausted", 0.0, evaluations, unchanged=True)
+            if same(value) and rejected < math.inf:
+                # below a trial the loss rejected, one that leaves it exactly as it was: the
+                # trials went under what its rounding resolves, where none can judge (they
+                # walked on to max_trials, and a later step reused the rejected step size
+                # once a search found nothing but such trials). The averaging move alone
+                # until the next search at the cadence, from the smallest rejected trial
+                return SearchResult("exhausted", 0.0, evaluations, resume=rejected, idle=True)
+            if math.isfinite(value) and not same(value):
+                rejected = min(rejected, gamma)
             kept_allowed = kept_allowed and math.isfinite(value)
             outgrown = outgrown or promised(gamma) > 0.0
             if not outgrown and math.isfinite(value):
@@ -1272,6 +1321,26 @@ class ALSALS(torch.optim.Optimizer):
         # run's first search does (max_trials too small for how far lr was off).
         # (gamma is already the trial after the last one)
         return SearchResult("exhausted", 0.0, evaluations, resume=max(gamma, MIN_STEP_SIZE))
+
+    def _overstated_slope(
+        self,
+        loss0: float,
+        result: SearchResult,
+        trials: list[tuple[float, float]],
+        averaging: list[float],
+        slope: list[float],
+        loss_dtype: torch.dtype,
+    ) -> tuple[float, bool]:
+        """Whether the search passed a trial by a change the loss's rounding resolves, and,
+        for one that did not, the fraction of its promise ``P(gamma)`` by which its trials
+        lowered the loss where the promise overstates the slope (``overstated_fraction``;
+        else ``nan``)."""
+        resolution = _loss_resolution(loss_dtype, loss0)
+        passed = result.kind == "search" and result.decrease > FIRM_RISE * resolution
+        if passed:
+            return math.nan, True
+        promised = [(g, v, self._promised(g, averaging, slope)) for g, v in trials if g > 0.0]
+        return overstated_fraction(promised, loss0, self._settings["c"], resolution), False
 
     def _decay_cap(self) -> float:
         """The largest step size whose decay takes at most the whole of the weights in every
@@ -1455,8 +1524,13 @@ class ALSALS(torch.optim.Optimizer):
             beta2 = group["betas"][1]
             v_new = torch._foreach_mul(v, beta2)
             torch._foreach_addcmul_(v_new, moved, moved, 1.0 - beta2)
-            denominators = torch._foreach_div(v_new, [1.0 - beta2**t for t in steps])  # v_hat
+            corrections = [1.0 - beta2**t for t in steps]
+            denominators = list(torch._foreach_div(v_new, corrections))  # v_hat
             torch._foreach_sqrt_(denominators)
+            for i, v in enumerate(v_new):
+                if v.dtype == torch.float16:  # (v_hat overflows float16 from |g| = 256 at
+                    # t = 1, where sqrt(v') / sqrt(1 - beta2^t), torch.optim.Adam's order, holds)
+                    denominators[i] = v.sqrt().div_(math.sqrt(corrections[i]))
             torch._foreach_add_(denominators, group["eps"])
             u = torch._foreach_div(moved, denominators)
             weights = [local_shard(p.detach()) for p in params]
@@ -1475,9 +1549,9 @@ class ALSALS(torch.optim.Optimizer):
         overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
         would stop while the averaging moves x to it). Checked, with a second
         synchronisation, only where ``||g||^2`` (the mean over ranks: every rank decides
-        alike) exceeds a quarter of the largest value the weights' dtypes hold, which no
-        entry's square can reach below it."""
-        dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
+        alike) exceeds a quarter of the largest value the trained weights' dtypes hold, which
+        no entry's square can reach below it (a frozen float16 base does not lower it)."""
+        dtypes = {p.dtype for g in self.param_groups for p in g["params"] if p.requires_grad}
         limits = [torch.finfo(t).max for t in dtypes if t.is_floating_point or t.is_complex]
         if not squared > min(limits, default=math.inf) / 4:
             return False
@@ -1569,9 +1643,16 @@ class ALSALS(torch.optim.Optimizer):
     def _restart_at_average(self, averages: list[_Average]) -> None:
         """``z := x`` for every parameter that has stepped (then ``y = x``), whether or not
         this step found a gradient for it."""
-        for average in averages:
-            for p, x in zip(average.params, average.x, strict=True):
+        for group in self.param_groups:
+            held = {
+                id(p): x
+                for average in averages
+                if average.group is group
+                for p, x in zip(average.params, average.x, strict=True)
+            }
+            for p in group["params"]:  # (one not held, frozen since it stepped, is at x)
                 if "z" in self.state.get(p, {}):
+                    x = held.get(id(p), local_shard(p.detach()))
                     local_shard(self.state[p]["z"]).copy_(x)
 
     def _stored_search_state(self) -> SearchState:
