@@ -374,12 +374,14 @@ class ALSALS(torch.optim.Optimizer):
     Needs a closure (``optimizer.step(closure)``, either form of ``MomentumALSALS.step``'s);
     outside ``step()`` the weights are the average ``x``, to evaluate and save as they are.
     ``last_step.kind`` is ``"search"`` (a trial passed), ``"reuse"`` (the last step size,
-    between searches), ``"kept"`` (neither the first trial nor the averaging move alone
+    between searches; 0, the averaging move alone, after a search that found no trial its
+    loss's rounding let it judge, until the next at the cadence), ``"kept"`` (neither the first trial nor the averaging move alone
     passed: the step is taken at the last step size, which is kept; where that step size is
     no search's, a written or resumed one, or the first trial's loss was not finite, only
     the averaging move is taken and the next step resumes below the first trial),
-    ``"exhausted"`` (``max_trials`` failed: only the averaging move is taken, the
-    step size is kept, and the next step resumes the search below the last trial, looking
+    ``"exhausted"`` (``max_trials`` failed, or the trials went below what the loss's
+    rounding resolves: only the averaging move is taken, the step size is kept, and the
+    next search resumes below the last trial or from the smallest rejected one, looking
     upwards from there as a run's first search does), ``"zero_lr"`` (``lr`` 0 was written:
     nothing moves), ``"zero_grad"`` (the gradient is exactly 0: Schedule-Free's averaging
     move alone, at the last step size, as Schedule-Free AdamW's step would take; where no
