@@ -175,11 +175,12 @@ class ActNorm(nn.Module):
 
 
 @pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
-def test_a_flag_the_first_evaluation_set_stays_set_for_the_trials(cls):
-    """A data-dependent initialisation (ActNorm's) runs once, at the first evaluation: the
-    trials keep the integer and boolean buffers as it left them (its flag set), or each
-    trial would initialise the parameters again over the trial's move and the search judge
-    a loss in which they never moved (ALSALS: 100 trials, no step)."""
+def test_a_first_forward_that_initialises_the_weights_runs_once(cls):
+    """A data-dependent initialisation (ActNorm's) writes the weights at the run's first
+    evaluation: that step's trials keep the buffers as it left them (its flag set), or each
+    trial would initialise the weights again over the trial's move and the search judge a
+    loss in which they never moved (ALSALS: 100 trials, no step; MomentumALSALS: a first
+    search that collapsed the step size)."""
     torch.manual_seed(0)
     x = torch.randn(64, 4, dtype=torch.float64) * 3 + 1
     y = torch.randn(64, 1, dtype=torch.float64)
@@ -195,6 +196,39 @@ def test_a_flag_the_first_evaluation_set_stays_set_for_the_trials(cls):
     assert opt.last_step.kind == "search"
     with torch.no_grad():
         assert closure().item() < opt.last_step.loss
+
+
+class BiasCorrectedScale(nn.Module):
+    """Divides by a running second moment with Adam-style bias correction: its forward reads
+    a float buffer and an integer step counter, and updates both."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("average", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.count += 1
+                self.average.mul_(0.9).add_(0.1 * x.pow(2).mean())
+        return x / (self.average / (1 - 0.9 ** self.count.item())).sqrt()
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_trials_read_a_counter_with_the_statistic_it_counts(cls):
+    """An integer counter and the float statistic it bias-corrects go back together before
+    each trial (a counter left one step ahead of its statistic was a state that never
+    existed: the replay at the starting weights differed and warned)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4, dtype=torch.float64) * 3, torch.randn(64, 1, dtype=torch.float64)
+    model = nn.Sequential(BiasCorrectedScale(), nn.Linear(4, 1).double())
+    opt = cls(model.parameters(), buffers=model.buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no replay warning)
+        for _ in range(3):
+            opt.step(lambda: ((model(x) - y) ** 2).mean())
+    assert model[0].count.item() == 3
 
 
 def test_without_buffers_trials_would_corrupt_batchnorm_statistics(optimizer_class):

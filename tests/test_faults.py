@@ -765,3 +765,21 @@ def test_an_exception_after_a_buffer_took_its_shape_is_the_one_raised(cls):
     opt.step(lambda: ((model(x) - y) ** 2).mean())
     assert model.running_max.shape == (8,)
     assert not torch.equal(model.linear.weight, weight)
+
+
+def test_a_float16_weight_given_its_gradient_by_hand_is_checked_for_overflow():
+    """A float16 tensor that does not require grad but gets a ``.grad`` written by hand takes
+    part in the step: its dtype sets the overflow check's threshold too (``0.001 g^2``
+    overflows float16 at ``g = 9000``), so the step is skipped, not ``v`` stored as inf."""
+    w = torch.zeros(3, requires_grad=True)
+    h = torch.ones(2, dtype=torch.float16)
+    opt = ALSALS([w, h], lr=1e-3, eps=1e-4)
+
+    def closure():
+        h.grad = torch.tensor([9000.0, 1.0], dtype=torch.float16)
+        return ((w - 1) ** 2).sum()
+
+    with pytest.warns(RuntimeWarning, match="second moment"):
+        opt.step(closure)
+    assert opt.last_step.kind == "nonfinite"
+    assert "exp_avg_sq" not in opt.state.get(h, {})

@@ -1995,6 +1995,43 @@ def test_a_loss_computed_outside_the_closure_after_some_steps_is_not_called_conv
     assert "does not compute the loss from the model's current weights" in messages[0]
 
 
+class StaleLoss(torch.autograd.Function):
+    """Returns a fixed value with the gradient of the loss it is given: a loss that no longer
+    follows the weights while its gradient does."""
+
+    @staticmethod
+    def forward(ctx, loss, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+def test_one_bfloat16_parameter_does_not_make_a_stale_loss_converged(bias_dtype):
+    """A regression whose loss stops following the weights after 5 steps (its gradient still
+    promises a decrease far above float32's rounding) is suspected, not called converged,
+    also where one parameter (the bias) is bfloat16: only weights that are all coarser than
+    float32 may hide such a move."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 5)
+    y = x @ torch.randn(5) + torch.randn(200)
+    w = nn.Parameter(torch.zeros(5))
+    b = nn.Parameter(torch.zeros((), dtype=bias_dtype))
+    opt = ALSALS([w, b])
+
+    def real():
+        return ((x @ w + b.float() - y) ** 2).mean()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(40):
+            opt.step(real if step < 5 else lambda: StaleLoss.apply(real(), torch.tensor(3.0)))
+    messages = [str(m.message) for m in caught if "loss" in str(m.message)]
+    assert messages and all("converged" not in m for m in messages)
+
+
 def target_beyond_the_decay(lr_scale: float = 1.0):
     """A 3-weight least-squares fit to [30, -20, 50] with weight_decay=0.1, from 0: AdamW's
     equilibrium (``g_hat = -wd w``) lies at ``|w| <= 1 / wd = 10``, far short of the

@@ -379,6 +379,7 @@ def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k):
             continue
         named = [m for m in messages if "the gradient is about" in m]
         assert len(named) == 1 and final > 4.9
-        factor = float(named[0].split("about ")[1].split("x")[0])
+        factor = float(named[0].split("the gradient is about ")[1].split("x")[0])
         assert factor == pytest.approx(k, rel=0.1)
+        assert "micro-batches" in named[0] and "kink" in named[0]  # (both causes named)
         assert all("converged" not in m for m in messages)

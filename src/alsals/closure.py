@@ -269,21 +269,14 @@ class BufferGuard:
     def capture(self) -> None:
         self.saved = [b.detach().clone() for b in self.buffers]
 
-    def restore(self, floating_only: bool = False) -> None:
-        """The recorded values back (with ``floating_only``, those of floating-point buffers
-        alone: statistics a forward reads, not the flags and counters it moves on)."""
-        pairs = [
-            (buffer, saved)
-            for buffer, saved in zip(self.buffers, self.saved, strict=True)
-            if not floating_only or buffer.is_floating_point() or buffer.is_complex()
-        ]
-        if not pairs:
+    def restore(self) -> None:
+        if not (self.buffers and self.saved):
             return
         with torch.no_grad():
-            for buffer, saved in pairs:
+            for buffer, saved in zip(self.buffers, self.saved, strict=True):
                 if buffer.shape != saved.shape:  # (resized in forward: a lazy observer's)
                     buffer.resize_(saved.shape)
-            torch._foreach_copy_([b for b, _ in pairs], [s for _, s in pairs])
+            torch._foreach_copy_(self.buffers, self.saved)
 
 
 class _UnprotectedBufferWatch:
@@ -372,6 +365,10 @@ class ClosureEvaluator:
         self.forwards = 0
         self.backwards = 0
         self.unprotected_modules: list[str] | None = None
+        # set by the optimizer at a run's first step: whether the first evaluation writes the
+        # weights is checked then (a data-dependent initialisation runs in the first forward)
+        self.first_of_run = False
+        self.first_wrote_weights = False
         # closure(backward) returned a loss with a graph but left every gradient None
         self.backward_forgotten = False
         # closure() returned a loss with a graph, and the optimizer ran its backward
@@ -392,6 +389,7 @@ class ClosureEvaluator:
         """
         self.rng_before = RandomState()
         self.before.capture()
+        watched = self._weight_norms() if self.first_of_run and self.before.buffers else None
         held = [p.grad for p in self.params]
         dropped = not self.runs_backward_itself or self.closure.by_grad_mode
         dropped = dropped or (self.left is not None and self.left.untouched(self.params))
@@ -429,7 +427,19 @@ class ClosureEvaluator:
         self.forwards += 1
         self.loss_dtype = loss.dtype if isinstance(value, Tensor) else _widest_dtype(self.params)
         self.rng_after = RandomState()
+        if watched is not None:  # (one synchronisation, at a run's first step only)
+            self.first_wrote_weights = not torch.equal(watched, self._weight_norms())
         return loss.detach()
+
+    def _weight_norms(self) -> Tensor:
+        """Each floating-point weight's norm, to tell a first evaluation that wrote weights
+        (through ``.data`` too, which no version counter sees) from one that did not."""
+        weights = [p.detach() for p in self.params if p.is_floating_point() and p.numel()]
+        weights = [w.to_local() if hasattr(w, "to_local") else w for w in weights]  # (FSDP2)
+        if not weights:
+            return torch.zeros(0)
+        device = weights[0].device
+        return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(weights)])
 
     @property
     def disconnected(self) -> bool:
@@ -492,12 +502,13 @@ class ClosureEvaluator:
         if not self._buffers_after_first:  # as the first evaluation left them
             self.after_first.capture()
             self._buffers_after_first = True
-        # the trial reads the floating-point buffers the first evaluation read (a running
-        # mean subtracted in forward, spectral_norm's power iteration, an observer's range),
-        # and leaves every buffer as that one left them; integer and boolean buffers stay as
-        # it left them (a flag it set, as ActNorm's data-dependent initialisation does once,
-        # would make every trial initialise the parameters again)
-        self.before.restore(floating_only=True)
+        # the trial reads the buffers the first evaluation read (a running mean subtracted
+        # in forward, spectral_norm's power iteration, an observer's range, a step counter),
+        # and leaves them as that one left them; not after a first evaluation that wrote the
+        # weights (a data-dependent initialisation, ActNorm's: put back the flag it set, and
+        # every trial would initialise the weights again over the trial's move)
+        if not self.first_wrote_weights:
+            self.before.restore()
         self.rng_before.restore()
         grads = [p.grad for p in self.params]
         for p in self.params:

@@ -167,14 +167,15 @@ DISCONNECTED_WARNING = (
     "copying the model, pass the new model's parameters)"
 )
 OVERSTATED_WARNING = (
-    "{name}: the gradient is about {factor:.2g}x the loss the closure returns: every trial "
-    "of a search lowered the loss by a steady fraction of what the gradient promised, "
-    "however small the step, and none could pass the Armijo test, so no step was taken "
-    "(nor will be, but one that the loss's rounding lets through). A closure that "
-    "accumulates gradients over micro-batches without dividing each one's loss by their "
-    "number, runs backward twice, or returns a loss scaled otherwise than the one it "
-    "differentiates does this (AdamW does not notice: its update ignores the gradient's "
-    "scale); return the loss whose gradient it computes"
+    "{name}: the loss fell by about 1/{factor:.2g} of what the gradient promised at every "
+    "trial of a search, however small the step, and none could pass the Armijo test, so no "
+    "step was taken. Either the gradient is about {factor:.2g}x the loss the closure returns "
+    "(a closure that accumulates gradients over micro-batches without dividing each one's "
+    "loss by their number, runs backward twice, or returns a loss scaled otherwise than the "
+    "one it differentiates; AdamW does not notice: its update ignores the gradient's scale): "
+    "return the loss whose gradient the closure computes; or the loss has a kink at these "
+    "weights that its gradient does not see (an L1 term |w| at exactly 0, whose gradient "
+    "autograd takes as 0): start such weights away from the kink, or smooth the term"
 )
 NO_BACKWARD_WARNING = (
     "{name}: closure(backward) returned a loss that requires grad but no parameter has a "
@@ -1027,6 +1028,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             own_grads_only=not commit,
         )
         search = self._stored_search_state()
+        evaluator.first_of_run = search.step == 0
         before = search.step_size
         written = self._adopt_written_lr(search)
         lr_cut = written == "zero" or (written is not None and search.step_size < before)

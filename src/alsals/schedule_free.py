@@ -764,6 +764,7 @@ class ALSALS(torch.optim.Optimizer):
             left=self._left_grads,
         )
         search = self._stored_search_state()
+        evaluator.first_of_run = search.steps == 0
         before = search.step_size
         written = self._adopt_written_lr(search)
         cut = written == "zero" or (written is not None and search.step_size < before)
@@ -1086,7 +1087,7 @@ class ALSALS(torch.optim.Optimizer):
                 # may swallow such a move whole)
                 start = min(searched, self._polyak_step(loss0, searched, averaging, slope))
                 resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
-                coarse = any(
+                coarse = all(
                     torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
                     for g in groups
                     for p in g.params
@@ -1229,6 +1230,7 @@ class ALSALS(torch.optim.Optimizer):
         expanding = (first or resuming) and search.steps >= h["warmup_steps"] and gamma < top
         passed: tuple[float, float] | None = None  # the largest expansion that passed
         rejected = math.inf  # the smallest trial that failed by a change the loss resolved
+        resolution = _loss_resolution(evaluator.loss_dtype, loss0)
 
         def averaging_alone() -> str | None:
             """Test the averaging move alone (``gamma = 0``): ``"kept"`` if it fails (no
@@ -1288,7 +1290,7 @@ class ALSALS(torch.optim.Optimizer):
                 # once a search found nothing but such trials). The averaging move alone
                 # until the next search at the cadence, from the smallest rejected trial
                 return SearchResult("exhausted", 0.0, evaluations, resume=rejected, idle=True)
-            if math.isfinite(value) and not same(value):
+            if math.isfinite(value) and abs(loss0 - value) > resolution:
                 rejected = min(rejected, gamma)
             kept_allowed = kept_allowed and math.isfinite(value)
             outgrown = outgrown or promised(gamma) > 0.0
@@ -1553,7 +1555,12 @@ class ALSALS(torch.optim.Optimizer):
         synchronisation, only where ``||g||^2`` (the mean over ranks: every rank decides
         alike) exceeds a quarter of the largest value the trained weights' dtypes hold, which
         no entry's square can reach below it (a frozen float16 base does not lower it)."""
-        dtypes = {p.dtype for g in self.param_groups for p in g["params"] if p.requires_grad}
+        dtypes = {
+            p.dtype
+            for g in self.param_groups
+            for p in g["params"]
+            if p.requires_grad or p.grad is not None
+        }
         limits = [torch.finfo(t).max for t in dtypes if t.is_floating_point or t.is_complex]
         if not squared > min(limits, default=math.inf) / 4:
             return False
