@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -211,6 +212,32 @@ def mismatch_run(rank: int) -> dict:
     return errors
 
 
+def overflow_run(rank: int) -> list[str]:
+    """A float16 tensor whose gradient rank 0 alone writes by hand at the first step, large
+    enough that its square overflows Adam's moment: every rank runs the overflow check (the
+    risk travels with the step's sums), skips that step alike, and goes on."""
+    w = torch.zeros(3, requires_grad=True)
+    h = torch.ones(2, dtype=torch.float16)
+    opt = ALSALS([w, h], lr=1e-3, eps=1e-4)
+    target = torch.tensor([200.0, 0.0, 0.0])
+    kinds = []
+    for step in range(3):
+
+        def closure(step=step):
+            h.grad = (
+                torch.tensor([9000.0, 1.0], dtype=torch.float16)
+                if rank == 0 and step == 0
+                else None
+            )
+            return ((w - target) ** 2).sum()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure)
+        kinds.append(opt.last_step.kind)
+    return kinds
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -238,6 +265,7 @@ def train_all(rank: int) -> dict:
         "kink": kink_run(rank),
         "schedule_free": schedule_free_run(rank),
         "mismatch": mismatch_run(rank),
+        "overflow": overflow_run(rank),
     }
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank

@@ -174,19 +174,23 @@ class ActNorm(nn.Module):
         return self.scale * (x + self.loc)
 
 
+@pytest.mark.parametrize("later", [0, 3], ids=["first-step", "step-4"])
 @pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
-def test_a_first_forward_that_initialises_the_weights_runs_once(cls):
-    """A data-dependent initialisation (ActNorm's) writes the weights at the run's first
-    evaluation: that step's trials keep the buffers as it left them (its flag set), or each
-    trial would initialise the weights again over the trial's move and the search judge a
-    loss in which they never moved (ALSALS: 100 trials, no step; MomentumALSALS: a first
-    search that collapsed the step size)."""
+def test_a_forward_that_initialises_the_weights_runs_once(cls, later):
+    """A data-dependent initialisation (ActNorm's) writes the weights at its first training
+    forward, at the run's first step or a later one (a branch that joins later): that step's
+    trials keep the buffers as it left them (its flag set), or each trial would initialise
+    the weights again over the trial's move and the search judge a loss in which they never
+    moved (ALSALS: 100 trials, no step; MomentumALSALS: a first search that collapsed the
+    step size)."""
     torch.manual_seed(0)
     x = torch.randn(64, 4, dtype=torch.float64) * 3 + 1
     y = torch.randn(64, 1, dtype=torch.float64)
     norm, head = ActNorm(4), nn.Linear(4, 1).double()
     model = nn.Sequential(norm, head)
     opt = cls(model.parameters(), buffers=model.buffers())
+    for _ in range(later):  # (without the normalisation yet)
+        opt.step(lambda: ((head(x) - y) ** 2).mean())
 
     def closure():
         return ((model(x) - y) ** 2).mean() + (norm.loc**2).sum()

@@ -129,3 +129,11 @@ def test_ranks_built_with_different_settings_fail_at_the_first_step_on_every_ran
         assert set(errors) == {"SLS", "AdamSLS", "MomentumALSALS", "ALSALS"}
         for name, message in errors.items():
             assert message is not None and "hold different settings" in message, name
+
+
+def test_an_overflow_on_one_rank_is_checked_and_skipped_on_every_rank(rank_results):
+    """Rank 0 alone holds a float16 gradient whose square overflows: both ranks run the
+    check (no collective mismatch: the run finished) and skip that step alike."""
+    kinds = [rank_results[rank]["overflow"] for rank in (0, 1)]
+    assert kinds[0] == kinds[1]
+    assert kinds[0][0] == "nonfinite" and "nonfinite" not in kinds[0][1:]

@@ -365,10 +365,11 @@ class ClosureEvaluator:
         self.forwards = 0
         self.backwards = 0
         self.unprotected_modules: list[str] | None = None
-        # set by the optimizer at a run's first step: whether the first evaluation writes the
-        # weights is checked then (a data-dependent initialisation runs in the first forward)
-        self.first_of_run = False
-        self.first_wrote_weights = False
+        # the weights' norms before and after the first evaluation, where buffers are
+        # protected: whether it wrote the weights (a data-dependent initialisation) is read
+        # at the first trial
+        self._norms: tuple[Tensor, Tensor] | None = None
+        self._first_wrote_weights: bool | None = None
         # closure(backward) returned a loss with a graph but left every gradient None
         self.backward_forgotten = False
         # closure() returned a loss with a graph, and the optimizer ran its backward
@@ -389,7 +390,7 @@ class ClosureEvaluator:
         """
         self.rng_before = RandomState()
         self.before.capture()
-        watched = self._weight_norms() if self.first_of_run and self.before.buffers else None
+        watched = self._weight_norms() if self.before.buffers else None
         held = [p.grad for p in self.params]
         dropped = not self.runs_backward_itself or self.closure.by_grad_mode
         dropped = dropped or (self.left is not None and self.left.untouched(self.params))
@@ -427,9 +428,16 @@ class ClosureEvaluator:
         self.forwards += 1
         self.loss_dtype = loss.dtype if isinstance(value, Tensor) else _widest_dtype(self.params)
         self.rng_after = RandomState()
-        if watched is not None:  # (one synchronisation, at a run's first step only)
-            self.first_wrote_weights = not torch.equal(watched, self._weight_norms())
+        if watched is not None:  # (on the device: compared at the first trial, if any)
+            self._norms = watched, self._weight_norms()
         return loss.detach()
+
+    def first_wrote_weights(self) -> bool:
+        """Whether the first evaluation wrote the weights (through ``.data`` too, which no
+        version counter sees): one synchronisation, at a step's first trial."""
+        if self._first_wrote_weights is None:
+            self._first_wrote_weights = self._norms is not None and not torch.equal(*self._norms)
+        return self._first_wrote_weights
 
     def _weight_norms(self) -> Tensor:
         """Each floating-point weight's norm, to tell a first evaluation that wrote weights
@@ -507,7 +515,7 @@ class ClosureEvaluator:
         # and leaves them as that one left them; not after a first evaluation that wrote the
         # weights (a data-dependent initialisation, ActNorm's: put back the flag it set, and
         # every trial would initialise the weights again over the trial's move)
-        if not self.first_wrote_weights:
+        if not self.first_wrote_weights():
             self.before.restore()
         self.rng_before.restore()
         grads = [p.grad for p in self.params]

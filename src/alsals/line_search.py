@@ -175,7 +175,9 @@ OVERSTATED_WARNING = (
     "one it differentiates; AdamW does not notice: its update ignores the gradient's scale): "
     "return the loss whose gradient the closure computes; or the loss has a kink at these "
     "weights that its gradient does not see (an L1 term |w| at exactly 0, whose gradient "
-    "autograd takes as 0): start such weights away from the kink, or smooth the term"
+    "autograd takes as 0): start such weights away from the kink, or smooth the term; or "
+    "the forward pass writes the weights itself (a max-norm constraint through .data), "
+    "undoing part of each trial's move: apply it after the step instead"
 )
 NO_BACKWARD_WARNING = (
     "{name}: closure(backward) returned a loss that requires grad but no parameter has a "
@@ -1028,7 +1030,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             own_grads_only=not commit,
         )
         search = self._stored_search_state()
-        evaluator.first_of_run = search.step == 0
         before = search.step_size
         written = self._adopt_written_lr(search)
         lr_cut = written == "zero" or (written is not None and search.step_size < before)

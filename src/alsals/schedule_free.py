@@ -764,7 +764,6 @@ class ALSALS(torch.optim.Optimizer):
             left=self._left_grads,
         )
         search = self._stored_search_state()
-        evaluator.first_of_run = search.steps == 0
         before = search.step_size
         written = self._adopt_written_lr(search)
         cut = written == "zero" or (written is not None and search.step_size < before)
@@ -973,11 +972,12 @@ class ALSALS(torch.optim.Optimizer):
                 else [zero] * 2
             )
         holds = zero if squared is None else zero + 1.0  # (this rank holds gradients)
-        loss0, grad_sq_value, held_anywhere, *sums = mean_to_host(
+        loss0, grad_sq_value, held_anywhere, overflow_risk, *sums = mean_to_host(
             [
                 loss.to(device),
                 zero if squared is None else squared,
                 holds,
+                self._overflow_risk(groups, squared, zero),
                 *[t.to(device) for t in terms],
             ],
             self._process_group,
@@ -987,7 +987,7 @@ class ALSALS(torch.optim.Optimizer):
             self._grad_norm = math.sqrt(grad_sq_value) if grad_sq_value >= 0.0 else math.nan
         nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
         nonfinite = nonfinite or not all(math.isfinite(s) for s in sums)
-        nonfinite = nonfinite or self._moments_overflow(groups, grad_sq_value, device)
+        nonfinite = nonfinite or (overflow_risk > 0.0 and self._moments_overflow(groups, device))
         # steps in a row whose loss at y is not finite (a GradScaler overflow, a non-finite
         # gradient, is none; any other step ends the row): two restart z at x, in step()
         outside = not math.isfinite(loss0) and search.steps > 0
@@ -1229,8 +1229,7 @@ class ALSALS(torch.optim.Optimizer):
         top = min(bound, MAX_STEP_SIZE if first else search.step_size, decay_cap)
         expanding = (first or resuming) and search.steps >= h["warmup_steps"] and gamma < top
         passed: tuple[float, float] | None = None  # the largest expansion that passed
-        rejected = math.inf  # the smallest trial that failed by a change the loss resolved
-        resolution = _loss_resolution(evaluator.loss_dtype, loss0)
+        rejected = math.inf  # the smallest trial that failed with a loss other than L0
 
         def averaging_alone() -> str | None:
             """Test the averaging move alone (``gamma = 0``): ``"kept"`` if it fails (no
@@ -1287,10 +1286,11 @@ class ALSALS(torch.optim.Optimizer):
                 # below a trial the loss rejected, one that leaves it exactly as it was: the
                 # trials went under what its rounding resolves, where none can judge (they
                 # walked on to max_trials, and a later step reused the rejected step size
-                # once a search found nothing but such trials). The averaging move alone
-                # until the next search at the cadence, from the smallest rejected trial
-                return SearchResult("exhausted", 0.0, evaluations, resume=rejected, idle=True)
-            if math.isfinite(value) and abs(loss0 - value) > resolution:
+                # once a search found nothing but such trials). The averaging move alone;
+                # the next search resumes from the smallest rejected trial, and where this
+                # one was resumed too, the steps until the next at the cadence idle
+                return SearchResult("exhausted", 0.0, evaluations, resume=rejected, idle=resuming)
+            if math.isfinite(value) and not same(value):
                 rejected = min(rejected, gamma)
             kept_allowed = kept_allowed and math.isfinite(value)
             outgrown = outgrown or promised(gamma) > 0.0
@@ -1548,22 +1548,23 @@ class ALSALS(torch.optim.Optimizer):
             )
         return groups, squared
 
-    def _moments_overflow(self, groups: list[_Group], squared: float, device: torch.device) -> bool:
+    @staticmethod
+    def _overflow_risk(groups: list[_Group], squared: Tensor | None, zero: Tensor) -> Tensor:
+        """1 where this rank's ``||g||^2`` (on the device) exceeds a quarter of the largest
+        value its gradients' dtypes hold, else 0: below that no entry's square overflows
+        Adam's second moment. Averaged over the ranks with the step's other sums, so that
+        every rank runs ``_moments_overflow``'s check (a second synchronisation) or none."""
+        dtypes = {t.dtype for g in groups for t in g.grads}
+        limits = [torch.finfo(t).max for t in dtypes if t.is_floating_point or t.is_complex]
+        if squared is None or not limits:
+            return zero
+        return (squared > min(limits) / 4).to(zero.dtype)
+
+    def _moments_overflow(self, groups: list[_Group], device: torch.device) -> bool:
         """Whether Adam's ``v' = beta2 v + (1 - beta2) g^2`` holds an inf on any rank: ``g*g``
         overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
-        would stop while the averaging moves x to it). Checked, with a second
-        synchronisation, only where ``||g||^2`` (the mean over ranks: every rank decides
-        alike) exceeds a quarter of the largest value the trained weights' dtypes hold, which
-        no entry's square can reach below it (a frozen float16 base does not lower it)."""
-        dtypes = {
-            p.dtype
-            for g in self.param_groups
-            for p in g["params"]
-            if p.requires_grad or p.grad is not None
-        }
-        limits = [torch.finfo(t).max for t in dtypes if t.is_floating_point or t.is_complex]
-        if not squared > min(limits, default=math.inf) / 4:
-            return False
+        would stop while the averaging moves x to it). Run on every rank where one found a
+        risk (``_overflow_risk``)."""
         flags = [torch.zeros((), dtype=torch.float64, device=device)]
         flags += [
             (~torch.isfinite(v).all()).to(device, torch.float64)
