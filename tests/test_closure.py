@@ -202,6 +202,54 @@ def test_a_forward_that_initialises_the_weights_runs_once(cls, later):
         assert closure().item() < opt.last_step.loss
 
 
+class MomentumContrast(nn.Module):
+    """MoCo in miniature: its forward updates a frozen key encoder as a moving average of the
+    query encoder (through ``.data``) and queues the keys in a buffer for the next batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.key = nn.Linear(16, 8).double(), nn.Linear(16, 8).double()
+        self.key.load_state_dict(self.query.state_dict())
+        self.key.requires_grad_(False)
+        self.register_buffer("queue", nn.functional.normalize(torch.randn(64, 8).double(), dim=1))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x1, x2):
+        with torch.no_grad():
+            for q, k in zip(self.query.parameters(), self.key.parameters(), strict=True):
+                k.data.mul_(0.99).add_(q.data, alpha=0.01)
+            keys = nn.functional.normalize(self.key(x2), dim=1)
+        queries = nn.functional.normalize(self.query(x1), dim=1)
+        positive = (queries * keys).sum(1, keepdim=True)
+        logits = torch.cat([positive, queries @ self.queue.clone().T], 1) / 0.2
+        loss = nn.functional.cross_entropy(logits, torch.zeros(len(x1), dtype=torch.long))
+        with torch.no_grad():
+            at = int(self.pointer)
+            self.queue[at : at + len(keys)] = keys
+            self.pointer.fill_((at + len(keys)) % len(self.queue))
+        return loss
+
+
+def test_a_frozen_encoder_updated_in_forward_is_no_initialisation():
+    """MoCo's key encoder, frozen and updated in every forward, is passed with
+    ``model.parameters()``: the trials still read the queue as before the first evaluation
+    (without this step's keys among the negatives), so the searches pass. Counting the frozen
+    weights' writes as an initialisation left this step's keys in the queue for the trials:
+    searches failed and the step size stuck."""
+    torch.manual_seed(0)
+    model = MomentumContrast()
+    opt = ALSALS(model.parameters(), buffers=model.buffers(), lr=1e-2)
+    batches = torch.Generator().manual_seed(1)
+    kinds = []
+    for _ in range(30):
+        base = torch.randn(32, 16, generator=batches, dtype=torch.float64)
+        views = [base + 0.1 * torch.randn(32, 16, generator=batches, dtype=torch.float64)]
+        views.append(base + 0.1 * torch.randn(32, 16, generator=batches, dtype=torch.float64))
+        opt.step(lambda views=views: model(*views))
+        kinds.append(opt.last_step.kind)
+    assert "kept" not in kinds and kinds.count("search") >= 5
+
+
 class BiasCorrectedScale(nn.Module):
     """Divides by a running second moment with Adam-style bias correction: its forward reads
     a float buffer and an integer step counter, and updates both."""

@@ -440,9 +440,15 @@ class ClosureEvaluator:
         return self._first_wrote_weights
 
     def _weight_norms(self) -> Tensor:
-        """Each floating-point weight's norm, to tell a first evaluation that wrote weights
-        (through ``.data`` too, which no version counter sees) from one that did not."""
-        weights = [p.detach() for p in self.params if p.is_floating_point() and p.numel()]
+        """Each trained floating-point weight's norm, to tell a first evaluation that wrote
+        weights (through ``.data`` too, which no version counter sees) from one that did not.
+        Frozen weights are left out: a forward may update them every step by design (MoCo's
+        momentum key encoder), which is no initialisation of what the search moves."""
+        weights = [
+            p.detach()
+            for p in self.params
+            if p.requires_grad and p.is_floating_point() and p.numel()
+        ]
         weights = [w.to_local() if hasattr(w, "to_local") else w for w in weights]  # (FSDP2)
         if not weights:
             return torch.zeros(0)
