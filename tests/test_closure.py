@@ -283,6 +283,26 @@ def test_trials_read_a_counter_with_the_statistic_it_counts(cls):
     assert model[0].count.item() == 3
 
 
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_weights_passed_among_the_buffers_are_left_to_the_step(cls):
+    """``buffers=`` holding the weights too (``model.state_dict().values()``, or the
+    parameters added by mistake): they are the step's to move, not put back before each
+    trial (which evaluated every trial at the starting weights: no step, ever). The run is
+    the one with ``buffers=model.buffers()``."""
+
+    def train(extra):
+        model, opt, x, y = make_setup(cls, seed=3)
+        opt = cls(model.parameters(), buffers=[*model.buffers(), *extra(model)])
+        for _ in range(5):
+            opt.step(bce_closure(model, x, y))
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = train(lambda model: [])
+    for extra in (lambda model: model.parameters(), lambda model: model.state_dict().values()):
+        weights = train(extra)
+        assert all(torch.equal(a, b) for a, b in zip(weights, plain, strict=True))
+
+
 def test_without_buffers_trials_would_corrupt_batchnorm_statistics(optimizer_class):
     """Shows what `buffers=` protects against (and that the previous test can fail)."""
     torch.manual_seed(0)

@@ -256,6 +256,24 @@ def checked_buffers(buffers: Iterable[Tensor] | None) -> list[Tensor]:
     return out
 
 
+def _storage(t: Tensor) -> int | None:
+    """The address of ``t``'s storage (``None`` where it has none to read: a DTensor)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _not_the_weights(buffers: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    """``buffers`` without the tensors that hold the optimizer's own weights
+    (``buffers=model.state_dict().values()`` has them): the weights are the step's to move,
+    and putting them back before a trial would evaluate it at the starting point."""
+    if not buffers:
+        return list(buffers)
+    weights = {_storage(p) for p in params} - {None}
+    return [b for b in buffers if _storage(b) not in weights]
+
+
 class BufferGuard:
     """Keeps trial evaluations from changing module buffers (BatchNorm running statistics).
 
@@ -356,6 +374,7 @@ class ClosureEvaluator:
         self.runs_backward_itself = self.closure.takes_backward
         self.left = left
         self.own_grads_only = own_grads_only
+        buffers = _not_the_weights(buffers, self.params)
         self.before = BufferGuard(buffers)
         self.after_first = BufferGuard(buffers)
         self.rng_before: RandomState | None = None
