@@ -264,6 +264,13 @@ def _storage(t: Tensor) -> int | None:
         return None
 
 
+def _buffer_key(t: Tensor) -> tuple[str, int]:
+    """What identifies a buffer's values: its storage (``id`` where it has none, or none
+    allocated: every empty tensor's address is 0)."""
+    address = _storage(t)
+    return ("storage", address) if address else ("tensor", id(t))
+
+
 def _not_the_weights(buffers: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
     """``buffers`` without the tensors that hold the optimizer's own weights
     (``buffers=model.state_dict().values()`` has them): the weights are the step's to move,
@@ -304,7 +311,8 @@ class _UnprotectedBufferWatch:
     that stay constant (position ids, masks) are not reported."""
 
     def __init__(self, protected: Sequence[Tensor]) -> None:
-        self.protected = {id(b) for b in protected}
+        # (by storage: model.state_dict().values() protects the buffers through views)
+        self.protected = {_buffer_key(b) for b in protected}
         self.found: list[str] = []
         self.trained = False
         self._before: dict[int, list[tuple[Tensor, Tensor]]] = {}
@@ -313,7 +321,7 @@ class _UnprotectedBufferWatch:
         if not module.training:
             return
         self.trained = True
-        own = [b for b in module.buffers(recurse=False) if id(b) not in self.protected]
+        own = [b for b in module.buffers(recurse=False) if _buffer_key(b) not in self.protected]
         if own:
             self._before[id(module)] = [(b, b.detach().clone()) for b in own]
 
@@ -340,8 +348,9 @@ def _compiled_anything() -> bool:
 class ClosureEvaluator:
     """Evaluates a closure once with gradients, then any number of times without.
 
-    Every trial replays the random state captured before the first evaluation, restores the
-    buffers to their values after it, and hides the gradients from the closure (so a
+    Every trial replays the random state captured before the first evaluation, runs with the
+    protected buffers as they were before it (but where it wrote the weights) and leaves them
+    as it left them, and hides the gradients from the closure (so a
     ``zero_grad()`` inside it cannot change the direction being searched). ``finish`` leaves
     the random stream as one plain evaluation would; ``abort`` (after an exception) puts the
     random stream and the buffers back to where they were before the step.
