@@ -51,6 +51,17 @@ def mean_to_host(values: list[Tensor], group: dist.ProcessGroup | None) -> list[
     return stacked.tolist()
 
 
+def any_not_finite(
+    tensors: list[Tensor], device: torch.device, group: dist.ProcessGroup | None
+) -> bool:
+    """Whether any of ``tensors``, on any rank of ``group``, holds an inf or a NaN: one
+    collective, which every rank must issue (a rank without tensors too)."""
+    flags = [torch.zeros((), device=device, dtype=torch.float64)]
+    flags += [(~torch.isfinite(t).all()).to(device, torch.float64) for t in tensors]
+    (found,) = mean_to_host([torch.stack(flags).sum()], group)
+    return found > 0.0
+
+
 def check_same_settings(
     name: str, groups: list[dict], group: dist.ProcessGroup | None, device: torch.device | None
 ) -> None:

@@ -60,7 +60,12 @@ from alsals.directions import (
     second_moments_after,
     wide_norms,
 )
-from alsals.distributed import check_same_settings, checked_process_group, mean_to_host
+from alsals.distributed import (
+    any_not_finite,
+    check_same_settings,
+    checked_process_group,
+    mean_to_host,
+)
 from alsals.hyperparameters import (
     ADAPTIVE_CADENCES,
     GROUP_KEYS,
@@ -1255,12 +1260,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _second_moments_overflow(self, steps: list[GroupStep], device: torch.device) -> bool:
         """Whether ``v' = beta2 v + (1 - beta2) g^2`` has an inf on any rank (a rare check)."""
-        flags = [torch.zeros((), device=device, dtype=torch.float64)]
-        for step in steps:
-            v_new = second_moments_after(step)
-            flags += [(~torch.isfinite(v).all()).to(device, torch.float64) for v in v_new]
-        (any_inf,) = mean_to_host([torch.stack(flags).sum()], self._process_group)
-        return any_inf > 0.0
+        moments = [v for step in steps for v in second_moments_after(step)]
+        return any_not_finite(moments, device, self._process_group)
 
     # -- 3 -----------------------------------------------------------------------------------
 

@@ -88,6 +88,7 @@ from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import largest_representable, representable, wide_dot, wide_norms
 from alsals.distributed import (
+    any_not_finite,
     check_same_settings,
     checked_process_group,
     mean_on_device,
@@ -533,7 +534,8 @@ class ALSALS(torch.optim.Optimizer):
         self._lr_cuts = 0  # writes that lowered lr, over the run
         self._buffers_checked = False
         self._unchanged_searches = 0
-        self._overstated_searches = 0  # searches in a row whose trials fell short of the slope
+        # a search since the last that passed by a resolved change found the slope overstated
+        self._slope_overstated = False
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
         # each parameter's version counter as this optimizer left the weights (x): a later
         # in-place write is an edit by the user (_adopt_edited_weights)
@@ -692,7 +694,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_lr_cuts", 0)
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_unchanged_searches", 0)
-        self.__dict__.setdefault("_overstated_searches", 0)
+        self.__dict__.setdefault("_slope_overstated", False)
         self.__dict__.setdefault("_held", None)
         self.__dict__.setdefault("_versions", None)
         self.__dict__.setdefault("_shown_lr", None)
@@ -1069,11 +1071,11 @@ class ALSALS(torch.optim.Optimizer):
                 loss0, result, trials, averaging, slope, evaluator.loss_dtype
             )
             if math.isfinite(ratio):
-                self._overstated_searches += 1
+                self._slope_overstated = True
                 message = OVERSTATED_WARNING.format(name="ALSALS", factor=1.0 / ratio)
                 self._warn_once("overstated", message)
             elif passed:  # (a search whose trials resolved nothing says nothing either way)
-                self._overstated_searches = 0
+                self._slope_overstated = False
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
                 # (a search that collapsed far below the run's largest step size is no
@@ -1095,7 +1097,7 @@ class ALSALS(torch.optim.Optimizer):
                 predicted = not (at_floor or coarse) and (
                     abs(self._promised(start, averaging, slope)) > resolved * max(abs(loss0), 1.0)
                 )
-                followed = search.loss_followed and healthy and not self._overstated_searches
+                followed = search.loss_followed and healthy and not self._slope_overstated
                 message = _unchanged_message(loss0, search.first_loss, followed, predicted)
                 self._warn_once("loss_unchanged", message)
             search.loss_followed |= not result.unchanged
@@ -1565,14 +1567,8 @@ class ALSALS(torch.optim.Optimizer):
         overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
         would stop while the averaging moves x to it). Run on every rank where one found a
         risk (``_overflow_risk``)."""
-        flags = [torch.zeros((), dtype=torch.float64, device=device)]
-        flags += [
-            (~torch.isfinite(v).all()).to(device, torch.float64)
-            for g in groups
-            for v in g.exp_avg_sqs
-        ]
-        (any_inf,) = mean_to_host([torch.stack(flags).sum()], self._process_group)
-        return any_inf > 0.0
+        moments = [v for g in groups for v in g.exp_avg_sqs]
+        return any_not_finite(moments, device, self._process_group)
 
     def _clip_scale(self, squared_norm: Tensor, sharded: bool) -> Tensor | None:
         """``max_grad_norm``'s factor ``min(1, max / (||g|| + 1e-6))`` as
