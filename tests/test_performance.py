@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import alsals.line_search
-from alsals import SLS, AdamSLS, MomentumALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals_bench.memory import LiveStorage
 
 SIZES = [(300, 200), (200,), (500, 100)]
@@ -151,3 +152,90 @@ def test_last_step_reports_diagnostics_for_logging():
     assert info.loss_decrease > 0 and info.slope > 0
     search = opt.state[params[0]]["line_search"]
     assert search["forwards"] == info.forwards and search["trials"] == info.trials
+
+
+#: operators that launch no kernel of their own (views, metadata, allocation)
+NO_KERNEL = {
+    "aten.alias.default",
+    "aten.detach.default",
+    "aten.empty_like.default",
+    "aten.expand.default",
+    "aten.select.int",
+    "aten.t.default",
+    "aten.unbind.int",
+    "aten.view.default",
+    "aten._unsafe_view.default",
+}
+
+
+class PerTensorKernels(TorchDispatchMode):
+    """Counts the operators that are neither multi-tensor (``_foreach_*``) nor kernel-free,
+    outside the closure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counting = True
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = str(func)
+        if self.counting and not name.startswith("aten._foreach") and name not in NO_KERNEL:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_step(cls, tensors: int) -> list[tuple[str, int, dict[str, int]]]:
+    """(kind, forwards, operators) of 12 steps on a sum of ``tensors`` small quadratics."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, generator=gen).requires_grad_() for _ in range(tensors)]
+    targets = [torch.randn(3, generator=gen) for _ in range(tensors)]
+    opt = cls(params)
+    mode = PerTensorKernels()
+
+    def closure():
+        mode.counting = False
+        opt.zero_grad()
+        loss = sum(((p - t) ** 2).sum() for p, t in zip(params, targets, strict=True))
+        loss.backward()
+        mode.counting = True
+        return loss
+
+    steps = []
+    for _ in range(12):
+        mode.ops = {}
+        with mode:
+            opt.step(closure)
+        steps.append((opt.last_step.kind, opt.last_step.forwards, mode.ops))
+    return steps
+
+
+#: each parameter tensor's own kernels per step: its dot products (one per sum over the
+#: parameters the step needs), the temporary a sum needs (ALSALS's y - z, Adam + SLS's
+#: g / (sqrt(v_hat) + eps)) and, on CPU, the largest gradient entry's aminmax
+PER_TENSOR = {
+    ALSALS: {"aten.dot.default": 2, "aten.sub.Tensor": 1},
+    MomentumALSALS: {"aten.dot.default": 6, "aten.aminmax.default": 1},
+    AdamSLS: {"aten.dot.default": 1, "aten.div.Tensor": 1, "aten.aminmax.default": 1},
+    SLS: {"aten.dot.default": 1, "aten.aminmax.default": 1},
+}
+
+
+@pytest.mark.parametrize("cls", list(PER_TENSOR), ids=lambda c: c.__name__)
+def test_each_parameter_tensor_costs_only_its_dot_products(cls):
+    """A model of many small tensors pays per tensor for each kernel launched per tensor
+    (and, on CPU, for the Python call): everything elementwise is multi-tensor, and the
+    sums over the parameters convert and weigh their per-tensor dot products together, not
+    one by one (a float64 conversion and a shard-count product per tensor cost ALSALS a
+    third of its step on a thousand scalar parameters)."""
+    few, many = kernels_per_step(cls, 4), kernels_per_step(cls, 24)
+    compared = 0
+    for (kind, forwards, a), (kind_many, forwards_many, b) in zip(few[1:], many[1:], strict=True):
+        if (kind, forwards) != (kind_many, forwards_many):
+            continue  # (not the same work)
+        compared += 1
+        extra = {op: (b.get(op, 0) - a.get(op, 0)) / 20 for op in set(a) | set(b)}
+        extra = {op: n for op, n in extra.items() if n}
+        allowed = PER_TENSOR[cls]
+        assert set(extra) <= set(allowed), (kind, extra)
+        assert all(extra[op] <= allowed[op] for op in extra), (kind, extra)
+    assert compared >= 6

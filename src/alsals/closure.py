@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from alsals.directions import float64_vector
+
 __all__ = [
     "BackwardSuppressed",
     "BufferGuard",
@@ -480,8 +482,7 @@ class ClosureEvaluator:
         weights = [w.to_local() if hasattr(w, "to_local") else w for w in weights]  # (FSDP2)
         if not weights:
             return torch.zeros(0)
-        device = weights[0].device
-        return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(weights)])
+        return float64_vector(torch._foreach_norm(weights), weights[0].device)
 
     @property
     def disconnected(self) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -186,12 +186,44 @@ def representable(factor: float, tensors: list[Tensor]) -> float:
     return max(min(factor, largest), -largest)
 
 
-def wide_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``a . b`` over all elements, in at least float32: a dot product of float16 tensors
-    ends in float16, which overflows past 65504 (the squared norm of a large layer's
-    gradient whose every entry is small), and bfloat16's total keeps 8 bits."""
-    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return torch.dot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
+_WIDE_ENOUGH = frozenset({torch.float32, torch.float64, torch.complex64, torch.complex128})
+
+
+def wide_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    """``a_i . b_i`` over all elements of each pair, in at least float32: a dot product of
+    float16 tensors ends in float16, which overflows past 65504 (the squared norm of a large
+    layer's gradient whose every entry is small), and bfloat16's total keeps 8 bits. One
+    ``torch.dot`` per pair and nothing else where the pair needs no conversion or reshape:
+    a model of a thousand small tensors pays for every call."""
+    dots = []
+    for x, y in zip(a, b, strict=True):
+        if x.dtype != y.dtype or x.dtype not in _WIDE_ENOUGH:
+            wide = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+            x, y = x.to(wide), y.to(wide)
+        dots.append(
+            torch.dot(x if x.dim() == 1 else x.reshape(-1), y if y.dim() == 1 else y.reshape(-1))
+        )
+    return dots
+
+
+def float64_vector(scalars: Sequence[Tensor], device: torch.device) -> Tensor:
+    """0-d tensors as one float64 vector on ``device`` (the conversion is exact): one stack
+    where they are on ``device`` already, else one copy each (a model spread over devices)."""
+    if all(s.device == device for s in scalars):
+        return torch.stack(list(scalars)).to(torch.float64)
+    return torch.stack([s.to(device, torch.float64) for s in scalars])
+
+
+def scaled(vector: Tensor, factors: Sequence[float]) -> Tensor:
+    """``vector_i * factors_i`` in the vector's dtype (a tensor sharded over ``k`` ranks
+    counts ``k`` times, so that the mean over ranks is the sum over shards: FSDP2). None
+    where every factor is 1, one product where they agree, else one per entry: no
+    host-to-device copy of the factors."""
+    if all(f == 1 for f in factors):
+        return vector
+    if all(f == factors[0] for f in factors):
+        return vector * factors[0]
+    return torch.stack([x * f for x, f in zip(vector.unbind(), factors, strict=True)])
 
 
 def wide_norms(tensors: list[Tensor], at_least: torch.dtype = torch.float32) -> list[Tensor]:
@@ -216,7 +248,8 @@ def wide_norms(tensors: list[Tensor], at_least: torch.dtype = torch.float32) -> 
 
 
 def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> list[Tensor]:
-    """The terms of the analytic slope ``-g . d`` (device scalars, no host sync).
+    """The terms of the analytic slope ``-g . d`` (device vectors, one per group; no host
+    sync).
 
     For the gradient direction this is ``||g||^2`` (Eq. 1), for the preconditioned one
     ``sum g^2 / (sqrt(v_hat) + eps)`` (Eq. 5); along the momentum direction it is the
@@ -228,15 +261,13 @@ def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> l
     for step, d in zip(steps, directions, strict=True):
         if d.divisors is None:
             # One dot product per tensor: no temporary the size of the parameters.
-            terms += [
-                wide_dot(g, t) * (-d.scales[0] * k)
-                for g, t, k in zip(step.grads, d.tensors, step.shard_counts, strict=True)
-            ]
+            dots = wide_dots(step.grads, d.tensors)
+            factors = [-d.scales[0] * k for k in step.shard_counts]
         else:
-            terms += [
-                wide_dot(g, t / q) * (-s * k)
-                for g, t, q, s, k in zip(
-                    step.grads, d.tensors, d.divisors, d.scales, step.shard_counts, strict=True
-                )
+            dots = [
+                wide_dots([g], [t / q])[0]
+                for g, t, q in zip(step.grads, d.tensors, d.divisors, strict=True)
             ]
+            factors = [-s * k for s, k in zip(d.scales, step.shard_counts, strict=True)]
+        terms.append(scaled(torch.stack(dots), factors))
     return terms

@@ -56,7 +56,9 @@ from alsals.directions import (
     committed_denominators,
     committed_momentum_direction,
     denominators_after,
+    float64_vector,
     largest_representable,
+    scaled,
     second_moments_after,
     wide_norms,
 )
@@ -601,16 +603,18 @@ def shard_count(p: Tensor) -> int:
     return count
 
 
-def _largest_magnitudes(grads: list[Tensor]) -> list[Tensor]:
-    """``max |g|`` of each tensor (NaN if it holds a NaN), as device scalars: no host sync.
+def _largest_magnitude(grads: list[Tensor], device: torch.device) -> Tensor:
+    """``max |g|`` over all the (non-empty) tensors (NaN if one holds a NaN), as a float64
+    device scalar: no host sync.
 
     On CPU the infinity-norm kernel behind ``torch._foreach_norm(..., inf)`` is not
     vectorised and takes about 20 times as long as ``aminmax``, which also reads each tensor
     once; on other devices the fused multi-tensor norm is the fastest.
     """
     if all(g.device.type == "cpu" for g in grads):
-        return [torch.stack(torch.aminmax(g)).abs().max() for g in grads]
-    return list(torch._foreach_norm(grads, math.inf))
+        extremes = torch.stack([e for g in grads for e in torch.aminmax(g)]).abs().max()
+        return extremes.to(device, torch.float64)
+    return float64_vector(torch._foreach_norm(grads, math.inf), device).max()
 
 
 class _TrialPoint:
@@ -1211,9 +1215,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         # CPU loss of a GPU model) then costs one copy, not one per gradient tensor.
         device = grads[0].device if grads else loss.device
         zero = torch.zeros((), device=device, dtype=torch.float64)
-        largest = torch.stack(
-            [m.to(device, torch.float64) for m in _largest_magnitudes(grads)] or [zero]
-        ).max()
+        largest = _largest_magnitude(grads, device) if grads else zero
         risk = zero
         if self.uses_moments and grads:
             threshold = min(math.sqrt(torch.finfo(t).max) for t in {g.dtype for g in grads})
@@ -1251,12 +1253,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _squared_grad_norm(steps: list[GroupStep], device: torch.device) -> Tensor:
         """``||g||^2`` over all parameters; a shard counts once per rank it is split over,
         so that the mean over ranks is the total (FSDP2)."""
-        terms = [
-            n.to(device, torch.float64).square() * k
-            for step in steps
-            for n, k in zip(wide_norms(step.grads), step.shard_counts, strict=True)
-        ]
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
+        norms = [n for step in steps for n in wide_norms(step.grads)]
+        if not norms:
+            return torch.zeros((), device=device)
+        counts = [k for step in steps for k in step.shard_counts]
+        return scaled(float64_vector(norms, device).square(), counts).sum()
 
     def _second_moments_overflow(self, steps: list[GroupStep], device: torch.device) -> bool:
         """Whether ``v' = beta2 v + (1 - beta2) g^2`` has an inf on any rank (a rare check)."""
@@ -1719,7 +1720,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         terms = analytic_slope(run.steps, run.directions)
         if not terms:
             return torch.zeros((), dtype=torch.float64)
-        return torch.stack([t.to(torch.float64) for t in terms]).sum() / self._clip_factor
+        return torch.cat([t.to(torch.float64) for t in terms]).sum() / self._clip_factor
 
     # -- 6 -----------------------------------------------------------------------------------
 

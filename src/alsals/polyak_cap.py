@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from alsals.directions import GroupStep, denominators_after, wide_dot
+from alsals.directions import GroupStep, denominators_after, float64_vector, scaled, wide_dots
 
 #: Searches in a row whose trials showed a loss below the floor before the run stops using it.
 FLOOR_HITS = 3
@@ -104,45 +104,34 @@ def model_terms(steps: list[GroupStep], uses_moments: bool, device: torch.device
     norm: list[Tensor] = []
 
     def per_tensor(dots: list[Tensor], scales: list[float]) -> Tensor:
-        """``scales_i * dots_i`` as one float64 vector (no host-to-device copy: one scalar
-        product where the scales agree, as they do unless shards differ in count)."""
-        if all(x == scales[0] for x in scales):
-            return torch.stack(dots).to(device, torch.float64) * scales[0]
-        return torch.stack(
-            [d.to(device, torch.float64) * x for d, x in zip(dots, scales, strict=True)]
-        )
-
-    def flat(tensors: list[Tensor]) -> list[Tensor]:
-        return [t.reshape(-1) for t in tensors]
-
-    def dots(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
-        return [wide_dot(x, y) for x, y in zip(a, b, strict=True)]
+        """``scales_i * dots_i`` as one float64 vector."""
+        return scaled(float64_vector(dots, device), scales)
 
     def preconditioned(step: GroupStep, tensors: list[Tensor]) -> list[Tensor]:
         buffer = denominators_after(step)  # sqrt(v_hat') + eps
         torch._foreach_reciprocal_(buffer)
         torch._foreach_mul_(buffer, tensors)
-        return flat(buffer)
+        return buffer
 
     for step in steps:
         if not step.weights:
             continue
         k = [float(n) for n in step.shard_counts]
         weighted = [n * step.lr_scale for n in k]
-        ws, gs = flat(step.weights), flat(step.grads)
-        w_g = per_tensor(dots(ws, gs), k)
+        ws, gs = step.weights, step.grads
+        w_g = per_tensor(wide_dots(ws, gs), k)
         dot_wg.append(w_g)
         if not uses_moments:
             dot_wm.append(w_g)
-            norm.append(per_tensor(dots(gs, gs), weighted))
+            norm.append(per_tensor(wide_dots(gs, gs), weighted))
             continue
         beta1 = step.group["betas"][0]
-        ms = flat(step.exp_avgs)
-        dot_wm.append(beta1 * per_tensor(dots(ws, ms), k) + (1.0 - beta1) * w_g)
+        ms = step.exp_avgs
+        dot_wm.append(beta1 * per_tensor(wide_dots(ws, ms), k) + (1.0 - beta1) * w_g)
         pm = preconditioned(step, step.exp_avgs)
-        m_pm, g_pm = dots(ms, pm), dots(gs, pm)
+        m_pm, g_pm = wide_dots(ms, pm), wide_dots(gs, pm)
         del pm
-        g_pg = dots(gs, preconditioned(step, step.grads))
+        g_pg = wide_dots(gs, preconditioned(step, step.grads))
         a, b, c = (per_tensor(x, weighted) for x in (m_pm, g_pm, g_pg))
         norm.append(beta1 * beta1 * a + 2.0 * beta1 * (1.0 - beta1) * b + (1.0 - beta1) ** 2 * c)
     zero = torch.zeros((), device=device, dtype=torch.float64)

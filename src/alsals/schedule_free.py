@@ -86,7 +86,14 @@ from torch import Tensor
 from alsals.acceptance import FIRM_RISE, overstated_fraction
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
-from alsals.directions import largest_representable, representable, wide_dot, wide_norms
+from alsals.directions import (
+    float64_vector,
+    largest_representable,
+    representable,
+    scaled,
+    wide_dots,
+    wide_norms,
+)
 from alsals.distributed import (
     any_not_finite,
     check_same_settings,
@@ -354,7 +361,7 @@ class _Group:
         """The weights at ``y' = y + alpha (z - y) - gamma kappa u`` (a trial; ``y`` is kept
         to come back to)."""
         if self.origin is None:
-            self.origin = [p.detach().clone() for p in self.params]
+            self.origin = _copies(self.params)
         alpha = averaging_weight(self.group, gamma)[0]
         kappa = 1.0 - self.group["betas"][0] * (1.0 - alpha)
         step = gamma * self.group["lr_scale"]
@@ -879,7 +886,7 @@ class ALSALS(torch.optim.Optimizer):
             if not params:
                 continue
             weights = [local_shard(p.detach()) for p in params]
-            averages.append(_Average(group, params, weights, [w.clone() for w in weights]))
+            averages.append(_Average(group, params, weights, _copies(weights)))
             moved = [
                 (w, local_shard(self.state[p]["z"]))
                 for p, w in zip(params, weights, strict=True)
@@ -1496,12 +1503,7 @@ class ALSALS(torch.optim.Optimizer):
             # (in float64: a float32 gradient of entries near 1e-25 is no zero gradient)
             norms = wide_norms(all_grads, torch.float64)
             device = all_grads[0].device
-            squared = torch.stack(
-                [
-                    n.to(device, torch.float64) ** 2 * k
-                    for n, k in zip(norms, all_counts, strict=True)
-                ]
-            ).sum()
+            squared = scaled(float64_vector(norms, device) ** 2, all_counts).sum()
         sharded = any(k > 1 for k in all_counts)
         scale = self._clip_scale(squared, sharded) if all_grads else None
         copies = {id(p): x for a in averages for p, x in zip(a.params, a.x, strict=True)}
@@ -1790,18 +1792,26 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Detached copies of ``tensors`` (their strides kept), in one multi-tensor copy."""
+    copies = [torch.empty_like(t) for t in tensors]
+    with torch.no_grad():
+        torch._foreach_copy_(copies, tensors)
+    return copies
+
+
 def _dot_sum(
     a: list[Tensor], b: list[Tensor], counts: list[int], minus: list[Tensor] | None = None
 ) -> Tensor:
     """``sum_i a_i . (b_i - minus_i)`` on the device, in float64 (one temporary at a time);
     a tensor sharded over ``counts[i]`` ranks counts that many times, so that the mean over
     ranks is the sum over its shards (FSDP2)."""
-    terms = []
     with torch.no_grad():
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            other = y if minus is None else y - minus[i]
-            terms.append(wide_dot(x, other).double() * counts[i])
-    return torch.stack(terms).sum()
+        if minus is None:
+            dots = wide_dots(a, b)
+        else:
+            dots = [wide_dots([x], [y - m])[0] for x, y, m in zip(a, b, minus, strict=True)]
+    return scaled(float64_vector(dots, dots[0].device), counts).sum()
 
 
 def _info(

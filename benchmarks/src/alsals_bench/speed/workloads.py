@@ -113,6 +113,9 @@ MODELS: dict[str, Callable[[torch.Generator], Workload]] = {
     "cnn": lambda g: _cnn([16, 32, 64], 32, 32, N_BATCHES, g),
     "gpt2": lambda g: _gpt2("mini", 8192, 128, 4, N_BATCHES, g, n_embd=256),
     "gpt2-124m": lambda g: _gpt2("124M", 50257, 1024, 8, N_BATCHES, g),
+    # Many small tensors (24 layers of width 32: 292 tensors, 0.3M parameters): where the
+    # optimizer's cost per tensor, not per parameter, shows.
+    "gpt2-deep": lambda g: _gpt2("mini", 512, 32, 4, N_BATCHES, g, n_layer=24, n_embd=32),
     # Small stand-ins for the smoke test.
     "mlp-tiny": lambda g: _mlp([16, 32, 4], 8, 3, g),
     "cnn-tiny": lambda g: _cnn([4, 8], 8, 4, 3, g),
@@ -126,5 +129,6 @@ RUN_LENGTHS: dict[str, tuple[int, int, int]] = {
     "cnn": (10, 40, 8),
     "gpt2": (10, 30, 5),
     "gpt2-124m": (10, 60, 7),
+    "gpt2-deep": (10, 30, 7),
 }
 DEFAULT_MODELS = ("mlp", "cnn", "gpt2")
