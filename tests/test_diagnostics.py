@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -256,3 +258,42 @@ def test_the_heatmap_refuses_scans_made_on_different_grids(tmp_path):
     second = scan_direction(opt, quadratic(w), [1e-2, 1e-1, 1.0])
     with pytest.raises(ValueError, match="another grid"):
         plot_heatmap([first, second], tmp_path / "heatmap.png")
+
+
+def test_the_figures_leave_the_users_matplotlib_state_alone(tmp_path):
+    """A notebook's backend, current figure and open figures are the user's: drawing our
+    figures into files switched the backend to Agg for the whole process (a notebook's
+    inline plots stopped showing) and went through pyplot's registry."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
+
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = MomentumALSALS([w], lr=0.01)
+    recorder = LandscapeRecorder(opt, step_sizes=log_grid(1e-4, 1.0, 6))
+    for _ in range(2):
+        recorder.maybe_scan(quadratic(w))
+        opt.step(quadratic(w))
+    backend = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")
+        mine = plt.figure()
+        plot_single(recorder.scans[0], tmp_path / "single.png")
+        plot_consecutive(recorder.scans, tmp_path / "consecutive.png")
+        plot_heatmap(recorder.scans, tmp_path / "heatmap.png")
+        assert matplotlib.get_backend() == "svg"
+        assert plt.gcf() is mine and plt.get_fignums() == [mine.number]
+        assert all((tmp_path / f"{n}.png").stat().st_size > 0 for n in ("single", "heatmap"))
+    finally:
+        plt.close("all")
+        matplotlib.use(backend)
+
+
+def test_the_figures_without_matplotlib_say_what_to_install(tmp_path, monkeypatch):
+    from alsals.diagnostics.plots import plot_consecutive
+
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # (import raises ImportError)
+    with pytest.raises(ImportError, match=r"alsals\[plots\]"):
+        plot_consecutive([], tmp_path / "none.png")

@@ -4,7 +4,7 @@ The paper's Section III-A explains MomentumALSALS by scanning the loss of one mi
 update direction over a log-spaced grid of step sizes (Figs. 2-4). ``scan_direction`` does
 that for any of our optimizers without changing the model, the optimizer or the random
 stream; ``LandscapeRecorder`` records scans every k steps during training; the plots live in
-:mod:`alsals.diagnostics.plots` (matplotlib, optional).
+:mod:`alsals.diagnostics.plots` (matplotlib: ``pip install 'alsals[plots]'``).
 """
 
 from alsals.diagnostics.scan import LandscapeRecorder, LandscapeScan, log_grid, scan_direction

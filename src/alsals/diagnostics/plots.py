@@ -1,4 +1,4 @@
-"""The paper's landscape figures from scans (matplotlib, optional extra ``bench``).
+"""The paper's landscape figures from scans (matplotlib: ``pip install 'alsals[plots]'``).
 
 * ``plot_single``: Fig. 2, loss decrease against step size for one batch, with the step the
   line search chose (red), the best step on the batch (green) and the acceptance boundary
@@ -6,6 +6,10 @@
 * ``plot_consecutive``: Fig. 3, the same for consecutive batches, older ones fading.
 * ``plot_heatmap``: Fig. 4, loss decrease as colour over steps x step sizes, with the chosen
   step sizes as a green line.
+
+Each function writes its figure to ``path`` and returns it. Figures are built with
+matplotlib's object interface, not ``pyplot``: the user's backend, current figure and open
+windows are left as they were (a notebook keeps its inline backend).
 """
 
 from __future__ import annotations
@@ -13,17 +17,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from alsals.diagnostics.scan import LandscapeScan
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure and its axes, outside pyplot's registry (saved, never shown)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "alsals.diagnostics.plots draws with matplotlib, which is not installed: "
+            "pip install 'alsals[plots]' (or matplotlib)"
+        ) from error
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def _scanned(scans: Sequence[LandscapeScan]) -> list[LandscapeScan]:
@@ -32,13 +41,11 @@ def _scanned(scans: Sequence[LandscapeScan]) -> list[LandscapeScan]:
 
 
 def _nothing_to_plot(path: Path, title: str, why: str) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
     ax.set_axis_off()
     ax.set_title(title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -81,8 +88,7 @@ def plot_single(scan: LandscapeScan, path: Path, title: str = "") -> Path:
     if not _scanned([scan]):
         why = f"step {scan.step} took no update ({scan.kind}): no direction to scan"
         return _nothing_to_plot(path, title or f"step {scan.step}: one batch", why)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     ax.plot(scan.step_sizes, scan.decreases, color="tab:blue", label="loss decrease")
     ax.plot(scan.step_sizes, scan.boundary, color="black", linewidth=1, label="acceptance boundary")
     ax.fill_between(
@@ -101,7 +107,6 @@ def plot_single(scan: LandscapeScan, path: Path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -109,8 +114,7 @@ def plot_consecutive(scans: Sequence[LandscapeScan], path: Path, title: str = ""
     scans = _scanned(scans)
     if not scans:
         return _nothing_to_plot(path, title, "no scanned step took an update")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     for i, scan in enumerate(scans):
         alpha = 0.15 + 0.85 * (i + 1) / len(scans)
         ax.plot(scan.step_sizes, scan.decreases, color="tab:blue", alpha=alpha)
@@ -119,32 +123,30 @@ def plot_consecutive(scans: Sequence[LandscapeScan], path: Path, title: str = ""
     _ylim(ax, scans)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") -> Path:
-    import numpy as np
-    from matplotlib.colors import SymLogNorm
-
     scans = _scanned(scans)  # steps without an update repeat their step count: left out
     if not scans:
         return _nothing_to_plot(path, title, "no scanned step took an update")
-    grid = np.array(scans[0].step_sizes)
     other = next((s for s in scans if list(s.step_sizes) != list(scans[0].step_sizes)), None)
     if other is not None:
         raise ValueError(
             "plot_heatmap draws scans made on one grid of step sizes: the scan at step "
             f"{other.step} used another grid than the one at step {scans[0].step}"
         )
-    plt = _pyplot()
+    fig, ax = _figure((7, 4.5))
+    import numpy as np  # (both with matplotlib, which _figure found)
+    from matplotlib.colors import SymLogNorm
+
+    grid = np.array(scans[0].step_sizes)
     values = np.array([s.decreases for s in scans], dtype=float)
     finite = values[np.isfinite(values)]
     # Scale the colours to the decreases; increases beyond that saturate (red).
     positive = finite[finite > 0]
     scale = float(positive.max()) if positive.size else float(np.abs(finite).max(initial=1.0))
     values = np.clip(np.nan_to_num(values, nan=-scale, neginf=-scale), -scale, scale)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     steps = [s.step for s in scans]
     mesh = ax.pcolormesh(
         grid,
@@ -171,5 +173,4 @@ def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") ->
     fig.colorbar(mesh, ax=ax, label="loss decrease (symlog)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
