@@ -202,6 +202,31 @@ def test_a_forward_that_initialises_the_weights_runs_once(cls, later):
         assert closure().item() < opt.last_step.loss
 
 
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_forward_that_rounds_float64_weights_is_no_initialisation(cls):
+    """A forward that rewrites float64 weights in place by their rounding (a renormalisation,
+    here 1e-12 of each) beside a buffer it reads and updates (a call counter): the weights'
+    norms before and after agree at float32's resolution, so it is no initialisation and the
+    trials read the buffer as before the first evaluation. Compared in float64 (a version of
+    this round), the write counted, the trials saw the counter one call later than the
+    gradient did, every search failed with a false replay warning, and nothing moved."""
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    calls = torch.zeros((), dtype=torch.float64)
+
+    def closure():
+        calls.add_(1.0)
+        if torch.is_grad_enabled():
+            w.data.mul_(1.0 + 1e-12)
+        return ((w - 3.0) ** 2).sum() + calls * w.sum()
+
+    opt = cls([w], buffers=[calls])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no replay warning)
+        for _ in range(3):
+            opt.step(closure)
+    assert (w - 1.0).abs().max().item() > 0.1
+
+
 class MomentumContrast(nn.Module):
     """MoCo in miniature: its forward updates a frozen key encoder as a moving average of the
     query encoder (through ``.data``) and queues the keys in a buffer for the next batches."""

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from alsals.directions import float64_vector
+from alsals.distributed import local_shard
 
 __all__ = [
     "BackwardSuppressed",
@@ -479,10 +479,11 @@ class ClosureEvaluator:
             for p in self.params
             if p.requires_grad and p.is_floating_point() and p.numel()
         ]
-        weights = [w.to_local() if hasattr(w, "to_local") else w for w in weights]  # (FSDP2)
+        weights = [local_shard(w) for w in weights]
         if not weights:
             return torch.zeros(0)
-        return float64_vector(torch._foreach_norm(weights), weights[0].device)
+        device = weights[0].device  # (float32: its resolution is what the check compares)
+        return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(weights)])
 
     @property
     def disconnected(self) -> bool:

@@ -186,24 +186,24 @@ def representable(factor: float, tensors: list[Tensor]) -> float:
     return max(min(factor, largest), -largest)
 
 
-_WIDE_ENOUGH = frozenset({torch.float32, torch.float64, torch.complex64, torch.complex128})
+_WIDE_ENOUGH = frozenset({torch.float32, torch.float64})
+
+
+def wide_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``a . b`` over all elements, in at least float32: a dot product of float16 tensors
+    ends in float16, which overflows past 65504 (the squared norm of a large layer's
+    gradient whose every entry is small), and bfloat16's total keeps 8 bits. One
+    ``torch.dot`` and nothing else where no conversion or reshape is needed: a model of a
+    thousand small tensors pays for every call."""
+    if a.dtype != b.dtype or a.dtype not in _WIDE_ENOUGH:
+        wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        a, b = a.to(wide), b.to(wide)
+    return torch.dot(a if a.dim() == 1 else a.reshape(-1), b if b.dim() == 1 else b.reshape(-1))
 
 
 def wide_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
-    """``a_i . b_i`` over all elements of each pair, in at least float32: a dot product of
-    float16 tensors ends in float16, which overflows past 65504 (the squared norm of a large
-    layer's gradient whose every entry is small), and bfloat16's total keeps 8 bits. One
-    ``torch.dot`` per pair and nothing else where the pair needs no conversion or reshape:
-    a model of a thousand small tensors pays for every call."""
-    dots = []
-    for x, y in zip(a, b, strict=True):
-        if x.dtype != y.dtype or x.dtype not in _WIDE_ENOUGH:
-            wide = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-            x, y = x.to(wide), y.to(wide)
-        dots.append(
-            torch.dot(x if x.dim() == 1 else x.reshape(-1), y if y.dim() == 1 else y.reshape(-1))
-        )
-    return dots
+    """``wide_dot`` of each pair."""
+    return [wide_dot(x, y) for x, y in zip(a, b, strict=True)]
 
 
 def float64_vector(scalars: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -216,9 +216,9 @@ def float64_vector(scalars: Sequence[Tensor], device: torch.device) -> Tensor:
 
 def scaled(vector: Tensor, factors: Sequence[float]) -> Tensor:
     """``vector_i * factors_i`` in the vector's dtype (a tensor sharded over ``k`` ranks
-    counts ``k`` times, so that the mean over ranks is the sum over shards: FSDP2). None
-    where every factor is 1, one product where they agree, else one per entry: no
-    host-to-device copy of the factors."""
+    counts ``k`` times, so that the mean over ranks is the sum over shards: FSDP2): the
+    vector itself where every factor is 1, one product where they agree, else one per
+    entry (no host-to-device copy of the factors)."""
     if all(f == 1 for f in factors):
         return vector
     if all(f == factors[0] for f in factors):
@@ -265,9 +265,12 @@ def analytic_slope(steps: list[GroupStep], directions: list[StepDirection]) -> l
             factors = [-d.scales[0] * k for k in step.shard_counts]
         else:
             dots = [
-                wide_dots([g], [t / q])[0]
+                wide_dot(g, t / q)
                 for g, t, q in zip(step.grads, d.tensors, d.divisors, strict=True)
             ]
             factors = [-s * k for s, k in zip(d.scales, step.shard_counts, strict=True)]
-        terms.append(scaled(torch.stack(dots), factors))
+        if all(x.dtype == dots[0].dtype for x in dots):
+            terms.append(scaled(torch.stack(dots), factors))
+        else:  # (each term rounded in its own dtype, not in the widest of the group's)
+            terms.append(torch.stack([x * f for x, f in zip(dots, factors, strict=True)]))
     return terms

@@ -8,11 +8,41 @@ a decision depends on are averaged across ranks in one collective before they re
 
 from __future__ import annotations
 
+import sys
 import zlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def _dtensor_module() -> Any:
+    """torch's DTensor module where it is loaded, else ``None``: no DTensor exists before it
+    is, and importing it (sympy and the symbolic-shape machinery: 0.6 s, and a warning where
+    numpy is missing) would be every user's cost of ``import alsals``. Public from torch 2.5;
+    ``torch.distributed._tensor`` in 2.4."""
+    return sys.modules.get("torch.distributed.tensor") or sys.modules.get(
+        "torch.distributed._tensor"
+    )
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2 parameters, gradients, state); else ``t``."""
+    module = _dtensor_module()
+    return t.to_local() if module is not None and isinstance(t, module.DTensor) else t
+
+
+def shard_count(p: Tensor) -> int:
+    """Over how many ranks ``p`` is split: its local slope terms sum, not average."""
+    module = _dtensor_module()
+    if module is None or not isinstance(p, module.DTensor):
+        return 1
+    count = 1
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, module.Shard):
+            count *= p.device_mesh.size(dim)
+    return count
 
 
 def checked_process_group(group: object) -> dist.ProcessGroup | None:

@@ -66,7 +66,9 @@ from alsals.distributed import (
     any_not_finite,
     check_same_settings,
     checked_process_group,
+    local_shard,
     mean_to_host,
+    shard_count,
 )
 from alsals.hyperparameters import (
     ADAPTIVE_CADENCES,
@@ -81,11 +83,6 @@ from alsals.hyperparameters import (
 from alsals.polyak_cap import FLOOR_HITS, ModelTerms, MomentumModel, floor_word, model_terms
 from alsals.rise_guard import LossWatch
 from alsals.search_state import SearchState
-
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch < 2.4
-    DTensor = Shard = None
 
 #: A trial whose loss change and predicted change both lie within this many units in the
 #: last place of the loss (or whose loss did not change at all) is below the resolution of
@@ -553,11 +550,6 @@ def _caller_stacklevel() -> int:
     return 1
 
 
-def local_shard(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2 parameters, gradients, state); else ``t``."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-
-
 @functools.lru_cache(maxsize=16)
 def _vanishes(eps: float, dtype: torch.dtype) -> bool:
     """Whether ``eps`` rounds to 0 in ``dtype``."""
@@ -592,20 +584,9 @@ def check_eps(owner: str, eps: float, params: list[Tensor]) -> None:
     )
 
 
-def shard_count(p: Tensor) -> int:
-    """Over how many ranks ``p`` is split: its local slope terms sum, not average."""
-    if DTensor is None or not isinstance(p, DTensor):
-        return 1
-    count = 1
-    for dim, placement in enumerate(p.placements):
-        if isinstance(placement, Shard):
-            count *= p.device_mesh.size(dim)
-    return count
-
-
 def _largest_magnitude(grads: list[Tensor], device: torch.device) -> Tensor:
-    """``max |g|`` over all the (non-empty) tensors (NaN if one holds a NaN), as a float64
-    device scalar: no host sync.
+    """``max |g|`` over all the tensors (NaN if one holds a NaN), as a float64 device
+    scalar: no host sync. None may be empty (``aminmax`` refuses an empty tensor).
 
     On CPU the infinity-norm kernel behind ``torch._foreach_norm(..., inf)`` is not
     vectorised and takes about 20 times as long as ``aminmax``, which also reads each tensor

@@ -91,6 +91,7 @@ from alsals.directions import (
     largest_representable,
     representable,
     scaled,
+    wide_dot,
     wide_dots,
     wide_norms,
 )
@@ -98,8 +99,10 @@ from alsals.distributed import (
     any_not_finite,
     check_same_settings,
     checked_process_group,
+    local_shard,
     mean_on_device,
     mean_to_host,
+    shard_count,
 )
 from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
 from alsals.line_search import (
@@ -119,12 +122,10 @@ from alsals.line_search import (
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
-    local_shard,
     not_replayed_message,
     plain_settings,
     refuse_inference_mode,
     schedule_suspected,
-    shard_count,
     split_shown_lr,
     warn_about_other_settings,
     with_shown_lr,
@@ -1810,7 +1811,7 @@ def _dot_sum(
         if minus is None:
             dots = wide_dots(a, b)
         else:
-            dots = [wide_dots([x], [y - m])[0] for x, y, m in zip(a, b, minus, strict=True)]
+            dots = [wide_dot(x, y - m) for x, y, m in zip(a, b, minus, strict=True)]
     return scaled(float64_vector(dots, dots[0].device), counts).sum()
 
 

@@ -11,8 +11,8 @@ import torch
 
 from alsals.acceptance import ArmijoTest
 from alsals.closure import Closure, ClosureEvaluator
-from alsals.distributed import mean_to_host
-from alsals.line_search import LineSearchOptimizer, StepPreview, local_shard
+from alsals.distributed import local_shard, mean_to_host
+from alsals.line_search import LineSearchOptimizer, StepPreview
 
 
 @dataclass

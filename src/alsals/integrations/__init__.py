@@ -28,14 +28,28 @@ from alsals.schedule_free import ALSALS
 DRIVEN = (LineSearchOptimizer, ALSALS)
 
 _LAZY = {
+    "FollowStepSize": "alsals.integrations.hf",
     "LineSearchTrainer": "alsals.integrations.hf",
     "LineSearchTrainerMixin": "alsals.integrations.hf",
     "LineSearchCallback": "alsals.integrations.lightning",
+    "line_search_step": "alsals.integrations.lightning",
     "step_with_scaler": "alsals.integrations.amp",
     "autocast_closure": "alsals.integrations.amp",
 }
 
 __all__ = sorted(_LAZY)
+
+
+def missing_framework(error: ImportError, framework: str, extra: str) -> ImportError:
+    """For an integration's import of ``framework`` that failed with ``error``: where the
+    framework is not installed, an ``ImportError`` that says which extra installs it; any
+    other failure (a broken installation) as it was."""
+    if error.name is None or error.name.split(".")[0] != framework:
+        return error
+    return ImportError(
+        f"this integration needs {framework}, which is not installed: "
+        f"pip install 'alsals[{extra}]' (or {framework})"
+    )
 
 
 def __getattr__(name: str) -> Any:

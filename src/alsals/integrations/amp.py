@@ -91,13 +91,6 @@ def autocast_closure(
     return plain
 
 
-#: The GradScaler classes of this torch: ``torch.amp.GradScaler`` from torch 2.3, and
-#: ``torch.cuda.amp.GradScaler`` (the only one before it; a deprecated subclass since).
-_GRAD_SCALERS = tuple(
-    scaler
-    for scaler in (getattr(torch.amp, "GradScaler", None), torch.cuda.amp.GradScaler)
-    if isinstance(scaler, type)
-)
 #: The optimizer's warning for a skipped step whose gradient (not loss) is not finite: under
 #: a GradScaler that is an overflow of the scaled gradients, the scaler's normal operation.
 _OVERFLOW_SKIP_WARNING = r".*: the gradient( \(or Adam's second moment[^)]*\))? is not finite"
@@ -137,7 +130,7 @@ def step_with_scaler(
         )
     if not callable(closure):
         raise TypeError("step_with_scaler needs the closure that computes the loss")
-    if not isinstance(scaler, _GRAD_SCALERS):
+    if not isinstance(scaler, torch.amp.GradScaler):  # (torch.cuda.amp's is a subclass)
         raise TypeError(f"step_with_scaler needs a torch.amp.GradScaler, got {scaler!r}")
     scaled = _ScaledClosure(optimizer, closure, scaler)
     try:

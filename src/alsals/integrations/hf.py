@@ -63,12 +63,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainerCallback
 
 from alsals.closure import RandomState
-from alsals.integrations import DRIVEN
+from alsals.integrations import DRIVEN, missing_framework
 from alsals.line_search import LineSearchOptimizer
 from alsals.schedule_free import ALSALS
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as error:
+    raise missing_framework(error, "transformers", "hf") from error
 
 __all__ = ["FollowStepSize", "LineSearchTrainer", "LineSearchTrainerMixin"]
 

@@ -42,11 +42,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from alsals.integrations import DRIVEN
+from alsals.integrations import DRIVEN, missing_framework
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:
+    raise missing_framework(error, "lightning", "lightning") from error
 
 #: Lightning precisions whose weights, and so the loss, are half precision.
 HALF_PRECISION_WEIGHTS = ("bf16-true", "16-true")
