@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import Any
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
-def _dtensor_module() -> Any:
-    """torch's DTensor module where it is loaded, else ``None``: no DTensor exists before it
-    is, and importing it (sympy and the symbolic-shape machinery: 0.6 s, and a warning where
-    numpy is missing) would be every user's cost of ``import alsals``. Public from torch 2.5;
-    ``torch.distributed._tensor`` in 2.4."""
-    return sys.modules.get("torch.distributed.tensor") or sys.modules.get(
-        "torch.distributed._tensor"
-    )
+def _dtensor_module() -> ModuleType | None:
+    """torch's module that holds ``DTensor`` where it is loaded, else ``None``: no DTensor
+    exists before it is, and importing it (sympy and the symbolic-shape machinery, 0.6 s)
+    is no cost of ``import alsals``. ``torch.distributed.tensor`` from torch 2.5; in 2.4
+    that package exists without ``DTensor`` (the parent of ``.parallel``), which lives in
+    ``torch.distributed._tensor``."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module
+    return None
 
 
 def local_shard(t: Tensor) -> Tensor:

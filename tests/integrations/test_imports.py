@@ -46,11 +46,20 @@ def test_names_resolve_on_first_use():
     assert out.split() == ["False", "True"]
 
 
+#: a finder that makes the frameworks look uninstalled (as pip uninstall would)
+UNINSTALLED = (
+    "import sys\n"
+    "class Uninstalled:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('transformers', 'lightning'):\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, Uninstalled())\n"
+)
+
+
 def test_an_integration_without_its_framework_names_the_extra_to_install():
     out = run(
-        "import sys\n"
-        "sys.modules['transformers'] = sys.modules['lightning'] = None  # (not installed)\n"
-        "for name in ('LineSearchTrainer', 'LineSearchCallback'):\n"
+        UNINSTALLED + "for name in ('LineSearchTrainer', 'LineSearchCallback'):\n"
         "    try:\n"
         "        exec(f'from alsals.integrations import {name}')\n"
         "    except ImportError as error:\n"
@@ -61,6 +70,23 @@ def test_an_integration_without_its_framework_names_the_extra_to_install():
     assert "pip install 'alsals[lightning]'" in lightning
 
 
+def test_a_module_that_shadows_the_framework_keeps_its_own_error(tmp_path):
+    """A user's own ``transformers.py`` beside the script (or a broken installation) is no
+    missing framework: its error passes through as it was, and is not its own cause."""
+    (tmp_path / "transformers.py").write_text("x = 1\n")
+    out = run(
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "try:\n"
+        "    from alsals.integrations import LineSearchTrainer\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+        "    print(error.__cause__ is error)\n"
+    )
+    message, own_cause = out.splitlines()
+    assert "cannot import name 'Trainer'" in message and "alsals[hf]" not in message
+    assert own_cause == "False"
+
+
 def test_every_integration_name_resolves():
     out = run(
         "import alsals.integrations as i\n"
@@ -68,3 +94,24 @@ def test_every_integration_name_resolves():
         "print('line_search_step' in i.__all__, 'FollowStepSize' in i.__all__)"
     )
     assert out.split() == ["True", "True", "True"]
+
+
+def test_the_dtensor_lookup_holds_on_torch_2_4s_layout():
+    """torch 2.4 has ``torch.distributed.tensor`` without ``DTensor`` (it lives in
+    ``torch.distributed._tensor``; the package is the parent of ``.parallel``): loaded, it
+    must not be taken for DTensor's module, or every step of a plain model fails."""
+    out = run(
+        "import sys, types, torch, torch.distributed._tensor\n"
+        "sys.modules['torch.distributed.tensor'] = types.ModuleType('torch.distributed.tensor')\n"
+        "import alsals\n"
+        "from alsals.distributed import local_shard, shard_count\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "x, y = torch.randn(16, 4), torch.randn(16, 1)\n"
+        "for cls in (alsals.ALSALS, alsals.MomentumALSALS, alsals.SLS):\n"
+        "    opt = cls(model.parameters())\n"
+        "    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))\n"
+        "    print(opt.last_step.kind != 'nonfinite')\n"
+        "w = model.weight\n"
+        "print(local_shard(w) is w, shard_count(w))\n"
+    )
+    assert out.split() == ["True", "True", "True", "True", "1"]

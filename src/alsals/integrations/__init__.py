@@ -19,7 +19,7 @@ The names below resolve lazily: ``from alsals.integrations import LineSearchTrai
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, NoReturn
 
 from alsals.line_search import LineSearchOptimizer
 from alsals.schedule_free import ALSALS
@@ -40,16 +40,17 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def missing_framework(error: ImportError, framework: str, extra: str) -> ImportError:
+def _raise_import_error(error: ImportError, framework: str, extra: str) -> NoReturn:
     """For an integration's import of ``framework`` that failed with ``error``: where the
     framework is not installed, an ``ImportError`` that says which extra installs it; any
-    other failure (a broken installation) as it was."""
-    if error.name is None or error.name.split(".")[0] != framework:
-        return error
-    return ImportError(
+    other failure (a broken installation, a module of the user's that shadows it) as it
+    was."""
+    if not (isinstance(error, ModuleNotFoundError) and error.name == framework):
+        raise error
+    raise ImportError(
         f"this integration needs {framework}, which is not installed: "
         f"pip install 'alsals[{extra}]' (or {framework})"
-    )
+    ) from error
 
 
 def __getattr__(name: str) -> Any:

@@ -65,14 +65,14 @@ import torch
 from torch import Tensor, nn
 
 from alsals.closure import RandomState
-from alsals.integrations import DRIVEN, missing_framework
+from alsals.integrations import DRIVEN, _raise_import_error
 from alsals.line_search import LineSearchOptimizer
 from alsals.schedule_free import ALSALS
 
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as error:
-    raise missing_framework(error, "transformers", "hf") from error
+    _raise_import_error(error, "transformers", "hf")
 
 __all__ = ["FollowStepSize", "LineSearchTrainer", "LineSearchTrainerMixin"]
 

@@ -45,12 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alsals.integrations import DRIVEN, missing_framework
+from alsals.integrations import DRIVEN, _raise_import_error
 
 try:
     import lightning.pytorch as pl
 except ImportError as error:
-    raise missing_framework(error, "lightning", "lightning") from error
+    _raise_import_error(error, "lightning", "lightning")
 
 #: Lightning precisions whose weights, and so the loss, are half precision.
 HALF_PRECISION_WEIGHTS = ("bf16-true", "16-true")
