@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_dtensor: list[ModuleType] = []  # DTensor's module, once found (a loaded module stays)
+
 
 def _dtensor_module() -> ModuleType | None:
     """torch's module that holds ``DTensor`` where it is loaded, else ``None``: no DTensor
@@ -23,11 +25,13 @@ def _dtensor_module() -> ModuleType | None:
     is no cost of ``import alsals``. ``torch.distributed.tensor`` from torch 2.5; in 2.4
     that package exists without ``DTensor`` (the parent of ``.parallel``), which lives in
     ``torch.distributed._tensor``."""
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
-        module = sys.modules.get(name)
-        if module is not None and hasattr(module, "DTensor"):
-            return module
-    return None
+    if not _dtensor:
+        for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+            module = sys.modules.get(name)
+            if module is not None and hasattr(module, "DTensor"):
+                _dtensor.append(module)
+                break
+    return _dtensor[0] if _dtensor else None
 
 
 def local_shard(t: Tensor) -> Tensor:
