@@ -1534,12 +1534,7 @@ class ALSALS(torch.optim.Optimizer):
             v_new = torch._foreach_mul(v, beta2)
             torch._foreach_addcmul_(v_new, moved, moved, 1.0 - beta2)
             corrections = [1.0 - beta2**t for t in steps]
-            denominators = list(torch._foreach_div(v_new, corrections))  # v_hat
-            torch._foreach_sqrt_(denominators)
-            for i, v in enumerate(v_new):
-                if v.dtype == torch.float16:  # (v_hat overflows float16 from |g| = 256 at
-                    # t = 1, where sqrt(v') / sqrt(1 - beta2^t), torch.optim.Adam's order, holds)
-                    denominators[i] = v.sqrt().div_(math.sqrt(corrections[i]))
+            denominators = _square_roots_of_v_hat(v_new, corrections)
             torch._foreach_add_(denominators, group["eps"])
             u = torch._foreach_div(moved, denominators)
             weights = [local_shard(p.detach()) for p in params]
@@ -1791,6 +1786,23 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"invalid {name}: {value!r} (expected one of {', '.join(choices)})")
     return value
+
+
+def _square_roots_of_v_hat(v: list[Tensor], corrections: list[float]) -> list[Tensor]:
+    """``sqrt(v_i / corrections_i)`` in new tensors; for float16 ``sqrt(v_i) /
+    sqrt(corrections_i)``, torch.optim.Adam's order: ``v / (1 - beta2^t)`` overflows float16
+    from a gradient entry of 256 at ``t = 1``, where the square roots hold."""
+    roots: list[Tensor | None] = [None] * len(v)
+    half = [i for i, t in enumerate(v) if t.dtype == torch.float16]
+    other = [i for i, t in enumerate(v) if t.dtype != torch.float16]
+    if other:
+        found = torch._foreach_div([v[i] for i in other], [corrections[i] for i in other])
+        torch._foreach_sqrt_(found)
+        for i, root in zip(other, found, strict=True):
+            roots[i] = root
+    for i in half:
+        roots[i] = v[i].sqrt().div_(math.sqrt(corrections[i]))
+    return roots  # type: ignore[return-value]
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
