@@ -249,6 +249,24 @@ def test_step_with_scaler_rejects_other_optimizers():
         )
 
 
+def test_step_with_scaler_looks_through_accelerates_optimizer_wrapper():
+    """Accelerate's ``AcceleratedOptimizer`` would run ``scaler.step(optimizer, closure)``,
+    which unscales before the closure has run (an error); ``step_with_scaler`` is the way
+    and steps the optimizer it wraps (it refused the wrapper, pointing to scaler.step)."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    model, x, y = make_problem(dropout=0.0)
+    inner = SLS(model.parameters())
+    try:
+        wrapped = accelerate.Accelerator(cpu=True).prepare(inner)
+        step_with_scaler(wrapped, fp16_loss(model, x, y), torch.amp.GradScaler("cpu"))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert wrapped is not inner and inner.last_step.kind == "search"
+
+
 def test_step_with_scaler_and_autocast_closure_name_a_bad_argument():
     model, x, y = make_problem()
     opt = ALSALS(model.parameters())

@@ -121,8 +121,13 @@ def step_with_scaler(
     ``unscale_`` or ``clip_grad_norm_`` in the closure). With ``update=True`` (default)
     ``scaler.update()`` runs afterwards; pass ``update=False`` to call it yourself (several
     optimizers sharing one scaler). Do not call ``scaler.step(optimizer)``. An exception in
-    the step leaves the scaler as it was too, so the step can be retried.
+    the step leaves the scaler as it was too, so the step can be retried. A wrapper that
+    holds the optimizer as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, whose own
+    ``step`` would unscale before the closure has run) is looked through.
     """
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(optimizer, DRIVEN) and isinstance(inner, DRIVEN):
+        optimizer = inner
     if not isinstance(optimizer, DRIVEN):
         raise TypeError(
             "step_with_scaler drives an alsals line-search optimizer; for other optimizers "
