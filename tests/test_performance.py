@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import alsals.line_search
+import alsals.schedule_free
 from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals_bench.memory import LiveStorage
 
@@ -239,3 +240,38 @@ def test_each_parameter_tensor_costs_only_its_dot_products(cls):
         assert set(extra) <= set(allowed), (kind, extra)
         assert all(extra[op] <= allowed[op] for op in extra), (kind, extra)
     assert compared >= 6
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"max_grad_norm": 1.0}], ids=["plain", "clipped"])
+def test_alsals_synchronises_once_per_step_and_once_per_trial(kwargs, monkeypatch):
+    """``ALSALS`` brings values to the host in one synchronisation per step (the loss and
+    the step's sums) and one per trial; with protected buffers, one more at a search's first
+    trial (whether the first evaluation wrote the weights). Nothing else on the step's path
+    waits for the device."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+    )
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    opt = ALSALS(model.parameters(), buffers=model.buffers(), **kwargs)
+    calls = []
+    original = alsals.schedule_free.mean_to_host
+
+    def counting(values, group):
+        calls.append(len(values))
+        return original(values, group)
+
+    closure = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+    opt.step(closure)  # (the first: its replay check, and eps checked once per dtype on CPU)
+    monkeypatch.setattr(alsals.schedule_free, "mean_to_host", counting)
+    kinds = set()
+    for step in range(1, 25):
+        calls.clear()
+        mode = LiveStorage()
+        with mode:
+            opt.step(closure)
+        info = opt.last_step
+        kinds.add(info.kind)
+        assert len(calls) == 1 + info.trials, (step, info)
+        assert mode.syncs == (["aten::equal"] if info.trials else []), (step, info)
+    assert {"reuse", "search"} <= kinds
