@@ -246,8 +246,9 @@ def test_each_parameter_tensor_costs_only_its_dot_products(cls):
 def test_alsals_synchronises_once_per_step_and_once_per_trial(kwargs, monkeypatch):
     """``ALSALS`` brings values to the host in one synchronisation per step (the loss and
     the step's sums) and one per trial; with protected buffers, one more at a search's first
-    trial (whether the first evaluation wrote the weights). Nothing else on the step's path
-    waits for the device."""
+    trial (whether the first evaluation wrote the weights). No other read the dispatcher
+    sees (``item``, ``bool``, ``equal``) is on the step's path; a device-to-host copy
+    (``.tolist()``, ``.cpu()``) is no operator on a CPU tensor and is not seen here."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 1)

@@ -265,6 +265,41 @@ def test_step_with_scaler_looks_through_accelerates_optimizer_wrapper():
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     assert wrapped is not inner and inner.last_step.kind == "search"
+    assert not wrapped.step_was_skipped
+
+
+def test_a_skipped_step_through_accelerates_wrapper_is_skipped_for_accelerate_too():
+    """An overflow skips the step; Accelerate's ``step_was_skipped``, which its scheduler
+    reads to skip its own step, must say so (it said False and the schedule moved on)."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    model, x, y = make_problem(dropout=0.0)
+    inner = SLS(model.parameters())
+    try:
+        wrapped = accelerate.Accelerator(cpu=True).prepare(inner)
+        step_with_scaler(wrapped, fp16_loss(model, x, y), torch.amp.GradScaler("cpu", 2.0**30))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert inner.last_step.kind == "nonfinite" and wrapped.step_was_skipped
+
+
+def test_step_with_scaler_refuses_a_scheduler_and_lightnings_wrapper():
+    """A scheduler passed by mistake holds the optimizer as ``.optimizer`` too: refused, not
+    stepped. Lightning's wrapper counts as the optimizer's class, but its step runs
+    Lightning's precision plugin, which calls the closure without arguments."""
+    model, x, y = make_problem(dropout=0.0)
+    optimizer = SLS(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="alsals line-search optimizer"):
+        step_with_scaler(scheduler, fp16_loss(model, x, y), torch.amp.GradScaler("cpu"))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    LightningOptimizer = type("LightningOptimizer", (), {})  # (Lightning's, by name)
+    wrapped = type("LightningSLS", (LightningOptimizer, SLS), {})(model.parameters())
+    with pytest.raises(TypeError, match="bf16-mixed"):
+        step_with_scaler(wrapped, fp16_loss(model, x, y), torch.amp.GradScaler("cpu"))
 
 
 def test_step_with_scaler_and_autocast_closure_name_a_bad_argument():

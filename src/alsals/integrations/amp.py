@@ -121,17 +121,31 @@ def step_with_scaler(
     ``unscale_`` or ``clip_grad_norm_`` in the closure). With ``update=True`` (default)
     ``scaler.update()`` runs afterwards; pass ``update=False`` to call it yourself (several
     optimizers sharing one scaler). Do not call ``scaler.step(optimizer)``. An exception in
-    the step leaves the scaler as it was too, so the step can be retried. A wrapper that
-    holds the optimizer as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, whose own
-    ``step`` would unscale before the closure has run) is looked through.
+    the step leaves the scaler as it was too, so the step can be retried. Accelerate's
+    ``AcceleratedOptimizer`` (whose own ``step`` would unscale before the closure has run)
+    is looked through: the optimizer it holds steps, and the wrapper's ``step_was_skipped``
+    tells a skipped step, so that Accelerate's scheduler skips it too. Lightning's wrapper
+    is refused: its step runs Lightning's precision plugin (use ``bf16-mixed``).
     """
+    if any(c.__name__ == "LightningOptimizer" for c in type(optimizer).__mro__):
+        raise TypeError(
+            "step_with_scaler cannot drive Lightning's optimizer: its step runs Lightning's "
+            "precision plugin, whose fp16 scaler steps without the closure. Use "
+            "precision='bf16-mixed' or '32-true' (docs/integrations.md, Lightning)"
+        )
+    wrapper = None
     inner = getattr(optimizer, "optimizer", None)
-    if not isinstance(optimizer, DRIVEN) and isinstance(inner, DRIVEN):
-        optimizer = inner
+    if (
+        not isinstance(optimizer, DRIVEN)
+        and isinstance(optimizer, torch.optim.Optimizer)  # (not a scheduler that holds one)
+        and isinstance(inner, DRIVEN)
+    ):
+        wrapper, optimizer = optimizer, inner
     if not isinstance(optimizer, DRIVEN):
         raise TypeError(
             "step_with_scaler drives an alsals line-search optimizer; for other optimizers "
-            "use scaler.step(optimizer) as usual"
+            "use scaler.step(optimizer) as usual, or the step() of a wrapper that holds "
+            "the scaler itself (Accelerate's prepared optimizer)"
         )
     if not callable(closure):
         raise TypeError("step_with_scaler needs the closure that computes the loss")
@@ -146,6 +160,8 @@ def step_with_scaler(
         if scaled.unscaled:  # forget this attempt's unscale_, or a retry could not unscale
             scaler._per_optimizer_states.pop(id(optimizer), None)
         raise
+    if wrapper is not None and hasattr(wrapper, "_is_overflow"):
+        wrapper._is_overflow = optimizer.last_step.kind == "nonfinite"  # (step_was_skipped)
     if update and scaled.unscaled:
         scaler.update()
     return loss
