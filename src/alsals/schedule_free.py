@@ -545,10 +545,9 @@ class ALSALS(torch.optim.Optimizer):
         # a search since the last that passed by a resolved change found the slope overstated
         self._slope_overstated = False
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
-        # each parameter's version counter and norm as this optimizer left the weights (x):
-        # a later in-place write that changed a value is an edit (_adopt_edited_weights)
+        # each parameter's version counter as this optimizer left the weights (x): a later
+        # in-place write is an edit by the user (_adopt_edited_weights)
         self._versions: dict[int, int] | None = None
-        self._norms: tuple[list[int], Tensor] | None = None
         self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
         self._ranks_checked = False  # every rank holds the same settings (first step)
         self.last_step: StepInfo | None = None
@@ -678,7 +677,7 @@ class ALSALS(torch.optim.Optimizer):
                 first = self.param_groups[0]
                 lr = shown[0] if shown is not None else first["lr"]
                 self.defaults["lr"] = lr / first["lr_scale"]
-        self._versions = self._norms = None  # (its weights are loaded separately)
+        self._versions = None  # the weights that go with this state are loaded separately
         # after train(): the copy of x it held is the old run's; the weights now (or as the
         # model's checkpoint is loaded) are the new x
         self._held = None
@@ -687,7 +686,7 @@ class ALSALS(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         if self._held is not None:
             self._warn_once("held_copy", HELD_WARNING.format(what="a copy (deepcopy, pickle)"))
-        skipped = ("_left_grads", "_held", "_versions", "_norms")
+        skipped = ("_left_grads", "_held", "_versions")
         return {k: v for k, v in self.__dict__.items() if k not in skipped}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -706,7 +705,6 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_slope_overstated", False)
         self.__dict__.setdefault("_held", None)
         self.__dict__.setdefault("_versions", None)
-        self.__dict__.setdefault("_norms", None)
         self.__dict__.setdefault("_shown_lr", None)
         self.__dict__.setdefault("_ranks_checked", False)
 
@@ -722,7 +720,7 @@ class ALSALS(torch.optim.Optimizer):
         if self._held is None:
             self._adopt_edited_weights()
             self._held = self._to_gradient_point()
-            self._remember_weights()
+            self._versions = self._weight_versions()
 
     def eval(self) -> None:
         """Bring the weights back to the average ``x`` after ``train()`` without a step (the
@@ -736,44 +734,15 @@ class ALSALS(torch.optim.Optimizer):
                 average.restore(keep=edited)
             self._held = None
             self._adopt_edited_weights(edited)
-            self._remember_weights()
+            self._versions = self._weight_versions()
 
     def _edited_weights(self) -> set[int]:
         """The parameters written in place since this optimizer last left them (their
-        version counters moved) whose values changed (their norms did), by ``id``: a write
-        that left every value as it was (a clamp to bounds never reached, weights swapped
-        out for an evaluation and back) is no edit. One synchronisation, where a counter
-        moved."""
+        version counters moved), by ``id``."""
         if self._versions is None:
             return set()
         now = self._weight_versions()
-        moved = {k for k, v in now.items() if k in self._versions and v != self._versions[k]}
-        if not moved or self._norms is None:
-            return moved
-        ids, before = self._norms
-        params = {id(p): p for group in self.param_groups for p in group["params"]}
-        if any(k not in params for k in ids):
-            return moved
-        norms = _stepped_norms([params[k] for k in ids])
-        same = (norms == before).tolist()
-        return moved - {k for k, unchanged in zip(ids, same, strict=True) if unchanged}
-
-    def _remember_weights(self) -> None:
-        """The weights' version counters, and the norms of those that stepped, as this
-        optimizer leaves them (``_edited_weights`` compares): one pass over the trained
-        weights. Not under FSDP2, where each rank would judge its own shard: there a moved
-        counter is an edit."""
-        self._versions = self._weight_versions()
-        stepped = [
-            p
-            for group in self.param_groups
-            for p in group["params"]
-            if "z" in self.state.get(p, {})
-        ]
-        sharded = any(shard_count(p) > 1 for p in stepped)
-        self._norms = (
-            None if sharded or not stepped else ([id(p) for p in stepped], _stepped_norms(stepped))
-        )
+        return {k for k, v in now.items() if k in self._versions and v != self._versions[k]}
 
     # ------------------------------------------------------------------------------ the step
 
@@ -843,14 +812,14 @@ class ALSALS(torch.optim.Optimizer):
                 average.restore()
             if held:  # the weights as they were: at y, where train() had put them
                 self._held = self._to_gradient_point()
-            self._remember_weights()
+            self._versions = self._weight_versions()
             evaluator.abort()
             if not evaluator.grads_as_found():  # a retry must not add this attempt's to its own
                 self._left_grads = LeftGradients(params)
             raise
         for average in averages:  # x' where the step moved, x where it did not
             average.restore()
-        self._remember_weights()
+        self._versions = self._weight_versions()
         evaluator.finish()
         self._left_grads = LeftGradients(params)
         search.forwards += evaluator.forwards
@@ -904,7 +873,7 @@ class ALSALS(torch.optim.Optimizer):
             search.watch = None  # it compares losses of weights no longer held
             search.edits += 1
             self.state[anchor][STATE_KEY] = search.to_dict()
-        self._remember_weights()
+        self._versions = self._weight_versions()
 
     @torch.no_grad()
     def _to_gradient_point(self) -> list[_Average]:
@@ -1834,15 +1803,6 @@ def _square_roots_of_v_hat(v: list[Tensor], corrections: list[float]) -> list[Te
     for i in half:
         roots[i] = v[i].sqrt().div_(math.sqrt(corrections[i]))
     return roots  # type: ignore[return-value]
-
-
-def _stepped_norms(params: list[Tensor]) -> Tensor:
-    """The parameters' norms (in float32, or float64 for float64 weights: a float64 norm
-    costs a float32 model 5% of a CPU step), as one vector on the first one's device. A
-    write too small to move a norm in its last bit is taken for none: restarting ``z``
-    for it would not matter."""
-    weights = [local_shard(p.detach()) for p in params]
-    return float64_vector(wide_norms(weights), weights[0].device)
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
