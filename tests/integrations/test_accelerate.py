@@ -126,10 +126,12 @@ def test_accelerated_run_is_the_raw_run(cls):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
-def test_batchnorm_model_prepared_before_the_optimizer(cls):
+def test_a_batchnorm_model_in_the_recipes_order_runs_as_without_accelerate(cls):
     """The recipe for a model with buffers: prepare the model, then build the optimizer
-    with its buffers (prepare may replace buffer tensors: under 2 CPU processes its
-    model.to("cpu:0") does), then prepare the optimizer. Same run as the raw optimizer's."""
+    with its buffers, then prepare the optimizer: the same run, statistics included, as
+    the raw optimizer's, without a warning. (The order matters under 2 CPU processes, where
+    prepare's model.to("cpu:0") replaces the buffer tensors; one process, as here, keeps
+    them, so this test does not see the order.)"""
 
     def net() -> nn.Module:
         torch.manual_seed(0)
