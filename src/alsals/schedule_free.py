@@ -546,10 +546,8 @@ class ALSALS(torch.optim.Optimizer):
         self._slope_overstated = False
         self._held: list[_Average] | None = None  # x, while train() holds the weights at y
         # each parameter's version counter as this optimizer left the weights (x): a later
-        # in-place write is an edit by the user (_adopt_edited_weights), unless it left the
-        # values as they were: a copy of each parameter written in place before tells
+        # in-place write is an edit by the user (_adopt_edited_weights)
         self._versions: dict[int, int] | None = None
-        self._copies_of_written: dict[int, Tensor] = {}
         self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
         self._ranks_checked = False  # every rank holds the same settings (first step)
         self.last_step: StepInfo | None = None
@@ -680,7 +678,6 @@ class ALSALS(torch.optim.Optimizer):
                 lr = shown[0] if shown is not None else first["lr"]
                 self.defaults["lr"] = lr / first["lr_scale"]
         self._versions = None  # the weights that go with this state are loaded separately
-        self._copies_of_written = {}
         # after train(): the copy of x it held is the old run's; the weights now (or as the
         # model's checkpoint is loaded) are the new x
         self._held = None
@@ -689,7 +686,7 @@ class ALSALS(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         if self._held is not None:
             self._warn_once("held_copy", HELD_WARNING.format(what="a copy (deepcopy, pickle)"))
-        skipped = ("_left_grads", "_held", "_versions", "_copies_of_written")
+        skipped = ("_left_grads", "_held", "_versions")
         return {k: v for k, v in self.__dict__.items() if k not in skipped}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -708,7 +705,6 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_slope_overstated", False)
         self.__dict__.setdefault("_held", None)
         self.__dict__.setdefault("_versions", None)
-        self.__dict__.setdefault("_copies_of_written", {})
         self.__dict__.setdefault("_shown_lr", None)
         self.__dict__.setdefault("_ranks_checked", False)
 
@@ -724,7 +720,7 @@ class ALSALS(torch.optim.Optimizer):
         if self._held is None:
             self._adopt_edited_weights()
             self._held = self._to_gradient_point()
-            self._remember_weights()
+            self._versions = self._weight_versions()
 
     def eval(self) -> None:
         """Bring the weights back to the average ``x`` after ``train()`` without a step (the
@@ -738,56 +734,15 @@ class ALSALS(torch.optim.Optimizer):
                 average.restore(keep=edited)
             self._held = None
             self._adopt_edited_weights(edited)
-            self._remember_weights()
+            self._versions = self._weight_versions()
 
     def _edited_weights(self) -> set[int]:
         """The parameters written in place since this optimizer last left them (their
-        version counters moved), by ``id``, but those whose every value is as it was (a
-        clamp to bounds never reached, weights swapped out for an evaluation and back):
-        compared exactly with the copy kept of a parameter written in place before (one
-        synchronisation, where a counter moved). A parameter's first write is an edit."""
+        version counters moved), by ``id``."""
         if self._versions is None:
             return set()
         now = self._weight_versions()
-        moved = {k for k, v in now.items() if k in self._versions and v != self._versions[k]}
-        checked = [k for k in moved if self._copies_of_written.get(k) is not None]
-        for k in moved:  # (from now on a copy is kept: _remember_weights)
-            self._copies_of_written.setdefault(k, None)
-        if not checked:
-            return moved
-        params = {id(p): p for group in self.param_groups for p in group["params"]}
-        changed = torch.stack(
-            [_differs(local_shard(params[k].detach()), self._copies_of_written[k]) for k in checked]
-        ).tolist()
-        return moved - {k for k, c in zip(checked, changed, strict=True) if not c}
-
-    def _remember_weights(self) -> None:
-        """The weights' version counters as this optimizer leaves them, and a copy of each
-        stepped parameter the user has written in place (``_edited_weights`` compares): a
-        user who writes the weights between steps pays a copy of those, no one else. Not
-        under FSDP2, where each rank would judge its own shard: there a moved counter is an
-        edit."""
-        self._versions = self._weight_versions()
-        if not self._copies_of_written:
-            return
-        stepped = [
-            p
-            for group in self.param_groups
-            for p in group["params"]
-            if id(p) in self._copies_of_written and "z" in self.state.get(p, {})
-        ]
-        if not stepped or any(shard_count(p) > 1 for p in stepped):
-            self._copies_of_written = {}
-            return
-        weights = [local_shard(p.detach()) for p in stepped]
-        copies = []
-        for p, w in zip(stepped, weights, strict=True):
-            held = self._copies_of_written.get(id(p))
-            if held is None or held.shape != w.shape or held.dtype != w.dtype:
-                held = self._copies_of_written[id(p)] = torch.empty_like(w)
-            copies.append(held)
-        with torch.no_grad():
-            torch._foreach_copy_(copies, weights)
+        return {k for k, v in now.items() if k in self._versions and v != self._versions[k]}
 
     # ------------------------------------------------------------------------------ the step
 
@@ -857,14 +812,14 @@ class ALSALS(torch.optim.Optimizer):
                 average.restore()
             if held:  # the weights as they were: at y, where train() had put them
                 self._held = self._to_gradient_point()
-            self._remember_weights()
+            self._versions = self._weight_versions()
             evaluator.abort()
             if not evaluator.grads_as_found():  # a retry must not add this attempt's to its own
                 self._left_grads = LeftGradients(params)
             raise
         for average in averages:  # x' where the step moved, x where it did not
             average.restore()
-        self._remember_weights()
+        self._versions = self._weight_versions()
         evaluator.finish()
         self._left_grads = LeftGradients(params)
         search.forwards += evaluator.forwards
@@ -918,7 +873,7 @@ class ALSALS(torch.optim.Optimizer):
             search.watch = None  # it compares losses of weights no longer held
             search.edits += 1
             self.state[anchor][STATE_KEY] = search.to_dict()
-        self._remember_weights()
+        self._versions = self._weight_versions()
 
     @torch.no_grad()
     def _to_gradient_point(self) -> list[_Average]:
@@ -1848,14 +1803,6 @@ def _square_roots_of_v_hat(v: list[Tensor], corrections: list[float]) -> list[Te
     for i in half:
         roots[i] = v[i].sqrt().div_(math.sqrt(corrections[i]))
     return roots  # type: ignore[return-value]
-
-
-def _differs(a: Tensor, b: Tensor) -> Tensor:
-    """Whether ``a`` holds another value than ``b`` anywhere (or another shape), as a device
-    bool: a NaN differs from itself, a counted edit as before."""
-    if a.shape != b.shape:
-        return torch.ones((), dtype=torch.bool, device=b.device)
-    return (a != b).any()
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
