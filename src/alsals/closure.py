@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from alsals.directions import float64_vector
 from alsals.distributed import local_shard
 
 __all__ = [
@@ -485,10 +486,8 @@ class ClosureEvaluator:
         # compared in float32: a forward that rewrites float64 weights by their rounding (a
         # renormalisation) initialises nothing, while a data-dependent initialisation moves
         # a norm by far more than float32's 6e-8 of it
-        norms, device = torch._foreach_norm(weights), weights[0].device
-        if all(n.device == device for n in norms):
-            return torch.stack(list(norms)).to(torch.float32)
-        return torch.stack([n.to(device, torch.float32) for n in norms])
+        norms = float64_vector(torch._foreach_norm(weights), weights[0].device)
+        return norms.to(torch.float32)
 
     @property
     def disconnected(self) -> bool:

@@ -206,6 +206,14 @@ def wide_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
     return [wide_dot(x, y) for x, y in zip(a, b, strict=True)]
 
 
+def detached_copies(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies of ``tensors`` (their strides kept), in one multi-tensor copy."""
+    copies = [torch.empty_like(t) for t in tensors]
+    with torch.no_grad():
+        torch._foreach_copy_(copies, list(tensors))
+    return copies
+
+
 def float64_vector(scalars: Sequence[Tensor], device: torch.device) -> Tensor:
     """0-d tensors as one float64 vector on ``device`` (the conversion is exact): one stack
     where they are on ``device`` already, else one copy each (a model spread over devices)."""

@@ -56,6 +56,7 @@ from alsals.directions import (
     committed_denominators,
     committed_momentum_direction,
     denominators_after,
+    detached_copies,
     float64_vector,
     largest_representable,
     scaled,
@@ -614,10 +615,7 @@ class _TrialPoint:
     def place(self, eta: float) -> None:
         """Set the weights to ``w0 + eta d``."""
         if not self.origins:
-            for step in self.steps:
-                origin = [torch.empty_like(w) for w in step.weights]
-                torch._foreach_copy_(origin, step.weights)
-                self.origins.append(origin)
+            self.origins = [detached_copies(step.weights) for step in self.steps]
         if not self.at_origin:
             self.restore()
         for step, d in zip(self.steps, self.directions, strict=True):

@@ -87,6 +87,7 @@ from alsals.acceptance import FIRM_RISE, overstated_fraction
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import (
+    detached_copies,
     float64_vector,
     largest_representable,
     representable,
@@ -362,7 +363,7 @@ class _Group:
         """The weights at ``y' = y + alpha (z - y) - gamma kappa u`` (a trial; ``y`` is kept
         to come back to)."""
         if self.origin is None:
-            self.origin = _copies(self.params)
+            self.origin = detached_copies(self.params)
         alpha = averaging_weight(self.group, gamma)[0]
         kappa = 1.0 - self.group["betas"][0] * (1.0 - alpha)
         step = gamma * self.group["lr_scale"]
@@ -887,7 +888,7 @@ class ALSALS(torch.optim.Optimizer):
             if not params:
                 continue
             weights = [local_shard(p.detach()) for p in params]
-            averages.append(_Average(group, params, weights, _copies(weights)))
+            averages.append(_Average(group, params, weights, detached_copies(weights)))
             moved = [
                 (w, local_shard(self.state[p]["z"]))
                 for p, w in zip(params, weights, strict=True)
@@ -1803,14 +1804,6 @@ def _square_roots_of_v_hat(v: list[Tensor], corrections: list[float]) -> list[Te
     for i in half:
         roots[i] = v[i].sqrt().div_(math.sqrt(corrections[i]))
     return roots  # type: ignore[return-value]
-
-
-def _copies(tensors: list[Tensor]) -> list[Tensor]:
-    """Detached copies of ``tensors`` (their strides kept), in one multi-tensor copy."""
-    copies = [torch.empty_like(t) for t in tensors]
-    with torch.no_grad():
-        torch._foreach_copy_(copies, tensors)
-    return copies
 
 
 def _dot_sum(
