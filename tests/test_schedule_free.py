@@ -873,6 +873,7 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
         ({"search_interval": 0}, "search_interval"),
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"lead_rule": "on"}, "lead_rule"),
+        ({"kept_rule": "shrinks"}, "kept_rule"),
         ({"polyak_start": "never"}, "polyak_start"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"loss_floor": float("nan")}, "invalid loss_floor: nan"),
@@ -969,6 +970,61 @@ def test_lead_rule_starts_each_search_by_where_z_led_since_the_last(rule):
             seen.add(trails)
         leading = trailing = 0
     assert seen == {True, False}, "the run must show both cases"
+
+
+def least_squares_problem(seed: int = 0, n: int = 50, d: int = 20):
+    """A full-batch, well-conditioned least-squares problem in float64 and its minimum."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    solution = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
+    return a, b, float(0.5 * ((a @ solution - b) ** 2).mean())
+
+
+@pytest.mark.parametrize("rule", ["keep", "shrink"])
+def test_kept_rule_shrinks_the_step_size_after_a_run_of_kept_searches_beyond_chance(rule):
+    """Each search counts the searches in a row whose averaging move alone failed the test
+    (``"kept"``); any other search ends the run. From the 5th in a row (a fair coin gives 5
+    heads with probability 1/32, beyond the 5% level) ``"shrink"`` divides the step size by
+    ``growth`` at each kept search; ``"keep"`` leaves it. Seen on a full-batch least-squares
+    problem, where ``z`` circles the minimum at a step size too large to settle."""
+    a, b, _ = least_squares_problem()
+    w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], kept_rule=rule, loss_rise_guard=None)  # (no ceiling on the step size)
+    in_a_row, longest, shrunk = 0, 0, 0
+    for _ in range(400):
+        lr_before = opt.param_groups[0]["lr"]
+        opt.step(lambda: 0.5 * ((a @ w - b) ** 2).mean())
+        info = opt.last_step
+        if info.kind == "reuse":
+            assert opt.search_state.kept_in_a_row == in_a_row
+            continue
+        in_a_row = in_a_row + 1 if info.kind == "kept" else 0
+        longest = max(longest, in_a_row)
+        assert opt.search_state.kept_in_a_row == in_a_row
+        if info.kind == "kept":
+            beyond = in_a_row >= 5 and rule == "shrink"
+            expected = lr_before / 1.1 if beyond else lr_before
+            assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+            shrunk += beyond
+    assert longest >= 6, "the run must show runs beyond chance"
+    assert rule == "keep" or shrunk > 0
+
+
+def test_kept_rule_shrink_lets_a_deterministic_problem_reach_its_minimum():
+    """Full batch, float64: with the step size kept where every search keeps it, ``z``
+    circles the minimum and only the average converges (slowly); shrinking it after a run
+    of kept searches takes the loss to its minimum within float64's resolution."""
+    a, b, minimum = least_squares_problem()
+    gaps = {}
+    for rule in ("keep", "shrink"):
+        w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = ALSALS([w], kept_rule=rule)
+        for _ in range(1000):
+            opt.step(lambda w=w: 0.5 * ((a @ w - b) ** 2).mean())
+        gaps[rule] = float(0.5 * ((a @ w.detach() - b) ** 2).mean()) - minimum
+    assert gaps["shrink"] < 1e-12 * minimum
+    assert gaps["keep"] > 1e3 * max(gaps["shrink"], 1e-14 * minimum)
 
 
 @pytest.mark.parametrize("polyak_start", ["sets", "trial"])
@@ -1320,6 +1376,7 @@ def test_a_loss_that_converged_below_its_rounding_is_called_converged():
         (0, "c", 2.0, r"param_groups\[0\]: invalid c"),
         (0, "max_trials", 0, r"param_groups\[0\]: invalid max_trials"),
         (0, "lead_rule", "bogus", r"param_groups\[0\]: invalid lead_rule"),
+        (0, "kept_rule", "bogus", r"param_groups\[0\]: invalid kept_rule"),
         (1, "lr", float("nan"), r"param_groups\[1\]: invalid lr"),
         (1, "c", 0.3, r"param_groups\[1\]\['c'\] = 0.3 differs from param_groups\[0\]"),
     ],

@@ -149,6 +149,7 @@ SEARCH_SETTINGS = (
     "first_phase",
     "search_interval",
     "lead_rule",
+    "kept_rule",
     "polyak_start",
     "loss_floor",
     "polyak_cap",
@@ -161,6 +162,8 @@ SEARCH_SETTINGS = (
 FIRST_PHASES = ("never", "kept", "settled")
 #: What a search's start does while ``z`` trails ``x`` (``lead_rule``).
 LEAD_RULES = ("off", "hold", "shrink")
+#: What a run of searches that all kept the step size does (``kept_rule``).
+KEPT_RULES = ("keep", "shrink")
 #: The sign test's level: ``z`` trails when so many batches say so that a fair coin would
 #: give as many in at most 5% of the runs (9 of the 10 steps between two searches).
 LEAD_TEST_LEVEL = 0.05
@@ -264,6 +267,7 @@ class SearchState:
     loss_followed: bool = False  # a search saw the loss change as the weights moved
     leading: int = 0  # steps since the last search whose batch found z downhill of y
     trailing: int = 0  # ... and uphill
+    kept_in_a_row: int = 0  # searches in a row whose averaging move alone failed the test
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -440,6 +444,16 @@ class ALSALS(torch.optim.Optimizer):
             always ``growth`` (``"off"``). The sign says nothing about plateaus a run must
             grow out of: there ``z`` trails too, and ``"shrink"`` / ``"hold"`` keep the
             step size too small to leave them (``benchmarks/docs/method.md``, section 19).
+        kept_rule: what a run of ``"kept"`` searches (the averaging move alone failed the
+            test, so no step size could be judged) does to the step size they keep:
+            ``"keep"`` leaves it; ``"shrink"`` divides it by ``growth`` at each kept search
+            from the 5th in a row on (a fair coin gives 5 in a row with probability 1/32,
+            beyond the 5% level). On a full-batch (deterministic) problem every search
+            keeps, ``z`` circles the minimum at a step size too large to settle, and only
+            the average converges, slowly (as Schedule-Free AdamW's does at a fixed rate);
+            ``"shrink"`` takes it to the minimum. On minibatch training it costs a
+            transformer trained from scratch, whose kept runs come while its loss still
+            falls (``benchmarks/docs/method.md``, section 31) (``"keep"``).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -490,6 +504,7 @@ class ALSALS(torch.optim.Optimizer):
         first_phase: str = "kept",
         search_interval: int = 10,
         lead_rule: str = "off",
+        kept_rule: str = "keep",
         polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -523,6 +538,7 @@ class ALSALS(torch.optim.Optimizer):
                     "first_phase": first_phase,
                     "search_interval": search_interval,
                     "lead_rule": lead_rule,
+                    "kept_rule": kept_rule,
                     "polyak_start": polyak_start,
                     "loss_floor": loss_floor,
                     "polyak_cap": polyak_cap,
@@ -1113,6 +1129,8 @@ class ALSALS(torch.optim.Optimizer):
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 return _info(result.kind, 0.0, loss0, result.evaluations)
+        if result.kind != "reuse":
+            result = self._after_kept_run(search, result)
         kind, gamma, trials = result.kind, result.step_size, result.evaluations
         # polyak_cap: no step, reused or searched, above this batch's Polyak step
         taken = gamma
@@ -1379,6 +1397,20 @@ class ALSALS(torch.optim.Optimizer):
             alpha = averaging_weight(group, gamma)[0]
             total += group["lr_scale"] * (1.0 - group["betas"][0] * (1.0 - alpha)) * s
         return total <= 0.0
+
+    def _after_kept_run(self, search: SearchState, result: SearchResult) -> SearchResult:
+        """Count the searches in a row whose averaging move alone failed the test; with
+        ``kept_rule="shrink"``, one that ends a run of them longer than chance allows (a
+        fair coin's ``1/2`` per search, at ``LEAD_TEST_LEVEL``) divides the step size it
+        keeps by ``growth``."""
+        judged = result.kind == "kept" and result.evaluations > 0  # (not the decay's)
+        search.kept_in_a_row = search.kept_in_a_row + 1 if judged else 0
+        beyond_chance = 0.5**search.kept_in_a_row <= LEAD_TEST_LEVEL
+        shrinks = self._settings["kept_rule"] == "shrink" and result.step_size > 0.0
+        if not (judged and beyond_chance and shrinks):
+            return result
+        shrunk = result.step_size / self._settings["growth"]
+        return replace(result, step_size=shrunk, sets_step_size=True)
 
     def _start_factor(self, search: SearchState) -> float:
         """The multiple of the last step size a search starts from: ``growth``, or with
@@ -1736,6 +1768,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "first_phase": _choice("first_phase", values["first_phase"], FIRST_PHASES),
         "search_interval": integer("search_interval", values["search_interval"], 1),
         "lead_rule": _choice("lead_rule", values["lead_rule"], LEAD_RULES),
+        "kept_rule": _choice("kept_rule", values["kept_rule"], KEPT_RULES),
         "polyak_start": _choice("polyak_start", values["polyak_start"], ("sets", "trial")),
         "loss_floor": loss_floor(values["loss_floor"]),
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),

@@ -781,6 +781,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(lead_rule="hold", polyak_start="sets", rise_restart=False),
         ),
         OptimizerSpec(
+            "alsals-schedulefree-kept-shrink",
+            "ALSALS shrinking its step size after a run of kept searches beyond chance",
+            _schedulefree_search(kept_rule="shrink"),
+        ),
+        OptimizerSpec(
             "alsals-schedulefree-no-restart",
             "ALSALS whose loss-rise guard does not restart z at x (method.md section 22)",
             _schedulefree_search(rise_restart=False),
