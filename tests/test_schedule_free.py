@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from alsals import ALSALS
-from alsals.schedule_free import STATE_KEY, trailing_beyond_chance
+from alsals.schedule_free import STATE_KEY, SearchResult, SearchState, trailing_beyond_chance
 
 
 def logistic_problem(seed: int = 0, n: int = 128, d: int = 6):
@@ -1011,20 +1011,42 @@ def test_kept_rule_shrinks_the_step_size_after_a_run_of_kept_searches_beyond_cha
     assert rule == "keep" or shrunk > 0
 
 
-def test_kept_rule_shrink_lets_a_deterministic_problem_reach_its_minimum():
+@pytest.mark.parametrize("seed", [0, 2])
+def test_kept_rule_shrink_lets_a_deterministic_problem_reach_its_minimum(seed):
     """Full batch, float64: with the step size kept where every search keeps it, ``z``
-    circles the minimum and only the average converges (slowly); shrinking it after a run
-    of kept searches takes the loss to its minimum within float64's resolution."""
-    a, b, minimum = least_squares_problem()
+    circles the minimum and only the average converges (slowly: 3.5e-8 and 5.4e-9 above it,
+    relative, after 3000 steps); shrinking it after a run of kept searches takes the loss to
+    its minimum within float64's resolution (not steadily: on seed 2 a search that passes
+    grows the step size again, and the gap at 1000 steps is the default's)."""
+    a, b, minimum = least_squares_problem(seed)
     gaps = {}
     for rule in ("keep", "shrink"):
         w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
         opt = ALSALS([w], kept_rule=rule)
-        for _ in range(1000):
+        for _ in range(3000):
             opt.step(lambda w=w: 0.5 * ((a @ w - b) ** 2).mean())
-        gaps[rule] = float(0.5 * ((a @ w.detach() - b) ** 2).mean()) - minimum
-    assert gaps["shrink"] < 1e-12 * minimum
-    assert gaps["keep"] > 1e3 * max(gaps["shrink"], 1e-14 * minimum)
+        gaps[rule] = (float(0.5 * ((a @ w.detach() - b) ** 2).mean()) - minimum) / minimum
+    assert gaps["shrink"] < 1e-13
+    assert gaps["keep"] > 1e-10
+
+
+def test_kept_rule_counts_only_searches_whose_averaging_move_failed():
+    """The run counts the searches that tested the averaging move and kept; the decay's
+    ``"kept"`` (no trial: the move along ``u`` promises no decrease) and any other search
+    end it, and only a kept search with a step size to keep shrinks (one of 0, after a
+    written or resumed start, counts but takes the averaging move alone)."""
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], kept_rule="shrink")
+    search = SearchState(step_size=1.0, kept_in_a_row=4)
+    shrunk = opt._after_kept_run(search, SearchResult("kept", 1.0, 2))
+    assert (search.kept_in_a_row, shrunk.step_size, shrunk.sets_step_size) == (5, 1.0 / 1.1, True)
+    zero = opt._after_kept_run(search, SearchResult("kept", 0.0, 2, resume=0.5))
+    assert (search.kept_in_a_row, zero.step_size) == (6, 0.0)
+    decay = opt._after_kept_run(search, SearchResult("kept", 1.0, 0))
+    assert (search.kept_in_a_row, decay.step_size) == (0, 1.0)
+    search.kept_in_a_row = 7
+    passed = opt._after_kept_run(search, SearchResult("search", 1.0, 1, True))
+    assert (search.kept_in_a_row, passed.step_size) == (0, 1.0)
 
 
 @pytest.mark.parametrize("polyak_start", ["sets", "trial"])

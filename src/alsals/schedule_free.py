@@ -33,8 +33,10 @@ the averaging move's rise outweighs the move along ``u``) was too small: the sea
 the first trial fails, the averaging move
 alone (``gamma = 0``, one more pass) is tested: if it fails too, no step size can pass,
 the search says nothing about ``gamma``, and the step is taken with the last one
-(``"kept"``). Every step, searched or reused, is capped by the Polyak step of its batch's
-linear model (``polyak_cap``).
+(``"kept"``); with ``kept_rule="shrink"``, from the 5th such search in a row on, each
+divides it by ``growth`` (on a full-batch problem every search keeps, and only the average
+converges, slowly). Every step, searched or reused, is capped by the Polyak step of its
+batch's linear model (``polyak_cap``).
 Searches run on each of the first ``initial_searches`` steps and every
 ``search_interval``-th step after; the steps between reuse ``gamma``. With ``lead_rule``, a
 search grows its start only while ``z`` does not trail the average: each step's own batch
@@ -158,6 +160,9 @@ SEARCH_SETTINGS = (
     "max_grad_norm",
     "warmup_steps",
 )
+#: Settings added since 0.2.0, with the values that reproduce the behaviour of a state saved
+#: before each existed (a checkpoint or a pickle of an older version continues as it ran).
+SETTINGS_ADDED = {"rise_restart": False, "warmup_steps": 0, "kept_rule": "keep"}
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
 #: What a search's start does while ``z`` trails ``x`` (``lead_rule``).
@@ -448,12 +453,15 @@ class ALSALS(torch.optim.Optimizer):
             test, so no step size could be judged) does to the step size they keep:
             ``"keep"`` leaves it; ``"shrink"`` divides it by ``growth`` at each kept search
             from the 5th in a row on (a fair coin gives 5 in a row with probability 1/32,
-            beyond the 5% level). On a full-batch (deterministic) problem every search
-            keeps, ``z`` circles the minimum at a step size too large to settle, and only
-            the average converges, slowly (as Schedule-Free AdamW's does at a fixed rate);
-            ``"shrink"`` takes it to the minimum. On minibatch training it costs a
-            transformer trained from scratch, whose kept runs come while its loss still
-            falls (``benchmarks/docs/method.md``, section 31) (``"keep"``).
+            beyond the 5% level; with ``growth=1`` nothing shrinks). Any other search ends
+            the run, but not a skipped step's (its loss was not finite). On a full-batch
+            (deterministic) problem every search keeps, ``z`` circles the minimum at a step
+            size too large to settle, and only the average converges, slowly (as
+            Schedule-Free AdamW's does at a fixed rate); ``"shrink"`` takes it to the
+            minimum within float64's resolution, though not steadily (searches that pass
+            grow the step size again). On minibatch training it costs a transformer trained
+            from scratch, whose kept runs come while its loss still falls
+            (``benchmarks/docs/method.md``, section 31) (``"keep"``).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -662,7 +670,12 @@ class ALSALS(torch.optim.Optimizer):
         named, before anything is loaded."""
         state_dict, shown = split_shown_lr(state_dict)
         required = {*SEARCH_SETTINGS, *GROUP_STATE}
-        for index, group in enumerate(state_dict.get("param_groups", [])):
+        groups = state_dict.get("param_groups", [])
+        if groups and all(required - group.keys() <= SETTINGS_ADDED.keys() for group in groups):
+            # an older version's state: the settings it predates, as it ran without them
+            groups = [{**SETTINGS_ADDED, **group} for group in groups]
+            state_dict = {**state_dict, "param_groups": groups}
+        for index, group in enumerate(groups):
             missing = sorted(required - group.keys())
             if missing:
                 raise ValueError(
@@ -711,6 +724,9 @@ class ALSALS(torch.optim.Optimizer):
         # (torch adds "differentiable" to the defaults here, which add_param_group would
         # copy into a new group: a setting of another optimizer in the next state_dict)
         self.defaults.pop("differentiable", None)
+        for settings in (self.defaults, *self.param_groups):  # (pickled by an older version)
+            for key, value in SETTINGS_ADDED.items():
+                settings.setdefault(key, value)
         self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_warned", set())
@@ -1400,9 +1416,9 @@ class ALSALS(torch.optim.Optimizer):
 
     def _after_kept_run(self, search: SearchState, result: SearchResult) -> SearchResult:
         """Count the searches in a row whose averaging move alone failed the test; with
-        ``kept_rule="shrink"``, one that ends a run of them longer than chance allows (a
-        fair coin's ``1/2`` per search, at ``LEAD_TEST_LEVEL``) divides the step size it
-        keeps by ``growth``."""
+        ``kept_rule="shrink"``, each that makes the run longer than chance allows (a fair
+        coin's ``1/2`` per search, at ``LEAD_TEST_LEVEL``) divides the step size it keeps
+        by ``growth``."""
         judged = result.kind == "kept" and result.evaluations > 0  # (not the decay's)
         search.kept_in_a_row = search.kept_in_a_row + 1 if judged else 0
         beyond_chance = 0.5**search.kept_in_a_row <= LEAD_TEST_LEVEL
