@@ -160,6 +160,16 @@ SEARCH_SETTINGS = (
     "max_grad_norm",
     "warmup_steps",
 )
+#: Searches in a row that kept the step size after which ``kept_rule="keep"`` warns (a fair
+#: coin gives 20 in a row with probability 1e-6).
+KEPT_WARNING_RUN = 20
+KEPT_RUN_WARNING = (
+    f"ALSALS: {KEPT_WARNING_RUN} searches in a row kept the step size (the averaging move "
+    "alone failed the Armijo test, so no step size could be judged): z circles the weights' "
+    "average at a step size the test cannot lower (a full-batch problem, or a run near its "
+    "minimum), and the loss converges only as the average does, slowly. kept_rule='shrink' "
+    "lowers the step size there (MomentumALSALS's search can lower it too)."
+)
 #: Settings added since 0.2.0, with the values that reproduce the behaviour of a state saved
 #: before each existed (a checkpoint or a pickle of an older version continues as it ran).
 SETTINGS_ADDED = {"rise_restart": False, "warmup_steps": 0, "kept_rule": "keep"}
@@ -451,7 +461,8 @@ class ALSALS(torch.optim.Optimizer):
             step size too small to leave them (``benchmarks/docs/method.md``, section 19).
         kept_rule: what a run of ``"kept"`` searches (the averaging move alone failed the
             test, so no step size could be judged) does to the step size they keep:
-            ``"keep"`` leaves it; ``"shrink"`` divides it by ``growth`` at each kept search
+            ``"keep"`` leaves it (and warns once at the 20th in a row: a fair coin gives
+            that with probability 1e-6); ``"shrink"`` divides it by ``growth`` at each kept search
             from the 5th in a row on (a fair coin gives 5 in a row with probability 1/32,
             beyond the 5% level; with ``growth=1`` nothing shrinks). Any other search ends
             the run, but not a skipped step's (its loss was not finite). On a full-batch
@@ -1147,6 +1158,8 @@ class ALSALS(torch.optim.Optimizer):
                 return _info(result.kind, 0.0, loss0, result.evaluations)
         if result.kind != "reuse":
             result = self._after_kept_run(search, result)
+            if search.kept_in_a_row == KEPT_WARNING_RUN and h["kept_rule"] == "keep":
+                self._warn_once("kept_run", KEPT_RUN_WARNING)
         kind, gamma, trials = result.kind, result.step_size, result.evaluations
         # polyak_cap: no step, reused or searched, above this batch's Polyak step
         taken = gamma
