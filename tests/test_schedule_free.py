@@ -19,13 +19,7 @@ import torch
 from torch import nn
 
 from alsals import ALSALS
-from alsals.schedule_free import (
-    KEPT_RUN_WARNING,
-    STATE_KEY,
-    SearchResult,
-    SearchState,
-    trailing_beyond_chance,
-)
+from alsals.schedule_free import STATE_KEY, SearchResult, SearchState, trailing_beyond_chance
 
 
 def logistic_problem(seed: int = 0, n: int = 128, d: int = 6):
@@ -1034,26 +1028,6 @@ def test_kept_rule_shrink_lets_a_deterministic_problem_reach_its_minimum(seed):
         gaps[rule] = (float(0.5 * ((a @ w.detach() - b) ** 2).mean()) - minimum) / minimum
     assert gaps["shrink"] < 1e-13
     assert gaps["keep"] > 1e-10
-
-
-@pytest.mark.parametrize("rule", ["keep", "shrink"])
-def test_a_long_run_of_kept_searches_warns_once_where_nothing_lowers_the_step_size(rule):
-    """Twenty searches in a row that kept the step size (a fair coin: 1e-6) say the run is
-    where the test cannot lower it, a full-batch problem's: with ``"keep"`` one warning at
-    the 20th that names ``kept_rule``, none with ``"shrink"``."""
-    a, b, _ = least_squares_problem()
-    w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], kept_rule=rule)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(400):
-            opt.step(lambda: 0.5 * ((a @ w - b) ** 2).mean())
-            if rule == "keep" and opt.search_state.kept_in_a_row < 20:
-                assert not any("searches in a row" in str(c.message) for c in caught)
-    messages = [str(c.message) for c in caught if "searches in a row" in str(c.message)]
-    assert messages == ([] if rule == "shrink" else [KEPT_RUN_WARNING])
-    assert rule == "shrink" or opt.search_state.kept_in_a_row > 20
-    assert "kept_rule='shrink'" in KEPT_RUN_WARNING
 
 
 def test_kept_rule_counts_only_searches_whose_averaging_move_failed():

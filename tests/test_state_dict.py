@@ -477,9 +477,14 @@ def test_alsals_saved_by_a_version_before_its_newer_settings_continues_as_it_ran
         model, opt = pickle.loads(pickle.dumps((model, opt)))
     else:
         opt = ALSALS(model.parameters(), buffers=model.buffers())  # today's defaults
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (the saved settings differ from the defaults)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             opt.load_state_dict(saved)
+        assert [str(c.message) for c in caught] == [
+            "the state loaded into ALSALS was saved by a version of alsals before kept_rule, "
+            "rise_restart, warmup_steps: it goes on as that version ran (kept_rule='keep', "
+            "rise_restart=False, warmup_steps=0)"
+        ]
     assert all(opt.param_groups[0][k] == v for k, v in OLDER_SETTINGS.items())
     train(model, opt, data[SAVE_AT:])
     assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected, strict=True))
@@ -487,3 +492,19 @@ def test_alsals_saved_by_a_version_before_its_newer_settings_continues_as_it_ran
     del saved["param_groups"][0]["first_phase"]
     with pytest.raises(ValueError, match="lacks first_phase"):
         ALSALS(model.parameters()).load_state_dict(saved)
+
+
+def test_alsals_state_whose_groups_lack_different_newer_settings_is_refused():
+    """No version wrote a setting into one group and not another: a state whose groups lack
+    different settings (one ``kept_rule``, the other none) is edited, not old, and refused
+    with the setting named rather than filled."""
+    a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = ALSALS([{"params": [a]}, {"params": [b]}], kept_rule="shrink")
+    opt.step(lambda: (a**2).sum() + (b**2).sum())
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["kept_rule"]
+    fresh_opt = ALSALS([{"params": [a]}, {"params": [b]}], kept_rule="shrink")
+    with pytest.raises(ValueError, match=r"lacks kept_rule in param_groups\[0\]"):
+        fresh_opt.load_state_dict(saved)
+    assert all(g["kept_rule"] == "shrink" for g in fresh_opt.param_groups)
+    assert not any(fresh_opt.state_dict()["state"].values())

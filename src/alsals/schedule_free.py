@@ -160,16 +160,6 @@ SEARCH_SETTINGS = (
     "max_grad_norm",
     "warmup_steps",
 )
-#: Searches in a row that kept the step size after which ``kept_rule="keep"`` warns (a fair
-#: coin gives 20 in a row with probability 1e-6).
-KEPT_WARNING_RUN = 20
-KEPT_RUN_WARNING = (
-    f"ALSALS: {KEPT_WARNING_RUN} searches in a row kept the step size (the averaging move "
-    "alone failed the Armijo test, so no step size could be judged): z circles the weights' "
-    "average at a step size the test cannot lower (a full-batch problem, or a run near its "
-    "minimum), and the loss converges only as the average does, slowly. kept_rule='shrink' "
-    "lowers the step size there (MomentumALSALS's search can lower it too)."
-)
 #: Settings added since 0.2.0, with the values that reproduce the behaviour of a state saved
 #: before each existed (a checkpoint or a pickle of an older version continues as it ran).
 SETTINGS_ADDED = {"rise_restart": False, "warmup_steps": 0, "kept_rule": "keep"}
@@ -461,8 +451,7 @@ class ALSALS(torch.optim.Optimizer):
             step size too small to leave them (``benchmarks/docs/method.md``, section 19).
         kept_rule: what a run of ``"kept"`` searches (the averaging move alone failed the
             test, so no step size could be judged) does to the step size they keep:
-            ``"keep"`` leaves it (and warns once at the 20th in a row: a fair coin gives
-            that with probability 1e-6); ``"shrink"`` divides it by ``growth`` at each kept search
+            ``"keep"`` leaves it; ``"shrink"`` divides it by ``growth`` at each kept search
             from the 5th in a row on (a fair coin gives 5 in a row with probability 1/32,
             beyond the 5% level; with ``growth=1`` nothing shrinks). Any other search ends
             the run, but not a skipped step's (its loss was not finite). On a full-batch
@@ -682,9 +671,15 @@ class ALSALS(torch.optim.Optimizer):
         state_dict, shown = split_shown_lr(state_dict)
         required = {*SEARCH_SETTINGS, *GROUP_STATE}
         groups = state_dict.get("param_groups", [])
-        if groups and all(required - group.keys() <= SETTINGS_ADDED.keys() for group in groups):
-            # an older version's state: the settings it predates, as it ran without them
-            groups = [{**SETTINGS_ADDED, **group} for group in groups]
+        # an older version's state (every group lacks the same settings, all added since
+        # 0.2.0): the settings it predates, as it ran without them
+        lacking = {frozenset(required - group.keys()) for group in groups}
+        predated = next(iter(lacking)) if len(lacking) == 1 else frozenset()
+        if not predated <= SETTINGS_ADDED.keys():
+            predated = frozenset()
+        filled = {k: SETTINGS_ADDED[k] for k in sorted(predated)}
+        if filled:
+            groups = [{**filled, **group} for group in groups]
             state_dict = {**state_dict, "param_groups": groups}
         for index, group in enumerate(groups):
             missing = sorted(required - group.keys())
@@ -705,7 +700,16 @@ class ALSALS(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups", [])
         if saved_groups:
             saved = {k: saved_groups[0][k] for k in SEARCH_SETTINGS}
-            warn_about_other_settings("ALSALS", saved, self.defaults, SEARCH_SETTINGS)
+            compared = [k for k in SEARCH_SETTINGS if k not in filled]  # (said below)
+            warn_about_other_settings("ALSALS", saved, self.defaults, compared)
+        if filled:
+            listed = ", ".join(f"{k}={v!r}" for k, v in filled.items())
+            warnings.warn(
+                f"the state loaded into ALSALS was saved by a version of alsals before "
+                f"{', '.join(filled)}: it goes on as that version ran ({listed})",
+                UserWarning,
+                stacklevel=2,
+            )
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # (numbers as plain floats: weights_only loading)
             group.update(_group_settings(group))
@@ -1158,8 +1162,6 @@ class ALSALS(torch.optim.Optimizer):
                 return _info(result.kind, 0.0, loss0, result.evaluations)
         if result.kind != "reuse":
             result = self._after_kept_run(search, result)
-            if search.kept_in_a_row == KEPT_WARNING_RUN and h["kept_rule"] == "keep":
-                self._warn_once("kept_run", KEPT_RUN_WARNING)
         kind, gamma, trials = result.kind, result.step_size, result.evaluations
         # polyak_cap: no step, reused or searched, above this batch's Polyak step
         taken = gamma
