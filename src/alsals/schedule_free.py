@@ -675,9 +675,8 @@ class ALSALS(torch.optim.Optimizer):
         # 0.2.0): the settings it predates, as it ran without them
         lacking = {frozenset(required - group.keys()) for group in groups}
         predated = next(iter(lacking)) if len(lacking) == 1 else frozenset()
-        if not predated <= SETTINGS_ADDED.keys():
-            predated = frozenset()
-        filled = {k: SETTINGS_ADDED[k] for k in sorted(predated)}
+        old = predated <= SETTINGS_ADDED.keys()
+        filled = {k: SETTINGS_ADDED[k] for k in sorted(predated)} if old else {}
         if filled:
             groups = [{**filled, **group} for group in groups]
             state_dict = {**state_dict, "param_groups": groups}
@@ -1436,7 +1435,7 @@ class ALSALS(torch.optim.Optimizer):
         by ``growth``."""
         judged = result.kind == "kept" and result.evaluations > 0  # (not the decay's)
         search.kept_in_a_row = search.kept_in_a_row + 1 if judged else 0
-        beyond_chance = 0.5**search.kept_in_a_row <= LEAD_TEST_LEVEL
+        beyond_chance = trailing_beyond_chance(0, search.kept_in_a_row)  # (lead_rule's test)
         shrinks = self._settings["kept_rule"] == "shrink" and result.step_size > 0.0
         if not (judged and beyond_chance and shrinks):
             return result
