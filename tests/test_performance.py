@@ -86,6 +86,34 @@ def test_extra_memory_is_at_most_one_parameter_sized_buffer_beyond_adam(cls, kwa
     assert mode.peak >= param_bytes(params)  # the tracker sees at least the saved weights
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_alsals_holds_three_parameter_sized_buffers_at_most(max_grad_norm):
+    # Through its trials the copy of the average x, the update u and y to come back to;
+    # Adam's v' is formed where it is needed (the denominator, the commit), not held (four
+    # buffers before, five with clipping, whose gradients' copy now becomes u)
+    params = make_params()
+    size = param_bytes(params)
+    opt = ALSALS(params, lr=10.0, loss_floor=None, max_grad_norm=max_grad_norm)
+    mode = LiveStorage()
+    closure = quadratic_closure(params, mode)
+    opt.step(closure)
+    for group in opt.param_groups:
+        group["lr"] = 10.0  # a written lr: the next step searches from it and backtracks
+    during_trials = []
+
+    def watched(backward: bool):
+        if not backward:
+            during_trials.append(mode.live)
+        return closure(backward)
+
+    with mode:
+        opt.step(watched)
+    assert opt.last_step.trials > 1, opt.last_step
+    scalars = 4096  # losses, slopes and norms: a handful of 0-d tensors
+    assert 3 * size <= max(during_trials) <= 3 * size + scalars, (max(during_trials), size)
+    assert mode.peak <= 3 * size + scalars, (mode.peak, size)
+
+
 @pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS], ids=["AdamSLS", "MomentumALSALS"])
 def test_a_step_without_search_needs_no_more_memory_than_adam(cls):
     params = make_params()

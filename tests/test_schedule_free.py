@@ -2183,6 +2183,26 @@ def test_a_tiny_float32_gradient_is_no_zero_gradient():
     assert ((x @ w.detach() - y) ** 2).mean() < 0.5 * (y**2).mean()
 
 
+def test_a_gradient_whose_float32_norm_overflows_is_no_nonfinite_gradient():
+    """Four million entries near 1e16: the squares' sum overflows float32 (the gradient's
+    norm is taken in float32 for speed) but not float64, nor Adam's second moment: the
+    steps search and move (decided again in float64), as they do at scale 1."""
+    target = torch.randn(2000, 2000, generator=torch.Generator().manual_seed(0))
+    w = torch.nn.Parameter(torch.zeros(2000, 2000))
+    opt = ALSALS([w])
+
+    def closure():
+        return 1e16 * ((w - target) ** 2).mean() * w.numel()
+
+    start = closure().item()
+    opt.step(closure)
+    assert not math.isfinite(w.grad.norm().item())  # (its float32 norm overflows)
+    for _ in range(10):
+        assert opt.last_step.kind not in ("nonfinite", "zero_grad")
+        opt.step(closure)
+    assert closure().item() < 0.5 * start
+
+
 def test_a_loss_at_its_floor_takes_no_trial_and_no_step():
     """A float32 loss that is exactly 0 (its floor) while the gradient is not: no trial can
     pass a test that asks for a decrease below 0. Each search ends at once (it took 100

@@ -359,18 +359,20 @@ class _Group:
     grads: list[Tensor]
     z: list[Tensor]
     x: list[Tensor]  # the copy of the average, to become x'
-    exp_avg_sqs: list[Tensor]  # v' of this step (not yet committed)
+    clip: Tensor | None  # max_grad_norm's factor of the gradients (None: unclipped)
     u: list[Tensor]  # the preconditioned gradient with weight decay
     steps: list[int]  # Adam's t after this step
     counts: list[int]  # over how many ranks each tensor is sharded (FSDP2; else 1)
     owners: list[Tensor]  # the parameters themselves: the state's keys
     z_state: list[Tensor]  # z and v as the state holds them (DTensors under FSDP2)
     v_state: list[Tensor]
+    v: list[Tensor]  # v as the state holds it (local shards)
     origin: list[Tensor] | None = None  # y, while trials move the weights
 
     def place(self, gamma: float) -> None:
         """The weights at ``y' = y + alpha (z - y) - gamma kappa u`` (a trial; ``y`` is kept
-        to come back to)."""
+        to come back to: the weights as the gradient's evaluation left them, which a
+        closure that initialises weights from the data may have written)."""
         if self.origin is None:
             self.origin = detached_copies(self.params)
         alpha = averaging_weight(self.group, gamma)[0]
@@ -382,6 +384,27 @@ class _Group:
             torch._foreach_add_(
                 self.params, self.u, alpha=representable(-step * kappa, self.params)
             )
+
+    def new_moments(self) -> list[Tensor]:
+        """Adam's ``v' = beta2 v + (1 - beta2) g^2`` of this step, in new tensors (the state
+        keeps ``v`` until the commit): formed where needed, not held through the trials."""
+        v_new = torch._foreach_mul(self.v, self.group["betas"][1])
+        self.add_squared_gradients(v_new)
+        return v_new
+
+    def add_squared_gradients(
+        self, v_new: list[Tensor], scratch: list[Tensor] | None = None
+    ) -> None:
+        """``v_new += (1 - beta2) g^2`` with the step's (clipped) gradients ``g``, formed in
+        ``scratch`` where given (else in new tensors)."""
+        moved = self.grads
+        if self.clip is not None and scratch is None:
+            moved = torch._foreach_mul(self.grads, self.clip)
+        elif self.clip is not None:
+            torch._foreach_copy_(scratch, self.grads)
+            torch._foreach_mul_(scratch, self.clip)
+            moved = scratch
+        torch._foreach_addcmul_(v_new, moved, moved, 1.0 - self.group["betas"][1])
 
 
 class ALSALS(torch.optim.Optimizer):
@@ -1040,6 +1063,13 @@ class ALSALS(torch.optim.Optimizer):
             self._process_group,
         )
         averaging, slope = sums[0::2], sums[1::2]
+        if not 0.0 < grad_sq_value < math.inf and self._settings["max_grad_norm"] is None:
+            # float32's squares of entries below 1e-19 or above 1e19 under- or overflow where
+            # float64's do not: whether the gradient is 0, or finite, decided in float64
+            grads = [t for g in groups for t in g.grads]
+            counts = [k for g in groups for k in g.counts]
+            wide = _squared_norm(grads, counts, torch.float64)
+            (grad_sq_value,) = mean_to_host([zero if wide is None else wide], self._process_group)
         if self._settings["max_grad_norm"] is not None:
             self._grad_norm = math.sqrt(grad_sq_value) if grad_sq_value >= 0.0 else math.nan
         nonfinite = not (math.isfinite(loss0) and math.isfinite(grad_sq_value))
@@ -1562,12 +1592,10 @@ class ALSALS(torch.optim.Optimizer):
                 taking_part.append((group, params, grads, [shard_count(p) for p in params]))
         all_grads = [g for _, _, grads, _ in taking_part for g in grads]
         all_counts = [k for *_, counts in taking_part for k in counts]
-        squared = None
-        if all_grads:
-            # (in float64: a float32 gradient of entries near 1e-25 is no zero gradient)
-            norms = wide_norms(all_grads, torch.float64)
-            device = all_grads[0].device
-            squared = scaled(float64_vector(norms, device) ** 2, all_counts).sum()
+        # in float32 (on CPU a tenth of float64's cost) but where clipping scales the
+        # gradients by it; _run decides again in float64 where float32's is 0 or not finite
+        clipping = self._settings["max_grad_norm"] is not None
+        squared = _squared_norm(all_grads, all_counts, torch.float64 if clipping else torch.float32)
         sharded = any(k > 1 for k in all_counts)
         scale = self._clip_scale(squared, sharded) if all_grads else None
         copies = {id(p): x for a in averages for p, x in zip(a.params, a.x, strict=True)}
@@ -1594,19 +1622,38 @@ class ALSALS(torch.optim.Optimizer):
             z = [local_shard(t) for t in z_state]
             v = [local_shard(t) for t in v_state]
             beta2 = group["betas"][1]
-            v_new = torch._foreach_mul(v, beta2)
-            torch._foreach_addcmul_(v_new, moved, moved, 1.0 - beta2)
+            # v' becomes the denominator in place: only u outlives this loop (v' is formed
+            # again at the commit, the same bits, rather than held through the trials)
+            denominators = torch._foreach_mul(v, beta2)
+            torch._foreach_addcmul_(denominators, moved, moved, 1.0 - beta2)
             corrections = [1.0 - beta2**t for t in steps]
-            denominators = _square_roots_of_v_hat(v_new, corrections)
+            _square_roots_of_v_hat_(denominators, corrections)
             torch._foreach_add_(denominators, group["eps"])
-            u = torch._foreach_div(moved, denominators)
+            if scale is None:
+                u = torch._foreach_div(moved, denominators)
+            else:  # (the clipped gradients are this step's own copy: u takes their place)
+                torch._foreach_div_(moved, denominators)
+                u = moved
+            del denominators, moved
             weights = [local_shard(p.detach()) for p in params]
             if group["weight_decay"]:
                 torch._foreach_add_(u, weights, alpha=group["weight_decay"])
             x = [copies[id(p)] for p in params]
             groups.append(
                 _Group(
-                    group, weights, grads, z, x, v_new, u, steps, counts, params, z_state, v_state
+                    group,
+                    weights,
+                    grads,
+                    z,
+                    x,
+                    scale,
+                    u,
+                    steps,
+                    counts,
+                    params,
+                    z_state,
+                    v_state,
+                    v,
                 )
             )
         return groups, squared
@@ -1628,7 +1675,7 @@ class ALSALS(torch.optim.Optimizer):
         overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
         would stop while the averaging moves x to it). Run on every rank where one found a
         risk (``_overflow_risk``)."""
-        moments = [v for g in groups for v in g.exp_avg_sqs]
+        moments = [v for g in groups for v in g.new_moments()]
         return any_not_finite(moments, device, self._process_group)
 
     def _clip_scale(self, squared_norm: Tensor, sharded: bool) -> Tensor | None:
@@ -1652,11 +1699,17 @@ class ALSALS(torch.optim.Optimizer):
         advance, also where this rank holds no gradient for it: they must stay equal on
         every rank."""
         for g in groups:
+            g.origin = None  # (the trials are over: y is not needed again)
+        # v' in new tensors before anything is written (an allocation that fails leaves the
+        # state as it was); u, spent once z has moved, holds the clipped gradients it needs
+        fresh = [torch._foreach_mul(g.v, g.group["betas"][1]) for g in groups]
+        for g, v_new in zip(groups, fresh, strict=True):
             torch._foreach_add_(g.z, g.u, alpha=representable(-gamma * g.group["lr_scale"], g.z))
             torch._foreach_lerp_(g.x, g.z, averaging_weight(g.group, gamma)[0])
             if restart:
                 torch._foreach_copy_(g.z, g.x)
-            held = zip(g.owners, g.z_state, g.v_state, g.exp_avg_sqs, g.steps, strict=True)
+            g.add_squared_gradients(v_new, scratch=g.u)
+            held = zip(g.owners, g.z_state, g.v_state, v_new, g.steps, strict=True)
             for p, z, v_held, v, t in held:
                 if local_shard(v_held) is not v_held:  # a DTensor (FSDP2): keep its wrapper
                     local_shard(v_held).copy_(v)
@@ -1852,21 +1905,28 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _square_roots_of_v_hat(v: list[Tensor], corrections: list[float]) -> list[Tensor]:
-    """``sqrt(v_i / corrections_i)`` in new tensors; for float16 ``sqrt(v_i) /
+def _square_roots_of_v_hat_(v: list[Tensor], corrections: list[float]) -> None:
+    """``v_i <- sqrt(v_i / corrections_i)`` in place; for float16 ``sqrt(v_i) /
     sqrt(corrections_i)``, torch.optim.Adam's order: ``v / (1 - beta2^t)`` overflows float16
     from a gradient entry of 256 at ``t = 1``, where the square roots hold."""
-    roots: list[Tensor | None] = [None] * len(v)
-    half = [i for i, t in enumerate(v) if t.dtype == torch.float16]
     other = [i for i, t in enumerate(v) if t.dtype != torch.float16]
     if other:
-        found = torch._foreach_div([v[i] for i in other], [corrections[i] for i in other])
+        found = [v[i] for i in other]
+        torch._foreach_div_(found, [corrections[i] for i in other])
         torch._foreach_sqrt_(found)
-        for i, root in zip(other, found, strict=True):
-            roots[i] = root
-    for i in half:
-        roots[i] = v[i].sqrt().div_(math.sqrt(corrections[i]))
-    return roots  # type: ignore[return-value]
+    for i, t in enumerate(v):
+        if t.dtype == torch.float16:
+            t.sqrt_().div_(math.sqrt(corrections[i]))
+
+
+def _squared_norm(grads: list[Tensor], counts: list[int], at_least: torch.dtype) -> Tensor | None:
+    """``||g||^2`` on the device, float64, the norms taken in ``at_least`` or the gradients'
+    dtype if wider; each shard counted ``counts[i]`` times, so that the mean over ranks is
+    the total (FSDP2). ``None`` without any."""
+    if not grads:
+        return None
+    norms = float64_vector(wide_norms(grads, at_least), grads[0].device)
+    return scaled(norms**2, counts).sum()
 
 
 def _dot_sum(
