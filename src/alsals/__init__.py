@@ -22,7 +22,7 @@ __all__ = [
     "MomentumALSALS",
     "StepInfo",
 ]
-__version__ = "0.2.4"
+__version__ = "0.2.5"
 
 
 def __getattr__(name: str) -> Any:
