@@ -238,6 +238,26 @@ def overflow_run(rank: int) -> list[str]:
     return kinds
 
 
+def tiny_gradient_run(rank: int) -> list[str]:
+    """Rank 0's gradient is so small that float32's squares underflow to 0 (a loss scaled by
+    1e-25); rank 1's is exactly 0 at the first step: both ranks decide again in float64
+    together (a second collective on every rank), and both step."""
+    w = torch.zeros(3, requires_grad=True)
+    opt = ALSALS([w])
+    target = torch.tensor([1.0, -2.0, 0.5])
+    kinds = []
+    for step in range(4):
+
+        def closure(step=step):
+            if rank == 1 and step == 0:
+                return (w * 0.0).sum() + 1e-25  # (a gradient of exactly 0 on this rank)
+            return 1e-25 * ((w - target) ** 2).sum()
+
+        opt.step(closure)
+        kinds.append(opt.last_step.kind)
+    return kinds
+
+
 def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -266,6 +286,7 @@ def train_all(rank: int) -> dict:
         "schedule_free": schedule_free_run(rank),
         "mismatch": mismatch_run(rank),
         "overflow": overflow_run(rank),
+        "tiny": tiny_gradient_run(rank),
     }
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank

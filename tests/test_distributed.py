@@ -137,3 +137,14 @@ def test_an_overflow_on_one_rank_is_checked_and_skipped_on_every_rank(rank_resul
     kinds = [rank_results[rank]["overflow"] for rank in (0, 1)]
     assert kinds[0] == kinds[1]
     assert kinds[0][0] == "nonfinite" and "nonfinite" not in kinds[0][1:]
+
+
+def test_a_gradient_whose_float32_squares_underflow_is_decided_in_float64_on_every_rank(
+    rank_results,
+):
+    """Rank 0's gradient squares underflow float32 (the norm ALSALS takes for speed) while
+    rank 1's gradient is exactly 0: both ranks take the float64 decision together, and step
+    alike (without it every rank would skip the step as a zero gradient)."""
+    kinds = [rank_results[rank]["tiny"] for rank in (0, 1)]
+    assert kinds[0] == kinds[1]
+    assert "zero_grad" not in kinds[0] and "nonfinite" not in kinds[0], kinds[0]

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import alsals.schedule_free
 from alsals import ALSALS
 from alsals.schedule_free import STATE_KEY, SearchResult, SearchState, trailing_beyond_chance
 
@@ -498,6 +499,64 @@ def test_an_exception_in_a_trial_leaves_weights_state_and_random_stream_as_they_
                 assert torch.equal(after["state"][key][name], value)
             else:
                 assert after["state"][key][name] == value
+
+
+@pytest.mark.parametrize("failing", ["copy of x", "v' at the commit"])
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_an_allocation_that_fails_in_a_step_leaves_every_group_as_it_was(
+    failing, max_grad_norm, monkeypatch
+):
+    """An allocation that fails (out of memory) where the step moves the weights to ``y``,
+    at the second group's copy of ``x`` (the first group had moved: it stayed at ``y``), or
+    at the commit's ``v'``, which is allocated before anything is written."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = ALSALS([{"params": first}, {"params": second}], max_grad_norm=max_grad_norm)
+    for idx in batches(x, y, 12):
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    calls = [0]
+    if failing == "copy of x":
+        original = alsals.schedule_free.detached_copies
+
+        def allocate(tensors):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise torch.OutOfMemoryError("no memory for the copy")
+            return original(tensors)
+
+        monkeypatch.setattr(alsals.schedule_free, "detached_copies", allocate)
+    else:
+        original = ALSALS._commit
+
+        def commit(self, groups, gamma, restart):
+            with monkeypatch.context() as patched:
+                mul = torch._foreach_mul
+
+                def failing_mul(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == 2:  # (the second group's v')
+                        raise torch.OutOfMemoryError("no memory for v'")
+                    return mul(*args, **kwargs)
+
+                patched.setattr(torch, "_foreach_mul", failing_mul)
+                return original(self, groups, gamma, restart)
+
+        monkeypatch.setattr(ALSALS, "_commit", commit)
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step(lambda: loss_of(model, x[:32], y[:32]))
+    assert calls[0] == 2
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for key, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(after["state"][key][name], value), (key, name)
+            else:
+                assert after["state"][key][name] == value, (key, name)
 
 
 @pytest.mark.parametrize("bad", ["nan_loss", "nan_grad"])

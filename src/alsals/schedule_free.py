@@ -950,22 +950,28 @@ class ALSALS(torch.optim.Optimizer):
         """A copy of every group's weights (the average ``x``), then the weights moved to
         ``y = (1 - beta1) z + beta1 x`` where ``z`` exists (before a parameter's first step
         ``x = z = y``) and the parameter trains: one frozen (``requires_grad=False``) stays
-        at ``x``, the value it is evaluated and saved with, while the others train."""
-        averages = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.requires_grad or p.grad is not None]
-            if not params:
-                continue
-            weights = [local_shard(p.detach()) for p in params]
-            averages.append(_Average(group, params, weights, detached_copies(weights)))
-            moved = [
-                (w, local_shard(self.state[p]["z"]))
-                for p, w in zip(params, weights, strict=True)
-                if p.requires_grad and "z" in self.state.get(p, {})
-            ]
-            if moved:
-                at, towards = zip(*moved, strict=True)
-                torch._foreach_lerp_(list(at), list(towards), 1.0 - group["betas"][0])
+        at ``x``, the value it is evaluated and saved with, while the others train. An
+        exception on the way (a copy that cannot be allocated) puts back the groups moved."""
+        averages: list[_Average] = []
+        try:
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.requires_grad or p.grad is not None]
+                if not params:
+                    continue
+                weights = [local_shard(p.detach()) for p in params]
+                averages.append(_Average(group, params, weights, detached_copies(weights)))
+                moved = [
+                    (w, local_shard(self.state[p]["z"]))
+                    for p, w in zip(params, weights, strict=True)
+                    if p.requires_grad and "z" in self.state.get(p, {})
+                ]
+                if moved:
+                    at, towards = zip(*moved, strict=True)
+                    torch._foreach_lerp_(list(at), list(towards), 1.0 - group["betas"][0])
+        except BaseException:
+            for average in averages:
+                average.restore()
+            raise
         return averages
 
     def _check_written_settings(self) -> None:
@@ -1064,8 +1070,9 @@ class ALSALS(torch.optim.Optimizer):
         )
         averaging, slope = sums[0::2], sums[1::2]
         if not 0.0 < grad_sq_value < math.inf and self._settings["max_grad_norm"] is None:
-            # float32's squares of entries below 1e-19 or above 1e19 under- or overflow where
-            # float64's do not: whether the gradient is 0, or finite, decided in float64
+            # float32's squares underflow to 0 (entries below about 1e-23) or their sum
+            # overflows (entries near 1e19, or many near 1e16) where float64's do not:
+            # whether the gradient is 0, or finite, decided in float64
             grads = [t for g in groups for t in g.grads]
             counts = [k for g in groups for k in g.counts]
             wide = _squared_norm(grads, counts, torch.float64)
@@ -1575,7 +1582,7 @@ class ALSALS(torch.optim.Optimizer):
     def _gather(self, averages: list[_Average]) -> tuple[list[_Group], Tensor | None]:
         """This step's tensors per group (``grad`` set; the local shards under FSDP2, the
         copies of ``x`` from ``averages``), with
-        ``v'`` and ``u`` computed, and the squared norm of the gradients (float64, on the
+        ``u`` computed, and the squared norm of the gradients (float64, on the
         device, each shard counted once per rank it is split over so that the mean over
         ranks is the total; ``None`` without any); nothing is written to the state."""
         taking_part = []
@@ -1698,17 +1705,22 @@ class ALSALS(torch.optim.Optimizer):
         ``x'`` (for the parameters this step moved). Every group's averaging weights
         advance, also where this rank holds no gradient for it: they must stay equal on
         every rank."""
+        fresh = []
         for g in groups:
             g.origin = None  # (the trials are over: y is not needed again)
-        # v' in new tensors before anything is written (an allocation that fails leaves the
-        # state as it was); u, spent once z has moved, holds the clipped gradients it needs
-        fresh = [torch._foreach_mul(g.v, g.group["betas"][1]) for g in groups]
+            # v' allocated before anything is written (an allocation that fails leaves the
+            # state as it was), and formed there where unclipped; u, spent once z has
+            # moved, holds the clipped gradients the others need
+            fresh.append(torch._foreach_mul(g.v, g.group["betas"][1]))
+            if g.clip is None:
+                g.add_squared_gradients(fresh[-1])
         for g, v_new in zip(groups, fresh, strict=True):
             torch._foreach_add_(g.z, g.u, alpha=representable(-gamma * g.group["lr_scale"], g.z))
             torch._foreach_lerp_(g.x, g.z, averaging_weight(g.group, gamma)[0])
             if restart:
                 torch._foreach_copy_(g.z, g.x)
-            g.add_squared_gradients(v_new, scratch=g.u)
+            if g.clip is not None:
+                g.add_squared_gradients(v_new, scratch=g.u)
             held = zip(g.owners, g.z_state, g.v_state, v_new, g.steps, strict=True)
             for p, z, v_held, v, t in held:
                 if local_shard(v_held) is not v_held:  # a DTensor (FSDP2): keep its wrapper
