@@ -1,0 +1,395 @@
+"""Six held-out-style tasks for exploring a method on problems it was not chosen on.
+
+Not part of the benchmark's suites (no stored runs, no report of their own): section 32 of
+``benchmarks/docs/method.md`` reports what ``ALSALS(params)`` and the peers did on them. The
+data come from scikit-learn's bundled sets, a seeded generator, or the source of three
+modules of the running Python's standard library (``lstm-char``: the text, and so the
+numbers, follow the Python version; 3.11.7 for section 32); the run's seed sets the model's
+initialisation and the batch order. Run through the benchmark's own command line, with
+these tasks registered first::
+
+    python benchmarks/scripts/heldout_tasks.py run --budget quick --tasks matrix-factorisation \
+        --optimizers alsals-schedulefree adam-tuned --seeds 0,1 --out /tmp/heldout --no-report
+    python benchmarks/scripts/heldout_tasks.py report --budget quick --out /tmp/heldout
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+
+import torch
+from torch import Tensor, nn
+
+from alsals_bench.data.fullscale import random_lm_batch
+from alsals_bench.tasks._util import eval_mode, tensor_dataset_run
+from alsals_bench.tasks.austen_gpt2 import lm_windows
+from alsals_bench.tasks.base import Budget, Task, TaskRun, classification_metrics
+
+DATA_SEED = 1234
+GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def _split(n: int, test_fraction: float) -> tuple[Tensor, Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(DATA_SEED))
+    n_test = int(round(test_fraction * n))
+    return perm[n_test:], perm[:n_test]
+
+
+def _standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-8)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _mse_eval(x_test: Tensor, y_test: Tensor):
+    @torch.no_grad()
+    def evaluate(model):
+        return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
+
+    return evaluate
+
+
+# ---------------------------------------------------------------- 1. LSTM char LM
+STDLIB_MODULES = ("inspect", "argparse", "typing")
+_TEXT: dict = {}
+
+
+def stdlib_text() -> dict:
+    if not _TEXT:
+        root = sysconfig.get_paths()["stdlib"]
+        parts = []
+        for m in STDLIB_MODULES:
+            with open(os.path.join(root, m + ".py"), encoding="utf-8") as f:
+                parts.append(f.read())
+        text = "\n".join(parts)
+        cut = int(0.9 * len(text))
+        train_text, test_text = text[:cut], text[cut:]
+        vocab = sorted(set(train_text))
+        index = {c: i for i, c in enumerate(vocab)}
+        _TEXT.update(
+            train=torch.tensor([index[c] for c in train_text], dtype=torch.int64),
+            test=torch.tensor([index.get(c, 0) for c in test_text], dtype=torch.int64),
+            vocab=vocab,
+        )
+    return _TEXT
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, vocab: int, embed: int = 64, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h, _ = self.lstm(self.embed(tokens))
+        return self.head(h)
+
+
+class LSTMChar(Task):
+    name = "lstm-char"
+    description = "2-layer LSTM (emb 64, hidden 256) char LM, context 64, on stdlib source"
+    domain = "nlp"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("val_loss",)
+    budgets = {
+        "smoke": Budget(
+            steps=4, batch_size=4, eval_every=2, options={"context": 16, "eval_windows": 8}
+        ),
+        "quick": Budget(
+            steps=400, batch_size=32, eval_every=50, options={"context": 64, "eval_windows": 256}
+        ),
+    }
+
+    def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
+        ctx = budget.options["context"]
+        data = stdlib_text()
+        train = data["train"]
+        x_val, y_val = lm_windows([data["test"]], ctx, budget.options["eval_windows"])
+        torch.manual_seed(seed)
+        model = CharLSTM(len(data["vocab"])).to(device)
+        generator = torch.Generator().manual_seed(seed)
+
+        def next_batch():
+            x, y = random_lm_batch(train, budget.batch_size, ctx, generator)
+            return x.to(device), y.to(device)
+
+        def loss(model, batch):
+            x, y = batch
+            return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+        @torch.no_grad()
+        def evaluate(model):
+            with eval_mode(model):
+                logits = model(x_val).flatten(0, 1)
+                return {"val_loss": nn.functional.cross_entropy(logits, y_val.flatten()).item()}
+
+        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+
+
+# ---------------------------------------------------------------- digits helpers
+def _digits(test_fraction=0.2):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    tr, te = _split(len(y), test_fraction)
+    return x[tr], y[tr], x[te], y[te]
+
+
+# ---------------------------------------------------------------- 2. digits autoencoder
+class DigitsAutoencoder(Task):
+    name = "digits-autoencoder"
+    description = "MLP autoencoder 64-128-16-128-64 (ReLU, sigmoid out), MSE, on digits in [0,1]"
+    domain = "tabular"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("val_loss",)
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=600, batch_size=64, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        x_tr, _, x_te, _ = _digits()
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(64, 128),
+            nn.ReLU(),
+            nn.Linear(128, 16),
+            nn.ReLU(),
+            nn.Linear(16, 128),
+            nn.ReLU(),
+            nn.Linear(128, 64),
+            nn.Sigmoid(),
+        ).to(device)
+        return tensor_dataset_run(
+            model,
+            (x_tr, x_tr),
+            budget.batch_size,
+            seed,
+            nn.functional.mse_loss,
+            _mse_eval(x_te, x_te),
+        )
+
+
+# ---------------------------------------------------------------- 3. digits ViT
+class TinyViT(nn.Module):
+    def __init__(self, dim=64, depth=2, heads=4, patch=2, classes=10):
+        super().__init__()
+        self.patch = patch
+        n = (8 // patch) ** 2
+        self.proj = nn.Linear(patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, n + 1, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.cls, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # x [B, 64]
+        b, p = x.shape[0], self.patch
+        img = x.view(b, 8, 8)
+        patches = img.unfold(1, p, p).unfold(2, p, p).reshape(b, -1, p * p)  # [B,16,4]
+        h = self.proj(patches)
+        h = torch.cat([self.cls.expand(b, -1, -1), h], dim=1) + self.pos
+        h = self.blocks(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+class DigitsViT(Task):
+    name = "digits-vit"
+    description = "tiny ViT (2x2 patches, dim 64, 2 layers, 4 heads, pre-LN, GELU) on 8x8 digits"
+    domain = "tabular"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("accuracy", "val_loss")
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=600, batch_size=64, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        x_tr, y_tr, x_te, y_te = _digits()
+        torch.manual_seed(seed)
+        model = TinyViT().to(device)
+        return tensor_dataset_run(
+            model,
+            (x_tr, y_tr),
+            budget.batch_size,
+            seed,
+            nn.functional.cross_entropy,
+            lambda m: classification_metrics(m, x_te, y_te, 512, lambda m, x, s: m(x[s])),
+        )
+
+
+# ---------------------------------------------------------------- 4. matrix factorisation
+class MF(nn.Module):
+    def __init__(self, users, items, rank=32, init_std=0.1):
+        super().__init__()
+        self.u = nn.Embedding(users, rank)
+        self.v = nn.Embedding(items, rank)
+        self.bu = nn.Embedding(users, 1)
+        self.bv = nn.Embedding(items, 1)
+        self.b = nn.Parameter(torch.zeros(()))
+        nn.init.normal_(self.u.weight, std=init_std)
+        nn.init.normal_(self.v.weight, std=init_std)
+        nn.init.zeros_(self.bu.weight)
+        nn.init.zeros_(self.bv.weight)
+
+    def forward(self, ij):
+        i, j = ij[:, 0], ij[:, 1]
+        return (self.u(i) * self.v(j)).sum(-1) + self.bu(i)[:, 0] + self.bv(j)[:, 0] + self.b
+
+
+class MatrixFactorisation(Task):
+    name = "matrix-factorisation"
+    description = (
+        "400x400 rank-8 matrix, 20% observed (+N(0,0.3^2)), 5% test; MF rank 32 + biases, MSE"
+    )
+    domain = "tabular"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("val_loss",)
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=800, batch_size=256, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        g = torch.Generator().manual_seed(DATA_SEED)
+        n, rank = 400, 8
+        U = torch.randn(n, rank, generator=g) / rank**0.25
+        V = torch.randn(n, rank, generator=g) / rank**0.25
+        R = U @ V.T  # entries ~ variance 1
+        perm = torch.randperm(n * n, generator=g)
+        n_train, n_test = int(0.2 * n * n), int(0.05 * n * n)
+        tr, te = perm[:n_train], perm[n_train : n_train + n_test]
+
+        def pairs(idx):
+            return torch.stack([idx // n, idx % n], dim=1)
+
+        noise = 0.3
+        y_tr = R.flatten()[tr] + noise * torch.randn(n_train, generator=g)
+        y_te = R.flatten()[te] + noise * torch.randn(n_test, generator=g)
+        torch.manual_seed(seed)
+        model = MF(n, n).to(device)
+        return tensor_dataset_run(
+            model,
+            (pairs(tr), y_tr),
+            budget.batch_size,
+            seed,
+            nn.functional.mse_loss,
+            _mse_eval(pairs(te), y_te),
+        )
+
+
+# ---------------------------------------------------------------- 5. diabetes deep MLP
+class DiabetesDeepMLP(Task):
+    name = "diabetes-deep-mlp"
+    description = "8-layer ReLU MLP width 64 (no normalisation), MSE, standardised load_diabetes"
+    domain = "tabular"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("val_loss",)
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=600, batch_size=32, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        from sklearn.datasets import load_diabetes
+
+        d = load_diabetes()
+        x = torch.tensor(d.data, dtype=torch.float32)
+        y = torch.tensor(d.target, dtype=torch.float32).unsqueeze(1)
+        tr, te = _split(len(y), 0.2)
+        x_tr, x_te = _standardised(x[tr], x[te])
+        y_tr, y_te = _standardised(y[tr], y[te])
+        torch.manual_seed(seed)
+        sizes = [10] + [64] * 7 + [1]  # 8 Linear layers
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        model = nn.Sequential(*layers).to(device)
+        return tensor_dataset_run(
+            model,
+            (x_tr, y_tr),
+            budget.batch_size,
+            seed,
+            nn.functional.mse_loss,
+            _mse_eval(x_te, y_te),
+        )
+
+
+# ---------------------------------------------------------------- 6. breast cancer logreg
+class BreastCancerLogreg(Task):
+    name = "breast-cancer-logreg"
+    description = "logistic regression (one nn.Linear) on standardised load_breast_cancer"
+    domain = "tabular"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("accuracy", "val_loss")
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=300, batch_size=64, eval_every=25),
+    }
+
+    def setup(self, seed, budget, device):
+        from sklearn.datasets import load_breast_cancer
+
+        d = load_breast_cancer()
+        x = torch.tensor(d.data, dtype=torch.float32)
+        y = torch.tensor(d.target, dtype=torch.int64)
+        tr, te = _split(len(y), 0.2)
+        x_tr, x_te = _standardised(x[tr], x[te])
+        torch.manual_seed(seed)
+        model = nn.Linear(30, 2).to(device)
+        return tensor_dataset_run(
+            model,
+            (x_tr, y[tr]),
+            budget.batch_size,
+            seed,
+            nn.functional.cross_entropy,
+            lambda m: classification_metrics(m, x_te, y[te], 512, lambda m, x, s: m(x[s])),
+        )
+
+
+HELDOUT_TASKS = (
+    LSTMChar(),
+    DigitsAutoencoder(),
+    DigitsViT(),
+    MatrixFactorisation(),
+    DiabetesDeepMLP(),
+    BreastCancerLogreg(),
+)
+
+
+def register() -> None:
+    """Add the tasks to the benchmark's ``TASKS`` (the runner and the report read it)."""
+    import alsals_bench.tasks
+
+    for task in HELDOUT_TASKS:
+        alsals_bench.tasks.TASKS[task.name] = task
+
+
+if __name__ == "__main__":
+    register()
+    from alsals_bench.cli import main
+
+    sys.exit(main(sys.argv[1:]))
