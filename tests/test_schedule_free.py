@@ -2298,3 +2298,102 @@ def test_a_zero_gradient_takes_no_step_size_that_no_search_accepted():
     opt.step(lambda: loss_of(model, x[plan[3]], y[plan[3]]) * 0.0 + 0.5)  # (above the floor)
     assert opt.last_step.kind == "zero_grad"
     assert 0.0 < opt.last_step.step_size <= 4 / 100  # (the ramp at the fourth step)
+
+
+def one_sharp_batch_run(cut_retry: bool, sharp_steps: dict | tuple, steps: int, **kwargs):
+    """A float64 regression whose batches at ``sharp_steps`` are sharp for the trials alone (its
+    loss rises by ``1e4 |d|^2``, ``d`` the part of the move from the point of the gradient
+    ``y`` across the averaging direction ``z - y``, which the averaging move alone leaves
+    0), as an outlier batch is: that search cuts the step size far below its start (a dict
+    gives each sharp step its own factor for ``1e4``). The optimizer, the searched step size
+    after each step, and each step's ``last_step``."""
+    sharpness = sharp_steps if isinstance(sharp_steps, dict) else dict.fromkeys(sharp_steps, 1e4)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    b = b + 0.3 * torch.randn(64, generator=g, dtype=torch.float64)
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], cut_retry=cut_retry, **kwargs)
+    sizes, infos = [], []
+    for k in range(steps):
+        idx = torch.arange(16 * (k % 4), 16 * (k % 4 + 1))
+        at_y = []
+
+        def closure(k=k, idx=idx, at_y=at_y):
+            loss = 0.5 * ((a[idx] @ w - b[idx]) ** 2).mean()
+            if torch.is_grad_enabled():
+                z = opt.state[w]["z"] if opt.state[w] else w.detach()
+                at_y.append((w.detach().clone(), z - w.detach()))
+            elif k in sharpness:
+                y, towards_z = at_y[0]
+                move = w - y
+                if towards_z.norm() > 0:
+                    unit = towards_z / towards_z.norm()
+                    move = move - (move @ unit) * unit
+                loss = loss + sharpness[k] * (move**2).sum()
+            return loss
+
+        opt.step(closure)
+        sizes.append(opt.param_groups[0]["lr"])
+        infos.append(opt.last_step)
+    return opt, sizes, infos
+
+
+@pytest.mark.parametrize(
+    ("sharp_step", "initial_searches"), [(1, 10), (10, 1)], ids=["first-phase", "cadence"]
+)
+def test_cut_retry_checks_one_batchs_cut_on_the_next(sharp_step, initial_searches):
+    """With ``cut_retry``, the search at the sharp batch sets the step size more than 10x
+    below its start, and the next step (at the cadence a reuse otherwise) searches again
+    from that start: the next batch is not sharp, its first trial passes, and the step size
+    is back. Without it the step size stays cut until growth wins it back (early in a run,
+    the collapse of section 32's LSTM)."""
+    settings = {"steps": sharp_step + 3, "initial_searches": initial_searches}
+    _, plain, plain_infos = one_sharp_batch_run(False, (sharp_step,), **settings)
+    _, retried, infos = one_sharp_batch_run(True, (sharp_step,), **settings)
+    cut = sharp_step
+    assert plain_infos[cut].kind == infos[cut].kind == "search"
+    assert retried[cut] == plain[cut] < retried[cut - 1] / 10  # (the same cut)
+    retry = infos[cut + 1]
+    assert retry.kind == "search" and retry.trials == 1
+    start = retried[cut - 1] * 1.1  # where the search that cut started (grown)
+    assert retried[cut + 1] == pytest.approx(start, rel=1e-12)
+    assert plain[cut + 1] < plain[cut - 1] / 5  # (without: still cut)
+    if initial_searches == 1:  # at the cadence: one search, then the cadence goes on
+        assert plain_infos[cut + 1].kind == "reuse" and infos[cut + 2].kind == "reuse"
+
+
+def test_cut_retry_checks_once_and_not_a_run_s_first_search():
+    """A run's first search, which starts from the user's guess, cuts as far as it must
+    without a retry; a retry that cuts as well sets the larger of the two cuts (its step is
+    the trial it passed), and makes no second retry."""
+    _, _, infos = one_sharp_batch_run(True, (), steps=3, lr=1e6, loss_floor=None)
+    assert infos[0].kind == "search" and infos[0].step_size < 1e4  # (cut far from lr)
+    assert infos[1].trials == 1  # the second search starts grown from the first's
+    # a sharp batch, then a sharper one: the retry cuts further
+    opt, sizes, infos = one_sharp_batch_run(
+        True, {10: 1e4, 11: 1e7}, steps=14, initial_searches=1, polyak_cap=False
+    )
+    assert infos[11].step_size < sizes[10]  # (the retry's trial, below the first cut)
+    assert [i.kind for i in infos[10:]] == ["search", "search", "reuse", "reuse"]
+    assert sizes[11] == max(sizes[10], infos[11].step_size) < sizes[9] / 10
+    assert sizes[13] == sizes[11] and opt.search_state.retry_from == 0.0
+
+
+def test_a_pending_cut_retry_resumes_from_a_checkpoint():
+    """The retry a cut left pending is in the state: a run resumed from a checkpoint taken
+    right after the cut retries as the uninterrupted run does."""
+    opt, _, _ = one_sharp_batch_run(True, (10,), steps=11, initial_searches=1)
+    assert opt.search_state.retry_from > 0.0
+    (w,) = opt.param_groups[0]["params"]
+    resumed_w = w.detach().clone().requires_grad_()
+    resumed = ALSALS([resumed_w], cut_retry=True, initial_searches=1)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.search_state.retry_from == opt.search_state.retry_from
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    for optimizer, weights in ((opt, w), (resumed, resumed_w)):
+        optimizer.step(lambda weights=weights: 0.5 * ((a @ weights - b) ** 2).mean())
+        assert optimizer.last_step.kind == "search"  # (a reuse at the cadence otherwise)
+    assert torch.equal(w, resumed_w)

@@ -152,6 +152,7 @@ SEARCH_SETTINGS = (
     "search_interval",
     "lead_rule",
     "kept_rule",
+    "cut_retry",
     "polyak_start",
     "loss_floor",
     "polyak_cap",
@@ -162,7 +163,12 @@ SEARCH_SETTINGS = (
 )
 #: Settings added since 0.2.0, with the values that reproduce the behaviour of a state saved
 #: before each existed (a checkpoint or a pickle of an older version continues as it ran).
-SETTINGS_ADDED = {"rise_restart": False, "warmup_steps": 0, "kept_rule": "keep"}
+SETTINGS_ADDED = {
+    "rise_restart": False,
+    "warmup_steps": 0,
+    "kept_rule": "keep",
+    "cut_retry": False,
+}
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
 #: What a search's start does while ``z`` trails ``x`` (``lead_rule``).
@@ -273,6 +279,7 @@ class SearchState:
     leading: int = 0  # steps since the last search whose batch found z downhill of y
     trailing: int = 0  # ... and uphill
     kept_in_a_row: int = 0  # searches in a row whose averaging move alone failed the test
+    retry_from: float = 0.0  # cut_retry: the start of a search that cut the step size >10x
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -485,6 +492,11 @@ class ALSALS(torch.optim.Optimizer):
             grow the step size again). On minibatch training it costs a transformer trained
             from scratch, whose kept runs come while its loss still falls
             (``benchmarks/docs/method.md``, section 31) (``"keep"``).
+        cut_retry: a search after the run's first that sets the step size more than
+            ``EXPANSION`` (10x) below its own start (one batch's cut: an outlier batch, or
+            Adam's first steps on a recurrent or deep unnormalised network) makes the next
+            step search again, from that start, once: the step size becomes what it finds
+            where that is larger than the cut (``True``).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -536,6 +548,7 @@ class ALSALS(torch.optim.Optimizer):
         search_interval: int = 10,
         lead_rule: str = "off",
         kept_rule: str = "keep",
+        cut_retry: bool = True,
         polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -570,6 +583,7 @@ class ALSALS(torch.optim.Optimizer):
                     "search_interval": search_interval,
                     "lead_rule": lead_rule,
                     "kept_rule": kept_rule,
+                    "cut_retry": cut_retry,
                     "polyak_start": polyak_start,
                     "loss_floor": loss_floor,
                     "polyak_cap": polyak_cap,
@@ -1135,6 +1149,7 @@ class ALSALS(torch.optim.Optimizer):
             or search.steps < h["warmup_steps"]
             or (search.steps < h["initial_searches"] and not search.first_phase_over)
             or search.steps_since_search + 1 >= h["search_interval"]
+            or search.retry_from > 0.0
         )
         reused = 0.0 if search.idle else min(search.step_size, search.step_size_ceiling)
         result = SearchResult("reuse", reused, 0)
@@ -1147,6 +1162,16 @@ class ALSALS(torch.optim.Optimizer):
             if message is not None:
                 self._warn_once("replay", message)
         if due:
+            # cut_retry: whether a cut this search makes is checked on the next batch, and
+            # whether it is that check (which may only raise the step size again)
+            retrying = search.retry_from > 0.0
+            checkable = not (
+                search.searches == 0
+                or written
+                or search.resume > 0.0
+                or search.retry_from > 0.0
+                or search.steps < h["warmup_steps"]
+            )
             # at the floor no trial can pass (the test asks for a decrease below it): the
             # search ends as one whose moves all left the loss unchanged, without an
             # evaluation (it took max_trials of them at every step)
@@ -1168,6 +1193,21 @@ class ALSALS(torch.optim.Optimizer):
                 self._warn_once("overstated", message)
             elif passed:  # (a search whose trials resolved nothing says nothing either way)
                 self._slope_overstated = False
+            # cut_retry: a search that set the step size more than EXPANSION below its own
+            # start (one batch's cut) makes the next step search again from that start
+            search.retry_from = 0.0
+            if retrying and result.kind == "search" and result.step_size < search.step_size:
+                # (a second batch's cut below the first's: the first's stands; the step is
+                # the trial this batch passed)
+                result = replace(result, sets_step_size=False)
+            cut = (
+                result.kind == "search"
+                and result.sets_step_size
+                and bool(trials)
+                and trials[0][0] > EXPANSION * result.step_size
+            )
+            if h["cut_retry"] and checkable and cut:
+                search.retry_from = trials[0][0]
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
                 # (a search that collapsed far below the run's largest step size is no
@@ -1286,6 +1326,8 @@ class ALSALS(torch.optim.Optimizer):
             gamma = search.step_size
         elif resuming:
             gamma = min(search.resume, search.step_size)
+        elif search.retry_from > 0.0:  # (cut_retry: the start of the search that cut)
+            gamma = search.retry_from
         else:
             gamma = search.step_size * self._start_factor(search)
         if search.steps < h["warmup_steps"]:  # the ramp to lr: its value at this step
@@ -1748,6 +1790,7 @@ class ALSALS(torch.optim.Optimizer):
             return "zero"
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
         search.resume = 0.0  # the user's step size: searched from, as at a written lr
+        search.retry_from = 0.0
         search.untested_write = True
         search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
         search.ceiling_rise = math.inf
@@ -1864,6 +1907,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "search_interval": integer("search_interval", values["search_interval"], 1),
         "lead_rule": _choice("lead_rule", values["lead_rule"], LEAD_RULES),
         "kept_rule": _choice("kept_rule", values["kept_rule"], KEPT_RULES),
+        "cut_retry": flag("cut_retry", values["cut_retry"]),
         "polyak_start": _choice("polyak_start", values["polyak_start"], ("sets", "trial")),
         "loss_floor": loss_floor(values["loss_floor"]),
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),

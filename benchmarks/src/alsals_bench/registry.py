@@ -786,6 +786,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(kept_rule="shrink"),
         ),
         OptimizerSpec(
+            "alsals-schedulefree-no-cut-retry",
+            "ALSALS without checking a cut beyond 10x on the next batch (method.md section 32)",
+            _schedulefree_search(cut_retry=False),
+        ),
+        OptimizerSpec(
             "alsals-schedulefree-no-restart",
             "ALSALS whose loss-rise guard does not restart z at x (method.md section 22)",
             _schedulefree_search(rise_restart=False),
