@@ -2300,12 +2300,21 @@ def test_a_zero_gradient_takes_no_step_size_that_no_search_accepted():
     assert 0.0 < opt.last_step.step_size <= 4 / 100  # (the ramp at the fourth step)
 
 
-def one_sharp_batch_run(cut_retry: bool, sharp_steps: dict | tuple, steps: int, **kwargs):
+def one_sharp_batch_run(
+    cut_retry: bool,
+    sharp_steps: dict | tuple,
+    steps: int,
+    writes: dict | None = None,
+    steeper: tuple = (),
+    **kwargs,
+):
     """A float64 regression whose batches at ``sharp_steps`` are sharp for the trials alone (its
     loss rises by ``1e4 |d|^2``, ``d`` the part of the move from the point of the gradient
     ``y`` across the averaging direction ``z - y``, which the averaging move alone leaves
     0), as an outlier batch is: that search cuts the step size far below its start (a dict
-    gives each sharp step its own factor for ``1e4``). The optimizer, the searched step size
+    gives each sharp step its own factor for ``1e4``). ``writes``: an ``lr`` written before
+    each of those steps; ``steeper``: steps whose loss gains ``(w - y) . 1``, the same loss at
+    ``y`` with a steeper slope (a lower Polyak bound). The optimizer, the searched step size
     after each step, and each step's ``last_step``."""
     sharpness = sharp_steps if isinstance(sharp_steps, dict) else dict.fromkeys(sharp_steps, 1e4)
     g = torch.Generator().manual_seed(0)
@@ -2318,6 +2327,8 @@ def one_sharp_batch_run(cut_retry: bool, sharp_steps: dict | tuple, steps: int, 
     for k in range(steps):
         idx = torch.arange(16 * (k % 4), 16 * (k % 4 + 1))
         at_y = []
+        if k in (writes or {}):
+            opt.param_groups[0]["lr"] = writes[k]
 
         def closure(k=k, idx=idx, at_y=at_y):
             loss = 0.5 * ((a[idx] @ w - b[idx]) ** 2).mean()
@@ -2331,6 +2342,8 @@ def one_sharp_batch_run(cut_retry: bool, sharp_steps: dict | tuple, steps: int, 
                     unit = towards_z / towards_z.norm()
                     move = move - (move @ unit) * unit
                 loss = loss + sharpness[k] * (move**2).sum()
+            if k in steeper:
+                loss = loss + (w - at_y[0][0]).sum()
             return loss
 
         opt.step(closure)
@@ -2378,6 +2391,60 @@ def test_cut_retry_checks_once_and_not_a_run_s_first_search():
     assert [i.kind for i in infos[10:]] == ["search", "search", "reuse", "reuse"]
     assert sizes[11] == max(sizes[10], infos[11].step_size) < sizes[9] / 10
     assert sizes[13] == sizes[11] and opt.search_state.retry_from == 0.0
+
+
+@pytest.mark.parametrize(("sharpness", "retried"), [(30.0, False), (100.0, True)])
+def test_cut_retry_acts_on_cuts_beyond_10x_only(sharpness, retried):
+    """A cut of 7.5x (a sharp batch of factor 30) is left; one of 18x (100) is retried."""
+    _, sizes, infos = one_sharp_batch_run(True, {10: sharpness}, steps=12, initial_searches=1)
+    cut = sizes[9] * 1.1 / sizes[10]  # (the search's start: the last step size grown)
+    assert (cut > 10.0) == retried and (5.0 < cut < 30.0), cut
+    assert infos[11].kind == ("search" if retried else "reuse")
+
+
+@pytest.mark.parametrize(
+    "case", ["retry-cuts-again", "written-lr", "warm-up", "written-while-pending", "switched-off"]
+)
+def test_cut_retry_arms_no_retry_from_a_retry_a_written_lr_or_warm_up(case):
+    """A cut beyond 10x arms no retry where it is itself a retry's (here 22x below its
+    start, above the first cut: the step size is the retry's), a search from a written
+    ``lr``, or one in warm-up; and a written ``lr`` drops a retry pending (the next search
+    starts from the user's value), as does ``cut_retry`` written ``False``."""
+    settings: dict = {"steps": 13, "initial_searches": 1}
+    if case == "retry-cuts-again":
+        opt, sizes, infos = one_sharp_batch_run(True, {10: 1e4, 11: 1e3}, **settings)
+        assert sizes[10] < sizes[11] < sizes[9] * 1.1 / 10  # (the retry cut, above the cut)
+        assert [i.kind for i in infos[10:]] == ["search", "search", "reuse"]
+    elif case == "written-lr":
+        opt, sizes, infos = one_sharp_batch_run(True, (10,), writes={10: 0.6}, **settings)
+        assert sizes[10] < 0.06 and [i.kind for i in infos[10:]] == ["search", "reuse", "reuse"]
+    elif case == "warm-up":  # (read right after the cut: warm-up's ramp sets the next start)
+        settings["steps"] = 10
+        opt, sizes, infos = one_sharp_batch_run(True, (9,), warmup_steps=11, **settings)
+        assert sizes[9] < sizes[8] / 10 and infos[9].kind == "search"
+    elif case == "written-while-pending":
+        opt, sizes, infos = one_sharp_batch_run(True, (10,), writes={11: 0.05}, **settings)
+        assert infos[11].kind == "search" and sizes[11] < 0.1  # (not back at the retry's start)
+    else:  # cut_retry written False into the group while a retry is pending: none runs
+        settings["steps"] = 11
+        opt, sizes, infos = one_sharp_batch_run(True, (10,), **settings)
+        assert opt.search_state.retry_from > 0.0
+        opt.param_groups[0]["cut_retry"] = False
+        (w,) = opt.param_groups[0]["params"]
+        opt.step(lambda: (w**2).sum())
+        assert opt.last_step.kind == "reuse"
+    assert opt.search_state.retry_from == 0.0
+
+
+def test_a_retry_whose_start_the_polyak_bound_lowered_sets_the_step_size():
+    """The retry's batch has a steeper slope (a lower Polyak bound) and its lowered start
+    passes, far above the cut: the step size becomes that trial's, although a lowered start
+    that passes sets nothing elsewhere (``polyak_start="trial"``)."""
+    _, sizes, infos = one_sharp_batch_run(
+        True, (10,), steps=13, initial_searches=1, steeper=(11,), polyak_cap=False
+    )
+    assert infos[11].kind == "search" and infos[11].trials == 1
+    assert sizes[10] * 10 < infos[11].step_size == sizes[11] < sizes[9] * 1.1
 
 
 def test_a_pending_cut_retry_resumes_from_a_checkpoint():

@@ -495,8 +495,8 @@ class ALSALS(torch.optim.Optimizer):
         cut_retry: a search after the run's first that sets the step size more than
             ``EXPANSION`` (10x) below its own start (one batch's cut: an outlier batch, or
             Adam's first steps on a recurrent or deep unnormalised network) makes the next
-            step search again, from that start, once: the step size becomes what it finds
-            where that is larger than the cut (``True``).
+            step (the next not skipped) search again, from that start, once: the step size
+            becomes the larger of the cut and the trial that search passed (``True``).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -1139,6 +1139,8 @@ class ALSALS(torch.optim.Optimizer):
         lead = sum(averaging)
         search.leading += lead > 0.0
         search.trailing += lead < 0.0
+        if not h["cut_retry"]:  # (switched off since a cut armed one: no retry)
+            search.retry_from = 0.0
         # (a step size no search accepted is never reused untested: resume > 0 searches,
         # but after a search that could judge no trial, at the cadence)
         due = (
@@ -1196,10 +1198,11 @@ class ALSALS(torch.optim.Optimizer):
             # cut_retry: a search that set the step size more than EXPANSION below its own
             # start (one batch's cut) makes the next step search again from that start
             search.retry_from = 0.0
-            if retrying and result.kind == "search" and result.step_size < search.step_size:
-                # (a second batch's cut below the first's: the first's stands; the step is
-                # the trial this batch passed)
-                result = replace(result, sets_step_size=False)
+            if retrying and result.kind == "search":
+                # the larger of the cut and the trial this batch passed (also where only the
+                # Polyak bound lowered the retry's start: a pass above the cut refutes it; a
+                # second cut below the first leaves the first)
+                result = replace(result, sets_step_size=result.step_size >= search.step_size)
             cut = (
                 result.kind == "search"
                 and result.sets_step_size
