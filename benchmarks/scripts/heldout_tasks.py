@@ -22,10 +22,10 @@ import sysconfig
 import torch
 from torch import Tensor, nn
 
-from alsals_bench.data.fullscale import random_lm_batch
-from alsals_bench.tasks._util import eval_mode, tensor_dataset_run
+from alsals_bench.tasks._util import tensor_dataset_run
 from alsals_bench.tasks.austen_gpt2 import lm_windows
 from alsals_bench.tasks.base import Budget, Task, TaskRun, classification_metrics
+from alsals_bench.tasks.checks import language_model_run, mse_evaluation, standardised
 
 DATA_SEED = 1234
 GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -35,19 +35,6 @@ def _split(n: int, test_fraction: float) -> tuple[Tensor, Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(DATA_SEED))
     n_test = int(round(test_fraction * n))
     return perm[n_test:], perm[:n_test]
-
-
-def _standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-8)
-    return (train - mean) / std, (test - mean) / std
-
-
-def _mse_eval(x_test: Tensor, y_test: Tensor):
-    @torch.no_grad()
-    def evaluate(model):
-        return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
-
-    return evaluate
 
 
 # ---------------------------------------------------------------- 1. LSTM char LM
@@ -105,29 +92,12 @@ class LSTMChar(Task):
     }
 
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
-        ctx = budget.options["context"]
         data = stdlib_text()
-        train = data["train"]
-        x_val, y_val = lm_windows([data["test"]], ctx, budget.options["eval_windows"])
+        windows = budget.options["context"], budget.options["eval_windows"]
+        validation = lm_windows([data["test"]], *windows)
         torch.manual_seed(seed)
         model = CharLSTM(len(data["vocab"])).to(device)
-        generator = torch.Generator().manual_seed(seed)
-
-        def next_batch():
-            x, y = random_lm_batch(train, budget.batch_size, ctx, generator)
-            return x.to(device), y.to(device)
-
-        def loss(model, batch):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-
-        @torch.no_grad()
-        def evaluate(model):
-            with eval_mode(model):
-                logits = model(x_val).flatten(0, 1)
-                return {"val_loss": nn.functional.cross_entropy(logits, y_val.flatten()).item()}
-
-        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+        return language_model_run(model, data["train"], validation, budget, seed, device)
 
 
 # ---------------------------------------------------------------- digits helpers
@@ -174,7 +144,7 @@ class DigitsAutoencoder(Task):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            _mse_eval(x_te, x_te),
+            mse_evaluation(x_te, x_te),
         )
 
 
@@ -291,7 +261,7 @@ class MatrixFactorisation(Task):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            _mse_eval(pairs(te), y_te),
+            mse_evaluation(pairs(te), y_te),
         )
 
 
@@ -316,8 +286,8 @@ class DiabetesDeepMLP(Task):
         x = torch.tensor(d.data, dtype=torch.float32)
         y = torch.tensor(d.target, dtype=torch.float32).unsqueeze(1)
         tr, te = _split(len(y), 0.2)
-        x_tr, x_te = _standardised(x[tr], x[te])
-        y_tr, y_te = _standardised(y[tr], y[te])
+        x_tr, x_te = standardised(x[tr], x[te])
+        y_tr, y_te = standardised(y[tr], y[te])
         torch.manual_seed(seed)
         sizes = [10] + [64] * 7 + [1]  # 8 Linear layers
         layers: list[nn.Module] = []
@@ -332,7 +302,7 @@ class DiabetesDeepMLP(Task):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            _mse_eval(x_te, y_te),
+            mse_evaluation(x_te, y_te),
         )
 
 
@@ -357,7 +327,7 @@ class BreastCancerLogreg(Task):
         x = torch.tensor(d.data, dtype=torch.float32)
         y = torch.tensor(d.target, dtype=torch.int64)
         tr, te = _split(len(y), 0.2)
-        x_tr, x_te = _standardised(x[tr], x[te])
+        x_tr, x_te = standardised(x[tr], x[te])
         torch.manual_seed(seed)
         model = nn.Linear(30, 2).to(device)
         return tensor_dataset_run(

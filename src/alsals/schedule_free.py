@@ -1171,7 +1171,7 @@ class ALSALS(torch.optim.Optimizer):
                 search.searches == 0
                 or written
                 or search.resume > 0.0
-                or search.retry_from > 0.0
+                or retrying
                 or search.steps < h["warmup_steps"]
             )
             # at the floor no trial can pass (the test asks for a decrease below it): the
@@ -1756,15 +1756,16 @@ class ALSALS(torch.optim.Optimizer):
             # v' allocated before anything is written (an allocation that fails leaves the
             # state as it was), and formed there where unclipped; u, spent once z has
             # moved, holds the clipped gradients the others need
-            fresh.append(torch._foreach_mul(g.v, g.group["betas"][1]))
-            if g.clip is None:
-                g.add_squared_gradients(fresh[-1])
+            clipped = g.clip is not None
+            fresh.append(
+                torch._foreach_mul(g.v, g.group["betas"][1]) if clipped else g.new_moments()
+            )
         for g, v_new in zip(groups, fresh, strict=True):
             torch._foreach_add_(g.z, g.u, alpha=representable(-gamma * g.group["lr_scale"], g.z))
             torch._foreach_lerp_(g.x, g.z, averaging_weight(g.group, gamma)[0])
             if restart:
                 torch._foreach_copy_(g.z, g.x)
-            if g.clip is not None:
+            if g.clip is not None:  # (v' completed in u's place)
                 g.add_squared_gradients(v_new, scratch=g.u)
             held = zip(g.owners, g.z_state, g.v_state, v_new, g.steps, strict=True)
             for p, z, v_held, v, t in held:

@@ -16,6 +16,7 @@ stores for the GPT-2 stand-in.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,10 +39,52 @@ from alsals_bench.tasks.base import (
 DATA_SEED = 100
 
 
-def _standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+def standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     """Both sets scaled by the training set's mean and standard deviation."""
     mean, std = train.mean(0), train.std(0).clamp_min(1e-8)
     return (train - mean) / std, (test - mean) / std
+
+
+def mse_evaluation(x_test: Tensor, y_test: Tensor) -> Callable[[nn.Module], dict[str, float]]:
+    """The held-out mean squared error of a regression model, as ``val_loss``."""
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
+
+    return evaluate
+
+
+def language_model_run(
+    model: nn.Module,
+    train: Tensor,
+    validation: tuple[Tensor, Tensor],
+    budget: Budget,
+    seed: int,
+    device: torch.device,
+) -> TaskRun:
+    """A next-token model on a token stream: random windows of ``budget.options["context"]``
+    tokens of ``train`` (batch order from ``seed``), cross-entropy over every position, and
+    the validation windows' mean cross-entropy as ``val_loss``."""
+    x_val, y_val = (t.to(device) for t in validation)
+    generator = torch.Generator().manual_seed(seed)
+    context = budget.options["context"]
+
+    def next_batch():
+        x, y = random_lm_batch(train, budget.batch_size, context, generator)
+        return x.to(device), y.to(device)
+
+    def loss(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(model):
+        with eval_mode(model):
+            logits = model(x_val).flatten(0, 1)
+            return {"val_loss": nn.functional.cross_entropy(logits, y_val.flatten()).item()}
+
+    return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
 
 
 def _budgets(smoke: Budget, quick: Budget) -> dict[str, Budget]:
@@ -90,7 +133,7 @@ class TabularMLP(Task):
             random_state=DATA_SEED,
         )
         x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
-        x_train, x_test = _standardised(x[:5000], x[5000:])
+        x_train, x_test = standardised(x[:5000], x[5000:])
         x_train, x_test = x_train.to(device), x_test.to(device)
         y_train, y_test = y[:5000].to(device), y[5000:].to(device)
         torch.manual_seed(seed)
@@ -124,19 +167,19 @@ class RegressionMLP(Task):
         x, y = make_friedman1(n_samples=6000, n_features=10, noise=0.5, random_state=DATA_SEED)
         x = torch.tensor(x, dtype=torch.float32)
         y = torch.tensor(y, dtype=torch.float32).unsqueeze(1)
-        x_train, x_test = _standardised(x[:5000], x[5000:])
-        y_train, y_test = _standardised(y[:5000], y[5000:])
+        x_train, x_test = standardised(x[:5000], x[5000:])
+        y_train, y_test = standardised(y[:5000], y[5000:])
         x_train, x_test = x_train.to(device), x_test.to(device)
         y_train, y_test = y_train.to(device), y_test.to(device)
         torch.manual_seed(seed)
         model = _mlp((10, 128, 128, 1), nn.Tanh).to(device)
-
-        @torch.no_grad()
-        def evaluate(model):
-            return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
-
         return tensor_dataset_run(
-            model, (x_train, y_train), budget.batch_size, seed, nn.functional.mse_loss, evaluate
+            model,
+            (x_train, y_train),
+            budget.batch_size,
+            seed,
+            nn.functional.mse_loss,
+            mse_evaluation(x_test, y_test),
         )
 
 
@@ -212,28 +255,10 @@ class CharTransformerTask(Task):
     def setup(self, seed: int, budget: Budget, device: torch.device) -> TaskRun:
         context = budget.options["context"]
         chars = austen_characters()
-        train = chars["train"]
-        x_val, y_val = lm_windows(chars["val"], context, budget.options["eval_windows"])
-        x_val, y_val = x_val.to(device), y_val.to(device)
+        validation = lm_windows(chars["val"], context, budget.options["eval_windows"])
         torch.manual_seed(seed)
         model = CharTransformer(len(chars["vocab"]), 96, 2, 4, context).to(device)
-        generator = torch.Generator().manual_seed(seed)
-
-        def next_batch():
-            x, y = random_lm_batch(train, budget.batch_size, context, generator)
-            return x.to(device), y.to(device)
-
-        def loss(model, batch):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-
-        @torch.no_grad()
-        def evaluate(model):
-            with eval_mode(model):
-                logits = model(x_val).flatten(0, 1)
-                return {"val_loss": nn.functional.cross_entropy(logits, y_val.flatten()).item()}
-
-        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+        return language_model_run(model, chars["train"], validation, budget, seed, device)
 
 
 CHECK_SUITE: tuple[Task, ...] = (TabularMLP(), RegressionMLP(), CharTransformerTask())
