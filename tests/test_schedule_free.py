@@ -784,12 +784,16 @@ def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_
     search does not see it) climbs after step 150 while the step size keeps growing: the
     guard sets a ceiling on the step size. With ``rise_restart`` it restarts ``z`` at the
     first measurable rise (before the step size's average has grown past its level at the
-    lowest loss), then sets the ceiling once the watch, begun afresh, sees the rise again."""
+    lowest loss), then sets the ceiling once the watch, begun afresh, sees the rise again.
+    (``start_rise`` off: the climb goes far above the run's start level, where that rule
+    would halve the step size first.)"""
     x, y = logistic_problem(0, n=512)
 
     def train(guard):
         model = make_model()
-        opt = ALSALS(model.parameters(), loss_rise_guard=guard, rise_restart=restart)
+        opt = ALSALS(
+            model.parameters(), loss_rise_guard=guard, rise_restart=restart, start_rise=False
+        )
         rose = []
         for k, idx in enumerate(batches(x, y, 300, size=64)):
             offset = 0.0 if k < 150 else 0.05 * (k - 150)
@@ -853,7 +857,8 @@ def test_a_ceiling_set_where_the_data_shift_is_lifted_once_the_loss_stays_above_
     setting a ceiling at the old problem's step size (1.25); the loss never gets back below
     the old lowest, so the fall that lifts a ceiling never comes. Under the ceiling the
     loss average stays measurably above even the level that set it: the rise was not the
-    step size's doing, and one horizon later the ceiling is lifted. Measured over steps
+    step size's doing, and one horizon later the ceiling is lifted (and ``start_rise``,
+    which stays out while the guard's ceiling stands, takes the new data's start level). Measured over steps
     2000-2100 (+500 to +600 after the shift): 1.16x the new minimum, 1.04x without the
     guard; before, the ceiling held for good and the loss was 28x. A run resumed under the
     ceiling lifts it at the same step."""
@@ -872,9 +877,15 @@ def test_a_ceiling_set_where_the_data_shift_is_lifted_once_the_loss_stays_above_
             idx, y = picks[k], (old if k < pre else new)
             opt.step(lambda idx=idx, y=y: ((x[idx] @ w - y[idx]) ** 2).mean())
             fired += [k] if opt.last_step.loss_rose else []
-            ceiling = opt.search_state.step_size_ceiling
+            search = opt.search_state
+            ceiling = search.step_size_ceiling
+            if ceiling < math.inf:  # start_rise stays out of a rise the guard has in hand
+                assert search.start_ceiling == math.inf
             if k > pre and ceiling == math.inf and lifted is None:
                 lifted = k
+                if opt.param_groups[0]["loss_rise_guard"] is not None:
+                    # new data: start_rise takes its start level afresh (this step's loss)
+                    assert search.start_watch["start_samples"] == 1
             with torch.no_grad():
                 full.append(float(((x @ w - new) ** 2).mean()))
         return fired, lifted, sum(full[-100:]) / 100

@@ -444,13 +444,19 @@ def test_alsals_saved_or_copied_between_train_and_the_step_warns():
         copy.deepcopy(opt)
 
 
-OLDER_SETTINGS = {"rise_restart": False, "warmup_steps": 0, "kept_rule": "keep"}
+OLDER_SETTINGS = {
+    "rise_restart": False,
+    "warmup_steps": 0,
+    "kept_rule": "keep",
+    "cut_retry": False,
+    "start_rise": False,
+}
 
 
 @pytest.mark.parametrize("rebuilt", ["load_state_dict", "pickle"])
 def test_alsals_saved_by_a_version_before_its_newer_settings_continues_as_it_ran(rebuilt):
     """A checkpoint (or a pickle) of ``ALSALS`` 0.2.0 lacks the settings added since
-    (``rise_restart``, ``warmup_steps``, ``kept_rule``): it loads, and goes on as that version
+    (``rise_restart``, ``warmup_steps``, ``kept_rule``, ``cut_retry``, ``start_rise``): it loads, and goes on as that version
     ran, without them (bit for bit with a run of today's code at those values); a state that
     lacks any other setting is still refused as another optimizer's."""
     data = batches()
@@ -481,16 +487,17 @@ def test_alsals_saved_by_a_version_before_its_newer_settings_continues_as_it_ran
             warnings.simplefilter("always")
             opt.load_state_dict(saved)
         assert [str(c.message) for c in caught] == [
-            "the state loaded into ALSALS was saved by a version of alsals before kept_rule, "
-            "rise_restart, warmup_steps: it goes on as that version ran (kept_rule='keep', "
-            "rise_restart=False, warmup_steps=0)"
+            "the state loaded into ALSALS was saved by a version of alsals before cut_retry, "
+            "kept_rule, rise_restart, start_rise, warmup_steps: it goes on as that version ran "
+            "(cut_retry=False, kept_rule='keep', rise_restart=False, start_rise=False, "
+            "warmup_steps=0)"
         ]
     assert all(opt.param_groups[0][k] == v for k, v in OLDER_SETTINGS.items())
     train(model, opt, data[SAVE_AT:])
     assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected, strict=True))
 
     del saved["param_groups"][0]["first_phase"]
-    with pytest.raises(ValueError, match="lacks first_phase"):
+    with pytest.raises(ValueError, match="lacks cut_retry, first_phase, kept_rule"):
         ALSALS(model.parameters()).load_state_dict(saved)
 
 

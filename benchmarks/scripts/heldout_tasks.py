@@ -1,12 +1,20 @@
-"""Six held-out-style tasks for exploring a method on problems it was not chosen on.
+"""Ten held-out-style tasks for exploring a method on problems it was not chosen on.
+
+The first six: ``lstm-char`` (2-layer LSTM character model), ``digits-autoencoder``,
+``digits-vit``, ``matrix-factorisation``, ``diabetes-deep-mlp`` (8 ReLU layers, no
+normalisation) and ``breast-cancer-logreg``; four more, unlike those and the benchmark's own:
+``skipgram-embeddings`` (word2vec's skip-gram, full softmax: each batch touches few input
+embedding rows), ``gru-sequence-classification`` (a GRU telling noisy sinusoids' frequencies
+apart), ``wine-wide-mlp`` (one hidden layer of 1024 with dropout on 142 examples) and
+``conv1d-denoising`` (a 1-D conv net denoising piecewise-smooth signals).
 
 Not part of the benchmark's suites (no stored runs, no report of their own): section 32 of
-``benchmarks/docs/method.md`` reports what ``ALSALS(params)`` and the peers did on them. The
-data come from scikit-learn's bundled sets, a seeded generator, or the source of three
-modules of the running Python's standard library (``lstm-char``: the text, and so the
-numbers, follow the Python version; 3.11.7 for section 32); the run's seed sets the model's
-initialisation and the batch order. Run through the benchmark's own command line, with
-these tasks registered first::
+``benchmarks/docs/method.md`` reports what ``ALSALS(params)`` and the peers did on the first
+six, section 33 on the four more (built after ``start_rise`` was chosen, to test it). The data come from scikit-learn's bundled sets, a seeded generator, or the source of
+three modules of the running Python's standard library each for ``lstm-char`` and
+``skipgram-embeddings`` (the text, and so the numbers, follow the Python version; 3.11.7 for
+section 32); the run's seed sets the model's initialisation and the batch order. Run through
+the benchmark's own command line, with these tasks registered first::
 
     python benchmarks/scripts/heldout_tasks.py run --budget quick --tasks matrix-factorisation \
         --optimizers alsals-schedulefree adam-tuned --seeds 0,1 --out /tmp/heldout --no-report
@@ -16,8 +24,10 @@ these tasks registered first::
 from __future__ import annotations
 
 import os
+import re
 import sys
 import sysconfig
+from collections import Counter
 
 import torch
 from torch import Tensor, nn
@@ -340,6 +350,241 @@ class BreastCancerLogreg(Task):
         )
 
 
+# ---------------------------------------------------------------- 7. skip-gram embeddings
+SKIPGRAM_MODULES = ("collections/__init__", "logging/__init__", "unittest/case")
+_SKIPGRAM: dict = {}
+
+
+def skipgram_pairs(vocab_size: int = 500, window: int = 2) -> dict:
+    """(centre, context) word-id pairs of three standard-library modules (other than the
+    LSTM's): lower-case runs of letters, the ``vocab_size`` most frequent kept and the rest
+    dropped before windowing (word2vec's rule), every context within ``window`` words;
+    ``train``/``test`` a seeded 90/10 split of the pairs."""
+    key = (vocab_size, window)
+    if key not in _SKIPGRAM:
+        root = sysconfig.get_paths()["stdlib"]
+        words: list[str] = []
+        for m in SKIPGRAM_MODULES:
+            with open(os.path.join(root, m + ".py"), encoding="utf-8") as f:
+                words += re.findall(r"[a-z]+", f.read().lower())
+        vocab = [w for w, _ in Counter(words).most_common(vocab_size)]
+        index = {w: i for i, w in enumerate(vocab)}
+        ids = torch.tensor([index[w] for w in words if w in index], dtype=torch.int64)
+        pairs = torch.cat(
+            [
+                torch.stack(
+                    [ids[max(0, -o) : len(ids) - max(0, o)], ids[max(0, o) : len(ids) + min(0, o)]],
+                    1,
+                )
+                for o in range(-window, window + 1)
+                if o != 0
+            ]
+        )
+        tr, te = _split(len(pairs), 0.1)
+        _SKIPGRAM[key] = {"train": pairs[tr], "test": pairs[te], "vocab": vocab}
+    return _SKIPGRAM[key]
+
+
+class SkipGram(nn.Module):
+    """word2vec's skip-gram with a full softmax: the centre word's input embedding scored
+    against every word's output embedding."""
+
+    def __init__(self, vocab: int, dim: int = 32):
+        super().__init__()
+        self.inp = nn.Embedding(vocab, dim)
+        self.out = nn.Embedding(vocab, dim)
+        nn.init.uniform_(self.inp.weight, -0.5 / dim, 0.5 / dim)
+        nn.init.normal_(self.out.weight, std=dim**-0.5)
+
+    def forward(self, centre: Tensor) -> Tensor:
+        return self.inp(centre) @ self.out.weight.T
+
+
+class SkipGramEmbeddings(Task):
+    name = "skipgram-embeddings"
+    description = (
+        "skip-gram word2vec (dim 32, full softmax over the 500 commonest words, window 2) on "
+        "three stdlib modules; 10% of the pairs held out"
+    )
+    domain = "nlp"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("val_loss",)
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=600, batch_size=256, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        data = skipgram_pairs()
+        (c_tr, o_tr), (c_te, o_te) = data["train"].T, data["test"].T
+        torch.manual_seed(seed)
+        model = SkipGram(len(data["vocab"])).to(device)
+        return tensor_dataset_run(
+            model,
+            (c_tr, o_tr),
+            budget.batch_size,
+            seed,
+            nn.functional.cross_entropy,
+            lambda m: classification_metrics(m, c_te, o_te, 4096, lambda m, x, s: m(x[s])),
+        )
+
+
+# ---------------------------------------------------------------- 8. GRU sequence classes
+def noisy_sinusoids(n: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` sequences ``a sin(2 pi f t + phi) + N(0, 0.5^2)``, ``f`` one of four close
+    frequencies (the class), amplitude in [0.5, 1.5], phase uniform: [n, length, 1], [n]."""
+    freqs = torch.tensor([0.06, 0.08, 0.10, 0.12])
+    y = torch.randint(0, 4, (n,), generator=generator)
+    amp = 0.5 + torch.rand(n, 1, generator=generator)
+    phase = 2 * torch.pi * torch.rand(n, 1, generator=generator)
+    t = torch.arange(length, dtype=torch.float32)
+    x = amp * torch.sin(2 * torch.pi * freqs[y][:, None] * t + phase)
+    x = x + 0.5 * torch.randn(n, length, generator=generator)
+    return x.unsqueeze(-1), y
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self, hidden: int = 64, classes: int = 4):
+        super().__init__()
+        self.gru = nn.GRU(1, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h = self.gru(x)
+        return self.head(h[-1])
+
+
+class GRUSequenceClassification(Task):
+    name = "gru-sequence-classification"
+    description = (
+        "1-layer GRU (hidden 64) on the last state: which of 4 close frequencies a noisy "
+        "length-30 sinusoid has (4000 train / 1000 test, seeded)"
+    )
+    domain = "nlp"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("accuracy", "val_loss")
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=500, batch_size=64, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        g = torch.Generator().manual_seed(DATA_SEED)
+        x_tr, y_tr = noisy_sinusoids(4000, 30, g)
+        x_te, y_te = noisy_sinusoids(1000, 30, g)
+        torch.manual_seed(seed)
+        model = GRUClassifier().to(device)
+        return tensor_dataset_run(
+            model,
+            (x_tr, y_tr),
+            budget.batch_size,
+            seed,
+            nn.functional.cross_entropy,
+            lambda m: classification_metrics(m, x_te, y_te, 1000, lambda m, x, s: m(x[s])),
+        )
+
+
+# ---------------------------------------------------------------- 9. wine wide MLP
+class WineWideMLP(Task):
+    name = "wine-wide-mlp"
+    description = "wide shallow MLP 13-1024-3 (ReLU, dropout 0.5), standardised load_wine"
+    domain = "tabular"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("accuracy", "val_loss")
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=16, eval_every=3),
+        "quick": Budget(steps=400, batch_size=32, eval_every=25),
+    }
+
+    def setup(self, seed, budget, device):
+        from sklearn.datasets import load_wine
+
+        d = load_wine()
+        x = torch.tensor(d.data, dtype=torch.float32)
+        y = torch.tensor(d.target, dtype=torch.int64)
+        tr, te = _split(len(y), 0.2)
+        x_tr, x_te = standardised(x[tr], x[te])
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(13, 1024), nn.ReLU(), nn.Dropout(0.5), nn.Linear(1024, 3)
+        ).to(device)
+        return tensor_dataset_run(
+            model,
+            (x_tr, y[tr]),
+            budget.batch_size,
+            seed,
+            nn.functional.cross_entropy,
+            lambda m: classification_metrics(m, x_te, y[te], 512, lambda m, x, s: m(x[s])),
+        )
+
+
+# ---------------------------------------------------------------- 10. conv1d denoising
+def piecewise_smooth(n: int, length: int, generator: torch.Generator) -> Tensor:
+    """``n`` signals of ``length``: four random pieces, each a constant plus a slope plus a
+    slow sinusoid, joined with jumps at random breakpoints: [n, 1, length]."""
+    t = torch.linspace(0, 1, length)
+    cuts = torch.sort(torch.rand(n, 3, generator=generator), dim=1).values
+    piece = (t[None, :, None] > cuts[:, None, :]).sum(-1)  # [n, length] in 0..3
+    level, slope, amp = (torch.randn(n, 4, generator=generator) for _ in range(3))
+    freq = 1 + 3 * torch.rand(n, 4, generator=generator)
+    phase = 2 * torch.pi * torch.rand(n, 4, generator=generator)
+
+    def take(v: Tensor) -> Tensor:
+        return v.gather(1, piece)
+
+    x = (
+        take(level)
+        + take(slope) * t
+        + 0.5 * take(amp) * torch.sin(2 * torch.pi * take(freq) * t + take(phase))
+    )
+    return x.unsqueeze(1)
+
+
+class Conv1dDenoising(Task):
+    name = "conv1d-denoising"
+    description = (
+        "4-layer 1-D conv net (32 channels, kernel 7, ReLU, no normalisation) denoising "
+        "piecewise-smooth length-128 signals (+N(0,0.5^2)), MSE; 2000 train / 500 test"
+    )
+    domain = "tabular"
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
+    metrics = ("val_loss",)
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=8, eval_every=3),
+        "quick": Budget(steps=600, batch_size=32, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        g = torch.Generator().manual_seed(DATA_SEED)
+        clean_tr = piecewise_smooth(2000, 128, g)
+        clean_te = piecewise_smooth(500, 128, g)
+        noisy_tr = clean_tr + 0.5 * torch.randn(clean_tr.shape, generator=g)
+        noisy_te = clean_te + 0.5 * torch.randn(clean_te.shape, generator=g)
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate([(1, 32), (32, 32), (32, 32), (32, 1)]):
+            layers.append(nn.Conv1d(a, b, 7, padding=3))
+            if i < 3:
+                layers.append(nn.ReLU())
+        model = nn.Sequential(*layers).to(device)
+        return tensor_dataset_run(
+            model,
+            (noisy_tr, clean_tr),
+            budget.batch_size,
+            seed,
+            nn.functional.mse_loss,
+            mse_evaluation(noisy_te, clean_te),
+        )
+
+
 HELDOUT_TASKS = (
     LSTMChar(),
     DigitsAutoencoder(),
@@ -347,6 +592,10 @@ HELDOUT_TASKS = (
     MatrixFactorisation(),
     DiabetesDeepMLP(),
     BreastCancerLogreg(),
+    SkipGramEmbeddings(),
+    GRUSequenceClassification(),
+    WineWideMLP(),
+    Conv1dDenoising(),
 )
 
 

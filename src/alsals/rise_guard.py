@@ -40,6 +40,13 @@ Replayed on every run the benchmark had logged (716, every optimizer), it fires 
 too-large step made the loss climb (Adam at rates above the grid's best, the uncapped line
 searches on the noisy tabular check), and on none of the runs of the recommended
 configuration.
+
+The guard cannot see a step size that is too large from the run's first search on: it
+judges from one horizon on and lowers only a step size that grew. ``ALSALS``'s
+``start_rise`` (:class:`StartWatch`) compares the batch losses with their level over the
+run's first steps instead, and halves the step size once per rise above it; since it cannot
+tell a rise the step size caused from one the data or the objective caused, its ceiling
+lasts at most one horizon.
 """
 
 from __future__ import annotations
@@ -175,3 +182,122 @@ class LossWatch:
             return False
         fall = level - self.mean()
         return fall > resolution and fall > self.margin(standard_errors, self.standard_error())
+
+
+#: ``start_rise``: the losses of the run's first steps that set its start level (the
+#: cadence's searched first steps), and the horizon of the later losses' average (its EMA
+#: factor ``1 - 1 / START_SAMPLES``).
+START_SAMPLES = 10
+#: What ``start_rise`` multiplies the step size by to form its ceiling.
+START_CUT = 0.5
+
+
+@dataclass(frozen=True)
+class StartWatch:
+    """``start_rise``'s statistics: the batch losses' level over the run's first
+    ``START_SAMPLES`` steps (the start level: their sums), an EMA of the losses since the
+    start or the rule's last act (factor ``1 - 1 / START_SAMPLES``, with its squares' for
+    the spread), whether the rule may cut (``armed``: not since a cut until the loss
+    average has come back below the start level), and how many losses a standing ceiling
+    has held for (``held``; -1: none stands).
+
+    Each batch loss before its step is an unbiased sample of the loss at the weights it
+    meets, on data the step was not fitted to; their average measurably above the start
+    level says the run's steps made the model worse than it began, which a search that
+    passes on its own batch cannot see (the step fits the batch and breaks the rest:
+    embeddings of which each batch touches a few rows, a step size too large for the loss
+    of the batches it was not tested on)."""
+
+    start_sum: float = 0.0
+    start_sq_sum: float = 0.0
+    start_samples: int = 0
+    loss_avg: float = 0.0
+    loss_sq_avg: float = 0.0
+    samples: int = 0
+    armed: bool = True
+    held: int = -1
+
+    def start_level(self) -> tuple[float, float]:
+        """The start level: the mean of the first losses and its standard error (the
+        sample standard deviation over ``sqrt(n)``)."""
+        n = self.start_samples
+        mean = self.start_sum / n
+        variance = max(self.start_sq_sum / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        return mean, math.sqrt(variance / n)
+
+    def level(self) -> tuple[float, float]:
+        """The bias-corrected EMA of the losses since the start or the last act, and its
+        standard error: the losses' spread times the root of the sum of the normalised
+        weights' squares (``1 / sqrt(n)`` for a few samples, ``sqrt((1 - b) / (1 + b))``
+        for many)."""
+        b = 1.0 - 1.0 / START_SAMPLES
+        corrected = 1.0 - b**self.samples
+        mean = self.loss_avg / corrected
+        variance = max(self.loss_sq_avg / corrected - mean * mean, 0.0)
+        weight = (1.0 - b) / corrected
+        squares = weight * weight * (1.0 - b ** (2 * self.samples)) / (1.0 - b * b)
+        return mean, math.sqrt(variance * squares)
+
+    def after(self, loss: float) -> StartWatch:
+        """The statistics with one more batch loss (a non-finite one is left out)."""
+        if not math.isfinite(loss):
+            return self
+        if self.start_samples < START_SAMPLES:
+            return replace(
+                self,
+                start_sum=self.start_sum + loss,
+                start_sq_sum=self.start_sq_sum + loss * loss,
+                start_samples=self.start_samples + 1,
+            )
+        b = 1.0 - 1.0 / START_SAMPLES
+        return replace(
+            self,
+            loss_avg=b * self.loss_avg + (1.0 - b) * loss,
+            loss_sq_avg=b * self.loss_sq_avg + (1.0 - b) * loss * loss,
+            samples=self.samples + 1,
+            held=self.held + (self.held >= 0),
+        )
+
+    def judging(self) -> bool:
+        """Whether the start level and the average since hold ``START_SAMPLES`` losses."""
+        return self.start_samples >= START_SAMPLES and self.samples >= START_SAMPLES
+
+    def _apart(self, gap: float, standard_errors: float, resolution: float) -> bool:
+        """Whether the average lies ``gap`` from the start level measurably: by more than
+        ``resolution`` (the loss's rounding) and than ``standard_errors`` standard errors
+        of the difference plus the range ``2 sqrt(2 ln(n / START_SAMPLES))`` of them that
+        ``n / START_SAMPLES`` roughly independent looks at a flat loss span by chance."""
+        chance = 2.0 * math.sqrt(2.0 * math.log(self.samples / START_SAMPLES))
+        error = math.hypot(self.level()[1], self.start_level()[1])
+        return gap > resolution and gap > (standard_errors + chance) * error
+
+    def rose(self, standard_errors: float, resolution: float) -> bool:
+        """Whether the rule may cut and the losses' average lies measurably above the start
+        level."""
+        if not (self.armed and self.judging()):
+            return False
+        return self._apart(self.level()[0] - self.start_level()[0], standard_errors, resolution)
+
+    def recovered(self, standard_errors: float, resolution: float) -> bool:
+        """Whether, since a cut, the losses' average has come measurably below the start
+        level: the run got past what the rise undid; the rule may cut again."""
+        if self.armed or not self.judging():
+            return False
+        return self._apart(self.start_level()[0] - self.level()[0], standard_errors, resolution)
+
+    def expired(self) -> bool:
+        """Whether a standing ceiling has held for one horizon of the guard's watch
+        (``WATCH_SAMPLES`` losses): a loss that stayed above the start level under it
+        for so long says that it is not the step size's doing alone (the data or the
+        objective changed), and the step sizes the searches find may be right."""
+        return self.held >= WATCH_SAMPLES
+
+    def cut(self) -> StartWatch:
+        """The watch as the rule cuts: no further cut until the average has come back
+        below the start level, which is judged on the losses from here."""
+        return replace(self, loss_avg=0.0, loss_sq_avg=0.0, samples=0, armed=False, held=0)
+
+    def rearmed(self) -> StartWatch:
+        """The watch as the average comes back below the start level: the ceiling gone,
+        a new rise may cut again, judged on the losses from here."""
+        return replace(self, loss_avg=0.0, loss_sq_avg=0.0, samples=0, armed=True, held=-1)

@@ -54,6 +54,12 @@ average climbed goes back to its level at the lowest loss. Here the averaging mo
 weights too: a climb while ``gamma`` did not grow is ``x`` moving towards a ``z`` that larger
 steps left where the loss is higher, and with ``rise_restart`` the guard restarts ``z`` at
 ``x`` (a function-value restart, as accelerated methods reset their momentum; section 22).
+The guard judges from one horizon (100 steps) on and lowers only a ``gamma`` that grew; a
+first step size too large for the batches it was not tested on (each batch's search passes
+while the loss of the next batches climbs from the start: embeddings of which each batch
+touches a few rows) is ``start_rise``'s (:class:`alsals.rise_guard.StartWatch`): the batch
+losses' average measurably above its level over the first 10 steps halves ``gamma`` (a
+ceiling, once per rise; section 33).
 
 Why (``benchmarks/docs/method.md``, sections 17-18): on the GPT-2 stand-in ``MomentumALSALS``'s
 searches settle at Schedule-Free's own rate, and Adam at that rate trails Schedule-Free: the
@@ -135,7 +141,7 @@ from alsals.line_search import (
     written_lr,
 )
 from alsals.optimizers import MomentumALSALS
-from alsals.rise_guard import LossWatch
+from alsals.rise_guard import START_CUT, LossWatch, StartWatch
 
 #: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
 #: ``weight_lr_power``): later steps, taken at the full step size, weigh more.
@@ -158,6 +164,7 @@ SEARCH_SETTINGS = (
     "polyak_cap",
     "loss_rise_guard",
     "rise_restart",
+    "start_rise",
     "max_grad_norm",
     "warmup_steps",
 )
@@ -168,6 +175,7 @@ SETTINGS_ADDED = {
     "warmup_steps": 0,
     "kept_rule": "keep",
     "cut_retry": False,
+    "start_rise": False,
 }
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
@@ -280,6 +288,12 @@ class SearchState:
     trailing: int = 0  # ... and uphill
     kept_in_a_row: int = 0  # searches in a row whose averaging move alone failed the test
     retry_from: float = 0.0  # cut_retry: the start of a search that cut the step size >10x
+    start_ceiling: float = math.inf  # start_rise's
+    start_watch: dict[str, float] | None = None  # start_rise's StartWatch
+
+    def ceiling(self) -> float:
+        """The step size's ceiling: ``loss_rise_guard``'s and ``start_rise``'s."""
+        return min(self.step_size_ceiling, self.start_ceiling)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -515,6 +529,17 @@ class ALSALS(torch.optim.Optimizer):
             did, ``z`` restarts at the average ``x`` (function-value restart, as for
             accelerated methods): the average stops moving towards a ``z`` that has gone
             where the loss is higher (``True``).
+        start_rise: where the batch losses' average (over the last ~10 steps) rises
+            measurably above its level over the run's first 10 steps, in
+            ``loss_rise_guard``'s standard errors, the step size gets a ceiling at half its
+            value (and ``z`` restarts with ``rise_restart``): each search passed on its own
+            batch, but the steps made the loss on the batches they were not fitted to worse
+            than where the run began (a first step size too large: embeddings that each
+            batch touches a few rows of). Once per rise: the ceiling is lifted, and the
+            rule armed again, where the average comes measurably below the start level;
+            the ceiling is also lifted after 100 steps (a loss that rose for another
+            reason: new data, a moving objective). Not while the guard's own ceiling
+            stands; off with ``loss_rise_guard=None`` (``True``).
         max_grad_norm: clip the gradient the update uses to this norm (over all parameters),
             as ``clip_grad_norm_`` would before the step; the Armijo test keeps the true
             gradient's slope. ``last_step.grad_norm`` is the norm before clipping
@@ -554,6 +579,7 @@ class ALSALS(torch.optim.Optimizer):
         polyak_cap: bool = True,
         loss_rise_guard: float | None = 3.0,
         rise_restart: bool = True,
+        start_rise: bool = True,
         max_grad_norm: float | None = None,
         warmup_steps: int = 0,
         lr_scale: float = 1.0,
@@ -590,6 +616,7 @@ class ALSALS(torch.optim.Optimizer):
                     "max_grad_norm": max_grad_norm,
                     "loss_rise_guard": loss_rise_guard,
                     "rise_restart": rise_restart,
+                    "start_rise": start_rise,
                     "warmup_steps": warmup_steps,
                 }
             )
@@ -1114,7 +1141,7 @@ class ALSALS(torch.optim.Optimizer):
             # slope to search along, but Schedule-Free's step still moves x towards z (and
             # decays), as Schedule-Free AdamW's would. Skipping it would leave y, and so the
             # zero gradient, where they are for good, with x possibly far behind z.
-            gamma = min(search.step_size, search.step_size_ceiling)
+            gamma = min(search.step_size, search.ceiling())
             if search.steps < h["warmup_steps"]:  # (the ramp's value, as a search's start)
                 gamma = min(gamma, self._warmup_ramp(search))
             # no step size that no search has accepted (the user's lr before the first, a
@@ -1153,7 +1180,7 @@ class ALSALS(torch.optim.Optimizer):
             or search.steps_since_search + 1 >= h["search_interval"]
             or search.retry_from > 0.0
         )
-        reused = 0.0 if search.idle else min(search.step_size, search.step_size_ceiling)
+        reused = 0.0 if search.idle else min(search.step_size, search.ceiling())
         result = SearchResult("reuse", reused, 0)
         if due and search.searches == 0:  # the closure at y again must give loss0 again
             (again,) = mean_to_host([evaluator.evaluate()], self._process_group)
@@ -1278,7 +1305,7 @@ class ALSALS(torch.optim.Optimizer):
                 search.resume = result.resume
             if result.sets_step_size:
                 search.step_size = gamma
-        search.step_size = max(min(search.step_size, search.step_size_ceiling), MIN_STEP_SIZE)
+        search.step_size = max(min(search.step_size, search.ceiling()), MIN_STEP_SIZE)
         decrease = result.decrease if kind == "search" and taken == gamma else math.nan
         info = _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
         return replace(info, loss_decrease=decrease)
@@ -1340,9 +1367,7 @@ class ALSALS(torch.optim.Optimizer):
         params = (p for g in self.param_groups for p in g["params"])
         # (nor one whose decay takes more than the whole of y: gamma lr_scale wd > 1 flips it)
         decay_cap = self._decay_cap()
-        largest = min(
-            search.step_size_ceiling, MAX_STEP_SIZE, largest_representable(params), decay_cap
-        )
+        largest = min(search.ceiling(), MAX_STEP_SIZE, largest_representable(params), decay_cap)
         gamma = min(gamma, largest)
         # no start above the Polyak step of the linear model
         bound = self._polyak_step(loss0, gamma, averaging, slope)
@@ -1586,11 +1611,13 @@ class ALSALS(torch.optim.Optimizer):
     def _watch_loss(
         self, search: SearchState, loss0: float, gamma: float, loss_dtype: torch.dtype
     ) -> tuple[bool, bool]:
-        """``loss_rise_guard`` with this step's loss and step size: whether the loss average
-        rose measurably, and whether ``z`` restarts at ``x`` (``rise_restart``). Where it
-        rose while the step size grew, the step size gets a ceiling (``MomentumALSALS``'s
-        rule); where it rose whatever the step size did and ``rise_restart`` is on, ``z``
-        restarts. Either way the watch starts afresh."""
+        """``loss_rise_guard`` and ``start_rise`` with this step's loss and step size:
+        whether either acted, and whether ``z`` restarts at ``x`` (``rise_restart``). Where
+        the loss average rose while the step size grew, the step size gets a ceiling
+        (``MomentumALSALS``'s rule); where it rose measurably above the run's start level
+        (or the level where ``start_rise`` last acted), one at half the step size; where it
+        rose whatever the step size did and ``rise_restart`` is on, ``z`` restarts. The
+        watches start afresh after either acts."""
         guard = self._settings["loss_rise_guard"]
         if guard is None:
             return False, False
@@ -1607,20 +1634,58 @@ class ALSALS(torch.optim.Optimizer):
         if ceiling < math.inf and watch.lifts(
             search.ceiling_loss, search.ceiling_rise, guard, resolution
         ):
+            if watch.stayed_above(search.ceiling_rise, guard, resolution):
+                search.start_watch = None  # new data: start_rise's start level with it
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
             search.ceiling_rise = math.inf
         risen = watch.risen(guard, resolution)
         sets_ceiling = risen and gamma > 0.0 and watch.grew()
-        restart = risen and self._settings["rise_restart"]
         if sets_ceiling:
             search.step_size_ceiling = min(search.step_size_ceiling, watch.step_size_at_lowest)
             search.ceiling_loss = watch.lowest
             search.ceiling_rise = watch.mean()
+        restart = risen and self._settings["rise_restart"]
         if sets_ceiling or restart:
             search.restarts += restart
             watch = LossWatch()
         search.watch = asdict(watch)
-        return sets_ceiling or restart, restart
+        # (after the guard's own rule: while a ceiling of it stands, the rise is in hand)
+        cut = self._watch_start(search, loss0, gamma, guard, resolution)
+        cut_restart = cut and not restart and self._settings["rise_restart"]
+        search.restarts += cut_restart
+        return sets_ceiling or restart or cut, restart or cut_restart
+
+    def _watch_start(
+        self,
+        search: SearchState,
+        loss0: float,
+        gamma: float,
+        standard_errors: float,
+        resolution: float,
+    ) -> bool:
+        """``start_rise`` with this step's loss: whether it cut the step size. Where the
+        loss average lies measurably above the run's start level (and no ceiling of the
+        guard's own stands: the rise is in hand there), the step size gets a ceiling at
+        ``START_CUT`` of its value, once: the rule cuts again only after the loss average
+        has come measurably below the start level, which also lifts the ceiling; so does
+        one horizon of the guard's watch (``WATCH_SAMPLES`` steps) under it."""
+        if not self._settings["start_rise"]:
+            return False
+        start = StartWatch(**search.start_watch) if search.start_watch else StartWatch()
+        start = start.after(loss0)
+        if start.recovered(standard_errors, resolution):
+            search.start_ceiling = math.inf
+            start = start.rearmed()
+        elif start.expired():
+            search.start_ceiling = math.inf
+            start = replace(start, held=-1)
+        unguarded = search.step_size_ceiling == math.inf
+        cut = gamma > 0.0 and unguarded and start.rose(standard_errors, resolution)
+        if cut:
+            search.start_ceiling = min(search.start_ceiling, search.step_size * START_CUT)
+            start = start.cut()
+        search.start_watch = asdict(start)
+        return cut
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -1798,6 +1863,7 @@ class ALSALS(torch.optim.Optimizer):
         search.untested_write = True
         search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
         search.ceiling_rise = math.inf
+        search.start_ceiling, search.start_watch = math.inf, None
         return "set"
 
     def _warmup_ramp(self, search: SearchState) -> float:
@@ -1918,6 +1984,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "max_grad_norm": optional("max_grad_norm", 0.0, False),
         "loss_rise_guard": optional("loss_rise_guard", 0.0, True),
         "rise_restart": flag("rise_restart", values["rise_restart"]),
+        "start_rise": flag("start_rise", values["start_rise"]),
         "warmup_steps": integer("warmup_steps", values["warmup_steps"], 0),
     }
 

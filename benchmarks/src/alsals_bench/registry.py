@@ -791,6 +791,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(cut_retry=False),
         ),
         OptimizerSpec(
+            "alsals-schedulefree-no-start-rise",
+            "ALSALS without halving a step size whose loss rose above the start (method.md 33)",
+            _schedulefree_search(start_rise=False),
+        ),
+        OptimizerSpec(
             "alsals-schedulefree-no-restart",
             "ALSALS whose loss-rise guard does not restart z at x (method.md section 22)",
             _schedulefree_search(rise_restart=False),
