@@ -419,7 +419,8 @@ class StepInfo:
     this step while the step size grew, and set a ceiling on the step size (in the search
     state, ``step_size_ceiling``): its average when the loss was lowest (``ALSALS``: or,
     with ``rise_restart``, found it climbing whatever the step size did, and restarted
-    ``z`` at the average).
+    ``z`` at the average; or, with ``start_rise``, found it measurably above its level over
+    the run's first 10 steps and halved the step size: ``start_ceiling``).
     """
 
     kind: str

@@ -197,7 +197,8 @@ class StartWatch:
     """``start_rise``'s statistics: the batch losses' level over the run's first
     ``START_SAMPLES`` steps (the start level: their sums), an EMA of the losses since the
     start or the rule's last act (factor ``1 - 1 / START_SAMPLES``, with its squares' for
-    the spread), whether the rule may cut (``armed``: not since a cut until the loss
+    the spread), all of them of the losses less the first (``shift``: a loss with a large
+    constant part keeps its spread's digits), whether the rule may cut (``armed``: not since a cut until the loss
     average has come back below the start level), and how many losses a standing ceiling
     has held for (``held``; -1: none stands).
 
@@ -208,6 +209,7 @@ class StartWatch:
     embeddings of which each batch touches a few rows, a step size too large for the loss
     of the batches it was not tested on)."""
 
+    shift: float = math.nan
     start_sum: float = 0.0
     start_sq_sum: float = 0.0
     start_samples: int = 0
@@ -219,32 +221,39 @@ class StartWatch:
 
     def start_level(self) -> tuple[float, float]:
         """The start level: the mean of the first losses and its standard error (the
-        sample standard deviation over ``sqrt(n)``)."""
+        sample standard deviation over ``sqrt(n)``); ``(nan, inf)`` before any."""
         n = self.start_samples
+        if n == 0:
+            return math.nan, math.inf
         mean = self.start_sum / n
         variance = max(self.start_sq_sum / n - mean * mean, 0.0) * n / max(n - 1, 1)
-        return mean, math.sqrt(variance / n)
+        return self.shift + mean, math.sqrt(variance / n)
 
     def level(self) -> tuple[float, float]:
         """The bias-corrected EMA of the losses since the start or the last act, and its
-        standard error: the losses' spread times the root of the sum of the normalised
-        weights' squares (``1 / sqrt(n)`` for a few samples, ``sqrt((1 - b) / (1 + b))``
-        for many)."""
+        standard error: the losses' spread (their weighted variance, unbiased: over ``1 -
+        s``) times ``sqrt(s)``, ``s`` the sum of the normalised weights' squares (``1 / n``
+        for a few samples, ``(1 - b) / (1 + b)`` for many); ``(nan, inf)`` before two."""
+        if self.samples < 2:
+            return math.nan, math.inf
         b = 1.0 - 1.0 / START_SAMPLES
         corrected = 1.0 - b**self.samples
         mean = self.loss_avg / corrected
-        variance = max(self.loss_sq_avg / corrected - mean * mean, 0.0)
         weight = (1.0 - b) / corrected
         squares = weight * weight * (1.0 - b ** (2 * self.samples)) / (1.0 - b * b)
-        return mean, math.sqrt(variance * squares)
+        variance = max(self.loss_sq_avg / corrected - mean * mean, 0.0) / (1.0 - squares)
+        return self.shift + mean, math.sqrt(variance * squares)
 
     def after(self, loss: float) -> StartWatch:
         """The statistics with one more batch loss (a non-finite one is left out)."""
         if not math.isfinite(loss):
             return self
+        shift = loss if math.isnan(self.shift) else self.shift
+        loss = loss - shift
         if self.start_samples < START_SAMPLES:
             return replace(
                 self,
+                shift=shift,
                 start_sum=self.start_sum + loss,
                 start_sq_sum=self.start_sq_sum + loss * loss,
                 start_samples=self.start_samples + 1,
@@ -287,7 +296,7 @@ class StartWatch:
 
     def expired(self) -> bool:
         """Whether a standing ceiling has held for one horizon of the guard's watch
-        (``WATCH_SAMPLES`` losses): a loss that stayed above the start level under it
+        (``WATCH_SAMPLES`` finite losses, which skipped steps do not add to): a loss that stayed above the start level under it
         for so long says that it is not the step size's doing alone (the data or the
         objective changed), and the step sizes the searches find may be right."""
         return self.held >= WATCH_SAMPLES

@@ -1619,7 +1619,10 @@ class ALSALS(torch.optim.Optimizer):
         rose whatever the step size did and ``rise_restart`` is on, ``z`` restarts. The
         watches start afresh after either acts."""
         guard = self._settings["loss_rise_guard"]
-        if guard is None:
+        if guard is None:  # (off, or written off: no ceiling of it stands)
+            search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
+            search.ceiling_rise = math.inf
+            search.start_ceiling, search.start_watch = math.inf, None
             return False, False
         watch = LossWatch(**search.watch) if search.watch else LossWatch()
         watch = watch.after(loss0, gamma)
@@ -1635,7 +1638,8 @@ class ALSALS(torch.optim.Optimizer):
             search.ceiling_loss, search.ceiling_rise, guard, resolution
         ):
             if watch.stayed_above(search.ceiling_rise, guard, resolution):
-                search.start_watch = None  # new data: start_rise's start level with it
+                # new data: start_rise's start level goes with it (and any ceiling of it)
+                search.start_ceiling, search.start_watch = math.inf, None
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
             search.ceiling_rise = math.inf
         risen = watch.risen(guard, resolution)
@@ -1669,7 +1673,8 @@ class ALSALS(torch.optim.Optimizer):
         ``START_CUT`` of its value, once: the rule cuts again only after the loss average
         has come measurably below the start level, which also lifts the ceiling; so does
         one horizon of the guard's watch (``WATCH_SAMPLES`` steps) under it."""
-        if not self._settings["start_rise"]:
+        if not self._settings["start_rise"]:  # (off, or written off: no ceiling of it stands)
+            search.start_ceiling, search.start_watch = math.inf, None
             return False
         start = StartWatch(**search.start_watch) if search.start_watch else StartWatch()
         start = start.after(loss0)
