@@ -194,6 +194,51 @@ def schedule_free_run(rank: int) -> dict:
     }
 
 
+class _Factorisation(nn.Module):
+    """Two factor matrices whose product's entries a batch is fitted to."""
+
+    def __init__(self, n: int, rank: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.u = nn.Parameter(0.1 * torch.randn(n, rank, dtype=torch.float64, generator=gen))
+        self.v = nn.Parameter(0.1 * torch.randn(n, rank, dtype=torch.float64, generator=gen))
+
+    def forward(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return (self.u[i] * self.v[j]).sum(-1)
+
+
+def start_rise_run(rank: int) -> dict:
+    """``start_rise`` under DDP: a matrix factorisation whose batch losses climb from the
+    start at ``ALSALS``'s first step size (each rank its own batches of 32 entries). The rule
+    judges the loss averaged over ranks, so both ranks cut at the same step and keep the
+    same state and weights."""
+    gen = torch.Generator().manual_seed(0)  # the same data and initial weights on every rank
+    n = 200
+    truth = torch.randn(n, 4, dtype=torch.float64, generator=gen)
+    truth = truth @ torch.randn(n, 4, dtype=torch.float64, generator=gen).T / 2.0
+    seen = torch.randperm(n * n, generator=gen)[: n * n // 5]
+    i, j = seen // n, seen % n
+    r = truth[i, j] + 0.3 * torch.randn(len(seen), dtype=torch.float64, generator=gen)
+    model = _Factorisation(n, 16, gen)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ALSALS(ddp.parameters())
+    batches = torch.Generator().manual_seed(300 + rank)
+    cut_at = None
+    for k in range(60):
+        b = torch.randint(0, len(r), (32,), generator=batches)
+
+        def closure(b=b, ddp=ddp):
+            return ((ddp(i[b], j[b]) - r[b]) ** 2).mean()
+
+        opt.step(closure)
+        if cut_at is None and opt.search_state.start_ceiling < float("inf"):
+            cut_at = k
+    return {
+        "cut_at": cut_at,
+        "state": opt.search_state,
+        "weights": torch.cat([p.detach().flatten() for p in model.parameters()]),
+    }
+
+
 def mismatch_run(rank: int) -> dict:
     """Each optimizer built with another ``c`` on each rank: the first step's error, on
     every rank (no hang, no drift)."""
@@ -280,6 +325,7 @@ def train_all(rank: int) -> dict:
     """Each optimizer on this rank's data under DDP: decisions, weights, losses."""
     results = {
         "guard": guard_run(rank),
+        "start_rise": start_rise_run(rank),
         "floor": floor_run(rank),
         "undo": undo_run(rank),
         "kink": kink_run(rank),

@@ -96,6 +96,17 @@ def test_the_loss_rise_guard_fires_alike_on_every_rank(rank_results):
     assert torch.equal(rank0["weights"], rank1["weights"])
 
 
+def test_start_rise_cuts_alike_on_every_rank(rank_results):
+    """``start_rise`` judges the batch losses averaged over ranks: both ranks halve the step
+    size at the same step and keep the same state (the start level and the ceiling) and the
+    same weights."""
+    rank0, rank1 = rank_results[0]["start_rise"], rank_results[1]["start_rise"]
+    assert rank0["cut_at"] is not None, "the rule must cut for the comparison to mean anything"
+    assert rank0["cut_at"] == rank1["cut_at"]
+    assert rank0["state"] == rank1["state"]
+    assert torch.equal(rank0["weights"], rank1["weights"])
+
+
 def test_a_wrong_floor_is_refuted_alike_on_every_rank(rank_results):
     """The floor's evidence is read from losses averaged over ranks: both ranks refute
     ``loss_floor=0`` at the same step (a loss that goes below it) and keep the same state
