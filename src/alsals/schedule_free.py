@@ -537,9 +537,9 @@ class ALSALS(torch.optim.Optimizer):
             than where the run began (a first step size too large: embeddings that each
             batch touches a few rows of). Once per rise: the ceiling is lifted, and the
             rule armed again, where the average comes measurably below the start level;
-            the ceiling is also lifted after 100 steps (a loss that rose for another
-            reason: new data, a moving objective). Not while the guard's own ceiling
-            stands; off with ``loss_rise_guard=None`` (``True``).
+            the ceiling is also lifted after 100 steps with a finite loss (a loss that rose
+            for another reason: new data, a moving objective). Not while the guard's own
+            ceiling stands; off with ``loss_rise_guard=None`` (``True``).
         max_grad_norm: clip the gradient the update uses to this norm (over all parameters),
             as ``clip_grad_norm_`` would before the step; the Armijo test keeps the true
             gradient's slope. ``last_step.grad_norm`` is the norm before clipping
@@ -1614,10 +1614,10 @@ class ALSALS(torch.optim.Optimizer):
         """``loss_rise_guard`` and ``start_rise`` with this step's loss and step size:
         whether either acted, and whether ``z`` restarts at ``x`` (``rise_restart``). Where
         the loss average rose while the step size grew, the step size gets a ceiling
-        (``MomentumALSALS``'s rule); where it rose measurably above the run's start level
-        (or the level where ``start_rise`` last acted), one at half the step size; where it
-        rose whatever the step size did and ``rise_restart`` is on, ``z`` restarts. The
-        watches start afresh after either acts."""
+        (``MomentumALSALS``'s rule); where it rose measurably above the run's start level,
+        one at half the step size (``start_rise``, once per rise); where either rose and
+        ``rise_restart`` is on, ``z`` restarts. Each watch's average starts afresh after it
+        acts."""
         guard = self._settings["loss_rise_guard"]
         if guard is None:  # (off, or written off: no ceiling of it stands)
             search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
@@ -1672,7 +1672,7 @@ class ALSALS(torch.optim.Optimizer):
         guard's own stands: the rise is in hand there), the step size gets a ceiling at
         ``START_CUT`` of its value, once: the rule cuts again only after the loss average
         has come measurably below the start level, which also lifts the ceiling; so does
-        one horizon of the guard's watch (``WATCH_SAMPLES`` steps) under it."""
+        one horizon of the guard's watch (``WATCH_SAMPLES`` finite losses) under it."""
         if not self._settings["start_rise"]:  # (off, or written off: no ceiling of it stands)
             search.start_ceiling, search.start_watch = math.inf, None
             return False
