@@ -84,7 +84,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -296,7 +296,13 @@ class SearchState:
         return min(self.step_size_ceiling, self.start_ceiling)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a new dict (the watches' flat dicts copied): ``asdict``'s recursive
+        copy, for the same result, cost some 0.2 ms a step."""
+        stored = dict(vars(self))
+        for name in ("watch", "start_watch"):
+            if stored[name] is not None:
+                stored[name] = dict(stored[name])
+        return stored
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> SearchState:
@@ -1652,7 +1658,7 @@ class ALSALS(torch.optim.Optimizer):
         if sets_ceiling or restart:
             search.restarts += restart
             watch = LossWatch()
-        search.watch = asdict(watch)
+        search.watch = dict(vars(watch))  # (flat: asdict's deep copy costs 8 us a step)
         # (after the guard's own rule: while a ceiling of it stands, the rise is in hand)
         cut = self._watch_start(search, loss0, gamma, guard, resolution)
         cut_restart = cut and not restart and self._settings["rise_restart"]
@@ -1689,7 +1695,7 @@ class ALSALS(torch.optim.Optimizer):
         if cut:
             search.start_ceiling = min(search.start_ceiling, search.step_size * START_CUT)
             start = start.cut()
-        search.start_watch = asdict(start)
+        search.start_watch = dict(vars(start))
         return cut
 
     # ------------------------------------------------------------------------------ helpers
