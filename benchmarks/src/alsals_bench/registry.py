@@ -791,6 +791,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             _schedulefree_search(cut_retry=False),
         ),
         OptimizerSpec(
+            "alsals-schedulefree-c03",
+            "ALSALS with a looser Armijo test, c=0.3 (exploration, method.md section 33)",
+            _schedulefree_search(c=0.3),
+        ),
+        OptimizerSpec(
             "alsals-schedulefree-no-start-rise",
             "ALSALS without halving a step size whose loss rose above the start (method.md 33)",
             _schedulefree_search(start_rise=False),
