@@ -32,9 +32,9 @@ from collections import Counter
 import torch
 from torch import Tensor, nn
 
-from alsals_bench.tasks._util import tensor_dataset_run
+from alsals_bench.tasks._util import tensor_classification_run, tensor_dataset_run
 from alsals_bench.tasks.austen_gpt2 import lm_windows
-from alsals_bench.tasks.base import Budget, Task, TaskRun, classification_metrics
+from alsals_bench.tasks.base import Budget, Task, TaskRun
 from alsals_bench.tasks.checks import language_model_run, mse_evaluation, standardised
 
 DATA_SEED = 1234
@@ -45,6 +45,25 @@ def _split(n: int, test_fraction: float) -> tuple[Tensor, Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(DATA_SEED))
     n_test = int(round(test_fraction * n))
     return perm[n_test:], perm[:n_test]
+
+
+def _standardised_classes(load) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """A scikit-learn classification set (``load``): (inputs, labels) for training and test,
+    a seeded 80/20 split, the inputs standardised by the training part's statistics."""
+    d = load()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    tr, te = _split(len(y), 0.2)
+    x_tr, x_te = standardised(x[tr], x[te])
+    return (x_tr, y[tr]), (x_te, y[te])
+
+
+class HeldoutTask(Task):
+    """What every held-out task shares: a check-style task, Adam's grid ``GRID`` around 1e-3."""
+
+    suite = "check"
+    adam_lr = 1e-3
+    adam_grid = GRID
 
 
 # ---------------------------------------------------------------- 1. LSTM char LM
@@ -84,13 +103,10 @@ class CharLSTM(nn.Module):
         return self.head(h)
 
 
-class LSTMChar(Task):
+class LSTMChar(HeldoutTask):
     name = "lstm-char"
     description = "2-layer LSTM (emb 64, hidden 256) char LM, context 64, on stdlib source"
     domain = "nlp"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("val_loss",)
     budgets = {
         "smoke": Budget(
@@ -122,13 +138,10 @@ def _digits(test_fraction=0.2):
 
 
 # ---------------------------------------------------------------- 2. digits autoencoder
-class DigitsAutoencoder(Task):
+class DigitsAutoencoder(HeldoutTask):
     name = "digits-autoencoder"
     description = "MLP autoencoder 64-128-16-128-64 (ReLU, sigmoid out), MSE, on digits in [0,1]"
     domain = "tabular"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("val_loss",)
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
@@ -186,13 +199,10 @@ class TinyViT(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
-class DigitsViT(Task):
+class DigitsViT(HeldoutTask):
     name = "digits-vit"
     description = "tiny ViT (2x2 patches, dim 64, 2 layers, 4 heads, pre-LN, GELU) on 8x8 digits"
     domain = "tabular"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("accuracy", "val_loss")
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
@@ -203,13 +213,8 @@ class DigitsViT(Task):
         x_tr, y_tr, x_te, y_te = _digits()
         torch.manual_seed(seed)
         model = TinyViT().to(device)
-        return tensor_dataset_run(
-            model,
-            (x_tr, y_tr),
-            budget.batch_size,
-            seed,
-            nn.functional.cross_entropy,
-            lambda m: classification_metrics(m, x_te, y_te, 512, lambda m, x, s: m(x[s])),
+        return tensor_classification_run(
+            model, (x_tr, y_tr), (x_te, y_te), budget.batch_size, seed, 512
         )
 
 
@@ -232,15 +237,12 @@ class MF(nn.Module):
         return (self.u(i) * self.v(j)).sum(-1) + self.bu(i)[:, 0] + self.bv(j)[:, 0] + self.b
 
 
-class MatrixFactorisation(Task):
+class MatrixFactorisation(HeldoutTask):
     name = "matrix-factorisation"
     description = (
         "400x400 rank-8 matrix, 20% observed (+N(0,0.3^2)), 5% test; MF rank 32 + biases, MSE"
     )
     domain = "tabular"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("val_loss",)
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
@@ -276,13 +278,10 @@ class MatrixFactorisation(Task):
 
 
 # ---------------------------------------------------------------- 5. diabetes deep MLP
-class DiabetesDeepMLP(Task):
+class DiabetesDeepMLP(HeldoutTask):
     name = "diabetes-deep-mlp"
     description = "8-layer ReLU MLP width 64 (no normalisation), MSE, standardised load_diabetes"
     domain = "tabular"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("val_loss",)
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
@@ -317,13 +316,10 @@ class DiabetesDeepMLP(Task):
 
 
 # ---------------------------------------------------------------- 6. breast cancer logreg
-class BreastCancerLogreg(Task):
+class BreastCancerLogreg(HeldoutTask):
     name = "breast-cancer-logreg"
     description = "logistic regression (one nn.Linear) on standardised load_breast_cancer"
     domain = "tabular"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("accuracy", "val_loss")
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
@@ -333,21 +329,10 @@ class BreastCancerLogreg(Task):
     def setup(self, seed, budget, device):
         from sklearn.datasets import load_breast_cancer
 
-        d = load_breast_cancer()
-        x = torch.tensor(d.data, dtype=torch.float32)
-        y = torch.tensor(d.target, dtype=torch.int64)
-        tr, te = _split(len(y), 0.2)
-        x_tr, x_te = standardised(x[tr], x[te])
+        train, test = _standardised_classes(load_breast_cancer)
         torch.manual_seed(seed)
         model = nn.Linear(30, 2).to(device)
-        return tensor_dataset_run(
-            model,
-            (x_tr, y[tr]),
-            budget.batch_size,
-            seed,
-            nn.functional.cross_entropy,
-            lambda m: classification_metrics(m, x_te, y[te], 512, lambda m, x, s: m(x[s])),
-        )
+        return tensor_classification_run(model, train, test, budget.batch_size, seed, 512)
 
 
 # ---------------------------------------------------------------- 7. skip-gram embeddings
@@ -400,16 +385,13 @@ class SkipGram(nn.Module):
         return self.inp(centre) @ self.out.weight.T
 
 
-class SkipGramEmbeddings(Task):
+class SkipGramEmbeddings(HeldoutTask):
     name = "skipgram-embeddings"
     description = (
         "skip-gram word2vec (dim 32, full softmax over the 500 commonest words, window 2) on "
         "three stdlib modules; 10% of the pairs held out"
     )
     domain = "nlp"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("val_loss",)
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
@@ -421,13 +403,8 @@ class SkipGramEmbeddings(Task):
         (c_tr, o_tr), (c_te, o_te) = data["train"].T, data["test"].T
         torch.manual_seed(seed)
         model = SkipGram(len(data["vocab"])).to(device)
-        return tensor_dataset_run(
-            model,
-            (c_tr, o_tr),
-            budget.batch_size,
-            seed,
-            nn.functional.cross_entropy,
-            lambda m: classification_metrics(m, c_te, o_te, 4096, lambda m, x, s: m(x[s])),
+        return tensor_classification_run(
+            model, (c_tr, o_tr), (c_te, o_te), budget.batch_size, seed, 4096
         )
 
 
@@ -456,16 +433,13 @@ class GRUClassifier(nn.Module):
         return self.head(h[-1])
 
 
-class GRUSequenceClassification(Task):
+class GRUSequenceClassification(HeldoutTask):
     name = "gru-sequence-classification"
     description = (
         "1-layer GRU (hidden 64) on the last state: which of 4 close frequencies a noisy "
         "length-30 sinusoid has (4000 train / 1000 test, seeded)"
     )
     domain = "nlp"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("accuracy", "val_loss")
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
@@ -478,24 +452,16 @@ class GRUSequenceClassification(Task):
         x_te, y_te = noisy_sinusoids(1000, 30, g)
         torch.manual_seed(seed)
         model = GRUClassifier().to(device)
-        return tensor_dataset_run(
-            model,
-            (x_tr, y_tr),
-            budget.batch_size,
-            seed,
-            nn.functional.cross_entropy,
-            lambda m: classification_metrics(m, x_te, y_te, 1000, lambda m, x, s: m(x[s])),
+        return tensor_classification_run(
+            model, (x_tr, y_tr), (x_te, y_te), budget.batch_size, seed, 1000
         )
 
 
 # ---------------------------------------------------------------- 9. wine wide MLP
-class WineWideMLP(Task):
+class WineWideMLP(HeldoutTask):
     name = "wine-wide-mlp"
     description = "wide shallow MLP 13-1024-3 (ReLU, dropout 0.5), standardised load_wine"
     domain = "tabular"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("accuracy", "val_loss")
     budgets = {
         "smoke": Budget(steps=6, batch_size=16, eval_every=3),
@@ -505,23 +471,12 @@ class WineWideMLP(Task):
     def setup(self, seed, budget, device):
         from sklearn.datasets import load_wine
 
-        d = load_wine()
-        x = torch.tensor(d.data, dtype=torch.float32)
-        y = torch.tensor(d.target, dtype=torch.int64)
-        tr, te = _split(len(y), 0.2)
-        x_tr, x_te = standardised(x[tr], x[te])
+        train, test = _standardised_classes(load_wine)
         torch.manual_seed(seed)
         model = nn.Sequential(
             nn.Linear(13, 1024), nn.ReLU(), nn.Dropout(0.5), nn.Linear(1024, 3)
         ).to(device)
-        return tensor_dataset_run(
-            model,
-            (x_tr, y[tr]),
-            budget.batch_size,
-            seed,
-            nn.functional.cross_entropy,
-            lambda m: classification_metrics(m, x_te, y[te], 512, lambda m, x, s: m(x[s])),
-        )
+        return tensor_classification_run(model, train, test, budget.batch_size, seed, 512)
 
 
 # ---------------------------------------------------------------- 10. conv1d denoising
@@ -546,16 +501,13 @@ def piecewise_smooth(n: int, length: int, generator: torch.Generator) -> Tensor:
     return x.unsqueeze(1)
 
 
-class Conv1dDenoising(Task):
+class Conv1dDenoising(HeldoutTask):
     name = "conv1d-denoising"
     description = (
         "4-layer 1-D conv net (32 channels, kernel 7, ReLU, no normalisation) denoising "
         "piecewise-smooth length-128 signals (+N(0,0.5^2)), MSE; 2000 train / 500 test"
     )
     domain = "tabular"
-    suite = "check"
-    adam_lr = 1e-3
-    adam_grid = GRID
     metrics = ("val_loss",)
     budgets = {
         "smoke": Budget(steps=6, batch_size=8, eval_every=3),

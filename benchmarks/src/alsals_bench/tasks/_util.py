@@ -94,6 +94,29 @@ def tensor_dataset_run(
     return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate_in_eval_mode)
 
 
+def tensor_classification_run(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    batch_size: int,
+    seed: int,
+    eval_batch: int,
+):
+    """``tensor_dataset_run`` with the cross-entropy loss and, as evaluation, the accuracy and
+    loss on ``test`` (inputs, labels) in batches of ``eval_batch``."""
+    from alsals_bench.tasks.base import classification_metrics
+
+    x_test, y_test = test
+    return tensor_dataset_run(
+        model,
+        train,
+        batch_size,
+        seed,
+        nn.functional.cross_entropy,
+        lambda m: classification_metrics(m, x_test, y_test, eval_batch, lambda m, x, s: m(x[s])),
+    )
+
+
 def image_classification_run(
     model: nn.Module,
     data: tuple[Tensor, Tensor, Tensor, Tensor],

@@ -24,13 +24,12 @@ from torch import Tensor, nn
 
 from alsals_bench.data.fullscale import random_lm_batch
 from alsals_bench.data.offline import load_austen_texts
-from alsals_bench.tasks._util import eval_mode, tensor_dataset_run
+from alsals_bench.tasks._util import eval_mode, tensor_classification_run, tensor_dataset_run
 from alsals_bench.tasks.austen_gpt2 import VAL_FRACTION, lm_windows
 from alsals_bench.tasks.base import (
     Budget,
     Task,
     TaskRun,
-    classification_metrics,
     long_budget,
 )
 
@@ -138,13 +137,8 @@ class TabularMLP(Task):
         y_train, y_test = y[:5000].to(device), y[5000:].to(device)
         torch.manual_seed(seed)
         model = _mlp((40, 256, 256, 5), nn.ReLU).to(device)
-        return tensor_dataset_run(
-            model,
-            (x_train, y_train),
-            budget.batch_size,
-            seed,
-            nn.functional.cross_entropy,
-            lambda m: classification_metrics(m, x_test, y_test, 1000, lambda m, x, s: m(x[s])),
+        return tensor_classification_run(
+            model, (x_train, y_train), (x_test, y_test), budget.batch_size, seed, 1000
         )
 
 

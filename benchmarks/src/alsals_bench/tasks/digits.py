@@ -6,12 +6,11 @@ import torch
 from torch import nn
 
 from alsals_bench.data.offline import load_digits_dataset
-from alsals_bench.tasks._util import tensor_dataset_run
+from alsals_bench.tasks._util import tensor_classification_run
 from alsals_bench.tasks.base import (
     Budget,
     Task,
     TaskRun,
-    classification_metrics,
     long_budget,
 )
 
@@ -54,11 +53,6 @@ class DigitsCNN(Task):
         x_test, y_test = data["x_test"].to(device), data["y_test"].to(device)
         torch.manual_seed(seed)
         model = digits_cnn().to(device)
-        return tensor_dataset_run(
-            model,
-            (x_train, y_train),
-            budget.batch_size,
-            seed,
-            nn.functional.cross_entropy,
-            lambda m: classification_metrics(m, x_test, y_test, 512, lambda m, x, s: m(x[s])),
+        return tensor_classification_run(
+            model, (x_train, y_train), (x_test, y_test), budget.batch_size, seed, 512
         )
