@@ -198,9 +198,9 @@ class StartWatch:
     ``START_SAMPLES`` steps (the start level: their sums), an EMA of the losses since the
     start or the rule's last act (factor ``1 - 1 / START_SAMPLES``, with its squares' for
     the spread), all of them of the losses less the first (``shift``: a loss with a large
-    constant part keeps its spread's digits), whether the rule may cut (``armed``: not since a cut until the loss
-    average has come back below the start level), and how many losses a standing ceiling
-    has held for (``held``; -1: none stands).
+    constant part keeps its spread's digits), whether the rule may cut (``armed``: not since
+    a cut until the loss average has come back below the start level), and how many losses a
+    standing ceiling has held for (``held``; -1: none stands).
 
     Each batch loss before its step is an unbiased sample of the loss at the weights it
     meets, on data the step was not fitted to; their average measurably above the start
@@ -271,28 +271,27 @@ class StartWatch:
         """Whether the start level and the average since hold ``START_SAMPLES`` losses."""
         return self.start_samples >= START_SAMPLES and self.samples >= START_SAMPLES
 
-    def _apart(self, gap: float, standard_errors: float, resolution: float) -> bool:
-        """Whether the average lies ``gap`` from the start level measurably: by more than
-        ``resolution`` (the loss's rounding) and than ``standard_errors`` standard errors
-        of the difference plus the range ``2 sqrt(2 ln(n / START_SAMPLES))`` of them that
-        ``n / START_SAMPLES`` roughly independent looks at a flat loss span by chance."""
+    def _apart(self, above: bool, standard_errors: float, resolution: float) -> bool:
+        """Whether the average lies measurably above (``above``) or below the start level: by
+        more than ``resolution`` (the loss's rounding) and than ``standard_errors`` standard
+        errors of the difference plus the range ``2 sqrt(2 ln(n / START_SAMPLES))`` of them
+        that ``n / START_SAMPLES`` roughly independent looks at a flat loss span by chance."""
+        (mean, error), (start, start_error) = self.level(), self.start_level()
+        gap = mean - start if above else start - mean
         chance = 2.0 * math.sqrt(2.0 * math.log(self.samples / START_SAMPLES))
-        error = math.hypot(self.level()[1], self.start_level()[1])
-        return gap > resolution and gap > (standard_errors + chance) * error
+        return gap > resolution and gap > (standard_errors + chance) * math.hypot(
+            error, start_error
+        )
 
     def rose(self, standard_errors: float, resolution: float) -> bool:
         """Whether the rule may cut and the losses' average lies measurably above the start
         level."""
-        if not (self.armed and self.judging()):
-            return False
-        return self._apart(self.level()[0] - self.start_level()[0], standard_errors, resolution)
+        return self.armed and self.judging() and self._apart(True, standard_errors, resolution)
 
     def recovered(self, standard_errors: float, resolution: float) -> bool:
         """Whether, since a cut, the losses' average has come measurably below the start
         level: the run got past what the rise undid; the rule may cut again."""
-        if self.armed or not self.judging():
-            return False
-        return self._apart(self.start_level()[0] - self.level()[0], standard_errors, resolution)
+        return not self.armed and self.judging() and self._apart(False, standard_errors, resolution)
 
     def expired(self) -> bool:
         """Whether a standing ceiling has held for one horizon of the guard's watch
