@@ -858,11 +858,13 @@ def test_a_ceiling_set_where_the_data_shift_is_lifted_once_the_loss_stays_above_
     the old lowest, so the fall that lifts a ceiling never comes. Under the ceiling the
     loss average stays measurably above even the level that set it: the rise was not the
     step size's doing, and one horizon later the ceiling is lifted (and ``start_rise``,
-    which stays out while the guard's ceiling stands, takes the new data's start level). Measured over steps
-    2000-2100 (+500 to +600 after the shift): 1.16x the new minimum, 1.04x without the
-    guard; before, the ceiling held for good and the loss was 28x. A run resumed under the
-    ceiling lifts it at the same step."""
-    pre, post, n, d = 1500, 600, 512, 8
+    which stays out while the guard's ceiling stands, takes the new data's start level).
+    The new targets need a step size about 100x the old one, which growth of 10% per search
+    reaches some 500 steps after the lift; over steps +700 to +800 after the shift the
+    full-data loss is 1.02x the unguarded run's (before the lift existed the ceiling held
+    for good and the loss was 28x). A run resumed under the ceiling lifts it at the same
+    step."""
+    pre, post, n, d = 1500, 800, 512, 8
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, dtype=torch.float64, generator=gen)
     old = x @ torch.randn(d, dtype=torch.float64, generator=gen)
@@ -1138,6 +1140,7 @@ def test_polyak_start_trial_keeps_the_step_size_where_only_the_bound_lowered_the
         loss_rise_guard=None,
         initial_searches=3,
         search_interval=2,
+        late_retry=False,  # (a retry starts where the search that cut did, not grown)
     )
     seen = set()
     for idx in batches(x, y, 300):
@@ -2325,15 +2328,16 @@ def one_sharp_batch_run(
     0), as an outlier batch is: that search cuts the step size far below its start (a dict
     gives each sharp step its own factor for ``1e4``). ``writes``: an ``lr`` written before
     each of those steps; ``steeper``: steps whose loss gains ``(w - y) . 1``, the same loss at
-    ``y`` with a steeper slope (a lower Polyak bound). The optimizer, the searched step size
-    after each step, and each step's ``last_step``."""
+    ``y`` with a steeper slope (a lower Polyak bound). ``late_retry`` is off unless given
+    (``cut_retry`` alone). The optimizer, the searched step size after each step, and each
+    step's ``last_step``."""
     sharpness = sharp_steps if isinstance(sharp_steps, dict) else dict.fromkeys(sharp_steps, 1e4)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 5, generator=g, dtype=torch.float64)
     b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
     b = b + 0.3 * torch.randn(64, generator=g, dtype=torch.float64)
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], cut_retry=cut_retry, **kwargs)
+    opt = ALSALS([w], cut_retry=cut_retry, **{"late_retry": False, **kwargs})
     sizes, infos = [], []
     for k in range(steps):
         idx = torch.arange(16 * (k % 4), 16 * (k % 4 + 1))
@@ -2456,6 +2460,52 @@ def test_a_retry_whose_start_the_polyak_bound_lowered_sets_the_step_size():
     )
     assert infos[11].kind == "search" and infos[11].trials == 1
     assert sizes[10] * 10 < infos[11].step_size == sizes[11] < sizes[9] * 1.1
+
+
+@pytest.mark.parametrize("cut_retry", [True, False])
+@pytest.mark.parametrize("sharpness", [3.0, 30.0])
+def test_late_retry_checks_every_cut_after_the_first_phase(cut_retry, sharpness):
+    """After the first phase (``initial_searches=1``: from the second step on) a cut of any
+    factor (1.25x, 7.5x: below ``cut_retry``'s 10x) is checked on the next batch: its first
+    trial, the start of the search that cut, passes and the step size is back, once (with
+    or without ``cut_retry``). Without ``late_retry`` the cut stands."""
+    settings = {"steps": 13, "initial_searches": 1}
+    _, plain, plain_infos = one_sharp_batch_run(cut_retry, {10: sharpness}, **settings)
+    _, sizes, infos = one_sharp_batch_run(cut_retry, {10: sharpness}, late_retry=True, **settings)
+    start = sizes[9] * 1.1  # where the search that cut started (grown)
+    assert sizes[10] == plain[10] and 1.2 < start / sizes[10] < 10  # (the same cut)
+    assert plain_infos[11].kind == "reuse" and plain[11] == plain[10]
+    assert infos[11].kind == "search" and infos[11].trials == 1
+    assert sizes[11] == pytest.approx(start, rel=1e-12)
+    assert infos[12].kind == "reuse"
+
+
+@pytest.mark.parametrize(
+    ("first_phase", "sharp_step", "retried"), [("never", 5, False), ("settled", 11, True)]
+)
+def test_late_retry_waits_for_the_end_of_the_first_phase(first_phase, sharp_step, retried):
+    """With ``initial_searches=20`` a 5x cut at step 5 of a first phase that searches
+    every step (``"never"`` ends it early) stands: the next search starts from the cut,
+    grown. Where the phase ended early (``"settled"``: at the second search, step 1), a cut
+    at step 11, the cadence's search, is checked on the next batch although fewer than 20
+    steps have run."""
+    opt, sizes, infos = one_sharp_batch_run(
+        False,
+        {sharp_step: 30.0},
+        steps=sharp_step + 3,
+        initial_searches=20,
+        first_phase=first_phase,
+        late_retry=True,
+    )
+    assert infos[sharp_step].kind == "search" and sizes[sharp_step] < sizes[sharp_step - 1] / 3
+    after = infos[sharp_step + 1]
+    assert after.kind == "search" and after.trials == 1
+    grown = sizes[sharp_step + 1] / sizes[sharp_step]
+    if retried:  # back at the start of the search that cut, then the cadence's reuse
+        assert sizes[sharp_step + 1] == pytest.approx(sizes[sharp_step - 1] * 1.1, rel=1e-12)
+        assert infos[sharp_step + 2].kind == "reuse"
+    else:  # a search of the first phase, from the cut grown by 10%
+        assert grown == pytest.approx(1.1, rel=1e-12)
 
 
 def test_a_pending_cut_retry_resumes_from_a_checkpoint():

@@ -159,6 +159,7 @@ SEARCH_SETTINGS = (
     "lead_rule",
     "kept_rule",
     "cut_retry",
+    "late_retry",
     "polyak_start",
     "loss_floor",
     "polyak_cap",
@@ -176,6 +177,7 @@ SETTINGS_ADDED = {
     "kept_rule": "keep",
     "cut_retry": False,
     "start_rise": False,
+    "late_retry": False,
 }
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
@@ -287,7 +289,7 @@ class SearchState:
     leading: int = 0  # steps since the last search whose batch found z downhill of y
     trailing: int = 0  # ... and uphill
     kept_in_a_row: int = 0  # searches in a row whose averaging move alone failed the test
-    retry_from: float = 0.0  # cut_retry: the start of a search that cut the step size >10x
+    retry_from: float = 0.0  # cut_retry, late_retry: the start of a search that cut
     start_ceiling: float = math.inf  # start_rise's
     start_watch: dict[str, float] | None = None  # start_rise's StartWatch
 
@@ -517,6 +519,12 @@ class ALSALS(torch.optim.Optimizer):
             Adam's first steps on a recurrent or deep unnormalised network) makes the next
             step (the next not skipped) search again, from that start, once: the step size
             becomes the larger of the cut and the trial that search passed (``True``).
+        late_retry: once the run's first phase is over (the searches at the cadence), every
+            search that sets the step size below its own start, by any factor, is checked on
+            the next batch as ``cut_retry`` checks a cut beyond 10x: a step size that many
+            batches accepted is not lowered on one batch's word (an outlier batch: a
+            recurrent network's large gradients), while within the first phase, where every
+            step searches anyway, the searches find the step size's level (``True``).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -580,6 +588,7 @@ class ALSALS(torch.optim.Optimizer):
         lead_rule: str = "off",
         kept_rule: str = "keep",
         cut_retry: bool = True,
+        late_retry: bool = True,
         polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -616,6 +625,7 @@ class ALSALS(torch.optim.Optimizer):
                     "lead_rule": lead_rule,
                     "kept_rule": kept_rule,
                     "cut_retry": cut_retry,
+                    "late_retry": late_retry,
                     "polyak_start": polyak_start,
                     "loss_floor": loss_floor,
                     "polyak_cap": polyak_cap,
@@ -1172,7 +1182,7 @@ class ALSALS(torch.optim.Optimizer):
         lead = sum(averaging)
         search.leading += lead > 0.0
         search.trailing += lead < 0.0
-        if not h["cut_retry"]:  # (switched off since a cut armed one: no retry)
+        if not (h["cut_retry"] or h["late_retry"]):  # (switched off since a cut armed one)
             search.retry_from = 0.0
         # (a step size no search accepted is never reused untested: resume > 0 searches,
         # but after a search that could judge no trial, at the cadence)
@@ -1197,9 +1207,10 @@ class ALSALS(torch.optim.Optimizer):
             if message is not None:
                 self._warn_once("replay", message)
         if due:
-            # cut_retry: whether a cut this search makes is checked on the next batch, and
-            # whether it is that check (which may only raise the step size again)
+            # cut_retry, late_retry: whether a cut this search makes is checked on the next
+            # batch, and whether it is that check (which may only raise the step size again)
             retrying = search.retry_from > 0.0
+            in_first_phase = search.steps < h["initial_searches"] and not search.first_phase_over
             checkable = not (
                 search.searches == 0
                 or written
@@ -1229,20 +1240,23 @@ class ALSALS(torch.optim.Optimizer):
             elif passed:  # (a search whose trials resolved nothing says nothing either way)
                 self._slope_overstated = False
             # cut_retry: a search that set the step size more than EXPANSION below its own
-            # start (one batch's cut) makes the next step search again from that start
+            # start (one batch's cut) makes the next step search again from that start;
+            # late_retry: after the first phase, one that set it below its start at all
             search.retry_from = 0.0
             if retrying and result.kind == "search":
                 # the larger of the cut and the trial this batch passed (also where only the
                 # Polyak bound lowered the retry's start: a pass above the cut refutes it; a
                 # second cut below the first leaves the first)
                 result = replace(result, sets_step_size=result.step_size >= search.step_size)
+            late = h["late_retry"] and not in_first_phase
+            least_cut = 1.0 if late else EXPANSION if h["cut_retry"] else math.inf
             cut = (
                 result.kind == "search"
                 and result.sets_step_size
                 and bool(trials)
-                and trials[0][0] > EXPANSION * result.step_size
+                and trials[0][0] > least_cut * result.step_size
             )
-            if h["cut_retry"] and checkable and cut:
+            if checkable and cut:
                 search.retry_from = trials[0][0]
             self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
             if self._unchanged_searches >= STALL_WARNING_STEPS:
@@ -1362,7 +1376,7 @@ class ALSALS(torch.optim.Optimizer):
             gamma = search.step_size
         elif resuming:
             gamma = min(search.resume, search.step_size)
-        elif search.retry_from > 0.0:  # (cut_retry: the start of the search that cut)
+        elif search.retry_from > 0.0:  # (cut_retry, late_retry: the search that cut's start)
             gamma = search.retry_from
         else:
             gamma = search.step_size * self._start_factor(search)
@@ -1989,6 +2003,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "lead_rule": _choice("lead_rule", values["lead_rule"], LEAD_RULES),
         "kept_rule": _choice("kept_rule", values["kept_rule"], KEPT_RULES),
         "cut_retry": flag("cut_retry", values["cut_retry"]),
+        "late_retry": flag("late_retry", values["late_retry"]),
         "polyak_start": _choice("polyak_start", values["polyak_start"], ("sets", "trial")),
         "loss_floor": loss_floor(values["loss_floor"]),
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),

@@ -763,22 +763,28 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "alsals-schedulefree-uncapped",
             "ALSALS of method.md section 18 without the Polyak cap on every step",
-            _schedulefree_search(polyak_cap=False, polyak_start="sets", rise_restart=False),
+            _schedulefree_search(
+                polyak_cap=False, polyak_start="sets", rise_restart=False, late_retry=False
+            ),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-shrink",
             "ALSALS (section 19) shrinking its step size while z trails x",
-            _schedulefree_search(lead_rule="shrink", polyak_start="sets", rise_restart=False),
+            _schedulefree_search(
+                lead_rule="shrink", polyak_start="sets", rise_restart=False, late_retry=False
+            ),
         ),
         OptimizerSpec(
             "alsals-schedulefree-polyak-start-sets",
             "ALSALS whose Polyak start bound sets the step size (method.md section 18)",
-            _schedulefree_search(polyak_start="sets", rise_restart=False),
+            _schedulefree_search(polyak_start="sets", rise_restart=False, late_retry=False),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-hold",
             "ALSALS (section 19) holding its step size while z trails x",
-            _schedulefree_search(lead_rule="hold", polyak_start="sets", rise_restart=False),
+            _schedulefree_search(
+                lead_rule="hold", polyak_start="sets", rise_restart=False, late_retry=False
+            ),
         ),
         OptimizerSpec(
             "alsals-schedulefree-kept-shrink",
@@ -789,6 +795,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-schedulefree-no-cut-retry",
             "ALSALS without checking a cut beyond 10x on the next batch (method.md section 32)",
             _schedulefree_search(cut_retry=False),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree-no-late-retry",
+            "ALSALS checking on the next batch only cuts beyond 10x (method.md section 34)",
+            _schedulefree_search(late_retry=False),
         ),
         OptimizerSpec(
             "alsals-schedulefree-c03",
