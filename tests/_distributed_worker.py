@@ -239,6 +239,37 @@ def start_rise_run(rank: int) -> dict:
     }
 
 
+def retry_run(rank: int) -> dict:
+    """``late_retry`` under DDP: a search at every third step after a one-step first phase,
+    each rank its own batches, every sixth of them (a search's) with inputs 5x larger, on
+    which searches cut; whether a cut is retried is read from the trials' losses averaged
+    over ranks, so both ranks arm and run the same retries and keep the same weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ALSALS(ddp.parameters(), lr=1.0, initial_searches=1, search_interval=3)
+    data_gen = torch.Generator().manual_seed(400 + rank)
+    decisions, armed = [], []
+    for k in range(60):
+        x = torch.randn(16, 6, generator=data_gen)
+        y = (x.sum(dim=1) > 0).float()
+        x = x * 5.0 if k % 6 == 3 else x
+
+        def closure(x=x, y=y, ddp=ddp):
+            return nn.functional.binary_cross_entropy_with_logits(ddp(x).squeeze(-1), y)
+
+        opt.step(closure)
+        info = opt.last_step
+        decisions.append((info.kind, info.trials, info.step_size))
+        if opt.search_state.retry_from > 0.0:
+            armed.append(k)
+    return {
+        "decisions": decisions,
+        "armed": armed,
+        "weights": torch.cat([p.detach().flatten() for p in model.parameters()]),
+    }
+
+
 def mismatch_run(rank: int) -> dict:
     """Each optimizer built with another ``c`` on each rank: the first step's error, on
     every rank (no hang, no drift)."""
@@ -326,6 +357,7 @@ def train_all(rank: int) -> dict:
     results = {
         "guard": guard_run(rank),
         "start_rise": start_rise_run(rank),
+        "retry": retry_run(rank),
         "floor": floor_run(rank),
         "undo": undo_run(rank),
         "kink": kink_run(rank),

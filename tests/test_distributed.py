@@ -107,6 +107,16 @@ def test_start_rise_cuts_alike_on_every_rank(rank_results):
     assert torch.equal(rank0["weights"], rank1["weights"])
 
 
+def test_late_retry_checks_the_same_cuts_on_every_rank(rank_results):
+    """Cuts after the first phase are retried on the next batch alike on every rank: the
+    same retries armed at the same steps, the same decisions and weights."""
+    rank0, rank1 = rank_results[0]["retry"], rank_results[1]["retry"]
+    assert rank0["armed"], "cuts must be retried for the comparison to mean anything"
+    assert rank0["armed"] == rank1["armed"]
+    assert rank0["decisions"] == rank1["decisions"]
+    assert torch.equal(rank0["weights"], rank1["weights"])
+
+
 def test_a_wrong_floor_is_refuted_alike_on_every_rank(rank_results):
     """The floor's evidence is read from losses averaged over ranks: both ranks refute
     ``loss_floor=0`` at the same step (a loss that goes below it) and keep the same state
