@@ -2391,21 +2391,36 @@ def test_cut_retry_checks_one_batchs_cut_on_the_next(sharp_step, initial_searche
         assert plain_infos[cut + 1].kind == "reuse" and infos[cut + 2].kind == "reuse"
 
 
-def test_cut_retry_checks_once_and_not_a_run_s_first_search():
+@pytest.mark.parametrize("late_retry", [False, True])
+def test_cut_retry_checks_once_and_not_a_run_s_first_search(late_retry):
     """A run's first search, which starts from the user's guess, cuts as far as it must
     without a retry; a retry that cuts as well sets the larger of the two cuts (its step is
-    the trial it passed), and makes no second retry."""
-    _, _, infos = one_sharp_batch_run(True, (), steps=3, lr=1e6, loss_floor=None)
+    the trial it passed), and makes no second retry (with ``late_retry`` as well)."""
+    _, _, infos = one_sharp_batch_run(
+        True, (), steps=3, lr=1e6, loss_floor=None, late_retry=late_retry
+    )
     assert infos[0].kind == "search" and infos[0].step_size < 1e4  # (cut far from lr)
     assert infos[1].trials == 1  # the second search starts grown from the first's
     # a sharp batch, then a sharper one: the retry cuts further
     opt, sizes, infos = one_sharp_batch_run(
-        True, {10: 1e4, 11: 1e7}, steps=14, initial_searches=1, polyak_cap=False
+        True,
+        {10: 1e4, 11: 1e7},
+        steps=14,
+        initial_searches=1,
+        polyak_cap=False,
+        late_retry=late_retry,
     )
     assert infos[11].step_size < sizes[10]  # (the retry's trial, below the first cut)
     assert [i.kind for i in infos[10:]] == ["search", "search", "reuse", "reuse"]
     assert sizes[11] == max(sizes[10], infos[11].step_size) < sizes[9] / 10
     assert sizes[13] == sizes[11] and opt.search_state.retry_from == 0.0
+
+
+def test_late_retry_and_cut_retry_are_defaults():
+    """Both checks of a cut are on unless switched off."""
+    w = torch.zeros(2, requires_grad=True)
+    assert ALSALS([w]).defaults["late_retry"] is True
+    assert ALSALS([w]).defaults["cut_retry"] is True
 
 
 @pytest.mark.parametrize(("sharpness", "retried"), [(30.0, False), (100.0, True)])
@@ -2417,15 +2432,17 @@ def test_cut_retry_acts_on_cuts_beyond_10x_only(sharpness, retried):
     assert infos[11].kind == ("search" if retried else "reuse")
 
 
+@pytest.mark.parametrize("late_retry", [False, True])
 @pytest.mark.parametrize(
     "case", ["retry-cuts-again", "written-lr", "warm-up", "written-while-pending", "switched-off"]
 )
-def test_cut_retry_arms_no_retry_from_a_retry_a_written_lr_or_warm_up(case):
+def test_cut_retry_arms_no_retry_from_a_retry_a_written_lr_or_warm_up(case, late_retry):
     """A cut beyond 10x arms no retry where it is itself a retry's (here 22x below its
     start, above the first cut: the step size is the retry's), a search from a written
     ``lr``, or one in warm-up; and a written ``lr`` drops a retry pending (the next search
-    starts from the user's value), as does ``cut_retry`` written ``False``."""
-    settings: dict = {"steps": 13, "initial_searches": 1}
+    starts from the user's value), as does ``cut_retry`` written ``False`` (with
+    ``late_retry`` written ``False`` too where it is on): the same with ``late_retry``."""
+    settings: dict = {"steps": 13, "initial_searches": 1, "late_retry": late_retry}
     if case == "retry-cuts-again":
         opt, sizes, infos = one_sharp_batch_run(True, {10: 1e4, 11: 1e3}, **settings)
         assert sizes[10] < sizes[11] < sizes[9] * 1.1 / 10  # (the retry cut, above the cut)
@@ -2445,6 +2462,7 @@ def test_cut_retry_arms_no_retry_from_a_retry_a_written_lr_or_warm_up(case):
         opt, sizes, infos = one_sharp_batch_run(True, (10,), **settings)
         assert opt.search_state.retry_from > 0.0
         opt.param_groups[0]["cut_retry"] = False
+        opt.param_groups[0]["late_retry"] = False
         (w,) = opt.param_groups[0]["params"]
         opt.step(lambda: (w**2).sum())
         assert opt.last_step.kind == "reuse"

@@ -793,7 +793,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "alsals-schedulefree-no-cut-retry",
-            "ALSALS without checking a cut beyond 10x on the next batch (method.md section 32)",
+            "ALSALS without cut_retry: a cut beyond 10x in the first phase stands (section 32)",
             _schedulefree_search(cut_retry=False),
         ),
         OptimizerSpec(
