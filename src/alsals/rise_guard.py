@@ -60,6 +60,14 @@ LOSS_SMOOTHING = 0.99
 WATCH_SAMPLES = round(1.0 / (1.0 - LOSS_SMOOTHING))
 
 
+def margin_in_errors(standard_errors: float, samples: int, horizon: int) -> float:
+    """How many standard errors an average must move to count: ``standard_errors`` plus
+    ``2 sqrt(2 ln(samples / horizon))``, the range that ``samples / horizon`` roughly
+    independent averages of a flat loss span by chance (so that a long flat loss fires a
+    watch no more often than a short one)."""
+    return standard_errors + 2.0 * math.sqrt(2.0 * math.log(samples / horizon))
+
+
 @dataclass(frozen=True)
 class LossWatch:
     """The guard's statistics since the watch began.
@@ -102,12 +110,9 @@ class LossWatch:
         return self.samples > WATCH_SAMPLES
 
     def margin(self, standard_errors: float, standard_error: float) -> float:
-        """How far the average must move to count: ``standard_errors`` standard errors plus
-        ``2 sqrt(2 ln(n / 100))`` of them, the range ``n / 100`` roughly independent
-        averages of a flat loss span by chance (so that a long flat loss fires the guard
-        no more often than a short one)."""
-        chance = 2.0 * math.sqrt(2.0 * math.log(self.samples / WATCH_SAMPLES))
-        return (standard_errors + chance) * standard_error
+        """How far the average must move to count: ``margin_in_errors`` standard errors
+        over the horizon ``WATCH_SAMPLES``."""
+        return margin_in_errors(standard_errors, self.samples, WATCH_SAMPLES) * standard_error
 
     def after(self, loss: float, step_size: float) -> LossWatch:
         """The statistics with one more batch loss and the step size of its update (the
@@ -274,14 +279,12 @@ class StartWatch:
     def _apart(self, above: bool, standard_errors: float, resolution: float) -> bool:
         """Whether the average lies measurably above (``above``) or below the start level: by
         more than ``resolution`` (the loss's rounding) and than ``standard_errors`` standard
-        errors of the difference plus the range ``2 sqrt(2 ln(n / START_SAMPLES))`` of them
-        that ``n / START_SAMPLES`` roughly independent looks at a flat loss span by chance."""
+        errors of the difference plus the range of them that repeated looks at a flat loss
+        span by chance (``margin_in_errors`` over the horizon ``START_SAMPLES``)."""
         (mean, error), (start, start_error) = self.level(), self.start_level()
         gap = mean - start if above else start - mean
-        chance = 2.0 * math.sqrt(2.0 * math.log(self.samples / START_SAMPLES))
-        return gap > resolution and gap > (standard_errors + chance) * math.hypot(
-            error, start_error
-        )
+        margin = margin_in_errors(standard_errors, self.samples, START_SAMPLES)
+        return gap > resolution and gap > margin * math.hypot(error, start_error)
 
     def rose(self, standard_errors: float, resolution: float) -> bool:
         """Whether the rule may cut and the losses' average lies measurably above the start

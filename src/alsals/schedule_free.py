@@ -297,6 +297,18 @@ class SearchState:
         """The step size's ceiling: ``loss_rise_guard``'s and ``start_rise``'s."""
         return min(self.step_size_ceiling, self.start_ceiling)
 
+    def drop_start_watch(self) -> None:
+        """``start_rise``'s ceiling lifted and its statistics dropped (the start level is
+        taken afresh from the next losses)."""
+        self.start_ceiling, self.start_watch = math.inf, None
+
+    def drop_watches(self) -> None:
+        """Both rules' ceilings lifted and their statistics dropped: nothing they saw
+        applies any more (a written ``lr``, the guard written off)."""
+        self.step_size_ceiling, self.ceiling_loss, self.watch = math.inf, 0.0, None
+        self.ceiling_rise = math.inf
+        self.drop_start_watch()
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a new dict (the watches' flat dicts copied): ``asdict``'s recursive
         copy, for the same result, cost some 0.2 ms a step."""
@@ -1640,9 +1652,7 @@ class ALSALS(torch.optim.Optimizer):
         acts."""
         guard = self._settings["loss_rise_guard"]
         if guard is None:  # (off, or written off: no ceiling of it stands)
-            search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
-            search.ceiling_rise = math.inf
-            search.start_ceiling, search.start_watch = math.inf, None
+            search.drop_watches()
             return False, False
         watch = LossWatch(**search.watch) if search.watch else LossWatch()
         watch = watch.after(loss0, gamma)
@@ -1659,7 +1669,7 @@ class ALSALS(torch.optim.Optimizer):
         ):
             if watch.stayed_above(search.ceiling_rise, guard, resolution):
                 # new data: start_rise's start level goes with it (and any ceiling of it)
-                search.start_ceiling, search.start_watch = math.inf, None
+                search.drop_start_watch()
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
             search.ceiling_rise = math.inf
         risen = watch.risen(guard, resolution)
@@ -1694,7 +1704,7 @@ class ALSALS(torch.optim.Optimizer):
         has come measurably below the start level, which also lifts the ceiling; so does
         one horizon of the guard's watch (``WATCH_SAMPLES`` finite losses) under it."""
         if not self._settings["start_rise"]:  # (off, or written off: no ceiling of it stands)
-            search.start_ceiling, search.start_watch = math.inf, None
+            search.drop_start_watch()
             return False
         start = StartWatch(**search.start_watch) if search.start_watch else StartWatch()
         start = start.after(loss0)
@@ -1886,9 +1896,7 @@ class ALSALS(torch.optim.Optimizer):
         search.resume = 0.0  # the user's step size: searched from, as at a written lr
         search.retry_from = 0.0
         search.untested_write = True
-        search.step_size_ceiling, search.ceiling_loss, search.watch = math.inf, 0.0, None
-        search.ceiling_rise = math.inf
-        search.start_ceiling, search.start_watch = math.inf, None
+        search.drop_watches()
         return "set"
 
     def _warmup_ramp(self, search: SearchState) -> float:
