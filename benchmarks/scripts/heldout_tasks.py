@@ -1,4 +1,4 @@
-"""Ten held-out-style tasks for exploring a method on problems it was not chosen on.
+"""Fourteen held-out-style tasks for exploring a method on problems it was not chosen on.
 
 The first six: ``lstm-char`` (2-layer LSTM character model), ``digits-autoencoder``,
 ``digits-vit``, ``matrix-factorisation``, ``diabetes-deep-mlp`` (8 ReLU layers, no
@@ -6,15 +6,24 @@ normalisation) and ``breast-cancer-logreg``; four more, unlike those and the ben
 ``skipgram-embeddings`` (word2vec's skip-gram, full softmax: each batch touches few input
 embedding rows), ``gru-sequence-classification`` (a GRU telling noisy sinusoids' frequencies
 apart), ``wine-wide-mlp`` (one hidden layer of 1024 with dropout on 142 examples) and
-``conv1d-denoising`` (a 1-D conv net denoising piecewise-smooth signals).
+``conv1d-denoising`` (a 1-D conv net denoising piecewise-smooth signals). The last four were
+built in section 35's round, unlike the ten before them and the benchmark's own:
+``heteroscedastic-nll`` (an MLP predicting a mean and a log-variance, trained on the Gaussian
+negative log-likelihood, a loss that goes below 0), ``digits-label-noise-cnn`` (a small CNN
+on digits with 40% of the training labels random, judged on the clean test labels),
+``digits-contrastive`` (an MLP encoder trained with NT-Xent on two augmented views of each
+digit, a loss whose floor is not 0) and ``sequence-sorting-transformer`` (a transformer
+encoder outputting its input sequence sorted).
 
 Not part of the benchmark's suites (no stored runs, no report of their own): section 32 of
 ``benchmarks/docs/method.md`` reports what ``ALSALS(params)`` and the peers did on the first
-six, section 33 on the four more (built after ``start_rise`` was chosen, to test it). The data come from scikit-learn's bundled sets, a seeded generator, or the source of
-three modules of the running Python's standard library each for ``lstm-char`` and
+six, section 33 on the four more (built after ``start_rise`` was chosen, to test it), section
+35 on the last four. The data come from scikit-learn's bundled sets, a seeded generator, or the
+source of three modules of the running Python's standard library each for ``lstm-char`` and
 ``skipgram-embeddings`` (the text, and so the numbers, follow the Python version; 3.11.7 for
-section 32); the run's seed sets the model's initialisation and the batch order. Run through
-the benchmark's own command line, with these tasks registered first::
+section 32); the run's seed sets the model's initialisation and the batch order (and, for
+``digits-contrastive``, the training views). Run through the benchmark's own command line, with
+these tasks registered first::
 
     python benchmarks/scripts/heldout_tasks.py run --budget quick --tasks matrix-factorisation \
         --optimizers alsals-schedulefree adam-tuned --seeds 0,1 --out /tmp/heldout --no-report
@@ -23,18 +32,20 @@ the benchmark's own command line, with these tasks registered first::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import sysconfig
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from alsals_bench.tasks._util import tensor_classification_run, tensor_dataset_run
+from alsals_bench.tasks._util import eval_mode, tensor_classification_run, tensor_dataset_run
 from alsals_bench.tasks.austen_gpt2 import lm_windows
-from alsals_bench.tasks.base import Budget, Task, TaskRun
+from alsals_bench.tasks.base import Budget, Task, TaskRun, batch_stream
 from alsals_bench.tasks.checks import language_model_run, mse_evaluation, standardised
 
 DATA_SEED = 1234
@@ -537,6 +548,247 @@ class Conv1dDenoising(HeldoutTask):
         )
 
 
+# ---------------------------------------------------------------- 11. heteroscedastic NLL
+def heteroscedastic_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` points ``x ~ U(-3, 3)``, ``y = 0.5 x + sin(2x) + s(x) e`` with ``e ~ N(0, 1)``
+    and a noise level ``s(x) = 0.02 + 0.15 (1 + sin(1.5 x))`` between 0.02 and 0.32 (the
+    true model's expected negative log-likelihood is about -0.64): [n, 1], [n, 1]."""
+    x = 6 * torch.rand(n, 1, generator=generator) - 3
+    scale = 0.02 + 0.15 * (1 + torch.sin(1.5 * x))
+    y = 0.5 * x + torch.sin(2 * x) + scale * torch.randn(n, 1, generator=generator)
+    return x, y
+
+
+def gaussian_nll(output: Tensor, y: Tensor) -> Tensor:
+    """The mean negative log-likelihood of ``y`` [n, 1] under ``N(mean, exp(log_var))``, the
+    model's ``output`` [n, 2] being (mean, log-variance); the constant ``0.5 log(2 pi)`` kept,
+    so the loss is negative wherever the model is sure and right."""
+    mean, log_var = output[:, :1], output[:, 1:]
+    return 0.5 * (log_var + (y - mean) ** 2 * torch.exp(-log_var) + math.log(2 * math.pi)).mean()
+
+
+def nll_evaluation(x_test: Tensor, y_test: Tensor) -> Callable[[nn.Module], dict[str, float]]:
+    """The held-out ``gaussian_nll`` of a mean-and-variance model, as ``val_loss``."""
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"val_loss": gaussian_nll(model(x_test), y_test).item()}
+
+    return evaluate
+
+
+class HeteroscedasticNLL(HeldoutTask):
+    name = "heteroscedastic-nll"
+    description = (
+        "SiLU MLP 1-64-64-2 predicting mean and log-variance, Gaussian negative log-likelihood "
+        "(can go below 0) on a seeded 1-D regression whose noise level varies with x "
+        "(2000 train / 1000 test)"
+    )
+    domain = "tabular"
+    metrics = ("val_loss",)
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=600, batch_size=64, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        g = torch.Generator().manual_seed(DATA_SEED)
+        x_tr, y_tr = (t.to(device) for t in heteroscedastic_data(2000, g))
+        x_te, y_te = (t.to(device) for t in heteroscedastic_data(1000, g))
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(1, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 2)
+        ).to(device)
+        return tensor_dataset_run(
+            model, (x_tr, y_tr), budget.batch_size, seed, gaussian_nll, nll_evaluation(x_te, y_te)
+        )
+
+
+# ---------------------------------------------------------------- 12. digits label-noise CNN
+class DigitsLabelNoiseCNN(HeldoutTask):
+    name = "digits-label-noise-cnn"
+    description = (
+        "small CNN (conv 16, conv 32, max-pool, linear; ReLU, no normalisation) on 8x8 digits "
+        "with 40% of the training labels replaced by uniformly random classes; clean test labels"
+    )
+    domain = "tabular"
+    metrics = ("accuracy", "val_loss")
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=600, batch_size=64, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        x_tr, y_tr, x_te, y_te = _digits()
+        g = torch.Generator().manual_seed(DATA_SEED)
+        noisy = torch.rand(len(y_tr), generator=g) < 0.4
+        random_labels = torch.randint(0, 10, (len(y_tr),), generator=g)
+        y_tr = torch.where(noisy, random_labels, y_tr)
+        images = [x.view(-1, 1, 8, 8).to(device) for x in (x_tr, x_te)]
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 10),
+        ).to(device)
+        return tensor_classification_run(
+            model,
+            (images[0], y_tr.to(device)),
+            (images[1], y_te.to(device)),
+            budget.batch_size,
+            seed,
+            512,
+        )
+
+
+# ---------------------------------------------------------------- 13. digits contrastive
+def augmented_view(x: Tensor, generator: torch.Generator) -> Tensor:
+    """A random view of digits ``x`` [n, 64] in [0, 1]: each image shifted by -1, 0 or 1
+    pixel in each direction (zeros shifted in), plus N(0, 0.1^2) noise on every pixel."""
+    n = len(x)
+    padded = nn.functional.pad(x.view(n, 8, 8), (1, 1, 1, 1))
+    dy, dx = (torch.randint(0, 3, (n,), generator=generator).to(x.device) for _ in range(2))
+    span = torch.arange(8, device=x.device)
+    rows = (dy[:, None] + span)[:, :, None]
+    cols = (dx[:, None] + span)[:, None, :]
+    shifted = padded[torch.arange(n, device=x.device)[:, None, None], rows, cols]
+    noise = torch.randn(n, 64, generator=generator).to(x.device)
+    return shifted.reshape(n, 64) + 0.1 * noise
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
+    """SimCLR's NT-Xent loss of two views' embeddings [n, d]: each of the 2n embeddings
+    should pick its other view among the 2n - 1 others by cosine similarity / temperature.
+    Its floor is above 0 (the negatives cannot all be far)."""
+    n = len(z1)
+    z = nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    similarity = z @ z.T / temperature
+    similarity = similarity.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), -1e9)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return nn.functional.cross_entropy(similarity, target)
+
+
+class DigitsContrastive(HeldoutTask):
+    name = "digits-contrastive"
+    description = (
+        "MLP encoder 64-128-32 (ReLU) trained with NT-Xent (temperature 0.2) on two augmented "
+        "views (shift by up to 1 pixel, N(0, 0.1^2) noise) of each digit; accuracy: nearest "
+        "class mean of the test embeddings"
+    )
+    domain = "tabular"
+    metrics = ("accuracy", "val_loss")
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=500, batch_size=128, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        x_tr, y_tr, x_te, y_te = (t.to(device) for t in _digits())
+        g = torch.Generator().manual_seed(DATA_SEED)
+        views_te = augmented_view(x_te, g), augmented_view(x_te, g)
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).to(device)
+        indices = batch_stream(len(x_tr), budget.batch_size, seed)
+        batches = 0
+
+        def next_batch():
+            # the views of the k-th batch come from a generator seeded by (seed, k): every
+            # closure call of a step sees the same views, and every run of a seed the same
+            nonlocal batches
+            batches += 1
+            views = torch.Generator().manual_seed(1_000_003 * seed + batches)
+            x = x_tr[indices().to(device)]
+            return augmented_view(x, views), augmented_view(x, views)
+
+        def loss(model, batch):
+            return nt_xent(model(batch[0]), model(batch[1]))
+
+        @torch.no_grad()
+        def evaluate(model):
+            with eval_mode(model):
+                size, total = budget.batch_size, 0.0
+                for start in range(0, len(x_te), size):
+                    v1, v2 = (v[start : start + size] for v in views_te)
+                    total += len(v1) * nt_xent(model(v1), model(v2)).item()
+                train = nn.functional.normalize(model(x_tr), dim=1)
+                means = torch.stack([train[y_tr == c].mean(0) for c in range(10)])
+                test = nn.functional.normalize(model(x_te), dim=1)
+                guess = (test @ nn.functional.normalize(means, dim=1).T).argmax(1)
+                return {
+                    "accuracy": (guess == y_te).float().mean().item(),
+                    "val_loss": total / len(x_te),
+                }
+
+        return TaskRun(model=model, next_batch=next_batch, loss=loss, evaluate=evaluate)
+
+
+# ---------------------------------------------------------------- 14. sorting transformer
+def sorting_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` sequences of 12 tokens drawn uniformly from 16, and each one sorted: [n, 12] x 2."""
+    x = torch.randint(0, 16, (n, 12), generator=generator)
+    return x, x.sort(dim=1).values
+
+
+class SortingTransformer(nn.Module):
+    def __init__(self, vocab=16, length=12, dim=64, depth=2, heads=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(1, length, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:  # [B, L] -> [B, L, vocab]
+        h = self.blocks(self.embed(tokens) + self.pos[:, : tokens.shape[1]])
+        return self.head(self.norm(h))
+
+
+def per_token_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+class SequenceSortingTransformer(HeldoutTask):
+    name = "sequence-sorting-transformer"
+    description = (
+        "pre-LN transformer encoder (2 layers, d_model 64, 4 heads, learned positions) "
+        "outputting the sorted sequence of 12 tokens from 16, cross-entropy per position "
+        "(8000 train / 1000 test, seeded)"
+    )
+    domain = "nlp"
+    metrics = ("accuracy", "val_loss")
+    budgets = {
+        "smoke": Budget(steps=6, batch_size=32, eval_every=3),
+        "quick": Budget(steps=600, batch_size=64, eval_every=50),
+    }
+
+    def setup(self, seed, budget, device):
+        g = torch.Generator().manual_seed(DATA_SEED)
+        x_tr, y_tr = (t.to(device) for t in sorting_data(8000, g))
+        x_te, y_te = (t.to(device) for t in sorting_data(1000, g))
+        torch.manual_seed(seed)
+        model = SortingTransformer().to(device)
+
+        @torch.no_grad()
+        def evaluate(model):
+            logits = model(x_te)
+            return {
+                "accuracy": (logits.argmax(-1) == y_te).float().mean().item(),
+                "val_loss": per_token_cross_entropy(logits, y_te).item(),
+            }
+
+        return tensor_dataset_run(
+            model, (x_tr, y_tr), budget.batch_size, seed, per_token_cross_entropy, evaluate
+        )
+
+
 HELDOUT_TASKS = (
     LSTMChar(),
     DigitsAutoencoder(),
@@ -548,6 +800,10 @@ HELDOUT_TASKS = (
     GRUSequenceClassification(),
     WineWideMLP(),
     Conv1dDenoising(),
+    HeteroscedasticNLL(),
+    DigitsLabelNoiseCNN(),
+    DigitsContrastive(),
+    SequenceSortingTransformer(),
 )
 
 
