@@ -794,23 +794,28 @@ def test_the_loss_rise_guard_sets_a_ceiling_when_the_loss_climbs_while_the_step_
         opt = ALSALS(
             model.parameters(), loss_rise_guard=guard, rise_restart=restart, start_rise=False
         )
-        rose = []
+        rose, peaks = [], []
         for k, idx in enumerate(batches(x, y, 300, size=64)):
             offset = 0.0 if k < 150 else 0.05 * (k - 150)
             opt.step(lambda idx=idx, offset=offset: loss_of(model, x[idx], y[idx]) + offset)
             rose.append(opt.last_step.loss_rose)
-        return opt, rose
+            peaks.append(opt.search_state.peak_step_size)
+        return opt, rose, peaks
 
-    guarded, rose = train(3.0)
+    guarded, rose, peaks = train(3.0)
     assert any(rose) and not any(rose[:150])
     assert guarded.search_state.step_size_ceiling < math.inf
     assert guarded.search_state.step_size <= guarded.search_state.step_size_ceiling
+    # nor does regrowth lead back above it: the largest step size it leads back to, above
+    # the ceiling before, is lowered to it
+    assert guarded.search_state.peak_step_size <= guarded.search_state.step_size_ceiling
+    assert max(peaks) > guarded.search_state.step_size_ceiling
     assert (
         (guarded.search_state.restarts == sum(rose))
         if restart
         else (guarded.search_state.restarts == 0)
     )
-    unguarded, rose = train(None)
+    unguarded, rose, _ = train(None)
     assert not any(rose)
     assert unguarded.search_state.step_size_ceiling == math.inf
     assert unguarded.search_state.restarts == 0
@@ -948,6 +953,8 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
         ({"kept_rule": "shrinks"}, "kept_rule"),
         ({"polyak_start": "never"}, "polyak_start"),
         ({"warmup_steps": -1}, "warmup_steps"),
+        ({"regrowth": 0.5}, "regrowth"),
+        ({"regrowth": float("nan")}, "regrowth"),
         ({"loss_floor": float("nan")}, "invalid loss_floor: nan"),
         ({"loss_floor": float("inf")}, "invalid loss_floor: inf"),
     ],
@@ -1012,7 +1019,12 @@ def test_lead_rule_starts_each_search_by_where_z_led_since_the_last(rule):
     model = make_model()
     settings = {"lr": 2.0, "c": 0.05, "initial_searches": 3, "search_interval": 8}
     opt = ALSALS(
-        model.parameters(), lead_rule=rule, loss_floor=None, loss_rise_guard=None, **settings
+        model.parameters(),
+        lead_rule=rule,
+        loss_floor=None,
+        loss_rise_guard=None,
+        regrowth=None,  # (the lead rule's own factors)
+        **settings,
     )
     leading = trailing = 0
     seen = set()
@@ -1141,6 +1153,7 @@ def test_polyak_start_trial_keeps_the_step_size_where_only_the_bound_lowered_the
         initial_searches=3,
         search_interval=2,
         late_retry=False,  # (a retry starts where the search that cut did, not grown)
+        regrowth=None,  # (nor a regrown start)
     )
     seen = set()
     for idx in batches(x, y, 300):
@@ -2320,6 +2333,7 @@ def one_sharp_batch_run(
     steps: int,
     writes: dict | None = None,
     steeper: tuple = (),
+    states: list | None = None,
     **kwargs,
 ):
     """A float64 regression whose batches at ``sharp_steps`` are sharp for the trials alone (its
@@ -2330,7 +2344,7 @@ def one_sharp_batch_run(
     each of those steps; ``steeper``: steps whose loss gains ``(w - y) . 1``, the same loss at
     ``y`` with a steeper slope (a lower Polyak bound). ``late_retry`` is off unless given
     (``cut_retry`` alone). The optimizer, the searched step size after each step, and each
-    step's ``last_step``."""
+    step's ``last_step`` (and in ``states`` the search state after each step)."""
     sharpness = sharp_steps if isinstance(sharp_steps, dict) else dict.fromkeys(sharp_steps, 1e4)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 5, generator=g, dtype=torch.float64)
@@ -2364,6 +2378,8 @@ def one_sharp_batch_run(
         opt.step(closure)
         sizes.append(opt.param_groups[0]["lr"])
         infos.append(opt.last_step)
+        if states is not None:
+            states.append(opt.search_state)
     return opt, sizes, infos
 
 
@@ -2416,11 +2432,12 @@ def test_cut_retry_checks_once_and_not_a_run_s_first_search(late_retry):
     assert sizes[13] == sizes[11] and opt.search_state.retry_from == 0.0
 
 
-def test_late_retry_and_cut_retry_are_defaults():
-    """Both checks of a cut are on unless switched off."""
+def test_late_retry_cut_retry_and_regrowth_are_defaults():
+    """Both checks of a cut, and the way back after one, are on unless switched off."""
     w = torch.zeros(2, requires_grad=True)
     assert ALSALS([w]).defaults["late_retry"] is True
     assert ALSALS([w]).defaults["cut_retry"] is True
+    assert ALSALS([w]).defaults["regrowth"] == 2.0
 
 
 @pytest.mark.parametrize(("sharpness", "retried"), [(30.0, False), (100.0, True)])
@@ -2543,3 +2560,161 @@ def test_a_pending_cut_retry_resumes_from_a_checkpoint():
         optimizer.step(lambda weights=weights: 0.5 * ((a @ weights - b) ** 2).mean())
         assert optimizer.last_step.kind == "search"  # (a reuse at the cadence otherwise)
     assert torch.equal(w, resumed_w)
+
+
+# ------------------------------------------------------------- regrowth: the way back after a cut
+
+
+@pytest.mark.parametrize(("c", "regrowth"), [(0.6, 2.0), (0.3, 2.0), (0.6, 3.0)])
+def test_regrowth_s_test_puts_the_armijo_limit_regrowth_squared_times_above_the_trial(c, regrowth):
+    """Along a quadratic slice ``f(gamma) = f - s gamma + h gamma^2 / 2`` the Armijo test's
+    limit is ``2 (1 - c) s / h``; a first trial that passed counts as linear exactly where
+    that limit lies at least ``regrowth^2`` times above it (1% either side of the border),
+    and never where the promise is not a decrease or the rule is off."""
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], c=c, regrowth=regrowth)
+    s, h = 1.7, 3.1
+    limit = 2 * (1 - c) * s / h
+    for ratio, linear in ((regrowth**2 * 1.01, True), (regrowth**2 / 1.01, False)):
+        gamma = limit / ratio
+        decrease, promise = s * gamma - h * gamma**2 / 2, s * gamma
+        assert opt._passed_as_linear(decrease, promise) is linear
+    assert not opt._passed_as_linear(-1e-3, -1e-3)  # (a promise that is no decrease)
+    assert not ALSALS([w], regrowth=None)._passed_as_linear(1.0, 1.0)
+
+
+def cut_then_regrowth_run(regrowth, writes=None):
+    """``one_sharp_batch_run``'s regression with a sharp batch at step 10 (a cut of about 7x
+    at a search of the cadence) that stands (no retry, no guard): the step size after each
+    step, the steps that searched, and the search state after each step."""
+    states: list = []
+    _, sizes, infos = one_sharp_batch_run(
+        False,
+        {10: 30.0},
+        steps=81,
+        initial_searches=1,
+        loss_rise_guard=None,
+        regrowth=regrowth,
+        writes=writes,
+        states=states,
+    )
+    return sizes, [k for k, info in enumerate(infos) if info.kind != "reuse"], states
+
+
+def test_regrowth_brings_a_cut_step_size_back_in_a_few_searches_never_above_the_peak():
+    """After the cut, a search whose first trial passed as the linear model promised lets
+    the next start at twice the step size, but not above the largest step size a search set
+    (the peak); any other at 1.1 times: back within 20% of the peak by step 80, where growth
+    by 10% per search (``regrowth=None``) is still 3x below it."""
+    sizes, searches, states = cut_then_regrowth_run(2.0)
+    plain, _, _ = cut_then_regrowth_run(None)
+    peak = sizes[9]
+    assert sizes[10] < peak / 5 and plain[10] == sizes[10]  # (the same cut)
+    assert sizes[80] > peak / 1.2 and plain[80] < peak / 3
+    assert states[80].peak_step_size == peak
+    regrown = 0
+    for before, k in zip(searches, searches[1:], strict=False):
+        if k <= 10 or sizes[k] == sizes[k - 1]:  # (up to the cut; a search that kept)
+            continue
+        expected = min(2.0, peak / sizes[k - 1]) if states[before].regrow else 1.1
+        assert sizes[k] / sizes[k - 1] == pytest.approx(max(expected, 1.1), rel=1e-12), k
+        regrown += expected > 1.1
+    assert regrown >= 2
+
+
+def test_a_written_lr_is_no_cut_for_regrowth_to_undo():
+    """An ``lr`` written 4x below the step size is the user's decision: the searches after
+    it grow by 1.1 per search although they pass as linear (the peak starts afresh from the
+    write), where without the write the same verdict doubled the step size."""
+    sizes, searches, states = cut_then_regrowth_run(2.0, writes={60: 0.05})
+    after = [k for k in searches if k >= 60]
+    assert sizes[60] < 0.06 and any(states[k].regrow for k in after[:-1])
+    for before, k in zip(after, after[1:], strict=False):
+        assert sizes[k] == pytest.approx(sizes[before] * 1.1, rel=1e-12)
+    assert states[80].peak_step_size == max(sizes[k] for k in after)
+    unwritten, _, _ = cut_then_regrowth_run(2.0)
+    assert unwritten[60] / unwritten[50] == pytest.approx(2.0, rel=1e-12)
+
+
+def test_a_pending_regrowth_resumes_from_a_checkpoint():
+    """The last search's verdict and the peak are in the state: a run resumed from a
+    checkpoint taken right after a search that passed as linear starts its next search
+    where the uninterrupted run does, twice the step size up."""
+    _, searches, states = cut_then_regrowth_run(2.0)
+    k = next(k for k in searches if k > 10 and states[k].regrow)
+    opt, sizes, _ = one_sharp_batch_run(
+        False, {10: 30.0}, steps=k + 1, initial_searches=1, loss_rise_guard=None
+    )
+    (w,) = opt.param_groups[0]["params"]
+    resumed_w = w.detach().clone().requires_grad_()
+    resumed = ALSALS([resumed_w], initial_searches=1, late_retry=False, loss_rise_guard=None)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.search_state == opt.search_state and resumed.search_state.regrow
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    for optimizer, weights in ((opt, w), (resumed, resumed_w)):
+        for _ in range(10):  # (to the next search at the cadence)
+            optimizer.step(lambda weights=weights: 0.5 * ((a @ weights - b) ** 2).mean())
+        assert optimizer.last_step.kind == "search" and optimizer.last_step.trials == 1
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(2 * sizes[k], rel=1e-12)
+    assert torch.equal(w, resumed_w)
+
+
+def test_regrowth_leads_back_no_higher_than_where_the_lead_rule_shrank():
+    """``lead_rule="shrink"`` lowers the step size while ``z`` trails, on many batches'
+    evidence: regrowth takes the largest step size down with it, so no search afterwards
+    starts above 1.1 times the last step size (the run has no cut for it to undo), although
+    searches pass as linear."""
+    x, y = logistic_problem(3)
+    model = make_model()
+    opt = ALSALS(
+        model.parameters(),
+        lr=2.0,
+        c=0.05,
+        initial_searches=3,
+        search_interval=8,
+        lead_rule="shrink",
+        loss_floor=None,
+        loss_rise_guard=None,
+    )
+    shrunk = linear = 0
+    for idx in batches(x, y, 400):
+        before = opt.param_groups[0]["lr"]
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        if opt.last_step.kind == "search" and opt.search_state.searches > 1:
+            assert opt.last_step.trials == 1  # (no cut after the run's first search)
+            factor = opt.param_groups[0]["lr"] / before
+            assert factor <= 1.1 * (1 + 1e-12)
+            shrunk += factor < 1.0
+            linear += opt.search_state.regrow
+    assert shrunk > 0 and linear > 0, "the run must show both"
+
+
+def test_a_start_the_polyak_bound_lowered_is_no_evidence_for_regrowth():
+    """A search whose start the Polyak bound lowered did not test the grown start: its
+    first trial passing, however linear, leaves no verdict for the next search."""
+    x, y = logistic_problem(5)
+    model = make_model()
+    opt = ALSALS(
+        model.parameters(),
+        lr=1.0,
+        loss_floor=0.45,
+        polyak_cap=False,
+        loss_rise_guard=None,
+        initial_searches=3,
+        search_interval=2,
+        late_retry=False,
+    )
+    seen = set()
+    for idx in batches(x, y, 300):
+        before = opt.param_groups[0]["lr"]
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info = opt.last_step
+        if info.kind != "search" or info.trials != 1 or opt.search_state.searches == 1:
+            continue
+        bounded = info.step_size < before * 1.1 * (1 - 1e-12)
+        if bounded:
+            assert not opt.search_state.regrow
+        seen.add((bounded, opt.search_state.regrow))
+    assert (True, False) in seen and (False, True) in seen, "the run must show both"

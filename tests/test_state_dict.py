@@ -451,6 +451,7 @@ OLDER_SETTINGS = {
     "cut_retry": False,
     "start_rise": False,
     "late_retry": False,
+    "regrowth": None,
 }
 
 
@@ -458,7 +459,7 @@ OLDER_SETTINGS = {
 def test_alsals_saved_by_a_version_before_its_newer_settings_continues_as_it_ran(rebuilt):
     """A checkpoint (or a pickle) of ``ALSALS`` 0.2.0 lacks the settings added since
     (``rise_restart``, ``warmup_steps``, ``kept_rule``, ``cut_retry``, ``start_rise``,
-    ``late_retry``): it loads, and goes on as that version
+    ``late_retry``, ``regrowth``): it loads, and goes on as that version
     ran, without them (bit for bit with a run of today's code at those values); a state that
     lacks any other setting is still refused as another optimizer's."""
     data = batches()
@@ -490,16 +491,18 @@ def test_alsals_saved_by_a_version_before_its_newer_settings_continues_as_it_ran
             opt.load_state_dict(saved)
         assert [str(c.message) for c in caught] == [
             "the state loaded into ALSALS was saved by a version of alsals before cut_retry, "
-            "kept_rule, late_retry, rise_restart, start_rise, warmup_steps: it goes on as that "
-            "version ran (cut_retry=False, kept_rule='keep', late_retry=False, "
-            "rise_restart=False, start_rise=False, warmup_steps=0)"
+            "kept_rule, late_retry, regrowth, rise_restart, start_rise, warmup_steps: it goes "
+            "on as that version ran (cut_retry=False, kept_rule='keep', late_retry=False, "
+            "regrowth=None, rise_restart=False, start_rise=False, warmup_steps=0)"
         ]
     assert all(opt.param_groups[0][k] == v for k, v in OLDER_SETTINGS.items())
     train(model, opt, data[SAVE_AT:])
     assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected, strict=True))
 
     del saved["param_groups"][0]["first_phase"]
-    with pytest.raises(ValueError, match="lacks cut_retry, first_phase, kept_rule, late_retry"):
+    with pytest.raises(
+        ValueError, match="lacks cut_retry, first_phase, kept_rule, late_retry, regrowth"
+    ):
         ALSALS(model.parameters()).load_state_dict(saved)
 
 

@@ -36,7 +36,10 @@ the search says nothing about ``gamma``, and the step is taken with the last one
 (``"kept"``); with ``kept_rule="shrink"``, from the 5th such search in a row on, each
 divides it by ``growth`` (on a full-batch problem every search keeps, and only the average
 converges, slowly). Every step, searched or reused, is capped by the Polyak step of its
-batch's linear model (``polyak_cap``).
+batch's linear model (``polyak_cap``). A search whose first trial passed with nearly the
+whole decrease the linear model promised (``regrowth``: its batch would take a step several
+times larger) lets the next search start at twice the step size, up to the largest a search
+has set: the way back after a cut is a few searches (section 35).
 Searches run on each of the first ``initial_searches`` steps and every
 ``search_interval``-th step after; the steps between reuse ``gamma``. With ``lead_rule``, a
 search grows its start only while ``z`` does not trail the average: each step's own batch
@@ -160,6 +163,7 @@ SEARCH_SETTINGS = (
     "kept_rule",
     "cut_retry",
     "late_retry",
+    "regrowth",
     "polyak_start",
     "loss_floor",
     "polyak_cap",
@@ -178,6 +182,7 @@ SETTINGS_ADDED = {
     "cut_retry": False,
     "start_rise": False,
     "late_retry": False,
+    "regrowth": None,
 }
 #: What may end the searches of a run's first steps early (``first_phase``).
 FIRST_PHASES = ("never", "kept", "settled")
@@ -290,6 +295,10 @@ class SearchState:
     trailing: int = 0  # ... and uphill
     kept_in_a_row: int = 0  # searches in a row whose averaging move alone failed the test
     retry_from: float = 0.0  # cut_retry, late_retry: the start of a search that cut
+    # regrowth: the last search's first trial passed as the linear model promised, and the
+    # largest step size a search of the run has set (since the last written lr)
+    regrow: bool = False
+    peak_step_size: float = 0.0
     start_ceiling: float = math.inf  # start_rise's
     start_watch: dict[str, float] | None = None  # start_rise's StartWatch
 
@@ -342,6 +351,7 @@ class SearchResult:
     unchanged: bool = False
     resume: float = 0.0
     idle: bool = False  # no step judged: the averaging move alone until the next search
+    linear: bool = False  # its first trial, grown from the step size, passed as if linear
 
 
 def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float, float]:
@@ -537,6 +547,19 @@ class ALSALS(torch.optim.Optimizer):
             batches accepted is not lowered on one batch's word (an outlier batch: a
             recurrent network's large gradients), while within the first phase, where every
             step searches anyway, the searches find the step size's level (``True``).
+        regrowth: the way back after a cut. A search whose first trial (started at
+            ``growth`` times the step size, not lowered by the Polyak bound, not a retry)
+            passes with a decrease of at least ``1 - (1 - c) / regrowth^2`` of what the
+            linear model promised (0.9 of it at the defaults) stands so far below the
+            Armijo test's limit on its batch (``regrowth^2`` times the trial or more,
+            where a quadratic fits the slice) that the next search starts at ``regrowth``
+            times the step size instead of ``growth`` times, but never above the largest
+            step size a search of the run has set: a step size that one batch cut deep
+            comes back in a few searches, not the dozens that 10% per search takes, while
+            growth beyond where the run has been stays at ``growth``. A step size lowered
+            on many batches' evidence (a written ``lr``, a ceiling of the guard or of
+            ``start_rise``, ``kept_rule``'s or ``lead_rule``'s shrink) lowers that largest
+            step size with it (``None``: off; 2.0).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -601,6 +624,7 @@ class ALSALS(torch.optim.Optimizer):
         kept_rule: str = "keep",
         cut_retry: bool = True,
         late_retry: bool = True,
+        regrowth: float | None = 2.0,
         polyak_start: str = "trial",
         loss_floor: float | None = 0.0,
         polyak_cap: bool = True,
@@ -638,6 +662,7 @@ class ALSALS(torch.optim.Optimizer):
                     "kept_rule": kept_rule,
                     "cut_retry": cut_retry,
                     "late_retry": late_retry,
+                    "regrowth": regrowth,
                     "polyak_start": polyak_start,
                     "loss_floor": loss_floor,
                     "polyak_cap": polyak_cap,
@@ -1337,7 +1362,12 @@ class ALSALS(torch.optim.Optimizer):
                 search.resume = result.resume
             if result.sets_step_size:
                 search.step_size = gamma
+                search.peak_step_size = max(search.peak_step_size, gamma)
+            search.regrow = result.linear
         search.step_size = max(min(search.step_size, search.ceiling()), MIN_STEP_SIZE)
+        # (regrowth leads back to no step size above a ceiling the guard or start_rise set,
+        # even once it is lifted: they lowered it on the evidence of many batches)
+        search.peak_step_size = min(search.peak_step_size, search.ceiling())
         decrease = result.decrease if kind == "search" and taken == gamma else math.nan
         info = _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
         return replace(info, loss_decrease=decrease)
@@ -1407,6 +1437,8 @@ class ALSALS(torch.optim.Optimizer):
         # that start passes, the search says nothing about the step size above it
         # (not from a written lr, which no search has accepted: the trial that passes does)
         trusted = not (first or resuming or written)
+        # regrowth: a start grown from the step size, which the Polyak bound did not lower
+        grown = trusted and search.retry_from <= 0.0
         # Where the start is no search's (a written lr, a resumed or a first search), a failed
         # trial whose promise P(gamma) is not positive was too small to pay for the averaging
         # move's rise (z trailing x on this batch), not too large: the search climbs by
@@ -1417,6 +1449,7 @@ class ALSALS(torch.optim.Optimizer):
         climb_top = gamma if search.steps < h["warmup_steps"] else min(largest, bound)
         outgrown = trusted  # no climb from a trusted start, nor after a positive promise failed
         lowered = trusted and bound < gamma and h["polyak_start"] == "trial"
+        grown = grown and not bound < gamma
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
         # A run's first search starts from the user's guess, lr: a start that passes at once
@@ -1464,7 +1497,14 @@ class ALSALS(torch.optim.Optimizer):
                     continue
             if ok:
                 sets = not (lowered and evaluations == 1)
-                return SearchResult("search", gamma, evaluations, sets, loss0 - value)
+                linear = (
+                    grown
+                    and evaluations == 1
+                    and self._passed_as_linear(loss0 - value, promised(gamma))
+                )
+                return SearchResult(
+                    "search", gamma, evaluations, sets, loss0 - value, linear=linear
+                )
             if passed is not None:
                 # the trial above the largest expansion that passed failed: one trial in
                 # between, where the quadratic fitted to the failure puts it, else that one
@@ -1579,17 +1619,38 @@ class ALSALS(torch.optim.Optimizer):
         if not (judged and beyond_chance and shrinks):
             return result
         shrunk = result.step_size / self._settings["growth"]
+        search.peak_step_size = shrunk  # (a decision of many searches: regrowth's ceiling)
         return replace(result, step_size=shrunk, sets_step_size=True)
 
     def _start_factor(self, search: SearchState) -> float:
         """The multiple of the last step size a search starts from: ``growth``, or with
         ``lead_rule``, where the batches since the last search show ``z`` trailing ``x``
         beyond chance (a one-sided sign test at ``LEAD_TEST_LEVEL``), ``1`` (``"hold"``)
-        or ``1 / growth`` (``"shrink"``)."""
+        or ``1 / growth`` (``"shrink"``). With ``regrowth``, after a search whose first
+        trial passed as the linear model promised, up to ``regrowth`` where the step size
+        is below the largest a search has set (never above it); a start the lead rule holds
+        or shrinks lowers that largest to the step size."""
         rule, growth = self._settings["lead_rule"], self._settings["growth"]
         if rule == "off" or not trailing_beyond_chance(search.leading, search.trailing):
+            regrowth = self._settings["regrowth"]
+            if regrowth is not None and search.regrow:
+                return max(min(regrowth, search.peak_step_size / search.step_size), growth)
             return growth
+        # (held or shrunk on the evidence of many batches: regrowth leads back no higher)
+        search.peak_step_size = min(search.peak_step_size, search.step_size)
         return 1.0 if rule == "hold" else 1.0 / growth
+
+    def _passed_as_linear(self, decrease: float, promise: float) -> bool:
+        """``regrowth``'s test of a first trial that passed: its decrease at least
+        ``1 - (1 - c) / regrowth^2`` of the promise. Along a quadratic slice
+        ``f(gamma) = f - s gamma + h gamma^2 / 2`` the share is ``1 - h gamma / (2 s)``, and
+        the test's limit ``2 (1 - c) s / h`` lies ``(1 - c) / (1 - share)`` times above the
+        trial: at least ``regrowth^2`` times here, so a start ``regrowth`` times higher
+        is still ``regrowth`` times below it."""
+        regrowth = self._settings["regrowth"]
+        if regrowth is None or not promise > 0.0:
+            return False
+        return decrease >= (1.0 - (1.0 - self._settings["c"]) / regrowth**2) * promise
 
     def _promised(self, gamma: float, averaging: list[float], slope: list[float]) -> float:
         """``g . (y - y')``: the decrease the gradient promises for the move of size
@@ -1895,6 +1956,7 @@ class ALSALS(torch.optim.Optimizer):
         search.step_size = max(lr / group["lr_scale"], MIN_STEP_SIZE)
         search.resume = 0.0  # the user's step size: searched from, as at a written lr
         search.retry_from = 0.0
+        search.regrow, search.peak_step_size = False, 0.0  # (no search set it yet)
         search.untested_write = True
         search.drop_watches()
         return "set"
@@ -2012,6 +2074,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "kept_rule": _choice("kept_rule", values["kept_rule"], KEPT_RULES),
         "cut_retry": flag("cut_retry", values["cut_retry"]),
         "late_retry": flag("late_retry", values["late_retry"]),
+        "regrowth": optional("regrowth", 1.0, True),
         "polyak_start": _choice("polyak_start", values["polyak_start"], ("sets", "trial")),
         "loss_floor": loss_floor(values["loss_floor"]),
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),

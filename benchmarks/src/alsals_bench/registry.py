@@ -764,26 +764,40 @@ REGISTRY: dict[str, OptimizerSpec] = {
             "alsals-schedulefree-uncapped",
             "ALSALS of method.md section 18 without the Polyak cap on every step",
             _schedulefree_search(
-                polyak_cap=False, polyak_start="sets", rise_restart=False, late_retry=False
+                polyak_cap=False,
+                polyak_start="sets",
+                rise_restart=False,
+                late_retry=False,
+                regrowth=None,
             ),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-shrink",
             "ALSALS (section 19) shrinking its step size while z trails x",
             _schedulefree_search(
-                lead_rule="shrink", polyak_start="sets", rise_restart=False, late_retry=False
+                lead_rule="shrink",
+                polyak_start="sets",
+                rise_restart=False,
+                late_retry=False,
+                regrowth=None,
             ),
         ),
         OptimizerSpec(
             "alsals-schedulefree-polyak-start-sets",
             "ALSALS whose Polyak start bound sets the step size (method.md section 18)",
-            _schedulefree_search(polyak_start="sets", rise_restart=False, late_retry=False),
+            _schedulefree_search(
+                polyak_start="sets", rise_restart=False, late_retry=False, regrowth=None
+            ),
         ),
         OptimizerSpec(
             "alsals-schedulefree-lead-hold",
             "ALSALS (section 19) holding its step size while z trails x",
             _schedulefree_search(
-                lead_rule="hold", polyak_start="sets", rise_restart=False, late_retry=False
+                lead_rule="hold",
+                polyak_start="sets",
+                rise_restart=False,
+                late_retry=False,
+                regrowth=None,
             ),
         ),
         OptimizerSpec(
@@ -798,8 +812,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "alsals-schedulefree-no-late-retry",
-            "ALSALS checking on the next batch only cuts beyond 10x (method.md section 34)",
-            _schedulefree_search(late_retry=False),
+            "ALSALS of 0.2.6: only cuts beyond 10x checked on the next batch (method.md 34)",
+            _schedulefree_search(late_retry=False, regrowth=None),
+        ),
+        OptimizerSpec(
+            "alsals-schedulefree-no-regrowth",
+            "ALSALS of 0.2.7: growth by 10% per search after a cut too (method.md section 35)",
+            _schedulefree_search(regrowth=None),
         ),
         OptimizerSpec(
             "alsals-schedulefree-c03",
