@@ -403,7 +403,7 @@ class SkipGramEmbeddings(HeldoutTask):
         "three stdlib modules; 10% of the pairs held out"
     )
     domain = "nlp"
-    metrics = ("val_loss",)
+    metrics = ("accuracy", "val_loss")
     budgets = {
         "smoke": Budget(steps=6, batch_size=32, eval_every=3),
         "quick": Budget(steps=600, batch_size=256, eval_every=50),

@@ -1,0 +1,35 @@
+"""The held-out tasks of ``benchmarks/scripts/heldout_tasks.py`` (exploration, not a suite):
+each sets up on its smoke budget and takes a training step's worth of calls, so that the
+script a round measures with still runs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from test_tasks import CPU, check_run, same_batches, same_weights
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "heldout_tasks.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("heldout_tasks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HELDOUT = load_script().HELDOUT_TASKS
+
+
+@pytest.mark.parametrize("task", HELDOUT, ids=[t.name for t in HELDOUT])
+def test_heldout_task_smoke(task):
+    run = task.setup(0, task.budget("smoke"), CPU)
+    check_run(task, run)
+    first, second = (
+        task.setup(3, task.budget("smoke"), CPU),
+        task.setup(3, task.budget("smoke"), CPU),
+    )
+    assert same_weights(first.model, second.model)
+    assert same_batches(first.next_batch(), second.next_batch())
