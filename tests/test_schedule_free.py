@@ -2334,6 +2334,7 @@ def one_sharp_batch_run(
     writes: dict | None = None,
     steeper: tuple = (),
     states: list | None = None,
+    group_writes: dict | None = None,
     **kwargs,
 ):
     """A float64 regression whose batches at ``sharp_steps`` are sharp for the trials alone (its
@@ -2344,7 +2345,8 @@ def one_sharp_batch_run(
     each of those steps; ``steeper``: steps whose loss gains ``(w - y) . 1``, the same loss at
     ``y`` with a steeper slope (a lower Polyak bound). ``late_retry`` is off unless given
     (``cut_retry`` alone). The optimizer, the searched step size after each step, and each
-    step's ``last_step`` (and in ``states`` the search state after each step)."""
+    step's ``last_step`` (and in ``states`` the search state after each step;
+    ``group_writes``: settings written into the group before a step)."""
     sharpness = sharp_steps if isinstance(sharp_steps, dict) else dict.fromkeys(sharp_steps, 1e4)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 5, generator=g, dtype=torch.float64)
@@ -2358,6 +2360,7 @@ def one_sharp_batch_run(
         at_y = []
         if k in (writes or {}):
             opt.param_groups[0]["lr"] = writes[k]
+        opt.param_groups[0].update((group_writes or {}).get(k, {}))
 
         def closure(k=k, idx=idx, at_y=at_y):
             loss = 0.5 * ((a[idx] @ w - b[idx]) ** 2).mean()
@@ -2718,3 +2721,60 @@ def test_a_start_the_polyak_bound_lowered_is_no_evidence_for_regrowth():
             assert not opt.search_state.regrow
         seen.add((bounded, opt.search_state.regrow))
     assert (True, False) in seen and (False, True) in seen, "the run must show both"
+
+
+@pytest.mark.parametrize(("sharpness", "retried"), [(12.0, False), (25.0, True)])
+def test_a_regrown_start_that_backtracks_to_above_the_usual_one_is_no_cut(sharpness, retried):
+    """After a linear pass the next search starts at twice the step size; on a batch sharp
+    enough to fail that start, backtracking to 1.6x raised the step size: no cut for
+    ``late_retry`` (the next step reuses it). Backtracking to below 1.1x, the start growth
+    gives, is a cut as ever, checked on the next batch."""
+    sizes, searches, states = cut_then_regrowth_run(2.0)
+    k = next(k for k in searches if k > 10 and states[k].regrow)
+    _, sizes, infos = one_sharp_batch_run(
+        False,
+        {10: 30.0, k + 10: sharpness},
+        steps=k + 12,
+        initial_searches=1,
+        loss_rise_guard=None,
+        group_writes={k + 1: {"late_retry": True}},
+    )
+    raised = sizes[k + 10] / sizes[k + 9]
+    assert infos[k + 10].kind == "search" and infos[k + 10].trials > 1
+    assert (raised < 1.1) == retried and raised > 1.0
+    assert infos[k + 11].kind == ("search" if retried else "reuse")
+
+
+def test_a_huge_regrowth_runs():
+    """``regrowth`` is any finite value of at least 1: its test squares it as a product,
+    which a float power would overflow (1e155 ** 2)."""
+    _, sizes, infos = one_sharp_batch_run(
+        False, (), steps=30, initial_searches=3, search_interval=2, regrowth=1e200
+    )
+    assert all(math.isfinite(s) and s > 0 for s in sizes)
+
+
+def test_a_search_whose_trials_are_not_finite_leaves_no_verdict():
+    """After a linear pass, a search whose every evaluation without gradient is NaN (the
+    step is skipped) judged no start: the search after it starts at 1.1 times the step
+    size, not at twice it."""
+    sizes, searches, states = cut_then_regrowth_run(2.0)
+    k = next(k for k in searches if k > 10 and states[k].regrow)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    opt, sizes, _ = one_sharp_batch_run(
+        False, {10: 30.0}, steps=k + 10, initial_searches=1, loss_rise_guard=None
+    )
+    (w,) = opt.param_groups[0]["params"]
+
+    def nan_trials():
+        loss = 0.5 * ((a @ w - b) ** 2).mean()
+        return loss if torch.is_grad_enabled() else loss * math.nan
+
+    opt.step(nan_trials)  # (the search at the cadence, k + 10)
+    assert opt.last_step.kind == "nonfinite" and not opt.search_state.regrow
+    before = opt.param_groups[0]["lr"]
+    opt.step(lambda: 0.5 * ((a @ w - b) ** 2).mean())  # (it searches again)
+    assert opt.last_step.kind == "search" and opt.last_step.trials == 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(before * 1.1, rel=1e-12)

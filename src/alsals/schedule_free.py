@@ -38,8 +38,8 @@ divides it by ``growth`` (on a full-batch problem every search keeps, and only t
 converges, slowly). Every step, searched or reused, is capped by the Polyak step of its
 batch's linear model (``polyak_cap``). A search whose first trial passed with nearly the
 whole decrease the linear model promised (``regrowth``: its batch would take a step several
-times larger) lets the next search start at twice the step size, up to the largest a search
-has set: the way back after a cut is a few searches (section 35).
+times larger) lets the next search start at ``regrowth`` (2) times the step size, up to the
+largest a search has set: the way back after a cut is a few searches (section 35).
 Searches run on each of the first ``initial_searches`` steps and every
 ``search_interval``-th step after; the steps between reuse ``gamma``. With ``lead_rule``, a
 search grows its start only while ``z`` does not trail the average: each step's own batch
@@ -296,7 +296,8 @@ class SearchState:
     kept_in_a_row: int = 0  # searches in a row whose averaging move alone failed the test
     retry_from: float = 0.0  # cut_retry, late_retry: the start of a search that cut
     # regrowth: the last search's first trial passed as the linear model promised, and the
-    # largest step size a search of the run has set (since the last written lr)
+    # largest step size a search of the run has set (reset by a written lr, lowered by the
+    # ceilings and by kept_rule's and lead_rule's shrinks)
     regrow: bool = False
     peak_step_size: float = 0.0
     start_ceiling: float = math.inf  # start_rise's
@@ -351,7 +352,7 @@ class SearchResult:
     unchanged: bool = False
     resume: float = 0.0
     idle: bool = False  # no step judged: the averaging move alone until the next search
-    linear: bool = False  # its first trial, grown from the step size, passed as if linear
+    linear: bool = False  # its first trial, from the step size's multiple, passed as if linear
 
 
 def averaging_weight(group: dict[str, Any], gamma: float) -> tuple[float, float, float]:
@@ -547,9 +548,9 @@ class ALSALS(torch.optim.Optimizer):
             batches accepted is not lowered on one batch's word (an outlier batch: a
             recurrent network's large gradients), while within the first phase, where every
             step searches anyway, the searches find the step size's level (``True``).
-        regrowth: the way back after a cut. A search whose first trial (started at
-            ``growth`` times the step size, not lowered by the Polyak bound, not a retry)
-            passes with a decrease of at least ``1 - (1 - c) / regrowth^2`` of what the
+        regrowth: the way back after a cut. A search whose first trial (started at a
+            multiple of the step size: ``growth``, ``regrowth``'s own, or the lead rule's;
+            not lowered by the Polyak bound, not a retry, not in warm-up) passes with a decrease of at least ``1 - (1 - c) / regrowth^2`` of what the
             linear model promised (0.9 of it at the defaults) stands so far below the
             Armijo test's limit on its batch (``regrowth^2`` times the trial or more,
             where a quadratic fits the slice) that the next search starts at ``regrowth``
@@ -557,9 +558,11 @@ class ALSALS(torch.optim.Optimizer):
             step size a search of the run has set: a step size that one batch cut deep
             comes back in a few searches, not the dozens that 10% per search takes, while
             growth beyond where the run has been stays at ``growth``. A step size lowered
-            on many batches' evidence (a written ``lr``, a ceiling of the guard or of
-            ``start_rise``, ``kept_rule``'s or ``lead_rule``'s shrink) lowers that largest
-            step size with it (``None``: off; 2.0).
+            on many batches' evidence (a ceiling of the guard or of ``start_rise``,
+            ``kept_rule``'s or ``lead_rule``'s shrink) lowers that largest step size with it,
+            and a written ``lr`` resets it (the searches after it set it afresh). A search
+            that backtracks from a raised start to above the usual one raised the step
+            size: no cut for ``late_retry`` (``None``: off; 2.0).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -1287,11 +1290,14 @@ class ALSALS(torch.optim.Optimizer):
                 result = replace(result, sets_step_size=result.step_size >= search.step_size)
             late = h["late_retry"] and not in_first_phase
             least_cut = 1.0 if late else EXPANSION if h["cut_retry"] else math.inf
+            # (measured from the start growth gives, where regrowth started higher: a search
+            # that backtracked from a doubled start to above it raised the step size)
+            usual_start = min(trials[0][0], search.step_size * h["growth"]) if trials else 0.0
             cut = (
                 result.kind == "search"
                 and result.sets_step_size
                 and bool(trials)
-                and trials[0][0] > least_cut * result.step_size
+                and usual_start > least_cut * result.step_size
             )
             if checkable and cut:
                 search.retry_from = trials[0][0]
@@ -1322,6 +1328,7 @@ class ALSALS(torch.optim.Optimizer):
             search.loss_followed |= not result.unchanged
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
+                search.regrow = False  # (it judged no start)
                 return _info(result.kind, 0.0, loss0, result.evaluations)
         if result.kind != "reuse":
             result = self._after_kept_run(search, result)
@@ -1438,7 +1445,7 @@ class ALSALS(torch.optim.Optimizer):
         # (not from a written lr, which no search has accepted: the trial that passes does)
         trusted = not (first or resuming or written)
         # regrowth: a start grown from the step size, which the Polyak bound did not lower
-        grown = trusted and search.retry_from <= 0.0
+        grown = trusted and search.retry_from <= 0.0 and search.steps >= h["warmup_steps"]
         # Where the start is no search's (a written lr, a resumed or a first search), a failed
         # trial whose promise P(gamma) is not positive was too small to pay for the averaging
         # move's rise (z trailing x on this batch), not too large: the search climbs by
@@ -1650,7 +1657,8 @@ class ALSALS(torch.optim.Optimizer):
         regrowth = self._settings["regrowth"]
         if regrowth is None or not promise > 0.0:
             return False
-        return decrease >= (1.0 - (1.0 - self._settings["c"]) / regrowth**2) * promise
+        # (a product, not ** 2: a huge regrowth overflows a float power)
+        return decrease >= (1.0 - (1.0 - self._settings["c"]) / regrowth / regrowth) * promise
 
     def _promised(self, gamma: float, averaging: list[float], slope: list[float]) -> float:
         """``g . (y - y')``: the decrease the gradient promises for the move of size
