@@ -1485,6 +1485,7 @@ def test_a_loss_that_converged_below_its_rounding_is_called_converged():
         (0, "max_trials", 0, r"param_groups\[0\]: invalid max_trials"),
         (0, "lead_rule", "bogus", r"param_groups\[0\]: invalid lead_rule"),
         (0, "kept_rule", "bogus", r"param_groups\[0\]: invalid kept_rule"),
+        (0, "regrowth", 0.5, r"param_groups\[0\]: invalid regrowth"),
         (1, "lr", float("nan"), r"param_groups\[1\]: invalid lr"),
         (1, "c", 0.3, r"param_groups\[1\]\['c'\] = 0.3 differs from param_groups\[0\]"),
     ],

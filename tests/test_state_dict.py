@@ -506,6 +506,44 @@ def test_alsals_saved_by_a_version_before_its_newer_settings_continues_as_it_ran
         ALSALS(model.parameters()).load_state_dict(saved)
 
 
+def test_alsals_saved_by_0_2_7_continues_without_regrowth():
+    """A checkpoint of 0.2.7 lacks ``regrowth`` in its groups and ``regrow`` /
+    ``peak_step_size`` in its search state: it loads with one warning that names that setting
+    alone, and goes on bit for bit as a run with ``regrowth=None``."""
+    from alsals.schedule_free import STATE_KEY
+
+    data = batches()
+    torch.manual_seed(0)
+    model = SmallNet()
+    start = copy.deepcopy(model.state_dict())
+    opt = ALSALS(model.parameters(), buffers=model.buffers(), regrowth=None)
+    torch.manual_seed(11)
+    train(model, opt, data)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model.load_state_dict(start)
+    opt = ALSALS(model.parameters(), buffers=model.buffers(), regrowth=None)
+    torch.manual_seed(11)
+    train(model, opt, data[:SAVE_AT])
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["regrowth"]
+    for entry in saved["state"].values():
+        if STATE_KEY in entry:
+            del entry[STATE_KEY]["regrow"], entry[STATE_KEY]["peak_step_size"]
+    opt = ALSALS(model.parameters(), buffers=model.buffers())  # today's defaults
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.load_state_dict(saved)
+    assert [str(c.message) for c in caught] == [
+        "the state loaded into ALSALS was saved by a version of alsals before regrowth: it "
+        "goes on as that version ran (regrowth=None)"
+    ]
+    assert opt.param_groups[0]["regrowth"] is None
+    train(model, opt, data[SAVE_AT:])
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected, strict=True))
+
+
 def test_alsals_state_whose_groups_lack_different_newer_settings_is_refused():
     """No version wrote a setting into one group and not another: a state whose groups lack
     different settings (one ``kept_rule``, the other none) is edited, not old, and refused
