@@ -270,6 +270,45 @@ def retry_run(rank: int) -> dict:
     }
 
 
+def regrowth_run(rank: int) -> dict:
+    """``regrowth`` under DDP: each rank its own batches (two of them, at searches, with
+    inputs 20x larger), cuts left standing (no retries); whether a search's first trial
+    passed as linear is read from the trial's loss and the promise averaged over ranks, so
+    both ranks take the same verdicts at the same steps and keep the same weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ALSALS(
+        ddp.parameters(),
+        lr=1.0,
+        initial_searches=1,
+        search_interval=3,
+        late_retry=False,
+        cut_retry=False,
+    )
+    data_gen = torch.Generator().manual_seed(400 + rank)
+    decisions, regrown = [], []
+    for k in range(60):
+        x = torch.randn(16, 6, generator=data_gen)
+        y = (x.sum(dim=1) > 0).float()
+        x = x * 20.0 if k in (9, 27) else x
+
+        def closure(x=x, y=y, ddp=ddp):
+            return nn.functional.binary_cross_entropy_with_logits(ddp(x).squeeze(-1), y)
+
+        opt.step(closure)
+        info = opt.last_step
+        decisions.append((info.kind, info.trials, info.step_size))
+        if opt.search_state.regrow:
+            regrown.append(k)
+    return {
+        "decisions": decisions,
+        "regrown": regrown,
+        "state": opt.search_state,
+        "weights": torch.cat([p.detach().flatten() for p in model.parameters()]),
+    }
+
+
 def mismatch_run(rank: int) -> dict:
     """Each optimizer built with another ``c`` on each rank: the first step's error, on
     every rank (no hang, no drift)."""
@@ -358,6 +397,7 @@ def train_all(rank: int) -> dict:
         "guard": guard_run(rank),
         "start_rise": start_rise_run(rank),
         "retry": retry_run(rank),
+        "regrowth": regrowth_run(rank),
         "floor": floor_run(rank),
         "undo": undo_run(rank),
         "kink": kink_run(rank),

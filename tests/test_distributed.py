@@ -117,6 +117,17 @@ def test_late_retry_checks_the_same_cuts_on_every_rank(rank_results):
     assert torch.equal(rank0["weights"], rank1["weights"])
 
 
+def test_regrowth_takes_the_same_verdicts_on_every_rank(rank_results):
+    """The way back after a cut (``regrowth``) is judged from losses and promises averaged
+    over ranks: the same verdicts at the same steps, the same decisions, state and weights."""
+    rank0, rank1 = rank_results[0]["regrowth"], rank_results[1]["regrowth"]
+    assert rank0["regrown"], "searches must pass as linear for the comparison to mean anything"
+    assert rank0["regrown"] == rank1["regrown"]
+    assert rank0["decisions"] == rank1["decisions"]
+    assert rank0["state"] == rank1["state"]
+    assert torch.equal(rank0["weights"], rank1["weights"])
+
+
 def test_a_wrong_floor_is_refuted_alike_on_every_rank(rank_results):
     """The floor's evidence is read from losses averaged over ranks: both ranks refute
     ``loss_floor=0`` at the same step (a loss that goes below it) and keep the same state
