@@ -1133,6 +1133,31 @@ def test_kept_rule_counts_only_searches_whose_averaging_move_failed():
     assert (search.kept_in_a_row, passed.step_size) == (0, 1.0)
 
 
+def later_first_trial_passes(**settings):
+    """A logistic regression whose floor (0.45) lowers some searches' starts by the Polyak
+    bound (no cap, no guard: the step taken is the searched one): for each later search that
+    passed its first trial, the step size before it, its ``last_step`` and the optimizer."""
+    x, y = logistic_problem(5)
+    model = make_model()
+    opt = ALSALS(
+        model.parameters(),
+        lr=1.0,
+        loss_floor=0.45,
+        polyak_cap=False,
+        loss_rise_guard=None,
+        initial_searches=3,
+        search_interval=2,
+        late_retry=False,  # (a retry starts where the search that cut did, not grown)
+        **settings,
+    )
+    for idx in batches(x, y, 300):
+        before = opt.param_groups[0]["lr"]
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+        info = opt.last_step
+        if info.kind == "search" and info.trials == 1 and opt.search_state.searches > 1:
+            yield before, info, opt
+
+
 @pytest.mark.parametrize("polyak_start", ["sets", "trial"])
 def test_polyak_start_trial_keeps_the_step_size_where_only_the_bound_lowered_the_start(
     polyak_start,
@@ -1141,27 +1166,10 @@ def test_polyak_start_trial_keeps_the_step_size_where_only_the_bound_lowered_the
     keeps the step size it grew from (``"trial"``); with ``"sets"`` the bounded start
     becomes the step size. A start the bound did not lower is the grown one either way.
     (No cap, no guard: the step taken is the searched one.)"""
-    x, y = logistic_problem(5)
-    model = make_model()
-    opt = ALSALS(
-        model.parameters(),
-        lr=1.0,
-        loss_floor=0.45,
-        polyak_start=polyak_start,
-        polyak_cap=False,
-        loss_rise_guard=None,
-        initial_searches=3,
-        search_interval=2,
-        late_retry=False,  # (a retry starts where the search that cut did, not grown)
-        regrowth=None,  # (nor a regrown start)
-    )
     seen = set()
-    for idx in batches(x, y, 300):
-        before = opt.param_groups[0]["lr"]
-        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
-        info, after = opt.last_step, opt.param_groups[0]["lr"]
-        if info.kind != "search" or info.trials != 1 or opt.search_state.searches == 1:
-            continue
+    # (no regrown start either)
+    for before, info, opt in later_first_trial_passes(polyak_start=polyak_start, regrowth=None):
+        after = opt.param_groups[0]["lr"]
         bounded = info.step_size < before * 1.1 * (1 - 1e-12)
         seen.add(bounded)
         if bounded and polyak_start == "trial":
@@ -2328,6 +2336,14 @@ def test_a_zero_gradient_takes_no_step_size_that_no_search_accepted():
     assert 0.0 < opt.last_step.step_size <= 4 / 100  # (the ramp at the fourth step)
 
 
+def float64_regression():
+    """``one_sharp_batch_run``'s regression: 64 rows of 5 features (float64), their targets
+    without noise, and the generator that drew them (its noise comes next)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    return a, a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64), g
+
+
 def one_sharp_batch_run(
     cut_retry: bool,
     sharp_steps: dict | tuple,
@@ -2349,9 +2365,7 @@ def one_sharp_batch_run(
     step's ``last_step`` (and in ``states`` the search state after each step;
     ``group_writes``: settings written into the group before a step)."""
     sharpness = sharp_steps if isinstance(sharp_steps, dict) else dict.fromkeys(sharp_steps, 1e4)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
-    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    a, b, g = float64_regression()
     b = b + 0.3 * torch.randn(64, generator=g, dtype=torch.float64)
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
     opt = ALSALS([w], cut_retry=cut_retry, **{"late_retry": False, **kwargs})
@@ -2557,9 +2571,7 @@ def test_a_pending_cut_retry_resumes_from_a_checkpoint():
     resumed = ALSALS([resumed_w], cut_retry=True, initial_searches=1)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert resumed.search_state.retry_from == opt.search_state.retry_from
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
-    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    a, b, _ = float64_regression()
     for optimizer, weights in ((opt, w), (resumed, resumed_w)):
         optimizer.step(lambda weights=weights: 0.5 * ((a @ weights - b) ** 2).mean())
         assert optimizer.last_step.kind == "search"  # (a reuse at the cadence otherwise)
@@ -2654,9 +2666,7 @@ def test_a_pending_regrowth_resumes_from_a_checkpoint():
     resumed = ALSALS([resumed_w], initial_searches=1, late_retry=False, loss_rise_guard=None)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert resumed.search_state == opt.search_state and resumed.search_state.regrow
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
-    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    a, b, _ = float64_regression()
     for optimizer, weights in ((opt, w), (resumed, resumed_w)):
         for _ in range(10):  # (to the next search at the cadence)
             optimizer.step(lambda weights=weights: 0.5 * ((a @ weights - b) ** 2).mean())
@@ -2698,25 +2708,8 @@ def test_regrowth_leads_back_no_higher_than_where_the_lead_rule_shrank():
 def test_a_start_the_polyak_bound_lowered_is_no_evidence_for_regrowth():
     """A search whose start the Polyak bound lowered did not test the grown start: its
     first trial passing, however linear, leaves no verdict for the next search."""
-    x, y = logistic_problem(5)
-    model = make_model()
-    opt = ALSALS(
-        model.parameters(),
-        lr=1.0,
-        loss_floor=0.45,
-        polyak_cap=False,
-        loss_rise_guard=None,
-        initial_searches=3,
-        search_interval=2,
-        late_retry=False,
-    )
     seen = set()
-    for idx in batches(x, y, 300):
-        before = opt.param_groups[0]["lr"]
-        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
-        info = opt.last_step
-        if info.kind != "search" or info.trials != 1 or opt.search_state.searches == 1:
-            continue
+    for before, info, opt in later_first_trial_passes():
         bounded = info.step_size < before * 1.1 * (1 - 1e-12)
         if bounded:
             assert not opt.search_state.regrow
@@ -2761,9 +2754,7 @@ def test_a_search_whose_trials_are_not_finite_leaves_no_verdict():
     size, not at twice it."""
     sizes, searches, states = cut_then_regrowth_run(2.0)
     k = next(k for k in searches if k > 10 and states[k].regrow)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 5, generator=g, dtype=torch.float64)
-    b = a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    a, b, _ = float64_regression()
     opt, sizes, _ = one_sharp_batch_run(
         False, {10: 30.0}, steps=k + 10, initial_searches=1, loss_rise_guard=None
     )

@@ -38,7 +38,6 @@ import re
 import sys
 import sysconfig
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +45,7 @@ from torch import Tensor, nn
 from alsals_bench.tasks._util import eval_mode, tensor_classification_run, tensor_dataset_run
 from alsals_bench.tasks.austen_gpt2 import lm_windows
 from alsals_bench.tasks.base import Budget, Task, TaskRun, batch_stream
-from alsals_bench.tasks.checks import language_model_run, mse_evaluation, standardised
+from alsals_bench.tasks.checks import language_model_run, loss_evaluation, standardised
 
 DATA_SEED = 1234
 GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -178,7 +177,7 @@ class DigitsAutoencoder(HeldoutTask):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            mse_evaluation(x_te, x_te),
+            loss_evaluation(x_te, x_te),
         )
 
 
@@ -284,7 +283,7 @@ class MatrixFactorisation(HeldoutTask):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            mse_evaluation(pairs(te), y_te),
+            loss_evaluation(pairs(te), y_te),
         )
 
 
@@ -322,7 +321,7 @@ class DiabetesDeepMLP(HeldoutTask):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            mse_evaluation(x_te, y_te),
+            loss_evaluation(x_te, y_te),
         )
 
 
@@ -544,7 +543,7 @@ class Conv1dDenoising(HeldoutTask):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            mse_evaluation(noisy_te, clean_te),
+            loss_evaluation(noisy_te, clean_te),
         )
 
 
@@ -565,16 +564,6 @@ def gaussian_nll(output: Tensor, y: Tensor) -> Tensor:
     so the loss is negative wherever the model is sure and right."""
     mean, log_var = output[:, :1], output[:, 1:]
     return 0.5 * (log_var + (y - mean) ** 2 * torch.exp(-log_var) + math.log(2 * math.pi)).mean()
-
-
-def nll_evaluation(x_test: Tensor, y_test: Tensor) -> Callable[[nn.Module], dict[str, float]]:
-    """The held-out ``gaussian_nll`` of a mean-and-variance model, as ``val_loss``."""
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        return {"val_loss": gaussian_nll(model(x_test), y_test).item()}
-
-    return evaluate
 
 
 class HeteroscedasticNLL(HeldoutTask):
@@ -600,7 +589,12 @@ class HeteroscedasticNLL(HeldoutTask):
             nn.Linear(1, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 2)
         ).to(device)
         return tensor_dataset_run(
-            model, (x_tr, y_tr), budget.batch_size, seed, gaussian_nll, nll_evaluation(x_te, y_te)
+            model,
+            (x_tr, y_tr),
+            budget.batch_size,
+            seed,
+            gaussian_nll,
+            loss_evaluation(x_te, y_te, gaussian_nll),
         )
 
 

@@ -550,8 +550,8 @@ class ALSALS(torch.optim.Optimizer):
             step searches anyway, the searches find the step size's level (``True``).
         regrowth: the way back after a cut. A search whose first trial (started at a
             multiple of the step size: ``growth``, ``regrowth``'s own, or the lead rule's;
-            not lowered by the Polyak bound, not a retry, not in warm-up) passes with a decrease of at least ``1 - (1 - c) / regrowth^2`` of what the
-            linear model promised (0.9 of it at the defaults) stands so far below the
+            not lowered by the Polyak bound, not a retry, not in warm-up) passes with a
+            decrease of at least ``1 - (1 - c) / regrowth^2`` of what the linear model promised (0.9 of it at the defaults) stands so far below the
             Armijo test's limit on its batch (``regrowth^2`` times the trial or more,
             where a quadratic fits the slice) that the next search starts at ``regrowth``
             times the step size instead of ``growth`` times, but never above the largest
@@ -1296,7 +1296,6 @@ class ALSALS(torch.optim.Optimizer):
             cut = (
                 result.kind == "search"
                 and result.sets_step_size
-                and bool(trials)
                 and usual_start > least_cut * result.step_size
             )
             if checkable and cut:
@@ -1444,8 +1443,6 @@ class ALSALS(torch.optim.Optimizer):
         # that start passes, the search says nothing about the step size above it
         # (not from a written lr, which no search has accepted: the trial that passes does)
         trusted = not (first or resuming or written)
-        # regrowth: a start grown from the step size, which the Polyak bound did not lower
-        grown = trusted and search.retry_from <= 0.0 and search.steps >= h["warmup_steps"]
         # Where the start is no search's (a written lr, a resumed or a first search), a failed
         # trial whose promise P(gamma) is not positive was too small to pay for the averaging
         # move's rise (z trailing x on this batch), not too large: the search climbs by
@@ -1456,7 +1453,14 @@ class ALSALS(torch.optim.Optimizer):
         climb_top = gamma if search.steps < h["warmup_steps"] else min(largest, bound)
         outgrown = trusted  # no climb from a trusted start, nor after a positive promise failed
         lowered = trusted and bound < gamma and h["polyak_start"] == "trial"
-        grown = grown and not bound < gamma
+        # regrowth: a start that is a multiple of the step size (not a retry's, not warm-up's
+        # ramp), which the Polyak bound did not lower
+        grown = (
+            trusted
+            and search.retry_from <= 0.0
+            and search.steps >= h["warmup_steps"]
+            and not bound < gamma
+        )
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
         evaluations = 0
         # A run's first search starts from the user's guess, lr: a start that passes at once

@@ -44,12 +44,17 @@ def standardised(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     return (train - mean) / std, (test - mean) / std
 
 
-def mse_evaluation(x_test: Tensor, y_test: Tensor) -> Callable[[nn.Module], dict[str, float]]:
-    """The held-out mean squared error of a regression model, as ``val_loss``."""
+def loss_evaluation(
+    x_test: Tensor,
+    y_test: Tensor,
+    loss: Callable[[Tensor, Tensor], Tensor] = nn.functional.mse_loss,
+) -> Callable[[nn.Module], dict[str, float]]:
+    """The held-out ``loss`` (the mean squared error unless given) of a model's outputs on
+    ``x_test`` against ``y_test``, as ``val_loss``."""
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return {"val_loss": nn.functional.mse_loss(model(x_test), y_test).item()}
+        return {"val_loss": loss(model(x_test), y_test).item()}
 
     return evaluate
 
@@ -173,7 +178,7 @@ class RegressionMLP(Task):
             budget.batch_size,
             seed,
             nn.functional.mse_loss,
-            mse_evaluation(x_test, y_test),
+            loss_evaluation(x_test, y_test),
         )
 
 
