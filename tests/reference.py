@@ -138,7 +138,7 @@ class SearchState:
     model_anchor_avg: float = 0.0  # ... and of w . g
     model_steps: int = 0
     loss_avg: float = 0.0  # the loss-rise guard's watch (phase 5.7): EMA of L0
-    loss_sq_avg: float = 0.0  # ... of L0^2
+    loss_spread_avg: float = 0.0  # ... of the squared deviations of L0 (West)
     loss_samples: int = 0  # losses in them since the watch began
     loss_lowest: float = 0.0  # the lowest bias-corrected EMA of L0 since it began judging
     step_size_avg: float = 0.0  # ... of the step size taken
@@ -404,7 +404,7 @@ def polyak_cap(
 #: The watch's state, in the order ``watch_after`` returns it (phase 5.7).
 WATCH_FIELDS = (
     "loss_avg",
-    "loss_sq_avg",
+    "loss_spread_avg",
     "loss_samples",
     "loss_lowest",
     "step_size_avg",
@@ -414,18 +414,18 @@ WATCH_FIELDS = (
 )
 
 
-def watch_error(avg: float, sq: float, n: int) -> float:
-    """Phase 5.7: the standard error ``sqrt(var (1 - b) / (1 + b))`` of the loss average, with
-    the bias-corrected ``mean = A / (1 - b^n)`` and ``var = max(Q / (1 - b^n) - mean^2, 0)``."""
+def watch_error(spread: float, n: int) -> float:
+    """Phase 5.7: the standard error ``sqrt(var (1 - b) / (1 + b))`` of the loss average,
+    with ``var = max(V / (1 - b^n), 0)``."""
     b = LOSS_WATCH_FACTOR
-    mean = avg / (1 - b**n)
-    var = max(sq / (1 - b**n) - mean * mean, 0.0)
+    var = max(spread / (1 - b**n), 0.0)
     return math.sqrt(var * (1 - b) / (1 + b))
 
 
 def watch_after(state: SearchState, loss0: float, eta: float) -> list:
-    """Phase 5.7: ``[A', Q', n', lowest', S', M', S_lowest', E_lowest']`` with
-    ``A' = b A + (1 - b) L0``, ``Q' = b Q + (1 - b) L0^2``, ``S' = b S + (1 - b) eta`` (the
+    """Phase 5.7: ``[A', V', n', lowest', S', M', S_lowest', E_lowest']`` with
+    ``A' = b A + (1 - b) L0``, ``V' = b V + (1 - b) (L0 - mean) (L0 - mean')`` (the
+    corrected averages before and after; ``mean = L0`` at ``n = 0``), ``S' = b S + (1 - b) eta`` (the
     step size taken), ``M' = b M + (1 - b) [eta > 0]``, ``n' = n + 1`` (``b = 0.99``; a
     non-finite ``L0`` leaves them). From ``n' = 100`` on, a bias-corrected ``A' / (1 - b^n')``
     below ``lowest`` (or the first, at ``n' = 100``) becomes ``lowest'``, and then
@@ -435,16 +435,17 @@ def watch_after(state: SearchState, loss0: float, eta: float) -> list:
         return [getattr(st, name) for name in WATCH_FIELDS]
     b = LOSS_WATCH_FACTOR
     avg = b * st.loss_avg + (1 - b) * loss0
-    sq = b * st.loss_sq_avg + (1 - b) * loss0 * loss0
+    n = st.loss_samples + 1
+    mean_before = st.loss_avg / (1 - b**st.loss_samples) if st.loss_samples else loss0
+    spread = b * st.loss_spread_avg + (1 - b) * (loss0 - mean_before) * (loss0 - avg / (1 - b**n))
     eta_avg = b * st.step_size_avg + (1 - b) * eta
     moves = b * st.moves_avg + (1 - b) * (1.0 if eta > 0 else 0.0)
-    n = st.loss_samples + 1
     lowest, at_lowest, error = st.loss_lowest, st.step_size_at_lowest, st.loss_error_at_lowest
     mean = avg / (1 - b**n)
     if n == LOSS_WATCH_SAMPLES or (n > LOSS_WATCH_SAMPLES and mean < lowest):
         lowest, at_lowest = mean, (eta_avg / moves if moves > 0 else 0.0)
-        error = watch_error(avg, sq, n)
-    return [avg, sq, n, lowest, eta_avg, moves, at_lowest, error]
+        error = watch_error(spread, n)
+    return [avg, spread, n, lowest, eta_avg, moves, at_lowest, error]
 
 
 def watch_margin(watch: list, z: float, error: float) -> float:
@@ -474,7 +475,7 @@ def loss_fell_below(watch: list, level: float, z: float) -> bool:
     if watch[2] <= LOSS_WATCH_SAMPLES:
         return False
     fall = level - watch_mean(watch)
-    margin = watch_margin(watch, z, watch_error(*watch[:3]))
+    margin = watch_margin(watch, z, watch_error(watch[1], watch[2]))
     return fall > resolution(watch_mean(watch)) and fall > margin
 
 

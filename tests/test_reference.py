@@ -365,7 +365,7 @@ class SideBySide:
         assert ls["step_size_ceiling"] == pytest.approx(st.step_size_ceiling, rel=SCALAR_RTOL)
         for key in (
             "loss_avg",
-            "loss_sq_avg",
+            "loss_spread_avg",
             "loss_lowest",
             "step_size_avg",
             "moves_avg",

@@ -17,6 +17,7 @@ import torch
 
 from alsals import SLS, AdamSLS, MomentumALSALS
 from alsals.rise_guard import LOSS_SMOOTHING, WATCH_SAMPLES, LossWatch
+from alsals.search_state import SearchState
 
 F64 = torch.float64
 CLASSES = [SLS, AdamSLS, MomentumALSALS]
@@ -53,6 +54,56 @@ def test_the_watch_holds_the_bias_corrected_average_and_its_standard_error():
         if i + 1 >= WATCH_SAMPLES:
             lowest = min(lowest, running.mean())
     assert watch.lowest == pytest.approx(lowest, rel=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6, 1e8])
+def test_the_watch_s_spread_keeps_its_digits_under_a_large_constant_part(offset):
+    """Losses whose spread is 1e-11 of their size (a constant added to the loss, or a
+    float64 loss converged to changes far below its value): the standard error is the
+    offset-free one to the losses' own rounding (the difference of the EMA of the squares and the squared
+    average gave 0 at an offset of 1e6 and 2000x too much at 1e8), and a climb of 3e-3 in
+    noise of 1e-3 fires the guard at every offset, a flat loss at none."""
+    gen = torch.Generator().manual_seed(2)
+    noise = (1e-3 * torch.randn(400, generator=gen, dtype=F64)).tolist()
+    flat = _watch([offset + e for e in noise[:200]])
+    reference = _watch(noise[:200])
+    assert flat.mean() - offset == pytest.approx(reference.mean(), abs=1e-14 * max(offset, 1))
+    # (the losses themselves round to 2.2e-16 of the offset: the spread's share of that)
+    rounding = 1e-9 + 10 * 2.2e-16 * offset / 1e-3
+    assert flat.standard_error() == pytest.approx(reference.standard_error(), rel=rounding)
+    climbed, held = flat, flat
+    for e in noise[200:]:
+        climbed = climbed.after(offset + 3e-3 + e, 0.2)
+        held = held.after(offset + e, 0.2)
+    resolution = 4 * 2.2e-16 * max(offset, 1.0)
+    assert climbed.rose(3.0, resolution) and not held.rose(3.0, resolution)
+
+
+def test_a_watch_stored_before_0_2_9_loads_with_its_spread():
+    """Checkpoints before 0.2.9 hold the EMA of the squared losses (``loss_sq_avg``): the
+    watch (``ALSALS``'s dict, ``MomentumALSALS``'s search state) loads it as the spread,
+    with the standard error the stored statistics give; a stored value that is not a
+    number is refused by its stored name."""
+    gen = torch.Generator().manual_seed(0)
+    losses = (1.0 + 0.3 * torch.randn(150, generator=gen, dtype=F64)).tolist()
+    watch = _watch(losses)
+    b, n = LOSS_SMOOTHING, len(losses)
+    squares = sum((1 - b) * b ** (n - 1 - i) * x * x for i, x in enumerate(losses))
+    stored = {k: v for k, v in vars(watch).items() if k != "loss_spread_avg"}
+    loaded = LossWatch.from_stored({**stored, "loss_sq_avg": squares})
+    assert loaded.standard_error() == pytest.approx(watch.standard_error(), rel=1e-9)
+    assert LossWatch.from_stored(vars(watch)) == watch
+    state = {
+        "step_size": 0.1,
+        "initial_step_size": 0.1,
+        "loss_avg": watch.loss_avg,
+        "loss_sq_avg": squares,
+        "loss_samples": n,
+    }
+    search = SearchState.from_dict(state)
+    assert search.loss_spread_avg == pytest.approx(watch.loss_spread_avg, rel=1e-9)
+    with pytest.raises(ValueError, match="'loss_sq_avg'"):
+        SearchState.from_dict({**state, "loss_sq_avg": "0.3"})
 
 
 def test_the_watch_judges_only_after_one_horizon_and_leaves_out_nonfinite_losses():

@@ -1359,7 +1359,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _stored_watch(search: SearchState) -> LossWatch:
         return LossWatch(
             loss_avg=search.loss_avg,
-            loss_sq_avg=search.loss_sq_avg,
+            loss_spread_avg=search.loss_spread_avg,
             samples=search.loss_samples,
             lowest=search.loss_lowest,
             step_size_avg=search.step_size_avg,
@@ -1370,7 +1370,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _store_watch(search: SearchState, watch: LossWatch) -> None:
-        search.loss_avg, search.loss_sq_avg = watch.loss_avg, watch.loss_sq_avg
+        search.loss_avg, search.loss_spread_avg = watch.loss_avg, watch.loss_spread_avg
         search.loss_samples, search.loss_lowest = watch.samples, watch.lowest
         search.step_size_avg, search.moves_avg = watch.step_size_avg, watch.moves_avg
         search.step_size_at_lowest = watch.step_size_at_lowest

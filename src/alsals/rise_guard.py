@@ -12,7 +12,10 @@ current weights, and their average climbing measurably above its lowest value wh
 step size grew means the growth went too far.
 
 The guard averages the batch losses (an EMA with the adaptive cadence's slow factor 0.99,
-bias-corrected; the same average of their squares gives the spread) and the step sizes the
+bias-corrected; the same weights average their squared deviations from the running
+average, the spread, updated in West's form so that a loss with a large constant part, or
+one that has converged to changes far below its size, keeps its spread's digits) and the
+step sizes the
 search chose for the updates (over the steps that moved; before ``loss_floor``'s Polyak
 cap, which shrinks the steps taken as the loss nears its floor: a loss that jumps there,
 because the objective changed, must not look like growth of the step size). Once it holds
@@ -60,6 +63,31 @@ LOSS_SMOOTHING = 0.99
 WATCH_SAMPLES = round(1.0 / (1.0 - LOSS_SMOOTHING))
 
 
+def ema_with_spread(
+    average: float, spread: float, samples: int, loss: float, factor: float
+) -> tuple[float, float]:
+    """The EMA of the losses (``factor`` ``b``, without bias correction) and the same
+    weights' sum of squared deviations from the bias-corrected average, with one more
+    loss: ``A' = b A + (1 - b) L``, ``V' = b V + (1 - b) (L - m) (L - m')`` (West, 1979;
+    ``m``, ``m'`` the corrected averages before and after). ``V' / (1 - b^n')`` is the
+    weighted variance ``E[L^2] - E[L]^2`` without forming that difference, whose two terms
+    agree to all but the last digits where the losses' spread is far below their size."""
+    weight = 1.0 - factor**samples
+    updated = factor * average + (1.0 - factor) * loss
+    before = average / weight if samples > 0 else loss  # (its term is 0 at the first loss)
+    after = updated / (1.0 - factor ** (samples + 1))
+    return updated, factor * spread + (1.0 - factor) * (loss - before) * (loss - after)
+
+
+def spread_from_squares(average: float, sq_average: float, samples: int, factor: float) -> float:
+    """The sum of squared deviations ``V`` of ``ema_with_spread`` from a checkpoint that
+    stored the EMA of the squared losses ``Q`` instead (``alsals`` before 0.2.9):
+    ``V = Q - A^2 / (1 - b^n)``, at the rounding those checkpoints had."""
+    if samples == 0:
+        return 0.0
+    return max(sq_average - average * average / (1.0 - factor**samples), 0.0)
+
+
 def margin_in_errors(standard_errors: float, samples: int, horizon: int) -> float:
     """How many standard errors an average must move to count: ``standard_errors`` plus
     ``2 sqrt(2 ln(samples / horizon))``, the range that ``samples / horizon`` roughly
@@ -72,8 +100,9 @@ def margin_in_errors(standard_errors: float, samples: int, horizon: int) -> floa
 class LossWatch:
     """The guard's statistics since the watch began.
 
-    ``loss_avg`` and ``loss_sq_avg`` are the EMAs (without bias correction) of the batch
-    losses and their squares over ``samples`` losses; ``step_size_avg`` and ``moves_avg``
+    ``loss_avg`` is the EMA (without bias correction) of the batch losses over ``samples``
+    losses and ``loss_spread_avg`` the same weights' sum of their squared deviations from
+    the running average (``ema_with_spread``); ``step_size_avg`` and ``moves_avg``
     the same EMAs of the step size of each update (the search's, before the cap) and of
     whether it moved the weights (their ratio is the average step size of the moves);
     ``lowest`` is the lowest bias-corrected loss average since the watch began judging
@@ -82,7 +111,7 @@ class LossWatch:
     """
 
     loss_avg: float = 0.0
-    loss_sq_avg: float = 0.0
+    loss_spread_avg: float = 0.0
     samples: int = 0
     lowest: float = 0.0
     step_size_avg: float = 0.0
@@ -97,9 +126,20 @@ class LossWatch:
     def standard_error(self) -> float:
         """The standard deviation of the average: the losses' spread times
         ``sqrt((1 - b) / (1 + b))``, the EMA's share of independent samples."""
-        mean = self.mean()
-        variance = max(self.loss_sq_avg / (1.0 - LOSS_SMOOTHING**self.samples) - mean**2, 0.0)
+        variance = max(self.loss_spread_avg / (1.0 - LOSS_SMOOTHING**self.samples), 0.0)
         return math.sqrt(variance * (1.0 - LOSS_SMOOTHING) / (1.0 + LOSS_SMOOTHING))
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, float]) -> LossWatch:
+        """The watch from its stored fields; one stored before 0.2.9 (the EMA of the
+        squared losses, ``loss_sq_avg``) converted to the spread."""
+        stored = dict(stored)
+        if "loss_sq_avg" in stored:
+            squares = stored.pop("loss_sq_avg")
+            stored["loss_spread_avg"] = spread_from_squares(
+                stored["loss_avg"], squares, stored["samples"], LOSS_SMOOTHING
+            )
+        return cls(**stored)
 
     def step_size(self) -> float:
         """The average step size of the updates that moved the weights (0 if none did)."""
@@ -120,10 +160,13 @@ class LossWatch:
         if not math.isfinite(loss):
             return self
         b = LOSS_SMOOTHING
+        average, spread = ema_with_spread(
+            self.loss_avg, self.loss_spread_avg, self.samples, loss, b
+        )
         watch = replace(
             self,
-            loss_avg=b * self.loss_avg + (1.0 - b) * loss,
-            loss_sq_avg=b * self.loss_sq_avg + (1.0 - b) * loss * loss,
+            loss_avg=average,
+            loss_spread_avg=spread,
             step_size_avg=b * self.step_size_avg + (1.0 - b) * step_size,
             moves_avg=b * self.moves_avg + (1.0 - b) * (step_size > 0.0),
             samples=self.samples + 1,

@@ -1740,7 +1740,7 @@ class ALSALS(torch.optim.Optimizer):
         if guard is None:  # (off, or written off: no ceiling of it stands)
             search.drop_watches()
             return False, False
-        watch = LossWatch(**search.watch) if search.watch else LossWatch()
+        watch = LossWatch.from_stored(search.watch) if search.watch else LossWatch()
         watch = watch.after(loss0, gamma)
         resolution = _loss_resolution(loss_dtype, watch.mean())
         # A ceiling is lifted where the loss average falls measurably below the lowest it

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from alsals.polyak_cap import FLOOR_HITS
+from alsals.rise_guard import LOSS_SMOOTHING, spread_from_squares
 
 COUNTERS = (
     "step",
@@ -51,7 +52,7 @@ class SearchState:
     the first, accepted its first trial (``search_interval="settled"``). The remaining
     counters are totals for logging. ``model_loss_avg``, ``model_anchor_avg`` and
     ``model_steps`` hold the momentum model of ``loss_floor``'s cap
-    (:class:`alsals.polyak_cap.MomentumModel`). ``loss_avg``, ``loss_sq_avg``,
+    (:class:`alsals.polyak_cap.MomentumModel`). ``loss_avg``, ``loss_spread_avg``,
     ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg``,
     ``step_size_at_lowest`` and ``loss_error_at_lowest`` hold ``loss_rise_guard``'s watch of
     the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
@@ -97,7 +98,7 @@ class SearchState:
     model_anchor_avg: float = 0.0
     model_steps: int = 0
     loss_avg: float = 0.0
-    loss_sq_avg: float = 0.0
+    loss_spread_avg: float = 0.0
     loss_samples: int = 0
     loss_lowest: float = 0.0
     step_size_avg: float = 0.0
@@ -123,9 +124,10 @@ class SearchState:
     def from_dict(cls, values: dict[str, Any]) -> SearchState:
         """Read and validate a stored state; a ``ValueError`` names the first bad entry.
 
-        Entries missing from older checkpoints take their start values.
+        Entries missing from older checkpoints take their start values; the guard's EMA of
+        the squared losses that checkpoints before 0.2.9 hold becomes its spread.
         """
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"loss_sq_avg"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown entries in the line_search state: {unknown}")
@@ -141,6 +143,7 @@ class SearchState:
             "model_loss_avg",
             "model_anchor_avg",
             "loss_avg",
+            "loss_spread_avg",
             "loss_sq_avg",
             "loss_lowest",
             "step_size_avg",
@@ -178,6 +181,14 @@ class SearchState:
                 raise ValueError(
                     f"invalid line_search state {name!r}: {value!r} (expected an integer >= 0)"
                 )
+        if "loss_sq_avg" in values:
+            values = dict(values)
+            values["loss_spread_avg"] = spread_from_squares(
+                values.get("loss_avg", 0.0),
+                values.pop("loss_sq_avg"),
+                values.get("loss_samples", 0),
+                LOSS_SMOOTHING,
+            )
         state = cls(step_size=float(values["step_size"]), initial_step_size=0.0)
         return replace(state, **{k: v for k, v in values.items() if k != "step_size"})
 
