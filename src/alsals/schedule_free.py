@@ -39,8 +39,7 @@ converges, slowly). Every step, searched or reused, is capped by the Polyak step
 batch's linear model (``polyak_cap``). A search whose first trial passed with nearly the
 whole decrease the linear model promised (``regrowth``: its batch would take a step several
 times larger) lets the next search start at ``regrowth`` (2) times the step size, up to the
-largest a search has set: the way back after a cut is a few searches (section 35); where
-that start fails, the search goes on as one from the usual start would (section 36).
+largest a search has set: the way back after a cut is a few searches (section 35).
 Searches run on each of the first ``initial_searches`` steps and every
 ``search_interval``-th step after; the steps between reuse ``gamma``. With ``lead_rule``, a
 search grows its start only while ``z`` does not trail the average: each step's own batch
@@ -561,12 +560,9 @@ class ALSALS(torch.optim.Optimizer):
             growth beyond where the run has been stays at ``growth``. A step size lowered
             on many batches' evidence (a ceiling of the guard or of ``start_rise``,
             ``kept_rule``'s or ``lead_rule``'s shrink) lowers that largest step size with it,
-            and a written ``lr`` resets it (the searches after it set it afresh). A raised
-            start that fails backtracks no lower than the usual start until that start has
-            been tried, and only the usual start's failure lets the averaging move alone end
-            the search ``"kept"``: a failed raised start costs one trial, never the search's
-            growth. A search that backtracks from a raised start to above the usual one
-            raised the step size: no cut for ``late_retry`` (``None``: off; 2.0).
+            and a written ``lr`` resets it (the searches after it set it afresh). A search
+            that backtracks from a raised start to above the usual one raised the step
+            size: no cut for ``late_retry`` (``None``: off; 2.0).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
             it to reach); ``None``: no bound (0.0).
@@ -1466,12 +1462,6 @@ class ALSALS(torch.optim.Optimizer):
             and not bound < gamma
         )
         gamma = max(min(gamma, bound), MIN_STEP_SIZE)
-        # A regrown start above the one growth gives that fails says only that the step
-        # size should not grow that far: the trials backtrack no lower than the usual start
-        # until it has been tried, and only a failure at or below it lets the averaging move
-        # alone judge "kept" (a doubled start that failed ended kept where the usual start
-        # passed)
-        usual = min(gamma, search.step_size * h["growth"]) if grown else math.inf
         evaluations = 0
         # A run's first search starts from the user's guess, lr: a start that passes at once
         # (or moves the loss by less than its rounding) says only that lr is not too large,
@@ -1558,9 +1548,6 @@ class ALSALS(torch.optim.Optimizer):
                 if up > gamma and promised(up) > promised(gamma):
                     gamma = up
                     continue
-            if gamma > usual:
-                gamma = max(self._next_trial(gamma, loss0 - value, promised), usual)
-                continue
             if not checked:
                 checked = True
                 ending = averaging_alone()
