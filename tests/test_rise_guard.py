@@ -83,7 +83,8 @@ def test_a_watch_stored_before_0_2_9_loads_with_its_spread():
     """Checkpoints before 0.2.9 hold the EMA of the squared losses (``loss_sq_avg``): the
     watch (``ALSALS``'s dict, ``MomentumALSALS``'s search state) loads it as the spread,
     with the standard error the stored statistics give; a stored value that is not a
-    number is refused by its stored name."""
+    number is refused by its stored name, a negative spread and a state with both entries
+    by theirs."""
     gen = torch.Generator().manual_seed(0)
     losses = (1.0 + 0.3 * torch.randn(150, generator=gen, dtype=F64)).tolist()
     watch = _watch(losses)
@@ -104,6 +105,12 @@ def test_a_watch_stored_before_0_2_9_loads_with_its_spread():
     assert search.loss_spread_avg == pytest.approx(watch.loss_spread_avg, rel=1e-9)
     with pytest.raises(ValueError, match="'loss_sq_avg'"):
         SearchState.from_dict({**state, "loss_sq_avg": "0.3"})
+    with pytest.raises(ValueError, match="'loss_spread_avg'.*>= 0"):
+        SearchState.from_dict({"step_size": 0.1, "initial_step_size": 0.1, "loss_spread_avg": -1.0})
+    with pytest.raises(ValueError, match="both 'loss_sq_avg'.*and 'loss_spread_avg'"):
+        SearchState.from_dict({**state, "loss_spread_avg": 0.1})
+    with pytest.raises(ValueError, match="both 'loss_sq_avg'.*and 'loss_spread_avg'"):
+        LossWatch.from_stored({**vars(watch), "loss_sq_avg": squares})
 
 
 def test_the_watch_judges_only_after_one_horizon_and_leaves_out_nonfinite_losses():

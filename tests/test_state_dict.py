@@ -558,3 +558,47 @@ def test_alsals_state_whose_groups_lack_different_newer_settings_is_refused():
         fresh_opt.load_state_dict(saved)
     assert all(g["kept_rule"] == "shrink" for g in fresh_opt.param_groups)
     assert not any(fresh_opt.state_dict()["state"].values())
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS], ids=["ALSALS", "MomentumALSALS"])
+def test_a_guard_watch_saved_before_0_2_9_goes_on_with_its_spread(cls):
+    """Checkpoints before 0.2.9 hold the guard's EMA of the squared losses (``loss_sq_avg``:
+    in ``ALSALS``'s ``watch`` dict, in ``MomentumALSALS``'s search state) where today's hold
+    the spread: such a state loads, steps, and goes on with the weights and the spread of
+    the run that was never interrupted."""
+    from alsals.rise_guard import LOSS_SMOOTHING
+    from alsals.schedule_free import STATE_KEY
+
+    def watch_of(state_dict):
+        (entry,) = [e for e in state_dict["state"].values() if STATE_KEY in e or "line_search" in e]
+        if STATE_KEY in entry:
+            return entry[STATE_KEY]["watch"], "samples"
+        return entry["line_search"], "loss_samples"
+
+    data = batches()
+    model, opt = fresh(cls, {})
+    torch.manual_seed(11)
+    train(model, opt, data[:SAVE_AT])
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    train(model, opt, data[SAVE_AT:])
+    expected_watch, _ = watch_of(opt.state_dict())
+
+    watch, samples = watch_of(saved)
+    assert watch[samples] == SAVE_AT  # (the watch holds every loss so far)
+    spread = watch.pop("loss_spread_avg")
+    weight = 1.0 - LOSS_SMOOTHING ** watch[samples]
+    watch["loss_sq_avg"] = spread + watch["loss_avg"] ** 2 / weight  # (what 0.2.8 stored)
+    resumed, resumed_opt = fresh(cls, {})
+    resumed.load_state_dict(weights)
+    resumed_opt.load_state_dict(saved)
+    torch.set_rng_state(rng)
+    train(resumed, resumed_opt, data[SAVE_AT:])
+    assert all(
+        torch.equal(p, e) for p, e in zip(resumed.parameters(), model.parameters(), strict=True)
+    )
+    resumed_watch, _ = watch_of(resumed_opt.state_dict())
+    assert "loss_sq_avg" not in resumed_watch
+    assert resumed_watch["loss_spread_avg"] == pytest.approx(
+        expected_watch["loss_spread_avg"], rel=1e-9
+    )

@@ -134,6 +134,11 @@ class LossWatch:
         """The watch from its stored fields; one stored before 0.2.9 (the EMA of the
         squared losses, ``loss_sq_avg``) converted to the spread."""
         stored = dict(stored)
+        if "loss_sq_avg" in stored and "loss_spread_avg" in stored:
+            raise ValueError(
+                "the guard's watch holds both 'loss_sq_avg' (before alsals 0.2.9) and "
+                "'loss_spread_avg' (since): one of them, not both"
+            )
         if "loss_sq_avg" in stored:
             squares = stored.pop("loss_sq_avg")
             stored["loss_spread_avg"] = spread_from_squares(

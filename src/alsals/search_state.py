@@ -158,11 +158,16 @@ class SearchState:
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not a number)")
             if not math.isfinite(value):
                 raise ValueError(f"invalid line_search state {name!r}: {value!r} (not finite)")
-        if values.get("untested_step_size", 0.0) < 0:
+        if "loss_sq_avg" in values and "loss_spread_avg" in values:
             raise ValueError(
-                "invalid line_search state 'untested_step_size': "
-                f"{values['untested_step_size']!r} (expected a number >= 0)"
+                "the line_search state holds both 'loss_sq_avg' (the guard's statistics "
+                "before alsals 0.2.9) and 'loss_spread_avg' (since): one of them, not both"
             )
+        for name in ("untested_step_size", "loss_spread_avg", "loss_sq_avg"):
+            if values.get(name, 0.0) < 0:
+                raise ValueError(
+                    f"invalid line_search state {name!r}: {values[name]!r} (expected a number >= 0)"
+                )
         ceiling = values.get("step_size_ceiling", math.inf)
         if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or not ceiling > 0:
             raise ValueError(
