@@ -2785,6 +2785,9 @@ def test_a_failed_raised_start_whose_averaging_move_fails_holds_the_step_size():
     before, opt, trials = regrown_search_with_scripted_trials({"start"})
     assert trials[:3] == ["trial", "averaging", "trial"]
     assert opt.last_step.kind == "search" and opt.param_groups[0]["lr"] < 2 * before
+    # the trial that passed there would pass as linear (on this regression it lies far
+    # below its batch's limit), but a verdict is the first trial's alone
+    assert not opt.search_state.regrow
 
 
 def test_a_huge_regrowth_runs():

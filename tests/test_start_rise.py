@@ -217,6 +217,10 @@ def test_the_ceiling_holds_every_step_for_one_horizon_and_z_restarts_at_the_cut(
         assert states[k].start_ceiling == ceiling  # not lifted: the loss stayed above
     assert all(not infos[k].loss_rose for k in held)  # no second cut in one rise
     assert states[cut + WATCH_SAMPLES].start_ceiling == math.inf  # one horizon later
+    # regrowth leads back no higher than the ceiling, also once it is lifted: the largest
+    # step size a search set, above it before the cut, is lowered to it
+    assert states[cut - 1].peak_step_size > ceiling
+    assert all(s.peak_step_size <= ceiling for s in states[cut : cut + WATCH_SAMPLES + 1])
 
 
 def test_without_it_or_the_guard_nothing_is_cut():
