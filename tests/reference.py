@@ -424,8 +424,8 @@ def watch_error(spread: float, n: int) -> float:
 
 def watch_after(state: SearchState, loss0: float, eta: float) -> list:
     """Phase 5.7: ``[A', V', n', lowest', S', M', S_lowest', E_lowest']`` with
-    ``A' = b A + (1 - b) L0``, ``V' = b V + (1 - b) (L0 - mean) (L0 - mean')`` (the
-    corrected averages before and after; ``mean = L0`` at ``n = 0``), ``S' = b S + (1 - b) eta`` (the
+    ``A' = b A + (1 - b) L0``, ``V' = b V + (1 - b) (1 - w) (L0 - mean)^2`` (``mean`` the
+    corrected average before, ``L0`` at ``n = 0``; ``w = (1 - b) / (1 - b^n')``), ``S' = b S + (1 - b) eta`` (the
     step size taken), ``M' = b M + (1 - b) [eta > 0]``, ``n' = n + 1`` (``b = 0.99``; a
     non-finite ``L0`` leaves them). From ``n' = 100`` on, a bias-corrected ``A' / (1 - b^n')``
     below ``lowest`` (or the first, at ``n' = 100``) becomes ``lowest'``, and then
@@ -437,7 +437,8 @@ def watch_after(state: SearchState, loss0: float, eta: float) -> list:
     avg = b * st.loss_avg + (1 - b) * loss0
     n = st.loss_samples + 1
     mean_before = st.loss_avg / (1 - b**st.loss_samples) if st.loss_samples else loss0
-    spread = b * st.loss_spread_avg + (1 - b) * (loss0 - mean_before) * (loss0 - avg / (1 - b**n))
+    share = (1 - b) / (1 - b**n)
+    spread = b * st.loss_spread_avg + (1 - b) * (1 - share) * (loss0 - mean_before) ** 2
     eta_avg = b * st.step_size_avg + (1 - b) * eta
     moves = b * st.moves_avg + (1 - b) * (1.0 if eta > 0 else 0.0)
     lowest, at_lowest, error = st.loss_lowest, st.step_size_at_lowest, st.loss_error_at_lowest

@@ -872,3 +872,62 @@ def test_buffers_replaced_by_a_conversion_after_building_the_optimizer_are_named
     model.double()  # new buffer tensors; the parameters stay the same objects
     with pytest.warns(UserWarning, match=r"build the optimizer after it"):
         opt.step(bce_closure(model, x.double(), y.double()))
+
+
+# -- gradients written outside step() that a closure() drops -------------------------------
+
+DROPPED = "held gradients written since the last step"
+
+
+def _dropped_warnings(caught) -> int:
+    return sum(DROPPED in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_backward_pass_outside_step_that_a_closure_drops_is_warned_about_once(cls):
+    """A ``closure()`` gets the step's gradient from its own loss alone: gradients a backward
+    pass wrote before ``step()`` (a micro-batch accumulated outside, a trainer's
+    accumulation) are dropped, which the optimizer says once, from its second step on."""
+    model, opt, x, y = make_setup(cls, lr=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(bce_closure(model, x[:16], y[:16]))
+        for _ in range(3):
+            nn.functional.binary_cross_entropy_with_logits(model(x[:16]), y[:16]).backward()
+            opt.step(bce_closure(model, x[16:], y[16:]))
+    assert _dropped_warnings(caught) == 1
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS])
+@pytest.mark.parametrize("before_step", ["none", "zeros", "closure_backward", "first_step"])
+def test_nothing_dropped_is_not_warned_about(cls, before_step):
+    """No warning where nothing is lost: gradients set to ``None`` or to zeros before
+    ``step()``, micro-batches accumulated outside a ``closure(backward)`` (which keeps them),
+    and an optimizer's first step, whose ``.grad`` may hold what an earlier loop left."""
+    model, opt, x, y = make_setup(cls, lr=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if before_step == "first_step":
+            nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        for _ in range(3):
+            if before_step != "first_step":
+                opt.step(bce_closure(model, x, y))
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x[:16]), y[:16])
+            if before_step == "none":
+                opt.zero_grad(set_to_none=True)
+            elif before_step == "zeros":
+                loss.backward()
+                opt.zero_grad(set_to_none=False)
+            elif before_step == "closure_backward":
+                loss.backward()
+
+                def closure(backward):
+                    loss = nn.functional.binary_cross_entropy_with_logits(model(x[16:]), y[16:])
+                    if backward:
+                        loss.backward()
+                    return loss
+
+                opt.step(closure)
+                continue
+            opt.step(bce_closure(model, x[16:], y[16:]))
+    assert _dropped_warnings(caught) == 0

@@ -199,6 +199,18 @@ class LeftGradients:
         for p in params:
             self._marks[id(p)] = None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
 
+    def written(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The gradients of ``params`` written since they were marked: accumulated into,
+        replaced, or new (``None`` then, or for a parameter marked since: not written)."""
+        found = []
+        for p in params:
+            if p.grad is None:
+                continue
+            mark = self._marks.get(id(p))
+            if mark is None or mark[0]() is not p.grad or p.grad._version != mark[1]:
+                found.append(p.grad)
+        return found
+
     def untouched(self, params: Sequence[Tensor]) -> bool:
         """Whether ``params`` hold exactly the gradients recorded, at least one of them (a
         parameter added since, by ``add_param_group``, must hold none)."""
@@ -214,6 +226,17 @@ class LeftGradients:
                 return False
             held = True
         return held
+
+
+def _any_nonzero(grads: Sequence[Tensor]) -> bool:
+    """Whether any of the gradients holds a value other than 0 (a NaN counts): one
+    synchronisation over all of them."""
+    present = [local_shard(g) for g in grads]
+    if any(g.is_sparse for g in present):  # (the optimizer refuses them: no norm here)
+        return True
+    norms = torch._foreach_norm(present)
+    device = norms[0].device
+    return bool(torch.stack([n.to(device, torch.float32) for n in norms]).ne(0).any())
 
 
 class RandomState:
@@ -367,6 +390,7 @@ class ClosureEvaluator:
         runs_backward: bool | None = None,
         left: LeftGradients | None = None,
         own_grads_only: bool = False,
+        watch_dropped: bool = True,
     ) -> None:
         if isinstance(closure, Tensor):
             raise TypeError(
@@ -386,6 +410,11 @@ class ClosureEvaluator:
         self.runs_backward_itself = self.closure.takes_backward
         self.left = left
         self.own_grads_only = own_grads_only
+        # whether to look for nonzero gradients written since the last step that a closure()
+        # drops (one synchronisation where there are any): ``dropped_gradients`` says what
+        # the look found, ``None`` where it did not look (nothing written, or not watching)
+        self.watch_dropped = watch_dropped
+        self.dropped_gradients: bool | None = None
         buffers = _not_the_weights(buffers, self.params)
         self.before = BufferGuard(buffers)
         self.after_first = BufferGuard(buffers)
@@ -424,7 +453,15 @@ class ClosureEvaluator:
         watched = self._weight_norms() if self.before.buffers else None
         held = [p.grad for p in self.params]
         dropped = not self.runs_backward_itself or self.closure.by_grad_mode
-        dropped = dropped or (self.left is not None and self.left.untouched(self.params))
+        untouched = self.left is not None and self.left.untouched(self.params)
+        # a closure() (or one declared to run backward) computes the step's gradient from
+        # its own loss alone: gradients written since the last step (a backward pass outside
+        # step(), Lightning's accumulation) are dropped, which the optimizer says once (not
+        # at its first step, whose .grad may hold what an earlier optimizer or loop left)
+        if self.watch_dropped and dropped and self.left is not None and not untouched:
+            written = self.left.written(self.params)
+            self.dropped_gradients = _any_nonzero(written) if written else None
+        dropped = dropped or untouched
         # gradients the closure adds to (accumulated outside it): remembered, so that an
         # exception can tell them from this attempt's (not on the plain closure's path)
         self._grads_found = None if dropped else LeftGradients(self.params)

@@ -191,6 +191,14 @@ NO_BACKWARD_WARNING = (
     "optimizer); if it does, the loss does not depend on this optimizer's parameters (build "
     "the optimizer from the parameters of the model the closure runs)"
 )
+DROPPED_GRADIENTS_WARNING = (
+    "{name}: .grad held gradients written since the last step (a backward pass outside "
+    "step(), or a trainer's gradient accumulation before it) and were dropped: a closure() "
+    "that returns the loss gets the step's gradient from that loss alone. To accumulate "
+    "micro-batches, run them inside a closure(backward) (README, 'The closure'); in Lightning, "
+    "use manual optimization with alsals.integrations.lightning.line_search_step; to say "
+    "that nothing is lost, set the gradients to None (optimizer.zero_grad()) before step()"
+)
 CONTRADICTED_WARNING = (
     "{name}: at two searches, with none in between that the gradient's slope accepted, "
     "every trial raised the loss in proportion to the step size where the slope -g.d said "
@@ -710,6 +718,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._ranks_checked = False  # every rank holds the same settings (first step)
         self._warned: set[str] = set()
+        self._dropped_looked = False  # looked once for gradients a closure() dropped
         self._written_lr_steps = 0  # steps in a row that found lr written
         self._lr_cuts = 0  # writes that lowered lr, over the run
         self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
@@ -742,6 +751,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_buffers", [])
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_dropped_looked", False)
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_lr_cuts", 0)
         self.__dict__.setdefault("_unchanged_searches", 0)
@@ -1017,6 +1027,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             runs_backward=runs_backward,
             left=self._left_grads,
             own_grads_only=not commit,
+            watch_dropped=not self._dropped_looked,
         )
         search = self._stored_search_state()
         before = search.step_size
@@ -1970,6 +1981,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._warn_if_not_replayed(loss0, self._replay_loss)
         if outcome.kind == "zero_grad" and evaluator.backward_forgotten:
             self._warn_once("no_backward", NO_BACKWARD_WARNING.format(name=name), UserWarning)
+        if evaluator.dropped_gradients is not None:  # (one look: a loop zeroing in place
+            self._dropped_looked = True  # stays quiet after it, at no cost per step)
+            if evaluator.dropped_gradients:
+                message = DROPPED_GRADIENTS_WARNING.format(name=name)
+                self._warn_once("dropped_gradients", message, UserWarning)
         self._unchanged_searches = self._unchanged_searches + 1 if outcome.loss_unchanged else 0
         if self._unchanged_searches >= STALL_WARNING_STEPS:
             message = UNCHANGED_LOSS_WARNING.format(name=name, n=STALL_WARNING_STEPS)

@@ -68,15 +68,18 @@ def ema_with_spread(
 ) -> tuple[float, float]:
     """The EMA of the losses (``factor`` ``b``, without bias correction) and the same
     weights' sum of squared deviations from the bias-corrected average, with one more
-    loss: ``A' = b A + (1 - b) L``, ``V' = b V + (1 - b) (L - m) (L - m')`` (West, 1979;
-    ``m``, ``m'`` the corrected averages before and after). ``V' / (1 - b^n')`` is the
-    weighted variance ``E[L^2] - E[L]^2`` without forming that difference, whose two terms
-    agree to all but the last digits where the losses' spread is far below their size."""
-    weight = 1.0 - factor**samples
+    loss: ``A' = b A + (1 - b) L``, ``V' = b V + (1 - b) (1 - w) (L - m)^2`` with ``m`` the
+    corrected average before and ``w = (1 - b) / (1 - b^n')`` the new loss's share of the
+    one after (West, 1979: ``(L - m) (L - m')``, written so that no rounding makes it
+    negative). ``V' / (1 - b^n')`` is the weighted variance ``E[L^2] - E[L]^2`` without
+    forming that difference, whose two terms agree to all but the last digits where the
+    losses' spread is far below their size."""
     updated = factor * average + (1.0 - factor) * loss
-    before = average / weight if samples > 0 else loss  # (its term is 0 at the first loss)
-    after = updated / (1.0 - factor ** (samples + 1))
-    return updated, factor * spread + (1.0 - factor) * (loss - before) * (loss - after)
+    if samples == 0:  # (the first loss is its own average: no deviation)
+        return updated, factor * spread
+    deviation = loss - average / (1.0 - factor**samples)
+    share = (1.0 - factor) / (1.0 - factor ** (samples + 1))
+    return updated, factor * spread + (1.0 - factor) * (1.0 - share) * deviation * deviation
 
 
 def spread_from_squares(average: float, sq_average: float, samples: int, factor: float) -> float:

@@ -120,6 +120,7 @@ from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, lo
 from alsals.line_search import (
     BUFFERS_WARNING,
     DISCONNECTED_WARNING,
+    DROPPED_GRADIENTS_WARNING,
     NO_BACKWARD_WARNING,
     OVERSTATED_WARNING,
     SCHEDULE_WARNING,
@@ -682,6 +683,7 @@ class ALSALS(torch.optim.Optimizer):
         self._left_grads: LeftGradients | None = None
         self._grad_norm = math.nan
         self._warned: set[str] = set()
+        self._dropped_looked = False  # looked once for gradients a closure() dropped
         self._disconnected_steps = 0
         self._written_lr_steps = 0  # steps in a row that found lr written
         self._lr_cuts = 0  # writes that lowered lr, over the run
@@ -864,6 +866,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_dropped_looked", False)
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_lr_cuts", 0)
@@ -939,6 +942,7 @@ class ALSALS(torch.optim.Optimizer):
             self._buffers,
             runs_backward=closure_runs_backward,
             left=self._left_grads,
+            watch_dropped=not self._dropped_looked,
         )
         search = self._stored_search_state()
         before = search.step_size
@@ -1107,6 +1111,12 @@ class ALSALS(torch.optim.Optimizer):
             )
         if info.kind == "zero_grad" and evaluator.backward_forgotten:
             self._warn_once("no_backward", NO_BACKWARD_WARNING.format(name="ALSALS"))
+        if evaluator.dropped_gradients is not None:  # (one look: a loop zeroing in place
+            self._dropped_looked = True  # stays quiet after it, at no cost per step)
+            if evaluator.dropped_gradients:
+                self._warn_once(
+                    "dropped_gradients", DROPPED_GRADIENTS_WARNING.format(name="ALSALS")
+                )
         disconnected = info.kind == "zero_grad" and evaluator.disconnected
         self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
         if self._disconnected_steps >= STALL_WARNING_STEPS:

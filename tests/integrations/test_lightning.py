@@ -212,6 +212,35 @@ def test_automatic_optimization_without_the_callback_takes_the_manual_steps(tmp_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+class DefaultsModule(Module):
+    def configure_optimizers(self):
+        return self.optimizer_cls(self.parameters(), buffers=self.buffers())
+
+
+@pytest.mark.parametrize("optimizer_cls", [MomentumALSALS, ALSALS])
+def test_accumulation_under_automatic_optimization_is_warned_about(tmp_path, optimizer_cls):
+    """Without the callback, ``accumulate_grad_batches`` runs the first micro-batch's
+    backward outside ``step()``, and Lightning's closure computes the step's gradient from
+    the last one alone: the optimizer says once that it dropped the others."""
+    pl.seed_everything(0)
+    fit = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(DefaultsModule(optimizer_cls, automatic=True), DataLoader(data(), batch_size=32))
+    dropped = [w for w in caught if "held gradients written since the last step" in str(w.message)]
+    assert fit.global_step == 256 // 64 and len(dropped) == 1
+
+
 def test_fp16_mixed_is_refused_with_the_fix(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 
