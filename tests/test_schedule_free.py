@@ -1382,10 +1382,12 @@ def test_the_first_search_looks_upwards_from_a_start_that_passes_at_once(floor):
     value so small that the loss does not move (1e-12) passes at once, or says nothing, and
     the run used to keep it (growing 10% per search: 1e-5 needed about 400 steps to reach
     the step size the default start finds). The first search now looks upwards by
-    ``EXPANSION`` per trial until a trial fails, so its step size is within that factor of
-    the one a start from above finds; the step it takes still passes the Armijo test. A
-    warm-up ramp stays a ceiling."""
-    from alsals.schedule_free import EXPANSION
+    ``EXPANSION`` per trial until a trial fails, then narrows the bracket between the last
+    trial that passed and the first that failed to ``EXPANDED_BRACKET`` (a start 1000x too
+    low kept a step size 4x below the limit for hundreds of steps), so its step size is
+    within that factor of the one a start from above finds; the step it takes still passes
+    the Armijo test. A warm-up ramp stays a ceiling."""
+    from alsals.schedule_free import EXPANDED_BRACKET, EXPANSION
 
     x, y = logistic_problem(0)
     idx = batches(x, y, 1)[0]
@@ -1403,11 +1405,42 @@ def test_the_first_search_looks_upwards_from_a_start_that_passes_at_once(floor):
         opt, before = first_step(lr=lr)
         info = opt.last_step
         assert info.kind == "search"
-        assert info.step_size > reference.last_step.step_size / EXPANSION
-        assert info.trials >= math.log10(info.step_size / lr) and info.loss_decrease > 0.0
+        assert info.step_size > reference.last_step.step_size / EXPANDED_BRACKET
+        assert info.trials >= math.log(info.step_size / lr, EXPANSION)
+        assert info.loss_decrease > 0.0
         assert opt.search_state.step_size == info.step_size
     warm, _ = first_step(lr=1e-6, warmup_steps=5)
     assert warm.last_step.step_size <= 1e-6 / 5
+
+
+def test_a_first_search_from_far_below_narrows_its_bracket():
+    """A loss that rises by 1 beyond a wall at 80 times the first trial's distance from
+    ``y`` (a slice no quadratic fits: the interpolated trial after the failure lands near
+    the last pass): from ``lr`` the expansions pass at ``lr`` and ``10 lr`` and fail at
+    ``100 lr``; the bracket narrows to ``EXPANDED_BRACKET``, so the step size ends within
+    it of the wall (it kept ``10 lr``, 8x below, for the growth of the searches after it to
+    make up)."""
+    from alsals.schedule_free import EXPANDED_BRACKET
+
+    a, b, _ = float64_regression()
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=1e-6)
+    y = w.detach().clone()
+    unit: list[float] = []
+
+    def closure():
+        loss = 0.5 * ((a @ w - b) ** 2).mean()
+        distance = float((w.detach() - y).norm())
+        if torch.is_grad_enabled() or distance == 0.0:  # (the replay check at y)
+            return loss
+        unit.append(unit[0] if unit else distance)
+        return loss + 1.0 if distance > 80 * unit[0] else loss
+
+    opt.step(closure)
+    assert opt.last_step.kind == "search"
+    wall = 80e-6
+    assert wall / EXPANDED_BRACKET <= opt.param_groups[0]["lr"] < wall
+    assert opt.last_step.trials <= 3 + 3  # (three expansions, then at most three more)
 
 
 def test_step_without_a_closure_says_what_to_pass():

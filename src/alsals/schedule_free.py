@@ -198,6 +198,11 @@ LEAD_TEST_LEVEL = 0.05
 #: factor per trial: the mirror of the interpolated backtracking's largest cut per trial
 #: (``INTERPOLATION_FLOOR``).
 EXPANSION = 1.0 / INTERPOLATION_FLOOR
+#: Where that expansion fails, the bracket between the largest trial that passed and the
+#: smallest that failed narrows until it is no wider than this: a start far below the
+#: batch's limit costs a few trials at the first step (two from ``EXPANSION``'s 10x), not
+#: the hundreds of steps that growth by 10% per search takes to cover what is left.
+EXPANDED_BRACKET = 2.0
 #: No step size above this: its square (the averaging weight) must stay finite in float64,
 #: and no model's weights move usefully by more.
 MAX_STEP_SIZE = 1e100
@@ -1527,15 +1532,22 @@ class ALSALS(torch.optim.Optimizer):
                     "search", gamma, evaluations, sets, loss0 - value, linear=linear
                 )
             if passed is not None:
-                # the trial above the largest expansion that passed failed: one trial in
-                # between, where the quadratic fitted to the failure puts it, else that one
+                # the trial above the largest expansion that passed failed: the bracket
+                # narrows to EXPANDED_BRACKET, first where the quadratic fitted to the
+                # failure puts the trial, then at its geometric middle; the largest that
+                # passed is taken
+                failed = gamma
                 between = self._next_trial(gamma, loss0 - value, promised)
-                room = evaluations < h["max_trials"]
-                if room and math.isfinite(value) and passed[0] < between < gamma:
+                if not (math.isfinite(value) and passed[0] < between < failed):
+                    between = math.sqrt(passed[0] * failed)
+                while failed > EXPANDED_BRACKET * passed[0] and evaluations < h["max_trials"]:
                     evaluations += 1
                     ok, value = passes(between)
                     if ok:
-                        return SearchResult("search", between, evaluations, True, loss0 - value)
+                        passed = (between, loss0 - value)
+                    else:
+                        failed = between
+                    between = math.sqrt(passed[0] * failed)
                 return SearchResult("search", passed[0], evaluations, True, passed[1])
             if len(values) >= UNCHANGED_EVALUATIONS and all(same(v) for v in values):
                 # every move gave exactly the starting loss: the closure's loss does not
