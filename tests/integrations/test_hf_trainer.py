@@ -449,6 +449,32 @@ def test_trials_leave_integer_buffers_alone(tmp_path):
     assert not [w for w in caught if "updated its buffers" in str(w.message)]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({}, None),
+        ({"learning_rate": 2e-5}, "learning_rate"),
+        ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type"),
+        ({"warmup_steps": 2}, "warmup_steps"),
+        ({"learning_rate": 5e-5, "lr_scheduler_type": "linear"}, None),  # (the defaults)
+    ],
+)
+def test_schedule_arguments_that_do_not_apply_are_named_in_a_warning(tmp_path, overrides, named):
+    """``learning_rate``, ``lr_scheduler_type`` and ``warmup_steps`` set to other than their
+    defaults would silently do nothing: the trainer names each in one warning, and says
+    nothing where they are left at their defaults."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LineSearchTrainer(
+            model=_BatchNormNet(),
+            args=make_args(tmp_path, **overrides),
+            train_dataset=[{"x": torch.randn(10), "labels": torch.tensor(0)}],
+        )
+    ignored = [str(w.message) for w in caught if "ignores TrainingArguments" in str(w.message)]
+    assert len(ignored) == (named is not None)
+    assert named is None or f"TrainingArguments.{named}:" in ignored[0]
+
+
 def test_constant_integer_buffers_raise_no_buffer_warning(tmp_path):
     """BERT's ``position_ids`` and ``token_type_ids`` are constant integer buffers: they are
     protected like the others, so no trial reports unprotected buffers."""

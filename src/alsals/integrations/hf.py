@@ -77,6 +77,23 @@ except ImportError as error:
 __all__ = ["FollowStepSize", "LineSearchTrainer", "LineSearchTrainerMixin"]
 
 
+def _schedule_arguments_set(args: Any) -> list[str]:
+    """The ``TrainingArguments`` of the learning-rate schedule that are set to other than
+    their defaults, which the line search replaces (each would silently do nothing)."""
+    fields = getattr(type(args), "__dataclass_fields__", {})
+    names = []
+    for name in ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio"):
+        field = fields.get(name)
+        if field is None or not hasattr(args, name):
+            continue
+        value, default = getattr(args, name), field.default
+        if name == "lr_scheduler_type":  # (an enum once parsed, a string as declared)
+            value, default = getattr(value, "value", value), getattr(default, "value", default)
+        if bool(value) if name.startswith("warmup") else value != default:  # (warm-up: any)
+            names.append(name)
+    return names
+
+
 class FollowStepSize(torch.optim.lr_scheduler.LRScheduler):
     """A learning-rate "scheduler" that leaves the lr to the line search and reports it.
 
@@ -149,11 +166,13 @@ class LineSearchTrainerMixin:
                 "LineSearchTrainer does not support DeepSpeed: DeepSpeed's engine runs the "
                 "optimizer step itself, without the closure a line search needs"
             )
-        if getattr(args_, "warmup_steps", 0) or getattr(args_, "warmup_ratio", 0):
+        ignored = _schedule_arguments_set(args_)
+        if ignored:
             warnings.warn(
-                "LineSearchTrainer ignores TrainingArguments.warmup_steps/warmup_ratio (and "
-                "learning_rate, lr_scheduler_type): the line search sets the step size. Use "
-                "the optimizer's warmup_steps=... in optimizer_cls_and_kwargs instead.",
+                f"LineSearchTrainer ignores TrainingArguments.{', '.join(ignored)}: the line "
+                "search sets the step size (the first search starts from the optimizer's lr "
+                "and looks upwards or down from it). Pass lr=... and warmup_steps=... to the "
+                "optimizer (optimizer_cls_and_kwargs) instead.",
                 UserWarning,
                 stacklevel=2,
             )
