@@ -553,9 +553,23 @@ def test_sparse_gradients_raise_a_clear_error(optimizer_class):
         opt.step(lambda: emb(torch.tensor([1, 2])).sum())
 
 
-def test_complex_parameters_are_rejected(optimizer_class):
-    with pytest.raises(ValueError, match="complex"):
-        optimizer_class([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_complex_parameters_are_rejected_with_the_way_that_works(cls):
+    """A complex parameter is refused, with the fix: hold it as real (real, imaginary) pairs
+    and view it as complex where the model uses it, which trains."""
+    with pytest.raises(ValueError, match="complex parameters.*view_as_complex"):
+        cls([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
+    pairs = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1 + 2j, -1j, 0.5], dtype=torch.complex128)
+    opt = cls([pairs])
+
+    def loss():
+        return (torch.view_as_complex(pairs) - target).abs().pow(2).sum()
+
+    first = float(loss())
+    for _ in range(20):
+        opt.step(loss)
+    assert float(loss()) < 0.5 * first
 
 
 def test_parameters_without_gradient_are_left_alone(optimizer_class):

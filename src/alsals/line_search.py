@@ -191,6 +191,11 @@ NO_BACKWARD_WARNING = (
     "optimizer); if it does, the loss does not depend on this optimizer's parameters (build "
     "the optimizer from the parameters of the model the closure runs)"
 )
+COMPLEX_PARAMETERS = (
+    "complex parameters are not supported (the Armijo test and Adam's moments are defined for "
+    "real weights): hold each as a real tensor of (real, imaginary) pairs and view it as "
+    "complex where the model uses it (torch.view_as_complex)"
+)
 DROPPED_GRADIENTS_WARNING = (
     "{name}: .grad held gradients written since the last step (a backward pass outside "
     "step(), or a trainer's gradient accumulation before it) and were dropped: a closure() "
@@ -794,7 +799,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         try:
             check_group(group)
             if any(torch.is_complex(p) for p in group["params"]):
-                raise ValueError("complex parameters are not supported")
+                raise ValueError(COMPLEX_PARAMETERS)
             _check_one_beta1(self.defaults.get("loss_floor"), group, self.param_groups[0])
         except (TypeError, ValueError):
             self.param_groups.pop()

@@ -119,6 +119,7 @@ from alsals.distributed import (
 from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
 from alsals.line_search import (
     BUFFERS_WARNING,
+    COMPLEX_PARAMETERS,
     DISCONNECTED_WARNING,
     DROPPED_GRADIENTS_WARNING,
     NO_BACKWARD_WARNING,
@@ -767,7 +768,7 @@ class ALSALS(torch.optim.Optimizer):
             group = self.param_groups[-1]
             if any(torch.is_complex(p) for p in group["params"]):
                 self.param_groups.pop()
-                raise ValueError("complex parameters are not supported")
+                raise ValueError(COMPLEX_PARAMETERS)
         finally:
             if held:
                 self.train()
