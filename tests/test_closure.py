@@ -876,7 +876,7 @@ def test_buffers_replaced_by_a_conversion_after_building_the_optimizer_are_named
 
 # -- gradients written outside step() that a closure() drops -------------------------------
 
-DROPPED = "held gradients written since the last step"
+DROPPED = "held gradients computed since the last step"
 
 
 def _dropped_warnings(caught) -> int:
@@ -886,24 +886,31 @@ def _dropped_warnings(caught) -> int:
 @pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
 def test_a_backward_pass_outside_step_that_a_closure_drops_is_warned_about_once(cls):
     """A ``closure()`` gets the step's gradient from its own loss alone: gradients a backward
-    pass wrote before ``step()`` (a micro-batch accumulated outside, a trainer's
-    accumulation) are dropped, which the optimizer says once, from its second step on."""
+    pass computed before ``step()`` (a micro-batch accumulated outside after ``zero_grad()``,
+    a trainer's accumulation) are dropped, which the optimizer says once, from its second
+    step on; tiny ones too (the norm of gradients of 1e-30 underflows to 0 in float32)."""
     model, opt, x, y = make_setup(cls, lr=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step(bce_closure(model, x[:16], y[:16]))
         for _ in range(3):
-            nn.functional.binary_cross_entropy_with_logits(model(x[:16]), y[:16]).backward()
+            opt.zero_grad()
+            (
+                1e-30 * nn.functional.binary_cross_entropy_with_logits(model(x[:16]), y[:16])
+            ).backward()
             opt.step(bce_closure(model, x[16:], y[16:]))
     assert _dropped_warnings(caught) == 1
 
 
 @pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS])
-@pytest.mark.parametrize("before_step", ["none", "zeros", "closure_backward", "first_step"])
+@pytest.mark.parametrize(
+    "before_step", ["none", "zeros", "clipped", "closure_backward", "first_step"]
+)
 def test_nothing_dropped_is_not_warned_about(cls, before_step):
     """No warning where nothing is lost: gradients set to ``None`` or to zeros before
-    ``step()``, micro-batches accumulated outside a ``closure(backward)`` (which keeps them),
-    and an optimizer's first step, whose ``.grad`` may hold what an earlier loop left."""
+    ``step()``, the step's own gradients clipped in place after it, micro-batches
+    accumulated outside a ``closure(backward)`` (which keeps them), and an optimizer's first
+    step, whose ``.grad`` may hold what an earlier loop left."""
     model, opt, x, y = make_setup(cls, lr=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -918,6 +925,8 @@ def test_nothing_dropped_is_not_warned_about(cls, before_step):
             elif before_step == "zeros":
                 loss.backward()
                 opt.zero_grad(set_to_none=False)
+            elif before_step == "clipped":
+                nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
             elif before_step == "closure_backward":
                 loss.backward()
 
@@ -931,3 +940,36 @@ def test_nothing_dropped_is_not_warned_about(cls, before_step):
                 continue
             opt.step(bce_closure(model, x[16:], y[16:]))
     assert _dropped_warnings(caught) == 0
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS])
+def test_two_optimizers_over_one_model_do_not_warn_about_each_others_gradients(cls):
+    """Two optimizers on disjoint parameters, each closure running the whole model
+    (alternating optimisation, a GAN's two players): each one's backward pass adds to the
+    other's gradients, which the other drops as it should, without a warning."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    params = list(model.parameters())
+    first, second = cls(params[:2], lr=1.0), cls(params[2:], lr=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            first.step(bce_closure(model, x, y))
+            second.step(bce_closure(model, x, y))
+    assert _dropped_warnings(caught) == 0
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS])
+def test_dropped_gradients_far_below_a_norm_s_range_are_seen(cls):
+    """Float64 gradients of 1e-50 are dropped all the same: their norm, in float32, would
+    be 0 and the drop unseen."""
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = cls([w])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            (1e-50 * (w**2).sum()).backward()
+            opt.step(lambda: (w**2).sum())
+    assert _dropped_warnings(caught) == 1

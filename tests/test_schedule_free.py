@@ -1413,34 +1413,47 @@ def test_the_first_search_looks_upwards_from_a_start_that_passes_at_once(floor):
     assert warm.last_step.step_size <= 1e-6 / 5
 
 
-def test_a_first_search_from_far_below_narrows_its_bracket():
-    """A loss that rises by 1 beyond a wall at 80 times the first trial's distance from
-    ``y`` (a slice no quadratic fits: the interpolated trial after the failure lands near
-    the last pass): from ``lr`` the expansions pass at ``lr`` and ``10 lr`` and fail at
-    ``100 lr``; the bracket narrows to ``EXPANDED_BRACKET``, so the step size ends within
-    it of the wall (it kept ``10 lr``, 8x below, for the growth of the searches after it to
-    make up)."""
+@pytest.mark.parametrize(
+    ("lr", "wall", "scale"),
+    [(1e-6, 80.0, 1.0), (1e-6, 50.0, 1.0), (1e-6, 30.0, 1.0), (1e-164, 80.0, 1e150)],
+    ids=["wall-80", "wall-50", "wall-30", "tiny-lr"],
+)
+def test_a_first_search_from_far_below_narrows_its_bracket(lr, wall, scale):
+    """A loss that rises by 1 beyond a wall at ``wall`` times the first trial's distance
+    from ``y`` (a slice no quadratic fits: the interpolated trial after the failure lands
+    near the last pass): from ``lr`` the expansions pass at ``lr`` and ``10 lr`` and fail at
+    ``100 lr``; the bracket narrows to ``EXPANDED_BRACKET``, so the step size ends within it
+    of the wall (it kept ``10 lr``, 8x below, for the growth of the searches after it to
+    make up), with the decrease of the trial it took. Step sizes near 1e-164, whose product
+    underflows, narrow by the same geometric middles (a linear loss of slope 1e150, which
+    such steps move)."""
     from alsals.schedule_free import EXPANDED_BRACKET
 
     a, b, _ = float64_regression()
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w], lr=1e-6)
+    opt = ALSALS([w], lr=lr, loss_floor=None)
     y = w.detach().clone()
     unit: list[float] = []
+    below: list[tuple[float, float]] = []  # (distance, loss) of the trials short of the wall
 
     def closure():
-        loss = 0.5 * ((a @ w - b) ** 2).mean()
-        distance = float((w.detach() - y).norm())
+        loss = 0.5 * ((a @ w - b) ** 2).mean() if scale == 1.0 else -(w * scale).sum()
+        distance = float((w.detach() - y).abs().max())  # (no square to underflow)
         if torch.is_grad_enabled() or distance == 0.0:  # (the replay check at y)
             return loss
         unit.append(unit[0] if unit else distance)
-        return loss + 1.0 if distance > 80 * unit[0] else loss
+        if distance > wall * unit[0]:
+            return loss + 1.0
+        below.append((distance, float(loss)))
+        return loss
 
-    opt.step(closure)
-    assert opt.last_step.kind == "search"
-    wall = 80e-6
-    assert wall / EXPANDED_BRACKET <= opt.param_groups[0]["lr"] < wall
-    assert opt.last_step.trials <= 3 + 3  # (three expansions, then at most three more)
+    loss0 = float(opt.step(closure))
+    info = opt.last_step
+    assert info.kind == "search"
+    # the decrease reported is that of the trial taken, the farthest short of the wall
+    assert info.loss_decrease == pytest.approx(loss0 - max(below)[1], rel=1e-9)
+    assert wall * lr / EXPANDED_BRACKET <= opt.param_groups[0]["lr"] < wall * lr
+    assert info.trials <= 3 + 3  # (three expansions, then at most three more)
 
 
 def test_step_without_a_closure_says_what_to_pass():

@@ -199,15 +199,18 @@ class LeftGradients:
         for p in params:
             self._marks[id(p)] = None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
 
-    def written(self, params: Sequence[Tensor]) -> list[Tensor]:
-        """The gradients of ``params`` written since they were marked: accumulated into,
-        replaced, or new (``None`` then, or for a parameter marked since: not written)."""
+    def created(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The gradients of ``params`` that are new tensors since they were marked: a
+        backward pass after the gradients were set to ``None`` (``zero_grad()``), which is
+        how a training loop or a trainer accumulates micro-batches. Not those changed in
+        place (clipped after the step, or accumulated into by another optimizer's backward
+        pass over the whole model), which say nothing about what a user meant to add."""
         found = []
         for p in params:
             if p.grad is None:
                 continue
             mark = self._marks.get(id(p))
-            if mark is None or mark[0]() is not p.grad or p.grad._version != mark[1]:
+            if mark is None or mark[0]() is not p.grad:
                 found.append(p.grad)
         return found
 
@@ -232,11 +235,10 @@ def _any_nonzero(grads: Sequence[Tensor]) -> bool:
     """Whether any of the gradients holds a value other than 0 (a NaN counts): one
     synchronisation over all of them."""
     present = [local_shard(g) for g in grads]
-    if any(g.is_sparse for g in present):  # (the optimizer refuses them: no norm here)
+    if any(g.is_sparse for g in present):  # (the optimizer refuses them: no look here)
         return True
-    norms = torch._foreach_norm(present)
-    device = norms[0].device
-    return bool(torch.stack([n.to(device, torch.float32) for n in norms]).ne(0).any())
+    device = present[0].device  # (a norm would underflow to 0 for tiny gradients)
+    return bool(torch.stack([g.ne(0).any().to(device) for g in present]).any())
 
 
 class RandomState:
@@ -410,7 +412,7 @@ class ClosureEvaluator:
         self.runs_backward_itself = self.closure.takes_backward
         self.left = left
         self.own_grads_only = own_grads_only
-        # whether to look for nonzero gradients written since the last step that a closure()
+        # whether to look for nonzero gradients computed since the last step that a closure()
         # drops (one synchronisation where there are any): ``dropped_gradients`` says what
         # the look found, ``None`` where it did not look (nothing written, or not watching)
         self.watch_dropped = watch_dropped
@@ -455,12 +457,13 @@ class ClosureEvaluator:
         dropped = not self.runs_backward_itself or self.closure.by_grad_mode
         untouched = self.left is not None and self.left.untouched(self.params)
         # a closure() (or one declared to run backward) computes the step's gradient from
-        # its own loss alone: gradients written since the last step (a backward pass outside
-        # step(), Lightning's accumulation) are dropped, which the optimizer says once (not
-        # at its first step, whose .grad may hold what an earlier optimizer or loop left)
+        # its own loss alone: gradients computed since the last step (a backward pass outside
+        # step() after zero_grad(), Lightning's accumulation) are dropped, which the optimizer
+        # says once (not at its first step, whose .grad may hold what an earlier optimizer or
+        # loop left)
         if self.watch_dropped and dropped and self.left is not None and not untouched:
-            written = self.left.written(self.params)
-            self.dropped_gradients = _any_nonzero(written) if written else None
+            created = self.left.created(self.params)
+            self.dropped_gradients = _any_nonzero(created) if created else None
         dropped = dropped or untouched
         # gradients the closure adds to (accumulated outside it): remembered, so that an
         # exception can tell them from this attempt's (not on the plain closure's path)

@@ -197,7 +197,7 @@ COMPLEX_PARAMETERS = (
     "complex where the model uses it (torch.view_as_complex)"
 )
 DROPPED_GRADIENTS_WARNING = (
-    "{name}: .grad held gradients written since the last step (a backward pass outside "
+    "{name}: .grad held gradients computed since the last step (a backward pass outside "
     "step(), or a trainer's gradient accumulation before it) and were dropped: a closure() "
     "that returns the loss gets the step's gradient from that loss alone. To accumulate "
     "micro-batches, run them inside a closure(backward) (README, 'The closure'); in Lightning, "

@@ -201,7 +201,8 @@ LEAD_TEST_LEVEL = 0.05
 EXPANSION = 1.0 / INTERPOLATION_FLOOR
 #: Where that expansion fails, the bracket between the largest trial that passed and the
 #: smallest that failed narrows until it is no wider than this: a start far below the
-#: batch's limit costs a few trials at the first step (two from ``EXPANSION``'s 10x), not
+#: batch's limit costs a few trials at the first step (two or three from ``EXPANSION``'s
+#: 10x: the interpolated trial, then geometric middles), not
 #: the hundreds of steps that growth by 10% per search takes to cover what is left.
 EXPANDED_BRACKET = 2.0
 #: No step size above this: its square (the averaging weight) must stay finite in float64,
@@ -1540,7 +1541,7 @@ class ALSALS(torch.optim.Optimizer):
                 failed = gamma
                 between = self._next_trial(gamma, loss0 - value, promised)
                 if not (math.isfinite(value) and passed[0] < between < failed):
-                    between = math.sqrt(passed[0] * failed)
+                    between = math.sqrt(passed[0]) * math.sqrt(failed)
                 while failed > EXPANDED_BRACKET * passed[0] and evaluations < h["max_trials"]:
                     evaluations += 1
                     ok, value = passes(between)
@@ -1548,7 +1549,7 @@ class ALSALS(torch.optim.Optimizer):
                         passed = (between, loss0 - value)
                     else:
                         failed = between
-                    between = math.sqrt(passed[0] * failed)
+                    between = math.sqrt(passed[0]) * math.sqrt(failed)
                 return SearchResult("search", passed[0], evaluations, True, passed[1])
             if len(values) >= UNCHANGED_EVALUATIONS and all(same(v) for v in values):
                 # every move gave exactly the starting loss: the closure's loss does not

@@ -456,6 +456,7 @@ def test_trials_leave_integer_buffers_alone(tmp_path):
         ({"learning_rate": 2e-5}, "learning_rate"),
         ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type"),
         ({"warmup_steps": 2}, "warmup_steps"),
+        ({"lr_scheduler_kwargs": {"num_cycles": 2}}, "lr_scheduler_kwargs"),
         ({"learning_rate": 5e-5, "lr_scheduler_type": "linear"}, None),  # (the defaults)
     ],
 )

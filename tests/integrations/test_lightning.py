@@ -237,7 +237,7 @@ def test_accumulation_under_automatic_optimization_is_warned_about(tmp_path, opt
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit.fit(DefaultsModule(optimizer_cls, automatic=True), DataLoader(data(), batch_size=32))
-    dropped = [w for w in caught if "held gradients written since the last step" in str(w.message)]
+    dropped = [w for w in caught if "held gradients computed since the last step" in str(w.message)]
     assert fit.global_step == 256 // 64 and len(dropped) == 1
 
 

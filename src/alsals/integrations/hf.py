@@ -82,14 +82,24 @@ def _schedule_arguments_set(args: Any) -> list[str]:
     their defaults, which the line search replaces (each would silently do nothing)."""
     fields = getattr(type(args), "__dataclass_fields__", {})
     names = []
-    for name in ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio"):
+    for name in (
+        "learning_rate",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_steps",
+        "warmup_ratio",
+    ):
         field = fields.get(name)
         if field is None or not hasattr(args, name):
             continue
         value, default = getattr(args, name), field.default
         if name == "lr_scheduler_type":  # (an enum once parsed, a string as declared)
             value, default = getattr(value, "value", value), getattr(default, "value", default)
-        if bool(value) if name.startswith("warmup") else value != default:  # (warm-up: any)
+        if name.startswith("warmup") or name.endswith("kwargs"):
+            changed = bool(value)  # (any value set at all)
+        else:
+            changed = value != default
+        if changed:
             names.append(name)
     return names
 
