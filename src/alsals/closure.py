@@ -461,7 +461,9 @@ class ClosureEvaluator:
         # step() after zero_grad(), Lightning's accumulation) are dropped, which the optimizer
         # says once (not at its first step, whose .grad may hold what an earlier optimizer or
         # loop left)
-        if self.watch_dropped and dropped and self.left is not None and not untouched:
+        # (a wrapper that sets them to None itself says so: step_with_scaler's)
+        drops = dropped or getattr(self.closure.closure, "drops_gradients", False)
+        if self.watch_dropped and drops and self.left is not None and not untouched:
             created = self.left.created(self.params)
             self.dropped_gradients = _any_nonzero(created) if created else None
         dropped = dropped or untouched

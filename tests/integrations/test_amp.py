@@ -421,3 +421,32 @@ def test_an_lbfgs_style_closure_through_the_scaler_is_a_clear_error(cls):
 
     with pytest.raises(RuntimeError, match="ran backward itself"):
         step_with_scaler(optimizer, closure, torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS], ids=lambda c: c.__name__)
+def test_gradients_computed_outside_a_scaled_closure_step_are_warned_about(cls):
+    """``step_with_scaler`` runs a ``closure()`` after setting the gradients to ``None`` (the
+    scaler's backward of its loss is the step's gradient): a backward pass outside the step
+    is dropped there too, and the optimizer says so once; a ``closure(backward)``, which
+    adds to what it finds, keeps it and says nothing."""
+    for takes_backward in (False, True):
+        model, x, y = make_problem(dropout=0.0)
+        optimizer = cls(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+        def closure(backward, model=model, x=x, y=y, scaler=scaler):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x[32:]), y[32:])
+            if backward:
+                scaler.scale(loss).backward()
+            return loss
+
+        step = closure if takes_backward else fp16_loss(model, x[32:], y[32:])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                optimizer.zero_grad()
+                scaler.scale(nn.functional.cross_entropy(model(x[:32]), y[:32])).backward()
+                step_with_scaler(optimizer, step, scaler)
+        dropped = [w for w in caught if "computed since the last step" in str(w.message)]
+        assert len(dropped) == (0 if takes_backward else 1)

@@ -180,6 +180,10 @@ class _ScaledClosure:
         self.optimizer, self.scaler = optimizer, scaler
         self.form = ClosureForm(closure)
         self.unscaled = False
+        # a closure() is run after the gradients are set to None (the scaler's backward is
+        # its gradient alone): the optimizer looks for gradients computed outside the step,
+        # which that drops, as it does for a closure() given to step() itself
+        self.drops_gradients = not self.form.takes_backward
 
     def __call__(self, backward: bool) -> Tensor:
         if backward:
