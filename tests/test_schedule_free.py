@@ -1456,6 +1456,41 @@ def test_a_first_search_from_far_below_narrows_its_bracket(lr, wall, scale):
     assert info.trials <= 3 + 3  # (three expansions, then at most three more)
 
 
+def test_a_resumed_search_narrows_its_bracket_as_the_first_does():
+    """A search whose trials all failed (twenty allowed here) resumes at the next step below
+    its last trial and looks upwards from there, never above the step size it started
+    from: where an expansion fails (a wall at 0.05 in step size), the bracket narrows to
+    ``EXPANDED_BRACKET`` as at a run's first search."""
+    from alsals.schedule_free import EXPANDED_BRACKET
+
+    a, b, _ = float64_regression()
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=1.0, max_trials=20, loss_floor=None)
+    y = w.detach().clone()
+
+    def every_trial_fails():
+        loss = 0.5 * ((a @ w - b) ** 2).mean()
+        return loss if torch.is_grad_enabled() else loss + 1.0
+
+    opt.step(every_trial_fails)
+    resume = opt.search_state.resume
+    assert opt.last_step.kind == "exhausted" and 0.0 < resume < 0.05 / 10
+    opt.param_groups[0]["max_trials"] = 100
+    unit: list[float] = []
+
+    def wall():
+        loss = 0.5 * ((a @ w - b) ** 2).mean()
+        distance = float((w.detach() - y).abs().max())
+        if torch.is_grad_enabled() or distance == 0.0:
+            return loss
+        unit.append(unit[0] if unit else distance)
+        return loss + 1.0 if distance > 0.05 / resume * unit[0] else loss
+
+    opt.step(wall)
+    assert opt.last_step.kind == "search"
+    assert 0.05 / EXPANDED_BRACKET <= opt.param_groups[0]["lr"] < 0.05
+
+
 def test_step_without_a_closure_says_what_to_pass():
     opt = ALSALS(make_model().parameters())
     with pytest.raises(TypeError, match=r"needs a closure: call optimizer.step\(closure\)"):
