@@ -1456,6 +1456,28 @@ def test_a_first_search_from_far_below_narrows_its_bracket(lr, wall, scale):
     assert info.trials <= 3 + 3  # (three expansions, then at most three more)
 
 
+def test_max_trials_ends_the_narrowing_at_the_largest_trial_that_passed():
+    """With room for one trial after the failed expansion (``max_trials=4``), the search
+    makes exactly that one and takes the largest trial that passed."""
+    a, b, _ = float64_regression()
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=1e-6, max_trials=4)
+    y = w.detach().clone()
+    unit: list[float] = []
+
+    def closure():
+        loss = 0.5 * ((a @ w - b) ** 2).mean()
+        distance = float((w.detach() - y).abs().max())
+        if torch.is_grad_enabled() or distance == 0.0:
+            return loss
+        unit.append(unit[0] if unit else distance)
+        return loss + 1.0 if distance > 80 * unit[0] else loss
+
+    opt.step(closure)
+    assert opt.last_step.kind == "search" and opt.last_step.trials == 4
+    assert 1e-5 <= opt.param_groups[0]["lr"] < 80e-6
+
+
 def test_a_resumed_search_narrows_its_bracket_as_the_first_does():
     """A search whose trials all failed (twenty allowed here) resumes at the next step below
     its last trial and looks upwards from there, never above the step size it started
