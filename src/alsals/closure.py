@@ -414,7 +414,7 @@ class ClosureEvaluator:
         self.own_grads_only = own_grads_only
         # whether to look for nonzero gradients computed since the last step that a closure()
         # drops (one synchronisation where there are any): ``dropped_gradients`` says what
-        # the look found, ``None`` where it did not look (nothing written, or not watching)
+        # the look found, ``None`` where it did not look (none created, or not watching)
         self.watch_dropped = watch_dropped
         self.dropped_gradients: bool | None = None
         buffers = _not_the_weights(buffers, self.params)
@@ -460,8 +460,7 @@ class ClosureEvaluator:
         # its own loss alone: gradients computed since the last step (a backward pass outside
         # step() after zero_grad(), Lightning's accumulation) are dropped, which the optimizer
         # says once (not at its first step, whose .grad may hold what an earlier optimizer or
-        # loop left)
-        # (a wrapper that sets them to None itself says so: step_with_scaler's)
+        # loop left; a wrapper that sets them to None itself says so: step_with_scaler's)
         drops = dropped or getattr(self.closure.closure, "drops_gradients", False)
         if self.watch_dropped and drops and self.left is not None and not untouched:
             created = self.left.created(self.params)
