@@ -476,6 +476,32 @@ def test_schedule_arguments_that_do_not_apply_are_named_in_a_warning(tmp_path, o
     assert named is None or f"TrainingArguments.{named}:" in ignored[0]
 
 
+def test_a_scheduler_the_user_passes_draws_one_warning_not_torchs(tmp_path):
+    """A scheduler built before the trainer replaced ``optimizer.step`` (one the user passes
+    in ``optimizers=``) draws the trainer's warning that it overrides the search, and not
+    torch's that ``step`` was overridden after the scheduler was built: the replacement
+    keeps the schedulers' contract. The run trains."""
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(10), "labels": torch.tensor(i % 2)} for i in range(32)]
+    model = _BatchNormNet()
+    optimizer = ALSALS(model.parameters(), buffers=model.buffers())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = LineSearchTrainer(
+            model=model,
+            args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=3),
+            train_dataset=data,
+            optimizers=(optimizer, scheduler),
+        )
+        trainer.train()
+    messages = [str(w.message) for w in caught]
+    assert trainer.state.global_step == 3 and optimizer.last_step.kind != "zero_lr"
+    assert sum("LineSearchTrainer got a LambdaLR" in m for m in messages) == 1
+    assert not any("has been overridden after learning rate scheduler" in m for m in messages)
+    assert not any("before `optimizer.step()`" in m for m in messages)
+
+
 def test_constant_integer_buffers_raise_no_buffer_warning(tmp_path):
     """BERT's ``position_ids`` and ``token_type_ids`` are constant integer buffers: they are
     protected like the others, so no trial reports unprotected buffers."""

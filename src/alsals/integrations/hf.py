@@ -54,7 +54,6 @@ model parallelism.
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 import weakref
 from collections.abc import Callable
@@ -128,20 +127,28 @@ class _MicroBatch:
     loss: Tensor
 
 
-def _step_with_trainer_closure(trainer_ref: weakref.ref) -> Callable[..., Tensor]:
-    """An instance-level ``step`` that supplies the Trainer's closure when none is given."""
+def _step_with_trainer_closure(
+    trainer_ref: weakref.ref, optimizer: LineSearchOptimizer | ALSALS
+) -> Callable[..., Tensor]:
+    """An instance-level ``step`` that supplies the Trainer's closure when none is given.
 
-    def step(
-        self: LineSearchOptimizer | ALSALS,
-        closure: Callable[..., Tensor] | None = None,
-    ) -> Tensor:
+    It keeps the contract of torch's learning-rate schedulers, which wrap ``step`` when they
+    are built: it carries their mark and records the call, so that a scheduler built before
+    it (one the user passed; the trainer warns about it) does not add torch's warning that
+    ``step`` was overridden, and ``FollowStepSize``, built after it, does not wrap it again."""
+    optimizer_ref = weakref.ref(optimizer)
+
+    def step(closure: Callable[..., Tensor] | None = None) -> Tensor:
+        driven = optimizer_ref()
         if closure is None:
             trainer = trainer_ref()
             if trainer is None:
                 raise RuntimeError("the LineSearchTrainer that drove this optimizer is gone")
             closure = trainer._line_search_closure()
-        return type(self).step(self, closure)
+        driven._opt_called = True  # type: ignore[union-attr]  # (what the schedulers look for)
+        return type(driven).step(driven, closure)
 
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     return step
 
 
@@ -261,8 +268,8 @@ class LineSearchTrainerMixin:
         self._check_optimizer(self.optimizer)
         self._take_clip(self.optimizer)
         # The Trainer (through accelerate) calls optimizer.step() without a closure.
-        self.optimizer.step = types.MethodType(  # type: ignore[method-assign]
-            _step_with_trainer_closure(weakref.ref(self)), self.optimizer
+        self.optimizer.step = _step_with_trainer_closure(  # type: ignore[method-assign]
+            weakref.ref(self), self.optimizer
         )
         return self.optimizer
 
