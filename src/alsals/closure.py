@@ -455,17 +455,16 @@ class ClosureEvaluator:
         watched = self._weight_norms() if self.before.buffers else None
         held = [p.grad for p in self.params]
         dropped = not self.runs_backward_itself or self.closure.by_grad_mode
-        untouched = self.left is not None and self.left.untouched(self.params)
         # a closure() (or one declared to run backward) computes the step's gradient from
         # its own loss alone: gradients computed since the last step (a backward pass outside
         # step() after zero_grad(), Lightning's accumulation) are dropped, which the optimizer
         # says once (not at its first step, whose .grad may hold what an earlier optimizer or
         # loop left; a wrapper that sets them to None itself says so: step_with_scaler's)
         drops = dropped or getattr(self.closure.closure, "drops_gradients", False)
-        if self.watch_dropped and drops and self.left is not None and not untouched:
+        if self.watch_dropped and drops and self.left is not None:
             created = self.left.created(self.params)
             self.dropped_gradients = _any_nonzero(created) if created else None
-        dropped = dropped or untouched
+        dropped = dropped or (self.left is not None and self.left.untouched(self.params))
         # gradients the closure adds to (accumulated outside it): remembered, so that an
         # exception can tell them from this attempt's (not on the plain closure's path)
         self._grads_found = None if dropped else LeftGradients(self.params)
