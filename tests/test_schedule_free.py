@@ -1413,6 +1413,31 @@ def test_the_first_search_looks_upwards_from_a_start_that_passes_at_once(floor):
     assert warm.last_step.step_size <= 1e-6 / 5
 
 
+def behind_a_wall(w, wall, loss_of):
+    """A closure of ``loss_of(w)`` whose evaluations without gradient rise by 1 where ``w``
+    has moved from where it is now by more than ``wall`` times the first such evaluation's
+    move (max norm: no square to underflow), a slice no quadratic fits; it records the
+    evaluations short of the wall as (distance, loss) in ``closure.below``."""
+    start = w.detach().clone()
+    unit: list[float] = []
+    below: list[tuple[float, float]] = []
+
+    def closure():
+        loss = loss_of(w)
+        distance = float((w.detach() - start).abs().max())
+        if torch.is_grad_enabled() or distance == 0.0:  # (the replay check at the start)
+            return loss
+        if not unit:
+            unit.append(distance)
+        if distance > wall * unit[0]:
+            return loss + 1.0
+        below.append((distance, float(loss)))
+        return loss
+
+    closure.below = below
+    return closure
+
+
 @pytest.mark.parametrize(
     ("lr", "wall", "scale"),
     [(1e-6, 80.0, 1.0), (1e-6, 50.0, 1.0), (1e-6, 30.0, 1.0), (1e-164, 80.0, 1e150)],
@@ -1432,26 +1457,16 @@ def test_a_first_search_from_far_below_narrows_its_bracket(lr, wall, scale):
     a, b, _ = float64_regression()
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
     opt = ALSALS([w], lr=lr, loss_floor=None)
-    y = w.detach().clone()
-    unit: list[float] = []
-    below: list[tuple[float, float]] = []  # (distance, loss) of the trials short of the wall
 
-    def closure():
-        loss = 0.5 * ((a @ w - b) ** 2).mean() if scale == 1.0 else -(w * scale).sum()
-        distance = float((w.detach() - y).abs().max())  # (no square to underflow)
-        if torch.is_grad_enabled() or distance == 0.0:  # (the replay check at y)
-            return loss
-        unit.append(unit[0] if unit else distance)
-        if distance > wall * unit[0]:
-            return loss + 1.0
-        below.append((distance, float(loss)))
-        return loss
+    def loss_of(w):
+        return 0.5 * ((a @ w - b) ** 2).mean() if scale == 1.0 else -(w * scale).sum()
 
+    closure = behind_a_wall(w, wall, loss_of)
     loss0 = float(opt.step(closure))
     info = opt.last_step
     assert info.kind == "search"
     # the decrease reported is that of the trial taken, the farthest short of the wall
-    assert info.loss_decrease == pytest.approx(loss0 - max(below)[1], rel=1e-9)
+    assert info.loss_decrease == pytest.approx(loss0 - max(closure.below)[1], rel=1e-9)
     assert wall * lr / EXPANDED_BRACKET <= opt.param_groups[0]["lr"] < wall * lr
     assert info.trials <= 3 + 3  # (three expansions, then at most three more)
 
@@ -1462,18 +1477,7 @@ def test_max_trials_ends_the_narrowing_at_the_largest_trial_that_passed():
     a, b, _ = float64_regression()
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
     opt = ALSALS([w], lr=1e-6, max_trials=4)
-    y = w.detach().clone()
-    unit: list[float] = []
-
-    def closure():
-        loss = 0.5 * ((a @ w - b) ** 2).mean()
-        distance = float((w.detach() - y).abs().max())
-        if torch.is_grad_enabled() or distance == 0.0:
-            return loss
-        unit.append(unit[0] if unit else distance)
-        return loss + 1.0 if distance > 80 * unit[0] else loss
-
-    opt.step(closure)
+    opt.step(behind_a_wall(w, 80, lambda w: 0.5 * ((a @ w - b) ** 2).mean()))
     assert opt.last_step.kind == "search" and opt.last_step.trials == 4
     assert 1e-5 <= opt.param_groups[0]["lr"] < 80e-6
 
@@ -1488,27 +1492,16 @@ def test_a_resumed_search_narrows_its_bracket_as_the_first_does():
     a, b, _ = float64_regression()
     w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
     opt = ALSALS([w], lr=1.0, max_trials=20, loss_floor=None)
-    y = w.detach().clone()
 
-    def every_trial_fails():
-        loss = 0.5 * ((a @ w - b) ** 2).mean()
-        return loss if torch.is_grad_enabled() else loss + 1.0
+    def loss_of(w):
+        return 0.5 * ((a @ w - b) ** 2).mean()
 
-    opt.step(every_trial_fails)
+    opt.step(behind_a_wall(w, 0.0, loss_of))  # (every trial fails)
     resume = opt.search_state.resume
     assert opt.last_step.kind == "exhausted" and 0.0 < resume < 0.05 / 10
+    assert torch.equal(w, torch.zeros_like(w))  # (no step: the start is where it was)
     opt.param_groups[0]["max_trials"] = 100
-    unit: list[float] = []
-
-    def wall():
-        loss = 0.5 * ((a @ w - b) ** 2).mean()
-        distance = float((w.detach() - y).abs().max())
-        if torch.is_grad_enabled() or distance == 0.0:
-            return loss
-        unit.append(unit[0] if unit else distance)
-        return loss + 1.0 if distance > 0.05 / resume * unit[0] else loss
-
-    opt.step(wall)
+    opt.step(behind_a_wall(w, 0.05 / resume, loss_of))
     assert opt.last_step.kind == "search"
     assert 0.05 / EXPANDED_BRACKET <= opt.param_groups[0]["lr"] < 0.05
 

@@ -79,12 +79,16 @@ def data(n: int = 256, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, (x[:, :3].sum(dim=1) > 0).long())
 
 
-def trainer(tmp_path, max_epochs: int = 2, callbacks=(), **kwargs) -> pl.Trainer:
+def trainer(
+    tmp_path, max_epochs: int = 2, callbacks=(), guarded: bool = True, **kwargs
+) -> pl.Trainer:
+    """A CPU trainer with ``LineSearchCallback`` (``guarded=False``: without it, so that
+    automatic optimization runs)."""
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=max_epochs,
-        callbacks=[LineSearchCallback(), *callbacks],
+        callbacks=[LineSearchCallback(), *callbacks] if guarded else list(callbacks),
         default_root_dir=tmp_path,
         log_every_n_steps=1,
         enable_progress_bar=False,
@@ -193,16 +197,7 @@ def test_automatic_optimization_without_the_callback_takes_the_manual_steps(tmp_
         pl.seed_everything(0)
         module = Module(dropout=0.0, automatic=automatic)
         initial = [p.detach().clone() for p in module.parameters()]
-        fit = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=1,
-            default_root_dir=tmp_path,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        fit = trainer(tmp_path, 1, guarded=False, logger=False, enable_checkpointing=False)
         fit.fit(module, DataLoader(data(), batch_size=32))
         assert fit.global_step == 256 // 32
         weights.append([p.detach().clone() for p in module.parameters()])
@@ -223,16 +218,13 @@ def test_accumulation_under_automatic_optimization_is_warned_about(tmp_path, opt
     backward outside ``step()``, and Lightning's closure computes the step's gradient from
     the last one alone: the optimizer says once that it dropped the others."""
     pl.seed_everything(0)
-    fit = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
+    fit = trainer(
+        tmp_path,
+        1,
+        guarded=False,
         accumulate_grad_batches=2,
-        default_root_dir=tmp_path,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
