@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -229,6 +231,38 @@ def test_a_zero_written_into_one_group_stops_every_group_whatever_else_was_writt
     opt.param_groups[1]["lr"] = -1.0
     with pytest.raises(ValueError, match=r"param_groups\[1\].*lr"):
         opt.step(closure)
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+def test_an_lr_written_into_one_group_only_warns_that_it_sets_every_groups(cls):
+    """AdamW's idioms, a backbone frozen by lr 0 or slowed by lr *= 0.01 in its group, set
+    the one step size of every group here: the write is taken as documented, and a warning
+    names lr_scale and requires_grad_(False). A write that keeps the groups' ratio (what a
+    scheduler writes) does not warn."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = cls(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr_scale": 2.0}]
+    )
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        return nn.functional.mse_loss(model(x), y)
+
+    for _ in range(3):
+        opt.step(closure)
+    for group in opt.param_groups:  # a scheduler's write: both groups, their ratio kept
+        group["lr"] *= 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    opt.param_groups[0]["lr"] *= 0.01
+    with pytest.warns(UserWarning, match=r"param_groups\[0\]'s write.*lr_scale.*requires_grad_"):
+        opt.step(closure)
+    opt.param_groups[1]["lr"] = 0.0
+    with pytest.warns(UserWarning, match=r"param_groups\[1\]'s write"):
+        opt.step(closure)
+    assert opt.last_step.kind == "zero_lr"
 
 
 def _alsals_two_groups(**kwargs):

@@ -527,3 +527,15 @@ def test_a_ceiling_set_at_a_data_shift_is_lifted_once_the_loss_stays_above_its_l
     assert lifted is not None and lifted <= pre + 2 * WATCH_SAMPLES
     _, _, unguarded = train(loss_rise_guard=None)
     assert guarded < 1.5 * unguarded
+
+
+def test_a_rise_after_a_lowest_reached_without_moves_is_no_growth_of_the_step_size():
+    """A watch whose lowest average came while no update moved the weights (step size 0:
+    searches that kept nothing) has no step size to compare with: a later climb at a
+    positive step size is not growth, and sets no ceiling (it would be a ceiling of 0)."""
+    watch = _watch([1.0] * (WATCH_SAMPLES + 1), step_size=0.0)
+    assert watch.step_size_at_lowest == 0.0
+    for _ in range(50):
+        watch = watch.after(2.0, 0.1)
+    assert watch.risen(3.0, 0.0)  # the loss did climb measurably
+    assert not watch.grew() and not watch.rose(3.0, 0.0)

@@ -1857,6 +1857,36 @@ def barrier_loss(w: torch.Tensor) -> torch.Tensor:
     return (1.0 - torch.log1p(-w) - 2.0 * w).sum()
 
 
+def test_a_bad_batch_at_the_average_does_not_end_the_restarts_looks_for_good():
+    """``z`` past a log barrier while a bad batch (a NaN in the data) makes the loss at ``x``
+    not finite either when the second skipped step looks there: the third, whose ``x`` is
+    finite, restarts ``z`` (it looked only at the second before, and every later step stayed
+    skipped: a stall)."""
+    w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w])
+    bad = {"batch": False}
+
+    def closure():
+        return barrier_loss(w) + (float("nan") if bad["batch"] else 0.0)
+
+    for _ in range(5):
+        opt.step(closure)
+    opt.state[w]["z"].fill_(20.0)
+    x = w.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(closure)
+        bad["batch"] = True  # at y and at x alike
+        opt.step(closure)
+        assert opt.last_step.kind == "nonfinite" and opt.search_state.restarts == 0
+        bad["batch"] = False
+        opt.step(closure)  # y still past the barrier, x finite again
+    assert opt.last_step.kind == "nonfinite" and opt.search_state.restarts == 1
+    assert torch.equal(opt.state[w]["z"], x)
+    opt.step(closure)
+    assert opt.last_step.kind != "nonfinite"
+
+
 def test_the_restart_at_the_average_covers_a_parameter_frozen_since_it_stepped():
     """``z := x`` for every parameter that has stepped, also one frozen since (it holds no
     copy in the step, being at ``x``): else, unfrozen, ``y`` would pull it back to the old
@@ -2191,6 +2221,37 @@ def test_the_first_phase_does_not_end_during_warmup():
     for _ in range(5):
         opt.step(lambda: loss_of(model, x[idx], y[idx]))
         assert not opt.search_state.first_phase_over
+
+
+def test_a_closure_that_returns_zero_from_the_first_step_is_not_called_converged():
+    """A closure whose accumulation lost every term (``total + loss`` for ``total +=``)
+    returns 0 while its backward passes compute the gradient: the searches find the loss
+    unchanged at its floor from the first step, which is no convergence, and the warning
+    suspects the closure."""
+    x, y = logistic_problem(n=64)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+
+    def closure(backward):
+        total = 0.0
+        for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
+            loss = loss_of(model, xb, yb) / 4
+            if backward:
+                loss.backward()
+            total + loss.detach()  # noqa: B018 (the user's bug: the sum is dropped)
+        return torch.tensor(total, dtype=torch.float64)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            opt.step(closure)
+    messages = [
+        str(w.message)
+        for w in caught
+        if "did not change" in str(w.message) or "no longer changes" in str(w.message)
+    ]
+    assert messages, [str(w.message) for w in caught]
+    assert all("closure" in m and "converged" not in m for m in messages), messages
 
 
 def test_a_run_converged_to_a_loss_above_zero_is_not_blamed_on_its_closure():
@@ -2917,3 +2978,140 @@ def test_a_search_whose_trials_are_not_finite_leaves_no_verdict():
     opt.step(lambda: 0.5 * ((a @ w - b) ** 2).mean())  # (it searches again)
     assert opt.last_step.kind == "search" and opt.last_step.trials == 1
     assert opt.param_groups[0]["lr"] == pytest.approx(before * 1.1, rel=1e-12)
+
+
+def test_a_step_with_a_zero_gradient_counts_towards_the_search_interval():
+    """A zero gradient still takes Schedule-Free's step (the averaging move): it is one of
+    the ``search_interval`` steps between two searches, as any reused step is."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), initial_searches=1, search_interval=3)
+    idx = batches(x, y, 5)
+    kinds = []
+    for k in range(5):
+        zero = 0.0 if k == 2 else 1.0  # step 2: a loss of 0, its gradient exactly 0
+        opt.step(lambda k=k, zero=zero: zero * loss_of(model, x[idx[k]], y[idx[k]]))
+        kinds.append(opt.last_step.kind)
+    assert kinds == ["search", "reuse", "zero_grad", "search", "reuse"]
+
+
+def test_a_zero_gradient_after_a_search_that_accepted_nothing_takes_no_step_size():
+    """A search that ran out of trials leaves a step size no search accepted (the next one
+    resumes below its last trial): a zero gradient before that search moves only by the
+    averaging move, not by the untested step size (here with a decay, which would move
+    the weights)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 1.5], dtype=torch.float64))
+    opt = ALSALS([w], lr=100.0, weight_decay=0.1, max_trials=1, loss_floor=None)
+    opt.step(lambda: 0.5 * (w * w).sum())  # its one trial, at lr, fails
+    assert opt.last_step.kind == "exhausted" and opt.search_state.resume > 0.0
+    before = w.detach().clone()
+    opt.step(lambda: (w * 0.0).sum() + 1.0)
+    assert opt.last_step.kind == "zero_grad" and opt.last_step.step_size == 0.0
+    assert torch.equal(w.detach(), before)
+
+
+def test_an_edit_of_the_weights_starts_the_loss_rise_guard_s_watch_afresh():
+    """Phase 0: weights written in place since the last step are the new ``x``, and the
+    guard's watch, whose losses were those of weights no longer held, starts afresh."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters())
+    plan = batches(x, y, 6)
+    for idx in plan[:5]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    assert opt.search_state.watch["samples"] == 5
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)  # a projection, say
+    opt.step(lambda: loss_of(model, x[plan[5]], y[plan[5]]))
+    assert opt.search_state.edits == 1
+    assert opt.search_state.watch["samples"] == 1  # this step's loss alone
+
+
+def test_a_written_lr_in_a_scaled_group_sets_the_step_size_lr_over_lr_scale():
+    """A group shows ``lr = gamma * lr_scale``: an ``lr`` written there sets the searched
+    step size ``gamma`` to ``lr / lr_scale``, from which the next search grows its start."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(
+        [{"params": model.parameters(), "lr_scale": 0.5}], loss_floor=None, polyak_cap=False
+    )
+    plan = batches(x, y, 4)
+    for idx in plan[:3]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    opt.param_groups[0]["lr"] = 0.005  # gamma = 0.01; small: the grown start passes
+    opt.step(lambda: loss_of(model, x[plan[3]], y[plan[3]]))
+    assert opt.last_step.kind == "search" and opt.last_step.trials == 1
+    assert opt.last_step.step_size == pytest.approx(0.01 * 1.1, rel=1e-12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.01 * 1.1, rel=1e-12)
+
+
+def test_first_phase_settled_is_not_ended_by_the_run_s_first_search():
+    """``first_phase="settled"`` ends at a search *after the first* that takes its first
+    trial: a run's first search that passes at once (here at the Polyak step, which halves
+    ``w`` on ``w^2 / 2``) says only that ``lr`` was not too small, and the searches go on."""
+    w = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=100.0, first_phase="settled", initial_searches=10, search_interval=100)
+    opt.step(lambda: 0.5 * (w * w).sum())
+    assert opt.last_step.kind == "search" and opt.last_step.trials == 1
+    assert not opt.search_state.first_phase_over
+    opt.step(lambda: 0.5 * (w * w).sum())
+    assert opt.last_step.kind != "reuse"
+
+
+def test_a_step_whose_z_is_at_y_counts_neither_as_leading_nor_as_trailing():
+    """Phase 5: each step counts ``A = g . (y - z)`` as leading (``> 0``) or trailing
+    (``< 0``); where an edit restarted ``z`` at the weights, ``y = z`` and ``A = 0``: no sign
+    for ``lead_rule``'s test."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), initial_searches=1, search_interval=100, lead_rule="hold")
+    plan = batches(x, y, 4)
+    for idx in plan[:3]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    # (the first step's alpha = 1 leaves x = z: the second step's A is 0 too; the third's not)
+    signs = opt.search_state.leading + opt.search_state.trailing
+    assert signs == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)  # every weight edited: z restarts there
+    opt.step(lambda: loss_of(model, x[plan[3]], y[plan[3]]))
+    assert opt.last_step.kind == "reuse"
+    assert opt.search_state.leading + opt.search_state.trailing == signs
+
+
+def test_a_zero_written_in_any_group_stops_the_step_whatever_the_others_write():
+    """One step size for all groups: an ``lr`` of 0 written in one group (a scheduler's end)
+    stops every group for the step, also where an earlier group has another write."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    plan = batches(x, y, 3)
+    for idx in plan[:2]:
+        opt.step(lambda idx=idx: loss_of(model, x[idx], y[idx]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = 0.05
+    opt.param_groups[1]["lr"] = 0.0
+    opt.step(lambda: loss_of(model, x[plan[2]], y[plan[2]]))
+    assert opt.last_step.kind == "zero_lr"
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_the_step_after_a_skipped_non_finite_loss_searches():
+    """``docs/algorithms.md`` (ALSALS, phase 1 and 4): a step after a skipped non-finite
+    loss searches, whatever the cadence says; the step size is not reused untested (the
+    clause was dead: the count it read was reset before it was read)."""
+    x, y = logistic_problem(0)
+    model = make_model()
+    opt = ALSALS(model.parameters(), initial_searches=1, search_interval=1000)
+    idx = batches(x, y, 6)
+    for k in range(3):
+        opt.step(lambda k=k: loss_of(model, x[idx[k]], y[idx[k]]))
+    assert opt.last_step.kind == "reuse"  # the cadence alone would reuse from here on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(lambda: loss_of(model, x[idx[3]], y[idx[3]]) * float("nan"))
+    assert opt.last_step.kind == "nonfinite"
+    opt.step(lambda: loss_of(model, x[idx[4]], y[idx[4]]))
+    assert opt.last_step.kind != "reuse" and opt.last_step.trials >= 1
+    opt.step(lambda: loss_of(model, x[idx[5]], y[idx[5]]))
+    assert opt.last_step.kind == "reuse"

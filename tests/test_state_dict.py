@@ -602,3 +602,123 @@ def test_a_guard_watch_saved_before_0_2_9_goes_on_with_its_spread(cls):
     assert resumed_watch["loss_spread_avg"] == pytest.approx(
         expected_watch["loss_spread_avg"], rel=1e-9
     )
+
+
+# -- torch.distributed.checkpoint's state-dict helpers (FSDP2's checkpointing) ------------------
+
+
+class WithUnusedFirst(torch.nn.Module):
+    """SmallNet behind a parameter no loss uses: the optimizers' first parameter, where
+    they keep the search state, never gets a gradient (a pooler of a fine-tuned encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(3))
+        self.net = SmallNet()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def dcp_fresh(cls):
+    torch.manual_seed(0)
+    model = WithUnusedFirst()
+    return model, cls(model.parameters(), buffers=model.buffers())
+
+
+def assert_same_run(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, AdamSLS, SLS])
+@pytest.mark.parametrize("flatten", [True, False], ids=["flattened", "nested"])
+def test_a_run_checkpointed_through_get_and_set_state_dict_goes_on_bit_for_bit(cls, flatten):
+    """set_state_dict gives an optimizer without state a step without closure, zero
+    gradients and lr 0 to create it, and with flatten_optimizer_state_dict loads only the
+    entries that created: without them every moment and the search state were lost. (The
+    nested form's strict load wants saved state for every trainable parameter, which SLS
+    keeps for none but the first: torch's error names strict=False.)"""
+    options = {"strict": False} if cls is SLS and not flatten else {}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten, **options)
+    data = batches()
+    model, opt = dcp_fresh(cls)
+    torch.manual_seed(11)
+    train(model, opt, data[:SAVE_AT])
+    model_state, opt_state = get_state_dict(model, opt, options=options)
+    buffer = io.BytesIO()
+    torch.save({"model": model_state, "opt": opt_state, "rng": torch.get_rng_state()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model, resumed = dcp_fresh(cls)
+    set_state_dict(
+        resumed_model,
+        resumed,
+        model_state_dict=saved["model"],
+        optim_state_dict=saved["opt"],
+        options=options,
+    )
+    assert resumed.search_state == opt.search_state
+    torch.set_rng_state(saved["rng"])
+    train(resumed_model, resumed, data[SAVE_AT:])
+    straight_model, straight = dcp_fresh(cls)
+    torch.manual_seed(11)
+    train(straight_model, straight, data)
+    assert_same_run(resumed_model, straight_model)
+    assert resumed.search_state == straight.search_state
+    assert resumed.search_state.searches > 0
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, AdamSLS, SLS])
+@pytest.mark.parametrize("flatten", [True, False], ids=["flattened", "nested"])
+def test_a_checkpoint_taken_before_the_first_step_leaves_both_runs_as_they_were(cls, flatten):
+    """The entries created for the tool before any step are no step's: the run that saved
+    and the run that loaded them go on as a run that never saw them."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    data = batches()
+    model, opt = dcp_fresh(cls)
+    model_state, opt_state = get_state_dict(model, opt, options=options)
+    assert all(entry.get("step") == 0 for entry in opt.state.values())  # (created)
+    loaded_model, loaded = dcp_fresh(cls)
+    set_state_dict(
+        loaded_model,
+        loaded,
+        model_state_dict=model_state,
+        optim_state_dict=opt_state,
+        options=options,
+    )
+    straight_model, straight = dcp_fresh(cls)
+    for m, o in ((model, opt), (loaded_model, loaded), (straight_model, straight)):
+        torch.manual_seed(11)
+        train(m, o, data)
+    assert_same_run(model, straight_model)
+    assert_same_run(loaded_model, straight_model)
+    assert opt.search_state == loaded.search_state == straight.search_state
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS])
+def test_a_step_without_closure_is_still_refused_where_it_is_no_tools_call(cls):
+    torch.manual_seed(0)
+    model = SmallNet()
+    opt = cls(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.fc1.weight.grad[0, 0] = 1.0  # a gradient: a user's step() without its closure
+    for p in model.parameters():
+        p.grad = p.grad if p is model.fc1.weight else torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0
+    with pytest.raises(TypeError, match="needs a closure"):
+        opt.step()
+    assert not opt.state

@@ -84,6 +84,15 @@ from alsals.hyperparameters import (
 from alsals.polyak_cap import FLOOR_HITS, ModelTerms, MomentumModel, floor_word, model_terms
 from alsals.rise_guard import LossWatch
 from alsals.search_state import SearchState
+from alsals.state_placeholders import (
+    create_placeholders,
+    drop_placeholders,
+    is_state_initialisation,
+    state_dict_without_placeholders,
+)
+
+#: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
+PLACEHOLDER_KEYS = ("step", "exp_avg", "exp_avg_sq", "line_search")
 
 #: A trial whose loss change and predicted change both lie within this many units in the
 #: last place of the loss (or whose loss did not change at all) is below the resolution of
@@ -367,7 +376,24 @@ def written_lr(
         if g["lr"] != lr_shown
     ]
     zero = [w for w in written if w[0] == 0.0]
-    return (zero or written)[0] if written else None
+    decisive = (zero or written)[0] if written else None
+    if decisive is not None and len(groups) > 1:
+        implied = [g["lr"] / g["lr_scale"] for g in groups]
+        if not all(math.isclose(v, implied[0], rel_tol=1e-6) for v in implied[1:]):
+            index = next(i for i, g in enumerate(groups) if g is decisive[1])
+            lrs = ", ".join(f"[{i}] {g['lr']:g}" for i, g in enumerate(groups))
+            scales = ", ".join(f"{g['lr_scale']:g}" for g in groups)
+            warnings.warn(
+                f"param_groups' lr written out of the ratio of their lr_scale (lr {lrs}; "
+                f"lr_scale {scales}): the search sets one step size for every group (each "
+                f"moves by it times its lr_scale), so param_groups[{index}]'s write sets it "
+                "for all of them (a 0 in any group stops every group for the step). For a "
+                "group's own rate set param_groups[i]['lr_scale']; to freeze a group, call "
+                "requires_grad_(False) on its parameters",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+    return decisive
 
 
 def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
@@ -578,6 +604,28 @@ def anchor_parameter(param_groups: list[dict[str, Any]]) -> Tensor | None:
         if group["params"]:
             return group["params"][0]
     return None
+
+
+def check_state_like(owner: str, state: dict, param_groups: list[dict[str, Any]]) -> None:
+    """Raise a ``TypeError`` where a parameter's stored tensors are not of its dtype and on
+    its device: the model was converted (``.double()``, ``.half()``, ``.to(device)``) after
+    the optimizer stepped, which torch's ``load_state_dict`` converts the state for."""
+    for group in param_groups:
+        for p in group["params"]:
+            for name, stored in state.get(p, {}).items():
+                if (
+                    isinstance(stored, Tensor)
+                    and stored.dim()
+                    and (stored.dtype != p.dtype or stored.device != p.device)
+                ):
+                    raise TypeError(
+                        f"{owner}: a parameter of shape {tuple(p.shape)} is {p.dtype} on "
+                        f"{p.device}, but its optimizer state ({name!r}) is {stored.dtype} on "
+                        f"{stored.device}: the model was converted after the optimizer "
+                        "stepped. Convert the state with it, "
+                        "optimizer.load_state_dict(optimizer.state_dict()) after the "
+                        "conversion, or convert the model before building the optimizer"
+                    )
 
 
 def check_eps(owner: str, eps: float, params: list[Tensor]) -> None:
@@ -834,6 +882,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "momentum) cannot continue as this optimizer's; load it into ALSALS"
             )
         state_dict, shown = split_shown_lr(state_dict)
+        state_dict = state_dict_without_placeholders(state_dict, PLACEHOLDER_KEYS)
         state_dict = self._without_foreign_settings(state_dict)
         self._validate_state(state_dict)
         groups = state_dict.get("param_groups", [])
@@ -978,6 +1027,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         without arguments that runs backward itself while autograd is enabled (for wrappers
         that hide the signature).
         """
+        if is_state_initialisation(self.param_groups, closure):  # a checkpointing tool's
+            self._create_placeholders()
+            return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
         return self._step(closure, commit=True, runs_backward=closure_runs_backward)[0]
 
     @torch.no_grad()
@@ -1020,6 +1072,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     ) -> tuple[Tensor, StepInfo, _Run]:
         """Phases 0-6 (6 only with ``commit``); an exception undoes everything."""
         refuse_inference_mode(type(self).__name__)
+        drop_placeholders(self.state, PLACEHOLDER_KEYS)
+        check_state_like(type(self).__name__, self.state, self.param_groups)
         self._check_groups(self.param_groups)  # settings written since the last step
         if not self._ranks_checked:
             device = next((p.device for p in self.params()), None)
@@ -1888,9 +1942,25 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------- helpers
 
+    def _create_placeholders(self) -> None:
+        """The entries a first step creates, marked as written by none
+        (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
+        entries an optimizer holds."""
+
+        def entries(p: Tensor) -> dict[str, Any]:
+            if not self.uses_moments:
+                return {"step": 0}
+            zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+
+        create_placeholders(self.state, self.param_groups, entries)
+        anchor = anchor_parameter(self.param_groups)
+        if anchor is not None and self.state[anchor].get("step") == 0:
+            self.state[anchor]["line_search"] = self._stored_search_state().to_dict()
+
     def _stored_search_state(self) -> SearchState:
         anchor = anchor_parameter(self.param_groups)
-        stored = self.state[anchor].get("line_search") if anchor is not None else None
+        stored = self.state.get(anchor, {}).get("line_search") if anchor is not None else None
         if stored is None:
             lr = self.defaults["lr"]
             return SearchState(step_size=lr, initial_step_size=lr)

@@ -133,6 +133,7 @@ from alsals.line_search import (
     _loss_resolution,
     anchor_parameter,
     check_eps,
+    check_state_like,
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
@@ -147,6 +148,12 @@ from alsals.line_search import (
 )
 from alsals.optimizers import MomentumALSALS
 from alsals.rise_guard import START_CUT, LossWatch, StartWatch
+from alsals.state_placeholders import (
+    create_placeholders,
+    drop_placeholders,
+    is_state_initialisation,
+    state_dict_without_placeholders,
+)
 
 #: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
 #: ``weight_lr_power``): later steps, taken at the full step size, weigh more.
@@ -208,7 +215,8 @@ EXPANDED_BRACKET = 2.0
 #: No step size above this: its square (the averaging weight) must stay finite in float64,
 #: and no model's weights move usefully by more.
 MAX_STEP_SIZE = 1e100
-#: Steps skipped in a row for a non-finite loss at ``y`` after which ``z`` restarts at ``x``.
+#: Steps skipped in a row for a non-finite loss at ``y`` from which ``z`` restarts at ``x``
+#: (at the first of them where the loss at ``x`` is finite).
 NONFINITE_RESTART = 2
 #: The culprit a skipped step names when its trials' losses were not finite, nor the loss at
 #: ``y`` (at the first step) or at the averaging move alone evaluated without gradient.
@@ -265,6 +273,8 @@ HELD_WARNING = (
 )
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
+#: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
+PLACEHOLDER_KEYS = ("z", "exp_avg_sq", "step", STATE_KEY)
 
 
 @dataclass
@@ -328,11 +338,15 @@ class SearchState:
         self.drop_start_watch()
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a new dict (the watches' flat dicts copied): ``asdict``'s recursive
-        copy, for the same result, cost some 0.2 ms a step."""
+        """The fields as a new dict (the watches' flat dicts copied; a watch not yet filled
+        left out, as ``from_dict`` reads it: ``torch.distributed.checkpoint`` flattens
+        numbers and dicts, not ``None``): ``asdict``'s recursive copy, for the same result,
+        cost some 0.2 ms a step."""
         stored = dict(vars(self))
         for name in ("watch", "start_watch"):
-            if stored[name] is not None:
+            if stored[name] is None:
+                del stored[name]
+            else:
                 stored[name] = dict(stored[name])
         return stored
 
@@ -798,6 +812,7 @@ class ALSALS(torch.optim.Optimizer):
         saved (its groups lack this one's settings and averaging weights) with the keys
         named, before anything is loaded."""
         state_dict, shown = split_shown_lr(state_dict)
+        state_dict = state_dict_without_placeholders(state_dict, PLACEHOLDER_KEYS)
         required = {*SEARCH_SETTINGS, *GROUP_STATE}
         groups = state_dict.get("param_groups", [])
         # an older version's state (every group lacks the same settings, all added since
@@ -932,7 +947,12 @@ class ALSALS(torch.optim.Optimizer):
         the weights, the state and the random stream as they were. ``closure_runs_backward``
         as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
+        if is_state_initialisation(self.param_groups, closure):  # a checkpointing tool's
+            self._create_placeholders()
+            return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
         refuse_inference_mode("ALSALS")
+        drop_placeholders(self.state, PLACEHOLDER_KEYS)
+        check_state_like("ALSALS", self.state, self.param_groups)
         self._check_written_settings()
         if not self._ranks_checked:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
@@ -979,7 +999,8 @@ class ALSALS(torch.optim.Optimizer):
             # does: an exception in that evaluation undoes the step like any other)
             if (
                 info.kind == "nonfinite"
-                and search.nonfinite_in_a_row == NONFINITE_RESTART
+                and search.nonfinite_in_a_row >= NONFINITE_RESTART  # (x may have been a bad
+                # batch's at the second: each later one looks again, one forward pass)
                 and self._finite_at_average(averages, evaluator)
             ):
                 self._restart_at_average(averages)
@@ -1199,6 +1220,7 @@ class ALSALS(torch.optim.Optimizer):
         # steps in a row whose loss at y is not finite (a GradScaler overflow, a non-finite
         # gradient, is none; any other step ends the row): two restart z at x, in step()
         outside = not math.isfinite(loss0) and search.steps > 0
+        after_nonfinite = search.nonfinite_in_a_row > 0  # (the last step's loss at y)
         search.nonfinite_in_a_row = search.nonfinite_in_a_row + 1 if outside else 0
         if nonfinite or (grad_sq_value == 0.0 and held_anywhere == 0.0):
             kind = "nonfinite" if nonfinite else "zero_grad"
@@ -1247,7 +1269,7 @@ class ALSALS(torch.optim.Optimizer):
             search.searches == 0
             or written
             or (search.resume > 0.0 and not search.idle)
-            or search.nonfinite_in_a_row > 0
+            or after_nonfinite
             or search.steps < h["warmup_steps"]
             or (search.steps < h["initial_searches"] and not search.first_phase_over)
             or search.steps_since_search + 1 >= h["search_interval"]
@@ -1328,14 +1350,18 @@ class ALSALS(torch.optim.Optimizer):
                 # dtype resolves: the loss did not follow the weights, it did not converge;
                 # not where the weights' own dtype is coarser than float32, whose rounding
                 # may swallow such a move whole)
-                start = min(searched, self._polyak_step(loss0, searched, averaging, slope))
+                # (at the floor the Polyak bound is 0: there the step size searched judges
+                # what the gradient predicts, so that a closure returning 0 whatever its
+                # gradient says is not taken for a converged run)
+                polyak = self._polyak_step(loss0, searched, averaging, slope)
+                start = searched if at_floor else min(searched, polyak)
                 resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
                 coarse = all(
                     torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
                     for g in groups
                     for p in g.params
                 )
-                predicted = not (at_floor or coarse) and (
+                predicted = not coarse and (
                     abs(self._promised(start, averaging, slope)) > resolved * max(abs(loss0), 1.0)
                 )
                 followed = search.loss_followed and healthy and not self._slope_overstated
@@ -2031,9 +2057,22 @@ class ALSALS(torch.optim.Optimizer):
                     x = held.get(id(p), local_shard(p.detach()))
                     local_shard(self.state[p]["z"]).copy_(x)
 
+    def _create_placeholders(self) -> None:
+        """The entries a first step creates, marked as written by none
+        (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
+        entries an optimizer holds."""
+        create_placeholders(
+            self.state,
+            self.param_groups,
+            lambda p: {"z": p.detach().clone(), "exp_avg_sq": torch.zeros_like(p), "step": 0},
+        )
+        anchor = anchor_parameter(self.param_groups)
+        if anchor is not None and self.state[anchor].get("step") == 0:
+            self.state[anchor][STATE_KEY] = self._stored_search_state().to_dict()
+
     def _stored_search_state(self) -> SearchState:
         anchor = anchor_parameter(self.param_groups)
-        stored = self.state[anchor].get(STATE_KEY) if anchor is not None else None
+        stored = self.state.get(anchor, {}).get(STATE_KEY) if anchor is not None else None
         if stored is None:
             lr = self.defaults["lr"]
             return SearchState(step_size=lr, initial_step_size=lr)
