@@ -71,7 +71,7 @@ def test_loss_at_the_compute_adam_used_by_hand(tmp_path):
         # Adam: 4 steps of 1 forward + 1 backward = 3 pass-equivalents: 12 in all.
         _log(tmp_path, "t1", "adam", seed, [2 * scale, scale, scale, scale], *_adam_like(4))
         # A line search: 3 forwards + 1 backward a step = 5, 10, 15, 20 pass-equivalents;
-        # at Adam's 12, its step 2: the EMA (0.98) of its first two losses.
+        # at Adam's 12, its step 2: the EMA (0.98, bias-corrected) of its first two losses.
         losses = [1.0, 0.5, 0.5, 0.5] if seed == 0 else [3.0, 1.5, 1.5, 1.5]
         _log(tmp_path, "t1", "alsals", seed, losses, [3, 6, 9, 12], [1, 2, 3, 4])
         # Used less than Adam in total (9): reported at its end and marked.
@@ -87,20 +87,22 @@ def test_loss_at_the_compute_adam_used_by_hand(tmp_path):
     ]
     assert adam_compute(runs) == {"t1": 12}
     at = {(r.optimizer, r.seed): loss_at_compute(r, 12) for r in runs}
-    # Adam at its own end: EMA of 2, 1, 1, 1 = 2; 1.98; 1.9604; 1.941192 (x2 for seed 1).
-    assert at["adam", 0] == (pytest.approx(1.941192), False)
-    assert at["adam", 1] == (pytest.approx(3.882384), False)
-    assert at["alsals", 0] == (pytest.approx(0.98 * 1.0 + 0.02 * 0.5), False)  # 0.99
-    assert at["alsals", 1] == (pytest.approx(0.98 * 3.0 + 0.02 * 1.5), False)  # 2.97
+    # Adam at its own end: the EMA of 2, 1, 1, 1 from 0, over 1 - 0.98^4 (x2 for seed 1).
+    adam = (((0.02 * 2 * 0.98 + 0.02) * 0.98 + 0.02) * 0.98 + 0.02) / (1 - 0.98**4)
+    assert at["adam", 0] == (pytest.approx(adam), False)  # 1.2425
+    assert at["adam", 1] == (pytest.approx(2 * adam), False)
+    two = (0.98 * 0.02 * 1.0 + 0.02 * 0.5) / (1 - 0.98**2)  # 0.7475: the first loss's weight
+    assert at["alsals", 0] == (pytest.approx(two), False)  # is 0.98 / 1.98 of the two
+    assert at["alsals", 1] == (pytest.approx(3 * two), False)
     assert at["cheap", 0] == (pytest.approx(1.0), True)
     assert math.isnan(at["costly", 0][0])
 
     text = write_report(tmp_path, "fake").read_text()
     assert "### Equal compute: training loss at the compute Adam used" in text
     assert "| task | alsals | adam | cheap | costly |" in text
-    # alsals: mean of 0.99 and 2.97, s.e. |2.97 - 0.99| / 2; adam: 2.911788 ± 0.970596
-    assert "| t1 (n=2, Adam 12) | 1.98 ± 0.99 | 2.912 ± 0.97 | **1 ± 0**† | – |" in text
-    assert "| *log average* | 1.98 | 2.912 | 1 | – |" in text
+    # alsals: mean of 0.7475 and 2.242, s.e. their difference / 2; adam: 1.864 ± 0.6212
+    assert "| t1 (n=2, Adam 12) | 1.495 ± 0.75 | 1.864 ± 0.62 | **1 ± 0**† | – |" in text
+    assert "| *log average* | 1.495 | 1.864 | 1 | – |" in text
     assert "† used less compute in total than Adam" in text
     assert "forward passes + 2 × backward passes" in text
     assert (tmp_path / "fake" / "report" / "t1.png").exists()  # loss against passes, time
@@ -248,8 +250,8 @@ def test_a_diverged_adam_run_sets_no_equal_compute_budget(tmp_path):
     text = write_report(tmp_path, "fake").read_text()
     rows, table = _table_rows(text, "Equal compute:")
     assert "t1 (n=2, Adam 12)" in rows
-    # alsals at 12 pass-equivalents: its step 2 (10), the EMA of 2.0 and 1.0
-    assert rows["t2 (n=2, Adam 12 planned)"]["alsals"] == "**1.98 ± 0**"
+    # alsals at 12 pass-equivalents: its step 2 (10), the EMA of 2.0 and 1.0 (corrected)
+    assert rows["t2 (n=2, Adam 12 planned)"]["alsals"] == "**1.495 ± 0**"
     assert "Every `adam` run diverged on t2" in table
 
 

@@ -267,7 +267,7 @@ def _fake_run(out, task, optimizer, seed, accuracy, loss, metrics=("accuracy", "
             {
                 "type": "step",
                 "step": s,
-                "loss": loss * (2 - s / 4),
+                "loss": loss,  # (the final loss, the EMA of the step losses, is loss)
                 "lr": 1e-3,
                 "time": 0.1 * s,
                 "forwards": s,
@@ -476,3 +476,19 @@ def test_the_report_keeps_the_runs_of_the_size_the_budget_defines():
         assert consistent(order, "smoke") == ([own], [other])
     # an unknown budget: the most common size, ties to the larger run
     assert consistent([own, other, other], "no-such-budget") == ([other, other], [own])
+
+
+def test_the_final_loss_ema_is_bias_corrected_and_skips_non_finite_losses():
+    """Table II's EMA starts from 0 and divides by 1 - 0.98^n, as Adam's moments do: a
+    constant loss is itself from the first step on, and a 40-step run's value no longer
+    keeps 0.98^39 (45%) of its first loss."""
+    from alsals_bench.runner import loss_ema
+
+    assert loss_ema([0.7] * 5) == pytest.approx([0.7] * 5)
+    nan = float("nan")
+    assert math.isnan(loss_ema([nan, 2.0])[0])
+    assert loss_ema([nan, 2.0, nan, 2.0]) == pytest.approx([nan, 2.0, 2.0, 2.0], nan_ok=True)
+    first_then_zero = loss_ema([1.0] + [0.0] * 39)[-1]
+    weight = 0.02 * 0.98**39 / (1 - 0.98**40)  # the first loss's share, about 0.02
+    assert first_then_zero == pytest.approx(weight)
+    assert first_then_zero < 0.03

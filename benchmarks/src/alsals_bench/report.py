@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from alsals_bench.runner import SMOOTHING, is_finished, read_log
+from alsals_bench.runner import SMOOTHING, is_finished, loss_ema, read_log
 from alsals_bench.tasks import get_task
 
 ORDER = ["alsals", "adam-sls", "adam", "adam-tuned", "adamw-cosine", "sls"]
@@ -117,6 +117,8 @@ def load_runs(out: Path, budget: str) -> list[Run]:
             key: np.array([r.get(key, np.nan) for r in step_records], dtype=float)
             for key in ("step", "loss", "lr", "time", "forwards", "backwards")
         }
+        if end.get("final_train_loss") is not None:  # (logs before the EMA's correction)
+            end = {**end, "final_train_loss": _ema(steps["loss"], SMOOTHING)[-1]}
         runs.append(
             Run(
                 task=start["task"],
@@ -591,13 +593,7 @@ def _cost_table(
 
 
 def _ema(values: np.ndarray, beta: float) -> np.ndarray:
-    out = np.empty_like(values)
-    acc = math.nan
-    for i, v in enumerate(values):
-        if math.isfinite(v):
-            acc = v if not math.isfinite(acc) else beta * acc + (1 - beta) * v
-        out[i] = acc
-    return out
+    return np.array(loss_ema(values.tolist(), beta), dtype=float)
 
 
 def on_common_x(
