@@ -1887,6 +1887,29 @@ def test_a_bad_batch_at_the_average_does_not_end_the_restarts_looks_for_good():
     assert opt.last_step.kind != "nonfinite"
 
 
+def test_after_a_restart_at_the_average_the_next_non_finite_step_does_not_look_at_x_again():
+    """A restart puts ``z`` at ``x``, so ``y`` is ``x``: the next non-finite loss at ``y`` is
+    one at ``x`` too, and looking there again costs a forward pass for nothing."""
+    w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w])
+    bad = {"batch": False}
+
+    def closure():
+        return barrier_loss(w) + (float("nan") if bad["batch"] else 0.0)
+
+    for _ in range(5):
+        opt.step(closure)
+    opt.state[w]["z"].fill_(20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(closure)
+        opt.step(closure)  # restarts z at x (the loss at x is finite)
+        assert opt.search_state.restarts == 1
+        bad["batch"] = True
+        opt.step(closure)
+    assert opt.last_step.kind == "nonfinite" and opt.last_step.forwards == 1
+
+
 def test_the_restart_at_the_average_covers_a_parameter_frozen_since_it_stepped():
     """``z := x`` for every parameter that has stepped, also one frozen since (it holds no
     copy in the step, being at ``x``): else, unfrozen, ``y`` would pull it back to the old

@@ -722,3 +722,82 @@ def test_a_step_without_closure_is_still_refused_where_it_is_no_tools_call(cls):
     with pytest.raises(TypeError, match="needs a closure"):
         opt.step()
     assert not opt.state
+
+
+def test_alsals_train_after_the_tools_call_and_an_edit_moves_to_the_edited_weights():
+    """The placeholders' z is a copy of the weights at the tool's call: train() (the Hugging
+    Face Trainer's, before its backward pass) must not pull y towards it after the weights
+    were written (a pretrained checkpoint loaded after get_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    data = batches()
+    runs = []
+    for tool in (True, False):
+        model, opt = dcp_fresh(ALSALS)
+        if tool:
+            get_state_dict(model, opt)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        opt.train()
+        torch.manual_seed(11)
+        train(model, opt, data[:3])
+        runs.append(model)
+    assert_same_run(*runs)
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS])
+@pytest.mark.parametrize("after", ["a step that raised", "preview"])
+def test_placeholders_dropped_leave_no_empty_entry_for_the_tool_to_take_as_state(cls, after):
+    """An optimizer whose placeholders a failed first step (or a preview) dropped holds no
+    state at all, as one that never saw the tool: else the tool takes the empty entries for
+    state and the flattened load restores nothing."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    if after == "preview" and cls is ALSALS:
+        pytest.skip("ALSALS has no preview")
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    data = batches()
+    trained_model, trained = dcp_fresh(cls)
+    torch.manual_seed(11)
+    train(trained_model, trained, data[:SAVE_AT])
+    saved = get_state_dict(trained_model, trained, options=options)
+
+    model, opt = dcp_fresh(cls)
+    get_state_dict(model, opt, options=options)  # placeholders
+    x, y = data[0]
+    if after == "preview":
+        opt.preview(bce_closure(model, x, y))
+    else:
+
+        def failing():
+            raise RuntimeError("a bad batch")
+
+        with pytest.raises(RuntimeError, match="a bad batch"):
+            opt.step(failing)
+    assert not opt.state
+    set_state_dict(
+        model, opt, model_state_dict=saved[0], optim_state_dict=saved[1], options=options
+    )
+    assert opt.search_state == trained.search_state
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS])
+def test_a_step_without_closure_mid_run_is_refused_even_with_lr_0_and_zero_gradients(cls):
+    """The tool calls only where the optimizer holds no state: mid-run, the same call is a
+    user's step() without its closure, an error, not a silent no-op."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    opt = cls(model.parameters(), buffers=model.buffers())
+    x, y = batches()[0]
+    opt.step(bce_closure(model, x, y))
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(TypeError, match="needs a closure"):
+        opt.step()

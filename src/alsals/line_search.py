@@ -606,10 +606,20 @@ def anchor_parameter(param_groups: list[dict[str, Any]]) -> Tensor | None:
     return None
 
 
-def check_state_like(owner: str, state: dict, param_groups: list[dict[str, Any]]) -> None:
+def check_state_like(
+    owner: str,
+    state: dict,
+    param_groups: list[dict[str, Any]],
+    checked: tuple | None = None,
+) -> tuple:
     """Raise a ``TypeError`` where a parameter's stored tensors are not of its dtype and on
     its device: the model was converted (``.double()``, ``.half()``, ``.to(device)``) after
-    the optimizer stepped, which torch's ``load_state_dict`` converts the state for."""
+    the optimizer stepped, which torch's ``load_state_dict`` converts the state for. Returns
+    the parameters' dtypes and devices; the state is read only where they differ from
+    ``checked`` (what the last call returned: ``None`` after a load)."""
+    signature = tuple((p.dtype, p.device) for group in param_groups for p in group["params"])
+    if signature == checked:
+        return signature
     for group in param_groups:
         for p in group["params"]:
             for name, stored in state.get(p, {}).items():
@@ -626,6 +636,7 @@ def check_state_like(owner: str, state: dict, param_groups: list[dict[str, Any]]
                         "optimizer.load_state_dict(optimizer.state_dict()) after the "
                         "conversion, or convert the model before building the optimizer"
                     )
+    return signature
 
 
 def check_eps(owner: str, eps: float, params: list[Tensor]) -> None:
@@ -770,6 +781,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._process_group = checked_process_group(process_group)
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._ranks_checked = False  # every rank holds the same settings (first step)
+        self._placeholders = False  # the state holds entries a checkpointing tool had made
+        self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
         self._dropped_looked = False  # looked once for gradients a closure() dropped
         self._written_lr_steps = 0  # steps in a row that found lr written
@@ -809,6 +822,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_lr_cuts", 0)
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_unresolved_searches", 0)
+        self.__dict__.setdefault("_placeholders", False)
+        self.__dict__.setdefault("_signature", None)
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_clip_factor", 1.0)
@@ -898,6 +913,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self.param_groups:  # groups added later get the loaded settings, not the old ones
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_KEYS})
         self._shown_lr = shown
+        self._placeholders, self._signature = False, None  # (the loaded state holds none)
 
     def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state of another optimizer, minus that optimizer's settings (with a warning)."""
@@ -1027,7 +1043,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         without arguments that runs backward itself while autograd is enabled (for wrappers
         that hide the signature).
         """
-        if is_state_initialisation(self.param_groups, closure):  # a checkpointing tool's
+        if is_state_initialisation(self.state, self.param_groups, closure):  # a tool's
             self._create_placeholders()
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
         return self._step(closure, commit=True, runs_backward=closure_runs_backward)[0]
@@ -1072,8 +1088,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     ) -> tuple[Tensor, StepInfo, _Run]:
         """Phases 0-6 (6 only with ``commit``); an exception undoes everything."""
         refuse_inference_mode(type(self).__name__)
-        drop_placeholders(self.state, PLACEHOLDER_KEYS)
-        check_state_like(type(self).__name__, self.state, self.param_groups)
+        if self._placeholders:
+            drop_placeholders(self.state, PLACEHOLDER_KEYS)
+            self._placeholders = False
+        name = type(self).__name__
+        self._signature = check_state_like(name, self.state, self.param_groups, self._signature)
         self._check_groups(self.param_groups)  # settings written since the last step
         if not self._ranks_checked:
             device = next((p.device for p in self.params()), None)
@@ -1957,6 +1976,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         anchor = anchor_parameter(self.param_groups)
         if anchor is not None and self.state[anchor].get("step") == 0:
             self.state[anchor]["line_search"] = self._stored_search_state().to_dict()
+        self._placeholders = True
 
     def _stored_search_state(self) -> SearchState:
         anchor = anchor_parameter(self.param_groups)

@@ -718,6 +718,8 @@ class ALSALS(torch.optim.Optimizer):
         self._versions: dict[int, int] | None = None
         self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
         self._ranks_checked = False  # every rank holds the same settings (first step)
+        self._placeholders = False  # the state holds entries a checkpointing tool had made
+        self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self.last_step: StepInfo | None = None
         defaults = {
             **settings,
@@ -870,6 +872,7 @@ class ALSALS(torch.optim.Optimizer):
         # model's checkpoint is loaded) are the new x
         self._held = None
         self._shown_lr = shown
+        self._placeholders, self._signature = False, None  # (the loaded state holds none)
 
     def __getstate__(self) -> dict[str, Any]:
         if self._held is not None:
@@ -899,6 +902,8 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_versions", None)
         self.__dict__.setdefault("_shown_lr", None)
         self.__dict__.setdefault("_ranks_checked", False)
+        self.__dict__.setdefault("_placeholders", False)
+        self.__dict__.setdefault("_signature", None)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -910,6 +915,7 @@ class ALSALS(torch.optim.Optimizer):
         it again before the step changes nothing; ``step()`` or ``eval()`` brings the
         weights back to the average."""
         if self._held is None:
+            self._drop_placeholders()  # (their z is no step's: y is x before a first step)
             self._adopt_edited_weights()
             self._held = self._to_gradient_point()
             self._versions = self._weight_versions()
@@ -947,12 +953,12 @@ class ALSALS(torch.optim.Optimizer):
         the weights, the state and the random stream as they were. ``closure_runs_backward``
         as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
-        if is_state_initialisation(self.param_groups, closure):  # a checkpointing tool's
+        if is_state_initialisation(self.state, self.param_groups, closure):  # a tool's
             self._create_placeholders()
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
         refuse_inference_mode("ALSALS")
-        drop_placeholders(self.state, PLACEHOLDER_KEYS)
-        check_state_like("ALSALS", self.state, self.param_groups)
+        self._drop_placeholders()
+        self._signature = check_state_like("ALSALS", self.state, self.param_groups, self._signature)
         self._check_written_settings()
         if not self._ranks_checked:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
@@ -1005,6 +1011,7 @@ class ALSALS(torch.optim.Optimizer):
             ):
                 self._restart_at_average(averages)
                 search.restarts += 1
+                search.nonfinite_in_a_row = 0  # (y is x now: no look until two more)
         except BaseException:
             self._written_lr_steps, self._lr_cuts = counts
             for average in averages:
@@ -1350,9 +1357,10 @@ class ALSALS(torch.optim.Optimizer):
                 # dtype resolves: the loss did not follow the weights, it did not converge;
                 # not where the weights' own dtype is coarser than float32, whose rounding
                 # may swallow such a move whole)
-                # (at the floor the Polyak bound is 0: there the step size searched judges
-                # what the gradient predicts, so that a closure returning 0 whatever its
-                # gradient says is not taken for a converged run)
+                # (at the floor the step size searched judges what the gradient predicts,
+                # not the Polyak bound, which is 0 there or infinite where the averaging
+                # move rises: a closure returning 0 whatever its gradient says is no
+                # converged run)
                 polyak = self._polyak_step(loss0, searched, averaging, slope)
                 start = searched if at_floor else min(searched, polyak)
                 resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
@@ -2057,6 +2065,11 @@ class ALSALS(torch.optim.Optimizer):
                     x = held.get(id(p), local_shard(p.detach()))
                     local_shard(self.state[p]["z"]).copy_(x)
 
+    def _drop_placeholders(self) -> None:
+        if self._placeholders:
+            drop_placeholders(self.state, PLACEHOLDER_KEYS)
+            self._placeholders = False
+
     def _create_placeholders(self) -> None:
         """The entries a first step creates, marked as written by none
         (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
@@ -2069,6 +2082,7 @@ class ALSALS(torch.optim.Optimizer):
         anchor = anchor_parameter(self.param_groups)
         if anchor is not None and self.state[anchor].get("step") == 0:
             self.state[anchor][STATE_KEY] = self._stored_search_state().to_dict()
+        self._placeholders = True
 
     def _stored_search_state(self) -> SearchState:
         anchor = anchor_parameter(self.param_groups)

@@ -19,11 +19,14 @@ from typing import Any
 import torch
 
 
-def is_state_initialisation(param_groups: Iterable[dict[str, Any]], closure: Any) -> bool:
-    """Whether ``step(closure)`` is a checkpointing tool's call to create the state: no
-    closure, ``lr`` 0 in every group, and every trainable parameter's gradient present and
-    zero (one look per gradient; only without a closure, which otherwise is an error)."""
-    if closure is not None:
+def is_state_initialisation(
+    state: dict, param_groups: Iterable[dict[str, Any]], closure: Any
+) -> bool:
+    """Whether ``step(closure)`` is a checkpointing tool's call to create the state: an
+    optimizer without state (the tool calls only then), no closure, ``lr`` 0 in every group,
+    and every trainable parameter's gradient present and zero (one look per gradient; only
+    without a closure, which otherwise is an error)."""
+    if closure is not None or state:
         return False
     groups = list(param_groups)
     if not groups or any(float(group["lr"]) != 0.0 for group in groups):
@@ -59,13 +62,17 @@ def without_placeholders(entry: dict, keys: tuple[str, ...]) -> dict:
 
 
 def drop_placeholders(state: dict, keys: tuple[str, ...]) -> None:
-    """Remove from ``state`` (in place) what :func:`without_placeholders` leaves out, so
-    that a step treats each parameter as it would have without the placeholders."""
-    for entry in state.values():
-        kept = without_placeholders(entry, keys)
-        if len(kept) != len(entry):
-            entry.clear()
-            entry.update(kept)
+    """Remove from ``state`` (in place) what :func:`without_placeholders` leaves out, and
+    the entries left empty, so that the optimizer is as it would have been without the
+    placeholders (an empty ``state`` included: the tool creates them again where it finds
+    one)."""
+    for p in list(state):
+        kept = without_placeholders(state[p], keys)
+        if not kept:
+            del state[p]
+        elif len(kept) != len(state[p]):
+            state[p].clear()
+            state[p].update(kept)
 
 
 def state_dict_without_placeholders(state_dict: dict, keys: tuple[str, ...]) -> dict:

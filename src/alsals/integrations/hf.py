@@ -67,6 +67,7 @@ from alsals.closure import RandomState
 from alsals.integrations import DRIVEN, _raise_import_error
 from alsals.line_search import LineSearchOptimizer
 from alsals.schedule_free import ALSALS
+from alsals.state_placeholders import is_state_initialisation
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -140,6 +141,12 @@ def _step_with_trainer_closure(
 
     def step(closure: Callable[..., Tensor] | None = None) -> Tensor:
         driven = optimizer_ref()
+        if closure is None and is_state_initialisation(
+            driven.state,  # type: ignore[union-attr]
+            driven.param_groups,  # type: ignore[union-attr]
+            None,
+        ):  # (torch.distributed.checkpoint creating the state: no trainer's batch)
+            return type(driven).step(driven, None)
         if closure is None:
             trainer = trainer_ref()
             if trainer is None:
