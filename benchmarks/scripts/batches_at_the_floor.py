@@ -19,6 +19,7 @@ fell below 1e-10 at some step.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import warnings
 from collections.abc import Callable
@@ -70,6 +71,10 @@ def run(make: Callable[..., LineSearchOptimizer], loss: str, seed: int, dtype: t
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args()  # no options: --help says what the script measures, and exits
     print(
         "| problem | dtype | optimizer | final loss (median, range) | runs handing on a step size < 1e-10 |"
     )

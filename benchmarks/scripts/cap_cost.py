@@ -14,6 +14,7 @@ the medians over repeats and their ratio.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -81,6 +82,10 @@ def reuse_step_times(model: nn.Module, loss: Callable[[nn.Module, int], Tensor])
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args()  # no options: --help says what the script measures, and exits
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # a subnormal weight would time the CPU, not the step
     warnings.simplefilter("ignore")

@@ -14,6 +14,7 @@ over the runs that ended inside the domain.
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import warnings
@@ -60,6 +61,10 @@ def run(make: Callable[..., LineSearchOptimizer], seed: int) -> tuple[bool, int,
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args()  # no options: --help says what the script measures, and exits
     print(
         "| optimizer | runs stuck outside | steps skipped | updates undone | final loss (median) |"
     )

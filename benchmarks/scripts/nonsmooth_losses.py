@@ -25,6 +25,7 @@ the slope the trials measured (phase 5.8, ``search_state.kinks_passed``) are cou
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import warnings
 from collections.abc import Callable
@@ -104,6 +105,10 @@ def relu_mlp(make, seed: int, batch: int | None) -> tuple[float, int, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args()  # no options: --help says what the script measures, and exits
     print(
         "| optimizer | L1 fit: final loss (median, range) | searches without a step | "
         "kinks passed (5.8) | tie: loss after 30 steps (from 4.05) | without a step | passed "

@@ -14,6 +14,7 @@ in 1000), the loss after 1000 steps, and the step at which the run refuted the f
 
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
 from collections.abc import Callable
@@ -90,6 +91,10 @@ def run(make: Callable, problem: Callable) -> tuple[str, float, str]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args()  # no options: --help says what the script measures, and exits
     print("| problem (minimum) | optimizer | steps to 1e-6 | loss after 1000 | refuted at |")
     print("|---|---|---|---|---|")
     for name, problem in PROBLEMS.items():

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from unwritable import unwritable
 
-from alsals_bench import cli
+from alsals_bench import cli, landscape, report, runner
+from alsals_bench.data import fetch
 from alsals_bench.runner import RunKey, read_log, run_one
+from alsals_bench.speed import cli as speed_cli
 
 
 def _files(folder):
@@ -168,7 +171,7 @@ def test_speed_with_an_output_it_cannot_create_fails_before_measuring(tmp_path, 
     argv = ["speed", "--models", "mlp-tiny", "--configs", "adam", "--steps", "1"]
     assert cli.main([*argv, "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err
-    assert "cannot create it" in err and err.count("\n") == 1
+    assert "cannot be created" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("content", ['{"command": "x", "res', "{}"])
@@ -177,3 +180,122 @@ def test_speed_report_only_on_a_file_that_is_no_speed_result_is_one_line(tmp_pat
     assert cli.main(["speed", "--report-only", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is not a speed result" in err and err.count("\n") == 1
+
+
+# A folder that exists but takes no file failed with a traceback, for run and speed only
+# once the work was done: the output check made the folder but never wrote in it.
+_WRITERS = {
+    "run": ["run", "--budget", "smoke", "--seeds", "0,", "--optimizers", "adam", "--no-progress"],
+    "landscape": ["landscape", "--budget", "smoke", "--steps", "2", "--scans", "1"],
+    "speed": ["speed", "--models", "mlp-tiny", "--configs", "adam", "--steps", "1"],
+}
+
+
+@pytest.mark.parametrize("command", list(_WRITERS))
+def test_an_output_folder_that_cannot_be_written_fails_before_any_work(
+    tmp_path, capsys, monkeypatch, command
+):
+    out = unwritable(tmp_path / "out", monkeypatch)
+    assert cli.main([*_WRITERS[command], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} cannot be written to" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert _files(out) == []
+
+
+def test_a_data_folder_that_is_a_file_is_named_not_fetched_into(tmp_path, capsys, monkeypatch):
+    """``ALSALS_DATA_DIR`` at a file: ``run`` said to run fetch, and fetch then failed with a
+    traceback; both now say what is wrong with the folder."""
+    a_file = tmp_path / "data"
+    a_file.write_text("")
+    monkeypatch.setenv("ALSALS_DATA_DIR", str(a_file))
+    assert _run(tmp_path / "out", "--tasks", "fashion-resnet") == 2
+    err = capsys.readouterr().err
+    assert f"the data folder {a_file} ($ALSALS_DATA_DIR) is a file, not a folder" in err
+    assert err.count("\n") == 1
+    assert cli.main(["fetch", "--only", "gpt2-bpe"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"alsals-bench fetch: the data folder {a_file} ($ALSALS_DATA_DIR) is not a folder\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("99999999999999999999,", "seed 99999999999999999999 is too large"),
+        (f"0,{2**63}", f"seed {2**63} is too large"),
+        ("-1", "a count cannot be negative"),
+        ("3,-1", "seed -1 is negative"),
+    ],
+)
+def test_seeds_out_of_range_say_what_is_wrong(text, message, capsys):
+    """A seed above 2**63 - 1 ended the run in a traceback from ``torch.manual_seed``;
+    ``--seeds -1`` was told how to write seed 0 alone."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["run", "--seeds", text])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "seed 0 alone" not in err
+
+
+def test_the_largest_seed_is_accepted(capsys):
+    largest = 2**63 - 1
+    assert cli.build_parser().parse_args(["run", "--seeds", f"{largest},"]).seeds == [largest]
+    assert cli.build_parser().parse_args(["landscape", "--seed", str(largest)]).seed == largest
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["landscape", "--seed", str(largest + 1)])
+    assert "argument --seed" in capsys.readouterr().err
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("argv", "target", "says"),
+    [
+        (["run", "--budget", "smoke", "--seeds", "0,"], (runner, "sweep"),
+         "finished runs are kept; the interrupted one starts again next time"),
+        (["fetch"], (fetch, "run"), "the sources fetched before are kept"),
+        (["speed"], (speed_cli, "run"), "speed.json, speed.md and speed.png are written only"),
+        (["landscape"], (landscape, "run_command"), "the scans and figures are written after"),
+        (["report", "--budget", "smoke"], (report, "write_report"), "the runs are untouched"),
+    ],
+)  # fmt: skip
+def test_ctrl_c_says_what_each_subcommand_leaves_behind(
+    tmp_path, capsys, monkeypatch, argv, target, says
+):
+    """Every subcommand said that finished runs are kept and the interrupted one starts
+    again: only true of ``run``."""
+    (tmp_path / "smoke").mkdir()
+    monkeypatch.setenv("ALSALS_RUNS_DIR", str(tmp_path))
+    monkeypatch.setattr(*target, _interrupt)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("alsals-bench: interrupted (") and says in err
+    assert ("starts again next time" in err) == (argv[0] == "run")
+
+
+def test_speed_checks_its_names_before_it_makes_the_output_folder(tmp_path, capsys):
+    out = tmp_path / "speed-out"
+    assert cli.main(["speed", "--models", "no-such-model", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("alsals-bench speed: unknown model 'no-such-model'")
+    assert not out.exists()
+
+
+def _subparser(name):
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return sub.choices[name]
+
+
+def test_report_lists_only_the_options_it_uses():
+    options = {s for a in _subparser("report")._actions for s in a.option_strings}
+    assert options == {"-h", "--help", "--budget", "--out"}
+
+
+def test_landscape_help_explains_every_option_in_plain_text():
+    parser = _subparser("landscape")
+    assert all(action.help for action in parser._actions)
+    assert "``" not in parser.description

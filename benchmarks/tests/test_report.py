@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from unwritable import unwritable
 
 from alsals_bench import cli
 from alsals_bench.report import (
@@ -19,7 +20,7 @@ from alsals_bench.report import (
     pass_equivalents,
     write_report,
 )
-from alsals_bench.runner import RunKey
+from alsals_bench.runner import RunKey, is_finished
 
 
 def _log(
@@ -313,3 +314,51 @@ def test_a_cell_averaged_over_fewer_seeds_than_its_row_says_so(tmp_path):
     rows, _ = _table_rows(text, "Equal compute:")
     assert rows["t1 (n=2, Adam 6)"]["adam"].endswith(" (n=1)")
     assert not rows["t1 (n=2, Adam 6)"]["alsals"].endswith(")")
+
+
+def test_a_file_that_is_no_run_log_is_skipped_with_a_warning_and_the_rest_reported(
+    tmp_path, capsys
+):
+    """Each of these crashed the whole report (UnicodeDecodeError, AttributeError,
+    KeyError 'task', KeyError 'time_per_step'); now each is left out, named, with why."""
+    _log(tmp_path, "t1", "adam", 0, [1.0, 0.5], *_adam_like(2))
+    folder = tmp_path / "fake" / "t1"
+    start = json.dumps({"type": "start", "task": "t1", "optimizer": "x", "seed": 0})
+    odd = {
+        "latin1.jsonl": (b'{"type": "start"}\n\xff\xfe\n{"type": "end"}\n', "line 2 is not UTF-8"),
+        "array.jsonl": (b"[1, 2]\n", "line 1 is not a JSON object"),
+        "end-alone.jsonl": (b'{"type": "end"}\n', "an end record without a start record"),
+        "bare-end.jsonl": (
+            f'{start}\n{{"type": "end"}}\n'.encode(),
+            "its end record has no 'time_per_step'",
+        ),
+    }
+    for name, (content, _) in odd.items():
+        (folder / name).write_bytes(content)
+    # What a kill or a crash leaves is a partial run, not counted and not warned about.
+    (folder / "empty.jsonl").write_bytes(b"")
+    (folder / "torn.jsonl").write_bytes(f'{start}\n{{"type": "st'.encode())
+    (folder / "nul.jsonl").write_bytes(f"{start}\n".encode() + b"\0" * 64)
+    capsys.readouterr()
+    path = write_report(tmp_path, "fake")
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == len(odd)
+    for name, (_, why) in odd.items():
+        (line,) = [w for w in warnings if f"{folder / name}:" in w]
+        assert line.startswith("alsals-bench: warning: skipped ") and why in line
+    assert "| t1 (n=1) |" in path.read_text()
+    assert [r.optimizer for r in load_runs(tmp_path, "fake")] == ["adam"]
+    # A sweep crashed on these too (is_finished); it now runs them again.
+    assert not is_finished(folder / "array.jsonl") and not is_finished(folder / "latin1.jsonl")
+
+
+def test_a_report_folder_that_cannot_be_written_fails_before_the_report_is_built(
+    tmp_path, capsys, monkeypatch
+):
+    """It failed with a traceback once the figures were drawn."""
+    _log(tmp_path, "t1", "adam", 0, [1.0, 0.5], *_adam_like(2))
+    budget = unwritable(tmp_path / "fake", monkeypatch)
+    assert cli.main(["report", "--budget", "fake", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"the report goes to {budget / 'report'}, but {budget} cannot be written to" in err
+    assert err.count("\n") == 1 and not (budget / "report").exists()

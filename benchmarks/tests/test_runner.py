@@ -492,3 +492,90 @@ def test_the_final_loss_ema_is_bias_corrected_and_skips_non_finite_losses():
     weight = 0.02 * 0.98**39 / (1 - 0.98**40)  # the first loss's share, about 0.02
     assert first_then_zero == pytest.approx(weight)
     assert first_then_zero < 0.03
+
+
+def _finished_log(out, steps, batch_size, seed=0):
+    """A finished log of digits-cnn/adam on the smoke budget, of the sizes given."""
+    path = RunKey(TASK, "adam", seed, "smoke").path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = {"type": "start", "task": TASK, "optimizer": "adam", "seed": seed}
+    start |= {"steps": steps, "batch_size": batch_size}
+    path.write_text(json.dumps(start) + "\n" + json.dumps({"type": "end"}) + "\n")
+    return path
+
+
+def test_the_start_record_holds_the_alsals_version_and_the_thread_count(tmp_path):
+    import alsals
+
+    start = read_log(run_one(RunKey(TASK, "adam", 0, "smoke"), tmp_path, progress=False))[0]
+    assert start["alsals"] == alsals.__version__
+    assert start["threads"] == torch.get_num_threads()
+
+
+def test_a_finished_run_of_other_sizes_is_kept_and_the_sweep_says_so(tmp_path, capsys):
+    """It said "done, skipped" (nothing at all without progress), though the report then
+    leaves the run out as of another budget size."""
+    budget = get_task(TASK).budget("smoke")
+    other = _finished_log(tmp_path, budget.steps + 7, budget.batch_size)
+    same = _finished_log(tmp_path, budget.steps, budget.batch_size, seed=1)
+    before = other.read_text()
+    sweep([TASK], ["adam"], [0, 1], "smoke", tmp_path, progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"[{TASK} | adam | seed 0 | smoke] done, kept, but it ran with other settings: "
+        f"steps {budget.steps + 7} (now {budget.steps}); delete {other} to rerun it",
+        "2 finished run(s) skipped (their logs are kept)",
+    ]
+    assert other.read_text() == before and is_finished(same)
+    sweep([TASK], ["adam"], [1], "smoke", tmp_path, progress=True)
+    assert capsys.readouterr().out == f"[{TASK} | adam | seed 1 | smoke] done, skipped\n"
+
+
+def test_a_run_whose_lock_file_exists_is_skipped_and_the_lock_named(tmp_path, capsys):
+    """Two sweeps on one folder both wrote the same log: nothing kept them apart."""
+    key = RunKey(TASK, "adam", 0, "smoke")
+    lock = key.path(tmp_path).with_name("adam__seed0.jsonl.lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text("12345\n")
+    assert sweep([TASK], ["adam"], [0], "smoke", tmp_path, progress=False) == []
+    out = capsys.readouterr().out
+    assert f"[{TASK} | adam | seed 0 | smoke] skipped: its lock file {lock} exists" in out
+    assert "delete the lock file if no other process is running" in out
+    assert not key.path(tmp_path).exists() and lock.read_text() == "12345\n"
+
+
+def test_a_lock_taken_while_the_run_was_prepared_is_not_ours_to_remove(tmp_path, monkeypatch):
+    """The exclusive create decides: the other process's lock survives our giving way."""
+    from alsals_bench import runner
+
+    key = RunKey(TASK, "adam", 0, "smoke")
+    lock = runner.lock_path(key.path(tmp_path))
+    prepare = runner._prepare
+
+    def prepare_while_another_process_starts(*args):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text("other\n")
+        return prepare(*args)
+
+    monkeypatch.setattr(runner, "_prepare", prepare_while_another_process_starts)
+    with pytest.raises(runner.RunLocked):
+        run_one(key, tmp_path, progress=False)
+    assert lock.read_text() == "other\n" and not key.path(tmp_path).exists()
+
+
+def test_the_lock_is_removed_when_a_run_ends_or_is_interrupted(tmp_path, monkeypatch):
+    from alsals_bench import runner
+
+    key = RunKey(TASK, "adam", 0, "smoke")
+    run_one(key, tmp_path / "a", progress=False)
+    assert sorted(p.name for p in key.path(tmp_path / "a").parent.iterdir()) == [
+        "adam__seed0.jsonl"
+    ]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_one(key, tmp_path / "b", progress=False)
+    assert not runner.lock_path(key.path(tmp_path / "b")).exists()

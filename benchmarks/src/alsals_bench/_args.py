@@ -6,18 +6,25 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+#: The largest seed: torch seeds its generators with 64-bit integers (a task also seeds one
+#: with ``seed + 1``); a larger seed ended a run in a traceback from ``manual_seed``.
+MAX_SEED = 2**63 - 1
 
-def int_at_least(minimum: int, what: str = "") -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (``what`` says what it counts)."""
+
+def int_at_least(minimum: int, what: str = "", maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (``what`` says what it counts), and
+    <= ``maximum`` where one is given."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        extra = f" ({what})" if what else ""
         if value < minimum:
-            extra = f" ({what})" if what else ""
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}{extra}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above {maximum}{extra}")
         return value
 
     parse.__name__ = f"integer >= {minimum}"

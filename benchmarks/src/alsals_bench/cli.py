@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alsals_bench import landscape
-from alsals_bench._args import int_at_least
+from alsals_bench._args import MAX_SEED, int_at_least
+from alsals_bench._paths import FolderError, writable_folder
 from alsals_bench.data import fetch
 from alsals_bench.speed import cli as speed_cli
 
@@ -53,35 +54,57 @@ MAX_SEED_COUNT = 1000
 
 
 def _seeds(text: str) -> list[int]:
-    """``3`` means seeds 0, 1, 2; ``0,5,7`` lists them (``0,`` is seed 0 alone)."""
+    """``3`` means seeds 0, 1, 2; ``0,5,7`` lists them (``0,`` is seed 0 alone); each seed
+    is in 0 .. ``MAX_SEED`` (2**63 - 1)."""
     try:
         if "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
         else:
-            count = int(text)
-            if count < 1:
-                raise argparse.ArgumentTypeError(
-                    f"--seeds {text} runs nothing: a count is at least 1 (3 = seeds 0, 1, 2); "
-                    "for seed 0 alone write 0, (a list)"
-                )
-            if count > MAX_SEED_COUNT:
-                raise argparse.ArgumentTypeError(
-                    f"--seeds {text}: a count is at most {MAX_SEED_COUNT} (for a seed that "
-                    f"large alone write {text}, (a list))"
-                )
-            seeds = list(range(count))
+            seeds = list(range(_seed_count(text)))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--seeds {text!r}: a count (3) or a comma-separated list of seeds (0,4)"
         ) from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"--seeds {text!r}: seeds are integers >= 0")
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: no seed given")
+    for seed in seeds:
+        if seed < 0:
+            raise argparse.ArgumentTypeError(
+                f"--seeds {text!r}: seed {seed} is negative; seeds are integers >= 0"
+            )
+        if seed > MAX_SEED:
+            raise argparse.ArgumentTypeError(
+                f"--seeds {text!r}: seed {seed} is too large; seeds are at most 2**63 - 1"
+            )
     return seeds
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser, subcommand: bool = False) -> None:
-    """The options shared by the bare command, ``run`` and ``report``. A subcommand's copies
-    have no defaults of their own, so ``alsals-bench --out X run`` keeps ``X``."""
+def _seed_count(text: str) -> int:
+    """The count of ``--seeds N`` (a ``ValueError`` if ``text`` is no integer)."""
+    count = int(text)
+    if count < 0:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text}: a count cannot be negative (3 = seeds 0, 1, 2; a list: 0,4)"
+        )
+    if count == 0:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text} runs nothing: a count is at least 1 (3 = seeds 0, 1, 2); "
+            "for seed 0 alone write 0, (a list)"
+        )
+    if count > MAX_SEED_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text}: a count is at most {MAX_SEED_COUNT} (for a seed that "
+            f"large alone write {text}, (a list))"
+        )
+    return count
+
+
+def _add_run_arguments(
+    parser: argparse.ArgumentParser, subcommand: bool = False, trains: bool = True
+) -> None:
+    """The options shared by the bare command, ``run`` and ``report`` (``--device`` and
+    ``--no-progress`` only where runs train: not ``report``). A subcommand's copies have no
+    defaults of their own, so ``alsals-bench --out X run`` keeps ``X``."""
 
     def default(value: object) -> object:
         return argparse.SUPPRESS if subcommand else value
@@ -97,6 +120,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, subcommand: bool = False
         default=default(None),
         help="runs folder (default: $ALSALS_RUNS_DIR if set, else runs/)",
     )
+    if not trains:
+        return
     parser.add_argument("--device", default=default("cpu"), help="torch device, e.g. cuda")
     parser.add_argument(
         "--no-progress", action="store_true", default=default(False), help="no progress bars"
@@ -138,12 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log the loss along the search direction every K >= 1 steps (line searches only)",
     )
     report = sub.add_parser("report", help="tables and figures from finished runs")
-    _add_run_arguments(report, subcommand=True)
+    _add_run_arguments(report, subcommand=True, trains=False)
     landscape.add_arguments(
         sub.add_parser(
             "landscape",
             help="loss along the search direction (Figs. 2-4)",
-            description=landscape.__doc__.splitlines()[0],
+            description=landscape.DESCRIPTION,
         )
     )
     speed_cli.add_arguments(
@@ -182,13 +207,23 @@ def _first_line(err: BaseException) -> str:
 
 
 def check_out(out: Path) -> None:
-    """The output folder exists or can be made, before any work: else a ``UsageError``."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is not a folder")
+    """The output folder exists or can be made, and a file can be written there, before
+    any work: else a ``UsageError``."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot create it ({err.strerror})") from None
+        writable_folder(out)
+    except FolderError as err:
+        raise UsageError(f"--out {out} {err}") from None
+
+
+def check_report_folder(folder: Path) -> None:
+    """The report's folder (``<out>/<budget>/report``) can take the report, before it is
+    built: the folder where it exists, else the budget's folder it is made in (nothing is
+    created, so a report that finds no runs leaves nothing behind)."""
+    where = folder if folder.exists() else folder.parent
+    try:
+        writable_folder(where)
+    except FolderError as err:
+        raise UsageError(f"the report goes to {folder}, but {where} {err}") from None
 
 
 def check_device(name: str) -> None:
@@ -228,24 +263,35 @@ def _check_sweep(task_names: list[str], optimizers: list[str], budget: str, devi
             raise UsageError(f"task {task.name!r}: {_first_line(err)}") from None
 
 
+#: What Ctrl-C leaves behind, per subcommand (None: the bare command, a sweep and its report).
+INTERRUPTED = {
+    None: "finished runs are kept; the interrupted one starts again next time",
+    "run": "finished runs are kept; the interrupted one starts again next time",
+    "list": "nothing was written",
+    "fetch": "the sources fetched before are kept; the interrupted one was not kept, "
+    "not even in part, and is fetched next time",
+    "speed": "nothing was kept: speed.json, speed.md and speed.png are written only once "
+    "every model is measured",
+    "landscape": "nothing was kept: the scans and figures are written after the last step",
+    "report": "the runs are untouched; the report folder may hold an old or partial report: "
+    "run report again",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     try:
-        return _main(argv)
+        return _main(args, argv)
     except UsageError as err:
         print(f"alsals-bench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "alsals-bench: interrupted (finished runs are kept; the interrupted one starts "
-            "again next time)",
-            file=sys.stderr,
-        )
+        print(f"alsals-bench: interrupted ({INTERRUPTED[args.command]})", file=sys.stderr)
         return 130
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "list":
         _list()
         return 0
@@ -286,6 +332,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             f"nothing to report: no runs of budget {args.budget!r} in {out} "
             f"(no folder {out / args.budget})"
         )
+    check_report_folder(out / args.budget / "report")
     try:
         path = write_report(out, args.budget)
     except (FileNotFoundError, NotADirectoryError) as err:

@@ -21,9 +21,14 @@ import torch
 from alsals import LineSearchOptimizer
 from alsals.diagnostics import LandscapeRecorder, log_grid
 from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
-from alsals_bench._args import int_at_least
+from alsals_bench._args import MAX_SEED, int_at_least
 from alsals_bench.registry import get_optimizer
 from alsals_bench.tasks import get_task
+
+DESCRIPTION = (
+    "Reproduce the paper's Figs. 2-4 on an offline task: train a line search and scan the loss "
+    "along its search direction before each of the last --scans steps."
+)
 
 
 class NotALineSearch(ValueError):
@@ -89,8 +94,14 @@ def run(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="digits-cnn")
-    parser.add_argument("--optimizer", default="alsals")
+    parser.add_argument(
+        "--task", default="digits-cnn", help="the task to train (alsals-bench list)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="alsals",
+        help="a line search of the registry (alsals-bench list): its direction is scanned",
+    )
     parser.add_argument(
         "--steps", type=int_at_least(1, "training steps"), default=60, help="training steps"
     )
@@ -101,15 +112,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scan before each of the last N steps",
     )
     parser.add_argument("--budget", default="quick", help="the task budget whose sizes to use")
-    parser.add_argument("--seed", type=int_at_least(0, "seeds are >= 0"), default=0)
+    parser.add_argument(
+        "--seed",
+        type=int_at_least(0, "seeds are 0 to 2**63 - 1", maximum=MAX_SEED),
+        default=0,
+        help="seed of the model and the batches",
+    )
     parser.add_argument(
         "--points",
         type=int_at_least(2, "a grid from 1e-7 to 1 has both ends"),
         default=36,
         help="grid points from 1e-7 to 1 (at least 2)",
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path("runs/landscape"))
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/landscape"),
+        help="output folder: scans.json and the three figures",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:

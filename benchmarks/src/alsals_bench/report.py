@@ -26,6 +26,7 @@ cell whose mean is over another number of seeds says ``(n=k)``.
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from alsals_bench.runner import SMOOTHING, is_finished, loss_ema, read_log
+from alsals_bench.runner import SMOOTHING, LogError, loss_ema, read_log
 from alsals_bench.tasks import get_task
 
 ORDER = ["alsals", "adam-sls", "adam", "adam-tuned", "adamw-cosine", "sls"]
@@ -105,32 +106,78 @@ def _defined_size(task: str, budget: str | None) -> tuple[int, int] | None:
 
 
 def load_runs(out: Path, budget: str) -> list[Run]:
-    """Every finished run of ``budget`` under ``out`` (partial runs are not counted)."""
+    """Every finished run of ``budget`` under ``out`` (partial runs are not counted). A file
+    that cannot be read as a run's log is skipped with one warning line that names it and
+    says why: one odd file does not cost the whole report."""
     runs = []
     for path in sorted((Path(out) / budget).glob("*/*.jsonl")):
-        if not is_finished(path):
+        try:
+            run = _load_run(path)
+        except BadLog as err:
+            print(f"alsals-bench: warning: skipped {path}: {err}", file=sys.stderr)
             continue
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
+class BadLog(ValueError):
+    """A file that cannot be read as a run's log; the message says why."""
+
+
+#: What the report reads from a finished log's start and end records, and of which type.
+_NUMBER = (int, float)
+START_FIELDS = {"task": str, "optimizer": str, "seed": int}
+END_FIELDS = {"time_per_step": _NUMBER, "forwards_per_step": _NUMBER, "backwards_per_step": _NUMBER}
+
+
+def _load_run(path: Path) -> Run | None:
+    """The finished run the log ``path`` holds; None for a partial run (no end record); a
+    ``BadLog`` for a file that is no run's log (not UTF-8, a line that is no JSON object,
+    an end record without a start record, a record without the fields the report reads)."""
+    try:
         records = read_log(path)
-        start, end = records[0], records[-1]
-        step_records = [r for r in records if r["type"] == "step"]
+    except LogError as err:
+        raise BadLog(str(err)) from None
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise BadLog(f"line {number} is not a JSON object")
+    if not records or records[-1].get("type") != "end":
+        return None
+    start, end = records[0], records[-1]
+    if start.get("type") != "start":
+        raise BadLog("an end record without a start record")
+    _check_fields(start, START_FIELDS, "start")
+    _check_fields(end, END_FIELDS, "end")
+    step_records = [r for r in records if r.get("type") == "step"]
+    try:
         steps = {
             key: np.array([r.get(key, np.nan) for r in step_records], dtype=float)
             for key in ("step", "loss", "lr", "time", "forwards", "backwards")
         }
-        if end.get("final_train_loss") is not None:  # (logs before the EMA's correction)
-            end = {**end, "final_train_loss": _ema(steps["loss"], SMOOTHING)[-1]}
-        runs.append(
-            Run(
-                task=start["task"],
-                optimizer=start["optimizer"],
-                seed=start["seed"],
-                start=start,
-                end=end,
-                steps=steps,
-                evals=[r for r in records if r["type"] == "eval"],
-            )
-        )
-    return runs
+    except (TypeError, ValueError):
+        raise BadLog("a step record holds a value that is not a number") from None
+    evals = [r for r in records if r.get("type") == "eval"]
+    if not all(_is(e.get("step"), _NUMBER) for e in evals):
+        raise BadLog("an eval record has no step number")
+    if end.get("final_train_loss") is not None:  # (logs before the EMA's correction)
+        end = {**end, "final_train_loss": _ema(steps["loss"], SMOOTHING)[-1]}
+    return Run(start["task"], start["optimizer"], start["seed"], start, end, steps, evals)
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """``isinstance``, except that a JSON ``true`` is no number."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _check_fields(record: dict[str, Any], fields: dict[str, Any], kind: str) -> None:
+    """A ``BadLog`` naming the first of ``fields`` that ``record`` (the ``kind`` record)
+    lacks, or holds a value of another type in."""
+    for name, type_ in fields.items():
+        if name not in record:
+            raise BadLog(f"its {kind} record has no {name!r}")
+        if not _is(record[name], type_):
+            raise BadLog(f"its {kind} record's {name!r} is {record[name]!r}")
 
 
 def pass_equivalents(run: Run) -> np.ndarray:

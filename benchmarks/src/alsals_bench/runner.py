@@ -6,7 +6,9 @@ training wall time, cumulative forward and backward passes), an ``eval`` record 
 ``eval_every`` steps and at the end (the task's metrics), and an ``end`` record (summary).
 A log without an ``end`` record is a partial run: a sweep started again discards and
 repeats it, and skips every finished one, so a sweep killed at any point loses only the run
-in progress.
+in progress. While a run trains, a lock file ``<log>.lock`` beside its log keeps a second
+process (another ``run`` on the same folder) from writing the same log; a run whose lock
+exists is skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import IO, Any
 
 import torch
 
+import alsals
 from alsals_bench.registry import get_optimizer
 from alsals_bench.tasks import get_task
 
@@ -58,11 +61,36 @@ class RunKey:
         return Path(out) / self.budget / self.task / f"{self.optimizer}__seed{self.seed}.jsonl"
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """All complete records of a log (a torn last line from a kill is ignored)."""
+class LogError(ValueError):
+    """A file that cannot be read as a log: it is not UTF-8 text. (A kill cannot leave
+    that: the records are ASCII JSON.)"""
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run's lock file: it is writing the same log."""
+
+    def __init__(self, lock: Path) -> None:
+        super().__init__(
+            f"its lock file {lock} exists (another process is writing its log); delete the "
+            "lock file if no other process is running"
+        )
+        self.lock = lock
+
+
+def read_log(path: Path) -> list[Any]:
+    """All complete records of a log, up to the first line that is no JSON: a torn last
+    line from a kill, or the NUL bytes a crash can leave, ends the log there. A ``LogError``
+    for a complete line that is not UTF-8 text. The records are what the lines hold; the
+    runner's are JSON objects (``report.load_runs`` checks)."""
     records = []
-    with open(path) as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line, whatever it holds
+                raise LogError(f"line {number} is not UTF-8 text") from None
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
@@ -71,10 +99,30 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def is_finished(path: Path) -> bool:
+    """Whether ``path`` is a log whose last record is an ``end`` record; a file that cannot
+    be read as a log is not (a sweep runs it again)."""
     if not path.exists():
         return False
+    try:
+        records = read_log(path)
+    except LogError:
+        return False
+    return bool(records) and isinstance(records[-1], dict) and records[-1].get("type") == "end"
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of the log ``path``: it exists while a process writes the log."""
+    return path.with_name(path.name + ".lock")
+
+
+def other_settings(path: Path, budget: Any) -> dict[str, tuple[Any, Any]]:
+    """The sizes a finished log was run with that ``budget`` no longer uses, as
+    ``{name: (logged, now)}`` (steps, batch size); empty where they agree, or where the log
+    does not record them."""
     records = read_log(path)
-    return bool(records) and records[-1].get("type") == "end"
+    start = records[0] if records and isinstance(records[0], dict) else {}
+    now = {"steps": budget.steps, "batch_size": budget.batch_size}
+    return {k: (start[k], v) for k, v in now.items() if k in start and start[k] != v}
 
 
 def _append(file: IO[str], record: dict[str, Any]) -> None:
@@ -99,16 +147,31 @@ def run_one(
     progress: bool = True,
     landscape_every: int = 0,
 ) -> Path:
-    """Train one run to completion (or divergence) and return its log path."""
+    """Train one run to completion (or divergence) and return its log path; a
+    ``RunLocked`` where another process holds the run's lock file."""
     path = key.path(out)
     if is_finished(path):
         return path
+    lock = lock_path(path)
+    if lock.exists():  # (before the data is loaded; the exclusive open below decides)
+        raise RunLocked(lock)
     # Everything that can fail on a wrong name, a missing budget or missing data is resolved
     # before the log is opened: a run that cannot start leaves no (empty) log behind.
     prepared = _prepare(key, torch.device(device))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as log:  # a previous partial log of this run is discarded
-        _train(key, prepared, log, progress, landscape_every)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RunLocked(lock) from None
+    try:
+        with os.fdopen(fd, "w") as owner:
+            owner.write(f"{os.getpid()}\n")  # (who holds it, for a user who finds it)
+        if is_finished(path):  # finished by another process since the first look
+            return path
+        with open(path, "w") as log:  # a previous partial log of this run is discarded
+            _train(key, prepared, log, progress, landscape_every)
+    finally:
+        lock.unlink(missing_ok=True)
     return path
 
 
@@ -157,6 +220,7 @@ def _train(
             "parameters": sum(p.numel() for p in model.parameters()),
             "device": str(device),
             "torch": torch.__version__,
+            "alsals": alsals.__version__,
             "machine": platform.machine(),
             "threads": torch.get_num_threads(),
             **stepper.start_info,
@@ -281,22 +345,50 @@ def sweep(
     progress: bool = True,
     landscape_every: int = 0,
 ) -> list[Path]:
-    """Every (task, optimizer, seed): finished runs are skipped, partial ones repeated."""
+    """Every (task, optimizer, seed): finished runs are skipped, partial ones repeated, and
+    runs another process holds (their lock file exists) skipped with a line that says so. A
+    finished run of other sizes than the budget's now is kept, with a line naming them;
+    without ``progress``, one line counts the skipped runs."""
     from alsals_bench.registry import expand
 
-    paths = []
+    paths, skipped = [], 0
     for task_name in tasks:
         task = get_task(task_name)
         names = expand(optimizers, task)
         for seed in seeds:
             for name in names:
                 key = RunKey(task_name, name, seed, budget)
-                finished = is_finished(key.path(out))
+                label = f"[{task_name} | {name} | seed {seed} | {budget}]"
+                path = key.path(out)
+                if is_finished(path):
+                    skipped += 1
+                    _say_skipped(label, path, task.budget(budget), progress)
+                    paths.append(path)
+                    continue
                 if progress:
-                    state = "done, skipped" if finished else "running"
-                    print(f"[{task_name} | {name} | seed {seed} | {budget}] {state}", flush=True)
-                paths.append(run_one(key, out, device, progress, landscape_every))
+                    print(f"{label} running", flush=True)
+                try:
+                    paths.append(run_one(key, out, device, progress, landscape_every))
+                except RunLocked as err:
+                    print(f"{label} skipped: {err}", flush=True)
+    if skipped and not progress:
+        print(f"{skipped} finished run(s) skipped (their logs are kept)", flush=True)
     return paths
+
+
+def _say_skipped(label: str, path: Path, budget: Any, progress: bool) -> None:
+    """The line for a finished run the sweep skips: "done, skipped" with ``progress``; and,
+    always, where it ran with other sizes than the budget's now, which, and how to rerun."""
+    differs = other_settings(path, budget)
+    if differs:
+        sizes = ", ".join(f"{k} {logged} (now {now})" for k, (logged, now) in differs.items())
+        print(
+            f"{label} done, kept, but it ran with other settings: {sizes}; "
+            f"delete {path} to rerun it",
+            flush=True,
+        )
+    elif progress:
+        print(f"{label} done, skipped", flush=True)
 
 
 def default_out() -> Path:

@@ -45,9 +45,22 @@ def source_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     """The folder of fetched source ``name`` under ``root`` (default ``data_dir()``).
 
     Raises DataNotFoundError unless the folder holds a readable manifest: fetch writes
-    the manifest last, so its presence means the fetch completed.
+    the manifest last, so its presence means the fetch completed. A data root that is a
+    file gets its own message: fetching alone would not help.
     """
-    folder = (Path(root).expanduser() if root is not None else data_dir()) / name
+    base = Path(root).expanduser() if root is not None else data_dir()
+    if base.exists() and not base.is_dir():  # fetch could not help: say what to change
+        if root is not None:
+            where = "the loader's root argument"
+        elif os.environ.get(ENV_VAR):
+            where = f"${ENV_VAR}"
+        else:
+            where = f"the default; set ${ENV_VAR} to use another"
+        raise DataNotFoundError(
+            f"the data folder {base} ({where}) is a file, not a folder: use a folder, "
+            f"then {fetch_hint(name)}"
+        )
+    folder = base / name
     if read_manifest(folder) is None:
         raise DataNotFoundError(
             f"data source {name!r} is not in {folder} (no valid {MANIFEST}); {fetch_hint(name)}"

