@@ -73,6 +73,35 @@ def test_random_state_after_step_equals_one_plain_training_evaluation(optimizer_
     assert torch.equal(torch.get_rng_state(), expected)
 
 
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+def test_gradient_noise_drawn_where_the_closure_runs_backward_is_fresh_at_every_step(cls):
+    """A ``closure(backward)`` that adds noise to the gradient draws it only where it runs
+    backward, never in a trial: after every step the random stream is where that one
+    training evaluation leaves it, also after a step of one trial (left where the trial
+    left it, the stream gave the same noise again at the next step)."""
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    opt = cls([w], lr=1e-3)  # (a small lr: most searches pass their first trial)
+
+    def closure(backward):
+        loss = ((w - target) ** 2).sum()
+        if backward:
+            loss.backward()
+            w.grad.add_(torch.randn(4, dtype=torch.float64), alpha=1e-3)
+        return loss
+
+    forwards = []
+    for _ in range(20):
+        before = torch.get_rng_state()
+        opt.step(closure)
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)
+        torch.randn(4, dtype=torch.float64)  # the draws of one training evaluation
+        assert torch.equal(after, torch.get_rng_state()), opt.last_step
+        forwards.append(opt.last_step.forwards)
+    assert 2 in forwards  # steps of one trial
+
+
 def test_numpy_and_python_random_states_are_untouched(optimizer_class):
     model, opt, x, y = make_setup(optimizer_class)
     np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002

@@ -154,6 +154,26 @@ def test_lr_scale_moves_each_group_by_its_multiple_of_the_searched_step_size():
         torch.testing.assert_close(p.detach(), xr, rtol=1e-9, atol=1e-12)
 
 
+def test_a_changed_lr_scale_weighs_the_average_by_the_group_s_largest_move():
+    """The averaging weight is the square of the group's largest move, ``gamma * lr_scale``
+    (Schedule-Free AdamW's ``lr_max``, at the lr the group shows): where ``lr_scale`` goes
+    from 1 to 4 mid-run the weights follow the reference replayed at ``gamma * lr_scale``
+    (weighed by ``gamma^2`` alone, the later steps weigh 16x too little in the average)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = ALSALS([w], lr=1e-2, initial_searches=1, search_interval=100)
+    ref = Reference([w.detach()])
+    for step in range(12):
+        if step == 6:
+            opt.param_groups[0]["lr_scale"] = 4.0
+        opt.step(lambda: ((x @ w - y) ** 2).mean())
+        move = opt.last_step.step_size * opt.param_groups[0]["lr_scale"]
+        ref.step([w.grad.detach().clone()], move)
+    torch.testing.assert_close(w.detach(), ref.x[0], rtol=1e-9, atol=1e-12)
+
+
 def test_accepted_steps_pass_and_their_predecessors_fail_the_test():
     """Recompute the move from the reference for the accepted step size and for
     ``gamma / backtrack``: the first passes Armijo's test, the second (when the search
@@ -2441,6 +2461,27 @@ def test_a_move_whose_decay_outweighs_the_gradient_keeps_the_step_size():
     # (the weights settle inside |w| = 1 / wd, moving less and less)
     assert (points[-1] - points[-2]).abs().max() < (points[2] - points[1]).abs().max()
     assert points[-1].abs().max() < 10.0
+
+
+def test_a_move_at_adamw_s_exact_equilibrium_tries_no_step_size():
+    """At AdamW's equilibrium exactly (``g . u = 0``: the decay cancels Adam's direction,
+    here ``u = 1 / (1 + eps) + wd * w = 0.5 - 0.5``) the move promises no decrease: no trial
+    is made and the step size is kept. Trials there all return the starting loss and say
+    nothing, yet each passes ``0 >= c * 0``: they raised the step size 20x, to the decay's
+    cap ``1 / wd``."""
+    w = torch.nn.Parameter(torch.tensor([-1.0], dtype=torch.float64))
+    opt = ALSALS([w], lr=0.1, eps=1.0, weight_decay=0.5)
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        calls += 1
+        return w.sum() + 2.0  # (g = 1)
+
+    opt.step(closure)
+    assert opt.last_step.kind == "kept"
+    assert calls == 2  # the loss at y and its replay, which a run's first search makes
+    assert opt.search_state.step_size == 0.1
 
 
 def test_a_tiny_float32_gradient_is_no_zero_gradient():
