@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from alsals import SLS, AdamSLS, MomentumALSALS
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals.polyak_cap import FLOOR_HIT_FRACTION, FLOOR_HITS, floor_word
 from alsals.search_state import SearchState
 
@@ -142,8 +142,8 @@ def test_floor_word_on_closed_forms():
     """What one trial says: a slice that is quadratic down to the floor ends 1/4 of the way
     above it at the Polyak step, an exponential tail 1/e (both: the floor holds); a straight
     line ends on the floor (suspect: a trial at twice the step decides); below the floor by
-    more than the loss's rounding is wrong wherever the trial was; a loss at the floor says
-    nothing."""
+    more than the loss's rounding is wrong wherever the trial was, also from a loss at the
+    floor; a trial from a loss at the floor that is not below it says nothing."""
     loss0, resolution = 2.0, 1e-12
     quadratic_end = loss0 / 4  # (t - 2)^2 / 2 from t = 0 to its Polyak step t = 1
     assert floor_word(loss0, quadratic_end, 0.0, resolution, at_polyak_step=True) == "holds"
@@ -158,8 +158,12 @@ def test_floor_word_on_closed_forms():
     # the floor elsewhere than 0: the same fractions of L0 - f*
     assert floor_word(loss0 + 7, quadratic_end + 7, 7.0, resolution, True) == "holds"
     assert floor_word(loss0 + 7, linear_end + 7, 7.0, resolution, True) == "near"
-    # at the floor within rounding, or a non-finite trial: no word
-    assert floor_word(resolution / 2, -1.0, 0.0, resolution, at_polyak_step=True) is None
+    # at the floor within rounding: only a trial below it says something (a critic whose
+    # loss is 0 at its start; ignored, every step was cut to 0 for good), a non-finite trial
+    # nothing, nor anything from a loss already below the floor (its own warning says so)
+    assert floor_word(resolution / 2, -1.0, 0.0, resolution, at_polyak_step=True) == "below"
+    assert floor_word(resolution / 2, 0.0, 0.0, resolution, at_polyak_step=True) is None
+    assert floor_word(-1.0, -3.0, 0.0, resolution, at_polyak_step=False) is None
     assert floor_word(loss0, math.nan, 0.0, resolution, at_polyak_step=True) is None
 
 
@@ -263,3 +267,29 @@ def test_a_preview_does_not_count_and_a_resumed_run_is_the_same_run():
 def test_a_bad_count_in_a_checkpoint_is_named():
     with pytest.raises(ValueError, match="floor_hits"):
         SearchState.from_dict({"step_size": 0.1, "initial_step_size": 0.1, "floor_hits": -1})
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS], ids=["MomentumALSALS", "ALSALS"])
+def test_a_critic_whose_loss_starts_at_the_floor_finds_it_wrong_and_trains(cls):
+    """A Wasserstein critic initialised at zero: its loss ``E[f(fake)] - E[f(real)]`` is
+    exactly 0, the default floor, at the start, and goes negative. Every step was cut to 0
+    for good (MomentumALSALS ignored the trials below a floor the loss sat on; ALSALS tried
+    none at the floor, and blamed the closure): the minimum of the regularised loss is
+    ``-|E[real] - E[fake]|^2 / 2``."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(256, 4, generator=g, dtype=torch.float64) + 1.0
+    fake = torch.randn(256, 4, generator=g, dtype=torch.float64)
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        return (fake @ w).mean() - (real @ w).mean() + 0.5 * (w * w).sum()
+
+    opt = cls([w])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(100):
+            opt.step(closure)
+    gap = real.mean(0) - fake.mean(0)
+    assert closure().item() == pytest.approx(-0.5 * float(gap @ gap), rel=1e-3)
+    assert any("below loss_floor" in str(m.message) for m in caught)
+    assert not any("closure" in str(m.message) for m in caught)

@@ -60,7 +60,8 @@ def floor_word(
 ) -> str | None:
     """What a trial of a search (its loss ``trial_loss``) says of the floor ``f*``:
     ``"below"`` (it is wrong), ``"near"`` (suspect), ``"holds"``, or ``None`` (nothing: the
-    loss is at the floor within ``resolution``, or the trial is not finite).
+    loss is at the floor within ``resolution`` and the trial not below it, the loss is below
+    the floor already, which its own warning reports, or the trial is not finite).
 
     A trial below the floor by more than the loss's rounding is direct evidence. A trial at
     the Polyak step (``at_polyak_step``) that ends within ``FLOOR_HIT_FRACTION`` of the
@@ -69,11 +70,13 @@ def floor_word(
     a trial at twice the Polyak step tells them apart (below the floor, or back up).
     """
     height = loss0 - floor
-    if not (height > resolution and math.isfinite(trial_loss)):
+    if not math.isfinite(trial_loss) or height < -resolution:  # (a loss below it says so)
         return None
     above = trial_loss - floor
-    if above < -resolution:
+    if above < -resolution:  # (also from a loss at the floor: a critic's 0 at its start)
         return "below"
+    if not height > resolution:
+        return None
     return "near" if at_polyak_step and above < FLOOR_HIT_FRACTION * height else "holds"
 
 

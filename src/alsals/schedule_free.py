@@ -1238,6 +1238,16 @@ class ALSALS(torch.optim.Optimizer):
             return _info("zero_lr", 0.0, loss0)
         h = self._settings
         at_floor = loss0 == h["loss_floor"]  # (at its lower bound: no move along u lowers it)
+        if at_floor and grad_sq_value > 0.0:
+            # unless the gradient predicts a change the loss's rounding shows at the step
+            # size: then the loss at its floor is no minimum (a wrong floor, a critic's 0 at
+            # its start; or a loss that does not follow the gradient), and the search judges
+            # it as any other (it stalled there, every step cut to 0)
+            gamma = min(search.step_size, search.ceiling())
+            resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
+            at_floor = not abs(self._promised(gamma, averaging, slope)) > resolved * max(
+                abs(loss0), 1.0
+            )
         if grad_sq_value == 0.0:
             # A gradient that is exactly 0 (a loss at y that reached 0, or its rounding): no
             # slope to search along, but Schedule-Free's step still moves x towards z (and
