@@ -110,11 +110,13 @@ def train_all(rank: int, world: int, mesh) -> dict:
                 "traceback": traceback.format_exc(),
                 "decisions": decisions,
             }
-    for name in RESUMED:
+    resumes = [(f"resume-{name}", name, None) for name in RESUMED]
+    resumes += [(f"dcp-{name}-{flat}", name, flat) for name in RESUMED for flat in (True, False)]
+    for key, name, flatten in resumes:
         try:
-            results[f"resume-{name}"] = resume(rank, mesh, OPTIMIZERS[name])
+            results[key] = resume(rank, mesh, OPTIMIZERS[name], flatten)
         except Exception as error:  # noqa: BLE001 - recorded for the test to report
-            results[f"resume-{name}"] = {
+            results[key] = {
                 "error": f"{type(error).__name__}: {error}".splitlines()[0],
                 "traceback": traceback.format_exc(),
             }
@@ -125,10 +127,12 @@ def train_all(rank: int, world: int, mesh) -> dict:
 RESUMED = ("ALSALS", "MomentumALSALS")
 
 
-def resume(rank: int, mesh, make) -> dict:
+def resume(rank: int, mesh, make, flatten: bool | None = None) -> dict:
     """STEPS steps straight, and the same run checkpointed after STEPS // 2 steps (each rank
-    its shards: the sharded model's and optimizer's state dicts, through torch.save) and
-    resumed into a fresh sharded model and optimizer: the full weights of both."""
+    its shards: the sharded model's and optimizer's state dicts, through torch.save; with
+    ``flatten`` not None, through torch.distributed.checkpoint's get_state_dict /
+    set_state_dict, flattened or nested) and resumed into a fresh sharded model and
+    optimizer: the full weights of both."""
 
     def run(model, optimizer, steps) -> None:
         for step in steps:
@@ -138,8 +142,20 @@ def resume(rank: int, mesh, make) -> dict:
     model = build(mesh)
     optimizer = make(model.parameters())
     run(model, optimizer, range(STEPS // 2))
+    options = None
+    if flatten is not None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_state_dict,
+        )
+
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
     saved = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    torch.save({"model": model_state, "optimizer": optimizer_state}, saved)
     run(model, optimizer, range(STEPS // 2, STEPS))
     straight = full_weights(model)
 
@@ -147,8 +163,17 @@ def resume(rank: int, mesh, make) -> dict:
     resumed = make(fresh.parameters())
     saved.seek(0)
     checkpoint = torch.load(saved, weights_only=False)
-    fresh.load_state_dict(checkpoint["model"])
-    resumed.load_state_dict(checkpoint["optimizer"])
+    if options is not None:
+        set_state_dict(
+            fresh,
+            resumed,
+            model_state_dict=checkpoint["model"],
+            optim_state_dict=checkpoint["optimizer"],
+            options=options,
+        )
+    else:
+        fresh.load_state_dict(checkpoint["model"])
+        resumed.load_state_dict(checkpoint["optimizer"])
     run(fresh, resumed, range(STEPS // 2, STEPS))
     return {"straight": straight, "resumed": full_weights(fresh)}
 

@@ -104,3 +104,19 @@ def test_a_sharded_run_resumed_from_a_mid_run_checkpoint_continues_bit_for_bit(r
     assert torch.equal(
         ranks[0][f"resume-{name}"]["straight"], ranks[1][f"resume-{name}"]["straight"]
     )
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flattened", "nested"])
+@pytest.mark.parametrize("name", ["ALSALS", "MomentumALSALS"])
+def test_a_sharded_run_checkpointed_through_distributed_checkpoint_goes_on_bit_for_bit(
+    ranks, name, flatten
+):
+    """The same through torch.distributed.checkpoint's get_state_dict / set_state_dict
+    (torchtitan's way; flattened, its default there, or nested): the helpers create the
+    fresh optimizer's state by a step without closure before loading into it, which the
+    optimizers answer with placeholders (before 0.2.10 the flattened load restored
+    nothing)."""
+    for rank in ranks:
+        result = rank[f"dcp-{name}-{flatten}"]
+        assert "error" not in result, result.get("traceback")
+        assert torch.equal(result["straight"], result["resumed"])
