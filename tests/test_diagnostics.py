@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from alsals import ALSALS, SLS, MomentumALSALS
 from alsals.diagnostics import LandscapeRecorder, scan_direction
@@ -297,3 +299,154 @@ def test_the_figures_without_matplotlib_say_what_to_install(tmp_path, monkeypatc
         monkeypatch.setitem(sys.modules, name, None)  # (import raises ImportError)
     with pytest.raises(ImportError, match=r"alsals\[plots\]"):
         plot_consecutive([], tmp_path / "none.png")
+
+
+def test_a_scan_warns_about_a_closure_that_does_not_replay_its_randomness():
+    """A closure that draws its batch with numpy gives another batch at every evaluation:
+    the scanned decreases compare different batches (about -0.5 at step sizes where 0 is
+    expected). The step warns about it; the scan did not."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = SmallNet(dropout=0.0)
+    x, y = make_classification()
+    opt = SLS(model.parameters(), lr=1.0, buffers=model.buffers())
+    draw = np.random.default_rng(0)
+
+    def closure():
+        index = torch.as_tensor(draw.integers(0, len(x), 8))
+        return nn.functional.binary_cross_entropy_with_logits(model(x[index]), y[index])
+
+    with pytest.warns(UserWarning, match="does not replay its randomness") as caught:
+        scan_direction(opt, closure, log_grid(1e-8, 1.0, 5))
+    assert "scan_direction" in str(caught[0].message) and "step size 0" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per optimizer, as the step warns
+        scan_direction(opt, closure, log_grid(1e-8, 1.0, 5))
+
+
+def test_a_closure_that_replays_its_randomness_scans_without_a_warning(optimizer_class):
+    """Dropout drawn from torch's generator is replayed: no warning."""
+    model, opt, closure = trained_net(optimizer_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan = scan_direction(opt, closure, log_grid(1e-8, 1.0, 5))
+    assert abs(scan.decreases[0]) < 1e-6
+
+
+def test_a_warm_up_scan_judges_by_the_warm_up_rule():
+    """During warm-up the search takes any step that does not raise the loss (from the ramp's
+    cap down): the scan judged it by the Armijo boundary and marked the step the optimizer
+    takes as failing."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    g = A @ (w.detach() - W_STAR)
+    # the ramp's first step lies where Armijo (c = 0.1) fails but the loss still falls
+    armijo_fails = 1.9 * float(g @ g) / float(g @ A @ g)
+    opt = SLS([w], lr=2 * armijo_fails, warmup_steps=2)
+    scan = scan_direction(opt, quadratic(w), [armijo_fails, 10 * armijo_fails])
+    assert scan.warmup and scan.warmup_cap == pytest.approx(armijo_fails)
+    assert scan.chosen_step_size == pytest.approx(armijo_fails)
+    assert 0 < scan.decreases[0] < 0.1 * armijo_fails * float(g @ g)  # Armijo would refuse it
+    assert scan.accepted == [True, False]  # the step taken passes; a rise does not
+    opt.step(quadratic(w))
+    assert opt.last_step.step_size == scan.chosen_step_size
+    opt.step(quadratic(w))  # the second and last step of warm-up
+    after = scan_direction(opt, quadratic(w), [1e-3])
+    assert not after.warmup and after.warmup_cap is None
+
+
+def test_the_figure_of_a_warm_up_scan_says_so(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from alsals.diagnostics.plots import plot_single
+
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = SLS([w], lr=1.0, warmup_steps=4)
+    scan = scan_direction(opt, quadratic(w), log_grid(1e-3, 1.0, 6))
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_single(scan, tmp_path / "single.png")
+    (ax, *_) = saved[0].axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "warm-up rule: no rise" in labels and "warm-up cap" in labels
+    assert "warm-up" in ax.get_title()
+
+
+def test_a_scan_leaves_buffers_the_optimizer_does_not_protect_alone(buffer_watch):
+    """An optimizer built without buffers=: the scan's forward passes (the preview's and the
+    grid's) moved BatchNorm's running statistics. A scan is read-only."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = SLS(model.parameters(), lr=1.0)
+    buffers = [b.clone() for b in model.buffers()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_direction(opt, bce_closure(model, x, y), log_grid(1e-6, 1.0, 6))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
+def test_where_it_cannot_watch_the_modules_a_scan_says_so_once(monkeypatch):
+    """After torch.compile ran, a global module hook would make compiled models recompile:
+    the scan puts back only the optimizer's buffers and says that others may have changed."""
+    import alsals.closure
+
+    monkeypatch.setattr(alsals.closure, "_compiled_anything", lambda: True)
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = SLS(model.parameters(), lr=1.0)
+    with pytest.warns(UserWarning, match=r"buffers=model.buffers\(\)"):
+        scan_direction(opt, bce_closure(model, x, y), [1e-3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_direction(opt, bce_closure(model, x, y), [1e-3])  # once
+        protected = SLS(model.parameters(), lr=1.0, buffers=model.buffers())
+        buffers = [b.clone() for b in model.buffers()]
+        scan_direction(protected, bce_closure(model, x, y), [1e-3])
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
+def test_the_heatmap_draws_scans_that_share_a_step_number(tmp_path, monkeypatch):
+    """A search that fails does not advance the step count: rows drawn at their step numbers
+    collapsed to nothing (an empty figure). Such scans are drawn in order."""
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from matplotlib.collections import QuadMesh
+    from matplotlib.figure import Figure
+
+    from alsals.diagnostics.plots import plot_heatmap
+
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = SLS([w], lr=100.0, max_trials=1)
+    recorder = LandscapeRecorder(opt, step_sizes=log_grid(1e-4, 1.0, 6))
+    for _ in range(3):
+        recorder.maybe_scan(quadratic(w))
+        opt.step(quadratic(w))
+    assert [s.step for s in recorder.scans] == [0, 0, 0]
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_heatmap(recorder.scans, tmp_path / "heatmap.png")
+    (ax, *_) = saved[0].axes
+    (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    rows = mesh.get_coordinates()[:, 0, 1]
+    assert len(rows) == 4 and np.all(np.diff(rows) > 0)
+    assert "scan" in ax.get_ylabel()
+
+
+def test_the_scan_explains_arguments_of_the_wrong_kind():
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = SLS([w], lr=0.1)
+    with pytest.raises(TypeError, match="step_sizes must be a sequence of positive numbers"):
+        scan_direction(opt, quadratic(w), 0.1)
+    with pytest.raises(TypeError, match="step_sizes must be a sequence of positive numbers"):
+        LandscapeRecorder(opt, step_sizes=0.1)
+    with pytest.raises(TypeError, match="log_grid: num must be an integer"):
+        log_grid(1e-3, 1, 5.0)
+    with pytest.raises(TypeError, match="log_grid: low must be a number"):
+        log_grid("1e-3", 1.0, 5)
+    for closure in (None, quadratic(w)()):
+        with pytest.raises(TypeError, match="scan_direction needs the closure") as raised:
+            scan_direction(opt, closure, [0.1])
+        assert "optimizer.step(closure)" not in str(raised.value)
+    assert w.grad is None and opt.last_step is None

@@ -2,10 +2,14 @@
 
 * ``plot_single``: Fig. 2, loss decrease against step size for one batch, with the step the
   line search chose (red), the best step on the batch (green) and the acceptance boundary
-  (black line; the region above it passes the test).
+  (black line; the region above it passes the test). A scan made during warm-up shows the
+  warm-up rule the search used (any step that does not raise the loss) and its cap (dotted),
+  and says "warm-up" in its title.
 * ``plot_consecutive``: Fig. 3, the same for consecutive batches, older ones fading.
 * ``plot_heatmap``: Fig. 4, loss decrease as colour over steps x step sizes, with the chosen
-  step sizes as a green line.
+  step sizes as a green line. A search that ends without a step (failed, unresolved) does
+  not advance the step count, so scans can share a step number: their rows are then the
+  scans in order (the y axis says so), not training steps.
 
 Each function writes its figure to ``path`` and returns it. Figures are built with
 matplotlib's object interface, not ``pyplot``: the user's backend, current figure and open
@@ -85,12 +89,17 @@ def _ylim(ax, scans: Sequence[LandscapeScan]) -> None:
 
 
 def plot_single(scan: LandscapeScan, path: Path, title: str = "") -> Path:
+    default_title = f"step {scan.step}: one batch" + (" (warm-up)" if scan.warmup else "")
     if not _scanned([scan]):
         why = f"step {scan.step} took no update ({scan.kind}): no direction to scan"
-        return _nothing_to_plot(path, title or f"step {scan.step}: one batch", why)
+        return _nothing_to_plot(path, title or default_title, why)
     fig, ax = _figure((6, 4))
     ax.plot(scan.step_sizes, scan.decreases, color="tab:blue", label="loss decrease")
-    ax.plot(scan.step_sizes, scan.boundary, color="black", linewidth=1, label="acceptance boundary")
+    # During warm-up the search takes any step that does not raise the loss, not Eq. 9's.
+    rule = "warm-up rule: no rise" if scan.warmup else "acceptance boundary"
+    ax.plot(scan.step_sizes, scan.boundary, color="black", linewidth=1, label=rule)
+    if scan.warmup_cap is not None:
+        ax.axvline(scan.warmup_cap, color="black", linestyle=":", linewidth=1, label="warm-up cap")
     ax.fill_between(
         scan.step_sizes,
         scan.boundary,
@@ -102,7 +111,7 @@ def plot_single(scan: LandscapeScan, path: Path, title: str = "") -> Path:
     _mark(ax, scan)
     ax.scatter([], [], color="red", label="chosen step size")
     ax.scatter([], [], color="green", label="best step on this batch")
-    _decorate(ax, title or f"step {scan.step}: one batch")
+    _decorate(ax, title or default_title)
     _ylim(ax, [scan])
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -126,8 +135,19 @@ def plot_consecutive(scans: Sequence[LandscapeScan], path: Path, title: str = ""
     return path
 
 
+def _rows(scans: Sequence[LandscapeScan]) -> tuple[list[int], str]:
+    """The heatmap's row of each scan and the y axis's label: the training step where the
+    steps increase from scan to scan; else the scan's place in order, since a search that
+    ends without a step (failed, unresolved) does not advance the step count, and rows at
+    equal steps would collapse to nothing."""
+    steps = [s.step for s in scans]
+    if all(a < b for a, b in zip(steps, steps[1:], strict=False)):
+        return steps, "training step"
+    return list(range(len(scans))), "scan, in order (steps repeat: failed searches)"
+
+
 def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") -> Path:
-    scans = _scanned(scans)  # steps without an update repeat their step count: left out
+    scans = _scanned(scans)  # (a step without an update has no curve: left out)
     if not scans:
         return _nothing_to_plot(path, title, "no scanned step took an update")
     other = next((s for s in scans if list(s.step_sizes) != list(scans[0].step_sizes)), None)
@@ -147,16 +167,20 @@ def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") ->
     positive = finite[finite > 0]
     scale = float(positive.max()) if positive.size else float(np.abs(finite).max(initial=1.0))
     values = np.clip(np.nan_to_num(values, nan=-scale, neginf=-scale), -scale, scale)
-    steps = [s.step for s in scans]
+    rows, row_label = _rows(scans)
     mesh = ax.pcolormesh(
         grid,
-        steps,
+        rows,
         values,
         shading="nearest",
         cmap="RdBu",
         norm=SymLogNorm(linthresh=max(scale * 1e-2, 1e-12), vmin=-scale, vmax=scale),
     )
-    chosen = [(s.chosen_step_size, s.step) for s in scans if s.chosen_step_size is not None]
+    chosen = [
+        (s.chosen_step_size, row)
+        for s, row in zip(scans, rows, strict=True)
+        if s.chosen_step_size is not None
+    ]
     if chosen:
         ax.plot(
             [c[0] for c in chosen],
@@ -168,7 +192,7 @@ def plot_heatmap(scans: Sequence[LandscapeScan], path: Path, title: str = "") ->
         ax.legend(fontsize=8, loc="upper left")
     ax.set_xscale("log")
     ax.set_xlabel("step size")
-    ax.set_ylabel("training step")
+    ax.set_ylabel(row_label)
     ax.set_title(title or "loss decrease over steps and step sizes")
     fig.colorbar(mesh, ax=ax, label="loss decrease (symlog)")
     fig.tight_layout()

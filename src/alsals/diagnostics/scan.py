@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from types import TracebackType
 
 import torch
+from torch import Tensor, nn
 
+import alsals.closure
 from alsals.acceptance import ArmijoTest
-from alsals.closure import Closure, ClosureEvaluator
+from alsals.closure import Closure, ClosureEvaluator, _widest_dtype
 from alsals.distributed import local_shard, mean_to_host
-from alsals.line_search import LineSearchOptimizer, StepPreview
+from alsals.line_search import (
+    SEARCH_KINDS,
+    LineSearchOptimizer,
+    StepPreview,
+    _caller_stacklevel,
+    _loss_resolution,
+    not_replayed_message,
+)
+
+#: The warnings a scan gives once per optimizer (as its step gives its own once): the
+#: causes already named for each optimizer.
+_WARNED: weakref.WeakKeyDictionary[LineSearchOptimizer, set[str]] = weakref.WeakKeyDictionary()
+#: Said where the scan cannot watch which modules the closure runs (a compiled model).
+UNWATCHED_BUFFERS_WARNING = (
+    "scan_direction: torch.compile has run in this process, so the scan cannot watch which "
+    "modules the closure runs (a global module hook would make compiled models recompile): "
+    "it puts back only the buffers {name} protects, none here, and the running statistics "
+    "of BatchNorm layers (any module buffers) may have changed. Pass buffers=model.buffers() "
+    "to {name} so that scans and trials leave them alone"
+)
 
 
 @dataclass
@@ -29,6 +54,14 @@ class LandscapeScan:
     (Eq. 9 with the smoothed averages solved for the raw decrease), and ``accepted[i]``
     whether the scanned decrease reaches it. ``slope`` is this step's slope estimate and ``slope_average`` the smoothed
     value the test used.
+
+    ``warmup`` says that the step is one of the first ``warmup_steps``: its search judges
+    trials by the warm-up rule, not Eq. 9 (any trial passes unless its loss is non-finite or
+    measurably above ``loss``), so ``boundary`` is minus the loss's resolution at every step
+    size (``RESOLUTION_ULPS`` units in the last place of ``loss``); and it tries nothing
+    above ``warmup_cap``, the ramp's ``lr * (k + 1) / warmup_steps`` where its first trial
+    goes (``None`` after warm-up). ``accepted`` is the test's verdict alone: above the cap
+    it may hold where the search would never try.
     """
 
     step: int
@@ -42,13 +75,40 @@ class LandscapeScan:
     slope: float
     slope_average: float
     kind: str
+    warmup: bool = False
+    warmup_cap: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _number(value: object) -> float | None:
+    """``value`` as a float where it is a real number (a one-element tensor included; not a
+    ``bool``), else ``None``."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def log_grid(low: float = 1e-8, high: float = 10.0, num: int = 50) -> list[float]:
     """``num`` step sizes spaced evenly on a log scale from ``low`` to ``high``."""
+    ends = []
+    for name, value in (("low", low), ("high", high)):
+        number = _number(value)
+        if number is None:
+            raise TypeError(
+                f"log_grid: {name} must be a number (a step size), got {type(value).__name__} "
+                f"{value!r}"
+            )
+        ends.append(number)
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral):
+        raise TypeError(
+            f"log_grid: num must be an integer (how many step sizes), got "
+            f"{type(num).__name__} {num!r}"
+        )
+    (low, high), num = ends, int(num)
     if not (0 < low < high < math.inf) or num < 2:
         raise ValueError(f"invalid grid: low={low}, high={high}, num={num}")
     # (in log space: high / low overflows for a grid as wide as 1e-300 .. 1e300)
@@ -58,16 +118,26 @@ def log_grid(low: float = 1e-8, high: float = 10.0, num: int = 50) -> list[float
 
 
 def _checked_grid(step_sizes: Sequence[float] | None) -> list[float]:
-    """``step_sizes`` as a list of floats (``log_grid()`` for ``None``), or a ``ValueError``
-    that names them: a scan needs step sizes that are positive, finite numbers."""
+    """``step_sizes`` as a list of floats (``log_grid()`` for ``None``); a ``TypeError`` for
+    one number, or anything else that holds no step sizes, and a ``ValueError`` that names
+    them for step sizes that are not positive, finite numbers."""
     if step_sizes is None:
         return log_grid()
+    values = None
+    if not isinstance(step_sizes, (str, bytes, numbers.Number)):
+        with contextlib.suppress(TypeError):  # (a number of another kind, a 0-dim tensor)
+            values = list(step_sizes)
+    if values is None:
+        raise TypeError(
+            "step_sizes must be a sequence of positive numbers (such as log_grid(1e-7, 1.0, "
+            f"36), or [0.1] for one), got {type(step_sizes).__name__} {step_sizes!r}"
+        )
     grid = []
-    for value in step_sizes:
-        number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+    for value in values:
+        number = _number(value)
+        if number is None:
             raise ValueError(f"step_sizes must be numbers, got {value!r}")
-        grid.append(float(number))
+        grid.append(number)
     if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
         raise ValueError(f"step_sizes must be positive and finite, got {grid}")
     return grid
@@ -88,6 +158,91 @@ def _check_optimizer(optimizer: object) -> None:
         )
 
 
+def _check_closure(closure: object) -> None:
+    """A ``TypeError`` unless ``closure`` is a function (the optimizer's own message says to
+    call ``optimizer.step(closure)``, which misleads inside a scan)."""
+    if isinstance(closure, Tensor):
+        raise TypeError(
+            "scan_direction needs the closure the step will get, not its value: pass the "
+            "function that computes and returns the loss, scan_direction(optimizer, closure), "
+            "not scan_direction(optimizer, closure()); the scan calls it once per step size"
+        )
+    if closure is None or not callable(closure):
+        raise TypeError(
+            "scan_direction needs the closure the step will get: scan_direction(optimizer, "
+            "closure, step_sizes), with a function that computes and returns the loss (got "
+            f"{type(closure).__name__})"
+        )
+
+
+def _warn_once(optimizer: LineSearchOptimizer, key: str, message: str) -> None:
+    """Warn about ``key`` once per optimizer: a recorder scans every few steps, and the cause
+    stays the same."""
+    warned = _WARNED.setdefault(optimizer, set())
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+
+
+class _TouchedBuffers:
+    """Every buffer of the modules the closure runs, saved before the first forward pass that
+    reaches each (and every module below it) and put back by ``restore``.
+
+    A scan is read-only, but the optimizer protects only the buffers it was given
+    (``buffers=``): without them the preview's and the grid's forward passes in training
+    mode move BatchNorm's running statistics. A global forward pre-hook finds the modules
+    whatever the closure calls, before their own pre-hooks run (``spectral_norm``'s power
+    iteration updates its vectors in one). A module whose buffer was replaced by a new
+    tensor gets the one it had back. Off where ``torch.compile`` has run (``active`` is
+    then ``False``): a global hook would make compiled models recompile.
+    """
+
+    def __init__(self) -> None:
+        self.active = not alsals.closure._compiled_anything()
+        self._seen: dict[int, nn.Module] = {}  # (holds the modules: their ids stay theirs)
+        self._saved: list[tuple[nn.Module, str, Tensor, Tensor]] = []
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> _TouchedBuffers:
+        if self.active:
+            self._handle = nn.modules.module.register_module_forward_pre_hook(self._save)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self.restore()
+
+    def _save(self, module: nn.Module, args: object) -> None:
+        if id(module) in self._seen:
+            return
+        for sub in module.modules():
+            if id(sub) in self._seen:
+                continue
+            self._seen[id(sub)] = sub
+            for name, buffer in sub.named_buffers(recurse=False):
+                self._saved.append((sub, name, buffer, buffer.detach().clone()))
+
+    @property
+    def buffers(self) -> list[Tensor]:
+        """The buffers saved so far (those of the modules the closure has run)."""
+        return [buffer for _, _, buffer, _ in self._saved]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for module, name, buffer, saved in self._saved:
+            if buffer.shape != saved.shape:  # (resized in forward: a lazy observer's)
+                buffer.resize_(saved.shape)
+            buffer.copy_(saved)
+            if getattr(module, name, None) is not buffer:
+                setattr(module, name, buffer)
+
+
 def scan_direction(
     optimizer: LineSearchOptimizer,
     closure: Closure,
@@ -105,18 +260,48 @@ def scan_direction(
     moves along the momentum one), before the decoupled weight decay, which is not searched.
     Under ``torch.distributed`` every rank scans its own batch and the losses are averaged
     over ranks, as the search averages them (one collective for the whole grid).
+
+    The buffers put back are every buffer of the modules the closure runs, given to the
+    optimizer (``buffers=``) or not (:class:`_TouchedBuffers`); where ``torch.compile`` has
+    run the scan cannot see those modules, puts back the optimizer's buffers only and, where
+    it has none, says once that others may have changed. The closure is also evaluated at
+    step size 0: a loss other than the step's starting one (beyond ``REPLAY_TOLERANCE``)
+    means that the closure does not replay its randomness (it draws its batch with numpy,
+    say), which makes every decrease compare different batches; the scan says so once, as
+    the step does. During warm-up the boundary and ``accepted`` follow the warm-up rule the
+    search uses (see :class:`LandscapeScan`).
     """
     _check_optimizer(optimizer)
+    _check_closure(closure)
     grid = _checked_grid(step_sizes)
-    preview = optimizer.preview(closure)
+    with _TouchedBuffers() as touched:
+        preview = optimizer.preview(closure)
+        touched.restore()  # undo the preview's forward passes: the grid starts where the step does
+        if not touched.active and not optimizer.protected_buffers:
+            name = type(optimizer).__name__
+            _warn_once(optimizer, "buffers", UNWATCHED_BUFFERS_WARNING.format(name=name))
+        buffers = list({id(b): b for b in optimizer.protected_buffers + touched.buffers}.values())
+        decreases, replayed, loss_dtype = _decreases_along(
+            optimizer, closure, preview, grid, buffers
+        )
     info, before = preview.info, preview.state
+    if replayed is not None:
+        _warn_if_not_replayed(optimizer, info.loss, replayed)
     settings = optimizer.param_groups[0]
     test = ArmijoTest(c=settings["c"], smoothing=settings["smoothing"])
     slope_average = (
         test.average(before.slope_avg, info.slope) if math.isfinite(info.slope) else math.nan
     )
-    decreases = _decreases_along(optimizer, closure, preview, grid)
-    boundary = [_minimum_decrease(test, before.decrease_avg, e, slope_average) for e in grid]
+    # The rule the search of this step judges trials by: the step size cap of the warm-up
+    # ramp is what tells the search it is warming up (``walk.cap < inf``).
+    cap = optimizer._step_size_cap(before) if info.kind in SEARCH_KINDS else math.inf
+    warmup = cap < math.inf
+    if warmup:
+        # any trial that does not raise the loss measurably (SearchTest.judge)
+        floor = -_loss_resolution(loss_dtype, info.loss)
+        boundary = [floor] * len(grid)
+    else:
+        boundary = [_minimum_decrease(test, before.decrease_avg, e, slope_average) for e in grid]
     finite = [(d, e) for d, e in zip(decreases, grid, strict=True) if math.isfinite(d)]
     chosen = info.step_size if info.kind == "search" else None
     return LandscapeScan(
@@ -131,7 +316,22 @@ def scan_direction(
         slope=info.slope,
         slope_average=slope_average,
         kind=info.kind,
+        warmup=warmup,
+        warmup_cap=cap if warmup else None,
     )
+
+
+def _warn_if_not_replayed(optimizer: LineSearchOptimizer, loss0: float, again: float) -> None:
+    """Warn once where the closure gave ``again`` at step size 0, at the weights where the
+    step's first evaluation gave ``loss0``: the optimizer's message (``REPLAY_TOLERANCE``),
+    with what it does to the scan."""
+    message = not_replayed_message(f"scan_direction ({type(optimizer).__name__})", loss0, again)
+    if message is not None:
+        message += (
+            f" The scanned curve compares them too, and means nothing: its decrease at step "
+            f"size 0 is {loss0 - again:.3g}, not 0."
+        )
+        _warn_once(optimizer, "replay", message)
 
 
 def _minimum_decrease(test: ArmijoTest, decrease_avg: float, eta: float, slope_avg: float) -> float:
@@ -143,22 +343,31 @@ def _minimum_decrease(test: ArmijoTest, decrease_avg: float, eta: float, slope_a
     return (needed - b * decrease_avg) / (1.0 - b)
 
 
+def _loss_dtype(loss: Tensor, params: list[Tensor]) -> torch.dtype:
+    """The precision the loss was computed in, as the step reads it: a loss returned as a
+    Python number (a float64 tensor by then) has the parameters' widest precision."""
+    return _widest_dtype(params) if loss.dtype == torch.float64 else loss.dtype
+
+
 @torch.no_grad()
 def _decreases_along(
     optimizer: LineSearchOptimizer,
     closure: Closure,
     preview: StepPreview,
     grid: list[float],
-) -> list[float]:
-    """``f(w) - f(w + eta d)`` for every ``eta`` of the grid, everything put back after."""
+    buffers: list[Tensor],
+) -> tuple[list[float], float | None, torch.dtype]:
+    """``f(w) - f(w + eta d)`` for every ``eta`` of the grid, everything put back after; the
+    loss at step size 0 evaluated the same way (``None`` where nothing was evaluated), and
+    the precision of the loss. Every evaluation starts from ``buffers`` as they are now."""
     if not preview.direction:  # the step takes no update (skipped, or lr 0): nothing to scan
-        return [math.nan] * len(grid)
+        return [math.nan] * len(grid), None, torch.float32
     params = [local_shard(p) for p in preview.params]
     origin = [p.detach().clone() for p in params]
-    evaluator = ClosureEvaluator(closure, optimizer.params(), optimizer.protected_buffers)
+    evaluator = ClosureEvaluator(closure, optimizer.params(), buffers)
     evaluator.start_without_grad()
-    losses = []
     try:
+        losses = [evaluator.evaluate()]  # at step size 0: does the closure replay its batch?
         for eta in grid:
             torch._foreach_copy_(params, origin)
             torch._foreach_add_(params, preview.direction, alpha=eta)
@@ -167,7 +376,9 @@ def _decreases_along(
         torch._foreach_copy_(params, origin)
         evaluator.abort()
     # The loss over all ranks, as the search compares it (info.loss is averaged too).
-    return [preview.info.loss - v for v in mean_to_host(losses, optimizer.process_group)]
+    replayed, *values = mean_to_host(losses, optimizer.process_group)
+    decreases = [preview.info.loss - v for v in values]
+    return decreases, replayed, _loss_dtype(losses[0], optimizer.params())
 
 
 class LandscapeRecorder:
