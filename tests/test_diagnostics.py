@@ -450,3 +450,92 @@ def test_the_scan_explains_arguments_of_the_wrong_kind():
             scan_direction(opt, closure, [0.1])
         assert "optimizer.step(closure)" not in str(raised.value)
     assert w.grad is None and opt.last_step is None
+
+
+class Counting(nn.Module):
+    """A layer whose forward replaces its buffer with a new tensor (``self.n = self.n + 1``)
+    and fills a buffer registered as ``None``; its output depends on the count."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 1, dtype=torch.float64)
+        self.register_buffer("n", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("lazy", None)
+
+    def forward(self, x):
+        self.n = self.n + 1
+        if self.lazy is None:
+            self.lazy = torch.ones(1, dtype=torch.float64)
+        return self.linear(x).squeeze(-1) * (1 + self.n)
+
+
+def test_a_scan_puts_back_buffers_a_forward_pass_replaced_or_filled():
+    """Replaced buffers come back as the objects they were, after every grid evaluation too
+    (the grid drifted with the count: decreases of -2, -5, -9 where 0 is due at tiny step
+    sizes), and a buffer filled where it was None is None again."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(32, generator=g, dtype=torch.float64)
+    model = Counting()
+    opt = SLS(model.parameters(), lr=1e-3)
+    n = model.n
+    scan = scan_direction(opt, lambda: ((model(x) - y) ** 2).mean(), [1e-12, 2e-12, 4e-12])
+    assert model.n is n and model.n.item() == 0.0 and model.lazy is None
+    assert max(abs(d) for d in scan.decreases) < 1e-9
+
+
+def test_a_scan_through_functional_call_leaves_the_modules_own_buffers():
+    """torch.func.functional_call swaps the caller's tensors in for the call and puts the
+    module's back itself: the scan must not set the caller's tensors on the module."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = SLS(model.parameters(), lr=1.0, buffers=model.buffers())
+    own = {name: b for name, b in model.named_buffers()}
+    given = {name: b.clone() for name, b in model.named_buffers()}
+    params = dict(model.named_parameters())
+
+    def closure():
+        out = functional_call(model, {**params, **given}, (x,))
+        return nn.functional.binary_cross_entropy_with_logits(out, y)
+
+    scan_direction(opt, closure, [1e-3, 1e-2])
+    assert all(getattr_path(model, name) is b for name, b in own.items())
+
+
+def getattr_path(module, name):
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def test_a_scan_reads_buffers_made_in_inference_mode():
+    """A buffer created under inference_mode that forward only reads: the scan copied every
+    buffer back, and an in-place copy into an inference tensor raises outside that mode."""
+    with torch.inference_mode():
+        scale = torch.full((6,), 2.0, dtype=torch.float64)
+    model = nn.Linear(6, 1, dtype=torch.float64)
+    model.register_buffer("scale", scale)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    opt = SLS(model.parameters(), lr=1e-2)
+    scan = scan_direction(opt, lambda: (model(x * model.scale) ** 2).mean(), [1e-3])
+    assert scan.decreases[0] > 0.0
+
+
+def test_step_sizes_may_be_any_iterable_and_its_own_errors_are_its_own():
+    """A one-element integer tensor is a count for log_grid, and a TypeError raised inside a
+    user's generator is not reported as a wrong kind of step_sizes."""
+    assert len(log_grid(1e-3, 1.0, torch.tensor(4))) == 4
+    w = W_STAR.clone().add_(1.0).requires_grad_(True)
+    opt = SLS([w], lr=0.1)
+
+    def broken():
+        yield 1e-3
+        raise TypeError("inside the generator")
+
+    with pytest.raises(TypeError, match="inside the generator"):
+        scan_direction(opt, quadratic(w), broken())
+    assert len(scan_direction(opt, quadratic(w), (s for s in [1e-3, 1e-2])).decreases) == 2

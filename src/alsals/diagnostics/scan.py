@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
+import operator
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 
@@ -103,12 +103,16 @@ def log_grid(low: float = 1e-8, high: float = 10.0, num: int = 50) -> list[float
                 f"{value!r}"
             )
         ends.append(number)
-    if isinstance(num, bool) or not isinstance(num, numbers.Integral):
+    try:
+        if isinstance(num, bool):
+            raise TypeError
+        count = operator.index(num)  # (an int, a numpy integer, a one-element int tensor)
+    except TypeError:
         raise TypeError(
             f"log_grid: num must be an integer (how many step sizes), got "
             f"{type(num).__name__} {num!r}"
-        )
-    (low, high), num = ends, int(num)
+        ) from None
+    (low, high), num = ends, count
     if not (0 < low < high < math.inf) or num < 2:
         raise ValueError(f"invalid grid: low={low}, high={high}, num={num}")
     # (in log space: high / low overflows for a grid as wide as 1e-300 .. 1e300)
@@ -125,8 +129,12 @@ def _checked_grid(step_sizes: Sequence[float] | None) -> list[float]:
         return log_grid()
     values = None
     if not isinstance(step_sizes, (str, bytes, numbers.Number)):
-        with contextlib.suppress(TypeError):  # (a number of another kind, a 0-dim tensor)
-            values = list(step_sizes)
+        try:
+            iterator = iter(step_sizes)  # (a number of another kind, a 0-dim tensor: none)
+        except TypeError:
+            iterator = None
+        if iterator is not None:
+            values = list(iterator)  # (an error inside a user's generator is its own)
     if values is None:
         raise TypeError(
             "step_sizes must be a sequence of positive numbers (such as log_grid(1e-7, 1.0, "
@@ -192,20 +200,31 @@ class _TouchedBuffers:
     (``buffers=``): without them the preview's and the grid's forward passes in training
     mode move BatchNorm's running statistics. A global forward pre-hook finds the modules
     whatever the closure calls, before their own pre-hooks run (``spectral_norm``'s power
-    iteration updates its vectors in one). A module whose buffer was replaced by a new
-    tensor gets the one it had back. Off where ``torch.compile`` has run (``active`` is
-    then ``False``): a global hook would make compiled models recompile.
+    iteration updates its vectors in one). Values changed in place are copied back; a
+    buffer that a forward pass replaced by a new tensor (or filled where it was ``None``)
+    gets the one it had back, but not one swapped in from outside the forward pass
+    (``torch.func.functional_call``'s, which it puts back itself). Buffers of inference
+    mode are left alone (nothing outside it can change them). Not seen: the buffers of a
+    module whose ``forward`` is called directly rather than the module. Off where
+    ``torch.compile`` has run (``active`` is then ``False``): a global hook would make
+    compiled models recompile.
     """
 
     def __init__(self) -> None:
         self.active = not alsals.closure._compiled_anything()
         self._seen: dict[int, nn.Module] = {}  # (holds the modules: their ids stay theirs)
-        self._saved: list[tuple[nn.Module, str, Tensor, Tensor]] = []
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        # (module, name, the buffer as first seen or None, its copy, its version)
+        self._saved: list[tuple[nn.Module, str, Tensor | None, Tensor | None, int]] = []
+        self._before: dict[int, dict[str, Tensor | None]] = {}  # a call's buffers, by module
+        self._replaced: dict[tuple[int, str], Tensor] = {}  # what a forward pass put there
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _TouchedBuffers:
         if self.active:
-            self._handle = nn.modules.module.register_module_forward_pre_hook(self._save)
+            self._handles = [
+                nn.modules.module.register_module_forward_pre_hook(self._save),
+                nn.modules.module.register_module_forward_hook(self._after),
+            ]
         return self
 
     def __exit__(
@@ -214,33 +233,48 @@ class _TouchedBuffers:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         self.restore()
 
     def _save(self, module: nn.Module, args: object) -> None:
+        self._before[id(module)] = dict(module._buffers)
         if id(module) in self._seen:
             return
         for sub in module.modules():
             if id(sub) in self._seen:
                 continue
             self._seen[id(sub)] = sub
-            for name, buffer in sub.named_buffers(recurse=False):
-                self._saved.append((sub, name, buffer, buffer.detach().clone()))
+            for name, buffer in sub._buffers.items():
+                if buffer is None:
+                    self._saved.append((sub, name, None, None, 0))
+                elif not buffer.is_inference():
+                    copy = buffer.detach().clone()
+                    self._saved.append((sub, name, buffer, copy, buffer._version))
+
+    def _after(self, module: nn.Module, args: object, output: object) -> None:
+        before = self._before.pop(id(module), {})
+        for name, buffer in module._buffers.items():
+            if name in before and buffer is not before[name] and buffer is not None:
+                self._replaced[(id(module), name)] = buffer
 
     @property
     def buffers(self) -> list[Tensor]:
         """The buffers saved so far (those of the modules the closure has run)."""
-        return [buffer for _, _, buffer, _ in self._saved]
+        return [buffer for _, _, buffer, _, _ in self._saved if buffer is not None]
 
     @torch.no_grad()
     def restore(self) -> None:
-        for module, name, buffer, saved in self._saved:
+        for index, (module, name, buffer, saved, version) in enumerate(self._saved):
+            current = module._buffers.get(name)
+            if current is not buffer and self._replaced.get((id(module), name)) is current:
+                module._buffers[name] = buffer  # (the forward pass's replacement undone)
+            if buffer is None or buffer._version == version:
+                continue
             if buffer.shape != saved.shape:  # (resized in forward: a lazy observer's)
                 buffer.resize_(saved.shape)
             buffer.copy_(saved)
-            if getattr(module, name, None) is not buffer:
-                setattr(module, name, buffer)
+            self._saved[index] = (module, name, buffer, saved, buffer._version)
 
 
 def scan_direction(
@@ -282,7 +316,7 @@ def scan_direction(
             _warn_once(optimizer, "buffers", UNWATCHED_BUFFERS_WARNING.format(name=name))
         buffers = list({id(b): b for b in optimizer.protected_buffers + touched.buffers}.values())
         decreases, replayed, loss_dtype = _decreases_along(
-            optimizer, closure, preview, grid, buffers
+            optimizer, closure, preview, grid, buffers, touched.restore
         )
     info, before = preview.info, preview.state
     if replayed is not None:
@@ -356,10 +390,12 @@ def _decreases_along(
     preview: StepPreview,
     grid: list[float],
     buffers: list[Tensor],
+    reset: Callable[[], None] = lambda: None,
 ) -> tuple[list[float], float | None, torch.dtype]:
     """``f(w) - f(w + eta d)`` for every ``eta`` of the grid, everything put back after; the
     loss at step size 0 evaluated the same way (``None`` where nothing was evaluated), and
-    the precision of the loss. Every evaluation starts from ``buffers`` as they are now."""
+    the precision of the loss. Every evaluation starts from ``buffers`` as they are now,
+    after ``reset`` (which puts back buffers a forward pass replaced by new tensors)."""
     if not preview.direction:  # the step takes no update (skipped, or lr 0): nothing to scan
         return [math.nan] * len(grid), None, torch.float32
     params = [local_shard(p) for p in preview.params]
@@ -367,10 +403,12 @@ def _decreases_along(
     evaluator = ClosureEvaluator(closure, optimizer.params(), buffers)
     evaluator.start_without_grad()
     try:
+        reset()
         losses = [evaluator.evaluate()]  # at step size 0: does the closure replay its batch?
         for eta in grid:
             torch._foreach_copy_(params, origin)
             torch._foreach_add_(params, preview.direction, alpha=eta)
+            reset()
             losses.append(evaluator.evaluate())
     finally:
         torch._foreach_copy_(params, origin)
