@@ -469,7 +469,7 @@ class Counting(nn.Module):
         return self.linear(x).squeeze(-1) * (1 + self.n)
 
 
-def test_a_scan_puts_back_buffers_a_forward_pass_replaced_or_filled():
+def test_a_scan_puts_back_buffers_a_forward_pass_replaced_or_filled(buffer_watch):
     """Replaced buffers come back as the objects they were, after every grid evaluation too
     (the grid drifted with the count: decreases of -2, -5, -9 where 0 is due at tiny step
     sizes), and a buffer filled where it was None is None again."""
@@ -484,7 +484,7 @@ def test_a_scan_puts_back_buffers_a_forward_pass_replaced_or_filled():
     assert max(abs(d) for d in scan.decreases) < 1e-9
 
 
-def test_a_scan_through_functional_call_leaves_the_modules_own_buffers():
+def test_a_scan_through_functional_call_leaves_the_modules_own_buffers(buffer_watch):
     """torch.func.functional_call swaps the caller's tensors in for the call and puts the
     module's back itself: the scan must not set the caller's tensors on the module."""
     from torch.func import functional_call
@@ -511,7 +511,7 @@ def getattr_path(module, name):
     return module
 
 
-def test_a_scan_reads_buffers_made_in_inference_mode():
+def test_a_scan_reads_buffers_made_in_inference_mode(buffer_watch):
     """A buffer created under inference_mode that forward only reads: the scan copied every
     buffer back, and an in-place copy into an inference tensor raises outside that mode."""
     with torch.inference_mode():
