@@ -1877,11 +1877,9 @@ def barrier_loss(w: torch.Tensor) -> torch.Tensor:
     return (1.0 - torch.log1p(-w) - 2.0 * w).sum()
 
 
-def test_a_bad_batch_at_the_average_does_not_end_the_restarts_looks_for_good():
-    """``z`` past a log barrier while a bad batch (a NaN in the data) makes the loss at ``x``
-    not finite either when the second skipped step looks there: the third, whose ``x`` is
-    finite, restarts ``z`` (it looked only at the second before, and every later step stayed
-    skipped: a stall)."""
+def z_past_the_barrier():
+    """An ``ALSALS`` run on the log barrier whose ``z`` lies past it (``y`` outside the
+    loss's domain, ``x`` inside), with a switch that makes every batch bad (a NaN)."""
     w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
     opt = ALSALS([w])
     bad = {"batch": False}
@@ -1892,6 +1890,15 @@ def test_a_bad_batch_at_the_average_does_not_end_the_restarts_looks_for_good():
     for _ in range(5):
         opt.step(closure)
     opt.state[w]["z"].fill_(20.0)
+    return w, opt, bad, closure
+
+
+def test_a_bad_batch_at_the_average_does_not_end_the_restarts_looks_for_good():
+    """``z`` past a log barrier while a bad batch (a NaN in the data) makes the loss at ``x``
+    not finite either when the second skipped step looks there: the third, whose ``x`` is
+    finite, restarts ``z`` (it looked only at the second before, and every later step stayed
+    skipped: a stall)."""
+    w, opt, bad, closure = z_past_the_barrier()
     x = w.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1910,16 +1917,7 @@ def test_a_bad_batch_at_the_average_does_not_end_the_restarts_looks_for_good():
 def test_after_a_restart_at_the_average_the_next_non_finite_step_does_not_look_at_x_again():
     """A restart puts ``z`` at ``x``, so ``y`` is ``x``: the next non-finite loss at ``y`` is
     one at ``x`` too, and looking there again costs a forward pass for nothing."""
-    w = torch.tensor([0.2, 0.3], dtype=torch.float64, requires_grad=True)
-    opt = ALSALS([w])
-    bad = {"batch": False}
-
-    def closure():
-        return barrier_loss(w) + (float("nan") if bad["batch"] else 0.0)
-
-    for _ in range(5):
-        opt.step(closure)
-    opt.state[w]["z"].fill_(20.0)
+    w, opt, bad, closure = z_past_the_barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt.step(closure)

@@ -1244,10 +1244,7 @@ class ALSALS(torch.optim.Optimizer):
             # its start; or a loss that does not follow the gradient), and the search judges
             # it as any other (it stalled there, every step cut to 0)
             gamma = min(search.step_size, search.ceiling())
-            resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
-            at_floor = not abs(self._promised(gamma, averaging, slope)) > resolved * max(
-                abs(loss0), 1.0
-            )
+            at_floor = not self._resolved(gamma, loss0, averaging, slope, evaluator.loss_dtype)
         if grad_sq_value == 0.0:
             # A gradient that is exactly 0 (a loss at y that reached 0, or its rounding): no
             # slope to search along, but Schedule-Free's step still moves x towards z (and
@@ -1373,14 +1370,13 @@ class ALSALS(torch.optim.Optimizer):
                 # converged run)
                 polyak = self._polyak_step(loss0, searched, averaging, slope)
                 start = searched if at_floor else min(searched, polyak)
-                resolved = UNRESOLVED_ULPS * torch.finfo(evaluator.loss_dtype).eps
                 coarse = all(
                     torch.finfo(p.dtype).eps > torch.finfo(torch.float32).eps
                     for g in groups
                     for p in g.params
                 )
-                predicted = not coarse and (
-                    abs(self._promised(start, averaging, slope)) > resolved * max(abs(loss0), 1.0)
+                predicted = not coarse and self._resolved(
+                    start, loss0, averaging, slope, evaluator.loss_dtype
                 )
                 followed = search.loss_followed and healthy and not self._slope_overstated
                 message = _unchanged_message(loss0, search.first_loss, followed, predicted)
@@ -1741,6 +1737,20 @@ class ALSALS(torch.optim.Optimizer):
             kappa = 1.0 - group["betas"][0] * (1.0 - alpha)
             total += alpha * a + gamma * group["lr_scale"] * kappa * s
         return total
+
+    def _resolved(
+        self,
+        gamma: float,
+        loss0: float,
+        averaging: list[float],
+        slope: list[float],
+        loss_dtype: torch.dtype,
+    ) -> bool:
+        """Whether the move at step size ``gamma`` promises a change of the loss that its
+        rounding shows: more than ``UNRESOLVED_ULPS`` epsilons of ``loss_dtype`` times
+        ``max(|L0|, 1)``."""
+        resolution = UNRESOLVED_ULPS * torch.finfo(loss_dtype).eps * max(abs(loss0), 1.0)
+        return abs(self._promised(gamma, averaging, slope)) > resolution
 
     def _polyak_step(
         self, loss0: float, gamma: float, averaging: list[float], slope: list[float]
