@@ -632,6 +632,45 @@ def test_a_warning_turned_into_an_error_leaves_everything_as_before_the_step(opt
     assert opt.last_step is not None and opt.search_state.searches == 1
 
 
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=ALL_IDS)
+@pytest.mark.parametrize("kind", ["search", "zero_grad"])
+def test_a_warning_about_the_step_turned_into_an_error_writes_nothing(cls, kind):
+    """The warnings issued once a step has decided what to do (held gradients dropped)
+    are an exception under ``-W error`` too: the weights, the state and ``last_step`` are
+    as before the step, and the retry takes it as an uninterrupted step does (ALSALS wrote
+    the move first, and the undo put back x' in place of x)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = cls(model.parameters())
+    scale = 0.0 if kind == "zero_grad" else 1.0  # (a zero gradient: the averaging move)
+
+    def closure():
+        return nn.functional.mse_loss(model(x), y) * scale + (model.bias * 0.0).sum()
+
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    twin_model = copy.deepcopy(model)
+    twin = cls(twin_model.parameters())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()  # a backward pass outside step()
+    weights, state, last = snapshot(model), full_state(opt), opt.last_step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="held gradients computed since the last step"):
+            opt.step(closure)
+    assert_unchanged(weights, model.parameters())
+    assert_same_state(state, full_state(opt))
+    assert opt.last_step is last
+    for p in model.parameters():
+        p.grad = None
+    opt.step(closure)  # warned once: the retry takes the step
+    twin.step(lambda: nn.functional.mse_loss(twin_model(x), y) * scale)
+    assert opt.last_step.kind == twin.last_step.kind == kind
+    for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_step_under_inference_mode_is_a_clear_error(optimizer_class):
     w = torch.ones(3, requires_grad=True)
     opt = optimizer_class([w])

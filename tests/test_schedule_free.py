@@ -674,6 +674,30 @@ def test_a_search_whose_trials_all_fail_keeps_the_step_size_and_takes_no_gradien
     assert opt.param_groups[0]["lr"] == 0.5
 
 
+@pytest.mark.parametrize("max_trials", [1, 2, 3])
+def test_a_search_makes_at_most_max_trials_evaluations(max_trials):
+    """``max_trials`` bounds a search's evaluations, the averaging move's test included
+    (with 1 it made two: the failed trial, then that test); a search whose trials all fail
+    within it ends "exhausted" or "kept", its step size kept."""
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], lr=0.5, max_trials=max_trials, search_interval=1)
+    failing = False
+
+    def closure():
+        return (w * w).sum() + (1.0 if failing and not torch.is_grad_enabled() else 0.0)
+
+    for k in range(8):
+        failing = k >= 3
+        before = opt.search_state.forwards
+        opt.step(closure)
+        info = opt.last_step
+        replay = k == 0  # (the first step evaluates its closure twice at y)
+        assert info.trials <= max_trials and info.forwards <= max_trials + 1 + replay
+        assert opt.search_state.forwards - before == info.forwards
+        if failing:
+            assert info.kind in ("exhausted", "kept") and opt.param_groups[0]["lr"] > 0.0
+
+
 def test_a_search_whose_averaging_move_fails_keeps_the_step_size():
     """From step 4 on every trial fails (the trials' loss is 1 above the training pass's):
     the averaging move alone fails as well, and the search ends "kept" after two
@@ -1025,6 +1049,34 @@ def test_z_trails_only_beyond_what_a_fair_coin_gives():
     assert not trailing_beyond_chance(2, 8)
     assert trailing_beyond_chance(0, 5) and not trailing_beyond_chance(0, 4)
     assert not trailing_beyond_chance(10, 0) and not trailing_beyond_chance(0, 0)
+
+
+@pytest.mark.parametrize("rule", ["keep", "shrink"])
+def test_a_run_of_kept_searches_longer_than_a_float_s_range_goes_on(rule):
+    """A full-batch run keeps at every search (``kept_rule``'s test counts them): from the
+    1024th in a row the fair coin's ``2^-n`` is below float64's range, which raised an
+    OverflowError at every later search (the run dead after some 10,000 steps at the
+    defaults). The count is stored one search short of it; the searches after it keep, and
+    ``"shrink"`` shrinks at each."""
+    a, b, _ = least_squares_problem()
+    w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w], kept_rule=rule, search_interval=1, loss_rise_guard=None)
+    for _ in range(300):
+        opt.step(lambda: 0.5 * ((a @ w - b) ** 2).mean())
+        if opt.last_step.kind == "kept":  # (z circles the minimum: every search keeps)
+            break
+    assert opt.last_step.kind == "kept", "the problem must keep"
+    (stored,) = opt.state.values()
+    stored[STATE_KEY]["kept_in_a_row"] = 1023
+    lr = opt.param_groups[0]["lr"]
+    for _ in range(3):
+        opt.step(lambda: 0.5 * ((a @ w - b) ** 2).mean())
+        assert opt.last_step.kind == "kept"
+    assert opt.search_state.kept_in_a_row == 1026
+    expected = lr / 1.1**3 if rule == "shrink" else lr
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert trailing_beyond_chance(0, 5000) and trailing_beyond_chance(400, 700)
+    assert not trailing_beyond_chance(600, 500)
 
 
 @pytest.mark.parametrize("rule", ["off", "hold", "shrink"])
@@ -1698,9 +1750,25 @@ def test_a_process_group_that_is_not_one_is_an_error():
         ("group", "lr", float("nan")),
         ("search", "step_size", -0.5),
         ("search", "step_size", float("inf")),
+        ("search", "step_size", None),
+        ("search", "step_size_ceiling", -1.0),
+        ("search", "start_ceiling", 0.0),
+        ("search", "searches", -3),
+        ("search", "steps", "x"),
+        ("search", "kept_in_a_row", 2.0),
+        ("search", "first_phase_over", 1),
+        ("search", "first_loss", "abc"),
+        ("search", "resume", float("nan")),
+        ("search", "bogus", 1.0),
+        ("search", "watch", {"bogus": 1.0}),
+        ("search", "watch", {"loss_avg": "1"}),
+        ("search", "start_watch", 3.0),
     ],
 )
 def test_a_tampered_state_is_refused_on_load_and_nothing_is_loaded(where, key, value):
+    """A checkpoint edited by hand is refused by a ``ValueError`` naming the entry, before
+    anything loads (a ceiling of -1 used to load, and every later step size collapsed to
+    the smallest float without a word; a string, at the next step, as a TypeError)."""
     model, opt, _, _ = run(steps=4)
     state = copy.deepcopy(opt.state_dict())
     if where == "group":
@@ -1708,6 +1776,8 @@ def test_a_tampered_state_is_refused_on_load_and_nothing_is_loaded(where, key, v
     else:
         first = next(iter(k for k, v in state["state"].items() if "schedule_free_search" in v))
         state["state"][first]["schedule_free_search"][key] = value
+        if value is None:
+            del state["state"][first]["schedule_free_search"][key]
     fresh = ALSALS(make_model().parameters())
     before = copy.deepcopy(fresh.state_dict())
     with pytest.raises(ValueError, match=key):

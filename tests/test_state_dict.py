@@ -143,6 +143,35 @@ def test_a_group_added_to_a_resumed_optimizer_saves_no_foreign_setting(cls, rebu
         fresh.load_state_dict(resumed.state_dict())
 
 
+@pytest.fixture
+def single_rank_group():
+    """A one-rank gloo group in this process, destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.new_group([0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+def test_a_copy_of_an_optimizer_given_a_process_group_shares_it(cls, single_rank_group):
+    """``copy.deepcopy`` of an optimizer built with ``process_group=`` (a trainer that
+    copies its optimizer, an EMA or SWA set-up): the copy shares the communicator, which is
+    neither copyable nor picklable, and steps as the original does (ALSALS raised a
+    TypeError: cannot pickle 'ProcessGroup')."""
+    w = torch.ones(3, requires_grad=True)
+    opt = cls([w], process_group=single_rank_group)
+    opt.step(lambda: (w**2).sum())
+    twin_w, copied = copy.deepcopy((w, opt))  # (one memo: the copy steps the copied w)
+    assert copied._process_group is single_rank_group
+    assert copied.param_groups[0]["params"][0] is twin_w
+    opt.step(lambda: (w**2).sum())
+    copied.step(lambda: (twin_w**2).sum())
+    assert torch.equal(w, twin_w)
+
+
 def test_a_process_group_that_is_not_one_is_an_error(optimizer_class):
     with pytest.raises(TypeError, match="process_group"):
         optimizer_class([torch.ones(1, requires_grad=True)], process_group="gloo")

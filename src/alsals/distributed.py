@@ -8,13 +8,17 @@ a decision depends on are averaged across ranks in one collective before they re
 
 from __future__ import annotations
 
+import copy
 import sys
 import zlib
 from types import ModuleType
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+_Copied = TypeVar("_Copied")
 
 _dtensor: list[ModuleType] = []  # DTensor's module, once found (a loaded module stays)
 
@@ -137,3 +141,15 @@ def mean_on_device(value: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value / ranks
+
+
+def copy_sharing_process_group(optimizer: _Copied, memo: dict[int, Any]) -> _Copied:
+    """``copy.deepcopy`` of an optimizer whose ``_process_group`` the copy shares: a
+    communicator is a handle to the ranks, neither copyable nor picklable."""
+    clone = type(optimizer).__new__(type(optimizer))
+    memo[id(optimizer)] = clone
+    state = optimizer.__getstate__()  # type: ignore[attr-defined]
+    group = state.pop("_process_group", None)
+    clone.__setstate__(copy.deepcopy(state, memo))  # type: ignore[attr-defined]
+    clone._process_group = group  # type: ignore[attr-defined]
+    return clone

@@ -28,7 +28,6 @@ were, and the random state and protected buffers as they were before the step.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import math
@@ -67,6 +66,7 @@ from alsals.distributed import (
     any_not_finite,
     check_same_settings,
     checked_process_group,
+    copy_sharing_process_group,
     local_shard,
     mean_to_host,
     shard_count,
@@ -2131,9 +2131,4 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._warn_once("replay", message, UserWarning)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LineSearchOptimizer:
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        state = {k: v for k, v in self.__getstate__().items() if k != "_process_group"}
-        clone.__setstate__(copy.deepcopy(state, memo))
-        clone._process_group = self._process_group  # a communicator is shared, not copied
-        return clone
+        return copy_sharing_process_group(self, memo)

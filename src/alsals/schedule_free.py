@@ -111,6 +111,7 @@ from alsals.distributed import (
     any_not_finite,
     check_same_settings,
     checked_process_group,
+    copy_sharing_process_group,
     local_shard,
     mean_on_device,
     mean_to_host,
@@ -352,8 +353,119 @@ class SearchState:
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> SearchState:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in stored.items() if k in known})
+        """The state ``to_dict`` stored (entries of older versions' that no longer shape
+        the run dropped); ``check_stored`` validates one from outside first."""
+        return cls(**{k: v for k, v in stored.items() if k not in RETIRED_STATE_ENTRIES})
+
+    @staticmethod
+    def check_stored(stored: Any) -> None:
+        """Refuse a stored state that no run can have written (a checkpoint edited by
+        hand, another optimizer's entry): a ``ValueError`` naming the first bad entry,
+        before anything is loaded (a ceiling of -1 collapsed every later step size to
+        the smallest float, silently)."""
+        if not isinstance(stored, dict):
+            raise ValueError(f"invalid ALSALS state {STATE_KEY!r}: {stored!r} (not a dict)")
+        names = {f.name for f in fields(SearchState)}
+        unknown = sorted(set(stored) - names - RETIRED_STATE_ENTRIES)
+        if unknown:
+            raise ValueError(f"unknown entries in the ALSALS state {STATE_KEY!r}: {unknown}")
+        if "step_size" not in stored:
+            raise ValueError(f"the ALSALS state {STATE_KEY!r} has no 'step_size'")
+        for name, value in stored.items():
+            if name in RETIRED_STATE_ENTRIES:
+                continue
+            expected = _STATE_ENTRY_RANGES.get(name)
+            if name in ("watch", "start_watch"):
+                _check_watch(name, value)
+            elif expected is None:  # a flag
+                if not isinstance(value, bool):
+                    raise ValueError(_invalid_entry(name, value, "True or False"))
+            elif expected == "count":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(_invalid_entry(name, value, "an integer >= 0"))
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(_invalid_entry(name, value, f"a number, {expected}"))
+            elif not _in_stored_range(value, expected):
+                raise ValueError(_invalid_entry(name, value, expected))
+
+
+#: Entries of the search state that earlier versions stored and none reads any more.
+RETIRED_STATE_ENTRIES = frozenset({"last_kept", "linear"})
+#: What each numeric entry of the search state may hold ("count": an integer >= 0).
+_STATE_ENTRY_RANGES = {
+    "step_size": "finite and > 0",
+    "initial_step_size": "finite and > 0, or nan",
+    "resume": "finite and >= 0",
+    "first_loss": "finite, or nan",
+    "step_size_ceiling": "> 0 (inf: none)",
+    "ceiling_loss": "finite",
+    "ceiling_rise": "finite, or inf",
+    "retry_from": "finite and >= 0",
+    "peak_step_size": "finite and >= 0",
+    "start_ceiling": "> 0 (inf: none)",
+    **{
+        name: "count"
+        for name in (
+            "nonfinite_in_a_row",
+            "steps",
+            "searches",
+            "steps_since_search",
+            "kept",
+            "exhausted",
+            "restarts",
+            "edits",
+            "skipped_nonfinite",
+            "skipped_zero_grad",
+            "trials",
+            "forwards",
+            "backwards",
+            "leading",
+            "trailing",
+            "kept_in_a_row",
+        )
+    },
+}
+
+
+def _in_stored_range(value: float, expected: str) -> bool:
+    """Whether a stored number lies in the range ``_STATE_ENTRY_RANGES`` describes."""
+    if math.isnan(value):
+        return expected.endswith("or nan")
+    if math.isinf(value):
+        return value > 0 and expected.endswith(("(inf: none)", "or inf"))
+    if "> 0" in expected:
+        return value > 0
+    return value >= 0 if ">= 0" in expected else True
+
+
+def _invalid_entry(name: str, value: Any, expected: str) -> str:
+    return f"invalid ALSALS state {name!r}: {value!r} (expected {expected})"
+
+
+def _check_watch(name: str, value: Any) -> None:
+    """A stored watch: the fields of ``LossWatch`` (``"watch"``, also as stored before
+    0.2.9) or of ``StartWatch`` (``"start_watch"``), each a number."""
+    kind = LossWatch if name == "watch" else StartWatch
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(_invalid_entry(name, value, f"a dict of {kind.__name__}'s fields"))
+    known = {f.name for f in fields(kind)} | ({"loss_sq_avg"} if kind is LossWatch else set())
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown entries in the ALSALS state {name!r}: {unknown}")
+    for key, entry in value.items():
+        if isinstance(entry, bool) != (key == "armed") or not isinstance(entry, (int, float)):
+            raise ValueError(_invalid_entry(f"{name}.{key}", entry, "a number"))
+
+
+@dataclass(frozen=True)
+class _Move:
+    """The step a decided step writes: ``z`` moves by ``step_size`` along ``u`` (0: the
+    averaging move alone), and with ``restart`` then restarts at the new average."""
+
+    step_size: float
+    restart: bool
 
 
 @dataclass(frozen=True)
@@ -838,10 +950,8 @@ class ALSALS(torch.optim.Optimizer):
         _check_groups(state_dict.get("param_groups", []), "the state's ")
         stored = state_dict.get("state", {})
         for entry in stored.values():
-            search = entry.get(STATE_KEY) if isinstance(entry, dict) else None
-            if search is not None:
-                step_size = search.get("step_size")
-                in_range("the state's search step_size", step_size, 0.0, closed_low=False)
+            if isinstance(entry, dict) and STATE_KEY in entry:
+                SearchState.check_stored(entry[STATE_KEY])
         saved_groups = state_dict.get("param_groups", [])
         if saved_groups:
             saved = {k: saved_groups[0][k] for k in SEARCH_SETTINGS}
@@ -879,6 +989,9 @@ class ALSALS(torch.optim.Optimizer):
             self._warn_once("held_copy", HELD_WARNING.format(what="a copy (deepcopy, pickle)"))
         skipped = ("_left_grads", "_held", "_versions")
         return {k: v for k, v in self.__dict__.items() if k not in skipped}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ALSALS:
+        return copy_sharing_process_group(self, memo)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -997,8 +1110,12 @@ class ALSALS(torch.optim.Optimizer):
             averages = averages or self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
             groups, squared = self._gather(averages)
-            info = self._run(search, pending, loss, groups, squared, evaluator)
+            info, move = self._run(search, pending, loss, groups, squared, evaluator)
             self._warn_about(info, evaluator)  # (-W error: undone like any exception)
+            if (
+                move is not None
+            ):  # (written last: a warning raised as an error finds nothing written)
+                self._commit(groups, move.step_size, move.restart)
             # y, where the loss is taken, may have left the loss's domain (a reused step
             # size moved z past a log barrier, say) while the average x has not: where the
             # loss at x is finite (not a bad batch), z restarts at x (the last thing the step
@@ -1184,8 +1301,10 @@ class ALSALS(torch.optim.Optimizer):
         groups: list[_Group],
         squared: Tensor | None,
         evaluator: ClosureEvaluator,
-    ) -> StepInfo:
-        """Everything after the first evaluation; writes the state only at the end."""
+    ) -> tuple[StepInfo, _Move | None]:
+        """Everything after the first evaluation but the write: what the step did, and the
+        move that ``step()`` writes once nothing else can raise (its warnings included:
+        ``-W error`` turns them into exceptions, which must find the state as it was)."""
         # Every rank issues the same collective whatever its local gradients: per parameter
         # group g . (y - z) and g . u, the slopes of the move's two parts (0 without any)
         device = groups[0].grads[0].device if groups else loss.device
@@ -1233,9 +1352,9 @@ class ALSALS(torch.optim.Optimizer):
             kind = "nonfinite" if nonfinite else "zero_grad"
             search.skipped_nonfinite += nonfinite
             search.skipped_zero_grad += not nonfinite
-            return _info(kind, 0.0, loss0)
+            return _info(kind, 0.0, loss0), None
         if written == "zero":  # lr 0 written: no update this step, the step size kept
-            return _info("zero_lr", 0.0, loss0)
+            return _info("zero_lr", 0.0, loss0), None
         h = self._settings
         at_floor = loss0 == h["loss_floor"]  # (at its lower bound: no move along u lowers it)
         if at_floor and grad_sq_value > 0.0:
@@ -1259,10 +1378,9 @@ class ALSALS(torch.optim.Optimizer):
             untested = search.searches == 0 or search.untested_write or search.resume > 0.0
             if untested or written or at_floor:
                 gamma = 0.0
-            self._commit(groups, gamma, restart=False)
             search.steps += 1
             search.steps_since_search += 1
-            return _info("zero_grad", gamma, loss0)
+            return _info("zero_grad", gamma, loss0), _Move(gamma, restart=False)
         if not math.isfinite(search.first_loss):
             search.first_loss = loss0
         if h["loss_floor"] is not None and loss0 < h["loss_floor"]:  # (before any write)
@@ -1295,7 +1413,7 @@ class ALSALS(torch.optim.Optimizer):
             (again,) = mean_to_host([evaluator.evaluate()], self._process_group)
             if not math.isfinite(again):  # without gradient only: no trial can be judged
                 search.skipped_nonfinite += 1
-                return _info("nonfinite", 0.0, loss0, trials=1)
+                return _info("nonfinite", 0.0, loss0, trials=1), None
             message = not_replayed_message("ALSALS", loss0, again)
             if message is not None:
                 self._warn_once("replay", message)
@@ -1385,7 +1503,7 @@ class ALSALS(torch.optim.Optimizer):
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 search.regrow = False  # (it judged no start)
-                return _info(result.kind, 0.0, loss0, result.evaluations)
+                return _info(result.kind, 0.0, loss0, result.evaluations), None
         if result.kind != "reuse":
             result = self._after_kept_run(search, result)
         kind, gamma, trials = result.kind, result.step_size, result.evaluations
@@ -1398,7 +1516,6 @@ class ALSALS(torch.optim.Optimizer):
         # (the guard judges the search's step size, not the cap's, which shrinks with the loss)
         searched = gamma if taken > 0.0 else 0.0
         loss_rose, restart = self._watch_loss(search, loss0, searched, evaluator.loss_dtype)
-        self._commit(groups, taken, restart)
         search.steps += 1
         if kind == "reuse":
             search.steps_since_search += 1
@@ -1433,7 +1550,7 @@ class ALSALS(torch.optim.Optimizer):
         search.peak_step_size = min(search.peak_step_size, search.ceiling())
         decrease = result.decrease if kind == "search" and taken == gamma else math.nan
         info = _info(kind, taken, loss0, trials, loss_rose, capped=taken < gamma)
-        return replace(info, loss_decrease=decrease)
+        return replace(info, loss_decrease=decrease), _Move(taken, restart)
 
     def _search(
         self,
@@ -1612,7 +1729,7 @@ class ALSALS(torch.optim.Optimizer):
                 if up > gamma and promised(up) > promised(gamma):
                     gamma = up
                     continue
-            if not checked:
+            if not checked and evaluations < h["max_trials"]:  # (it counts as a trial)
                 checked = True
                 ending = averaging_alone()
                 if ending == "unchanged":
@@ -2159,7 +2276,9 @@ def trailing_beyond_chance(leading: int, trailing: int) -> bool:
     """Whether ``trailing`` of ``leading + trailing`` signs is more than chance allows: the
     probability of at least that many under a fair coin is at most ``LEAD_TEST_LEVEL``."""
     n = leading + trailing
-    tail = sum(math.comb(n, k) for k in range(trailing, n + 1)) / 2.0**n
+    # (integers throughout: 2.0**n overflows a float from n = 1024, a long full-batch run's
+    # kept searches in a row; an integer quotient underflows to 0 instead)
+    tail = sum(math.comb(n, k) for k in range(trailing, n + 1)) / 2**n
     return n > 0 and tail <= LEAD_TEST_LEVEL
 
 
