@@ -891,6 +891,32 @@ def test_the_buffer_check_waits_for_a_step_in_training_mode(optimizer_class, buf
         opt.step(bce_closure(model, x, y))
 
 
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_buffers_replaced_by_a_conversion_after_stepping_are_looked_at_again(cls, buffer_watch):
+    """The model converted after some steps (``.double()``), and the state converted with
+    it as the error advises (``SLS`` holds no tensor to refuse): the conversion replaced the
+    BatchNorm buffers ``buffers=`` protects, so the trials moved the running statistics
+    without a word (the one look at them had been made). Any change of the parameters'
+    dtypes or devices, and any load, looks again: the trials that touch them are named."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = make_classification()
+    opt = cls(model.parameters(), lr=50.0, buffers=model.buffers(), search_interval=1)
+    for _ in range(2):
+        opt.step(bce_closure(model, x, y))
+    model.double()
+    if cls is not SLS:
+        with pytest.raises(TypeError, match=r"converted after .*buffers=model.buffers\(\)"):
+            opt.step(bce_closure(model, x.double(), y.double()))
+        opt.load_state_dict(opt.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            opt.step(bce_closure(model, x.double(), y.double()))
+            opt.param_groups[0]["lr"] = 50.0  # (a search with trials at every step)
+    assert any("build the optimizer after it" in str(c.message) for c in caught)
+
+
 def test_buffers_replaced_by_a_conversion_after_building_the_optimizer_are_named(
     optimizer_class, buffer_watch
 ):
@@ -1002,3 +1028,77 @@ def test_dropped_gradients_far_below_a_norm_s_range_are_seen(cls):
             (1e-50 * (w**2).sum()).backward()
             opt.step(lambda: (w**2).sum())
     assert _dropped_warnings(caught) == 1
+
+
+# -- closures that differentiate inside -----------------------------------------------------
+
+
+def _pinn(explicit_grad_mode: bool):
+    """A physics-informed fit, ``u' = cos x`` with ``u(0) = 0``, whose loss takes the
+    network's derivative in its inputs by ``torch.autograd.grad(create_graph=True)`` (as a
+    gradient penalty or a Jacobian regulariser does); ``explicit_grad_mode``: the closure
+    turns autograd on itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    points = torch.linspace(0.0, 1.0, 64, dtype=torch.float64).unsqueeze(1)
+
+    def loss():
+        x = points.clone().requires_grad_(True)
+        u = model(x)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        return ((du - torch.cos(x)) ** 2).mean() + model(torch.zeros_like(points[:1])).pow(2).sum()
+
+    def closure():
+        if explicit_grad_mode:
+            with torch.enable_grad():
+                return loss()
+        return loss()
+
+    return model, closure
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_closure_that_differentiates_in_its_inputs_trains(cls):
+    """A loss that differentiates inside (PINN residuals, WGAN-GP's gradient penalty) fails
+    under ``torch.no_grad()``, where trials ran, with torch's "does not require grad" (as
+    ``torch.optim.LBFGS``, which runs every call with autograd on, does not): its trials
+    run with autograd from the first that failed so, the same steps as a closure that turns
+    autograd on itself, at one forward pass more for the run (the failed one)."""
+    runs = {}
+    for explicit in (False, True):
+        model, closure = _pinn(explicit)
+        opt = cls(model.parameters(), lr=1.0)
+        first = float(closure())
+        for _ in range(30):
+            opt.step(closure)
+        if cls is ALSALS:
+            opt.eval()
+        runs[explicit] = (list(model.parameters()), float(closure()), opt.search_state.forwards)
+    (params, loss, forwards), (params_explicit, loss_explicit, forwards_explicit) = (
+        runs[False],
+        runs[True],
+    )
+    assert loss == loss_explicit and loss < 0.1 * first
+    assert all(torch.equal(a, b) for a, b in zip(params, params_explicit, strict=True))
+    assert forwards == forwards_explicit + 1
+
+
+@pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS])
+def test_trials_that_move_unprotected_buffers_are_blamed_not_the_gradient(cls, buffer_watch):
+    """A spectral-normalised layer without ``buffers=``: its power iteration moves a buffer
+    at every trial, so the trials' losses do not follow the gradient. The warning names the
+    module and the fix, and is not preceded (or followed) by one that blames the closure's
+    gradient ("the loss fell by about 1/N of what the gradient promised") for it."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+    torch.manual_seed(0)
+    layer = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 16))
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(16, 1))
+    opt = cls.paper(model.parameters()) if cls is MomentumALSALS else cls(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    messages = [str(c.message) for c in caught]
+    assert any("updated its buffers" in m and "buffers=model.buffers()" in m for m in messages)
+    assert not any("of what the gradient promised" in m for m in messages)

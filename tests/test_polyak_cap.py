@@ -227,3 +227,21 @@ def test_parameters_that_drop_out_under_the_cap_warn_once():
         assert len(messages) == expected
         if expected:
             assert "loss_floor=None" in messages[0]
+
+
+def test_a_forgotten_backward_is_not_taken_for_parameters_that_dropped_out():
+    """A ``closure(backward)`` that forgets ``loss.backward()`` leaves every gradient
+    ``None``: the step is skipped with the warning that names the forgotten call, and not
+    also the one about parameters dropping out (mixture-of-experts routing), whose advice
+    (``loss_floor=None``) is wrong there and which, once given, a later real case would not
+    get."""
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    opt = MomentumALSALS([w])
+    for _ in range(3):
+        opt.step(lambda: (w - 1.0).pow(2).sum())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(lambda backward: (w - 1.0).pow(2).sum())  # (backward forgotten)
+    messages = [str(c.message) for c in caught]
+    assert any("call loss.backward() in the closure" in m for m in messages)
+    assert not any("got no gradient" in m for m in messages)

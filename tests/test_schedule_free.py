@@ -999,6 +999,8 @@ def test_trials_leave_batchnorm_statistics_as_the_training_pass_left_them():
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"regrowth": 0.5}, "regrowth"),
         ({"regrowth": float("nan")}, "regrowth"),
+        ({"loss_rise_guard": 0.0}, "loss_rise_guard"),  # (as MomentumALSALS's guard)
+        ({"loss_rise_guard": -1.0}, "loss_rise_guard"),
         ({"loss_floor": float("nan")}, "invalid loss_floor: nan"),
         ({"loss_floor": float("inf")}, "invalid loss_floor: inf"),
     ],

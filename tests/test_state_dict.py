@@ -830,3 +830,58 @@ def test_a_step_without_closure_mid_run_is_refused_even_with_lr_0_and_zero_gradi
         p.grad = torch.zeros_like(p)
     with pytest.raises(TypeError, match="needs a closure"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS, ALSALS])
+def test_a_state_saved_for_groups_in_another_order_is_refused_before_anything_moves(cls):
+    """Groups built in another order on resume: torch's load pairs the saved entries with
+    the parameters by position, so a parameter gets another's moments (a broadcasting error
+    deep in the step, or silently another layer's where the shapes agree). A stored tensor
+    of another shape than its parameter is refused by name at the next step, the weights
+    as they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    first, last = list(model[0].parameters()), list(model[2].parameters())
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    opt = cls([{"params": first}, {"params": last}])
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    swapped = cls([{"params": last}, {"params": first}])
+    swapped.load_state_dict(opt.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"shape \(1, 16\) holds optimizer state .* another order"):
+        swapped.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS])
+@pytest.mark.parametrize("source", ["SGD", "Adagrad", "AdamW"])
+def test_another_optimizer_s_state_lends_only_what_this_one_uses(cls, source):
+    """A checkpoint of another torch.optim optimizer: Adam's moments (and their step count)
+    carry over where this optimizer uses them; anything else (SGD's momentum_buffer,
+    Adagrad's sum and its step count) is dropped with a word, not carried unused into every
+    later checkpoint under a warning that said the moments were used."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    make = {
+        "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        "Adagrad": lambda p: torch.optim.Adagrad(p),
+        "AdamW": lambda p: torch.optim.AdamW(p),
+    }[source]
+    other = make(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    other.step()
+    opt = cls(model.parameters())
+    with pytest.warns(UserWarning, match="not saved by an alsals optimizer") as caught:
+        opt.load_state_dict(other.state_dict())
+    message = str(caught[0].message)
+    lent = source == "AdamW" and cls is not SLS
+    assert ("its Adam moments" in message) == lent
+    assert ("per-parameter state" in message) == (not lent)
+    expected = {"step", "exp_avg", "exp_avg_sq"} if lent else set()
+    assert all(set(entries) == expected for entries in opt.state.values())
+    assert len(opt.state) == (2 if lent else 0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    keys = {k for entries in opt.state.values() for k in entries}
+    assert keys <= {"step", "exp_avg", "exp_avg_sq", "line_search"}

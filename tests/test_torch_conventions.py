@@ -115,6 +115,53 @@ def test_the_same_parameter_twice_in_a_group_is_rejected(optimizer_class):
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+@pytest.mark.parametrize("source", ["groups", "state"])
+def test_maximize_from_another_optimizer_is_refused_not_dropped(cls, source):
+    """``maximize=True`` in AdamW's groups, or in its checkpoint: every alsals optimizer
+    minimises the closure's loss, so dropping the key with the others (as it was, under the
+    same warning as ``maximize=False``) descended the objective the run meant to ascend.
+    Refused by name, with the fix; nothing loaded (ALSALS refuses any AdamW state)."""
+    model = nn.Linear(3, 1)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, maximize=True)
+    model(torch.randn(4, 3)).sum().backward()
+    adamw.step()
+    if source == "groups":
+        with pytest.raises(ValueError, match=r"maximize=True: .* negated"):
+            cls(adamw.param_groups)
+        return
+    opt = cls(model.parameters())
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="maximize=True" if cls is not ALSALS else "another"):
+        opt.load_state_dict(adamw.state_dict())
+    assert opt.state_dict() == before
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+def test_a_group_frozen_by_lr_0_is_refused_with_the_way_to_freeze(cls):
+    """AdamW's idiom of freezing a group by ``lr=0`` has no ``lr_scale`` (it must be > 0):
+    the error names ``requires_grad_(False)``. An AdamW checkpoint with such a group used to
+    load with every group at ``lr_scale`` 1, and the frozen layer trained from the second
+    step; now refused, nothing loaded."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    groups = [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[1].parameters()}]
+    with pytest.raises(ValueError, match=r"lr 0 .*requires_grad_\(False\)"):
+        cls(groups, lr=1e-3)
+    if cls is ALSALS:  # (it refuses any AdamW state)
+        return
+    adamw = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[1].parameters()}],
+        lr=1e-3,
+    )
+    model(torch.randn(4, 3)).sum().backward()
+    adamw.step()
+    opt = cls([{"params": model[0].parameters()}, {"params": model[1].parameters()}])
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=r"lr 0 in param_groups\[0\].*requires_grad_"):
+        opt.load_state_dict(adamw.state_dict())
+    assert opt.state_dict() == before
+
+
 def test_groups_built_for_adamw_warn_about_the_keys_alsals_does_not_use(optimizer_class):
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
     adamw = torch.optim.AdamW(
@@ -413,3 +460,18 @@ def test_named_parameters_are_accepted_as_torch_accepts_them(cls):
     x = torch.randn(8, 3)
     opt.step(lambda: model(x).pow(2).mean())
     assert opt.last_step.kind not in ("nonfinite", "zero_grad")
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS, MomentumALSALS, ALSALS])
+def test_a_lazy_module_before_its_first_forward_is_a_clear_error(cls):
+    """``nn.LazyLinear``'s weight does not exist before a forward pass: building the
+    optimizer then failed inside a torch call on the uninitialised parameter; the error now
+    says to run a forward pass first, after which the optimizer builds and steps."""
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="lazy module.*forward pass"):
+        cls(model.parameters())
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    model(x)
+    opt = cls(model.parameters())
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert opt.last_step.kind != "zero_grad"

@@ -393,6 +393,7 @@ class ClosureEvaluator:
         left: LeftGradients | None = None,
         own_grads_only: bool = False,
         watch_dropped: bool = True,
+        trials_with_grad: bool = False,
     ) -> None:
         if isinstance(closure, Tensor):
             raise TypeError(
@@ -441,6 +442,11 @@ class ClosureEvaluator:
         # LBFGS style; found at the first evaluation), or any without a first evaluation
         self._suppress_backward = self.closure.by_grad_mode
         self._buffers_after_first = False
+        # trials run with autograd on: the closure differentiates inside (a gradient
+        # penalty, a physics-informed residual: torch.autograd.grad with create_graph),
+        # which fails under torch.no_grad(); found at the first trial that fails so, and
+        # kept by the optimizer for its later steps
+        self.trials_with_grad = trials_with_grad
 
     def evaluate_with_grad(self) -> Tensor:
         """First evaluation of the step: loss and gradients at the starting point.
@@ -582,6 +588,8 @@ class ClosureEvaluator:
 
     def evaluate(self, watch_buffers: bool = False) -> Tensor:
         """A trial evaluation: same randomness as the first one, no autograd, no side effects.
+        (A closure that differentiates inside, ``torch.autograd.grad``, fails without
+        autograd: its trials run with it, from the first that failed so.)
 
         With ``watch_buffers``, modules whose unprotected buffers the trial changed are
         recorded in ``unprotected_modules`` (``None`` if no module ran in training mode).
@@ -590,6 +598,19 @@ class ClosureEvaluator:
         if not self._buffers_after_first:  # as the first evaluation left them
             self.after_first.capture()
             self._buffers_after_first = True
+        try:
+            return self._trial(watch_buffers)
+        except RuntimeError as error:
+            if self.trials_with_grad or "does not require grad" not in str(error):
+                raise
+            self.trials_with_grad = True  # (the closure differentiates: the trial again)
+            self.forwards += 1  # (the failed one ran its forward pass)
+            return self._trial(watch_buffers)
+
+    def _trial(self, watch_buffers: bool) -> Tensor:
+        """One trial evaluation (``evaluate``), under ``torch.no_grad()`` unless
+        ``trials_with_grad``."""
+        assert self.rng_before is not None
         # the trial reads the buffers the first evaluation read (a running mean subtracted
         # in forward, spectral_norm's power iteration, an observer's range, a step counter),
         # and leaves them as that one left them; not after a first evaluation that wrote the
@@ -609,7 +630,8 @@ class ClosureEvaluator:
             handles.append(nn.modules.module.register_module_forward_hook(watch.after))
         try:
             suppressed = BackwardSuppressed() if self._suppress_backward else nullcontext()
-            with torch.no_grad(), suppressed:
+            grad_mode = torch.enable_grad() if self.trials_with_grad else torch.no_grad()
+            with grad_mode, suppressed:
                 value = self.closure(False)
                 loss = as_loss_tensor(value, "the closure in a trial")
         finally:

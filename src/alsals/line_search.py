@@ -130,7 +130,8 @@ SCHEDULE_WARNING = (
     "search starts."
 )
 BUFFERS_WARNING = (
-    "{name}: {modules} updated its buffers (running statistics) during a trial evaluation, "
+    "{name}: {modules} updated its buffers (running statistics, power-iteration vectors) "
+    "during a trial evaluation, "
     "at weights the search may reject: pass buffers=model.buffers() to {name} so that "
     "trials leave them alone"
 )
@@ -207,7 +208,8 @@ COMPLEX_PARAMETERS = (
 )
 DROPPED_GRADIENTS_WARNING = (
     "{name}: .grad held gradients computed since the last step (a backward pass outside "
-    "step(), or a trainer's gradient accumulation before it) and were dropped: a closure() "
+    "step(), a trainer's gradient accumulation before it, or another optimizer's step over "
+    "the same parameters in between) and were dropped: a closure() "
     "that returns the loss gets the step's gradient from that loss alone. To accumulate "
     "micro-batches, run them inside a closure(backward) (README, 'The closure'); in Lightning, "
     "use manual optimization with alsals.integrations.lightning.line_search_step; to say "
@@ -231,9 +233,17 @@ UNDONE_WARNING = (
     "log or a square root of them) causes this; further undos are counted in the state's "
     "'undone_updates' without warning."
 )
+#: What to do instead of a group ``lr`` of 0 (frozen parameters, AdamW's idiom), which no
+#: ``lr_scale`` can express (it must be > 0).
+FROZEN_GROUP_ADVICE = (
+    "a group with lr 0 (parameters frozen by their rate, as AdamW allows) cannot be one here, "
+    "as the searched step size moves every group: freeze those parameters with "
+    "requires_grad_(False) (a parameter without a gradient stays where it is) or leave them "
+    "out of the optimizer"
+)
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
 FOREIGN_GROUP_KEYS = {
-    "maximize": "negate the loss instead",
+    "maximize": "alsals minimises the loss; maximize=True is refused",
     "amsgrad": "not supported",
     "foreach": "alsals always uses multi-tensor kernels",
     "fused": "alsals always uses multi-tensor kernels",
@@ -259,6 +269,12 @@ def group_params(param_group: dict[str, Any]) -> list[Tensor]:
     if len({id(p) for p in params}) != len(params):
         raise ValueError(
             "a parameter appears twice in one parameter group: it would be updated twice"
+        )
+    if any(isinstance(p, torch.nn.parameter.UninitializedTensorMixin) for p in params):
+        raise ValueError(
+            "a parameter is not initialised yet (a lazy module, nn.LazyLinear or another "
+            "Lazy* module, before its first forward pass): run one forward pass through the "
+            "model (a dummy batch) before building the optimizer"
         )
     return params
 
@@ -411,12 +427,27 @@ def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
     )
 
 
+def refuse_maximize(name: str, groups: Iterable[dict[str, Any]]) -> None:
+    """A group of another optimizer with ``maximize=True`` (ascend the objective) is an
+    error, not a setting to drop with the others: every alsals optimizer minimises the
+    closure's loss, and would descend what the run meant to ascend."""
+    for index, group in enumerate(groups):
+        if group.get("maximize") is True:
+            raise ValueError(
+                f"param_groups[{index}] has maximize=True: {name} minimises the loss the "
+                "closure returns, so return the objective negated (-objective) and drop the "
+                "key (a saved state's Adam moments, of the negated gradient, then fit: "
+                "for g in state['param_groups']: g.pop('maximize'))"
+            )
+
+
 def drop_foreign_keys(
     name: str, param_group: dict[str, Any], known: set[str], per_group: Iterable[str]
 ) -> None:
     """Delete another ``torch.optim`` optimizer's group settings (``FOREIGN_GROUP_KEYS``)
     from ``param_group`` with one warning that says what to do instead of each, and warn
     about the keys that are neither ``known`` nor foreign (kept as they are)."""
+    refuse_maximize(name, [param_group])
     foreign = {k: FOREIGN_GROUP_KEYS[k] for k in param_group if k in FOREIGN_GROUP_KEYS}
     for key in foreign:
         del param_group[key]
@@ -612,8 +643,9 @@ def check_state_like(
     param_groups: list[dict[str, Any]],
     checked: tuple | None = None,
 ) -> tuple:
-    """Raise a ``TypeError`` where a parameter's stored tensors are not of its dtype and on
-    its device: the model was converted (``.double()``, ``.half()``, ``.to(device)``) after
+    """Raise a ``ValueError`` where a parameter's stored tensors are not of its shape (a
+    state saved for parameters in another order), a ``TypeError`` where they are not of its
+    dtype and on its device: the model was converted (``.double()``, ``.half()``, ``.to(device)``) after
     the optimizer stepped, which torch's ``load_state_dict`` converts the state for. Returns
     the parameters' dtypes and devices; the state is read only where they differ from
     ``checked`` (what the last call returned: ``None`` after a load)."""
@@ -623,18 +655,28 @@ def check_state_like(
     for group in param_groups:
         for p in group["params"]:
             for name, stored in state.get(p, {}).items():
-                if (
-                    isinstance(stored, Tensor)
-                    and stored.dim()
-                    and (stored.dtype != p.dtype or stored.device != p.device)
-                ):
+                if not isinstance(stored, Tensor) or not stored.dim():
+                    continue
+                # (a sharded parameter's state may hold its local shard alone: FSDP2's)
+                shapes = {tuple(t.shape) for t in (stored, local_shard(stored))}
+                if not shapes & {tuple(p.shape), tuple(local_shard(p).shape)}:
+                    raise ValueError(
+                        f"{owner}: a parameter of shape {tuple(p.shape)} holds optimizer "
+                        f"state {name!r} of shape {tuple(stored.shape)}: the state loaded was "
+                        "saved for other parameters, or in another order (parameter groups "
+                        "built in another order than when it was saved?)"
+                    )
+                if stored.dtype != p.dtype or stored.device != p.device:
                     raise TypeError(
                         f"{owner}: a parameter of shape {tuple(p.shape)} is {p.dtype} on "
                         f"{p.device}, but its optimizer state ({name!r}) is {stored.dtype} on "
                         f"{stored.device}: the model was converted after the optimizer "
                         "stepped. Convert the state with it, "
                         "optimizer.load_state_dict(optimizer.state_dict()) after the "
-                        "conversion, or convert the model before building the optimizer"
+                        "conversion (a model with BatchNorm: the conversion replaced its "
+                        "buffers, which buffers= protects, so build a new optimizer with "
+                        "buffers=model.buffers() and load the old one's state into it), or "
+                        "convert the model before building the optimizer"
                     )
     return signature
 
@@ -785,6 +827,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
         self._dropped_looked = False  # looked once for gradients a closure() dropped
+        self._trials_with_grad = False  # the closure differentiates inside (ClosureEvaluator)
         self._written_lr_steps = 0  # steps in a row that found lr written
         self._lr_cuts = 0  # writes that lowered lr, over the run
         self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
@@ -818,6 +861,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_dropped_looked", False)
+        self.__dict__.setdefault("_trials_with_grad", False)
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_lr_cuts", 0)
         self.__dict__.setdefault("_unchanged_searches", 0)
@@ -856,6 +900,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     "supported: the line search picks one step size for all parameters. Pass "
                     "one base lr to the optimizer (where the search starts, e.g. the first "
                     "group's) and give each group lr_scale = its lr / that base lr instead"
+                    + (f"; {FROZEN_GROUP_ADVICE}" if lr == 0 else "")
                 )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -918,21 +963,43 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state of another optimizer, minus that optimizer's settings (with a warning)."""
         groups = state_dict.get("param_groups", [])
+        refuse_maximize(type(self).__name__, groups)
         foreign = sorted({k for g in groups for k in g if k in FOREIGN_GROUP_KEYS})
         if not groups or (not foreign and any(k in groups[0] for k in SEARCH_KEYS)):
             return state_dict
         kept = [{k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups]
         rates = [g.get("lr") for g in kept]
+        frozen = [i for i, r in enumerate(rates) if r == 0]
+        if frozen and len(frozen) < len(rates):  # (one lr 0 for all: nothing moves)
+            raise ValueError(
+                f"the state loaded into {type(self).__name__} has lr 0 in param_groups"
+                f"{frozen}, where the other groups train: {FROZEN_GROUP_ADVICE}, then load "
+                "the state with those groups' lr set to the others'"
+            )
         layer_wise = len(set(rates)) > 1 and all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates
         )
         if layer_wise:  # one step size for all: the groups' rates become its multiples
             kept = [{**g, "lr_scale": r / rates[0]} for g, r in zip(kept, rates, strict=True)]
+        # per parameter, Adam's moments and step count where this optimizer uses them; the
+        # rest (SGD's momentum_buffer, RMSprop's square_avg, Adagrad's sum) would be carried
+        # unused into every later checkpoint
+        used = {"exp_avg", "exp_avg_sq", "step"} if self.uses_moments else set()
+        entries = {  # (a step count without Adam's moments counts another optimizer's steps)
+            index: {k: v for k, v in stored.items() if k in used}
+            for index, stored in state_dict.get("state", {}).items()
+            if used and "exp_avg" in stored
+        }
+        moments = any("exp_avg" in stored for stored in entries.values())
+        kept_keys = {k for stored in entries.values() for k in stored}
+        dropped = sorted({k for s in state_dict.get("state", {}).values() for k in s} - kept_keys)
         warnings.warn(
             f"the state loaded into {type(self).__name__} was not saved by an alsals "
-            f"optimizer (its groups hold {foreign or 'no search settings'}): its moments, "
-            "lr (the start of the search) and the per-group settings both share (betas, eps, "
-            "weight_decay) are used"
+            f"optimizer (its groups hold {foreign or 'no search settings'}): "
+            + ("its Adam moments, " if moments else "")
+            + "lr (the start of the search) and the per-group settings both share (betas, "
+            "eps, weight_decay) are used"
+            + (f"; its per-parameter state {dropped} is dropped" if dropped else "")
             + (
                 f"; its groups' different lrs ({', '.join(f'{r:g}' for r in rates)}) become "
                 "lr_scale = each group's lr / the first group's"
@@ -943,7 +1010,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             UserWarning,
             stacklevel=3,
         )
-        return {**state_dict, "param_groups": kept}
+        return {**state_dict, "state": entries, "param_groups": kept}
 
     def _validate_state(self, state_dict: dict[str, Any]) -> None:
         """Raise a ``ValueError`` naming the first bad entry of ``state_dict``."""
@@ -1092,7 +1159,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             drop_placeholders(self.state, PLACEHOLDER_KEYS)
             self._placeholders = False
         name = type(self).__name__
-        self._signature = check_state_like(name, self.state, self.param_groups, self._signature)
+        signature = check_state_like(name, self.state, self.param_groups, self._signature)
+        if signature != self._signature:  # converted (or loaded): buffers may be new tensors
+            self._buffers_checked = False
+        self._signature = signature
         self._check_groups(self.param_groups)  # settings written since the last step
         if not self._ranks_checked:
             device = next((p.device for p in self.params()), None)
@@ -1106,6 +1176,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             left=self._left_grads,
             own_grads_only=not commit,
             watch_dropped=not self._dropped_looked,
+            trials_with_grad=self._trials_with_grad,
         )
         search = self._stored_search_state()
         before = search.step_size
@@ -1121,7 +1192,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 # undoes the step like any other exception.
                 refutes = run.floor_hit is True and search.floor_hits == FLOOR_HITS - 1
                 self._warn_about(outcome, evaluator, written, lr_cut, loss0, refutes)
-                if not run.all_moments_take_part and self._cap_on(search):
+                # (some parameters took part: where none did, the closure gave no gradient
+                # at all, a forgotten backward, which its own warning names)
+                some = any(step.params for step in run.steps)
+                if not run.all_moments_take_part and some and self._cap_on(search):
                     message = PARTIAL_MODEL_WARNING.format(name=type(self).__name__)
                     self._warn_once("partial_model", message, UserWarning)
                 self._commit(search, run, outcome)
@@ -1191,6 +1265,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     ) -> None:
         """After a committed step: the random stream, the stored state, logs."""
         evaluator.finish()
+        self._trials_with_grad = evaluator.trials_with_grad
         self._record(search, outcome, evaluator)
         self.last_step = info
 
@@ -2066,10 +2141,21 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
         if outcome.undo:
             self._warn_once("undone", UNDONE_WARNING.format(name=name), UserWarning)
-        if math.isfinite(outcome.overstated):
+        if evaluator.unprotected_modules is not None:
+            self._buffers_checked = True
+            if evaluator.unprotected_modules:
+                modules = ", ".join(evaluator.unprotected_modules)
+                message = BUFFERS_WARNING.format(name=name, modules=modules)
+                if self._buffers:
+                    message += STALE_BUFFERS_HINT
+                self._warn_once("buffers", message, UserWarning)
+        # (trials that moved unprotected buffers, spectral_norm's power iteration, say, do not
+        # follow the gradient: the warning above names the cause, not the closure's gradient)
+        buffers_moved = "buffers" in self._warned
+        if math.isfinite(outcome.overstated) and not buffers_moved:
             message = OVERSTATED_WARNING.format(name=name, factor=1.0 / outcome.overstated)
             self._warn_once("overstated", message, UserWarning)
-        if outcome.contradicted_again:
+        if outcome.contradicted_again and not buffers_moved:
             message = CONTRADICTED_WARNING.format(name=name, kind=outcome.kind)
             self._warn_once("contradicted", message, UserWarning)
         if self._replay_loss is not None:
@@ -2116,14 +2202,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "lower bound as loss_floor (a loss that can be negative), or loss_floor=None",
                 UserWarning,
             )
-        if evaluator.unprotected_modules is not None:
-            self._buffers_checked = True
-            if evaluator.unprotected_modules:
-                modules = ", ".join(evaluator.unprotected_modules)
-                message = BUFFERS_WARNING.format(name=name, modules=modules)
-                if self._buffers:
-                    message += STALE_BUFFERS_HINT
-                self._warn_once("buffers", message, UserWarning)
 
     def _warn_if_not_replayed(self, loss0: float, again: float) -> None:
         message = not_replayed_message(type(self).__name__, loss0, again)

@@ -123,6 +123,7 @@ from alsals.line_search import (
     COMPLEX_PARAMETERS,
     DISCONNECTED_WARNING,
     DROPPED_GRADIENTS_WARNING,
+    FROZEN_GROUP_ADVICE,
     NO_BACKWARD_WARNING,
     OVERSTATED_WARNING,
     SCHEDULE_WARNING,
@@ -817,6 +818,7 @@ class ALSALS(torch.optim.Optimizer):
         self._grad_norm = math.nan
         self._warned: set[str] = set()
         self._dropped_looked = False  # looked once for gradients a closure() dropped
+        self._trials_with_grad = False  # the closure differentiates inside (ClosureEvaluator)
         self._disconnected_steps = 0
         self._written_lr_steps = 0  # steps in a row that found lr written
         self._lr_cuts = 0  # writes that lowered lr, over the run
@@ -875,7 +877,8 @@ class ALSALS(torch.optim.Optimizer):
         for key in ("lr", *SEARCH_SETTINGS):
             if key in param_group and param_group[key] != self.defaults[key]:
                 advice = (
-                    " (a per-group 'lr': give each group lr_scale = its lr / the base lr)"
+                    " (a per-group 'lr': give each group lr_scale = its lr / the base lr"
+                    + (f"; {FROZEN_GROUP_ADVICE})" if param_group[key] == 0 else ")")
                     if key == "lr"
                     else ""
                 )
@@ -1005,6 +1008,7 @@ class ALSALS(torch.optim.Optimizer):
         self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_dropped_looked", False)
+        self.__dict__.setdefault("_trials_with_grad", False)
         self.__dict__.setdefault("_disconnected_steps", 0)
         self.__dict__.setdefault("_written_lr_steps", 0)
         self.__dict__.setdefault("_lr_cuts", 0)
@@ -1071,7 +1075,10 @@ class ALSALS(torch.optim.Optimizer):
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
         refuse_inference_mode("ALSALS")
         self._drop_placeholders()
-        self._signature = check_state_like("ALSALS", self.state, self.param_groups, self._signature)
+        signature = check_state_like("ALSALS", self.state, self.param_groups, self._signature)
+        if signature != self._signature:  # converted (or loaded): buffers may be new tensors
+            self._buffers_checked = False
+        self._signature = signature
         self._check_written_settings()
         if not self._ranks_checked:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
@@ -1089,6 +1096,7 @@ class ALSALS(torch.optim.Optimizer):
             runs_backward=closure_runs_backward,
             left=self._left_grads,
             watch_dropped=not self._dropped_looked,
+            trials_with_grad=self._trials_with_grad,
         )
         search = self._stored_search_state()
         before = search.step_size
@@ -1144,6 +1152,7 @@ class ALSALS(torch.optim.Optimizer):
             average.restore()
         self._versions = self._weight_versions()
         evaluator.finish()
+        self._trials_with_grad = evaluator.trials_with_grad
         self._left_grads = LeftGradients(params)
         search.forwards += evaluator.forwards
         search.backwards += evaluator.backwards
@@ -1446,8 +1455,11 @@ class ALSALS(torch.optim.Optimizer):
             )
             if math.isfinite(ratio):
                 self._slope_overstated = True
-                message = OVERSTATED_WARNING.format(name="ALSALS", factor=1.0 / ratio)
-                self._warn_once("overstated", message)
+                # (not where trials moved unprotected buffers: the warning about them names
+                # the cause, not the closure's gradient)
+                if "buffers" not in self._warned:
+                    message = OVERSTATED_WARNING.format(name="ALSALS", factor=1.0 / ratio)
+                    self._warn_once("overstated", message)
             elif passed:  # (a search whose trials resolved nothing says nothing either way)
                 self._slope_overstated = False
             # cut_retry: a search that set the step size more than EXPANSION below its own
@@ -2307,7 +2319,7 @@ def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
         "loss_floor": loss_floor(values["loss_floor"]),
         "polyak_cap": flag("polyak_cap", values["polyak_cap"]),
         "max_grad_norm": optional("max_grad_norm", 0.0, False),
-        "loss_rise_guard": optional("loss_rise_guard", 0.0, True),
+        "loss_rise_guard": optional("loss_rise_guard", 0.0, False),
         "rise_restart": flag("rise_restart", values["rise_restart"]),
         "start_rise": flag("start_rise", values["start_rise"]),
         "warmup_steps": integer("warmup_steps", values["warmup_steps"], 0),
