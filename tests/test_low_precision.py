@@ -151,3 +151,17 @@ def test_a_bfloat16_loss_at_its_floor_ends_searches_early_and_idles_after_two():
     assert all(trials <= 5 for _, trials, _ in steps)
     assert steps[0][0] == steps[1][0] == "exhausted"  # (the second searches: no idle yet)
     assert steps[2] == ("reuse", 0, 0.0)  # idle after two
+
+
+def test_the_factor_warning_names_coarse_weights_as_a_cause():
+    """Weights of bfloat16 (a model converted with ``.bfloat16()``) round each trial's move
+    to their grid, so the loss follows the gradient's promise only in part: the warning that
+    blames the closure's gradient scale also names the weights' dtype and the fix
+    (float32 weights under autocast); float32 weights get no such hint."""
+    from alsals.line_search import overstated_message
+
+    coarse = [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2)]
+    fine = [torch.zeros(3), torch.zeros(2, dtype=torch.float64)]
+    assert "the weights are torch.bfloat16" in overstated_message("ALSALS", 2.8, coarse)
+    assert "torch.autocast" in overstated_message("ALSALS", 2.8, coarse)
+    assert "the weights are" not in overstated_message("ALSALS", 2.8, fine)

@@ -194,6 +194,12 @@ OVERSTATED_WARNING = (
     "the forward pass writes the weights itself (a max-norm constraint through .data), "
     "undoing part of each trial's move: apply it after the step instead"
 )
+#: Added to it where some weights are of a dtype coarser than float32.
+COARSE_WEIGHTS_HINT = (
+    "; or the weights are {dtype}, whose rounding moves them other than each trial says "
+    "(a small move rounds away, a larger one to the grid): keep float32 weights and run the "
+    "forward pass in {dtype} under torch.autocast"
+)
 NO_BACKWARD_WARNING = (
     "{name}: closure(backward) returned a loss that requires grad but no parameter has a "
     "gradient, so the step was skipped: call loss.backward() in the closure when its argument "
@@ -412,6 +418,15 @@ def written_lr(
     return decisive
 
 
+def overstated_message(name: str, factor: float, params: Iterable[Tensor]) -> str:
+    """``OVERSTATED_WARNING``, with ``COARSE_WEIGHTS_HINT`` where some weights are coarser
+    than float32 (bfloat16, float16): their rounding, not the closure, may be the cause."""
+    message = OVERSTATED_WARNING.format(name=name, factor=factor)
+    eps32 = torch.finfo(torch.float32).eps
+    coarse = sorted({str(p.dtype) for p in params if torch.finfo(p.dtype).eps > eps32})
+    return message + (COARSE_WEIGHTS_HINT.format(dtype=", ".join(coarse)) if coarse else "")
+
+
 def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
     """The warning for a closure that gave ``again`` at the weights where it had given
     ``loss0`` (``None`` where the two agree to ``REPLAY_TOLERANCE``, or ``again`` is not
@@ -420,10 +435,12 @@ def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
         return None
     return (
         f"{name}: the closure gave {again:.6g} at the same weights where it had given "
-        f"{loss0:.6g}: it does not replay its randomness, so the line search compares losses "
-        "of different batches or augmentations. Draw data and numpy/random augmentation "
-        "before building the closure; inside it, use torch's random generator only "
-        "(replayed for every evaluation)."
+        f"{loss0:.6g}: it does not replay its randomness, or it changes what its next call "
+        "reads, so the line search compares losses of different batches, augmentations or "
+        "inputs. Draw data and numpy/random augmentation before building the closure; inside "
+        "it, use torch's random generator only (replayed for every evaluation); carry state "
+        "between batches (an RNN's hidden state, a counter) after step(), or in a "
+        "closure(backward) only when backward is True."
     )
 
 
@@ -2153,7 +2170,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         # follow the gradient: the warning above names the cause, not the closure's gradient)
         buffers_moved = "buffers" in self._warned
         if math.isfinite(outcome.overstated) and not buffers_moved:
-            message = OVERSTATED_WARNING.format(name=name, factor=1.0 / outcome.overstated)
+            message = overstated_message(name, 1.0 / outcome.overstated, self.params())
             self._warn_once("overstated", message, UserWarning)
         if outcome.contradicted_again and not buffers_moved:
             message = CONTRADICTED_WARNING.format(name=name, kind=outcome.kind)

@@ -125,7 +125,6 @@ from alsals.line_search import (
     DROPPED_GRADIENTS_WARNING,
     FROZEN_GROUP_ADVICE,
     NO_BACKWARD_WARNING,
-    OVERSTATED_WARNING,
     SCHEDULE_WARNING,
     SCHEDULE_WARNING_STEPS,
     STALE_BUFFERS_HINT,
@@ -140,6 +139,7 @@ from alsals.line_search import (
     group_params,
     groups_with_one_lr,
     not_replayed_message,
+    overstated_message,
     plain_settings,
     refuse_inference_mode,
     schedule_suspected,
@@ -1458,7 +1458,8 @@ class ALSALS(torch.optim.Optimizer):
                 # (not where trials moved unprotected buffers: the warning about them names
                 # the cause, not the closure's gradient)
                 if "buffers" not in self._warned:
-                    message = OVERSTATED_WARNING.format(name="ALSALS", factor=1.0 / ratio)
+                    params = (p for g in self.param_groups for p in g["params"])
+                    message = overstated_message("ALSALS", 1.0 / ratio, params)
                     self._warn_once("overstated", message)
             elif passed:  # (a search whose trials resolved nothing says nothing either way)
                 self._slope_overstated = False
