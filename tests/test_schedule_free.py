@@ -2372,10 +2372,10 @@ def test_a_run_converged_to_a_loss_above_zero_is_not_blamed_on_its_closure():
     see the loss unchanged; earlier searches saw it follow the weights, so the warning is
     the converged one, not the one that suspects the closure (which needed the loss 1e4
     below its first)."""
-    from alsals.schedule_free import _unchanged_message
+    from alsals.messages import unchanged_message
 
-    assert "converged" in _unchanged_message(0.84, 5.6, followed=True, predicted=False)
-    assert "closure" in _unchanged_message(0.84, 5.6, followed=False, predicted=False)
+    assert "converged" in unchanged_message(0.84, 5.6, followed=True, predicted=False)
+    assert "closure" in unchanged_message(0.84, 5.6, followed=False, predicted=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=g)
     y = x @ torch.randn(5, generator=g) + torch.randn(200, generator=g)

@@ -81,6 +81,26 @@ from alsals.hyperparameters import (
     in_range,
     real,
 )
+from alsals.messages import (
+    BUFFERS_WARNING,
+    COMPLEX_PARAMETERS,
+    CONTRADICTED_WARNING,
+    DISCONNECTED_WARNING,
+    DROPPED_GRADIENTS_WARNING,
+    FROZEN_GROUP_ADVICE,
+    LOSS_CULPRIT,
+    NO_BACKWARD_WARNING,
+    NO_GRAD_NONFINITE,
+    PARTIAL_MODEL_WARNING,
+    SCHEDULE_WARNING,
+    STALE_BUFFERS_HINT,
+    STALL_WARNING_STEPS,
+    UNCHANGED_LOSS_WARNING,
+    UNDONE_WARNING,
+    UNRESOLVED_WARNING,
+    not_replayed_message,
+    overstated_message,
+)
 from alsals.polyak_cap import FLOOR_HITS, ModelTerms, MomentumModel, floor_word, model_terms
 from alsals.rise_guard import LossWatch
 from alsals.search_state import SearchState
@@ -102,151 +122,19 @@ ADAPTIVE_MIN_SEARCHES = 10  # SaLSa: always search during the first 10 steps
 ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards
 #: The first search of an optimizer is reported at WARNING level from this many trials.
 FIRST_SEARCH_WARNING_TRIALS = 20
-#: A closure whose loss at the same weights differs by more than this (relative) does not
-#: replay its randomness.
-REPLAY_TOLERANCE = 1e-4
 #: After this many trials in a row with a non-finite loss, a search evaluates the loss again
 #: at its starting weights (one forward pass, once): if that is not finite either, the
 #: closure's evaluations without gradient fail whatever the step, and the step is skipped
 #: (instead of ``max_trials`` passes per step). A step too large to evaluate does not pay it
 #: unless its loss stays non-finite for this many backtracking trials.
 NONFINITE_TRIALS_BEFORE_CHECK = 2
-#: The culprit the skip names.
-NO_GRAD_NONFINITE = (
-    "the closure's loss without gradient (as trials evaluate it: under torch.no_grad(), or "
-    "closure(False)) at the step's starting weights, where its loss with gradient was finite,"
-)
-#: The culprit phase 2 names for a non-finite loss at ``w0``.
-LOSS_CULPRIT = "the loss"
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
-SCHEDULE_WARNING = (
-    "{name}: param_groups[...]['lr'] was overwritten before {n} steps in a row, or lowered "
-    "{n} times (a learning-rate schedule, or ReduceLROnPlateau, left in the loop?). Each "
-    "write restarts the search from the written value: a schedule that writes before every step makes it backtrack every "
-    "step, and one that lowers lr now and then (StepLR, ReduceLROnPlateau) compounds its cuts "
-    "with the search's, so the step size falls far below what the search finds: delete the "
-    "schedule (the line search picks the step size), or write lr only to set where the next "
-    "search starts."
-)
-BUFFERS_WARNING = (
-    "{name}: {modules} updated its buffers (running statistics, power-iteration vectors) "
-    "during a trial evaluation, "
-    "at weights the search may reject: pass buffers=model.buffers() to {name} so that "
-    "trials leave them alone"
-)
-#: Added to it when buffers were given: converting the model after building the optimizer
-#: replaces the buffer tensors, so the ones given are no longer the model's.
-STALE_BUFFERS_HINT = (
-    " (buffers were given, but not these: if the model was moved or converted, model.to() or "
-    ".double(), after the optimizer was built, the conversion replaced its buffers; build "
-    "the optimizer after it)"
-)
 #: The key under which ``state_dict()`` records each group's ``lr`` as the last step showed it.
 SHOWN_LR_KEY = "shown_lr"
 #: A learning rate written before this many steps in a row, or lowered by this many writes
 #: over a run (a step decay, ReduceLROnPlateau), is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
-#: A closure that gives no parameter a gradient, or whose loss no trial moves by a single
-#: bit, this many steps in a row is one the search cannot use: the optimizer warns.
-STALL_WARNING_STEPS = 3
-#: Parameters with Adam moments and no gradient this step, under the Polyak cap.
-PARTIAL_MODEL_WARNING = (
-    "{name}: some parameters with Adam moments got no gradient this step (conditional "
-    "computation such as mixture-of-experts routing, or a layer frozen mid-run). loss_floor's "
-    "cap models the loss from every parameter's momentum and the running average of w.g; "
-    "where parameters drop out and come back the two no longer match, by an amount that grows "
-    "with those weights' values, and the cap can stop the steps or stop acting. Pass "
-    "loss_floor=None for such a model (ALSALS, whose cap uses the batch's own linear model "
-    "only, is not affected)"
-)
-UNCHANGED_LOSS_WARNING = (
-    "{name}: the loss did not change when the weights moved: in {n} searches in a row every "
-    "trial, up to a move as large as the weights themselves, gave exactly the loss at the "
-    "start, so no step was taken. Either the closure does not compute the loss from the "
-    "model's current weights (call the model inside the closure: outputs computed before it, "
-    "or a loss of another model, stay the same whatever the optimizer does to the weights), "
-    "or the loss changes by less than its own rounding (compute it in a wider dtype)"
-)
-UNRESOLVED_WARNING = (
-    "{name}: {n} searches in a row ended unresolved, without a step: the loss is computed in "
-    "{dtype}, whose rounding ({ulps} units in the last place: {resolution:.3g} at a loss of "
-    "{loss:.3g}) is larger than the decreases the trials could show, so the test cannot "
-    "judge any step. Compute the loss in float32 (cast the model's output before the loss, "
-    "e.g. loss_fn(output.float(), target)); the weights may stay in {dtype}"
-)
-DISCONNECTED_WARNING = (
-    "{name}: the loss returned by closure() does not depend on the parameters this optimizer "
-    "holds (after backward none has a gradient), so {n} steps in a row were skipped. Build "
-    "the optimizer from the parameters of the model the closure evaluates (after replacing or "
-    "copying the model, pass the new model's parameters)"
-)
-OVERSTATED_WARNING = (
-    "{name}: the loss fell by about 1/{factor:.2g} of what the gradient promised at every "
-    "trial of a search, however small the step, and none could pass the Armijo test, so no "
-    "step was taken. Either the gradient is about {factor:.2g}x the loss the closure returns "
-    "(a closure that accumulates gradients over micro-batches without dividing each one's "
-    "loss by their number, runs backward twice, or returns a loss scaled otherwise than the "
-    "one it differentiates; AdamW does not notice: its update ignores the gradient's scale): "
-    "return the loss whose gradient the closure computes; or the loss has a kink at these "
-    "weights that its gradient does not see (an L1 term |w| at exactly 0, whose gradient "
-    "autograd takes as 0): start such weights away from the kink, or smooth the term; or "
-    "the forward pass writes the weights itself (a max-norm constraint through .data), "
-    "undoing part of each trial's move: apply it after the step instead"
-)
-#: Added to it where some weights are of a dtype coarser than float32.
-COARSE_WEIGHTS_HINT = (
-    "; or the weights are {dtype}, whose rounding moves them other than each trial says "
-    "(a small move rounds away, a larger one to the grid): keep float32 weights and run the "
-    "forward pass in {dtype} under torch.autocast"
-)
-NO_BACKWARD_WARNING = (
-    "{name}: closure(backward) returned a loss that requires grad but no parameter has a "
-    "gradient, so the step was skipped: call loss.backward() in the closure when its argument "
-    "is True (or use the form closure() without arguments, which leaves backward to the "
-    "optimizer); if it does, the loss does not depend on this optimizer's parameters (build "
-    "the optimizer from the parameters of the model the closure runs)"
-)
-COMPLEX_PARAMETERS = (
-    "complex parameters are not supported (the Armijo test and Adam's moments are defined for "
-    "real weights): hold each as a real tensor of (real, imaginary) pairs and view it as "
-    "complex where the model uses it (torch.view_as_complex)"
-)
-DROPPED_GRADIENTS_WARNING = (
-    "{name}: .grad held gradients computed since the last step (a backward pass outside "
-    "step(), a trainer's gradient accumulation before it, or another optimizer's step over "
-    "the same parameters in between) and were dropped: a closure() "
-    "that returns the loss gets the step's gradient from that loss alone. To accumulate "
-    "micro-batches, run them inside a closure(backward) (README, 'The closure'); in Lightning, "
-    "use manual optimization with alsals.integrations.lightning.line_search_step; to say "
-    "that nothing is lost, set the gradients to None (optimizer.zero_grad()) before step()"
-)
-CONTRADICTED_WARNING = (
-    "{name}: at two searches, with none in between that the gradient's slope accepted, "
-    "every trial raised the loss in proportion to the step size where the slope -g.d said "
-    "it would fall. Once, that is a kink of the loss, and the search stepped through it; "
-    "again, the gradient is likely not the loss's own: a term computed from detached "
-    "tensors, a surrogate or straight-through gradient, or a closure that returns another "
-    "loss than the one it differentiates. This search ended {kind}, without a step, and so "
-    "will the next ones while it lasts (counted in the state's 'kinks_in_a_row')."
-)
-UNDONE_WARNING = (
-    "{name}: the loss was not finite on two steps in a row after an update that no "
-    "evaluation had tested (a step reusing the last search's step size, or AdamSLS's update "
-    "along the momentum, which its search along the preconditioned gradient does not test): "
-    "that update was undone (the weights moved back, Adam's moments kept) and the next step "
-    "searches from a smaller step size. A loss that is not finite beyond some weights (a "
-    "log or a square root of them) causes this; further undos are counted in the state's "
-    "'undone_updates' without warning."
-)
-#: What to do instead of a group ``lr`` of 0 (frozen parameters, AdamW's idiom), which no
-#: ``lr_scale`` can express (it must be > 0).
-FROZEN_GROUP_ADVICE = (
-    "a group with lr 0 (parameters frozen by their rate, as AdamW allows) cannot be one here, "
-    "as the searched step size moves every group: freeze those parameters with "
-    "requires_grad_(False) (a parameter without a gradient stays where it is) or leave them "
-    "out of the optimizer"
-)
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
 FOREIGN_GROUP_KEYS = {
     "maximize": "alsals minimises the loss; maximize=True is refused",
@@ -416,32 +304,6 @@ def written_lr(
                 stacklevel=_caller_stacklevel(),
             )
     return decisive
-
-
-def overstated_message(name: str, factor: float, params: Iterable[Tensor]) -> str:
-    """``OVERSTATED_WARNING``, with ``COARSE_WEIGHTS_HINT`` where some weights are coarser
-    than float32 (bfloat16, float16): their rounding, not the closure, may be the cause."""
-    message = OVERSTATED_WARNING.format(name=name, factor=factor)
-    eps32 = torch.finfo(torch.float32).eps
-    coarse = sorted({str(p.dtype) for p in params if torch.finfo(p.dtype).eps > eps32})
-    return message + (COARSE_WEIGHTS_HINT.format(dtype=", ".join(coarse)) if coarse else "")
-
-
-def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
-    """The warning for a closure that gave ``again`` at the weights where it had given
-    ``loss0`` (``None`` where the two agree to ``REPLAY_TOLERANCE``, or ``again`` is not
-    finite: the skip of a non-finite trial names that): it does not replay its randomness."""
-    if not abs(again - loss0) > REPLAY_TOLERANCE * max(abs(loss0), 1e-12):
-        return None
-    return (
-        f"{name}: the closure gave {again:.6g} at the same weights where it had given "
-        f"{loss0:.6g}: it does not replay its randomness, or it changes what its next call "
-        "reads, so the line search compares losses of different batches, augmentations or "
-        "inputs. Draw data and numpy/random augmentation before building the closure; inside "
-        "it, use torch's random generator only (replayed for every evaluation); carry state "
-        "between batches (an RNN's hidden state, a counter) after step(), or in a "
-        "closure(backward) only when backward is True."
-    )
 
 
 def refuse_maximize(name: str, groups: Iterable[dict[str, Any]]) -> None:

@@ -119,16 +119,7 @@ from alsals.distributed import (
 )
 from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
 from alsals.line_search import (
-    BUFFERS_WARNING,
-    COMPLEX_PARAMETERS,
-    DISCONNECTED_WARNING,
-    DROPPED_GRADIENTS_WARNING,
-    FROZEN_GROUP_ADVICE,
-    NO_BACKWARD_WARNING,
-    SCHEDULE_WARNING,
     SCHEDULE_WARNING_STEPS,
-    STALE_BUFFERS_HINT,
-    STALL_WARNING_STEPS,
     StepInfo,
     _caller_stacklevel,
     _loss_resolution,
@@ -138,8 +129,6 @@ from alsals.line_search import (
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
-    not_replayed_message,
-    overstated_message,
     plain_settings,
     refuse_inference_mode,
     schedule_suspected,
@@ -147,6 +136,22 @@ from alsals.line_search import (
     warn_about_other_settings,
     with_shown_lr,
     written_lr,
+)
+from alsals.messages import (
+    BUFFERS_WARNING,
+    COMPLEX_PARAMETERS,
+    DISCONNECTED_WARNING,
+    DROPPED_GRADIENTS_WARNING,
+    FROZEN_GROUP_ADVICE,
+    HELD_WARNING,
+    NO_BACKWARD_WARNING,
+    SCHEDULE_WARNING,
+    STALE_BUFFERS_HINT,
+    STALL_WARNING_STEPS,
+    TRIALS_NONFINITE,
+    not_replayed_message,
+    overstated_message,
+    unchanged_message,
 )
 from alsals.optimizers import MomentumALSALS
 from alsals.rise_guard import START_CUT, LossWatch, StartWatch
@@ -220,29 +225,9 @@ MAX_STEP_SIZE = 1e100
 #: Steps skipped in a row for a non-finite loss at ``y`` from which ``z`` restarts at ``x``
 #: (at the first of them where the loss at ``x`` is finite).
 NONFINITE_RESTART = 2
-#: The culprit a skipped step names when its trials' losses were not finite, nor the loss at
-#: ``y`` (at the first step) or at the averaging move alone evaluated without gradient.
-TRIALS_NONFINITE = (
-    "the closure's loss without gradient (as trials evaluate it: under torch.no_grad(), or "
-    "closure(False)), at the trials and at the point that needs no step size (y at a run's "
-    "first step, the averaging move alone after it), where its loss with gradient at y was "
-    "finite,"
-)
 #: A search whose evaluations (trials and the averaging move), this many, all gave exactly
 #: the loss at ``y`` ends there: the closure's loss does not follow the weights.
 UNCHANGED_EVALUATIONS = 2
-UNCHANGED_WARNING = (
-    "ALSALS: the loss did not change when the weights moved: in {n} searches in a row every "
-    "evaluation gave exactly the loss at the start ({loss:.3g}; {first:.3g} at the run's first "
-    "step), so each ended without a step size (only Schedule-Free's averaging move was taken). "
-    "Either the closure does not compute the loss from the model's current weights (call the "
-    "model inside the closure: outputs computed before it, or a loss of another model, stay "
-    "the same whatever the optimizer does to the weights), or the loss changes by less than "
-    "its own rounding (compute it in a wider dtype)"
-)
-#: A loss this many times below the run's first that no move changes has converged to what
-#: its rounding resolves: the warning then says so instead of suspecting the closure.
-CONVERGED_RATIO = 1e-4
 #: A change of the loss this many times its dtype's epsilon (times ``max(|loss|, 1)``)
 #: is one its rounding resolves, whatever the loss is a mean of: searches whose gradient
 #: predicted one and found the loss unchanged are not a converged run's.
@@ -250,12 +235,6 @@ UNRESOLVED_ULPS = 1e3
 #: A step size this far below the largest a run took has collapsed: searches that find the
 #: loss unchanged there do not say that the run converged.
 COLLAPSE_RATIO = 1e-4
-CONVERGED_WARNING = (
-    "ALSALS: the loss no longer changes when the weights move ({n} searches in a row): at "
-    "{loss:.3g}, against {first:.3g} at the run's first step, it has reached what its "
-    "rounding resolves, and the run has converged (only Schedule-Free's averaging moves the "
-    "weights now). Nothing is wrong; to go further, compute the loss in float64"
-)
 #: Each group's own state: Schedule-Free's averaging weights and the group's settings.
 GROUP_STATE = (
     "weight_sum",
@@ -264,14 +243,6 @@ GROUP_STATE = (
     "eps",
     "weight_decay",
     "lr_scale",
-)
-#: Saving or copying between ``train()`` and the step: the model holds ``y``, and the copy of
-#: ``x`` that ``train()`` holds aside is in no checkpoint.
-HELD_WARNING = (
-    "ALSALS: {what} was taken while train() holds the weights at y (the point of the "
-    "gradient), not at the average x they hold between steps; the copy of x train() keeps "
-    "is not part of it, so a model saved or copied now, and the run resumed from it, "
-    "continue from y. Call optimizer.eval() before saving or copying (and train() after)"
 )
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
@@ -1510,7 +1481,7 @@ class ALSALS(torch.optim.Optimizer):
                     start, loss0, averaging, slope, evaluator.loss_dtype
                 )
                 followed = search.loss_followed and healthy and not self._slope_overstated
-                message = _unchanged_message(loss0, search.first_loss, followed, predicted)
+                message = unchanged_message(loss0, search.first_loss, followed, predicted)
                 self._warn_once("loss_unchanged", message)
             search.loss_followed |= not result.unchanged
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
@@ -2254,18 +2225,6 @@ class ALSALS(torch.optim.Optimizer):
     def search_state(self) -> SearchState:
         """The search's counters and step size, as stored."""
         return self._stored_search_state()
-
-
-def _unchanged_message(loss: float, first: float, followed: bool, predicted: bool) -> str:
-    """The warning for searches whose every evaluation gave the starting loss: a converged
-    run's where an earlier search saw the loss follow the weights (``followed``: the closure
-    computed it from them), or where the loss has fallen ``CONVERGED_RATIO`` below the
-    run's first, unless the gradient ``predicted`` a change far above the loss's rounding
-    (a loss computed outside the closure after some steps); else the one that suspects the
-    closure."""
-    converged = not predicted and (followed or 0.0 <= loss <= CONVERGED_RATIO * first)
-    template = CONVERGED_WARNING if converged else UNCHANGED_WARNING
-    return template.format(n=STALL_WARNING_STEPS, loss=loss, first=first)
 
 
 def _unknown_arguments(unknown: dict[str, Any]) -> TypeError:

@@ -24,8 +24,8 @@ from alsals.line_search import (
     StepPreview,
     _caller_stacklevel,
     _loss_resolution,
-    not_replayed_message,
 )
+from alsals.messages import not_replayed_message
 
 #: The warnings a scan gives once per optimizer (as its step gives its own once): the
 #: causes already named for each optimizer.
