@@ -22,12 +22,17 @@ trials again with it, as Eq. 8 prescribes for a negative slope.
 
 The averages start at zero without bias correction: both sides carry the same factor
 ``1 - b^k``, so the test is unaffected by it.
+
+A change of the loss within its rounding (``loss_resolution``: ``RESOLUTION_ULPS`` units in
+the last place) says nothing about a trial, whichever way it goes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+
+import torch
 
 #: A rise that grows like ``eta^p`` with ``p`` in this range, from a search's smallest firm
 #: rise to the next trial at least twice as large, is first order: the loss has a kink along
@@ -36,6 +41,16 @@ FIRST_ORDER_POWERS = (0.5, 1.5)
 #: A rise of at least this many times the loss's resolution is measured, not rounding noise
 #: (a float32 mean over a large batch can be off by a few resolutions).
 FIRM_RISE = 8.0
+#: A trial whose loss change and predicted change both lie within this many units in the
+#: last place of the loss (or whose loss did not change at all) is below the resolution of
+#: the weights or the loss: it says nothing about whether the step is too large.
+RESOLUTION_ULPS = 4
+
+
+def loss_resolution(dtype: torch.dtype, loss: float) -> float:
+    """The rounding of a loss of this size in ``dtype``: ``RESOLUTION_ULPS`` units in the
+    last place. A change within it says nothing."""
+    return RESOLUTION_ULPS * torch.finfo(dtype).eps * abs(loss)
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,8 @@ were, and the random state and protected buffers as they were before the step.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import os
-import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,7 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alsals.acceptance import ArmijoTest, SearchTest, measured_slope, overstated_fraction
+from alsals.acceptance import (
+    RESOLUTION_ULPS,
+    ArmijoTest,
+    SearchTest,
+    loss_resolution,
+    measured_slope,
+    overstated_fraction,
+)
 from alsals.backtracking import MIN_STEP_SIZE, Backtracking
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import (
@@ -110,14 +114,29 @@ from alsals.state_placeholders import (
     is_state_initialisation,
     state_dict_without_placeholders,
 )
+from alsals.torch_optim_boundary import (
+    FOREIGN_GROUP_KEYS,
+    SCHEDULE_WARNING_STEPS,
+    anchor_parameter,
+    caller_stacklevel,
+    check_eps,
+    check_state_like,
+    drop_foreign_keys,
+    group_params,
+    groups_with_one_lr,
+    plain_settings,
+    refuse_inference_mode,
+    refuse_maximize,
+    schedule_suspected,
+    split_shown_lr,
+    warn_about_other_settings,
+    with_shown_lr,
+    written_lr,
+)
 
 #: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
 PLACEHOLDER_KEYS = ("step", "exp_avg", "exp_avg_sq", "line_search")
 
-#: A trial whose loss change and predicted change both lie within this many units in the
-#: last place of the loss (or whose loss did not change at all) is below the resolution of
-#: the weights or the loss: it says nothing about whether the step is too large.
-RESOLUTION_ULPS = 4
 ADAPTIVE_MIN_SEARCHES = 10  # SaLSa: always search during the first 10 steps
 ADAPTIVE_MAX_INTERVAL = 10  # ... and at least every 10 steps afterwards
 #: The first search of an optimizer is reported at WARNING level from this many trials.
@@ -130,221 +149,6 @@ FIRST_SEARCH_WARNING_TRIALS = 20
 NONFINITE_TRIALS_BEFORE_CHECK = 2
 SEARCH_KINDS = ("search", "failed", "unresolved")
 LOGGER = logging.getLogger("alsals")
-#: The key under which ``state_dict()`` records each group's ``lr`` as the last step showed it.
-SHOWN_LR_KEY = "shown_lr"
-#: A learning rate written before this many steps in a row, or lowered by this many writes
-#: over a run (a step decay, ReduceLROnPlateau), is a schedule left in the loop.
-SCHEDULE_WARNING_STEPS = 3
-#: Keys of other torch.optim optimizers' groups, and what to do instead of each.
-FOREIGN_GROUP_KEYS = {
-    "maximize": "alsals minimises the loss; maximize=True is refused",
-    "amsgrad": "not supported",
-    "foreach": "alsals always uses multi-tensor kernels",
-    "fused": "alsals always uses multi-tensor kernels",
-    "capturable": "not supported",
-    "differentiable": "not supported",
-    "decoupled_weight_decay": "weight_decay is always decoupled (AdamW's form)",
-    "momentum": "MomentumALSALS and AdamSLS use betas",
-    "dampening": "not supported",
-    "nesterov": "not supported",
-}
-
-
-def group_params(param_group: dict[str, Any]) -> list[Tensor]:
-    """A group's ``params`` as a list (a single tensor included), refusing a parameter that
-    appears twice: it would be updated twice."""
-    params = param_group.get("params", [])
-    if isinstance(params, (set, frozenset)):  # torch.optim's rule, before the list loses it
-        raise TypeError(
-            "optimizer parameters need to be organized in ordered collections, but the "
-            "ordering of tensors in sets will change between runs: pass a list"
-        )
-    params = [params] if isinstance(params, Tensor) else list(params)
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError(
-            "a parameter appears twice in one parameter group: it would be updated twice"
-        )
-    if any(isinstance(p, torch.nn.parameter.UninitializedTensorMixin) for p in params):
-        raise ValueError(
-            "a parameter is not initialised yet (a lazy module, nn.LazyLinear or another "
-            "Lazy* module, before its first forward pass): run one forward pass through the "
-            "model (a dummy batch) before building the optimizer"
-        )
-    return params
-
-
-def with_shown_lr(state: dict[str, Any], shown: list[float] | None) -> dict[str, Any]:
-    """``state`` (a ``state_dict()``) with each group's ``lr`` as the last step showed it
-    under ``SHOWN_LR_KEY``, so that a resumed run tells a written ``lr`` from a changed
-    ``lr_scale`` exactly as the uninterrupted one would."""
-    if shown is not None and len(shown) == len(state["param_groups"]):
-        for group, lr in zip(state["param_groups"], shown, strict=True):
-            group[SHOWN_LR_KEY] = lr
-    return state
-
-
-def plain_settings(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` (a fresh ``state_dict()``) with NumPy scalars in its groups' settings (an
-    ``lr`` a NumPy-computed schedule wrote) as Python numbers: ``torch.load`` with
-    ``weights_only=True``, torch's default, refuses NumPy objects."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (tuple, list)):
-            return type(value)(plain(v) for v in value)
-        if type(value).__module__ == "numpy" and hasattr(value, "item"):
-            return value.item()
-        return value
-
-    for group in state["param_groups"]:
-        group.update({k: plain(v) for k, v in group.items() if k != "params"})
-    return state
-
-
-def split_shown_lr(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[float] | None]:
-    """A state to load without ``SHOWN_LR_KEY`` in its groups, and the shown ``lr`` they
-    carried (``None`` where not every group carried one)."""
-    groups = state_dict.get("param_groups", [])
-    shown = [g.get(SHOWN_LR_KEY) for g in groups]
-    state_dict = {
-        **state_dict,
-        "param_groups": [{k: v for k, v in g.items() if k != SHOWN_LR_KEY} for g in groups],
-    }
-    known = bool(shown) and all(isinstance(v, float) for v in shown)
-    return state_dict, [float(v) for v in shown] if known else None
-
-
-def groups_with_one_lr(
-    params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float
-) -> tuple[list[Any], float]:
-    """``params`` as a list, and where the first search starts: the ``lr`` that every
-    parameter group carries where all carry the same one (groups built for another
-    optimizer, ``adamw.param_groups``: a group's setting overrides the constructor's, as in
-    ``torch.optim``), else ``lr``. Groups with different rates are left to the per-group
-    check, whose error says to use ``lr_scale``."""
-    if isinstance(params, Tensor):  # (torch's own error names it)
-        return params, lr  # type: ignore[return-value]
-    params = list(params)
-    rates = [g["lr"] for g in params if isinstance(g, dict) and "lr" in g]
-    if params and len(rates) == len(params) and all(r == rates[0] for r in rates):
-        return params, rates[0]
-    return params, lr
-
-
-def schedule_suspected(writes_in_a_row: int, cuts: int) -> bool:
-    """``lr`` written before ``SCHEDULE_WARNING_STEPS`` steps in a row (a schedule that writes
-    every step), or lowered by as many writes over the run (one that cuts now and then, whose
-    cuts compound with the search's); a write now and then that does not lower it (a start,
-    a restart from a larger value) is no schedule."""
-    return max(writes_in_a_row, cuts) >= SCHEDULE_WARNING_STEPS
-
-
-def refuse_inference_mode(name: str) -> None:
-    """A step under ``torch.inference_mode()`` is refused, naming it: no tensor made there
-    can take part in autograd, and the closure's loss would be blamed instead."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{name}.step() cannot run under torch.inference_mode(): the step needs the "
-            "gradient of the closure's loss (take the step outside it)"
-        )
-
-
-def warn_about_other_settings(
-    name: str, saved: dict[str, Any], here: dict[str, Any], keys: Iterable[str]
-) -> None:
-    """Warn where a state about to be loaded carries other search settings than the
-    optimizer was built with: as in ``torch.optim``, the saved ones are used (a changed
-    setting passed to the constructor of a resumed run does not take effect)."""
-    differing = {k: (saved[k], here[k]) for k in keys if saved[k] != here[k]}
-    if differing:
-        listed = ", ".join(f"{k}={a!r} (here {b!r})" for k, (a, b) in differing.items())
-        warnings.warn(
-            f"the state loaded into {name} was saved with other search settings: {listed}; "
-            "the saved ones are used. Was it saved by another optimizer class or "
-            "configuration?",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def written_lr(
-    groups: list[dict[str, Any]],
-    shown: list[float] | None,
-    step_size: float,
-    largest: float = math.inf,
-) -> tuple[float, dict[str, Any]] | None:
-    """The written ``lr`` that decides this step, checked to lie in ``[0, largest)``, with
-    its group: a written 0 in any group (one step size for all, so
-    a 0 anywhere stops every group for the step), else the first group whose ``lr`` differs
-    from the one the last step showed (``shown``; without it, ``step_size`` times the
-    group's ``lr_scale``). ``None`` where nothing was written; every written value is
-    checked. A changed ``lr_scale`` alone is no write."""
-    if shown is None or len(shown) != len(groups):
-        shown = [step_size * g["lr_scale"] for g in groups]
-    written = [
-        (in_range(f"param_groups[{index}]['lr']", g["lr"], 0.0, largest, closed_low=True), g)
-        for index, (g, lr_shown) in enumerate(zip(groups, shown, strict=True))
-        if g["lr"] != lr_shown
-    ]
-    zero = [w for w in written if w[0] == 0.0]
-    decisive = (zero or written)[0] if written else None
-    if decisive is not None and len(groups) > 1:
-        implied = [g["lr"] / g["lr_scale"] for g in groups]
-        if not all(math.isclose(v, implied[0], rel_tol=1e-6) for v in implied[1:]):
-            index = next(i for i, g in enumerate(groups) if g is decisive[1])
-            lrs = ", ".join(f"[{i}] {g['lr']:g}" for i, g in enumerate(groups))
-            scales = ", ".join(f"{g['lr_scale']:g}" for g in groups)
-            warnings.warn(
-                f"param_groups' lr written out of the ratio of their lr_scale (lr {lrs}; "
-                f"lr_scale {scales}): the search sets one step size for every group (each "
-                f"moves by it times its lr_scale), so param_groups[{index}]'s write sets it "
-                "for all of them (a 0 in any group stops every group for the step). For a "
-                "group's own rate set param_groups[i]['lr_scale']; to freeze a group, call "
-                "requires_grad_(False) on its parameters",
-                UserWarning,
-                stacklevel=_caller_stacklevel(),
-            )
-    return decisive
-
-
-def refuse_maximize(name: str, groups: Iterable[dict[str, Any]]) -> None:
-    """A group of another optimizer with ``maximize=True`` (ascend the objective) is an
-    error, not a setting to drop with the others: every alsals optimizer minimises the
-    closure's loss, and would descend what the run meant to ascend."""
-    for index, group in enumerate(groups):
-        if group.get("maximize") is True:
-            raise ValueError(
-                f"param_groups[{index}] has maximize=True: {name} minimises the loss the "
-                "closure returns, so return the objective negated (-objective) and drop the "
-                "key (a saved state's Adam moments, of the negated gradient, then fit: "
-                "for g in state['param_groups']: g.pop('maximize'))"
-            )
-
-
-def drop_foreign_keys(
-    name: str, param_group: dict[str, Any], known: set[str], per_group: Iterable[str]
-) -> None:
-    """Delete another ``torch.optim`` optimizer's group settings (``FOREIGN_GROUP_KEYS``)
-    from ``param_group`` with one warning that says what to do instead of each, and warn
-    about the keys that are neither ``known`` nor foreign (kept as they are)."""
-    refuse_maximize(name, [param_group])
-    foreign = {k: FOREIGN_GROUP_KEYS[k] for k in param_group if k in FOREIGN_GROUP_KEYS}
-    for key in foreign:
-        del param_group[key]
-    if foreign:
-        advice = "; ".join(f"{k}: {why}" for k, why in foreign.items())
-        warnings.warn(
-            f"{name} ignores the parameter-group settings of another optimizer ({advice})",
-            UserWarning,
-            stacklevel=_caller_stacklevel(),
-        )
-    unknown = [k for k in param_group if k not in known]
-    if unknown:
-        warnings.warn(
-            f"{name} does not use the parameter-group keys {unknown}; they are kept as they "
-            f"are (its per-group settings: {', '.join(per_group)})",
-            UserWarning,
-            stacklevel=_caller_stacklevel(),
-        )
 
 
 @dataclass(frozen=True)
@@ -465,12 +269,6 @@ class StepPreview:
     state: SearchState  # the search state before the step
 
 
-#: The folders of the packages whose frames a warning skips to reach the user's line.
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["alsals"], torch)
-)
-
-
 def _check_one_beta1(
     loss_floor: float | None, group: dict[str, Any], first: dict[str, Any]
 ) -> None:
@@ -482,101 +280,6 @@ def _check_one_beta1(
             "all parameters with one beta1 (pass the same beta1 to every group, or "
             "loss_floor=None)"
         )
-
-
-def _loss_resolution(dtype: torch.dtype, loss: float) -> float:
-    """The rounding of a loss of this size in ``dtype``: ``RESOLUTION_ULPS`` units in the
-    last place. A change within it says nothing."""
-    return RESOLUTION_ULPS * torch.finfo(dtype).eps * abs(loss)
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the user's line calling ``step``:
-    the first frame outside the alsals and torch packages (torch.optim wraps ``step``)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        if not os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
-
-
-@functools.lru_cache(maxsize=16)
-def _vanishes(eps: float, dtype: torch.dtype) -> bool:
-    """Whether ``eps`` rounds to 0 in ``dtype``."""
-    return float(torch.tensor(eps, dtype=dtype)) == 0.0
-
-
-def anchor_parameter(param_groups: list[dict[str, Any]]) -> Tensor | None:
-    """The parameter whose state holds an optimizer's search state: the first of all
-    groups (``None`` without any)."""
-    for group in param_groups:
-        if group["params"]:
-            return group["params"][0]
-    return None
-
-
-def check_state_like(
-    owner: str,
-    state: dict,
-    param_groups: list[dict[str, Any]],
-    checked: tuple | None = None,
-) -> tuple:
-    """Raise a ``ValueError`` where a parameter's stored tensors are not of its shape (a
-    state saved for parameters in another order), a ``TypeError`` where they are not of its
-    dtype and on its device: the model was converted (``.double()``, ``.half()``, ``.to(device)``) after
-    the optimizer stepped, which torch's ``load_state_dict`` converts the state for. Returns
-    the parameters' dtypes and devices; the state is read only where they differ from
-    ``checked`` (what the last call returned: ``None`` after a load)."""
-    signature = tuple((p.dtype, p.device) for group in param_groups for p in group["params"])
-    if signature == checked:
-        return signature
-    for group in param_groups:
-        for p in group["params"]:
-            for name, stored in state.get(p, {}).items():
-                if not isinstance(stored, Tensor) or not stored.dim():
-                    continue
-                # (a sharded parameter's state may hold its local shard alone: FSDP2's)
-                shapes = {tuple(t.shape) for t in (stored, local_shard(stored))}
-                if not shapes & {tuple(p.shape), tuple(local_shard(p).shape)}:
-                    raise ValueError(
-                        f"{owner}: a parameter of shape {tuple(p.shape)} holds optimizer "
-                        f"state {name!r} of shape {tuple(stored.shape)}: the state loaded was "
-                        "saved for other parameters, or in another order (parameter groups "
-                        "built in another order than when it was saved?)"
-                    )
-                if stored.dtype != p.dtype or stored.device != p.device:
-                    raise TypeError(
-                        f"{owner}: a parameter of shape {tuple(p.shape)} is {p.dtype} on "
-                        f"{p.device}, but its optimizer state ({name!r}) is {stored.dtype} on "
-                        f"{stored.device}: the model was converted after the optimizer "
-                        "stepped. Convert the state with it, "
-                        "optimizer.load_state_dict(optimizer.state_dict()) after the "
-                        "conversion (a model with BatchNorm: the conversion replaced its "
-                        "buffers, which buffers= protects, so build a new optimizer with "
-                        "buffers=model.buffers() and load the old one's state into it), or "
-                        "convert the model before building the optimizer"
-                    )
-    return signature
-
-
-def check_eps(owner: str, eps: float, params: list[Tensor]) -> None:
-    """A ``ValueError`` where ``eps`` rounds to 0 in a parameter's dtype (float16 and
-    the default 1e-8): Adam's direction would be 0/0 wherever a gradient entry and its
-    moments are 0 (a dead unit), and every step would be skipped as non-finite. Checked
-    once per dtype of the group, before anything is written."""
-    first_of_dtype = {p.dtype: p for p in reversed(params)}
-    bad = [p for d, p in first_of_dtype.items() if d.is_floating_point and _vanishes(eps, d)]
-    if not bad:
-        return
-    p = bad[0]
-    raise ValueError(
-        f"{owner}: eps={eps:g} is 0 in {p.dtype} (a parameter of shape "
-        f"{tuple(p.shape)}): Adam's direction would be 0/0 where a gradient entry and its "
-        "moments are 0, and every step would be skipped as non-finite. Pass "
-        f"eps >= {torch.finfo(p.dtype).tiny:.2g} (1e-4 is common for float16), or keep "
-        "float32 weights and train under torch.autocast"
-    )
 
 
 def _largest_magnitude(grads: list[Tensor], device: torch.device) -> Tensor:
@@ -1385,7 +1088,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             return
         stored = self._stored_watch(search)
         watch = stored.after(loss0, searched if outcome.step_size > 0.0 else 0.0)
-        resolution = _loss_resolution(loss_dtype, watch.mean())
+        resolution = loss_resolution(loss_dtype, watch.mean())
         ceiling = search.step_size_ceiling
         if ceiling < math.inf and watch.lifts(
             search.ceiling_loss, search.ceiling_rise, guard, resolution
@@ -1488,7 +1191,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         history = h["smoothing"] > 0.0 and search.averaged > 0
         # At the first search of a run: the closure evaluated again at w0 must give L0 again.
         replay = [evaluator.evaluate()] if search.searches == 0 else []
-        resolution = _loss_resolution(evaluator.loss_dtype, loss0)
+        resolution = loss_resolution(evaluator.loss_dtype, loss0)
         slope_input = self._slope_input(search, run, evaluator)
         test = SearchTest(
             ArmijoTest(c=h["c"], smoothing=h["smoothing"]),
@@ -1943,7 +1646,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _warn_once(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, category, stacklevel=_caller_stacklevel())
+            warnings.warn(message, category, stacklevel=caller_stacklevel())
 
     def _report_loss_rise(self, rise: tuple[float, float, float, float]) -> None:
         """Say in the log that ``loss_rise_guard`` set a ceiling on the step size, and why."""
@@ -2059,7 +1762,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 n=STALL_WARNING_STEPS,
                 dtype=str(evaluator.loss_dtype).removeprefix("torch."),
                 ulps=RESOLUTION_ULPS,
-                resolution=_loss_resolution(evaluator.loss_dtype, loss0),
+                resolution=loss_resolution(evaluator.loss_dtype, loss0),
                 loss=loss0,
             )
             self._warn_once("unresolved", message, UserWarning)

@@ -94,7 +94,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from alsals.acceptance import FIRM_RISE, overstated_fraction
+from alsals.acceptance import FIRM_RISE, loss_resolution, overstated_fraction
 from alsals.backtracking import INTERPOLATION_FLOOR, MIN_STEP_SIZE
 from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
 from alsals.directions import (
@@ -118,25 +118,7 @@ from alsals.distributed import (
     shard_count,
 )
 from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
-from alsals.line_search import (
-    SCHEDULE_WARNING_STEPS,
-    StepInfo,
-    _caller_stacklevel,
-    _loss_resolution,
-    anchor_parameter,
-    check_eps,
-    check_state_like,
-    drop_foreign_keys,
-    group_params,
-    groups_with_one_lr,
-    plain_settings,
-    refuse_inference_mode,
-    schedule_suspected,
-    split_shown_lr,
-    warn_about_other_settings,
-    with_shown_lr,
-    written_lr,
-)
+from alsals.line_search import StepInfo
 from alsals.messages import (
     BUFFERS_WARNING,
     COMPLEX_PARAMETERS,
@@ -160,6 +142,23 @@ from alsals.state_placeholders import (
     drop_placeholders,
     is_state_initialisation,
     state_dict_without_placeholders,
+)
+from alsals.torch_optim_boundary import (
+    SCHEDULE_WARNING_STEPS,
+    anchor_parameter,
+    caller_stacklevel,
+    check_eps,
+    check_state_like,
+    drop_foreign_keys,
+    group_params,
+    groups_with_one_lr,
+    plain_settings,
+    refuse_inference_mode,
+    schedule_suspected,
+    split_shown_lr,
+    warn_about_other_settings,
+    with_shown_lr,
+    written_lr,
 )
 
 #: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
@@ -885,7 +884,7 @@ class ALSALS(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
-        showed (:func:`alsals.line_search.with_shown_lr`). Weights edited in place since the
+        showed (:func:`alsals.torch_optim_boundary.with_shown_lr`). Weights edited in place since the
         last step (a projection after it) are adopted first, as the next step would adopt
         them: the checkpoint carries the restarted ``z``, which a resumed optimizer, built
         without the version counters, could not find."""
@@ -1271,7 +1270,7 @@ class ALSALS(torch.optim.Optimizer):
     def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, category, stacklevel=_caller_stacklevel())
+            warnings.warn(message, category, stacklevel=caller_stacklevel())
 
     def _run(
         self,
@@ -1753,7 +1752,7 @@ class ALSALS(torch.optim.Optimizer):
         for one that did not, the fraction of its promise ``P(gamma)`` by which its trials
         lowered the loss where the promise overstates the slope (``overstated_fraction``;
         else ``nan``)."""
-        resolution = _loss_resolution(loss_dtype, loss0)
+        resolution = loss_resolution(loss_dtype, loss0)
         passed = result.kind == "search" and result.decrease > FIRM_RISE * resolution
         if passed:
             return math.nan, True
@@ -1908,7 +1907,7 @@ class ALSALS(torch.optim.Optimizer):
             return False, False
         watch = LossWatch.from_stored(search.watch) if search.watch else LossWatch()
         watch = watch.after(loss0, gamma)
-        resolution = _loss_resolution(loss_dtype, watch.mean())
+        resolution = loss_resolution(loss_dtype, watch.mean())
         # A ceiling is lifted where the loss average falls measurably below the lowest it
         # guarded, or where the watch begun under it (each ceiling starts it afresh) finds
         # the loss average, at its lowest, measurably above the level that set the

@@ -15,17 +15,12 @@ import torch
 from torch import Tensor, nn
 
 import alsals.closure
-from alsals.acceptance import ArmijoTest
+from alsals.acceptance import ArmijoTest, loss_resolution
 from alsals.closure import Closure, ClosureEvaluator, _widest_dtype
 from alsals.distributed import local_shard, mean_to_host
-from alsals.line_search import (
-    SEARCH_KINDS,
-    LineSearchOptimizer,
-    StepPreview,
-    _caller_stacklevel,
-    _loss_resolution,
-)
+from alsals.line_search import SEARCH_KINDS, LineSearchOptimizer, StepPreview
 from alsals.messages import not_replayed_message
+from alsals.torch_optim_boundary import caller_stacklevel
 
 #: The warnings a scan gives once per optimizer (as its step gives its own once): the
 #: causes already named for each optimizer.
@@ -189,7 +184,7 @@ def _warn_once(optimizer: LineSearchOptimizer, key: str, message: str) -> None:
     warned = _WARNED.setdefault(optimizer, set())
     if key not in warned:
         warned.add(key)
-        warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+        warnings.warn(message, UserWarning, stacklevel=caller_stacklevel())
 
 
 class _TouchedBuffers:
@@ -332,7 +327,7 @@ def scan_direction(
     warmup = cap < math.inf
     if warmup:
         # any trial that does not raise the loss measurably (SearchTest.judge)
-        floor = -_loss_resolution(loss_dtype, info.loss)
+        floor = -loss_resolution(loss_dtype, info.loss)
         boundary = [floor] * len(grid)
     else:
         boundary = [_minimum_decrease(test, before.decrease_avg, e, slope_average) for e in grid]
