@@ -20,7 +20,8 @@ from torch import nn
 
 import alsals.schedule_free
 from alsals import ALSALS
-from alsals.schedule_free import STATE_KEY, SearchResult, SearchState, trailing_beyond_chance
+from alsals.schedule_free import SearchResult, trailing_beyond_chance
+from alsals.schedule_free_state import STATE_KEY, SearchState
 
 
 def logistic_problem(seed: int = 0, n: int = 128, d: int = 6):

@@ -539,7 +539,7 @@ def test_alsals_saved_by_0_2_7_continues_without_regrowth():
     """A checkpoint of 0.2.7 lacks ``regrowth`` in its groups and ``regrow`` /
     ``peak_step_size`` in its search state: it loads with one warning that names that setting
     alone, and goes on bit for bit as a run with ``regrowth=None``."""
-    from alsals.schedule_free import STATE_KEY
+    from alsals.schedule_free_state import STATE_KEY
 
     data = batches()
     torch.manual_seed(0)
@@ -596,7 +596,7 @@ def test_a_guard_watch_saved_before_0_2_9_goes_on_with_its_spread(cls):
     the spread: such a state loads, steps, and goes on with the weights and the spread of
     the run that was never interrupted."""
     from alsals.rise_guard import LOSS_SMOOTHING
-    from alsals.schedule_free import STATE_KEY
+    from alsals.schedule_free_state import STATE_KEY
 
     def watch_of(state_dict):
         (entry,) = [e for e in state_dict["state"].values() if STATE_KEY in e or "line_search" in e]
