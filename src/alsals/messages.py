@@ -17,19 +17,15 @@ from torch import Tensor
 #: A closure whose loss at the same weights differs by more than this (relative) does not
 #: replay its randomness.
 REPLAY_TOLERANCE = 1e-4
-
-
-#: The culprit the skip names.
+#: The culprit a skipped step names where the loss without gradient is not finite at its
+#: starting weights either (``LineSearchOptimizer``'s check after
+#: ``NONFINITE_TRIALS_BEFORE_CHECK`` non-finite trials).
 NO_GRAD_NONFINITE = (
     "the closure's loss without gradient (as trials evaluate it: under torch.no_grad(), or "
     "closure(False)) at the step's starting weights, where its loss with gradient was finite,"
 )
-
-
 #: The culprit phase 2 names for a non-finite loss at ``w0``.
 LOSS_CULPRIT = "the loss"
-
-
 SCHEDULE_WARNING = (
     "{name}: param_groups[...]['lr'] was overwritten before {n} steps in a row, or lowered "
     "{n} times (a learning-rate schedule, or ReduceLROnPlateau, left in the loop?). Each "
@@ -39,16 +35,12 @@ SCHEDULE_WARNING = (
     "schedule (the line search picks the step size), or write lr only to set where the next "
     "search starts."
 )
-
-
 BUFFERS_WARNING = (
     "{name}: {modules} updated its buffers (running statistics, power-iteration vectors) "
     "during a trial evaluation, "
     "at weights the search may reject: pass buffers=model.buffers() to {name} so that "
     "trials leave them alone"
 )
-
-
 #: Added to it when buffers were given: converting the model after building the optimizer
 #: replaces the buffer tensors, so the ones given are no longer the model's.
 STALE_BUFFERS_HINT = (
@@ -56,13 +48,9 @@ STALE_BUFFERS_HINT = (
     ".double(), after the optimizer was built, the conversion replaced its buffers; build "
     "the optimizer after it)"
 )
-
-
 #: A closure that gives no parameter a gradient, or whose loss no trial moves by a single
 #: bit, this many steps in a row is one the search cannot use: the optimizer warns.
 STALL_WARNING_STEPS = 3
-
-
 #: Parameters with Adam moments and no gradient this step, under the Polyak cap.
 PARTIAL_MODEL_WARNING = (
     "{name}: some parameters with Adam moments got no gradient this step (conditional "
@@ -73,8 +61,6 @@ PARTIAL_MODEL_WARNING = (
     "loss_floor=None for such a model (ALSALS, whose cap uses the batch's own linear model "
     "only, is not affected)"
 )
-
-
 UNCHANGED_LOSS_WARNING = (
     "{name}: the loss did not change when the weights moved: in {n} searches in a row every "
     "trial, up to a move as large as the weights themselves, gave exactly the loss at the "
@@ -83,8 +69,6 @@ UNCHANGED_LOSS_WARNING = (
     "or a loss of another model, stay the same whatever the optimizer does to the weights), "
     "or the loss changes by less than its own rounding (compute it in a wider dtype)"
 )
-
-
 UNRESOLVED_WARNING = (
     "{name}: {n} searches in a row ended unresolved, without a step: the loss is computed in "
     "{dtype}, whose rounding ({ulps} units in the last place: {resolution:.3g} at a loss of "
@@ -92,16 +76,12 @@ UNRESOLVED_WARNING = (
     "judge any step. Compute the loss in float32 (cast the model's output before the loss, "
     "e.g. loss_fn(output.float(), target)); the weights may stay in {dtype}"
 )
-
-
 DISCONNECTED_WARNING = (
     "{name}: the loss returned by closure() does not depend on the parameters this optimizer "
     "holds (after backward none has a gradient), so {n} steps in a row were skipped. Build "
     "the optimizer from the parameters of the model the closure evaluates (after replacing or "
     "copying the model, pass the new model's parameters)"
 )
-
-
 OVERSTATED_WARNING = (
     "{name}: the loss fell by about 1/{factor:.2g} of what the gradient promised at every "
     "trial of a search, however small the step, and none could pass the Armijo test, so no "
@@ -115,16 +95,12 @@ OVERSTATED_WARNING = (
     "the forward pass writes the weights itself (a max-norm constraint through .data), "
     "undoing part of each trial's move: apply it after the step instead"
 )
-
-
 #: Added to it where some weights are of a dtype coarser than float32.
 COARSE_WEIGHTS_HINT = (
     "; or the weights are {dtype}, whose rounding moves them other than each trial says "
     "(a small move rounds away, a larger one to the grid): keep float32 weights and run the "
     "forward pass in {dtype} under torch.autocast"
 )
-
-
 NO_BACKWARD_WARNING = (
     "{name}: closure(backward) returned a loss that requires grad but no parameter has a "
     "gradient, so the step was skipped: call loss.backward() in the closure when its argument "
@@ -132,15 +108,11 @@ NO_BACKWARD_WARNING = (
     "optimizer); if it does, the loss does not depend on this optimizer's parameters (build "
     "the optimizer from the parameters of the model the closure runs)"
 )
-
-
 COMPLEX_PARAMETERS = (
     "complex parameters are not supported (the Armijo test and Adam's moments are defined for "
     "real weights): hold each as a real tensor of (real, imaginary) pairs and view it as "
     "complex where the model uses it (torch.view_as_complex)"
 )
-
-
 DROPPED_GRADIENTS_WARNING = (
     "{name}: .grad held gradients computed since the last step (a backward pass outside "
     "step(), a trainer's gradient accumulation before it, or another optimizer's step over "
@@ -150,8 +122,6 @@ DROPPED_GRADIENTS_WARNING = (
     "use manual optimization with alsals.integrations.lightning.line_search_step; to say "
     "that nothing is lost, set the gradients to None (optimizer.zero_grad()) before step()"
 )
-
-
 CONTRADICTED_WARNING = (
     "{name}: at two searches, with none in between that the gradient's slope accepted, "
     "every trial raised the loss in proportion to the step size where the slope -g.d said "
@@ -161,8 +131,6 @@ CONTRADICTED_WARNING = (
     "loss than the one it differentiates. This search ended {kind}, without a step, and so "
     "will the next ones while it lasts (counted in the state's 'kinks_in_a_row')."
 )
-
-
 UNDONE_WARNING = (
     "{name}: the loss was not finite on two steps in a row after an update that no "
     "evaluation had tested (a step reusing the last search's step size, or AdamSLS's update "
@@ -172,8 +140,6 @@ UNDONE_WARNING = (
     "log or a square root of them) causes this; further undos are counted in the state's "
     "'undone_updates' without warning."
 )
-
-
 #: What to do instead of a group ``lr`` of 0 (frozen parameters, AdamW's idiom), which no
 #: ``lr_scale`` can express (it must be > 0).
 FROZEN_GROUP_ADVICE = (
@@ -210,7 +176,8 @@ def not_replayed_message(name: str, loss0: float, again: float) -> str | None:
     )
 
 
-# ALSALS (alsals.schedule_free) alone
+# ALSALS's own (alsals.schedule_free); the ones above are LineSearchOptimizer's, and
+# ALSALS's too where it imports them
 
 #: The culprit a skipped step names when its trials' losses were not finite, nor the loss at
 #: ``y`` (at the first step) or at the averaging move alone evaluated without gradient.
@@ -220,8 +187,6 @@ TRIALS_NONFINITE = (
     "first step, the averaging move alone after it), where its loss with gradient at y was "
     "finite,"
 )
-
-
 UNCHANGED_WARNING = (
     "ALSALS: the loss did not change when the weights moved: in {n} searches in a row every "
     "evaluation gave exactly the loss at the start ({loss:.3g}; {first:.3g} at the run's first "
@@ -231,21 +196,15 @@ UNCHANGED_WARNING = (
     "the same whatever the optimizer does to the weights), or the loss changes by less than "
     "its own rounding (compute it in a wider dtype)"
 )
-
-
 #: A loss this many times below the run's first that no move changes has converged to what
 #: its rounding resolves: the warning then says so instead of suspecting the closure.
 CONVERGED_RATIO = 1e-4
-
-
 CONVERGED_WARNING = (
     "ALSALS: the loss no longer changes when the weights move ({n} searches in a row): at "
     "{loss:.3g}, against {first:.3g} at the run's first step, it has reached what its "
     "rounding resolves, and the run has converged (only Schedule-Free's averaging moves the "
     "weights now). Nothing is wrong; to go further, compute the loss in float64"
 )
-
-
 #: Saving or copying between ``train()`` and the step: the model holds ``y``, and the copy of
 #: ``x`` that ``train()`` holds aside is in no checkpoint.
 HELD_WARNING = (

@@ -19,8 +19,6 @@ from alsals.rise_guard import LossWatch, StartWatch
 
 #: The key of the search state in the first parameter's ``state``.
 STATE_KEY = "schedule_free_search"
-
-
 #: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
 PLACEHOLDER_KEYS = ("z", "exp_avg_sq", "step", STATE_KEY)
 
@@ -138,8 +136,6 @@ class SearchState:
 
 #: Entries of the search state that earlier versions stored and none reads any more.
 RETIRED_STATE_ENTRIES = frozenset({"last_kept", "linear"})
-
-
 #: What each numeric entry of the search state may hold ("count": an integer >= 0).
 _STATE_ENTRY_RANGES = {
     "step_size": "finite and > 0",

@@ -27,13 +27,9 @@ from alsals.hyperparameters import in_range
 
 #: The key under which ``state_dict()`` records each group's ``lr`` as the last step showed it.
 SHOWN_LR_KEY = "shown_lr"
-
-
 #: A learning rate written before this many steps in a row, or lowered by this many writes
 #: over a run (a step decay, ReduceLROnPlateau), is a schedule left in the loop.
 SCHEDULE_WARNING_STEPS = 3
-
-
 #: Keys of other torch.optim optimizers' groups, and what to do instead of each.
 FOREIGN_GROUP_KEYS = {
     "maximize": "alsals minimises the loss; maximize=True is refused",
