@@ -836,3 +836,40 @@ def test_a_float16_weight_given_its_gradient_by_hand_is_checked_for_overflow():
         opt.step(closure)
     assert opt.last_step.kind == "nonfinite"
     assert "exp_avg_sq" not in opt.state.get(h, {})
+
+
+def _one_weight():
+    return [torch.nn.Parameter(torch.zeros(2))]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lr": torch.tensor(True)}, TypeError, "lr"),
+        ({"c": 1.0}, ValueError, "c"),
+        ({"backtrack": 1.0}, ValueError, "backtrack"),
+        ({"smoothing": 1.0}, ValueError, "smoothing"),
+        ({"loss_rise_guard": 0.0}, ValueError, "loss_rise_guard"),
+        ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm"),
+        ({"interpolate": 1}, TypeError, "interpolate"),
+        ({"search_interval": 0}, ValueError, "search_interval"),
+        ({"loss_floor": float("-inf")}, ValueError, "loss_floor"),
+        ({"start": "bogus"}, ValueError, "start"),
+        ({"fd_step": 0.0}, ValueError, "fd_step"),
+    ],
+)
+def test_each_bad_line_search_setting_is_refused_by_name(kwargs, error, match):
+    """The line searches' settings at the edges of their ranges (a bool tensor is no
+    number, the open upper bounds, a guard of 0 standard errors, an unknown start: a typo
+    would otherwise act as the default)."""
+    with pytest.raises(error, match=match):
+        SLS(_one_weight(), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS])
+def test_adam_without_momentum_is_a_valid_setting(cls):
+    """``betas=(0.0, beta2)``: RMSprop-like, no momentum; accepted, and it steps."""
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = cls([w], betas=(0.0, 0.999))
+    opt.step(lambda: (w**2).sum())
+    assert opt.last_step.kind in ("search", "kept", "reuse")

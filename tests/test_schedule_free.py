@@ -1203,6 +1203,18 @@ def test_kept_rule_counts_only_searches_whose_averaging_move_failed():
     assert (search.kept_in_a_row, zero.step_size) == (6, 0.0)
     decay = opt._after_kept_run(search, SearchResult("kept", 1.0, 0))
     assert (search.kept_in_a_row, decay.step_size) == (0, 1.0)
+
+
+def test_a_shrink_of_kept_rule_lowers_where_regrowth_may_lead_back():
+    """A step size ``kept_rule`` shrank on many searches' evidence is no cut one batch made:
+    regrowth's ceiling (the largest step size a search set) comes down with it, as the lead
+    rule's shrink takes it."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = ALSALS([w], kept_rule="shrink")
+    search = SearchState(step_size=1.0, peak_step_size=10.0, kept_in_a_row=20)
+    result = opt._after_kept_run(search, SearchResult("kept", 1.0, 3))
+    assert result.sets_step_size and result.step_size < 1.0
+    assert search.peak_step_size == result.step_size
     search.kept_in_a_row = 7
     passed = opt._after_kept_run(search, SearchResult("search", 1.0, 1, True))
     assert (search.kept_in_a_row, passed.step_size) == (0, 1.0)

@@ -885,3 +885,26 @@ def test_another_optimizer_s_state_lends_only_what_this_one_uses(cls, source):
     opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
     keys = {k for entries in opt.state.values() for k in entries}
     assert keys <= {"step", "exp_avg", "exp_avg_sq", "line_search"}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"bogus": 1},
+        {"loss_error_at_lowest": float("nan")},
+        {"step_size_ceiling": 0.0},
+        {"step": True},
+        {"untested_step_size": -0.1},
+        {"ceiling_rise": float("nan")},
+        {"ceiling_rise": "high"},
+        {"floor_hits": -1},
+        {"initial_step_size": 0.0},
+    ],
+)
+def test_a_line_search_state_edited_by_hand_is_refused_naming_the_entry(entry):
+    """Each entry of the line searches' stored state is checked on load: an unknown one, a
+    statistic that is not finite, a counter that is a bool or negative, a ceiling of 0."""
+    from alsals.search_state import SearchState
+
+    with pytest.raises(ValueError, match=next(iter(entry)) if "bogus" not in entry else "unknown"):
+        SearchState.from_dict({"step_size": 0.1, "initial_step_size": 0.1, **entry})
