@@ -310,20 +310,21 @@ def regrowth_run(rank: int) -> dict:
 
 
 def mismatch_run(rank: int) -> dict:
-    """Each optimizer built with another ``c`` on each rank: the first step's error, on
-    every rank (no hang, no drift)."""
-    errors = {}
-    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = cls(ddp.parameters(), c=0.1 if rank == 0 else 0.5)
-        x = torch.randn(8, 6)
-        try:
-            opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
-            errors[name] = None
-        except ValueError as err:
-            errors[name] = str(err)
+    """Each optimizer built with another ``c``, or another ``lr`` (where the first search
+    starts), on each rank: the first step's error, on every rank (no hang, no drift)."""
+    errors: dict[str, dict] = {"c": {}, "lr": {}}
+    for setting, values in (("c", (0.1, 0.5)), ("lr", (0.1, 0.2))):
+        for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = cls(ddp.parameters(), **{setting: values[rank]})
+            x = torch.randn(8, 6)
+            try:
+                opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+                errors[setting][name] = None
+            except ValueError as err:
+                errors[setting][name] = str(err)
     return errors
 
 

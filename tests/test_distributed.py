@@ -154,10 +154,14 @@ def test_schedule_free_search_decides_alike_on_every_rank(rank_results):
     assert kinds[_distributed_worker.RANK1_EVENTS.index("nan_loss")] == "nonfinite"
 
 
-def test_ranks_built_with_different_settings_fail_at_the_first_step_on_every_rank(rank_results):
-    """Another ``c`` on each rank: a clear error on both ranks at the first step, before
-    any trial (their collectives would otherwise pair wrongly, or their weights drift)."""
-    for errors in (rank_results[0]["mismatch"], rank_results[1]["mismatch"]):
+@pytest.mark.parametrize("setting", ["c", "lr"])
+def test_ranks_built_with_different_settings_fail_at_the_first_step_on_every_rank(
+    rank_results, setting
+):
+    """Another ``c``, or another ``lr``, on each rank: a clear error on both ranks at the
+    first step, before any trial (their collectives would otherwise pair wrongly, or their
+    weights drift)."""
+    for errors in (rank_results[0]["mismatch"][setting], rank_results[1]["mismatch"][setting]):
         assert set(errors) == {"SLS", "AdamSLS", "MomentumALSALS", "ALSALS"}
         for name, message in errors.items():
             assert message is not None and "hold different settings" in message, name
