@@ -68,9 +68,7 @@ from alsals.directions import (
 )
 from alsals.distributed import (
     any_not_finite,
-    check_same_settings,
     checked_process_group,
-    copy_sharing_process_group,
     local_shard,
     mean_to_host,
     shard_count,
@@ -108,24 +106,19 @@ from alsals.messages import (
 from alsals.polyak_cap import FLOOR_HITS, ModelTerms, MomentumModel, floor_word, model_terms
 from alsals.rise_guard import LossWatch
 from alsals.search_state import SearchState
+from alsals.searching_optimizer import SearchingOptimizer
 from alsals.state_placeholders import (
-    create_placeholders,
-    drop_placeholders,
     is_state_initialisation,
     state_dict_without_placeholders,
 )
 from alsals.torch_optim_boundary import (
     FOREIGN_GROUP_KEYS,
     SCHEDULE_WARNING_STEPS,
-    anchor_parameter,
-    caller_stacklevel,
     check_eps,
-    check_state_like,
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
     plain_settings,
-    refuse_inference_mode,
     refuse_maximize,
     schedule_suspected,
     split_shown_lr,
@@ -373,7 +366,7 @@ class _Run:
     all_moments_take_part: bool = True
 
 
-class LineSearchOptimizer(torch.optim.Optimizer):
+class LineSearchOptimizer(SearchingOptimizer):
     """Base class: an Armijo line search along a configurable direction.
 
     Subclasses set ``search_directions`` (the directions they may search along, the first
@@ -387,6 +380,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     search_directions: tuple[Direction, ...]
     update_direction: Direction
+
+    STATE_KEY = "line_search"
+    PLACEHOLDER_KEYS = PLACEHOLDER_KEYS
+    SEARCH_STATE = SearchState
 
     def __init__(
         self,
@@ -428,37 +425,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ torch.optim protocol
 
-    def __getstate__(self) -> dict[str, Any]:
-        # torch keeps only defaults, state and param_groups; a copy must also keep the
-        # protected buffers, the process group, the one-time warnings and last_step. The
-        # marks of the gradients left in .grad (weak references) belong to this object only.
-        return {k: v for k, v in self.__dict__.items() if k != "_left_grads"}
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # (torch adds "differentiable" to the defaults here, which add_param_group would
-        # copy into a new group: a setting of another optimizer in the next state_dict)
-        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_buffers", [])
         self.__dict__.setdefault("_process_group", None)
-        self.__dict__.setdefault("_warned", set())
-        self.__dict__.setdefault("_dropped_looked", False)
-        self.__dict__.setdefault("_trials_with_grad", False)
-        self.__dict__.setdefault("_written_lr_steps", 0)
-        self.__dict__.setdefault("_lr_cuts", 0)
-        self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_unresolved_searches", 0)
-        self.__dict__.setdefault("_placeholders", False)
-        self.__dict__.setdefault("_signature", None)
-        self.__dict__.setdefault("_disconnected_steps", 0)
-        self.__dict__.setdefault("_buffers_checked", False)
         self.__dict__.setdefault("_clip_factor", 1.0)
-        self.__dict__.setdefault("_grad_norm", math.nan)
         self.__dict__.setdefault("_replay_loss", None)
         self.__dict__.setdefault("_model_terms", None)
-        self.__dict__.setdefault("_left_grads", None)
-        self.__dict__.setdefault("_shown_lr", None)
-        self.__dict__.setdefault("_ranks_checked", False)
         self.__dict__.setdefault("last_step", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -494,11 +468,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
-        group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
-        if self._shown_lr is not None:
-            self._shown_lr.append(group["lr"])
-        if self._left_grads is not None:
-            self._left_grads.add(group["params"])
+        self._show_new_group(group)
 
     def _drop_foreign_keys(self, param_group: dict[str, Any]) -> None:
         known = {*SEARCH_KEYS, *GROUP_KEYS, *TORCH_GROUP_KEYS, "param_names"}
@@ -736,20 +706,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self, closure: Closure | None, commit: bool, runs_backward: bool | None = None
     ) -> tuple[Tensor, StepInfo, _Run]:
         """Phases 0-6 (6 only with ``commit``); an exception undoes everything."""
-        refuse_inference_mode(type(self).__name__)
-        if self._placeholders:
-            drop_placeholders(self.state, PLACEHOLDER_KEYS)
-            self._placeholders = False
-        name = type(self).__name__
-        signature = check_state_like(name, self.state, self.param_groups, self._signature)
-        if signature != self._signature:  # converted (or loaded): buffers may be new tensors
-            self._buffers_checked = False
-        self._signature = signature
+        self._check_state(type(self).__name__)
         self._check_groups(self.param_groups)  # settings written since the last step
-        if not self._ranks_checked:
-            device = next((p.device for p in self.params()), None)
-            check_same_settings(type(self).__name__, self.param_groups, self._process_group, device)
-            self._ranks_checked = True
+        self._check_ranks(type(self).__name__)
         evaluator = ClosureEvaluator(
             closure,  # type: ignore[arg-type]
             self.params(),
@@ -1609,44 +1568,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         losses = search.nonfinite_losses_in_a_row
         search.nonfinite_losses_in_a_row = losses + 1 if outcome.loss_not_finite else 0
         search.skipped_zero_grad += outcome.kind == "zero_grad"
-        anchor = anchor_parameter(self.param_groups)
-        if anchor is not None:
-            self.state[anchor]["line_search"] = search.to_dict()
-        for group in self.param_groups:
-            group["lr"] = search.step_size * group["lr_scale"]
-        self._shown_lr = [g["lr"] for g in self.param_groups]
+        self._store(search)
 
     # ------------------------------------------------------------------------------- helpers
 
-    def _create_placeholders(self) -> None:
-        """The entries a first step creates, marked as written by none
-        (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
-        entries an optimizer holds."""
-
-        def entries(p: Tensor) -> dict[str, Any]:
-            if not self.uses_moments:
-                return {"step": 0}
-            zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
-
-        create_placeholders(self.state, self.param_groups, entries)
-        anchor = anchor_parameter(self.param_groups)
-        if anchor is not None and self.state[anchor].get("step") == 0:
-            self.state[anchor]["line_search"] = self._stored_search_state().to_dict()
-        self._placeholders = True
-
-    def _stored_search_state(self) -> SearchState:
-        anchor = anchor_parameter(self.param_groups)
-        stored = self.state.get(anchor, {}).get("line_search") if anchor is not None else None
-        if stored is None:
-            lr = self.defaults["lr"]
-            return SearchState(step_size=lr, initial_step_size=lr)
-        return SearchState.from_dict(stored)
-
-    def _warn_once(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, category, stacklevel=caller_stacklevel())
+    def _placeholder_entries(self, p: Tensor) -> dict[str, Any]:
+        if not self.uses_moments:
+            return {"step": 0}
+        zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
 
     def _report_loss_rise(self, rise: tuple[float, float, float, float]) -> None:
         """Say in the log that ``loss_rise_guard`` set a ceiling on the step size, and why."""
@@ -1720,6 +1650,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{name}: {outcome.warning} is not finite (NaN or inf); the step was skipped "
                 "and the weights and optimizer state left unchanged. Further skips are counted "
                 "in optimizer.last_step / the state's 'skipped_nonfinite' without warning.",
+                RuntimeWarning,
             )
         if outcome.undo:
             self._warn_once("undone", UNDONE_WARNING.format(name=name), UserWarning)
@@ -1789,6 +1720,3 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         message = not_replayed_message(type(self).__name__, loss0, again)
         if message is not None:
             self._warn_once("replay", message, UserWarning)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> LineSearchOptimizer:
-        return copy_sharing_process_group(self, memo)

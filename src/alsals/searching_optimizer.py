@@ -1,0 +1,148 @@
+"""The ``torch.optim`` protocol code both optimizer families share.
+
+``LineSearchOptimizer`` (SLS, AdamSLS, MomentumALSALS) and ``ALSALS`` each search one step
+size for all parameters and keep the search's state in ``optimizer.state[first
+parameter][STATE_KEY]``; :class:`SearchingOptimizer` holds the code that is the same in
+both, down to the letter: the placeholders a checkpointing tool's first call creates, the
+stored search state, copies and pickles, the step's first checks, what a group added
+shows and the one-time warnings. Where the two differ only by a constant, a class
+attribute of each family carries it (``STATE_KEY``, ``PLACEHOLDER_KEYS``,
+``SEARCH_STATE``, ``NOT_COPIED``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from alsals.distributed import check_same_settings, copy_sharing_process_group
+from alsals.state_placeholders import create_placeholders, drop_placeholders
+from alsals.torch_optim_boundary import (
+    anchor_parameter,
+    caller_stacklevel,
+    check_state_like,
+    refuse_inference_mode,
+)
+
+
+class SearchingOptimizer(torch.optim.Optimizer):
+    """Base class of ``LineSearchOptimizer`` and ``ALSALS``: ``torch.optim``'s protocol
+    around one searched step size (module docstring). Subclasses set the class attributes
+    below, :meth:`_placeholder_entries`, and the attributes their ``__init__`` creates
+    (``_placeholders``, ``_signature``, ``_shown_lr``, ``_left_grads``, ...)."""
+
+    #: The key of the search state in the first parameter's ``state``.
+    STATE_KEY: ClassVar[str]
+    #: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
+    PLACEHOLDER_KEYS: ClassVar[tuple[str, ...]]
+    #: The search state's class: ``from_dict``, ``to_dict`` and a constructor taking
+    #: ``step_size`` and ``initial_step_size``.
+    SEARCH_STATE: ClassVar[type[Any]]
+    #: The attributes a copy (deepcopy, pickle) leaves out.
+    NOT_COPIED: ClassVar[tuple[str, ...]] = ("_left_grads",)
+
+    # ------------------------------------------------------------------ torch.optim protocol
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups; a copy must also keep the
+        # protected buffers, the process group, the one-time warnings and last_step. The
+        # marks of the gradients left in .grad (weak references) belong to this object only.
+        return {k: v for k, v in self.__dict__.items() if k not in self.NOT_COPIED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # (torch adds "differentiable" to the defaults here, which add_param_group would
+        # copy into a new group: a setting of another optimizer in the next state_dict)
+        self.defaults.pop("differentiable", None)
+        self.__dict__.setdefault("_left_grads", None)
+        self.__dict__.setdefault("_grad_norm", math.nan)
+        self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_dropped_looked", False)
+        self.__dict__.setdefault("_trials_with_grad", False)
+        self.__dict__.setdefault("_disconnected_steps", 0)
+        self.__dict__.setdefault("_written_lr_steps", 0)
+        self.__dict__.setdefault("_lr_cuts", 0)
+        self.__dict__.setdefault("_buffers_checked", False)
+        self.__dict__.setdefault("_unchanged_searches", 0)
+        self.__dict__.setdefault("_shown_lr", None)
+        self.__dict__.setdefault("_ranks_checked", False)
+        self.__dict__.setdefault("_placeholders", False)
+        self.__dict__.setdefault("_signature", None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SearchingOptimizer:
+        return copy_sharing_process_group(self, memo)
+
+    def _show_new_group(self, group: dict[str, Any]) -> None:
+        """The end of ``add_param_group``: the last step's shown ``lr`` and the marks of the
+        gradients left in ``.grad`` take in the group."""
+        # what the group shows: the searched step size times its lr_scale
+        group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
+        if self._shown_lr is not None:
+            self._shown_lr.append(group["lr"])
+        if self._left_grads is not None:
+            self._left_grads.add(group["params"])
+
+    # ------------------------------------------------------------------------------ the step
+
+    def _check_state(self, name: str) -> None:
+        """The step's first checks, before the settings': not in inference mode, the
+        placeholders dropped, the state like the parameters (dtypes and devices)."""
+        refuse_inference_mode(name)
+        self._drop_placeholders()
+        signature = check_state_like(name, self.state, self.param_groups, self._signature)
+        if signature != self._signature:  # converted (or loaded): buffers may be new tensors
+            self._buffers_checked = False
+        self._signature = signature
+
+    def _check_ranks(self, name: str) -> None:
+        """Every rank holds the same settings (looked at once, at the first step)."""
+        if not self._ranks_checked:
+            device = next((p.device for g in self.param_groups for p in g["params"]), None)
+            check_same_settings(name, self.param_groups, self._process_group, device)
+            self._ranks_checked = True
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _placeholder_entries(self, p: Tensor) -> dict[str, Any]:
+        """The entries a first step creates for ``p`` (``"step": 0`` among them)."""
+        raise NotImplementedError
+
+    def _drop_placeholders(self) -> None:
+        if self._placeholders:
+            drop_placeholders(self.state, self.PLACEHOLDER_KEYS)
+            self._placeholders = False
+
+    def _create_placeholders(self) -> None:
+        """The entries a first step creates, marked as written by none
+        (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
+        entries an optimizer holds."""
+        create_placeholders(self.state, self.param_groups, self._placeholder_entries)
+        anchor = anchor_parameter(self.param_groups)
+        if anchor is not None and self.state[anchor].get("step") == 0:
+            self.state[anchor][self.STATE_KEY] = self._stored_search_state().to_dict()
+        self._placeholders = True
+
+    def _stored_search_state(self) -> Any:
+        anchor = anchor_parameter(self.param_groups)
+        stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+        if stored is None:
+            lr = self.defaults["lr"]
+            return self.SEARCH_STATE(step_size=lr, initial_step_size=lr)
+        return self.SEARCH_STATE.from_dict(stored)
+
+    def _store(self, search: Any) -> None:
+        anchor = anchor_parameter(self.param_groups)
+        if anchor is not None:
+            self.state[anchor][self.STATE_KEY] = search.to_dict()
+        for group in self.param_groups:
+            group["lr"] = search.step_size * group["lr_scale"]
+        self._shown_lr = [g["lr"] for g in self.param_groups]
+
+    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, category, stacklevel=caller_stacklevel())
