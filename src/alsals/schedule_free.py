@@ -109,9 +109,7 @@ from alsals.directions import (
 )
 from alsals.distributed import (
     any_not_finite,
-    check_same_settings,
     checked_process_group,
-    copy_sharing_process_group,
     local_shard,
     mean_on_device,
     mean_to_host,
@@ -138,23 +136,19 @@ from alsals.messages import (
 from alsals.optimizers import MomentumALSALS
 from alsals.rise_guard import START_CUT, LossWatch, StartWatch
 from alsals.schedule_free_state import PLACEHOLDER_KEYS, STATE_KEY, SearchState
+from alsals.searching_optimizer import SearchingOptimizer
 from alsals.state_placeholders import (
-    create_placeholders,
-    drop_placeholders,
     is_state_initialisation,
     state_dict_without_placeholders,
 )
 from alsals.torch_optim_boundary import (
     SCHEDULE_WARNING_STEPS,
     anchor_parameter,
-    caller_stacklevel,
     check_eps,
-    check_state_like,
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
     plain_settings,
-    refuse_inference_mode,
     schedule_suspected,
     split_shown_lr,
     warn_about_other_settings,
@@ -380,7 +374,7 @@ class _Group:
         torch._foreach_addcmul_(v_new, moved, moved, 1.0 - self.group["betas"][1])
 
 
-class ALSALS(torch.optim.Optimizer):
+class ALSALS(SearchingOptimizer):
     r"""Schedule-Free AdamW whose step size an Armijo line search sets (module docstring):
     the recommended configuration. ``ALSALS.paper(params)`` is the paper's exact ALSALS (a
     ``MomentumALSALS``); arguments of ``MomentumALSALS`` alone (``slope``, ``smoothing``,
@@ -527,6 +521,11 @@ class ALSALS(torch.optim.Optimizer):
             where the model has BatchNorm).
         process_group: the ranks that must take the same decisions (default group).
     """
+
+    STATE_KEY = STATE_KEY
+    PLACEHOLDER_KEYS = PLACEHOLDER_KEYS
+    SEARCH_STATE = SearchState
+    NOT_COPIED = ("_left_grads", "_held", "_versions")
 
     def __init__(
         self,
@@ -691,12 +690,7 @@ class ALSALS(torch.optim.Optimizer):
             if held:
                 self.train()
         group.update(settings)
-        # what the group shows: the searched step size times its lr_scale
-        group["lr"] = self._stored_search_state().step_size * group["lr_scale"]
-        if self._shown_lr is not None:
-            self._shown_lr.append(group["lr"])
-        if self._left_grads is not None:
-            self._left_grads.add(group["params"])
+        self._show_new_group(group)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
@@ -776,37 +770,16 @@ class ALSALS(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         if self._held is not None:
             self._warn_once("held_copy", HELD_WARNING.format(what="a copy (deepcopy, pickle)"))
-        skipped = ("_left_grads", "_held", "_versions")
-        return {k: v for k, v in self.__dict__.items() if k not in skipped}
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> ALSALS:
-        return copy_sharing_process_group(self, memo)
+        return super().__getstate__()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # (torch adds "differentiable" to the defaults here, which add_param_group would
-        # copy into a new group: a setting of another optimizer in the next state_dict)
-        self.defaults.pop("differentiable", None)
         for settings in (self.defaults, *self.param_groups):  # (pickled by an older version)
             for key, value in SETTINGS_ADDED.items():
                 settings.setdefault(key, value)
-        self.__dict__.setdefault("_left_grads", None)
-        self.__dict__.setdefault("_grad_norm", math.nan)
-        self.__dict__.setdefault("_warned", set())
-        self.__dict__.setdefault("_dropped_looked", False)
-        self.__dict__.setdefault("_trials_with_grad", False)
-        self.__dict__.setdefault("_disconnected_steps", 0)
-        self.__dict__.setdefault("_written_lr_steps", 0)
-        self.__dict__.setdefault("_lr_cuts", 0)
-        self.__dict__.setdefault("_buffers_checked", False)
-        self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_slope_overstated", False)
         self.__dict__.setdefault("_held", None)
         self.__dict__.setdefault("_versions", None)
-        self.__dict__.setdefault("_shown_lr", None)
-        self.__dict__.setdefault("_ranks_checked", False)
-        self.__dict__.setdefault("_placeholders", False)
-        self.__dict__.setdefault("_signature", None)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 
@@ -859,17 +832,9 @@ class ALSALS(torch.optim.Optimizer):
         if is_state_initialisation(self.state, self.param_groups, closure):  # a tool's
             self._create_placeholders()
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
-        refuse_inference_mode("ALSALS")
-        self._drop_placeholders()
-        signature = check_state_like("ALSALS", self.state, self.param_groups, self._signature)
-        if signature != self._signature:  # converted (or loaded): buffers may be new tensors
-            self._buffers_checked = False
-        self._signature = signature
+        self._check_state("ALSALS")
         self._check_written_settings()
-        if not self._ranks_checked:
-            device = next((p.device for g in self.param_groups for p in g["params"]), None)
-            check_same_settings("ALSALS", self.param_groups, self._process_group, device)
-            self._ranks_checked = True
+        self._check_ranks("ALSALS")
         if self._held is not None and self._edited_weights():
             self.eval()  # weights written after train(): the new x (then y from it again)
         if self._held is None:  # (after train(), the weights are at y, moved by train())
@@ -1082,11 +1047,6 @@ class ALSALS(torch.optim.Optimizer):
             modules = ", ".join(evaluator.unprotected_modules)
             message = BUFFERS_WARNING.format(name="ALSALS", modules=modules)
             self._warn_once("buffers", message + (STALE_BUFFERS_HINT if self._buffers else ""))
-
-    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, category, stacklevel=caller_stacklevel())
 
     def _run(
         self,
@@ -2001,40 +1961,8 @@ class ALSALS(torch.optim.Optimizer):
                     x = held.get(id(p), local_shard(p.detach()))
                     local_shard(self.state[p]["z"]).copy_(x)
 
-    def _drop_placeholders(self) -> None:
-        if self._placeholders:
-            drop_placeholders(self.state, PLACEHOLDER_KEYS)
-            self._placeholders = False
-
-    def _create_placeholders(self) -> None:
-        """The entries a first step creates, marked as written by none
-        (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
-        entries an optimizer holds."""
-        create_placeholders(
-            self.state,
-            self.param_groups,
-            lambda p: {"z": p.detach().clone(), "exp_avg_sq": torch.zeros_like(p), "step": 0},
-        )
-        anchor = anchor_parameter(self.param_groups)
-        if anchor is not None and self.state[anchor].get("step") == 0:
-            self.state[anchor][STATE_KEY] = self._stored_search_state().to_dict()
-        self._placeholders = True
-
-    def _stored_search_state(self) -> SearchState:
-        anchor = anchor_parameter(self.param_groups)
-        stored = self.state.get(anchor, {}).get(STATE_KEY) if anchor is not None else None
-        if stored is None:
-            lr = self.defaults["lr"]
-            return SearchState(step_size=lr, initial_step_size=lr)
-        return SearchState.from_dict(stored)
-
-    def _store(self, search: SearchState) -> None:
-        anchor = anchor_parameter(self.param_groups)
-        if anchor is not None:
-            self.state[anchor][STATE_KEY] = search.to_dict()
-        for group in self.param_groups:
-            group["lr"] = search.step_size * group["lr_scale"]
-        self._shown_lr = [g["lr"] for g in self.param_groups]
+    def _placeholder_entries(self, p: Tensor) -> dict[str, Any]:
+        return {"z": p.detach().clone(), "exp_avg_sq": torch.zeros_like(p), "step": 0}
 
     @property
     def search_state(self) -> SearchState:
