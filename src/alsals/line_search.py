@@ -153,7 +153,9 @@ class StepInfo:
     ``"failed"`` (no trial passed: weights unchanged), ``"unresolved"`` (the trials that
     passed were below the resolution of the weights or the loss: weights unchanged),
     ``"nonfinite"`` (loss, gradient, moment or slope not finite: step skipped) or
-    ``"zero_grad"`` (no gradient, or all zero). ``step_size`` is the ``eta`` applied (0 when
+    ``"zero_grad"`` (no gradient, or all zero); ``ALSALS`` has ``"kept"`` and
+    ``"exhausted"`` in place of ``"failed"`` and ``"unresolved"`` (what each does is in
+    its docstring). ``step_size`` is the ``eta`` applied (0 when
     the weights did not move), ``slope`` the slope estimate (``nan`` when none was computed)
     and ``loss_decrease`` is ``f(w0) - f(w0 + eta d)`` at the accepted trial (``nan`` if
     none, or if the step size was taken untested, ``trust_interpolation``). ``grad_norm``
