@@ -1084,11 +1084,11 @@ def test_a_closure_that_differentiates_in_its_inputs_trains(cls):
 
 
 @pytest.mark.parametrize("cls", [MomentumALSALS, ALSALS])
-def test_trials_that_move_unprotected_buffers_are_blamed_not_the_gradient(cls, buffer_watch):
+def test_trials_that_move_unprotected_buffers_are_named_before_the_gradient(cls, buffer_watch):
     """A spectral-normalised layer without ``buffers=``: its power iteration moves a buffer
     at every trial, so the trials' losses do not follow the gradient. The warning names the
-    module and the fix, and is not preceded (or followed) by one that blames the closure's
-    gradient ("the loss fell by about 1/N of what the gradient promised") for it."""
+    module and the fix, and comes first; one that blames the closure's gradient ("the loss
+    fell by about 1/N of what the gradient promised") names the buffers as a cause too."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
     torch.manual_seed(0)
@@ -1100,5 +1100,56 @@ def test_trials_that_move_unprotected_buffers_are_blamed_not_the_gradient(cls, b
         for _ in range(10):
             opt.step(lambda: nn.functional.mse_loss(model(x), y))
     messages = [str(c.message) for c in caught]
-    assert any("updated its buffers" in m and "buffers=model.buffers()" in m for m in messages)
-    assert not any("of what the gradient promised" in m for m in messages)
+    first = next(i for i, m in enumerate(messages) if "updated its buffers" in m)
+    assert "buffers=model.buffers()" in messages[first]
+    for i, m in enumerate(messages):
+        if "of what the gradient promised" in m or "not the loss's own" in m:
+            assert i > first and "buffers that buffers= does not protect" in m
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_under_several_ranks_a_differentiating_closure_is_told_to_turn_autograd_on(
+    cls, monkeypatch
+):
+    """With several ranks, a rank that alone switched its trials to autograd would issue
+    other collectives in its forward passes than the others (DDP's buffer broadcast: a
+    hang, where one rank's data took a branch that differentiates). There the optimizer
+    does not switch: the error says to turn autograd on inside the closure, and nothing
+    moved. (The ranks are simulated: this process is told it has company.)"""
+    import alsals.closure
+
+    monkeypatch.setattr(alsals.closure, "_ranks_beside_this_one", lambda: True)
+    model, closure = _pinn(explicit_grad_mode=False)
+    opt = cls(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"under torch.distributed.*torch.enable_grad\(\)"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    model, closure = _pinn(explicit_grad_mode=True)
+    opt = cls(model.parameters(), lr=1.0)
+    opt.step(closure)  # (turned on inside: it trains, on every rank alike)
+    assert opt.last_step.kind != "nonfinite"
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_closure_that_runs_backward_whatever_it_is_told_runs_it_once_a_step(cls):
+    """A ``closure(backward)`` that calls ``loss.backward()`` whatever its argument says
+    fails under a trial's ``torch.no_grad()``; its trials then run with autograd on, and
+    their backward calls do nothing: one backward pass a step reaches the parameters, not
+    one per trial (which would also add gradients to tensors the optimizer does not own)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    passes = []
+    w.register_hook(lambda g: passes.append(1))
+    x = torch.randn(16, 4, dtype=torch.float64)
+
+    def closure(backward):
+        loss = (x @ w - 1.0).pow(2).mean()
+        loss.backward()  # (the argument ignored)
+        return loss
+
+    opt = cls([w], lr=10.0)
+    for _ in range(3):
+        opt.step(closure)
+    assert len(passes) == 3 and opt.search_state.backwards == 3
+    assert opt.search_state.forwards > 3  # (trials ran)

@@ -1080,6 +1080,9 @@ def test_a_run_of_kept_searches_longer_than_a_float_s_range_goes_on(rule):
     assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
     assert trailing_beyond_chance(0, 5000) and trailing_beyond_chance(400, 700)
     assert not trailing_beyond_chance(600, 500)
+    # (term by term from the largest, stopping past the level: a near-even split of 100,000
+    # signs answers at once, where a sum of binomials took seconds)
+    assert not trailing_beyond_chance(49_950, 50_050)
 
 
 @pytest.mark.parametrize("rule", ["off", "hold", "shrink"])

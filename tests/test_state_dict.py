@@ -908,3 +908,20 @@ def test_a_line_search_state_edited_by_hand_is_refused_naming_the_entry(entry):
 
     with pytest.raises(ValueError, match=next(iter(entry)) if "bogus" not in entry else "unknown"):
         SearchState.from_dict({"step_size": 0.1, "initial_step_size": 0.1, **entry})
+
+
+def test_an_alsals_state_with_another_optimizer_s_group_key_keeps_its_search_state():
+    """A MomentumALSALS state into which something wrote a key of torch.optim's groups
+    (``foreach``) is still its own: the key goes, the search state stays (it was taken for
+    another optimizer's, and the search started over)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = MomentumALSALS([w])
+    for _ in range(4):
+        opt.step(lambda: (w**2).sum())
+    state = copy.deepcopy(opt.state_dict())
+    state["param_groups"][0]["foreach"] = None
+    resumed = MomentumALSALS([w])
+    with pytest.warns(UserWarning, match=r"holds keys of another optimizer's .*foreach"):
+        resumed.load_state_dict(state)
+    assert resumed.search_state == opt.search_state
+    assert "foreach" not in resumed.param_groups[0]

@@ -373,6 +373,16 @@ def _compiled_anything() -> bool:
     return dynamo is not None and dynamo.counters["frames"]["total"] > 0
 
 
+def _ranks_beside_this_one() -> bool:
+    """Whether this process is one of several ranks of ``torch.distributed``."""
+    distributed = torch.distributed
+    return bool(
+        distributed.is_available()
+        and distributed.is_initialized()
+        and distributed.get_world_size() > 1
+    )
+
+
 class ClosureEvaluator:
     """Evaluates a closure once with gradients, then any number of times without.
 
@@ -603,6 +613,15 @@ class ClosureEvaluator:
         except RuntimeError as error:
             if self.trials_with_grad or "does not require grad" not in str(error):
                 raise
+            if _ranks_beside_this_one():
+                # (a rank that alone turned autograd on would run other collectives than the
+                # others in its forward passes, DDP's buffer broadcast: a hang)
+                raise RuntimeError(
+                    f"{error}. In a trial, under torch.no_grad(): a closure that "
+                    "differentiates inside (torch.autograd.grad) needs autograd on; under "
+                    "torch.distributed, where every rank must run the same trials, turn it on "
+                    "inside the closure yourself (with torch.enable_grad(): ...)"
+                ) from error
             self.trials_with_grad = True  # (the closure differentiates: the trial again)
             self.forwards += 1  # (the failed one ran its forward pass)
             return self._trial(watch_buffers)
@@ -629,7 +648,9 @@ class ClosureEvaluator:
             handles.append(nn.modules.module.register_module_forward_pre_hook(watch.before))
             handles.append(nn.modules.module.register_module_forward_hook(watch.after))
         try:
-            suppressed = BackwardSuppressed() if self._suppress_backward else nullcontext()
+            # (with autograd on, a backward call in a trial would run: none does)
+            suppress = self._suppress_backward or self.trials_with_grad
+            suppressed = BackwardSuppressed() if suppress else nullcontext()
             grad_mode = torch.enable_grad() if self.trials_with_grad else torch.no_grad()
             with grad_mode, suppressed:
                 value = self.closure(False)

@@ -84,6 +84,7 @@ from alsals.hyperparameters import (
     real,
 )
 from alsals.messages import (
+    BUFFERS_MOVED_HINT,
     BUFFERS_WARNING,
     COMPLEX_PARAMETERS,
     CONTRADICTED_WARNING,
@@ -522,6 +523,17 @@ class LineSearchOptimizer(SearchingOptimizer):
         if not groups or (not foreign and any(k in groups[0] for k in SEARCH_KEYS)):
             return state_dict
         kept = [{k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups]
+        stored = state_dict.get("state", {}).values()
+        if any(isinstance(e, dict) and "line_search" in e for e in stored):
+            # an alsals state that something added another optimizer's keys to (a tool, a
+            # hand): its own, the search state with it; only those keys go
+            warnings.warn(
+                f"the state loaded into {type(self).__name__} holds keys of another "
+                f"optimizer's parameter groups, {foreign}: dropped",
+                UserWarning,
+                stacklevel=3,
+            )
+            return {**state_dict, "param_groups": kept}
         rates = [g.get("lr") for g in kept]
         frozen = [i for i, r in enumerate(rates) if r == 0]
         if frozen and len(frozen) < len(rates):  # (one lr 0 for all: nothing moves)
@@ -1665,14 +1677,14 @@ class LineSearchOptimizer(SearchingOptimizer):
                     message += STALE_BUFFERS_HINT
                 self._warn_once("buffers", message, UserWarning)
         # (trials that moved unprotected buffers, spectral_norm's power iteration, say, do not
-        # follow the gradient: the warning above names the cause, not the closure's gradient)
-        buffers_moved = "buffers" in self._warned
-        if math.isfinite(outcome.overstated) and not buffers_moved:
+        # follow the gradient either: the two warnings below, after the one above, name them)
+        hint = BUFFERS_MOVED_HINT if "buffers" in self._warned else ""
+        if math.isfinite(outcome.overstated):
             message = overstated_message(name, 1.0 / outcome.overstated, self.params())
-            self._warn_once("overstated", message, UserWarning)
-        if outcome.contradicted_again and not buffers_moved:
+            self._warn_once("overstated", message + hint, UserWarning)
+        if outcome.contradicted_again:
             message = CONTRADICTED_WARNING.format(name=name, kind=outcome.kind)
-            self._warn_once("contradicted", message, UserWarning)
+            self._warn_once("contradicted", message + hint, UserWarning)
         if self._replay_loss is not None:
             self._warn_if_not_replayed(loss0, self._replay_loss)
         if outcome.kind == "zero_grad" and evaluator.backward_forgotten:

@@ -48,6 +48,13 @@ STALE_BUFFERS_HINT = (
     ".double(), after the optimizer was built, the conversion replaced its buffers; build "
     "the optimizer after it)"
 )
+#: Added to the warnings that the loss does not follow the gradient, where trials moved
+#: unprotected buffers (``BUFFERS_WARNING``, given before): a cause of its own.
+BUFFERS_MOVED_HINT = (
+    ". The trials also moved module buffers that buffers= does not protect (named in an "
+    "earlier warning), which alone makes the loss not follow the gradient: pass "
+    "buffers=model.buffers() first"
+)
 #: A closure that gives no parameter a gradient, or whose loss no trial moves by a single
 #: bit, this many steps in a row is one the search cannot use: the optimizer warns.
 STALL_WARNING_STEPS = 3

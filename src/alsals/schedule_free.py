@@ -88,6 +88,7 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -118,6 +119,7 @@ from alsals.distributed import (
 from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
 from alsals.line_search import StepInfo
 from alsals.messages import (
+    BUFFERS_MOVED_HINT,
     BUFFERS_WARNING,
     COMPLEX_PARAMETERS,
     DISCONNECTED_WARNING,
@@ -1201,12 +1203,12 @@ class ALSALS(SearchingOptimizer):
             )
             if math.isfinite(ratio):
                 self._slope_overstated = True
-                # (not where trials moved unprotected buffers: the warning about them names
-                # the cause, not the closure's gradient)
-                if "buffers" not in self._warned:
-                    params = (p for g in self.param_groups for p in g["params"])
-                    message = overstated_message("ALSALS", 1.0 / ratio, params)
-                    self._warn_once("overstated", message)
+                # (where trials moved unprotected buffers, named by the warning before, they
+                # may be the cause: said too)
+                hint = BUFFERS_MOVED_HINT if "buffers" in self._warned else ""
+                params = (p for g in self.param_groups for p in g["params"])
+                message = overstated_message("ALSALS", 1.0 / ratio, params)
+                self._warn_once("overstated", message + hint)
             elif passed:  # (a search whose trials resolved nothing says nothing either way)
                 self._slope_overstated = False
             # cut_retry: a search that set the step size more than EXPANSION below its own
@@ -1991,10 +1993,20 @@ def trailing_beyond_chance(leading: int, trailing: int) -> bool:
     """Whether ``trailing`` of ``leading + trailing`` signs is more than chance allows: the
     probability of at least that many under a fair coin is at most ``LEAD_TEST_LEVEL``."""
     n = leading + trailing
-    # (integers throughout: 2.0**n overflows a float from n = 1024, a long full-batch run's
-    # kept searches in a row; an integer quotient underflows to 0 instead)
-    tail = sum(math.comb(n, k) for k in range(trailing, n + 1)) / 2**n
-    return n > 0 and tail <= LEAD_TEST_LEVEL
+    if n == 0 or 2 * trailing <= n:  # (at most half: the tail is at least 1/2)
+        return False
+    # In integers (2.0**n overflows a float from n = 1024, a long full-batch run's kept
+    # searches in a row), term by term from the largest, each from the last, stopping once
+    # the tail is past the level: linear in n, not quadratic as a sum of math.comb's.
+    level = Fraction(LEAD_TEST_LEVEL)
+    allowed = level.numerator * 2**n
+    term, tail = math.comb(n, trailing), 0
+    for k in range(trailing, n + 1):
+        tail += term
+        if tail * level.denominator > allowed:
+            return False
+        term = term * (n - k) // (k + 1)
+    return True
 
 
 def _checked_search_settings(values: dict[str, Any]) -> dict[str, Any]:
