@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from alsals.directions import float64_vector
-from alsals.distributed import local_shard
+from alsals.distributed import local_shard, world_size
 
 __all__ = [
     "BackwardSuppressed",
@@ -373,16 +373,6 @@ def _compiled_anything() -> bool:
     return dynamo is not None and dynamo.counters["frames"]["total"] > 0
 
 
-def _ranks_beside_this_one() -> bool:
-    """Whether this process is one of several ranks of ``torch.distributed``."""
-    distributed = torch.distributed
-    return bool(
-        distributed.is_available()
-        and distributed.is_initialized()
-        and distributed.get_world_size() > 1
-    )
-
-
 class ClosureEvaluator:
     """Evaluates a closure once with gradients, then any number of times without.
 
@@ -613,7 +603,7 @@ class ClosureEvaluator:
         except RuntimeError as error:
             if self.trials_with_grad or "does not require grad" not in str(error):
                 raise
-            if _ranks_beside_this_one():
+            if world_size(None) > 1:
                 # (a rank that alone turned autograd on would run other collectives than the
                 # others in its forward passes, DDP's buffer broadcast: a hang)
                 raise RuntimeError(

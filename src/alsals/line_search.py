@@ -523,8 +523,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         if not groups or (not foreign and any(k in groups[0] for k in SEARCH_KEYS)):
             return state_dict
         kept = [{k: v for k, v in g.items() if k not in FOREIGN_GROUP_KEYS} for g in groups]
-        stored = state_dict.get("state", {}).values()
-        if any(isinstance(e, dict) and "line_search" in e for e in stored):
+        saved = state_dict.get("state", {})
+        if any(isinstance(e, dict) and self.STATE_KEY in e for e in saved.values()):
             # an alsals state that something added another optimizer's keys to (a tool, a
             # hand): its own, the search state with it; only those keys go
             warnings.warn(
@@ -552,17 +552,16 @@ class LineSearchOptimizer(SearchingOptimizer):
         # unused into every later checkpoint
         used = {"exp_avg", "exp_avg_sq", "step"} if self.uses_moments else set()
         entries = {  # (a step count without Adam's moments counts another optimizer's steps)
-            index: {k: v for k, v in stored.items() if k in used}
-            for index, stored in state_dict.get("state", {}).items()
-            if used and "exp_avg" in stored
+            index: {k: v for k, v in e.items() if k in used}
+            for index, e in saved.items()
+            if used and "exp_avg" in e
         }
-        moments = any("exp_avg" in stored for stored in entries.values())
-        kept_keys = {k for stored in entries.values() for k in stored}
-        dropped = sorted({k for s in state_dict.get("state", {}).values() for k in s} - kept_keys)
+        kept_keys = {k for e in entries.values() for k in e}
+        dropped = sorted({k for e in saved.values() for k in e} - kept_keys)
         warnings.warn(
             f"the state loaded into {type(self).__name__} was not saved by an alsals "
             f"optimizer (its groups hold {foreign or 'no search settings'}): "
-            + ("its Adam moments, " if moments else "")
+            + ("its Adam moments, " if entries else "")  # (each entry holds them)
             + "lr (the start of the search) and the per-group settings both share (betas, "
             "eps, weight_decay) are used"
             + (f"; its per-parameter state {dropped} is dropped" if dropped else "")
