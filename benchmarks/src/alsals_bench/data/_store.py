@@ -33,6 +33,17 @@ def fetch_hint(name: str) -> str:
     )
 
 
+def folder_origin(given: str | None, alternatives: str) -> str:
+    """Where the data folder came from, for an error about it: ``given`` (what named it
+    explicitly), else ``$ALSALS_DATA_DIR``, else the default (``alternatives`` say how to
+    name another)."""
+    if given is not None:
+        return given
+    if os.environ.get(ENV_VAR):
+        return f"${ENV_VAR}"
+    return f"the default; set {alternatives} to use another"
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The parsed ``MANIFEST.json`` of a source folder, or None if absent or unreadable."""
     try:
@@ -50,12 +61,8 @@ def source_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     """
     base = Path(root).expanduser() if root is not None else data_dir()
     if base.exists() and not base.is_dir():  # fetch could not help: say what to change
-        if root is not None:
-            where = "the loader's root argument"
-        elif os.environ.get(ENV_VAR):
-            where = f"${ENV_VAR}"
-        else:
-            where = f"the default; set ${ENV_VAR} to use another"
+        argument = "the loader's root argument" if root is not None else None
+        where = folder_origin(argument, f"${ENV_VAR}")
         raise DataNotFoundError(
             f"the data folder {base} ({where}) is a file, not a folder: use a folder, "
             f"then {fetch_hint(name)}"

