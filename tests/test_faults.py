@@ -866,10 +866,17 @@ def test_each_bad_line_search_setting_is_refused_by_name(kwargs, error, match):
         SLS(_one_weight(), **kwargs)
 
 
-@pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS])
+@pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS, ALSALS])
 def test_adam_without_momentum_is_a_valid_setting(cls):
-    """``betas=(0.0, beta2)``: RMSprop-like, no momentum; accepted, and it steps."""
-    w = torch.nn.Parameter(torch.ones(2))
+    """``betas=(0.0, beta2)``: RMSprop-like, no momentum (for ``ALSALS``, Schedule-Free's
+    Polyak-Ruppert end: gradients at ``z``, ``x`` its average); accepted, and it descends."""
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
     opt = cls([w], betas=(0.0, 0.999))
-    opt.step(lambda: (w**2).sum())
+    losses = []
+    for _ in range(20):
+        z = opt.state[w].get("z", w.detach()).clone()
+        losses.append(opt.step(lambda: (w**2).sum()).item())
+        if cls is ALSALS:  # the closure ran at y = (1 - beta1) z + beta1 x, z itself
+            assert losses[-1] == pytest.approx((z**2).sum().item(), rel=1e-9)
     assert opt.last_step.kind in ("search", "kept", "reuse")
+    assert losses[-1] < 0.5 * losses[0]

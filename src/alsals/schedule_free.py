@@ -413,8 +413,9 @@ class ALSALS(SearchingOptimizer):
             largest that passed (or one trial between, where a quadratic fitted to the
             failure puts it). Not during ``warmup_steps``, whose ramp is a ceiling.
         c: Armijo's constant (0.6, the paper's ALSALS).
-        betas: ``beta1`` interpolates between ``z`` and ``x`` (Schedule-Free's momentum),
-            ``beta2`` is Adam's second-moment factor ((0.9, 0.999)).
+        betas: ``beta1`` in ``[0, 1)`` interpolates between ``z`` and ``x`` (Schedule-Free's
+            momentum; 0 evaluates gradients at ``z``, Polyak-Ruppert averaging), ``beta2`` is
+            Adam's second-moment factor ((0.9, 0.999)).
         eps: Adam's ``eps`` (1e-8).
         weight_decay: decoupled weight decay at ``y``, as Schedule-Free applies it (0); no
             step size above ``1 / (lr_scale * weight_decay)`` is tried (the decay would flip
@@ -2069,7 +2070,7 @@ def _group_settings(group: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"invalid betas: {betas!r} (expected (beta1, beta2))")
     return {
         "betas": (
-            in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=False),
+            in_range("betas[0]", betas[0], 0.0, 1.0, closed_low=True),
             in_range("betas[1]", betas[1], 0.0, 1.0, closed_low=True),
         ),
         "eps": in_range("eps", group["eps"], 0.0, closed_low=False),
