@@ -22,6 +22,13 @@ from alsals_bench.report import fold_tuned_adam, load_runs, write_report
 from alsals_bench.runner import RunKey, is_finished, read_log, run_one, sweep
 from alsals_bench.tasks import get_task
 
+try:
+    import fcntl
+except ImportError:  # (Windows: the lock is the file's existence)
+    fcntl = None
+
+needs_fcntl = pytest.mark.skipif(fcntl is None, reason="flock locks need fcntl (POSIX)")
+
 TASK = "digits-cnn"
 
 
@@ -531,36 +538,85 @@ def test_a_finished_run_of_other_sizes_is_kept_and_the_sweep_says_so(tmp_path, c
     assert capsys.readouterr().out == f"[{TASK} | adam | seed 1 | smoke] done, skipped\n"
 
 
-def test_a_run_whose_lock_file_exists_is_skipped_and_the_lock_named(tmp_path, capsys):
+def _hold(lock):
+    """Hold ``lock`` as another process would (``flock`` locks of two opens conflict
+    within one process too); the open file, to close."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = open(lock, "w")  # noqa: SIM115 (the caller closes it: the lock lasts until then)
+    held.write("12345\n")
+    held.flush()
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return held
+
+
+@needs_fcntl
+def test_a_run_whose_lock_another_process_holds_is_skipped_and_the_lock_named(tmp_path, capsys):
     """Two sweeps on one folder both wrote the same log: nothing kept them apart."""
+    key = RunKey(TASK, "adam", 0, "smoke")
+    lock = key.path(tmp_path).with_name("adam__seed0.jsonl.lock")
+    with _hold(lock):
+        assert sweep([TASK], ["adam"], [0], "smoke", tmp_path, progress=False) == []
+    out = capsys.readouterr().out
+    said = f"[{TASK} | adam | seed 0 | smoke] skipped: another process (pid 12345) holds its "
+    assert said + f"lock file {lock}: it is writing its log" in out
+    assert not key.path(tmp_path).exists() and lock.read_text() == "12345\n"
+
+
+@needs_fcntl
+def test_a_lock_file_a_killed_run_left_is_taken_over(tmp_path):
+    """A SIGKILL leaves the lock file behind, but not its lock: the next sweep runs."""
     key = RunKey(TASK, "adam", 0, "smoke")
     lock = key.path(tmp_path).with_name("adam__seed0.jsonl.lock")
     lock.parent.mkdir(parents=True)
     lock.write_text("12345\n")
-    assert sweep([TASK], ["adam"], [0], "smoke", tmp_path, progress=False) == []
-    out = capsys.readouterr().out
-    assert f"[{TASK} | adam | seed 0 | smoke] skipped: its lock file {lock} exists" in out
-    assert "delete the lock file if no other process is running" in out
-    assert not key.path(tmp_path).exists() and lock.read_text() == "12345\n"
+    assert sweep([TASK], ["adam"], [0], "smoke", tmp_path, progress=False) == [key.path(tmp_path)]
+    assert is_finished(key.path(tmp_path)) and not lock.exists()
 
 
+@needs_fcntl
 def test_a_lock_taken_while_the_run_was_prepared_is_not_ours_to_remove(tmp_path, monkeypatch):
-    """The exclusive create decides: the other process's lock survives our giving way."""
+    """Taking the lock decides: the other process's lock survives our giving way."""
     from alsals_bench import runner
 
     key = RunKey(TASK, "adam", 0, "smoke")
     lock = runner.lock_path(key.path(tmp_path))
     prepare = runner._prepare
+    held = []
 
     def prepare_while_another_process_starts(*args):
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        lock.write_text("other\n")
+        held.append(_hold(lock))
         return prepare(*args)
 
     monkeypatch.setattr(runner, "_prepare", prepare_while_another_process_starts)
-    with pytest.raises(runner.RunLocked):
-        run_one(key, tmp_path, progress=False)
-    assert lock.read_text() == "other\n" and not key.path(tmp_path).exists()
+    try:
+        with pytest.raises(runner.RunLocked):
+            run_one(key, tmp_path, progress=False)
+        assert lock.read_text() == "12345\n" and not key.path(tmp_path).exists()
+    finally:
+        held[0].close()
+
+
+@needs_fcntl
+def test_a_lock_file_removed_by_its_holder_as_it_was_opened_is_opened_again(tmp_path, monkeypatch):
+    """The holder ends (removes the file, then closes it) between our open and our lock: the
+    lock we get is on a file no other process will open; the run locks the path's new file."""
+    from alsals_bench import runner
+
+    key = RunKey(TASK, "adam", 0, "smoke")
+    lock = runner.lock_path(key.path(tmp_path))
+    lock.parent.mkdir(parents=True)
+    lock.write_text("12345\n")
+    flock, calls = fcntl.flock, []
+
+    def holder_ends_first(fd, operation):
+        calls.append(fd)
+        if len(calls) == 2:  # (the first is is_locked's look)
+            lock.unlink()
+        return flock(fd, operation)
+
+    monkeypatch.setattr(runner.fcntl, "flock", holder_ends_first)
+    run_one(key, tmp_path, progress=False)
+    assert len(calls) == 3 and is_finished(key.path(tmp_path)) and not lock.exists()
 
 
 def test_the_lock_is_removed_when_a_run_ends_or_is_interrupted(tmp_path, monkeypatch):

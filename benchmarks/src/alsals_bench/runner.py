@@ -8,7 +8,10 @@ A log without an ``end`` record is a partial run: a sweep started again discards
 repeats it, and skips every finished one, so a sweep killed at any point loses only the run
 in progress. While a run trains, a lock file ``<log>.lock`` beside its log keeps a second
 process (another ``run`` on the same folder) from writing the same log; a run whose lock
-exists is skipped.
+another process holds is skipped. The lock is the operating system's (``flock``) on that file,
+so it ends with its process however the process ends: a lock file that a killed run left
+behind is taken over by the next run (where ``fcntl`` is missing, on Windows, the file's
+existence alone is the lock, and such a file must be deleted by hand).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # (Windows: the lock file's existence is the lock)
+    fcntl = None
 
 import alsals
 from alsals_bench.registry import get_optimizer
@@ -70,11 +78,23 @@ class RunLocked(RuntimeError):
     """Another process holds the run's lock file: it is writing the same log."""
 
     def __init__(self, lock: Path) -> None:
-        super().__init__(
+        where = (
             f"its lock file {lock} exists (another process is writing its log); delete the "
             "lock file if no other process is running"
+            if fcntl is None
+            else f"another process (pid {_holder(lock)}) holds its lock file {lock}: it is "
+            "writing its log"
         )
+        super().__init__(where)
         self.lock = lock
+
+
+def _holder(lock: Path) -> str:
+    """The process id the lock file names, for the message (``?`` if it names none yet)."""
+    try:
+        return lock.read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def read_log(path: Path) -> list[Any]:
@@ -111,8 +131,52 @@ def is_finished(path: Path) -> bool:
 
 
 def lock_path(path: Path) -> Path:
-    """The lock file of the log ``path``: it exists while a process writes the log."""
+    """The lock file of the log ``path``: a process holds it while it writes the log."""
     return path.with_name(path.name + ".lock")
+
+
+def is_locked(lock: Path) -> bool:
+    """Whether a live process holds the lock file ``lock`` (without ``fcntl``: whether it
+    exists)."""
+    if fcntl is None:
+        return lock.exists()
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (closing releases the shared lock, where it was taken)
+    return False
+
+
+def _take_lock(lock: Path) -> int:
+    """The open lock file ``lock``, locked for this process until it is closed; a
+    ``RunLocked`` where another process holds it."""
+    if fcntl is None:
+        try:
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise RunLocked(lock) from None
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_WRONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLocked(lock) from None
+        try:  # (a file its holder removed as we opened it is no lock: open the path again)
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)  # (a killed run's pid)
+    os.write(fd, f"{os.getpid()}\n".encode())  # (who holds it, for a user who finds it)
+    return fd
 
 
 def other_settings(path: Path, budget: Any) -> dict[str, tuple[Any, Any]]:
@@ -153,25 +217,21 @@ def run_one(
     if is_finished(path):
         return path
     lock = lock_path(path)
-    if lock.exists():  # (before the data is loaded; the exclusive open below decides)
+    if is_locked(lock):  # (before the data is loaded; taking the lock below decides)
         raise RunLocked(lock)
     # Everything that can fail on a wrong name, a missing budget or missing data is resolved
     # before the log is opened: a run that cannot start leaves no (empty) log behind.
     prepared = _prepare(key, torch.device(device))
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _take_lock(lock)
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise RunLocked(lock) from None
-    try:
-        with os.fdopen(fd, "w") as owner:
-            owner.write(f"{os.getpid()}\n")  # (who holds it, for a user who finds it)
         if is_finished(path):  # finished by another process since the first look
             return path
         with open(path, "w") as log:  # a previous partial log of this run is discarded
             _train(key, prepared, log, progress, landscape_every)
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # (before the lock ends: no other run takes this file)
+        os.close(fd)
     return path
 
 
