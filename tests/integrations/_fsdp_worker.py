@@ -1,18 +1,27 @@
 """Worker for test_fsdp: one rank of a 2-process FSDP2 (``fully_shard``) job on CPU/gloo.
 
     python -m torch.distributed.run --nproc_per_node 2 _fsdp_worker.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 4 _fsdp_worker.py OUT_DIR 2x2
 
 Trains the same sharded model with ``torch.optim.AdamW`` (the control: FSDP2 itself works
 here) and with each optimizer of ``OPTIMIZERS``, and saves per rank the full weights, the
 decisions, and the error an optimizer raised, if any. Each rank draws its own data.
+
+With a mesh shape (``2x2``) the mesh is 2-D, ``("replicate", "shard")``: HSDP, each
+parameter ``(Replicate(), Shard(0))``, split over 2 ranks of 4 (the shard count is not the
+world size). It then trains, in float64, AdamW and each optimizer of ``HSDP_OPTIMIZERS``
+(``train``: per step, what ``last_step`` says and every value the optimizer averaged over
+the ranks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,7 +29,10 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from alsals import ALSALS, SLS, MomentumALSALS
+import alsals.line_search
+import alsals.schedule_free
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
+from alsals.distributed import mean_to_host, shard_count
 
 STEPS = 6
 # the analytic slope sums over all shards: the part a sharded run must get right
@@ -42,10 +54,18 @@ OPTIMIZERS = {
 }
 
 
-def build(mesh) -> nn.Module:
+#: HSDP's optimizers (2-D mesh, float64): each sum over shards counted once per replica
+HSDP_OPTIMIZERS = {
+    name: OPTIMIZERS[name]
+    for name in ("ALSALS", "ALSALS-clipped", "MomentumALSALS", "MomentumALSALS-clipped")
+} | {"AdamSLS": lambda params: AdamSLS(params)}
+HSDP_DTYPE = torch.float64
+
+
+def build(mesh, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)  # same initial weights on every rank
     # The last bias has one element: with 2 ranks, one of them holds an empty shard.
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -53,21 +73,64 @@ def build(mesh) -> nn.Module:
     return model
 
 
-def batch(rank: int, step: int):
+def batch(rank: int, step: int, dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(1000 * rank + step)
-    x = torch.randn(32, 8, generator=gen)
+    x = torch.randn(32, 8, generator=gen, dtype=dtype)
     return x, x[:, :3].sum(dim=1, keepdim=True)
 
 
 def full_weights(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.full_tensor().detach().flatten() for p in model.parameters()])
+    """All weights, unsharded (DTensors gathered; plain tensors as they are)."""
+    return torch.cat(
+        [getattr(p, "full_tensor", p.detach)().detach().flatten() for p in model.parameters()]
+    )
 
 
-def main(out: str) -> None:
+@contextlib.contextmanager
+def recorded_means(log: list) -> Iterator[None]:
+    """Each answer of ``mean_to_host`` in the optimizers' modules (the values averaged over
+    the ranks, on which every decision rests) appended to ``log`` as (caller, values)."""
+    modules = (alsals.line_search, alsals.schedule_free)
+
+    def recording(values, group):
+        answer = mean_to_host(values, group)
+        log.append((sys._getframe(1).f_code.co_name, answer))
+        return answer
+
+    for module in modules:
+        module.mean_to_host = recording
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.mean_to_host = mean_to_host
+
+
+def train(model: nn.Module, optimizer, batches: Callable[[int], tuple]) -> dict:
+    """``STEPS`` steps on ``batches(step)``: the full weights, ``last_step`` of each step
+    and the values each step averaged over the ranks (``recorded_means``)."""
+    steps, means = [], []
+    for step in range(STEPS):
+        x, y = batches(step)
+        log: list = []
+        with recorded_means(log):
+            optimizer.step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
+        i = optimizer.last_step
+        steps.append((i.kind, i.trials, i.step_size, i.loss, i.slope, i.grad_norm, i.loss_decrease))
+        means.append(log)
+    return {"weights": full_weights(model), "steps": steps, "means": means}
+
+
+def main(out: str, shape: tuple[int, ...] | None = None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
-    torch.save(train_all(rank, world, mesh), f"{out}/rank{rank}.pt")
+    if shape is None:
+        mesh = init_device_mesh("cpu", (world,))
+        results = train_all(rank, world, mesh)
+    else:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        results = train_hsdp(rank, world, mesh)
+    torch.save(results, f"{out}/rank{rank}.pt")
     # The models (and the communication work they still reference) go while the process
     # group is alive: gloo work freed during interpreter shutdown can abort the process.
     gc.collect()
@@ -117,6 +180,39 @@ def train_all(rank: int, world: int, mesh) -> dict:
             results[key] = resume(rank, mesh, OPTIMIZERS[name], flatten)
         except Exception as error:  # noqa: BLE001 - recorded for the test to report
             results[key] = {
+                "error": f"{type(error).__name__}: {error}".splitlines()[0],
+                "traceback": traceback.format_exc(),
+            }
+    return results
+
+
+def train_hsdp(rank: int, world: int, mesh) -> dict:
+    """AdamW, then each optimizer of ``HSDP_OPTIMIZERS``, on the model sharded over the
+    2-D mesh, in float64: what this rank ended with (``train``'s record)."""
+    model = build(mesh, HSDP_DTYPE)
+    results: dict = {
+        "world": world,
+        "mesh": tuple(mesh.shape),
+        "params": [
+            (type(p).__name__, tuple(map(repr, p.placements)), shard_count(p))
+            for p in model.parameters()
+        ],
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(STEPS):
+        x, y = batch(rank, step, HSDP_DTYPE)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    results["adamw"] = full_weights(model)
+    for name, make in HSDP_OPTIMIZERS.items():
+        model = build(mesh, HSDP_DTYPE)
+        try:
+            results[name] = train(
+                model, make(model.parameters()), lambda step: batch(rank, step, HSDP_DTYPE)
+            )
+        except Exception as error:  # noqa: BLE001 - recorded for the test to report
+            results[name] = {
                 "error": f"{type(error).__name__}: {error}".splitlines()[0],
                 "traceback": traceback.format_exc(),
             }
@@ -179,4 +275,4 @@ def resume(rank: int, mesh, make, flatten: bool | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(map(int, sys.argv[2].split("x"))) if len(sys.argv) > 2 else None)

@@ -5,6 +5,10 @@ ranks agree. FSDP2 parameters, gradients and optimizer state are DTensors; the c
 their local shards (``to_local``), leaves empty shards out of the gradient check, and sums
 the analytic slope over shards. The line search on the sharded model must match one
 process training the unsharded model on the union of the ranks' batches.
+
+HSDP (a 2-D mesh, 4 processes: 2 replicas of 2 shards) too, in float64: there a parameter is
+split over 2 ranks while the optimizer averages over 4, so each shard's sums count twice on
+each rank and the mean over the 4 ranks is the sum over one replica's shards.
 """
 
 from __future__ import annotations
@@ -24,33 +28,42 @@ WORKER = Path(__file__).resolve().parent / "_fsdp_worker.py"
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def launch(out: Path, world: int, *args: str) -> list[dict]:
+    """The worker on ``world`` processes (torchrun): what each rank saved."""
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
     except ImportError:
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    out = tmp_path_factory.mktemp("fsdp")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
         "--standalone",  # the agent binds a free port itself: no race for one
-        str(WORKER), str(out),
+        str(WORKER), str(out), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def reference(name: str) -> tuple[torch.Tensor, list]:
-    """One process, unsharded, on the union of the ranks' batches (the mean of their losses)."""
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("fsdp"), WORLD)
+
+
+def worker_module():
     sys.path.insert(0, str(WORKER.parent))
     try:
         import _fsdp_worker as worker
     finally:
         sys.path.pop(0)
+    return worker
+
+
+def reference(name: str) -> tuple[torch.Tensor, list]:
+    """One process, unsharded, on the union of the ranks' batches (the mean of their losses)."""
+    worker = worker_module()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     optimizer = worker.OPTIMIZERS[name](model.parameters())
@@ -120,3 +133,105 @@ def test_a_sharded_run_checkpointed_through_distributed_checkpoint_goes_on_bit_f
         result = rank[f"dcp-{name}-{flatten}"]
         assert "error" not in result, result.get("traceback")
         assert torch.equal(result["straight"], result["resumed"])
+
+
+# -- HSDP: a 2-D mesh, (Replicate(), Shard(0)) ------------------------------------------------
+
+HSDP_MESH = (2, 2)  # (replicate, shard)
+HSDP_WORLD = HSDP_MESH[0] * HSDP_MESH[1]
+
+
+@pytest.fixture(scope="module")
+def hsdp_ranks(tmp_path_factory):
+    """4 ranks, each parameter split over the 2 of its replica: the shard count (2) is not
+    the world size (4), over which the optimizers average."""
+    return launch(tmp_path_factory.mktemp("hsdp"), HSDP_WORLD, "x".join(map(str, HSDP_MESH)))
+
+
+def hsdp_reference(name: str) -> dict:
+    """One process, unsharded, in float64, on the union of the 4 ranks' batches."""
+    worker = worker_module()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(worker.HSDP_DTYPE)
+
+    def batches(step):
+        xs, ys = zip(
+            *(worker.batch(r, step, worker.HSDP_DTYPE) for r in range(HSDP_WORLD)), strict=True
+        )
+        return torch.cat(xs), torch.cat(ys)
+
+    return worker.train(model, worker.HSDP_OPTIMIZERS[name](model.parameters()), batches)
+
+
+HSDP_NAMES = ["ALSALS", "ALSALS-clipped", "MomentumALSALS", "MomentumALSALS-clipped", "AdamSLS"]
+
+
+@pytest.mark.slow  # 4 processes
+def test_hsdp_itself_trains_on_cpu_with_gloo(hsdp_ranks):
+    for rank in hsdp_ranks:
+        assert rank["world"] == HSDP_WORLD and rank["mesh"] == HSDP_MESH
+        # every parameter split over the 2 ranks of its replica: shard count 2, world 4
+        assert set(rank["params"]) == {("DTensor", ("Replicate()", "Shard(dim=0)"), 2)}
+        assert torch.equal(rank["adamw"], hsdp_ranks[0]["adamw"])
+
+
+def _floats(steps: list) -> torch.Tensor:
+    """step_size, loss, slope, grad_norm, loss_decrease of each step."""
+    return torch.tensor([s[2:] for s in steps], dtype=torch.float64)
+
+
+def global_values(log: list) -> torch.Tensor:
+    """The values of a step's ``recorded_means`` log that are global quantities: all but the
+    largest gradient entry in the line searches' first average (``_check``), a mean of the
+    ranks' own largest entries (a test for 0 and for finiteness alone)."""
+    values = [v for _, answer in log for v in answer]
+    callers = [caller for caller, _ in log]
+    if "_check" in callers:
+        largest = sum(len(answer) for _, answer in log[: callers.index("_check")]) + 1
+        assert values.pop(largest) > 0.0
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.slow  # 4 processes
+@pytest.mark.parametrize("name", HSDP_NAMES)
+def test_line_search_on_hsdp_decides_alike_on_every_rank_and_as_one_process(hsdp_ranks, name):
+    """Every rank takes the same decisions from the same averaged values and ends on the same
+    weights (bit for bit: both replicas of each shard move alike); these equal those of one
+    process on the union of the batches in float64 up to rounding (the sums are grouped
+    differently: per shard, then over ranks): the step sizes, the slopes (``last_step`` and
+    every value the optimizer averaged over the ranks: ALSALS's g . (y - z) and g . u, the
+    gradient norm, the Polyak cap's sums), the weights."""
+    results = [rank[name] for rank in hsdp_ranks]
+    for result in results:
+        assert "error" not in result, result.get("traceback")
+    first = results[0]
+    for result in results[1:]:  # (exactly: repr writes each float's bits, nan as nan)
+        assert repr(result["steps"]) == repr(first["steps"])
+        assert repr(result["means"]) == repr(first["means"])
+        assert torch.equal(result["weights"], first["weights"])
+
+    single = hsdp_reference(name)
+    assert [s[:2] for s in first["steps"]] == [s[:2] for s in single["steps"]]
+    torch.testing.assert_close(
+        _floats(first["steps"]), _floats(single["steps"]), rtol=1e-9, atol=1e-12, equal_nan=True
+    )
+    kinds = {s[0] for s in single["steps"]}
+    if name.startswith("ALSALS"):
+        assert kinds >= {"search", "reuse"}
+    else:
+        assert not torch.isnan(_floats(single["steps"])[:, 2]).any(), "a slope at each step"
+    if name.endswith("clipped"):
+        assert any(s[5] > 0.05 for s in single["steps"]), "clipping must act"
+
+    for sharded, alone in zip(first["means"], single["means"], strict=True):
+        callers = [caller for caller, _ in sharded]
+        assert callers == [caller for caller, _ in alone]
+        if name.startswith("ALSALS"):  # its slopes: g . (y - z) and g . u, after 4 others
+            sums = next(answer for caller, answer in sharded if caller == "_run")
+            assert len(sums) == 6 and sums[2] == 1.0 and sums[5] != 0.0
+        else:
+            assert "_check" in callers
+        torch.testing.assert_close(
+            global_values(sharded), global_values(alone), rtol=1e-9, atol=1e-12
+        )
+    torch.testing.assert_close(first["weights"], single["weights"], rtol=1e-9, atol=1e-12)
