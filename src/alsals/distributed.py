@@ -56,6 +56,34 @@ def shard_count(p: Tensor) -> int:
     return count
 
 
+def check_meshes_span_group(params: list[Tensor], group: dist.ProcessGroup | None) -> None:
+    """A ``ValueError`` unless every DTensor parameter's device mesh holds exactly the ranks
+    of ``group``: a shard's slope terms count once per shard of the mesh and are averaged
+    over ``group``, which gives the sum over all shards only where the two are the same ranks
+    (a group of one replica's shards would leave the replicas to decide apart; a group of
+    one shard's replicas would count that shard alone)."""
+    module = _dtensor_module()
+    if module is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    ranks: list[int] | None = None
+    seen: set[int] = set()
+    for p in params:
+        if not isinstance(p, module.DTensor) or id(p.device_mesh) in seen:
+            continue
+        seen.add(id(p.device_mesh))
+        if ranks is None:
+            ranks = sorted(dist.get_process_group_ranks(group or dist.group.WORLD))
+        mesh = sorted(p.device_mesh.mesh.flatten().tolist())
+        if mesh != ranks:
+            raise ValueError(
+                f"a parameter is a DTensor on a device mesh over ranks {mesh}, but the "
+                f"optimizer's process_group holds ranks {ranks}: a sharded parameter's "
+                "line search must average over exactly its mesh's ranks (pass "
+                "process_group=None, the default group, where the mesh spans every rank, "
+                "or a group of the mesh's ranks)"
+            )
+
+
 def checked_process_group(group: object) -> dist.ProcessGroup | None:
     """``group`` if it is a process group or ``None`` (the default group); else a
     ``TypeError`` naming ``process_group``."""

@@ -19,7 +19,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from alsals.distributed import check_same_settings, copy_sharing_process_group
+from alsals.distributed import (
+    check_meshes_span_group,
+    check_same_settings,
+    copy_sharing_process_group,
+)
 from alsals.state_placeholders import create_placeholders, drop_placeholders
 from alsals.torch_optim_boundary import (
     anchor_parameter,
@@ -101,7 +105,9 @@ class SearchingOptimizer(torch.optim.Optimizer):
     def _check_ranks(self, name: str) -> None:
         """Every rank holds the same settings (looked at once, at the first step)."""
         if not self._ranks_checked:
-            device = next((p.device for g in self.param_groups for p in g["params"]), None)
+            params = [p for g in self.param_groups for p in g["params"]]
+            check_meshes_span_group(params, self._process_group)
+            device = params[0].device if params else None
             check_same_settings(name, self.param_groups, self._process_group, device)
             self._ranks_checked = True
 

@@ -173,6 +173,22 @@ def train_all(rank: int, world: int, mesh) -> dict:
                 "traceback": traceback.format_exc(),
                 "decisions": decisions,
             }
+    # a process group of this rank alone, not the mesh's ranks: refused before a move
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    for cls in (ALSALS, MomentumALSALS):
+        model = build(mesh)
+        before = full_weights(model)
+        optimizer = cls(model.parameters(), process_group=alone)
+        x, y = batch(rank, 0)
+        try:
+            optimizer.step(lambda x=x, y=y, model=model: nn.functional.mse_loss(model(x), y))
+            error = None
+        except ValueError as err:
+            error = str(err)
+        results[f"alone-{cls.__name__}"] = {
+            "error": error,
+            "unmoved": torch.equal(before, full_weights(model)),
+        }
     resumes = [(f"resume-{name}", name, None) for name in RESUMED]
     resumes += [(f"dcp-{name}-{flat}", name, flat) for name in RESUMED for flat in (True, False)]
     for key, name, flatten in resumes:

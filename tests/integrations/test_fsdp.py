@@ -106,6 +106,20 @@ def test_line_search_on_fsdp2_matches_the_unsharded_run(ranks, name):
 
 
 @pytest.mark.parametrize("name", ["ALSALS", "MomentumALSALS"])
+def test_a_process_group_that_is_not_the_mesh_s_ranks_is_refused_before_a_move(ranks, name):
+    """Each rank's own group of one: its shard's slope terms would count as the whole
+    gradient's and the ranks would decide apart, silently."""
+    for rank, result in enumerate(ranks):
+        outcome = result[f"alone-{name}"]
+        assert outcome["unmoved"]
+        assert outcome["error"] is not None, "the mismatch went unnoticed"
+        assert (
+            f"over ranks [0, 1], but the optimizer's process_group holds ranks [{rank}]"
+            in (outcome["error"])
+        )
+
+
+@pytest.mark.parametrize("name", ["ALSALS", "MomentumALSALS"])
 def test_a_sharded_run_resumed_from_a_mid_run_checkpoint_continues_bit_for_bit(ranks, name):
     """Model and optimizer state dicts of the sharded run (each rank its shards), saved
     mid-run and loaded into a fresh sharded model and optimizer: the resumed run ends on
