@@ -16,7 +16,8 @@ steps (a NaN loss, and two in a row after a reused step size), ``ALSALS``'s cut 
 (``cut_retry``, ``late_retry``), its guards (``loss_rise_guard``, ``start_rise``),
 ``train()``/``eval()`` around a save, and weights edited between steps. Each asserts that
 its path was taken, so that a change of the optimizer's behaviour cannot silently turn a
-case into a trivial one.
+case into a trivial one. Known divergences are marked ``xfail(strict=True)``, with the
+cause: a fix makes them pass, and the mark must go.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class Case:
 
     cls: type
     kwargs: dict[str, Any] = field(default_factory=dict)
-    steps: int = 20
+    steps: int = 18
     # "mlp": classification with _MLP; "linear": a regression; "noisy": _noisy's regression
     problem: str = "mlp"
     groups: bool = False  # two parameter groups with different per-group settings
@@ -558,3 +559,50 @@ ALSALS_KNOWN = {
 )
 def test_alsals_resumes_bit_for_bit_from_every_step(name):
     check_resumes_everywhere(ALSALS_CASES[name])
+
+
+def _penalised_run(cls, save_at=None):
+    """A closure that differentiates inside (a gradient penalty: its trials cannot run under
+    ``torch.no_grad()``, and the optimizer switches them to autograd at the first), resumed
+    before step ``save_at``; the weights and the state_dict after 8 steps."""
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.randn(8, 32, 3, generator=gen, dtype=torch.float64)
+    y_all = torch.randn(8, 32, generator=gen, dtype=torch.float64)
+
+    def closure_of(w, i):
+        def closure():
+            x = x_all[i].clone().requires_grad_()
+            out = x @ w
+            (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+            return ((out - y_all[i]) ** 2).mean() + 0.1 * (gx**2).sum(1).mean()
+
+        return closure
+
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = cls([w])
+    for i in range(8):
+        if i == save_at:
+            buffer = io.BytesIO()
+            torch.save({"w": w.detach(), "opt": opt.state_dict()}, buffer)
+            saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+            w = saved["w"].clone().requires_grad_()
+            opt = cls([w])
+            opt.load_state_dict(saved["opt"])
+        opt.step(closure_of(w, i))
+    return w.detach(), opt.state_dict()
+
+
+@pytest.mark.xfail(
+    reason="whether the trials run with autograd (ClosureEvaluator's trials_with_grad) is "
+    "an attribute, not state: the resumed optimizer finds it out again at its first trial, "
+    "one forward pass more in the state's 'forwards' (the weights are the same)",
+    strict=True,
+)
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS])
+def test_a_closure_that_differentiates_inside_resumes_with_the_same_state(cls):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = _penalised_run(cls)
+        resumed = _penalised_run(cls, save_at=4)
+    assert torch.equal(resumed[0], straight[0])  # (holds: the trajectory is the same)
+    _assert_same(resumed[1], straight[1], "optimizer")
