@@ -880,3 +880,51 @@ def test_adam_without_momentum_is_a_valid_setting(cls):
             assert losses[-1] == pytest.approx((z**2).sum().item(), rel=1e-9)
     assert opt.last_step.kind in ("search", "kept", "reuse")
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=ALL_IDS)
+@pytest.mark.parametrize("where", ["halfway-through-backward", "after-zero_grad"])
+def test_a_closure_backward_failing_before_its_backward_completes_leaves_the_gradients(cls, where):
+    """A ``closure(backward)`` that zeroes the gradients and raises before its backward pass
+    completed (a hook failing halfway through it, or an error right after ``zero_grad()``):
+    ``.grad`` is as before the step, also where the optimizer had not set it to ``None``
+    itself (a first step; gradients a backward pass outside the step computed). They were
+    left half computed, or lost. A retry then takes the uninterrupted step."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = cls([w, b])
+    outside = where == "after-zero_grad"
+    if outside:  # gradients held before the step, none of this optimizer's
+        ((w + 1.0) ** 2).sum().backward()
+        (b * 3.0).sum().backward()
+    before = [p.grad for p in (w, b)]
+    failing = [True]
+
+    def fail_in_backward(grad):
+        if failing[0]:
+            raise RuntimeError("failed halfway through backward")
+        return grad
+
+    w.register_hook(fail_in_backward)
+
+    def closure(backward):
+        if backward:
+            opt.zero_grad()
+            if outside and failing[0]:
+                raise RuntimeError("failed after zero_grad")
+        loss = ((w - 1.0) ** 2).sum() + ((b - 2.0) ** 2).sum()
+        if backward:
+            loss.backward()  # b's gradient first, then w's hook raises
+        return loss
+
+    with pytest.raises(RuntimeError, match="failed"):
+        opt.step(closure)
+    assert all(p.grad is g for p, g in zip((w, b), before, strict=True))  # (or None)
+    assert torch.equal(w.detach(), torch.zeros(3, dtype=torch.float64))
+    failing[0] = False
+    opt.step(closure)
+    twin_w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    twin_b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    twin = cls([twin_w, twin_b])
+    twin.step(lambda: ((twin_w - 1.0) ** 2).sum() + ((twin_b - 2.0) ** 2).sum())
+    assert torch.equal(w.detach(), twin_w.detach()) and torch.equal(b.detach(), twin_b.detach())

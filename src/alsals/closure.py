@@ -493,9 +493,12 @@ class ClosureEvaluator:
                             self._backward(loss)
                             self._ran_backward = True
         except BaseException:
-            if dropped:  # before a completed backward pass: the gradients as they were
-                for p, g in zip(self.params, held, strict=True):
-                    p.grad = g
+            # before a completed backward pass: the gradients as they were, where the step or
+            # the closure set them to None or replaced them (a closure(backward)'s zero_grad(),
+            # its backward pass failing halfway: some new tensors, others not yet); gradients
+            # the closure added to in place cannot be told from those it found
+            for p, g in zip(self.params, held, strict=True):
+                p.grad = g
             raise
         if self.runs_backward_itself:
             self.backwards += 1
