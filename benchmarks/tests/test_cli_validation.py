@@ -89,6 +89,8 @@ def test_an_adam_run_records_its_configured_peak_rate(tmp_path):
         (["speed", "--profile", "no-such-config"], "--profile"),
         (["speed", "--profile", "alsals,"], None),  # valid: the parser keeps it
         (["speed", "--threads", "-1"], "--threads"),
+        (["speed", "--seed", "-1"], "--seed"),  # (ran, unlike run's and landscape's seeds)
+        (["speed", "--seed", str(2**63)], "--seed"),  # (a traceback from manual_seed)
         (["run", "--seeds", "1000000000000"], "--seeds"),  # (a list of 1e12 seeds: no memory)
         (["landscape", "--steps", "-1"], "--steps"),
         (["landscape", "--scans", "0"], "--scans"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from alsals_bench._args import int_at_least, names_of
+from alsals_bench._args import MAX_SEED, int_at_least, names_of
 from alsals_bench.registry import REGISTRY
 from alsals_bench.speed.configs import CONFIGS, DEFAULT_CONFIGS
 from alsals_bench.speed.measure import measure_model
@@ -33,13 +33,19 @@ _COUNTS = (
     ("--seed", 0, "seed of the weights, the batches and the random stream"),
 )
 
+#: The counts checked when parsed (the others in ``_invalid``): a seed out of range ended
+#: the measurement in a traceback from ``manual_seed`` (or ran a negative seed unnoticed).
+_KINDS = {
+    "--threads": int_at_least(0, "0: torch's default"),
+    "--seed": int_at_least(0, "seeds are 0 to 2**63 - 1", maximum=MAX_SEED),
+}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="of " + ", ".join(CONFIGS))
     for flag, default, text in _COUNTS:
-        kind = int_at_least(0, "0: torch's default") if flag == "--threads" else int
-        p.add_argument(flag, type=kind, default=default, help=text)
+        p.add_argument(flag, type=_KINDS.get(flag, int), default=default, help=text)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--out", type=Path, default=Path("runs/speed"), help="output folder")
     p.add_argument("--no-plot", action="store_true", help="skip the bar chart")
