@@ -362,3 +362,33 @@ def test_a_report_folder_that_cannot_be_written_fails_before_the_report_is_built
     err = capsys.readouterr().err
     assert f"the report goes to {budget / 'report'}, but {budget} cannot be written to" in err
     assert err.count("\n") == 1 and not (budget / "report").exists()
+
+
+def test_a_copied_or_misfiled_log_is_skipped_not_counted_as_a_second_run(tmp_path, capsys):
+    """A copy of a log (``adam__seed0 (copy).jsonl``) was read as one more run of its seed:
+    the cell said (n=2) for one seed and its standard error shrank; a log filed under another
+    task's folder was reported under the task its records name. Both are now left out, named."""
+    _log(tmp_path, "t1", "adam", 0, [1.0, 0.5], *_adam_like(2))
+    _log(tmp_path, "t1", "adam", 1, [2.0, 1.0], *_adam_like(2))
+    folder = tmp_path / "fake" / "t1"
+    copy = folder / "adam__seed0 (copy).jsonl"
+    copy.write_bytes((folder / "adam__seed0.jsonl").read_bytes())
+    (tmp_path / "fake" / "t2").mkdir()
+    misfiled = tmp_path / "fake" / "t2" / "adam__seed1.jsonl"
+    misfiled.write_bytes((folder / "adam__seed1.jsonl").read_bytes())
+    capsys.readouterr()
+    runs = load_runs(tmp_path, "fake")
+    assert sorted((r.task, r.seed) for r in runs) == [("t1", 0), ("t1", 1)]
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2
+    assert f"skipped {copy}: it holds the run t1/adam/seed 0, whose log is t1/" in warnings[0]
+    assert f"skipped {misfiled}: it holds the run t1/adam/seed 1" in warnings[1]
+
+
+def test_a_folder_named_like_a_log_is_skipped_with_a_warning(tmp_path, capsys):
+    """It ended the report in a traceback (IsADirectoryError)."""
+    _log(tmp_path, "t1", "adam", 0, [1.0, 0.5], *_adam_like(2))
+    (tmp_path / "fake" / "t1" / "old.jsonl").mkdir()
+    capsys.readouterr()
+    assert [r.seed for r in load_runs(tmp_path, "fake")] == [0]
+    assert "old.jsonl: cannot be read (Is a directory)" in capsys.readouterr().err

@@ -107,14 +107,24 @@ def _defined_size(task: str, budget: str | None) -> tuple[int, int] | None:
 
 def load_runs(out: Path, budget: str) -> list[Run]:
     """Every finished run of ``budget`` under ``out`` (partial runs are not counted). A file
-    that cannot be read as a run's log is skipped with one warning line that names it and
-    says why: one odd file does not cost the whole report."""
+    that cannot be read as a run's log, or whose records are another run's than its name
+    says (a copy, a renamed or misfiled log: counted, it was a second run of one seed), is
+    skipped with one warning line that names it and says why: one odd file does not cost
+    the whole report."""
     runs = []
     for path in sorted((Path(out) / budget).glob("*/*.jsonl")):
         try:
             run = _load_run(path)
+            if run is not None:
+                _check_name(path, run)
         except BadLog as err:
             print(f"alsals-bench: warning: skipped {path}: {err}", file=sys.stderr)
+            continue
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            print(
+                f"alsals-bench: warning: skipped {path}: cannot be read ({reason})", file=sys.stderr
+            )
             continue
         if run is not None:
             runs.append(run)
@@ -163,6 +173,17 @@ def _load_run(path: Path) -> Run | None:
     if end.get("final_train_loss") is not None:  # (logs before the EMA's correction)
         end = {**end, "final_train_loss": _ema(steps["loss"], SMOOTHING)[-1]}
     return Run(start["task"], start["optimizer"], start["seed"], start, end, steps, evals)
+
+
+def _check_name(path: Path, run: Run) -> None:
+    """A ``BadLog`` where the log ``path`` is not where the runner writes the run its
+    records hold (``<task>/<optimizer>__seed<k>.jsonl``)."""
+    name = f"{run.optimizer}__seed{run.seed}.jsonl"
+    if path.name != name or path.parent.name != run.task:
+        raise BadLog(
+            f"it holds the run {run.task}/{run.optimizer}/seed {run.seed}, whose log is "
+            f"{run.task}/{name} (a copy, or a renamed or misfiled log)"
+        )
 
 
 def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
