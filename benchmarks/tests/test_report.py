@@ -324,6 +324,7 @@ def test_a_file_that_is_no_run_log_is_skipped_with_a_warning_and_the_rest_report
     _log(tmp_path, "t1", "adam", 0, [1.0, 0.5], *_adam_like(2))
     folder = tmp_path / "fake" / "t1"
     start = json.dumps({"type": "start", "task": "t1", "optimizer": "x", "seed": 0})
+    times = '"time_per_step": 1, "forwards_per_step": 1, "backwards_per_step": 1'
     odd = {
         "latin1.jsonl": (b'{"type": "start"}\n\xff\xfe\n{"type": "end"}\n', "line 2 is not UTF-8"),
         "array.jsonl": (b"[1, 2]\n", "line 1 is not a JSON object"),
@@ -331,6 +332,16 @@ def test_a_file_that_is_no_run_log_is_skipped_with_a_warning_and_the_rest_report
         "bare-end.jsonl": (
             f'{start}\n{{"type": "end"}}\n'.encode(),
             "its end record has no 'time_per_step'",
+        ),
+        # (a TypeError, and a ValueError in the figures, from a metric that is no number)
+        "text-metric.jsonl": (
+            f'{start}\n{{"type": "end", {times}, "peak_accuracy": "high"}}\n'.encode(),
+            "its end record's 'peak_accuracy' is 'high'",
+        ),
+        "text-eval.jsonl": (
+            f'{start}\n{{"type": "eval", "step": 1, "accuracy": "x"}}\n'
+            f'{{"type": "end", {times}}}\n'.encode(),
+            "an eval record's 'accuracy' is 'x'",
         ),
     }
     for name, (content, _) in odd.items():

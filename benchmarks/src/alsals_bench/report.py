@@ -170,6 +170,13 @@ def _load_run(path: Path) -> Run | None:
     evals = [r for r in records if r.get("type") == "eval"]
     if not all(_is(e.get("step"), _NUMBER) for e in evals):
         raise BadLog("an eval record has no step number")
+    # The metrics the tables and figures average: numbers, or null where there is none.
+    summary = {k: v for k, v in end.items() if k.startswith(("final_", "best_", "peak_"))}
+    metrics = [{k: v for k, v in e.items() if k != "type"} for e in evals]
+    for kind, values in [("its end", summary)] + [("an eval", m) for m in metrics]:
+        for name, value in values.items():
+            if value is not None and not _is(value, _NUMBER):
+                raise BadLog(f"{kind} record's {name!r} is {value!r}")
     if end.get("final_train_loss") is not None:  # (logs before the EMA's correction)
         end = {**end, "final_train_loss": _ema(steps["loss"], SMOOTHING)[-1]}
     return Run(start["task"], start["optimizer"], start["seed"], start, end, steps, evals)
