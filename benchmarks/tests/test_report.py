@@ -13,6 +13,7 @@ from unwritable import unwritable
 from alsals_bench import cli
 from alsals_bench.report import (
     adam_compute,
+    build_tables,
     fold_tuned_adam,
     load_runs,
     loss_at_compute,
@@ -403,3 +404,14 @@ def test_a_folder_named_like_a_log_is_skipped_with_a_warning(tmp_path, capsys):
     capsys.readouterr()
     assert [r.seed for r in load_runs(tmp_path, "fake")] == [0]
     assert "old.jsonl: cannot be read (Is a directory)" in capsys.readouterr().err
+
+
+def test_a_task_without_an_adam_run_is_named_under_the_equal_compute_table(tmp_path):
+    """It was dropped from the table, and from its log average, without a word."""
+    _log(tmp_path, "t1", "adam", 0, [1.0, 0.5], *_adam_like(2))
+    _log(tmp_path, "t1", "alsals", 0, [1.0, 0.25], [3, 6], [1, 2])
+    _log(tmp_path, "t2", "alsals", 0, [1.0, 0.25], [3, 6], [1, 2])
+    runs, grids = fold_tuned_adam(load_runs(tmp_path, "fake"))
+    rows, table = _table_rows(build_tables(runs, grids, len(runs)), "Equal compute:")
+    assert list(rows) == ["t1 (n=1, Adam 6)", "*log average*"]
+    assert "No `adam` run on t2: left out of this table and its log average" in table

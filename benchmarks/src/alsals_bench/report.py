@@ -633,6 +633,13 @@ def _equal_compute_table(
             + ': the compute there is the one Adam planned ("planned" in the label), the '
             "budget's steps at one forward and one backward pass each."
         )
+    lacking = [t for t in tasks if t not in budgets]
+    if lacking:  # (else the table dropped them without a word, and its average with them)
+        intro += (
+            " No `adam` run on "
+            + ", ".join(lacking)
+            + ": left out of this table and its log average (no compute to compare at)."
+        )
     notes = {SHORT_MARK: SHORT_NOTE, EDGE_MARK: EDGE_NOTE}
     summary = ("log average", "log")
     return _table(title, rows, columns, False, 4, summary, marks, notes, intro, seeds)
