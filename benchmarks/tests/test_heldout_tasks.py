@@ -33,3 +33,16 @@ def test_heldout_task_smoke(task):
     )
     assert same_weights(first.model, second.model)
     assert same_batches(first.next_batch(), second.next_batch())
+
+
+def test_a_misspelt_heldout_task_is_answered_with_the_heldout_names(monkeypatch):
+    """The script registers its tasks beside the suites'; the error for a misspelt name
+    listed the suites' tasks alone, none of the ones the script runs."""
+    import alsals_bench.tasks
+
+    monkeypatch.setattr(alsals_bench.tasks, "TASKS", dict(alsals_bench.tasks.TASKS))
+    module = load_script()
+    module.register()
+    with pytest.raises(KeyError) as err:
+        alsals_bench.tasks.get_task("lstm-chr")
+    assert "; other tasks: lstm-char, digits-autoencoder," in str(err.value)

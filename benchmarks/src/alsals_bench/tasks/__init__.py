@@ -44,13 +44,16 @@ CHECK_TASKS: tuple[str, ...] = tuple(name for name, task in TASKS.items() if tas
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name``; an unknown name raises ``KeyError`` listing the known ones."""
+    """The task called ``name``; an unknown name raises ``KeyError`` listing the known ones
+    (with the tasks registered beside the suites', such as the held-out script's)."""
     try:
         return TASKS[name]
     except KeyError:
+        others = [t for t in TASKS if t not in {*OFFLINE_TASKS, *FULLSCALE_NAMES, *CHECK_TASKS}]
         raise KeyError(
             f"unknown task {name!r}; offline tasks: {', '.join(OFFLINE_TASKS)}; "
             f"full-scale tasks: {', '.join(FULLSCALE_NAMES)}; check tasks: {', '.join(CHECK_TASKS)}"
+            + (f"; other tasks: {', '.join(others)}" if others else "")
         ) from None
 
 
