@@ -692,9 +692,10 @@ class DigitsContrastive(HeldoutTask):
         def next_batch():
             # the views of the k-th batch come from a generator seeded by (seed, k): every
             # closure call of a step sees the same views, and every run of a seed the same
+            # (modulo 2**64, a generator's seed: a seed from 2**64 / 1_000_003 on overflowed)
             nonlocal batches
             batches += 1
-            views = torch.Generator().manual_seed(1_000_003 * seed + batches)
+            views = torch.Generator().manual_seed((1_000_003 * seed + batches) % 2**64)
             x = x_tr[indices().to(device)]
             return augmented_view(x, views), augmented_view(x, views)
 

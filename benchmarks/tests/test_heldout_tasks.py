@@ -46,3 +46,14 @@ def test_a_misspelt_heldout_task_is_answered_with_the_heldout_names(monkeypatch)
     with pytest.raises(KeyError) as err:
         alsals_bench.tasks.get_task("lstm-chr")
     assert "; other tasks: lstm-char, digits-autoencoder," in str(err.value)
+
+
+@pytest.mark.parametrize("task", HELDOUT, ids=[t.name for t in HELDOUT])
+def test_heldout_task_takes_the_largest_seed_the_command_line_accepts(task):
+    """``--seeds`` accepts up to 2**63 - 1; digits-contrastive seeded its views' generator
+    with ``1_000_003 * seed + k``, which overflowed from seed 2**64 / 1_000_003 on: a
+    traceback at the first batch, with the run's log already opened."""
+    from alsals_bench._args import MAX_SEED
+
+    run = task.setup(MAX_SEED, task.budget("smoke"), CPU)
+    run.loss(run.model, run.next_batch())
