@@ -635,3 +635,10 @@ def test_the_lock_is_removed_when_a_run_ends_or_is_interrupted(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run_one(key, tmp_path / "b", progress=False)
     assert not runner.lock_path(key.path(tmp_path / "b")).exists()
+
+
+def test_landscape_every_says_when_a_run_has_no_direction_to_scan(tmp_path, capsys):
+    """A run of ALSALS(params) or Adam asked for scans logged none, without a word."""
+    run_one(RunKey("digits-cnn", "adam", 0, "smoke"), tmp_path, progress=False, landscape_every=2)
+    err = capsys.readouterr().err
+    assert "[digits-cnn | adam | seed 0] --landscape-every: no landscape records" in err

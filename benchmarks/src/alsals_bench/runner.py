@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -286,6 +287,13 @@ def _train(
             **stepper.start_info,
         },
     )
+    if landscape_every and not _scannable(stepper):  # (else no record, and no word of why)
+        print(
+            f"[{key.task} | {key.optimizer} | seed {key.seed}] --landscape-every: no landscape "
+            "records: it has no search direction to scan (MomentumALSALS, AdamSLS and SLS have)",
+            file=sys.stderr,
+            flush=True,
+        )
     bar = _progress(budget.steps, f"{key.task} {key.optimizer} s{key.seed}", progress)
     train_time, losses, nonfinite, status, step = 0.0, [], 0, "ok", 0
     evaluations: list[dict[str, float]] = []
@@ -355,13 +363,20 @@ def _train(
     )
 
 
+def _scannable(stepper: Any) -> bool:
+    """Whether the run's optimizer has a search direction to scan (a line search along one:
+    ``ALSALS``, which searches Schedule-Free's step size, and Adam have none)."""
+    from alsals import LineSearchOptimizer
+
+    return isinstance(stepper.optimizer, LineSearchOptimizer)
+
+
 def _record_landscape(log: IO[str], stepper: Any, closure: Any, step: int) -> None:
     """A ``landscape`` record: the loss along the search direction before this step (the
     paper's Figs. 2-4); only line-search optimizers have one. Not counted in train time."""
-    from alsals import LineSearchOptimizer
     from alsals.diagnostics import scan_direction
 
-    if isinstance(stepper.optimizer, LineSearchOptimizer):
+    if _scannable(stepper):
         scan = scan_direction(stepper.optimizer, closure)
         _append(log, {"type": "landscape", **scan.to_dict(), "step": step})
 
