@@ -301,3 +301,23 @@ def test_landscape_help_explains_every_option_in_plain_text():
     parser = _subparser("landscape")
     assert all(action.help for action in parser._actions)
     assert "``" not in parser.description
+
+
+@pytest.mark.parametrize("where", ["budget", "task", "log"])
+def test_a_file_or_folder_in_the_way_of_a_run_fails_before_the_first_run(tmp_path, capsys, where):
+    """A file where the budget's or the task's folder goes, or a folder where a log goes,
+    was a traceback when the sweep reached that run (FileExistsError, NotADirectoryError,
+    IsADirectoryError)."""
+    budget, task = tmp_path / "smoke", tmp_path / "smoke" / "digits-cnn"
+    if where == "budget":
+        budget.write_text("")
+    elif where == "task":
+        budget.mkdir()
+        task.write_text("")
+    else:
+        (task / "adam__seed1.jsonl").mkdir(parents=True)
+    argv = ["run", "--budget", "smoke", "--tasks", "digits-cnn", "--optimizers", "adam"]
+    assert cli.main([*argv, "--seeds", "0,1", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alsals-bench: error: ") and err.count("\n") == 1
+    assert not (task / "adam__seed0.jsonl").exists()  # (no run before the error)

@@ -226,6 +226,27 @@ def check_report_folder(folder: Path) -> None:
         raise UsageError(f"the report goes to {folder}, but {where} {err}") from None
 
 
+def check_run_paths(
+    out: Path, budget: str, task_names: list[str], optimizers: list[str], seeds: list[int]
+) -> None:
+    """The sweep's budget and task folders are folders where they exist, and no run's log
+    is one: a ``UsageError`` before the first run (it was a traceback when a run reached it,
+    after the runs before it)."""
+    from alsals_bench.registry import expand
+    from alsals_bench.runner import RunKey
+    from alsals_bench.tasks import get_task
+
+    for name in task_names:
+        for folder in (out / budget, out / budget / name):
+            if folder.exists() and not folder.is_dir():
+                raise UsageError(f"{folder} is a file: the runs' logs go into a folder there")
+        for optimizer in expand(optimizers, get_task(name)):
+            for seed in seeds:
+                path = RunKey(name, optimizer, seed, budget).path(out)
+                if path.is_dir():
+                    raise UsageError(f"{path} is a folder: the run's log is written there")
+
+
 def check_device(name: str) -> None:
     import torch
 
@@ -318,6 +339,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         every = getattr(args, "landscape_every", None) or 0
         _check_sweep(tasks, optimizers, args.budget, args.device)
         check_out(out)
+        check_run_paths(out, args.budget, tasks, optimizers, seeds)
         sweep(tasks, optimizers, seeds, args.budget, out, args.device, not args.no_progress, every)
         if getattr(args, "no_report", False):
             return 0
