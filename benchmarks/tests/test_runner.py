@@ -155,6 +155,13 @@ def test_new_peers_and_the_untuned_baseline_are_registered_and_grouped():
     assert REGISTRY["prodigy-sf"].package == "prodigy-plus-schedule-free"
     assert GROUPS["baselines"] == ("adamw-cosine",)
     assert "adamw-cosine" in GROUPS["all"] and "adamw-cosine" not in GROUPS["paper"]
+
+
+def test_the_recommended_configurations_are_a_group_and_in_all():
+    """The rows of ALSALS(params) and MomentumALSALS(params), which the README's claims are
+    about, run by name; "all" left them out."""
+    assert GROUPS["recommended"] == ("alsals-schedulefree", "alsals-recommended")
+    assert set(GROUPS["recommended"]) <= set(GROUPS["all"]) & set(REGISTRY)
     assert REGISTRY["adamw-cosine"].package is None  # torch only: always available
 
 

@@ -1,10 +1,10 @@
 """``alsals-bench``: list tasks and optimizers, fetch data, run sweeps, build the report,
 scan the loss landscape, measure the cost of a step.
 
-alsals-bench                         # the embedded default (digits), quick budget, + report
+alsals-bench                         # the embedded default (digits; paper, ALSALS(params)), + report
 alsals-bench list
 alsals-bench fetch [--only NAME ...]
-alsals-bench run --tasks offline --optimizers paper --seeds 3 --budget quick
+alsals-bench run --tasks offline --optimizers paper recommended --seeds 3 --budget quick
 alsals-bench report --budget quick
 alsals-bench landscape --task minilm-finefood
 alsals-bench speed --models mlp,cnn
@@ -24,7 +24,7 @@ from alsals_bench.data import fetch
 from alsals_bench.speed import cli as speed_cli
 
 DEFAULT_TASKS = ["digits-cnn"]
-DEFAULT_OPTIMIZERS = ["paper"]
+DEFAULT_OPTIMIZERS = ["paper", "alsals-schedulefree"]
 
 
 class UsageError(Exception):

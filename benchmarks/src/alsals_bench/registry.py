@@ -72,6 +72,8 @@ ABLATION = (
     "alsals-recommended-c03",
     "alsals-recommended-capped-preconditioned",
 )
+#: the library's recommended configurations: ALSALS(params) and MomentumALSALS(params)
+RECOMMENDED = ("alsals-schedulefree", "alsals-recommended")
 PEERS = ("prodigy", "dadapt-adam", "schedulefree", "dog", "salsa", "momo-adam", "prodigy-sf")
 #: untuned baselines: one configuration for every task, no sweep
 BASELINES = ("adamw-cosine",)
@@ -82,11 +84,12 @@ ADAMW_COSINE_WARMUP = 0.05
 ADAMW_COSINE_WEIGHT_DECAY = 0.01
 GROUPS = {
     "paper": PAPER,
+    "recommended": RECOMMENDED,
     "variants": VARIANTS,
     "peers": PEERS,
     "baselines": BASELINES,
     "ablation": ABLATION,
-    "all": PAPER + ("adam-tuned",) + BASELINES + VARIANTS + PEERS,
+    "all": PAPER + RECOMMENDED + ("adam-tuned",) + BASELINES + VARIANTS + PEERS,
 }
 
 
