@@ -117,3 +117,10 @@ def test_unknown_names_are_rejected(capsys):
     assert cli.main(["speed", "--models", "nope"]) == 2
     assert cli.main(["speed", "--configs", "nope"]) == 2
     assert "known" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "named"), [("--models", "--models"), ("--configs", "--configs")])
+def test_an_empty_list_of_names_is_rejected_naming_its_flag(capsys, flag, named):
+    """``--configs ""`` measured Adam alone, without a word."""
+    assert cli.main(["speed", flag, ","]) == 2
+    assert named in capsys.readouterr().err

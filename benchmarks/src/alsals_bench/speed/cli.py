@@ -67,6 +67,8 @@ def _invalid(args: argparse.Namespace, models: list[str], configs: list[str]) ->
     output folder, so that a misspelt name creates nothing)."""
     if not models:
         return "no model given (--models)"
+    if not configs:
+        return "no configuration given (--configs)"
     for m in models:
         if m not in MODELS:
             return f"unknown model {m!r}; known: {', '.join(MODELS)}"
