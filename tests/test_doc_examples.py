@@ -208,7 +208,7 @@ sizes = []  # the step size each step ended with
 
 class StepSizes(pl.Callback):
     def on_train_batch_end(self, trainer, module, *args):
-        sizes.append(module.optimizers().optimizer.last_step.step_size)
+        sizes.append(module.optimizers().optimizer.param_groups[0]["lr"])
 
 
 trainer.callbacks.append(StepSizes())
