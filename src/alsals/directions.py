@@ -113,7 +113,10 @@ def denominators_after(step: GroupStep) -> list[Tensor]:
 
 def committed_denominators(step: GroupStep) -> list[Tensor]:
     """The same from the second moments already committed (a step that searched nothing:
-    ``v'`` is not computed twice). Bit for bit the values of ``denominators_after``."""
+    ``v'`` is not computed twice). Bit for bit the values of ``denominators_after``, but
+    for float16 tensors on CPU, where torch's in-place ``_foreach_mul_`` (the commit's)
+    rounds ``beta2`` to float16 first and the out-of-place product does not: some entries
+    differ in their last bit (a reused step's move, never a judged trial's)."""
     return _bias_corrected_plus_eps_(step, torch._foreach_sqrt(step.exp_avg_sqs))
 
 
