@@ -184,3 +184,52 @@ def test_a_gradient_whose_float32_squares_underflow_is_decided_in_float64_on_eve
     kinds = [rank_results[rank]["tiny"] for rank in (0, 1)]
     assert kinds[0] == kinds[1]
     assert "zero_grad" not in kinds[0] and "nonfinite" not in kinds[0], kinds[0]
+
+
+class _Mesh:
+    def __init__(self, ranks: list[list[int]]) -> None:
+        self.mesh = torch.tensor(ranks)
+
+
+class _DTensor(torch.Tensor):
+    """A stand-in for DTensor: only its device mesh is looked at."""
+
+
+def _on_mesh(ranks: list[list[int]]) -> torch.Tensor:
+    p = torch.zeros(2).as_subclass(_DTensor)
+    p.device_mesh = _Mesh(ranks)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("group", "mesh", "refused"),
+    [
+        ([0, 1, 2, 3], [[0, 1], [2, 3]], False),  # HSDP / 2-D mesh, the default group
+        ([0, 1, 2, 3], [[0, 2]], False),  # FSDP on the dp submesh of a (dp, tp) mesh
+        ([1, 3], [[1, 3]], False),  # the mesh's own group (new_group)
+        ([0], [[0, 1]], True),  # one shard's replica: that shard alone
+        ([0, 1], [[0, 1], [2, 3]], True),  # one replica's shards: replicas decide apart
+        ([0, 1, 2], [[0, 2]], True),  # not whole copies of the mesh
+    ],
+)
+def test_a_mesh_check_accepts_copies_of_the_mesh_and_refuses_part_of_it(
+    monkeypatch, group, mesh, refused
+):
+    """FSDP2 on one dimension of a larger mesh (each rank of the others holds the same
+    parameter on its own copy of the submesh) averages to the sum over shards with the
+    default group, as HSDP does: it is not refused; a group that cuts a mesh is."""
+    import types
+
+    import torch.distributed as dist
+
+    import alsals.distributed as ad
+
+    monkeypatch.setattr(ad, "_dtensor_module", lambda: types.SimpleNamespace(DTensor=_DTensor))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda g: group)
+    monkeypatch.setattr(dist, "group", types.SimpleNamespace(WORLD=object()))
+    if refused:
+        with pytest.raises(ValueError, match="device mesh over ranks"):
+            ad.check_meshes_span_group([_on_mesh(mesh)], None)
+    else:
+        ad.check_meshes_span_group([_on_mesh(mesh)], None)

@@ -57,11 +57,14 @@ def shard_count(p: Tensor) -> int:
 
 
 def check_meshes_span_group(params: list[Tensor], group: dist.ProcessGroup | None) -> None:
-    """A ``ValueError`` unless every DTensor parameter's device mesh holds exactly the ranks
-    of ``group``: a shard's slope terms count once per shard of the mesh and are averaged
-    over ``group``, which gives the sum over all shards only where the two are the same ranks
-    (a group of one replica's shards would leave the replicas to decide apart; a group of
-    one shard's replicas would count that shard alone)."""
+    """A ``ValueError`` unless every DTensor parameter's device mesh is made of ranks of
+    ``group`` and ``group`` holds a whole number of such meshes: a shard's slope terms count
+    once per shard of the mesh and are averaged over ``group``, which gives the sum over all
+    shards where ``group`` is the mesh's ranks or copies of the mesh (FSDP2 on one dimension
+    of a larger mesh, the default group: each rank of the other dimensions holds the same
+    parameter on its own copy of the submesh). A group of one replica's shards would leave
+    the replicas to decide apart; a group of one shard's replicas would count that shard
+    alone."""
     module = _dtensor_module()
     if module is None or not (dist.is_available() and dist.is_initialized()):
         return
@@ -74,13 +77,13 @@ def check_meshes_span_group(params: list[Tensor], group: dist.ProcessGroup | Non
         if ranks is None:
             ranks = sorted(dist.get_process_group_ranks(group or dist.group.WORLD))
         mesh = sorted(p.device_mesh.mesh.flatten().tolist())
-        if mesh != ranks:
+        if not set(mesh) <= set(ranks) or len(ranks) % len(mesh):
             raise ValueError(
                 f"a parameter is a DTensor on a device mesh over ranks {mesh}, but the "
                 f"optimizer's process_group holds ranks {ranks}: a sharded parameter's "
-                "line search must average over exactly its mesh's ranks (pass "
-                "process_group=None, the default group, where the mesh spans every rank, "
-                "or a group of the mesh's ranks)"
+                "line search must average over its mesh's ranks, or over whole copies of "
+                "its mesh (pass process_group=None, the default group, where the meshes "
+                "span every rank, or a group of the mesh's ranks)"
             )
 
 
