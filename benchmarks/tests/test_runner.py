@@ -649,3 +649,24 @@ def test_landscape_every_says_when_a_run_has_no_direction_to_scan(tmp_path, caps
     run_one(RunKey("digits-cnn", "adam", 0, "smoke"), tmp_path, progress=False, landscape_every=2)
     err = capsys.readouterr().err
     assert "[digits-cnn | adam | seed 0] --landscape-every: no landscape records" in err
+
+
+@needs_fcntl
+def test_a_lock_whose_pid_cannot_be_written_is_released(tmp_path, monkeypatch):
+    """A failure after the lock is taken (a full disk at the pid's write) closes the file:
+    no descriptor left open keeps the lock for the rest of the sweep's process."""
+    import os
+
+    from alsals_bench import runner
+
+    lock = tmp_path / "adam__seed0.jsonl.lock"
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner.os, "write", full)
+    with pytest.raises(OSError, match="No space"):
+        runner._take_lock(lock)
+    monkeypatch.undo()
+    assert not runner.is_locked(lock)
+    os.close(runner._take_lock(lock))

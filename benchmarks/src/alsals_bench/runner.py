@@ -165,19 +165,22 @@ def _take_lock(lock: Path) -> int:
     while True:
         fd = os.open(lock, os.O_CREAT | os.O_WRONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunLocked(lock) from None
+            try:  # (a file its holder removed as we opened it is no lock: open it again)
+                taken = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                taken = False
+            if taken:
+                os.ftruncate(fd, 0)  # (a killed run's pid)
+                os.write(fd, f"{os.getpid()}\n".encode())  # (who holds it, for a user)
+                return fd
+        except BaseException:  # (no descriptor, and so no lock, outlives a failure here)
             os.close(fd)
-            raise RunLocked(lock) from None
-        try:  # (a file its holder removed as we opened it is no lock: open the path again)
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
+            raise
         os.close(fd)
-    os.ftruncate(fd, 0)  # (a killed run's pid)
-    os.write(fd, f"{os.getpid()}\n".encode())  # (who holds it, for a user who finds it)
-    return fd
 
 
 def other_settings(path: Path, budget: Any) -> dict[str, tuple[Any, Any]]:
