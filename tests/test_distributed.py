@@ -198,6 +198,7 @@ class _DTensor(torch.Tensor):
 def _on_mesh(ranks: list[list[int]]) -> torch.Tensor:
     p = torch.zeros(2).as_subclass(_DTensor)
     p.device_mesh = _Mesh(ranks)
+    p.placements = ()
     return p
 
 
@@ -233,3 +234,38 @@ def test_a_mesh_check_accepts_copies_of_the_mesh_and_refuses_part_of_it(
             ad.check_meshes_span_group([_on_mesh(mesh)], None)
     else:
         ad.check_meshes_span_group([_on_mesh(mesh)], None)
+
+
+class _Placement:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def is_partial(self) -> bool:
+        return self.kind == "partial"
+
+    def is_replicate(self) -> bool:
+        return self.kind == "replicate"
+
+    def __str__(self) -> str:
+        return f"{self.kind.title()}()"
+
+
+def test_a_parameter_with_a_partial_placement_is_refused_naming_it(monkeypatch):
+    """Its local values are terms of a sum not yet taken, no shard of the parameter: the
+    search would read them as the weights."""
+    import types
+
+    import torch.distributed as dist
+
+    import alsals.distributed as ad
+
+    monkeypatch.setattr(ad, "_dtensor_module", lambda: types.SimpleNamespace(DTensor=_DTensor))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda g: [0, 1])
+    monkeypatch.setattr(dist, "group", types.SimpleNamespace(WORLD=object()))
+    p = _on_mesh([[0, 1]])
+    p.placements = (_Placement("replicate"),)
+    ad.check_meshes_span_group([p], None)
+    p.placements = (_Placement("partial"),)
+    with pytest.raises(ValueError, match=r"partial placement \(Partial\(\)\)"):
+        ad.check_meshes_span_group([p], None)

@@ -45,13 +45,16 @@ def local_shard(t: Tensor) -> Tensor:
 
 
 def shard_count(p: Tensor) -> int:
-    """Over how many ranks ``p`` is split: its local slope terms sum, not average."""
+    """Over how many ranks ``p`` is split: its local slope terms sum, not average. Every
+    mesh dimension that does not replicate it splits it: ``Shard``, and the
+    ``_StridedShard`` FSDP2 places over tensor parallelism's ``Shard`` of the same dimension
+    (no subclass of ``Shard``, and its ``is_shard()`` is false)."""
     module = _dtensor_module()
     if module is None or not isinstance(p, module.DTensor):
         return 1
     count = 1
     for dim, placement in enumerate(p.placements):
-        if isinstance(placement, module.Shard):
+        if not placement.is_replicate():
             count *= p.device_mesh.size(dim)
     return count
 
@@ -71,7 +74,16 @@ def check_meshes_span_group(params: list[Tensor], group: dist.ProcessGroup | Non
     ranks: list[int] | None = None
     seen: set[int] = set()
     for p in params:
-        if not isinstance(p, module.DTensor) or id(p.device_mesh) in seen:
+        if not isinstance(p, module.DTensor):
+            continue
+        partial = [str(q) for q in p.placements if q.is_partial()]
+        if partial:  # (its local values are terms of a sum yet to be taken)
+            raise ValueError(
+                f"a parameter is a DTensor with a partial placement ({', '.join(partial)}): "
+                "its local values are not its own; redistribute it to Shard or Replicate "
+                "placements before building the optimizer"
+            )
+        if id(p.device_mesh) in seen:
             continue
         seen.add(id(p.device_mesh))
         if ranks is None:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import alsals.line_search
 import alsals.schedule_free
@@ -232,7 +233,44 @@ def train_hsdp(rank: int, world: int, mesh) -> dict:
                 "error": f"{type(error).__name__}: {error}".splitlines()[0],
                 "traceback": traceback.format_exc(),
             }
+    # tensor parallelism over the mesh's second dimension, FSDP2 over its first: the first
+    # layer's weight is (_StridedShard(0), Shard(0)), split over all 4 ranks; the two ranks
+    # of a tensor-parallel pair see the same batch (that of their data-parallel index)
+    data_rank = mesh["replicate"].get_local_rank()
+    for name in TP_OPTIMIZERS:
+        model = build_tensor_parallel(mesh)
+        results[f"tp-{name}-placements"] = [
+            (tuple(map(repr, p.placements)), shard_count(p)) for p in model.parameters()
+        ]
+        try:
+            results[f"tp-{name}"] = train(
+                model,
+                HSDP_OPTIMIZERS[name](model.parameters()),
+                lambda step: batch(data_rank, step, HSDP_DTYPE),
+            )
+        except Exception as error:  # noqa: BLE001 - recorded for the test to report
+            results[f"tp-{name}"] = {
+                "error": f"{type(error).__name__}: {error}".splitlines()[0],
+                "traceback": traceback.format_exc(),
+            }
     return results
+
+
+#: the optimizers run with tensor parallelism + FSDP2 on the 2-D mesh
+TP_OPTIMIZERS = ("ALSALS", "MomentumALSALS")
+
+
+def build_tensor_parallel(mesh) -> nn.Module:
+    """The model of ``build``, its layers column- then row-wise parallel over the mesh's
+    second dimension and sharded by FSDP2 over its first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(HSDP_DTYPE)
+    parallelize_module(model, mesh["shard"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["replicate"])
+    fully_shard(model, mesh=mesh["replicate"])
+    return model
 
 
 #: the optimizers resumed mid-run from a checkpoint of the sharded model and optimizer

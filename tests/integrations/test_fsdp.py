@@ -249,3 +249,32 @@ def test_line_search_on_hsdp_decides_alike_on_every_rank_and_as_one_process(hsdp
             global_values(sharded), global_values(alone), rtol=1e-9, atol=1e-12
         )
     torch.testing.assert_close(first["weights"], single["weights"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow  # 4 processes
+@pytest.mark.parametrize("name", ["ALSALS", "MomentumALSALS"])
+def test_tensor_parallel_with_fsdp2_decides_as_one_process(hsdp_ranks, name):
+    """FSDP2 over tensor parallelism shards the first layer's dimension 0 twice:
+    ``(_StridedShard(0), Shard(0))``, which is no ``Shard`` (and whose ``is_shard()`` is
+    false). Counted as one shard of 2 instead of 4, its slope terms were halved and the
+    searches accepted larger steps than one process (0.1 against 0.08 at the first)."""
+    worker = worker_module()
+    placements = hsdp_ranks[0][f"tp-{name}-placements"]
+    assert [count for _, count in placements] == [4, 4, 4, 2], placements
+    assert "_StridedShard" in placements[0][0][0]
+    runs = [rank[f"tp-{name}"] for rank in hsdp_ranks]
+    assert all("error" not in run for run in runs), runs[0].get("traceback")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(worker.HSDP_DTYPE)
+
+    def batches(step):  # the union of the two data-parallel indices' batches
+        xs, ys = zip(*(worker.batch(r, step, worker.HSDP_DTYPE) for r in range(2)), strict=True)
+        return torch.cat(xs), torch.cat(ys)
+
+    one = worker.train(model, worker.HSDP_OPTIMIZERS[name](model.parameters()), batches)
+    for run in runs:
+        assert [s[:2] for s in run["steps"]] == [s[:2] for s in one["steps"]]
+        torch.testing.assert_close(
+            _floats(run["steps"]), _floats(one["steps"]), rtol=1e-9, atol=0, equal_nan=True
+        )
+        torch.testing.assert_close(run["weights"], one["weights"], rtol=1e-9, atol=1e-12)
