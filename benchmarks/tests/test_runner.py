@@ -670,3 +670,20 @@ def test_a_lock_whose_pid_cannot_be_written_is_released(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not runner.is_locked(lock)
     os.close(runner._take_lock(lock))
+
+
+@needs_fcntl
+def test_a_look_at_the_lock_by_another_sweep_does_not_make_the_run_skipped(tmp_path, monkeypatch):
+    """``is_locked`` holds a shared lock for a moment: a run taking the lock then tries again
+    rather than leaving the run to a process that is only looking (naming a dead pid)."""
+    from alsals_bench import runner
+
+    key = RunKey(TASK, "adam", 0, "smoke")
+    lock = runner.lock_path(key.path(tmp_path))
+    lock.parent.mkdir(parents=True)
+    lock.write_text("12345\n")
+    look = open(lock)  # noqa: SIM115 (released by the patched sleep below)
+    fcntl.flock(look, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: look.close())
+    run_one(key, tmp_path, progress=False)
+    assert is_finished(key.path(tmp_path)) and not lock.exists()

@@ -165,10 +165,7 @@ def _take_lock(lock: Path) -> int:
     while True:
         fd = os.open(lock, os.O_CREAT | os.O_WRONLY)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLocked(lock) from None
+            _flock_exclusive(fd, lock)
             try:  # (a file its holder removed as we opened it is no lock: open it again)
                 taken = os.stat(lock).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -181,6 +178,23 @@ def _take_lock(lock: Path) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+#: How often, and how far apart, a lock held by another process is tried again before the
+#: run is left to it: another sweep's look (``is_locked``) holds it for a moment only
+LOCK_TRIES, LOCK_RETRY_SECONDS = 5, 0.02
+
+
+def _flock_exclusive(fd: int, lock: Path) -> None:
+    """Lock the open ``lock`` for this process; a ``RunLocked`` where another holds it."""
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(LOCK_RETRY_SECONDS)
+    raise RunLocked(lock)
 
 
 def other_settings(path: Path, budget: Any) -> dict[str, tuple[Any, Any]]:
