@@ -328,6 +328,28 @@ def mismatch_run(rank: int) -> dict:
     return errors
 
 
+def partitioned_run(rank: int) -> dict:
+    """Each rank an optimizer over its own part of the model, as torch's
+    ZeroRedundancyOptimizer builds them: the first step's error, on every rank (the trials
+    would move each rank's part alone, and the slope average a part's terms over ranks)."""
+    errors: dict[str, str | None] = {}
+    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = cls(list(model[2 * rank].parameters()))
+        x = torch.randn(8, 6)
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+            errors[name] = None
+        except ValueError as err:
+            errors[name] = str(err)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+        errors[f"{name}-moved"] = "moved" if moved else None
+    return errors
+
+
 def overflow_run(rank: int) -> list[str]:
     """A float16 tensor whose gradient rank 0 alone writes by hand at the first step, large
     enough that its square overflows Adam's moment: every rank runs the overflow check (the
@@ -404,6 +426,7 @@ def train_all(rank: int) -> dict:
         "kink": kink_run(rank),
         "schedule_free": schedule_free_run(rank),
         "mismatch": mismatch_run(rank),
+        "partitioned": partitioned_run(rank),
         "overflow": overflow_run(rank),
         "tiny": tiny_gradient_run(rank),
     }

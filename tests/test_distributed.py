@@ -167,6 +167,17 @@ def test_ranks_built_with_different_settings_fail_at_the_first_step_on_every_ran
             assert message is not None and "hold different settings" in message, name
 
 
+def test_ranks_holding_different_parts_of_the_model_fail_at_the_first_step(rank_results):
+    """Each rank an optimizer over its own layer (ZeroRedundancyOptimizer's partitions): a
+    clear error on both ranks before anything moves; the searches took silently wrong steps
+    (each rank's trials moved its part alone, the slope was a part's terms averaged)."""
+    for rank in (0, 1):
+        errors = rank_results[rank]["partitioned"]
+        for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
+            assert errors[name] is not None and "hold different parameters" in errors[name]
+            assert errors[f"{name}-moved"] is None, name
+
+
 def test_an_overflow_on_one_rank_is_checked_and_skipped_on_every_rank(rank_results):
     """Rank 0 alone holds a float16 gradient whose square overflows: both ranks run the
     check (no collective mismatch: the run finished) and skip that step alike."""

@@ -155,24 +155,33 @@ def check_same_settings(
     weights drift apart. One collective; nothing without ``torch.distributed``."""
     if world_size(group) == 1:
         return
-    text = repr(
+    settings = repr(
         [name]
         + [
             sorted((k, repr(v)) for k, v in g.items() if k not in ("params", "param_names"))
             for g in groups
         ]
     )
-    mark = float(zlib.crc32(text.encode()))
-    extremes = torch.tensor([mark, -mark], dtype=torch.float64, device=device)
+    # (a DTensor's shape is the whole parameter's, the same on every rank of its mesh)
+    shapes = repr([[tuple(p.shape) for p in g["params"]] for g in groups])
+    marks = [float(zlib.crc32(text.encode())) for text in (settings, shapes)]
+    extremes = torch.tensor(marks + [-m for m in marks], dtype=torch.float64, device=device)
     if dist.get_backend(group) == dist.Backend.NCCL and not extremes.is_cuda:
         extremes = extremes.cuda()
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-    highest, lowest = extremes.tolist()
-    if highest != -lowest:
+    highest_settings, highest_shapes, lowest_settings, lowest_shapes = extremes.tolist()
+    if highest_settings != -lowest_settings:
         raise ValueError(
             f"{name}: the ranks of the process group hold different settings (the same "
             "arguments and parameter groups on every rank are needed: every rank must take the "
             "same decisions)"
+        )
+    if highest_shapes != -lowest_shapes:
+        raise ValueError(
+            f"{name}: the ranks of the process group hold different parameters (their shapes "
+            "differ): a line search moves every parameter to each trial on every rank, so "
+            "every rank needs them all, as DDP's replicas or FSDP2's DTensors give them "
+            "(torch's ZeroRedundancyOptimizer gives each rank a part: not supported)"
         )
 
 
