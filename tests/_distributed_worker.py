@@ -350,6 +350,57 @@ def partitioned_run(rank: int) -> dict:
     return errors
 
 
+def later_group_run(rank: int) -> dict:
+    """A group added after the first step, of another shape on each rank: the next step's
+    error on every rank, the new group not moved (the check ran at the first step only)."""
+    errors: dict[str, str | None] = {}
+    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+        extra = nn.Linear(2 + rank, 1)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = cls(model.parameters())
+        x, xe = torch.randn(8, 6), torch.randn(4, 2 + rank)
+        opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+        opt.add_param_group({"params": list(extra.parameters())})
+        before = [p.detach().clone() for p in extra.parameters()]
+        try:
+            opt.step(
+                lambda x=x, xe=xe, ddp=ddp, extra=extra: (
+                    ddp(x).pow(2).mean() + extra(xe).pow(2).mean()
+                )
+            )
+            errors[name] = None
+        except ValueError as err:
+            errors[name] = str(err)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, extra.parameters(), strict=True))
+        errors[f"{name}-moved"] = "moved" if moved else None
+    return errors
+
+
+def fsdp1_run(rank: int) -> dict:
+    """FSDP1's flat shards, of one shape on every rank (padded): refused at the first step."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    errors: dict[str, str | None] = {}
+    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+        fsdp = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+        params = list(fsdp.parameters())
+        opt = cls(params)
+        x = torch.randn(8, 6)
+        before = [p.detach().clone() for p in params]
+        try:
+            opt.step(lambda x=x, fsdp=fsdp: fsdp(x).pow(2).mean())
+            errors[name] = None
+        except ValueError as err:
+            errors[name] = str(err)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+        errors[f"{name}-moved"] = "moved" if moved else None
+    return errors
+
+
 def overflow_run(rank: int) -> list[str]:
     """A float16 tensor whose gradient rank 0 alone writes by hand at the first step, large
     enough that its square overflows Adam's moment: every rank runs the overflow check (the
@@ -427,6 +478,8 @@ def train_all(rank: int) -> dict:
         "schedule_free": schedule_free_run(rank),
         "mismatch": mismatch_run(rank),
         "partitioned": partitioned_run(rank),
+        "later_group": later_group_run(rank),
+        "fsdp1": fsdp1_run(rank),
         "overflow": overflow_run(rank),
         "tiny": tiny_gradient_run(rank),
     }

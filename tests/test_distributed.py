@@ -178,6 +178,26 @@ def test_ranks_holding_different_parts_of_the_model_fail_at_the_first_step(rank_
             assert errors[f"{name}-moved"] is None, name
 
 
+def test_a_group_added_later_is_checked_across_ranks_at_the_next_step(rank_results):
+    """A group added after the first step, of another shape on each rank: refused at the
+    next step on both ranks, nothing of it moved (the check ran at the first step only)."""
+    for rank in (0, 1):
+        errors = rank_results[rank]["later_group"]
+        for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
+            assert errors[name] is not None and "hold different parameters" in errors[name]
+            assert errors[f"{name}-moved"] is None, name
+
+
+def test_fsdp1_flat_parameters_are_refused_at_the_first_step(rank_results):
+    """FSDP1's flat shards have one shape on every rank (padded): the shapes' check passes
+    them; the FlatParameter itself is refused, on both ranks, before anything moves."""
+    for rank in (0, 1):
+        errors = rank_results[rank]["fsdp1"]
+        for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
+            assert errors[name] is not None and "FlatParameter" in errors[name], name
+            assert errors[f"{name}-moved"] is None, name
+
+
 def test_an_overflow_on_one_rank_is_checked_and_skipped_on_every_rank(rank_results):
     """Rank 0 alone holds a float16 gradient whose square overflows: both ranks run the
     check (no collective mismatch: the run finished) and skip that step alike."""

@@ -69,12 +69,18 @@ def check_meshes_span_group(params: list[Tensor], group: dist.ProcessGroup | Non
     the replicas to decide apart; a group of one shard's replicas would count that shard
     alone."""
     module = _dtensor_module()
-    if module is None or not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return
     ranks: list[int] | None = None
     seen: set[int] = set()
     for p in params:
-        if not isinstance(p, module.DTensor):
+        if getattr(p, "_is_flat_param", False):  # (its shards have one shape on every rank)
+            raise ValueError(
+                "a parameter is an FSDP1 FlatParameter: each rank holds its own shard of it, "
+                "and a line search moves every parameter to each trial on every rank (FSDP1 "
+                "is not supported: use FSDP2's fully_shard, or DDP)"
+            )
+        if module is None or not isinstance(p, module.DTensor):
             continue
         partial = [str(q) for q in p.placements if q.is_partial()]
         if partial:  # (its local values are terms of a sum yet to be taken)

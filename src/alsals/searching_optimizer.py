@@ -89,6 +89,9 @@ class SearchingOptimizer(torch.optim.Optimizer):
             self._shown_lr.append(group["lr"])
         if self._left_grads is not None:
             self._left_grads.add(group["params"])
+        # (the ranks are compared again at the next step: the new group's settings and
+        # shapes, which a check taken at the first step never saw)
+        self._ranks_checked = False
 
     # ------------------------------------------------------------------------------ the step
 
