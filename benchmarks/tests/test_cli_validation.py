@@ -279,6 +279,20 @@ def test_ctrl_c_says_what_each_subcommand_leaves_behind(
     assert ("starts again next time" in err) == (argv[0] == "run")
 
 
+def test_ctrl_c_in_the_report_after_a_sweep_says_the_runs_are_finished(
+    tmp_path, capsys, monkeypatch
+):
+    """``run`` said the interrupted run starts again next time, when every run had finished
+    and the report alone was cut off."""
+    (tmp_path / "smoke").mkdir()
+    monkeypatch.setenv("ALSALS_RUNS_DIR", str(tmp_path))
+    monkeypatch.setattr(runner, "sweep", lambda *args, **kwargs: [])
+    monkeypatch.setattr(report, "write_report", _interrupt)
+    assert cli.main(["run", "--budget", "smoke", "--seeds", "0,", "--optimizers", "adam"]) == 130
+    err = capsys.readouterr().err
+    assert "the runs are untouched" in err and "starts again next time" not in err
+
+
 def test_speed_checks_its_names_before_it_makes_the_output_folder(tmp_path, capsys):
     out = tmp_path / "speed-out"
     assert cli.main(["speed", "--models", "no-such-model", "--out", str(out)]) == 2

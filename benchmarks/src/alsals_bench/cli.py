@@ -308,7 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"alsals-bench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"alsals-bench: interrupted ({INTERRUPTED[args.command]})", file=sys.stderr)
+        # (run's own report, once its sweep finished: what report leaves behind)
+        said = INTERRUPTED["report" if getattr(args, "reporting", False) else args.command]
+        print(f"alsals-bench: interrupted ({said})", file=sys.stderr)
         return 130
 
 
@@ -354,6 +356,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             f"nothing to report: no runs of budget {args.budget!r} in {out} "
             f"(no folder {out / args.budget})"
         )
+    args.reporting = True
     check_report_folder(out / args.budget / "report")
     try:
         path = write_report(out, args.budget)
