@@ -328,6 +328,19 @@ def mismatch_run(rank: int) -> dict:
     return errors
 
 
+def refused_step(opt, closure, watched: list) -> tuple[str | None, str | None]:
+    """A step's ``ValueError`` message (``None`` where it stepped), and ``"moved"`` where a
+    tensor of ``watched`` changed (``None`` where none did)."""
+    before = [p.detach().clone() for p in watched]
+    try:
+        opt.step(closure)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    moved = any(not torch.equal(a, p) for a, p in zip(before, watched, strict=True))
+    return error, "moved" if moved else None
+
+
 def partitioned_run(rank: int) -> dict:
     """Each rank an optimizer over its own part of the model, as torch's
     ZeroRedundancyOptimizer builds them: the first step's error, on every rank (the trials
@@ -339,14 +352,9 @@ def partitioned_run(rank: int) -> dict:
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = cls(list(model[2 * rank].parameters()))
         x = torch.randn(8, 6)
-        before = [p.detach().clone() for p in model.parameters()]
-        try:
-            opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
-            errors[name] = None
-        except ValueError as err:
-            errors[name] = str(err)
-        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
-        errors[f"{name}-moved"] = "moved" if moved else None
+        errors[name], errors[f"{name}-moved"] = refused_step(
+            opt, lambda x=x, ddp=ddp: ddp(x).pow(2).mean(), list(model.parameters())
+        )
     return errors
 
 
@@ -363,18 +371,11 @@ def later_group_run(rank: int) -> dict:
         x, xe = torch.randn(8, 6), torch.randn(4, 2 + rank)
         opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
         opt.add_param_group({"params": list(extra.parameters())})
-        before = [p.detach().clone() for p in extra.parameters()]
-        try:
-            opt.step(
-                lambda x=x, xe=xe, ddp=ddp, extra=extra: (
-                    ddp(x).pow(2).mean() + extra(xe).pow(2).mean()
-                )
-            )
-            errors[name] = None
-        except ValueError as err:
-            errors[name] = str(err)
-        moved = any(not torch.equal(a, p) for a, p in zip(before, extra.parameters(), strict=True))
-        errors[f"{name}-moved"] = "moved" if moved else None
+        errors[name], errors[f"{name}-moved"] = refused_step(
+            opt,
+            lambda x=x, xe=xe, ddp=ddp, extra=extra: ddp(x).pow(2).mean() + extra(xe).pow(2).mean(),
+            list(extra.parameters()),
+        )
     return errors
 
 
@@ -390,14 +391,9 @@ def fsdp1_run(rank: int) -> dict:
         params = list(fsdp.parameters())
         opt = cls(params)
         x = torch.randn(8, 6)
-        before = [p.detach().clone() for p in params]
-        try:
-            opt.step(lambda x=x, fsdp=fsdp: fsdp(x).pow(2).mean())
-            errors[name] = None
-        except ValueError as err:
-            errors[name] = str(err)
-        moved = any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
-        errors[f"{name}-moved"] = "moved" if moved else None
+        errors[name], errors[f"{name}-moved"] = refused_step(
+            opt, lambda x=x, fsdp=fsdp: fsdp(x).pow(2).mean(), params
+        )
     return errors
 
 

@@ -167,35 +167,33 @@ def test_ranks_built_with_different_settings_fail_at_the_first_step_on_every_ran
             assert message is not None and "hold different settings" in message, name
 
 
+def assert_refused_unmoved(rank_results, run: str, says: str) -> None:
+    """On both ranks each class refused ``run``'s step with an error that says ``says``,
+    and nothing it watched moved."""
+    for rank in (0, 1):
+        errors = rank_results[rank][run]
+        for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
+            assert errors[name] is not None and says in errors[name], (rank, name)
+            assert errors[f"{name}-moved"] is None, (rank, name)
+
+
 def test_ranks_holding_different_parts_of_the_model_fail_at_the_first_step(rank_results):
     """Each rank an optimizer over its own layer (ZeroRedundancyOptimizer's partitions): a
     clear error on both ranks before anything moves; the searches took silently wrong steps
     (each rank's trials moved its part alone, the slope was a part's terms averaged)."""
-    for rank in (0, 1):
-        errors = rank_results[rank]["partitioned"]
-        for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
-            assert errors[name] is not None and "hold different parameters" in errors[name]
-            assert errors[f"{name}-moved"] is None, name
+    assert_refused_unmoved(rank_results, "partitioned", "hold different parameters")
 
 
 def test_a_group_added_later_is_checked_across_ranks_at_the_next_step(rank_results):
     """A group added after the first step, of another shape on each rank: refused at the
     next step on both ranks, nothing of it moved (the check ran at the first step only)."""
-    for rank in (0, 1):
-        errors = rank_results[rank]["later_group"]
-        for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
-            assert errors[name] is not None and "hold different parameters" in errors[name]
-            assert errors[f"{name}-moved"] is None, name
+    assert_refused_unmoved(rank_results, "later_group", "hold different parameters")
 
 
 def test_fsdp1_flat_parameters_are_refused_at_the_first_step(rank_results):
     """FSDP1's flat shards have one shape on every rank (padded): the shapes' check passes
     them; the FlatParameter itself is refused, on both ranks, before anything moves."""
-    for rank in (0, 1):
-        errors = rank_results[rank]["fsdp1"]
-        for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
-            assert errors[name] is not None and "FlatParameter" in errors[name], name
-            assert errors[f"{name}-moved"] is None, name
+    assert_refused_unmoved(rank_results, "fsdp1", "FlatParameter")
 
 
 def test_an_overflow_on_one_rank_is_checked_and_skipped_on_every_rank(rank_results):
