@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -74,3 +76,29 @@ def bce_closure(model, x, y):
         return nn.functional.binary_cross_entropy_with_logits(model(x), y)
 
     return closure
+
+
+def assert_bitwise_same(a: object, b: object, where: str = "") -> None:
+    """Equal bit for bit: tensors by ``torch.equal`` (and dtype), floats exactly (NaN equal
+    to NaN), containers entry by entry."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        same = torch.equal(a, b) or (
+            a.is_floating_point()
+            and torch.equal(a.isnan(), b.isnan())
+            and torch.equal(a.nan_to_num(), b.nan_to_num())
+        )
+        assert same, where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for key in a:
+            assert_bitwise_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_same(x, y, f"{where}[{index}]")
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        assert math.isnan(b), where
+    else:
+        assert type(a) is type(b) and a == b, (where, a, b)

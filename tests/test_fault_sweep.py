@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
+from conftest import assert_bitwise_same
 
 STEPS = 10
 CONTINUED = 1  # steps run on after a NaN / inf fault
@@ -179,26 +180,6 @@ class Run:
             return nn.functional.mse_loss(out, self.y.reshape(-1, 1)).item()
 
 
-def same(a, b, path=""):
-    """Deep equality: tensors bit for bit (NaN equal to NaN), floats with NaN equal."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.isnan(), b.isnan()), path
-        assert torch.equal(a.nan_to_num(), b.nan_to_num()), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            same(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), path
-        for i, (u, v) in enumerate(zip(a, b, strict=True)):
-            same(u, v, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, (path, a, b)
-
-
 def tensors_of(state_dict):
     """Per-parameter tensors of a state dict (not the counters a skipped step writes)."""
     entries = {i: {n: v for n, v in e.items() if torch.is_tensor(v)} for i, e in state_dict.items()}
@@ -222,9 +203,11 @@ def check_raised(run, snap, s, k, kind, grads_after):
     pass completed, as they were; after it, this step's)."""
     now = run.snapshot()
     for key in ("weights", "buffers", "groups", "state", "rng"):
-        same(snap[key], now[key], f"{key} after {kind} at call {k} of step {s}")
+        assert_bitwise_same(snap[key], now[key], f"{key} after {kind} at call {k} of step {s}")
     if kind in ("raise", "interrupt", "hook"):
-        same(snap["grads"] if k == 1 else grads_after, now["grads"], f"grads, {kind} at {k}")
+        assert_bitwise_same(
+            snap["grads"] if k == 1 else grads_after, now["grads"], f"grads, {kind} at {k}"
+        )
 
 
 def check_nonfinite(run, snap, s, k, kind, calls, second_skip):
@@ -239,11 +222,11 @@ def check_nonfinite(run, snap, s, k, kind, calls, second_skip):
     if k == 1:
         assert info.kind == "nonfinite", where
     if info.kind == "nonfinite" and not second_skip:  # (the second undoes, restarts z)
-        same(snap["weights"], weights, where)
+        assert_bitwise_same(snap["weights"], weights, where)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             after = fork.opt.state_dict()["state"]
-        same(tensors_of(snap["state"]["state"]), tensors_of(after), where)
+        assert_bitwise_same(tensors_of(snap["state"]["state"]), tensors_of(after), where)
     if not calls[k - 1]:  # a trial (or the replay check, the probe, the look at x)
         end = torch.cat([w.flatten() for w in weights])
         moved = not torch.equal(end, torch.cat([w.flatten() for w in snap["weights"]]))
@@ -299,7 +282,7 @@ def sweep(make, **options):
                 assert run.opt.last_step is last
         run.step(s)  # the step itself, after all that: the dry run's, bit for bit
         assert repr(run.opt.last_step) == info, s
-        same(weights, run.weights(), f"weights after step {s}")
+        assert_bitwise_same(weights, run.weights(), f"weights after step {s}")
         assert len(run.calls) == len(calls)
     end = run.full_loss()
     assert math.isfinite(end) and end < 0.5 * start, (start, end)

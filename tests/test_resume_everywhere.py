@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
-from conftest import PaperALSALS
+from conftest import PaperALSALS, assert_bitwise_same
 
 # ------------------------------------------------------------------------------ problems
 
@@ -294,39 +294,13 @@ def _run(case: Case, data, saves=(), start=None):
     return model, opt, losses, checkpoints, infos, states
 
 
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Equal bit for bit: tensors by ``torch.equal`` (and dtype), floats exactly (NaN equal
-    to NaN), containers entry by entry."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        same = torch.equal(a, b) or (
-            a.is_floating_point()
-            and torch.equal(a.isnan(), b.isnan())
-            and torch.equal(a.nan_to_num(), b.nan_to_num())
-        )
-        assert same, where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{index}]")
-    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        assert math.isnan(b), where
-    else:
-        assert type(a) is type(b) and a == b, (where, a, b)
-
-
 def _assert_runs_equal(ref, other, first: int, label: str) -> None:
     model_a, opt_a, losses_a = ref[:3]
     model_b, opt_b, losses_b = other[:3]
-    _assert_same(model_b.state_dict(), model_a.state_dict(), f"{label}: model")
+    assert_bitwise_same(model_b.state_dict(), model_a.state_dict(), f"{label}: model")
     assert [g["lr"] for g in opt_b.param_groups] == [g["lr"] for g in opt_a.param_groups], label
-    _assert_same(opt_b.state_dict(), opt_a.state_dict(), f"{label}: optimizer")
-    _assert_same(losses_b, losses_a[first:], f"{label}: losses")
+    assert_bitwise_same(opt_b.state_dict(), opt_a.state_dict(), f"{label}: optimizer")
+    assert_bitwise_same(losses_b, losses_a[first:], f"{label}: losses")
 
 
 def check_resumes_everywhere(case: Case) -> None:
@@ -611,4 +585,4 @@ def test_a_closure_that_differentiates_inside_resumes_with_the_same_state(cls):
         straight = _penalised_run(cls)
         resumed = _penalised_run(cls, save_at=4)
     assert torch.equal(resumed[0], straight[0])  # (holds: the trajectory is the same)
-    _assert_same(resumed[1], straight[1], "optimizer")
+    assert_bitwise_same(resumed[1], straight[1], "optimizer")
