@@ -506,11 +506,17 @@ ENGINE_MATRIX = [
     ("nonfinite", AdamSLS),  # (SLS keeps no gradient to undo a reused step with)
     ("nonfinite", MomentumALSALS),
     ("edited-weights", PaperALSALS),
+    ("optimizer-loaded-first", MomentumALSALS),
     ("written-after-steps", SLS),
     ("written-after-steps", MomentumALSALS),
     ("failed-searches", SLS),
     ("failed-searches", PaperALSALS),  # (MomentumALSALS's Polyak start passes at once)
 ]
+
+
+def test_every_line_search_case_runs_for_some_class():
+    """A case of ENGINE_CASES left out of ENGINE_MATRIX would never run."""
+    assert set(ENGINE_CASES) == {name for name, _ in ENGINE_MATRIX}
 
 
 @pytest.mark.parametrize(
