@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from alsals_bench.runner import SMOOTHING, LogError, loss_ema, read_log
+from alsals_bench.runner import SMOOTHING, LogError, RunKey, loss_ema, read_log
 from alsals_bench.tasks import get_task
 
 ORDER = ["alsals", "adam-sls", "adam", "adam-tuned", "adamw-cosine", "sls"]
@@ -116,7 +116,7 @@ def load_runs(out: Path, budget: str) -> list[Run]:
         try:
             run = _load_run(path)
             if run is not None:
-                _check_name(path, run)
+                _check_name(path, run, Path(out), budget)
         except BadLog as err:
             print(f"alsals-bench: warning: skipped {path}: {err}", file=sys.stderr)
             continue
@@ -182,14 +182,14 @@ def _load_run(path: Path) -> Run | None:
     return Run(start["task"], start["optimizer"], start["seed"], start, end, steps, evals)
 
 
-def _check_name(path: Path, run: Run) -> None:
+def _check_name(path: Path, run: Run, out: Path, budget: str) -> None:
     """A ``BadLog`` where the log ``path`` is not where the runner writes the run its
-    records hold (``<task>/<optimizer>__seed<k>.jsonl``)."""
-    name = f"{run.optimizer}__seed{run.seed}.jsonl"
-    if path.name != name or path.parent.name != run.task:
+    records hold (``RunKey.path``)."""
+    expected = RunKey(run.task, run.optimizer, run.seed, budget).path(out)
+    if path != expected:
         raise BadLog(
             f"it holds the run {run.task}/{run.optimizer}/seed {run.seed}, whose log is "
-            f"{run.task}/{name} (a copy, or a renamed or misfiled log)"
+            f"{run.task}/{expected.name} (a copy, or a renamed or misfiled log)"
         )
 
 
