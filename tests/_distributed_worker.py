@@ -379,6 +379,41 @@ def later_group_run(rank: int) -> dict:
     return errors
 
 
+def written_on_one_rank_run(rank: int) -> dict:
+    """After two steps rank 0 alone writes a setting (``lr``, as a scheduler stepped on one
+    rank would; ``c``; the second group's ``weight_decay``): the next step's error on both
+    ranks, nothing moved (each rank went its own way: rank 0 searched from the written lr
+    while rank 1 reused its step size, and their collectives paired wrongly, a hang)."""
+    errors: dict[str, dict] = {}
+    for key, indices, factor in (
+        ("lr", (0, 1), 0.5),
+        ("c", (0, 1), 0.5),
+        ("weight_decay", (1,), 2),
+    ):
+        errors[key] = {}
+        for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+            ddp = nn.parallel.DistributedDataParallel(model)
+            groups = [
+                {"params": list(model[0].parameters())},
+                {"params": list(model[2].parameters()), "weight_decay": 0.1},
+            ]
+            opt = cls(groups)
+            gen = torch.Generator().manual_seed(10 + rank)
+            batches = [torch.randn(8, 6, generator=gen) for _ in range(3)]
+            for x in batches[:2]:
+                opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+            if rank == 0:  # (valid on rank 0: an error raised on one rank alone hangs the
+                for i in indices:  # other in its next collective, as in any torch program)
+                    opt.param_groups[i][key] *= factor
+            error, moved = refused_step(
+                opt, lambda x=batches[2], ddp=ddp: ddp(x).pow(2).mean(), list(model.parameters())
+            )
+            errors[key][name], errors[key][f"{name}-moved"] = error, moved
+    return errors
+
+
 def fsdp1_run(rank: int) -> dict:
     """FSDP1's flat shards, of one shape on every rank (padded): refused at the first step."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -476,6 +511,7 @@ def train_all(rank: int) -> dict:
         "partitioned": partitioned_run(rank),
         "later_group": later_group_run(rank),
         "fsdp1": fsdp1_run(rank),
+        "written_on_one_rank": written_on_one_rank_run(rank),
         "overflow": overflow_run(rank),
         "tiny": tiny_gradient_run(rank),
     }

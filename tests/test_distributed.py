@@ -190,6 +190,16 @@ def test_a_group_added_later_is_checked_across_ranks_at_the_next_step(rank_resul
     assert_refused_unmoved(rank_results, "later_group", "hold different parameters")
 
 
+@pytest.mark.parametrize("key", ["lr", "c", "weight_decay"])
+def test_a_setting_written_on_one_rank_between_steps_is_refused_on_every_rank(rank_results, key):
+    """Rank 0 alone writes a setting after two steps: the next step is refused on both
+    ranks, nothing moved (the settings were compared at the first step only: the ranks
+    decided apart and their collectives paired wrongly, a hang). The comparison rides in the
+    step's first collective: no collective more per step."""
+    results = [{k: v for k, v in r["written_on_one_rank"][key].items()} for r in rank_results]
+    assert_refused_unmoved([{"run": r} for r in results], "run", "hold different settings")
+
+
 def test_fsdp1_flat_parameters_are_refused_at_the_first_step(rank_results):
     """FSDP1's flat shards have one shape on every rank (padded): the shapes' check passes
     them; the FlatParameter itself is refused, on both ranks, before anything moves."""
@@ -298,3 +308,37 @@ def test_a_parameter_with_a_partial_placement_is_refused_naming_it(monkeypatch):
     p.placements = (_Placement("partial"),)
     with pytest.raises(ValueError, match=r"partial placement \(Partial\(\)\)"):
         ad.check_meshes_span_group([p], None)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 64, 2**20])
+def test_the_marks_sums_tell_ranks_that_agree_from_ranks_that_do_not(ranks):
+    """The sums a collective gives of each mark's halves and their squares are exact and
+    tell one rank's different mark apart, however close (one bit) and however many ranks
+    (up to 2**20: the squares' sums stay below 2**53)."""
+    from alsals.distributed import RankMarks, _check_mark_sums, _mark_terms
+
+    def sums(marks: list[RankMarks]) -> list[float]:
+        total = [0.0] * 8
+        for m in marks:  # (float64 adds, as the all-reduce does, exact here)
+            total = [a + b for a, b in zip(total, _mark_terms(m), strict=True)]
+        return total
+
+    def ranks_of(settings: int, shapes: int, odd: tuple[int, int] | None) -> list[float]:
+        same = RankMarks("X", settings, shapes)
+        if ranks > 64:  # (many equal ranks: their terms times the count, as the sum gives)
+            terms = [t * (ranks - 1) for t in _mark_terms(same)]
+            one = _mark_terms(RankMarks("X", *odd) if odd else same)
+            return [a + b for a, b in zip(terms, one, strict=True)]
+        return sums([same] * (ranks - 1) + [RankMarks("X", *odd) if odd else same])
+
+    for settings, shapes in ((0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (0x12345678, 0x9ABCDEF0)):
+        _check_mark_sums(ranks_of(settings, shapes, None), ranks, "X")
+        for bit in (0, 15, 16, 31):
+            with pytest.raises(ValueError, match="different settings"):
+                _check_mark_sums(
+                    ranks_of(settings, shapes, (settings ^ 1 << bit, shapes)), ranks, "X"
+                )
+            with pytest.raises(ValueError, match="different parameters"):
+                _check_mark_sums(
+                    ranks_of(settings, shapes, (settings, shapes ^ 1 << bit)), ranks, "X"
+                )

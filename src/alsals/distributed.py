@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import sys
 import zlib
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -123,22 +124,95 @@ def world_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def mean_to_host(values: list[Tensor], group: dist.ProcessGroup | None) -> list[float]:
+#: What a rank's error says where the ranks' settings differ, and where their parameters do.
+DIFFERENT_SETTINGS = (
+    "{name}: the ranks of the process group hold different settings (the same arguments and "
+    "parameter groups on every rank are needed, and a setting written between steps, an lr "
+    "say, must be written alike on every rank: every rank must take the same decisions)"
+)
+DIFFERENT_PARAMETERS = (
+    "{name}: the ranks of the process group hold different parameters (their shapes "
+    "differ): a line search moves every parameter to each trial on every rank, so every rank "
+    "needs them all, as DDP's replicas or FSDP2's DTensors give them, and a group added with "
+    "add_param_group must be added alike on every rank (torch's ZeroRedundancyOptimizer "
+    "gives each rank a part: not supported)"
+)
+
+
+def settings_mark(name: str, groups: list[dict]) -> int:
+    """A CRC of ``groups``' settings (all but the tensors) and of the optimizer's name:
+    what every rank must hold alike."""
+    settings = [
+        sorted((k, repr(v)) for k, v in g.items() if k not in ("params", "param_names"))
+        for g in groups
+    ]
+    return zlib.crc32(repr([name, *settings]).encode())
+
+
+def shapes_mark(groups: list[dict]) -> int:
+    """A CRC of the parameters' shapes, group by group (a DTensor's shape is the whole
+    parameter's, the same on every rank of its mesh)."""
+    return zlib.crc32(repr([[tuple(p.shape) for p in g["params"]] for g in groups]).encode())
+
+
+@dataclass(frozen=True)
+class RankMarks:
+    """The marks (:func:`settings_mark`, :func:`shapes_mark`) a step compares across the
+    ranks inside the collective it issues anyway (``mean_to_host``), so that a setting
+    written on some ranks only, between steps, is an error on every rank before their
+    collectives pair wrongly (a hang) or their weights drift apart."""
+
+    name: str
+    settings: int
+    shapes: int
+
+
+def _mark_terms(marks: RankMarks) -> list[float]:
+    """Each mark's two 16-bit halves ``h``, and their squares: summed over ranks (exact in
+    float64 up to 2**21 ranks), ``n * sum(h^2) == sum(h)^2`` holds where all ranks hold the
+    same ``h`` and nowhere else (Cauchy-Schwarz)."""
+    halves = [marks.settings & 0xFFFF, marks.settings >> 16, marks.shapes & 0xFFFF]
+    halves.append(marks.shapes >> 16)
+    return [float(x) for h in halves for x in (h, h * h)]
+
+
+def _check_mark_sums(sums: list[float], ranks: int, name: str) -> None:
+    """A ``ValueError`` unless every rank held the same marks (:func:`_mark_terms`)."""
+    agree = [ranks * round(sums[i + 1]) == round(sums[i]) ** 2 for i in range(0, len(sums), 2)]
+    if not (agree[0] and agree[1]):
+        raise ValueError(DIFFERENT_SETTINGS.format(name=name))
+    if not (agree[2] and agree[3]):
+        raise ValueError(DIFFERENT_PARAMETERS.format(name=name))
+
+
+def mean_to_host(
+    values: list[Tensor], group: dist.ProcessGroup | None, marks: RankMarks | None = None
+) -> list[float]:
     """Average scalar tensors across ranks and bring them to the host in one synchronisation.
 
     The values are stacked in float64 so that the acceptance test sees the loss at float32
-    precision or better, whatever precision the closure computed it in.
+    precision or better, whatever precision the closure computed it in. With ``marks``,
+    the same collective compares them across the ranks: a ``ValueError`` on every rank
+    where they differ.
     """
     device = values[0].device
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     stacked = torch.stack([v.detach().reshape(()).to(device=device, dtype=dtype) for v in values])
     ranks = world_size(group)
-    if ranks > 1:
-        if dist.get_backend(group) == dist.Backend.NCCL and not stacked.is_cuda:
-            stacked = stacked.cuda()
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
-        stacked /= ranks
-    return stacked.tolist()
+    if ranks == 1:
+        return stacked.tolist()
+    if dtype != torch.float64:  # (their squares are exact in float64 only; no MPS backend)
+        marks = None
+    if marks is not None:
+        extra = torch.tensor(_mark_terms(marks), dtype=dtype, device=device)
+        stacked = torch.cat([stacked, extra])
+    if dist.get_backend(group) == dist.Backend.NCCL and not stacked.is_cuda:
+        stacked = stacked.cuda()
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+    sums = stacked.tolist()
+    if marks is not None:
+        _check_mark_sums(sums[len(values) :], ranks, marks.name)
+    return (stacked[: len(values)] / ranks).tolist()
 
 
 def any_not_finite(
@@ -155,40 +229,23 @@ def any_not_finite(
 def check_same_settings(
     name: str, groups: list[dict], group: dist.ProcessGroup | None, device: torch.device | None
 ) -> None:
-    """Every rank of ``group`` holds the same settings in its parameter groups (all but the
-    tensors): else a ``ValueError`` on every rank, before a search whose trials, taken on
-    different settings, would pair the ranks' collectives wrongly (a hang) or let their
-    weights drift apart. One collective; nothing without ``torch.distributed``."""
+    """Every rank of ``group`` holds the same settings and parameter shapes in its parameter
+    groups: else a ``ValueError`` on every rank. A collective of its own, which a first step
+    issues before anything else (the closure's too: ranks holding different groups would
+    pair even the step's first collective wrongly); later steps compare the same marks in
+    their first collective (:class:`RankMarks`). Nothing without ``torch.distributed``."""
     if world_size(group) == 1:
         return
-    settings = repr(
-        [name]
-        + [
-            sorted((k, repr(v)) for k, v in g.items() if k not in ("params", "param_names"))
-            for g in groups
-        ]
-    )
-    # (a DTensor's shape is the whole parameter's, the same on every rank of its mesh)
-    shapes = repr([[tuple(p.shape) for p in g["params"]] for g in groups])
-    marks = [float(zlib.crc32(text.encode())) for text in (settings, shapes)]
+    marks = [float(settings_mark(name, groups)), float(shapes_mark(groups))]
     extremes = torch.tensor(marks + [-m for m in marks], dtype=torch.float64, device=device)
     if dist.get_backend(group) == dist.Backend.NCCL and not extremes.is_cuda:
         extremes = extremes.cuda()
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
     highest_settings, highest_shapes, lowest_settings, lowest_shapes = extremes.tolist()
     if highest_settings != -lowest_settings:
-        raise ValueError(
-            f"{name}: the ranks of the process group hold different settings (the same "
-            "arguments and parameter groups on every rank are needed: every rank must take the "
-            "same decisions)"
-        )
+        raise ValueError(DIFFERENT_SETTINGS.format(name=name))
     if highest_shapes != -lowest_shapes:
-        raise ValueError(
-            f"{name}: the ranks of the process group hold different parameters (their shapes "
-            "differ): a line search moves every parameter to each trial on every rank, so "
-            "every rank needs them all, as DDP's replicas or FSDP2's DTensors give them "
-            "(torch's ZeroRedundancyOptimizer gives each rank a part: not supported)"
-        )
+        raise ValueError(DIFFERENT_PARAMETERS.format(name=name))
 
 
 def mean_on_device(value: Tensor, group: dist.ProcessGroup | None) -> Tensor:

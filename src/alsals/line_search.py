@@ -405,6 +405,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         self._process_group = checked_process_group(process_group)
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._ranks_checked = False  # every rank holds the same settings (first step)
+        self._meshes_checked = False  # the DTensors' meshes fit the process group
+        self._shapes_mark: tuple[tuple[int, ...], int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
@@ -923,7 +925,9 @@ class LineSearchOptimizer(SearchingOptimizer):
         modelled = cap_on and clip is None
         terms = model_terms(steps, self.uses_moments, device) if modelled else []
         loss0, grad_max, overflow_risk, squared, *sums = mean_to_host(
-            [loss.to(device), largest, risk, squared_norm, *terms], self._process_group
+            [loss.to(device), largest, risk, squared_norm, *terms],
+            self._process_group,
+            self._rank_marks(type(self).__name__),
         )
         self._grad_norm = math.sqrt(squared) if clip is not None else math.nan
         if sums:

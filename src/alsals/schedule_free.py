@@ -620,6 +620,8 @@ class ALSALS(SearchingOptimizer):
         self._versions: dict[int, int] | None = None
         self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
         self._ranks_checked = False  # every rank holds the same settings (first step)
+        self._meshes_checked = False  # the DTensors' meshes fit the process group
+        self._shapes_mark: tuple[tuple[int, ...], int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self.last_step: StepInfo | None = None
@@ -1086,6 +1088,7 @@ class ALSALS(SearchingOptimizer):
                 *[t.to(device) for t in terms],
             ],
             self._process_group,
+            self._rank_marks("ALSALS"),
         )
         averaging, slope = sums[0::2], sums[1::2]
         if not 0.0 < grad_sq_value < math.inf and self._settings["max_grad_norm"] is None:

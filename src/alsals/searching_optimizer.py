@@ -20,9 +20,13 @@ import torch
 from torch import Tensor
 
 from alsals.distributed import (
+    RankMarks,
     check_meshes_span_group,
     check_same_settings,
     copy_sharing_process_group,
+    settings_mark,
+    shapes_mark,
+    world_size,
 )
 from alsals.state_placeholders import create_placeholders, drop_placeholders
 from alsals.torch_optim_boundary import (
@@ -74,6 +78,8 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_unchanged_searches", 0)
         self.__dict__.setdefault("_shown_lr", None)
         self.__dict__.setdefault("_ranks_checked", False)
+        self.__dict__.setdefault("_meshes_checked", False)
+        self.__dict__.setdefault("_shapes_mark", None)
         self.__dict__.setdefault("_placeholders", False)
         self.__dict__.setdefault("_signature", None)
 
@@ -89,9 +95,9 @@ class SearchingOptimizer(torch.optim.Optimizer):
             self._shown_lr.append(group["lr"])
         if self._left_grads is not None:
             self._left_grads.add(group["params"])
-        # (the ranks are compared again at the next step: the new group's settings and
-        # shapes, which a check taken at the first step never saw)
-        self._ranks_checked = False
+        # (the next step compares the new group's settings and shapes across the ranks in
+        # its first collective, and checks its meshes)
+        self._meshes_checked = False
 
     # ------------------------------------------------------------------------------ the step
 
@@ -106,13 +112,30 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self._signature = signature
 
     def _check_ranks(self, name: str) -> None:
-        """Every rank holds the same settings (looked at once, at the first step)."""
-        if not self._ranks_checked:
+        """The DTensors' meshes fit the process group (looked at once, and again after
+        ``add_param_group``), and every rank holds the same settings and parameters: at the
+        first step in a collective of its own, before the closure runs; at every step in
+        its first collective (:meth:`_rank_marks`)."""
+        if not self._meshes_checked:
             params = [p for g in self.param_groups for p in g["params"]]
             check_meshes_span_group(params, self._process_group)
+            self._meshes_checked = True
+        if not self._ranks_checked:
+            params = [p for g in self.param_groups for p in g["params"]]
             device = params[0].device if params else None
             check_same_settings(name, self.param_groups, self._process_group, device)
             self._ranks_checked = True
+
+    def _rank_marks(self, name: str) -> RankMarks | None:
+        """What the step's first collective compares across the ranks: the settings as the
+        groups hold them now (a loop may have written one on some ranks only) and the
+        parameters' shapes (a group added on some ranks only); ``None`` in one process."""
+        if world_size(self._process_group) == 1:
+            return None
+        sizes = tuple(len(g["params"]) for g in self.param_groups)
+        if self._shapes_mark is None or self._shapes_mark[0] != sizes:
+            self._shapes_mark = (sizes, shapes_mark(self.param_groups))
+        return RankMarks(name, settings_mark(name, self.param_groups), self._shapes_mark[1])
 
     # ------------------------------------------------------------------------------- helpers
 

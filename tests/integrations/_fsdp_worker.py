@@ -93,8 +93,8 @@ def recorded_means(log: list) -> Iterator[None]:
     the ranks, on which every decision rests) appended to ``log`` as (caller, values)."""
     modules = (alsals.line_search, alsals.schedule_free)
 
-    def recording(values, group):
-        answer = mean_to_host(values, group)
+    def recording(values, group, marks=None):
+        answer = mean_to_host(values, group, marks)
         log.append((sys._getframe(1).f_code.co_name, answer))
         return answer
 
