@@ -137,9 +137,9 @@ def test_one_host_sync_per_trial_plus_one_for_the_start(cls, slope, monkeypatch)
     calls = []
     original = alsals.line_search.mean_to_host
 
-    def counting(values, group):
+    def counting(values, group, marks=None):
         calls.append(len(values))
-        return original(values, group)
+        return original(values, group, marks)
 
     monkeypatch.setattr(alsals.line_search, "mean_to_host", counting)
     mode = LiveStorage()
@@ -286,9 +286,9 @@ def test_alsals_synchronises_once_per_step_and_once_per_trial(kwargs, monkeypatc
     calls = []
     original = alsals.schedule_free.mean_to_host
 
-    def counting(values, group):
+    def counting(values, group, marks=None):
         calls.append(len(values))
-        return original(values, group)
+        return original(values, group, marks)
 
     closure = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
     opt.step(closure)  # (the first: its replay check, and eps checked once per dtype on CPU)
