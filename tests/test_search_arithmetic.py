@@ -59,6 +59,23 @@ def test_a_shortfall_that_curvature_explains_is_not_an_overstated_slope():
     assert math.isnan(overstated_fraction(trials, loss0, 0.6, 1e-9))
 
 
+def test_an_overstated_slope_is_read_at_the_small_trials_where_curvature_has_no_share():
+    """A gradient twice the loss's on a slice that curves: the fraction is 1/2 at the small
+    trials and falls at the large ones (0.26 at the first search's start, its curvature's
+    share there outweighing the half it lacks). The small trials say 2x; before 0.2.13 the
+    smallest trial's shortfall was compared with the largest's, and nothing was said."""
+    loss0, c = 1.0, 0.6
+    trials = []
+    for eta in (1e-6, 4e-6, 1.6e-5, 6.4e-5, 2.6e-4, 1e-3, 4e-3, 1.6e-2, 6.4e-2):
+        fraction = 0.5 * (1.0 - 8.0 * eta)  # a quadratic slice, its slope overstated 2x
+        trials.append((eta, loss0 - fraction * eta, eta))
+    assert overstated_fraction(trials, loss0, c, 1e-12) == pytest.approx(0.5, rel=1e-4)
+    # a slope that is the loss's own on a loss that saturates ((1 - e^-x) / x of the promise):
+    # the trials short of c are those the saturation bends, and 4x further it bends more
+    saturating = [(x, loss0 - (1.0 - math.exp(-x)), x) for x in (1.6, 6.4, 25.6, 102.4)]
+    assert math.isnan(overstated_fraction(saturating, loss0, 0.6, 1e-12))
+
+
 # -- the backtracking walk -----------------------------------------------------------------
 
 

@@ -351,21 +351,31 @@ def accumulating_closure(model, opt, chunks, divide: bool):
     return closure
 
 
+@pytest.mark.parametrize("network", ["linear", "mlp"])
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS], ids=["ALSALS", "MomentumALSALS"])
-def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k):
+def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k, network):
     """Accumulation over ``k`` micro-batches without dividing by ``k``: every trial lowers the
     loss by ``1/k`` of the promise, no trial can pass ``c = 0.6``, and no step is taken (AdamW
     does not notice: its update ignores the gradient's scale). It was silent (ALSALS: called
     converged at the starting loss); the warning names the factor, and a stall warning that
-    follows suspects the closure. The same loop dividing by ``k`` trains without a warning."""
+    follows suspects the closure. The same loop dividing by ``k`` trains without a warning.
+    On a network whose loss curves along the move (``"mlp"``) the first search's largest
+    trials fall far short of ``1/k`` too, and the warning stayed silent at ``k = 2`` before
+    0.2.13 (it compared the smallest trial's shortfall with the largest's)."""
     torch.manual_seed(0)
-    x = torch.randn(64, 10)
-    y = x @ torch.randn(10, 1) + 0.1 * torch.randn(64, 1)
+    x = torch.randn(64, 10, dtype=torch.float64)
+    y = x @ torch.randn(10, 1, dtype=torch.float64) + 0.1 * torch.randn(64, 1, dtype=torch.float64)
+    if network == "mlp":  # (targets no function of the inputs: the loss curves early)
+        y = torch.randn(64, 1, dtype=torch.float64)
     chunks = list(zip(x.chunk(k), y.chunk(k), strict=True))
     for divide in (False, True):
         torch.manual_seed(1)
-        model = nn.Linear(10, 1)
+        if network == "linear":
+            model = nn.Linear(10, 1).double()
+        else:
+            model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        start = nn.functional.mse_loss(model(x), y).item()
         opt = cls(model.parameters())
         closure = accumulating_closure(model, opt, chunks, divide)
         with warnings.catch_warnings(record=True) as caught:
@@ -375,10 +385,10 @@ def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k):
         messages = [str(m.message) for m in caught]
         final = nn.functional.mse_loss(model(x), y).item()
         if divide:
-            assert messages == [] and final < 1.0
+            assert messages == [] and final < 0.8 * start
             continue
         named = [m for m in messages if "the gradient is about" in m]
-        assert len(named) == 1 and final > 4.9
+        assert len(named) == 1 and final > (1 - 1e-6) * start
         factor = float(named[0].split("the gradient is about ")[1].split("x")[0])
         assert factor == pytest.approx(k, rel=0.1)
         assert "micro-batches" in named[0] and "kink" in named[0]  # (both causes named)

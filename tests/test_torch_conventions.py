@@ -475,3 +475,29 @@ def test_a_lazy_module_before_its_first_forward_is_a_clear_error(cls):
     opt = cls(model.parameters())
     opt.step(lambda: nn.functional.mse_loss(model(x), y))
     assert opt.last_step.kind != "zero_grad"
+
+
+@pytest.mark.parametrize("cls", ALL_FIVE, ids=ALL_FIVE_IDS)
+def test_parameters_on_the_meta_device_are_a_clear_error_before_the_closure_runs(cls):
+    """A model built under ``torch.device("meta")`` holds no values: the step failed inside
+    a host copy ("Cannot copy out of meta tensor"); it is a ``ValueError`` that says to
+    materialise the model first, before the closure runs. Materialised with ``to_empty``
+    and initialised, the same model's optimizer steps."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return nn.functional.mse_loss(model(x), y)
+
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        cls(model.parameters()).step(closure)
+    assert calls == []
+    model.to_empty(device="cpu")
+    for layer in (model[0], model[2]):
+        layer.reset_parameters()
+    opt = cls(model.parameters())
+    opt.step(closure)
+    assert opt.last_step.kind != "zero_grad"

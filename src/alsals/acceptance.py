@@ -224,13 +224,16 @@ def overstated_fraction(
 
     The overstatement: at least three trials that lowered the loss beyond ``FIRM_RISE``
     resolutions, by a positive promise, each short of ``c``, their step sizes at least 4x
-    apart, and the smallest one's shortfall ``1 - fraction`` at least 3/4 of the largest
-    one's. Where the promise is the loss's slope the shortfall is the curvature's and
-    shrinks in proportion to ``eta`` (the fraction tends to 1), so no trial of a smooth loss
-    stays short of ``c`` at every step size; a gradient ``k`` times the loss's (micro-batches
+    apart, and the smallest one's shortfall ``1 - fraction`` at least 3/4 of that of the
+    first trial at least 4x larger. Where the promise is the loss's slope the shortfall is
+    the curvature's and shrinks in proportion to ``eta`` (the fraction tends to 1), so no
+    trial of a smooth loss stays short of ``c`` at every step size, and 4x larger a
+    shortfall is about 4x larger; a gradient ``k`` times the loss's (micro-batches
     accumulated without dividing by their number, a backward pass run twice) gives ``1/k``
-    at all of them, and no trial can pass but one that the loss's rounding lets through.
-    The fraction reported is the smallest trial's.
+    at the small ones, and no trial can pass but one that the loss's rounding lets through.
+    (Compared with the trial 4x larger, not the largest: there the curvature's share may
+    already outweigh ``1 - 1/k``, and a search that backtracks from far above the batch's
+    limit has such trials.) The fraction reported is the smallest trial's.
     """
     falls = sorted(
         (eta, (loss0 - loss) / promise)
@@ -239,7 +242,8 @@ def overstated_fraction(
     )
     if len(falls) < 3 or falls[-1][0] < 4.0 * falls[0][0]:
         return math.nan
-    fraction, at_largest = falls[0][1], falls[-1][1]
+    smallest, fraction = falls[0]
+    further = next(f for eta, f in falls if eta >= 4.0 * smallest)
     short = all(f < c for _, f in falls)
-    flat = 1.0 - fraction >= 0.75 * (1.0 - at_largest)
+    flat = 1.0 - fraction >= 0.75 * (1.0 - further)
     return fraction if short and flat else math.nan

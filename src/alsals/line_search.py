@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alsals.acceptance import (
+    FIRM_RISE,
     RESOLUTION_ULPS,
     ArmijoTest,
     SearchTest,
@@ -1237,6 +1238,9 @@ class LineSearchOptimizer(SearchingOptimizer):
             if verdict == "accepted":
                 accepted = Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
                 accepted.next_step_size = walk.carried(walk.eta)
+                if loss0 - value <= FIRM_RISE * resolution:  # (a pass the rounding let through
+                    # says nothing of the slope; the trials above it may)
+                    accepted.overstated = self._overstated(test, judged_trials, loss0, resolution)
                 return accepted
             # a loss of exactly 0 that a trial leaves exactly 0: a batch the model has fitted
             # (its float32 loss rounds to 0), flat, not the step too small to see; no climb

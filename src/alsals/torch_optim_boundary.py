@@ -285,10 +285,19 @@ def check_state_like(
     dtype and on its device: the model was converted (``.double()``, ``.half()``, ``.to(device)``) after
     the optimizer stepped, which torch's ``load_state_dict`` converts the state for. Returns
     the parameters' dtypes and devices; the state is read only where they differ from
-    ``checked`` (what the last call returned: ``None`` after a load)."""
+    ``checked`` (what the last call returned: ``None`` after a load). A parameter on the
+    meta device (no values) is a ``ValueError`` there too."""
     signature = tuple((p.dtype, p.device) for group in param_groups for p in group["params"])
     if signature == checked:
         return signature
+    meta = next((p for g in param_groups for p in g["params"] if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"{owner}: a parameter of shape {tuple(meta.shape)} is on the meta device: it "
+            "holds no values, and a line search evaluates the loss at the weights it tries. "
+            "Materialise the model first (module.to_empty(device=...), then initialise the "
+            "weights) and build the optimizer from its parameters after that"
+        )
     for group in param_groups:
         for p in group["params"]:
             for name, stored in state.get(p, {}).items():
