@@ -539,3 +539,15 @@ def test_step_sizes_may_be_any_iterable_and_its_own_errors_are_its_own():
     with pytest.raises(TypeError, match="inside the generator"):
         scan_direction(opt, quadratic(w), broken())
     assert len(scan_direction(opt, quadratic(w), (s for s in [1e-3, 1e-2])).decreases) == 2
+
+
+def test_a_grid_given_out_of_order_is_scanned_in_increasing_order():
+    """A grid in another order drew a zigzag line and a heatmap matplotlib warned about (its
+    axis not increasing): the scan holds the step sizes sorted, each with its own decrease
+    (the same as the sorted grid's scan)."""
+    w = W_STAR.clone().add_(1.0).requires_grad_(True)
+    opt = SLS([w], lr=0.1)
+    shuffled = scan_direction(opt, quadratic(w), [1e-1, 1e-3, 1.0, 1e-2])
+    ordered = scan_direction(opt, quadratic(w), [1e-3, 1e-2, 1e-1, 1.0])
+    assert shuffled.step_sizes == [1e-3, 1e-2, 1e-1, 1.0]
+    assert shuffled.decreases == ordered.decreases and shuffled.boundary == ordered.boundary

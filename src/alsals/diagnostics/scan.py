@@ -40,8 +40,10 @@ class LandscapeScan:
     """One mini-batch's loss decrease ``f(w) - f(w + eta d)`` over a grid of step sizes.
 
     ``chosen_step_size`` is the step size the optimizer's next step takes on this batch
-    (the search's, lowered by the Polyak cap of ``loss_floor`` where it acts; ``None`` if
-    the step did not search: warm-up, cadence, failure, skipped); ``best_step_size`` the grid
+    (the search's, lowered by the Polyak cap of ``loss_floor`` where it acts; a warm-up
+    step's search too; ``None`` where the step did not search or its search took nothing:
+    a reuse at the cadence, a failed or unresolved search, a skipped step);
+    ``best_step_size`` the grid
     point with the largest decrease. A step that reuses its step size (``kind == "reuse"``)
     is scanned along the direction it moves; it has no slope, so no boundary. A step that
     takes no update has no direction: its decreases are NaN. ``boundary[i]`` is the
@@ -117,7 +119,9 @@ def log_grid(low: float = 1e-8, high: float = 10.0, num: int = 50) -> list[float
 
 
 def _checked_grid(step_sizes: Sequence[float] | None) -> list[float]:
-    """``step_sizes`` as a list of floats (``log_grid()`` for ``None``); a ``TypeError`` for
+    """``step_sizes`` as an increasing list of floats (``log_grid()`` for ``None``; a grid
+    given in another order is sorted: a scan's points and its plots' lines run along the
+    step size); a ``TypeError`` for
     one number, or anything else that holds no step sizes, and a ``ValueError`` that names
     them for step sizes that are not positive, finite numbers."""
     if step_sizes is None:
@@ -143,7 +147,7 @@ def _checked_grid(step_sizes: Sequence[float] | None) -> list[float]:
         grid.append(number)
     if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
         raise ValueError(f"step_sizes must be positive and finite, got {grid}")
-    return grid
+    return sorted(grid)  # (the scan and its plots run along the step size)
 
 
 def _check_optimizer(optimizer: object) -> None:
