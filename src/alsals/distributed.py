@@ -197,22 +197,24 @@ def mean_to_host(
     """
     device = values[0].device
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    stacked = torch.stack([v.detach().reshape(()).to(device=device, dtype=dtype) for v in values])
+    scalars = [v.detach().reshape(()).to(device=device, dtype=dtype) for v in values]
     ranks = world_size(group)
+    if dtype != torch.float64 or ranks == 1:  # (the marks' squares are exact in float64 only)
+        marks = None
+    if marks is not None:  # (filled on the device: a copy from the host would wait for it)
+        scalars += [torch.full((), t, dtype=dtype, device=device) for t in _mark_terms(marks)]
+    stacked = torch.stack(scalars)
     if ranks == 1:
         return stacked.tolist()
-    if dtype != torch.float64:  # (their squares are exact in float64 only; no MPS backend)
-        marks = None
-    if marks is not None:
-        extra = torch.tensor(_mark_terms(marks), dtype=dtype, device=device)
-        stacked = torch.cat([stacked, extra])
     if dist.get_backend(group) == dist.Backend.NCCL and not stacked.is_cuda:
         stacked = stacked.cuda()
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
-    sums = stacked.tolist()
-    if marks is not None:
-        _check_mark_sums(sums[len(values) :], ranks, marks.name)
-    return (stacked[: len(values)] / ranks).tolist()
+    if marks is None:
+        stacked /= ranks
+        return stacked.tolist()
+    sums = stacked.tolist()  # (one synchronisation: float64 divided on the host as on the device)
+    _check_mark_sums(sums[len(values) :], ranks, marks.name)
+    return [total / ranks for total in sums[: len(values)]]
 
 
 def any_not_finite(
