@@ -379,17 +379,40 @@ def later_group_run(rank: int) -> dict:
     return errors
 
 
-def written_on_one_rank_run(rank: int) -> dict:
+def _written(key: str, value):
+    """What rank 0 writes for ``key`` over ``value``: another valid setting."""
+    if key == "loss_floor":  # (None <-> a number: the line searches' Polyak sums come or go)
+        return 0.0 if value is None else None
+    if key == "max_grad_norm":  # (the clip's norm joins the first collective)
+        return 1e-3 if value is None else None
+    if key == "lr_tensor":  # (a tensor, as a scheduler with a tensor lr writes it)
+        return torch.tensor(value * 0.5)
+    return value * (2 if key == "weight_decay" else 0.5)
+
+
+#: Rank 0's writes after two steps: the setting and the groups it writes it in.
+WRITTEN_ON_ONE_RANK = {
+    "lr": (0, 1),
+    "lr_tensor": (0, 1),
+    "c": (0, 1),
+    "weight_decay": (1,),
+    "loss_floor": (0, 1),
+    "max_grad_norm": (0, 1),
+}
+
+
+def written_on_one_rank_run(rank: int, written: dict = WRITTEN_ON_ONE_RANK) -> dict:
     """After two steps rank 0 alone writes a setting (``lr``, as a scheduler stepped on one
-    rank would; ``c``; the second group's ``weight_decay``): the next step's error on both
-    ranks, nothing moved (each rank went its own way: rank 0 searched from the written lr
-    while rank 1 reused its step size, and their collectives paired wrongly, a hang)."""
+    rank would, also as a tensor; ``c``; the second group's ``weight_decay``;
+    ``loss_floor`` and ``max_grad_norm``, which change what the line searches' first
+    collective holds): the next step's error on both ranks, nothing moved (each rank went
+    its own way: rank 0 searched from the written lr while rank 1 reused its step size, and
+    their collectives paired wrongly, a hang; or rank 0's first collective had another size,
+    an abort). Both ranks also write the same ``lr`` as a tensor on their own device,
+    whose ``repr`` differs where the devices do: the step is taken (a run here shows it as
+    ``"cpu"`` on both; the mark counts the values)."""
     errors: dict[str, dict] = {}
-    for key, indices, factor in (
-        ("lr", (0, 1), 0.5),
-        ("c", (0, 1), 0.5),
-        ("weight_decay", (1,), 2),
-    ):
+    for key, indices in written.items():
         errors[key] = {}
         for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
             torch.manual_seed(0)
@@ -406,12 +429,33 @@ def written_on_one_rank_run(rank: int) -> dict:
                 opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
             if rank == 0:  # (valid on rank 0: an error raised on one rank alone hangs the
                 for i in indices:  # other in its next collective, as in any torch program)
-                    opt.param_groups[i][key] *= factor
+                    group = opt.param_groups[i]
+                    setting = "lr" if key == "lr_tensor" else key
+                    group[setting] = _written(key, group[setting])
             error, moved = refused_step(
                 opt, lambda x=batches[2], ddp=ddp: ddp(x).pow(2).mean(), list(model.parameters())
             )
             errors[key][name], errors[key][f"{name}-moved"] = error, moved
     return errors
+
+
+def tensor_lr_on_every_rank_run(rank: int) -> dict:
+    """Every rank writes the same ``lr`` as a 0-dim tensor after two steps: the next step
+    is taken on every rank (no false 'different settings'), the weights alike."""
+    taken: dict[str, object] = {}
+    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = cls(model.parameters())
+        gen = torch.Generator().manual_seed(10 + rank)
+        for step in range(4):
+            x = torch.randn(8, 6, generator=gen)
+            if step == 2:
+                opt.param_groups[0]["lr"] = torch.tensor(opt.param_groups[0]["lr"] * 0.5)
+            opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+        taken[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return taken
 
 
 def fsdp1_run(rank: int) -> dict:
@@ -512,6 +556,7 @@ def train_all(rank: int) -> dict:
         "later_group": later_group_run(rank),
         "fsdp1": fsdp1_run(rank),
         "written_on_one_rank": written_on_one_rank_run(rank),
+        "tensor_lr": tensor_lr_on_every_rank_run(rank),
         "overflow": overflow_run(rank),
         "tiny": tiny_gradient_run(rank),
     }

@@ -190,14 +190,24 @@ def test_a_group_added_later_is_checked_across_ranks_at_the_next_step(rank_resul
     assert_refused_unmoved(rank_results, "later_group", "hold different parameters")
 
 
-@pytest.mark.parametrize("key", ["lr", "c", "weight_decay"])
+@pytest.mark.parametrize("key", list(_distributed_worker.WRITTEN_ON_ONE_RANK))
 def test_a_setting_written_on_one_rank_between_steps_is_refused_on_every_rank(rank_results, key):
     """Rank 0 alone writes a setting after two steps: the next step is refused on both
     ranks, nothing moved (the settings were compared at the first step only: the ranks
-    decided apart and their collectives paired wrongly, a hang). The comparison rides in the
-    step's first collective: no collective more per step."""
-    results = [{k: v for k, v in r["written_on_one_rank"][key].items()} for r in rank_results]
+    decided apart and their collectives paired wrongly, a hang; where the setting changed
+    the size of the line searches' first collective, ``loss_floor`` or ``max_grad_norm``,
+    gloo aborted). The comparison rides in the step's first collective: no collective more
+    per step."""
+    results = [dict(r["written_on_one_rank"][key]) for r in rank_results]
     assert_refused_unmoved([{"run": r} for r in results], "run", "hold different settings")
+
+
+def test_the_same_tensor_lr_written_on_every_rank_is_no_difference(rank_results):
+    """A 0-dim tensor ``lr`` written alike on both ranks: every class steps on, the weights
+    alike (the mark counts a tensor setting by its values, not its ``repr``, which names
+    its device: ``cuda:0`` and ``cuda:1`` on two GPUs)."""
+    for name in ("SLS", "AdamSLS", "MomentumALSALS", "ALSALS"):
+        assert torch.equal(rank_results[0]["tensor_lr"][name], rank_results[1]["tensor_lr"][name])
 
 
 def test_fsdp1_flat_parameters_are_refused_at_the_first_step(rank_results):
@@ -342,3 +352,26 @@ def test_the_marks_sums_tell_ranks_that_agree_from_ranks_that_do_not(ranks):
                 _check_mark_sums(
                     ranks_of(settings, shapes, (settings, shapes ^ 1 << bit)), ranks, "X"
                 )
+
+
+def test_a_tensor_setting_counts_by_its_values_in_the_settings_mark():
+    """A setting written as a tensor enters the ranks' mark by its values: two whose
+    ``repr`` agrees (4 digits) but whose values differ are told apart, and the same value
+    gives the same mark whatever the tensor's ``repr`` says of its device."""
+    from alsals.distributed import settings_key, settings_mark
+
+    def groups(lr):
+        return [{"params": [], "lr": lr, "betas": (0.9, 0.999)}]
+
+    assert repr(torch.tensor(0.05)) == repr(torch.tensor(0.050001))
+    assert settings_mark("X", groups(torch.tensor(0.05))) != settings_mark(
+        "X", groups(torch.tensor(0.050001))
+    )
+    assert settings_mark("X", groups(torch.tensor(0.05))) == settings_mark(
+        "X", groups(torch.tensor(0.05))
+    )
+    assert settings_key(groups(torch.tensor(0.05))) is None  # (no cached mark for it)
+    listed = [{"params": [], "betas": [0.9, 0.999]}]
+    key = settings_key(listed)
+    listed[0]["betas"][0] = 0.8  # (edited in place: the key sees it)
+    assert settings_key(listed) != key

@@ -72,8 +72,15 @@ def test_an_overstated_slope_is_read_at_the_small_trials_where_curvature_has_no_
     assert overstated_fraction(trials, loss0, c, 1e-12) == pytest.approx(0.5, rel=1e-4)
     # a slope that is the loss's own on a loss that saturates ((1 - e^-x) / x of the promise):
     # the trials short of c are those the saturation bends, and 4x further it bends more
-    saturating = [(x, loss0 - (1.0 - math.exp(-x)), x) for x in (1.6, 6.4, 25.6, 102.4)]
-    assert math.isnan(overstated_fraction(saturating, loss0, 0.6, 1e-12))
+    # (from the first trial at 3.2, a review found the shortfalls' comparison calling it 3.3x;
+    # with c = 0.1, as SLS's, every shortfall exceeds 3/4 and their comparison says nothing)
+    for first, c_ in ((1.6, 0.6), (3.2, 0.6), (8.0, 0.6), (12.0, 0.1), (50.0, 0.1)):
+        xs = [first * 4.0**i for i in range(4)]
+        saturating = [(x, loss0 - (1.0 - math.exp(-x)), x) for x in xs]
+        assert math.isnan(overstated_fraction(saturating, loss0, c_, 1e-12)), (first, c_)
+    # SLS's c = 0.1 and a gradient 20x the loss's: flat at 1/20, named
+    twenty = [(eta, loss0 - eta / 20.0 * (1.0 - 8.0 * eta), eta) for eta in (1e-6, 4e-6, 1.6e-5)]
+    assert overstated_fraction(twenty, loss0, 0.1, 1e-12) == pytest.approx(0.05, rel=1e-4)
 
 
 # -- the backtracking walk -----------------------------------------------------------------

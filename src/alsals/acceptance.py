@@ -224,16 +224,18 @@ def overstated_fraction(
 
     The overstatement: at least three trials that lowered the loss beyond ``FIRM_RISE``
     resolutions, by a positive promise, each short of ``c``, their step sizes at least 4x
-    apart, and the smallest one's shortfall ``1 - fraction`` at least 3/4 of that of the
-    first trial at least 4x larger. Where the promise is the loss's slope the shortfall is
-    the curvature's and shrinks in proportion to ``eta`` (the fraction tends to 1), so no
-    trial of a smooth loss stays short of ``c`` at every step size, and 4x larger a
-    shortfall is about 4x larger; a gradient ``k`` times the loss's (micro-batches
-    accumulated without dividing by their number, a backward pass run twice) gives ``1/k``
-    at the small ones, and no trial can pass but one that the loss's rounding lets through.
-    (Compared with the trial 4x larger, not the largest: there the curvature's share may
-    already outweigh ``1 - 1/k``, and a search that backtracks from far above the batch's
-    limit has such trials.) The fraction reported is the smallest trial's.
+    apart, and the fraction of the first trial at least 4x larger than the smallest at
+    least 3/4 of the smallest one's (flat). Where the promise is the loss's slope the
+    fraction tends to 1 as ``eta`` shrinks, so no trial of a smooth loss stays short of
+    ``c`` at every step size, and one short of ``c`` lies where the curvature bends the
+    fraction steeply (a quadratic's ``1 - b eta`` at 0.6 is -0.6 at 4x); a gradient ``k``
+    times the loss's (micro-batches accumulated without dividing by their number, a
+    backward pass run twice) gives ``1/k`` at the small trials, flat, and no trial can pass
+    but one that the loss's rounding lets through. (Flat between the smallest and the trial
+    4x larger, not the largest: there the curvature may already bend the fraction, and a
+    search that backtracks from far above the batch's limit has such trials; and in the
+    fractions, not in their shortfalls ``1 - fraction``, which all exceed 3/4 where ``c``
+    is 1/4 or less.) The fraction reported is the smallest trial's.
     """
     falls = sorted(
         (eta, (loss0 - loss) / promise)
@@ -245,5 +247,5 @@ def overstated_fraction(
     smallest, fraction = falls[0]
     further = next(f for eta, f in falls if eta >= 4.0 * smallest)
     short = all(f < c for _, f in falls)
-    flat = 1.0 - fraction >= 0.75 * (1.0 - further)
+    flat = further >= 0.75 * fraction
     return fraction if short and flat else math.nan

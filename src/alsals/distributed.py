@@ -128,7 +128,8 @@ def world_size(group: dist.ProcessGroup | None) -> int:
 DIFFERENT_SETTINGS = (
     "{name}: the ranks of the process group hold different settings (the same arguments and "
     "parameter groups on every rank are needed, and a setting written between steps, an lr "
-    "say, must be written alike on every rank: every rank must take the same decisions)"
+    "say, or a group added with add_param_group, must be written or added alike on every "
+    "rank: every rank must take the same decisions)"
 )
 DIFFERENT_PARAMETERS = (
     "{name}: the ranks of the process group hold different parameters (their shapes "
@@ -139,11 +140,34 @@ DIFFERENT_PARAMETERS = (
 )
 
 
+def settings_key(groups: list[dict]) -> tuple | None:
+    """``groups``' settings (all but the parameters) as a tuple that compares equal where
+    :func:`settings_mark` would be the same (its mark can be kept): containers as their text,
+    which an edit in place changes; ``None`` where a setting is a tensor, whose ``==`` is no
+    truth value."""
+    key = tuple(
+        tuple(
+            (k, repr(v) if isinstance(v, (list, dict, set)) else v)  # (changed in place)
+            for k, v in g.items()
+            if k not in ("params", "param_names")
+        )
+        for g in groups
+    )
+    if any(isinstance(v, Tensor) for settings in key for _, v in settings):
+        return None
+    return key
+
+
 def settings_mark(name: str, groups: list[dict]) -> int:
-    """A CRC of ``groups``' settings (all but the tensors) and of the optimizer's name:
-    what every rank must hold alike."""
+    """A CRC of ``groups``' settings (all but the parameters) and of the optimizer's name:
+    what every rank must hold alike. A tensor written as a setting counts by its values
+    (its ``repr`` names its device, another on each rank, and rounds them)."""
     settings = [
-        sorted((k, repr(v)) for k, v in g.items() if k not in ("params", "param_names"))
+        sorted(
+            (k, repr(v.tolist() if isinstance(v, Tensor) else v))
+            for k, v in g.items()
+            if k not in ("params", "param_names")
+        )
         for g in groups
     ]
     return zlib.crc32(repr([name, *settings]).encode())

@@ -408,6 +408,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         self._ranks_checked = False  # every rank holds the same settings (first step)
         self._meshes_checked = False  # the DTensors' meshes fit the process group
         self._shapes_mark: tuple[tuple[int, ...], int] | None = None  # (see _rank_marks)
+        self._settings_mark: tuple[tuple | None, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
@@ -924,14 +925,17 @@ class LineSearchOptimizer(SearchingOptimizer):
         clip = self._settings["max_grad_norm"]
         squared_norm = self._squared_grad_norm(steps, device) if clip is not None else zero
         modelled = cap_on and clip is None
-        terms = model_terms(steps, self.uses_moments, device) if modelled else []
+        # (zeros in their place otherwise: the collective's size is the same whatever the
+        # settings, so that one written on some ranks only is found by its marks, not by
+        # collectives of different sizes)
+        terms = model_terms(steps, self.uses_moments, device) if modelled else [zero] * 3
         loss0, grad_max, overflow_risk, squared, *sums = mean_to_host(
             [loss.to(device), largest, risk, squared_norm, *terms],
             self._process_group,
             self._rank_marks(type(self).__name__),
         )
         self._grad_norm = math.sqrt(squared) if clip is not None else math.nan
-        if sums:
+        if modelled:
             self._model_terms = ModelTerms(*sums)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
             culprit = "the gradient" if math.isfinite(loss0) else LOSS_CULPRIT
@@ -1238,8 +1242,12 @@ class LineSearchOptimizer(SearchingOptimizer):
             if verdict == "accepted":
                 accepted = Outcome.accepted(test, walk.eta, tried, averaged=walk.cap == math.inf)
                 accepted.next_step_size = walk.carried(walk.eta)
-                if loss0 - value <= FIRM_RISE * resolution:  # (a pass the rounding let through
-                    # says nothing of the slope; the trials above it may)
+                # a pass the rounding let through, below every trial that failed, says
+                # nothing of the slope; the trials above it may (judged by the plain test:
+                # the smoothed one's verdicts are no one trial's)
+                smallest = walk.eta <= min(eta for eta, _ in judged_trials or [(walk.eta, 0)])
+                rounding = loss0 - value <= FIRM_RISE * resolution
+                if rounding and smallest and not history:
                     accepted.overstated = self._overstated(test, judged_trials, loss0, resolution)
                 return accepted
             # a loss of exactly 0 that a trial leaves exactly 0: a batch the model has fitted
@@ -1687,7 +1695,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         # follow the gradient either: the two warnings below, after the one above, name them)
         hint = BUFFERS_MOVED_HINT if "buffers" in self._warned else ""
         if math.isfinite(outcome.overstated):
-            message = overstated_message(name, 1.0 / outcome.overstated, self.params())
+            taken = outcome.kind == "search"  # (only by a change below the loss's rounding)
+            message = overstated_message(name, 1.0 / outcome.overstated, self.params(), taken)
             self._warn_once("overstated", message + hint, UserWarning)
         if outcome.contradicted_again:
             message = CONTRADICTED_WARNING.format(name=name, kind=outcome.kind)

@@ -91,8 +91,7 @@ DISCONNECTED_WARNING = (
 )
 OVERSTATED_WARNING = (
     "{name}: the loss fell by about 1/{factor:.2g} of what the gradient promised at every "
-    "trial of a search, however small the step, and none could pass the Armijo test, so no "
-    "step was taken. Either the gradient is about {factor:.2g}x the loss the closure returns "
+    "trial of a search, however small the step, and {outcome}. Either the gradient is about {factor:.2g}x the loss the closure returns "
     "(a closure that accumulates gradients over micro-batches without dividing each one's "
     "loss by their number, runs backward twice, or returns a loss scaled otherwise than the "
     "one it differentiates; AdamW does not notice: its update ignores the gradient's scale): "
@@ -157,10 +156,22 @@ FROZEN_GROUP_ADVICE = (
 )
 
 
-def overstated_message(name: str, factor: float, params: Iterable[Tensor]) -> str:
+#: What the search did, in ``OVERSTATED_WARNING``: it took no step, or one whose change of
+#: the loss its rounding could not judge.
+OVERSTATED_OUTCOMES = (
+    "none could pass the Armijo test, so no step was taken",
+    "only a step too small for the loss's rounding to judge passed it",
+)
+
+
+def overstated_message(
+    name: str, factor: float, params: Iterable[Tensor], taken: bool = False
+) -> str:
     """``OVERSTATED_WARNING``, with ``COARSE_WEIGHTS_HINT`` where some weights are coarser
-    than float32 (bfloat16, float16): their rounding, not the closure, may be the cause."""
-    message = OVERSTATED_WARNING.format(name=name, factor=factor)
+    than float32 (bfloat16, float16): their rounding, not the closure, may be the cause.
+    ``taken``: the search passed a trial by a change below the loss's rounding."""
+    outcome = OVERSTATED_OUTCOMES[taken]
+    message = OVERSTATED_WARNING.format(name=name, factor=factor, outcome=outcome)
     eps32 = torch.finfo(torch.float32).eps
     coarse = sorted({str(p.dtype) for p in params if torch.finfo(p.dtype).eps > eps32})
     return message + (COARSE_WEIGHTS_HINT.format(dtype=", ".join(coarse)) if coarse else "")
