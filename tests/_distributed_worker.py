@@ -439,6 +439,32 @@ def written_on_one_rank_run(rank: int, written: dict = WRITTEN_ON_ONE_RANK) -> d
     return errors
 
 
+def moved_between_groups_run(rank: int) -> dict:
+    """After two steps rank 0 alone moves the first layer's bias into the second group:
+    the next step's error on both ranks, nothing moved."""
+    errors: dict[str, str | None] = {}
+    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        groups = [
+            {"params": list(model[0].parameters())},
+            {"params": list(model[2].parameters()), "weight_decay": 0.1},
+        ]
+        opt = cls(groups)
+        gen = torch.Generator().manual_seed(10 + rank)
+        batches = [torch.randn(8, 6, generator=gen) for _ in range(3)]
+        for x in batches[:2]:
+            opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+        if rank == 0:
+            bias = opt.param_groups[0]["params"].pop()
+            opt.param_groups[1]["params"].append(bias)
+        errors[name], errors[f"{name}-moved"] = refused_step(
+            opt, lambda x=batches[2], ddp=ddp: ddp(x).pow(2).mean(), list(model.parameters())
+        )
+    return errors
+
+
 def tensor_lr_on_every_rank_run(rank: int) -> dict:
     """Every rank writes the same ``lr`` as a 0-dim tensor after two steps: the next step
     is taken on every rank (no false 'different settings'), the weights alike."""
@@ -557,6 +583,7 @@ def train_all(rank: int) -> dict:
         "fsdp1": fsdp1_run(rank),
         "written_on_one_rank": written_on_one_rank_run(rank),
         "tensor_lr": tensor_lr_on_every_rank_run(rank),
+        "moved_between_groups": moved_between_groups_run(rank),
         "overflow": overflow_run(rank),
         "tiny": tiny_gradient_run(rank),
     }

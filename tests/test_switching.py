@@ -16,6 +16,7 @@ from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals.integrations.amp import step_with_scaler
+from alsals.messages import OVERSTATED_OUTCOMES
 from conftest import SmallNet, make_classification
 
 
@@ -378,10 +379,14 @@ def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k, n
         start = nn.functional.mse_loss(model(x), y).item()
         opt = cls(model.parameters())
         closure = accumulating_closure(model, opt, chunks, divide)
+        kinds = []  # (the kind of the step whose warning names the factor)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(10):
+                said = len(caught)
                 opt.step(closure)
+                new = [str(m.message) for m in caught[said:]]
+                kinds += [opt.last_step.kind for m in new if "the gradient is about" in m]
         messages = [str(m.message) for m in caught]
         final = nn.functional.mse_loss(model(x), y).item()
         if divide:
@@ -389,7 +394,37 @@ def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k, n
             continue
         named = [m for m in messages if "the gradient is about" in m]
         assert len(named) == 1 and final > (1 - 1e-6) * start
+        # what the warning says the search did is what it did: passed no trial, or one that
+        # did not lower the loss by more than its rounding resolves
+        assert OVERSTATED_OUTCOMES[kinds[0] == "search"] in named[0], kinds
         factor = float(named[0].split("the gradient is about ")[1].split("x")[0])
         assert factor == pytest.approx(k, rel=0.1)
         assert "micro-batches" in named[0] and "kink" in named[0]  # (both causes named)
         assert all("converged" not in m for m in messages)
+
+
+@pytest.mark.parametrize("cls", [SLS, AdamSLS], ids=["SLS", "AdamSLS"])
+def test_a_search_passed_by_rounding_below_a_kink_does_not_call_the_gradient_overstated(cls):
+    """A correct gradient, a ReLU piece a few of the loss's resolutions from its kink plus a
+    gentle linear part: every trial above the kink lowers the loss by about a tenth of the
+    promise, and the search passes one below it by a change the rounding hides. With
+    ``c = 0.1`` the shortfalls' comparison said nothing, and an accepted search looked at
+    for any rounding-level pass, whatever its place among the trials, warned that the
+    gradient is 64x the loss's (a review's case; one-element float32 tensors: the same
+    rounding everywhere)."""
+    w = torch.zeros(1, requires_grad=True)
+    v = torch.zeros(1, requires_grad=True)
+    opt = cls([w, v], lr=0.01)
+
+    def closure():
+        opt.zero_grad()
+        loss = 1.0 + torch.relu(w + 1.4e-6).sum() - 0.1 * v.sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(closure)
+    assert opt.last_step.kind == "search" and v.item() > 0.0  # (it trains on)
+    assert not [m for m in caught if "the gradient is about" in str(m.message)]

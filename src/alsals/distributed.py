@@ -140,24 +140,6 @@ DIFFERENT_PARAMETERS = (
 )
 
 
-def settings_key(groups: list[dict]) -> tuple | None:
-    """``groups``' settings (all but the parameters) as a tuple that compares equal where
-    :func:`settings_mark` would be the same (its mark can be kept): containers as their text,
-    which an edit in place changes; ``None`` where a setting is a tensor, whose ``==`` is no
-    truth value."""
-    key = tuple(
-        tuple(
-            (k, repr(v) if isinstance(v, (list, dict, set)) else v)  # (changed in place)
-            for k, v in g.items()
-            if k not in ("params", "param_names")
-        )
-        for g in groups
-    )
-    if any(isinstance(v, Tensor) for settings in key for _, v in settings):
-        return None
-    return key
-
-
 def settings_mark(name: str, groups: list[dict]) -> int:
     """A CRC of ``groups``' settings (all but the parameters) and of the optimizer's name:
     what every rank must hold alike. A tensor written as a setting counts by its values

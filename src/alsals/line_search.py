@@ -407,8 +407,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         self._shown_lr: list[float] | None = None  # each group's lr after the last step
         self._ranks_checked = False  # every rank holds the same settings (first step)
         self._meshes_checked = False  # the DTensors' meshes fit the process group
-        self._shapes_mark: tuple[tuple[int, ...], int] | None = None  # (see _rank_marks)
-        self._settings_mark: tuple[tuple | None, int] | None = None  # (see _rank_marks)
+        self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
@@ -1695,7 +1694,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         # follow the gradient either: the two warnings below, after the one above, name them)
         hint = BUFFERS_MOVED_HINT if "buffers" in self._warned else ""
         if math.isfinite(outcome.overstated):
-            taken = outcome.kind == "search"  # (only by a change below the loss's rounding)
+            taken = outcome.kind == "search"  # (passed by a change below the loss's rounding)
             message = overstated_message(name, 1.0 / outcome.overstated, self.params(), taken)
             self._warn_once("overstated", message + hint, UserWarning)
         if outcome.contradicted_again:

@@ -156,11 +156,12 @@ FROZEN_GROUP_ADVICE = (
 )
 
 
-#: What the search did, in ``OVERSTATED_WARNING``: it took no step, or one whose change of
-#: the loss its rounding could not judge.
+#: What the search did, in ``OVERSTATED_WARNING``: it passed no trial, or one that did not
+#: lower the loss by more than its rounding resolves (a line search's pass by rounding;
+#: ``ALSALS``'s, whose test credits the averaging move, may even have raised it).
 OVERSTATED_OUTCOMES = (
     "none could pass the Armijo test, so no step was taken",
-    "only a step too small for the loss's rounding to judge passed it",
+    "the trial it passed did not lower the loss by more than its rounding resolves",
 )
 
 
@@ -169,7 +170,8 @@ def overstated_message(
 ) -> str:
     """``OVERSTATED_WARNING``, with ``COARSE_WEIGHTS_HINT`` where some weights are coarser
     than float32 (bfloat16, float16): their rounding, not the closure, may be the cause.
-    ``taken``: the search passed a trial by a change below the loss's rounding."""
+    ``taken``: the search passed a trial, which lowered the loss by no more than its
+    rounding resolves."""
     outcome = OVERSTATED_OUTCOMES[taken]
     message = OVERSTATED_WARNING.format(name=name, factor=factor, outcome=outcome)
     eps32 = torch.finfo(torch.float32).eps

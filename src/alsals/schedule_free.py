@@ -621,8 +621,7 @@ class ALSALS(SearchingOptimizer):
         self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
         self._ranks_checked = False  # every rank holds the same settings (first step)
         self._meshes_checked = False  # the DTensors' meshes fit the process group
-        self._shapes_mark: tuple[tuple[int, ...], int] | None = None  # (see _rank_marks)
-        self._settings_mark: tuple[tuple | None, int] | None = None  # (see _rank_marks)
+        self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self.last_step: StepInfo | None = None
@@ -1212,7 +1211,7 @@ class ALSALS(SearchingOptimizer):
                 # may be the cause: said too)
                 hint = BUFFERS_MOVED_HINT if "buffers" in self._warned else ""
                 params = (p for g in self.param_groups for p in g["params"])
-                taken = result.kind == "search"  # (by a change below the loss's rounding)
+                taken = result.kind == "search"  # (one that lowered the loss by no firm change)
                 message = overstated_message("ALSALS", 1.0 / ratio, params, taken)
                 self._warn_once("overstated", message + hint)
             elif passed:  # (a search whose trials resolved nothing says nothing either way)

@@ -24,7 +24,6 @@ from alsals.distributed import (
     check_meshes_span_group,
     check_same_settings,
     copy_sharing_process_group,
-    settings_key,
     settings_mark,
     shapes_mark,
     world_size,
@@ -81,7 +80,6 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_ranks_checked", False)
         self.__dict__.setdefault("_meshes_checked", False)
         self.__dict__.setdefault("_shapes_mark", None)
-        self.__dict__.setdefault("_settings_mark", None)
         self.__dict__.setdefault("_placeholders", False)
         self.__dict__.setdefault("_signature", None)
 
@@ -134,15 +132,12 @@ class SearchingOptimizer(torch.optim.Optimizer):
         parameters' shapes (a group added on some ranks only); ``None`` in one process."""
         if world_size(self._process_group) == 1:
             return None
-        # each mark kept while what it was taken of is the same (a tuple comparison, where
-        # the mark's text costs some 15 us a group)
-        params = tuple(id(p) for g in self.param_groups for p in g["params"])
+        # (the shapes' mark kept while the groups hold the same parameters; the settings'
+        # taken afresh, some 15 us a group: the step size they show changes at most steps)
+        params = tuple(tuple(id(p) for p in g["params"]) for g in self.param_groups)
         if self._shapes_mark is None or self._shapes_mark[0] != params:
             self._shapes_mark = (params, shapes_mark(self.param_groups))
-        key = settings_key(self.param_groups)
-        if key is None or self._settings_mark is None or self._settings_mark[0] != key:
-            self._settings_mark = (key, settings_mark(name, self.param_groups))
-        return RankMarks(name, self._settings_mark[1], self._shapes_mark[1])
+        return RankMarks(name, settings_mark(name, self.param_groups), self._shapes_mark[1])
 
     # ------------------------------------------------------------------------------- helpers
 
