@@ -428,3 +428,38 @@ def test_a_search_passed_by_rounding_below_a_kink_does_not_call_the_gradient_ove
             opt.step(closure)
     assert opt.last_step.kind == "search" and v.item() > 0.0  # (it trains on)
     assert not [m for m in caught if "the gradient is about" in str(m.message)]
+
+
+def test_a_first_search_passed_by_rounding_still_names_a_gradient_twice_the_loss():
+    """``MomentumALSALS``'s first search, judged by the plain test, fails every trial that
+    the loss's rounding resolves (each lowers it by half the promise) and passes the
+    smallest by a change below it: the warning names the factor and says that the trial it
+    passed did not lower the loss by more than its rounding resolves (0.2.12 said nothing;
+    a first fix said no step was taken). One-element float64 arithmetic; eight draws, each
+    warned at its first step, by a failed or unresolved search or by one passed so (which
+    of them takes the rounding's path is the rounding's word: two of the first three here)."""
+    kinds = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.rand(1, dtype=torch.float64, generator=g) + 0.5
+        w = (torch.rand(1, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+        opt = MomentumALSALS([w])
+
+        def closure(backward, a=a, w=w, opt=opt):
+            loss = (0.5 * a * w * w + 0.25 * w * w * w * w).sum()
+            if backward:
+                opt.zero_grad()
+                (2.0 * loss).backward()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(closure)
+        named = [str(m.message) for m in caught if "the gradient is about" in str(m.message)]
+        assert len(named) == 1, seed
+        assert float(named[0].split("the gradient is about ")[1].split("x")[0]) == pytest.approx(
+            2.0, rel=0.1
+        )
+        assert OVERSTATED_OUTCOMES[opt.last_step.kind == "search"] in named[0]
+        kinds.append(opt.last_step.kind)
+    assert "search" in kinds  # (the accepted search's path was taken)
