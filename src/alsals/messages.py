@@ -214,7 +214,9 @@ UNCHANGED_WARNING = (
     "Either the closure does not compute the loss from the model's current weights (call the "
     "model inside the closure: outputs computed before it, or a loss of another model, stay "
     "the same whatever the optimizer does to the weights), or the loss changes by less than "
-    "its own rounding (compute it in a wider dtype)"
+    "its own rounding (compute it in a wider dtype), or it is flat along the move where its "
+    "gradient says otherwise (a kink: a clamp or ReLU at its bound, whose gradient there "
+    "autograd takes from the other side)"
 )
 #: A loss this many times below the run's first that no move changes has converged to what
 #: its rounding resolves: the warning then says so instead of suspecting the closure.

@@ -483,7 +483,9 @@ class ALSALS(SearchingOptimizer):
             size: no cut for ``late_retry`` (``None``: off; 2.0).
         loss_floor: the loss's lower bound for the Polyak start and cap; a batch whose loss
             is exactly at it takes no trial and no step along the gradient (nothing below
-            it to reach); ``None``: no bound (0.0).
+            it to reach), unless the gradient promises a change the loss's rounding would
+            show there (the floor is then no minimum: a wrong floor, or a kink at it, and
+            the search runs as any other); ``None``: no bound (0.0).
         polyak_start: what a later search's start lowered by the Polyak bound sets, where
             that start passes at once: the step size (``"sets"``), or the trial only, the
             step size staying where it was, as the cap leaves it (``"trial"``) (``"trial"``).
