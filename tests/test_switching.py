@@ -463,3 +463,21 @@ def test_a_first_search_passed_by_rounding_still_names_a_gradient_twice_the_loss
         assert OVERSTATED_OUTCOMES[opt.last_step.kind == "search"] in named[0]
         kinds.append(opt.last_step.kind)
     assert "search" in kinds  # (the accepted search's path was taken)
+
+
+def test_a_clamp_at_the_loss_floor_stalls_with_a_warning_that_names_the_kink():
+    """A loss exactly at ``loss_floor`` whose gradient promises a change (a clamp at its
+    bound: autograd's gradient is the other side's) is no minimum, and the searches run;
+    every trial gives the same loss, and the stall warning names a kink along the move
+    among its causes (it suspected the closure alone)."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.step(lambda: torch.clamp(w, min=0.0).sum())
+    stalled = [
+        str(m.message) for m in caught if "did not change when the weights" in str(m.message)
+    ]
+    assert len(stalled) == 1 and "kink" in stalled[0] and "clamp" in stalled[0]
+    assert torch.equal(w, torch.zeros(3, dtype=torch.float64))
