@@ -435,11 +435,11 @@ def test_a_first_search_passed_by_rounding_still_names_a_gradient_twice_the_loss
     the loss's rounding resolves (each lowers it by half the promise) and passes the
     smallest by a change below it: the warning names the factor and says that the trial it
     passed did not lower the loss by more than its rounding resolves (0.2.12 said nothing;
-    a first fix said no step was taken). One-element float64 arithmetic; eight draws, each
+    a first fix said no step was taken). One-element float64 arithmetic; 32 draws, each
     warned at its first step, by a failed or unresolved search or by one passed so (which
-    of them takes the rounding's path is the rounding's word: two of the first three here)."""
+    of them takes the rounding's path is the rounding's word: 8 of the 32 here)."""
     kinds = []
-    for seed in range(8):
+    for seed in range(32):
         g = torch.Generator().manual_seed(seed)
         a = torch.rand(1, dtype=torch.float64, generator=g) + 0.5
         w = (torch.rand(1, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
