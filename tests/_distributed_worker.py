@@ -401,6 +401,30 @@ WRITTEN_ON_ONE_RANK = {
 }
 
 
+def _refused_after_rank0_changes(rank: int, cls: type, change) -> tuple[str | None, str | None]:
+    """Two DDP steps of ``cls`` over two groups (the second with a weight decay), then
+    ``change(optimizer)`` on rank 0 alone (valid there: an error raised on one rank alone
+    hangs the other in its next collective, as in any torch program), then
+    :func:`refused_step` on the third batch, watching every weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    groups = [
+        {"params": list(model[0].parameters())},
+        {"params": list(model[2].parameters()), "weight_decay": 0.1},
+    ]
+    opt = cls(groups)
+    gen = torch.Generator().manual_seed(10 + rank)
+    batches = [torch.randn(8, 6, generator=gen) for _ in range(3)]
+    for x in batches[:2]:
+        opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
+    if rank == 0:
+        change(opt)
+    return refused_step(
+        opt, lambda x=batches[2], ddp=ddp: ddp(x).pow(2).mean(), list(model.parameters())
+    )
+
+
 def written_on_one_rank_run(rank: int, written: dict = WRITTEN_ON_ONE_RANK) -> dict:
     """After two steps rank 0 alone writes a setting (``lr``, as a scheduler stepped on one
     rank would, also as a tensor; ``c``; the second group's ``weight_decay``;
@@ -408,60 +432,34 @@ def written_on_one_rank_run(rank: int, written: dict = WRITTEN_ON_ONE_RANK) -> d
     collective holds): the next step's error on both ranks, nothing moved (each rank went
     its own way: rank 0 searched from the written lr while rank 1 reused its step size, and
     their collectives paired wrongly, a hang; or rank 0's first collective had another size,
-    an abort). Both ranks also write the same ``lr`` as a tensor on their own device,
-    whose ``repr`` differs where the devices do: the step is taken (a run here shows it as
-    ``"cpu"`` on both; the mark counts the values)."""
+    an abort)."""
+
+    def write(opt, key: str, indices: tuple[int, ...]) -> None:
+        setting = "lr" if key == "lr_tensor" else key
+        for i in indices:
+            group = opt.param_groups[i]
+            group[setting] = _written(key, group[setting])
+
     errors: dict[str, dict] = {}
     for key, indices in written.items():
         errors[key] = {}
         for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
-            ddp = nn.parallel.DistributedDataParallel(model)
-            groups = [
-                {"params": list(model[0].parameters())},
-                {"params": list(model[2].parameters()), "weight_decay": 0.1},
-            ]
-            opt = cls(groups)
-            gen = torch.Generator().manual_seed(10 + rank)
-            batches = [torch.randn(8, 6, generator=gen) for _ in range(3)]
-            for x in batches[:2]:
-                opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
-            if rank == 0:  # (valid on rank 0: an error raised on one rank alone hangs the
-                for i in indices:  # other in its next collective, as in any torch program)
-                    group = opt.param_groups[i]
-                    setting = "lr" if key == "lr_tensor" else key
-                    group[setting] = _written(key, group[setting])
-            error, moved = refused_step(
-                opt, lambda x=batches[2], ddp=ddp: ddp(x).pow(2).mean(), list(model.parameters())
+            errors[key][name], errors[key][f"{name}-moved"] = _refused_after_rank0_changes(
+                rank, cls, lambda opt, key=key, indices=indices: write(opt, key, indices)
             )
-            errors[key][name], errors[key][f"{name}-moved"] = error, moved
     return errors
 
 
 def moved_between_groups_run(rank: int) -> dict:
     """After two steps rank 0 alone moves the first layer's bias into the second group:
     the next step's error on both ranks, nothing moved."""
+
+    def move(opt) -> None:
+        opt.param_groups[1]["params"].append(opt.param_groups[0]["params"].pop())
+
     errors: dict[str, str | None] = {}
     for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
-        ddp = nn.parallel.DistributedDataParallel(model)
-        groups = [
-            {"params": list(model[0].parameters())},
-            {"params": list(model[2].parameters()), "weight_decay": 0.1},
-        ]
-        opt = cls(groups)
-        gen = torch.Generator().manual_seed(10 + rank)
-        batches = [torch.randn(8, 6, generator=gen) for _ in range(3)]
-        for x in batches[:2]:
-            opt.step(lambda x=x, ddp=ddp: ddp(x).pow(2).mean())
-        if rank == 0:
-            bias = opt.param_groups[0]["params"].pop()
-            opt.param_groups[1]["params"].append(bias)
-        errors[name], errors[f"{name}-moved"] = refused_step(
-            opt, lambda x=batches[2], ddp=ddp: ddp(x).pow(2).mean(), list(model.parameters())
-        )
+        errors[name], errors[f"{name}-moved"] = _refused_after_rank0_changes(rank, cls, move)
     return errors
 
 

@@ -107,6 +107,11 @@ ONE_RANK_GROUP = """
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 """
+#: The end of a check whose set-up began ``ONE_RANK_GROUP``.
+ENDS_ONE_RANK_GROUP = """import torch.distributed
+
+torch.distributed.destroy_process_group()
+"""
 
 CLASSIFIER = """
     import torch
@@ -236,10 +241,8 @@ assert not ALSALS_WARNINGS, ALSALS_WARNINGS
         "check": """
 assert optimizer.last_step.kind == "search" and optimizer.last_step.backwards == 1
 assert not ALSALS_WARNINGS, ALSALS_WARNINGS
-import torch.distributed
-
-torch.distributed.destroy_process_group()
-""",
+"""
+        + ENDS_ONE_RANK_GROUP,
     },
     "fsdp2": {
         "setup": "def setup():"
@@ -264,10 +267,8 @@ torch.distributed.destroy_process_group()
 assert type(next(model.parameters())).__name__ == "DTensor"
 assert optimizer.last_step.kind == "search" and optimizer.last_step.backwards == 1
 assert not ALSALS_WARNINGS, ALSALS_WARNINGS
-import torch.distributed
-
-torch.distributed.destroy_process_group()
-""",
+"""
+        + ENDS_ONE_RANK_GROUP,
     },
     "autocast": {
         "setup": "def setup():"
@@ -377,8 +378,8 @@ from alsals.integrations.amp import step_with_scaler
 step_with_scaler(optimizer, closure, scaler)
 assert optimizer.last_step.kind == "search" and optimizer.last_step.backwards == 1
 assert not ALSALS_WARNINGS, ALSALS_WARNINGS
-torch.distributed.destroy_process_group()
-""",
+"""
+        + ENDS_ONE_RANK_GROUP,
     },
     "diagnostics-scan": {
         "setup": "def setup():"

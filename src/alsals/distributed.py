@@ -240,20 +240,12 @@ def check_same_settings(
     """Every rank of ``group`` holds the same settings and parameter shapes in its parameter
     groups: else a ``ValueError`` on every rank. A collective of its own, which a first step
     issues before anything else (the closure's too: ranks holding different groups would
-    pair even the step's first collective wrongly); later steps compare the same marks in
-    their first collective (:class:`RankMarks`). Nothing without ``torch.distributed``."""
+    pair even the step's first collective wrongly), comparing the marks later steps compare
+    in their first collective (:class:`RankMarks`). Nothing without ``torch.distributed``."""
     if world_size(group) == 1:
         return
-    marks = [float(settings_mark(name, groups)), float(shapes_mark(groups))]
-    extremes = torch.tensor(marks + [-m for m in marks], dtype=torch.float64, device=device)
-    if dist.get_backend(group) == dist.Backend.NCCL and not extremes.is_cuda:
-        extremes = extremes.cuda()
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-    highest_settings, highest_shapes, lowest_settings, lowest_shapes = extremes.tolist()
-    if highest_settings != -lowest_settings:
-        raise ValueError(DIFFERENT_SETTINGS.format(name=name))
-    if highest_shapes != -lowest_shapes:
-        raise ValueError(DIFFERENT_PARAMETERS.format(name=name))
+    marks = RankMarks(name, settings_mark(name, groups), shapes_mark(groups))
+    mean_to_host([torch.zeros((), dtype=torch.float64, device=device)], group, marks)
 
 
 def mean_on_device(value: Tensor, group: dist.ProcessGroup | None) -> Tensor:

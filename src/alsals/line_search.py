@@ -1244,7 +1244,7 @@ class LineSearchOptimizer(SearchingOptimizer):
                 # a pass the rounding let through, below every trial that failed, says
                 # nothing of the slope; the trials above it may (judged by the plain test:
                 # the smoothed one's verdicts are no one trial's)
-                smallest = walk.eta <= min(eta for eta, _ in judged_trials or [(walk.eta, 0)])
+                smallest = all(walk.eta <= eta for eta, _ in judged_trials)
                 rounding = loss0 - value <= FIRM_RISE * resolution
                 if rounding and smallest and not history:
                     accepted.overstated = self._overstated(test, judged_trials, loss0, resolution)

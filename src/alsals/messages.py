@@ -91,8 +91,8 @@ DISCONNECTED_WARNING = (
 )
 OVERSTATED_WARNING = (
     "{name}: the loss fell by about 1/{factor:.2g} of what the gradient promised at every "
-    "trial of a search, however small the step, and {outcome}. Either the gradient is about {factor:.2g}x the loss the closure returns "
-    "(a closure that accumulates gradients over micro-batches without dividing each one's "
+    "trial of a search, however small the step, and {outcome}. Either the gradient is about "
+    "{factor:.2g}x the loss the closure returns (a closure that accumulates gradients over micro-batches without dividing each one's "
     "loss by their number, runs backward twice, or returns a loss scaled otherwise than the "
     "one it differentiates; AdamW does not notice: its update ignores the gradient's scale): "
     "return the loss whose gradient the closure computes; or the loss has a kink at these "

@@ -116,12 +116,13 @@ class SearchingOptimizer(torch.optim.Optimizer):
         ``add_param_group``), and every rank holds the same settings and parameters: at the
         first step in a collective of its own, before the closure runs; at every step in
         its first collective (:meth:`_rank_marks`)."""
+        if self._meshes_checked and self._ranks_checked:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
         if not self._meshes_checked:
-            params = [p for g in self.param_groups for p in g["params"]]
             check_meshes_span_group(params, self._process_group)
             self._meshes_checked = True
         if not self._ranks_checked:
-            params = [p for g in self.param_groups for p in g["params"]]
             device = params[0].device if params else None
             check_same_settings(name, self.param_groups, self._process_group, device)
             self._ranks_checked = True
