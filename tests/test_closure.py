@@ -509,6 +509,42 @@ def test_closure_with_backward_that_never_zeroes_takes_the_steps_of_one_that_doe
             assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("added_before", [False, True], ids=["left", "added-to"])
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_new_optimizer_drops_what_the_one_it_replaced_left_in_grad(cls, added_before):
+    """A restart (a new optimizer built from the model mid-run) with a closure that forgets
+    zero_grad(): its first step does not add the gradients the last one's step left in
+    .grad (those it finds added to since, a micro-batch run outside, it keeps)."""
+    net, batches = _net_and_batches()
+    opt = cls(net.parameters(), lr=1.0)
+
+    def forgetful(model, xb, yb):
+        def closure(backward: bool):
+            loss = _bce(model, xb, yb)
+            if backward:
+                loss.backward()
+            return loss
+
+        return closure
+
+    for xb, yb in batches[:2]:
+        opt.step(forgetful(net, xb, yb))
+    twin = _twin(net)  # the same weights, and the gradients the user meant to keep
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0
+        q.grad = p.grad.clone() if added_before else None
+    if added_before:  # a micro-batch's backward into .grad after the step: it counts
+        _bce(net, *batches[0]).backward()
+        _bce(twin, *batches[0]).backward()
+    restarted = cls(net.parameters(), lr=1.0)
+    reference = cls(twin.parameters(), lr=1.0)
+    restarted.step(forgetful(net, *batches[2]))
+    reference.step(forgetful(twin, *batches[2]))
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["to-none", "in-place"])
 def test_gradients_accumulated_outside_the_closure_since_the_last_step_are_kept(
     optimizer_class, set_to_none

@@ -99,6 +99,7 @@ from alsals.messages import (
     SCHEDULE_WARNING,
     STALE_BUFFERS_HINT,
     STALL_WARNING_STEPS,
+    UNBOUNDED_LOSS_HINT,
     UNCHANGED_LOSS_WARNING,
     UNDONE_WARNING,
     UNRESOLVED_WARNING,
@@ -157,7 +158,8 @@ class StepInfo:
     ``"nonfinite"`` (loss, gradient, moment or slope not finite: step skipped) or
     ``"zero_grad"`` (no gradient, or all zero); ``ALSALS`` has ``"kept"`` and
     ``"exhausted"`` in place of ``"failed"`` and ``"unresolved"`` (what each does is in
-    its docstring). ``step_size`` is the ``eta`` applied (0 when
+    its docstring). ``trials``, ``forwards`` and ``backwards`` count this step's (the
+    run's totals are in ``search_state``). ``step_size`` is the ``eta`` applied (0 when
     the weights did not move), ``slope`` the slope estimate (``nan`` when none was computed)
     and ``loss_decrease`` is ``f(w0) - f(w0 + eta d)`` at the accepted trial (``nan`` if
     none, or if the step size was taken untested, ``trust_interpolation``). ``grad_norm``
@@ -409,6 +411,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         self._meshes_checked = False  # the DTensors' meshes fit the process group
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
+        self._last_stored: tuple[dict, dict] | None = None  # (state, search state) (_store)
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
         self._dropped_looked = False  # looked once for gradients a closure() dropped
@@ -713,7 +716,7 @@ class LineSearchOptimizer(SearchingOptimizer):
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
             if left:  # still the previous step's gradients, as copies
-                self._left_grads = LeftGradients(params)
+                self._left_grads = LeftGradients.at_step_end(params)
         return StepPreview(info=info, params=taking_part, direction=direction, state=before)
 
     # ------------------------------------------------------------------------------ the step
@@ -764,7 +767,7 @@ class LineSearchOptimizer(SearchingOptimizer):
             evaluator.abort()
             if commit and not evaluator.grads_as_found():
                 # a retry must not add this attempt's gradients to its own
-                self._left_grads = LeftGradients(evaluator.params)
+                self._left_grads = LeftGradients.at_step_end(evaluator.params)
             raise
         info = StepInfo(
             kind=outcome.kind,
@@ -780,7 +783,7 @@ class LineSearchOptimizer(SearchingOptimizer):
             loss_rose=outcome.loss_rose,
         )
         if commit:
-            self._left_grads = LeftGradients(evaluator.params)
+            self._left_grads = LeftGradients.at_step_end(evaluator.params)
             self._finish(search, outcome, evaluator, info)
             if run.first_search and outcome.kind in SEARCH_KINDS:
                 self._report_first_search(outcome, evaluator, run.start_step_size)
@@ -1741,7 +1744,8 @@ class LineSearchOptimizer(SearchingOptimizer):
                 "loss_floor",
                 f"{name}: the loss {loss0:.6g} is below loss_floor={self._floor():g}, the lower "
                 "bound the Polyak cap assumes; the cap is off while it is. Pass the loss's "
-                "lower bound as loss_floor (a loss that can be negative), or loss_floor=None",
+                "lower bound as loss_floor (a loss that can be negative), or loss_floor=None."
+                + UNBOUNDED_LOSS_HINT,
                 UserWarning,
             )
 

@@ -35,6 +35,13 @@ SCHEDULE_WARNING = (
     "schedule (the line search picks the step size), or write lr only to set where the next "
     "search starts."
 )
+#: Appended to the warning that a loss went below ``loss_floor``: a loss that has no lower
+#: bound at all is no objective for a line search.
+UNBOUNDED_LOSS_HINT = (
+    " A loss with no lower bound at all (a policy gradient's surrogate, -log p times the "
+    "advantage) gives a line search nothing to judge: larger steps keep lowering it, and the "
+    "policy collapses; train such a loss with AdamW."
+)
 BUFFERS_WARNING = (
     "{name}: {modules} updated its buffers (running statistics, power-iteration vectors) "
     "during a trial evaluation, "

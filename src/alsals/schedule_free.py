@@ -131,6 +131,7 @@ from alsals.messages import (
     STALE_BUFFERS_HINT,
     STALL_WARNING_STEPS,
     TRIALS_NONFINITE,
+    UNBOUNDED_LOSS_HINT,
     not_replayed_message,
     overstated_message,
     unchanged_message,
@@ -625,6 +626,7 @@ class ALSALS(SearchingOptimizer):
         self._meshes_checked = False  # the DTensors' meshes fit the process group
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
+        self._last_stored: tuple[dict, dict] | None = None  # (state, search state) (_store)
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self.last_step: StepInfo | None = None
         defaults = {
@@ -904,14 +906,14 @@ class ALSALS(SearchingOptimizer):
             self._versions = self._weight_versions()
             evaluator.abort()
             if not evaluator.grads_as_found():  # a retry must not add this attempt's to its own
-                self._left_grads = LeftGradients(params)
+                self._left_grads = LeftGradients.at_step_end(params)
             raise
         for average in averages:  # x' where the step moved, x where it did not
             average.restore()
         self._versions = self._weight_versions()
         evaluator.finish()
         self._trials_with_grad = evaluator.trials_with_grad
-        self._left_grads = LeftGradients(params)
+        self._left_grads = LeftGradients.at_step_end(params)
         search.forwards += evaluator.forwards
         search.backwards += evaluator.backwards
         search.trials += info.trials
@@ -956,13 +958,13 @@ class ALSALS(SearchingOptimizer):
             )
             if len(moved) == len(stepped):
                 group["weight_sum"], group["lr_max"] = 0.0, 0.0
-        anchor = anchor_parameter(self.param_groups)
-        if anchor is not None and STATE_KEY in self.state[anchor]:
+        stored = self._stored_entry()
+        if stored is not None:
             # (the groups' lr is left as it is: a written lr stays the user's word)
-            search = SearchState.from_dict(self.state[anchor][STATE_KEY])
+            search = SearchState.from_dict(stored)
             search.watch = None  # it compares losses of weights no longer held
             search.edits += 1
-            self.state[anchor][STATE_KEY] = search.to_dict()
+            self._store_entry(search)
         self._versions = self._weight_versions()
 
     @torch.no_grad()
@@ -1151,7 +1153,8 @@ class ALSALS(SearchingOptimizer):
                 "loss_floor",
                 f"ALSALS: the loss {loss0:.6g} is below loss_floor={h['loss_floor']:g}, the "
                 "lower bound the Polyak start and cap assume; they are off while it is. Pass "
-                "the loss's lower bound (loss_floor=...), or loss_floor=None for neither.",
+                "the loss's lower bound (loss_floor=...), or loss_floor=None for neither."
+                + UNBOUNDED_LOSS_HINT,
             )
         lead = sum(averaging)
         search.leading += lead > 0.0

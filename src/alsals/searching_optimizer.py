@@ -82,6 +82,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_shapes_mark", None)
         self.__dict__.setdefault("_placeholders", False)
         self.__dict__.setdefault("_signature", None)
+        self.__dict__.setdefault("_last_stored", None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SearchingOptimizer:
         return copy_sharing_process_group(self, memo)
@@ -161,18 +162,36 @@ class SearchingOptimizer(torch.optim.Optimizer):
             self.state[anchor][self.STATE_KEY] = self._stored_search_state().to_dict()
         self._placeholders = True
 
-    def _stored_search_state(self) -> Any:
+    def _stored_entry(self) -> dict[str, Any] | None:
+        """The stored search state: in the first parameter's state, or, where that parameter
+        left the groups since the last step (surgery: the first group or parameter removed,
+        its state with it or not) while the state still holds entries, the one that step
+        stored (``None`` before a first step, and after ``optimizer.state.clear()``)."""
         anchor = anchor_parameter(self.param_groups)
         stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+        if stored is None and self._last_stored is not None:
+            state, entry = self._last_stored
+            if state is self.state and any(self.state.values()):  # (a loaded one is new)
+                return entry
+            self._last_stored = None  # (a state cleared: the run starts afresh)
+        return stored
+
+    def _stored_search_state(self) -> Any:
+        stored = self._stored_entry()
         if stored is None:
             lr = self.defaults["lr"]
             return self.SEARCH_STATE(step_size=lr, initial_step_size=lr)
         return self.SEARCH_STATE.from_dict(stored)
 
-    def _store(self, search: Any) -> None:
+    def _store_entry(self, search: Any) -> None:
         anchor = anchor_parameter(self.param_groups)
         if anchor is not None:
-            self.state[anchor][self.STATE_KEY] = search.to_dict()
+            self.state[anchor][self.STATE_KEY] = entry = search.to_dict()
+            self._last_stored = (self.state, entry)
+
+    def _store(self, search: Any) -> None:
+        """The search state stored, and the step size it holds shown in the groups' ``lr``."""
+        self._store_entry(search)
         for group in self.param_groups:
             group["lr"] = search.step_size * group["lr_scale"]
         self._shown_lr = [g["lr"] for g in self.param_groups]
