@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -439,3 +442,101 @@ def test_taking_out_the_first_group_or_parameter_keeps_the_search_state(cls, how
         assert resumed.search_state == after
     opt.state.clear()  # a reset
     assert getattr(opt.search_state, steps) == 0
+
+
+def _two_group_run(cls, steps: int = 6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt = cls([{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}])
+
+    def closure():
+        return nn.functional.mse_loss(model(x), y)
+
+    for _ in range(steps):
+        opt.step(closure)
+    return model, opt, closure
+
+
+def _steps_taken(search) -> int:
+    return search.steps if hasattr(search, "steps") else search.step  # (ALSALS's / others')
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_a_first_group_taken_out_and_put_back_later_does_not_roll_the_search_back(cls):
+    """The first group's parameter held the search state; taken out, the run went on
+    without it; put back first, it holds no stale copy that would take the run back."""
+    _, opt, closure = _two_group_run(cls)
+    removed = opt.param_groups.pop(0)
+    for _ in range(4):
+        opt.step(closure)
+    went_on = opt.search_state
+    opt.param_groups.insert(0, removed)
+    assert opt.search_state == went_on
+    opt.step(closure)
+    assert _steps_taken(opt.search_state) == _steps_taken(went_on) + 1
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_surgery_right_after_a_resume_keeps_the_loaded_search_state(cls):
+    """A resumed optimizer whose first group is taken out before its first step goes on
+    from the loaded search state, not from ``lr``."""
+    model, opt, closure = _two_group_run(cls)
+    saved = opt.state_dict()
+    resumed = cls(
+        [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+    )
+    resumed.load_state_dict(saved)
+    loaded = resumed.search_state
+    del resumed.param_groups[0]
+    assert resumed.search_state == loaded
+    resumed.step(closure)
+    assert _steps_taken(resumed.search_state) == _steps_taken(loaded) + 1
+
+
+@pytest.mark.parametrize(
+    "cls", [ALSALS, MomentumALSALS, AdamSLS], ids=["ALSALS", "MomentumALSALS", "AdamSLS"]
+)
+def test_a_load_keeps_nothing_of_the_state_it_replaces_alive(cls):
+    """``load_state_dict`` (a rollback to a checkpoint mid-run) frees the state it
+    replaces: two copies of the moments on a GPU would be an out-of-memory."""
+    model, opt, closure = _two_group_run(cls)
+    saved = copy.deepcopy(opt.state_dict())
+    opt.step(closure)
+    old = [
+        weakref.ref(v) for entry in opt.state.values() for v in entry.values() if torch.is_tensor(v)
+    ]
+    assert old  # (the moments: SLS keeps none)
+    opt.load_state_dict(saved)
+    gc.collect()
+    assert all(ref() is None for ref in old)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_a_cleared_state_given_a_checkpointing_tools_entries_starts_afresh(cls):
+    """``optimizer.state.clear()`` resets the run, also where a checkpointing tool then
+    creates the state's entries before the next step (its call: no closure, lr 0, zero
+    gradients)."""
+    model, opt, closure = _two_group_run(cls)
+    opt.state.clear()
+    lrs = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # (torch.distributed.checkpoint's _init_optim_state)
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    assert _steps_taken(opt.search_state) == 0

@@ -178,10 +178,10 @@ def as_loss_tensor(value: object, role: str) -> Tensor:
 
 
 #: The gradient tensors some optimizer's step left in ``.grad`` (weakly, by id) and their
-#: versions then: a new optimizer over the same weights (a restart, built from the model
-#: mid-run) finds them there before its first step and drops them as the one that stepped
-#: would have (:meth:`LeftGradients.of_earlier_steps`). Entries of freed tensors are swept
-#: once the table has doubled since the last sweep.
+#: versions then: another optimizer over the same weights (a restart's, built from the model
+#: mid-run, or one used in turn) drops them as the one that stepped would have
+#: (:func:`left_by_a_step`). Entries of freed tensors are swept once the table has doubled
+#: since the last sweep.
 _LEFT_BY_STEPS: dict[int, tuple[weakref.ref, int]] = {}
 _sweep_above = 1024
 
@@ -193,9 +193,27 @@ def _remember_left(marks: Iterable[tuple[weakref.ref, int] | None]) -> None:
         if grad is not None:
             _LEFT_BY_STEPS[id(grad)] = mark
     if len(_LEFT_BY_STEPS) > _sweep_above:
-        for key in [k for k, (ref, _) in _LEFT_BY_STEPS.items() if ref() is None]:
-            del _LEFT_BY_STEPS[key]
+        # (a snapshot: an optimizer stepping in another thread may add entries meanwhile)
+        for key, (ref, _) in list(_LEFT_BY_STEPS.items()):
+            if ref() is None:
+                _LEFT_BY_STEPS.pop(key, None)
         _sweep_above = max(1024, 2 * len(_LEFT_BY_STEPS))
+
+
+def left_by_a_step(params: Sequence[Tensor]) -> bool:
+    """Whether ``params`` hold exactly the gradients some optimizer's step left them (this
+    one's, or another's over the same weights: the one a restart replaced, or one used in
+    turn), untouched since, at least one of them."""
+    held = False
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        mark = _LEFT_BY_STEPS.get(id(grad))
+        if mark is None or mark[0]() is not grad or grad._version != mark[1]:
+            return False
+        held = True
+    return held
 
 
 class LeftGradients:
@@ -206,9 +224,9 @@ class LeftGradients:
     same tensors, not modified in place), the previous step's gradient would silently be
     added to this one: no training loop wants that, so the optimizer drops them before the
     closure runs. Gradients accumulated, zeroed or replaced since (micro-batches run outside
-    the closure, a Trainer's backward) are not untouched and stay. That holds across
-    optimizers too: those a step of another optimizer left (the one a restart replaced) are
-    dropped at a new optimizer's first step.
+    the closure, a Trainer's backward) are not untouched and stay. Those another optimizer's
+    step left are dropped too (the one a restart replaced, or one used in turn over the same
+    weights): :func:`left_by_a_step`.
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
@@ -221,17 +239,6 @@ class LeftGradients:
         remembered for a new optimizer over the same weights."""
         left = cls(params)
         _remember_left(left._marks.values())
-        return left
-
-    @classmethod
-    def of_earlier_steps(cls, params: Sequence[Tensor]) -> LeftGradients:
-        """For an optimizer without marks of its own (before its first step): the marks
-        any optimizer's step left on ``params``' gradients (:meth:`at_step_end`)."""
-        left = cls(())
-        for p in params:
-            mark = None if p.grad is None else _LEFT_BY_STEPS.get(id(p.grad))
-            if mark is not None and mark[0]() is p.grad:
-                left._marks[id(p)] = mark
         return left
 
     def add(self, params: Sequence[Tensor]) -> None:
@@ -512,8 +519,11 @@ class ClosureEvaluator:
         if self.watch_dropped and drops and self.left is not None:
             created = self.left.created(self.params)
             self.dropped_gradients = _any_nonzero(created) if created else None
-        left = self.left if self.left is not None else LeftGradients.of_earlier_steps(self.params)
-        dropped = dropped or left.untouched(self.params)
+        dropped = (
+            dropped
+            or (self.left is not None and self.left.untouched(self.params))
+            or left_by_a_step(self.params)
+        )
         # gradients the closure adds to (accumulated outside it): remembered, so that an
         # exception can tell them from this attempt's (not on the plain closure's path)
         self._grads_found = None if dropped else LeftGradients(self.params)

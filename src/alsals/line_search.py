@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,13 @@ from alsals.acceptance import (
     overstated_fraction,
 )
 from alsals.backtracking import MIN_STEP_SIZE, Backtracking
-from alsals.closure import Closure, ClosureEvaluator, LeftGradients, checked_buffers
+from alsals.closure import (
+    Closure,
+    ClosureEvaluator,
+    LeftGradients,
+    checked_buffers,
+    left_by_a_step,
+)
 from alsals.directions import (
     Direction,
     GroupStep,
@@ -411,7 +418,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         self._meshes_checked = False  # the DTensors' meshes fit the process group
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
-        self._last_stored: tuple[dict, dict] | None = None  # (state, search state) (_store)
+        self._last_stored: dict | None = None  # the search state stored last (_store)
+        self._search_holder: weakref.ref | None = None  # the parameter it was stored with
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
         self._dropped_looked = False  # looked once for gradients a closure() dropped
@@ -520,6 +528,7 @@ class LineSearchOptimizer(SearchingOptimizer):
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_KEYS})
         self._shown_lr = shown
         self._placeholders, self._signature = False, None  # (the loaded state holds none)
+        self._remember_loaded_entry()
 
     def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state of another optimizer, minus that optimizer's settings (with a warning)."""
@@ -696,7 +705,9 @@ class LineSearchOptimizer(SearchingOptimizer):
         """
         params = self.params()
         grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-        left = self._left_grads is not None and self._left_grads.untouched(params)
+        left = (
+            self._left_grads is not None and self._left_grads.untouched(params)
+        ) or left_by_a_step(params)
         before = self.search_state
         try:
             _, info, run = self._step(closure, commit=False)

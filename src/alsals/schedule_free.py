@@ -86,6 +86,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -531,7 +532,7 @@ class ALSALS(SearchingOptimizer):
     STATE_KEY = STATE_KEY
     PLACEHOLDER_KEYS = PLACEHOLDER_KEYS
     SEARCH_STATE = SearchState
-    NOT_COPIED = ("_left_grads", "_held", "_versions")
+    NOT_COPIED = ("_left_grads", "_search_holder", "_held", "_versions")
 
     def __init__(
         self,
@@ -626,7 +627,8 @@ class ALSALS(SearchingOptimizer):
         self._meshes_checked = False  # the DTensors' meshes fit the process group
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
-        self._last_stored: tuple[dict, dict] | None = None  # (state, search state) (_store)
+        self._last_stored: dict | None = None  # the search state stored last (_store)
+        self._search_holder: weakref.ref | None = None  # the parameter it was stored with
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self.last_step: StepInfo | None = None
         defaults = {
@@ -775,6 +777,7 @@ class ALSALS(SearchingOptimizer):
         self._held = None
         self._shown_lr = shown
         self._placeholders, self._signature = False, None  # (the loaded state holds none)
+        self._remember_loaded_entry()
 
     def __getstate__(self) -> dict[str, Any]:
         if self._held is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -51,7 +52,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
     #: ``step_size`` and ``initial_step_size``.
     SEARCH_STATE: ClassVar[type[Any]]
     #: The attributes a copy (deepcopy, pickle) leaves out.
-    NOT_COPIED: ClassVar[tuple[str, ...]] = ("_left_grads",)
+    NOT_COPIED: ClassVar[tuple[str, ...]] = ("_left_grads", "_search_holder")
 
     # ------------------------------------------------------------------ torch.optim protocol
 
@@ -83,6 +84,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_placeholders", False)
         self.__dict__.setdefault("_signature", None)
         self.__dict__.setdefault("_last_stored", None)
+        self.__dict__.setdefault("_search_holder", None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SearchingOptimizer:
         return copy_sharing_process_group(self, memo)
@@ -156,6 +158,8 @@ class SearchingOptimizer(torch.optim.Optimizer):
         """The entries a first step creates, marked as written by none
         (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
         entries an optimizer holds."""
+        if not any(self.state.values()):  # (a cleared state: its run starts afresh)
+            self._last_stored = None
         create_placeholders(self.state, self.param_groups, self._placeholder_entries)
         anchor = anchor_parameter(self.param_groups)
         if anchor is not None and self.state[anchor].get("step") == 0:
@@ -164,16 +168,15 @@ class SearchingOptimizer(torch.optim.Optimizer):
 
     def _stored_entry(self) -> dict[str, Any] | None:
         """The stored search state: in the first parameter's state, or, where that parameter
-        left the groups since the last step (surgery: the first group or parameter removed,
-        its state with it or not) while the state still holds entries, the one that step
-        stored (``None`` before a first step, and after ``optimizer.state.clear()``)."""
+        left the groups since the last step or load (surgery: the first group or parameter
+        removed, its state with it or not) while the state still holds entries, the one
+        stored last (``None`` before a first step, and after ``optimizer.state.clear()``)."""
         anchor = anchor_parameter(self.param_groups)
         stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
         if stored is None and self._last_stored is not None:
-            state, entry = self._last_stored
-            if state is self.state and any(self.state.values()):  # (a loaded one is new)
-                return entry
-            self._last_stored = None  # (a state cleared: the run starts afresh)
+            if any(self.state.values()):
+                return self._last_stored
+            self._last_stored = None  # (a cleared state: the run starts afresh)
         return stored
 
     def _stored_search_state(self) -> Any:
@@ -185,9 +188,23 @@ class SearchingOptimizer(torch.optim.Optimizer):
 
     def _store_entry(self, search: Any) -> None:
         anchor = anchor_parameter(self.param_groups)
-        if anchor is not None:
-            self.state[anchor][self.STATE_KEY] = entry = search.to_dict()
-            self._last_stored = (self.state, entry)
+        if anchor is None:
+            return
+        self._last_stored = self.state[anchor][self.STATE_KEY] = search.to_dict()
+        # (a first parameter taken out by surgery keeps no stale copy, which would win
+        # over the run's if it came back first)
+        holder = self._search_holder() if self._search_holder is not None else None
+        if holder is not None and holder is not anchor and holder in self.state:
+            self.state[holder].pop(self.STATE_KEY, None)
+        self._search_holder = weakref.ref(anchor)
+
+    def _remember_loaded_entry(self) -> None:
+        """After a load: the loaded search state is the one stored last (surgery right after
+        a resume keeps it), and the replaced state is not kept alive."""
+        anchor = anchor_parameter(self.param_groups)
+        stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+        self._last_stored = stored
+        self._search_holder = None if anchor is None else weakref.ref(anchor)
 
     def _store(self, search: Any) -> None:
         """The search state stored, and the step size it holds shown in the groups' ``lr``."""
