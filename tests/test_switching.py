@@ -17,6 +17,7 @@ from torch import nn
 from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
 from alsals.integrations.amp import step_with_scaler
 from alsals.messages import OVERSTATED_OUTCOMES
+from alsals.schedule_free import SearchResult
 from conftest import SmallNet, make_classification
 
 
@@ -401,6 +402,35 @@ def test_a_gradient_k_times_the_returned_loss_is_named_with_its_factor(cls, k, n
         assert factor == pytest.approx(k, rel=0.1)
         assert "micro-batches" in named[0] and "kink" in named[0]  # (both causes named)
         assert all("converged" not in m for m in messages)
+
+
+@pytest.mark.parametrize("averaging", [-1.0, -1e-3], ids=["averaging-large", "averaging-small"])
+def test_alsals_judges_the_gradients_scale_only_on_trials_the_step_along_u_promises(averaging):
+    """``ALSALS``'s promise has two parts: the averaging move's (``y`` towards ``z``, which
+    may promise a rise) and the step's along ``u``. Near where they cancel, the fraction of
+    the promise a trial lowered the loss by says nothing about the gradient's scale (a
+    BiGRU with CTC loss, its gradient exact, was told its gradient was 17x its loss): only
+    trials whose averaging part is at most a quarter of the step's are judged. The same
+    fractions (1/5 of the promise at step sizes 1, 4, 16) with a small averaging part are
+    the overstatement they are."""
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = ALSALS([w])
+    group = opt.param_groups[0]
+    group["lr_max"], group["weight_sum"] = 16.0, 9.0 * 16.0**2  # (alpha 0.1 at every trial)
+    slope = [1.0]
+    loss0 = 10.0
+    trials = []
+    for gamma in (1.0, 4.0, 16.0):
+        promise = opt._promised(gamma, [averaging], slope)
+        assert promise > 0.0
+        trials.append((gamma, loss0 - promise / 5.0))
+    result = SearchResult("kept", 16.0, len(trials))
+    ratio, passed = opt._overstated_slope(loss0, result, trials, [averaging], slope, torch.float64)
+    assert not passed
+    if averaging == -1.0:  # (its part is 0.53 of the step's at gamma 1: two trials left)
+        assert math.isnan(ratio)
+    else:
+        assert ratio == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("cls", [SLS, AdamSLS], ids=["SLS", "AdamSLS"])

@@ -38,9 +38,10 @@ SCHEDULE_WARNING = (
 #: Appended to the warning that a loss went below ``loss_floor``: a loss that has no lower
 #: bound at all is no objective for a line search.
 UNBOUNDED_LOSS_HINT = (
-    " A loss with no lower bound at all (a policy gradient's surrogate, -log p times the "
-    "advantage) gives a line search nothing to judge: larger steps keep lowering it, and the "
-    "policy collapses; train such a loss with AdamW."
+    " (A negative log-likelihood that goes below 0 is fine with either.) Only where the "
+    "loss has no lower bound at all (a policy gradient's surrogate, -log p times the "
+    "advantage) does a line search have nothing to judge: larger steps keep lowering it, and "
+    "the policy collapses; train such a loss with AdamW."
 )
 BUFFERS_WARNING = (
     "{name}: {modules} updated its buffers (running statistics, power-iteration vectors) "

@@ -163,6 +163,11 @@ from alsals.torch_optim_boundary import (
 #: The exponent of Schedule-Free's averaging weight ``w = max(gamma so far)^2`` (its
 #: ``weight_lr_power``): later steps, taken at the full step size, weigh more.
 AVERAGING_POWER = 2.0
+#: The overstated-slope warning judges only trials whose promise is the step's along ``u``:
+#: the averaging move's part at most this share of it (the fraction of the promise a trial
+#: lowered the loss by is then the gradient's scale against the loss's within about as much
+#: as the flatness test allows, 1/4).
+AVERAGING_SHARE = 0.25
 #: The settings of the search, read from the first parameter group.
 SEARCH_SETTINGS = (
     "c",
@@ -1547,7 +1552,14 @@ class ALSALS(SearchingOptimizer):
         passed = result.kind == "search" and result.decrease > FIRM_RISE * resolution
         if passed:
             return math.nan, True
-        promised = [(g, v, self._promised(g, averaging, slope)) for g, v in trials if g > 0.0]
+        # (only trials whose promise is the step's along u: where the averaging move's part
+        # is a fair share of it, near where the two cancel, the fraction of the promise
+        # says nothing about the gradient's scale)
+        promised = []
+        for gamma, loss in trials:
+            moving, stepping = self._promise_parts(gamma, averaging, slope)
+            if gamma > 0.0 and abs(moving) <= AVERAGING_SHARE * stepping:
+                promised.append((gamma, loss, moving + stepping))
         return overstated_fraction(promised, loss0, self._settings["c"], resolution), False
 
     def _decay_cap(self) -> float:
@@ -1622,12 +1634,20 @@ class ALSALS(SearchingOptimizer):
     def _promised(self, gamma: float, averaging: list[float], slope: list[float]) -> float:
         """``g . (y - y')``: the decrease the gradient promises for the move of size
         ``gamma`` (``averaging`` and ``slope``: each group's ``g . (y - z)`` and ``g . u``)."""
-        total = 0.0
+        return sum(self._promise_parts(gamma, averaging, slope))
+
+    def _promise_parts(
+        self, gamma: float, averaging: list[float], slope: list[float]
+    ) -> tuple[float, float]:
+        """The promise's two parts: the averaging move's (``y`` towards ``z``) and the step's
+        along ``u``."""
+        moving = stepping = 0.0
         for group, a, s in zip(self.param_groups, averaging, slope, strict=True):
             alpha = averaging_weight(group, gamma)[0]
             kappa = 1.0 - group["betas"][0] * (1.0 - alpha)
-            total += alpha * a + gamma * group["lr_scale"] * kappa * s
-        return total
+            moving += alpha * a
+            stepping += gamma * group["lr_scale"] * kappa * s
+        return moving, stepping
 
     def _resolved(
         self,
