@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import pickle
 import warnings
 import weakref
 
@@ -467,10 +468,21 @@ def _steps_taken(search) -> int:
     [ALSALS, MomentumALSALS, AdamSLS, SLS],
     ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
 )
-def test_a_first_group_taken_out_and_put_back_later_does_not_roll_the_search_back(cls):
+@pytest.mark.parametrize("copied", ["as-is", "deepcopy", "pickle"])
+def test_a_first_group_taken_out_and_put_back_later_does_not_roll_the_search_back(cls, copied):
     """The first group's parameter held the search state; taken out, the run went on
-    without it; put back first, it holds no stale copy that would take the run back."""
-    _, opt, closure = _two_group_run(cls)
+    without it; put back first, it holds no stale copy that would take the run back (also
+    in a copy of the model and optimizer, taken before)."""
+    model, opt, _ = _two_group_run(cls)
+    if copied == "deepcopy":  # (a copy taken before the surgery continues the run)
+        model, opt = copy.deepcopy((model, opt))
+    elif copied == "pickle":
+        model, opt = pickle.loads(pickle.dumps((model, opt)))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def closure():
+        return nn.functional.mse_loss(model(x), y)
+
     removed = opt.param_groups.pop(0)
     for _ in range(4):
         opt.step(closure)
@@ -540,3 +552,39 @@ def test_a_cleared_state_given_a_checkpointing_tools_entries_starts_afresh(cls):
     for group, lr in zip(opt.param_groups, lrs, strict=True):
         group["lr"] = lr
     assert _steps_taken(opt.search_state) == 0
+
+
+@pytest.mark.parametrize("how", ["group", "parameter-and-state"])
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_a_checkpoint_taken_right_after_surgery_carries_the_search_state(cls, how):
+    """Surgery, then ``state_dict()`` before any step: the checkpoint holds the run's
+    search state (with the new first parameter), and the resumed run takes the live
+    run's next step."""
+    if cls is SLS and how == "parameter-and-state":
+        pytest.skip("SLS holds no per-parameter state: a state without entries is a new run")
+    model, opt, closure = _two_group_run(cls)
+    if how == "group":
+        for p in opt.param_groups.pop(0)["params"]:
+            opt.state.pop(p, None)  # (torch's state_dict needs them out)
+    else:
+        opt.state.pop(opt.param_groups[0]["params"].pop(0), None)
+    live = opt.search_state
+    saved = copy.deepcopy(opt.state_dict())  # (a load shares the tensors, as torch's does)
+    twin = copy.deepcopy(model)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    twins = list(twin.parameters())
+    resumed = cls(
+        [{"params": [twins[index[id(p)]] for p in g["params"]]} for g in opt.param_groups]
+    )
+    resumed.load_state_dict(saved)
+    assert resumed.search_state == live
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    resumed.step(lambda: nn.functional.mse_loss(twin(x), y))
+    assert resumed.search_state == opt.search_state
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

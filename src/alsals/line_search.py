@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -419,7 +418,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._last_stored: dict | None = None  # the search state stored last (_store)
-        self._search_holder: weakref.ref | None = None  # the parameter it was stored with
+        self._relocated = False  # surgery moved the search state away from the first parameter
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
         self._dropped_looked = False  # looked once for gradients a closure() dropped
@@ -494,6 +493,7 @@ class LineSearchOptimizer(SearchingOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
         showed (:func:`with_shown_lr`)."""
+        self._search_state_at_home()
         return with_shown_lr(plain_settings(super().state_dict()), self._shown_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

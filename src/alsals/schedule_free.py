@@ -86,7 +86,6 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -537,7 +536,7 @@ class ALSALS(SearchingOptimizer):
     STATE_KEY = STATE_KEY
     PLACEHOLDER_KEYS = PLACEHOLDER_KEYS
     SEARCH_STATE = SearchState
-    NOT_COPIED = ("_left_grads", "_search_holder", "_held", "_versions")
+    NOT_COPIED = ("_left_grads", "_held", "_versions")
 
     def __init__(
         self,
@@ -633,7 +632,7 @@ class ALSALS(SearchingOptimizer):
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._last_stored: dict | None = None  # the search state stored last (_store)
-        self._search_holder: weakref.ref | None = None  # the parameter it was stored with
+        self._relocated = False  # surgery moved the search state away from the first parameter
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self.last_step: StepInfo | None = None
         defaults = {
@@ -718,6 +717,7 @@ class ALSALS(SearchingOptimizer):
             self._adopt_edited_weights()
         else:
             self._warn_once("held_state_dict", HELD_WARNING.format(what="state_dict()"))
+        self._search_state_at_home()
         return with_shown_lr(plain_settings(super().state_dict()), self._shown_lr)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -52,7 +51,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
     #: ``step_size`` and ``initial_step_size``.
     SEARCH_STATE: ClassVar[type[Any]]
     #: The attributes a copy (deepcopy, pickle) leaves out.
-    NOT_COPIED: ClassVar[tuple[str, ...]] = ("_left_grads", "_search_holder")
+    NOT_COPIED: ClassVar[tuple[str, ...]] = ("_left_grads",)
 
     # ------------------------------------------------------------------ torch.optim protocol
 
@@ -84,7 +83,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_placeholders", False)
         self.__dict__.setdefault("_signature", None)
         self.__dict__.setdefault("_last_stored", None)
-        self.__dict__.setdefault("_search_holder", None)
+        self.__dict__.setdefault("_relocated", False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SearchingOptimizer:
         return copy_sharing_process_group(self, memo)
@@ -167,17 +166,21 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self._placeholders = True
 
     def _stored_entry(self) -> dict[str, Any] | None:
-        """The stored search state: in the first parameter's state, or, where that parameter
-        left the groups since the last step or load (surgery: the first group or parameter
-        removed, its state with it or not) while the state still holds entries, the one
-        stored last (``None`` before a first step, and after ``optimizer.state.clear()``)."""
-        anchor = anchor_parameter(self.param_groups)
-        stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
-        if stored is None and self._last_stored is not None:
+        """The stored search state: the one stored last (by a step, or a load), while the
+        state holds entries, wherever it lies (surgery may have taken the first parameter,
+        which held it, out of the groups, its state with it or not); else the first
+        parameter's (``None`` before a first step, and after ``optimizer.state.clear()``)."""
+        if self._last_stored is not None:
             if any(self.state.values()):
+                anchor = anchor_parameter(self.param_groups)
+                held = (
+                    self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+                )
+                self._relocated |= held is not self._last_stored
                 return self._last_stored
             self._last_stored = None  # (a cleared state: the run starts afresh)
-        return stored
+        anchor = anchor_parameter(self.param_groups)
+        return self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
 
     def _stored_search_state(self) -> Any:
         stored = self._stored_entry()
@@ -186,25 +189,36 @@ class SearchingOptimizer(torch.optim.Optimizer):
             return self.SEARCH_STATE(step_size=lr, initial_step_size=lr)
         return self.SEARCH_STATE.from_dict(stored)
 
-    def _store_entry(self, search: Any) -> None:
+    def _put_entry(self, entry: dict[str, Any]) -> None:
+        """``entry`` stored with the first parameter; where the search state moved there
+        (surgery), no other parameter keeps a copy, which would take the run back if that
+        parameter came back first."""
         anchor = anchor_parameter(self.param_groups)
         if anchor is None:
             return
-        self._last_stored = self.state[anchor][self.STATE_KEY] = search.to_dict()
-        # (a first parameter taken out by surgery keeps no stale copy, which would win
-        # over the run's if it came back first)
-        holder = self._search_holder() if self._search_holder is not None else None
-        if holder is not None and holder is not anchor and holder in self.state:
-            self.state[holder].pop(self.STATE_KEY, None)
-        self._search_holder = weakref.ref(anchor)
+        self._last_stored = self.state[anchor][self.STATE_KEY] = entry
+        if self._relocated:
+            for p, entries in self.state.items():
+                if p is not anchor and isinstance(entries, dict):
+                    entries.pop(self.STATE_KEY, None)
+            self._relocated = False
+
+    def _store_entry(self, search: Any) -> None:
+        self._put_entry(search.to_dict())
+
+    def _search_state_at_home(self) -> None:
+        """Before ``state_dict()``: the search state with the first parameter, where surgery
+        since the last step left it elsewhere (the checkpoint carries it)."""
+        entry = self._stored_entry()
+        if entry is not None and self._relocated:
+            self._put_entry(entry)
 
     def _remember_loaded_entry(self) -> None:
         """After a load: the loaded search state is the one stored last (surgery right after
         a resume keeps it), and the replaced state is not kept alive."""
         anchor = anchor_parameter(self.param_groups)
         stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
-        self._last_stored = stored
-        self._search_holder = None if anchor is None else weakref.ref(anchor)
+        self._last_stored, self._relocated = stored, False
 
     def _store(self, search: Any) -> None:
         """The search state stored, and the step size it holds shown in the groups' ``lr``."""
