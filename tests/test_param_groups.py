@@ -588,3 +588,26 @@ def test_a_checkpoint_taken_right_after_surgery_carries_the_search_state(cls, ho
     assert resumed.search_state == opt.search_state
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_a_state_restored_into_optimizer_state_by_hand_is_the_runs(cls):
+    """A rollback that puts a snapshot of ``optimizer.state`` back entry by entry (no
+    ``load_state_dict``) rolls the search back with it: the remembered search state of the
+    steps since does not win over it."""
+    model, opt, closure = _two_group_run(cls)
+    snapshot = {p: copy.deepcopy(entries) for p, entries in opt.state.items()}
+    before = opt.search_state
+    for _ in range(5):
+        opt.step(closure)
+    assert opt.search_state != before
+    for p, entries in snapshot.items():
+        opt.state[p] = entries
+    assert opt.search_state == before
+    saved = opt.state_dict()
+    key = opt.STATE_KEY
+    assert saved["state"][0][key]["step_size"] == before.step_size

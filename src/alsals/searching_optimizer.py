@@ -166,21 +166,18 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self._placeholders = True
 
     def _stored_entry(self) -> dict[str, Any] | None:
-        """The stored search state: the one stored last (by a step, or a load), while the
-        state holds entries, wherever it lies (surgery may have taken the first parameter,
-        which held it, out of the groups, its state with it or not); else the first
-        parameter's (``None`` before a first step, and after ``optimizer.state.clear()``)."""
-        if self._last_stored is not None:
+        """The stored search state: the first parameter's; where that parameter holds none
+        while the state holds entries (surgery took the one that held it out of the groups,
+        its state with it or not), the one stored last, by a step or a load (``None``
+        before a first step, and after ``optimizer.state.clear()``)."""
+        anchor = anchor_parameter(self.param_groups)
+        stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+        if stored is None and self._last_stored is not None:
             if any(self.state.values()):
-                anchor = anchor_parameter(self.param_groups)
-                held = (
-                    self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
-                )
-                self._relocated |= held is not self._last_stored
+                self._relocated = True
                 return self._last_stored
             self._last_stored = None  # (a cleared state: the run starts afresh)
-        anchor = anchor_parameter(self.param_groups)
-        return self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+        return stored
 
     def _stored_search_state(self) -> Any:
         stored = self._stored_entry()
@@ -192,7 +189,8 @@ class SearchingOptimizer(torch.optim.Optimizer):
     def _put_entry(self, entry: dict[str, Any]) -> None:
         """``entry`` stored with the first parameter; where the search state moved there
         (surgery), no other parameter keeps a copy, which would take the run back if that
-        parameter came back first."""
+        parameter came back first (a state edited by hand, in place or replaced, is read as
+        it is)."""
         anchor = anchor_parameter(self.param_groups)
         if anchor is None:
             return
