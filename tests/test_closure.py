@@ -650,20 +650,10 @@ def test_preview_then_step_with_a_closure_that_never_zeroes(optimizer_class):
     twin = _twin(net)
     opt = optimizer_class(net.parameters(), lr=1.0)
     opt_twin = optimizer_class(twin.parameters(), lr=1.0)
-
-    def forgetful(model, xb, yb):
-        def closure(backward: bool):
-            loss = _bce(model, xb, yb)
-            if backward:
-                loss.backward()
-            return loss
-
-        return closure
-
     for xb, yb in batches:
-        preview = opt.preview(forgetful(net, xb, yb))
-        opt.step(forgetful(net, xb, yb))
-        opt_twin.step(forgetful(twin, xb, yb))
+        preview = opt.preview(_forgetful(net, xb, yb))
+        opt.step(_forgetful(net, xb, yb))
+        opt_twin.step(_forgetful(twin, xb, yb))
         assert preview.info.step_size == opt.last_step.step_size
         for p, q in zip(net.parameters(), twin.parameters(), strict=True):
             assert torch.equal(p, q)

@@ -394,6 +394,24 @@ def test_a_parameter_unfrozen_after_train_takes_its_step():
     assert torch.equal(first.weight, moved)
 
 
+def _two_group_run(cls, steps: int = 6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt = cls([{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}])
+
+    def closure():
+        return nn.functional.mse_loss(model(x), y)
+
+    for _ in range(steps):
+        opt.step(closure)
+    return model, opt, closure
+
+
+def _steps_taken(search) -> int:
+    return search.steps if hasattr(search, "steps") else search.step  # (ALSALS's / others')
+
+
 def _surgery(opt, how):
     """Model surgery between steps: the first group, or the first parameter (with its state,
     as torch's state_dict needs), taken out of the optimizer."""
@@ -417,24 +435,14 @@ def test_taking_out_the_first_group_or_parameter_keeps_the_search_state(cls, how
     the state it stores next round-trips; a cleared state starts afresh."""
     if cls is SLS and how == "parameter-and-state":
         pytest.skip("SLS holds no per-parameter state: a state without entries is a new run")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-    opt = cls([{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}])
-
-    def closure():
-        return nn.functional.mse_loss(model(x), y)
-
-    for _ in range(12):
-        opt.step(closure)
+    _, opt, closure = _two_group_run(cls, steps=12)
     before = opt.search_state
     assert before.step_size != opt.defaults["lr"]  # (the run moved it)
     _surgery(opt, how)
     assert opt.search_state == before
     opt.step(closure)
     after = opt.search_state
-    steps = "steps" if hasattr(after, "steps") else "step"  # (ALSALS's / the others')
-    assert getattr(after, steps) == getattr(before, steps) + 1
+    assert _steps_taken(after) == _steps_taken(before) + 1
     assert after.searches <= before.searches + 1  # (no first phase of searches again)
     if how == "parameter-and-state":  # (torch's state_dict needs the state taken out too)
         saved = opt.state_dict()
@@ -442,25 +450,7 @@ def test_taking_out_the_first_group_or_parameter_keeps_the_search_state(cls, how
         resumed.load_state_dict(saved)
         assert resumed.search_state == after
     opt.state.clear()  # a reset
-    assert getattr(opt.search_state, steps) == 0
-
-
-def _two_group_run(cls, steps: int = 6):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-    opt = cls([{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}])
-
-    def closure():
-        return nn.functional.mse_loss(model(x), y)
-
-    for _ in range(steps):
-        opt.step(closure)
-    return model, opt, closure
-
-
-def _steps_taken(search) -> int:
-    return search.steps if hasattr(search, "steps") else search.step  # (ALSALS's / others')
+    assert _steps_taken(opt.search_state) == 0
 
 
 @pytest.mark.parametrize(

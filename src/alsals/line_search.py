@@ -127,12 +127,10 @@ from alsals.torch_optim_boundary import (
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
-    plain_settings,
     refuse_maximize,
     schedule_suspected,
     split_shown_lr,
     warn_about_other_settings,
-    with_shown_lr,
     written_lr,
 )
 
@@ -418,7 +416,6 @@ class LineSearchOptimizer(SearchingOptimizer):
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._last_stored: dict | None = None  # the search state stored last (_store)
-        self._relocated = False  # surgery moved the search state away from the first parameter
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self._warned: set[str] = set()
         self._dropped_looked = False  # looked once for gradients a closure() dropped
@@ -490,12 +487,6 @@ class LineSearchOptimizer(SearchingOptimizer):
         known = {*SEARCH_KEYS, *GROUP_KEYS, *TORCH_GROUP_KEYS, "param_names"}
         drop_foreign_keys(type(self).__name__, param_group, known, GROUP_KEYS)
 
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim``'s state dict; each group also records the ``lr`` the last step
-        showed (:func:`with_shown_lr`)."""
-        self._search_state_at_home()
-        return with_shown_lr(plain_settings(super().state_dict()), self._shown_lr)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``, validated first: a ``ValueError`` names the
         first bad entry and nothing is loaded. A state saved with other search settings (by
@@ -528,7 +519,6 @@ class LineSearchOptimizer(SearchingOptimizer):
             self.defaults.update({k: self.param_groups[0][k] for k in SEARCH_KEYS})
         self._shown_lr = shown
         self._placeholders, self._signature = False, None  # (the loaded state holds none)
-        self._remember_loaded_entry()
 
     def _without_foreign_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state of another optimizer, minus that optimizer's settings (with a warning)."""

@@ -151,11 +151,9 @@ from alsals.torch_optim_boundary import (
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
-    plain_settings,
     schedule_suspected,
     split_shown_lr,
     warn_about_other_settings,
-    with_shown_lr,
     written_lr,
 )
 
@@ -632,7 +630,6 @@ class ALSALS(SearchingOptimizer):
         self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
         self._placeholders = False  # the state holds entries a checkpointing tool had made
         self._last_stored: dict | None = None  # the search state stored last (_store)
-        self._relocated = False  # surgery moved the search state away from the first parameter
         self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
         self.last_step: StepInfo | None = None
         defaults = {
@@ -717,8 +714,7 @@ class ALSALS(SearchingOptimizer):
             self._adopt_edited_weights()
         else:
             self._warn_once("held_state_dict", HELD_WARNING.format(what="state_dict()"))
-        self._search_state_at_home()
-        return with_shown_lr(plain_settings(super().state_dict()), self._shown_lr)
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
@@ -782,7 +778,6 @@ class ALSALS(SearchingOptimizer):
         self._held = None
         self._shown_lr = shown
         self._placeholders, self._signature = False, None  # (the loaded state holds none)
-        self._remember_loaded_entry()
 
     def __getstate__(self) -> dict[str, Any]:
         if self._held is not None:
@@ -972,7 +967,7 @@ class ALSALS(SearchingOptimizer):
             search = SearchState.from_dict(stored)
             search.watch = None  # it compares losses of weights no longer held
             search.edits += 1
-            self._store_entry(search)
+            self._put_entry(search.to_dict())
         self._versions = self._weight_versions()
 
     @torch.no_grad()

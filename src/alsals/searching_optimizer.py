@@ -33,7 +33,9 @@ from alsals.torch_optim_boundary import (
     anchor_parameter,
     caller_stacklevel,
     check_state_like,
+    plain_settings,
     refuse_inference_mode,
+    with_shown_lr,
 )
 
 
@@ -83,10 +85,25 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_placeholders", False)
         self.__dict__.setdefault("_signature", None)
         self.__dict__.setdefault("_last_stored", None)
-        self.__dict__.setdefault("_relocated", False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SearchingOptimizer:
         return copy_sharing_process_group(self, memo)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict; each group also records the ``lr`` the last step
+        showed (:func:`alsals.torch_optim_boundary.with_shown_lr`). Where surgery since the
+        last step left the search state off the first parameter, it is put there first (the
+        checkpoint carries it)."""
+        entry = self._stored_entry()
+        if entry is not None and entry is not self._anchor_entry():
+            self._put_entry(entry)
+        return with_shown_lr(plain_settings(super().state_dict()), self._shown_lr)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim``'s load; the loaded search state is then the one stored last
+        (surgery right after a resume keeps it), and the replaced state is not kept alive."""
+        super().load_state_dict(state_dict)
+        self._last_stored = self._anchor_entry()
 
     def _show_new_group(self, group: dict[str, Any]) -> None:
         """The end of ``add_param_group``: the last step's shown ``lr`` and the marks of the
@@ -165,16 +182,19 @@ class SearchingOptimizer(torch.optim.Optimizer):
             self.state[anchor][self.STATE_KEY] = self._stored_search_state().to_dict()
         self._placeholders = True
 
+    def _anchor_entry(self) -> dict[str, Any] | None:
+        """The search state the first parameter's state holds (``None`` where it holds none)."""
+        anchor = anchor_parameter(self.param_groups)
+        return self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+
     def _stored_entry(self) -> dict[str, Any] | None:
         """The stored search state: the first parameter's; where that parameter holds none
         while the state holds entries (surgery took the one that held it out of the groups,
         its state with it or not), the one stored last, by a step or a load (``None``
         before a first step, and after ``optimizer.state.clear()``)."""
-        anchor = anchor_parameter(self.param_groups)
-        stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
+        stored = self._anchor_entry()
         if stored is None and self._last_stored is not None:
             if any(self.state.values()):
-                self._relocated = True
                 return self._last_stored
             self._last_stored = None  # (a cleared state: the run starts afresh)
         return stored
@@ -187,40 +207,23 @@ class SearchingOptimizer(torch.optim.Optimizer):
         return self.SEARCH_STATE.from_dict(stored)
 
     def _put_entry(self, entry: dict[str, Any]) -> None:
-        """``entry`` stored with the first parameter; where the search state moved there
-        (surgery), no other parameter keeps a copy, which would take the run back if that
-        parameter came back first (a state edited by hand, in place or replaced, is read as
-        it is)."""
+        """``entry`` stored with the first parameter; where the search state was not there
+        (surgery moved it), no other parameter keeps a copy, which would take the run back
+        if that parameter came back first (a state edited by hand, in place or replaced, is
+        read as it is)."""
         anchor = anchor_parameter(self.param_groups)
         if anchor is None:
             return
+        moved = self._anchor_entry() is not self._last_stored
         self._last_stored = self.state[anchor][self.STATE_KEY] = entry
-        if self._relocated:
+        if moved:
             for p, entries in self.state.items():
                 if p is not anchor and isinstance(entries, dict):
                     entries.pop(self.STATE_KEY, None)
-            self._relocated = False
-
-    def _store_entry(self, search: Any) -> None:
-        self._put_entry(search.to_dict())
-
-    def _search_state_at_home(self) -> None:
-        """Before ``state_dict()``: the search state with the first parameter, where surgery
-        since the last step left it elsewhere (the checkpoint carries it)."""
-        entry = self._stored_entry()
-        if entry is not None and self._relocated:
-            self._put_entry(entry)
-
-    def _remember_loaded_entry(self) -> None:
-        """After a load: the loaded search state is the one stored last (surgery right after
-        a resume keeps it), and the replaced state is not kept alive."""
-        anchor = anchor_parameter(self.param_groups)
-        stored = self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
-        self._last_stored, self._relocated = stored, False
 
     def _store(self, search: Any) -> None:
         """The search state stored, and the step size it holds shown in the groups' ``lr``."""
-        self._store_entry(search)
+        self._put_entry(search.to_dict())
         for group in self.param_groups:
             group["lr"] = search.step_size * group["lr_scale"]
         self._shown_lr = [g["lr"] for g in self.param_groups]
