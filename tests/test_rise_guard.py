@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from alsals import SLS, AdamSLS, MomentumALSALS
-from alsals.rise_guard import LOSS_SMOOTHING, WATCH_SAMPLES, LossWatch
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS, rise_guard
+from alsals.rise_guard import LOSS_SMOOTHING, START_SAMPLES, WATCH_SAMPLES, LossWatch
 from alsals.search_state import SearchState
 
 F64 = torch.float64
@@ -24,10 +24,13 @@ CLASSES = [SLS, AdamSLS, MomentumALSALS]
 IDS = ["SLS", "AdamSLS", "MomentumALSALS"]
 
 
-def _watch(losses: list[float], step_size: float = 0.1) -> LossWatch:
-    watch = LossWatch()
-    for loss in losses:
-        watch = watch.after(loss, step_size)
+def _watch(
+    losses: list[float], step_size: float | list[float] = 0.1, from_start: bool = True
+) -> LossWatch:
+    watch = LossWatch(from_start=from_start)
+    sizes = step_size if isinstance(step_size, list) else [step_size] * len(losses)
+    for loss, size in zip(losses, sizes, strict=True):
+        watch = watch.after(loss, size)
     return watch
 
 
@@ -37,7 +40,7 @@ def _watch(losses: list[float], step_size: float = 0.1) -> LossWatch:
 def test_the_watch_holds_the_bias_corrected_average_and_its_standard_error():
     gen = torch.Generator().manual_seed(0)
     losses = (1.0 + 0.3 * torch.randn(250, generator=gen, dtype=F64)).tolist()
-    watch = _watch(losses)
+    watch = _watch(losses, from_start=False)  # (the lowest is its own: see the next test)
     b = LOSS_SMOOTHING
     weights = [(1 - b) * b ** (len(losses) - 1 - i) for i in range(len(losses))]
     total = sum(weights)
@@ -48,12 +51,56 @@ def test_the_watch_holds_the_bias_corrected_average_and_its_standard_error():
     expected = math.sqrt((second - mean * mean) * (1 - b) / (1 + b))
     assert watch.standard_error() == pytest.approx(expected, rel=1e-9)
     # the lowest average since the watch began judging (at WATCH_SAMPLES samples)
-    running, lowest = LossWatch(), math.inf
+    running, lowest = LossWatch(from_start=False), math.inf
     for i, x in enumerate(losses):
         running = running.after(x, 0.1)
         if i + 1 >= WATCH_SAMPLES:
             lowest = min(lowest, running.mean())
     assert watch.lowest == pytest.approx(lowest, rel=1e-12)
+
+
+def test_the_runs_first_watch_starts_its_lowest_at_the_start_level():
+    """Losses that climb from the run's first steps on while the step size grows: the
+    watch begun with the run takes its first ``START_SAMPLES`` losses as the start level
+    (their mean, its standard error, the step size then) and, since its average at one
+    horizon lies above that level, starts its lowest there: the climb fires it as soon as
+    it judges, with the first steps' step size. A watch begun after the guard acted
+    (``from_start=False``) starts its lowest at its own average, already the climbed
+    level, and does not fire."""
+    gen = torch.Generator().manual_seed(3)
+    noise = (0.02 * torch.randn(WATCH_SAMPLES + 1, generator=gen, dtype=F64)).tolist()
+    losses = [1.0 + 0.004 * k + e for k, e in enumerate(noise)]
+    sizes = [0.1 * 1.01**k for k in range(len(losses))]
+    seeded = _watch(losses[:WATCH_SAMPLES], sizes[:WATCH_SAMPLES])
+    first = losses[:START_SAMPLES]
+    b = LOSS_SMOOTHING
+    weights = [b ** (START_SAMPLES - 1 - i) for i in range(START_SAMPLES)]
+    start = sum(w * x for w, x in zip(weights, first, strict=True)) / sum(weights)
+    step = sum(w * x for w, x in zip(weights, sizes, strict=False)) / sum(weights)
+    assert seeded.start_mean == pytest.approx(start, rel=1e-12)
+    assert seeded.step_size_at_start == pytest.approx(step, rel=1e-12)
+    spread = math.sqrt(sum((x - start) ** 2 for x in first) / (START_SAMPLES - 1))
+    assert seeded.error_at_start == pytest.approx(spread / math.sqrt(START_SAMPLES), rel=0.01)
+    assert seeded.lowest == seeded.start_mean < seeded.mean()
+    assert seeded.step_size_at_lowest == seeded.step_size_at_start
+    assert seeded.after(losses[-1], sizes[-1]).rose(3.0, 0.0)
+    plain = _watch(losses[:WATCH_SAMPLES], sizes[:WATCH_SAMPLES], from_start=False)
+    assert plain.step_size_at_start == 0.0 and plain.lowest == plain.mean()
+    assert not plain.after(losses[-1], sizes[-1]).rose(3.0, 0.0)
+
+
+def test_a_first_horizon_below_the_start_level_leaves_the_watch_its_own_lowest():
+    """Where the loss fell over the first horizon (every healthy run), the start level
+    changes nothing: the watch is the one begun without it, field for field but the
+    start level's own."""
+    gen = torch.Generator().manual_seed(4)
+    noise = (0.05 * torch.randn(300, generator=gen, dtype=F64)).tolist()
+    losses = [2.0 * math.exp(-k / 40) + 0.5 + e for k, e in enumerate(noise)]
+    sizes = [0.1 * 1.002**k for k in range(300)]
+    seeded, plain = _watch(losses, sizes), _watch(losses, sizes, from_start=False)
+    assert seeded.step_size_at_start > 0.0
+    kept = ("from_start", "start_mean", "error_at_start", "step_size_at_start")
+    assert vars(plain) | {k: getattr(seeded, k) for k in kept} == vars(seeded)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4, 1e6, 1e8])
@@ -115,7 +162,8 @@ def test_a_watch_stored_before_0_2_9_loads_with_its_spread():
 
 def test_the_watch_judges_only_after_one_horizon_and_leaves_out_nonfinite_losses():
     climb = [1.0 + 0.1 * k for k in range(2 * WATCH_SAMPLES)]
-    fired = [n for n in range(1, len(climb) + 1) if _watch(climb[:n]).rose(3.0, 0.0)]
+    sizes = [0.1 * 1.01**k for k in range(2 * WATCH_SAMPLES)]  # (a step size that grew)
+    fired = [n for n in range(1, len(climb) + 1) if _watch(climb[:n], sizes[:n]).rose(3.0, 0.0)]
     assert fired and fired[0] > WATCH_SAMPLES
     watch = _watch([1.0] * WATCH_SAMPLES + [math.nan, math.inf])
     assert watch.samples == WATCH_SAMPLES and watch.mean() == pytest.approx(1.0)
@@ -539,3 +587,111 @@ def test_a_rise_after_a_lowest_reached_without_moves_is_no_growth_of_the_step_si
         watch = watch.after(2.0, 0.1)
     assert watch.risen(3.0, 0.0)  # the loss did climb measurably
     assert not watch.grew() and not watch.rose(3.0, 0.0)
+
+
+class Ratings:
+    """A matrix factorisation on noisy ratings (float64): 400 users and 200 items of rank
+    4, batches of 64 ratings, each touching a few rows of each embedding. The first
+    searches accept step sizes that fit their batch and raise the loss on the others: the
+    batch losses climb above where the run began."""
+
+    users, items, rank, batch = 400, 200, 4, 64
+
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        scale = self.rank**-0.25
+        truth_u = scale * torch.randn(self.users, self.rank, dtype=F64, generator=gen)
+        truth_i = scale * torch.randn(self.items, self.rank, dtype=F64, generator=gen)
+        n = 20000
+        self.u = torch.randint(0, self.users, (n,), generator=gen)
+        self.i = torch.randint(0, self.items, (n,), generator=gen)
+        self.r = (truth_u[self.u] * truth_i[self.i]).sum(1)
+        self.r = self.r + 0.3 * torch.randn(n, dtype=F64, generator=gen)
+        self.picks = torch.randint(0, n, (400, self.batch), generator=gen)
+
+    def embeddings(self) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(100)
+        return [
+            (0.1 * torch.randn(rows, self.rank, dtype=F64, generator=gen)).requires_grad_()
+            for rows in (self.users, self.items)
+        ]
+
+    def closure(self, p: torch.Tensor, q: torch.Tensor, k: int):
+        b = self.picks[k]
+        return lambda: (((p[self.u[b]] * q[self.i[b]]).sum(1) - self.r[b]) ** 2).mean()
+
+    def run(self, opt, p, q, steps: range) -> tuple[list[int], list[float]]:
+        """Steps ``steps``: the steps at which the guard fired, and each step's size."""
+        fired, sizes = [], []
+        for k in steps:
+            opt.step(self.closure(p, q, k))
+            fired += [k] if opt.last_step.loss_rose else []
+            sizes.append(opt.last_step.step_size)
+        return fired, sizes
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS], ids=["ALSALS", "MomentumALSALS"])
+def test_a_loss_that_climbed_above_the_runs_start_fires_the_guard_when_it_first_judges(
+    cls, monkeypatch
+):
+    """On ``Ratings`` the batch losses' average at one horizon lies above the run's start
+    level: the guard acts as soon as it judges (the step after ``WATCH_SAMPLES`` losses).
+    ``MomentumALSALS``'s step size grew: the ceiling is the first steps' step size.
+    ``ALSALS``'s is at ``start_rise``'s ceiling, below the first steps' (it cut at step
+    19): ``rise_restart`` restarts ``z`` at the average. With the start level left out (as
+    before alsals 0.2.15) the lowest was already the climbed level and it did not act
+    there. A run resumed from a checkpoint taken between the start level and the first
+    judgment does the same, bit for bit."""
+    problem = Ratings()
+    p, q = problem.embeddings()
+    opt = cls([p, q])
+    fired, sizes = problem.run(opt, p, q, range(WATCH_SAMPLES))
+    restarts = getattr(opt.search_state, "restarts", 0)
+    fired += problem.run(opt, p, q, range(WATCH_SAMPLES, WATCH_SAMPLES + 1))[0]
+    assert fired[-1:] == [WATCH_SAMPLES]
+    ceiling = opt.search_state.step_size_ceiling
+    first = [s for s in sizes[:START_SAMPLES] if s > 0.0]
+    if cls is MomentumALSALS:
+        assert min(first) <= ceiling <= max(first)
+    else:
+        assert opt.search_state.restarts == restarts + 1
+
+    with monkeypatch.context() as patched:  # the watch as it was before the start level
+        patched.setattr(rise_guard.LossWatch, "with_start_level", lambda watch: watch)
+        p2, q2 = problem.embeddings()
+        before = cls([p2, q2])
+        fired_before, _ = problem.run(before, p2, q2, range(WATCH_SAMPLES + 1))
+    assert WATCH_SAMPLES not in fired_before
+
+    p3, q3 = problem.embeddings()
+    first_half = cls([p3, q3])
+    problem.run(first_half, p3, q3, range(WATCH_SAMPLES // 2))
+    buffer = io.BytesIO()
+    torch.save({"w": [p3.detach(), q3.detach()], "opt": first_half.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    p4, q4 = problem.embeddings()
+    with torch.no_grad():
+        p4.copy_(saved["w"][0])
+        q4.copy_(saved["w"][1])
+    resumed = cls([p4, q4])
+    resumed.load_state_dict(saved["opt"])
+    fired_resumed, _ = problem.run(resumed, p4, q4, range(WATCH_SAMPLES // 2, WATCH_SAMPLES + 1))
+    assert fired_resumed[-1:] == [WATCH_SAMPLES]
+    assert torch.equal(p4.detach(), p.detach()) and torch.equal(q4.detach(), q.detach())
+    assert resumed.search_state.step_size_ceiling == ceiling
+    assert resumed.search_state == opt.search_state
+
+
+def test_a_watch_flag_that_is_not_a_bool_is_refused():
+    with pytest.raises(ValueError, match="watch_from_start"):
+        SearchState.from_dict({"step_size": 0.1, "initial_step_size": 0.1, "watch_from_start": 1})
+    w = torch.zeros(2, requires_grad=True)
+    opt = ALSALS([w])
+    for _ in range(3):
+        opt.step(lambda: (w - 1.0).pow(2).sum())
+    saved = opt.state_dict()
+    entry = next(e for e in saved["state"].values() if "schedule_free_search" in e)
+    entry["schedule_free_search"]["watch"]["from_start"] = 1.0
+    with pytest.raises(ValueError, match="from_start"):
+        ALSALS([w]).load_state_dict(saved)

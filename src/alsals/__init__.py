@@ -22,7 +22,7 @@ __all__ = [
     "MomentumALSALS",
     "StepInfo",
 ]
-__version__ = "0.2.14"
+__version__ = "0.2.15"
 
 
 def __getattr__(name: str) -> Any:

@@ -1082,7 +1082,7 @@ class LineSearchOptimizer(SearchingOptimizer):
             outcome.loss_rose = True
             run.ceiling = (min(ceiling, watch.step_size_at_lowest), watch.lowest, watch.mean())
             run.rise = (watch.lowest, watch.mean(), watch.step_size_at_lowest, watch.step_size())
-            watch = LossWatch()
+            watch = LossWatch(from_start=False)
         run.watch = watch
 
     @staticmethod
@@ -1096,6 +1096,10 @@ class LineSearchOptimizer(SearchingOptimizer):
             moves_avg=search.moves_avg,
             step_size_at_lowest=search.step_size_at_lowest,
             error_at_lowest=search.loss_error_at_lowest,
+            from_start=search.watch_from_start,
+            start_mean=search.loss_start_mean,
+            error_at_start=search.loss_error_at_start,
+            step_size_at_start=search.step_size_at_start,
         )
 
     @staticmethod
@@ -1105,6 +1109,9 @@ class LineSearchOptimizer(SearchingOptimizer):
         search.step_size_avg, search.moves_avg = watch.step_size_avg, watch.moves_avg
         search.step_size_at_lowest = watch.step_size_at_lowest
         search.loss_error_at_lowest = watch.error_at_lowest
+        search.watch_from_start, search.loss_start_mean = watch.from_start, watch.start_mean
+        search.loss_error_at_start = watch.error_at_start
+        search.step_size_at_start = watch.step_size_at_start
 
     def _ceiling(self, search: SearchState) -> float:
         """``loss_rise_guard``'s ceiling on the step size (``inf`` without the guard)."""

@@ -20,7 +20,12 @@ search chose for the updates (over the steps that moved; before ``loss_floor``'s
 cap, which shrinks the steps taken as the loss nears its floor: a loss that jumps there,
 because the objective changed, must not look like growth of the step size). Once it holds
 one horizon of samples (``1 / (1 - 0.99)`` = 100) it tracks the lowest loss average, the
-step size at that moment and the average's standard error then. It fires when the loss
+step size at that moment and the average's standard error then; the watch that begins with
+the run starts its lowest at the run's start level (the mean of its first 10 losses, with
+the step size then) where the first horizon's average lies above it, so that a loss that
+climbed above where the run began is a rise as soon as the watch judges (a matrix
+factorisation whose first searches' step sizes sent the loss 50% above its start: the
+watch's own lowest, at one horizon, was already the climbed level). It fires when the loss
 average lies above the lowest by more than the loss's rounding and by more than
 ``loss_rise_guard`` of those standard errors plus the range that the averages of a flat
 loss span by chance over the watch's length, while the step size is larger than it was at
@@ -45,7 +50,8 @@ searches on the noisy tabular check), and on none of the runs of the recommended
 configuration.
 
 The guard cannot see a step size that is too large from the run's first search on: it
-judges from one horizon on and lowers only a step size that grew. ``ALSALS``'s
+judges from one horizon on and lowers only a step size that grew (at most to the first
+steps' step size). ``ALSALS``'s
 ``start_rise`` (:class:`StartWatch`) compares the batch losses with their level over the
 run's first steps instead, and halves the step size once per rise above it; since it cannot
 tell a rise the step size caused from one the data or the objective caused, its ceiling
@@ -61,6 +67,10 @@ from dataclasses import dataclass, replace
 LOSS_SMOOTHING = 0.99
 #: Samples the watch holds before it judges: one horizon of the average.
 WATCH_SAMPLES = round(1.0 / (1.0 - LOSS_SMOOTHING))
+#: The losses of the run's first steps that set its start level (the cadence's searched
+#: first steps), for the guard's first watch and for ``start_rise``; also the horizon of
+#: ``start_rise``'s average of the later losses (its EMA factor ``1 - 1 / START_SAMPLES``).
+START_SAMPLES = 10
 
 
 def ema_with_spread(
@@ -111,6 +121,14 @@ class LossWatch:
     ``lowest`` is the lowest bias-corrected loss average since the watch began judging
     (meaningless before ``WATCH_SAMPLES``), ``step_size_at_lowest`` the average step size
     then and ``error_at_lowest`` the average's standard error then.
+
+    ``from_start`` says that the watch began with the run (not after the guard acted): its
+    first ``START_SAMPLES`` losses are the run's start level, whose mean, standard error
+    and average step size it keeps (``start_mean``, ``error_at_start``,
+    ``step_size_at_start``; ``step_size_at_start`` 0: not taken). Where the average at one
+    horizon lies above that level, the lowest starts there, so that a loss whose first
+    horizon climbed above where the run began, while the step size grew, counts as a rise
+    at once; otherwise the lowest is the average's own, as for every later watch.
     """
 
     loss_avg: float = 0.0
@@ -121,6 +139,10 @@ class LossWatch:
     moves_avg: float = 0.0
     step_size_at_lowest: float = 0.0
     error_at_lowest: float = 0.0
+    from_start: bool = True
+    start_mean: float = 0.0
+    error_at_start: float = 0.0
+    step_size_at_start: float = 0.0
 
     def mean(self) -> float:
         """The bias-corrected average of the losses."""
@@ -179,16 +201,44 @@ class LossWatch:
             moves_avg=b * self.moves_avg + (1.0 - b) * (step_size > 0.0),
             samples=self.samples + 1,
         )
+        if watch.from_start and watch.samples == START_SAMPLES:
+            watch = watch.with_start_level()
         if watch.samples < WATCH_SAMPLES:
             return watch
         mean = watch.mean()
         if watch.samples > WATCH_SAMPLES and mean >= self.lowest:
             return watch
+        # (the first horizon of a watch that took the start level ended above that level)
+        if (
+            watch.samples == WATCH_SAMPLES
+            and watch.step_size_at_start > 0.0
+            and watch.start_mean < mean
+        ):
+            return replace(
+                watch,
+                lowest=watch.start_mean,
+                step_size_at_lowest=watch.step_size_at_start,
+                # (the difference's: the start level's error and the average's now)
+                error_at_lowest=math.hypot(watch.error_at_start, watch.standard_error()),
+            )
         return replace(
             watch,
             lowest=mean,
             step_size_at_lowest=watch.step_size(),
             error_at_lowest=watch.standard_error(),
+        )
+
+    def with_start_level(self) -> LossWatch:
+        """The watch with its losses so far taken as the run's start level: their mean,
+        its standard error (the losses' weighted variance over ``n - 1``: the weights are
+        all but equal over so few) and the average step size."""
+        n = self.samples
+        variance = max(self.loss_spread_avg / (1.0 - LOSS_SMOOTHING**n), 0.0)
+        return replace(
+            self,
+            start_mean=self.mean(),
+            error_at_start=math.sqrt(variance / max(n - 1, 1)),
+            step_size_at_start=self.step_size(),
         )
 
     def risen(self, standard_errors: float, resolution: float) -> bool:
@@ -240,10 +290,6 @@ class LossWatch:
         return fall > resolution and fall > self.margin(standard_errors, self.standard_error())
 
 
-#: ``start_rise``: the losses of the run's first steps that set its start level (the
-#: cadence's searched first steps), and the horizon of the later losses' average (its EMA
-#: factor ``1 - 1 / START_SAMPLES``).
-START_SAMPLES = 10
 #: What ``start_rise`` multiplies the step size by to form its ceiling.
 START_CUT = 0.5
 

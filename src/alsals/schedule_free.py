@@ -1738,7 +1738,7 @@ class ALSALS(SearchingOptimizer):
         restart = risen and self._settings["rise_restart"]
         if sets_ceiling or restart:
             search.restarts += restart
-            watch = LossWatch()
+            watch = LossWatch(from_start=False)
         search.watch = dict(vars(watch))  # (flat: asdict's deep copy costs 8 us a step)
         # (after the guard's own rule: while a ceiling of it stands, the rise is in hand)
         cut = self._watch_start(search, loss0, gamma, guard, resolution)

@@ -200,5 +200,7 @@ def _check_watch(name: str, value: Any) -> None:
     if unknown:
         raise ValueError(f"unknown entries in the ALSALS state {name!r}: {unknown}")
     for key, entry in value.items():
-        if isinstance(entry, bool) != (key == "armed") or not isinstance(entry, (int, float)):
+        if isinstance(entry, bool) != (key in ("armed", "from_start")) or not isinstance(
+            entry, (int, float)
+        ):
             raise ValueError(_invalid_entry(f"{name}.{key}", entry, "a number"))

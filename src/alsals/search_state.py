@@ -54,8 +54,9 @@ class SearchState:
     ``model_steps`` hold the momentum model of ``loss_floor``'s cap
     (:class:`alsals.polyak_cap.MomentumModel`). ``loss_avg``, ``loss_spread_avg``,
     ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg``,
-    ``step_size_at_lowest`` and ``loss_error_at_lowest`` hold ``loss_rise_guard``'s watch of
-    the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
+    ``step_size_at_lowest``, ``loss_error_at_lowest``, ``watch_from_start``,
+    ``loss_start_mean``, ``loss_error_at_start`` and ``step_size_at_start`` hold
+    ``loss_rise_guard``'s watch of the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
     ceiling it set on the step size (``inf``: none), ``ceiling_loss`` the lowest loss
     average before the rise (the ceiling is lifted once the loss falls measurably below it)
     and ``ceiling_rise`` the average that set it (lifted too once the lowest average since
@@ -105,6 +106,10 @@ class SearchState:
     moves_avg: float = 0.0
     step_size_at_lowest: float = 0.0
     loss_error_at_lowest: float = 0.0
+    watch_from_start: bool = True
+    loss_start_mean: float = 0.0
+    loss_error_at_start: float = 0.0
+    step_size_at_start: float = 0.0
     step_size_ceiling: float = math.inf
     ceiling_loss: float = 0.0
     ceiling_rise: float = math.inf
@@ -150,6 +155,9 @@ class SearchState:
             "moves_avg",
             "step_size_at_lowest",
             "loss_error_at_lowest",
+            "loss_start_mean",
+            "loss_error_at_start",
+            "step_size_at_start",
             "ceiling_loss",
             "untested_step_size",
         ):
@@ -162,6 +170,11 @@ class SearchState:
             raise ValueError(
                 "the line_search state holds both 'loss_sq_avg' (the guard's statistics "
                 "before alsals 0.2.9) and 'loss_spread_avg' (since): one of them, not both"
+            )
+        if not isinstance(values.get("watch_from_start", True), bool):
+            raise ValueError(
+                "invalid line_search state 'watch_from_start': "
+                f"{values['watch_from_start']!r} (expected True or False)"
             )
         for name in ("untested_step_size", "loss_spread_avg", "loss_sq_avg"):
             if values.get(name, 0.0) < 0:
