@@ -79,8 +79,8 @@ params: parameters or parameter groups (dicts). Per-group settings: {group}.
             trials: one warning, and the cap and the Polyak start are off for the run.
         loss_rise_guard: when the average of the batch losses (EMA 0.99) climbs more than
             this many standard errors (plus the range a flat loss's averages span by chance)
-            above the lowest it reached (from the run's start level, the mean of its first
-            10 losses, where the first 100 ended above it), while the step size grew, the
+            above the lowest it reached (at its first judgment, once, also above the run's
+            start level, the mean of its first 10 losses), while the step size grew, the
             step size has outgrown the gradient noise: it gets a ceiling, its average when
             the loss was lowest (a
             loss that only stops falling never fires it; one that later falls measurably

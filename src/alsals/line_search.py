@@ -1078,15 +1078,22 @@ class LineSearchOptimizer(SearchingOptimizer):
             search.ceiling_loss, search.ceiling_rise, guard, resolution
         ):
             run.ceiling = (math.inf, 0.0, math.inf)
-        if outcome.step_size > 0.0 and watch.rose(guard, resolution):
+        judged = watch.against_start()  # (at its first judgment: also the start level)
+        if outcome.step_size > 0.0 and judged.rose(guard, resolution):
             outcome.loss_rose = True
-            run.ceiling = (min(ceiling, watch.step_size_at_lowest), watch.lowest, watch.mean())
-            run.rise = (watch.lowest, watch.mean(), watch.step_size_at_lowest, watch.step_size())
+            run.ceiling = (min(ceiling, judged.step_size_at_lowest), judged.lowest, judged.mean())
+            run.rise = (
+                judged.lowest,
+                judged.mean(),
+                judged.step_size_at_lowest,
+                judged.step_size(),
+            )
             watch = LossWatch(from_start=False)
         run.watch = watch
 
-    @staticmethod
-    def _stored_watch(search: SearchState) -> LossWatch:
+    def _stored_watch(self, search: SearchState) -> LossWatch:
+        """The guard's watch from the search state (with warm-up, the first steps' step sizes
+        are the ramp's, no search's: no start level is taken)."""
         return LossWatch(
             loss_avg=search.loss_avg,
             loss_spread_avg=search.loss_spread_avg,
@@ -1096,9 +1103,8 @@ class LineSearchOptimizer(SearchingOptimizer):
             moves_avg=search.moves_avg,
             step_size_at_lowest=search.step_size_at_lowest,
             error_at_lowest=search.loss_error_at_lowest,
-            from_start=search.watch_from_start,
+            from_start=search.watch_from_start and not self._settings["warmup_steps"],
             start_mean=search.loss_start_mean,
-            error_at_start=search.loss_error_at_start,
             step_size_at_start=search.step_size_at_start,
         )
 
@@ -1110,7 +1116,6 @@ class LineSearchOptimizer(SearchingOptimizer):
         search.step_size_at_lowest = watch.step_size_at_lowest
         search.loss_error_at_lowest = watch.error_at_lowest
         search.watch_from_start, search.loss_start_mean = watch.from_start, watch.start_mean
-        search.loss_error_at_start = watch.error_at_start
         search.step_size_at_start = watch.step_size_at_start
 
     def _ceiling(self, search: SearchState) -> float:

@@ -20,12 +20,13 @@ search chose for the updates (over the steps that moved; before ``loss_floor``'s
 cap, which shrinks the steps taken as the loss nears its floor: a loss that jumps there,
 because the objective changed, must not look like growth of the step size). Once it holds
 one horizon of samples (``1 / (1 - 0.99)`` = 100) it tracks the lowest loss average, the
-step size at that moment and the average's standard error then; the watch that begins with
-the run starts its lowest at the run's start level (the mean of its first 10 losses, with
-the step size then) where the first horizon's average lies above it, so that a loss that
-climbed above where the run began is a rise as soon as the watch judges (a matrix
-factorisation whose first searches' step sizes sent the loss 50% above its start: the
-watch's own lowest, at one horizon, was already the climbed level). It fires when the loss
+step size at that moment and the average's standard error then; at its first judgment a
+watch that began with the run also judges the average against the run's start level (the
+mean of its first 10 losses, with the step size then; the standard error of the
+difference from the spread of all its losses), once, so that a loss that climbed above where
+the run began is a rise as soon as the watch judges (a matrix factorisation whose first
+searches' step sizes sent the loss 50% above its start: the watch's own lowest, at one
+horizon, was already the climbed level). It fires when the loss
 average lies above the lowest by more than the loss's rounding and by more than
 ``loss_rise_guard`` of those standard errors plus the range that the averages of a flat
 loss span by chance over the watch's length, while the step size is larger than it was at
@@ -122,13 +123,14 @@ class LossWatch:
     (meaningless before ``WATCH_SAMPLES``), ``step_size_at_lowest`` the average step size
     then and ``error_at_lowest`` the average's standard error then.
 
-    ``from_start`` says that the watch began with the run (not after the guard acted): its
-    first ``START_SAMPLES`` losses are the run's start level, whose mean, standard error
-    and average step size it keeps (``start_mean``, ``error_at_start``,
-    ``step_size_at_start``; ``step_size_at_start`` 0: not taken). Where the average at one
-    horizon lies above that level, the lowest starts there, so that a loss whose first
-    horizon climbed above where the run began, while the step size grew, counts as a rise
-    at once; otherwise the lowest is the average's own, as for every later watch.
+    ``from_start`` says that the watch began with the run (or with a written ``lr`` or
+    edited weights, each a new start; not after the guard acted, nor in a warm-up, whose
+    ramp is no search's step size): at ``START_SAMPLES`` losses it takes their mean and
+    average step size as the run's start level (``start_mean``, ``step_size_at_start``; 0:
+    not taken), and at its first judgment the guard also judges the loss average against
+    that level (:meth:`against_start`): a loss that climbed from where the run began, while
+    the step size grew, is a rise as soon as the watch judges, though the watch's own
+    lowest, one horizon in, is already the climbed level.
     """
 
     loss_avg: float = 0.0
@@ -141,7 +143,6 @@ class LossWatch:
     error_at_lowest: float = 0.0
     from_start: bool = True
     start_mean: float = 0.0
-    error_at_start: float = 0.0
     step_size_at_start: float = 0.0
 
     def mean(self) -> float:
@@ -164,6 +165,7 @@ class LossWatch:
                 "the guard's watch holds both 'loss_sq_avg' (before alsals 0.2.9) and "
                 "'loss_spread_avg' (since): one of them, not both"
             )
+        stored.setdefault("from_start", False)  # (stored before 0.2.15: as it ran)
         if "loss_sq_avg" in stored:
             squares = stored.pop("loss_sq_avg")
             stored["loss_spread_avg"] = spread_from_squares(
@@ -208,19 +210,6 @@ class LossWatch:
         mean = watch.mean()
         if watch.samples > WATCH_SAMPLES and mean >= self.lowest:
             return watch
-        # (the first horizon of a watch that took the start level ended above that level)
-        if (
-            watch.samples == WATCH_SAMPLES
-            and watch.step_size_at_start > 0.0
-            and watch.start_mean < mean
-        ):
-            return replace(
-                watch,
-                lowest=watch.start_mean,
-                step_size_at_lowest=watch.step_size_at_start,
-                # (the difference's: the start level's error and the average's now)
-                error_at_lowest=math.hypot(watch.error_at_start, watch.standard_error()),
-            )
         return replace(
             watch,
             lowest=mean,
@@ -229,16 +218,31 @@ class LossWatch:
         )
 
     def with_start_level(self) -> LossWatch:
-        """The watch with its losses so far taken as the run's start level: their mean,
-        its standard error (the losses' weighted variance over ``n - 1``: the weights are
-        all but equal over so few) and the average step size."""
-        n = self.samples
-        variance = max(self.loss_spread_avg / (1.0 - LOSS_SMOOTHING**n), 0.0)
+        """The watch with its losses so far taken as the run's start level: their mean and
+        the average step size then."""
+        return replace(self, start_mean=self.mean(), step_size_at_start=self.step_size())
+
+    def against_start(self) -> LossWatch:
+        """At the watch's first judgment (one look: ``WATCH_SAMPLES + 1`` losses), where
+        it took the run's start level and that lies below the lowest average it has seen,
+        the watch as judged against that level: its lowest the start level, the step size
+        then, and the standard error of the difference, from the spread of all its losses
+        (ten losses rarely hold a rare hard batch: their own spread would understate it);
+        else the watch itself. What the watch stores is never this one: a later rise is
+        judged against the watch's own lowest and error, as before."""
+        if not (
+            self.samples == WATCH_SAMPLES + 1
+            and self.step_size_at_start > 0.0
+            and self.start_mean < self.lowest
+        ):
+            return self
+        variance = max(self.loss_spread_avg / (1.0 - LOSS_SMOOTHING**self.samples), 0.0)
+        error = math.sqrt(variance / START_SAMPLES + self.standard_error() ** 2)
         return replace(
             self,
-            start_mean=self.mean(),
-            error_at_start=math.sqrt(variance / max(n - 1, 1)),
-            step_size_at_start=self.step_size(),
+            lowest=self.start_mean,
+            step_size_at_lowest=self.step_size_at_start,
+            error_at_lowest=error,
         )
 
     def risen(self, standard_errors: float, resolution: float) -> bool:

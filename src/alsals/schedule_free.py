@@ -1711,7 +1711,9 @@ class ALSALS(SearchingOptimizer):
         if guard is None:  # (off, or written off: no ceiling of it stands)
             search.drop_watches()
             return False, False
-        watch = LossWatch.from_stored(search.watch) if search.watch else LossWatch()
+        # (with warm-up, the first steps' step sizes are the ramp's: no start level)
+        fresh = LossWatch(from_start=not self._settings["warmup_steps"])
+        watch = LossWatch.from_stored(search.watch) if search.watch else fresh
         watch = watch.after(loss0, gamma)
         resolution = loss_resolution(loss_dtype, watch.mean())
         # A ceiling is lifted where the loss average falls measurably below the lowest it
@@ -1729,12 +1731,13 @@ class ALSALS(SearchingOptimizer):
                 search.drop_start_watch()
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
             search.ceiling_rise = math.inf
-        risen = watch.risen(guard, resolution)
-        sets_ceiling = risen and gamma > 0.0 and watch.grew()
+        judged = watch.against_start()  # (at its first judgment: also the start level)
+        risen = judged.risen(guard, resolution)
+        sets_ceiling = risen and gamma > 0.0 and judged.grew()
         if sets_ceiling:
-            search.step_size_ceiling = min(search.step_size_ceiling, watch.step_size_at_lowest)
-            search.ceiling_loss = watch.lowest
-            search.ceiling_rise = watch.mean()
+            search.step_size_ceiling = min(search.step_size_ceiling, judged.step_size_at_lowest)
+            search.ceiling_loss = judged.lowest
+            search.ceiling_rise = judged.mean()
         restart = risen and self._settings["rise_restart"]
         if sets_ceiling or restart:
             search.restarts += restart

@@ -55,9 +55,9 @@ class SearchState:
     (:class:`alsals.polyak_cap.MomentumModel`). ``loss_avg``, ``loss_spread_avg``,
     ``loss_samples``, ``loss_lowest``, ``step_size_avg``, ``moves_avg``,
     ``step_size_at_lowest``, ``loss_error_at_lowest``, ``watch_from_start``,
-    ``loss_start_mean``, ``loss_error_at_start`` and ``step_size_at_start`` hold
-    ``loss_rise_guard``'s watch of the batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the
-    ceiling it set on the step size (``inf``: none), ``ceiling_loss`` the lowest loss
+    ``loss_start_mean`` and ``step_size_at_start`` hold ``loss_rise_guard``'s watch of the
+    batch losses (:class:`alsals.rise_guard.LossWatch`), ``step_size_ceiling`` the ceiling
+    it set on the step size (``inf``: none), ``ceiling_loss`` the lowest loss
     average before the rise (the ceiling is lifted once the loss falls measurably below it)
     and ``ceiling_rise`` the average that set it (lifted too once the lowest average since
     lies measurably above it: new data, not the step size, raised the loss).
@@ -108,7 +108,6 @@ class SearchState:
     loss_error_at_lowest: float = 0.0
     watch_from_start: bool = True
     loss_start_mean: float = 0.0
-    loss_error_at_start: float = 0.0
     step_size_at_start: float = 0.0
     step_size_ceiling: float = math.inf
     ceiling_loss: float = 0.0
@@ -156,7 +155,6 @@ class SearchState:
             "step_size_at_lowest",
             "loss_error_at_lowest",
             "loss_start_mean",
-            "loss_error_at_start",
             "step_size_at_start",
             "ceiling_loss",
             "untested_step_size",
@@ -171,7 +169,7 @@ class SearchState:
                 "the line_search state holds both 'loss_sq_avg' (the guard's statistics "
                 "before alsals 0.2.9) and 'loss_spread_avg' (since): one of them, not both"
             )
-        if not isinstance(values.get("watch_from_start", True), bool):
+        if not isinstance(values.get("watch_from_start", False), bool):
             raise ValueError(
                 "invalid line_search state 'watch_from_start': "
                 f"{values['watch_from_start']!r} (expected True or False)"
@@ -207,6 +205,8 @@ class SearchState:
                 values.get("loss_samples", 0),
                 LOSS_SMOOTHING,
             )
+        # (a watch stored before 0.2.15 took no start level: it continues as it ran)
+        values = {"watch_from_start": False, **values}
         state = cls(step_size=float(values["step_size"]), initial_step_size=0.0)
         return replace(state, **{k: v for k, v in values.items() if k != "step_size"})
 
