@@ -95,20 +95,51 @@ def test_the_runs_first_watch_judges_its_first_look_against_the_start_level():
     assert not plain.rose(3.0, 0.0)
 
 
-def test_the_start_level_is_one_look_and_never_what_the_watch_keeps():
-    """The start level judges the first judgment only (one look, whose chance of a false
-    alarm is that of one test), and the watch it judges is never stored: a watch that took
-    the start level keeps, at every step, the fields of one that took none (its lowest,
-    step size and standard error there), so that a later rise is judged as before."""
+def test_the_start_level_is_never_what_the_watch_keeps():
+    """The watch judged against the start level is never stored: a watch that took the
+    start level keeps, at every step, the fields of one that took none (its lowest, step
+    size and standard error there), so that a later rise is judged as before; once spent
+    (``without_start_level``), it is judged against its own lowest alone."""
     losses, sizes = _climb(3 * WATCH_SAMPLES)
     seeded, plain = LossWatch(), LossWatch(from_start=False)
     start_fields = {"from_start", "start_mean", "step_size_at_start"}
-    for k, (loss, size) in enumerate(zip(losses, sizes, strict=True)):
+    for loss, size in zip(losses, sizes, strict=True):
         seeded, plain = seeded.after(loss, size), plain.after(loss, size)
         same = {f: v for f, v in vars(seeded).items() if f not in start_fields}
         assert same == {f: v for f, v in vars(plain).items() if f not in start_fields}
-        if k + 1 != WATCH_SAMPLES + 1:
-            assert seeded.against_start() == seeded
+    assert seeded.against_start() != seeded
+    spent = seeded.without_start_level()
+    assert spent.against_start() == spent
+
+
+def _guard_steps(opt, losses, sizes):
+    """``ALSALS``'s guard fed one loss and searched step size a step, as its step does."""
+    search = opt.search_state
+    for loss, size in zip(losses, sizes, strict=True):
+        opt._watch_loss(search, loss, size, torch.float64)
+    return search
+
+
+def test_the_start_level_is_one_look_at_a_step_that_moved():
+    """The look waits for a step that moved (the 101st loss's step kept the weights: no
+    ceiling can be set there) and judges the next one; a look that finds no rise is
+    spent, and the watch judges against its own lowest from then on."""
+    w = torch.zeros(2, requires_grad=True)
+    quiet = {"start_rise": False, "rise_restart": False}
+    losses, sizes = _climb(WATCH_SAMPLES + 2)
+    held = _guard_steps(ALSALS([w], **quiet), losses, sizes[:-2] + [0.0, sizes[-1]])
+    start = _watch(losses[:START_SAMPLES], sizes[:START_SAMPLES]).step_size()
+    assert held.step_size_ceiling == pytest.approx(start, rel=1e-12)  # (at the 102nd)
+    assert held.watch["from_start"] is False  # (the watch after the guard acted takes none)
+    stopped = _guard_steps(ALSALS([w], **quiet), losses[:-1], sizes[:-2] + [0.0])
+    assert stopped.step_size_ceiling == math.inf  # (not at a step that kept the weights)
+    assert stopped.watch["step_size_at_start"] > 0.0  # (the look still to come)
+    # (a start level a little below the lowest average, not measurably: no rise)
+    flat = [0.99] * START_SAMPLES + [1.0 + 0.05 * math.sin(k) for k in range(WATCH_SAMPLES - 9)]
+    spent = _guard_steps(ALSALS([w], **quiet), flat, sizes[:-1])
+    assert LossWatch.from_stored(spent.watch).samples == WATCH_SAMPLES + 1
+    assert spent.step_size_ceiling == math.inf
+    assert spent.watch["step_size_at_start"] == 0.0
 
 
 def test_a_first_horizon_below_the_start_level_is_judged_as_before():

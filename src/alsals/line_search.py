@@ -1089,6 +1089,8 @@ class LineSearchOptimizer(SearchingOptimizer):
                 judged.step_size(),
             )
             watch = LossWatch(from_start=False)
+        elif outcome.step_size > 0.0 and judged is not watch:  # (the one look is spent)
+            watch = watch.without_start_level()
         run.watch = watch
 
     def _stored_watch(self, search: SearchState) -> LossWatch:

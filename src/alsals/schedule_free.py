@@ -1742,6 +1742,8 @@ class ALSALS(SearchingOptimizer):
         if sets_ceiling or restart:
             search.restarts += restart
             watch = LossWatch(from_start=False)
+        elif gamma > 0.0 and judged is not watch:  # (the one look is spent)
+            watch = watch.without_start_level()
         search.watch = dict(vars(watch))  # (flat: asdict's deep copy costs 8 us a step)
         # (after the guard's own rule: while a ceiling of it stands, the rise is in hand)
         cut = self._watch_start(search, loss0, gamma, guard, resolution)
