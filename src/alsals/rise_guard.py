@@ -126,8 +126,8 @@ class LossWatch:
     (meaningless before ``WATCH_SAMPLES``), ``step_size_at_lowest`` the average step size
     then and ``error_at_lowest`` the average's standard error then.
 
-    ``from_start`` says that the watch began with the run (or with a written ``lr``, the
-    guard written back on, or, in ``ALSALS``, edited weights: each a new start; not after
+    ``from_start`` says that the watch began with the run (or with a written ``lr``, or, in
+    ``ALSALS``, the guard written back on or edited weights: each a new start; not after
     the guard acted, nor in a run with ``warmup_steps``, whose ramp is no search's step
     size): at ``START_SAMPLES`` losses it takes their mean and average step size as the
     run's start level (``start_mean``, ``step_size_at_start``; 0: not taken or spent), and
