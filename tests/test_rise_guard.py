@@ -99,7 +99,8 @@ def test_the_start_level_is_never_what_the_watch_keeps():
     """The watch judged against the start level is never stored: a watch that took the
     start level keeps, at every step, the fields of one that took none (its lowest, step
     size and standard error there), so that a later rise is judged as before; once spent
-    (``without_start_level``), it is judged against its own lowest alone."""
+    (:meth:`LossWatch.look` at a step that moved), it is judged against its own lowest
+    alone."""
     losses, sizes = _climb(3 * WATCH_SAMPLES)
     seeded, plain = LossWatch(), LossWatch(from_start=False)
     start_fields = {"from_start", "start_mean", "step_size_at_start"}
@@ -108,7 +109,7 @@ def test_the_start_level_is_never_what_the_watch_keeps():
         same = {f: v for f, v in vars(seeded).items() if f not in start_fields}
         assert same == {f: v for f, v in vars(plain).items() if f not in start_fields}
     assert seeded.against_start() != seeded
-    spent = seeded.without_start_level()
+    _, spent = seeded.look(moved=True)
     assert spent.against_start() == spent
 
 

@@ -1078,7 +1078,8 @@ class LineSearchOptimizer(SearchingOptimizer):
             search.ceiling_loss, search.ceiling_rise, guard, resolution
         ):
             run.ceiling = (math.inf, 0.0, math.inf)
-        judged = watch.against_start()  # (at its first judgment: also the start level)
+        # (at its first judgment of a step that moved: also against the start level)
+        judged, watch = watch.look(moved=outcome.step_size > 0.0)
         if outcome.step_size > 0.0 and judged.rose(guard, resolution):
             outcome.loss_rose = True
             run.ceiling = (min(ceiling, judged.step_size_at_lowest), judged.lowest, judged.mean())
@@ -1089,8 +1090,6 @@ class LineSearchOptimizer(SearchingOptimizer):
                 judged.step_size(),
             )
             watch = LossWatch(from_start=False)
-        elif outcome.step_size > 0.0 and judged is not watch:  # (the one look is spent)
-            watch = watch.without_start_level()
         run.watch = watch
 
     def _stored_watch(self, search: SearchState) -> LossWatch:

@@ -228,8 +228,8 @@ class LossWatch:
         return replace(self, start_mean=self.mean(), step_size_at_start=self.step_size())
 
     def against_start(self) -> LossWatch:
-        """Once the watch judges, until a step that moved has been judged (one look: the
-        guards then drop the start level, :meth:`without_start_level`), where it took the
+        """Once the watch judges, until a step that moved has been judged (one look:
+        :meth:`look` then drops the start level), where it took the
         run's start level and that lies below the lowest average it has seen: the watch as
         judged against that level, its lowest the start level, the step size then, and
         the standard error of the difference from the spread of all its losses (ten losses
@@ -247,10 +247,14 @@ class LossWatch:
             error_at_lowest=error,
         )
 
-    def without_start_level(self) -> LossWatch:
-        """The watch once a step that moved was judged against the start level: it judges
-        against its own lowest from then on."""
-        return replace(self, start_mean=0.0, step_size_at_start=0.0)
+    def look(self, moved: bool) -> tuple[LossWatch, LossWatch]:
+        """This step's judgment: the watch a rise is judged by (:meth:`against_start`) and
+        the one to store, whose start level is spent where a step that ``moved`` the weights
+        was judged against it (from then on it judges against its own lowest)."""
+        judged = self.against_start()
+        if moved and judged is not self:
+            return judged, replace(self, start_mean=0.0, step_size_at_start=0.0)
+        return judged, self
 
     def risen(self, standard_errors: float, resolution: float) -> bool:
         """Whether the loss average lies measurably above its lowest: by more than

@@ -1731,7 +1731,8 @@ class ALSALS(SearchingOptimizer):
                 search.drop_start_watch()
             search.step_size_ceiling, search.ceiling_loss = math.inf, 0.0
             search.ceiling_rise = math.inf
-        judged = watch.against_start()  # (at its first judgment: also the start level)
+        # (at its first judgment of a step that moved: also against the start level)
+        judged, watch = watch.look(moved=gamma > 0.0)
         risen = judged.risen(guard, resolution)
         sets_ceiling = risen and gamma > 0.0 and judged.grew()
         if sets_ceiling:
@@ -1742,8 +1743,6 @@ class ALSALS(SearchingOptimizer):
         if sets_ceiling or restart:
             search.restarts += restart
             watch = LossWatch(from_start=False)
-        elif gamma > 0.0 and judged is not watch:  # (the one look is spent)
-            watch = watch.without_start_level()
         search.watch = dict(vars(watch))  # (flat: asdict's deep copy costs 8 us a step)
         # (after the guard's own rule: while a ceiling of it stands, the rise is in hand)
         cut = self._watch_start(search, loss0, gamma, guard, resolution)
