@@ -410,43 +410,27 @@ class LineSearchOptimizer(SearchingOptimizer):
             )
         self._buffers = checked_buffers(buffers)
         self._process_group = checked_process_group(process_group)
-        self._shown_lr: list[float] | None = None  # each group's lr after the last step
-        self._ranks_checked = False  # every rank holds the same settings (first step)
-        self._meshes_checked = False  # the DTensors' meshes fit the process group
-        self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
-        self._placeholders = False  # the state holds entries a checkpointing tool had made
-        self._last_stored: dict | None = None  # the search state stored last (_store)
-        self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
-        self._warned: set[str] = set()
-        self._dropped_looked = False  # looked once for gradients a closure() dropped
-        self._trials_with_grad = False  # the closure differentiates inside (ClosureEvaluator)
-        self._written_lr_steps = 0  # steps in a row that found lr written
-        self._lr_cuts = 0  # writes that lowered lr, over the run
-        self._unchanged_searches = 0  # searches in a row whose trials never moved the loss
-        self._unresolved_searches = 0  # searches in a row that ended unresolved
-        self._disconnected_steps = 0  # steps in a row whose loss gave no parameter a gradient
-        self._buffers_checked = False
-        self._grad_norm = math.nan
-        self._clip_factor = 1.0
-        self._replay_loss: float | None = None
-        self._model_terms: ModelTerms | None = None
-        self._left_grads: LeftGradients | None = None
-        self.last_step: StepInfo | None = None
+        self.__dict__.update(self._fresh_bookkeeping())
         params, lr = groups_with_one_lr(params, defaults["lr"])
         defaults = {"search_direction": self.search_directions[0].value, **defaults, "lr": lr}
         super().__init__(params, self._checked_direction(checked_search(defaults)))
 
     # ------------------------------------------------------------------ torch.optim protocol
 
+    @classmethod
+    def _fresh_bookkeeping(cls) -> dict[str, Any]:
+        return {
+            **super()._fresh_bookkeeping(),
+            "_unresolved_searches": 0,  # searches in a row that ended unresolved
+            "_clip_factor": 1.0,  # max_grad_norm's factor on the gradients this step
+            "_replay_loss": None,  # the replay check's loss at the first search of a run
+            "_model_terms": None,  # the search's model of the loss along the step (ModelTerms)
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_buffers", [])
         self.__dict__.setdefault("_process_group", None)
-        self.__dict__.setdefault("_unresolved_searches", 0)
-        self.__dict__.setdefault("_clip_factor", 1.0)
-        self.__dict__.setdefault("_replay_loss", None)
-        self.__dict__.setdefault("_model_terms", None)
-        self.__dict__.setdefault("last_step", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):

@@ -608,30 +608,7 @@ class ALSALS(SearchingOptimizer):
         )
         self._buffers = checked_buffers(buffers)
         self._process_group = checked_process_group(process_group)
-        self._left_grads: LeftGradients | None = None
-        self._grad_norm = math.nan
-        self._warned: set[str] = set()
-        self._dropped_looked = False  # looked once for gradients a closure() dropped
-        self._trials_with_grad = False  # the closure differentiates inside (ClosureEvaluator)
-        self._disconnected_steps = 0
-        self._written_lr_steps = 0  # steps in a row that found lr written
-        self._lr_cuts = 0  # writes that lowered lr, over the run
-        self._buffers_checked = False
-        self._unchanged_searches = 0
-        # a search since the last that passed by a resolved change found the slope overstated
-        self._slope_overstated = False
-        self._held: list[_Average] | None = None  # x, while train() holds the weights at y
-        # each parameter's version counter as this optimizer left the weights (x): a later
-        # in-place write is an edit by the user (_adopt_edited_weights)
-        self._versions: dict[int, int] | None = None
-        self._shown_lr: list[float] | None = None  # each group's lr as the last step left it
-        self._ranks_checked = False  # every rank holds the same settings (first step)
-        self._meshes_checked = False  # the DTensors' meshes fit the process group
-        self._shapes_mark: tuple[tuple, int] | None = None  # (see _rank_marks)
-        self._placeholders = False  # the state holds entries a checkpointing tool had made
-        self._last_stored: dict | None = None  # the search state stored last (_store)
-        self._signature: tuple | None = None  # the parameters' dtypes and devices, checked
-        self.last_step: StepInfo | None = None
+        self.__dict__.update(self._fresh_bookkeeping())
         defaults = {
             **settings,
             "betas": betas,
@@ -779,6 +756,19 @@ class ALSALS(SearchingOptimizer):
         self._shown_lr = shown
         self._placeholders, self._signature = False, None  # (the loaded state holds none)
 
+    @classmethod
+    def _fresh_bookkeeping(cls) -> dict[str, Any]:
+        return {
+            **super()._fresh_bookkeeping(),
+            # a search since the last that passed by a resolved change found the slope
+            # overstated
+            "_slope_overstated": False,
+            "_held": None,  # x (list of _Average), while train() holds the weights at y
+            # each parameter's version counter as this optimizer left the weights (x): a
+            # later in-place write is an edit by the user (_adopt_edited_weights)
+            "_versions": None,
+        }
+
     def __getstate__(self) -> dict[str, Any]:
         if self._held is not None:
             self._warn_once("held_copy", HELD_WARNING.format(what="a copy (deepcopy, pickle)"))
@@ -789,9 +779,6 @@ class ALSALS(SearchingOptimizer):
         for settings in (self.defaults, *self.param_groups):  # (pickled by an older version)
             for key, value in SETTINGS_ADDED.items():
                 settings.setdefault(key, value)
-        self.__dict__.setdefault("_slope_overstated", False)
-        self.__dict__.setdefault("_held", None)
-        self.__dict__.setdefault("_versions", None)
 
     # --------------------------------------------------------------- Schedule-Free's swap
 

@@ -42,8 +42,8 @@ from alsals.torch_optim_boundary import (
 class SearchingOptimizer(torch.optim.Optimizer):
     """Base class of ``LineSearchOptimizer`` and ``ALSALS``: ``torch.optim``'s protocol
     around one searched step size (module docstring). Subclasses set the class attributes
-    below, :meth:`_placeholder_entries`, and the attributes their ``__init__`` creates
-    (``_placeholders``, ``_signature``, ``_shown_lr``, ``_left_grads``, ...)."""
+    below, :meth:`_placeholder_entries`, and :meth:`_fresh_bookkeeping` with the
+    attributes of their own; their ``__init__`` sets it before the groups are added."""
 
     #: The key of the search state in the first parameter's ``state``.
     STATE_KEY: ClassVar[str]
@@ -63,28 +63,40 @@ class SearchingOptimizer(torch.optim.Optimizer):
         # marks of the gradients left in .grad (weak references) belong to this object only.
         return {k: v for k, v in self.__dict__.items() if k not in self.NOT_COPIED}
 
+    @classmethod
+    def _fresh_bookkeeping(cls) -> dict[str, Any]:
+        """What an optimizer keeps outside ``state`` and the groups, by attribute, as a new
+        one holds it: the one-time checks and warnings, counts of what the loop did, the
+        last step's report. ``__init__`` sets it before the groups are added; a copy
+        pickled by an older version takes what it lacks. Each family adds its own."""
+        return {
+            "_left_grads": None,  # the marks of the gradients left in .grad (LeftGradients)
+            "_grad_norm": math.nan,  # the last gradient's norm (max_grad_norm)
+            "_warned": set(),  # the one-time warnings given
+            "_dropped_looked": False,  # looked once for gradients a closure() dropped
+            "_trials_with_grad": False,  # the closure differentiates inside (ClosureEvaluator)
+            "_disconnected_steps": 0,  # steps in a row whose loss gave no parameter a gradient
+            "_written_lr_steps": 0,  # steps in a row that found lr written
+            "_lr_cuts": 0,  # writes that lowered lr, over the run
+            "_buffers_checked": False,  # the buffers' dtypes and devices checked
+            "_unchanged_searches": 0,  # searches in a row whose trials never moved the loss
+            "_shown_lr": None,  # each group's lr as the last step left it
+            "_ranks_checked": False,  # every rank holds the same settings (first step)
+            "_meshes_checked": False,  # the DTensors' meshes fit the process group
+            "_shapes_mark": None,  # (see _rank_marks)
+            "_placeholders": False,  # the state holds entries a checkpointing tool had made
+            "_signature": None,  # the parameters' dtypes and devices, checked
+            "_last_stored": None,  # the search state stored last (_put_entry)
+            "last_step": None,  # the last step's report (StepInfo)
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # (torch adds "differentiable" to the defaults here, which add_param_group would
         # copy into a new group: a setting of another optimizer in the next state_dict)
         self.defaults.pop("differentiable", None)
-        self.__dict__.setdefault("_left_grads", None)
-        self.__dict__.setdefault("_grad_norm", math.nan)
-        self.__dict__.setdefault("_warned", set())
-        self.__dict__.setdefault("_dropped_looked", False)
-        self.__dict__.setdefault("_trials_with_grad", False)
-        self.__dict__.setdefault("_disconnected_steps", 0)
-        self.__dict__.setdefault("_written_lr_steps", 0)
-        self.__dict__.setdefault("_lr_cuts", 0)
-        self.__dict__.setdefault("_buffers_checked", False)
-        self.__dict__.setdefault("_unchanged_searches", 0)
-        self.__dict__.setdefault("_shown_lr", None)
-        self.__dict__.setdefault("_ranks_checked", False)
-        self.__dict__.setdefault("_meshes_checked", False)
-        self.__dict__.setdefault("_shapes_mark", None)
-        self.__dict__.setdefault("_placeholders", False)
-        self.__dict__.setdefault("_signature", None)
-        self.__dict__.setdefault("_last_stored", None)
+        for name, value in self._fresh_bookkeeping().items():
+            self.__dict__.setdefault(name, value)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SearchingOptimizer:
         return copy_sharing_process_group(self, memo)
@@ -174,8 +186,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
         """The entries a first step creates, marked as written by none
         (:mod:`alsals.state_placeholders`): ``torch.distributed.checkpoint`` loads only the
         entries an optimizer holds."""
-        if not any(self.state.values()):  # (a cleared state: its run starts afresh)
-            self._last_stored = None
+        self._forget_if_cleared()
         create_placeholders(self.state, self.param_groups, self._placeholder_entries)
         anchor = anchor_parameter(self.param_groups)
         if anchor is not None and self.state[anchor].get("step") == 0:
@@ -193,11 +204,16 @@ class SearchingOptimizer(torch.optim.Optimizer):
         its state with it or not), the one stored last, by a step or a load (``None``
         before a first step, and after ``optimizer.state.clear()``)."""
         stored = self._anchor_entry()
-        if stored is None and self._last_stored is not None:
-            if any(self.state.values()):
-                return self._last_stored
-            self._last_stored = None  # (a cleared state: the run starts afresh)
+        if stored is None:
+            self._forget_if_cleared()
+            return self._last_stored
         return stored
+
+    def _forget_if_cleared(self) -> None:
+        """After ``optimizer.state.clear()`` (no entries left) the search state stored last
+        is no longer the run's: the run starts afresh."""
+        if self._last_stored is not None and not any(self.state.values()):
+            self._last_stored = None
 
     def _stored_search_state(self) -> Any:
         stored = self._stored_entry()
