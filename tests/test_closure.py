@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS
-from conftest import OPTIMIZER_IDS, OPTIMIZERS, SmallNet, bce_closure, make_classification
+from conftest import (
+    OPTIMIZER_IDS,
+    OPTIMIZERS,
+    SmallNet,
+    assert_bitwise_same,
+    bce_closure,
+    make_classification,
+)
 
 
 def make_setup(cls, seed=0, **kwargs):
@@ -1207,3 +1214,80 @@ def test_a_closure_that_runs_backward_whatever_it_is_told_runs_it_once_a_step(cl
         opt.step(closure)
     assert len(passes) == 3 and opt.search_state.backwards == 3
     assert opt.search_state.forwards > 3  # (trials ran)
+
+
+@pytest.mark.parametrize("returned", ["a count", "a flag", "complex"])
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_loss_that_is_no_real_floating_point_tensor_is_a_clear_error(cls, returned):
+    model, opt, x, y = make_setup(cls, lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure(backward):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        errors = ((model(x) > 0).float() != y).sum()  # an int64 count
+        return {"a count": errors, "a flag": errors > 3, "complex": loss.detach() * (1 + 1j)}[
+            returned
+        ]
+
+    with pytest.raises(TypeError, match=r"real floating-point tensor.*dtype torch\.\w+ \("):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _run_calling_inside_the_closure(cls, call, steps=8):
+    """The weights after ``steps`` steps whose closure calls ``call(opt)`` at every
+    evaluation, and the warnings given."""
+    model, opt, x, y = make_setup(cls, lr=1.0)
+    model.eval()
+
+    def closure():
+        call(opt)
+        return nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("call", ["state_dict", "train"])
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_looking_at_the_optimizer_inside_the_closure_leaves_the_run_as_it_was(cls, call):
+    # (ALSALS took its own move to y for the user's edit of the weights, and restarted z
+    # and its averaging there at each call: a different run, silently)
+    if call == "train" and cls is not ALSALS:
+        pytest.skip("train() is ALSALS's (Schedule-Free's swap)")
+    plain, _ = _run_calling_inside_the_closure(cls, lambda opt: None)
+    looked, said = _run_calling_inside_the_closure(cls, lambda opt: getattr(opt, call)())
+    assert all(torch.equal(a, b) for a, b in zip(plain, looked, strict=True))
+    inside = [m for m in said if "inside step()'s closure" in m]
+    assert len(inside) == (call == "state_dict"), said  # said once, where it is said
+
+
+@pytest.mark.parametrize("what", ["load_state_dict", "add_param_group", "step"])
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_changing_the_optimizer_inside_the_closure_is_refused(cls, what):
+    model, opt, x, y = make_setup(cls, lr=1.0)
+    opt.step(bce_closure(model, x, y))
+    saved, before = opt.state_dict(), [p.detach().clone() for p in model.parameters()]
+    extra = nn.Parameter(torch.zeros(3))
+
+    def closure():
+        if what == "load_state_dict":
+            opt.load_state_dict(saved)
+        elif what == "add_param_group":
+            opt.add_param_group({"params": [extra]})
+        else:
+            opt.step(bce_closure(model, x, y))
+        return nn.functional.binary_cross_entropy_with_logits(model(x), y)
+
+    with pytest.raises(RuntimeError, match=rf"{cls.__name__}\.{what}\(\) was called inside"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert_bitwise_same(opt.state_dict(), saved)
+    assert len(opt.param_groups) == 1
+    opt.step(bce_closure(model, x, y))  # and the optimizer goes on

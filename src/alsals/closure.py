@@ -163,6 +163,18 @@ def as_loss_tensor(value: object, role: str) -> Tensor:
                 f"closure must return the loss as a scalar tensor; {role} returned a tensor "
                 f"of shape {tuple(value.shape)}"
             )
+        if not value.is_floating_point():
+            raise TypeError(
+                f"closure must return the loss as a real floating-point tensor; {role} returned "
+                f"a tensor of dtype {value.dtype}"
+                + (
+                    " (a complex value has no order to decrease: return a real loss, such as "
+                    "its absolute value)"
+                    if value.is_complex()
+                    else " (a count or a flag is no loss to differentiate: return the "
+                    "differentiable loss)"
+                )
+            )
         return value.reshape(())
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         # float64 loses nothing of a float64 loss returned as .item(); the resolution of

@@ -433,6 +433,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         self.__dict__.setdefault("_process_group", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._refuse_in_step("add_param_group()")
         if not isinstance(param_group, dict):
             raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
         param_group = {**param_group, "params": group_params(param_group)}
@@ -478,6 +479,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         settings replace this optimizer's. A state of another optimizer (AdamW) warns and
         lends its moments, ``lr`` and the per-group settings both share (``betas``, ``eps``,
         ``weight_decay``); its other settings are dropped."""
+        self._refuse_in_step("load_state_dict()")
         saved_groups = state_dict.get("param_groups", [])
         if any("weight_sum" in g and "lr_max" in g for g in saved_groups):
             raise ValueError(
@@ -667,7 +669,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         if is_state_initialisation(self.state, self.param_groups, closure):  # a tool's
             self._create_placeholders()
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
-        return self._step(closure, commit=True, runs_backward=closure_runs_backward)[0]
+        with self._running_closure():
+            return self._step(closure, commit=True, runs_backward=closure_runs_backward)[0]
 
     @torch.no_grad()
     def preview(self, closure: Closure) -> StepPreview:
@@ -684,7 +687,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         ) or left_by_a_step(params)
         before = self.search_state
         try:
-            _, info, run = self._step(closure, commit=False)
+            with self._running_closure():
+                _, info, run = self._step(closure, commit=False)
             directions = run.directions
             if info.kind == "reuse":
                 # A step that reuses its step size searches nothing: its update direction.

@@ -237,6 +237,19 @@ CONVERGED_WARNING = (
 )
 #: Saving or copying between ``train()`` and the step: the model holds ``y``, and the copy of
 #: ``x`` that ``train()`` holds aside is in no checkpoint.
+#: ``state_dict()`` called while a step runs the closure.
+IN_STEP_STATE_DICT = (
+    "{name}: state_dict() was taken inside step()'s closure: it holds the optimizer's state "
+    "as it was before this step, while the model's weights are where the step evaluates the "
+    "loss (a trial point during a search), so a checkpoint of both taken now does not resume "
+    "this run. Take checkpoints between steps"
+)
+#: A call that would change the optimizer while a step runs the closure.
+IN_STEP_REFUSED = (
+    "{name}.{what} was called inside step()'s closure, while the step is using the "
+    "optimizer's state and parameters; call it between steps"
+)
+
 HELD_WARNING = (
     "ALSALS: {what} was taken while train() holds the weights at y (the point of the "
     "gradient), not at the average x they hold between steps; the copy of x train() keeps "

@@ -534,7 +534,7 @@ class ALSALS(SearchingOptimizer):
     STATE_KEY = STATE_KEY
     PLACEHOLDER_KEYS = PLACEHOLDER_KEYS
     SEARCH_STATE = SearchState
-    NOT_COPIED = ("_left_grads", "_held", "_versions")
+    NOT_COPIED = (*SearchingOptimizer.NOT_COPIED, "_held", "_versions")
 
     def __init__(
         self,
@@ -641,6 +641,7 @@ class ALSALS(SearchingOptimizer):
         ``eps``, ``weight_decay`` and ``lr_scale`` may differ between groups; the search's
         settings (``lr`` included: one step size is searched for all parameters, which
         moves group ``i`` by ``lr_scale_i`` times it) may not."""
+        self._refuse_in_step("add_param_group()")
         if not isinstance(param_group, dict):
             raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
         param_group = {k: v for k, v in param_group.items() if k not in ("weight_sum", "lr_max")}
@@ -687,16 +688,17 @@ class ALSALS(SearchingOptimizer):
         last step (a projection after it) are adopted first, as the next step would adopt
         them: the checkpoint carries the restarted ``z``, which a resumed optimizer, built
         without the version counters, could not find."""
-        if self._held is None:
-            self._adopt_edited_weights()
-        else:
+        if self._held is not None:
             self._warn_once("held_state_dict", HELD_WARNING.format(what="state_dict()"))
+        elif not self._in_step:  # (in a step the weights are where the step put them)
+            self._adopt_edited_weights()
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state another optimizer
         saved (its groups lack this one's settings and averaging weights) with the keys
         named, before anything is loaded."""
+        self._refuse_in_step("load_state_dict()")
         state_dict, shown = split_shown_lr(state_dict)
         state_dict = state_dict_without_placeholders(state_dict, PLACEHOLDER_KEYS)
         required = {*SEARCH_SETTINGS, *GROUP_STATE}
@@ -788,8 +790,9 @@ class ALSALS(SearchingOptimizer):
         this before its forward pass, as it does for Schedule-Free). Not needed where the
         backward pass runs inside the closure: ``step()`` moves the weights itself. Calling
         it again before the step changes nothing; ``step()`` or ``eval()`` brings the
-        weights back to the average."""
-        if self._held is None:
+        weights back to the average; inside the closure, where the step has put the weights
+        already, it does nothing."""
+        if self._held is None and not self._in_step:
             self._drop_placeholders()  # (their z is no step's: y is x before a first step)
             self._adopt_edited_weights()
             self._held = self._to_gradient_point()
@@ -831,6 +834,10 @@ class ALSALS(SearchingOptimizer):
         if is_state_initialisation(self.state, self.param_groups, closure):  # a tool's
             self._create_placeholders()
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
+        with self._running_closure():
+            return self._step(closure, closure_runs_backward)
+
+    def _step(self, closure: Closure | None, closure_runs_backward: bool | None) -> Tensor:
         self._check_state("ALSALS")
         self._check_written_settings()
         self._check_ranks("ALSALS")

@@ -12,8 +12,10 @@ attribute of each family carries it (``STATE_KEY``, ``PLACEHOLDER_KEYS``,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +30,7 @@ from alsals.distributed import (
     shapes_mark,
     world_size,
 )
+from alsals.messages import IN_STEP_REFUSED, IN_STEP_STATE_DICT
 from alsals.state_placeholders import create_placeholders, drop_placeholders
 from alsals.torch_optim_boundary import (
     anchor_parameter,
@@ -53,7 +56,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
     #: ``step_size`` and ``initial_step_size``.
     SEARCH_STATE: ClassVar[type[Any]]
     #: The attributes a copy (deepcopy, pickle) leaves out.
-    NOT_COPIED: ClassVar[tuple[str, ...]] = ("_left_grads",)
+    NOT_COPIED: ClassVar[tuple[str, ...]] = ("_left_grads", "_in_step")
 
     # ------------------------------------------------------------------ torch.optim protocol
 
@@ -88,6 +91,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
             "_signature": None,  # the parameters' dtypes and devices, checked
             "_last_stored": None,  # the search state stored last (_put_entry)
             "last_step": None,  # the last step's report (StepInfo)
+            "_in_step": False,  # a step (or preview) is running the closure
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -106,6 +110,8 @@ class SearchingOptimizer(torch.optim.Optimizer):
         showed (:func:`alsals.torch_optim_boundary.with_shown_lr`). Where surgery since the
         last step left the search state off the first parameter, it is put there first (the
         checkpoint carries it)."""
+        if self._in_step:
+            self._warn_once("in_step_state_dict", IN_STEP_STATE_DICT.format(name=self._name))
         entry = self._stored_entry()
         if entry is not None and entry is not self._anchor_entry():
             self._put_entry(entry)
@@ -114,6 +120,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim``'s load; the loaded search state is then the one stored last
         (surgery right after a resume keeps it), and the replaced state is not kept alive."""
+        self._refuse_in_step("load_state_dict()")
         super().load_state_dict(state_dict)
         self._last_stored = self._anchor_entry()
 
@@ -131,6 +138,27 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self._meshes_checked = False
 
     # ------------------------------------------------------------------------------ the step
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    @contextlib.contextmanager
+    def _running_closure(self) -> Iterator[None]:
+        """The time a step (or a preview) runs: the closure may look at the optimizer
+        (``state_dict()`` warns that the state is the one before this step) but not change
+        it (:meth:`_refuse_in_step`), nor step it again."""
+        self._refuse_in_step("step()")
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+
+    def _refuse_in_step(self, what: str) -> None:
+        """An error, before anything changes, where ``what`` is called inside the closure."""
+        if self._in_step:
+            raise RuntimeError(IN_STEP_REFUSED.format(name=self._name, what=what))
 
     def _check_state(self, name: str) -> None:
         """The step's first checks, before the settings': not in inference mode, the
