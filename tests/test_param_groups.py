@@ -372,6 +372,30 @@ def test_a_step_never_writes_a_frozen_parameter(cls):
     assert [p._version for p in base.parameters()] == versions
 
 
+@pytest.mark.parametrize(
+    "cls",
+    [ALSALS, MomentumALSALS, AdamSLS, SLS],
+    ids=["ALSALS", "MomentumALSALS", "AdamSLS", "SLS"],
+)
+def test_a_frozen_base_built_under_inference_mode_trains_its_head(cls):
+    """A base built (or loaded) under ``torch.inference_mode()``, frozen, passed with the
+    head's parameters, as AdamW takes it (ALSALS read every parameter's version counter,
+    which an inference tensor has none of: torch's "Inference tensors do not track version
+    counter")."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        base = nn.Linear(8, 8)
+    head = nn.Linear(8, 1)
+    base.requires_grad_(False)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    opt = cls([*base.parameters(), *head.parameters()])
+    kept, before = [p.clone() for p in base.parameters()], head.weight.detach().clone()
+    for _ in range(3):
+        opt.step(lambda: ((head(torch.relu(base(x))) - y) ** 2).mean())
+    assert all(torch.equal(a, b) for a, b in zip(kept, base.parameters(), strict=True))
+    assert not torch.equal(before, head.weight)
+
+
 def test_a_parameter_unfrozen_after_train_takes_its_step():
     """``train()`` holds the weights at ``y`` while a frozen parameter stays at ``x``; one
     unfrozen before the step gets a gradient and steps like the others, and ``eval()``

@@ -929,8 +929,15 @@ class ALSALS(SearchingOptimizer):
         """Every parameter's version counter now: torch raises it at each in-place write,
         ``model.load_state_dict`` and ``torch.nn.init`` included (not at writes through
         ``.data``, which autograd does not see either). Under FSDP2 it is the DTensor's own
-        counter, which writes to the DTensor raise (its local shard's does not move)."""
-        return {id(p): p._version for group in self.param_groups for p in group["params"]}
+        counter, which writes to the DTensor raise (its local shard's does not move). An
+        inference tensor (a frozen part built under ``torch.inference_mode()``) has none:
+        outside inference mode it cannot be written in place, so it has no edit to see."""
+        return {
+            id(p): p._version
+            for group in self.param_groups
+            for p in group["params"]
+            if not p.is_inference()
+        }
 
     @torch.no_grad()
     def _adopt_edited_weights(self, edited: set[int] | None = None) -> None:
