@@ -667,7 +667,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         that hide the signature).
         """
         if is_state_initialisation(self.state, self.param_groups, closure):  # a tool's
-            self._create_placeholders()
+            if not self._in_step:  # (a tool reading the state inside the closure: a read)
+                self._create_placeholders()
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
         with self._running_closure():
             return self._step(closure, commit=True, runs_backward=closure_runs_backward)[0]
@@ -687,7 +688,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         ) or left_by_a_step(params)
         before = self.search_state
         try:
-            with self._running_closure():
+            with self._running_closure("preview()"):
                 _, info, run = self._step(closure, commit=False)
             directions = run.directions
             if info.kind == "reuse":

@@ -235,21 +235,21 @@ CONVERGED_WARNING = (
     "rounding resolves, and the run has converged (only Schedule-Free's averaging moves the "
     "weights now). Nothing is wrong; to go further, compute the loss in float64"
 )
-#: Saving or copying between ``train()`` and the step: the model holds ``y``, and the copy of
-#: ``x`` that ``train()`` holds aside is in no checkpoint.
-#: ``state_dict()`` called while a step runs the closure.
+#: ``state_dict()`` called while a step (or a preview) runs the closure.
 IN_STEP_STATE_DICT = (
-    "{name}: state_dict() was taken inside step()'s closure: it holds the optimizer's state "
-    "as it was before this step, while the model's weights are where the step evaluates the "
-    "loss (a trial point during a search), so a checkpoint of both taken now does not resume "
-    "this run. Take checkpoints between steps"
+    "{name}: state_dict() was taken inside the closure of a step (or a preview): it holds the "
+    "optimizer's state as it was before this step, while the model's weights are where the "
+    "step evaluates the loss (a trial point during a search), so a checkpoint of both taken "
+    "now does not resume this run. Take checkpoints between steps"
 )
-#: A call that would change the optimizer while a step runs the closure.
+#: A call that would change the optimizer while a step (or a preview) runs the closure.
 IN_STEP_REFUSED = (
-    "{name}.{what} was called inside step()'s closure, while the step is using the "
-    "optimizer's state and parameters; call it between steps"
+    "{name}.{what} was called inside the closure of a step (or a preview), while the "
+    "optimizer is using its state and the parameters; call it between steps"
 )
 
+#: Saving or copying between ``train()`` and the step: the model holds ``y``, and the copy of
+#: ``x`` that ``train()`` holds aside is in no checkpoint.
 HELD_WARNING = (
     "ALSALS: {what} was taken while train() holds the weights at y (the point of the "
     "gradient), not at the average x they hold between steps; the copy of x train() keeps "

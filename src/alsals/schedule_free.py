@@ -832,7 +832,8 @@ class ALSALS(SearchingOptimizer):
         as ``MomentumALSALS.step``'s (a closure without arguments that runs backward itself:
         Lightning's)."""
         if is_state_initialisation(self.state, self.param_groups, closure):  # a tool's
-            self._create_placeholders()
+            if not self._in_step:  # (a tool reading the state inside the closure: a read)
+                self._create_placeholders()
             return None  # type: ignore[return-value]  # (no closure, no loss: torch's None)
         with self._running_closure():
             return self._step(closure, closure_runs_backward)

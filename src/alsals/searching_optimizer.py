@@ -144,11 +144,11 @@ class SearchingOptimizer(torch.optim.Optimizer):
         return type(self).__name__
 
     @contextlib.contextmanager
-    def _running_closure(self) -> Iterator[None]:
+    def _running_closure(self, what: str = "step()") -> Iterator[None]:
         """The time a step (or a preview) runs: the closure may look at the optimizer
         (``state_dict()`` warns that the state is the one before this step) but not change
-        it (:meth:`_refuse_in_step`), nor step it again."""
-        self._refuse_in_step("step()")
+        it (:meth:`_refuse_in_step`), nor step or preview it again."""
+        self._refuse_in_step(what)
         self._in_step = True
         try:
             yield
