@@ -564,6 +564,39 @@ def run(rank: int, world: int, init_method: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def dtensor_loss_run(rank: int) -> dict:
+    """Each optimizer's DDP run with the loss returned as a replicated DTensor (tensor
+    parallelism's ``loss_parallel`` returns one) and with the plain loss: decisions and
+    weights of both."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    runs = {}
+    for name, cls in {**OPTIMIZERS, "ALSALS": ALSALS}.items():
+        for as_dtensor in (False, True):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = cls(ddp.parameters(), lr=30.0)
+            data_gen = torch.Generator().manual_seed(100 + rank)
+            decisions = []
+            for _ in range(6):
+                x = torch.randn(32, 6, generator=data_gen)
+                y = (x.sum(dim=1) > 0).float()
+
+                def closure(x=x, y=y, ddp=ddp, as_dtensor=as_dtensor):
+                    loss = nn.functional.binary_cross_entropy_with_logits(ddp(x).squeeze(-1), y)
+                    return DTensor.from_local(loss, mesh, [Replicate()]) if as_dtensor else loss
+
+                opt.step(closure)
+                info = opt.last_step
+                decisions.append((info.kind, info.trials, info.step_size, info.loss))
+            weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+            runs[name, as_dtensor] = {"decisions": decisions, "weights": weights}
+    return runs
+
+
 def train_all(rank: int) -> dict:
     """Each optimizer on this rank's data under DDP: decisions, weights, losses."""
     results = {
@@ -584,6 +617,7 @@ def train_all(rank: int) -> dict:
         "moved_between_groups": moved_between_groups_run(rank),
         "overflow": overflow_run(rank),
         "tiny": tiny_gradient_run(rank),
+        "dtensor_loss": dtensor_loss_run(rank),
     }
     for name, cls in OPTIMIZERS.items():
         torch.manual_seed(0)  # same initial weights on every rank

@@ -154,6 +154,19 @@ def test_schedule_free_search_decides_alike_on_every_rank(rank_results):
     assert kinds[_distributed_worker.RANK1_EVENTS.index("nan_loss")] == "nonfinite"
 
 
+@pytest.mark.parametrize("name", ["SLS", "AdamSLS", "MomentumALSALS", "ALSALS"])
+def test_a_loss_returned_as_a_dtensor_takes_the_steps_of_the_plain_loss(rank_results, name):
+    """Tensor parallelism's ``loss_parallel`` returns the loss as a DTensor: its value
+    (before, ``.tolist()`` on it failed in every optimizer) and its backward are the plain
+    loss's, on every rank."""
+    for results in rank_results:
+        plain = results["dtensor_loss"][name, False]
+        wrapped = results["dtensor_loss"][name, True]
+        assert wrapped["decisions"] == plain["decisions"]
+        assert any(trials > 1 for _, trials, _, _ in plain["decisions"]), "decisions must matter"
+        assert torch.equal(wrapped["weights"], plain["weights"])
+
+
 @pytest.mark.parametrize("setting", ["c", "lr"])
 def test_ranks_built_with_different_settings_fail_at_the_first_step_on_every_rank(
     rank_results, setting

@@ -45,6 +45,13 @@ def local_shard(t: Tensor) -> Tensor:
     return t.to_local() if module is not None and isinstance(t, module.DTensor) else t
 
 
+def whole_value(t: Tensor) -> Tensor:
+    """A DTensor's whole value as a plain tensor (a loss computed under tensor
+    parallelism's ``loss_parallel``: replicated, or partial sums reduced); else ``t``."""
+    module = _dtensor_module()
+    return t.full_tensor() if module is not None and isinstance(t, module.DTensor) else t
+
+
 def shard_count(p: Tensor) -> int:
     """Over how many ranks ``p`` is split: its local slope terms sum, not average. Every
     mesh dimension that does not replicate it splits it: ``Shard``, and the
@@ -203,7 +210,7 @@ def mean_to_host(
     """
     device = values[0].device
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    scalars = [v.detach().reshape(()).to(device=device, dtype=dtype) for v in values]
+    scalars = [whole_value(v.detach()).reshape(()).to(device=device, dtype=dtype) for v in values]
     ranks = world_size(group)
     if dtype != torch.float64 or ranks == 1:  # (the marks' squares are exact in float64 only)
         marks = None
