@@ -2405,6 +2405,29 @@ def test_a_run_converged_to_a_loss_above_zero_is_not_blamed_on_its_closure():
     assert all("closure" not in str(m.message) for m in caught), caught[0].message
 
 
+@pytest.mark.parametrize("lr", [None, 1e-300], ids=["offset-1e9", "lr-1e-300"])
+def test_a_run_that_never_got_anywhere_is_not_called_converged(lr):
+    """A float32 regression with a constant of 1e9 in its loss (whose rounding, 64, hides
+    every move the first searches try but the largest, which they reject), or one started
+    at a step size of 1e-300: the loss never falls below the run's first, so the warning
+    suspects the closure and the loss's rounding; it said "the run has converged. Nothing is
+    wrong" (an audit's finding)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = x @ torch.randn(8, generator=g) + 0.3 * torch.randn(512, generator=g)
+    w = torch.nn.Parameter(torch.zeros(8))
+    opt = ALSALS([w]) if lr is None else ALSALS([w], lr=lr)
+    offset = 1e9 if lr is None else 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(40):
+            opt.step(lambda: ((x @ w - y) ** 2).mean() + offset)
+    assert opt.search_state.loss_followed  # (the first search saw a move change it)
+    messages = [str(m.message) for m in caught if "loss" in str(m.message)]
+    assert messages and all("converged" not in m for m in messages), messages
+    assert any("wider dtype" in m for m in messages)
+
+
 def test_searches_that_collapsed_the_step_size_are_not_called_converged():
     """Searches that find the loss unchanged at a step size collapsed far below the run's
     largest (a written lr of 1e-9, after which the closure's loss no longer follows the

@@ -222,7 +222,7 @@ UNCHANGED_WARNING = (
     "Either the closure does not compute the loss from the model's current weights (call the "
     "model inside the closure: outputs computed before it, or a loss of another model, stay "
     "the same whatever the optimizer does to the weights), or the loss changes by less than "
-    "its own rounding (compute it in a wider dtype), or it is flat along the move where its "
+    "its own rounding (compute it in a wider dtype, or leave out a large constant part), or it is flat along the move where its "
     "gradient says otherwise (a kink: a clamp or ReLU at its bound, whose gradient there "
     "autograd takes from the other side)"
 )

@@ -1251,9 +1251,13 @@ class ALSALS(SearchingOptimizer):
             if self._unchanged_searches >= STALL_WARNING_STEPS:
                 # (a search that collapsed far below the run's largest step size is no
                 # converged run's, whatever the loss did before)
+                # (and a run that never took a step, or whose loss never fell below its
+                # first, has not converged: a loss whose rounding hid every move from the
+                # start, a constant of 1e9 in float32, a step size of 1e-300)
                 searched = min(search.step_size, search.resume or math.inf)
                 largest = max(g["lr_max"] / g["lr_scale"] for g in self.param_groups)
-                healthy = searched >= COLLAPSE_RATIO * largest
+                healthy = largest > 0 and searched >= COLLAPSE_RATIO * largest
+                healthy = healthy and loss0 < search.first_loss
                 # (nor one where the gradient predicted a change far above what the loss's
                 # dtype resolves: the loss did not follow the weights, it did not converge;
                 # not where the weights' own dtype is coarser than float32, whose rounding
