@@ -507,6 +507,8 @@ def test_a_start_far_too_large_whose_trials_overflow_comes_down_in_one_search(pa
         ({"smoothing": 1.0}, "smoothing"),
         ({"smoothing": -0.1}, "smoothing"),
         ({"growth_interval": 0}, "growth_interval"),
+        ({"growth_interval": 1e-9}, "growth_interval"),  # (2^(1/b) overflowed at the step)
+        ({"lr": 1e300}, "lr"),  # (every trial overflowed, every step failed, silently)
         ({"max_trials": 0}, "max_trials"),
         ({"max_trials": 2.5}, "max_trials"),
         ({"slope": "exact"}, "slope"),
@@ -521,6 +523,25 @@ def test_a_start_far_too_large_whose_trials_overflow_comes_down_in_one_search(pa
 def test_invalid_hyperparameters_raise_value_error_naming_them(optimizer_class, kwargs, name):
     with pytest.raises(ValueError, match=f"invalid {name}"):
         optimizer_class([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_searches_that_fail_in_a_row_warn_with_where_the_next_starts(paper_class):
+    """A growth per search of 2^1000 (``growth_interval=0.001``, accepted) starts every
+    search at the largest step size (1e100), from which ``max_trials`` backtracks do not
+    reach one the loss accepts: every step fails, which said nothing but a log line."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, dtype=torch.float64, generator=g)
+    y = x @ torch.randn(4, dtype=torch.float64, generator=g)
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = paper_class([w], growth_interval=0.001)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.step(lambda: ((x @ w - y) ** 2).mean())
+            assert opt.last_step.kind == "failed"
+    said = [str(m.message) for m in caught if "none passed the Armijo test" in str(m.message)]
+    assert len(said) == 1 and "growth_interval" in said[0], [str(m.message) for m in caught]
+    assert torch.equal(w, torch.zeros_like(w))
 
 
 @pytest.mark.parametrize("cls", [AdamSLS, MomentumALSALS], ids=["AdamSLS", "MomentumALSALS"])

@@ -177,18 +177,26 @@ def in_range(
     return number
 
 
+#: ``2 ** MAX_GROWTH_EXPONENT`` is the largest power of two float64 holds below its ``inf``.
+MAX_GROWTH_EXPONENT = 1023
+#: No step size above this (``lr`` included): its square (``ALSALS``'s averaging weight)
+#: must stay finite in float64, and no model's weights move usefully by more.
+MAX_STEP_SIZE = 1e100
+
+
 def checked_search(h: dict[str, Any]) -> dict[str, Any]:
     """The search hyperparameters of ``h`` (and ``lr``), validated, as plain Python values."""
     out = dict(h)
-    out["lr"] = in_range("lr", h["lr"], 0.0, closed_low=False)
+    out["lr"] = in_range("lr", h["lr"], 0.0, MAX_STEP_SIZE, closed_low=False)
     out["c"] = in_range("c", h["c"], 0.0, 1.0, closed_low=False)
     out["smoothing"] = in_range("smoothing", h["smoothing"], 0.0, 1.0, closed_low=True)
     out["backtrack"] = in_range("backtrack", h["backtrack"], 0.0, 1.0, closed_low=False)
     growth = real("growth_interval", h["growth_interval"])
-    if not growth > 0:
+    if not growth > 1.0 / MAX_GROWTH_EXPONENT:  # (2^(1/b) above float64's range: overflow)
         raise ValueError(
-            f"invalid growth_interval: {h['growth_interval']!r} (expected a number > 0; "
-            "math.inf disables growth)"
+            f"invalid growth_interval: {h['growth_interval']!r} (expected a number above "
+            f"1/{MAX_GROWTH_EXPONENT}, where the growth per search 2^(1/growth_interval) "
+            "is a finite number; math.inf disables growth)"
         )
     out["growth_interval"] = growth
     for name in ("interpolate", "trust_interpolation"):

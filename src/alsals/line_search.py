@@ -83,6 +83,7 @@ from alsals.distributed import (
 from alsals.hyperparameters import (
     ADAPTIVE_CADENCES,
     GROUP_KEYS,
+    MAX_STEP_SIZE,
     SEARCH_KEYS,
     TORCH_GROUP_KEYS,
     check_group,
@@ -97,6 +98,7 @@ from alsals.messages import (
     CONTRADICTED_WARNING,
     DISCONNECTED_WARNING,
     DROPPED_GRADIENTS_WARNING,
+    FAILED_SEARCHES_WARNING,
     FROZEN_GROUP_ADVICE,
     LOSS_CULPRIT,
     NO_BACKWARD_WARNING,
@@ -422,6 +424,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         return {
             **super()._fresh_bookkeeping(),
             "_unresolved_searches": 0,  # searches in a row that ended unresolved
+            "_failed_searches": 0,  # searches in a row that ended failed (max_trials)
             "_clip_factor": 1.0,  # max_grad_norm's factor on the gradients this step
             "_replay_loss": None,  # the replay check's loss at the first search of a run
             "_model_terms": None,  # the search's model of the loss along the step (ModelTerms)
@@ -1192,7 +1195,7 @@ class LineSearchOptimizer(SearchingOptimizer):
             self._step_size_cap(search),
             h["growth_interval"],
             h["backtrack"],
-            largest=min(self._ceiling(search), largest_representable(self.params())),
+            largest=min(self._ceiling(search), MAX_STEP_SIZE, largest_representable(self.params())),
         )
         polyak = h["start"] == "polyak"
         floor = self._start_floor(search)
@@ -1719,6 +1722,13 @@ class LineSearchOptimizer(SearchingOptimizer):
         if self._unchanged_searches >= STALL_WARNING_STEPS:
             message = UNCHANGED_LOSS_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("loss_unchanged", message, UserWarning)
+        failed = outcome.kind == "failed"
+        self._failed_searches = self._failed_searches + 1 if failed else 0
+        if self._failed_searches >= STALL_WARNING_STEPS:
+            message = FAILED_SEARCHES_WARNING.format(
+                name=name, n=STALL_WARNING_STEPS, next=outcome.next_step_size
+            )
+            self._warn_once("failed_searches", message, UserWarning)
         unresolved = outcome.kind == "unresolved"
         self._unresolved_searches = self._unresolved_searches + 1 if unresolved else 0
         low_precision = torch.finfo(evaluator.loss_dtype).bits < 32

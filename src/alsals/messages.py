@@ -78,11 +78,18 @@ PARTIAL_MODEL_WARNING = (
 )
 UNCHANGED_LOSS_WARNING = (
     "{name}: the loss did not change when the weights moved: in {n} searches in a row every "
-    "trial, up to a move as large as the weights themselves, gave exactly the loss at the "
-    "start, so no step was taken. Either the closure does not compute the loss from the "
+    "trial, up to a move as large as the weights themselves (of norm 1 where they are "
+    "smaller), gave exactly the loss at the start, so no step was taken. Either the closure does not compute the loss from the "
     "model's current weights (call the model inside the closure: outputs computed before it, "
     "or a loss of another model, stay the same whatever the optimizer does to the weights), "
     "or the loss changes by less than its own rounding (compute it in a wider dtype)"
+)
+FAILED_SEARCHES_WARNING = (
+    "{name}: {n} searches in a row tried max_trials step sizes each and none passed the Armijo "
+    "test, so no step was taken (the next search starts at {next:.3g}): the step size is far "
+    "above any the loss accepts (an lr or a growth_interval too large: each "
+    "search starts from where the last one left the step size), or the loss's gradient does "
+    "not describe it along the move (see the warnings before this one, if any)"
 )
 UNRESOLVED_WARNING = (
     "{name}: {n} searches in a row ended unresolved, without a step: the loss is computed in "

@@ -116,7 +116,14 @@ from alsals.distributed import (
     mean_to_host,
     shard_count,
 )
-from alsals.hyperparameters import TORCH_GROUP_KEYS, flag, in_range, integer, loss_floor
+from alsals.hyperparameters import (
+    MAX_STEP_SIZE,
+    TORCH_GROUP_KEYS,
+    flag,
+    in_range,
+    integer,
+    loss_floor,
+)
 from alsals.line_search import StepInfo
 from alsals.messages import (
     BUFFERS_MOVED_HINT,
@@ -219,9 +226,6 @@ EXPANSION = 1.0 / INTERPOLATION_FLOOR
 #: 10x: the interpolated trial, then geometric middles), not
 #: the hundreds of steps that growth by 10% per search takes to cover what is left.
 EXPANDED_BRACKET = 2.0
-#: No step size above this: its square (the averaging weight) must stay finite in float64,
-#: and no model's weights move usefully by more.
-MAX_STEP_SIZE = 1e100
 #: Steps skipped in a row for a non-finite loss at ``y`` from which ``z`` restarts at ``x``
 #: (at the first of them where the loss at ``x`` is finite).
 NONFINITE_RESTART = 2
