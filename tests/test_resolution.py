@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -246,6 +247,30 @@ def test_a_finite_difference_probe_below_the_loss_rounding_is_not_taken_for_the_
                 multiple = opt.last_step.slope * 5e-8 / ulp
                 assert multiple == pytest.approx(round(multiple), abs=1e-6)
                 assert opt.last_step.slope != pytest.approx(analytic, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_difference_probes_the_rounding_hides_in_a_row_warn_once(dtype):
+    """Least squares with a constant of 1e6 in its loss: in float32 (rounding 0.0625) no probe
+    of the paper's slope shows a change, ``f_a`` is 0 at every search after the first, and the
+    step size grew to 37 while the loss climbed from 18 to 80-1650 (an audit's finding, no
+    warning); in float64 every probe resolves and nothing is said."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, dtype=torch.float64, generator=g)
+    y = x @ torch.randn(8, dtype=torch.float64, generator=g) + 0.3 * torch.randn(512, generator=g)
+    x, y = x.to(dtype), y.to(dtype)
+    w = torch.zeros(8, dtype=dtype, requires_grad=True)
+    opt = MomentumALSALS.paper([w])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(30):
+            idx = torch.randint(0, 512, (32,), generator=g)
+            opt.step(lambda idx=idx: ((x[idx] @ w - y[idx]) ** 2).mean() + 1e6)
+            if dtype == torch.float32 and k >= 1:
+                assert opt.last_step.slope == 0.0
+    said = [str(m.message) for m in caught if "finite-difference probe" in str(m.message)]
+    assert len(said) == (dtype == torch.float32), said
+    assert all("slope='analytic'" in m and "float64" in m for m in said)
 
 
 @pytest.mark.parametrize(

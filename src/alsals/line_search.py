@@ -100,6 +100,8 @@ from alsals.messages import (
     DROPPED_GRADIENTS_WARNING,
     FAILED_SEARCHES_WARNING,
     FROZEN_GROUP_ADVICE,
+    HIDDEN_PROBE_SEARCHES,
+    HIDDEN_PROBE_WARNING,
     LOSS_CULPRIT,
     NO_BACKWARD_WARNING,
     NO_GRAD_NONFINITE,
@@ -425,6 +427,8 @@ class LineSearchOptimizer(SearchingOptimizer):
             **super()._fresh_bookkeeping(),
             "_unresolved_searches": 0,  # searches in a row that ended unresolved
             "_failed_searches": 0,  # searches in a row that ended failed (max_trials)
+            "_probe_hidden": None,  # this step's finite-difference probe within the rounding
+            "_hidden_probes": 0,  # searches in a row whose probe the loss's rounding hid
             "_clip_factor": 1.0,  # max_grad_norm's factor on the gradients this step
             "_replay_loss": None,  # the replay check's loss at the first search of a run
             "_model_terms": None,  # the search's model of the loss along the step (ModelTerms)
@@ -737,6 +741,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         lr_cut = written == "zero" or (written is not None and search.step_size < before)
         self._grad_norm, self._replay_loss, self._model_terms = math.nan, None, None
         self._clip_factor = 1.0  # max_grad_norm's factor on the gradients this step
+        self._probe_hidden = None
         run = _Run(first_search=search.searches == 0, start_step_size=search.step_size)
         try:
             loss, loss0, outcome = self._phases_1_to_5(search, written, evaluator, run)
@@ -1414,7 +1419,8 @@ class LineSearchOptimizer(SearchingOptimizer):
         if self._settings["slope"] == "analytic":
             return values[0]
         probe, *analytic = values
-        if analytic and abs(loss0 - probe) <= resolution:
+        self._probe_hidden = abs(loss0 - probe) <= resolution
+        if analytic and self._probe_hidden:
             return analytic[0]
         return (loss0 - probe) / self._settings["fd_step"]
 
@@ -1722,6 +1728,17 @@ class LineSearchOptimizer(SearchingOptimizer):
         if self._unchanged_searches >= STALL_WARNING_STEPS:
             message = UNCHANGED_LOSS_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("loss_unchanged", message, UserWarning)
+        if self._probe_hidden is not None:  # (a search with the finite-difference slope)
+            self._hidden_probes = self._hidden_probes + 1 if self._probe_hidden else 0
+            if self._hidden_probes >= HIDDEN_PROBE_SEARCHES:
+                message = HIDDEN_PROBE_WARNING.format(
+                    name=name,
+                    n=HIDDEN_PROBE_SEARCHES,
+                    fd_step=self._settings["fd_step"],
+                    dtype=str(evaluator.loss_dtype).removeprefix("torch."),
+                    loss=loss0,
+                )
+                self._warn_once("hidden_probes", message, UserWarning)
         failed = outcome.kind == "failed"
         self._failed_searches = self._failed_searches + 1 if failed else 0
         if self._failed_searches >= STALL_WARNING_STEPS:

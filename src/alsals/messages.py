@@ -84,6 +84,19 @@ UNCHANGED_LOSS_WARNING = (
     "or a loss of another model, stay the same whatever the optimizer does to the weights), "
     "or the loss changes by less than its own rounding (compute it in a wider dtype)"
 )
+#: Searches in a row whose finite-difference probe changed the loss by less than its
+#: rounding before the optimizer says so (on digits in float32 one probe in ten is hidden;
+#: ten in a row is a loss whose rounding hides every probe).
+HIDDEN_PROBE_SEARCHES = 10
+HIDDEN_PROBE_WARNING = (
+    "{name}: in {n} searches in a row the finite-difference probe (a move of fd_step={fd_step:g} "
+    "along the search direction) changed the loss ({loss:.6g}, in {dtype}) by less than its "
+    "rounding, so the slope f_a is 0 or a rounding step divided by fd_step, and the Armijo "
+    "test measures little (with f_a = 0 it only asks that the loss not rise, and the step "
+    "size may grow while the loss climbs). Compute the loss in float64, or leave out a large "
+    "constant part of it, or use the exact slope (slope='analytic', MomentumALSALS's "
+    "default)"
+)
 FAILED_SEARCHES_WARNING = (
     "{name}: {n} searches in a row tried max_trials step sizes each and none passed the Armijo "
     "test, so no step was taken (the next search starts at {next:.3g}): the step size is far "
