@@ -386,6 +386,24 @@ def test_a_scan_leaves_buffers_the_optimizer_does_not_protect_alone(buffer_watch
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
 
 
+def test_a_preview_leaves_buffers_the_optimizer_does_not_protect_alone(optimizer_class):
+    """An optimizer built without buffers=: the preview's forward passes moved BatchNorm's
+    running statistics (whose kernel writes them without raising their version counter),
+    though a preview promises nothing changed (a user's audit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1), nn.Flatten(0)
+    )
+    x, y = make_classification()
+    opt = optimizer_class(model.parameters(), lr=50.0)  # (a search of several trials)
+    buffers = [b.clone() for b in model.buffers()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preview = opt.preview(bce_closure(model, x, y))
+    assert preview.info.trials > 1
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
 def test_where_it_cannot_watch_the_modules_a_scan_says_so_once(monkeypatch):
     """After torch.compile ran, a global module hook would make compiled models recompile:
     the scan puts back only the optimizer's buffers and says that others may have changed."""

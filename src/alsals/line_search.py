@@ -137,6 +137,7 @@ from alsals.torch_optim_boundary import (
     warn_about_other_settings,
     written_lr,
 )
+from alsals.touched_buffers import TouchedBuffers
 
 #: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
 PLACEHOLDER_KEYS = ("step", "exp_avg", "exp_avg_sq", "line_search")
@@ -686,7 +687,10 @@ class LineSearchOptimizer(SearchingOptimizer):
 
         Evaluates the closure and runs the search as ``step`` would, then puts everything
         back: weights, gradients, optimizer state, buffers and the random state. Calling
-        ``step(closure)`` afterwards takes exactly the step previewed.
+        ``step(closure)`` afterwards takes exactly the step previewed. The buffers put back
+        are those given as ``buffers=`` and every buffer of the modules the closure runs
+        (:class:`alsals.touched_buffers.TouchedBuffers`; where ``torch.compile`` has run it
+        cannot watch those modules, and only ``buffers=`` are put back).
         """
         params = self.params()
         grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
@@ -695,7 +699,9 @@ class LineSearchOptimizer(SearchingOptimizer):
         ) or left_by_a_step(params)
         before = self.search_state
         try:
-            with self._running_closure("preview()"):
+            # (TouchedBuffers: the buffers not given as buffers=, BatchNorm's running
+            # statistics, which the preview's forward passes would otherwise leave moved)
+            with self._running_closure("preview()"), TouchedBuffers():
                 _, info, run = self._step(closure, commit=False)
             directions = run.directions
             if info.kind == "reuse":

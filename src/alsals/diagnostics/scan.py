@@ -9,18 +9,17 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from types import TracebackType
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-import alsals.closure
 from alsals.acceptance import ArmijoTest, loss_resolution
 from alsals.closure import Closure, ClosureEvaluator, _widest_dtype
 from alsals.distributed import local_shard, mean_to_host
 from alsals.line_search import SEARCH_KINDS, LineSearchOptimizer, StepPreview
 from alsals.messages import not_replayed_message
 from alsals.torch_optim_boundary import caller_stacklevel
+from alsals.touched_buffers import TouchedBuffers
 
 #: The warnings a scan gives once per optimizer (as its step gives its own once): the
 #: causes already named for each optimizer.
@@ -191,91 +190,6 @@ def _warn_once(optimizer: LineSearchOptimizer, key: str, message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=caller_stacklevel())
 
 
-class _TouchedBuffers:
-    """Every buffer of the modules the closure runs, saved before the first forward pass that
-    reaches each (and every module below it) and put back by ``restore``.
-
-    A scan is read-only, but the optimizer protects only the buffers it was given
-    (``buffers=``): without them the preview's and the grid's forward passes in training
-    mode move BatchNorm's running statistics. A global forward pre-hook finds the modules
-    whatever the closure calls, before their own pre-hooks run (``spectral_norm``'s power
-    iteration updates its vectors in one). Values changed in place are copied back; a
-    buffer that a forward pass replaced by a new tensor (or filled where it was ``None``)
-    gets the one it had back, but not one swapped in from outside the forward pass
-    (``torch.func.functional_call``'s, which it puts back itself). Buffers of inference
-    mode are left alone (nothing outside it can change them). Not seen: the buffers of a
-    module whose ``forward`` is called directly rather than the module. Off where
-    ``torch.compile`` has run (``active`` is then ``False``): a global hook would make
-    compiled models recompile.
-    """
-
-    def __init__(self) -> None:
-        self.active = not alsals.closure._compiled_anything()
-        self._seen: dict[int, nn.Module] = {}  # (holds the modules: their ids stay theirs)
-        # (module, name, the buffer as first seen or None, its copy, its version)
-        self._saved: list[tuple[nn.Module, str, Tensor | None, Tensor | None, int]] = []
-        self._before: dict[int, dict[str, Tensor | None]] = {}  # a call's buffers, by module
-        self._replaced: dict[tuple[int, str], Tensor] = {}  # what a forward pass put there
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> _TouchedBuffers:
-        if self.active:
-            self._handles = [
-                nn.modules.module.register_module_forward_pre_hook(self._save),
-                nn.modules.module.register_module_forward_hook(self._after),
-            ]
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self.restore()
-
-    def _save(self, module: nn.Module, args: object) -> None:
-        self._before[id(module)] = dict(module._buffers)
-        if id(module) in self._seen:
-            return
-        for sub in module.modules():
-            if id(sub) in self._seen:
-                continue
-            self._seen[id(sub)] = sub
-            for name, buffer in sub._buffers.items():
-                if buffer is None:
-                    self._saved.append((sub, name, None, None, 0))
-                elif not buffer.is_inference():
-                    copy = buffer.detach().clone()
-                    self._saved.append((sub, name, buffer, copy, buffer._version))
-
-    def _after(self, module: nn.Module, args: object, output: object) -> None:
-        before = self._before.pop(id(module), {})
-        for name, buffer in module._buffers.items():
-            if name in before and buffer is not before[name] and buffer is not None:
-                self._replaced[(id(module), name)] = buffer
-
-    @property
-    def buffers(self) -> list[Tensor]:
-        """The buffers saved so far (those of the modules the closure has run)."""
-        return [buffer for _, _, buffer, _, _ in self._saved if buffer is not None]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for index, (module, name, buffer, saved, version) in enumerate(self._saved):
-            current = module._buffers.get(name)
-            if current is not buffer and self._replaced.get((id(module), name)) is current:
-                module._buffers[name] = buffer  # (the forward pass's replacement undone)
-            if buffer is None or buffer._version == version:
-                continue
-            if buffer.shape != saved.shape:  # (resized in forward: a lazy observer's)
-                buffer.resize_(saved.shape)
-            buffer.copy_(saved)
-            self._saved[index] = (module, name, buffer, saved, buffer._version)
-
-
 def scan_direction(
     optimizer: LineSearchOptimizer,
     closure: Closure,
@@ -295,7 +209,7 @@ def scan_direction(
     over ranks, as the search averages them (one collective for the whole grid).
 
     The buffers put back are every buffer of the modules the closure runs, given to the
-    optimizer (``buffers=``) or not (:class:`_TouchedBuffers`); where ``torch.compile`` has
+    optimizer (``buffers=``) or not (:class:`TouchedBuffers`); where ``torch.compile`` has
     run the scan cannot see those modules, puts back the optimizer's buffers only and, where
     it has none, says once that others may have changed. The closure is also evaluated at
     step size 0: a loss other than the step's starting one (beyond ``REPLAY_TOLERANCE``)
@@ -307,7 +221,7 @@ def scan_direction(
     _check_optimizer(optimizer)
     _check_closure(closure)
     grid = _checked_grid(step_sizes)
-    with _TouchedBuffers() as touched:
+    with TouchedBuffers() as touched:
         preview = optimizer.preview(closure)
         touched.restore()  # undo the preview's forward passes: the grid starts where the step does
         if not touched.active and not optimizer.protected_buffers:
