@@ -263,6 +263,17 @@ def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_pa
     trainer.train()
     assert trainer.optimizer.optimizer.last_step.kind == "search"
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    # a factory whose result is a line-search optimizer: the paper's configuration (its
+    # name, a method, was refused as "use transformers.Trainer for others")
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=dataset,
+        optimizer_cls_and_kwargs=(ALSALS.paper, {"lr": 1e-3}),
+    )
+    trainer.train()
+    held = trainer.optimizer.optimizer
+    assert type(held) is MomentumALSALS and held.param_groups[0]["slope"] == "finite_difference"
 
 
 def test_alsals_takes_its_gradient_at_y_and_the_trainer_evaluates_at_x(

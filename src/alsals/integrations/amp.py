@@ -14,7 +14,8 @@ computes them inside the step). :func:`step_with_scaler` replaces
 ``scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()``: the step's
 gradient evaluation runs ``scaler.scale(loss).backward()`` and ``scaler.unscale_``, the
 optimizer skips the step when the unscaled gradients hold an inf or NaN (``kind ==
-"nonfinite"``, weights and state untouched, exactly like ``scaler.step``), and
+"nonfinite"``, weights, moments and step size untouched, exactly like ``scaler.step``;
+the search state counts the skip and its passes), and
 ``scaler.update()`` then lowers or grows the scale.
 """
 

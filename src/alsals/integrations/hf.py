@@ -253,8 +253,8 @@ class LineSearchTrainerMixin:
                 cls, kwargs = self.optimizer_cls_and_kwargs
             else:
                 cls, kwargs = ALSALS, {}
-            if not (isinstance(cls, type) and issubclass(cls, DRIVEN)):
-                self._check_optimizer(cls)
+            if isinstance(cls, type) and not issubclass(cls, DRIVEN):
+                self._check_optimizer(cls)  # (a factory, ALSALS.paper, is judged by its result)
             decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
             groups = [
