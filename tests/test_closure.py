@@ -1317,3 +1317,37 @@ def test_changing_the_optimizer_inside_the_closure_is_refused(cls, what, outer):
     assert_bitwise_same(opt.state_dict(), saved)
     assert len(opt.param_groups) == 1
     opt.step(bce_closure(model, x, y))  # and the optimizer goes on
+
+
+class _WithExpandedBuffer(nn.Module):
+    """A linear model with a buffer that repeats its elements (``expand``-ed, as position
+    ids are built) beside a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+        self.lin = nn.Linear(8, 1)
+        self.register_buffer("offsets", torch.arange(8.0).expand((4, -1)))
+
+    def forward(self, x):
+        return self.lin(self.norm(x + self.offsets[0])).squeeze(-1)
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_an_expanded_buffer_among_the_protected_ones_is_left_as_it_is(cls, buffer_watch):
+    """``buffers=model.buffers()`` with an ``expand``-ed buffer: putting the buffers back
+    copied into it, which torch refuses (its elements share memory), and every step
+    raised; no forward pass can write it in place, so there is nothing to put back."""
+    torch.manual_seed(0)
+    model = _WithExpandedBuffer()
+    x, y = make_classification()
+    opt = cls(model.parameters(), lr=1.0, buffers=model.buffers())
+    closure = bce_closure(model, x, y)
+    if cls is not ALSALS:
+        kept = [b.clone() for b in model.buffers()]
+        opt.preview(closure)  # (its watcher of unprotected buffers skips it too)
+        assert all(torch.equal(a, b) for a, b in zip(kept, model.buffers(), strict=True))
+    for _ in range(3):
+        opt.step(closure)
+    assert opt.last_step.kind in ("search", "reuse")
+    assert torch.equal(model.offsets, torch.arange(8.0).expand((4, -1)))

@@ -386,7 +386,9 @@ def test_a_scan_leaves_buffers_the_optimizer_does_not_protect_alone(buffer_watch
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
 
 
-def test_a_preview_leaves_buffers_the_optimizer_does_not_protect_alone(optimizer_class):
+def test_a_preview_leaves_buffers_the_optimizer_does_not_protect_alone(
+    optimizer_class, buffer_watch
+):
     """An optimizer built without buffers=: the preview's forward passes moved BatchNorm's
     running statistics (whose kernel writes them without raising their version counter),
     though a preview promises nothing changed (a user's audit)."""

@@ -525,6 +525,22 @@ def test_invalid_hyperparameters_raise_value_error_naming_them(optimizer_class, 
         optimizer_class([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.parametrize("lr_scale", [1.0, 10.0])
+def test_a_step_size_grown_to_the_largest_is_shown_and_taken_again(optimizer_class, lr_scale):
+    """An unbounded loss (a linear one) whose searches grow the step size 2^100 a search:
+    no search starts above 1e100, and the lr a step shows there (1e100 times lr_scale) is
+    not refused by the next step's check of the groups (a review found it refused: the cap
+    was inclusive and the check, meant for the constructor's lr, exclusive)."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = optimizer_class([{"params": [w], "lr_scale": lr_scale}], growth_interval=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(12):
+            opt.step(lambda: -w.sum())
+    assert opt.search_state.step_size == 1e100
+    assert opt.param_groups[0]["lr"] == 1e100 * lr_scale
+
+
 def test_searches_that_fail_in_a_row_warn_with_where_the_next_starts(paper_class):
     """A growth per search of 2^1000 (``growth_interval=0.001``, accepted) starts every
     search at the largest step size (1e100), from which ``max_trials`` backtracks do not

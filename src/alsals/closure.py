@@ -360,6 +360,13 @@ def _buffer_key(t: Tensor) -> tuple[str, int]:
     return ("storage", address) if address else ("tensor", id(t))
 
 
+def expanded(t: Tensor) -> bool:
+    """Whether ``t`` repeats its elements along a dimension (an ``expand``-ed buffer, such
+    as ``position_ids``): no in-place write may change it, so a forward pass never moved
+    it, and a copy into it is refused."""
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True))
+
+
 def _not_the_weights(buffers: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
     """``buffers`` without the tensors that hold the optimizer's own weights
     (``buffers=model.state_dict().values()`` has them): the weights are the step's to move,
@@ -377,7 +384,7 @@ class BufferGuard:
     """
 
     def __init__(self, buffers: Sequence[Tensor]) -> None:
-        self.buffers = list(buffers)
+        self.buffers = [b for b in buffers if not expanded(b)]
         self.saved: list[Tensor] = []
 
     def capture(self) -> None:

@@ -610,8 +610,10 @@ class LineSearchOptimizer(SearchingOptimizer):
     def _checked_settings(self, group: dict[str, Any]) -> dict[str, Any]:
         """The hyperparameters of a (saved) group, validated, missing ones from ``defaults``."""
         merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}}
+        # (a group's lr is any finite number >= 0, the step size a step showed included,
+        # which may reach MAX_STEP_SIZE times lr_scale; the constructor's lr stays below it)
         lr = in_range("lr", merged["lr"], 0.0, closed_low=True)
-        settings = checked_search({**merged, "lr": lr or self.defaults["lr"]})
+        settings = checked_search({**merged, "lr": self.defaults["lr"]})
         check_group(merged)
         out = {key: settings[key] for key in SEARCH_KEYS}
         out.update({key: merged[key] for key in GROUP_KEYS if key in merged})

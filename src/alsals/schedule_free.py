@@ -1255,13 +1255,10 @@ class ALSALS(SearchingOptimizer):
             if self._unchanged_searches >= STALL_WARNING_STEPS:
                 # (a search that collapsed far below the run's largest step size is no
                 # converged run's, whatever the loss did before)
-                # (and a run that never took a step, or whose loss never fell below its
-                # first, has not converged: a loss whose rounding hid every move from the
-                # start, a constant of 1e9 in float32, a step size of 1e-300)
+                # (and a run that never took a step has not converged)
                 searched = min(search.step_size, search.resume or math.inf)
                 largest = max(g["lr_max"] / g["lr_scale"] for g in self.param_groups)
                 healthy = largest > 0 and searched >= COLLAPSE_RATIO * largest
-                healthy = healthy and loss0 < search.first_loss
                 # (nor one where the gradient predicted a change far above what the loss's
                 # dtype resolves: the loss did not follow the weights, it did not converge;
                 # not where the weights' own dtype is coarser than float32, whose rounding
@@ -1283,7 +1280,10 @@ class ALSALS(SearchingOptimizer):
                 followed = search.loss_followed and healthy and not self._slope_overstated
                 message = unchanged_message(loss0, search.first_loss, followed, predicted)
                 self._warn_once("loss_unchanged", message)
-            search.loss_followed |= not result.unchanged
+            # (followed: a step a search took lowered the loss; a trial that changed it and was
+            # rejected says nothing of the steps taken: a loss whose rounding hides every
+            # step, a constant of 1e9 in float32, or a step size of 1e-300, never converged)
+            search.loss_followed |= result.kind == "search" and result.decrease > 0.0
             if result.kind == "nonfinite":  # (the step's end puts the weights back at x)
                 search.skipped_nonfinite += 1
                 search.regrow = False  # (it judged no start)

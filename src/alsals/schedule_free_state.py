@@ -54,7 +54,7 @@ class SearchState:
     ceiling_loss: float = 0.0
     ceiling_rise: float = math.inf  # the loss average that set the ceiling
     watch: dict[str, float] | None = None  # loss_rise_guard's LossWatch
-    loss_followed: bool = False  # a search saw the loss change as the weights moved
+    loss_followed: bool = False  # a step a search took lowered the loss (it follows the weights)
     leading: int = 0  # steps since the last search whose batch found z downhill of y
     trailing: int = 0  # ... and uphill
     kept_in_a_row: int = 0  # searches in a row whose averaging move alone failed the test

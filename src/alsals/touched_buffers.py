@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import alsals.closure
+from alsals.closure import expanded
 
 
 class TouchedBuffers:
@@ -21,8 +22,9 @@ class TouchedBuffers:
     given (``buffers=``): without them their forward passes in training mode move
     BatchNorm's running statistics. A global forward pre-hook finds the modules
     whatever the closure calls, before their own pre-hooks run (``spectral_norm``'s power
-    iteration updates its vectors in one). Every value is copied back (BatchNorm's kernel
-    updates its running statistics in place without raising their version counter); a
+    iteration updates its vectors in one). Every value that differs is copied back (compared,
+    not judged by the version counter, which BatchNorm's kernel leaves as it was when it
+    updates its running statistics in place); a
     buffer that a forward pass replaced by a new tensor (or filled where it was ``None``)
     gets the one it had back, but not one swapped in from outside the forward pass
     (``torch.func.functional_call``'s, which it puts back itself). Buffers of inference
@@ -83,7 +85,7 @@ class TouchedBuffers:
     @property
     def buffers(self) -> list[Tensor]:
         """The buffers saved so far (those of the modules the closure has run)."""
-        return [buffer for _, _, buffer, _ in self._saved if buffer is not None]
+        return [b for _, _, b, _ in self._saved if b is not None and not expanded(b)]
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -95,4 +97,6 @@ class TouchedBuffers:
                 continue
             if buffer.shape != saved.shape:  # (resized in forward: a lazy observer's)
                 buffer.resize_(saved.shape)
+            elif expanded(buffer) or torch.equal(buffer, saved):  # (no copy_ may write an
+                continue  # expanded buffer, and no forward pass wrote it either)
             buffer.copy_(saved)

@@ -11,6 +11,7 @@ micro-batches takes the steps one batch of twice the size takes; the logged
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -274,6 +275,13 @@ def test_user_optimizer_instance_and_wrong_optimizer(model_path, dataset, tmp_pa
     trainer.train()
     held = trainer.optimizer.optimizer
     assert type(held) is MomentumALSALS and held.param_groups[0]["slope"] == "finite_difference"
+    with pytest.raises(TypeError, match=r"got: .*buffers.*use transformers\.Trainer"):
+        LineSearchTrainer(  # (a factory of another optimizer: what it got, and the way)
+            model=model,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            optimizer_cls_and_kwargs=(functools.partial(torch.optim.AdamW, lr=1e-3), {}),
+        ).create_optimizer()
 
 
 def test_alsals_takes_its_gradient_at_y_and_the_trainer_evaluates_at_x(

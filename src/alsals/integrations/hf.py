@@ -271,7 +271,19 @@ class LineSearchTrainerMixin:
             kwargs.setdefault("buffers", list(opt_model.buffers()))
             if self._line_search_clip is not None:
                 kwargs.setdefault("max_grad_norm", self._line_search_clip)
-            self.optimizer = cls(groups, **kwargs)
+            try:
+                self.optimizer = cls(groups, **kwargs)
+            except TypeError as error:
+                if isinstance(cls, type):
+                    raise
+                name = getattr(cls, "__name__", type(cls).__name__)
+                raise TypeError(
+                    f"LineSearchTrainer built the optimizer as {name}(param_groups, "
+                    f"{', '.join(f'{k}=...' for k in kwargs)}) and got: {error}. A factory in "
+                    "optimizer_cls_and_kwargs must build an alsals line-search optimizer "
+                    "(ALSALS, MomentumALSALS, AdamSLS, SLS; ALSALS.paper, say); use "
+                    "transformers.Trainer for others"
+                ) from error
         self._check_optimizer(self.optimizer)
         self._take_clip(self.optimizer)
         # The Trainer (through accelerate) calls optimizer.step() without a closure.
