@@ -1351,3 +1351,38 @@ def test_an_expanded_buffer_among_the_protected_ones_is_left_as_it_is(cls, buffe
         opt.step(closure)
     assert opt.last_step.kind in ("search", "reuse")
     assert torch.equal(model.offsets, torch.arange(8.0).expand((4, -1)))
+
+
+class _GraphModel(nn.Module):
+    """A graph convolution whose adjacency is a sparse buffer (as GCNs register it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        edges = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 0]])
+        self.register_buffer("adjacency", torch.sparse_coo_tensor(edges, torch.ones(5), (5, 5)))
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.lin(torch.sparse.mm(self.adjacency, x)).squeeze(-1)
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["buffers-given", "not-given"])
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, ALSALS], ids=[*OPTIMIZER_IDS, "ALSALS"])
+def test_a_sparse_buffer_is_no_obstacle(cls, given, buffer_watch):
+    """A sparse buffer: the watch for unprotected buffers compared it with torch.equal, which
+    has no sparse kernel, and every step raised where it was not among ``buffers=`` (and,
+    for a moment in 0.2.16's making, where it was: it reports strides of 0)."""
+    torch.manual_seed(0)
+    model = _GraphModel()
+    x, y = torch.randn(5, 4), torch.randn(5)
+    opt = cls(model.parameters(), lr=1.0, buffers=model.buffers() if given else None)
+
+    def closure():
+        return ((model(x) - y) ** 2).mean()
+
+    if cls is not ALSALS:
+        opt.preview(closure)
+    first = float(closure())
+    for _ in range(5):
+        opt.step(closure)
+    assert float(closure()) < first

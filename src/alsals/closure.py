@@ -363,7 +363,9 @@ def _buffer_key(t: Tensor) -> tuple[str, int]:
 def expanded(t: Tensor) -> bool:
     """Whether ``t`` repeats its elements along a dimension (an ``expand``-ed buffer, such
     as ``position_ids``): no in-place write may change it, so a forward pass never moved
-    it, and a copy into it is refused."""
+    it, and a copy into it is refused. (A sparse tensor reports strides of 0: not one.)"""
+    if t.layout != torch.strided:
+        return False
     return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True))
 
 
@@ -417,7 +419,13 @@ class _UnprotectedBufferWatch:
         if not module.training:
             return
         self.trained = True
-        own = [b for b in module.buffers(recurse=False) if _buffer_key(b) not in self.protected]
+        # (a sparse buffer, a graph's adjacency, is not compared: torch.equal has no sparse
+        # kernel, and no layer updates one as BatchNorm updates its statistics)
+        own = [
+            b
+            for b in module.buffers(recurse=False)
+            if _buffer_key(b) not in self.protected and b.layout == torch.strided
+        ]
         if own:
             self._before[id(module)] = [(b, b.detach().clone()) for b in own]
 

@@ -20,18 +20,18 @@ class TouchedBuffers:
 
     A preview or a scan is read-only, but the optimizer protects only the buffers it was
     given (``buffers=``): without them their forward passes in training mode move
-    BatchNorm's running statistics. A global forward pre-hook finds the modules
-    whatever the closure calls, before their own pre-hooks run (``spectral_norm``'s power
-    iteration updates its vectors in one). Every value that differs is copied back (compared,
-    not judged by the version counter, which BatchNorm's kernel leaves as it was when it
-    updates its running statistics in place); a
-    buffer that a forward pass replaced by a new tensor (or filled where it was ``None``)
-    gets the one it had back, but not one swapped in from outside the forward pass
-    (``torch.func.functional_call``'s, which it puts back itself). Buffers of inference
-    mode are left alone (nothing outside it can change them). Not seen: the buffers of a
-    module whose ``forward`` is called directly rather than the module. Off where
-    ``torch.compile`` has run (``active`` is then ``False``): a global hook would make
-    compiled models recompile.
+    BatchNorm's running statistics. A global forward pre-hook finds the modules whatever the
+    closure calls, before their own pre-hooks run (``spectral_norm``'s power iteration
+    updates its vectors in one). Every value that differs is copied back (compared, not
+    judged by the version counter, which BatchNorm's kernel leaves as it was when it updates
+    its running statistics in place); a buffer that a forward pass replaced by a new tensor
+    (or filled where it was ``None``) gets the one it had back, but not one swapped in from
+    outside the forward pass (``torch.func.functional_call``'s, which it puts back itself).
+    Buffers of inference mode are left alone (nothing outside it can change them), and so
+    are sparse ones (a graph's adjacency: no layer updates one as BatchNorm updates its
+    statistics). Not seen: the buffers of a module whose ``forward`` is called directly
+    rather than the module. Off where ``torch.compile`` has run (``active`` is then
+    ``False``): a global hook would make compiled models recompile.
     """
 
     def __init__(self) -> None:
@@ -72,7 +72,7 @@ class TouchedBuffers:
             for name, buffer in sub._buffers.items():
                 if buffer is None:
                     self._saved.append((sub, name, None, None))
-                elif not buffer.is_inference():
+                elif buffer.layout == torch.strided and not buffer.is_inference():
                     copy = buffer.detach().clone()
                     self._saved.append((sub, name, buffer, copy))
 
