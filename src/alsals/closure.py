@@ -386,7 +386,7 @@ class BufferGuard:
     """
 
     def __init__(self, buffers: Sequence[Tensor]) -> None:
-        self.buffers = [b for b in buffers if not expanded(b)]
+        self.buffers = list(buffers)
         self.saved: list[Tensor] = []
 
     def capture(self) -> None:
@@ -494,7 +494,8 @@ class ClosureEvaluator:
         # the look found, ``None`` where it did not look (none created, or not watching)
         self.watch_dropped = watch_dropped
         self.dropped_gradients: bool | None = None
-        buffers = _not_the_weights(buffers, self.params)
+        # (an expand-ed buffer is not put back either: nothing writes it in place)
+        buffers = [b for b in _not_the_weights(buffers, self.params) if not expanded(b)]
         self.before = BufferGuard(buffers)
         self.after_first = BufferGuard(buffers)
         self.rng_before: RandomState | None = None

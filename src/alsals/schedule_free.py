@@ -937,12 +937,15 @@ class ALSALS(SearchingOptimizer):
         counter, which writes to the DTensor raise (its local shard's does not move). An
         inference tensor (a frozen part built under ``torch.inference_mode()``) has none:
         outside inference mode it cannot be written in place, so it has no edit to see."""
-        return {
-            id(p): p._version
-            for group in self.param_groups
-            for p in group["params"]
-            if not p.is_inference()
-        }
+        try:
+            return {id(p): p._version for group in self.param_groups for p in group["params"]}
+        except RuntimeError:  # (an inference tensor among them: looked for only then)
+            return {
+                id(p): p._version
+                for group in self.param_groups
+                for p in group["params"]
+                if not p.is_inference()
+            }
 
     @torch.no_grad()
     def _adopt_edited_weights(self, edited: set[int] | None = None) -> None:

@@ -222,8 +222,9 @@ def scan_direction(
     _check_closure(closure)
     grid = _checked_grid(step_sizes)
     with TouchedBuffers() as touched:
+        # (the preview puts back the buffers its forward passes moved: the grid starts where
+        # the step does; this watcher collects them for the grid's evaluations)
         preview = optimizer.preview(closure)
-        touched.restore()  # undo the preview's forward passes: the grid starts where the step does
         if not touched.active and not optimizer.protected_buffers:
             name = type(optimizer).__name__
             _warn_once(optimizer, "buffers", UNWATCHED_BUFFERS_WARNING.format(name=name))
