@@ -426,10 +426,7 @@ class LineSearchOptimizer(SearchingOptimizer):
     def _fresh_bookkeeping(cls) -> dict[str, Any]:
         return {
             **super()._fresh_bookkeeping(),
-            "_unresolved_searches": 0,  # searches in a row that ended unresolved
-            "_failed_searches": 0,  # searches in a row that ended failed (max_trials)
             "_probe_hidden": None,  # this step's finite-difference probe within the rounding
-            "_hidden_probes": 0,  # searches in a row whose probe the loss's rounding hid
             "_clip_factor": 1.0,  # max_grad_norm's factor on the gradients this step
             "_replay_loss": None,  # the replay check's loss at the first search of a run
             "_model_terms": None,  # the search's model of the loss along the step (ModelTerms)
@@ -1732,32 +1729,27 @@ class LineSearchOptimizer(SearchingOptimizer):
             if evaluator.dropped_gradients:
                 message = DROPPED_GRADIENTS_WARNING.format(name=name)
                 self._warn_once("dropped_gradients", message, UserWarning)
-        self._unchanged_searches = self._unchanged_searches + 1 if outcome.loss_unchanged else 0
-        if self._unchanged_searches >= STALL_WARNING_STEPS:
+        if self._streak("loss_unchanged", outcome.loss_unchanged) >= STALL_WARNING_STEPS:
             message = UNCHANGED_LOSS_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("loss_unchanged", message, UserWarning)
-        if self._probe_hidden is not None:  # (a search with the finite-difference slope)
-            self._hidden_probes = self._hidden_probes + 1 if self._probe_hidden else 0
-            if self._hidden_probes >= HIDDEN_PROBE_SEARCHES:
-                message = HIDDEN_PROBE_WARNING.format(
-                    name=name,
-                    n=HIDDEN_PROBE_SEARCHES,
-                    fd_step=self._settings["fd_step"],
-                    dtype=str(evaluator.loss_dtype).removeprefix("torch."),
-                    loss=loss0,
-                )
-                self._warn_once("hidden_probes", message, UserWarning)
-        failed = outcome.kind == "failed"
-        self._failed_searches = self._failed_searches + 1 if failed else 0
-        if self._failed_searches >= STALL_WARNING_STEPS:
+        probed = self._probe_hidden is not None  # (a search with the finite-difference slope)
+        if probed and self._streak("hidden_probes", self._probe_hidden) >= HIDDEN_PROBE_SEARCHES:
+            message = HIDDEN_PROBE_WARNING.format(
+                name=name,
+                n=HIDDEN_PROBE_SEARCHES,
+                fd_step=self._settings["fd_step"],
+                dtype=str(evaluator.loss_dtype).removeprefix("torch."),
+                loss=loss0,
+            )
+            self._warn_once("hidden_probes", message, UserWarning)
+        if self._streak("failed_searches", outcome.kind == "failed") >= STALL_WARNING_STEPS:
             message = FAILED_SEARCHES_WARNING.format(
                 name=name, n=STALL_WARNING_STEPS, next=outcome.next_step_size
             )
             self._warn_once("failed_searches", message, UserWarning)
-        unresolved = outcome.kind == "unresolved"
-        self._unresolved_searches = self._unresolved_searches + 1 if unresolved else 0
+        unresolved = self._streak("unresolved", outcome.kind == "unresolved")
         low_precision = torch.finfo(evaluator.loss_dtype).bits < 32
-        if self._unresolved_searches >= STALL_WARNING_STEPS and low_precision:
+        if unresolved >= STALL_WARNING_STEPS and low_precision:
             message = UNRESOLVED_WARNING.format(
                 name=name,
                 n=STALL_WARNING_STEPS,
@@ -1768,8 +1760,7 @@ class LineSearchOptimizer(SearchingOptimizer):
             )
             self._warn_once("unresolved", message, UserWarning)
         disconnected = outcome.kind == "zero_grad" and evaluator.disconnected
-        self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
-        if self._disconnected_steps >= STALL_WARNING_STEPS:
+        if self._streak("disconnected", disconnected) >= STALL_WARNING_STEPS:
             message = DISCONNECTED_WARNING.format(name=name, n=STALL_WARNING_STEPS)
             self._warn_once("disconnected", message, UserWarning)
         self._written_lr_steps = self._written_lr_steps + 1 if written else 0

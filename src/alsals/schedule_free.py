@@ -1051,8 +1051,7 @@ class ALSALS(SearchingOptimizer):
                     "dropped_gradients", DROPPED_GRADIENTS_WARNING.format(name="ALSALS")
                 )
         disconnected = info.kind == "zero_grad" and evaluator.disconnected
-        self._disconnected_steps = self._disconnected_steps + 1 if disconnected else 0
-        if self._disconnected_steps >= STALL_WARNING_STEPS:
+        if self._streak("disconnected", disconnected) >= STALL_WARNING_STEPS:
             self._warn_once(
                 "disconnected",
                 DISCONNECTED_WARNING.format(name="ALSALS", n=STALL_WARNING_STEPS),
@@ -1254,8 +1253,7 @@ class ALSALS(SearchingOptimizer):
             )
             if checkable and cut:
                 search.retry_from = trials[0][0]
-            self._unchanged_searches = self._unchanged_searches + 1 if result.unchanged else 0
-            if self._unchanged_searches >= STALL_WARNING_STEPS:
+            if self._streak("loss_unchanged", result.unchanged) >= STALL_WARNING_STEPS:
                 # (a search that collapsed far below the run's largest step size is no
                 # converged run's, whatever the loss did before)
                 # (and a run that never took a step has not converged)

@@ -78,11 +78,10 @@ class SearchingOptimizer(torch.optim.Optimizer):
             "_warned": set(),  # the one-time warnings given
             "_dropped_looked": False,  # looked once for gradients a closure() dropped
             "_trials_with_grad": False,  # the closure differentiates inside (ClosureEvaluator)
-            "_disconnected_steps": 0,  # steps in a row whose loss gave no parameter a gradient
+            "_streaks": {},  # how many steps in a row each stall warning's condition held
             "_written_lr_steps": 0,  # steps in a row that found lr written
             "_lr_cuts": 0,  # writes that lowered lr, over the run
             "_buffers_checked": False,  # the buffers' dtypes and devices checked
-            "_unchanged_searches": 0,  # searches in a row whose trials never moved the loss
             "_shown_lr": None,  # each group's lr as the last step left it
             "_ranks_checked": False,  # every rank holds the same settings (first step)
             "_meshes_checked": False,  # the DTensors' meshes fit the process group
@@ -93,6 +92,13 @@ class SearchingOptimizer(torch.optim.Optimizer):
             "last_step": None,  # the last step's report (StepInfo)
             "_in_step": False,  # a step (or preview) is running the closure
         }
+
+    def _streak(self, condition: str, holds: bool) -> int:
+        """How many steps in a row, this one included, ``condition`` has held (0 where it
+        does not now): a stall warning waits for a streak that one unlucky step would not
+        make."""
+        self._streaks[condition] = self._streaks.get(condition, 0) + 1 if holds else 0
+        return self._streaks[condition]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
