@@ -317,6 +317,26 @@ def test_a_gradient_whose_square_overflows_skips_the_step_and_spares_the_moments
     assert (w**2).sum().item() < 5.0
 
 
+def test_alsals_skips_a_step_whose_bias_corrected_moment_overflows():
+    """g = 1e20 in float32 at the first step: v' = (1 - beta2) g^2 = 1e37 holds, but ALSALS's
+    direction divides it by 1 - beta2^t = 0.001 before the square root, where it overflows:
+    u was 0, every trial left the loss unchanged and passed, and the search ran its step
+    size up to 1e98 without a warning or a move. The step is skipped as a g*g overflow is,
+    and the next steps train."""
+    w = torch.ones(3, requires_grad=True)
+    opt = ALSALS([w])
+    with pytest.warns(RuntimeWarning, match="second moment"):
+        opt.step(lambda: 1e20 * ((w - 0.5) ** 2).sum())
+    assert opt.last_step.kind == "nonfinite"
+    assert torch.equal(w.detach(), torch.ones(3))
+    assert "exp_avg_sq" not in opt.state[w]  # (the search state counts the skip)
+    for _ in range(10):
+        opt.step(lambda: ((w - 0.5) ** 2).sum())
+        assert opt.last_step.kind in ("search", "reuse", "kept")
+    opt.eval()
+    assert ((w.detach() - 0.5) ** 2).sum().item() < 0.5 * 0.75
+
+
 def test_a_large_fp16_gradient_that_does_not_overflow_the_moment_is_not_skipped():
     """The overflow rule is exact: |g| = 300 in float16 exceeds sqrt(max) = 256, but
     (1 - beta2) g^2 does not overflow in the order the moment update computes it."""
@@ -347,7 +367,7 @@ def test_an_eps_that_is_zero_in_the_parameters_dtype_is_a_clear_error(cls):
     with pytest.raises(ValueError, match=r"eps=1e-08 is 0 in torch.float16.*eps >= 6.1e-05"):
         opt.step(loss)
     assert torch.equal(w.detach(), before)
-    assert not opt.state.get(w)
+    assert "exp_avg_sq" not in opt.state[w]  # (the search state counts the skip)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=OPTIMIZER_IDS)

@@ -171,19 +171,21 @@ def test_float64_losses_use_float64_resolution():
     assert opt.last_step.step_size == pytest.approx(1e-13 * 2 ** (1 / 500))
 
 
-def test_a_loss_no_step_can_move_neither_overflows_nor_moves_the_weights(optimizer_class):
+@pytest.mark.parametrize("scale", [1e-9, 1e-25])
+def test_a_loss_no_step_can_move_neither_overflows_nor_moves_the_weights(optimizer_class, scale):
     """A saturated loss (its change is below the float32 resolution at every step size): the
     searches end unresolved within a bounded climb, the step size stays finite, no step
     reuses a step size no search accepted, and the weights stay where they are. (The climb
     used to double the step size 99 times per search until the next step raised an
-    overflow error.)"""
+    overflow error; at 1e-25 the float32 norms the climb's ceiling is taken from were 0,
+    until they were taken in float64, and the searches failed at 3.4e38.)"""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(10))
     start = w.detach().clone()
     opt = optimizer_class([w])
 
     def saturated():
-        return 1.0 + 1e-9 * torch.tanh(w).sum()
+        return 1.0 + scale * torch.tanh(w).sum()
 
     with pytest.warns(UserWarning, match="less than its own rounding"):  # the stall is named
         for _ in range(40):
@@ -191,10 +193,11 @@ def test_a_loss_no_step_can_move_neither_overflows_nor_moves_the_weights(optimiz
             assert opt.last_step.kind == "unresolved"
             assert math.isfinite(opt.param_groups[0]["lr"])
     assert torch.equal(w.detach(), start)
-    # the climb ends where a trial moves the weights by their own norm: no more than ~40
-    # doublings from lr on this problem, then at most three trials per search (up to the
-    # ceiling, the trial there rejected, one below it unresolved)
-    assert opt.search_state.trials <= 40 + 3 * 39
+    # the climb ends where a trial moves the weights by their own norm: no more than
+    # log2(1 / scale) + 10 doublings from lr on this problem (~40 at 1e-9), then at most
+    # three trials per search (up to the ceiling, the trial there rejected, one below it
+    # unresolved)
+    assert opt.search_state.trials <= math.log2(1 / scale) + 10 + 3 * 39
 
 
 def test_a_trial_that_overshoots_to_an_equal_loss_is_rejected_not_unresolved(optimizer_class):

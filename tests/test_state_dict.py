@@ -637,21 +637,22 @@ def test_a_guard_watch_saved_before_0_2_9_goes_on_with_its_spread(cls):
 
 
 class WithUnusedFirst(torch.nn.Module):
-    """SmallNet behind a parameter no loss uses: the optimizers' first parameter, where
-    they keep the search state, never gets a gradient (a pooler of a fine-tuned encoder)."""
+    """SmallNet behind a parameter no loss uses: the first parameter never gets a gradient
+    (a pooler of a fine-tuned encoder); ``frozen``: nor does it require one (a frozen
+    embedding), and ``torch.distributed.checkpoint`` saves and loads no state for it."""
 
-    def __init__(self):
+    def __init__(self, frozen: bool = False):
         super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(3))
+        self.unused = torch.nn.Parameter(torch.zeros(3), requires_grad=not frozen)
         self.net = SmallNet()
 
     def forward(self, x):
         return self.net(x)
 
 
-def dcp_fresh(cls):
+def dcp_fresh(cls, frozen_first: bool = False):
     torch.manual_seed(0)
-    model = WithUnusedFirst()
+    model = WithUnusedFirst(frozen_first)
     return model, cls(model.parameters(), buffers=model.buffers())
 
 
@@ -662,12 +663,17 @@ def assert_same_run(a, b):
 
 @pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, AdamSLS, SLS])
 @pytest.mark.parametrize("flatten", [True, False], ids=["flattened", "nested"])
-def test_a_run_checkpointed_through_get_and_set_state_dict_goes_on_bit_for_bit(cls, flatten):
+@pytest.mark.parametrize("frozen_first", [False, True], ids=["unused-first", "frozen-first"])
+def test_a_run_checkpointed_through_get_and_set_state_dict_goes_on_bit_for_bit(
+    cls, flatten, frozen_first
+):
     """set_state_dict gives an optimizer without state a step without closure, zero
     gradients and lr 0 to create it, and with flatten_optimizer_state_dict loads only the
     entries that created: without them every moment and the search state were lost. (The
     nested form's strict load wants saved state for every trainable parameter, which SLS
-    keeps for none but the first: torch's error names strict=False.)"""
+    keeps for none but the first: torch's error names strict=False.) A frozen first
+    parameter's state is neither saved nor loaded by the tool: the search state, kept
+    there before 0.2.17, was lost in both forms."""
     options = {"strict": False} if cls is SLS and not flatten else {}
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -677,7 +683,7 @@ def test_a_run_checkpointed_through_get_and_set_state_dict_goes_on_bit_for_bit(c
 
     options = StateDictOptions(flatten_optimizer_state_dict=flatten, **options)
     data = batches()
-    model, opt = dcp_fresh(cls)
+    model, opt = dcp_fresh(cls, frozen_first)
     torch.manual_seed(11)
     train(model, opt, data[:SAVE_AT])
     model_state, opt_state = get_state_dict(model, opt, options=options)
@@ -685,7 +691,7 @@ def test_a_run_checkpointed_through_get_and_set_state_dict_goes_on_bit_for_bit(c
     torch.save({"model": model_state, "opt": opt_state, "rng": torch.get_rng_state()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed_model, resumed = dcp_fresh(cls)
+    resumed_model, resumed = dcp_fresh(cls, frozen_first)
     set_state_dict(
         resumed_model,
         resumed,
@@ -696,12 +702,63 @@ def test_a_run_checkpointed_through_get_and_set_state_dict_goes_on_bit_for_bit(c
     assert resumed.search_state == opt.search_state
     torch.set_rng_state(saved["rng"])
     train(resumed_model, resumed, data[SAVE_AT:])
-    straight_model, straight = dcp_fresh(cls)
+    straight_model, straight = dcp_fresh(cls, frozen_first)
     torch.manual_seed(11)
     train(straight_model, straight, data)
     assert_same_run(resumed_model, straight_model)
     assert resumed.search_state == straight.search_state
     assert resumed.search_state.searches > 0
+
+
+def holders_of_the_search_state(opt):
+    """The state dict's indices of the parameters that hold the search state."""
+    return [i for i, entry in opt.state_dict()["state"].items() if opt.STATE_KEY in entry]
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, AdamSLS, SLS])
+def test_freezing_and_unfreezing_the_first_parameter_carries_the_search_state_along(cls):
+    """The search state lives with the first parameter that requires grad (the one whose
+    state torch.distributed.checkpoint keeps): freezing or unfreezing the first parameter
+    moves it, and the run goes on with the same search state, held once."""
+    data = batches()
+    model, opt = dcp_fresh(cls)
+    train(model, opt, data[:3])
+    assert holders_of_the_search_state(opt) == [0]
+    before = opt.search_state
+    model.unused.requires_grad_(False)
+    assert opt.search_state == before
+    assert holders_of_the_search_state(opt) == [1]
+    train(model, opt, data[3:6])
+    assert holders_of_the_search_state(opt) == [1]
+    before = opt.search_state
+    assert before.searches > 0
+    model.unused.requires_grad_(True)
+    assert opt.search_state == before
+    assert holders_of_the_search_state(opt) == [0]
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, AdamSLS, SLS])
+def test_a_checkpoint_with_the_search_state_on_a_frozen_first_parameter_loads_whole(cls):
+    """Before 0.2.17 the search state lived with the first parameter, frozen or not: such a
+    checkpoint loads into the run where it left off."""
+    data = batches()
+    model, opt = dcp_fresh(cls, frozen_first=True)
+    torch.manual_seed(11)
+    train(model, opt, data[:SAVE_AT])
+    saved = copy.deepcopy(opt.state_dict())
+    assert holders_of_the_search_state(opt) == [1]
+    saved["state"].setdefault(0, {})[opt.STATE_KEY] = saved["state"][1].pop(opt.STATE_KEY)
+    weights, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    resumed_model, resumed = dcp_fresh(cls, frozen_first=True)
+    resumed_model.load_state_dict(weights)
+    resumed.load_state_dict(saved)
+    assert resumed.search_state == opt.search_state
+    assert holders_of_the_search_state(resumed) == [1]
+    for m, o in ((model, opt), (resumed_model, resumed)):
+        torch.set_rng_state(rng)
+        train(m, o, data[SAVE_AT:])
+    assert_same_run(resumed_model, model)
+    assert resumed.search_state == opt.search_state
 
 
 @pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, AdamSLS, SLS])
@@ -925,3 +982,34 @@ def test_an_alsals_state_with_another_optimizer_s_group_key_keeps_its_search_sta
         resumed.load_state_dict(state)
     assert resumed.search_state == opt.search_state
     assert "foreach" not in resumed.param_groups[0]
+
+
+@pytest.mark.parametrize("cls", [ALSALS, MomentumALSALS, AdamSLS, SLS])
+@pytest.mark.parametrize(
+    "wrong, error, named",
+    [
+        ("model", ValueError, "lacks 'state' and 'param_groups'"),
+        ("checkpoint", ValueError, "its keys: 'optimizer'"),
+        ("groups only", ValueError, "lacks 'state'"),
+        ("list", TypeError, "got list"),
+    ],
+)
+def test_loading_what_is_no_optimizer_state_dict_names_the_mistake(cls, wrong, error, named):
+    """A model's state dict, the checkpoint around the optimizer's, or a dict without its
+    'state': a clear error before anything is loaded (torch's bare KeyError before)."""
+    model, opt = fresh(cls, {})
+    x, y = batches()[0]
+    opt.step(bce_closure(model, x, y))
+    saved = opt.state_dict()
+    given = {
+        "model": model.state_dict(),
+        "checkpoint": {"optimizer": saved},
+        "groups only": {"param_groups": saved["param_groups"]},
+        "list": [saved],
+    }[wrong]
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=named):
+        opt.load_state_dict(given)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()

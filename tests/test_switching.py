@@ -166,6 +166,21 @@ def test_clipping_matches_clip_grad_norm_before_a_step(optimizer_class, max_norm
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_clipping_a_gradient_whose_float32_norm_overflows(optimizer_class):
+    """Entries of 1e20 in float32: the squares' sum overflows float32, not float64. The
+    norm max_grad_norm divides by is taken in float64, so the clip factor is the right
+    one; SLS, AdamSLS and MomentumALSALS took a float32 norm, clipped by 0 and skipped every
+    step ("the slope estimate is not finite")."""
+    w = torch.ones(3, requires_grad=True)
+    opt = optimizer_class([w], max_grad_norm=1.0)
+    for _ in range(3):
+        norm = math.sqrt(3) * 2e20 * abs(w[0].item() - 0.5)  # (the entries stay equal)
+        opt.step(lambda: 1e20 * ((w - 0.5) ** 2).sum())
+        assert opt.last_step.kind == "search"
+        assert opt.last_step.grad_norm == pytest.approx(norm, rel=1e-5)
+    assert (w.detach() < 1.0).all()
+
+
 def test_clipping_applies_to_the_accumulated_gradient(optimizer_class):
     """Accumulating 4 micro-batches in closure(backward) and clipping in the optimizer is
     one clipped step on the whole batch (clipping per micro-batch would not be)."""

@@ -22,7 +22,7 @@ __all__ = [
     "MomentumALSALS",
     "StepInfo",
 ]
-__version__ = "0.2.16"
+__version__ = "0.2.17"
 
 
 def __getattr__(name: str) -> Any:

@@ -128,6 +128,7 @@ from alsals.torch_optim_boundary import (
     FOREIGN_GROUP_KEYS,
     SCHEDULE_WARNING_STEPS,
     check_eps,
+    check_state_dict_form,
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
@@ -329,19 +330,21 @@ class _TrialPoint:
 
     def update_as_large_as_weights(self, group: dist.ProcessGroup | None) -> float:
         """The step size ``eta`` with ``||eta d|| = max(||w0||, 1)`` (norms over all
-        parameters and shards; one synchronisation): the ceiling of climbs (5.5)."""
+        parameters and shards, in float64: a float32 norm of entries below about 1e-23 is 0,
+        and the ceiling was then lost; one synchronisation): the ceiling of climbs (5.5)."""
         w_terms: list[Tensor] = []
         d_terms: list[Tensor] = []
         device = self.origins[0][0].device if self.origins else torch.device("cpu")
+        wide = torch.float64
         for step, d, origin in zip(self.steps, self.directions, self.origins, strict=True):
             if d.divisors is None:
-                norms = [n * abs(d.scales[0]) for n in wide_norms(d.tensors)]
+                norms = [n * abs(d.scales[0]) for n in wide_norms(d.tensors, wide)]
             else:
                 norms = [
-                    wide_norms([t / q])[0] * abs(s)
+                    wide_norms([t.to(wide) / q], wide)[0] * abs(s)
                     for t, q, s in zip(d.tensors, d.divisors, d.scales, strict=True)
                 ]
-            for w, n, k in zip(wide_norms(origin), norms, step.shard_counts, strict=True):
+            for w, n, k in zip(wide_norms(origin, wide), norms, step.shard_counts, strict=True):
                 w_terms.append(w.to(device, torch.float64).square() * k)
                 d_terms.append(n.to(device, torch.float64).square() * k)
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -485,6 +488,7 @@ class LineSearchOptimizer(SearchingOptimizer):
         lends its moments, ``lr`` and the per-group settings both share (``betas``, ``eps``,
         ``weight_decay``); its other settings are dropped."""
         self._refuse_in_step("load_state_dict()")
+        check_state_dict_form(type(self).__name__, state_dict)
         saved_groups = state_dict.get("param_groups", [])
         if any("weight_sum" in g and "lr_max" in g for g in saved_groups):
             raise ValueError(
@@ -963,9 +967,11 @@ class LineSearchOptimizer(SearchingOptimizer):
 
     @staticmethod
     def _squared_grad_norm(steps: list[GroupStep], device: torch.device) -> Tensor:
-        """``||g||^2`` over all parameters; a shard counts once per rank it is split over,
-        so that the mean over ranks is the total (FSDP2)."""
-        norms = [n for step in steps for n in wide_norms(step.grads)]
+        """``||g||^2`` over all parameters, in float64 (``max_grad_norm``'s: a float32 sum
+        of squares overflows from entries near 1e19, and the clip factor was then 0); a
+        shard counts once per rank it is split over, so that the mean over ranks is the
+        total (FSDP2)."""
+        norms = [n for step in steps for n in wide_norms(step.grads, torch.float64)]
         if not norms:
             return torch.zeros((), device=device)
         counts = [k for step in steps for k in step.shard_counts]
@@ -1039,8 +1045,6 @@ class LineSearchOptimizer(SearchingOptimizer):
         cap = model.cap(terms, self._model_beta1(), self._floor())
         if not cap < outcome.step_size:
             return outcome
-        if outcome.next_step_size is None and outcome.kind == "search":
-            outcome.next_step_size = outcome.step_size
         outcome.step_size, outcome.capped, outcome.loss_decrease = cap, True, math.nan
         if run.trial is not None and not run.trial.at_origin:
             if cap > 0.0:

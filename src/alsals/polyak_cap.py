@@ -116,9 +116,7 @@ def model_terms(steps: list[GroupStep], uses_moments: bool, device: torch.device
         torch._foreach_mul_(buffer, tensors)
         return buffer
 
-    for step in steps:
-        if not step.weights:
-            continue
+    for step in steps:  # (each holds weights: a step gathers only groups that do)
         k = [float(n) for n in step.shard_counts]
         weighted = [n * step.lr_scale for n in k]
         ws, gs = step.weights, step.grads

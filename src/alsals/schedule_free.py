@@ -155,6 +155,7 @@ from alsals.torch_optim_boundary import (
     SCHEDULE_WARNING_STEPS,
     anchor_parameter,
     check_eps,
+    check_state_dict_form,
     drop_foreign_keys,
     group_params,
     groups_with_one_lr,
@@ -703,6 +704,7 @@ class ALSALS(SearchingOptimizer):
         saved (its groups lack this one's settings and averaging weights) with the keys
         named, before anything is loaded."""
         self._refuse_in_step("load_state_dict()")
+        check_state_dict_form(type(self).__name__, state_dict)
         state_dict, shown = split_shown_lr(state_dict)
         state_dict = state_dict_without_placeholders(state_dict, PLACEHOLDER_KEYS)
         required = {*SEARCH_SETTINGS, *GROUP_STATE}
@@ -1345,8 +1347,8 @@ class ALSALS(SearchingOptimizer):
         averaging: list[float],
         slope: list[float],
         evaluator: ClosureEvaluator,
-        written: str | None = None,
-        trials: list[tuple[float, float]] | None = None,
+        written: str | None,
+        trials: list[tuple[float, float]],
     ) -> SearchResult:
         """Trials from the grown (or Polyak) start down by ``backtrack``, judged by the
         Armijo test of the move of ``y``; nothing is written (each trial's step size and
@@ -1371,8 +1373,7 @@ class ALSALS(SearchingOptimizer):
             watch = not self._buffers_checked and evaluations == 1
             (value,) = mean_to_host([evaluator.evaluate(watch_buffers=watch)], self._process_group)
             values.append(value)
-            if trials is not None:
-                trials.append((gamma, value))
+            trials.append((gamma, value))
             ok = math.isfinite(value) and loss0 - value >= c * promised(gamma)
             return ok, value
 
@@ -1895,11 +1896,18 @@ class ALSALS(SearchingOptimizer):
         return (squared > min(limits) / 4).to(zero.dtype)
 
     def _moments_overflow(self, groups: list[_Group], device: torch.device) -> bool:
-        """Whether Adam's ``v' = beta2 v + (1 - beta2) g^2`` holds an inf on any rank: ``g*g``
-        overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
-        would stop while the averaging moves x to it). Run on every rank where one found a
-        risk (``_overflow_risk``)."""
-        moments = [v for g in groups for v in g.new_moments()]
+        """Whether Adam's ``v' = beta2 v + (1 - beta2) g^2``, or ``v' / (1 - beta2^t)`` where
+        the direction forms that before its square root (:func:`_square_roots_of_v_hat_`),
+        holds an inf on any rank: ``g*g`` overflows where ``g`` does not, and ``u = g /
+        sqrt(v')`` is then 0 there (z would stop while the averaging moves x to it, and every
+        trial would pass, the loss unchanged). Run on every rank where one found a risk
+        (``_overflow_risk``); ``v' / (1 - beta2^t)`` is a weighted mean of the ``g^2`` so
+        far, so it overflows only with a risk flagged at this step or an earlier one."""
+        moments = []
+        for g in groups:
+            beta2 = g.group["betas"][1]
+            for v, t in zip(g.new_moments(), g.steps, strict=True):
+                moments.append(v if v.dtype == torch.float16 else v / (1.0 - beta2**t))
         return any_not_finite(moments, device, self._process_group)
 
     def _clip_scale(self, squared_norm: Tensor, sharded: bool) -> Tensor | None:

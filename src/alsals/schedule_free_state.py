@@ -1,6 +1,6 @@
 """ALSALS's search state: the step size, the rules' ceilings and watches, counters.
 
-It lives in ``optimizer.state[first parameter][STATE_KEY]`` as a plain dict of numbers, so
+It lives in ``optimizer.state[first trainable parameter][STATE_KEY]`` as a plain dict of numbers, so
 that ``state_dict()`` carries it and ``torch.load(weights_only=True)`` reads it back.
 Inside a step it is a :class:`SearchState`, typed; a state from outside (a checkpoint, a
 load) is validated entry by entry before anything is loaded, so that a hand-edited or
@@ -17,7 +17,7 @@ from typing import Any
 
 from alsals.rise_guard import LossWatch, StartWatch
 
-#: The key of the search state in the first parameter's ``state``.
+#: The key of the search state in the first trainable parameter's ``state``.
 STATE_KEY = "schedule_free_search"
 #: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
 PLACEHOLDER_KEYS = ("z", "exp_avg_sq", "step", STATE_KEY)

@@ -48,7 +48,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
     below, :meth:`_placeholder_entries`, and :meth:`_fresh_bookkeeping` with the
     attributes of their own; their ``__init__`` sets it before the groups are added."""
 
-    #: The key of the search state in the first parameter's ``state``.
+    #: The key of the search state in the anchor's ``state`` (:func:`anchor_parameter`).
     STATE_KEY: ClassVar[str]
     #: The per-parameter entries a step writes (:mod:`alsals.state_placeholders`).
     PLACEHOLDER_KEYS: ClassVar[tuple[str, ...]]
@@ -114,7 +114,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict; each group also records the ``lr`` the last step
         showed (:func:`alsals.torch_optim_boundary.with_shown_lr`). Where surgery since the
-        last step left the search state off the first parameter, it is put there first (the
+        last step left the search state off the anchor, it is put there first (the
         checkpoint carries it)."""
         if self._in_step:
             self._warn_once("in_step_state_dict", IN_STEP_STATE_DICT.format(name=self._name))
@@ -128,6 +128,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
         (surgery right after a resume keeps it), and the replaced state is not kept alive."""
         self._refuse_in_step("load_state_dict()")
         super().load_state_dict(state_dict)
+        self._entry_to_anchor()
         self._last_stored = self._anchor_entry()
 
     def _show_new_group(self, group: dict[str, Any]) -> None:
@@ -228,12 +229,12 @@ class SearchingOptimizer(torch.optim.Optimizer):
         self._placeholders = True
 
     def _anchor_entry(self) -> dict[str, Any] | None:
-        """The search state the first parameter's state holds (``None`` where it holds none)."""
+        """The search state the anchor's state holds (``None`` where it holds none)."""
         anchor = anchor_parameter(self.param_groups)
         return self.state.get(anchor, {}).get(self.STATE_KEY) if anchor is not None else None
 
     def _stored_entry(self) -> dict[str, Any] | None:
-        """The stored search state: the first parameter's; where that parameter holds none
+        """The stored search state: the anchor's; where that parameter holds none
         while the state holds entries (surgery took the one that held it out of the groups,
         its state with it or not), the one stored last, by a step or a load (``None``
         before a first step, and after ``optimizer.state.clear()``)."""
@@ -242,6 +243,20 @@ class SearchingOptimizer(torch.optim.Optimizer):
             self._forget_if_cleared()
             return self._last_stored
         return stored
+
+    def _entry_to_anchor(self) -> None:
+        """A loaded search state that another parameter holds (saved while that one was the
+        anchor: the first parameter, frozen then or since, or saved by a version that kept
+        it on the first parameter whether frozen or not) moves to the anchor."""
+        anchor = anchor_parameter(self.param_groups)
+        if anchor is None or self.STATE_KEY in self.state.get(anchor, {}):
+            return
+        for p, entries in list(self.state.items()):
+            if isinstance(entries, dict) and self.STATE_KEY in entries:
+                self.state[anchor][self.STATE_KEY] = entries.pop(self.STATE_KEY)
+                if not entries:
+                    del self.state[p]
+                return
 
     def _forget_if_cleared(self) -> None:
         """After ``optimizer.state.clear()`` (no entries left) the search state stored last
@@ -257,7 +272,7 @@ class SearchingOptimizer(torch.optim.Optimizer):
         return self.SEARCH_STATE.from_dict(stored)
 
     def _put_entry(self, entry: dict[str, Any]) -> None:
-        """``entry`` stored with the first parameter; where the search state was not there
+        """``entry`` stored with the anchor; where the search state was not there
         (surgery moved it), no other parameter keeps a copy, which would take the run back
         if that parameter came back first (a state edited by hand, in place or replaced, is
         read as it is)."""

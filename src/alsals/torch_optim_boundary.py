@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -267,11 +267,37 @@ def _vanishes(eps: float, dtype: torch.dtype) -> bool:
 
 def anchor_parameter(param_groups: list[dict[str, Any]]) -> Tensor | None:
     """The parameter whose state holds an optimizer's search state: the first of all
-    groups (``None`` without any)."""
+    groups that requires grad (``torch.distributed.checkpoint`` saves and loads the state
+    of those alone), else the first of all (``None`` without any). Freezing or unfreezing
+    parameters may move it; the optimizers carry the entry over."""
+    first = None
     for group in param_groups:
-        if group["params"]:
-            return group["params"][0]
-    return None
+        for p in group["params"]:
+            if p.requires_grad:
+                return p
+            if first is None:
+                first = p
+    return first
+
+
+def check_state_dict_form(owner: str, state_dict: Any) -> None:
+    """A ``TypeError`` where ``state_dict`` is no mapping, a ``ValueError`` where it lacks
+    ``"state"`` or ``"param_groups"`` (a model's state dict, or a checkpoint's outer dict,
+    passed by mistake): torch's load would fail on a bare ``KeyError`` or ``AttributeError``."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"{owner}.load_state_dict expects the dict optimizer.state_dict() returns, got "
+            f"{type(state_dict).__name__}"
+        )
+    missing = [k for k in ("state", "param_groups") if k not in state_dict]
+    if missing:
+        present = ", ".join(repr(k) for k in list(state_dict)[:5]) or "none"
+        raise ValueError(
+            f"{owner}.load_state_dict expects the dict optimizer.state_dict() returns, with "
+            f"'state' and 'param_groups'; this one lacks {' and '.join(map(repr, missing))} "
+            f"(its keys: {present}): a model's state dict, or the checkpoint around the "
+            "optimizer's?"
+        )
 
 
 def check_state_like(
