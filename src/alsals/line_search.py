@@ -653,15 +653,6 @@ class LineSearchOptimizer(SearchingOptimizer):
         """A copy of the search state (step size, averages, counters); read-only."""
         return self._stored_search_state()
 
-    @property
-    def protected_buffers(self) -> list[Tensor]:
-        """The module buffers trial evaluations leave untouched (``buffers=``)."""
-        return list(self._buffers)
-
-    @property
-    def process_group(self) -> dist.ProcessGroup | None:
-        return self._process_group
-
     def params(self) -> list[Tensor]:
         """Every parameter of every group, in group order."""
         return [p for group in self.param_groups for p in group["params"]]

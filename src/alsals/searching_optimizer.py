@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from alsals.distributed import (
@@ -149,6 +150,16 @@ class SearchingOptimizer(torch.optim.Optimizer):
     @property
     def _name(self) -> str:
         return type(self).__name__
+
+    @property
+    def protected_buffers(self) -> list[Tensor]:
+        """The module buffers trial evaluations leave untouched (``buffers=``)."""
+        return list(self._buffers)
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The ranks that take the same decisions (``process_group=``; ``None``: default)."""
+        return self._process_group
 
     @contextlib.contextmanager
     def _running_closure(self, what: str = "step()") -> Iterator[None]:
