@@ -247,6 +247,32 @@ def test_the_figures_draw_scans_of_steps_that_took_no_update(tmp_path, lr):
         assert plot_single(scan, tmp_path / f"single{i}.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("cls", [SLS, MomentumALSALS])
+def test_a_search_the_polyak_cap_cuts_to_zero_has_no_chosen_step_size(tmp_path, cls):
+    """A batch whose loss is at loss_floor: the Polyak cap cuts the search's step size to 0,
+    so the step takes nothing and the scan names no chosen step size (it named 0.0, and
+    plot_single and plot_consecutive divided by it: ZeroDivisionError)."""
+    pytest.importorskip("matplotlib")
+    from alsals.diagnostics.plots import plot_consecutive, plot_heatmap, plot_single
+
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    target = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+
+    def closure():
+        return ((w - target) ** 2).sum() - 14.0  # 0 at w = 0: the floor
+
+    opt = cls([w], loss_floor=0.0)
+    scan = scan_direction(opt, closure, step_sizes=log_grid(1e-3, 10.0, 9))
+    assert scan.kind == "search" and scan.chosen_step_size is None
+    assert scan.best_step_size > 0.0
+    assert plot_single(scan, tmp_path / "single.png").stat().st_size > 0
+    assert plot_consecutive([scan], tmp_path / "consecutive.png").stat().st_size > 0
+    assert plot_heatmap([scan], tmp_path / "heatmap.png").stat().st_size > 0
+    opt.step(closure)
+    assert opt.last_step.step_size == 0.0
+    assert torch.equal(w.detach(), torch.zeros(3, dtype=torch.float64))
+
+
 def test_the_heatmap_refuses_scans_made_on_different_grids(tmp_path):
     """One x axis for all rows: scans on another grid would be drawn at the wrong step
     sizes (or fail inside numpy)."""

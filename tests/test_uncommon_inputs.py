@@ -476,7 +476,7 @@ def test_a_step_without_closure_with_lr_0_and_a_gradient_missing_asks_for_a_clos
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=OPTIMIZER_IDS)
-def test_preview_puts_back_batchnorm_statistics_of_a_child_run_before_its_parent(cls):
+def test_preview_puts_back_batchnorm_statistics_of_a_child_run_before_its_parent(cls, buffer_watch):
     """A closure that runs a child module (BatchNorm) on its own before the model that holds
     it: ``preview()`` puts its running statistics back as they were before the child's
     first forward pass, not as that pass left them."""
@@ -505,7 +505,7 @@ class _Resizer(nn.Module):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=OPTIMIZER_IDS)
-def test_preview_puts_back_a_buffer_its_forward_passes_resized(cls):
+def test_preview_puts_back_a_buffer_its_forward_passes_resized(cls, buffer_watch):
     """A buffer resized in the forward pass: ``preview()`` gives it back its shape and its
     values."""
     torch.manual_seed(0)

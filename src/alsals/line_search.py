@@ -341,7 +341,7 @@ class _TrialPoint:
                 norms = [n * abs(d.scales[0]) for n in wide_norms(d.tensors, wide)]
             else:
                 norms = [
-                    wide_norms([t.to(wide) / q], wide)[0] * abs(s)
+                    wide_norms([t / q], wide)[0] * abs(s)
                     for t, q, s in zip(d.tensors, d.divisors, d.scales, strict=True)
                 ]
             for w, n, k in zip(wide_norms(origin, wide), norms, step.shard_counts, strict=True):

@@ -881,7 +881,7 @@ class ALSALS(SearchingOptimizer):
                 self._warn_once("schedule", message)
             averages = averages or self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
-            groups, squared = self._gather(averages)
+            groups, squared = self._gather(averages, search.root_first)
             info, move = self._run(search, pending, loss, groups, squared, evaluator)
             self._warn_about(info, evaluator)  # (-W error: undone like any exception)
             if (
@@ -1082,19 +1082,8 @@ class ALSALS(SearchingOptimizer):
         """Everything after the first evaluation but the write: what the step did, and the
         move that ``step()`` writes once nothing else can raise (its warnings included:
         ``-W error`` turns them into exceptions, which must find the state as it was)."""
-        # Every rank issues the same collective whatever its local gradients: per parameter
-        # group g . (y - z) and g . u, the slopes of the move's two parts (0 without any)
         device = groups[0].grads[0].device if groups else loss.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        by_group = {id(g.group): g for g in groups}
-        terms = []
-        for group in self.param_groups:
-            g = by_group.get(id(group))
-            terms += (
-                [_dot_sum(g.grads, g.params, g.counts, g.z), _dot_sum(g.grads, g.u, g.counts)]
-                if g
-                else [zero] * 2
-            )
         holds = zero if squared is None else zero + 1.0  # (this rank holds gradients)
         loss0, grad_sq_value, held_anywhere, overflow_risk, *sums = mean_to_host(
             [
@@ -1102,7 +1091,7 @@ class ALSALS(SearchingOptimizer):
                 zero if squared is None else squared,
                 holds,
                 self._overflow_risk(groups, squared, zero),
-                *[t.to(device) for t in terms],
+                *self._move_slopes(groups, zero),
             ],
             self._process_group,
             self._rank_marks("ALSALS"),
@@ -1133,6 +1122,17 @@ class ALSALS(SearchingOptimizer):
             return _info(kind, 0.0, loss0), None
         if written == "zero":  # lr 0 written: no update this step, the step size kept
             return _info("zero_lr", 0.0, loss0), None
+        if overflow_risk > 0.0 and not search.root_first:
+            # a gradient this large may take v' / (1 - beta2^t), which u's denominator forms
+            # before its square root, past the largest float (u was 0 there, every trial
+            # passed with the loss unchanged): from this step on the root comes first, as in
+            # torch.optim.Adam (in a run that never had such a gradient, the order it took)
+            search.root_first = True
+            for g in groups:
+                moved = g.grads if g.clip is None else torch._foreach_mul(g.grads, g.clip)
+                g.u = _update_direction(g.group, moved, g.v, g.steps, g.params, True, False)
+            sums = mean_to_host(self._move_slopes(groups, zero), self._process_group)
+            averaging, slope = sums[0::2], sums[1::2]
         h = self._settings
         at_floor = loss0 == h["loss_floor"]  # (at its lower bound: no move along u lowers it)
         if at_floor and grad_sq_value > 0.0:
@@ -1797,7 +1797,9 @@ class ALSALS(SearchingOptimizer):
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _gather(self, averages: list[_Average]) -> tuple[list[_Group], Tensor | None]:
+    def _gather(
+        self, averages: list[_Average], root_first: bool
+    ) -> tuple[list[_Group], Tensor | None]:
         """This step's tensors per group (``grad`` set; the local shards under FSDP2, the
         copies of ``x`` from ``averages``), with
         ``u`` computed, and the squared norm of the gradients (float64, on the
@@ -1846,23 +1848,10 @@ class ALSALS(SearchingOptimizer):
                 steps.append(int(state.get("step", 0)) + 1)
             z = [local_shard(t) for t in z_state]
             v = [local_shard(t) for t in v_state]
-            beta2 = group["betas"][1]
-            # v' becomes the denominator in place: only u outlives this loop (v' is formed
-            # again at the commit, the same bits, rather than held through the trials)
-            denominators = torch._foreach_mul(v, beta2)
-            torch._foreach_addcmul_(denominators, moved, moved, 1.0 - beta2)
-            corrections = [1.0 - beta2**t for t in steps]
-            _square_roots_of_v_hat_(denominators, corrections)
-            torch._foreach_add_(denominators, group["eps"])
-            if scale is None:
-                u = torch._foreach_div(moved, denominators)
-            else:  # (the clipped gradients are this step's own copy: u takes their place)
-                torch._foreach_div_(moved, denominators)
-                u = moved
-            del denominators, moved
             weights = [local_shard(p.detach()) for p in params]
-            if group["weight_decay"]:
-                torch._foreach_add_(u, weights, alpha=group["weight_decay"])
+            # (the clipped gradients are this step's own copy: u takes their place)
+            u = _update_direction(group, moved, v, steps, weights, root_first, scale is not None)
+            del moved
             x = [copies[id(p)] for p in params]
             groups.append(
                 _Group(
@@ -1883,6 +1872,21 @@ class ALSALS(SearchingOptimizer):
             )
         return groups, squared
 
+    def _move_slopes(self, groups: list[_Group], zero: Tensor) -> list[Tensor]:
+        """Per parameter group ``g . (y - z)`` and ``g . u``, the slopes of the move's two
+        parts (0 where this rank holds none of its gradients: every rank issues the same
+        collective whatever its local gradients), on the device."""
+        by_group = {id(g.group): g for g in groups}
+        terms = []
+        for group in self.param_groups:
+            g = by_group.get(id(group))
+            terms += (
+                [_dot_sum(g.grads, g.params, g.counts, g.z), _dot_sum(g.grads, g.u, g.counts)]
+                if g
+                else [zero] * 2
+            )
+        return [t.to(zero.device) for t in terms]
+
     @staticmethod
     def _overflow_risk(groups: list[_Group], squared: Tensor | None, zero: Tensor) -> Tensor:
         """1 where this rank's ``||g||^2`` (on the device) exceeds a quarter of the largest
@@ -1896,18 +1900,11 @@ class ALSALS(SearchingOptimizer):
         return (squared > min(limits) / 4).to(zero.dtype)
 
     def _moments_overflow(self, groups: list[_Group], device: torch.device) -> bool:
-        """Whether Adam's ``v' = beta2 v + (1 - beta2) g^2``, or ``v' / (1 - beta2^t)`` where
-        the direction forms that before its square root (:func:`_square_roots_of_v_hat_`),
-        holds an inf on any rank: ``g*g`` overflows where ``g`` does not, and ``u = g /
-        sqrt(v')`` is then 0 there (z would stop while the averaging moves x to it, and every
-        trial would pass, the loss unchanged). Run on every rank where one found a risk
-        (``_overflow_risk``); ``v' / (1 - beta2^t)`` is a weighted mean of the ``g^2`` so
-        far, so it overflows only with a risk flagged at this step or an earlier one."""
-        moments = []
-        for g in groups:
-            beta2 = g.group["betas"][1]
-            for v, t in zip(g.new_moments(), g.steps, strict=True):
-                moments.append(v if v.dtype == torch.float16 else v / (1.0 - beta2**t))
+        """Whether Adam's ``v' = beta2 v + (1 - beta2) g^2`` holds an inf on any rank: ``g*g``
+        overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
+        would stop while the averaging moves x to it). Run on every rank where one found a
+        risk (``_overflow_risk``)."""
+        moments = [v for g in groups for v in g.new_moments()]
         return any_not_finite(moments, device, self._process_group)
 
     def _clip_scale(self, squared_norm: Tensor, sharded: bool) -> Tensor | None:
@@ -2135,17 +2132,50 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _square_roots_of_v_hat_(v: list[Tensor], corrections: list[float]) -> None:
-    """``v_i <- sqrt(v_i / corrections_i)`` in place; for float16 ``sqrt(v_i) /
-    sqrt(corrections_i)``, torch.optim.Adam's order: ``v / (1 - beta2^t)`` overflows float16
-    from a gradient entry of 256 at ``t = 1``, where the square roots hold."""
-    other = [i for i, t in enumerate(v) if t.dtype != torch.float16]
+def _update_direction(
+    group: dict[str, Any],
+    moved: list[Tensor],
+    v: list[Tensor],
+    steps: list[int],
+    weights: list[Tensor],
+    root_first: bool,
+    in_place: bool,
+) -> list[Tensor]:
+    """``u = g / (sqrt(v' / (1 - beta2^t)) + eps) + weight_decay * w`` of one group, ``g``
+    the update's (clipped) gradients ``moved``, ``v`` Adam's second moment before this
+    step; with ``in_place``, ``u`` takes the place of ``moved``. ``v'`` becomes the
+    denominator in place: only ``u`` outlives this (``v'`` is formed again at the commit,
+    the same bits, rather than held through the trials)."""
+    beta2 = group["betas"][1]
+    denominators = torch._foreach_mul(v, beta2)
+    torch._foreach_addcmul_(denominators, moved, moved, 1.0 - beta2)
+    corrections = [1.0 - beta2**t for t in steps]
+    _square_roots_of_v_hat_(denominators, corrections, root_first)
+    torch._foreach_add_(denominators, group["eps"])
+    if in_place:
+        torch._foreach_div_(moved, denominators)
+        u = moved
+    else:
+        u = torch._foreach_div(moved, denominators)
+    del denominators
+    if group["weight_decay"]:
+        torch._foreach_add_(u, weights, alpha=group["weight_decay"])
+    return u
+
+
+def _square_roots_of_v_hat_(v: list[Tensor], corrections: list[float], root_first: bool) -> None:
+    """``v_i <- sqrt(v_i / corrections_i)`` in place; for float16, and for every dtype with
+    ``root_first``, ``sqrt(v_i) / sqrt(corrections_i)``, torch.optim.Adam's order:
+    ``v / (1 - beta2^t)`` overflows float16 from a gradient entry of 256 at ``t = 1``, and
+    float32 from one near 1.9e19 (where ``(1 - beta2) g^2`` holds), where the square roots
+    hold. (Not the default order for the other dtypes: the runs it took stay bit for bit.)"""
+    other = [] if root_first else [i for i, t in enumerate(v) if t.dtype != torch.float16]
     if other:
         found = [v[i] for i in other]
         torch._foreach_div_(found, [corrections[i] for i in other])
         torch._foreach_sqrt_(found)
     for i, t in enumerate(v):
-        if t.dtype == torch.float16:
+        if root_first or t.dtype == torch.float16:
             t.sqrt_().div_(math.sqrt(corrections[i]))
 
 

@@ -1,7 +1,8 @@
 """ALSALS's search state: the step size, the rules' ceilings and watches, counters.
 
-It lives in ``optimizer.state[first trainable parameter][STATE_KEY]`` as a plain dict of numbers, so
-that ``state_dict()`` carries it and ``torch.load(weights_only=True)`` reads it back.
+It lives in ``optimizer.state[anchor][STATE_KEY]`` (the anchor: the first parameter that
+requires grad, else the first) as a plain dict of numbers, so that ``state_dict()``
+carries it and ``torch.load(weights_only=True)`` reads it back.
 Inside a step it is a :class:`SearchState`, typed; a state from outside (a checkpoint, a
 load) is validated entry by entry before anything is loaded, so that a hand-edited or
 foreign entry is refused with its name instead of misleading the search later.
@@ -66,6 +67,9 @@ class SearchState:
     peak_step_size: float = 0.0
     start_ceiling: float = math.inf  # start_rise's
     start_watch: dict[str, float] | None = None  # start_rise's StartWatch
+    # a gradient near the largest float was seen: Adam's bias correction divides the
+    # square root of v', not v' itself (which may overflow)
+    root_first: bool = False
 
     def ceiling(self) -> float:
         """The step size's ceiling: ``loss_rise_guard``'s and ``start_rise``'s."""

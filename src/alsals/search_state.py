@@ -1,7 +1,8 @@
 """The optimizer-wide state of a line search: the step size, the averages of the test, counters.
 
-It lives in ``optimizer.state[first trainable parameter]["line_search"]`` as a plain dict of numbers
-(the convention of ``torch.optim.LBFGS``), so that ``state_dict()`` carries it and
+It lives in ``optimizer.state[anchor]["line_search"]`` (the anchor: the first parameter
+that requires grad, else the first) as a plain dict of numbers (the convention of
+``torch.optim.LBFGS``), so that ``state_dict()`` carries it and
 ``torch.load(weights_only=True)`` reads it back. Inside a step it is a :class:`SearchState`:
 typed, validated when read, and written back only when the step completes, so that an
 exception leaves the stored state as it was.

@@ -1,8 +1,9 @@
 """The ``torch.optim`` protocol code both optimizer families share.
 
 ``LineSearchOptimizer`` (SLS, AdamSLS, MomentumALSALS) and ``ALSALS`` each search one step
-size for all parameters and keep the search's state in ``optimizer.state[first
-parameter][STATE_KEY]``; :class:`SearchingOptimizer` holds the code that is the same in
+size for all parameters and keep the search's state in
+``optimizer.state[anchor][STATE_KEY]``, the anchor being the first parameter that requires
+grad (:func:`anchor_parameter`); :class:`SearchingOptimizer` holds the code that is the same in
 both, down to the letter: the placeholders a checkpointing tool's first call creates, the
 stored search state, copies and pickles, the step's first checks, what a group added
 shows and the one-time warnings. Where the two differ only by a constant, a class

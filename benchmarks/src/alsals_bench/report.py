@@ -71,10 +71,10 @@ class Run:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def consistent(runs: list[Run], budget: str | None = None) -> tuple[list[Run], list[Run]]:
+def consistent(runs: list[Run], budget: str) -> tuple[list[Run], list[Run]]:
     """Keep, per task, the runs of the size (steps, batch size) ``budget`` defines for it
-    now, where ``budget`` is given and the task is known; else the most common size (ties:
-    the larger); return (kept, dropped).
+    now, where the task and budget are known; else the most common size (ties: the
+    larger); return (kept, dropped).
 
     A task's budget may change between code versions, and a run of another budget may be
     copied into the folder; runs of different sizes must not be averaged into one cell.
@@ -93,11 +93,9 @@ def consistent(runs: list[Run], budget: str | None = None) -> tuple[list[Run], l
     return kept, dropped
 
 
-def _defined_size(task: str, budget: str | None) -> tuple[int, int] | None:
+def _defined_size(task: str, budget: str) -> tuple[int, int] | None:
     """(steps, batch size) of ``budget`` for ``task`` as the code defines them now, or
     ``None`` for an unknown task or budget."""
-    if budget is None:
-        return None
     try:
         size = get_task(task).budget(budget)
     except (KeyError, ValueError):

@@ -251,7 +251,8 @@ def scan_direction(
     else:
         boundary = [_minimum_decrease(test, before.decrease_avg, e, slope_average) for e in grid]
     finite = [(d, e) for d, e in zip(decreases, grid, strict=True) if math.isfinite(d)]
-    chosen = info.step_size if info.kind == "search" else None
+    # (a search the Polyak cap cut to 0, the loss at its floor, took nothing either)
+    chosen = info.step_size if info.kind == "search" and info.step_size > 0.0 else None
     return LandscapeScan(
         step=before.step,
         loss=info.loss,
