@@ -336,6 +336,49 @@ def test_alsals_trains_where_the_bias_corrected_moment_would_overflow(dtype):
     assert (w.detach().float() - 0.5).abs().max().item() < 0.1
 
 
+def test_the_root_first_order_is_kept_across_a_resume_and_taken_only_after_a_huge_gradient():
+    """The order Adam's bias correction is taken in is state: a run that saw a gradient near
+    the largest float resumes in it (the first step after a resume would otherwise divide
+    before the root again, and overflow), and a run that never saw one keeps the order its
+    runs always took."""
+    calm = torch.ones(3, requires_grad=True)
+    opt = ALSALS([calm])
+    for _ in range(5):
+        opt.step(lambda: ((calm - 0.5) ** 2).sum())
+    assert opt.search_state.root_first is False
+
+    def scaled_loss(w, scale):
+        return lambda: scale * ((w - 0.5) ** 2).sum()
+
+    def run(w, opt, scales):
+        for scale in scales:
+            opt.step(scaled_loss(w, scale))
+
+    # 4e19 at t = 1: v' / (1 - beta2^t) is about 1.6e39 / t, past float32's 3.4e38 up to
+    # t = 4, so the first steps after the resume (t = 4, 5) overflow in the other order
+    w = torch.ones(3, requires_grad=True)
+    opt = ALSALS([w])
+    run(w, opt, [4e19, 1.0, 1.0])
+    assert opt.search_state.root_first is True
+    saved, weights = copy.deepcopy(opt.state_dict()), w.detach().clone()
+    run(w, opt, [1.0] * 6)
+    resumed_w = weights.clone().requires_grad_(True)
+    resumed = ALSALS([resumed_w])
+    resumed.load_state_dict(saved)
+    run(resumed_w, resumed, [1.0] * 6)
+    assert torch.equal(resumed_w.detach(), w.detach())
+    assert resumed.search_state == opt.search_state
+    saved["state"][0]["schedule_free_search"]["root_first"] = False  # (as if not stored)
+    forgetful_w = weights.clone().requires_grad_(True)
+    forgetful = ALSALS([forgetful_w])
+    forgetful.load_state_dict(saved)
+    run(forgetful_w, forgetful, [1.0] * 6)
+    # (what the flag is for: u 0 where v' / (1 - beta2^t) overflowed, and a "search" whose
+    # trials left the loss unchanged accepted a step that moved nothing; root first, the
+    # moves are below the loss's rounding, and the searches say so: "exhausted")
+    assert forgetful.search_state != opt.search_state
+
+
 def test_a_large_fp16_gradient_that_does_not_overflow_the_moment_is_not_skipped():
     """The overflow rule is exact: |g| = 300 in float16 exceeds sqrt(max) = 256, but
     (1 - beta2) g^2 does not overflow in the order the moment update computes it."""
