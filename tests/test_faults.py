@@ -376,7 +376,104 @@ def test_the_root_first_order_is_kept_across_a_resume_and_taken_only_after_a_hug
     # (what the flag is for: u 0 where v' / (1 - beta2^t) overflowed, and a "search" whose
     # trials left the loss unchanged accepted a step that moved nothing; root first, the
     # moves are below the loss's rounding, and the searches say so: "exhausted")
-    assert forgetful.search_state != opt.search_state
+    forgotten = {**vars(forgetful.search_state), "root_first": True}
+    assert forgotten != vars(opt.search_state)
+
+
+def scaled_cross_entropy(model, x, y, scale):
+    return lambda: scale * torch.nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"weight_decay": 0.1}, {"max_grad_norm": 1.0}, {"max_grad_norm": 1.0, "groups": True}],
+    ids=["plain", "weight_decay", "clipped", "clipped-groups"],
+)
+@pytest.mark.parametrize("huge_at", [0, 3])
+def test_the_step_that_finds_a_huge_gradient_moves_as_the_root_first_order_would(
+    settings, huge_at, monkeypatch
+):
+    """The step that first finds a gradient near the largest float forms u again, root
+    first, and reads its slopes again: it and the steps after it are bit for bit those of a
+    run that took the root first from that step on (u formed so from the start), with
+    clipping, weight decay and groups of their own betas, lr_scale and weight decay."""
+    from alsals.schedule_free import ALSALS as Implementation
+
+    stored = Implementation._stored_search_state
+
+    def run(forced: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        kwargs = {k: v for k, v in settings.items() if k != "groups"}
+        params = (
+            [
+                {"params": model[0].parameters(), "betas": (0.8, 0.99), "lr_scale": 0.5,
+                 "weight_decay": 0.1},
+                {"params": model[2].parameters(), "betas": (0.95, 0.9999), "lr_scale": 2.0},
+            ]
+            if settings.get("groups")
+            else model.parameters()
+        )  # fmt: skip
+        opt = ALSALS(params, **kwargs)
+        gen = torch.Generator().manual_seed(1)
+        kinds = []
+        for k in range(8):
+            if forced and k == huge_at:
+
+                def root_first(self):
+                    search = stored(self)
+                    search.root_first = True
+                    return search
+
+                monkeypatch.setattr(Implementation, "_stored_search_state", root_first)
+            scale = 3e20 if k == huge_at else 1.0
+            x = torch.randn(16, 4, generator=gen)
+            y = torch.randint(0, 2, (16,), generator=gen)
+            opt.step(scaled_cross_entropy(model, x, y, scale))
+            kinds.append((opt.last_step.kind, opt.last_step.step_size, opt.last_step.trials))
+        monkeypatch.setattr(Implementation, "_stored_search_state", stored)
+        assert opt.search_state.root_first
+        return model, opt, kinds
+
+    rebuilt_model, rebuilt, rebuilt_kinds = run(forced=False)
+    forced_model, forced, forced_kinds = run(forced=True)
+    assert rebuilt_kinds == forced_kinds
+    assert rebuilt_kinds[huge_at][0] != "nonfinite"
+    for a, b in zip(rebuilt_model.parameters(), forced_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    saved_a, saved_b = rebuilt.state_dict(), forced.state_dict()
+    assert saved_a["param_groups"] == saved_b["param_groups"]
+    for index, entries in saved_a["state"].items():
+        for name, value in entries.items():
+            other = saved_b["state"][index][name]
+            same = (
+                torch.equal(value, other) if torch.is_tensor(value) else repr(value) == repr(other)
+            )
+            assert same, (index, name)
+
+
+def test_a_huge_float16_gradient_beside_float32_weights_keeps_the_usual_order():
+    """float16's bias correction is taken after the square root anyway: a gradient that is
+    large for float16 alone (norm 1000, above a quarter of its largest 65504) is no reason
+    to change the order for the float32 weights beside it (their run would change in its
+    last bits), nor is a step that writes nothing (a trial's loss not finite)."""
+    w = torch.tensor([3.0, 1.0, -1.0], requires_grad=True)
+    h = torch.ones(2, dtype=torch.float16, requires_grad=True)
+    opt = ALSALS([w, h], eps=1e-4)
+    for _ in range(3):
+        opt.step(lambda: 100.0 * ((w - 0.5) ** 2).sum() + (h.float() ** 2).sum())
+        assert opt.last_step.kind != "nonfinite"
+    assert w.grad.norm() > 128.0
+    assert opt.search_state.root_first is False
+    v = torch.ones(2, requires_grad=True)
+    opt = ALSALS([v])
+
+    def closure():  # a huge gradient at v, a non-finite loss at every trial
+        return 4e19 * (v**2).sum() if torch.is_grad_enabled() else (v**2).sum() / 0.0
+
+    opt.step(closure)
+    assert opt.last_step.kind == "nonfinite"
+    assert opt.search_state.root_first is False
 
 
 def test_a_large_fp16_gradient_that_does_not_overflow_the_moment_is_not_skipped():

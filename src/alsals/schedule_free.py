@@ -882,7 +882,10 @@ class ALSALS(SearchingOptimizer):
             averages = averages or self._to_gradient_point()
             loss = evaluator.evaluate_with_grad()
             groups, squared = self._gather(averages, search.root_first)
+            root_first = search.root_first
             info, move = self._run(search, pending, loss, groups, squared, evaluator)
+            if move is None:  # (a step that writes nothing keeps the order it found)
+                search.root_first = root_first
             self._warn_about(info, evaluator)  # (-W error: undone like any exception)
             if (
                 move is not None
@@ -1085,12 +1088,12 @@ class ALSALS(SearchingOptimizer):
         device = groups[0].grads[0].device if groups else loss.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
         holds = zero if squared is None else zero + 1.0  # (this rank holds gradients)
-        loss0, grad_sq_value, held_anywhere, overflow_risk, *sums = mean_to_host(
+        loss0, grad_sq_value, held_anywhere, overflow_risk, root_risk, *sums = mean_to_host(
             [
                 loss.to(device),
                 zero if squared is None else squared,
                 holds,
-                self._overflow_risk(groups, squared, zero),
+                *self._overflow_risks(groups, squared, zero),
                 *self._move_slopes(groups, zero),
             ],
             self._process_group,
@@ -1122,15 +1125,17 @@ class ALSALS(SearchingOptimizer):
             return _info(kind, 0.0, loss0), None
         if written == "zero":  # lr 0 written: no update this step, the step size kept
             return _info("zero_lr", 0.0, loss0), None
-        if overflow_risk > 0.0 and not search.root_first:
+        if root_risk > 0.0 and not search.root_first:
             # a gradient this large may take v' / (1 - beta2^t), which u's denominator forms
             # before its square root, past the largest float (u was 0 there, every trial
             # passed with the loss unchanged): from this step on the root comes first, as in
             # torch.optim.Adam (in a run that never had such a gradient, the order it took)
             search.root_first = True
             for g in groups:
-                moved = g.grads if g.clip is None else torch._foreach_mul(g.grads, g.clip)
-                g.u = _update_direction(g.group, moved, g.v, g.steps, g.params, True, False)
+                g.u = []  # (freed before its successor is formed)
+                clipped = g.clip is not None  # (then moved is a copy of its own: u in its place)
+                moved = torch._foreach_mul(g.grads, g.clip) if clipped else g.grads
+                g.u = _update_direction(g.group, moved, g.v, g.steps, g.params, True, clipped)
             sums = mean_to_host(self._move_slopes(groups, zero), self._process_group)
             averaging, slope = sums[0::2], sums[1::2]
         h = self._settings
@@ -1888,22 +1893,28 @@ class ALSALS(SearchingOptimizer):
         return [t.to(zero.device) for t in terms]
 
     @staticmethod
-    def _overflow_risk(groups: list[_Group], squared: Tensor | None, zero: Tensor) -> Tensor:
-        """1 where this rank's ``||g||^2`` (on the device) exceeds a quarter of the largest
-        value its gradients' dtypes hold, else 0: below that no entry's square overflows
-        Adam's second moment. Averaged over the ranks with the step's other sums, so that
-        every rank runs ``_moments_overflow``'s check (a second synchronisation) or none."""
-        dtypes = {t.dtype for g in groups for t in g.grads}
-        limits = [torch.finfo(t).max for t in dtypes if t.is_floating_point or t.is_complex]
-        if squared is None or not limits:
-            return zero
-        return (squared > min(limits) / 4).to(zero.dtype)
+    def _overflow_risks(groups: list[_Group], squared: Tensor | None, zero: Tensor) -> list[Tensor]:
+        """Two flags on the device, 1 where this rank's ``||g||^2`` exceeds a quarter of the
+        largest value that its gradients' dtypes hold, else 0: (a) over all of them: below
+        that no entry's square overflows Adam's second moment, which ``_moments_overflow``
+        then checks; (b) over those but float16 (whose bias correction is taken after the
+        square root anyway): below that ``v' / (1 - beta2^t)`` cannot overflow where the
+        division comes first (``root_first``). Averaged over the ranks with the step's
+        other sums, so that every rank takes the same branches (each a synchronisation)."""
+        limits = {t.dtype: torch.finfo(t.dtype).max for g in groups for t in g.grads}
+        wide = [m for dtype, m in limits.items() if dtype != torch.float16]
+        if squared is None:
+            return [zero, zero]
+        return [
+            (squared > min(found) / 4).to(zero.dtype) if found else zero
+            for found in (list(limits.values()), wide)
+        ]
 
     def _moments_overflow(self, groups: list[_Group], device: torch.device) -> bool:
         """Whether Adam's ``v' = beta2 v + (1 - beta2) g^2`` holds an inf on any rank: ``g*g``
         overflows where ``g`` does not, and ``u = g / sqrt(v')`` is then 0 there for good (z
         would stop while the averaging moves x to it). Run on every rank where one found a
-        risk (``_overflow_risk``)."""
+        risk (``_overflow_risks``)."""
         moments = [v for g in groups for v in g.new_moments()]
         return any_not_finite(moments, device, self._process_group)
 

@@ -240,9 +240,9 @@ def test_line_search_on_hsdp_decides_alike_on_every_rank_and_as_one_process(hsdp
     for sharded, alone in zip(first["means"], single["means"], strict=True):
         callers = [caller for caller, _ in sharded]
         assert callers == [caller for caller, _ in alone]
-        if name.startswith("ALSALS"):  # its slopes: g . (y - z) and g . u, after 4 others
+        if name.startswith("ALSALS"):  # its slopes: g . (y - z) and g . u, after 5 others
             sums = next(answer for caller, answer in sharded if caller == "_run")
-            assert len(sums) == 6 and sums[2] == 1.0 and sums[5] != 0.0
+            assert len(sums) == 7 and sums[2] == 1.0 and sums[6] != 0.0
         else:
             assert "_check" in callers
         torch.testing.assert_close(
