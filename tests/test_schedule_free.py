@@ -3289,3 +3289,83 @@ def test_the_step_after_a_skipped_non_finite_loss_searches():
     assert opt.last_step.kind != "reuse" and opt.last_step.trials >= 1
     opt.step(lambda: loss_of(model, x[idx[5]], y[idx[5]]))
     assert opt.last_step.kind == "reuse"
+
+
+# -- paths a mutation audit found no test pinning down (method.md, section 44) ---------------
+
+
+def _one_weight_run(**settings):
+    """ALSALS on ``0.5 w^2`` from ``w = 1`` (float64), three steps taken, with its closure."""
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = ALSALS([w], lr=0.01, **settings)
+    evaluated: list[float] = []
+
+    def closure():
+        evaluated.append(float(w.detach()))
+        return 0.5 * (w**2).sum()
+
+    for _ in range(3):
+        opt.step(closure)
+    return w, opt, closure, evaluated
+
+
+def test_a_written_lr_starts_the_next_search_where_a_resume_was_pending():
+    """A search that accepted nothing leaves where the next one resumes (below its last
+    trial); an lr written after it is the user's word and starts the next search from it,
+    not from the smaller of it and the pending resume (which moved the first trial by 103
+    instead of 480 here)."""
+    w, opt, closure, evaluated = _one_weight_run(
+        max_trials=2, loss_rise_guard=None, loss_floor=None
+    )
+    opt.param_groups[0]["lr"] = 1e3  # far too large: the search exhausts, a resume pending
+    opt.step(closure)
+    assert opt.last_step.kind == "exhausted"
+    pending = opt.search_state.resume
+    assert 0.0 < pending < 500.0
+    opt.param_groups[0]["lr"] = 500.0
+    evaluated.clear()
+    opt.step(closure)
+    moved = evaluated[0] - evaluated[1]  # (u is about 1 here: Adam's direction, one weight)
+    assert moved > pending and moved > 0.9 * 500.0
+
+
+def test_a_resumed_search_that_keeps_takes_the_averaging_move_alone():
+    """A search resumed after one that accepted nothing, whose first trial and averaging
+    move both fail (z uphill of x), is "kept" with no step along u (its step size is no
+    search's) and resumes lower next time; taking the untested step size there moved the
+    weight by 1500."""
+    w, opt, closure, _ = _one_weight_run(max_trials=2, loss_rise_guard=None, loss_floor=None)
+    opt.param_groups[0]["lr"] = 1e3
+    opt.step(closure)
+    first_resume = opt.search_state.resume
+    assert opt.last_step.kind == "exhausted" and first_resume > 0.0
+    with torch.no_grad():
+        opt.state[w]["z"].fill_(10.0)  # z uphill: the averaging move alone fails too
+    opt.step(closure)
+    assert opt.last_step.kind == "kept"
+    assert opt.last_step.step_size == 0.0
+    assert 0.0 < opt.search_state.resume < first_resume
+    opt.eval()
+    assert abs(float(w.detach())) < 10.0
+
+
+def test_a_failed_written_start_climbs_no_further_where_the_promise_stops_growing():
+    """A written lr above the largest step size the run took, with z far uphill of x: the
+    move's promise falls as the step size grows (the averaging weight grows with it), so
+    the search takes no climb past the written start (it climbed to 1e5 and left the next
+    search's resume there)."""
+    w, opt, _, evaluated = _one_weight_run(loss_rise_guard=None)
+    with torch.no_grad():
+        opt.state[w]["z"].fill_(10.0)
+        opt.state[w]["exp_avg_sq"].fill_(1e4)  # a small u: a small slope along it
+    opt.param_groups[0]["lr"] = 1.0
+
+    def closure():
+        evaluated.append(float(w.detach()))
+        return 0.5 * (w**2).sum()
+
+    evaluated.clear()
+    opt.step(closure)
+    assert opt.last_step.kind == "kept" and opt.last_step.trials == 2
+    assert len(evaluated) == 3  # the gradient, the trial, the averaging move alone
+    assert 0.0 < opt.search_state.resume < 1.0
