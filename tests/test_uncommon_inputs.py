@@ -41,12 +41,6 @@ def weights(model_or_params) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def assert_same(before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
-    assert len(before) == len(after)
-    for a, b in zip(before, after, strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-
-
 # -- closures ---------------------------------------------------------------------------------
 
 
@@ -63,7 +57,7 @@ def test_a_closure_returning_none_is_refused_naming_its_type(cls):
         match=r"closure must return the loss \(a scalar tensor\); closure\(\) returned NoneType$",
     ):
         opt.step(lambda: None)
-    assert_same(before, weights(model))
+    assert_bitwise_same(before, weights(model))
 
 
 @pytest.mark.parametrize("cls", ALL, ids=ALL_IDS)
@@ -85,7 +79,7 @@ def test_declaring_that_a_backward_closure_does_not_run_backward_is_refused(cls)
     ):
         opt.step(closure, closure_runs_backward=False)
     assert calls == []
-    assert_same(before, weights(model))
+    assert_bitwise_same(before, weights(model))
 
 
 class _UnreadableSignature:
@@ -115,7 +109,7 @@ def test_a_closure_whose_signature_cannot_be_read_is_called_without_arguments(cl
             opt.step(wrap(loss))
             assert opt.last_step.kind in ("search", "reuse", "kept")
         runs.append(weights(model))
-    assert_same(*runs)
+    assert_bitwise_same(*runs)
 
 
 # -- buffers= ---------------------------------------------------------------------------------
@@ -260,7 +254,7 @@ def test_zero_gradients_created_outside_the_step_are_no_dropped_gradient(cls):
                 opt.step(loss)
         assert not [w for w in caught if "held gradients computed" in str(w.message)]
         runs.append(weights(model))
-    assert_same(*runs)
+    assert_bitwise_same(*runs)
 
 
 # -- ALSALS -----------------------------------------------------------------------------------
@@ -275,7 +269,7 @@ def test_alsals_refuses_sparse_gradients_and_leaves_everything_as_it_was():
     before, state = weights(emb), copy.deepcopy(opt.state_dict())
     with pytest.raises(RuntimeError, match=r"ALSALS does not support sparse gradients"):
         opt.step(lambda: emb(torch.tensor([1, 2])).sum())
-    assert_same(before, weights(emb))
+    assert_bitwise_same(before, weights(emb))
     assert_bitwise_same(state, opt.state_dict())
 
 
@@ -292,7 +286,7 @@ def test_alsals_closure_with_backward_that_never_runs_it_warns_and_skips():
     ):
         opt.step(lambda backward: loss())
     assert opt.last_step.kind == "zero_grad"
-    assert_same(before, weights(model))
+    assert_bitwise_same(before, weights(model))
     assert all("z" not in opt.state.get(p, {}) for p in model.parameters())
 
 
@@ -315,7 +309,7 @@ def test_alsals_weights_written_after_train_are_the_next_step_s_start():
             assert opt.last_step.kind in ("search", "reuse", "kept")
         assert opt.search_state.edits == 1
         runs.append((weights(model), copy.deepcopy(opt.state_dict())))
-    assert_same(runs[0][0], runs[1][0])
+    assert_bitwise_same(runs[0][0], runs[1][0])
     assert_bitwise_same(runs[0][1], runs[1][1])
 
 
@@ -350,7 +344,7 @@ def test_alsals_a_group_unfrozen_after_train_joins_the_next_step():
         assert all("z" in opt.state[p] for p in b.parameters())
         assert not torch.equal(frozen[0], b.weight.detach())
         runs.append(weights([*a.parameters(), *b.parameters()]))
-    assert_same(*runs)
+    assert_bitwise_same(*runs)
 
 
 def test_alsals_clipping_keeps_a_moment_whose_unclipped_square_would_overflow():
@@ -423,7 +417,7 @@ def test_an_alsals_checkpoint_with_retired_entries_resumes_bit_for_bit():
     for m, o in ((model, opt), (resumed_model, resumed)):
         for _ in range(3):
             o.step(mse(m, seed=2))
-    assert_same(weights(model), weights(resumed_model))
+    assert_bitwise_same(weights(model), weights(resumed_model))
     assert_bitwise_same(opt.state_dict(), resumed.state_dict())
 
 
@@ -448,7 +442,7 @@ def test_a_line_search_state_from_before_0_2_9_with_no_loss_samples_resumes_bit_
     for m, o in ((model, opt), (resumed_model, resumed)):
         for _ in range(3):
             o.step(mse(m, seed=2))
-    assert_same(weights(model), weights(resumed_model))
+    assert_bitwise_same(weights(model), weights(resumed_model))
     assert resumed.search_state == opt.search_state
 
 
@@ -469,7 +463,7 @@ def test_a_step_without_closure_with_lr_0_and_a_gradient_missing_asks_for_a_clos
     ):
         opt.step()
     assert not opt.state
-    assert_same(before, weights(model))
+    assert_bitwise_same(before, weights(model))
 
 
 # -- preview() and the buffers of the modules it runs ---------------------------------------
@@ -487,8 +481,8 @@ def test_preview_puts_back_batchnorm_statistics_of_a_child_run_before_its_parent
     before = weights(model)
     opt = cls(model.parameters())
     opt.preview(lambda: model[1](x).pow(2).mean() + model(x).pow(2).mean())
-    assert_same(buffers, [b.clone() for b in model.buffers()])
-    assert_same(before, weights(model))
+    assert_bitwise_same(buffers, [b.clone() for b in model.buffers()])
+    assert_bitwise_same(before, weights(model))
 
 
 class _Resizer(nn.Module):

@@ -1901,10 +1901,11 @@ class ALSALS(SearchingOptimizer):
         square root anyway): below that ``v' / (1 - beta2^t)`` cannot overflow where the
         division comes first (``root_first``). Averaged over the ranks with the step's
         other sums, so that every rank takes the same branches (each a synchronisation)."""
-        limits = {t.dtype: torch.finfo(t.dtype).max for g in groups for t in g.grads}
-        wide = [m for dtype, m in limits.items() if dtype != torch.float16]
         if squared is None:
             return [zero, zero]
+        dtypes = {t.dtype for g in groups for t in g.grads}
+        limits = {dtype: torch.finfo(dtype).max for dtype in dtypes}
+        wide = [m for dtype, m in limits.items() if dtype != torch.float16]
         return [
             (squared > min(found) / 4).to(zero.dtype) if found else zero
             for found in (list(limits.values()), wide)
