@@ -30,12 +30,17 @@ pytest.importorskip("accelerate")
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
-from alsals import ALSALS, AdamSLS, MomentumALSALS  # noqa: E402
-from alsals.integrations.hf import FollowStepSize, LineSearchTrainer  # noqa: E402
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS  # noqa: E402
+from alsals.integrations.hf import (  # noqa: E402
+    FollowStepSize,
+    LineSearchTrainer,
+    LineSearchTrainerMixin,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -593,3 +598,187 @@ def test_the_trainers_max_grad_norm_clips_in_the_optimizer(model_path, dataset, 
         runs[name] = weights(trainer.model)
     for key, value in runs["args"].items():
         assert torch.equal(value, runs["optimizer"][key])
+
+
+# The settings the trainer hands the optimizer, on a tiny model that needs no checkpoint.
+
+
+class _TinyNet(torch.nn.Module):
+    """A Trainer-compatible classifier: ``forward(x, labels)`` returns the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = torch.nn.Linear(6, 8)
+        self.l2 = torch.nn.Linear(8, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.l2(torch.relu(self.l1(x)))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def _tiny_data(n=16):
+    gen = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(6, generator=gen), "labels": torch.tensor(i % 2)} for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["instance", "kwargs"])
+def test_the_trainers_max_grad_norm_leaves_the_optimizers_own_alone(tmp_path, how):
+    """``TrainingArguments.max_grad_norm`` becomes the optimizer's only where it has none of
+    its own: an optimizer built with ``max_grad_norm=0.5`` keeps 0.5 under the default
+    ``max_grad_norm=1.0``, whether passed as an instance or through its kwargs."""
+    model = _TinyNet()
+    if how == "instance":
+        extra = {"optimizers": (SLS(model.parameters(), max_grad_norm=0.5), None)}
+    else:
+        extra = {"optimizer_cls_and_kwargs": (SLS, {"max_grad_norm": 0.5})}
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=1),
+        train_dataset=_tiny_data(),
+        **extra,
+    )
+    optimizer = trainer.create_optimizer()
+    assert trainer.args.max_grad_norm == 0.0  # the Trainer does not clip
+    assert [g["max_grad_norm"] for g in optimizer.param_groups] == [0.5] * len(
+        optimizer.param_groups
+    )
+
+
+def test_max_grad_norm_zero_turns_clipping_off_in_the_optimizer_too(tmp_path):
+    """``max_grad_norm=0`` is the Trainer's "no clipping": the optimizer gets no
+    ``max_grad_norm`` of 0 (a clip to nothing, or a refused value), and trains."""
+    model = _TinyNet()
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=1, max_grad_norm=0.0),
+        train_dataset=_tiny_data(),
+        optimizer_cls_and_kwargs=(SLS, {"lr": 0.1}),
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert all(g["max_grad_norm"] is None for g in optimizer.param_groups)
+    assert optimizer.last_step.kind == "search" and optimizer.last_step.step_size > 0.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_an_optimizer_instance_takes_the_trainers_max_grad_norm_when_the_trainer_is_built(
+    tmp_path,
+):
+    """An optimizer passed in ``optimizers=`` without a clip of its own holds
+    ``TrainingArguments.max_grad_norm`` as soon as the trainer exists (the Trainer's own
+    clipping is off from then on)."""
+    model = _TinyNet()
+    optimizer = SLS(model.parameters())
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=1, max_grad_norm=0.25),
+        train_dataset=_tiny_data(),
+        optimizers=(optimizer, None),
+    )
+    assert trainer.args.max_grad_norm == 0.0
+    assert [g["max_grad_norm"] for g in optimizer.param_groups] == [0.25]
+
+
+def test_the_trainers_weight_decay_goes_to_the_decayed_group(tmp_path):
+    """The parameters are grouped by weight decay as the Trainer groups them: weights get
+    ``args.weight_decay``, biases (and norms) 0."""
+    model = _TinyNet()
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=1, weight_decay=0.01),
+        train_dataset=_tiny_data(),
+        optimizer_cls_and_kwargs=(MomentumALSALS, {"lr": 1e-2}),
+    )
+    optimizer = trainer.create_optimizer()
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay[id(model.l1.weight)] == decay[id(model.l2.weight)] == 0.01
+    assert decay[id(model.l1.bias)] == decay[id(model.l2.bias)] == 0.0
+
+
+def test_empty_scheduler_kwargs_are_not_named_as_ignored(tmp_path):
+    """``lr_scheduler_kwargs={}`` sets nothing (its default is ``None``): no warning that the
+    trainer ignores it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LineSearchTrainer(
+            model=_TinyNet(),
+            args=make_args(
+                tmp_path, gradient_accumulation_steps=1, max_steps=1, lr_scheduler_kwargs={}
+            ),
+            train_dataset=_tiny_data(),
+        )
+    assert not [w for w in caught if "ignores TrainingArguments" in str(w.message)]
+
+
+def test_the_mixin_moves_alsals_to_y_under_a_trainer_whose_step_does_not(tmp_path, monkeypatch):
+    """``LineSearchTrainerMixin`` on a Trainer subclass with its own ``training_step`` (one
+    that does not call ``optimizer.train()``, as transformers' does for Schedule-Free): the
+    mixin still moves ``ALSALS``'s weights to ``y`` before the backward pass, once per
+    training step."""
+
+    class PlainStepTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            model.train()
+            loss = self.compute_loss(model, inputs)
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+    class Mixed(LineSearchTrainerMixin, PlainStepTrainer):
+        pass
+
+    at_backward = []
+    original = PlainStepTrainer.training_step
+
+    def spy(self, model, inputs, num_items_in_batch=None):
+        at_backward.append(self.optimizer.optimizer._held is not None)  # at y: held x
+        return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(PlainStepTrainer, "training_step", spy)
+    trainer = Mixed(
+        model=_TinyNet(),
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=3),
+        train_dataset=_tiny_data(),
+        optimizer_cls_and_kwargs=(ALSALS, {"lr": 1e-2}),
+    )
+    trainer.train()
+    assert at_backward == [True, True, True]
+    assert trainer.optimizer.optimizer._held is None  # back at x after the run
+
+
+def test_a_second_train_call_reuses_the_line_search_optimizer(tmp_path):
+    """``train()`` twice on one trainer: the second run unwraps accelerate's wrapper from
+    the first and trains on with the same line-search optimizer."""
+    model = _TinyNet()
+    trainer = LineSearchTrainer(
+        model=model,
+        args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
+        train_dataset=_tiny_data(),
+        optimizer_cls_and_kwargs=(SLS, {"lr": 0.1}),
+    )
+    trainer.train()
+    first = trainer.optimizer.optimizer
+    steps = first.search_state.step
+    trainer.train()
+    assert trainer.optimizer.optimizer is first
+    assert first.search_state.step > steps
+
+
+def test_a_scheduler_the_user_passes_is_kept(tmp_path):
+    """A scheduler given in ``optimizers=`` is warned about, not silently replaced by
+    ``FollowStepSize``: it stays the trainer's scheduler and writes its lr."""
+    model = _TinyNet()
+    optimizer = SLS(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = LineSearchTrainer(
+            model=model,
+            args=make_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
+            train_dataset=_tiny_data(),
+            optimizers=(optimizer, scheduler),
+        )
+        trainer.train()
+    assert not isinstance(trainer.lr_scheduler, FollowStepSize)
+    assert getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler) is scheduler

@@ -18,7 +18,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.loggers.logger import Logger  # noqa: E402
 
-from alsals import ALSALS, AdamSLS, MomentumALSALS  # noqa: E402
+from alsals import ALSALS, SLS, AdamSLS, MomentumALSALS  # noqa: E402
 from alsals.integrations.lightning import LineSearchCallback, line_search_step  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_train.py"
@@ -286,3 +286,117 @@ def test_ddp_example_keeps_ranks_identical(tmp_path):
     column = lr[0].index("lr-ALSALS")
     logged = [float(row[column]) for row in lr[1:] if row[column]]
     assert len(logged) == 8 and len(set(logged)) > 2
+
+
+# Several optimizers, the callback's logging and its precision check, on a tiny model.
+
+
+def _lightning_data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=gen)
+    return DataLoader(TensorDataset(x, (x[:, :2].sum(dim=1) > 0).long()), batch_size=16)
+
+
+def _fit(module, tmp_path, callback, logger):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=[callback],
+        logger=logger,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, _lightning_data())
+    return trainer
+
+
+def _two_optimizer_module(record):
+    class TwoHeads(pl.LightningModule):
+        """Two line-search optimizers, one per layer, each stepped by ``line_search_step``."""
+
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            torch.manual_seed(0)
+            self.a = torch.nn.Linear(6, 2)
+            self.b = torch.nn.Linear(6, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            for i, opt in enumerate(self.optimizers()):
+                line_search_step(
+                    self,
+                    lambda: torch.nn.functional.cross_entropy(self.a(x) + self.b(x), y),
+                    optimizer=opt,
+                )
+                info = opt.optimizer.last_step
+                record.setdefault(i, []).append((info.trials, info.forwards, info.step_size))
+
+        def configure_optimizers(self):
+            return [SLS(self.a.parameters(), lr=10.0), SLS(self.b.parameters(), lr=10.0)]
+
+    return TwoHeads()
+
+
+def test_the_callback_logs_each_optimizers_numbers_under_its_own_suffix(tmp_path):
+    """With two line-search optimizers the callback logs ``line_search/trials_0``,
+    ``..._1`` (and forwards, step_size): each optimizer's own last step, trials as trials
+    and forwards as forwards, none under the unsuffixed keys."""
+    record = {}
+    logger = MemoryLogger()
+    _fit(_two_optimizer_module(record), tmp_path, LineSearchCallback(), logger)
+    assert not [value for _, value in logger.series("line_search/trials")]
+    for i in (0, 1):
+        trials = [value for _, value in logger.series(f"line_search/trials_{i}")]
+        forwards = [value for _, value in logger.series(f"line_search/forwards_{i}")]
+        sizes = [value for _, value in logger.series(f"line_search/step_size_{i}")]
+        assert trials == [float(t) for t, _, _ in record[i]]
+        assert forwards == [float(f) for _, f, _ in record[i]]
+        assert sizes == pytest.approx([s for _, _, s in record[i]], rel=1e-6)
+        assert any(f != t for t, f, _ in record[i])  # (trials and forwards tell apart)
+
+
+def test_the_callback_with_log_false_logs_nothing(tmp_path):
+    """``LineSearchCallback(log=False)`` checks the set-up but logs no line-search keys."""
+    logger = MemoryLogger()
+    _fit(_two_optimizer_module({}), tmp_path, LineSearchCallback(log=False), logger)
+    assert not [k for _, m in logger.records for k in m if k.startswith("line_search/")]
+
+
+def test_line_search_step_needs_the_optimizer_named_where_there_are_several(tmp_path):
+    """``line_search_step(self, loss_fn)`` on a module with two optimizers is a ValueError
+    that says to pass ``optimizer=``."""
+
+    class Unnamed(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.a = torch.nn.Linear(6, 2)
+            self.b = torch.nn.Linear(6, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            line_search_step(self, lambda: torch.nn.functional.cross_entropy(self.a(x), y))
+
+        def configure_optimizers(self):
+            return [SLS(self.a.parameters()), SLS(self.b.parameters())]
+
+    with pytest.raises(ValueError, match="optimizer=self.optimizers"):
+        _fit(Unnamed(), tmp_path, LineSearchCallback(), False)
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_the_callback_warns_about_half_precision_weights(precision):
+    """``16-true`` and ``bf16-true`` compute the loss in half precision: the callback warns
+    at fit start (checked on the callback alone, without a half-precision run)."""
+    from types import SimpleNamespace
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    trainer = SimpleNamespace(optimizers=[SLS([w])], precision=precision)
+    module = SimpleNamespace(automatic_optimization=False)
+    with pytest.warns(UserWarning, match="half precision"):
+        LineSearchCallback().on_fit_start(trainer, module)
